@@ -1,0 +1,43 @@
+# qmgrd — make run: the mail system on the bundled etc/; make test: the suite.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+TSTAMP := $(VENV)/.installed-test
+
+.PHONY: run test lint bench install clean stop status
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/python -m pip install -q -e .
+	touch $@
+
+$(TSTAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+install: $(STAMP)
+
+## make run: start the whole mail system in the foreground on etc/ (Ctrl-C stops it)
+run: $(STAMP)
+	$(BIN)/qmgr-master -c etc start --foreground
+
+stop: $(STAMP)
+	$(BIN)/qmgr-master -c etc stop
+
+status: $(STAMP)
+	$(BIN)/qmgr-master -c etc status
+
+## make test: install the test dependencies and run the suite
+test: $(TSTAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+lint: $(TSTAMP)
+	$(BIN)/ruff check master qmgrd transports tests
+	$(BIN)/mypy master qmgrd transports
+	$(BIN)/lint-imports
+
+clean:
+	rm -rf var build *.egg-info

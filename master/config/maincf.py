@@ -1,0 +1,479 @@
+"""master.config.maincf - main.cf parsing, $name expansion and typed lookups (Config).
+
+SYNOPSIS
+    from master.config import Config, ConfigError
+    cfg = Config.load("/etc/qmgrd", overrides={"syslog_name": "qmgrd/relay"})
+    cfg.get("queue_directory")                       # -> str, fully expanded
+    cfg.get_time("queue_run_delay")                  # -> int seconds
+    cfg.transport_int("smtp", "_destination_recipient_limit")   # -> 50
+    child = cfg.with_overrides({"service_name": "relay"})
+
+DESCRIPTION
+    main.cf syntax (Postfix main.cf(5)): ``name = value`` logical lines; a line that starts
+    with whitespace continues the previous logical line; lines whose first non-blank
+    character is ``#`` and blank lines are ignored (and do not end a logical line); ``#``
+    after text is part of the value; whitespace around ``=`` and at the end is trimmed;
+    a later definition wins.  Unknown names are kept (no error).  ``config_directory`` is
+    always the directory given to load(), made absolute.
+
+    Expansion (Postfix mac_expand): ``$name``, ``${name}``, ``$(name)``, recursively,
+    against -o overrides, then main.cf, then computed defaults (myhostname, mydomain), then
+    the table default; unknown names expand to "".  ``$$`` is a literal ``$``.
+    Conditionals: ``${name?text}`` (text if name is non-empty), ``${name:text}`` (text if
+    name is empty), ``${name?{text1}:{text2}}``.  A parameter that refers to itself,
+    directly or not, raises ConfigError "expansion loop ...".  Raw parameters
+    (Param.raw: forward_path, mailbox_command, luser_relay) are returned unexpanded.
+
+PUBLIC API
+    Config.load(config_directory, overrides=None) -> Config
+    Config.from_text(text, config_directory, overrides=None, path="main.cf") -> Config
+    cfg.with_overrides(overrides) -> Config       (new object; later overrides win)
+    cfg.get(name) -> str; cfg.get_raw(name) -> str; cfg.is_set(name) -> bool
+    cfg.get_int / get_bool / get_time (seconds) / get_size (bytes) / get_list
+    cfg.transport_name(transport, suffix) -> str (the parameter actually used)
+    cfg.transport_param / transport_int / transport_time (transport, suffix)
+    cfg.check() -> None          validate every set or table parameter (like postconf)
+    cfg.dump(defaults=False, nondefault=False, expand=False) -> list[str]  (postconf -d/-n/-x)
+    cfg.config_directory, cfg.path, cfg.overrides
+
+ERRORS
+    ConfigError, str ``"<main.cf path>, line <n>: <what>"`` for syntax errors and for bad
+    typed values that came from main.cf; override values are named as "-o name=value".
+    Nothing is logged here; callers decide (log.fatal at daemon start).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+from master.config.errors import ConfigError
+from master.config.params import (
+    PARAMS,
+    Param,
+    domain_default,
+    hostname_default,
+    parse_bool,
+    parse_int,
+    parse_size,
+    parse_time,
+    split_list,
+)
+
+NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*\Z")
+_MACRO_NAME_RE = re.compile(r"[A-Za-z0-9_]+")
+_BRACED_RE = re.compile(r"\s*([A-Za-z0-9_][A-Za-z0-9_.\-]*)\s*")
+_MAX_DEPTH = 100
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One main.cf setting: its raw value and the 1-based line its logical line starts on."""
+
+    value: str
+    line: int
+
+
+def logical_lines(text: str, path: str) -> Iterator[tuple[int, str]]:
+    """Yield (first physical line number, logical line) pairs, Postfix readlline style.
+
+    Raises ConfigError when a continuation line has nothing to continue.
+    """
+    start = 0
+    parts: list[str] = []
+    for lineno, physical in enumerate(text.splitlines(), 1):
+        stripped = physical.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        if physical[0].isspace():
+            if not parts:
+                raise ConfigError("continuation line with nothing before it", path, lineno)
+            parts.append(stripped)
+            continue
+        if parts:
+            yield start, " ".join(parts)
+        start, parts = lineno, [physical.rstrip()]
+    if parts:
+        yield start, " ".join(parts)
+
+
+def parse_main_cf(text: str, path: str) -> dict[str, Entry]:
+    """Parse main.cf text into {name: Entry}; later definitions win.  Raises ConfigError."""
+    values: dict[str, Entry] = {}
+    for lineno, line in logical_lines(text, path):
+        name, eq, value = line.partition("=")
+        name = name.strip()
+        if not eq:
+            raise ConfigError(f'missing \'=\' after parameter name: "{name}"', path, lineno)
+        if not name:
+            raise ConfigError("missing parameter name before '='", path, lineno)
+        if not NAME_RE.match(name):
+            raise ConfigError(f'bad parameter name: "{name}"', path, lineno)
+        values[name] = Entry(value.strip(), lineno)
+    return values
+
+
+@functools.lru_cache(maxsize=1)
+def _hostname() -> str:
+    return hostname_default()
+
+
+def _check_overrides(overrides: Mapping[str, str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for name, value in overrides.items():
+        if not NAME_RE.match(name):
+            raise ConfigError(f'bad parameter name in override: "{name}"')
+        out[name] = str(value)
+    return out
+
+
+class Config:
+    """An immutable view of main.cf plus -o overrides, with expansion and typed access.
+
+    Construct with Config.load() or Config.from_text(); the constructor does no I/O.
+    """
+
+    def __init__(self, config_directory: str, values: Mapping[str, Entry], path: str,
+                 overrides: Mapping[str, str] | None = None) -> None:
+        self.config_directory = os.path.abspath(config_directory)
+        self.path = path
+        self._values = dict(values)
+        self.overrides: dict[str, str] = _check_overrides(overrides or {})
+        self._cache: dict[str, str] = {}
+        self._nesting = 0
+
+    # --- construction ------------------------------------------------------------------
+    @classmethod
+    def load(cls, config_directory: str,
+             overrides: Mapping[str, str] | None = None) -> Config:
+        """Read ``<config_directory>/main.cf``.  Raises ConfigError (unreadable file,
+        invalid UTF-8, syntax error)."""
+        config_directory = os.path.abspath(config_directory)
+        path = os.path.join(config_directory, "main.cf")
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise ConfigError(f"open {path}: {e.strerror}") from None
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = data[: e.start].count(b"\n") + 1
+            raise ConfigError("invalid UTF-8 text", path, line) from None
+        return cls(config_directory, parse_main_cf(text, path), path, overrides)
+
+    @classmethod
+    def from_text(cls, text: str, config_directory: str,
+                  overrides: Mapping[str, str] | None = None, path: str = "main.cf") -> Config:
+        """Build a Config from main.cf text (tests, tools).  Raises ConfigError."""
+        return cls(config_directory, parse_main_cf(text, path), path, overrides)
+
+    def with_overrides(self, overrides: Mapping[str, str]) -> Config:
+        """A new Config with ``overrides`` added on top of this one's (they win)."""
+        merged = dict(self.overrides)
+        merged.update(overrides)
+        return Config(self.config_directory, self._values, self.path, merged)
+
+    # --- raw access --------------------------------------------------------------------
+    def is_set(self, name: str) -> bool:
+        """True if ``name`` is given in main.cf or as an override."""
+        return name in self.overrides or name in self._values
+
+    def names(self) -> list[str]:
+        """Sorted names of all table parameters, main.cf settings and overrides."""
+        return sorted(set(PARAMS) | set(self._values) | set(self.overrides))
+
+    def get_raw(self, name: str) -> str:
+        """The unexpanded value: override, main.cf, computed default, table default, ""."""
+        return self._raw(name, [])
+
+    def _raw(self, name: str, stack: list[str]) -> str:
+        if name == "config_directory":
+            return self.config_directory
+        if name in self.overrides:
+            return self.overrides[name]
+        entry = self._values.get(name)
+        if entry is not None:
+            return entry.value
+        if name == "myhostname":
+            return _hostname()
+        if name == "mydomain":
+            return domain_default(self._lookup("myhostname", stack))
+        param = PARAMS.get(name)
+        return param.default if param is not None else ""
+
+    def _default_text(self, name: str) -> str:
+        if name == "config_directory":
+            return self.config_directory
+        if name == "myhostname":
+            return _hostname()
+        if name == "mydomain":
+            return domain_default(_hostname())
+        return PARAMS[name].default
+
+    def _where(self, name: str) -> tuple[str | None, int | None, str]:
+        """(path, line, label) locating where a parameter's value came from."""
+        if name in self.overrides and name != "config_directory":
+            return None, None, f"-o {name}={self.overrides[name]}: "
+        entry = self._values.get(name)
+        if entry is not None and name != "config_directory":
+            return self.path, entry.line, ""
+        return None, None, ""
+
+    def _error(self, name: str, message: str) -> ConfigError:
+        path, line, label = self._where(name)
+        return ConfigError(label + message, path, line)
+
+    # --- expansion ---------------------------------------------------------------------
+    def get(self, name: str) -> str:
+        """The fully expanded value of ``name`` ("" if unknown).  Raises ConfigError on an
+        expansion loop or a malformed ``${...}``."""
+        return self._lookup(name, [])
+
+    def _lookup(self, name: str, stack: list[str]) -> str:
+        cached = self._cache.get(name)
+        if cached is not None:
+            return cached
+        if name in stack:
+            chain = " -> ".join(stack[stack.index(name):] + [name])
+            raise self._error(name, f"expansion loop in parameter {name}: {chain}")
+        if len(stack) > _MAX_DEPTH:
+            raise self._error(stack[0], f"unreasonable macro nesting at parameter {name}")
+        raw = self._raw(name, stack)
+        param = PARAMS.get(name)
+        if param is not None and param.raw and name not in self.overrides:
+            value = raw
+        else:
+            value = self._expand(raw, stack + [name])
+        self._cache[name] = value
+        return value
+
+    def expand(self, text: str) -> str:
+        """Expand ``$name`` references in arbitrary text against this Config."""
+        return self._expand(text, [])
+
+    def _expand(self, text: str, stack: list[str]) -> str:
+        if "$" not in text:
+            return text
+        if self._nesting > _MAX_DEPTH:
+            raise self._error(stack[-1] if stack else "", "unreasonable macro nesting")
+        self._nesting += 1
+        try:
+            return self._expand_text(text, stack)
+        finally:
+            self._nesting -= 1
+
+    def _expand_text(self, text: str, stack: list[str]) -> str:
+        out: list[str] = []
+        i, n = 0, len(text)
+        while i < n:
+            j = text.find("$", i)
+            if j < 0:
+                out.append(text[i:])
+                break
+            out.append(text[i:j])
+            i = j + 1
+            if i >= n:
+                out.append("$")
+                break
+            c = text[i]
+            if c == "$":
+                out.append("$")
+                i += 1
+            elif c in "{(":
+                k = _match(text, i)
+                if k < 0:
+                    owner = stack[-1] if stack else ""
+                    close = "}" if c == "{" else ")"
+                    raise self._error(owner, f"missing '{close}' in \"{text}\"")
+                out.append(self._braced(text[i + 1:k], stack))
+                i = k + 1
+            else:
+                m = _MACRO_NAME_RE.match(text, i)
+                if m is None:
+                    out.append("$")
+                    continue
+                out.append(self._lookup(m.group(0), stack))
+                i = m.end()
+        return "".join(out)
+
+    def _braced(self, inner: str, stack: list[str]) -> str:
+        owner = stack[-1] if stack else ""
+        m = _BRACED_RE.match(inner)
+        if m is None:
+            raise self._error(owner, f'unsupported expression "${{{inner}}}"')
+        name = m.group(1)
+        rest = inner[m.end():]
+        if not rest:
+            return self._lookup(name, stack)
+        op, arg = rest[0], rest[1:]
+        if op not in "?:":
+            raise self._error(owner, f'unsupported expression "${{{inner}}}"')
+        present = self._lookup(name, stack) != ""
+        if op == "?" and arg.lstrip().startswith("{"):
+            yes, no = _split_alternatives(arg)
+            if yes is None or no is None:
+                raise self._error(owner, f'bad conditional "${{{inner}}}"')
+            return self._expand(yes if present else no, stack)
+        if (op == "?") == present:
+            return self._expand(arg, stack)
+        return ""
+
+    # --- typed access ------------------------------------------------------------------
+    def _convert(self, name: str, kind: str, spec: Param | None) -> int:
+        value = self.get(name)
+        unit = spec.unit if spec is not None and spec.unit else "s"
+        try:
+            if kind == "time":
+                result = parse_time(value, unit)
+            elif kind == "size":
+                result = parse_size(value)
+            else:
+                result = parse_int(value)
+        except ValueError as e:
+            raise self._error(name, f'{e} for parameter {name}: "{value}"') from None
+        if spec is not None:
+            if spec.min is not None and result < spec.min:
+                raise self._error(name, f'invalid {name} parameter value "{value}": '
+                                  f"minimum is {spec.min}{'s' if kind == 'time' else ''}")
+            if spec.max is not None and result > spec.max:
+                raise self._error(name, f'invalid {name} parameter value "{value}": '
+                                  f"maximum is {spec.max}{'s' if kind == 'time' else ''}")
+        return result
+
+    def get_int(self, name: str) -> int:
+        """Integer value, range-checked against the table.  Raises ConfigError."""
+        return self._convert(name, "int", PARAMS.get(name))
+
+    def get_time(self, name: str) -> int:
+        """Time value in seconds (units s m h d w; bare number = the table's unit).
+        Raises ConfigError naming the parameter (and main.cf line) when bad/out of range."""
+        return self._convert(name, "time", PARAMS.get(name))
+
+    def get_size(self, name: str) -> int:
+        """Size in bytes.  Raises ConfigError."""
+        return self._convert(name, "size", PARAMS.get(name))
+
+    def get_bool(self, name: str) -> bool:
+        """yes/no/true/false, any case.  Raises ConfigError."""
+        value = self.get(name)
+        try:
+            return parse_bool(value)
+        except ValueError as e:
+            raise self._error(name, f'{e} for parameter {name}: "{value}"') from None
+
+    def get_list(self, name: str) -> list[str]:
+        """Value split on commas and whitespace (``{ ... }`` groups kept whole)."""
+        return split_list(self.get(name))
+
+    # --- per-transport parameters ------------------------------------------------------
+    def transport_name(self, transport: str, suffix: str) -> str:
+        """The parameter used for ``transport`` + ``suffix``: ``<transport><suffix>`` if set
+        or in the table, else ``default<suffix>`` (or ``<suffix>`` without its leading
+        underscore when that is the global name, e.g. initial_destination_concurrency)."""
+        specific = transport + suffix
+        if self.is_set(specific) or specific in PARAMS:
+            return specific
+        return _global_name(suffix)
+
+    def _transport_spec(self, name: str, suffix: str) -> Param | None:
+        return PARAMS.get(name) or PARAMS.get(_global_name(suffix))
+
+    def transport_param(self, transport: str, suffix: str) -> str:
+        """Expanded value of the per-transport parameter (see transport_name)."""
+        return self.get(self.transport_name(transport, suffix))
+
+    def transport_int(self, transport: str, suffix: str) -> int:
+        """Integer per-transport parameter, range-checked like its global default."""
+        name = self.transport_name(transport, suffix)
+        return self._convert(name, "int", self._transport_spec(name, suffix))
+
+    def transport_time(self, transport: str, suffix: str) -> int:
+        """Time per-transport parameter in seconds (unit of the global default)."""
+        name = self.transport_name(transport, suffix)
+        return self._convert(name, "time", self._transport_spec(name, suffix))
+
+    # --- whole-config operations -------------------------------------------------------
+    def check(self) -> None:
+        """Expand every parameter and convert every typed table parameter; raise the first
+        ConfigError found (like a daemon's start-up checks).  Names are checked sorted."""
+        for name in self.names():
+            self.get(name)
+            param = PARAMS.get(name)
+            if param is None:
+                continue
+            if param.type == "bool":
+                self.get_bool(name)
+            elif param.type in ("int", "time", "size"):
+                self._convert(name, param.type, param)
+
+    def dump(self, defaults: bool = False, nondefault: bool = False,
+             expand: bool = False) -> list[str]:
+        """``name = value`` lines sorted by name, like postconf.
+
+        defaults: table defaults (postconf -d); nondefault: only main.cf settings and
+        overrides (postconf -n); neither: every parameter's effective value (postconf).
+        expand: print expanded values (postconf -x).  Raises ValueError if both flags.
+        """
+        if defaults and nondefault:
+            raise ValueError("defaults and nondefault are mutually exclusive")
+        if defaults:
+            names = sorted(PARAMS)
+        elif nondefault:
+            names = sorted(set(self._values) | set(self.overrides))
+        else:
+            names = self.names()
+        lines = []
+        for name in names:
+            if defaults:
+                value = self._default_text(name)
+                if expand:
+                    value = Config(self.config_directory, {}, self.path).get(name)
+            else:
+                value = self.get(name) if expand else self.get_raw(name)
+            lines.append(f"{name} = {value}" if value else f"{name} =")
+        return lines
+
+
+def _global_name(suffix: str) -> str:
+    default = "default" + suffix
+    if default not in PARAMS and suffix.lstrip("_") in PARAMS:
+        return suffix.lstrip("_")
+    return default
+
+
+def _match(text: str, i: int) -> int:
+    """Index of the bracket closing the one at text[i], or -1."""
+    opening = text[i]
+    closing = "}" if opening == "{" else ")"
+    depth = 0
+    for k in range(i, len(text)):
+        if text[k] == opening:
+            depth += 1
+        elif text[k] == closing:
+            depth -= 1
+            if depth == 0:
+                return k
+    return -1
+
+
+def _split_alternatives(arg: str) -> tuple[str | None, str | None]:
+    """Parse ``{yes}:{no}`` (whitespace allowed around the parts)."""
+    s = arg.strip()
+    k = _match(s, 0)
+    if k < 0:
+        return None, None
+    yes = s[1:k]
+    rest = s[k + 1:].strip()
+    if not rest.startswith(":"):
+        return None, None
+    rest = rest[1:].strip()
+    if not rest.startswith("{"):
+        return None, None
+    k2 = _match(rest, 0)
+    if k2 < 0 or rest[k2 + 1:].strip():
+        return None, None
+    return yes, rest[1:k2]

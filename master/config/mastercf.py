@@ -1,0 +1,242 @@
+"""master.config.mastercf - master.cf parsing into Service records.
+
+SYNOPSIS
+    from master.config import Config, load_master_cf
+    cfg = Config.load("/etc/qmgrd")
+    for svc in load_master_cf("/etc/qmgrd/master.cf", cfg):
+        svc.service_key, svc.module, svc.endpoint(cfg.get("queue_directory"))
+
+DESCRIPTION
+    Postfix master.cf(5) syntax: one logical line per service (continuation lines start
+    with whitespace, ``#`` comment lines and blank lines ignored), eight whitespace
+    separated columns, ``-`` = built-in default:
+
+        service type private unpriv chroot wakeup maxproc command [args]
+
+    type      inet, unix or fifo (unix-dgram and pass are not supported -> error).
+    private   y (default) -> private/, n -> public/.  An inet service is never private:
+              ``y`` there is accepted and forced to n.
+    unpriv    y (default) run as mail_owner; n run as root.
+    chroot    n (default, Postfix >= 3.0); y chroot to queue_directory.
+    wakeup    seconds between W triggers, default 0 = none; ``N?`` = only once used.
+    maxproc   default $default_process_limit; 0 = unlimited.
+    command   a built-in name (BUILTIN_MODULES) or a dotted Python module name.
+    args      ``-o name=value`` and ``-o { name = value }`` become Service.overrides
+              (unexpanded; the child expands them with Config.with_overrides); every other
+              argument is kept in Service.args in order; ``{ text }`` groups one argument
+              containing whitespace (braces and outer whitespace removed).
+
+    When the same name + type appears twice, the last entry wins (kept at the position of
+    the first).  Service objects compare equal when every column is equal, so the master's
+    reload can tell changed services from unchanged ones; ``service_key`` = (name, type).
+
+PUBLIC API
+    load_master_cf(path: str, cfg: Config) -> list[Service]
+    parse_master_cf(text: str, path: str, cfg: Config) -> list[Service]
+    Service (dataclass), Service.service_key, Service.endpoint(queue_directory) -> str,
+    Service.child_config(cfg) -> Config, BUILTIN_MODULES: dict[str, str]
+
+ERRORS
+    ConfigError ``"<master.cf path>, line <n>: <what>"`` (bad type, bad y/n, bad number,
+    too few fields, bad -o, unknown command, unbalanced braces).  Nothing is logged.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+
+from master.config.errors import ConfigError
+from master.config.maincf import NAME_RE, Config, logical_lines
+
+BUILTIN_MODULES: dict[str, str] = {
+    "qmgr": "qmgrd.qmgr",
+    "pickup": "transports.pickup",
+    "smtp": "transports.smtp",
+    "lmtp": "transports.smtp",
+    "local": "transports.local",
+    "pipe": "transports.pipe",
+    "error": "transports.error",
+    "discard": "transports.discard",
+    "bounce": "transports.bounce",
+    "smtpd": "transports.smtpd",
+}
+
+SERVICE_TYPES = ("inet", "unix", "fifo")
+_MODULE_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+\Z")
+_WAKEUP_RE = re.compile(r"(\d+)(\??)\Z")
+
+
+@dataclass
+class Service:
+    """One master.cf entry.  ``path``/``line`` locate it and do not take part in ==."""
+
+    name: str
+    type: str
+    private: bool
+    unpriv: bool
+    chroot: bool
+    wakeup: int
+    wakeup_if_used: bool
+    maxproc: int
+    command: str
+    args: list[str] = field(default_factory=list)
+    overrides: dict[str, str] = field(default_factory=dict)
+    module: str = ""
+    path: str = field(default="", compare=False)
+    line: int = field(default=0, compare=False)
+
+    @property
+    def service_key(self) -> tuple[str, str]:
+        """(name, type): the identity of a service across reloads."""
+        return (self.name, self.type)
+
+    def endpoint(self, queue_directory: str) -> str:
+        """unix/fifo: ``<queue_directory>/{private|public}/<name>``; inet: the name
+        (``[host:]port``) unchanged."""
+        if self.type == "inet":
+            return self.name
+        return os.path.join(queue_directory, "private" if self.private else "public",
+                            self.name)
+
+    def child_config(self, cfg: Config) -> Config:
+        """The Config a child of this service sees: service_name and process_name set
+        (as Postfix's daemons do), then this service's -o overrides."""
+        overrides = {"service_name": self.name, "process_name": self.command}
+        overrides.update(self.overrides)
+        return cfg.with_overrides(overrides)
+
+
+def _tokens(line: str, path: str, lineno: int) -> list[str]:
+    """Split on whitespace; a token starting with ``{`` runs to its matching ``}`` and
+    yields the inner text stripped."""
+    out: list[str] = []
+    i, n = 0, len(line)
+    while i < n:
+        if line[i].isspace():
+            i += 1
+            continue
+        if line[i] == "{":
+            depth = 0
+            for k in range(i, n):
+                if line[k] == "{":
+                    depth += 1
+                elif line[k] == "}":
+                    depth -= 1
+                    if depth == 0:
+                        break
+            else:
+                raise ConfigError("missing '}'", path, lineno)
+            out.append(line[i + 1:k].strip())
+            i = k + 1
+            continue
+        j = i
+        while j < n and not line[j].isspace():
+            j += 1
+        out.append(line[i:j])
+        i = j
+    return out
+
+
+def _yn(value: str, default: bool, column: str, path: str, lineno: int) -> bool:
+    if value == "-":
+        return default
+    if value in ("y", "n"):
+        return value == "y"
+    raise ConfigError(f'bad {column} field value "{value}" (expected y, n or -)',
+                      path, lineno)
+
+
+def _module(command: str, path: str, lineno: int) -> str:
+    if command in BUILTIN_MODULES:
+        return BUILTIN_MODULES[command]
+    if _MODULE_RE.match(command):
+        return command
+    raise ConfigError(f'unknown command "{command}" (not built in, and not a dotted '
+                      "Python module name)", path, lineno)
+
+
+def _override(text: str, path: str, lineno: int) -> tuple[str, str]:
+    name, eq, value = text.partition("=")
+    name = name.strip()
+    if not eq or not NAME_RE.match(name):
+        raise ConfigError(f'bad -o option "{text}" (expected name=value)', path, lineno)
+    return name, value.strip()
+
+
+def _parse_line(line: str, path: str, lineno: int, cfg: Config) -> Service:
+    fields = _tokens(line, path, lineno)
+    if len(fields) < 8:
+        raise ConfigError(f"too few fields ({len(fields)} of at least 8)", path, lineno)
+    name, stype, priv, unpriv, chroot, wakeup, maxproc, command = fields[:8]
+    if not name:
+        raise ConfigError("empty service name", path, lineno)
+    if stype not in SERVICE_TYPES:
+        raise ConfigError(f'bad or unsupported service type "{stype}" '
+                          f"(expected {', '.join(SERVICE_TYPES)})", path, lineno)
+    if stype != "inet" and ("/" in name or name in (".", "..")):
+        raise ConfigError(f'bad service name "{name}" for a {stype} service', path, lineno)
+    private = _yn(priv, True, "private", path, lineno)
+    if stype == "inet":
+        private = False
+    m = _WAKEUP_RE.match(wakeup)
+    if wakeup == "-":
+        wake, if_used = 0, False
+    elif m is not None:
+        wake, if_used = int(m.group(1)), m.group(2) == "?"
+    else:
+        raise ConfigError(f'bad wakeup time "{wakeup}"', path, lineno)
+    if maxproc == "-":
+        limit = cfg.get_int("default_process_limit")
+    elif maxproc.isdigit():
+        limit = int(maxproc)
+    else:
+        raise ConfigError(f'bad process limit "{maxproc}"', path, lineno)
+    svc = Service(name=name, type=stype, private=private,
+                  unpriv=_yn(unpriv, True, "unprivileged", path, lineno),
+                  chroot=_yn(chroot, False, "chroot", path, lineno),
+                  wakeup=wake, wakeup_if_used=if_used, maxproc=limit, command=command,
+                  module=_module(command, path, lineno), path=path, line=lineno)
+    rest = fields[8:]
+    i = 0
+    while i < len(rest):
+        arg = rest[i]
+        if arg == "-o":
+            if i + 1 >= len(rest):
+                raise ConfigError("-o without name=value", path, lineno)
+            key, value = _override(rest[i + 1], path, lineno)
+            svc.overrides[key] = value
+            i += 2
+            continue
+        if arg.startswith("-o") and "=" in arg:
+            key, value = _override(arg[2:], path, lineno)
+            svc.overrides[key] = value
+        else:
+            svc.args.append(arg)
+        i += 1
+    return svc
+
+
+def parse_master_cf(text: str, path: str, cfg: Config) -> list[Service]:
+    """Parse master.cf text.  ``cfg`` supplies default_process_limit.  Raises ConfigError."""
+    services: dict[tuple[str, str], Service] = {}
+    for lineno, line in logical_lines(text, path):
+        svc = _parse_line(line, path, lineno, cfg)
+        services[svc.service_key] = svc
+    return list(services.values())
+
+
+def load_master_cf(path: str, cfg: Config) -> list[Service]:
+    """Read and parse the master.cf file at ``path``.  Raises ConfigError (also when the
+    file cannot be read or is not UTF-8)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ConfigError(f"open {path}: {e.strerror}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError("invalid UTF-8 text", path, data[: e.start].count(b"\n") + 1) from None
+    return parse_master_cf(text, path, cfg)

@@ -1,0 +1,138 @@
+"""log — Postfix-format log lines for every qmgrd process.
+
+Summary
+    One log per process, opened once (before any chroot) by :func:`setup`. Each line has
+    Postfix's syslog shape so that tools made for Postfix's maillog (pflogsumm, grep
+    habits) read ours::
+
+        Nov 29 12:43:50 host.example qmgrd/qmgr[1234]: 4SVLCh0sf8z9HdB: removed
+
+    With ``maillog_file`` set (Postfix >= 3.4's parameter) lines are appended to that file
+    with one ``write(2)`` each on an ``O_APPEND`` descriptor, so lines from many processes
+    never interleave. With ``maillog_file`` empty they go to syslog (facility LOG_MAIL).
+    Before :func:`setup` (and in tools) lines go to standard error.
+
+Public API
+    setup(service, maillog_file, syslog_name="qmgrd", myhostname="", foreground=False)
+    info(msg), warning(msg), error(msg), fatal(msg) -> NoReturn (exit 1), panic(msg) -> NoReturn
+    Panic: the exception raised by panic() after logging (an invariant of ours broke).
+
+Severity prefixes follow Postfix's msg(3): "warning: ", "error: ", "fatal: ", "panic: ".
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import syslog
+import time
+from typing import NoReturn
+
+__all__ = ["Panic", "close", "error", "fatal", "info", "panic", "setup", "warning"]
+
+
+class Panic(Exception):
+    """One of our own invariants is broken (design.md §4 rule 6)."""
+
+
+class _State:
+    fd: int = -1
+    use_syslog: bool = False
+    tag: str = ""
+    host: str = ""
+    stderr_too: bool = False
+
+
+_S = _State()
+
+
+def setup(
+    service: str,
+    maillog_file: str,
+    syslog_name: str = "qmgrd",
+    myhostname: str = "",
+    foreground: bool = False,
+) -> None:
+    """Open the log for this process.
+
+    Args:
+        service: the master.cf service name (``qmgr``, ``smtp``...) or tool name.
+        maillog_file: absolute path, or "" for syslog.
+        syslog_name: the program prefix (Postfix's ``syslog_name``).
+        myhostname: host name written in each line (default: the short host name).
+        foreground: also copy lines to standard error.
+
+    Raises:
+        OSError: the log file cannot be opened (callers treat that as fatal).
+    """
+    close()
+    _S.tag = f"{syslog_name}/{service}"
+    _S.host = (myhostname or socket.gethostname()).split(".")[0]
+    _S.stderr_too = foreground
+    if maillog_file:
+        os.makedirs(os.path.dirname(maillog_file) or ".", exist_ok=True)
+        _S.fd = os.open(maillog_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        _S.use_syslog = False
+    else:
+        syslog.openlog(_S.tag, syslog.LOG_PID | syslog.LOG_NDELAY, syslog.LOG_MAIL)
+        _S.use_syslog = True
+
+
+def close() -> None:
+    """Close the log descriptor (tests, re-setup)."""
+    if _S.fd >= 0:
+        try:
+            os.close(_S.fd)
+        except OSError:
+            pass
+        _S.fd = -1
+    if _S.use_syslog:
+        syslog.closelog()
+        _S.use_syslog = False
+
+
+def _emit(prio: int, text: str) -> None:
+    text = text.replace("\n", " ")
+    if _S.use_syslog:
+        syslog.syslog(prio, text)
+    elif _S.fd >= 0:
+        stamp = time.strftime("%b %d %H:%M:%S", time.localtime())
+        line = f"{stamp} {_S.host} {_S.tag}[{os.getpid()}]: {text}\n"
+        data = line.encode("utf-8", "backslashreplace")
+        try:
+            os.write(_S.fd, data)
+        except OSError:
+            sys.stderr.write(line)
+        if _S.stderr_too:
+            sys.stderr.write(line)
+    else:
+        tag = _S.tag or os.path.basename(sys.argv[0] or "qmgrd")
+        sys.stderr.write(f"{tag}: {text}\n")
+
+
+def info(msg: str) -> None:
+    """Log an informational line (no prefix)."""
+    _emit(syslog.LOG_INFO, msg)
+
+
+def warning(msg: str) -> None:
+    """Log ``warning: msg`` — untrusted input contained, work goes on."""
+    _emit(syslog.LOG_WARNING, "warning: " + msg)
+
+
+def error(msg: str) -> None:
+    """Log ``error: msg``."""
+    _emit(syslog.LOG_ERR, "error: " + msg)
+
+
+def fatal(msg: str) -> NoReturn:
+    """Log ``fatal: msg`` and exit 1: the environment makes progress impossible."""
+    _emit(syslog.LOG_CRIT, "fatal: " + msg)
+    sys.exit(1)
+
+
+def panic(msg: str) -> NoReturn:
+    """Log ``panic: msg`` and raise :class:`Panic`."""
+    _emit(syslog.LOG_CRIT, "panic: " + msg)
+    raise Panic(msg)

@@ -1,0 +1,91 @@
+"""qmgrd.qmgr — the queue manager daemon (``python -m qmgrd.qmgr``), Postfix's qmgr(8).
+
+Started by the master for the ``qmgr`` service of master.cf (a FIFO, ``public/qmgr``,
+maxproc 1, wakeup 300). Reads one-byte triggers from the FIFO and runs the
+:class:`qmgrd.qmgr.scheduler.Scheduler` loop until the master closes the status pipe
+(reload, stop, master death) or SIGTERM; then it stops feeding, lets in-flight deliveries
+finish (bounded by ``qmgr_ipc_timeout``) and exits 0. A changed transport map makes it
+exit so that the master starts a fresh one (Postfix's pre_accept check).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+from master.server.skeleton import ServerContext, async_server
+
+from master import log
+from master.config.mastercf import load_master_cf
+from qmgrd.qmgr.client import AgentClient
+from qmgrd.qmgr.scheduler import Scheduler
+from qmgrd.spool.queue import Spool
+
+
+def _process_limits(ctx: ServerContext) -> dict[str, int]:
+    cfg = ctx.config
+    try:
+        services = load_master_cf(os.path.join(cfg.get("config_directory"), "master.cf"), cfg)
+    except Exception as exc:  # noqa: BLE001 - config trouble is the master's to report
+        log.warning(f"cannot read master.cf for process limits: {exc}")
+        return {}
+    return {s.name: s.maxproc for s in services if s.type == "unix"}
+
+
+async def qmgr_main(ctx: ServerContext) -> None:
+    """The qmgr's asyncio main: wire triggers and the status pipe to the scheduler."""
+    cfg = ctx.config
+    spool = Spool(
+        ctx.queue_directory,
+        tuple(cfg.get_list("hash_queue_names")),
+        cfg.get_int("hash_queue_depth"),
+    )
+    client = AgentClient(
+        ctx.queue_directory,
+        greeting_timeout=float(cfg.get_time("qmgr_ipc_timeout")),
+        reply_timeout=float(cfg.get_time("daemon_timeout")),
+    )
+    sched = Scheduler(cfg, spool, client, process_limits=_process_limits(ctx))
+    loop = asyncio.get_running_loop()
+    fifo = ctx.listen_fds[0] if ctx.listen_fds else -1
+
+    def on_trigger() -> None:
+        try:
+            data = os.read(fifo, 1024)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            log.warning(f"trigger read: {exc}")
+            return
+        if data:
+            ctx.busy()
+            sched.trigger(data)
+            ctx.idle()
+
+    if fifo >= 0:
+        os.set_blocking(fifo, False)
+        loop.add_reader(fifo, on_trigger)
+
+    async def watch_tables() -> None:
+        while not ctx.stopping.is_set():
+            await asyncio.sleep(5)
+            if sched.resolver.tables_changed():
+                log.info("table has changed -- restarting")
+                ctx.stopping.set()
+
+    watcher = loop.create_task(watch_tables())
+    try:
+        await sched.run(ctx.stopping, drain_timeout=float(cfg.get_time("qmgr_ipc_timeout")))
+    finally:
+        watcher.cancel()
+        if fifo >= 0:
+            loop.remove_reader(fifo)
+
+
+def main() -> None:
+    """Entry point: the async server skeleton runs :func:`qmgr_main`."""
+    async_server(qmgr_main)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,281 @@
+"""Tests for master.config.maincf: main.cf syntax, expansion, typed values, overrides."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from master.config import Config, ConfigError
+
+DATA = Path(__file__).parent / "data" / "config"
+
+
+def cfg(text: str, overrides: dict[str, str] | None = None) -> Config:
+    return Config.from_text(text, "/etc/qmgrd", overrides, path="/etc/qmgrd/main.cf")
+
+
+def test_load_parses_comments_blank_continuation_and_later_wins() -> None:
+    c = Config.load(str(DATA / "good"))
+    assert c.get("myhostname") == "host.example.org"
+    assert c.get("mydomain") == "example.org"
+    assert c.get("mydestination") == "host.example.org, localhost.example.org, localhost"
+    assert c.get_list("mydestination") == [
+        "host.example.org", "localhost.example.org", "localhost"]
+    assert c.get_time("queue_run_delay") == 10
+    assert c.get("unknown_thing") == "kept qmgrd"
+    assert c.is_set("unknown_thing") and not c.is_set("relayhost")
+
+
+def test_config_directory_comes_from_argument_and_is_absolute(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch
+                                                              ) -> None:
+    (tmp_path / "main.cf").write_text("config_directory = /nowhere\nq = $config_directory\n")
+    monkeypatch.chdir(tmp_path.parent)
+    c = Config.load(tmp_path.name)
+    assert c.config_directory == str(tmp_path)
+    assert c.get("config_directory") == str(tmp_path)
+    assert c.get("q") == str(tmp_path)
+    assert Config.load(str(DATA / "good")).get("queue_directory") == str(DATA / "good/spool")
+
+
+def test_whitespace_around_equals_and_empty_value() -> None:
+    c = cfg("a=1\nb   =    two words   \nrelayhost =\nhash = x # not a comment\n")
+    assert c.get("a") == "1"
+    assert c.get("b") == "two words"
+    assert c.get("relayhost") == ""
+    assert c.get("hash") == "x # not a comment"
+
+
+@pytest.mark.parametrize("text,line,what", [
+    ("a = 1\n\nno equals here\n", 3, "missing '='"),
+    ("  indented = 1\n", 1, "continuation line with nothing before it"),
+    ("# c\n\n   x\n", 3, "continuation line with nothing before it"),
+    ("a = 1\nbad name = 2\n", 2, "bad parameter name"),
+    ("a = 1\n= 2\n", 2, "missing parameter name"),
+])
+def test_syntax_errors_name_file_and_line(text: str, line: int, what: str) -> None:
+    with pytest.raises(ConfigError) as ei:
+        cfg(text)
+    assert str(ei.value).startswith(f"/etc/qmgrd/main.cf, line {line}: ")
+    assert what in str(ei.value)
+    assert ei.value.line == line
+
+
+def test_load_error_from_file() -> None:
+    with pytest.raises(ConfigError, match=r"badline/main.cf, line 4: missing '='"):
+        Config.load(str(DATA / "badline"))
+
+
+def test_missing_and_non_utf8_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="open .*main.cf: No such file"):
+        Config.load(str(tmp_path))
+    (tmp_path / "main.cf").write_bytes(b"a = 1\nb = \xff\n")
+    with pytest.raises(ConfigError, match=r"main.cf, line 2: invalid UTF-8"):
+        Config.load(str(tmp_path))
+
+
+def test_expansion_forms_and_defaults() -> None:
+    c = cfg("myhostname = h.example.com\na = x\nb = $a-${a}-$(a)-$$a-$\nc = $nothing.\n")
+    assert c.get("b") == "x-x-x-$a-$"
+    assert c.get("c") == "."
+    assert c.get("myorigin") == "h.example.com"
+    assert c.get("smtpd_banner") == "h.example.com ESMTP qmgrd"
+    assert c.get("local_transport") == "local:h.example.com"
+    assert c.get("local_recipient_maps") == (
+        "proxy:unix:passwd.byname hash:/etc/aliases, nis:mail.aliases")
+    assert c.get("no_such_parameter") == ""
+    assert c.get_raw("myorigin") == "$myhostname"
+
+
+def test_conditionals() -> None:
+    c = cfg("set = yes\nempty =\na = ${set?on}/${empty?on}/${set:off}/${empty:off}\n"
+            "b = ${set?{Y}:{N}} ${empty?{Y}:{N}}\n")
+    assert c.get("a") == "on///off"
+    assert c.get("b") == "Y N"
+    assert c.get_time("smtpd_timeout") == 300
+    assert c.get_int("smtpd_hard_error_limit") == 20
+    stressed = c.with_overrides({"stress": "yes"})
+    assert stressed.get_time("smtpd_timeout") == 10
+    assert stressed.get_int("smtpd_hard_error_limit") == 1
+
+
+def test_raw_parameters_are_not_expanded() -> None:
+    c = cfg("mailbox_command = /usr/bin/procmail -a $EXTENSION\n")
+    assert c.get("mailbox_command") == "/usr/bin/procmail -a $EXTENSION"
+    assert c.get("forward_path").startswith("$home/.forward")
+
+
+@pytest.mark.parametrize("text,param", [
+    ("a = $a\n", "a"),
+    ("x = $y\ny = ${z}\nz = $(x)\n", "x"),
+    ("myhostname = $mydomain\n", "myhostname"),
+])
+def test_expansion_loops_raise_naming_the_parameter(text: str, param: str) -> None:
+    c = cfg(text)
+    with pytest.raises(ConfigError, match=f"expansion loop in parameter {param}"):
+        c.get(param)
+
+
+def test_loop_error_carries_line() -> None:
+    c = cfg("# hi\nloop = $loop\n")
+    with pytest.raises(ConfigError) as ei:
+        c.get("loop")
+    assert str(ei.value).startswith("/etc/qmgrd/main.cf, line 2: ")
+
+
+def test_unbalanced_brace() -> None:
+    with pytest.raises(ConfigError, match=r"line 1: missing '}'"):
+        cfg("a = ${b\n").get("a")
+
+
+def test_deep_nesting_is_a_config_error() -> None:
+    deep = cfg("b = 1\na = " + "${b?" * 2000 + "x" + "}" * 2000 + "\n")
+    with pytest.raises(ConfigError, match="line 2: unreasonable macro nesting"):
+        deep.get("a")
+    chain = "".join(f"p{i} = $p{i + 1}\n" for i in range(500))
+    with pytest.raises(ConfigError, match="unreasonable macro nesting"):
+        cfg(chain).get("p0")
+
+
+def test_typed_values_and_units() -> None:
+    c = cfg("t1 = 10\nt2 = 2m\nt3 = 1H\nt4 = 3d\nt5 = 1w\nb1 = YES\nb2 = false\n"
+            "maximal_queue_lifetime = 2\ndelay_warning_time = 4\n")
+    assert [c.get_time(n) for n in ("t1", "t2", "t3", "t4", "t5")] == [
+        10, 120, 3600, 3 * 86400, 604800]
+    assert c.get_bool("b1") is True and c.get_bool("b2") is False
+    assert c.get_time("maximal_queue_lifetime") == 2 * 86400   # table unit: d
+    assert c.get_time("delay_warning_time") == 4 * 3600        # table unit: h
+    assert c.get_size("message_size_limit") == 10240000
+    assert c.get_int("default_process_limit") == 100
+    assert c.get_bool("soft_bounce") is False
+    assert c.get_bool("enable_long_queue_ids") is True
+    assert c.get_list("hash_queue_names") == ["deferred", "defer"]
+    assert c.get_list("notify_classes") == ["resource", "software"]
+
+
+@pytest.mark.parametrize("text,getter,name,what", [
+    ("queue_run_delay = 5x\n", "get_time", "queue_run_delay", "bad time value"),
+    ("queue_run_delay = 1h30m\n", "get_time", "queue_run_delay", "bad time value"),
+    ("queue_run_delay = 0\n", "get_time", "queue_run_delay", "minimum is 1s"),
+    ("hash_queue_depth = 17\n", "get_int", "hash_queue_depth", "maximum is 16"),
+    ("default_process_limit = many\n", "get_int", "default_process_limit", "bad numerical"),
+    ("soft_bounce = maybe\n", "get_bool", "soft_bounce", "bad boolean"),
+    ("message_size_limit = 10M\n", "get_size", "message_size_limit", "bad size"),
+])
+def test_bad_values_name_parameter_file_and_line(text: str, getter: str, name: str,
+                                                 what: str) -> None:
+    c = cfg("# first\n" + text)
+    with pytest.raises(ConfigError) as ei:
+        getattr(c, getter)(name)
+    msg = str(ei.value)
+    assert msg.startswith("/etc/qmgrd/main.cf, line 2: ")
+    assert name in msg and what in msg
+
+
+def test_bad_override_value_is_named_as_override() -> None:
+    c = cfg("", {"max_idle": "soon"})
+    with pytest.raises(ConfigError, match=r"^-o max_idle=soon: bad time value"):
+        c.get_time("max_idle")
+    with pytest.raises(ConfigError, match="bad parameter name"):
+        cfg("", {"bad name": "x"})
+
+
+def test_transport_param_fallback() -> None:
+    c = cfg("smtp_destination_recipient_limit = 7\nrelay_transport_rate_delay = 2m\n"
+            "default_destination_concurrency_limit = 30\n")
+    assert c.transport_int("local", "_destination_recipient_limit") == 1
+    assert c.transport_int("smtp", "_destination_recipient_limit") == 7
+    assert c.transport_int("relay", "_destination_recipient_limit") == 50
+    assert c.transport_name("relay", "_destination_recipient_limit") == (
+        "default_destination_recipient_limit")
+    assert c.transport_int("smtp", "_destination_concurrency_limit") == 30
+    assert c.transport_int("local", "_destination_concurrency_limit") == 2
+    assert c.transport_int("mytr", "_destination_concurrency_limit") == 30
+    assert c.transport_time("relay", "_transport_rate_delay") == 120
+    assert c.transport_time("smtp", "_transport_rate_delay") == 0
+    assert c.transport_param("smtp", "_delivery_slot_cost") == "5"
+    assert c.transport_int("local", "_initial_destination_concurrency") == 5
+    assert c.transport_name("local", "_initial_destination_concurrency") == (
+        "initial_destination_concurrency")
+    bad = cfg("# x\nsmtp_destination_recipient_limit = -1\n")
+    with pytest.raises(ConfigError, match=r"line 2: invalid smtp_destination_recipient_limit"):
+        bad.transport_int("smtp", "_destination_recipient_limit")
+
+
+def test_overrides_win_and_affect_expansion() -> None:
+    c = cfg("myhostname = a.example.com\nsyslog_name = qmgrd\n")
+    child = c.with_overrides({"myhostname": "b.example.net", "syslog_name": "x/$service_name",
+                              "service_name": "relay"})
+    assert child.get("smtp_helo_name") == "b.example.net"
+    assert child.get("syslog_name") == "x/relay"
+    assert c.get("smtp_helo_name") == "a.example.com"   # parent unchanged
+    direct = Config.from_text("a = 1\n", "/x", {"a": "2"})
+    assert direct.get("a") == "2"
+    assert child.with_overrides({"service_name": "smtp"}).get("syslog_name") == "x/smtp"
+
+
+def test_myhostname_default_is_a_dotted_name() -> None:
+    c = cfg("")
+    host = c.get("myhostname")
+    assert "." in host
+    assert c.get("mydomain")
+    assert c.get("myorigin") == host
+
+
+def test_dump() -> None:
+    c = cfg("myhostname = h.example.com\nrelayhost =\nzz_custom = $myhostname\n",
+            {"max_use": "5"})
+    n = c.dump(nondefault=True)
+    assert n == ["max_use = 5", "myhostname = h.example.com", "relayhost =",
+                 "zz_custom = $myhostname"]
+    d = c.dump(defaults=True)
+    assert "queue_run_delay = 300s" in d and "max_use = 100" in d
+    assert "myorigin = $myhostname" in d and "relayhost =" in d
+    assert not any(line.startswith("zz_custom") for line in d)
+    everything = c.dump()
+    assert "max_use = 5" in everything and "zz_custom = $myhostname" in everything
+    assert "config_directory = /etc/qmgrd" in everything
+    assert "zz_custom = h.example.com" in c.dump(expand=True)
+    assert everything == sorted(everything)
+    with pytest.raises(ValueError):
+        c.dump(defaults=True, nondefault=True)
+
+
+def test_check_finds_first_bad_parameter() -> None:
+    cfg("myhostname = h.example.com\n").check()
+    with pytest.raises(ConfigError, match="line 2: .*max_use"):
+        cfg("myhostname = h.example.com\nmax_use = 0\n").check()
+
+
+def test_every_table_default_is_valid() -> None:
+    c = cfg("myhostname = h.example.com\n")
+    c.check()
+    assert os.path.isabs(c.get("queue_directory"))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.sampled_from(list("ab_=$ {}()?:#,\n\t1sx")), max_size=60))
+def test_arbitrary_text_raises_only_config_error(text: str) -> None:
+    try:
+        c = cfg(text)
+        c.check()
+        for name in c.names():
+            c.get_list(name)
+    except ConfigError:
+        pass
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=40))
+def test_arbitrary_unicode_raises_only_config_error(text: str) -> None:
+    try:
+        c = cfg(text)
+        for name in c.names():
+            c.get(name)
+            c.get_raw(name)
+    except ConfigError:
+        pass
