@@ -1,0 +1,215 @@
+"""qmgr-sendmail — the sendmail(1) command line: submit a message into maildrop/.
+
+Synopsis
+    qmgr-sendmail [-c DIR] [-f sender] [-F full_name] [-t] [-i|-oi] [-N notify]
+                  [-R full|hdrs] [-V envid] [recipient ...] < message
+
+Description
+    Reads a message from standard input and writes it into ``$queue_directory/maildrop/``
+    in Postfix's maildrop record format (qmgrd.spool.maildrop), the way sendmail +
+    postdrop do (postfix.md §1.4): the file is created 0600, written, made ready with
+    fchmod 0744, fsync'ed, and only then does the command exit 0. It then sends ``W`` to
+    ``public/pickup`` (a failure to do so is a warning only: pickup also wakes up every
+    60 seconds). Parsing and header processing are left to pickup + cleanup, so that this
+    command starts fast: it imports no email package, no click, no DNS code.
+
+Options
+    -c DIR      configuration directory (default $QMGRD_CONFIG_DIR, else /etc/qmgrd)
+    -f sender   envelope sender (also -fsender); default: the login name, qualified later
+                with $myorigin by cleanup; ``-f ''`` or ``-f '<>'`` is the null sender
+    -F name     sender full name
+    -t          extract recipients from To/Cc/Bcc (added to any given as arguments)
+    -i, -oi     a line with a single "." does not end the input (otherwise it does)
+    -oX...      other -o options are ignored
+    -N notify   DSN NOTIFY: never, or a comma list of success, delay, failure
+    -R full|hdrs  DSN RET;   -V envid   DSN ENVID
+    -bm, -v     accepted and ignored;  --  ends the options
+
+Exit status (sysexits)
+    0 queued; 64 EX_USAGE bad option or no recipients without -t; 65 EX_DATAERR message
+    over message_size_limit; 73 EX_CANTCREAT the queue file cannot be created; 75
+    EX_TEMPFAIL write error; 78 EX_CONFIG bad configuration. Errors print one line
+    ``qmgr-sendmail: fatal: ...`` on standard error.
+
+Public API
+    main() -> NoReturn (console script), run(argv, stdin, stderr) -> int
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import IO, NoReturn
+
+__all__ = ["main", "run"]
+
+EX_OK = 0
+EX_USAGE = 64
+EX_DATAERR = 65
+EX_NOUSER = 67
+EX_SOFTWARE = 70
+EX_CANTCREAT = 73
+EX_TEMPFAIL = 75
+EX_CONFIG = 78
+PROG = "qmgr-sendmail"
+_WITH_ARG = "cfFNRV"
+
+
+class _Fatal(Exception):
+    def __init__(self, code: int, text: str) -> None:
+        super().__init__(text)
+        self.code = code
+        self.text = text
+
+
+class _Options:
+    def __init__(self) -> None:
+        self.config_dir = os.environ.get("QMGRD_CONFIG_DIR") or "/etc/qmgrd"
+        self.sender: str | None = None
+        self.fullname = ""
+        self.extract = False
+        self.dot_ends = True
+        self.notify = 0
+        self.ret = 0
+        self.envid = ""
+        self.recipients: list[str] = []
+
+
+def _parse(argv: list[str]) -> _Options:
+    from qmgrd.spool.envelope import parse_notify, parse_ret
+
+    o = _Options()
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        i += 1
+        if arg == "--":
+            break
+        if not arg.startswith("-") or arg == "-":
+            o.recipients.append(arg)
+            continue
+        opt, rest = arg[1], arg[2:]
+        if opt in _WITH_ARG:
+            if not rest:
+                if i >= len(argv):
+                    raise _Fatal(EX_USAGE, f"option requires an argument -- '{opt}'")
+                rest = argv[i]
+                i += 1
+            try:
+                if opt == "c":
+                    o.config_dir = rest
+                elif opt == "f":
+                    o.sender = "" if rest == "<>" else rest
+                elif opt == "F":
+                    o.fullname = rest
+                elif opt == "N":
+                    o.notify = parse_notify(rest)
+                elif opt == "R":
+                    o.ret = parse_ret(rest)
+                else:
+                    o.envid = rest
+            except ValueError as exc:
+                raise _Fatal(EX_USAGE, str(exc)) from None
+        elif opt == "t" and not rest:
+            o.extract = True
+        elif opt == "i" and not rest:
+            o.dot_ends = False
+        elif opt == "o":
+            if rest == "i":
+                o.dot_ends = False
+            elif not rest:
+                raise _Fatal(EX_USAGE, "option requires an argument -- 'o'")
+        elif (opt == "b" and rest == "m") or (opt == "v" and not rest.strip("v")):
+            pass
+        else:
+            raise _Fatal(EX_USAGE, f"unsupported option: {arg}")
+    o.recipients.extend(argv[i:])
+    for value in [o.sender or "", o.fullname, o.envid, *o.recipients]:
+        if any(c in value for c in "\0\r\n"):
+            raise _Fatal(EX_USAGE, "line break or NUL byte in a command-line argument")
+    if not o.recipients and not o.extract:
+        raise _Fatal(EX_USAGE, "no recipients specified")
+    return o
+
+
+def _login_name() -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        raise _Fatal(EX_NOUSER, f"no login name found for user ID {os.getuid()}") from None
+
+
+def _submit(o: _Options, stdin: IO[bytes], stderr: IO[str]) -> None:
+    from master.config import Config, ConfigError
+    from qmgrd.spool.maildrop import MaildropWriter
+    from qmgrd.spool.queue import Spool
+    from qmgrd.trigger import TRIGGER_REQ_WAKEUP, send_trigger
+
+    try:
+        cfg = Config.load(o.config_dir)
+        queue_directory = cfg.get("queue_directory")
+        line_limit = cfg.get_int("line_length_limit")
+        size_limit = cfg.get_int("message_size_limit")
+    except ConfigError as exc:
+        raise _Fatal(EX_CONFIG, str(exc)) from None
+    sender = _login_name() if o.sender is None else o.sender
+    spool = Spool(queue_directory)
+    try:
+        f, qid, path = spool.create("maildrop")
+    except OSError as exc:
+        raise _Fatal(EX_CANTCREAT, f"create file in {spool.queue_path('maildrop')}: "
+                     f"{exc.strerror}") from None
+    try:
+        with f:
+            w = MaildropWriter(f, line_limit)
+            w.envelope(sender, o.recipients, fullname=o.fullname, notify=o.notify, ret=o.ret,
+                       envid=o.envid, extract_recipients=o.extract)
+            for raw in stdin:
+                line = raw[:-1] if raw.endswith(b"\n") else raw
+                if raw.endswith(b"\n") and line.endswith(b"\r"):
+                    line = line[:-1]
+                if o.dot_ends and line == b".":
+                    break
+                w.line(line)
+                if size_limit and w.content_bytes > size_limit:
+                    raise _Fatal(EX_DATAERR, "message file too big")
+            w.finish()
+            f.flush()
+            os.fchmod(f.fileno(), 0o744)
+            os.fsync(f.fileno())
+    except OSError as exc:
+        _unlink(path)
+        raise _Fatal(EX_TEMPFAIL, f"write queue file {path}: {exc.strerror}") from None
+    except BaseException:
+        _unlink(path)
+        raise
+    if not send_trigger(os.path.join(queue_directory, "public", "pickup"), TRIGGER_REQ_WAKEUP):
+        stderr.write(f"{PROG}: warning: unable to wake up the pickup service ({qid} queued)\n")
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def run(argv: list[str], stdin: IO[bytes], stderr: IO[str]) -> int:
+    """Parse ``argv`` (without the program name), submit ``stdin``; return the exit code."""
+    try:
+        _submit(_parse(argv), stdin, stderr)
+    except _Fatal as exc:
+        stderr.write(f"{PROG}: fatal: {exc.text}\n")
+        return exc.code
+    return EX_OK
+
+
+def main() -> NoReturn:
+    """Console-script entry point (``qmgr-sendmail``)."""
+    sys.exit(run(sys.argv[1:], sys.stdin.buffer, sys.stderr))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,453 @@
+"""cleanup — the one way mail enters incoming/: envelope + content -> a Postfix queue file.
+
+Summary
+    ``Cleanup.submit()`` does the work of Postfix's cleanup(8) for qmgrd (postfix.md §1.4,
+    §1.6, §2.3, §2.4):
+
+    * Content is bytes with any mix of line endings: lines are split on LF and one CR
+      before each LF is dropped; a lone CR, NUL bytes and 8-bit bytes stay as data; a
+      missing final newline is fine. Lines longer than ``line_length_limit`` become ``L``
+      records plus a final ``N``. The body is never re-serialised.
+    * Only the header block is scanned (a small line scanner; ``email.utils`` parses
+      addresses when recipients are extracted). A non-header line ends the headers and
+      gets an empty line inserted before it, as Postfix's mime_state does; an explicit
+      empty line is kept as the separator.
+    * Header edits: ``Return-Path:`` removed; for local submissions (origin "local") a
+      ``Received: by <myhostname> (<mail_name>, from userid N)`` / ``<TAB>id <qid>; <date>``
+      header goes first, as pickup+cleanup write it; missing ``Message-ID:`` and ``Date:``
+      are added at the end of the headers; a missing ``From:`` is added when the rewrite
+      context is local (or ``always_add_missing_headers = yes``).
+    * ``extract_recipients=True`` (sendmail -t): recipients are also taken from To/Cc/Bcc
+      (Resent-To/Cc/Bcc when present) and Bcc/Resent-Bcc is removed. In the local
+      context an address without ``@`` gets ``@$myorigin``. Exact duplicate recipients
+      are dropped. No recipients -> CleanupError 5.1.0.
+    * Hop count = number of Received:/Delivered-To: headers (our own Received: included).
+      At ``hopcount_limit`` or more the file is still queued, but every recipient gets a
+      bounce-log entry ``5.4.6`` "mail forwarding loop for <rcpt>" and is marked done, so
+      the qmgr sends the non-delivery report.
+    * Records: C T A(create_time) [F] A(rewrite_context) [A encoding=8bit] [A smtputf8=N]
+      [A envelope_id=] [A ret_flags=] [A name=value...] S [W] then per recipient
+      [A notify_flags=] [A dsn_orig_rcpt=] O R, then M, content, X, E. The C record gets
+      the final numbers before the file is written.
+    * Durability: the file is created 0600 in incoming/, written, flushed, fchmod 0700,
+      fsync'ed and closed; only then is ``W`` sent to ``public/qmgr``. On any OSError the
+      file is removed and CleanupError 4.3.0 raised (5.3.4 for EFBIG), so no ready half
+      file is ever left.
+
+Public API
+    Cleanup(cfg, spool)
+    Cleanup.submit(env, content, *, extract_recipients=False, origin="local"|"smtp",
+                   uid=None) -> str (the queue id)
+    CleanupError(status, text)          .status ("4.3.0", "5.3.4", "5.1.0"), .text
+    mail_date(when: float) -> str       RFC 5322 date as Postfix writes it
+
+Logs ``<qid>: message-id=<...>`` (info) per message, and a warning per hop-count bounce.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import time
+from email.utils import getaddresses
+from typing import IO, TYPE_CHECKING
+
+from master import log
+from qmgrd.spool import records as R
+from qmgrd.spool import statuslog
+from qmgrd.spool.envelope import (
+    SMTPUTF8_FLAG_HEADER,
+    SMTPUTF8_FLAG_REQUESTED,
+    SMTPUTF8_FLAG_SENDER,
+    Envelope,
+    Recipient,
+)
+from qmgrd.spool.queue import Spool
+from qmgrd.trigger import TRIGGER_REQ_WAKEUP, send_trigger
+
+if TYPE_CHECKING:
+    from master.config import Config
+
+__all__ = ["Cleanup", "CleanupError", "mail_date"]
+
+_HEADER_RE = re.compile(rb"[\x21-\x39\x3b-\x7e]+[ \t]*:")
+_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+_PHRASE_SPECIALS = frozenset('()<>@,;:\\".[]')
+_RCPT_HEADERS = (b"to", b"cc", b"bcc")
+_RESENT_RCPT_HEADERS = (b"resent-to", b"resent-cc", b"resent-bcc")
+
+
+class CleanupError(Exception):
+    """The message was not queued.
+
+    Attributes:
+        status: enhanced status code: "4.3.0" (try again: write error), "5.3.4"
+            (message too big), "5.1.0" (no recipients), "5.6.0" (bad envelope data).
+        text: human-readable reason.
+    """
+
+    def __init__(self, status: str, text: str) -> None:
+        super().__init__(f"{status} {text}")
+        self.status = status
+        self.text = text
+
+
+def mail_date(when: float) -> str:
+    """``Mon, 23 Nov 2026 09:15:02 +0100 (CET)`` in local time (Postfix mail_date)."""
+    tm = time.localtime(when)
+    off = tm.tm_gmtoff or 0
+    sign = "+" if off >= 0 else "-"
+    off = abs(off) // 60
+    zone = f" ({tm.tm_zone})" if tm.tm_zone else ""
+    return (f"{_DAYS[tm.tm_wday]}, {tm.tm_mday:02d} {_MONTHS[tm.tm_mon - 1]} {tm.tm_year} "
+            f"{tm.tm_hour:02d}:{tm.tm_min:02d}:{tm.tm_sec:02d} {sign}{off // 60:02d}{off % 60:02d}"
+            f"{zone}")
+
+
+def _phrase(name: str) -> str:
+    if any(c in _PHRASE_SPECIALS for c in name):
+        return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return name
+
+
+def _text(b: bytes) -> str:
+    return b.decode("utf-8", "surrogateescape")
+
+
+class _Headers:
+    """Result of scanning the header block."""
+
+    __slots__ = (
+        "body_start",
+        "eight_bit",
+        "hops",
+        "lines",
+        "message_id",
+        "rcpt_values",
+        "resent_rcpt_values",
+        "seen",
+        "separator",
+    )
+
+    def __init__(self) -> None:
+        self.lines: list[bytes] = []          # header lines to write, physical lines
+        self.body_start = 0
+        self.separator = False                # an explicit empty line ended the headers
+        self.seen: set[bytes] = set()
+        self.hops = 0
+        self.message_id = ""
+        self.rcpt_values: list[str] = []
+        self.resent_rcpt_values: list[str] = []
+        self.eight_bit = False
+
+
+def _scan_headers(lines: list[bytes], extract: bool) -> _Headers:
+    h = _Headers()
+    n = len(lines)
+    i = 0
+    block: list[bytes] = []
+    name = b""
+
+    def finish() -> None:
+        if not block:
+            return
+        h.seen.add(name)
+        if name in (b"received", b"delivered-to"):
+            h.hops += 1
+        if name in _RCPT_HEADERS or name in _RESENT_RCPT_HEADERS:
+            value = _text(b" ".join(block)[block[0].index(b":") + 1 :])
+            (h.resent_rcpt_values if name.startswith(b"resent-") else h.rcpt_values).append(
+                value)
+        if name == b"message-id":
+            h.message_id = _text(b" ".join(x.strip() for x in block)).partition(":")[2].strip()
+        if name == b"return-path" or (extract and name in (b"bcc", b"resent-bcc")):
+            return
+        h.lines.extend(block)
+
+    while i < n:
+        line = lines[i]
+        if not line:
+            h.separator = True
+            i += 1
+            break
+        if block and line[:1] in (b" ", b"\t"):
+            block.append(line)
+            i += 1
+            continue
+        m = _HEADER_RE.match(line)
+        if m is None:
+            break
+        finish()
+        block = [line]
+        name = line[: line.index(b":")].rstrip().lower()
+        i += 1
+    finish()
+    h.body_start = i
+    h.eight_bit = not all(x.isascii() for x in h.lines)
+    return h
+
+
+class Cleanup:
+    """Queue-file writer bound to one configuration and queue directory.
+
+    Reads its parameters once (myhostname, myorigin, mail_name, line_length_limit,
+    message_size_limit, hopcount_limit, delay_warning_time, always_add_missing_headers).
+    """
+
+    def __init__(self, cfg: Config, spool: Spool) -> None:
+        self.spool = spool
+        self.myhostname = cfg.get("myhostname")
+        self.myorigin = cfg.get("myorigin") or self.myhostname
+        self.mail_name = cfg.get("mail_name") or "qmgrd"
+        self.line_limit = max(cfg.get_int("line_length_limit"), 1)
+        self.size_limit = cfg.get_int("message_size_limit")
+        self.hop_limit = cfg.get_int("hopcount_limit")
+        self.delay_warning = cfg.get_time("delay_warning_time")
+        self.always_add = cfg.get("always_add_missing_headers").strip().lower() in (
+            "yes", "true", "1")
+        self.trigger_path = os.path.join(spool.queue_directory, "public", "qmgr")
+        self._nhdr = [R.REC_NORM + R.encode_len(k) for k in range(self.line_limit + 1)]
+
+    # ------------------------------------------------------------------ helpers
+
+    def _qualify(self, addr: str, local: bool) -> str:
+        if local and addr and "@" not in addr:
+            return f"{addr}@{self.myorigin}"
+        return addr
+
+    def _content(self, out: bytearray, lines: list[bytes]) -> None:
+        nhdr = self._nhdr
+        limit = self.line_limit
+        for line in lines:
+            n = len(line)
+            if n <= limit:
+                out += nhdr[n]
+                out += line
+                continue
+            last = (n - 1) // limit * limit
+            for k in range(0, last, limit):
+                out += R.encode(R.REC_CONT, line[k : k + limit])
+            out += nhdr[n - last]
+            out += line[last:]
+
+    def _extract(self, h: _Headers, local: bool) -> list[Recipient]:
+        values = h.resent_rcpt_values or h.rcpt_values
+        out: list[Recipient] = []
+        for _name, addr in getaddresses(values):
+            addr = addr.strip()
+            if addr and not any(c in addr for c in "\r\n\0"):
+                out.append(Recipient(self._qualify(addr, local)))
+        return out
+
+    # ------------------------------------------------------------------ submit
+
+    def submit(
+        self,
+        env: Envelope,
+        content: bytes,
+        *,
+        extract_recipients: bool = False,
+        origin: str = "local",
+        uid: int | None = None,
+    ) -> str:
+        """Write one message into incoming/ and wake the qmgr.
+
+        Args:
+            env: the envelope (recipients may be empty with extract_recipients).
+            content: the message, headers and body, any line endings.
+            extract_recipients: add recipients from To/Cc/Bcc and drop Bcc (sendmail -t).
+            origin: "local" (sendmail/pickup: adds Received:, local rewrite context) or
+                "smtp" (smtpd wrote its own Received:).
+            uid: submitting user id for the local Received: header (default: ours).
+
+        Returns:
+            The new queue id.
+
+        Raises:
+            CleanupError: 5.3.4 too big, 5.1.0 no recipients, 5.6.0 bad envelope data
+                (NUL or line break in an address or attribute), 4.3.0 write error. The
+                queue file does not exist afterwards.
+        """
+        if self.size_limit and len(content) > self.size_limit:
+            raise CleanupError("5.3.4", "message file too big")
+        context = "local" if origin == "local" else env.attrs.get("rewrite_context", "remote")
+        local = context == "local"
+        lines = content.replace(b"\r\n", b"\n").split(b"\n") if content else []
+        if lines and not lines[-1]:
+            lines.pop()  # the content ended with a newline
+        h = _scan_headers(lines, extract_recipients)
+
+        sender = self._qualify(env.sender, local)
+        rcpts = [
+            Recipient(self._qualify(r.address, local), r.orig_rcpt, r.dsn_orcpt, r.notify)
+            for r in env.recipients
+        ]
+        if extract_recipients:
+            rcpts += self._extract(h, local)
+        rcpts = self._dedup(rcpts)
+        if not rcpts:
+            raise CleanupError("5.1.0", "no recipients specified")
+        self._check_envelope(env, sender, rcpts)
+
+        smtputf8 = env.smtputf8
+        if origin == "local" and (h.eight_bit or not sender.isascii()
+                                  or not all(r.address.isascii() for r in rcpts)):
+            smtputf8 |= SMTPUTF8_FLAG_REQUESTED
+        if smtputf8 & SMTPUTF8_FLAG_REQUESTED:
+            if h.eight_bit:
+                smtputf8 |= SMTPUTF8_FLAG_HEADER
+            if not sender.isascii():
+                smtputf8 |= SMTPUTF8_FLAG_SENDER
+
+        sec, usec = env.arrival
+        if sec <= 0:
+            now = time.time_ns() // 1000
+            sec, usec = now // 1_000_000, now % 1_000_000
+        try:
+            f, qid, path = self.spool.create("incoming")
+        except OSError as exc:
+            raise CleanupError("4.3.0", f"queue file create error: {exc.strerror}") from None
+        try:
+            buf, offsets, msgid = self._build(env, sender, rcpts, lines, h, qid, sec, usec,
+                                              local, origin, uid, smtputf8, content)
+            hops = h.hops + (1 if origin == "local" else 0)
+            looped = self.hop_limit > 0 and hops >= self.hop_limit
+            if looped:
+                for off in offsets:
+                    buf[off : off + 1] = R.REC_DONE
+            f.write(buf)
+            f.flush()
+            if looped:
+                self._bounce_loop(qid, rcpts, offsets, hops)
+            os.fchmod(f.fileno(), 0o700)
+            os.fsync(f.fileno())
+            f.close()
+        except OSError as exc:
+            self._discard(f, path, qid)
+            if exc.errno == errno.EFBIG:
+                raise CleanupError("5.3.4", "message file too big") from None
+            raise CleanupError("4.3.0", f"queue file write error: {exc.strerror}") from None
+        except BaseException:
+            self._discard(f, path, qid)
+            raise
+        log.info(f"{qid}: message-id={msgid}")
+        send_trigger(self.trigger_path, TRIGGER_REQ_WAKEUP)
+        return qid
+
+    @staticmethod
+    def _dedup(rcpts: list[Recipient]) -> list[Recipient]:
+        seen: set[tuple[str, str, str, int]] = set()
+        out: list[Recipient] = []
+        for r in rcpts:
+            key = (r.address, r.orig_rcpt, r.dsn_orcpt, r.notify)
+            if key not in seen:
+                seen.add(key)
+                out.append(r)
+        return out
+
+    @staticmethod
+    def _check_envelope(env: Envelope, sender: str, rcpts: list[Recipient]) -> None:
+        bad = "\0\r\n"
+        values = [sender, env.fullname, env.envid]
+        values += [v for r in rcpts for v in (r.address, r.orig_rcpt, r.dsn_orcpt)]
+        values += [f"{k}={v}" for k, v in env.attrs.items()]
+        if any(c in v for v in values for c in bad):
+            raise CleanupError("5.6.0", "line break or NUL byte in envelope data")
+        if any(not k or "=" in k for k in env.attrs):
+            raise CleanupError("5.6.0", "bad attribute name in envelope")
+
+    def _discard(self, f: IO[bytes], path: str, qid: str) -> None:
+        try:
+            f.close()
+        except OSError:
+            pass
+        for p in (path, self.spool.path("bounce", qid)):
+            try:
+                os.unlink(p)
+            except OSError:
+                pass
+
+    def _bounce_loop(self, qid: str, rcpts: list[Recipient], offsets: list[int],
+                     hops: int) -> None:
+        log.warning(f"{qid}: hop count {hops} exceeds limit {self.hop_limit}: "
+                    f"bouncing {len(rcpts)} recipient(s)")
+        for r, off in zip(rcpts, offsets):
+            rr = Recipient(r.address, r.orig_rcpt or r.address, r.dsn_orcpt, r.notify, off)
+            statuslog.append(self.spool, "bounce", qid, rr, statuslog.Dsn(
+                "5.4.6", "failed", f"mail forwarding loop for {r.address}"))
+
+    def _build(self, env: Envelope, sender: str, rcpts: list[Recipient], lines: list[bytes],
+               h: _Headers, qid: str, sec: int, usec: int, local: bool, origin: str,
+               uid: int | None, smtputf8: int,
+               content: bytes) -> tuple[bytearray, list[int], str]:
+        """The whole queue file in memory; returns (bytes, R offsets, message-id)."""
+        enc = R.encode
+        out = bytearray(R.SIZE_RECORD_LEN)
+        out += enc(R.REC_TIME, b"%d %d" % (sec, usec))
+        out += enc(R.REC_ATTR, b"create_time=%d" % sec)
+        if env.fullname:
+            out += enc(R.REC_FULL, env.fullname.encode("utf-8", "surrogateescape"))
+        out += enc(R.REC_ATTR, b"rewrite_context=" + (b"local" if local else b"remote"))
+        encoding = "8bit" if not content.isascii() else env.attrs.get("encoding", "")
+        if encoding:
+            out += enc(R.REC_ATTR, b"encoding=" + encoding.encode())
+        if smtputf8:
+            out += enc(R.REC_ATTR, b"smtputf8=%d" % smtputf8)
+        if env.envid:
+            out += enc(R.REC_ATTR, b"envelope_id=" + env.envid.encode("utf-8", "surrogateescape"))
+        if env.ret:
+            out += enc(R.REC_ATTR, b"ret_flags=%d" % env.ret)
+        for k, v in env.attrs.items():
+            if k not in ("rewrite_context", "encoding", "create_time", "smtputf8"):
+                out += enc(R.REC_ATTR, f"{k}={v}".encode("utf-8", "surrogateescape"))
+        out += enc(R.REC_FROM, sender.encode("utf-8", "surrogateescape"))
+        if self.delay_warning > 0 and sender:
+            out += enc(R.REC_WARN, b"%15d" % (sec + self.delay_warning))
+        offsets: list[int] = []
+        notify_union = 0
+        for r in rcpts:
+            if r.notify:
+                out += enc(R.REC_ATTR, b"notify_flags=%d" % r.notify)
+                notify_union |= r.notify
+            if r.dsn_orcpt:
+                out += enc(R.REC_ATTR, b"dsn_orig_rcpt=" + r.dsn_orcpt.encode(
+                    "utf-8", "surrogateescape"))
+            addr = r.address.encode("utf-8", "surrogateescape")
+            out += enc(R.REC_ORCP, r.orig_rcpt.encode("utf-8", "surrogateescape") or addr)
+            offsets.append(len(out))
+            out += enc(R.REC_RCPT, addr)
+        out += enc(R.REC_MESG, b"")
+        data_offset = len(out)
+
+        head: list[bytes] = []
+        if origin == "local":
+            head.append(f"Received: by {self.myhostname} ({self.mail_name}, from userid "
+                        f"{os.getuid() if uid is None else uid})".encode())
+            head.append(f"\tid {qid}; {mail_date(sec + usec / 1e6)}".encode())
+        msgid = h.message_id
+        added: list[bytes] = []
+        if b"message-id" not in h.seen:
+            msgid = f"<{qid}@{self.myhostname}>"
+            added.append(f"Message-ID: {msgid}".encode())
+        if b"date" not in h.seen:
+            added.append(f"Date: {mail_date(sec + usec / 1e6)}".encode())
+        if b"from" not in h.seen and (local or self.always_add):
+            who = sender or "MAILER-DAEMON"
+            name = f"{_phrase(env.fullname)} <{who}>" if env.fullname and sender else who
+            added.append(b"From: " + name.encode("utf-8", "surrogateescape"))
+        self._content(out, head)
+        self._content(out, h.lines)
+        self._content(out, added)
+        body = lines[h.body_start :]
+        if h.separator or body:
+            out += self._nhdr[0]
+        self._content(out, body)
+        data_size = len(out) - data_offset
+        out += enc(R.REC_XTRA, b"")
+        out += enc(R.REC_END, b"")
+        flags = (notify_union << 1) & 0x1E
+        out[0 : R.SIZE_RECORD_LEN] = enc(R.REC_SIZE, R.size_payload(
+            data_size, data_offset, len(rcpts), flags, data_size, smtputf8))
+        return out, offsets, msgid

@@ -1,0 +1,237 @@
+"""maildrop — the maildrop/ file format: written by qmgr-sendmail, read by pickup.
+
+Summary
+    A maildrop file uses Postfix's record framing and the subset of record types that
+    postdrop accepts from sendmail (postfix.md §2.2): envelope ``MFSRVAin``, content
+    ``XLN``, extracted ``EAR``. qmgr-sendmail writes::
+
+        [F full name] S sender [A envelope_id=...] [A ret_flags=N] A rewrite_context=local
+        [A extract_recipients=1] ([A notify_flags=N] R recipient)* M
+        (N line | L part... N part)* X E
+
+    The file is created 0600 in maildrop/ (Spool.create), and becomes *ready* with
+    fchmod 0744 just before fsync, as postdrop does (§1.4, §1.5). The arrival time is
+    the file's mtime (Postfix pickup's rule for files without a T record; a T record is
+    accepted too).
+
+    The reader is for untrusted input (any local user may write into maildrop/): every
+    record is length-limited, types must belong to their segment, only known attribute
+    names are accepted, ``S`` and the final ``E`` are required, and the content may not
+    exceed the size limit. Any problem raises MaildropError with a reason.
+
+Public API
+    MaildropWriter(f, line_limit=2048)      .envelope(...), .line(bytes), .finish()
+    MaildropMessage                          sender, fullname, recipients, envid, ret,
+                                             extract_recipients, arrival, content (bytes)
+    read_maildrop(f, *, max_record=2048, size_limit=10240000) -> MaildropMessage
+    MaildropError(reason)
+
+Logs nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import IO
+
+from qmgrd.spool import records as R
+from qmgrd.spool.envelope import Recipient
+from qmgrd.spool.records import RecordError, RecordReader, encode
+
+__all__ = ["MaildropError", "MaildropMessage", "MaildropWriter", "read_maildrop"]
+
+_ENV = frozenset(R.MAILDROP_ENVELOPE[i : i + 1] for i in range(len(R.MAILDROP_ENVELOPE)))
+_CONT = frozenset(R.MAILDROP_CONTENT[i : i + 1] for i in range(len(R.MAILDROP_CONTENT)))
+_XTRA = frozenset(R.MAILDROP_EXTRACTED[i : i + 1] for i in range(len(R.MAILDROP_EXTRACTED)))
+_ENV_ATTRS = frozenset(("envelope_id", "ret_flags", "notify_flags", "rewrite_context",
+                        "extract_recipients", "encoding"))
+
+
+class MaildropError(Exception):
+    """The maildrop file is malformed; ``reason`` says how."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass
+class MaildropMessage:
+    """What a maildrop file holds (see read_maildrop)."""
+
+    sender: str = ""
+    fullname: str = ""
+    recipients: list[Recipient] = field(default_factory=list)
+    envid: str = ""
+    ret: int = 0
+    extract_recipients: bool = False
+    arrival: tuple[int, int] = (0, 0)
+    content: bytes = b""
+
+
+class MaildropWriter:
+    """Streams records into an open maildrop file (no fsync/fchmod: the caller does).
+
+    Args:
+        f: binary file opened for writing.
+        line_limit: content lines longer than this become L records plus a final N.
+    """
+
+    def __init__(self, f: IO[bytes], line_limit: int = 2048) -> None:
+        self._f = f
+        self._limit = max(line_limit, 1)
+        self.content_bytes = 0
+
+    def envelope(self, sender: str, recipients: list[str], *, fullname: str = "",
+                 notify: int = 0, ret: int = 0, envid: str = "",
+                 extract_recipients: bool = False) -> None:
+        """Write the envelope segment and the ``M`` record."""
+        w = self._f.write
+        if fullname:
+            w(encode(R.REC_FULL, fullname.encode("utf-8", "surrogateescape")))
+        w(encode(R.REC_FROM, sender.encode("utf-8", "surrogateescape")))
+        if envid:
+            w(encode(R.REC_ATTR, b"envelope_id=" + envid.encode("utf-8", "surrogateescape")))
+        if ret:
+            w(encode(R.REC_ATTR, b"ret_flags=%d" % ret))
+        w(encode(R.REC_ATTR, b"rewrite_context=local"))
+        if extract_recipients:
+            w(encode(R.REC_ATTR, b"extract_recipients=1"))
+        for rcpt in recipients:
+            if notify:
+                w(encode(R.REC_ATTR, b"notify_flags=%d" % notify))
+            w(encode(R.REC_RCPT, rcpt.encode("utf-8", "surrogateescape")))
+        w(encode(R.REC_MESG, b""))
+
+    def line(self, data: bytes) -> None:
+        """Write one content line (without its line ending)."""
+        limit = self._limit
+        w = self._f.write
+        self.content_bytes += len(data) + 1
+        while len(data) > limit:
+            w(encode(R.REC_CONT, data[:limit]))
+            data = data[limit:]
+        w(encode(R.REC_NORM, data))
+
+    def finish(self) -> None:
+        """Write the ``X`` and ``E`` records."""
+        self._f.write(encode(R.REC_XTRA, b"") + encode(R.REC_END, b""))
+
+
+def _text(data: bytes, what: str) -> str:
+    if b"\0" in data or b"\n" in data or b"\r" in data:
+        raise MaildropError(f"NUL or line break in {what}")
+    return data.decode("utf-8", "surrogateescape")
+
+
+def _num(data: bytes, what: str) -> int:
+    try:
+        value = int(data)
+    except ValueError:
+        raise MaildropError(f"bad {what} value") from None
+    if value < 0:
+        raise MaildropError(f"bad {what} value")
+    return value
+
+
+def read_maildrop(f: IO[bytes], *, max_record: int = 2048,
+                  size_limit: int = 10240000) -> MaildropMessage:
+    """Parse a maildrop file strictly.
+
+    Args:
+        f: the open file, positioned at 0.
+        max_record: the largest record payload accepted (line_length_limit).
+        size_limit: the largest content accepted in bytes (0 = no limit).
+
+    Raises:
+        MaildropError: any framing error, record type outside its segment, unknown or bad
+            attribute, missing sender, content over size_limit, missing final E, or data
+            after E.
+    """
+    msg = MaildropMessage()
+    rd = RecordReader(f, max_len=max_record, offset=0)
+    allowed = _ENV
+    segment = "envelope"
+    seen_sender = False
+    notify = 0
+    parts: list[bytes] = []
+    size = 0
+    while True:
+        try:
+            rec = rd.read()
+        except RecordError as exc:
+            raise MaildropError(str(exc)) from None
+        if rec is None:
+            raise MaildropError("premature end of file, no E record")
+        t, data = rec.rtype, rec.data
+        if t not in allowed:
+            raise MaildropError(
+                f"offset {rec.offset}: unexpected record type {t!r} in {segment} segment")
+        if segment == "content":
+            if t == R.REC_XTRA:
+                allowed, segment = _XTRA, "extracted"
+                continue
+            size += len(data) + (1 if t == R.REC_NORM else 0)
+            if size_limit and size > size_limit:
+                raise MaildropError("message file too big")
+            parts.append(data)
+            if t == R.REC_NORM:
+                parts.append(b"\n")
+            continue
+        if t == R.REC_END:
+            break
+        if t == R.REC_MESG:
+            allowed, segment = _CONT, "content"
+        elif t == R.REC_FROM:
+            if seen_sender:
+                raise MaildropError("duplicate sender record")
+            msg.sender = _text(data, "sender")
+            seen_sender = True
+        elif t == R.REC_FULL:
+            msg.fullname = _text(data, "full name")
+        elif t == R.REC_RCPT:
+            msg.recipients.append(Recipient(_text(data, "recipient"), notify=notify))
+            notify = 0
+        elif t == R.REC_TIME:
+            fields = data.split()
+            if not 1 <= len(fields) <= 2:
+                raise MaildropError("bad time record")
+            msg.arrival = (_num(fields[0], "time"), _num(fields[-1], "time")
+                           if len(fields) == 2 else 0)
+        elif t == R.REC_DSN_ENVID:
+            msg.envid = _text(data, "envelope id")
+        elif t == R.REC_DSN_NOTIFY:
+            notify = _num(data, "notify_flags")
+        elif t == R.REC_ATTR:
+            notify = _attr(msg, data, notify)
+        # V (VERP) is accepted and ignored.
+    if not seen_sender:
+        raise MaildropError("no envelope sender")
+    if f.read(1):
+        raise MaildropError("data after the E record")
+    if msg.envid and len(msg.envid) > 100:
+        raise MaildropError("envelope id too long")
+    if notify > 15:
+        raise MaildropError("bad notify_flags value")
+    msg.content = b"".join(parts)
+    return msg
+
+
+def _attr(msg: MaildropMessage, data: bytes, notify: int) -> int:
+    name_b, sep, value = data.partition(b"=")
+    name = name_b.decode("ascii", "replace")
+    if not sep or name not in _ENV_ATTRS:
+        raise MaildropError(f"unexpected attribute {name[:40]!r}")
+    if name == "envelope_id":
+        msg.envid = _text(value, "envelope id")
+    elif name == "ret_flags":
+        msg.ret = _num(value, "ret_flags")
+        if msg.ret > 3:
+            raise MaildropError("bad ret_flags value")
+    elif name == "notify_flags":
+        notify = _num(value, "notify_flags")
+        if notify > 15:
+            raise MaildropError("bad notify_flags value")
+    elif name == "extract_recipients":
+        msg.extract_recipients = value == b"1"
+    return notify

@@ -1,0 +1,157 @@
+"""qmgr-ctl flush (postqueue -f), exit codes, configuration handling, --help."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from qmgrd.ctl.cli import EX_CONFIG, EX_TEMPFAIL, EX_UNAVAILABLE, EX_USAGE, cli
+from qmgrd.spool.queue import Spool
+
+DOWN = "qmgr-ctl: fatal: Cannot flush mail queue - mail system is down\n"
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    res = CliRunner().invoke(cli, list(args), env=env)
+    assert res.exception is None or isinstance(res.exception, SystemExit), res.exception
+    return res.exit_code, res.stdout, res.stderr
+
+
+@pytest.fixture
+def etc(tmp_path: Path) -> Path:
+    d = tmp_path / "etc"
+    d.mkdir()
+    (d / "main.cf").write_text(f"queue_directory = {tmp_path}/q\n")
+    Spool(str(tmp_path / "q")).make_dirs()
+    return d
+
+
+def public(etc: Path, name: str) -> str:
+    return str(etc.parent / "q" / "public" / name)
+
+
+@pytest.fixture
+def readers(etc: Path) -> Iterator[dict[str, int]]:
+    """FIFOs public/qmgr and public/pickup, each held open O_RDWR as the master does."""
+    fds: dict[str, int] = {}
+    try:
+        for name in ("qmgr", "pickup"):
+            os.mkfifo(public(etc, name), 0o622)
+            fds[name] = os.open(public(etc, name), os.O_RDWR | os.O_NONBLOCK)
+        yield fds
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+
+
+def drain(fd: int) -> bytes:
+    try:
+        return os.read(fd, 1024)
+    except BlockingIOError:
+        return b""
+
+
+# ------------------------------------------------------------------ flush
+
+def test_flush_sends_postqueue_f_triggers(etc: Path, readers: dict[str, int]) -> None:
+    assert run("-c", str(etc), "flush") == (0, "", "")
+    assert drain(readers["qmgr"]) == b"FADI"
+    assert drain(readers["pickup"]) == b"W"
+
+
+def test_flush_without_reader_is_mail_system_down(etc: Path) -> None:
+    os.mkfifo(public(etc, "qmgr"), 0o622)
+    os.mkfifo(public(etc, "pickup"), 0o622)
+    assert run("-c", str(etc), "flush") == (EX_UNAVAILABLE, "", DOWN)
+
+
+def test_flush_without_fifo_is_mail_system_down(etc: Path) -> None:
+    assert run("-c", str(etc), "flush") == (EX_UNAVAILABLE, "", DOWN)
+
+
+def test_flush_needs_pickup_too(etc: Path) -> None:
+    os.mkfifo(public(etc, "qmgr"), 0o622)
+    fd = os.open(public(etc, "qmgr"), os.O_RDWR | os.O_NONBLOCK)
+    try:
+        assert run("-c", str(etc), "flush") == (EX_UNAVAILABLE, "", DOWN)
+        assert drain(fd) == b"FADI"  # qmgr first, as postqueue
+    finally:
+        os.close(fd)
+
+
+def test_flush_exit_status_of_a_process(etc: Path) -> None:
+    res = subprocess.run([sys.executable, "-m", "qmgrd.ctl", "-c", str(etc), "flush"],
+                         capture_output=True, timeout=30, check=False)
+    assert res.returncode == EX_UNAVAILABLE
+    assert res.stderr.decode() == DOWN and res.stdout == b""
+
+
+# ------------------------------------------------------------------ exit codes
+
+@pytest.mark.parametrize("args", [["bogus"], ["list", "--bogus"], [], ["flush", "extra"]])
+def test_usage_errors_exit_64(etc: Path, args: list[str]) -> None:
+    code, out, err = run("-c", str(etc), *args)
+    assert code == EX_USAGE
+    assert "Usage: qmgr-ctl" in out + err
+
+
+def test_config_syntax_error_exits_78(etc: Path) -> None:
+    (etc / "main.cf").write_text("# comment\nthis line has no equals sign\n")
+    for cmd in ("list", "flush"):
+        code, out, err = run("-c", str(etc), cmd)
+        assert code == EX_CONFIG and out == ""
+        assert err.startswith(f"qmgr-ctl: fatal: {etc}/main.cf, line 2: ")
+
+
+def test_bad_parameter_value_exits_78(etc: Path) -> None:
+    with open(etc / "main.cf", "a") as f:
+        f.write("hash_queue_depth = lots\n")
+    code, _, err = run("-c", str(etc), "list")
+    assert code == EX_CONFIG
+    assert f"{etc}/main.cf, line 2: " in err and "hash_queue_depth" in err
+
+
+def test_missing_main_cf_exits_78(tmp_path: Path) -> None:
+    code, _, err = run("-c", str(tmp_path / "nowhere"), "list")
+    assert code == EX_CONFIG and "main.cf" in err and err.startswith("qmgr-ctl: fatal: ")
+
+
+def test_config_dir_from_environment(etc: Path) -> None:
+    assert run("list", env={"QMGRD_CONFIG_DIR": str(etc)}) == (0, "Mail queue is empty\n", "")
+
+
+def test_missing_queue_directory_exits_75(etc: Path) -> None:
+    (etc / "main.cf").write_text(f"queue_directory = {etc.parent}/nonexistent\n")
+    code, out, err = run("-c", str(etc), "list")
+    assert (code, out) == (EX_TEMPFAIL, "")
+    assert err == (f"qmgr-ctl: fatal: open queue directory {etc.parent}/nonexistent: "
+                   "No such file or directory\n")
+    (etc / "main.cf").write_text(f"queue_directory = {etc}/main.cf\n")
+    assert run("-c", str(etc), "list")[0] == EX_TEMPFAIL
+
+
+def test_unreadable_queue_exits_75(etc: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def denied(self: Spool, queue: str) -> Iterator[str]:
+        raise PermissionError(13, "Permission denied", queue)
+
+    monkeypatch.setattr(Spool, "scan", denied)
+    code, out, err = run("-c", str(etc), "list", "--json")
+    assert (code, out) == (EX_TEMPFAIL, "")
+    assert err.startswith("qmgr-ctl: fatal: scan queue directory ") and "Permission" in err
+
+
+def test_help_documents_exit_codes(tmp_path: Path) -> None:
+    for args in ([], ["list"], ["flush"]):
+        # --help needs no configuration
+        code, out, _ = run("-c", str(tmp_path / "nowhere"), *args, "--help")
+        assert code == 0
+        for text in ("64", "69", "75", "78", "usage error", "mail system down",
+                     "queue directory unreadable", "configuration error"):
+            assert text in out, (args, text)
+    assert "QMGRD_CONFIG_DIR" in run("--help")[1]

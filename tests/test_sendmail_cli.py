@@ -1,0 +1,168 @@
+"""Tests for qmgr-sendmail (qmgrd.sendmail): options, maildrop file format, exit codes."""
+
+from __future__ import annotations
+
+import io
+import os
+import pwd
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from qmgrd.sendmail import run
+from qmgrd.spool.maildrop import MaildropMessage, read_maildrop
+from qmgrd.spool.queue import Spool
+from qmgrd.spool.queueid import valid_id
+from qmgrd.spool.records import RecordReader
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def confdir(tmp_path: Path) -> Path:
+    (tmp_path / "main.cf").write_text(
+        f"queue_directory = {tmp_path}/q\nmyhostname = mx.example.org\n")
+    Spool(str(tmp_path / "q")).make_dirs()
+    return tmp_path
+
+
+def sendmail(confdir: Path, args: list[str], data: bytes) -> tuple[int, str]:
+    err = io.StringIO()
+    code = run(["-c", str(confdir), *args], io.BytesIO(data), err)
+    return code, err.getvalue()
+
+
+def maildrop_files(confdir: Path) -> list[Path]:
+    return sorted((confdir / "q" / "maildrop").iterdir())
+
+
+def only_message(confdir: Path) -> tuple[Path, MaildropMessage]:
+    files = maildrop_files(confdir)
+    assert len(files) == 1
+    with open(files[0], "rb") as f:
+        return files[0], read_maildrop(f)
+
+
+def test_basic_submission(confdir: Path) -> None:
+    code, err = sendmail(confdir, ["-f", "alice@example.org", "-F", "Alice A",
+                                   "bob@example.net", "carol@example.net"],
+                         b"Subject: hi\r\n\r\nline 1\r\n.\r\nnot read\n")
+    assert (code, err) == (0, "qmgr-sendmail: warning: unable to wake up the pickup service ("
+                           + maildrop_files(confdir)[0].name + " queued)\n")
+    path, msg = only_message(confdir)
+    assert valid_id(path.name)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o744
+    assert (msg.sender, msg.fullname) == ("alice@example.org", "Alice A")
+    assert [r.address for r in msg.recipients] == ["bob@example.net", "carol@example.net"]
+    assert msg.content == b"Subject: hi\n\nline 1\n"
+    assert not msg.extract_recipients
+
+
+def test_record_types_are_postdrop_subset(confdir: Path) -> None:
+    assert sendmail(confdir, ["-t", "-N", "success,delay", "-R", "hdrs", "-V", "env-1", "-i",
+                              "b@example.net"], b"To: c@example.net\n\n.\nx" * 1)[0] == 0
+    path = maildrop_files(confdir)[0]
+    with open(path, "rb") as f:
+        recs = list(RecordReader(f))
+    types = b"".join(r.rtype for r in recs)
+    env, _, rest = types.partition(b"M")
+    content, _, extracted = rest.partition(b"X")
+    assert set(env) <= set(b"MFSRVAin") and set(content) <= set(b"XLN")
+    assert extracted == b"E"
+    attrs = [r.data for r in recs if r.rtype == b"A"]
+    assert attrs == [b"envelope_id=env-1", b"ret_flags=2", b"rewrite_context=local",
+                     b"extract_recipients=1", b"notify_flags=10"]
+    _, msg = only_message(confdir)
+    assert msg.content == b"To: c@example.net\n\n.\nx\n"  # -i: the dot line is data
+    assert (msg.envid, msg.ret, msg.extract_recipients) == ("env-1", 2, True)
+    assert msg.recipients[0].notify == 10
+
+
+def test_defaults_oi_and_attached_args(confdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("QMGRD_CONFIG_DIR", str(confdir))
+    err = io.StringIO()
+    assert run(["-oi", "-oem", "-fbob", "-Fx", "-bm", "r@example.net"],
+               io.BytesIO(b".\n"), err) == 0
+    _, msg = only_message(confdir)
+    assert msg.sender == "bob" and msg.fullname == "x" and msg.content == b".\n"
+
+
+def test_default_sender_is_login_name(confdir: Path) -> None:
+    assert sendmail(confdir, ["r@example.net"], b"x")[0] == 0
+    _, msg = only_message(confdir)
+    assert msg.sender == pwd.getpwuid(os.getuid()).pw_name
+    assert msg.content == b"x\n"
+
+
+def test_null_sender_and_long_lines(confdir: Path) -> None:
+    (confdir / "main.cf").write_text(
+        f"queue_directory = {confdir}/q\nline_length_limit = 10\n")
+    assert sendmail(confdir, ["-f", "<>", "r@example.net"], b"a" * 25 + b"\n")[0] == 0
+    path, msg = only_message(confdir)
+    assert msg.sender == "" and msg.content == b"a" * 25 + b"\n"
+    with open(path, "rb") as f:
+        assert [r.rtype for r in RecordReader(f)].count(b"L") == 2
+
+
+@pytest.mark.parametrize("args,code,text", [
+    ([], 64, "no recipients specified"),
+    (["-x", "r@x"], 64, "unsupported option: -x"),
+    (["-f"], 64, "option requires an argument -- 'f'"),
+    (["-N", "sometimes", "r@x"], 64, "bad DSN notify keyword"),
+    (["-N", "never,success", "r@x"], 64, "cannot be combined"),
+    (["-R", "body", "r@x"], 64, "bad DSN ret keyword"),
+    (["r@x\nBcc: evil@x"], 64, "line break"),
+])
+def test_usage_errors(confdir: Path, args: list[str], code: int, text: str) -> None:
+    got, err = sendmail(confdir, args, b"x\n")
+    assert got == code
+    assert err.startswith("qmgr-sendmail: fatal: ") and text in err and err.count("\n") == 1
+    assert maildrop_files(confdir) == []
+
+
+def test_config_and_queue_errors(tmp_path: Path, confdir: Path) -> None:
+    err = io.StringIO()
+    assert run(["-c", str(tmp_path / "nowhere"), "r@x"], io.BytesIO(b"x"), err) == 78
+    assert err.getvalue().startswith("qmgr-sendmail: fatal: open ")
+    (confdir / "main.cf").write_text(f"queue_directory = {confdir}/q\nline_length_limit = x\n")
+    assert sendmail(confdir, ["r@x"], b"x")[0] == 78
+    (confdir / "main.cf").write_text(f"queue_directory = {confdir}/nonexistent\n")
+    code, err2 = sendmail(confdir, ["r@x"], b"x")
+    assert code == 73 and "maildrop" in err2
+
+
+def test_size_limit_removes_file(confdir: Path) -> None:
+    (confdir / "main.cf").write_text(
+        f"queue_directory = {confdir}/q\nmessage_size_limit = 50\n")
+    code, err = sendmail(confdir, ["r@x"], b"x" * 60 + b"\n")
+    assert code == 65 and "message file too big" in err
+    assert maildrop_files(confdir) == []
+
+
+def test_triggers_pickup_fifo(confdir: Path) -> None:
+    fifo = confdir / "q" / "public" / "pickup"
+    os.mkfifo(fifo, 0o622)
+    fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        assert sendmail(confdir, ["r@x"], b"x\n") == (0, "")
+        assert os.read(fd, 10) == b"W"
+    finally:
+        os.close(fd)
+
+
+def test_console_script_process_imports_little(confdir: Path) -> None:
+    code = ("import sys, io; from qmgrd.sendmail import run; "
+            "rc = run(sys.argv[1:], sys.stdin.buffer, sys.stderr); "
+            "heavy = [m for m in ('email', 'click', 'dns', 'asyncio') if m in sys.modules]; "
+            "print(rc, heavy)")
+    p = subprocess.run([sys.executable, "-c", code, "-c", str(confdir), "r@example.net"],
+                       input=b"Subject: s\n\nbody\n", capture_output=True, cwd=REPO,
+                       timeout=30, check=False)
+    assert p.stdout.decode().strip() == "0 []", p.stderr
+    p = subprocess.run([sys.executable, "-m", "qmgrd.sendmail", "-c", str(confdir)],
+                       input=b"", capture_output=True, cwd=REPO, timeout=30, check=False)
+    assert p.returncode == 64
+    assert p.stderr == b"qmgr-sendmail: fatal: no recipients specified\n"

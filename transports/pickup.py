@@ -1,0 +1,157 @@
+"""pickup — pickup(8): feed maildrop/ files (written by qmgr-sendmail) through cleanup.
+
+Summary
+    A trigger server on ``public/pickup`` (woken by qmgr-sendmail after each submission
+    and by the master's wakeup timer, 60 s in the default master.cf). Each wakeup scans
+    maildrop/ until a pass finds nothing more to do, like Postfix's pickup_service:
+
+    * files that are not ready (mode without owner x: still being written), non-regular
+      files and names that are not queue ids are skipped;
+    * each ready file is read strictly (qmgrd.spool.maildrop.read_maildrop): any
+      record-level error, wrong type for its segment, unknown attribute, missing sender
+      or E, or content over message_size_limit -> the file is moved to corrupt/ (removed
+      if that fails) with ``warning: <name>: uid=<uid>: <reason>: set aside``;
+    * otherwise the message goes through Cleanup.submit (origin "local", so cleanup adds
+      ``Received: by <myhostname> (<mail_name>, from userid <uid>)``; the arrival time
+      and Received date are the file's mtime; -t from the ``extract_recipients``
+      attribute), the maildrop file is unlinked, and ``<qid>: uid=<uid> from=<sender>``
+      is logged;
+    * a CleanupError 4.x.x keeps the file for the next wakeup; 5.x.x (no recipients,
+      too big, bad envelope data) sets it aside in corrupt/ with a warning (qmgrd has no
+      cleanup-generated bounce for local submissions yet).
+
+Public API
+    pickup_scan(cfg, spool, cleanup) -> int       files handed to cleanup this call
+    pickup_file(cfg, spool, cleanup, name) -> bool   one maildrop file; True if removed
+    main() -> NoReturn                             ``python -m transports.pickup``
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import time
+from typing import TYPE_CHECKING, NoReturn
+
+from master import log
+from master.server.skeleton import ServerContext, trigger_server
+from qmgrd.spool.cleanup import Cleanup, CleanupError
+from qmgrd.spool.envelope import Envelope
+from qmgrd.spool.maildrop import MaildropError, read_maildrop
+from qmgrd.spool.queue import Spool
+
+if TYPE_CHECKING:
+    from master.config import Config
+
+__all__ = ["main", "pickup_file", "pickup_scan"]
+
+_HOUR = 3600
+_DAY = 86400
+_MAX_PASSES = 100
+
+
+def _set_aside(spool: Spool, name: str, uid: int, reason: str) -> None:
+    log.warning(f"{name}: uid={uid}: {reason}: set aside")
+    try:
+        spool.move(name, "maildrop", "corrupt")
+    except OSError as exc:
+        log.warning(f"{name}: move to corrupt: {exc.strerror}")
+        try:
+            spool.remove("maildrop", name)
+        except OSError as exc2:
+            log.warning(f"remove maildrop/{name}: {exc2.strerror}")
+
+
+def pickup_file(cfg: Config, spool: Spool, cleanup: Cleanup, name: str) -> bool:
+    """Process maildrop file ``name``; True when it was removed from maildrop/ (queued or
+    set aside), False when it was skipped or kept for later.
+
+    Raises nothing for bad input (logged); OSError other than ENOENT on open is logged.
+    """
+    path = spool.path("maildrop", name)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        log.warning(f"open input file {path}: {exc.strerror}")
+        return False
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or not Spool.is_ready(st):
+            return False
+        uid = st.st_uid
+        try:
+            msg = read_maildrop(f, max_record=cfg.get_int("line_length_limit"),
+                                size_limit=cfg.get_int("message_size_limit"))
+        except MaildropError as exc:
+            _set_aside(spool, name, uid, exc.reason)
+            return True
+    now = time.time()
+    mtime = st.st_mtime
+    if mtime > now + 2 * _HOUR:
+        log.warning(f"{name}: message dated {int(mtime - now)} seconds into the future")
+        mtime = now
+    elif mtime < now - _DAY:
+        log.warning(f"{name}: message has been queued for {int((now - mtime) // _DAY)} days")
+    arrival = msg.arrival if msg.arrival[0] > 0 else (int(mtime), int(mtime % 1 * 1e6))
+    env = Envelope(msg.sender, msg.recipients, fullname=msg.fullname, arrival=arrival,
+                   ret=msg.ret, envid=msg.envid)
+    try:
+        qid = cleanup.submit(env, msg.content, extract_recipients=msg.extract_recipients,
+                             origin="local", uid=uid)
+    except CleanupError as exc:
+        if exc.status.startswith("4"):
+            log.warning(f"{name}: error writing queue file: {exc.status} {exc.text}")
+            return False
+        _set_aside(spool, name, uid, f"{exc.status} {exc.text}")
+        return True
+    log.info(f"{qid}: uid={uid} from=<{msg.sender}>")
+    try:
+        spool.remove("maildrop", name)
+    except OSError as exc:
+        log.warning(f"remove {path}: {exc.strerror}")
+        return False
+    return True
+
+
+def pickup_scan(cfg: Config, spool: Spool, cleanup: Cleanup) -> int:
+    """Scan maildrop/ until a pass removes nothing; return how many files were removed."""
+    total = 0
+    for _ in range(_MAX_PASSES):
+        count = 0
+        for name in list(spool.scan("maildrop")):
+            if pickup_file(cfg, spool, cleanup, name):
+                count += 1
+        total += count
+        if not count:
+            break
+    return total
+
+
+class _Service:
+    """Objects made once in pre-jail init."""
+
+    spool: Spool | None = None
+    cleanup: Cleanup | None = None
+
+
+def _pre_jail(ctx: ServerContext) -> None:
+    _Service.spool = Spool.from_config(ctx.config)
+    _Service.cleanup = Cleanup(ctx.config, _Service.spool)
+
+
+def _handle(data: bytes, ctx: ServerContext) -> None:
+    spool, cleanup = _Service.spool, _Service.cleanup
+    if spool is None or cleanup is None:
+        log.panic("pickup: service used before initialisation")
+    pickup_scan(ctx.config, spool, cleanup)
+
+
+def main() -> NoReturn:
+    """Run pickup under the trigger-server skeleton."""
+    trigger_server(_handle, pre_jail=_pre_jail)
+
+
+if __name__ == "__main__":
+    main()
