@@ -1,0 +1,342 @@
+"""Tests for transports.agent: the request/reply round trip and per-recipient recording."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from harness import wait_for
+from test_agent_support import (
+    Env,
+    close_log,  # noqa: F401 - autouse fixture
+    make_env,
+    round_trip,
+)
+
+from qmgrd import delivery
+from qmgrd.delivery import DeliverRequest, RecipientInfo
+from qmgrd.spool import statuslog
+from qmgrd.spool.envelope import DSN_NOTIFY_SUCCESS, Recipient
+from qmgrd.spool.message import QueueFile
+from transports.agent import DeliveryAgent, Dsn, make_dsn
+from transports.discard import DiscardAgent
+from transports.error import ErrorAgent, split_dsn
+
+LINE_RE = re.compile(
+    r"(?P<qid>\w+): to=<(?P<to>[^>]*)>, (?:orig_to=<(?P<orig>[^>]*)>, )?relay=(?P<relay>\S+), "
+    r"delay=(?P<delay>[\d.]+), delays=(?P<delays>[\d.]+/[\d.]+/[\d.]+/[\d.]+), "
+    r"dsn=(?P<dsn>\d\.\d+\.\d+), status=(?P<status>\w+) \((?P<reason>.*)\)$")
+
+
+class ScriptAgent(DeliveryAgent):
+    """Answers by the recipient's local part: ok*, soft*, hard*; boom raises."""
+
+    name = "script"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen_lines: list[bytes] = []
+        self.hop: Dsn | None = None
+
+    def deliver(self, req: DeliverRequest, msg: QueueFile) -> list[tuple[RecipientInfo, Dsn]]:
+        self.seen_lines = list(msg.iter_lines())
+        out = []
+        for r in req.recipients:
+            local = r.address.split("@")[0]
+            if local == "boom":
+                raise RuntimeError("agent bug")
+            if local.startswith("ok"):
+                out.append((r, make_dsn("2.0.0", "delivered fine")))
+            elif local.startswith("soft"):
+                out.append((r, make_dsn("4.2.0", "try later")))
+            elif local.startswith("hard"):
+                out.append((r, make_dsn("5.1.1", "no such user", diag_type="smtp",
+                                        diag_text="550 5.1.1 no", mta_type="dns",
+                                        mta_mname="mx.example")))
+            # anything else: left out on purpose
+        if self.hop is not None:
+            self.state.hop = self.hop
+        self.state.relay = "scripted"
+        return out
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Env:
+    return make_env(tmp_path)
+
+
+def log_lines(env: Env) -> list[re.Match[str]]:
+    return [m for ln in env.log().splitlines() if (m := LINE_RE.search(ln))]
+
+
+def test_mixed_outcomes_round_trip(env: Env) -> None:
+    qid = env.queue(["ok1@example.net", "soft@example.net", "hard@example.net", "ok2@x.org"])
+    agent = ScriptAgent()
+    greeting, reply = round_trip(agent, env.request(qid), env.ctx())
+    assert greeting == [("protocol", "delivery_request_protocol")]
+    assert reply is not None and reply.status == 1 and not reply.hop_failed
+    assert b"hello" in agent.seen_lines
+    # sent and bounced are marked done; the deferred one stays R
+    assert env.undone(qid) == ["soft@example.net"]
+    bounced = statuslog.read(env.spool, "bounce", qid)
+    assert [(r.address, d.status, d.action) for r, d in bounced] == [
+        ("hard@example.net", "5.1.1", "failed")]
+    assert bounced[0][1].diag_text == "550 5.1.1 no" and bounced[0][0].offset > 0
+    deferred = statuslog.read(env.spool, "defer", qid)
+    assert [(r.address, d.status, d.action, d.reason) for r, d in deferred] == [
+        ("soft@example.net", "4.2.0", "delayed", "try later")]
+    lines = {m["to"]: m for m in log_lines(env)}
+    assert lines["ok1@example.net"]["status"] == "sent"
+    assert lines["ok1@example.net"]["reason"] == "delivered fine"
+    assert lines["ok1@example.net"]["relay"] == "scripted"
+    assert lines["soft@example.net"]["status"] == "deferred"
+    assert lines["hard@example.net"]["status"] == "bounced"
+    assert lines["hard@example.net"]["dsn"] == "5.1.1"
+    assert all(m["qid"] == qid for m in lines.values())
+
+
+def test_all_finished_status_zero(env: Env) -> None:
+    qid = env.queue(["ok@example.net", "hard@example.net"])
+    _, reply = round_trip(ScriptAgent(), env.request(qid), env.ctx())
+    assert reply is not None and reply.status == 0
+    assert env.undone(qid) == []
+
+
+def test_orig_to_and_delays_format(env: Env) -> None:
+    qid = env.queue([Recipient("ok@example.net", "Alias@example.org")])
+    req = env.request(qid)
+    req.arrival = 1000.0
+    req.active_arrival = 1000.5
+    req.handoff = 1001.0
+    agent = ScriptAgent()
+    agent.clock = lambda: 1013.25
+    round_trip(agent, req, env.ctx())
+    (m,) = log_lines(env)
+    assert m["orig"] == "Alias@example.org"
+    assert m["delay"] == "13"
+    assert m["delays"] == "0.5/0.5/0/12"
+
+
+def test_soft_bounce_turns_5_into_4(tmp_path: Path) -> None:
+    env = make_env(tmp_path, soft_bounce="yes")
+    qid = env.queue(["hard@example.net"])
+    _, reply = round_trip(ScriptAgent(), env.request(qid), env.ctx())
+    assert reply is not None and reply.status == 1
+    assert env.undone(qid) == ["hard@example.net"]
+    assert statuslog.read(env.spool, "bounce", qid) == []
+    ((_, dsn),) = statuslog.read(env.spool, "defer", qid)
+    assert dsn.status == "4.1.1" and dsn.action == "delayed"
+
+
+def test_missing_recipient_result_and_agent_exception_defer(env: Env) -> None:
+    qid = env.queue(["other@example.net", "ok@example.net"])
+    _, reply = round_trip(ScriptAgent(), env.request(qid), env.ctx())
+    assert reply is not None and reply.status == 1
+    assert env.undone(qid) == ["other@example.net"]
+    qid2 = env.queue(["boom@example.net", "ok@example.net"])
+    _, reply2 = round_trip(ScriptAgent(), env.request(qid2), env.ctx())
+    assert reply2 is not None and reply2.status == 1
+    assert env.undone(qid2) == ["boom@example.net", "ok@example.net"]
+    reasons = {d.reason for _, d in statuslog.read(env.spool, "defer", qid2)}
+    assert reasons == {"unknown mail transport error"}
+    assert "delivery agent failed" in env.log()
+
+
+def test_hop_status_only_with_deferrals(env: Env) -> None:
+    agent = ScriptAgent()
+    agent.hop = make_dsn("4.4.1", "connect to x[1.2.3.4]:25: Connection refused")
+    qid = env.queue(["soft@example.net"])
+    _, reply = round_trip(agent, env.request(qid), env.ctx())
+    assert reply is not None and reply.hop_failed
+    assert reply.dsn_status == "4.4.1" and reply.action == "delayed"
+    assert reply.reason.startswith("connect to x")
+    qid2 = env.queue(["ok@example.net"])
+    _, reply2 = round_trip(agent, env.request(qid2), env.ctx())
+    assert reply2 is not None and reply2.status == 0 and not reply2.hop_failed
+
+
+def test_notify_success_writes_trace(env: Env) -> None:
+    qid = env.queue([Recipient("ok@example.net", notify=DSN_NOTIFY_SUCCESS),
+                     Recipient("ok2@example.net")])
+    round_trip(ScriptAgent(), env.request(qid), env.ctx())
+    traced = statuslog.read(env.spool, "trace", qid)
+    assert [(r.address, d.status, d.action) for r, d in traced] == [
+        ("ok@example.net", "2.0.0", "delivered")]
+
+
+def test_without_success_flag_sent_is_not_marked(env: Env) -> None:
+    qid = env.queue(["ok@example.net", "hard@example.net"])
+    req = env.request(qid, flags=delivery.DEL_REQ_FLAG_BOUNCE)
+    _, reply = round_trip(ScriptAgent(), req, env.ctx())
+    assert reply is not None and reply.status == 0
+    assert env.undone(qid) == ["ok@example.net"]
+
+
+def test_bounce_log_failure_defers(env: Env) -> None:
+    qid = env.queue(["hard@example.net"])
+    bdir = Path(env.spool.queue_path("bounce"))
+    bdir.rmdir()
+    bdir.write_text("not a directory")
+    _, reply = round_trip(ScriptAgent(), env.request(qid), env.ctx())
+    assert reply is not None and reply.status == 1
+    assert env.undone(qid) == ["hard@example.net"]
+    ((_, dsn),) = statuslog.read(env.spool, "defer", qid)
+    assert dsn.status == "4.3.0" and dsn.reason == "bounce or trace service failure"
+
+
+def test_missing_queue_file_defers_all(env: Env) -> None:
+    qid = env.queue(["ok@example.net", "ok2@example.net"])
+    req = env.request(qid)
+    os.unlink(env.spool.path("active", qid))
+    _, reply = round_trip(ScriptAgent(), req, env.ctx())
+    assert reply is not None and reply.status == 1
+    got = statuslog.read(env.spool, "defer", qid)
+    assert [(r.address, d.status, d.reason) for r, d in got] == [
+        ("ok@example.net", "4.3.0", "queue file read error"),
+        ("ok2@example.net", "4.3.0", "queue file read error")]
+
+
+def test_not_ready_file_defers(env: Env) -> None:
+    qid = env.queue(["ok@example.net"])
+    req = env.request(qid)
+    path = env.spool.path("active", qid)
+    os.chmod(path, 0o600)
+    _, reply = round_trip(ScriptAgent(), req, env.ctx())
+    assert reply is not None and reply.status == 1
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+
+
+def test_corrupt_file_is_marked_0400(env: Env) -> None:
+    qid = env.queue(["ok@example.net"])
+    req = env.request(qid)
+    path = env.spool.path("active", qid)
+    data = bytearray(Path(path).read_bytes())
+    data[-2:] = b"Q\x00"  # the final E record becomes junk
+    Path(path).write_bytes(bytes(data))
+    _, reply = round_trip(ScriptAgent(), req, env.ctx())
+    assert reply is not None and reply.status == 1
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o400
+    ((_, dsn),) = statuslog.read(env.spool, "defer", qid)
+    assert dsn.reason == "queue file read error"
+
+
+def test_corrupt_content_during_delivery(env: Env) -> None:
+    qid = env.queue(["ok@example.net"])
+    req = env.request(qid)
+    path = env.spool.path("active", qid)
+    data = bytearray(Path(path).read_bytes())
+    data[req.offset] = ord("Z")  # first content record: a type that has no business there
+    Path(path).write_bytes(bytes(data))
+    _, reply = round_trip(ScriptAgent(), req, env.ctx())
+    assert reply is not None and reply.status == 1
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o400
+    os.chmod(path, 0o700)
+    assert env.undone(qid) == ["ok@example.net"]
+
+
+@pytest.mark.parametrize("junk", [
+    b"garbage without terminators",
+    b"flags\x003\x00\x00",  # common list without the required attributes
+    delivery.encode([("flags", "x"), ("queue_name", "active")]),
+])
+def test_malformed_request_closes_without_reply(env: Env, junk: bytes) -> None:
+    greeting, reply = round_trip(ScriptAgent(), junk, env.ctx())
+    assert greeting == [("protocol", "delivery_request_protocol")]
+    assert reply is None
+    assert "warning: malformed delivery request" in env.log()
+
+
+def test_bad_queue_id_or_name_is_malformed(env: Env) -> None:
+    qid = env.queue(["ok@example.net"])
+    for name, value in (("queue_id", "../../etc/passwd"), ("queue_name", "private")):
+        req = env.request(qid)
+        setattr(req, name, value)
+        _, reply = round_trip(ScriptAgent(), req, env.ctx())
+        assert reply is None
+    assert env.undone(qid) == ["ok@example.net"]
+
+
+def test_discard_agent(env: Env) -> None:
+    qid = env.queue(["a@example.net", "b@example.net"])
+    _, reply = round_trip(DiscardAgent(), env.request(qid, nexthop="spam trap"), env.ctx())
+    assert reply is not None and reply.status == 0
+    assert env.undone(qid) == []
+    assert [(m["status"], m["reason"], m["relay"]) for m in log_lines(env)] == [
+        ("sent", "spam trap", "none")] * 2
+    qid2 = env.queue(["c@example.net"])
+    round_trip(DiscardAgent(), env.request(qid2), env.ctx())
+    assert log_lines(env)[-1]["reason"] == "discarded"
+
+
+def test_split_dsn() -> None:
+    assert split_dsn("5.1.1 User unknown", "5.0.0") == ("5.1.1", "User unknown")
+    assert split_dsn("4.7.1   later", "5.0.0") == ("4.7.1", "later")
+    assert split_dsn("no code here", "5.0.0") == ("5.0.0", "no code here")
+    assert split_dsn("5.1.1x text", "4.0.0") == ("4.0.0", "5.1.1x text")
+    assert split_dsn("", "5.0.0") == ("5.0.0", "")
+
+
+def test_error_agent_bounces_and_defers(env: Env) -> None:
+    qid = env.queue(["a@example.net"])
+    _, reply = round_trip(ErrorAgent(), env.request(
+        qid, nexthop="5.1.1 User unknown in virtual alias table"), env.ctx("error"))
+    assert reply is not None and reply.status == 0
+    ((_, dsn),) = statuslog.read(env.spool, "bounce", qid)
+    assert (dsn.status, dsn.reason) == ("5.1.1", "User unknown in virtual alias table")
+    qid2 = env.queue(["b@example.net"])
+    _, reply2 = round_trip(ErrorAgent(), env.request(qid2, nexthop="4.3.2 not now"),
+                           env.ctx("error"))
+    assert reply2 is not None and reply2.status == 1
+    assert env.undone(qid2) == ["b@example.net"]
+
+
+def test_retry_agent_always_defers(env: Env) -> None:
+    qid = env.queue(["a@example.net"])
+    agent = ErrorAgent()
+    _, reply = round_trip(agent, env.request(qid, nexthop="5.7.1 relay suspended"),
+                          env.ctx("retry"))
+    assert reply is not None and reply.status == 1
+    ((_, dsn),) = statuslog.read(env.spool, "defer", qid)
+    assert (dsn.status, dsn.reason) == ("4.7.1", "relay suspended")
+    assert log_lines(env)[-1]["status"] == "deferred"
+
+
+@pytest.mark.parametrize(("module", "service", "nexthop", "status"), [
+    ("transports.discard", "discard", "", b"status\x000\x00"),
+    ("transports.error", "error", "5.1.1 no such user", b"status\x000\x00"),
+    ("transports.error", "retry", "4.3.0 later", b"status\x001\x00"),
+    ("transports.local", "local", "mail.test.example", b"status\x000\x00"),
+])
+def test_python_m_agent_serves_one_request(tmp_path: Path, module: str, service: str,
+                                           nexthop: str, status: bytes) -> None:
+    env = make_env(tmp_path, mail_spool_directory=f"{tmp_path}/mail/")
+    sock_path = tmp_path / f"{service}.sock"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", module, "-c", str(tmp_path / "etc"), "-n", service,
+         "-l", str(sock_path), "-o", "max_idle=10s", "-o", "max_use=1"],
+        cwd=str(Path(__file__).resolve().parent.parent), start_new_session=True,
+        stdin=subprocess.DEVNULL)
+    try:
+        wait_for(sock_path.exists, 15, f"{service} socket")
+        qid = env.queue(["bob@example.net"])
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(20)
+            s.connect(str(sock_path))
+            s.sendall(env.request(qid, nexthop).encode())
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        assert data.startswith(b"protocol\x00delivery_request_protocol\x00\x00")
+        assert data.endswith(status + b"\x00")
+        assert proc.wait(timeout=15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert f"qmgrd/{service}[" in env.log()

@@ -1,0 +1,257 @@
+"""transports.local: Maildir and mbox delivery, mailbox names, loops, limits, locks."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import resource
+import signal
+from pathlib import Path
+
+import pytest
+from test_agent_support import (
+    CORPUS,
+    SIMPLE,
+    Env,
+    close_log,  # noqa: F401 - autouse fixture
+    make_env,
+    round_trip,
+)
+
+from qmgrd.delivery import DeliverStatus
+from qmgrd.spool import statuslog
+from qmgrd.spool.message import QueueFile
+from transports.local import LocalAgent, check_mailbox_name, mailbox_name
+
+
+def deliver(env: Env, rcpts: list[str], content: bytes = SIMPLE,
+            sender: str = "alice@example.com") -> tuple[str, DeliverStatus]:
+    qid = env.queue(rcpts, content, sender=sender)
+    agent = LocalAgent()
+    agent.configure(env.cfg, "local")
+    _, reply = round_trip(agent, env.request(qid, "mail.test.example"), env.ctx("local"))
+    assert reply is not None
+    return qid, reply
+
+
+def content_lines(env: Env, qid: str) -> list[bytes]:
+    with QueueFile.open(env.spool, "active", qid, lock=None, readonly=True) as qf:
+        return list(qf.iter_lines())
+
+
+def bounce_of(env: Env, qid: str) -> tuple[str, str]:
+    ((_, dsn),) = statuslog.read(env.spool, "bounce", qid)
+    return dsn.status, dsn.reason
+
+
+@pytest.fixture
+def maildir_env(tmp_path: Path) -> Env:
+    return make_env(tmp_path, mail_spool_directory=f"{tmp_path}/mail/")
+
+
+@pytest.fixture
+def mbox_env(tmp_path: Path) -> Env:
+    return make_env(tmp_path, mail_spool_directory=f"{tmp_path}/mail")
+
+
+def test_mailbox_name() -> None:
+    assert mailbox_name("Bob@Example.NET") == "bob"
+    assert mailbox_name("bob+lists@example.net", "+") == "bob"
+    assert mailbox_name("bob-x+y@example.net", "+-") == "bob"
+    assert mailbox_name("+only@example.net", "+") == "+only"
+    assert mailbox_name("a@b@example.net") == "a@b"
+    assert mailbox_name("postmaster") == "postmaster"
+    assert check_mailbox_name("bob") == ""
+    assert check_mailbox_name("") == 'unknown user: ""'
+    for bad in ("../x", "a/b", ".hidden", "nul\0x", "x" * 256, "tab\tx"):
+        assert check_mailbox_name(bad).startswith("invalid mailbox name"), bad
+
+
+def test_maildir_delivery(maildir_env: Env, tmp_path: Path) -> None:
+    qid, reply = deliver(maildir_env, ["Bob@example.net", "carol@example.net"])
+    assert reply.status == 0 and not reply.hop_failed
+    assert maildir_env.undone(qid) == []
+    for user, rcpt in (("bob", "Bob@example.net"), ("carol", "carol@example.net")):
+        base = tmp_path / "mail" / user
+        assert sorted(p.name for p in base.iterdir()) == ["cur", "new", "tmp"]
+        assert list((base / "tmp").iterdir()) == []
+        (msg,) = list((base / "new").iterdir())
+        assert re.fullmatch(r"\d+\.\d+_\d+\.mail\.test\.example", msg.name)
+        assert os.stat(msg).st_mode & 0o777 == 0o600
+        data = msg.read_bytes()
+        assert data.startswith(b"Return-Path: <alice@example.com>\nDelivered-To: "
+                               + rcpt.encode() + b"\n")
+        assert data.endswith(b"\n\nhello\nworld\n") and b"\r" not in data
+    lines = [ln for ln in maildir_env.log().splitlines() if "status=sent" in ln]
+    assert len(lines) == 2
+    assert all("relay=local" in ln and "(delivered to maildir)" in ln for ln in lines)
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in CORPUS.glob("*.eml")
+                                        if not p.name.startswith("10-")))
+def test_corpus_into_maildir_byte_intact(maildir_env: Env, tmp_path: Path, name: str) -> None:
+    qid, reply = deliver(maildir_env, ["bob@example.net"], (CORPUS / name).read_bytes())
+    assert reply.status == 0
+    (msg,) = list((tmp_path / "mail" / "bob" / "new").iterdir())
+    expected = b"".join(x + b"\n" for x in content_lines(maildir_env, qid))
+    assert msg.read_bytes() == (b"Return-Path: <alice@example.com>\n"
+                                b"Delivered-To: bob@example.net\n" + expected)
+    original = (CORPUS / name).read_bytes().replace(b"\r\n", b"\n")
+    body = original.partition(b"\n\n")[2]
+    if body and not body.endswith(b"\n"):
+        body += b"\n"
+    assert msg.read_bytes().endswith(body)
+
+
+def test_mbox_delivery_appends_with_from_quoting(mbox_env: Env, tmp_path: Path) -> None:
+    content = b"Subject: one\r\n\r\nFrom the start\r\nnot From here\r\n>From kept\r\n"
+    _, r1 = deliver(mbox_env, ["bob@example.net"], content)
+    _, r2 = deliver(mbox_env, ["bob@example.net"], SIMPLE, sender="")
+    assert r1.status == 0 and r2.status == 0
+    mbox = tmp_path / "mail" / "bob"
+    assert os.stat(mbox).st_mode & 0o777 == 0o600
+    assert not (tmp_path / "mail" / "bob.lock").exists()
+    text = mbox.read_bytes()
+    first, second = text.split(b"\n\nFrom MAILER-DAEMON  ")
+    assert re.match(rb"From alice@example\.com  \w{3} \w{3} [ \d]\d \d\d:\d\d:\d\d \d{4}\n",
+                    first)
+    assert b"\n>From the start\nnot From here\n>From kept\n" in first + b"\n"
+    assert b"Return-Path: <>\nDelivered-To: bob@example.net\n" in second
+    assert text.endswith(b"\nhello\nworld\n\n")
+    assert "(delivered to mailbox)" in mbox_env.log()
+
+
+def test_recipient_delimiter(tmp_path: Path) -> None:
+    env = make_env(tmp_path, mail_spool_directory=f"{tmp_path}/mail/", recipient_delimiter="+")
+    _, reply = deliver(env, ["bob+news@example.net"])
+    assert reply.status == 0
+    (msg,) = list((tmp_path / "mail" / "bob" / "new").iterdir())
+    assert b"Delivered-To: bob+news@example.net\n" in msg.read_bytes()
+
+
+@pytest.mark.parametrize(("rcpt", "reason"), [
+    ("../etc@example.net", 'invalid mailbox name: "../etc"'),
+    (".profile@example.net", 'invalid mailbox name: ".profile"'),
+    ("a/b@example.net", 'invalid mailbox name: "a/b"'),
+    ("x" * 300 + "@example.net", "invalid mailbox name: "),
+])
+def test_invalid_local_parts_bounce(maildir_env: Env, tmp_path: Path, rcpt: str,
+                                    reason: str) -> None:
+    qid, reply = deliver(maildir_env, [rcpt])
+    assert reply.status == 0
+    status, text = bounce_of(maildir_env, qid)
+    assert status == "5.1.1" and text.startswith(reason)
+    assert not (tmp_path / "mail").exists() or list((tmp_path / "mail").iterdir()) == []
+
+
+def test_empty_and_nul_local_part(maildir_env: Env) -> None:
+    qid = maildir_env.queue(["placeholder@example.net", "other@example.net"])
+    req = maildir_env.request(qid)
+    req.recipients[0].address = "@example.net"
+    req.recipients[1].address = "nul\0byte@example.net"
+    agent = LocalAgent()
+    agent.configure(maildir_env.cfg, "local")
+    status = agent.handle(req)
+    assert status.status == 0
+    got = [d.reason for _, d in statuslog.read(maildir_env.spool, "bounce", qid)]
+    assert got[0] == 'unknown user: ""'
+    assert got[1].startswith("invalid mailbox name")
+
+
+def test_delivered_to_loop_bounces(maildir_env: Env, tmp_path: Path) -> None:
+    content = (b"Delivered-To: other@example.net\r\nDelivered-To:\r\n BOB@example.net\r\n"
+               b"Subject: loop\r\n\r\nbody\r\n")
+    qid, reply = deliver(maildir_env, ["bob@example.net", "carol@example.net"], content)
+    assert reply.status == 0
+    assert bounce_of(maildir_env, qid) == ("5.4.6", "mail forwarding loop for bob@example.net")
+    assert not (tmp_path / "mail" / "bob").exists()
+    assert len(list((tmp_path / "mail" / "carol" / "new").iterdir())) == 1
+
+
+def test_passwd_check_when_local_recipient_maps_set(tmp_path: Path) -> None:
+    env = make_env(tmp_path, mail_spool_directory=f"{tmp_path}/mail/",
+                   local_recipient_maps="proxy:unix:passwd.byname")
+    qid, reply = deliver(env, ["no-such-user-qmgrd@example.net"])
+    assert reply.status == 0
+    assert bounce_of(env, qid) == ("5.1.1", 'unknown user: "no-such-user-qmgrd"')
+    if os.geteuid() == 0:
+        _, reply2 = deliver(env, ["root@example.net"])
+        assert reply2.status == 0
+        assert len(list((tmp_path / "mail" / "root" / "new").iterdir())) == 1
+
+
+def test_mailbox_size_limit(tmp_path: Path) -> None:
+    env = make_env(tmp_path, mail_spool_directory=f"{tmp_path}/mail",
+                   mailbox_size_limit="300", message_size_limit="200")
+    _, r1 = deliver(env, ["bob@example.net"])
+    assert r1.status == 0
+    size = os.path.getsize(tmp_path / "mail" / "bob")
+    qid, r2 = deliver(env, ["bob@example.net"])
+    assert r2.status == 0
+    status, reason = bounce_of(env, qid)
+    assert status == "5.2.2" and "File too large" in reason
+    assert os.path.getsize(tmp_path / "mail" / "bob") == size
+
+
+def test_write_error_truncates_mbox_back(tmp_path: Path) -> None:
+    env = make_env(tmp_path, mail_spool_directory=f"{tmp_path}/mail",
+                   mailbox_size_limit="0")
+    mbox = tmp_path / "mail" / "bob"
+    mbox.parent.mkdir()
+    mbox.write_bytes(b"x" * 20000)
+    qid = env.queue(["bob@example.net"], SIMPLE + b"y" * 5000 + b"\r\n")
+    agent = LocalAgent()
+    agent.configure(env.cfg, "local")
+    req = env.request(qid)
+    old = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (20100, old[1]))
+    try:
+        status = agent.handle(req)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old)
+        signal.signal(signal.SIGXFSZ, old_handler)
+    assert status.status == 0
+    assert mbox.read_bytes() == b"x" * 20000
+    assert bounce_of(env, qid)[0] == "5.2.2"
+
+
+def test_mailbox_is_a_directory_defers(mbox_env: Env, tmp_path: Path) -> None:
+    (tmp_path / "mail" / "bob").mkdir(parents=True)
+    qid, reply = deliver(mbox_env, ["bob@example.net"])
+    assert reply.status == 1 and not reply.hop_failed
+    ((_, dsn),) = statuslog.read(mbox_env.spool, "defer", qid)
+    assert dsn.status == "4.2.0" and "cannot open mailbox" in dsn.reason
+
+
+def test_stale_dotlock_is_removed(tmp_path: Path) -> None:
+    env = make_env(tmp_path, mail_spool_directory=f"{tmp_path}/mail",
+                   mailbox_delivery_lock="dotlock", stale_lock_time="60s",
+                   deliver_lock_attempts="2", deliver_lock_delay="0s")
+    lock = tmp_path / "mail" / "bob.lock"
+    lock.parent.mkdir()
+    lock.write_text("")
+    os.utime(lock, (1, 1))
+    _, reply = deliver(env, ["bob@example.net"])
+    assert reply.status == 0 and not lock.exists()
+    lock.write_text("")  # fresh: held by someone else
+    qid, reply2 = deliver(env, ["bob@example.net"])
+    assert reply2.status == 1 and lock.exists()
+    ((_, dsn),) = statuslog.read(env.spool, "defer", qid)
+    assert dsn.reason.startswith("unable to create lock file")
+
+
+def test_locked_mailbox_defers(tmp_path: Path) -> None:
+    env = make_env(tmp_path, mail_spool_directory=f"{tmp_path}/mail",
+                   mailbox_delivery_lock="flock", deliver_lock_attempts="1")
+    mbox = tmp_path / "mail" / "bob"
+    mbox.parent.mkdir()
+    mbox.write_bytes(b"")
+    with open(mbox, "rb") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        qid, reply = deliver(env, ["bob@example.net"])
+    assert reply.status == 1
+    ((_, dsn),) = statuslog.read(env.spool, "defer", qid)
+    assert dsn.reason.startswith("unable to lock for exclusive access")
+    assert mbox.read_bytes() == b""

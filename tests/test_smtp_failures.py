@@ -1,0 +1,289 @@
+"""transports.smtp against misbehaving peers: refused, silent, garbage, lost connections,
+HELO fallback, DSN parameters and trying the next server. Such failures defer (never
+bounce) and set the hop status."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from harness import free_port, wait_for
+from test_agent_support import (
+    Env,
+    close_log,  # noqa: F401 - autouse fixture
+    make_env,
+    round_trip,
+)
+
+from qmgrd.delivery import DeliverStatus
+from qmgrd.spool import statuslog
+from qmgrd.spool.envelope import DSN_NOTIFY_DELAY, DSN_NOTIFY_FAILURE, DSN_RET_HDRS, Recipient
+from transports.smtp import SmtpAgent
+
+# A scripted SMTP peer in its own process. Steps: "<" read one command line, "<." read
+# message data up to the lone dot, "!close" close the connection, anything else is sent
+# as a reply (with CRLF). Everything read is written as JSON to OUT when the script ends.
+PEER = r"""
+import json, os, socket, sys
+port, steps, out = int(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
+srv = socket.create_server(("127.0.0.1", port))
+print("ready", flush=True)
+conn, _ = srv.accept()
+f = conn.makefile("rb")
+got = []
+for step in steps:
+    if step == "<":
+        got.append(f.readline().decode("utf-8", "replace"))
+    elif step == "<.":
+        data = b""
+        while True:
+            line = f.readline()
+            if line in (b".\r\n", b""):
+                break
+            data += line
+        got.append(data.decode("utf-8", "replace"))
+    elif step == "!close":
+        break
+    else:
+        conn.sendall(step.encode() + b"\r\n")
+f.close()
+conn.close()
+srv.close()
+with open(out + ".tmp", "w") as fh:
+    json.dump(got, fh)
+os.rename(out + ".tmp", out)
+"""
+
+
+class ScriptedPeer:
+    def __init__(self, root: Path, steps: list[str]) -> None:
+        self.port = free_port()
+        self.out = root / f"peer-{self.port}.json"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", PEER, str(self.port), json.dumps(steps), str(self.out)],
+            stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, start_new_session=True)
+        assert self.proc.stdout is not None
+        assert self.proc.stdout.readline() == b"ready\n"
+
+    def received(self) -> list[str]:
+        wait_for(self.out.exists, 10, "peer transcript")
+        got: list[str] = json.loads(self.out.read_text())
+        return got
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        assert self.proc.stdout is not None
+        self.proc.stdout.close()
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Env:
+    return make_env(tmp_path, smtp_helo_timeout="2s", smtp_mail_timeout="2s",
+                    smtp_rcpt_timeout="2s", smtp_data_done_timeout="2s",
+                    smtp_quit_timeout="2s")
+
+
+@pytest.fixture
+def peers(tmp_path: Path) -> Iterator[list[ScriptedPeer]]:
+    made: list[ScriptedPeer] = []
+    yield made
+    for p in made:
+        p.stop()
+
+
+def script(peers: list[ScriptedPeer], root: Path, steps: list[str]) -> ScriptedPeer:
+    p = ScriptedPeer(root, steps)
+    peers.append(p)
+    return p
+
+
+EHLO_OK = "250-peer.test\r\n250-SIZE 1000000\r\n250-8BITMIME\r\n250 ENHANCEDSTATUSCODES"
+FULL = ["220 peer.test ESMTP", "<", EHLO_OK, "<", "250 2.1.0 Ok", "<", "250 2.1.5 Ok",
+        "<", "354 go ahead", "<.", "250 2.0.0 Ok: queued as XYZ", "<", "221 2.0.0 Bye"]
+
+
+def deliver(env: Env, nexthop: str, rcpts: list[str | Recipient] | None = None,
+            **envkw: Any) -> tuple[str, DeliverStatus]:
+    qid = env.queue(rcpts or ["bob@example.net"], **envkw)
+    agent = SmtpAgent()
+    agent.configure(env.cfg, "smtp")
+    _, reply = round_trip(agent, env.request(qid, nexthop), env.ctx())
+    assert reply is not None
+    return qid, reply
+
+
+def deferred_reason(env: Env, qid: str) -> str:
+    assert statuslog.read(env.spool, "bounce", qid) == []
+    got = statuslog.read(env.spool, "defer", qid)
+    assert got, "nothing deferred"
+    return got[-1][1].reason
+
+
+def test_connection_refused(env: Env) -> None:
+    port = free_port()
+    qid, reply = deliver(env, f"[127.0.0.1]:{port}")
+    assert reply.status == 1 and reply.hop_failed and reply.dsn_status == "4.4.1"
+    reason = deferred_reason(env, qid)
+    assert reason == f"connect to 127.0.0.1[127.0.0.1]:{port}: Connection refused"
+    assert reply.reason == reason
+    assert "relay=none" in env.log() and "status=deferred" in env.log()
+
+
+def test_silent_server_times_out(tmp_path: Path) -> None:
+    env = make_env(tmp_path, smtp_helo_timeout="1s")
+    with socket.create_server(("127.0.0.1", 0)) as srv:  # listens, never answers
+        port = srv.getsockname()[1]
+        qid, reply = deliver(env, f"[127.0.0.1]:{port}")
+    assert reply.status == 1 and reply.hop_failed
+    assert deferred_reason(env, qid) == ("conversation with 127.0.0.1[127.0.0.1] timed out "
+                                         "while receiving the initial server greeting")
+
+
+def test_5xx_greeting_defers(env: Env, peers: list[ScriptedPeer], tmp_path: Path) -> None:
+    p = script(peers, tmp_path, ["554 5.7.1 go away", "<", "221 bye"])
+    qid, reply = deliver(env, f"[127.0.0.1]:{p.port}")
+    assert reply.status == 1 and reply.hop_failed
+    assert deferred_reason(env, qid) == ("host 127.0.0.1[127.0.0.1] refused to talk to me: "
+                                         "554 5.7.1 go away")
+
+
+@pytest.mark.parametrize("steps", [
+    ["garbage greeting"],
+    ["220 peer.test ESMTP", "<", EHLO_OK, "<", "250 2.1.0 Ok", "<", "x5x what?"],
+    ["220 peer.test ESMTP", "<", EHLO_OK, "<", "250 2.1.0 Ok", "<", "250 2.1.5 Ok", "<",
+     "354 go", "<.", "9999 nonsense"],
+])
+def test_garbage_reply_defers_never_bounces(env: Env, peers: list[ScriptedPeer],
+                                            tmp_path: Path, steps: list[str]) -> None:
+    p = script(peers, tmp_path, steps)
+    qid, reply = deliver(env, f"[127.0.0.1]:{p.port}")
+    assert reply.status == 1 and reply.hop_failed
+    assert "malformed reply" in deferred_reason(env, qid)
+    assert env.undone(qid) == ["bob@example.net"]
+
+
+@pytest.mark.parametrize(("cut", "phase"), [
+    (0, "receiving the initial server greeting"),
+    (2, "performing the EHLO handshake"),
+    (4, "sending MAIL FROM"),
+    (6, "sending RCPT TO"),
+    (8, "sending DATA command"),
+    (10, "sending end of data -- message may be sent more than once"),
+])
+def test_lost_connection_defers(env: Env, peers: list[ScriptedPeer], tmp_path: Path,
+                                cut: int, phase: str) -> None:
+    p = script(peers, tmp_path, FULL[:cut] + ["!close"])
+    qid, reply = deliver(env, f"[127.0.0.1]:{p.port}")
+    assert reply.status == 1 and reply.hop_failed and reply.dsn_status == "4.4.2"
+    assert deferred_reason(env, qid) == f"lost connection with 127.0.0.1[127.0.0.1] while {phase}"
+
+
+def test_helo_fallback_and_no_esmtp_options(env: Env, peers: list[ScriptedPeer],
+                                            tmp_path: Path) -> None:
+    p = script(peers, tmp_path, ["220 old.test SMTP", "<", "502 5.5.2 what is EHLO", "<",
+                                 "250 old.test"] + FULL[3:])
+    _qid, reply = deliver(env, f"[127.0.0.1]:{p.port}")
+    assert reply.status == 0, env.log()
+    got = p.received()
+    assert got[0] == "EHLO mail.test.example\r\n"
+    assert got[1] == "HELO mail.test.example\r\n"
+    assert got[2] == "MAIL FROM:<alice@example.com>\r\n"
+    assert got[3] == "RCPT TO:<bob@example.net>\r\n"
+    assert got[4] == "DATA\r\n"
+    assert got[5].endswith("\r\nhello\r\nworld\r\n")
+    assert got[6] == "QUIT\r\n"
+
+
+def test_dsn_parameters_when_offered(env: Env, peers: list[ScriptedPeer],
+                                     tmp_path: Path) -> None:
+    ehlo = "250-peer.test\r\n250-DSN\r\n250 SIZE"
+    p = script(peers, tmp_path, ["220 peer.test ESMTP", "<", ehlo, "<", "250 2.1.0 Ok",
+                                 "<", "250 2.1.5 Ok", "<", "250 2.1.5 Ok"] + FULL[7:])
+    rcpts: list[str | Recipient] = [
+        Recipient("bob@example.net", "alias@example.net", "rfc822;bob+x@example.net",
+                  DSN_NOTIFY_FAILURE | DSN_NOTIFY_DELAY),
+        Recipient("carol@example.net", "c=1@example.org")]
+    _qid, reply = deliver(env, f"[127.0.0.1]:{p.port}", rcpts, envid="env id 1",
+                         ret=DSN_RET_HDRS)
+    assert reply.status == 0, env.log()
+    got = p.received()
+    assert got[1].startswith("MAIL FROM:<alice@example.com> SIZE=")
+    assert got[1].endswith(" ENVID=env+20id+201 RET=HDRS\r\n")
+    assert got[2] == ("RCPT TO:<bob@example.net> NOTIFY=FAILURE,DELAY "
+                      "ORCPT=rfc822;bob+2Bx@example.net\r\n")
+    assert got[3] == "RCPT TO:<carol@example.net> ORCPT=rfc822;c+3D1@example.org\r\n"
+
+
+def test_next_server_after_refusal_and_4xx(env: Env, peers: list[ScriptedPeer],
+                                           tmp_path: Path) -> None:
+    refused = free_port()
+    busy = script(peers, tmp_path, ["220 busy.test", "<", EHLO_OK, "<", "250 2.1.0 Ok",
+                                    "<", "451 4.3.0 try the backup", "<", "221 Bye"])
+    good = script(peers, tmp_path, FULL)
+    nexthop = f"[127.0.0.1]:{refused}, [127.0.0.1]:{busy.port}, [127.0.0.1]:{good.port}"
+    qid, reply = deliver(env, nexthop)
+    assert reply.status == 0 and not reply.hop_failed, env.log()
+    assert env.undone(qid) == []
+    assert f"relay=127.0.0.1[127.0.0.1]:{good.port}" in env.log()
+    assert good.received()[2] == "RCPT TO:<bob@example.net>\r\n"
+
+
+def test_5xx_rcpt_is_final_even_with_more_servers(env: Env, peers: list[ScriptedPeer],
+                                                  tmp_path: Path) -> None:
+    first = script(peers, tmp_path, ["220 a.test", "<", EHLO_OK, "<", "250 2.1.0 Ok",
+                                     "<", "550 5.1.1 no such user", "<", "221 Bye"])
+    other = free_port()
+    qid, reply = deliver(env, f"[127.0.0.1]:{first.port}, [127.0.0.1]:{other}")
+    assert reply.status == 0
+    ((_, dsn),) = statuslog.read(env.spool, "bounce", qid)
+    assert dsn.status == "5.1.1"
+
+
+def test_all_servers_refuse_keeps_last_reason(env: Env) -> None:
+    p1, p2 = free_port(), free_port()
+    qid, reply = deliver(env, f"[127.0.0.1]:{p1} [127.0.0.1]:{p2}")
+    assert reply.status == 1 and reply.hop_failed
+    assert deferred_reason(env, qid).endswith(f":{p2}: Connection refused")
+
+
+def test_unresolvable_nexthop(env: Env) -> None:
+    qid, reply = deliver(env, "[host name with spaces")
+    assert reply.status == 1
+    assert "bad nexthop" in deferred_reason(env, qid)
+
+
+def test_python_m_transports_smtp_imports(tmp_path: Path) -> None:
+    """``python -m transports.smtp`` starts (stand-alone) and serves a request."""
+    env = make_env(tmp_path)
+    sock_path = tmp_path / "smtp.sock"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "transports.smtp", "-c", str(tmp_path / "etc"), "-n", "smtp",
+         "-l", str(sock_path), "-o", "max_idle=10s", "-o", "max_use=1"],
+        cwd=str(Path(__file__).resolve().parent.parent), start_new_session=True,
+        stdin=subprocess.DEVNULL)
+    try:
+        wait_for(sock_path.exists, 15, "smtp agent socket")
+        qid = env.queue(["bob@example.net"])
+        port = free_port()
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(20)
+            s.connect(str(sock_path))
+            s.sendall(env.request(qid, f"[127.0.0.1]:{port}").encode())
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        assert b"delivery_request_protocol" in data
+        assert b"Connection refused" in data
+        assert proc.wait(timeout=15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -1,0 +1,337 @@
+"""agent — the delivery-agent base every transport (smtp, local, discard, error) stands on.
+
+Summary
+    One delivery request per connection on ``private/<service>`` (postfix.md §5.2):
+    :meth:`DeliveryAgent.serve` announces ``protocol=delivery_request_protocol``, reads
+    the request (bounded by qmgrd.delivery), opens ``<queue_name>/<queue_id>`` with a
+    shared lock, calls the transport's :meth:`DeliveryAgent.deliver` hook and then, per
+    recipient, does what Postfix's ``sent()`` / ``bounce_append()`` / ``defer_append()``
+    do (§5.3):
+
+    * ``2.x.x`` — append to ``trace/<id>`` when the recipient asked NOTIFY=SUCCESS or the
+      request has the RECORD flag (0x400); log ``status=sent``; mark the ``R`` record done
+      when the request has DEL_REQ_FLAG_SUCCESS.
+    * ``5.x.x`` — append to ``bounce/<id>``, mark done, log ``status=bounced``. If the
+      append fails the recipient is deferred instead (``4.3.0 bounce or trace service
+      failure``). With ``soft_bounce = yes`` a 5 becomes a 4 (action ``delayed``).
+    * ``4.x.x`` — append to ``defer/<id>``, log ``status=deferred``, leave ``R``.
+
+    The reply is a DeliverStatus: status 0 when every recipient was finished (sent or
+    bounced), 1 otherwise, plus the hop DSN when the transport saw a site-level failure
+    and something was deferred (negative concurrency feedback for the qmgr).
+
+    A missing, not ready, locked or corrupt queue file defers every recipient with
+    ``4.3.0 queue file read error``; a corrupt one is also chmod 0400 so that the qmgr
+    moves it to corrupt/ (Postfix mark_corrupt). A malformed request is logged as a
+    warning and the connection is closed without a reply.
+
+Public API
+    DeliveryAgent                     subclass it; ``name`` is the default service name
+        .deliver(req, msg) -> list[tuple[RecipientInfo, Dsn]]     the transport hook
+        .setup() -> None              transport hook: read parameters (pre-jail)
+        .configure(cfg, service)      load Config-derived state (called by pre_jail)
+        .pre_jail(ctx), .serve(conn, ctx)        single_server callbacks
+        .handle(req) -> DeliverStatus            one request, no socket (tests)
+        .state: DeliveryState         per-request measurements filled in by deliver()
+    DeliveryState(relay="none", conn_setup_done=0.0, hop=None)
+        .set_relay(rcpt, relay)       the relay= text for one recipient
+    make_dsn(status, reason, **fields) -> Dsn    with the action that fits the status
+    run(agent) -> NoReturn            ``single_server(agent.serve, pre_jail=agent.pre_jail)``
+
+Logs (master.log, Postfix's log_adhoc shape via qmgrd.logfmt)::
+
+    <qid>: to=<rcpt>, [orig_to=<o>, ]relay=<relay>, delay=<d>, delays=<a>/<b>/<c>/<d>,
+        dsn=<x.y.z>, status=sent|bounced|deferred (<reason>)
+
+and warnings for malformed requests, queue file problems and status log failures.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import time
+import traceback
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, NoReturn
+
+from master import log
+from master.server.skeleton import ServerContext, single_server
+from qmgrd import delivery
+from qmgrd.delivery import DeliverRequest, DeliverStatus, ProtocolError, RecipientInfo
+from qmgrd.logfmt import delivery_line
+from qmgrd.spool import statuslog
+from qmgrd.spool.envelope import DSN_NOTIFY_SUCCESS, Recipient
+from qmgrd.spool.message import CorruptQueueFile, QueueFile, QueueFileError
+from qmgrd.spool.queue import MESSAGE_QUEUES, Spool
+from qmgrd.spool.queueid import valid_id
+from qmgrd.spool.statuslog import Dsn
+
+if TYPE_CHECKING:
+    from master.config import Config
+
+__all__ = ["DEL_REQ_FLAG_RECORD", "DeliveryAgent", "DeliveryState", "Dsn", "make_dsn", "run"]
+
+DEL_REQ_FLAG_RECORD = 0x400
+_DSN_RE = re.compile(r"[245]\.\d{1,3}\.\d{1,3}\Z")
+_ACTIONS = {"2": "delivered", "4": "delayed", "5": "failed"}
+_READ_ERROR = "queue file read error"
+_STATUS_LOG_ERROR = "bounce or trace service failure"
+_AGENT_ERROR = "unknown mail transport error"
+
+
+def make_dsn(status: str, reason: str, **fields: str) -> Dsn:
+    """A Dsn whose action fits ``status`` (2 delivered, 4 delayed, 5 failed) unless
+    ``action=`` is given. ``fields``: action, diag_type, diag_text, mta_type, mta_mname."""
+    action = fields.pop("action", "") or _ACTIONS.get(status[:1], "delayed")
+    return Dsn(status, action, reason, **fields)
+
+
+@dataclass
+class DeliveryState:
+    """What a transport measured while handling one request.
+
+    Attributes:
+        relay: the default ``relay=`` text ("none" when no peer was involved).
+        conn_setup_done: epoch seconds when the connection set-up ended (0 = none):
+            splits delays c (set-up) and d (transmission).
+        hop: the site-level DSN for the reply (None = no hop trouble).
+        relays: per-recipient relay text, keyed by ``id()`` of the RecipientInfo.
+    """
+
+    relay: str = "none"
+    conn_setup_done: float = 0.0
+    hop: Dsn | None = None
+    relays: dict[int, str] = field(default_factory=dict)
+
+    def set_relay(self, rcpt: RecipientInfo, relay: str) -> None:
+        """Record the relay= text for one recipient."""
+        self.relays[id(rcpt)] = relay
+
+    def relay_for(self, rcpt: RecipientInfo) -> str:
+        """The relay= text for ``rcpt``."""
+        return self.relays.get(id(rcpt), self.relay)
+
+
+class DeliveryAgent:
+    """Base class of the delivery agents (see the module docstring).
+
+    Construction has no side effects; :meth:`configure` (called from pre-jail init, or
+    lazily by :meth:`serve`) reads the configuration.
+    """
+
+    name = "agent"
+
+    def __init__(self) -> None:
+        self.cfg: Config | None = None
+        self.spool: Spool | None = None
+        self.service = self.name
+        self.soft_bounce = False
+        self.ipc_timeout = 3600.0
+        self.state = DeliveryState()
+        self.clock = time.time
+
+    # ------------------------------------------------------------------ configuration
+
+    def configure(self, cfg: Config, service: str = "") -> None:
+        """Load everything the agent needs from ``cfg`` (before chroot).
+
+        Raises:
+            ConfigError: a bad parameter value.
+        """
+        self.cfg = cfg
+        self.service = service or self.name
+        self.spool = Spool.from_config(cfg)
+        self.soft_bounce = cfg.get_bool("soft_bounce")
+        self.ipc_timeout = float(cfg.get_time("ipc_timeout"))
+        self.setup()
+
+    def setup(self) -> None:
+        """Transport hook: read transport parameters from ``self.cfg`` (pre-jail)."""
+
+    def pre_jail(self, ctx: ServerContext) -> None:
+        """single_server pre-jail callback: configure from the server context."""
+        self.configure(ctx.config, ctx.service)
+
+    # ------------------------------------------------------------------ the hook
+
+    def deliver(self, req: DeliverRequest, msg: QueueFile) -> list[tuple[RecipientInfo, Dsn]]:
+        """Deliver ``msg`` to ``req.recipients``; return one (recipient, Dsn) per recipient.
+
+        Dsn.status "2.x.x" = done, "4.x.x" = try again later, "5.x.x" = bounce. A
+        recipient left out is deferred ("4.3.0 unknown mail transport error"). Set
+        ``self.state`` fields for relay=, delays and the hop status.
+
+        Raises:
+            CorruptQueueFile: the content could not be read (all recipients deferred).
+        """
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ serving
+
+    def serve(self, conn: socket.socket, ctx: ServerContext) -> None:
+        """single_server handler: one request and one reply on ``conn``."""
+        if self.cfg is None:
+            self.configure(ctx.config, ctx.service)
+        conn.settimeout(self.ipc_timeout)
+        try:
+            conn.sendall(delivery.protocol_greeting(delivery.DELIVER_PROTOCOL))
+            req = delivery.read_request(conn)
+            self._check_request(req)
+        except (ProtocolError, OSError) as exc:
+            log.warning(f"malformed delivery request: {exc}")
+            conn.close()
+            return
+        reply = self.handle(req)
+        try:
+            delivery.write_list(conn, reply.to_attrs())
+        except (ProtocolError, OSError) as exc:
+            log.warning(f"{req.queue_id}: cannot send delivery status: {exc}")
+
+    @staticmethod
+    def _check_request(req: DeliverRequest) -> None:
+        if req.queue_name not in MESSAGE_QUEUES:
+            raise ProtocolError(f"bad queue name {req.queue_name[:40]!r}")
+        if not valid_id(req.queue_id):
+            raise ProtocolError(f"bad queue id {req.queue_id[:40]!r}")
+
+    def handle(self, req: DeliverRequest) -> DeliverStatus:
+        """Process one decoded request (no socket): open the file, deliver, record.
+
+        Raises:
+            Panic: the agent was not configured.
+        """
+        if self.spool is None:
+            log.panic("delivery agent used before configure()")
+        self.state = DeliveryState()
+        if not req.handoff:
+            req.handoff = self.clock()
+        try:
+            msg = QueueFile.open(self.spool, req.queue_name, req.queue_id, lock="sh")
+        except (QueueFileError, OSError) as exc:
+            log.warning(f"{req.queue_id}: cannot open queue file: {exc}")
+            if isinstance(exc, CorruptQueueFile):
+                self._chmod_corrupt(req)
+            return self._finish_all(req, None, make_dsn("4.3.0", _READ_ERROR))
+        with msg:
+            try:
+                results = self.deliver(req, msg)
+            except QueueFileError as exc:
+                log.warning(f"{req.queue_id}: queue file read error: {exc}")
+                if isinstance(exc, CorruptQueueFile):
+                    try:
+                        msg.mark_corrupt()
+                    except OSError as err:
+                        log.warning(f"{req.queue_id}: cannot mark corrupt: {err}")
+                return self._finish_all(req, msg, make_dsn("4.3.0", _READ_ERROR))
+            except Exception:  # noqa: BLE001 - the request boundary: contain any agent bug
+                log.error(f"{req.queue_id}: delivery agent failed: "
+                          + traceback.format_exc().replace("\n", " | "))
+                return self._finish_all(req, msg, make_dsn("4.3.0", _AGENT_ERROR))
+            return self._finish(req, msg, results)
+
+    def _chmod_corrupt(self, req: DeliverRequest) -> None:
+        assert self.spool is not None
+        try:
+            os.chmod(self.spool.path(req.queue_name, req.queue_id), 0o400)
+        except (OSError, ValueError) as exc:
+            log.warning(f"{req.queue_id}: cannot mark corrupt: {exc}")
+
+    def _finish_all(self, req: DeliverRequest, msg: QueueFile | None, dsn: Dsn) -> DeliverStatus:
+        return self._finish(req, msg, [(r, dsn) for r in req.recipients])
+
+    def _finish(
+        self,
+        req: DeliverRequest,
+        msg: QueueFile | None,
+        results: list[tuple[RecipientInfo, Dsn]],
+    ) -> DeliverStatus:
+        by_id = {id(r): d for r, d in results}
+        unfinished = 0
+        for rcpt in req.recipients:
+            dsn = by_id.get(id(rcpt)) or make_dsn("4.3.0", _AGENT_ERROR)
+            if not self._record(req, msg, rcpt, dsn):
+                unfinished += 1
+        reply = DeliverStatus(status=1 if unfinished else 0)
+        hop = self.state.hop
+        if hop is not None and unfinished:
+            reply.dsn_status = hop.status
+            reply.diag_type, reply.diag_text = hop.diag_type, hop.diag_text
+            reply.mta_type, reply.mta_mname = hop.mta_type, hop.mta_mname
+            reply.action = hop.action or "delayed"
+            reply.reason = hop.reason
+        return reply
+
+    # ------------------------------------------------------------------ per recipient
+
+    def _record(
+        self, req: DeliverRequest, msg: QueueFile | None, rcpt: RecipientInfo, dsn: Dsn
+    ) -> bool:
+        """Log and record one recipient's outcome; True when the recipient is finished."""
+        if not _DSN_RE.match(dsn.status):
+            log.warning(f"{req.queue_id}: bad status {dsn.status!r} for {rcpt.address}")
+            dsn = make_dsn("4.3.0", _AGENT_ERROR)
+        if dsn.status[0] == "5" and self.soft_bounce:
+            dsn = replace(dsn, status="4" + dsn.status[1:], action="delayed")
+        env_rcpt = Recipient(rcpt.address, rcpt.orig_rcpt, rcpt.dsn_orcpt, rcpt.notify,
+                             rcpt.offset)
+        assert self.spool is not None
+        if dsn.status[0] == "2":
+            dsn = replace(dsn, action=dsn.action or "delivered")
+            if rcpt.notify & DSN_NOTIFY_SUCCESS or req.flags & DEL_REQ_FLAG_RECORD:
+                try:
+                    statuslog.append(self.spool, "trace", req.queue_id, env_rcpt, dsn)
+                except (OSError, ValueError) as exc:
+                    log.warning(f"{req.queue_id}: trace log append: {exc}")
+                    return self._defer(req, rcpt, env_rcpt,
+                                       make_dsn("4.3.0", _STATUS_LOG_ERROR))
+            self._log(req, rcpt, dsn, "sent")
+            if req.flags & delivery.DEL_REQ_FLAG_SUCCESS and msg is not None:
+                self._mark_done(req, msg, rcpt)
+            return True
+        if dsn.status[0] == "5":
+            dsn = replace(dsn, action="failed")
+            try:
+                statuslog.append(self.spool, "bounce", req.queue_id, env_rcpt, dsn)
+            except (OSError, ValueError) as exc:
+                log.warning(f"{req.queue_id}: bounce log append: {exc}")
+                return self._defer(req, rcpt, env_rcpt, make_dsn("4.3.0", _STATUS_LOG_ERROR))
+            self._log(req, rcpt, dsn, "bounced")
+            if msg is not None:
+                self._mark_done(req, msg, rcpt)
+            return True
+        return self._defer(req, rcpt, env_rcpt, replace(dsn, action="delayed"))
+
+    def _defer(
+        self, req: DeliverRequest, rcpt: RecipientInfo, env_rcpt: Recipient, dsn: Dsn
+    ) -> bool:
+        assert self.spool is not None
+        try:
+            statuslog.append(self.spool, "defer", req.queue_id, env_rcpt, dsn)
+        except (OSError, ValueError) as exc:
+            log.warning(f"{req.queue_id}: defer log append: {exc}")
+        self._log(req, rcpt, dsn, "deferred")
+        return False
+
+    @staticmethod
+    def _mark_done(req: DeliverRequest, msg: QueueFile, rcpt: RecipientInfo) -> None:
+        if rcpt.offset <= 0:
+            log.warning(f"{req.queue_id}: recipient {rcpt.address} has no file offset")
+            return
+        try:
+            msg.mark_done(rcpt.offset)
+        except (QueueFileError, OSError) as exc:
+            log.warning(f"{req.queue_id}: cannot update queue file: {exc}")
+
+    def _log(self, req: DeliverRequest, rcpt: RecipientInfo, dsn: Dsn, status: str) -> None:
+        log.info(delivery_line(
+            req.queue_id, rcpt.address, rcpt.orig_rcpt, self.state.relay_for(rcpt),
+            req.arrival, req.active_arrival, req.handoff, self.state.conn_setup_done,
+            self.clock(), dsn.status, status, dsn.reason,
+        ))
+
+
+def run(agent: DeliveryAgent) -> NoReturn:
+    """Serve ``agent`` under the single_server skeleton (the ``main()`` of an agent)."""
+    single_server(agent.serve, pre_jail=agent.pre_jail)

@@ -1,0 +1,406 @@
+"""smtp — the smtp(8) delivery agent: relay a queued message to the next SMTP server.
+
+Summary
+    For each delivery request: read the content from the queue file (lines joined with
+    CRLF, lines over ``smtp_line_length_limit`` folded with CRLF SPACE as Postfix does,
+    leading dots doubled), find the servers for the request's nexthop, and run one SMTP
+    transaction (smtplib) with the first server that will talk, trying the next address
+    after a site-level failure (postfix.md §6.3 nexthop syntax):
+
+    * Where: transports.smtp_dns turns the nexthop (``[host]:port``, ``[host]``,
+      ``host:port``, ``domain``, or a list) into addresses (MX by preference, then
+      A/AAAA; no MX -> the domain's addresses; null MX -> bounce 5.1.0). At most
+      ``smtp_mx_address_limit`` addresses and ``smtp_mx_session_limit`` sessions are tried.
+    * Session: connect (``smtp_connect_timeout``), greeting, EHLO ``smtp_helo_name``
+      (HELO after a 5xx EHLO reply), ``MAIL FROM`` with ``SIZE=`` (and a 5.3.4 bounce when
+      the server's SIZE limit is smaller), ``BODY=8BITMIME`` for 8-bit content,
+      ``SMTPUTF8`` when requested and offered, DSN ``RET``/``ENVID``/``NOTIFY``/``ORCPT``
+      when DSN is offered; one ``RCPT TO`` per recipient; ``DATA``; ``QUIT``. Each phase
+      has Postfix's timeout parameter (``smtp_helo_timeout`` ... ``smtp_quit_timeout``).
+    * Results: 2xx -> ``relayed`` with the enhanced status code of the reply (else
+      2.0.0), the reason being the reply (``250 2.0.0 Ok: queued as X``); 4xx -> deferred
+      and 5xx -> bounced, reason ``host H[ip] said: <reply> (in reply to <cmd> command)``.
+      A 4xx from a server that is not the last one keeps the recipient for the next.
+    * Site-level failures (connection refused or timed out, a 4xx/5xx greeting, HELO
+      refused, lost connection, timeout, malformed reply) move on to the next address; if
+      none is left the remaining recipients are deferred (a 5xx HELO rejection from the
+      last server bounces) and the hop status is set. A malformed reply never bounces.
+    * An envelope that needs SMTPUTF8 (a non-ASCII sender or recipient) sent to a server
+      that does not offer it: bounce ``5.6.7 SMTPUTF8 is required, but was not offered by
+      host H[ip]``.
+
+    relay= is ``host[ip]:port`` of the server that gave the answer, ``none`` before any
+    connection. Connections are not reused yet: :meth:`SmtpAgent._session` and
+    :meth:`SmtpAgent._release` are where a connection cache plugs in.
+
+    The session itself (timeouts, Postfix's failure wording) is transports.smtp_session.
+    smtplib and dnspython are imported at module import time and the resolver reads
+    /etc/resolv.conf in :meth:`SmtpAgent.setup`: both before the chroot.
+
+Public API
+    SmtpAgent(DeliveryAgent)     .deliver(req, msg); .setup(); .params (SmtpParams);
+                                 .resolver (HostResolver, replaceable in tests)
+    build_content(lines, line_limit=998) -> bytes                CRLF, folded, dot-stuffed
+    xtext(text) -> str                                           RFC 3461 xtext
+    re-exported: parse_nexthop, Nexthop, Address, HostResolver, DnsError (smtp_dns);
+                 Reply, SmtpParams (smtp_session)
+    main() -> NoReturn                                           ``python -m transports.smtp``
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import NoReturn
+
+from qmgrd.delivery import DeliverRequest, RecipientInfo
+from qmgrd.spool.envelope import (
+    DSN_NOTIFY_DELAY,
+    DSN_NOTIFY_FAILURE,
+    DSN_NOTIFY_NEVER,
+    DSN_NOTIFY_SUCCESS,
+    DSN_RET_FULL,
+    DSN_RET_HDRS,
+    SMTPUTF8_FLAG_REQUESTED,
+)
+from qmgrd.spool.message import QueueFile
+from qmgrd.spool.statuslog import quote_822_local
+from transports.agent import DeliveryAgent, Dsn, make_dsn, run
+from transports.smtp_dns import Address, DnsError, HostResolver, Nexthop, parse_nexthop
+from transports.smtp_session import Reply, SmtpFailure, SmtpParams, SmtpSession
+
+__all__ = [
+    "Address",
+    "DnsError",
+    "HostResolver",
+    "Nexthop",
+    "Reply",
+    "SmtpAgent",
+    "SmtpParams",
+    "build_content",
+    "main",
+    "parse_nexthop",
+    "xtext",
+]
+
+_BAD_ADDR = re.compile(r"[\r\n\0]")
+
+
+# ---------------------------------------------------------------------- content
+
+
+def build_content(lines: Iterable[bytes], line_limit: int = 998) -> bytes:
+    """The DATA payload: lines joined with CRLF (the last one too), a line longer than
+    ``line_limit`` bytes (0 = no limit) broken with CRLF SPACE (Postfix
+    smtp_line_length_limit), and every line that starts with "." dot-stuffed."""
+    out: list[bytes] = []
+    for line in lines:
+        if line_limit > 0 and len(line) > line_limit:
+            pieces = [line[:line_limit]]
+            rest = line[line_limit:]
+            step = max(line_limit - 1, 1)
+            while rest:
+                pieces.append(b" " + rest[:step])
+                rest = rest[step:]
+            line = b"\r\n".join(pieces)
+        if line[:1] == b".":
+            line = b"." + line
+        out.append(line)
+    out.append(b"")
+    return b"\r\n".join(out)
+
+
+def xtext(text: str) -> str:
+    """RFC 3461 xtext: bytes outside ``!``..``~``, and ``+`` and ``=``, as ``+XX``."""
+    out = []
+    for b in text.encode("utf-8", "surrogateescape"):
+        out.append(chr(b) if 33 <= b <= 126 and b not in (43, 61) else f"+{b:02X}")
+    return "".join(out)
+
+
+def _notify(mask: int) -> str:
+    if mask & DSN_NOTIFY_NEVER:
+        return "NEVER"
+    words = [w for w, bit in (("SUCCESS", DSN_NOTIFY_SUCCESS), ("FAILURE", DSN_NOTIFY_FAILURE),
+                              ("DELAY", DSN_NOTIFY_DELAY)) if mask & bit]
+    return ",".join(words)
+
+
+def _angle(address: str) -> str:
+    return f"<{quote_822_local(address)}>" if address else "<>"
+
+
+# ---------------------------------------------------------------------- the agent
+
+
+@dataclass
+class _Attempt:
+    """Per-recipient bookkeeping across the servers tried for one request."""
+
+    final: dict[int, Dsn] = field(default_factory=dict)
+    soft: dict[int, Dsn] = field(default_factory=dict)
+    relay: dict[int, str] = field(default_factory=dict)
+    site: Dsn | None = None
+
+
+class SmtpAgent(DeliveryAgent):
+    """The smtp(8) client (see the module docstring)."""
+
+    name = "smtp"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.params = SmtpParams()
+        self.resolver: HostResolver | None = None
+
+    def setup(self) -> None:
+        """Read the smtp_* parameters and make the DNS resolver (pre-jail)."""
+        cfg = self.cfg
+        assert cfg is not None
+
+        def t(name: str) -> float:
+            return float(cfg.get_time(name))
+
+        self.params = SmtpParams(
+            helo_name=cfg.get("smtp_helo_name") or cfg.get("myhostname") or "localhost",
+            connect_timeout=t("smtp_connect_timeout"),
+            helo_timeout=t("smtp_helo_timeout"),
+            mail_timeout=t("smtp_mail_timeout"),
+            rcpt_timeout=t("smtp_rcpt_timeout"),
+            data_init_timeout=t("smtp_data_init_timeout"),
+            data_xfer_timeout=t("smtp_data_xfer_timeout"),
+            data_done_timeout=t("smtp_data_done_timeout"),
+            quit_timeout=t("smtp_quit_timeout"),
+            line_length_limit=cfg.get_int("smtp_line_length_limit"),
+            mx_address_limit=cfg.get_int("smtp_mx_address_limit"),
+            mx_session_limit=cfg.get_int("smtp_mx_session_limit"),
+            skip_5xx_greeting=cfg.get_bool("smtp_skip_5xx_greeting"),
+            smtputf8_enable=cfg.get_bool("smtputf8_enable"),
+        )
+        if self.resolver is None:
+            self.resolver = HostResolver(cfg.get_list("smtp_host_lookup") or ["dns"],
+                                         cfg.get_list("inet_protocols"))
+
+    # -- connection management (a connection cache plugs in here) ---------------------
+
+    def _session(self, addr: Address) -> SmtpSession:
+        """An open session with ``addr``. Raises SmtpFailure."""
+        sess = SmtpSession(addr, self.params)
+        try:
+            sess.open()
+        except SmtpFailure:
+            sess.close()
+            raise
+        return sess
+
+    def _release(self, sess: SmtpSession) -> None:
+        """Done with ``sess`` after a transaction: QUIT and close."""
+        sess.quit()
+
+    # -- delivery ------------------------------------------------------------------------
+
+    def deliver(self, req: DeliverRequest, msg: QueueFile) -> list[tuple[RecipientInfo, Dsn]]:
+        """Relay ``msg`` to the servers of ``req.nexthop``; one Dsn per recipient.
+
+        Raises:
+            CorruptQueueFile: the content could not be read.
+        """
+        rcpts = req.recipients
+        content = build_content(msg.iter_lines(), self.params.line_length_limit)
+        try:
+            addrs = self._addresses(req.nexthop)
+        except DnsError as exc:
+            dsn = make_dsn(exc.status, exc.reason)
+            if exc.status[0] == "4":
+                self.state.hop = dsn
+            return [(r, dsn) for r in rcpts]
+        att = _Attempt()
+        pending = list(range(len(rcpts)))
+        limit = self.params.mx_address_limit
+        addrs = addrs[:limit] if limit > 0 else addrs
+        sessions = 0
+        for n, addr in enumerate(addrs):
+            last = n == len(addrs) - 1
+            try:
+                sess = self._session(addr)
+            except SmtpFailure as exc:
+                self._fail(att, pending, exc, last, "none")
+                pending = [i for i in pending if i not in att.final]
+                continue
+            sessions += 1
+            self.state.conn_setup_done = self.clock()
+            try:
+                self._transaction(sess, req, content, pending, att)
+            except SmtpFailure as exc:
+                sess.close()
+                left = [i for i in pending if i not in att.final]
+                self._fail(att, left, exc, last, addr.relay)
+            else:
+                att.site = None
+                self._release(sess)
+            pending = [i for i in pending if i not in att.final]
+            if not pending:
+                break
+            if self.params.mx_session_limit > 0 and sessions >= self.params.mx_session_limit:
+                break
+        results: list[tuple[RecipientInfo, Dsn]] = []
+        for i, rcpt in enumerate(rcpts):
+            dsn = att.final.get(i) or att.soft.get(i) or make_dsn(
+                "4.4.1", f"delivery to {req.nexthop} not attempted: no server left to try")
+            self.state.set_relay(rcpt, att.relay.get(i, "none"))
+            results.append((rcpt, dsn))
+        if pending and att.site is not None:
+            self.state.hop = att.site
+        return results
+
+    def _addresses(self, nexthop: str) -> list[Address]:
+        assert self.resolver is not None
+        try:
+            hops = parse_nexthop(nexthop)
+        except ValueError as exc:
+            raise DnsError("4.3.5", f"bad nexthop {nexthop!r}: {exc}") from None
+        addrs: list[Address] = []
+        error: DnsError | None = None
+        for hop in hops:
+            try:
+                addrs.extend(self.resolver.resolve(hop))
+            except DnsError as exc:
+                error = exc
+        if not addrs:
+            assert error is not None
+            raise error
+        return addrs
+
+    @staticmethod
+    def _fail(att: _Attempt, which: list[int], exc: SmtpFailure, last: bool, relay: str) -> None:
+        """Apply a site-level failure to recipients ``which``: a 5xx from the last server
+        bounces them, anything else leaves them for the next server (or deferral)."""
+        dsn = exc.dsn()
+        soft = Dsn("4" + dsn.status[1:], "delayed", dsn.reason, dsn.diag_type, dsn.diag_text,
+                   dsn.mta_type, dsn.mta_mname)
+        att.site = soft
+        for i in which:
+            att.relay[i] = relay
+            if dsn.status[0] == "5" and last:
+                att.final[i] = dsn
+            else:
+                att.soft[i] = soft
+
+    @staticmethod
+    def _reply_result(att: _Attempt, i: int, reply: Reply, sess: SmtpSession,
+                      reply_to: str) -> None:
+        """Record a non-success reply for recipient ``i``: 5xx final, else left pending."""
+        reason = f"host {sess.addr.namaddr} said: {reply.text} (in reply to {reply_to} command)"
+        status = reply.dsn if reply.code // 100 in (4, 5) else "4.5.0"
+        dsn = make_dsn(status, reason, diag_type="smtp", diag_text=reply.text,
+                       mta_type="dns", mta_mname=sess.addr.hostname)
+        att.relay[i] = sess.addr.relay
+        if status[0] == "5":
+            att.final[i] = dsn
+        else:
+            att.soft[i] = dsn
+
+    def _transaction(self, sess: SmtpSession, req: DeliverRequest, content: bytes,
+                     pending: list[int], att: _Attempt) -> None:
+        """MAIL, RCPT..., DATA on an open session. Raises SmtpFailure (site-level)."""
+        p = self.params
+        rcpts = req.recipients
+        addr = sess.addr
+        if _BAD_ADDR.search(req.sender):
+            dsn = make_dsn("5.1.7", "bad sender address syntax")
+            for i in pending:
+                att.final[i] = dsn
+            return
+        for i in pending:
+            if _BAD_ADDR.search(rcpts[i].address):
+                att.final[i] = make_dsn("5.1.3", "bad recipient address syntax")
+        pending = [i for i in pending if i not in att.final]
+        if not pending:
+            return
+        need_utf8 = not req.sender.isascii() or any(
+            not rcpts[i].address.isascii() for i in pending)
+        use_utf8 = (p.smtputf8_enable and sess.has("smtputf8")
+                    and (need_utf8 or bool(req.smtputf8 & SMTPUTF8_FLAG_REQUESTED)))
+        if need_utf8 and not use_utf8:
+            dsn = make_dsn("5.6.7", f"SMTPUTF8 is required, but was not offered by host "
+                                    f"{addr.namaddr}")
+            for i in pending:
+                att.final[i], att.relay[i] = dsn, addr.relay
+            return
+        limit = sess.size_limit()
+        if limit and len(content) > limit:
+            dsn = make_dsn("5.3.4", f"message size {len(content)} exceeds size limit {limit} "
+                                    f"of server {addr.namaddr}")
+            for i in pending:
+                att.final[i], att.relay[i] = dsn, addr.relay
+            return
+        opts = []
+        if sess.has("size"):
+            opts.append(f"SIZE={len(content)}")
+        if sess.has("8bitmime") and (req.encoding == "8bit" or not content.isascii()):
+            opts.append("BODY=8BITMIME")
+        dsn_ok = sess.has("dsn")
+        if dsn_ok and req.envelope_id:
+            opts.append(f"ENVID={xtext(req.envelope_id)}")
+        if dsn_ok and req.ret_flags & (DSN_RET_FULL | DSN_RET_HDRS):
+            opts.append("RET=" + ("FULL" if req.ret_flags & DSN_RET_FULL else "HDRS"))
+        if use_utf8:
+            opts.append("SMTPUTF8")
+        reply = sess.call(" ".join([f"MAIL FROM:{_angle(req.sender)}"] + opts),
+                          p.mail_timeout, "sending MAIL FROM", "MAIL FROM")
+        if reply.code // 100 != 2:
+            for i in pending:
+                self._reply_result(att, i, reply, sess, "MAIL FROM")
+            return
+        accepted: list[int] = []
+        for i in pending:
+            reply = sess.call(" ".join([f"RCPT TO:{_angle(rcpts[i].address)}"]
+                                       + (_rcpt_dsn_options(rcpts[i]) if dsn_ok else [])),
+                              p.rcpt_timeout, "sending RCPT TO", "RCPT TO")
+            if reply.code // 100 == 2:
+                accepted.append(i)
+            else:
+                self._reply_result(att, i, reply, sess, "RCPT TO")
+        if not accepted:
+            return
+        reply = sess.call("DATA", p.data_init_timeout, "sending DATA command", "DATA")
+        if reply.code != 354:
+            for i in accepted:
+                self._reply_result(att, i, reply, sess, "DATA")
+            return
+        reply = sess.call(content + b".\r\n", p.data_xfer_timeout, "sending message body",
+                          "end of DATA", reply_timeout=p.data_done_timeout,
+                          reply_phase="sending end of data -- message may be sent more "
+                                      "than once")
+        if reply.code // 100 != 2:
+            for i in accepted:
+                self._reply_result(att, i, reply, sess, "end of DATA")
+            return
+        dsn = make_dsn(reply.dsn, reply.text, action="relayed", diag_type="smtp",
+                       diag_text=reply.text, mta_type="dns", mta_mname=addr.hostname)
+        for i in accepted:
+            att.final[i], att.relay[i] = dsn, addr.relay
+
+
+def _rcpt_dsn_options(rcpt: RecipientInfo) -> list[str]:
+    """NOTIFY= and ORCPT= for one recipient (the server offered DSN)."""
+    opts = []
+    if rcpt.notify:
+        opts.append(f"NOTIFY={_notify(rcpt.notify)}")
+    if rcpt.dsn_orcpt:
+        kind, sep, value = rcpt.dsn_orcpt.partition(";")
+        opts.append(f"ORCPT={kind.strip()};{xtext(value.strip())}" if sep else
+                    f"ORCPT=rfc822;{xtext(kind.strip())}")
+    elif rcpt.orig_rcpt:
+        opts.append(f"ORCPT=rfc822;{xtext(quote_822_local(rcpt.orig_rcpt))}")
+    return opts
+
+
+def main() -> NoReturn:
+    """Run the smtp service under single_server."""
+    run(SmtpAgent())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,303 @@
+"""smtp_dns — where the smtp client connects: nexthop syntax, MX and address lookups.
+
+Summary
+    Postfix's smtp nexthop forms (postfix.md §6.3) and address selection
+    (smtp_addr.c, simplified):
+
+    * ``[host]:port`` / ``[host]`` / ``[ipv6:addr]`` — no MX lookup (an IP literal needs
+      no lookup at all); ``host:port`` and ``domain`` — MX lookup; a comma/space
+      separated list of those is tried in order. A port may be a number or a service name.
+    * MX records are sorted by preference (equal preferences shuffled), then each MX
+      host's A/AAAA records (IPv4 first, per ``inet_protocols``); no MX record -> the
+      domain's own addresses; a null MX -> 5.1.0 "does not accept mail (nullMX)".
+    * ``smtp_host_lookup``: ``dns`` (dnspython) and/or ``native`` (getaddrinfo, which reads
+      /etc/hosts) for addresses, tried in order; without ``dns`` no MX lookup happens.
+    * Errors: NXDOMAIN -> 5.4.4 "Host or domain name not found. Name service error for
+      name=N type=T: Host not found"; a failed lookup -> 4.4.3 (", try again"); a broken
+      MX host -> 4.x.x.
+
+    dnspython, its record classes and the IDNA codec are imported at module import time
+    and the resolver reads /etc/resolv.conf when HostResolver is made: before the chroot.
+
+Public API
+    Nexthop(host, port, mx), Address(hostname, ip, port) (.namaddr, .relay)
+    parse_nexthop(text, default_port=25) -> list[Nexthop]              ValueError
+    HostResolver(lookup=("dns",), protocols=("ipv4", "ipv6"), dns_resolver=None)
+        .resolve(nexthop) -> list[Address]; .mx_hosts(domain); .addresses(host)   DnsError
+    DnsError(status, reason); DnsResolverLike (Protocol for a test resolver)
+Logs nothing.
+"""
+
+from __future__ import annotations
+
+import encodings.idna  # noqa: F401 - dnspython's IDNA codec, loaded before the chroot
+import ipaddress
+import random
+import re
+import socket
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import dns.exception
+import dns.name
+import dns.rdatatype
+import dns.rdtypes.ANY.CNAME
+import dns.rdtypes.ANY.DNAME
+import dns.rdtypes.ANY.MX
+import dns.rdtypes.ANY.NS
+import dns.rdtypes.ANY.NSEC
+import dns.rdtypes.ANY.NSEC3
+import dns.rdtypes.ANY.OPT
+import dns.rdtypes.ANY.RRSIG
+import dns.rdtypes.ANY.SOA
+import dns.rdtypes.IN.A
+import dns.rdtypes.IN.AAAA
+import dns.resolver
+
+__all__ = ["Address", "DnsError", "DnsResolverLike", "HostResolver", "Nexthop",
+           "parse_nexthop"]
+
+_SERVICES = {"smtp": 25, "submission": 587, "lmtp": 24}
+
+
+@dataclass(frozen=True)
+class Nexthop:
+    """One destination: ``host`` (name or IP), TCP ``port``, ``mx`` = look up MX records."""
+
+    host: str
+    port: int
+    mx: bool
+
+
+@dataclass(frozen=True)
+class Address:
+    """One server address to try: the name it came from, the IP, the port."""
+
+    hostname: str
+    ip: str
+    port: int
+
+    @property
+    def namaddr(self) -> str:
+        """``host[ip]`` as Postfix writes it."""
+        return f"{self.hostname}[{self.ip}]"
+
+    @property
+    def relay(self) -> str:
+        """``host[ip]:port`` for relay= in the log."""
+        return f"{self.hostname}[{self.ip}]:{self.port}"
+
+
+def _port(text: str) -> int:
+    if text.isdigit():
+        port = int(text)
+    elif text.lower() in _SERVICES:
+        port = _SERVICES[text.lower()]
+    else:
+        try:
+            port = socket.getservbyname(text, "tcp")
+        except OSError:
+            raise ValueError(f"unknown service {text!r}") from None
+    if not 0 < port < 65536:
+        raise ValueError(f"bad port {text!r}")
+    return port
+
+
+def parse_nexthop(text: str, default_port: int = 25) -> list[Nexthop]:
+    """Parse an smtp nexthop: ``[host]:port``, ``[host]``, ``[ipv6:addr]``, ``host:port``,
+    ``domain``, or a comma/space separated list of those.
+
+    Raises:
+        ValueError: empty text, unbalanced brackets, a bad port or host.
+    """
+    out: list[Nexthop] = []
+    for item in re.split(r"[\s,]+", text.strip()):
+        if not item:
+            continue
+        if item.startswith("["):
+            end = item.find("]")
+            if end < 0:
+                raise ValueError(f"missing ']' in {item!r}")
+            host, rest, mx = item[1:end], item[end + 1:], False
+            if host.lower().startswith("ipv6:"):
+                host = host[5:]
+        else:
+            host, sep, port = item.partition(":")
+            rest, mx = (":" + port if sep else ""), True
+        if not host or any(c in host for c in "[]/\\@\0"):
+            raise ValueError(f"bad host in {item!r}")
+        if rest and not rest.startswith(":"):
+            raise ValueError(f"garbage after ']' in {item!r}")
+        port_no = _port(rest[1:]) if rest else default_port
+        if _is_ip(host):
+            mx = False
+        out.append(Nexthop(host, port_no, mx))
+    if not out:
+        raise ValueError("empty nexthop")
+    return out
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+class DnsError(Exception):
+    """A name could not be resolved: ``status`` 4.x.x (try later) or 5.x.x (never)."""
+
+    def __init__(self, status: str, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+class DnsResolverLike(Protocol):
+    """The part of dns.resolver.Resolver we use (tests substitute a fake)."""
+
+    def resolve(self, qname: str, rdtype: str, *, search: bool | None = None) -> Iterable[object]:
+        ...
+
+
+class HostResolver:
+    """MX and address lookups for the smtp client (Postfix smtp_addr.c, simplified).
+
+    Args:
+        lookup: smtp_host_lookup methods in order: "dns" (dnspython), "native"
+            (getaddrinfo). Without "dns" no MX lookup happens.
+        protocols: "ipv4" and/or "ipv6" (inet_protocols; "all" = both).
+        dns_resolver: a dns.resolver.Resolver (made here when None and "dns" is used).
+    """
+
+    def __init__(
+        self,
+        lookup: Sequence[str] = ("dns",),
+        protocols: Sequence[str] = ("ipv4", "ipv6"),
+        dns_resolver: DnsResolverLike | None = None,
+    ) -> None:
+        self.lookup = [m.lower() for m in lookup] or ["dns"]
+        protos = {p.lower() for p in protocols}
+        if "all" in protos or not protos:
+            protos = {"ipv4", "ipv6"}
+        self.rdtypes = [t for p, t in (("ipv4", "A"), ("ipv6", "AAAA")) if p in protos]
+        self.families = {socket.AF_INET if t == "A" else socket.AF_INET6 for t in self.rdtypes}
+        self.dns: DnsResolverLike | None = dns_resolver
+        if self.dns is None and "dns" in self.lookup:
+            self.dns = dns.resolver.Resolver()
+        self.rng = random.Random()
+
+    def resolve(self, nexthop: Nexthop) -> list[Address]:
+        """Addresses to try for ``nexthop``, best first.
+
+        Raises:
+            DnsError: no address (5.x.x when the name does not exist, 4.x.x otherwise).
+        """
+        if _is_ip(nexthop.host):
+            return [Address(nexthop.host, nexthop.host, nexthop.port)]
+        hosts = [nexthop.host]
+        if nexthop.mx and "dns" in self.lookup:
+            hosts = self.mx_hosts(nexthop.host)
+        out: list[Address] = []
+        error: DnsError | None = None
+        for host in hosts:
+            try:
+                ips = self.addresses(host)
+            except DnsError as exc:
+                if len(hosts) > 1 or host != nexthop.host:
+                    exc.status = "4" + exc.status[1:]  # a broken MX host: try later
+                error = exc
+                continue
+            out.extend(Address(host, ip, nexthop.port) for ip in ips)
+        if not out:
+            raise error or DnsError("4.4.3", f"no address for {nexthop.host}")
+        return out
+
+    def mx_hosts(self, domain: str) -> list[str]:
+        """MX host names of ``domain`` by preference; ``[domain]`` when it has no MX.
+
+        Raises:
+            DnsError: NXDOMAIN (5.4.4), null MX (5.1.0), lookup failure (4.4.3).
+        """
+        assert self.dns is not None
+        try:
+            answer = list(self.dns.resolve(domain, "MX", search=False))
+        except dns.resolver.NXDOMAIN:
+            raise _not_found(domain, "MX", hard=True) from None
+        except dns.resolver.NoAnswer:
+            return [domain]
+        except dns.exception.DNSException:
+            raise _not_found(domain, "MX", hard=False) from None
+        recs: list[tuple[int, float, str]] = []
+        for rr in answer:
+            pref = int(getattr(rr, "preference", 0))
+            exchange = str(getattr(rr, "exchange", "")).rstrip(".")
+            recs.append((pref, self.rng.random(), exchange))
+        if len(recs) == 1 and recs[0][2] == "":
+            raise DnsError("5.1.0", f"Domain {domain} does not accept mail (nullMX)")
+        recs.sort()
+        hosts: list[str] = []
+        for _, _, host in recs:
+            if host and host not in hosts:
+                hosts.append(host)
+        if not hosts:
+            raise DnsError("4.4.3", f"Domain {domain} has no valid MX host")
+        return hosts
+
+    def addresses(self, host: str) -> list[str]:
+        """IP addresses of ``host`` (IPv4 first), per smtp_host_lookup.
+
+        Raises:
+            DnsError: 5.4.4 when the name has no address, 4.4.3 when lookups failed.
+        """
+        if _is_ip(host):
+            return [host]
+        error = DnsError("5.4.4", f"Host or domain name not found. Name service error for "
+                                  f"name={host} type=A: Host not found")
+        for method in self.lookup:
+            try:
+                ips = self._dns_addresses(host) if method == "dns" else self._native(host)
+            except DnsError as exc:
+                error = exc
+                continue
+            if ips:
+                return ips
+        raise error
+
+    def _dns_addresses(self, host: str) -> list[str]:
+        assert self.dns is not None
+        ips: list[str] = []
+        hard = True
+        for rdtype in self.rdtypes:
+            try:
+                ips.extend(str(getattr(rr, "address", "")) for rr in
+                           self.dns.resolve(host, rdtype, search=False))
+            except dns.resolver.NXDOMAIN:
+                raise _not_found(host, rdtype, hard=True) from None
+            except dns.resolver.NoAnswer:
+                continue
+            except dns.exception.DNSException:
+                hard = False
+        if not ips:
+            raise _not_found(host, self.rdtypes[-1] if self.rdtypes else "A", hard=hard)
+        return [ip for ip in ips if ip]
+
+    def _native(self, host: str) -> list[str]:
+        try:
+            infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+        except socket.gaierror as exc:
+            hard = exc.errno in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", -5))
+            raise _not_found(host, "A", hard=hard) from None
+        ips4 = [str(i[4][0]) for i in infos if i[0] == socket.AF_INET and i[0] in self.families]
+        ips6 = [str(i[4][0]) for i in infos if i[0] == socket.AF_INET6 and i[0] in self.families]
+        return list(dict.fromkeys(ips4 + ips6))
+
+
+def _not_found(name: str, rdtype: str, hard: bool) -> DnsError:
+    text = (f"Host or domain name not found. Name service error for name={name} "
+            f"type={rdtype}: Host not found")
+    if hard:
+        return DnsError("5.4.4", text)
+    return DnsError("4.4.3", text + ", try again")

@@ -1,0 +1,240 @@
+"""smtp_session — one SMTP client connection for the smtp agent, on top of smtplib.
+
+Summary
+    ``SmtpSession(addr, params).open()`` connects (``smtp_connect_timeout``), reads the
+    greeting and says EHLO (HELO after a 5xx EHLO reply) with ``smtp_helo_timeout``;
+    ``call()`` sends one command (or the message data) and reads the reply with the
+    timeout of that phase. smtplib.SMTP does the reply parsing and keeps the EHLO
+    features. Failures of the session itself are raised as SmtpFailure with ``site=True``
+    and Postfix's wording:
+
+    * ``connect to H[ip]:port: Connection refused`` (4.4.1)
+    * ``host H[ip] refused to talk to me: 554 ...`` (greeting or HELO rejected; a 5xx
+      greeting counts as 4xx with ``smtp_skip_5xx_greeting = yes``)
+    * ``lost connection with H[ip] while <phase>`` / ``conversation with H[ip] timed out
+      while <phase>`` (4.4.2)
+    * ``host H[ip] sent a malformed reply ... (in reply to X command)`` (4.5.0): a reply
+      that is not a 3-digit code 200..599 is never taken as a rejection.
+
+Public API
+    SmtpParams(...)                 the smtp_* parameters (seconds, bytes)
+    SmtpSession(addr, params)       .open(), .call(command, timeout, phase, reply_to, *,
+                                    reply_timeout=None, reply_phase=""), .has(feature),
+                                    .size_limit(), .esmtp, .quit(), .close()
+    Reply(code, lines)              .text (Postfix's one-line form), .dsn (x.y.z)
+    SmtpFailure(status, reason, *, site, reply=None, mta="")   .dsn() -> Dsn
+Logs nothing.
+"""
+
+from __future__ import annotations
+
+import re
+import smtplib
+import socket
+from dataclasses import dataclass
+
+from qmgrd.spool.statuslog import Dsn
+from transports.agent import make_dsn
+from transports.smtp_dns import Address
+
+__all__ = ["Reply", "SmtpFailure", "SmtpParams", "SmtpSession"]
+
+_ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?=\s|\Z)")
+
+
+@dataclass
+class Reply:
+    """One SMTP reply: the code and the text of each line (code stripped)."""
+
+    code: int
+    lines: list[str]
+
+    @property
+    def text(self) -> str:
+        """The reply as Postfix logs it: ``550-first line 550 last line`` on one line."""
+        n = len(self.lines)
+        return " ".join(f"{self.code}{'-' if i < n - 1 else ' '}{ln}".rstrip()
+                        for i, ln in enumerate(self.lines))
+
+    @property
+    def dsn(self) -> str:
+        """The enhanced status code of the reply, or ``<class>.0.0``."""
+        cls = str(self.code)[0]
+        m = _ENHANCED.match(self.lines[0] if self.lines else "")
+        if m is not None and m.group(1) == cls:
+            return m.group(0)
+        return f"{cls}.0.0"
+
+
+class SmtpFailure(Exception):
+    """The session with one server failed; ``site`` = the server itself is the problem."""
+
+    def __init__(self, status: str, reason: str, *, site: bool, reply: Reply | None = None,
+                 mta: str = "") -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+        self.site = site
+        self.reply = reply
+        self.mta = mta
+
+    def dsn(self) -> Dsn:
+        """The Dsn this failure gives each recipient it applies to."""
+        if self.reply is not None:
+            return make_dsn(self.status, self.reason, diag_type="smtp",
+                            diag_text=self.reply.text, mta_type="dns", mta_mname=self.mta)
+        return make_dsn(self.status, self.reason)
+
+
+@dataclass
+class SmtpParams:
+    """The smtp_* parameters (seconds for timeouts)."""
+
+    helo_name: str = "localhost"
+    connect_timeout: float = 30.0
+    helo_timeout: float = 300.0
+    mail_timeout: float = 300.0
+    rcpt_timeout: float = 300.0
+    data_init_timeout: float = 120.0
+    data_xfer_timeout: float = 180.0
+    data_done_timeout: float = 600.0
+    quit_timeout: float = 300.0
+    line_length_limit: int = 998
+    mx_address_limit: int = 5
+    mx_session_limit: int = 2
+    skip_5xx_greeting: bool = True
+    smtputf8_enable: bool = True
+
+
+def _timed_out(exc: BaseException) -> bool:
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, TimeoutError) or "timed out" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+class SmtpSession:
+    """One SMTP connection to one address, driven through smtplib.SMTP."""
+
+    def __init__(self, addr: Address, params: SmtpParams) -> None:
+        self.addr = addr
+        self.params = params
+        self.client = smtplib.SMTP(local_hostname=params.helo_name)
+        self.esmtp = False
+
+    def open(self) -> None:
+        """Connect, read the greeting, EHLO (HELO after a 5xx EHLO).
+
+        Raises:
+            SmtpFailure: site-level failure.
+        """
+        addr, p = self.addr, self.params
+        family = socket.AF_INET6 if ":" in addr.ip else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.settimeout(p.connect_timeout or None)
+        try:
+            sock.connect((addr.ip, addr.port))
+        except OSError as exc:
+            sock.close()
+            why = "Connection timed out" if _timed_out(exc) else (
+                exc.strerror or str(exc) or type(exc).__name__)
+            raise SmtpFailure("4.4.1", f"connect to {addr.relay}: {why}", site=True) from None
+        self.client.sock = sock
+        self.client.file = None
+        greeting = self.call(None, p.helo_timeout, "receiving the initial server greeting",
+                             "initial greeting")
+        if greeting.code // 100 != 2:
+            status = greeting.dsn
+            if status[0] == "5" and p.skip_5xx_greeting:
+                status = "4" + status[1:]
+            raise self._refused(greeting, status)
+        reply = self.call(f"EHLO {p.helo_name}", p.helo_timeout,
+                          "performing the EHLO handshake", "EHLO")
+        if reply.code // 100 == 2:
+            self.esmtp = True
+            self._parse_features(reply)
+            return
+        if reply.code // 100 == 5:
+            reply = self.call(f"HELO {p.helo_name}", p.helo_timeout,
+                              "performing the HELO handshake", "HELO")
+            if reply.code // 100 == 2:
+                return
+        raise self._refused(reply, reply.dsn)
+
+    def _refused(self, reply: Reply, status: str) -> SmtpFailure:
+        return SmtpFailure(status, f"host {self.addr.namaddr} refused to talk to me: "
+                           f"{reply.text}", site=True, reply=reply, mta=self.addr.hostname)
+
+    def _parse_features(self, reply: Reply) -> None:
+        self.client.esmtp_features = {}
+        self.client.does_esmtp = True
+        for line in reply.lines[1:]:
+            m = re.match(r"([A-Za-z0-9][A-Za-z0-9-]*) ?(.*)", line)
+            if m:
+                self.client.esmtp_features[m.group(1).lower()] = m.group(2).strip()
+
+    def has(self, feature: str) -> bool:
+        """True when EHLO announced ``feature`` (case-insensitive)."""
+        return self.esmtp and self.client.has_extn(feature)
+
+    def size_limit(self) -> int:
+        """The server's SIZE limit in bytes (0 = none announced or unlimited)."""
+        value = self.client.esmtp_features.get("size", "") if self.esmtp else ""
+        return int(value) if value.isdigit() else 0
+
+    def call(self, command: str | bytes | None, timeout: float, phase: str,
+             reply_to: str, *, reply_timeout: float | None = None,
+             reply_phase: str = "") -> Reply:
+        """Send ``command`` (str: a command line without CRLF; bytes: raw data) and read
+        the reply, with ``timeout`` seconds for the exchange (``reply_timeout`` and
+        ``reply_phase``, when given, apply to waiting for the reply).
+
+        Raises:
+            SmtpFailure: lost connection, timeout, or a malformed reply (site-level).
+        """
+        client = self.client
+        try:
+            if client.sock is None:
+                raise smtplib.SMTPServerDisconnected("not connected")
+            client.sock.settimeout(timeout or None)
+            if isinstance(command, str):
+                client.send((command + "\r\n").encode("utf-8", "surrogateescape"))
+            elif command is not None:
+                client.send(command)
+            if reply_timeout is not None:
+                phase = reply_phase or phase
+                client.sock.settimeout(reply_timeout or None)
+            code, msg = client.getreply()
+        except smtplib.SMTPResponseException as exc:  # reply line too long
+            raise self._malformed(reply_to, str(exc.smtp_error)) from None
+        except (smtplib.SMTPServerDisconnected, OSError) as exc:
+            self.close()
+            verb = "timed out" if _timed_out(exc) else "lost connection"
+            reason = (f"conversation with {self.addr.namaddr} timed out while {phase}"
+                      if verb == "timed out" else
+                      f"lost connection with {self.addr.namaddr} while {phase}")
+            raise SmtpFailure("4.4.2", reason, site=True) from None
+        lines = msg.decode("utf-8", "replace").split("\n")
+        if not 200 <= code <= 599:
+            raise self._malformed(reply_to, " ".join(lines))
+        return Reply(code, lines)
+
+    def _malformed(self, reply_to: str, text: str) -> SmtpFailure:
+        self.close()
+        return SmtpFailure("4.5.0", f"host {self.addr.namaddr} sent a malformed reply "
+                           f"{text[:200]!r} (in reply to {reply_to} command)", site=True)
+
+    def quit(self) -> None:
+        """Send QUIT (errors ignored) and close."""
+        if self.client.sock is not None:
+            try:
+                self.call("QUIT", self.params.quit_timeout, "sending QUIT", "QUIT")
+            except SmtpFailure:
+                pass
+        self.close()
+
+    def close(self) -> None:
+        """Close the connection (idempotent)."""
+        self.client.close()
