@@ -54,6 +54,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import NoReturn
 
+from master import log
 from qmgrd.delivery import DeliverRequest, RecipientInfo
 from qmgrd.spool.envelope import (
     DSN_NOTIFY_DELAY,
@@ -207,7 +208,16 @@ class SmtpAgent(DeliveryAgent):
             CorruptQueueFile: the content could not be read.
         """
         rcpts = req.recipients
-        content = build_content(msg.iter_lines(), self.params.line_length_limit)
+        lines = list(msg.iter_lines())
+        limit_len = self.params.line_length_limit
+        content = build_content(lines, limit_len)
+        if limit_len > 0:
+            folded = sum(1 for line in lines if len(line) > limit_len)
+            if folded:
+                # RFC 5321 4.5.3.1.6: a text line is at most 998 characters; Postfix breaks
+                # longer lines with CRLF SPACE. Say so, since the content changes.
+                log.info(f"{req.queue_id}: {folded} line(s) longer than {limit_len} "
+                         f"characters folded (smtp_line_length_limit)")
         try:
             addrs = self._addresses(req.nexthop)
         except DnsError as exc:

@@ -1,0 +1,106 @@
+"""master.daemon.pidfile - the master's pid file and lock (postfix.md §3.8).
+
+Summary
+    ``$queue_directory/pid/master.pid`` is opened and held with an exclusive,
+    non-blocking ``flock`` for the master's whole life; its content is the pid
+    right-aligned in 32 characters plus a newline, as Postfix writes it.  A second
+    master finds the lock taken and refuses to start; tools probe the lock to tell
+    whether the mail system runs.
+
+Public API
+    PidFile(path): acquire() (raises AlreadyRunning), release() (unlock, unlink, close),
+        fd (the locked descriptor, -1 when not held)
+    AlreadyRunning(pid): raised by acquire(); str = "the qmgrd mail system is already
+        running (pid N)"
+    running_pid(path) -> int | None: the pid of the master holding the lock, None when no
+        master runs (0 when the lock is held but the pid is not written yet)
+    pid_path(queue_directory) -> str
+
+Raises
+    OSError when the file cannot be created or opened (the caller makes it fatal).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+
+__all__ = ["AlreadyRunning", "PidFile", "pid_path", "running_pid"]
+
+
+class AlreadyRunning(Exception):
+    """Another master holds the pid file lock."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        super().__init__(f"the qmgrd mail system is already running (pid {pid})")
+
+
+def pid_path(queue_directory: str) -> str:
+    """``<queue_directory>/pid/master.pid``."""
+    return os.path.join(queue_directory, "pid", "master.pid")
+
+
+def _read_pid(fd: int) -> int:
+    try:
+        return int(os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "0")
+    except ValueError:
+        return 0
+
+
+class PidFile:
+    """The master's locked pid file.  The constructor does no I/O."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.fd = -1
+
+    def acquire(self) -> None:
+        """Create/open the file, lock it (exclusive, non-blocking), write our pid.
+
+        Raises:
+            AlreadyRunning: the lock is held by another process (nothing is changed).
+            OSError: the file cannot be opened or written.
+        """
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = _read_pid(fd)
+            os.close(fd)
+            raise AlreadyRunning(pid) from None
+        except OSError:
+            os.close(fd)
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid():>32}\n".encode("ascii"), 0)
+        self.fd = fd
+
+    def release(self) -> None:
+        """Remove the pid file and drop the lock (the master is exiting)."""
+        if self.fd < 0:
+            return
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+        os.close(self.fd)
+        self.fd = -1
+
+
+def running_pid(path: str) -> int | None:
+    """Probe the lock: the running master's pid, 0 if locked but still empty, None if no
+    master holds it (or the file does not exist)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _read_pid(fd)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)

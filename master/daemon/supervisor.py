@@ -1,0 +1,395 @@
+"""master.daemon.supervisor - the master's policy: spawn, reap, throttle, wake up, reload.
+
+Summary
+    One Supervisor owns one ServiceState per master.cf service and the table of live
+    children.  It decides, never does: every system call goes through an injected
+    :class:`~master.daemon.spawn.OsLayer` (so tests run it with a fake OS and clock),
+    and the event loop (master.daemon.master) asks it which descriptors to watch and
+    tells it what became ready.  Postfix behaviour followed (postfix.md §3.4-§3.7):
+
+    * On-demand spawning: a service's listener is watched only while the service has no
+      idle child, is below maxproc (0 = unlimited) and is not throttled.  When it becomes
+      readable exactly one child is spawned and counted idle; idle children accept
+      connections themselves.
+    * Status records ``struct.pack("=iIi", pid, generation, avail)`` (avail 0 busy,
+      1 idle) arrive on the service's status channel; every busy -> idle transition
+      counts one use.  Unknown pids, stale generations and partial records are ignored
+      with a warning.
+    * A child that ends abnormally before completing a request throttles its service
+      for service_throttle_time ("bad command startup -- throttling"); spawn failure
+      throttles too.  The master never exits because of a child.
+    * Wakeup timers send ``W`` every ``wakeup`` seconds, the first right at start
+      (``N?``: only once the service has been used); throttled services are skipped.
+      When the last child of a wakeup service ends (crash, reload, max_use) or its
+      throttle ends, the wakeup is sent at once instead of at the next tick, so a
+      resident service such as the qmgr comes straight back (a small step beyond
+      Postfix, which waits for the next trigger); at most one such early wakeup per
+      second, so a service that dies at once cannot spin.
+    * Reload is mark and sweep on (name, type): kept services keep their listener but
+      get a new status channel and generation, so old children see EOF and finish;
+      old children still count against maxproc (a solitary service never runs two
+      children, even across a reload); removed services lose their listener and status
+      channel and their children get SIGTERM; new services start.
+    * Stop closes every status channel and sends SIGTERM to every child;
+      kill_remaining() sends SIGKILL to what is left.
+
+Public API
+    Settings(config_directory, queue_directory, default_process_limit=100,
+             service_throttle_time=60, foreground=False)
+    Child (pid, service, generation, avail, use_count, signalled)
+    ServiceState (service, generation, listen_fd, status_fd, children, throttled_until,
+                  next_wakeup, used, removed); wants_listener(stopping) -> bool
+    Supervisor(osl, settings)
+        start(services) -> None            raises OSError/ValueError (listener failed)
+        reload(settings, services) -> None  never raises (failed new services: warning)
+        wanted_listeners() -> set[int];  status_fds() -> list[int]
+        on_listener_ready(fd);  on_status_ready(fd);  reap();  run_timers()
+        next_deadline() -> float | None;  stop();  kill_remaining();  close_all()
+        children: dict[int, Child];  services: dict[(name, type), ServiceState]
+
+Logs
+    warning: process <module> pid <n> exit status <s> | killed by signal <n>
+        (not for a child that died of the signal the master sent it)
+    warning: <service>: bad command startup -- throttling
+    warning: <service>: spawn: <error>;  warning: <service>: partial status (<n> bytes)
+    warning: <service>: status from unknown pid <n> / stale generation ...
+"""
+
+from __future__ import annotations
+
+import signal
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from master import log
+from master.config import Service
+from master.daemon.spawn import OsLayer, child_argv, describe_exit
+
+__all__ = ["STATUS", "Child", "ServiceState", "Settings", "Supervisor"]
+
+STATUS = struct.Struct("=iIi")
+STATUS_BUSY = 0
+STATUS_IDLE = 1
+REWAKE_INTERVAL = 1.0
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The main.cf values the master's policy uses (times in seconds)."""
+
+    config_directory: str
+    queue_directory: str
+    default_process_limit: int = 100
+    service_throttle_time: int = 60
+    foreground: bool = False
+
+
+@dataclass(eq=False)
+class Child:
+    """One live child process of a service."""
+
+    pid: int
+    service: ServiceState
+    generation: int
+    avail: bool = True
+    use_count: int = 0
+    signalled: int = 0  # the signal the master sent it (stop, removal), 0 = none
+
+
+@dataclass(eq=False)
+class ServiceState:
+    """The master's run-time state of one master.cf service."""
+
+    service: Service
+    generation: int
+    listen_fd: int | None = None
+    status_fd: int | None = None
+    status_child_fd: int | None = None
+    children: dict[int, Child] = field(default_factory=dict)
+    throttled_until: float | None = None
+    next_wakeup: float | None = None
+    last_wakeup: float | None = None
+    used: bool = False
+    removed: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.service.name
+
+    def idle_count(self) -> int:
+        """Idle children of the current generation."""
+        return sum(1 for c in self.children.values()
+                   if c.avail and c.generation == self.generation)
+
+    def wants_listener(self, stopping: bool) -> bool:
+        """True while the listener must be watched for on-demand spawning (§3.5)."""
+        if stopping or self.removed or self.listen_fd is None or self.status_fd is None:
+            return False
+        if self.throttled_until is not None:
+            return False
+        if self.service.maxproc and len(self.children) >= self.service.maxproc:
+            return False
+        return self.idle_count() == 0
+
+
+class Supervisor:
+    """Spawn / reap / throttle / wakeup / reload policy over an OsLayer (module docstring).
+
+    The constructor does no I/O; start() opens the endpoints.
+    """
+
+    def __init__(self, osl: OsLayer, settings: Settings) -> None:
+        self.os = osl
+        self.settings = settings
+        self.services: dict[tuple[str, str], ServiceState] = {}
+        self.children: dict[int, Child] = {}
+        self.generation = 0
+        self.stopping = False
+        self._flow: tuple[int, int] | None = None
+
+    # --- life cycle ------------------------------------------------------------------
+    def start(self, services: Sequence[Service]) -> None:
+        """Open the flow pipe and every service's endpoints.  Raises OSError/ValueError
+        (the caller makes that fatal at start-up)."""
+        self.generation += 1
+        self._flow = self.os.open_flow()
+        for svc in services:
+            st = ServiceState(svc, self.generation)
+            self._open(st)
+            self.services[svc.service_key] = st
+
+    def reload(self, settings: Settings, services: Sequence[Service]) -> None:
+        """Mark and sweep to the new service list (module docstring).  A new service
+        whose endpoint cannot be opened is logged and left out."""
+        self.settings = Settings(self.settings.config_directory,
+                                 self.settings.queue_directory,
+                                 settings.default_process_limit,
+                                 settings.service_throttle_time,
+                                 self.settings.foreground)
+        self.generation += 1
+        wanted = {svc.service_key: svc for svc in services}
+        for key in list(self.services):
+            if key not in wanted:
+                self._remove(self.services.pop(key))
+        for key, svc in wanted.items():
+            st = self.services.get(key)
+            if st is None:
+                st = ServiceState(svc, self.generation)
+                try:
+                    self._open(st)
+                except (OSError, ValueError) as exc:
+                    self._close_status(st)
+                    log.warning(f"{svc.name}: cannot start service: {exc}")
+                    continue
+                self.services[key] = st
+                continue
+            self._restart(st, svc)
+
+    def stop(self) -> None:
+        """Begin shutdown: no more spawns or wakeups, close every status channel (children
+        see EOF), SIGTERM every child."""
+        self.stopping = True
+        for st in self.services.values():
+            self._close_status(st)
+            st.next_wakeup = None
+        for child in self.children.values():
+            self._kill(child, signal.SIGTERM)
+
+    def kill_remaining(self) -> None:
+        """SIGKILL every child still alive (the end of the stop grace period)."""
+        for child in self.children.values():
+            self._kill(child, signal.SIGKILL)
+
+    def close_all(self) -> None:
+        """Close every descriptor the supervisor owns (the master is exiting)."""
+        for st in self.services.values():
+            self._close_status(st)
+            if st.listen_fd is not None:
+                self.os.close(st.listen_fd)
+                st.listen_fd = None
+        if self._flow is not None:
+            for fd in self._flow:
+                self.os.close(fd)
+            self._flow = None
+
+    # --- what the loop watches --------------------------------------------------------
+    def wanted_listeners(self) -> set[int]:
+        """Listener descriptors to watch now."""
+        return {st.listen_fd for st in self.services.values()
+                if st.listen_fd is not None and st.wants_listener(self.stopping)}
+
+    def status_fds(self) -> list[int]:
+        """Master ends of every open status channel."""
+        return [st.status_fd for st in self.services.values() if st.status_fd is not None]
+
+    def next_deadline(self) -> float | None:
+        """The monotonic time of the next timer (throttle end or wakeup), or None."""
+        times = [t for st in self.services.values()
+                 for t in (st.throttled_until, st.next_wakeup) if t is not None]
+        return min(times) if times else None
+
+    # --- events -----------------------------------------------------------------------
+    def on_listener_ready(self, fd: int) -> None:
+        """A watched listener is readable: spawn one child if the policy still allows."""
+        for st in self.services.values():
+            if st.listen_fd == fd:
+                if st.wants_listener(self.stopping):
+                    self._spawn(st)
+                return
+
+    def on_status_ready(self, fd: int) -> None:
+        """A status channel is readable: apply the records in it."""
+        for st in self.services.values():
+            if st.status_fd == fd:
+                self._read_status(st)
+                return
+
+    def reap(self) -> None:
+        """Collect ended children (after draining status channels, so that a last
+        "idle" record is counted before its sender is buried)."""
+        for st in self.services.values():
+            self._read_status(st)
+        for pid, code in self.os.reap():
+            child = self.children.pop(pid, None)
+            if child is None:
+                continue
+            st = child.service
+            st.children.pop(pid, None)
+            self._rewake(st)
+            if code == 0 or (code < 0 and -code == child.signalled):
+                continue  # a clean exit, or the end we asked for
+            log.warning(f"process {st.service.module} pid {pid} {describe_exit(code)}")
+            if (child.use_count == 0 and child.generation == st.generation
+                    and not st.removed and not self.stopping
+                    and st.throttled_until is None):
+                self._throttle(st)
+
+    def run_timers(self) -> None:
+        """End throttles and send wakeups that are due."""
+        now = self.os.monotonic()
+        for st in self.services.values():
+            if st.throttled_until is not None and now >= st.throttled_until:
+                st.throttled_until = None
+                self._rewake(st)
+            if st.next_wakeup is not None and now >= st.next_wakeup:
+                st.next_wakeup = now + st.service.wakeup
+                if (st.throttled_until is None and st.listen_fd is not None
+                        and (st.used or not st.service.wakeup_if_used)):
+                    st.last_wakeup = now
+                    self.os.wakeup(st.service, self.settings.queue_directory, st.listen_fd)
+
+    # --- internals --------------------------------------------------------------------
+    def _backlog(self, svc: Service) -> int:
+        return max(svc.maxproc, self.settings.default_process_limit)
+
+    def _open(self, st: ServiceState) -> None:
+        st.status_fd, st.status_child_fd = self.os.open_status()
+        st.listen_fd = self.os.open_listener(st.service, self.settings.queue_directory,
+                                             self._backlog(st.service))
+        self._arm_wakeup(st)
+
+    def _arm_wakeup(self, st: ServiceState) -> None:
+        st.next_wakeup = self.os.monotonic() if st.service.wakeup > 0 else None
+
+    def _rewake(self, st: ServiceState) -> None:
+        """A wakeup service left without a process (its last child ended: crash, reload,
+        limits; or its throttle ended) gets its wakeup now rather than at the next tick,
+        so that a resident service (qmgr, pickup) comes back at once."""
+        if (st.service.wakeup > 0 and not st.children and not st.removed
+                and not self.stopping and st.next_wakeup is not None):
+            soon = self.os.monotonic()
+            if st.last_wakeup is not None:  # a service dying at once: 1 wakeup/s at most
+                soon = max(soon, st.last_wakeup + REWAKE_INTERVAL)
+            st.next_wakeup = min(st.next_wakeup, soon)
+
+    def _kill(self, child: Child, sig: int) -> None:
+        child.signalled = sig
+        self.os.kill(child.pid, sig)
+
+    def _restart(self, st: ServiceState, svc: Service) -> None:
+        """A kept service: new status channel and generation; listener kept unless its
+        endpoint moved (private <-> public)."""
+        qdir = self.settings.queue_directory
+        old = st.service
+        self._close_status(st)
+        for child in st.children.values():
+            child.avail = False
+        st.service = svc
+        st.generation = self.generation
+        st.throttled_until = None
+        st.status_fd, st.status_child_fd = self.os.open_status()
+        if old.endpoint(qdir) != svc.endpoint(qdir) and st.listen_fd is not None:
+            self.os.close_listener(old, qdir, st.listen_fd)
+            st.listen_fd = None
+            try:
+                st.listen_fd = self.os.open_listener(svc, qdir, self._backlog(svc))
+            except (OSError, ValueError) as exc:
+                log.warning(f"{svc.name}: cannot open endpoint: {exc}")
+        self._arm_wakeup(st)
+
+    def _remove(self, st: ServiceState) -> None:
+        st.removed = True
+        st.next_wakeup = None
+        self._close_status(st)
+        if st.listen_fd is not None:
+            self.os.close_listener(st.service, self.settings.queue_directory, st.listen_fd)
+            st.listen_fd = None
+        for child in st.children.values():
+            self._kill(child, signal.SIGTERM)
+
+    def _close_status(self, st: ServiceState) -> None:
+        for fd in (st.status_fd, st.status_child_fd):
+            if fd is not None:
+                self.os.close(fd)
+        st.status_fd = st.status_child_fd = None
+
+    def _throttle(self, st: ServiceState) -> None:
+        st.throttled_until = self.os.monotonic() + self.settings.service_throttle_time
+        log.warning(f"{st.name}: bad command startup -- throttling")
+
+    def _spawn(self, st: ServiceState) -> None:
+        assert self._flow is not None and st.listen_fd is not None
+        assert st.status_child_fd is not None
+        argv = child_argv(st.service, self.settings.config_directory,
+                          self.settings.foreground)
+        fds = [self._flow[0], self._flow[1], st.status_child_fd, st.listen_fd]
+        try:
+            pid = self.os.spawn(argv, st.generation, fds)
+        except OSError as exc:
+            log.warning(f"{st.name}: spawn: {exc}")
+            self._throttle(st)
+            return
+        child = Child(pid, st, st.generation)
+        st.children[pid] = child
+        self.children[pid] = child
+        st.used = True
+
+    def _read_status(self, st: ServiceState) -> None:
+        while st.status_fd is not None:
+            data = self.os.read_status(st.status_fd)
+            if not data:
+                return
+            whole = len(data) - len(data) % STATUS.size
+            if whole != len(data):
+                log.warning(f"{st.name}: partial status ({len(data) - whole} bytes)")
+            for off in range(0, whole, STATUS.size):
+                pid, gen, avail = STATUS.unpack_from(data, off)
+                self._apply_status(st, pid, gen, avail)
+
+    def _apply_status(self, st: ServiceState, pid: int, gen: int, avail: int) -> None:
+        child = st.children.get(pid)
+        if child is None:
+            log.warning(f"{st.name}: status from unknown pid {pid}")
+            return
+        if gen != child.generation or gen != st.generation:
+            log.warning(f"{st.name}: status from pid {pid} with stale generation {gen}")
+            return
+        if avail == STATUS_IDLE:
+            if not child.avail:
+                child.use_count += 1
+            child.avail = True
+        elif avail == STATUS_BUSY:
+            child.avail = False
+        else:
+            log.warning(f"{st.name}: pid {pid}: bad status {avail}")

@@ -1,0 +1,452 @@
+"""master.server.skeleton - the child side of master(8): what every qmgrd daemon runs in.
+
+Summary
+    A daemon is a parameter table plus callbacks into a skeleton (design.md §4 rule 5).
+    The master starts a child as (docs/contracts.md "master/server")::
+
+        python -m <module> -c <config_dir> -n <service> -t <type> [-d]
+            [-o name=value ...] [-s N] [-l PATH] [-- args...]
+
+    with ``GENERATION=<n>`` in the environment, fd 3/4 the flow-control pipe, fd 5 the
+    service's status socket and fd 6 .. 6+N-1 the listeners (``-s N``, default 1, as
+    Postfix).  Without fd 5 (or GENERATION) the process is in stand-alone mode:
+    ``-l PATH`` creates its own listener (a UNIX socket, FIFO or ``host:port`` by
+    ``-t``) and busy()/idle() do nothing.
+
+    Start-up: parse argv, process name ``qmgrd: <service>``, check fds 5/6..,
+    ``Config.load(config_dir, {service_name, process_name, -o...})``,
+    ``log.setup(service, maillog_file, syslog_name, foreground=-d)``, ``pre_jail(ctx)``,
+    [chroot + setuid: a later issue, see _enter_jail], ``post_jail(ctx)``, then the
+    service loop.
+
+    Status (postfix.md §3.4): busy() / idle() write ``struct.pack("=iIi", pid, gen,
+    avail)`` to fd 5 (0 busy, 1 idle).  EOF (or anything readable) on fd 5 means the
+    master is gone or reloaded: finish the request in hand and exit 0.
+
+    * single_server(handler): delivery agents.  One connection at a time:
+      busy(), accept, handler(conn, ctx), idle(), close.  Exit 0 after max_use
+      connections (0 = unlimited), after max_idle seconds without one (0 = never), on
+      fd-5 EOF, or on SIGTERM (checked between requests).
+    * trigger_server(handler): pickup-like services.  Each read of up to 1024 bytes from
+      the FIFO (or the bytes of one connection to a UNIX socket, sent by
+      qmgrd.trigger.send_trigger with a trailing NUL) is one handler(data, ctx) call
+      between busy() and idle(); same exits.
+    * async_server(main): the qmgr (and later smtpd).  ``asyncio.run(main(ctx))`` with
+      ``ctx.stopping`` set on fd-5 EOF or SIGTERM; reporting busy/idle is main's business.
+
+    Process title: ``qmgrd: <service>`` via setproctitle — both the command line that
+    ``ps ax`` shows and the kernel's process name (comm, what ``ps -e``, ``top`` and
+    ``pgrep`` show).  ``qmgr-master status`` reads the service from it.
+
+    Errors: an Exception escaping the service (or start-up) is caught here only: the
+    traceback goes to the log, then ``fatal: <service>: <exc>`` and exit 1 (the master
+    throttles a service whose children die before their first request).
+
+Public API
+    ServerContext (dataclass): service, config, queue_directory, listen_fds, generation,
+        args, service_type, foreground, status_fd, stopping; busy(), idle(),
+        status_closed() -> bool
+    single_server(handler, *, pre_jail=None, post_jail=None, argv=None) -> NoReturn
+    trigger_server(handler, *, pre_jail=None, post_jail=None, argv=None) -> NoReturn
+    async_server(main, *, pre_jail=None, post_jail=None, argv=None) -> NoReturn
+    Handler types: ConnHandler, TriggerHandler, AsyncMain, JailHook
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import selectors
+import signal
+import socket
+import stat
+import struct
+import sys
+import time
+import traceback
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import NoReturn
+
+import setproctitle
+
+from master import log
+from master.config import Config
+
+__all__ = [
+    "AsyncMain",
+    "ConnHandler",
+    "JailHook",
+    "ServerContext",
+    "async_server",
+    "single_server",
+    "trigger_server",
+]
+
+STATUS_FD = 5
+FIRST_LISTEN_FD = 6
+TRIGGER_READ_SIZE = 1024
+TRIGGER_CONN_TIMEOUT = 1.0
+_STATUS = struct.Struct("=iIi")
+_CURRENT = [""]  # the service name, for the fatal message at the skeleton boundary
+
+
+@dataclass(eq=False)
+class ServerContext:
+    """What a service callback gets: its identity, configuration and descriptors."""
+
+    service: str
+    config: Config
+    queue_directory: str
+    listen_fds: list[int]
+    generation: int
+    args: list[str]
+    service_type: str = "unix"
+    foreground: bool = False
+    status_fd: int | None = None
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    _status_broken: bool = False
+
+    def _report(self, avail: int) -> None:
+        if self.status_fd is None or self._status_broken:
+            return
+        try:
+            os.write(self.status_fd, _STATUS.pack(os.getpid(), self.generation, avail))
+        except OSError:
+            self._status_broken = True  # the master went away or reloaded: EOF follows
+
+    def busy(self) -> None:
+        """Tell the master this process is handling a request (no-op stand-alone)."""
+        self._report(0)
+
+    def idle(self) -> None:
+        """Tell the master this process is free again (no-op stand-alone)."""
+        self._report(1)
+
+    def status_closed(self) -> bool:
+        """True when fd 5 is readable (EOF: the master left or reloaded).  Never blocks."""
+        if self.status_fd is None:
+            return False
+        with selectors.DefaultSelector() as sel:
+            sel.register(self.status_fd, selectors.EVENT_READ)
+            return bool(sel.select(0))
+
+
+ConnHandler = Callable[[socket.socket, ServerContext], None]
+TriggerHandler = Callable[[bytes, ServerContext], None]
+AsyncMain = Callable[[ServerContext], Awaitable[None]]
+JailHook = Callable[[ServerContext], None]
+
+
+def _parse_argv(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=os.path.basename(sys.argv[0] or "qmgrd"))
+    parser.add_argument("-c", dest="config_dir", default=os.environ.get(
+        "QMGRD_CONFIG_DIR", "/etc/qmgrd"))
+    parser.add_argument("-n", dest="service", default="")
+    parser.add_argument("-t", dest="type", default="unix", choices=("unix", "fifo", "inet"))
+    parser.add_argument("-d", dest="foreground", action="store_true")
+    parser.add_argument("-o", dest="overrides", action="append", default=[])
+    parser.add_argument("-l", dest="listen", default="")
+    parser.add_argument("-s", dest="sockets", type=int, default=1)
+    parser.add_argument("args", nargs="*")
+    return parser.parse_args(list(argv))
+
+
+def _fd_is(fd: int, test: Callable[[int], bool]) -> bool:
+    try:
+        return test(os.fstat(fd).st_mode)
+    except OSError:
+        return False
+
+
+def _master_fds(count: int) -> tuple[int | None, list[int]]:
+    """(status fd, the ``count`` listen fds) when started by the master, else (None, [])."""
+    if "GENERATION" not in os.environ or not _fd_is(STATUS_FD, stat.S_ISSOCK):
+        return None, []
+    fds = list(range(FIRST_LISTEN_FD, FIRST_LISTEN_FD + count))
+    for fd in fds:
+        if not _fd_is(fd, lambda mode: True):
+            raise RuntimeError(f"listen descriptor {fd} is not open")
+    return STATUS_FD, fds
+
+
+def _standalone_listener(path: str, stype: str) -> int:
+    """Create the listener of stand-alone mode (``-l PATH``).  A UNIX socket or FIFO is
+    made under a temporary name and renamed into place once it is ready, so that its
+    appearance at PATH means it can be used."""
+    if stype == "inet":
+        host, _, port = path.rpartition(":")
+        sock = socket.create_server((host or "127.0.0.1", int(port)))
+        sock.setblocking(False)
+        return sock.detach()
+    tmp = f"{path}.{os.getpid()}.tmp"
+    if os.path.lexists(tmp):
+        os.unlink(tmp)
+    if stype == "fifo":
+        os.mkfifo(tmp, 0o622)
+        fd = os.open(tmp, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    else:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(tmp)
+        sock.listen(100)
+        sock.setblocking(False)
+        fd = sock.detach()
+    os.replace(tmp, path)
+    return fd
+
+
+def _enter_jail(ctx: ServerContext) -> None:
+    """chroot(queue_directory) + setuid(mail_owner) for chroot/unpriv services.
+
+    TODO(later issue): not implemented yet; children run with the master's root and
+    uid.  Everything a service needs after this point must be imported/opened in
+    pre_jail (design.md §4 rule 5).
+    """
+
+
+def _setup(argv: Sequence[str] | None, pre_jail: JailHook | None,
+           post_jail: JailHook | None) -> ServerContext:
+    opts = _parse_argv(sys.argv[1:] if argv is None else argv)
+    module = sys.modules["__main__"].__spec__
+    module_name = module.name.removesuffix(".__main__") if module is not None else ""
+    process_name = module_name.rpartition(".")[2] or os.path.basename(sys.argv[0])
+    service = opts.service or process_name
+    _CURRENT[0] = service
+    setproctitle.setproctitle(f"qmgrd: {service}")
+    setproctitle.setthreadtitle(f"qmgrd: {service}")
+    overrides = {"service_name": service, "process_name": process_name}
+    for item in opts.overrides:
+        name, eq, value = item.partition("=")
+        if not eq:
+            raise ValueError(f'bad -o option "{item}" (expected name=value)')
+        overrides[name.strip()] = value.strip()
+    status_fd, listen_fds = _master_fds(opts.sockets)  # before anything opens a file
+    cfg = Config.load(opts.config_dir, overrides)
+    log.setup(service, cfg.get("maillog_file"), cfg.get("syslog_name") or "qmgrd",
+              foreground=opts.foreground)
+    if status_fd is None and opts.listen:
+        listen_fds = [_standalone_listener(opts.listen, opts.type)]
+    ctx = ServerContext(service=service, config=cfg,
+                        queue_directory=cfg.get("queue_directory"), listen_fds=listen_fds,
+                        generation=int(os.environ.get("GENERATION", "0") or 0),
+                        args=list(opts.args), service_type=opts.type,
+                        foreground=opts.foreground, status_fd=status_fd)
+    if pre_jail is not None:
+        pre_jail(ctx)
+    _enter_jail(ctx)
+    if post_jail is not None:
+        post_jail(ctx)
+    return ctx
+
+
+def _run(body: Callable[[], None]) -> NoReturn:
+    """The skeleton boundary: the one place that catches Exception."""
+    try:
+        body()
+    except Exception as exc:  # noqa: BLE001 - skeleton boundary (design.md §4 rule 6)
+        service = _CURRENT[0] or _service_name()
+        for line in traceback.format_exc().rstrip().splitlines():
+            log.info(line)
+        log.fatal(f"{service}: {exc}")
+    sys.exit(0)
+
+
+def _service_name() -> str:
+    argv = sys.argv[1:]
+    for i, arg in enumerate(argv[:-1]):
+        if arg == "-n":
+            return argv[i + 1]
+    return os.path.basename(sys.argv[0] or "qmgrd")
+
+
+class _Loop:
+    """The shared select loop of single_server and trigger_server."""
+
+    def __init__(self, ctx: ServerContext) -> None:
+        self.ctx = ctx
+        self.terminate = False
+        self.sig_fd = -1
+        self.uses = 0
+        self.max_use = ctx.config.get_int("max_use")
+        self.max_idle = ctx.config.get_time("max_idle")
+
+    def _record(self, signum: int, frame: FrameType | None) -> None:
+        self.terminate = True
+
+    def serve(self, on_ready: Callable[[int], bool]) -> None:
+        """Select on listeners, fd 5 and the signal socket; ``on_ready(fd)`` handles one
+        readable listener and returns True if it served a request."""
+        ctx = self.ctx
+        if not ctx.listen_fds:
+            raise RuntimeError("no listener (started outside the master without -l)")
+        sig_r, sig_w = socket.socketpair()
+        sig_r.setblocking(False)
+        sig_w.setblocking(False)
+        self.sig_fd = sig_r.fileno()
+        signal.set_wakeup_fd(sig_w.fileno(), warn_on_full_buffer=False)
+        signal.signal(signal.SIGTERM, self._record)
+        sel = selectors.DefaultSelector()
+        try:
+            sel.register(sig_r, selectors.EVENT_READ, "signal")
+            if ctx.status_fd is not None:
+                sel.register(ctx.status_fd, selectors.EVENT_READ, "status")
+            for fd in ctx.listen_fds:
+                sel.register(fd, selectors.EVENT_READ, "listen")
+            self._loop(sel, on_ready)
+        finally:
+            signal.set_wakeup_fd(-1)
+            sel.close()
+            sig_r.close()
+            sig_w.close()
+
+    def _loop(self, sel: selectors.BaseSelector, on_ready: Callable[[int], bool]) -> None:
+        last = time.monotonic()
+        while not self.terminate:
+            timeout = None
+            if self.max_idle > 0:
+                timeout = max(0.0, last + self.max_idle - time.monotonic())
+            events = sel.select(timeout)
+            if not events and self.max_idle > 0 and time.monotonic() >= last + self.max_idle:
+                return
+            kinds = {key.data for key, _ in events}
+            if "signal" in kinds:
+                _drain(self.sig_fd)
+            if "status" in kinds or self.terminate:
+                return
+            for key, _ in events:
+                if key.data != "listen" or not on_ready(key.fd):
+                    continue
+                last = time.monotonic()
+                self.uses += 1
+                if self.max_use > 0 and self.uses >= self.max_use:
+                    return
+                break  # look at fd 5 and signals again before the next request
+
+
+def single_server(handler: ConnHandler, *, pre_jail: JailHook | None = None,
+                  post_jail: JailHook | None = None,
+                  argv: Sequence[str] | None = None) -> NoReturn:
+    """Serve one connection at a time on the listener(s) until a limit or EOF on fd 5.
+
+    ``handler(conn, ctx)`` gets a blocking connected socket; the skeleton closes it
+    afterwards.  ``argv`` defaults to sys.argv[1:].  Exits the process (0, or 1 after
+    an exception, logged as fatal).
+    """
+    def body() -> None:
+        ctx = _setup(argv, pre_jail, post_jail)
+
+        def on_ready(fd: int) -> bool:
+            listener = socket.socket(fileno=os.dup(fd))
+            try:
+                listener.setblocking(False)
+                try:
+                    conn, _ = listener.accept()
+                except (BlockingIOError, InterruptedError):
+                    return False  # another process took it
+            finally:
+                listener.close()
+            with conn:
+                conn.setblocking(True)
+                ctx.busy()
+                handler(conn, ctx)
+                ctx.idle()
+            return True
+
+        _Loop(ctx).serve(on_ready)
+
+    _run(body)
+
+
+def trigger_server(handler: TriggerHandler, *, pre_jail: JailHook | None = None,
+                   post_jail: JailHook | None = None,
+                   argv: Sequence[str] | None = None) -> NoReturn:
+    """Serve triggers: each read of the FIFO (up to 1024 bytes), or the bytes of one
+    connection to a UNIX/inet listener, is one ``handler(data, ctx)`` call between
+    busy() and idle().  Same limits and exits as single_server."""
+    def body() -> None:
+        ctx = _setup(argv, pre_jail, post_jail)
+
+        def on_ready(fd: int) -> bool:
+            if _fd_is(fd, stat.S_ISSOCK):
+                data = _read_connection(fd)
+            else:
+                try:
+                    data = os.read(fd, TRIGGER_READ_SIZE)
+                except (BlockingIOError, InterruptedError):
+                    return False
+            if not data:
+                return False
+            ctx.busy()
+            handler(data, ctx)
+            ctx.idle()
+            return True
+
+        _Loop(ctx).serve(on_ready)
+
+    _run(body)
+
+
+def _drain(fd: int) -> None:
+    try:
+        while os.read(fd, 512):
+            pass
+    except OSError:
+        pass
+
+
+def _read_connection(fd: int) -> bytes:
+    listener = socket.socket(fileno=os.dup(fd))
+    try:
+        listener.setblocking(False)
+        try:
+            conn, _ = listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return b""
+    finally:
+        listener.close()
+    with conn:
+        conn.settimeout(TRIGGER_CONN_TIMEOUT)
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            while size < TRIGGER_READ_SIZE:
+                chunk = conn.recv(TRIGGER_READ_SIZE - size)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+        except OSError:
+            pass  # timeout or reset: use what arrived
+    return b"".join(chunks)
+
+
+def async_server(main: AsyncMain, *, pre_jail: JailHook | None = None,
+                 post_jail: JailHook | None = None,
+                 argv: Sequence[str] | None = None) -> NoReturn:
+    """Run ``asyncio.run(main(ctx))``; ``ctx.stopping`` is set on fd-5 EOF or SIGTERM.
+    Exits 0 when main returns (1 after an exception, logged as fatal)."""
+    def body() -> None:
+        ctx = _setup(argv, pre_jail, post_jail)
+
+        async def runner() -> None:
+            loop = asyncio.get_running_loop()
+            ctx.stopping = asyncio.Event()
+            loop.add_signal_handler(signal.SIGTERM, ctx.stopping.set)
+            status_fd = ctx.status_fd
+            if status_fd is not None:
+                def on_status() -> None:
+                    loop.remove_reader(status_fd)
+                    ctx.stopping.set()
+                loop.add_reader(status_fd, on_status)
+            try:
+                await main(ctx)
+            finally:
+                if status_fd is not None:
+                    loop.remove_reader(status_fd)
+                loop.remove_signal_handler(signal.SIGTERM)
+
+        asyncio.run(runner())
+
+    _run(body)
