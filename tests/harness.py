@@ -123,7 +123,7 @@ class MailSystem:
         return env
 
     def master(self, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([PY, "-m", "master.cli", "-c", str(self.etc), *args],
+        return subprocess.run(check=False, args=[PY, "-m", "master.cli", "-c", str(self.etc), *args],
                               capture_output=True, text=True, timeout=timeout, env=self.env,
                               stdin=subprocess.DEVNULL)
 
@@ -200,11 +200,11 @@ class MailSystem:
             assert not left, f"processes left behind: {[p.pid for p in left]}"
 
     def sendmail(self, *args: str, data: bytes, timeout: float = 30) -> subprocess.CompletedProcess[bytes]:
-        return subprocess.run([PY, "-m", "qmgrd.sendmail", "-c", str(self.etc), *args],
+        return subprocess.run(check=False, args=[PY, "-m", "qmgrd.sendmail", "-c", str(self.etc), *args],
                               input=data, capture_output=True, timeout=timeout, env=self.env)
 
     def ctl(self, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([PY, "-m", "qmgrd.ctl.cli", "-c", str(self.etc), *args],
+        return subprocess.run(check=False, args=[PY, "-m", "qmgrd.ctl.cli", "-c", str(self.etc), *args],
                               capture_output=True, text=True, timeout=timeout, env=self.env,
                               stdin=subprocess.DEVNULL)
 

@@ -301,7 +301,7 @@ def test_unknown_trigger_bytes_ignored(tmp_path: Path) -> None:
 
 
 def test_corrupt_file_moved_to_corrupt(tmp_path: Path) -> None:
-    cfg, spool, cleanup, clock = setup(tmp_path)
+    cfg, spool, _, clock = setup(tmp_path)
     bad = spool.path("incoming", "4SVLCh0sf8z9HdB")
     with open(bad, "wb") as f:
         f.write(b"not a queue file")

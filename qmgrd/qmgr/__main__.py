@@ -13,10 +13,9 @@ from __future__ import annotations
 import asyncio
 import os
 
-from master.server.skeleton import ServerContext, async_server
-
 from master import log
 from master.config.mastercf import load_master_cf
+from master.server.skeleton import ServerContext, async_server
 from qmgrd.qmgr.client import AgentClient
 from qmgrd.qmgr.scheduler import Scheduler
 from qmgrd.spool.queue import Spool

@@ -34,11 +34,15 @@ class Handler:
         if mode == "defer":
             return "450 4.2.0 try again later"
         if mode.startswith("reject:") and address.lower() == mode[7:].lower():
-            return "550 5.1.1 <%s>: Recipient address rejected: User unknown" % address
+            return f"550 5.1.1 <{address}>: Recipient address rejected: User unknown"
         envelope.rcpt_tos.append(address)
         return "250 2.1.5 Ok"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        self.save(envelope)
+        return "250 2.0.0 Ok: queued"
+
+    def save(self, envelope: Envelope) -> None:
         self.n += 1
         base = os.path.join(self.dir, f"msg-{os.getpid()}-{self.n:06d}")
         content = envelope.original_content or b""
@@ -47,7 +51,6 @@ class Handler:
         with open(base + ".tmp", "w") as f:
             f.write("\n".join([envelope.mail_from or ""] + list(envelope.rcpt_tos)) + "\n")
         os.rename(base + ".tmp", base + ".env")
-        return "250 2.0.0 Ok: queued"
 
 
 async def main() -> None:
