@@ -1,12 +1,26 @@
-"""Suite-wide fixtures: every test starts with the process-wide log closed (stderr)."""
+"""Suite-wide fixtures.
+
+* every test starts with the process-wide log closed (stderr);
+* ``mailsys(**kw)`` makes whole qmgrd instances (tests.harness.MailSystem) in a temporary
+  directory that an unprivileged ``mail_owner`` can traverse (pytest's tmp_path is 0700,
+  which matters when the suite runs as root and children drop privileges), stopped at
+  teardown;
+* ``peers.sink(*args)`` / ``peers.capture(mode)`` start SMTP peers on 127.0.0.1.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 
 from master import log
+from tests.harness import CaptureServer, MailSystem, SmtpSink
 
 
 @pytest.fixture(autouse=True)
@@ -14,3 +28,47 @@ def _reset_log() -> Iterator[None]:
     log.close()
     yield
     log.close()
+
+
+@pytest.fixture
+def mailsys() -> Iterator[Callable[..., MailSystem]]:
+    base = Path(tempfile.mkdtemp(prefix="qmgrd-test-"))
+    os.chmod(base, 0o755)
+    systems: list[MailSystem] = []
+
+    def make(**kw: Any) -> MailSystem:
+        ms = MailSystem(base / f"ms{len(systems)}", **kw)
+        os.chmod(ms.root, 0o755)
+        systems.append(ms)
+        return ms
+
+    yield make
+    for ms in systems:
+        ms.stop(check=False)
+    shutil.rmtree(base, ignore_errors=True)
+
+
+class Peers:
+    """Factory of SMTP peers; everything made is stopped at teardown."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.made: list[SmtpSink | CaptureServer] = []
+
+    def sink(self, *extra: str) -> SmtpSink:
+        s = SmtpSink(self.root, extra)
+        self.made.append(s)
+        return s
+
+    def capture(self, mode: str = "accept") -> CaptureServer:
+        c = CaptureServer(self.root, mode)
+        self.made.append(c)
+        return c
+
+
+@pytest.fixture
+def peers(tmp_path: Path) -> Iterator[Peers]:
+    p = Peers(tmp_path)
+    yield p
+    for peer in p.made:
+        peer.stop()

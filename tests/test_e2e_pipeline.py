@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.harness import CORPUS, PY, REPO, CaptureServer, MailSystem, SmtpSink, wait_for
+from tests.harness import CORPUS, PY, REPO, MailSystem, wait_for
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -75,40 +75,6 @@ def smtp_fold(body: bytes, limit: int = 998) -> bytes:
 
 def normalise(data: bytes) -> bytes:
     return data.replace(b"\r\n", b"\n")
-
-
-@pytest.fixture
-def mailsys(tmp_path: Path):
-    systems: list[MailSystem] = []
-
-    def make(**kw: object) -> MailSystem:
-        ms = MailSystem(tmp_path / f"ms{len(systems)}", **kw)  # type: ignore[arg-type]
-        systems.append(ms)
-        return ms
-
-    yield make
-    for ms in systems:
-        ms.stop(check=False)
-
-
-@pytest.fixture
-def peers(tmp_path: Path):
-    made: list[SmtpSink | CaptureServer] = []
-
-    class Factory:
-        def sink(self, *extra: str) -> SmtpSink:
-            s = SmtpSink(tmp_path, extra)
-            made.append(s)
-            return s
-
-        def capture(self, mode: str = "accept") -> CaptureServer:
-            c = CaptureServer(tmp_path, mode)
-            made.append(c)
-            return c
-
-    yield Factory()
-    for p in made:
-        p.stop()
 
 
 # --------------------------------------------------------------------------- 1
