@@ -47,19 +47,44 @@ class Table:
         self._data = data
         self.path = path
         self.mtime = mtime
+        self._fd = -1
+        if path:
+            # Keep the file open: change detection then works after a chroot, where the
+            # path no longer resolves (fstat: new mtime, or nlink 0 when replaced).
+            try:
+                self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                self._fd = -1
 
     def lookup(self, key: str) -> str | None:
         """Return the value for ``key`` (case-insensitive), or None."""
         return self._data.get(key.lower())
 
     def changed(self) -> bool:
-        """True when the source file's mtime differs from when it was read."""
+        """True when the source file was modified or replaced since it was read."""
         if not self.path:
             return False
         try:
+            if self._fd >= 0:
+                st = os.fstat(self._fd)
+                if st.st_nlink == 0 or st.st_mtime != self.mtime:
+                    return True
+                try:
+                    return os.stat(self.path).st_ino != st.st_ino
+                except OSError:
+                    return False  # not visible from here (chroot): fstat said enough
             return os.stat(self.path).st_mtime != self.mtime
         except OSError:
             return True
+
+    def close(self) -> None:
+        """Release the file descriptor kept for change detection."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __del__(self) -> None:
+        self.close()
 
 
 def _parse_text(path: str) -> dict[str, str]:

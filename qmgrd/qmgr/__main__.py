@@ -1,24 +1,44 @@
 """qmgrd.qmgr — the queue manager daemon (``python -m qmgrd.qmgr``), Postfix's qmgr(8).
 
 Started by the master for the ``qmgr`` service of master.cf (a FIFO, ``public/qmgr``,
-maxproc 1, wakeup 300). Reads one-byte triggers from the FIFO and runs the
+maxproc 1, wakeup 300; the bundled master.cf runs it unprivileged and chrooted into
+``queue_directory``). Reads one-byte triggers from the FIFO and runs the
 :class:`qmgrd.qmgr.scheduler.Scheduler` loop until the master closes the status pipe
 (reload, stop, master death) or SIGTERM; then it stops feeding, lets in-flight deliveries
-finish (bounded by ``qmgr_ipc_timeout``) and exits 0. A changed transport map makes it
-exit so that the master starts a fresh one (Postfix's pre_accept check).
+finish (bounded by ``qmgr_ipc_timeout``) and exits 0.
+
+Pre-jail (before chroot): read master.cf for the transports' process limits, open the
+transport maps (kept open, so that a changed map is still noticed inside the jail: the
+qmgr then exits and the master starts a fresh one, Postfix's pre_accept check), and
+load what would otherwise be loaded lazily (time zone, codecs). After the jail every
+path is relative to the queue directory.
 """
 
 from __future__ import annotations
 
 import asyncio
+import codecs
 import os
+import time
 
 from master import log
 from master.config.mastercf import load_master_cf
 from master.server.skeleton import ServerContext, async_server
 from qmgrd.qmgr.client import AgentClient
+from qmgrd.qmgr.resolve import Resolver
 from qmgrd.qmgr.scheduler import Scheduler
 from qmgrd.spool.queue import Spool
+
+
+class _PreJail:
+    """What the qmgr reads before the jail closes (see module docstring)."""
+
+    def __init__(self) -> None:
+        self.limits: dict[str, int] = {}
+        self.resolver: Resolver | None = None
+
+
+_PRE = _PreJail()
 
 
 def _process_limits(ctx: ServerContext) -> dict[str, int]:
@@ -29,6 +49,15 @@ def _process_limits(ctx: ServerContext) -> dict[str, int]:
         log.warning(f"cannot read master.cf for process limits: {exc}")
         return {}
     return {s.name: s.maxproc for s in services if s.type == "unix"}
+
+
+def pre_jail(ctx: ServerContext) -> None:
+    """Read everything that lives outside the queue directory."""
+    _PRE.limits = _process_limits(ctx)
+    _PRE.resolver = Resolver(ctx.config)
+    time.localtime()  # load the time zone before chroot hides /etc/localtime
+    for name in ("idna", "utf-8", "ascii", "latin-1"):
+        codecs.lookup(name)
 
 
 async def qmgr_main(ctx: ServerContext) -> None:
@@ -44,7 +73,8 @@ async def qmgr_main(ctx: ServerContext) -> None:
         greeting_timeout=float(cfg.get_time("qmgr_ipc_timeout")),
         reply_timeout=float(cfg.get_time("daemon_timeout")),
     )
-    sched = Scheduler(cfg, spool, client, process_limits=_process_limits(ctx))
+    sched = Scheduler(cfg, spool, client, process_limits=_PRE.limits,
+                      resolver=_PRE.resolver)
     loop = asyncio.get_running_loop()
     fifo = ctx.listen_fds[0] if ctx.listen_fds else -1
 
@@ -83,7 +113,7 @@ async def qmgr_main(ctx: ServerContext) -> None:
 
 def main() -> None:
     """Entry point: the async server skeleton runs :func:`qmgr_main`."""
-    async_server(qmgr_main)
+    async_server(qmgr_main, pre_jail=pre_jail)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ Logs (Postfix's lines): ``<id>: from=<s>, size=N, nrcpt=N (queue active)``,
 mail the qmgr defers itself; warnings for corrupt files (moved to ``corrupt/``).
 
 Public API
-    Scheduler(cfg, spool, client, clock=time.time, process_limits={})
+    Scheduler(cfg, spool, client, clock=time.time, process_limits={}, resolver=None)
     .startup()                 move active/ back to incoming/ and start both scans
     .trigger(data: bytes)      handle trigger bytes
     .step() -> bool            one feed + dispatch round; True when it did work
@@ -80,13 +80,14 @@ class Scheduler:
         client: AgentClient,
         clock: Callable[[], float] = time.time,
         process_limits: dict[str, int] | None = None,
+        resolver: Resolver | None = None,
     ) -> None:
         self.cfg = cfg
         self.spool = spool
         self.client = client
         self.clock = clock
         self.process_limits = process_limits or {}
-        self.resolver = Resolver(cfg)
+        self.resolver = resolver if resolver is not None else Resolver(cfg)
         self.active_limit = cfg.get_int("qmgr_message_active_limit")
         self.min_backoff = cfg.get_time("minimal_backoff_time")
         self.max_backoff = cfg.get_time("maximal_backoff_time")
