@@ -104,7 +104,11 @@ async def qmgr_main(ctx: ServerContext) -> None:
 
     watcher = loop.create_task(watch_tables())
     try:
-        await sched.run(ctx.stopping, drain_timeout=float(cfg.get_time("qmgr_ipc_timeout")))
+        # On reload or stop, Postfix's qmgr exits at once. Give replies already on their way
+        # a moment, but never hold up the new qmgr (the master runs one at a time): files
+        # still being delivered are skipped by the next qmgr and retried.
+        await sched.run(ctx.stopping, drain_timeout=min(2.0, float(cfg.get_time(
+            "qmgr_ipc_timeout"))))
     finally:
         watcher.cancel()
         if fifo >= 0:
