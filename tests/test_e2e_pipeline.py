@@ -10,6 +10,7 @@ import re
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -78,11 +79,14 @@ def normalise(data: bytes) -> bytes:
 
 
 # --------------------------------------------------------------------------- 1
-def test_bundled_config_delivers_local_mail_and_stops_clean(tmp_path: Path) -> None:
+def test_bundled_config_delivers_local_mail_and_stops_clean() -> None:
     """make run's command on a copy of the bundled etc/: local mail lands in var/mail."""
     make_n = subprocess.run(["make", "-n", "-C", str(REPO), "run"], capture_output=True,
                             text=True, check=False)
     assert "qmgr-master -c etc start --foreground" in make_n.stdout
+    # a directory mail_owner can traverse (pytest's tmp_path is 0700 when run as root)
+    tmp_path = Path(tempfile.mkdtemp(prefix="qmgrd-bundled-"))
+    os.chmod(tmp_path, 0o755)
     shutil.copytree(REPO / "etc", tmp_path / "etc")
     ms = MailSystem.__new__(MailSystem)
     ms.root = tmp_path
@@ -103,6 +107,7 @@ def test_bundled_config_delivers_local_mail_and_stops_clean(tmp_path: Path) -> N
         assert "status=sent" in ms.log()
     finally:
         ms.stop(check=True)
+        shutil.rmtree(tmp_path, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- 2

@@ -319,17 +319,38 @@ class BounceService:
         log.info(f"{req.queue_id}: {who} {what} notification: {new_id}")
 
 
+def _warm_up(svc: BounceService) -> None:
+    """Build one notice in memory, so that every module the email package loads lazily
+    (generator, charset, encoders...) is loaded before the jail (design.md §4 rule 5)."""
+    rcpt = Recipient("warm-up@example.invalid")
+    dsn = statuslog.Dsn(status="5.0.0", action="failed", reason="warm-up",
+                        diag_type="smtp", diag_text="550 warm-up", mta_type="dns",
+                        mta_mname="example.invalid")
+    original = "Subject: warm-up\nMessage-ID: <w@x>\n\nbody \u00e9\n".encode()
+    for kind in ("failed", "delayed", "delivered"):
+        for headers_only in (False, True):
+            build_notice(kind=kind, myhostname=svc.myhostname, qid="0", sender="a@b",
+                         to="a@b", arrival=time.time(), entries=[(rcpt, dsn)],
+                         original=original, headers_only=headers_only, envid="e",
+                         postmaster_copy=headers_only)
+
+
 def main() -> None:
     """Entry point for the bounce, defer and trace services."""
     state: dict[str, BounceService] = {}
 
-    def handler(conn: socket.socket, ctx: ServerContext) -> None:
-        svc = state.get("svc")
-        if svc is None:
-            svc = state["svc"] = BounceService(ctx)
-        svc.serve(conn, ctx)
+    def pre_jail(ctx: ServerContext) -> None:
+        svc = state["svc"] = BounceService(ctx)
+        _warm_up(svc)
 
-    single_server(handler)
+    def post_jail(ctx: ServerContext) -> None:
+        # After a chroot the queue is at "/": rebuild the paths from the context.
+        state["svc"] = BounceService(ctx)
+
+    def handler(conn: socket.socket, ctx: ServerContext) -> None:
+        state["svc"].serve(conn, ctx)
+
+    single_server(handler, pre_jail=pre_jail, post_jail=post_jail)
 
 
 if __name__ == "__main__":
