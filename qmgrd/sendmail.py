@@ -10,8 +10,20 @@ Description
     postdrop do (postfix.md §1.4): the file is created 0600, written, made ready with
     fchmod 0744, fsync'ed, and only then does the command exit 0. It then sends ``W`` to
     ``public/pickup`` (a failure to do so is a warning only: pickup also wakes up every
-    60 seconds). Parsing and header processing are left to pickup + cleanup, so that this
-    command starts fast: it imports no email package, no click, no DNS code.
+    60 seconds). Header processing is left to pickup + cleanup, so that this command
+    starts fast: it imports no click, no DNS code, and no email package unless an
+    argument needs RFC 5322 parsing or -t is given without command-line recipients.
+
+    Addresses are stored in Postfix's internal form, as Postfix's sendmail stores them
+    (tok822_parse + tok822_internalize): each recipient argument is an RFC 5322 address
+    list (``'x@a, "b c"@d'`` is two recipients, ``<x@a>`` is ``x@a``, and the quotes of
+    a quoted local part are removed: ``"b c"@d`` is stored as ``b c@d``); the ``-f``
+    value is one address (``<x@a>`` is ``x@a``, ``<>`` the null sender). Arguments
+    without any of ``"<>(),;:\\`` or whitespace are taken as they are (no parser).
+
+    With -t and no recipient arguments, the header block is scanned for To/Cc/Bcc
+    (Resent-To/Cc/Bcc when any is present, as cleanup does); when they hold no address
+    the submission fails (Postfix: "No recipient addresses found in message header").
 
 Options
     -c DIR      configuration directory (default $QMGRD_CONFIG_DIR, else /etc/qmgrd)
@@ -22,11 +34,13 @@ Options
     -i, -oi     a line with a single "." does not end the input (otherwise it does)
     -oX...      other -o options are ignored
     -N notify   DSN NOTIFY: never, or a comma list of success, delay, failure
-    -R full|hdrs  DSN RET;   -V envid   DSN ENVID
+    -R full|hdrs  DSN RET
+    -V envid    DSN ENVID: 1-100 printable ASCII characters without space (RFC 3461)
     -bm, -v     accepted and ignored;  --  ends the options
 
 Exit status (sysexits)
-    0 queued; 64 EX_USAGE bad option or no recipients without -t; 65 EX_DATAERR message
+    0 queued; 64 EX_USAGE bad option, malformed address or envelope id, no recipients
+    without -t, or -t with no recipient in the headers; 65 EX_DATAERR message
     over message_size_limit; 73 EX_CANTCREAT the queue file cannot be created; 75
     EX_TEMPFAIL write error; 78 EX_CONFIG bad configuration. Errors print one line
     ``qmgr-sendmail: fatal: ...`` on standard error.
@@ -76,7 +90,13 @@ class _Options:
 
 
 def _parse(argv: list[str]) -> _Options:
-    from qmgrd.spool.envelope import parse_notify, parse_ret
+    from qmgrd.spool.envelope import (
+        parse_notify,
+        parse_recipient_arg,
+        parse_ret,
+        parse_sender_arg,
+        valid_envid,
+    )
 
     o = _Options()
     i = 0
@@ -99,15 +119,18 @@ def _parse(argv: list[str]) -> _Options:
                 if opt == "c":
                     o.config_dir = rest
                 elif opt == "f":
-                    o.sender = "" if rest == "<>" else rest
+                    o.sender = rest
                 elif opt == "F":
                     o.fullname = rest
                 elif opt == "N":
                     o.notify = parse_notify(rest)
                 elif opt == "R":
                     o.ret = parse_ret(rest)
-                else:
+                elif valid_envid(rest):
                     o.envid = rest
+                else:
+                    raise _Fatal(EX_USAGE, "-V option requires an envelope ID of 1 to 100 "
+                                 "printable ASCII characters without spaces")
             except ValueError as exc:
                 raise _Fatal(EX_USAGE, str(exc)) from None
         elif opt == "t" and not rest:
@@ -127,9 +150,61 @@ def _parse(argv: list[str]) -> _Options:
     for value in [o.sender or "", o.fullname, o.envid, *o.recipients]:
         if any(c in value for c in "\0\r\n"):
             raise _Fatal(EX_USAGE, "line break or NUL byte in a command-line argument")
+    try:
+        if o.sender is not None:
+            o.sender = parse_sender_arg(o.sender)
+        o.recipients = [a for arg in o.recipients for a in parse_recipient_arg(arg)]
+    except ValueError as exc:
+        raise _Fatal(EX_USAGE, str(exc)) from None
     if not o.recipients and not o.extract:
         raise _Fatal(EX_USAGE, "no recipients specified")
     return o
+
+
+class _HeaderRecipients:
+    """Collects the To/Cc/Bcc and Resent-To/Cc/Bcc values of the header block while the
+    message streams by (same header-block rules as cleanup's scanner)."""
+
+    _NAMES = (b"to", b"cc", b"bcc", b"resent-to", b"resent-cc", b"resent-bcc")
+
+    def __init__(self) -> None:
+        self.in_headers = True
+        self._started = False
+        self._block: list[bytes] | None = None
+        self._resent = False
+        self.values: list[str] = []
+        self.resent_values: list[str] = []
+
+    def feed(self, line: bytes) -> None:
+        """One content line (without EOL); the first non-header line ends the scan."""
+        if self._started and line[:1] in (b" ", b"\t"):
+            if self._block is not None:
+                self._block.append(line)
+            return
+        name, colon, value = line.partition(b":")
+        name = name.rstrip(b" \t")
+        self._flush()
+        if not colon or not name or not all(0x21 <= b <= 0x7E for b in name):
+            self.in_headers = False
+            return
+        self._started = True
+        lname = name.lower()
+        if lname in self._NAMES:
+            self._block = [value]
+            self._resent = lname.startswith(b"resent-")
+
+    def _flush(self) -> None:
+        if self._block is not None:
+            text = b" ".join(self._block).decode("utf-8", "surrogateescape")
+            (self.resent_values if self._resent else self.values).append(text)
+            self._block = None
+
+    def addresses(self) -> list[str]:
+        """The addresses cleanup will extract (internal form)."""
+        from qmgrd.spool.envelope import extract_addresses
+
+        self._flush()
+        return extract_addresses(self.resent_values or self.values)
 
 
 def _login_name() -> str:
@@ -161,6 +236,7 @@ def _submit(o: _Options, stdin: IO[bytes], stderr: IO[str]) -> None:
     except OSError as exc:
         raise _Fatal(EX_CANTCREAT, f"create file in {spool.queue_path('maildrop')}: "
                      f"{exc.strerror}") from None
+    headers = _HeaderRecipients() if o.extract and not o.recipients else None
     try:
         with f:
             w = MaildropWriter(f, line_limit)
@@ -175,6 +251,10 @@ def _submit(o: _Options, stdin: IO[bytes], stderr: IO[str]) -> None:
                 w.line(line)
                 if size_limit and w.content_bytes > size_limit:
                     raise _Fatal(EX_DATAERR, "message file too big")
+                if headers is not None and headers.in_headers:
+                    headers.feed(line)
+            if headers is not None and not headers.addresses():
+                raise _Fatal(EX_USAGE, "No recipient addresses found in message header")
             w.finish()
             f.flush()
             os.fchmod(f.fileno(), 0o744)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import signal
@@ -16,10 +17,12 @@ import pytest
 from master import log
 from master.config import Config
 from qmgrd.sendmail import run as sendmail_run
-from qmgrd.spool.cleanup import Cleanup
+from qmgrd.spool import statuslog
+from qmgrd.spool.cleanup import Cleanup, CleanupError
 from qmgrd.spool.message import QueueFile
 from qmgrd.spool.queue import Spool
 from qmgrd.spool.records import encode
+from transports import pickup
 from transports.pickup import pickup_file, pickup_scan
 
 REPO = Path(__file__).resolve().parent.parent
@@ -111,14 +114,17 @@ def test_not_ready_and_junk_skipped(env: Env) -> None:
 @pytest.mark.parametrize("records,reason", [
     ([(b"S", b"a"), (b"R", b"b"), (b"M", b""), (b"X", b"")], "no E record"),
     ([(b"S", b"a"), (b"C", b"1 2"), (b"M", b""), (b"X", b""), (b"E", b"")],
-     "unexpected record type b'C' in envelope"),
+     ": unexpected record type C in envelope segment: set aside"),
     ([(b"S", b"a"), (b"M", b""), (b"R", b"b"), (b"X", b""), (b"E", b"")],
-     "unexpected record type b'R' in content"),
+     ": unexpected record type R in content segment: set aside"),
     ([(b"S", b"a"), (b"A", b"content_filter=x:y"), (b"M", b""), (b"X", b""), (b"E", b"")],
-     "unexpected attribute"),
+     ": unexpected attribute: content_filter: set aside"),
     ([(b"R", b"b"), (b"M", b""), (b"X", b""), (b"E", b"")], "no envelope sender"),
     ([(b"S", b"a"), (b"R", b"b"), (b"M", b""), (b"N", b"x" * 3000), (b"X", b""), (b"E", b"")],
-     "exceeds"),
+     ": record type N length 3000 exceeds 2048: set aside"),
+    ([(b"S", b"a"), (b"\x01", b"x" * 3000)], ": record type 1 length 3000 exceeds 2048"),
+    ([(b"S", b"a"), (b"A", b"envelope_id=env id with space"), (b"R", b"b"), (b"M", b""),
+      (b"X", b""), (b"E", b"")], "malformed envelope id"),
     ([(b"S", b"a"), (b"R", b"b\nc"), (b"M", b""), (b"X", b""), (b"E", b"")], "line break"),
     ([(b"S", b"a"), (b"R", b"b"), (b"M", b""), (b"X", b""), (b"E", b""), (b"N", b"")],
      "after the E"),
@@ -132,6 +138,7 @@ def test_bad_files_set_aside(env: Env, maillog: Path,
     err = maillog.read_text()
     assert f"warning: {qid}: uid={os.getuid()}: " in err and reason in err
     assert ": set aside" in err
+    assert "b'" not in err and "[Errno" not in err
 
 
 def test_truncated_length_and_garbage(env: Env) -> None:
@@ -143,17 +150,93 @@ def test_truncated_length_and_garbage(env: Env) -> None:
     assert env.ls("corrupt") == sorted([qid, qid2])
 
 
-def test_oversize_set_aside(tmp_path: Path) -> None:
+def test_oversize_bounced_with_headers_only(tmp_path: Path) -> None:
     e = Env(tmp_path, "message_size_limit = 100\n")
-    qid = e.raw_maildrop([(b"S", b"a"), (b"R", b"b"), (b"M", b"")]
-                         + [(b"N", b"y" * 50)] * 3 + [(b"X", b""), (b"E", b"")])
-    assert e.scan() == 1 and e.ls("corrupt") == [qid]
+    e.raw_maildrop([(b"S", b"a@example.org"), (b"R", b"b@example.net"), (b"M", b""),
+                    (b"N", b"Subject: big"), (b"N", b"")]
+                   + [(b"N", b"y" * 50)] * 3 + [(b"X", b""), (b"E", b"")])
+    assert e.scan() == 1 and e.ls("corrupt") == [] and e.ls("maildrop") == []
+    [qid] = e.ls("incoming")
+    with QueueFile.open(e.spool, "incoming", qid) as qf:
+        assert qf.recipients == [] and qf.done_count == 1 and qf.ret == 2
+        lines = list(qf.iter_lines())
+    assert b"Subject: big" in lines and not any(b"yyy" in x for x in lines)
+    [(rcpt, dsn)] = statuslog.read(e.spool, "bounce", qid)
+    assert (rcpt.address, dsn.status, dsn.reason) == (
+        "b@example.net", "5.3.4", "message file too big")
 
 
-def test_cleanup_5xx_set_aside_4xx_kept(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
-    env.sendmail(["-t"], b"Subject: no recipients\n\nx\n")
+def test_no_recipients_returned_to_sender_not_lost(env: Env, maillog: Path) -> None:
+    """A well-formed maildrop file that cleanup refuses (5.1.0: -t, no recipient in
+    the headers) is queued with the recipient 'unknown' bounced, so the qmgr sends the
+    non-delivery notice to the sender (Postfix cleanup_bounce)."""
+    name = env.raw_maildrop([(b"S", b"alice"), (b"A", b"rewrite_context=local"),
+                             (b"A", b"extract_recipients=1"), (b"M", b""),
+                             (b"N", b"To: <>"), (b"N", b"Subject: lost?"), (b"N", b""),
+                             (b"N", b"body"), (b"X", b""), (b"E", b"")])
+    assert env.scan() == 1
+    assert env.ls("maildrop") == [] and env.ls("corrupt") == []
+    [qid] = env.ls("incoming")
+    with QueueFile.open(env.spool, "incoming", qid) as qf:
+        assert qf.sender == "alice@mx.example.org"
+        assert qf.recipients == [] and qf.done_count == 1
+        assert list(qf.iter_lines())[-2:] == [b"", b"body"]
+    [(rcpt, dsn)] = statuslog.read(env.spool, "bounce", qid)
+    assert (rcpt.address, dsn.status, dsn.action, dsn.reason) == (
+        "unknown", "5.1.0", "failed", "no recipients specified")
+    text = maillog.read_text()
+    assert f"{qid}: to=<unknown>, relay=none, delay=" in text
+    assert "dsn=5.1.0, status=bounced (no recipients specified)" in text
+    assert f"{qid}: uid={os.getuid()} from=<alice>" in text
+    assert "set aside" not in text and name not in text
+
+
+def test_bounce_refused_too_sets_aside(env: Env, maillog: Path,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: object, **kw: object) -> str:
+        raise CleanupError("5.6.0", "line break or NUL byte in envelope data")
+
+    monkeypatch.setattr(env.cleanup, "submit", refuse)
+    monkeypatch.setattr(env.cleanup, "bounce", refuse)
+    env.sendmail(["r@example.net"], b"x\n")
     [name] = env.ls("maildrop")
     assert env.scan() == 1 and env.ls("corrupt") == [name]
+    assert (f"warning: {name}: uid={os.getuid()}: 5.6.0 line break or NUL byte in "
+            "envelope data: set aside") in maillog.read_text()
+
+
+def test_bounce_write_error_keeps_file(env: Env, maillog: Path,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: object, **kw: object) -> str:
+        raise CleanupError("5.1.0", "no recipients specified")
+
+    def tempfail(*args: object, **kw: object) -> str:
+        raise CleanupError("4.3.0", "queue file write error: No space left on device")
+
+    monkeypatch.setattr(env.cleanup, "submit", refuse)
+    monkeypatch.setattr(env.cleanup, "bounce", tempfail)
+    env.sendmail(["r@example.net"], b"x\n")
+    [name] = env.ls("maildrop")
+    assert env.scan() == 0 and env.ls("maildrop") == [name] and env.ls("corrupt") == []
+    assert (f"warning: {name}: error writing queue file: 4.3.0 queue file write error: "
+            "No space left on device") in maillog.read_text()
+
+
+def test_read_error_logged_with_strerror(env: Env, maillog: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*args: object, **kw: object) -> None:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    env.sendmail(["r@example.net"], b"x\n")
+    [name] = env.ls("maildrop")
+    monkeypatch.setattr(pickup, "read_maildrop", broken)
+    assert env.scan() == 0 and env.ls("maildrop") == [name]
+    text = maillog.read_text()
+    assert f"warning: {env.spool.path('maildrop', name)}: read error: Input/output error" in text
+    assert "[Errno" not in text
+
+
+def test_cleanup_4xx_kept(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
     env.sendmail(["r@example.net"], b"x\n")
     [name] = env.ls("maildrop")
 

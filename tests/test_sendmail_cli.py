@@ -166,3 +166,119 @@ def test_console_script_process_imports_little(confdir: Path) -> None:
                        input=b"", capture_output=True, cwd=REPO, timeout=30, check=False)
     assert p.returncode == 64
     assert p.stderr == b"qmgr-sendmail: fatal: no recipients specified\n"
+
+
+# ------------------------------------------------------------------ -t without recipients
+
+@pytest.mark.parametrize("headers", [
+    b"Subject: x\n",
+    b"To:\nSubject: x\n",
+    b"To: <>\nSubject: x\n",
+    b"To: undisclosed-recipients:;\nSubject: x\n",
+    b"To: a@example.net\nResent-To: <>\nSubject: x\n",  # Resent-* wins, as in cleanup
+    b"Subject: x\nX-Note: names To: a@example.net\n",
+    b"Subject: x\n not a continuation of a recipient header: To: a@example.net\n",
+])
+def test_extract_without_any_recipient_fails(confdir: Path, headers: bytes) -> None:
+    code, err = sendmail(confdir, ["-t"], headers + b"\nTo: body@example.net\n")
+    assert code == 64
+    assert err == "qmgr-sendmail: fatal: No recipient addresses found in message header\n"
+    assert maildrop_files(confdir) == []
+
+
+@pytest.mark.parametrize("headers", [
+    b"To: a@example.net\n",
+    b"Subject: x\nCC: Name <c@example.net>\n",
+    b"To: undisclosed-recipients:;\nBcc: b@example.net\n",
+    b"To: Someone\n <folded@example.net>\n",
+    b"To: <>\nResent-Cc: r@example.net\n",
+])
+def test_extract_with_a_header_recipient_is_queued(confdir: Path, headers: bytes) -> None:
+    code, _ = sendmail(confdir, ["-t"], headers + b"\nbody\n")
+    assert code == 0
+    _, msg = only_message(confdir)
+    assert msg.extract_recipients and msg.recipients == []
+
+
+def test_extract_with_command_line_recipient_skips_the_check(confdir: Path) -> None:
+    assert sendmail(confdir, ["-t", "r@example.net"], b"Subject: x\n\nb\n")[0] == 0
+    _, msg = only_message(confdir)
+    assert [r.address for r in msg.recipients] == ["r@example.net"]
+
+
+# ------------------------------------------------------------------ addresses
+
+@pytest.mark.parametrize("arg,stored", [
+    ('"a b"@example.com', ["a b@example.com"]),
+    ('"user"@localhost', ["user@localhost"]),
+    ("<x@example.com>", ["x@example.com"]),
+    ("x@localhost,y@localhost", ["x@localhost", "y@localhost"]),
+    ("Name <n@example.com>, o@example.com", ["n@example.com", "o@example.com"]),
+    ('"a\\"b"@example.com', ['a"b@example.com']),
+    ("p@example.com (comment)", ["p@example.com"]),
+    ("plain@example.com", ["plain@example.com"]),
+    ("localuser", ["localuser"]),
+])
+def test_recipient_arguments_stored_in_internal_form(confdir: Path, arg: str,
+                                                     stored: list[str]) -> None:
+    assert sendmail(confdir, ["-f", "s@example.org", arg], b"x\n")[0] == 0
+    _, msg = only_message(confdir)
+    assert [r.address for r in msg.recipients] == stored
+
+
+@pytest.mark.parametrize("arg,stored", [
+    ("<x@y.example>", "x@y.example"),
+    ("<>", ""),
+    (" < > ", ""),
+    ("", ""),
+    ("a b@y.example", "a b@y.example"),
+    ('"a b"@y.example', "a b@y.example"),
+    ("Sender Name <s@y.example>", "s@y.example"),
+])
+def test_sender_argument_stored_in_internal_form(confdir: Path, arg: str, stored: str) -> None:
+    assert sendmail(confdir, ["-f", arg, "r@example.net"], b"x\n")[0] == 0
+    _, msg = only_message(confdir)
+    assert msg.sender == stored
+
+
+@pytest.mark.parametrize("args,text", [
+    (["<>"], "malformed recipient address: <>"),
+    (["x@"], "malformed recipient address: x@"),
+    (["@example.com"], "malformed recipient address: @example.com"),
+    (["a@b c@d"], "malformed recipient address: a@b c@d"),
+    (["<<x>>"], "malformed recipient address: <<x>>"),
+    (["ok@example.net", "a@example.net, <>"], "malformed recipient address: a@example.net, <>"),
+    (["undisclosed-recipients:;"], "malformed recipient address"),
+    (["-f", "<<x>>", "r@x"], "-f option specified malformed sender: <<x>>"),
+    (["-f", "a@x, b@x", "r@x"], "-f option specified malformed sender: a@x, b@x"),
+    (["-f", "x@", "r@x"], "-f option specified malformed sender: x@"),
+])
+def test_malformed_addresses_rejected(confdir: Path, args: list[str], text: str) -> None:
+    code, err = sendmail(confdir, args, b"x\n")
+    assert code == 64
+    assert err.startswith(f"qmgr-sendmail: fatal: {text}") and err.count("\n") == 1
+    assert maildrop_files(confdir) == []
+
+
+# ------------------------------------------------------------------ -V envid
+
+@pytest.mark.parametrize("envid", ["env id with space", "x" * 101, "", "caf\u00e9", "a\tb"])
+def test_bad_envelope_id_rejected(confdir: Path, envid: str) -> None:
+    code, err = sendmail(confdir, ["-V", envid, "r@example.net"], b"x\n")
+    assert code == 64
+    assert err == ("qmgr-sendmail: fatal: -V option requires an envelope ID of 1 to 100 "
+                   "printable ASCII characters without spaces\n")
+    assert maildrop_files(confdir) == []
+
+
+def test_envelope_id_limits_accepted(confdir: Path) -> None:
+    envid = "!" + "x" * 98 + "~"
+    assert sendmail(confdir, ["-V", envid, "r@example.net"], b"x\n")[0] == 0
+    assert only_message(confdir)[1].envid == envid
+
+
+def test_dsn_keyword_errors_have_no_python_reprs(confdir: Path) -> None:
+    _, err = sendmail(confdir, ["-N", "sometimes", "r@x"], b"x\n")
+    assert err == "qmgr-sendmail: fatal: bad DSN notify keyword: sometimes\n"
+    _, err = sendmail(confdir, ["-R", "body", "r@x"], b"x\n")
+    assert err == "qmgr-sendmail: fatal: bad DSN ret keyword: body\n"

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from master import log
 from master.config import Config
 from qmgrd.spool import records as R
 from qmgrd.spool import statuslog
@@ -272,3 +274,73 @@ def test_records_module_constants_match_written_file(tmp_path: Path) -> None:
     with open(spool.path("incoming", qid), "rb") as f:
         first = f.read(R.SIZE_RECORD_LEN + 1)
     assert first[:2] == b"C\x5f" and first[R.SIZE_RECORD_LEN:] == b"T"
+
+
+def test_extracted_recipients_in_internal_form(tmp_path: Path) -> None:
+    c, spool = make(tmp_path)
+    data = (b'To: "c d"@example.com, <e@example.com>, undisclosed-recipients:;\n'
+            b'Cc: "f\\"g"@example.com, <>, "user"@localhost\n\nx\n')
+    qid = c.submit(env(), data, extract_recipients=True)
+    with QueueFile.open(spool, "incoming", qid) as qf:
+        assert [r.address for r in qf.recipients] == [
+            "c d@example.com", "e@example.com", 'f"g@example.com', "user@localhost"]
+
+
+def test_added_from_quotes_the_local_part(tmp_path: Path) -> None:
+    c, spool = make(tmp_path)
+    qid = c.submit(env("b@example.net", sender="a b@y.example"), b"Subject: s\n\nx\n")
+    assert b'From: "a b"@y.example' in lines_of(spool, qid)
+    e = Envelope('q"t@y.example', [Recipient("b@example.net")], fullname="Q T")
+    qid = c.submit(e, b"Subject: s\n\nx\n")
+    assert b'From: Q T <"q\\"t"@y.example>' in lines_of(spool, qid)
+
+
+@pytest.fixture
+def maillog(tmp_path: Path) -> Iterator[Path]:
+    path = tmp_path / "maillog"
+    log.setup("cleanup", str(path))
+    try:
+        yield path
+    finally:
+        log.close()
+
+
+def test_bounce_without_recipients_bounces_unknown(tmp_path: Path, maillog: Path) -> None:
+    c, spool = make(tmp_path)
+    data = b"To: <>\nSubject: lost\n\nbody\n"
+    qid = c.bounce(env(), data, "5.1.0", "no recipients specified", extract_recipients=True)
+    with QueueFile.open(spool, "incoming", qid) as qf:
+        assert qf.recipients == [] and qf.done_count == 1
+        assert qf.sender == "alice@example.org"
+        lines = list(qf.iter_lines())
+    assert b"Subject: lost" in lines and lines[-2:] == [b"", b"body"]
+    [(rcpt, dsn)] = statuslog.read(spool, "bounce", qid)
+    assert (rcpt.address, rcpt.offset > 0) == ("unknown", True)
+    assert (dsn.status, dsn.action, dsn.reason) == ("5.1.0", "failed", "no recipients specified")
+    text = maillog.read_text()
+    assert f"{qid}: message-id=<{qid}@mx.example.org>" in text
+    assert f"{qid}: to=<unknown>, relay=none, delay=" in text
+    assert "dsn=5.1.0, status=bounced (no recipients specified)" in text
+
+
+def test_bounce_too_big_keeps_headers_only(tmp_path: Path, maillog: Path) -> None:
+    c, spool = make(tmp_path, "message_size_limit = 100\n")
+    data = b"Subject: big\nTo: r@example.net\n\n" + b"y" * 500 + b"\n"
+    qid = c.bounce(env("r@example.net"), data, "5.3.4", "message file too big")
+    got = lines_of(spool, qid)
+    assert b"Subject: big" in got and not any(b"yyy" in x for x in got)
+    with QueueFile.open(spool, "incoming", qid) as qf:
+        assert qf.ret == DSN_RET_HDRS and qf.recipients == [] and qf.done_count == 1
+    [(rcpt, dsn)] = statuslog.read(spool, "bounce", qid)
+    assert (rcpt.address, dsn.status, dsn.reason) == (
+        "r@example.net", "5.3.4", "message file too big")
+    assert "to=<r@example.net>, relay=none" in maillog.read_text()
+
+
+def test_hopcount_bounce_logged_per_recipient(tmp_path: Path, maillog: Path) -> None:
+    c, _ = make(tmp_path, "hopcount_limit = 2\n")
+    qid = c.submit(env("b@example.net"), b"Received: x\n\nx\n")
+    text = maillog.read_text()
+    assert f"warning: {qid}: hop count 2 exceeds limit 2: bouncing 1 recipient(s)" in text
+    assert (f"{qid}: to=<b@example.net>, relay=none" in text
+            and "dsn=5.4.6, status=bounced (mail forwarding loop for b@example.net)" in text)

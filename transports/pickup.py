@@ -9,16 +9,22 @@ Summary
       files and names that are not queue ids are skipped;
     * each ready file is read strictly (qmgrd.spool.maildrop.read_maildrop): any
       record-level error, wrong type for its segment, unknown attribute, missing sender
-      or E, or content over message_size_limit -> the file is moved to corrupt/ (removed
-      if that fails) with ``warning: <name>: uid=<uid>: <reason>: set aside``;
+      or E -> the file is moved to corrupt/ (removed if that fails) with
+      ``warning: <name>: uid=<uid>: <reason>: set aside``; an I/O error while reading
+      -> ``warning: <path>: read error: <strerror>``, the file stays for the next scan;
     * otherwise the message goes through Cleanup.submit (origin "local", so cleanup adds
       ``Received: by <myhostname> (<mail_name>, from userid <uid>)``; the arrival time
       and Received date are the file's mtime; -t from the ``extract_recipients``
       attribute), the maildrop file is unlinked, and ``<qid>: uid=<uid> from=<sender>``
       is logged;
-    * a CleanupError 4.x.x keeps the file for the next wakeup; 5.x.x (no recipients,
-      too big, bad envelope data) sets it aside in corrupt/ with a warning (qmgrd has no
-      cleanup-generated bounce for local submissions yet).
+    * a CleanupError 4.x.x keeps the file for the next wakeup (``warning: <name>: error
+      writing queue file: <status> <text>``). A permanent refusal (5.x.x: no recipients,
+      bad envelope data), and content over message_size_limit (5.3.4), do not lose the
+      mail: like Postfix's pickup + cleanup_bounce, the message is queued with every
+      recipient (``unknown`` when none) bounced (Cleanup.bounce), so the qmgr returns
+      it to the sender, and cleanup logs ``<qid>: to=<rcpt>, relay=none, ...,
+      status=bounced (<text>)``. Only if that too is refused permanently is the file
+      set aside in corrupt/ with the warning above.
 
 Public API
     pickup_scan(cfg, spool, cleanup) -> int       files handed to cleanup this call
@@ -37,7 +43,7 @@ from master import log
 from master.server.skeleton import ServerContext, trigger_server
 from qmgrd.spool.cleanup import Cleanup, CleanupError
 from qmgrd.spool.envelope import Envelope
-from qmgrd.spool.maildrop import MaildropError, read_maildrop
+from qmgrd.spool.maildrop import MaildropError, MaildropMessage, read_maildrop
 from qmgrd.spool.queue import Spool
 
 if TYPE_CHECKING:
@@ -62,11 +68,31 @@ def _set_aside(spool: Spool, name: str, uid: int, reason: str) -> None:
             log.warning(f"remove maildrop/{name}: {exc2.strerror}")
 
 
+def _enqueue(cleanup: Cleanup, env: Envelope, msg: MaildropMessage, uid: int) -> str:
+    """Cleanup.submit; a permanent refusal (or too_big) -> Cleanup.bounce.
+
+    Raises:
+        CleanupError: 4.x.x from either call, 5.x.x from bounce.
+    """
+    try:
+        if msg.too_big:
+            raise CleanupError("5.3.4", "message file too big")
+        return cleanup.submit(env, msg.content, extract_recipients=msg.extract_recipients,
+                              origin="local", uid=uid)
+    except CleanupError as exc:
+        if exc.status.startswith("4"):
+            raise
+        refusal = exc
+    return cleanup.bounce(env, msg.content, refusal.status, refusal.text,
+                          extract_recipients=msg.extract_recipients, origin="local", uid=uid)
+
+
 def pickup_file(cfg: Config, spool: Spool, cleanup: Cleanup, name: str) -> bool:
     """Process maildrop file ``name``; True when it was removed from maildrop/ (queued or
     set aside), False when it was skipped or kept for later.
 
-    Raises nothing for bad input (logged); OSError other than ENOENT on open is logged.
+    Raises nothing for bad input or I/O errors (logged as warnings with the system's
+    error text).
     """
     path = spool.path("maildrop", name)
     try:
@@ -87,6 +113,9 @@ def pickup_file(cfg: Config, spool: Spool, cleanup: Cleanup, name: str) -> bool:
         except MaildropError as exc:
             _set_aside(spool, name, uid, exc.reason)
             return True
+        except OSError as exc:
+            log.warning(f"{path}: read error: {exc.strerror}")
+            return False
     now = time.time()
     mtime = st.st_mtime
     if mtime > now + 2 * _HOUR:
@@ -98,8 +127,7 @@ def pickup_file(cfg: Config, spool: Spool, cleanup: Cleanup, name: str) -> bool:
     env = Envelope(msg.sender, msg.recipients, fullname=msg.fullname, arrival=arrival,
                    ret=msg.ret, envid=msg.envid)
     try:
-        qid = cleanup.submit(env, msg.content, extract_recipients=msg.extract_recipients,
-                             origin="local", uid=uid)
+        qid = _enqueue(cleanup, env, msg, uid)
     except CleanupError as exc:
         if exc.status.startswith("4"):
             log.warning(f"{name}: error writing queue file: {exc.status} {exc.text}")

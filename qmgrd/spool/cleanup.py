@@ -18,13 +18,21 @@ Summary
       are added at the end of the headers; a missing ``From:`` is added when the rewrite
       context is local (or ``always_add_missing_headers = yes``).
     * ``extract_recipients=True`` (sendmail -t): recipients are also taken from To/Cc/Bcc
-      (Resent-To/Cc/Bcc when present) and Bcc/Resent-Bcc is removed. In the local
-      context an address without ``@`` gets ``@$myorigin``. Exact duplicate recipients
-      are dropped. No recipients -> CleanupError 5.1.0.
+      (Resent-To/Cc/Bcc when present) and Bcc/Resent-Bcc is removed; the addresses are
+      stored in Postfix's internal form (``"a b"@x`` -> ``a b@x``, see
+      envelope.extract_addresses). In the local context an address without ``@`` gets
+      ``@$myorigin``. Exact duplicate recipients are dropped. No recipients ->
+      CleanupError 5.1.0.
     * Hop count = number of Received:/Delivered-To: headers (our own Received: included).
       At ``hopcount_limit`` or more the file is still queued, but every recipient gets a
       bounce-log entry ``5.4.6`` "mail forwarding loop for <rcpt>" and is marked done, so
       the qmgr sends the non-delivery report.
+    * ``bounce()`` does the same for a message that submit() refused with a 5.x.x status
+      (Postfix cleanup_bounce, used by pickup so that local mail is never lost
+      silently): every recipient, or ``unknown`` when there is none, is bounced with
+      that status and text; a too-big message keeps only its headers (RET=HDRS).
+    * The added ``From:`` quotes the sender's local part when RFC 5322 requires it
+      (``From: "a b"@example.org``, Postfix quote_822_local).
     * Records: C T A(create_time) [F] A(rewrite_context) [A encoding=8bit] [A smtputf8=N]
       [A envelope_id=] [A ret_flags=] [A name=value...] S [W] then per recipient
       [A notify_flags=] [A dsn_orig_rcpt=] O R, then M, content, X, E. The C record gets
@@ -38,32 +46,41 @@ Public API
     Cleanup(cfg, spool)
     Cleanup.submit(env, content, *, extract_recipients=False, origin="local"|"smtp",
                    uid=None) -> str (the queue id)
+    Cleanup.bounce(env, content, status, text, *, extract_recipients=False,
+                   origin="local", uid=None) -> str (the queue id)
     CleanupError(status, text)          .status ("4.3.0", "5.3.4", "5.1.0"), .text
     mail_date(when: float) -> str       RFC 5322 date as Postfix writes it
 
-Logs ``<qid>: message-id=<...>`` (info) per message, and a warning per hop-count bounce.
+Logs ``<qid>: message-id=<...>`` (info) per message, a warning per hop-count bounce, and
+for every recipient bounced here ``<qid>: to=<rcpt>, relay=none, delay=.., delays=..,
+dsn=5.x.x, status=bounced (reason)`` (Postfix bounce_append's log_adhoc line).
 """
 
 from __future__ import annotations
 
+import email.utils  # noqa: F401 - loaded before any jail (envelope.extract_addresses)
 import errno
 import os
 import re
 import time
-from email.utils import getaddresses
+from dataclasses import replace
 from typing import IO, TYPE_CHECKING
 
 from master import log
+from qmgrd.logfmt import delivery_line
 from qmgrd.spool import records as R
 from qmgrd.spool import statuslog
 from qmgrd.spool.envelope import (
+    DSN_RET_HDRS,
     SMTPUTF8_FLAG_HEADER,
     SMTPUTF8_FLAG_REQUESTED,
     SMTPUTF8_FLAG_SENDER,
     Envelope,
     Recipient,
+    extract_addresses,
 )
 from qmgrd.spool.queue import Spool
+from qmgrd.spool.statuslog import quote_822_local
 from qmgrd.trigger import TRIGGER_REQ_WAKEUP, send_trigger
 
 if TYPE_CHECKING:
@@ -234,12 +251,7 @@ class Cleanup:
 
     def _extract(self, h: _Headers, local: bool) -> list[Recipient]:
         values = h.resent_rcpt_values or h.rcpt_values
-        out: list[Recipient] = []
-        for _name, addr in getaddresses(values):
-            addr = addr.strip()
-            if addr and not any(c in addr for c in "\r\n\0"):
-                out.append(Recipient(self._qualify(addr, local)))
-        return out
+        return [Recipient(self._qualify(addr, local)) for addr in extract_addresses(values)]
 
     # ------------------------------------------------------------------ submit
 
@@ -272,12 +284,53 @@ class Cleanup:
         """
         if self.size_limit and len(content) > self.size_limit:
             raise CleanupError("5.3.4", "message file too big")
+        return self._queue(env, content, extract_recipients, origin, uid, None)
+
+    def bounce(
+        self,
+        env: Envelope,
+        content: bytes,
+        status: str,
+        text: str,
+        *,
+        extract_recipients: bool = False,
+        origin: str = "local",
+        uid: int | None = None,
+    ) -> str:
+        """Queue a message that submit() refused, with every recipient bounced, so that the
+        qmgr returns it to the sender (Postfix cleanup_bounce, for clients that cannot
+        report the problem themselves, such as pickup).
+
+        Each recipient (``unknown`` when there is none) gets a bounce-log entry
+        ``status`` ``text`` and is marked done; ``<qid>: to=<rcpt>, relay=none, ...,
+        status=bounced (text)`` is logged per recipient. For ``5.3.4`` (too big) only the
+        header block is kept and RET is HDRS.
+
+        Args:
+            env, content, extract_recipients, origin, uid: as for submit().
+            status: the enhanced status code of the refusal (5.x.x).
+            text: its reason, as in CleanupError.text.
+
+        Returns:
+            The new queue id.
+
+        Raises:
+            CleanupError: 4.3.0 write error, 5.6.0 envelope data that no queue file can
+                hold (NUL or line break). The queue file does not exist afterwards.
+        """
+        return self._queue(env, content, extract_recipients, origin, uid, (status, text))
+
+    def _queue(self, env: Envelope, content: bytes, extract_recipients: bool, origin: str,
+               uid: int | None, bounce: tuple[str, str] | None) -> str:
         context = "local" if origin == "local" else env.attrs.get("rewrite_context", "remote")
         local = context == "local"
         lines = content.replace(b"\r\n", b"\n").split(b"\n") if content else []
         if lines and not lines[-1]:
             lines.pop()  # the content ended with a newline
         h = _scan_headers(lines, extract_recipients)
+        if bounce is not None and bounce[0] == "5.3.4":
+            del lines[h.body_start :]
+            env = replace(env, ret=DSN_RET_HDRS)
 
         sender = self._qualify(env.sender, local)
         rcpts = [
@@ -288,7 +341,9 @@ class Cleanup:
             rcpts += self._extract(h, local)
         rcpts = self._dedup(rcpts)
         if not rcpts:
-            raise CleanupError("5.1.0", "no recipients specified")
+            if bounce is None:
+                raise CleanupError("5.1.0", "no recipients specified")
+            rcpts = [Recipient("unknown")]
         self._check_envelope(env, sender, rcpts)
 
         smtputf8 = env.smtputf8
@@ -309,30 +364,42 @@ class Cleanup:
             f, qid, path = self.spool.create("incoming")
         except OSError as exc:
             raise CleanupError("4.3.0", f"queue file create error: {exc.strerror}") from None
+        hops = h.hops + (1 if origin == "local" else 0)
+        reasons: list[str] = []
+        if bounce is not None:
+            reasons = [bounce[1]] * len(rcpts)
+        elif self.hop_limit > 0 and hops >= self.hop_limit:
+            log.warning(f"{qid}: hop count {hops} exceeds limit {self.hop_limit}: "
+                        f"bouncing {len(rcpts)} recipient(s)")
+            bounce = ("5.4.6", "mail forwarding loop")
+            reasons = [f"mail forwarding loop for {r.address}" for r in rcpts]
         try:
             buf, offsets, msgid = self._build(env, sender, rcpts, lines, h, qid, sec, usec,
                                               local, origin, uid, smtputf8, content)
-            hops = h.hops + (1 if origin == "local" else 0)
-            looped = self.hop_limit > 0 and hops >= self.hop_limit
-            if looped:
+            if bounce is not None:
                 for off in offsets:
                     buf[off : off + 1] = R.REC_DONE
             f.write(buf)
             f.flush()
-            if looped:
-                self._bounce_loop(qid, rcpts, offsets, hops)
+            if bounce is not None:
+                self._bounce_log(qid, rcpts, offsets, bounce[0], reasons)
             os.fchmod(f.fileno(), 0o700)
             os.fsync(f.fileno())
             f.close()
         except OSError as exc:
             self._discard(f, path, qid)
-            if exc.errno == errno.EFBIG:
+            if exc.errno == errno.EFBIG and bounce is None:
                 raise CleanupError("5.3.4", "message file too big") from None
             raise CleanupError("4.3.0", f"queue file write error: {exc.strerror}") from None
         except BaseException:
             self._discard(f, path, qid)
             raise
         log.info(f"{qid}: message-id={msgid}")
+        if bounce is not None:
+            arrival, done = sec + usec / 1e6, time.time()
+            for r, reason in zip(rcpts, reasons):
+                log.info(delivery_line(qid, r.address, r.orig_rcpt, "none", arrival, done,
+                                       done, done, done, bounce[0], "bounced", reason))
         send_trigger(self.trigger_path, TRIGGER_REQ_WAKEUP)
         return qid
 
@@ -369,14 +436,13 @@ class Cleanup:
             except OSError:
                 pass
 
-    def _bounce_loop(self, qid: str, rcpts: list[Recipient], offsets: list[int],
-                     hops: int) -> None:
-        log.warning(f"{qid}: hop count {hops} exceeds limit {self.hop_limit}: "
-                    f"bouncing {len(rcpts)} recipient(s)")
-        for r, off in zip(rcpts, offsets):
+    def _bounce_log(self, qid: str, rcpts: list[Recipient], offsets: list[int],
+                    status: str, reasons: list[str]) -> None:
+        """One bounce-log entry per recipient."""
+        for r, off, reason in zip(rcpts, offsets, reasons):
             rr = Recipient(r.address, r.orig_rcpt or r.address, r.dsn_orcpt, r.notify, off)
             statuslog.append(self.spool, "bounce", qid, rr, statuslog.Dsn(
-                "5.4.6", "failed", f"mail forwarding loop for {r.address}"))
+                status, "failed", reason))
 
     def _build(self, env: Envelope, sender: str, rcpts: list[Recipient], lines: list[bytes],
                h: _Headers, qid: str, sec: int, usec: int, local: bool, origin: str,
@@ -434,7 +500,7 @@ class Cleanup:
         if b"date" not in h.seen:
             added.append(f"Date: {mail_date(sec + usec / 1e6)}".encode())
         if b"from" not in h.seen and (local or self.always_add):
-            who = sender or "MAILER-DAEMON"
+            who = quote_822_local(sender) if sender else "MAILER-DAEMON"
             name = f"{_phrase(env.fullname)} <{who}>" if env.fullname and sender else who
             added.append(b"From: " + name.encode("utf-8", "surrogateescape"))
         self._content(out, head)

@@ -16,12 +16,30 @@ Public API
     parse_notify(text) -> int        "never" | comma list of success,delay,failure
     notify_str(mask) -> str          inverse of parse_notify ("" for 0)
     parse_ret(text) -> int           "full" | "hdrs"
+    valid_envid(text) -> bool        RFC 3461 ENVID (decoded): 1-100 chars, ASCII 33..126
 
-Raises ValueError for bad DSN keywords; logs nothing.
+Addresses (RFC 5322 address lists, as Postfix's sendmail and cleanup read them with
+tok822_parse + tok822_internalize). The *internal* form of an address has the quotes of a
+quoted local part and their backslash escapes removed (``"a b"@example.com`` is stored as
+``a b@example.com``); the smtp and local agents put the quotes back on output
+(quote_822_local). ``email.utils`` is imported on first use only, so that qmgr-sendmail
+stays light when no argument needs parsing:
+
+    needs_parsing(text) -> bool      text has a character from ``"<>(),;:\\`` or whitespace
+    internal_form(addr) -> str       ``"a b"@x`` -> ``a b@x``
+    parse_recipient_arg(text) -> list[str]   one command-line argument: a comma list of
+                                     addresses, each well formed, at least one
+    parse_sender_arg(text) -> str    ``-f`` value: one address, or ``<>``/"" (null sender)
+    extract_addresses(values) -> list[str]   To/Cc/Bcc header values -> addresses (those
+                                     that do not parse and group names are skipped)
+
+Raises ValueError for bad DSN keywords and for malformed address arguments (the message
+names the argument); logs nothing.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 __all__ = [
@@ -37,9 +55,15 @@ __all__ = [
     "SMTPUTF8_FLAG_SENDER",
     "Envelope",
     "Recipient",
+    "extract_addresses",
+    "internal_form",
+    "needs_parsing",
     "notify_str",
     "parse_notify",
+    "parse_recipient_arg",
     "parse_ret",
+    "parse_sender_arg",
+    "valid_envid",
 ]
 
 DSN_NOTIFY_NEVER = 1
@@ -53,6 +77,9 @@ DSN_RET_HDRS = 2
 SMTPUTF8_FLAG_REQUESTED = 1
 SMTPUTF8_FLAG_HEADER = 2
 SMTPUTF8_FLAG_SENDER = 4
+
+_ADDR_SPECIALS = frozenset('"<>(),;:\\ \t\r\n\f\v')
+_CONTROLS = frozenset([*map(chr, range(32)), "\x7f"])
 
 _NOTIFY_WORDS = {
     "never": DSN_NOTIFY_NEVER,
@@ -117,7 +144,7 @@ def parse_notify(text: str) -> int:
     words = [w.strip().lower() for w in text.split(",")]
     for w in words:
         if w not in _NOTIFY_WORDS:
-            raise ValueError(f"bad DSN notify keyword: {w!r}")
+            raise ValueError(f"bad DSN notify keyword: {w or '(empty)'}")
         mask |= _NOTIFY_WORDS[w]
     if mask & DSN_NOTIFY_NEVER and mask != DSN_NOTIFY_NEVER:
         raise ValueError("DSN notify 'never' cannot be combined with other keywords")
@@ -151,4 +178,102 @@ def parse_ret(text: str) -> int:
         return DSN_RET_FULL
     if w == "hdrs":
         return DSN_RET_HDRS
-    raise ValueError(f"bad DSN ret keyword: {text!r}")
+    raise ValueError(f"bad DSN ret keyword: {text or '(empty)'}")
+
+
+def valid_envid(text: str) -> bool:
+    """True when ``text`` is an acceptable DSN ENVID in its decoded form (RFC 3461 §4.4):
+    1 to 100 printable US-ASCII characters, codes 33..126 (no space, no controls)."""
+    return 0 < len(text) <= 100 and all("!" <= c <= "~" for c in text)
+
+
+def needs_parsing(text: str) -> bool:
+    """True when ``text`` holds a character that only an RFC 5322 parser can interpret
+    (one of ``"<>(),;:\\`` or whitespace); plain ``user@domain`` is taken as is."""
+    return not _ADDR_SPECIALS.isdisjoint(text)
+
+
+def internal_form(addr: str) -> str:
+    """An addr-spec as ``email.utils`` returns it -> Postfix's internal form: the double
+    quotes of quoted strings are removed and their backslash escapes resolved
+    (``"a\\"b"@x`` -> ``a"b@x``)."""
+    if '"' not in addr:
+        return addr
+    out: list[str] = []
+    quoted = False
+    i, n = 0, len(addr)
+    while i < n:
+        c = addr[i]
+        if c == '"':
+            quoted = not quoted
+        elif c == "\\" and quoted and i + 1 < n:
+            i += 1
+            out.append(addr[i])
+        else:
+            out.append(c)
+        i += 1
+    return "".join(out)
+
+
+def _well_formed(addr: str) -> bool:
+    """An internal-form address: not empty, no control characters, and when it has an
+    ``@`` neither the local part nor the domain is empty."""
+    if not addr or not _CONTROLS.isdisjoint(addr):
+        return False
+    at = addr.rfind("@")
+    return at < 0 or 0 < at < len(addr) - 1
+
+
+def _parse_list(text: str) -> list[str]:
+    from email.utils import getaddresses
+
+    return [internal_form(addr.strip()) for _name, addr in getaddresses([text])]
+
+
+def parse_recipient_arg(text: str) -> list[str]:
+    """One command-line recipient argument -> internal-form addresses.
+
+    The argument is an RFC 5322 address list (``a@x, "b c"@y, Name <d@z>``); plain text
+    without specials (see needs_parsing) is the only address, unchanged.
+
+    Raises:
+        ValueError: an element of the list is not a well-formed address (empty, control
+            characters, empty local part or domain), or there is none.
+    """
+    addrs = _parse_list(text) if needs_parsing(text) else [text]
+    if not addrs or not all(_well_formed(a) for a in addrs):
+        raise ValueError(f"malformed recipient address: {text}")
+    return addrs
+
+
+def parse_sender_arg(text: str) -> str:
+    """A ``-f`` value -> the internal-form sender ("" = the null sender).
+
+    ``""`` and ``<>`` are the null sender; ``<a@x>``, ``Name <a@x>`` and ``"a b"@x`` give
+    ``a@x``, ``a@x`` and ``a b@x``.
+
+    Raises:
+        ValueError: not exactly one well-formed address.
+    """
+    if not text or "".join(text.split()) == "<>":
+        return ""
+    addrs = _parse_list(text) if needs_parsing(text) else [text]
+    if len(addrs) != 1 or not _well_formed(addrs[0]):
+        raise ValueError(f"-f option specified malformed sender: {text}")
+    return addrs[0]
+
+
+def extract_addresses(values: Iterable[str]) -> list[str]:
+    """To/Cc/Bcc header values -> the internal-form addresses they hold, in order.
+
+    Entries that do not parse to a well-formed address (``<>``, an empty group such as
+    ``undisclosed-recipients:;``, garbage) are skipped, as cleanup does.
+    """
+    from email.utils import getaddresses
+
+    out: list[str] = []
+    for _name, addr in getaddresses(list(values)):
+        addr = internal_form(addr.strip())
+        if _well_formed(addr):
+            out.append(addr)
+    return out

@@ -16,13 +16,19 @@ Summary
 
     The reader is for untrusted input (any local user may write into maildrop/): every
     record is length-limited, types must belong to their segment, only known attribute
-    names are accepted, ``S`` and the final ``E`` are required, and the content may not
-    exceed the size limit. Any problem raises MaildropError with a reason.
+    names are accepted, ``S`` and the final ``E`` are required, and an envelope id must
+    be 1-100 printable ASCII characters (RFC 3461). Any problem raises MaildropError
+    with a reason worded for the log (``record type I length 7871 exceeds 2048``,
+    ``unexpected record type C in envelope segment``). Content over the size limit is
+    not an error of the file: the reader stops keeping content at the limit, checks the
+    rest of the file, and sets ``too_big`` (pickup then returns the message to the
+    sender, as Postfix's cleanup does).
 
 Public API
     MaildropWriter(f, line_limit=2048)      .envelope(...), .line(bytes), .finish()
     MaildropMessage                          sender, fullname, recipients, envid, ret,
-                                             extract_recipients, arrival, content (bytes)
+                                             extract_recipients, arrival, content (bytes),
+                                             too_big (content cut at size_limit)
     read_maildrop(f, *, max_record=2048, size_limit=10240000) -> MaildropMessage
     MaildropError(reason)
 
@@ -31,12 +37,13 @@ Logs nothing.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import IO
 
 from qmgrd.spool import records as R
-from qmgrd.spool.envelope import Recipient
-from qmgrd.spool.records import RecordError, RecordReader, encode
+from qmgrd.spool.envelope import Recipient, valid_envid
+from qmgrd.spool.records import encode
 
 __all__ = ["MaildropError", "MaildropMessage", "MaildropWriter", "read_maildrop"]
 
@@ -67,6 +74,7 @@ class MaildropMessage:
     extract_recipients: bool = False
     arrival: tuple[int, int] = (0, 0)
     content: bytes = b""
+    too_big: bool = False
 
 
 class MaildropWriter:
@@ -118,6 +126,46 @@ class MaildropWriter:
         self._f.write(encode(R.REC_XTRA, b"") + encode(R.REC_END, b""))
 
 
+def _type_name(t: bytes) -> str:
+    """A record type for a log line: its letter when printable, else its number."""
+    return t.decode() if b"!" <= t <= b"~" else str(t[0])
+
+
+def _printable(data: bytes) -> str:
+    return "".join(chr(b) if 0x20 <= b < 0x7F else "?" for b in data)
+
+
+def _records(f: IO[bytes], max_record: int) -> Iterator[tuple[bytes, bytes]]:
+    """Postfix record framing (postfix.md §2.1): yields (type, payload)."""
+    read = f.read
+    while True:
+        head = read(2)
+        if not head:
+            return
+        if len(head) < 2:
+            raise MaildropError("premature end of file in a record header")
+        t = head[0:1]
+        b = head[1]
+        length = b & 0x7F
+        shift = 7
+        while b & 0x80:
+            if shift >= 35:
+                raise MaildropError(f"record type {_type_name(t)}: bad record length")
+            nb = read(1)
+            if not nb:
+                raise MaildropError(f"record type {_type_name(t)}: premature end of file")
+            b = nb[0]
+            length |= (b & 0x7F) << shift
+            shift += 7
+        if length > max_record:
+            raise MaildropError(
+                f"record type {_type_name(t)} length {length} exceeds {max_record}")
+        data = read(length) if length else b""
+        if len(data) != length:
+            raise MaildropError(f"record type {_type_name(t)}: premature end of file")
+        yield t, data
+
+
 def _text(data: bytes, what: str) -> str:
     if b"\0" in data or b"\n" in data or b"\r" in data:
         raise MaildropError(f"NUL or line break in {what}")
@@ -141,15 +189,16 @@ def read_maildrop(f: IO[bytes], *, max_record: int = 2048,
     Args:
         f: the open file, positioned at 0.
         max_record: the largest record payload accepted (line_length_limit).
-        size_limit: the largest content accepted in bytes (0 = no limit).
+        size_limit: content beyond this many bytes is dropped and ``too_big`` set (0 =
+            no limit).
 
     Raises:
         MaildropError: any framing error, record type outside its segment, unknown or bad
-            attribute, missing sender, content over size_limit, missing final E, or data
-            after E.
+            attribute, missing sender, bad envelope id, missing final E, or data after E.
     """
     msg = MaildropMessage()
-    rd = RecordReader(f, max_len=max_record, offset=0)
+    f.seek(0)
+    records = _records(f, max_record)
     allowed = _ENV
     segment = "envelope"
     seen_sender = False
@@ -157,23 +206,21 @@ def read_maildrop(f: IO[bytes], *, max_record: int = 2048,
     parts: list[bytes] = []
     size = 0
     while True:
-        try:
-            rec = rd.read()
-        except RecordError as exc:
-            raise MaildropError(str(exc)) from None
+        rec = next(records, None)
         if rec is None:
             raise MaildropError("premature end of file, no E record")
-        t, data = rec.rtype, rec.data
+        t, data = rec
         if t not in allowed:
-            raise MaildropError(
-                f"offset {rec.offset}: unexpected record type {t!r} in {segment} segment")
+            raise MaildropError(f"unexpected record type {_type_name(t)} in {segment} segment")
         if segment == "content":
             if t == R.REC_XTRA:
                 allowed, segment = _XTRA, "extracted"
                 continue
             size += len(data) + (1 if t == R.REC_NORM else 0)
             if size_limit and size > size_limit:
-                raise MaildropError("message file too big")
+                msg.too_big = True
+            if msg.too_big:
+                continue
             parts.append(data)
             if t == R.REC_NORM:
                 parts.append(b"\n")
@@ -209,8 +256,9 @@ def read_maildrop(f: IO[bytes], *, max_record: int = 2048,
         raise MaildropError("no envelope sender")
     if f.read(1):
         raise MaildropError("data after the E record")
-    if msg.envid and len(msg.envid) > 100:
-        raise MaildropError("envelope id too long")
+    if msg.envid and not valid_envid(msg.envid):
+        raise MaildropError("malformed envelope id (RFC 3461: 1-100 printable ASCII "
+                            "characters without spaces)")
     if notify > 15:
         raise MaildropError("bad notify_flags value")
     msg.content = b"".join(parts)
@@ -221,7 +269,7 @@ def _attr(msg: MaildropMessage, data: bytes, notify: int) -> int:
     name_b, sep, value = data.partition(b"=")
     name = name_b.decode("ascii", "replace")
     if not sep or name not in _ENV_ATTRS:
-        raise MaildropError(f"unexpected attribute {name[:40]!r}")
+        raise MaildropError(f"unexpected attribute: {_printable(name_b[:40])}")
     if name == "envelope_id":
         msg.envid = _text(value, "envelope id")
     elif name == "ret_flags":
