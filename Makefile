@@ -20,8 +20,15 @@ $(TSTAMP): $(STAMP)
 
 install: $(STAMP)
 
-## make run: start the whole mail system in the foreground on etc/ (Ctrl-C stops it)
+## make run: start the whole mail system in the foreground on etc/ (Ctrl-C stops it).
+## As root, the mail_owner account qmgrd (etc/main.cf) is created first when missing.
+MAIL_OWNER := qmgrd
 run: $(STAMP)
+	@if [ "$$(id -u)" = 0 ] && ! getent passwd $(MAIL_OWNER) >/dev/null; then \
+	  echo "make run: creating the system account $(MAIL_OWNER) (mail_owner in etc/main.cf)"; \
+	  useradd --system --no-create-home --home-dir /nonexistent \
+	    --shell /usr/sbin/nologin $(MAIL_OWNER); \
+	fi
 	$(BIN)/qmgr-master -c etc start --foreground
 
 stop: $(STAMP)

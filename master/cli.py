@@ -10,8 +10,11 @@ Description
     /etc/qmgrd) holding main.cf and master.cf.
 
     start      Validate main.cf and master.cf first (a bad line: ``qmgr-master: fatal:
-               <file>, line <n>: ...`` on stderr, exit 1, nothing started); refuse when a
-               master already runs (exit 1, the running one untouched).  Without
+               <file>, line <n>: ...`` on stderr, exit 1, nothing started); as root,
+               refuse a mail_owner that does not exist or is privileged (``qmgr-master:
+               fatal: file <dir>/main.cf: parameter mail_owner: unknown user name value:
+               x``, exit 1); refuse when a master already runs (exit 1, the running one
+               untouched).  Without
                --foreground, fork once: the child starts a new session, puts stdio on
                /dev/null and runs the master; the parent waits up to 10 s until the
                child holds the pid file lock, then exits 0 (1 with the reason if the child
@@ -21,10 +24,21 @@ Description
                Not running: "the qmgrd mail system is not running", exit 1 (as
                ``postfix stop``).
     reload     SIGHUP the master; exit 0 (1 if not running).
-    status     Exit 0 when running, 3 when not; lists the master and each child (pid,
-               service, process name ``qmgrd: <service>``); --json prints a JSON object
-               {"running", "pid", "processes": [{"pid", "service", "title", "cmdline"}]}.
-    check      Create the queue directories and data_directory where missing, exit 0.
+    status     Exit 0 when running, 3 when not.  Shows every service (name, type,
+               maxproc, throttled-until) and each of its processes: pid, busy/idle, uses
+               (completed requests), uid, root directory (chroot) - the master's own state
+               from its control socket (master.daemon.control), uid and root from /proc
+               (psutil).  Without access to the control socket (another user's master)
+               only the /proc part is shown, after a note.  --json prints one object:
+               {"running", "pid", "master": <the master's reply or null>,
+                "services": [{"name", "type", "maxproc", "throttled_until" (epoch s or
+                  null), "generation", "endpoint", "unpriv", "chroot", "processes": [{"pid",
+                  "state" ("idle"|"busy"), "uses", "generation", "uid", "user", "root",
+                  "chrooted"}]}],
+                "processes": [{"pid", "service", "title", "cmdline", "uid", "user", "root",
+                  "chrooted", "state", "uses"}]}   (the master first, then every child).
+    check      Create missing queue directories and data_directory, fix wrong owners and
+               modes (master.daemon.queuedirs); one line per change on stderr; exit 0.
 
 Messages go to stderr as ``qmgr-master: <text>`` (``qmgr-master: fatal: <text>`` for
 errors).  Exit codes: 0 success, 1 failure, 3 status "not running".
@@ -41,15 +55,18 @@ import select
 import signal
 import sys
 import time
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import click
 import psutil  # type: ignore[import-untyped]
 
 from master.config import Config, ConfigError, load_master_cf
-from master.daemon.master import make_queue_dirs, run_master
+from master.daemon.control import control_path, query
+from master.daemon.master import run_master
 from master.daemon.pidfile import pid_path, running_pid
+from master.daemon.queuedirs import check_queue_dirs
 from master.daemon.spawn import wait_child
+from master.server.jail import Owner, OwnerError, lookup_mail_owner
 
 __all__ = ["main"]
 
@@ -75,6 +92,14 @@ def _config(ctx: click.Context) -> Config:
     try:
         return Config.load(ctx.obj)
     except ConfigError as exc:
+        _fatal(str(exc))
+
+
+def _owner(cfg: Config) -> Owner:
+    """mail_owner (as root) or the invoking user; a bad mail_owner is fatal."""
+    try:
+        return lookup_mail_owner(cfg)
+    except OwnerError as exc:
         _fatal(str(exc))
 
 
@@ -115,6 +140,7 @@ def start(ctx: click.Context, foreground: bool) -> None:
         cfg.get_time("service_throttle_time")
     except ConfigError as exc:
         _fatal(str(exc))
+    _owner(cfg)
     pid = _running(cfg)
     if pid is not None:
         _fatal(f"the qmgrd mail system is already running (pid {pid})")
@@ -229,11 +255,12 @@ def reload(ctx: click.Context) -> None:
     sys.exit(0)
 
 
-def _describe(proc: psutil.Process) -> dict[str, object]:
-    """pid, service, title and cmdline of a process.
+def _proc_info(proc: psutil.Process) -> dict[str, object]:
+    """pid, service, title, cmdline, uid/user and root directory of a process.
 
     The title is the process title ``qmgrd: <service>`` once the child has set it (before
-    that, early in start-up, the service comes from ``-n`` in the argv)."""
+    that, early in start-up, the service comes from ``-n`` in the argv).  The root
+    directory is /proc/<pid>/root ("?" when we may not read it)."""
     try:
         cmdline = [part for part in proc.cmdline() if part]
         name = proc.name()
@@ -246,47 +273,137 @@ def _describe(proc: psutil.Process) -> dict[str, object]:
         service = title[7:].split()[0]
     elif "-n" in cmdline[:-1]:
         service = cmdline[cmdline.index("-n") + 1]
+    uid: int | None = None
+    user = "?"
+    try:
+        uid = int(proc.uids().effective)
+        user = proc.username()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, KeyError):
+        pass
+    try:
+        root = os.readlink(f"/proc/{proc.pid}/root")
+    except OSError:
+        root = "?"
     return {"pid": proc.pid, "service": service, "title": title,
-            "cmdline": " ".join(cmdline)}
+            "cmdline": " ".join(cmdline), "uid": uid, "user": user, "root": root,
+            "chrooted": None if root == "?" else root != "/"}
+
+
+def _master_state(cfg: Config) -> dict[str, Any] | None:
+    """The master's reply to a status request, None (after a note) if unavailable."""
+    path = control_path(os.path.abspath(cfg.get("queue_directory")))
+    try:
+        reply = query(path, {"request": "status"})
+    except (OSError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        _say(f"cannot ask the master ({path}: {reason}): process list only")
+        return None
+    if "error" in reply or not isinstance(reply.get("services"), list):
+        _say(f"the master did not answer the status request: {reply.get('error', '?')}")
+        return None
+    return reply
+
+
+def _status_data(cfg: Config, pid: int) -> dict[str, Any] | None:
+    """The --json object of a running system (module docstring); None if it vanished."""
+    try:
+        master = psutil.Process(pid)
+        procs = [_proc_info(master), *(_proc_info(c) for c in master.children())]
+    except psutil.NoSuchProcess:
+        return None
+    procs[0]["service"] = "master"
+    by_pid = {int(str(p["pid"])): p for p in procs}
+    state = _master_state(cfg)
+    services: list[dict[str, Any]] = []
+    for svc in (state or {}).get("services", []):
+        rows = []
+        for child in svc.get("processes", []):
+            info = by_pid.get(child["pid"], {})
+            row = {**child, "uid": info.get("uid"), "user": info.get("user", "?"),
+                   "root": info.get("root", "?"), "chrooted": info.get("chrooted")}
+            rows.append(row)
+            if info:
+                info.update(state=child["state"], uses=child["uses"])
+        services.append({**svc, "processes": rows})
+    return {"running": True, "pid": pid, "master": state, "services": services,
+            "processes": procs}
+
+
+def _cell(value: object) -> str:
+    return "-" if value is None or value == "" else str(value)
+
+
+def _print_status(data: dict[str, Any]) -> None:
+    """The human-readable table: one line per process (a service without any: one line
+    of dashes), the master first."""
+    titles = {proc["pid"]: proc["title"] for proc in data["processes"]}
+    click.echo(f"{'SERVICE':<12} {'TYPE':<5} {'MAXPROC':>7} {'THROTTLED-UNTIL':<19} "
+               f"{'PID':>8} {'STATE':<5} {'USES':>5} {'UID':>6} {'ROOT':<24} TITLE")
+
+    def line(head: str, pid: object, state: str, uses: object, uid: object,
+             root: str) -> None:
+        title = titles.get(pid, "-")
+        click.echo(f"{head} {_cell(pid):>8} {state:<5} {_cell(uses):>5} {_cell(uid):>6} "
+                   f"{root:<24} {title}")
+
+    master = data["processes"][0]
+    line(f"{'master':<12} {'-':<5} {'-':>7} {'-':<19}", master["pid"], "-", None,
+         master["uid"], master["root"])
+    listed = {master["pid"]}
+    for svc in data["services"]:
+        until = svc.get("throttled_until")
+        throttled = "-" if until is None else time.strftime(
+            "%Y-%m-%d %H:%M:%S", time.localtime(until))
+        head = (f"{svc['name']:<12} {svc['type']:<5} {svc['maxproc'] or 'unlim':>7} "
+                f"{throttled:<19}")
+        if not svc["processes"]:
+            line(head, None, "-", None, None, "-")
+        for row in svc["processes"]:
+            listed.add(row["pid"])
+            line(head, row["pid"], row["state"], row["uses"], row["uid"], row["root"])
+    for proc in data["processes"]:
+        if proc["pid"] not in listed:  # no control socket, or not (yet) known to it
+            line(f"{_cell(proc['service']):<12} {'?':<5} {'?':>7} {'?':<19}", proc["pid"],
+                 "?", "?", proc["uid"], str(proc["root"]))
 
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="print a JSON object")
 @click.pass_context
 def status(ctx: click.Context, as_json: bool) -> None:
-    """Tell whether the mail system runs (exit 0) or not (exit 3); list its processes."""
+    """Tell whether the mail system runs (exit 0) or not (exit 3); show its services and
+    processes."""
     cfg = _config(ctx)
     pid = _running(cfg)
-    rows: list[dict[str, object]] = []
-    if pid:
-        try:
-            master = psutil.Process(pid)
-            rows.append({**_describe(master), "service": "master"})
-            rows.extend(_describe(child) for child in master.children())
-        except psutil.NoSuchProcess:
-            pid = None
+    data = _status_data(cfg, pid) if pid else None
+    if data is None:
+        if as_json:
+            click.echo(json.dumps({"running": False, "pid": None, "master": None,
+                                   "services": [], "processes": []}))
+        else:
+            _say("the qmgrd mail system is not running")
+        sys.exit(3)
     if as_json:
-        click.echo(json.dumps({"running": bool(pid), "pid": pid or None,
-                               "processes": rows}))
-    elif pid:
-        _say(f"the qmgrd mail system is running: pid {pid}")
-        click.echo(f"{'PID':>8}  {'SERVICE':<16} TITLE")
-        for row in rows:
-            click.echo(f"{row['pid']:>8}  {row['service']!s:<16} {row['title']}")
+        click.echo(json.dumps(data))
     else:
-        _say("the qmgrd mail system is not running")
-    sys.exit(0 if pid else 3)
+        _say(f"the qmgrd mail system is running: pid {pid}")
+        _print_status(data)
+    sys.exit(0)
 
 
 @main.command()
 @click.pass_context
 def check(ctx: click.Context) -> None:
-    """Create missing queue directories and data_directory."""
+    """Create missing queue directories and data_directory; fix owners and modes."""
     cfg = _config(ctx)
+    owner = _owner(cfg)
     try:
-        make_queue_dirs(cfg.get("queue_directory"), cfg.get("data_directory"))
+        changes = check_queue_dirs(cfg.get("queue_directory"), cfg.get("data_directory"),
+                                   owner)
     except (OSError, ConfigError) as exc:
         _fatal(str(exc))
+    for change in changes:
+        _say(change)
     sys.exit(0)
 
 

@@ -1,6 +1,8 @@
 """Suite-wide fixtures.
 
 * every test starts with the process-wide log closed (stderr);
+* as root, the ``qmgrd`` system account (mail_owner of the test configurations) exists
+  for the whole session: created the way ``make run`` does when it is missing;
 * ``mailsys(**kw)`` makes whole qmgrd instances (tests.harness.MailSystem) in a temporary
   directory that an unprivileged ``mail_owner`` can traverse (pytest's tmp_path is 0700,
   which matters when the suite runs as root and children drop privileges), stopped at
@@ -11,7 +13,9 @@
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
+import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,6 +25,22 @@ import pytest
 
 from master import log
 from tests.harness import CaptureServer, MailSystem, SmtpSink
+
+MAIL_OWNER = "qmgrd"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _mail_owner_account() -> None:
+    """As root: make sure the mail_owner account of the tests exists (CI's fresh machine
+    has none).  Not root: nothing to do (everything runs as the invoking user)."""
+    if os.geteuid() != 0:
+        return
+    try:
+        pwd.getpwnam(MAIL_OWNER)
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--no-create-home", "--home-dir",
+                        "/nonexistent", "--shell", "/usr/sbin/nologin", MAIL_OWNER],
+                       check=True, capture_output=True, timeout=60)
 
 
 @pytest.fixture(autouse=True)

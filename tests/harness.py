@@ -7,11 +7,20 @@ psutil that no process of that config directory is left.
 
 Peers: SmtpSink (Postfix's smtp-sink, dumping each transaction to a file) and
 CaptureServer (tests/tools/capture_smtpd.py, aiosmtpd in its own process).
+
+Load and process helpers (issue-3 acceptance tests): spawn_sendmail / inject_many (parallel
+qmgr-sendmail runs, blocking) and Injector (the same, advanced step by step with pump() so
+a test can kill, reload and sample while mail flows); message_ids() (Message-ID tags in
+delivered messages); service_of() / ProcSampler (which service a process runs; the
+largest number of processes of a service seen alive at one instant); LogCursor (log lines
+written after a point, by service and pid); session_report() (orphans and zombies of an
+instance's session).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -19,7 +28,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections import Counter, deque
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import psutil
@@ -82,6 +92,7 @@ DEFAULT_MAIN = {
     "smtp_helo_timeout": "10s",
     "daemon_timeout": "60s",
     "qmgr_ipc_timeout": "10s",
+    "mail_owner": "qmgrd",
 }
 
 
@@ -327,3 +338,276 @@ class CaptureServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+# --------------------------------------------------------------------------- load helpers
+def spawn_sendmail(ms: MailSystem, args: list[str], data: bytes) -> subprocess.Popen[bytes]:
+    """Start one qmgr-sendmail run with ``data`` on its stdin (already closed)."""
+    p = subprocess.Popen([PY, "-m", "qmgrd.sendmail", "-c", str(ms.etc), *args],
+                         stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, env=ms.env)
+    assert p.stdin is not None
+    p.stdin.write(data)
+    p.stdin.close()
+    return p
+
+
+class Injector:
+    """Parallel qmgr-sendmail runs, ``parallel`` at a time, advanced by pump().
+
+    ``jobs`` is a list of (sendmail args, message bytes).  Nothing runs in the background
+    between pump() calls except the sendmail processes themselves.  ``failures`` collects
+    (args, exit code, stderr) of runs that did not exit 0; ``done`` counts finished runs.
+    """
+
+    def __init__(self, ms: MailSystem, jobs: Iterable[tuple[list[str], bytes]],
+                 parallel: int = 8) -> None:
+        self.ms = ms
+        self.pending: deque[tuple[list[str], bytes]] = deque(jobs)
+        self.total = len(self.pending)
+        self.parallel = parallel
+        self.running: list[tuple[list[str], subprocess.Popen[bytes]]] = []
+        self.done = 0
+        self.failures: list[tuple[list[str], int, bytes]] = []
+
+    def _finish(self, args: list[str], p: subprocess.Popen[bytes]) -> None:
+        err = p.stderr.read() if p.stderr else b""
+        if p.stderr:
+            p.stderr.close()
+        if p.returncode != 0:
+            self.failures.append((args, p.returncode, err))
+        self.done += 1
+
+    def pump(self) -> bool:
+        """Collect finished runs, start new ones; True once every job has finished."""
+        still = []
+        for args, p in self.running:
+            if p.poll() is None:
+                still.append((args, p))
+            else:
+                self._finish(args, p)
+        self.running = still
+        while self.pending and len(self.running) < self.parallel:
+            args, data = self.pending.popleft()
+            self.running.append((args, spawn_sendmail(self.ms, args, data)))
+        return not self.pending and not self.running
+
+    def finish(self, timeout: float = 120) -> None:
+        """pump() until every job has finished (AssertionError after ``timeout`` s)."""
+        wait_for(self.pump, timeout, f"{self.total} qmgr-sendmail runs", interval=0.02)
+
+    def close(self) -> None:
+        """Kill what still runs (test teardown on failure)."""
+        for args, p in self.running:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+            self._finish(args, p)
+        self.running = []
+
+
+def inject_many(ms: MailSystem, jobs: list[tuple[list[str], bytes]], parallel: int = 8) -> None:
+    """Run qmgr-sendmail for each (args, data), ``parallel`` at a time; all must exit 0."""
+    inj = Injector(ms, jobs, parallel)
+    try:
+        inj.finish()
+    finally:
+        inj.close()
+    assert not inj.failures, inj.failures[:3]
+
+
+def message_ids(blobs: Iterable[bytes], tag: str, top_only: bool = True) -> Counter[str]:
+    """Count ``Message-ID: <ID@tag>`` headers (case-insensitive name) per ID in ``blobs``.
+
+    ``top_only``: look at each message's own header section only (a delivered message);
+    False: anywhere in it (a bounce notice counts for the message whose headers it quotes).
+    """
+    pat = re.compile(rb"^Message-ID:\s*<([^@>\s]+)@" + re.escape(tag.encode()) + rb">",
+                     re.IGNORECASE | re.MULTILINE)
+    out: Counter[str] = Counter()
+    for blob in blobs:
+        if top_only:
+            blob = re.split(rb"\r?\n\r?\n", blob, maxsplit=1)[0]
+        for m in set(pat.findall(blob)):
+            out[m.decode()] += 1
+    return out
+
+
+def wait_delivered(ms: MailSystem, cond: Callable[[], object], timeout: float, what: str,
+                   flush_every: float = 2.0, pump: Callable[[], object] | None = None) -> None:
+    """wait_for(cond), running ``qmgr-ctl flush`` at most every ``flush_every`` s while
+    mail sits in deferred/ or incoming/ (mail deferred by a killed agent is retried at
+    once instead of after minimal_backoff_time); ``pump`` is called on every poll."""
+    last = [time.monotonic()]
+
+    def check() -> object:
+        if pump is not None:
+            pump()
+        if cond():
+            return True
+        now = time.monotonic()
+        if now - last[0] >= flush_every and ms.queue_files("deferred", "incoming"):
+            last[0] = now
+            ms.ctl("flush")
+        return False
+
+    wait_for(check, timeout, what, interval=0.1)
+
+
+def maildir_messages(ms: MailSystem, user: str | None = None) -> list[bytes]:
+    """The bytes of every message in ``<mail>/<user>/new`` (every user when None)."""
+    out = []
+    users = [user] if user else ([d.name for d in ms.mail.iterdir()] if ms.mail.exists()
+                                 else [])
+    for u in users:
+        for p in ms.maildir(u):
+            try:
+                out.append(p.read_bytes())
+            except OSError:
+                continue
+    return out
+
+
+# --------------------------------------------------------------------------- processes
+def service_of(p: psutil.Process) -> str | None:
+    """The master.cf service a qmgrd child runs: from its title ``qmgrd: <service>``, its
+    ``-n <service>`` argument, or (zombies) the kernel's process name; None if unknown."""
+    try:
+        cmd = p.cmdline()
+    except psutil.ZombieProcess:
+        cmd = []
+    except psutil.Error:
+        return None
+    if cmd:
+        joined = " ".join(cmd)
+        if joined.startswith("qmgrd: "):
+            rest = joined[len("qmgrd: "):].split()
+            return rest[0] if rest else None
+        if "-n" in cmd[:-1]:
+            return cmd[cmd.index("-n") + 1]
+        return None
+    try:
+        name = p.name()
+    except psutil.Error:
+        return None
+    return name[len("qmgrd: "):] if name.startswith("qmgrd: ") else None
+
+
+class ProcSampler:
+    """Samples the children of one master: the most processes of ``service`` (zombies
+    included: the master counts a child until it has reaped it) alive at one instant.
+
+    A sample lists the master's children, then checks that each is still the same process
+    (pid and create time); those that pass existed together at the moment the re-check
+    began, so a child that ended and was replaced during the listing is never counted
+    twice.
+    """
+
+    def __init__(self, master_pid: int, service: str) -> None:
+        self.master = psutil.Process(master_pid)
+        self.service = service
+        self.max_seen = 0
+        self.samples = 0
+        self.pids: set[int] = set()
+
+    def _children(self) -> list[psutil.Process]:
+        pid = self.master.pid
+        try:  # Linux: the kernel's list of children, much cheaper than a /proc scan
+            with open(f"/proc/{pid}/task/{pid}/children", encoding="ascii") as f:
+                pids = [int(x) for x in f.read().split()]
+        except OSError:
+            return list(self.master.children())
+        out = []
+        for child in pids:
+            try:
+                out.append(psutil.Process(child))
+            except psutil.Error:
+                continue
+        return out
+
+    def sample(self) -> int:
+        """Take one sample; returns the count (also folded into max_seen, pids)."""
+        try:
+            kids = self._children()
+        except psutil.Error:
+            return 0
+        listed = []
+        for p in kids:
+            if service_of(p) == self.service:
+                try:
+                    listed.append((p, p.create_time()))
+                except psutil.Error:
+                    continue
+        alive = 0
+        for p, created in listed:
+            try:
+                if psutil.Process(p.pid).create_time() == created:
+                    alive += 1
+                    self.pids.add(p.pid)
+            except psutil.Error:
+                continue
+        self.samples += 1
+        self.max_seen = max(self.max_seen, alive)
+        return alive
+
+
+def session_report(ms: MailSystem) -> dict[str, list[tuple[int, int, str]]]:
+    """The processes of the instance's session that break the process tree rule:
+    ``orphans`` (not the master, parent not the master) and ``zombies``; each as
+    (pid, ppid, command line or name)."""
+    out: dict[str, list[tuple[int, int, str]]] = {"orphans": [], "zombies": []}
+    if ms.proc is None:
+        return out
+    sid = ms.proc.pid
+    for p in psutil.process_iter(["status", "ppid"]):
+        try:
+            if os.getsid(p.pid) != sid or p.pid == sid:
+                continue
+            try:
+                what = " ".join(p.cmdline()) or p.name()
+            except psutil.ZombieProcess:
+                what = p.name()
+            if p.info["status"] == psutil.STATUS_ZOMBIE:
+                out["zombies"].append((p.pid, p.info["ppid"], what))
+            elif p.info["ppid"] != sid:
+                out["orphans"].append((p.pid, p.info["ppid"], what))
+        except (psutil.Error, OSError):
+            continue
+    return out
+
+
+class LogCursor:
+    """Reads the maillog from a byte offset on: ``lines()`` are those written after the
+    cursor was made (or last moved with ``mark()``)."""
+
+    LINE = re.compile(r"^\S+ +\d+ [\d:]+ \S+ ([^\s\[]+)\[(\d+)\]: (.*)$")
+
+    def __init__(self, ms: MailSystem) -> None:
+        self.ms = ms
+        self.offset = self._size()
+
+    def _size(self) -> int:
+        try:
+            return self.ms.maillog.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def mark(self) -> None:
+        self.offset = self._size()
+
+    def lines(self) -> list[str]:
+        try:
+            with open(self.ms.maillog, "rb") as f:
+                f.seek(self.offset)
+                return f.read().decode(errors="replace").splitlines()
+        except FileNotFoundError:
+            return []
+
+    def by(self, service: str) -> list[tuple[int, str]]:
+        """(pid, message) of the lines logged by ``<syslog_name>/<service>`` since the mark."""
+        out = []
+        for line in self.lines():
+            m = self.LINE.match(line)
+            if m and m.group(1).rpartition("/")[2] == service:
+                out.append((int(m.group(2)), m.group(3)))
+        return out

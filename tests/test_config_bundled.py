@@ -32,7 +32,7 @@ def test_bundled_master_cf() -> None:
            for s in services}
     assert got == {
         "pickup": ("fifo", False, True, False, 60, 1, "pickup"),
-        "qmgr": ("fifo", False, True, False, 300, 1, "qmgr"),
+        "qmgr": ("fifo", False, True, True, 300, 1, "qmgr"),
         "bounce": ("unix", True, True, False, 0, 0, "bounce"),
         "defer": ("unix", True, True, False, 0, 0, "bounce"),
         "trace": ("unix", True, True, False, 0, 0, "bounce"),

@@ -22,6 +22,8 @@ from tests.services.procs import (
     child_env,
     kill_session,
     log_lines,
+    make_base,
+    remove_base,
     session_procs,
     wait_for,
     write_config,
@@ -33,7 +35,7 @@ MASTER_CF = """\
 echo   unix - - n - 2 tests.services.echo_agent
 solo   unix - - n - 1 tests.services.echo_agent slow
 bad    unix - - n - - tests.services.fail_agent
-pickup fifo n - n 60 1 tests.services.trigger_agent
+pickup fifo n n n 60 1 tests.services.trigger_agent
 """
 MAIN_EXTRA = "service_throttle_time = 2s\n"
 
@@ -41,9 +43,9 @@ MAIN_EXTRA = "service_throttle_time = 2s\n"
 class Mail:
     """A temporary mail system: configuration, a foreground master, CLI calls."""
 
-    def __init__(self, base: Path, master_cf: str = MASTER_CF) -> None:
+    def __init__(self, base: Path, master_cf: str = MASTER_CF, main_extra: str = "") -> None:
         self.base = base
-        self.etc = write_config(base, master_cf, MAIN_EXTRA)
+        self.etc = write_config(base, master_cf, MAIN_EXTRA + main_extra)
         self.q = base / "q"
         self.pid_file = self.q / "pid" / "master.pid"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -90,8 +92,15 @@ class Mail:
 
 
 @pytest.fixture
-def mail(tmp_path: Path) -> Iterator[Mail]:
-    system = Mail(tmp_path)
+def base() -> Iterator[Path]:
+    path = make_base()
+    yield path
+    remove_base(path)
+
+
+@pytest.fixture
+def mail(base: Path) -> Iterator[Mail]:
+    system = Mail(base)
     yield system
     system.cleanup()
 
@@ -266,8 +275,8 @@ def test_second_master_refused_and_status(mail: Mail) -> None:
     assert down.returncode == 3 and "not running" in down.stderr
 
 
-def test_bad_configuration_starts_nothing(tmp_path: Path) -> None:
-    system = Mail(tmp_path, MASTER_CF + "oops unix - - n\n")
+def test_bad_configuration_starts_nothing(base: Path) -> None:
+    system = Mail(base, MASTER_CF + "oops unix - - n\n")
     try:
         result = system.cli("start")
         assert result.returncode == 1
@@ -295,20 +304,20 @@ def test_background_start_stop_reload(mail: Mail) -> None:
     assert mail.cli("reload").returncode == 1
 
 
-def test_check_creates_queue_directories(tmp_path: Path) -> None:
-    system = Mail(tmp_path)
+def test_check_creates_queue_directories(base: Path) -> None:
+    system = Mail(base)
     assert system.cli("check").returncode == 0
     modes = {p.name: p.stat().st_mode & 0o7777 for p in system.q.iterdir()}
     assert modes["maildrop"] == 0o1733 and modes["public"] == 0o755
-    assert modes["incoming"] == 0o700 and modes["pid"] == 0o700 and len(modes) == 12
-    assert (tmp_path / "data").is_dir()
+    assert modes["incoming"] == 0o700 and modes["pid"] == 0o755 and len(modes) == 14
+    assert (base / "data").is_dir()
 
 
-def test_inet_service_on_loopback(tmp_path: Path) -> None:
+def test_inet_service_on_loopback(base: Path) -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    system = Mail(tmp_path, f"127.0.0.1:{port} inet n - n - 2 tests.services.echo_agent\n")
+    system = Mail(base, f"127.0.0.1:{port} inet n - n - 2 tests.services.echo_agent\n")
     try:
         system.start()
         with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
@@ -318,5 +327,28 @@ def test_inet_service_on_loopback(tmp_path: Path) -> None:
                 data += chunk
         assert data.decode().split() == [f"127.0.0.1:{port}", data.split()[1].decode(), "1",
                                          "over", "tcp"]
+    finally:
+        system.cleanup()
+
+
+def test_inet_service_on_two_addresses_gets_both_sockets(base: Path) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    system = Mail(base, f"{port} inet n - n - 1 tests.services.echo_agent\n",
+                  "inet_interfaces = 127.0.0.1, 127.0.0.2\n")
+    try:
+        system.start()
+        pids = set()
+        for host in ("127.0.0.1", "127.0.0.2", "127.0.0.1"):
+            with socket.create_connection((host, port), timeout=10) as sock:
+                sock.sendall(b"hi\n")
+                data = b""
+                while chunk := sock.recv(1024):
+                    data += chunk
+            reply = data.decode().split()
+            assert reply[0] == str(port) and reply[3] == "hi"
+            pids.add(int(reply[1]))
+        assert len(pids) == 1  # one child (maxproc 1) serves both addresses: -s 2
     finally:
         system.cleanup()

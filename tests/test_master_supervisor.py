@@ -30,6 +30,8 @@ class FakeOs:
         self.backlogs: dict[str, int] = {}
         self.closed_listeners: list[str] = []
         self.fail_spawn = False
+        self.sockets: dict[str, int] = {}  # service name -> number of listeners
+        self.all_listeners: dict[str, list[int]] = {}
         self.fail_listen: set[str] = set()
 
     def _newfd(self) -> int:
@@ -53,16 +55,19 @@ class FakeOs:
     def kill(self, pid: int, sig: int) -> None:
         self.killed.append((pid, sig))
 
-    def open_listener(self, service: Service, queue_directory: str, backlog: int) -> int:
+    def open_listeners(self, service: Service, queue_directory: str,
+                       backlog: int) -> list[int]:
         if service.name in self.fail_listen:
             raise OSError(98, "Address already in use")
-        fd = self._newfd()
-        self.listeners[service.name] = fd
+        fds = [self._newfd() for _ in range(self.sockets.get(service.name, 1))]
+        self.listeners[service.name] = fds[0]
+        self.all_listeners[service.name] = fds
         self.backlogs[service.name] = backlog
-        return fd
+        return fds
 
-    def close_listener(self, service: Service, queue_directory: str, fd: int) -> None:
-        self.closed.append(fd)
+    def close_listeners(self, service: Service, queue_directory: str,
+                        fds: Sequence[int]) -> None:
+        self.closed.extend(fds)
         self.closed_listeners.append(service.name)
 
     def open_status(self) -> tuple[int, int]:
@@ -457,3 +462,109 @@ def test_wakeup_when_throttle_ends(fos: FakeOs, flog: FakeLog) -> None:
     fos.now += 9.0
     sup.run_timers()  # the throttle ends: wake it now, not 50 s later
     assert fos.wakeups[-1] == ("pickup", fos.now)
+
+
+def test_privileged_master_passes_unpriv_and_chroot(fos: FakeOs, flog: FakeLog) -> None:
+    jailed = Service(name="qmgr", type="fifo", private=False, unpriv=True, chroot=True,
+                     wakeup=0, wakeup_if_used=False, maxproc=1, command="qmgr",
+                     module="qmgrd.qmgr")
+    rooted = Service(name="local", type="unix", private=True, unpriv=False, chroot=False,
+                     wakeup=0, wakeup_if_used=False, maxproc=2, command="local",
+                     module="transports.local")
+    sup = Supervisor(fos, Settings("/etc/q", "/var/q", privileged=True))
+    sup.start([jailed, rooted, svc("smtp")])
+    for name in ("qmgr", "local", "smtp"):
+        connect(sup, fos, name)
+    flags = {argv[argv.index("-n") + 1]: [a for a in argv if a.startswith("--")]
+             for _, argv, _, _ in fos.spawned}
+    assert flags == {"qmgr": ["--unpriv", "--chroot"], "local": [], "smtp": ["--unpriv"]}
+    # started by a normal user: no flags at all, whatever master.cf says
+    plain = FakeOs()
+    sup2 = Supervisor(plain, Settings("/etc/q", "/var/q", privileged=False))
+    sup2.start([jailed])
+    connect(sup2, plain, "qmgr")
+    assert not [a for a in plain.spawned[0][1] if a.startswith("--")]
+
+
+def test_process_limit_warning_at_most_once_per_1000s(fos: FakeOs, flog: FakeLog) -> None:
+    sup = make(fos, svc("smtp", maxproc=2), svc("solo", maxproc=1))
+    marker = 'service "smtp" (private/smtp) has reached its process limit "2"'
+    p1 = connect(sup, fos, "smtp")
+    assert p1 is not None
+    report(fos, sup, "smtp", p1, 0)
+    p2 = connect(sup, fos, "smtp")
+    assert p2 is not None
+    assert not [line for line in flog.lines if marker in line]  # p2 still idle
+    report(fos, sup, "smtp", p2, 0)  # both busy at the limit
+    warned = [line for line in flog.lines if marker in line]
+    assert warned == [f"warning: {marker}: new clients may experience noticeable delays"]
+    assert "increase the process count in master.cf" in flog.lines[-1]
+    for _ in range(5):  # busy/idle cycles within the 1000 s: no repeat
+        fos.now += 100
+        report(fos, sup, "smtp", p1, 1)
+        report(fos, sup, "smtp", p1, 0)
+    assert len([line for line in flog.lines if marker in line]) == 1
+    fos.now += 600  # 1100 s after the first warning
+    report(fos, sup, "smtp", p1, 1)
+    report(fos, sup, "smtp", p1, 0)
+    assert len([line for line in flog.lines if marker in line]) == 2
+    # a solitary service (the qmgr, pickup) at its limit is normal: never warned about
+    solo = connect(sup, fos, "solo")
+    assert solo is not None
+    report(fos, sup, "solo", solo, 0)
+    assert not [line for line in flog.lines if '"solo"' in line]
+
+
+def test_watchdog_kill_is_named(fos: FakeOs, flog: FakeLog) -> None:
+    service = svc("smtp")
+    sup = Supervisor(fos, Settings("/etc/q", "/var/q",
+                                   watchdog={service.service_key: 42}))
+    sup.start([service])
+    pid = connect(sup, fos, "smtp")
+    assert pid is not None
+    report(fos, sup, "smtp", pid, 0)
+    report(fos, sup, "smtp", pid, 1)
+    report(fos, sup, "smtp", pid, 0)
+    fos.exits.append((pid, -signal.SIGALRM))
+    sup.reap()
+    assert (f"warning: process tests.services.smtp pid {pid} killed by signal 14 "
+            "(watchdog timeout after 42s?)") in flog.lines
+    assert not any("throttling" in line for line in flog.lines)  # it had served once
+
+
+def test_snapshot_is_the_masters_view(fos: FakeOs, flog: FakeLog) -> None:
+    sup = make(fos, svc("smtp", maxproc=3), svc("bad"), throttle=60)
+    p1 = connect(sup, fos, "smtp")
+    assert p1 is not None
+    report(fos, sup, "smtp", p1, 0)
+    p2 = connect(sup, fos, "smtp")
+    assert p2 is not None
+    report(fos, sup, "smtp", p1, 1)
+    bad = connect(sup, fos, "bad")
+    assert bad is not None
+    fos.exits.append((bad, 1))
+    sup.reap()
+    snap = sup.snapshot(wall_offset=1_000_000.0)
+    by_name = {s["name"]: s for s in snap["services"]}
+    smtp = by_name["smtp"]
+    assert (smtp["type"], smtp["maxproc"], smtp["throttled_until"]) == ("unix", 3, None)
+    assert [(p["pid"], p["state"], p["uses"]) for p in smtp["processes"]] == [
+        (p1, "idle", 1), (p2, "idle", 0)]
+    assert by_name["bad"]["throttled_until"] == fos.now + 60 + 1_000_000.0
+    assert by_name["bad"]["processes"] == []
+    assert snap["generation"] == 1 and snap["stopping"] is False
+
+
+def test_several_listeners_are_all_passed_with_s(fos: FakeOs, flog: FakeLog) -> None:
+    fos.sockets["smtpd"] = 2  # an inet service on two inet_interfaces addresses
+    sup = make(fos, svc("smtpd", stype="inet", private=False), svc("echo"))
+    fds = fos.all_listeners["smtpd"]
+    assert sup.wanted_listeners() == {*fds, fos.listeners["echo"]}
+    sup.on_listener_ready(fds[1])  # a connection on the second address
+    _, argv, _, passed = fos.spawned[-1]
+    assert argv[argv.index("-s") + 1] == "2" and passed[3:] == fds
+    assert not set(fds) & sup.wanted_listeners()  # an idle child now: neither watched
+    connect(sup, fos, "echo")
+    assert "-s" not in fos.spawned[-1][1] and len(fos.spawned[-1][3]) == 4
+    sup.close_all()
+    assert set(fds) <= set(fos.closed)

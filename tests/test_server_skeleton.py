@@ -154,7 +154,7 @@ class StandIn:
         self.qdir = str(base / "q")
         self.flow = self.os.open_flow()
         self.status, self.status_child = self.os.open_status()
-        self.listen = self.os.open_listener(service, self.qdir, 10)
+        [self.listen] = self.os.open_listeners(service, self.qdir, 10)
         self.pid = self.os.spawn(child_argv(service, str(base / "etc"), False), 7,
                                  [*self.flow, self.status_child, self.listen])
         self.fds = [*self.flow, self.status, self.status_child, self.listen]

@@ -114,3 +114,19 @@ def test_append_failure_truncates(spool: Spool, monkeypatch: pytest.MonkeyPatch)
     with pytest.raises(OSError):
         statuslog.append(spool, "bounce", QID, rcpt, dsn)
     assert os.path.getsize(spool.path("bounce", QID)) == size
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (CI runs as root)")
+def test_root_writer_gives_log_to_queue_owner(spool: Spool) -> None:
+    """The local agent runs as root: its defer/bounce logs (and new hash directories)
+    must belong to the queue's owner, or the qmgr and bounce service cannot read them."""
+    nobody = 65534
+    for name in ("defer", "bounce"):
+        os.chown(spool.queue_path(name), nobody, nobody)
+    qid = "4SVLCh0sf8z9HdB"
+    for name in ("defer", "bounce"):
+        statuslog.append(spool, name, qid, Recipient("a@b.example"), Dsn("4.0.0", "delayed", "x"))
+        path = spool.path(name, qid)
+        assert (os.stat(path).st_uid, os.stat(path).st_gid) == (nobody, nobody)
+        d = os.path.dirname(path)
+        assert os.stat(d).st_uid == nobody

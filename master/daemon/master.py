@@ -7,11 +7,23 @@ Summary
     spawn on demand, and the timers (wakeups, throttles, the stop grace period).  The
     policy lives in master.daemon.supervisor; this module does the I/O around it.
 
-    Start-up (run_master): read main.cf and master.cf, open the log, lock
-    ``pid/master.pid`` (a second master gets "fatal: the qmgrd mail system is already
-    running (pid N)" and exits 1 having touched nothing), create the queue directories
-    and data_directory, chdir to queue_directory, create every endpoint, set the process
-    name ``qmgrd: master`` (see master.server.skeleton on titles), log ``daemon started -- version 0.1, configuration <dir>``.
+    Start-up (run_master): read main.cf and master.cf, open the log (created 0644 before
+    any child exists: children open it before they drop privileges), look up mail_owner
+    (as root it must exist and be unprivileged - "fatal: file <dir>/main.cf: parameter
+    mail_owner: unknown user name value: x" - otherwise one warning that everything runs
+    as the invoking user, master.server.jail), lock ``pid/master.pid`` (a second master
+    gets "fatal: the qmgrd mail system is already running (pid N)" and exits 1 having
+    touched nothing), create or repair the queue directories and data_directory
+    (master.daemon.queuedirs; each fix logged), lock ``$data_directory/master.lock``,
+    chdir to queue_directory, create every endpoint (owned by mail_owner), open the
+    control socket ``pid/master.ctl`` (master.daemon.control), set the process name
+    ``qmgrd: master`` (see master.server.skeleton on titles), log ``daemon started --
+    version 0.1, configuration <dir>``.
+
+    The loop: re-assert both locks (one flock each), run due timers, then sleep in
+    select() until a descriptor is ready or the next real timer (a wakeup, the end of a
+    throttle, a control client's deadline, the stop grace) is due - never a polling
+    timeout, so an idle master costs no CPU.
 
     Signals (postfix.md §3.7): SIGHUP reloads (main.cf and master.cf re-read; on error
     the old configuration stays and the error is logged; ``reload -- version 0.1,
@@ -19,10 +31,19 @@ Summary
     <n>``, every status channel closed, SIGTERM to every child, up to STOP_GRACE (5 s)
     of reaping, SIGKILL to the rest, pid file removed, exit 0.  SIGCHLD reaps.
 
+    inet services without a host part listen on every address of inet_interfaces (one
+    socket each; the children get them all, ``-s N``).
+
+Logs (besides master.daemon.supervisor's)
+    warning: not started as root: every process runs as user <u> (uid <n>), ...
+    created <dir> (mode 1733, owner <uid>:<gid>) / fixed <dir>: mode|owner <a> -> <b>
+    warning: mail_owner <u> cannot reach queue_directory <q>: no search permission on <d>
+    fatal: refresh exclusive lock <file>: <error>;  fatal: <start-up failure>
+
 Public API
-    VERSION = "0.1";  QUEUE_DIRS: dict[str, int] (name -> mode)
-    make_queue_dirs(queue_directory, data_directory) -> None     raises OSError
-    settings_from(cfg, foreground) -> Settings
+    VERSION = "0.1"
+    settings_from(cfg, foreground, services=(), privileged=False) -> Settings
+        raises ConfigError (a bad watchdog time)
     Master(config_directory, foreground=False): start() (raises StartupError), run() -> int
     StartupError: start-up failed (str = the reason, without "fatal: ")
     run_master(config_directory, foreground=False, notify=None) -> int
@@ -37,25 +58,28 @@ import os
 import selectors
 import signal
 import socket
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from types import FrameType
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import setproctitle
 
 from master import log
 from master.config import Config, ConfigError, Service, load_master_cf
-from master.daemon.pidfile import AlreadyRunning, PidFile, pid_path
+from master.daemon import control
+from master.daemon.pidfile import AlreadyRunning, PidFile, lock_path, pid_path
+from master.daemon.queuedirs import check_queue_dirs, unreachable_by
 from master.daemon.spawn import PosixOs, high_fd
 from master.daemon.supervisor import Settings, Supervisor
+from master.server.jail import Owner, OwnerError, lookup_mail_owner, unprivileged_warning
+from master.server.watchdog import watchdog_timeout
 
 __all__ = [
-    "QUEUE_DIRS",
     "STOP_GRACE",
     "VERSION",
     "Master",
     "StartupError",
-    "make_queue_dirs",
     "run_master",
     "settings_from",
 ]
@@ -63,11 +87,6 @@ __all__ = [
 VERSION = "0.1"
 STOP_GRACE = 5.0
 KILL_GRACE = 2.0
-QUEUE_DIRS: dict[str, int] = {
-    "maildrop": 0o1733, "incoming": 0o700, "active": 0o700, "deferred": 0o700,
-    "hold": 0o700, "corrupt": 0o700, "bounce": 0o700, "defer": 0o700, "trace": 0o700,
-    "private": 0o700, "public": 0o755, "pid": 0o700,
-}
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
 _LISTEN = "listen"
 _STATUS = "status"
@@ -78,26 +97,18 @@ class StartupError(Exception):
     """The master cannot start (str = the reason)."""
 
 
-def make_queue_dirs(queue_directory: str, data_directory: str) -> None:
-    """Create the queue directory, its subdirectories (QUEUE_DIRS modes) and
-    data_directory (0700) where missing; existing ones are left as they are."""
-    os.makedirs(queue_directory, mode=0o755, exist_ok=True)
-    for name, mode in QUEUE_DIRS.items():
-        path = os.path.join(queue_directory, name)
-        if not os.path.isdir(path):
-            os.mkdir(path, mode)
-            os.chmod(path, mode)
-    if data_directory and not os.path.isdir(data_directory):
-        os.makedirs(data_directory, mode=0o700, exist_ok=True)
-
-
-def settings_from(cfg: Config, foreground: bool) -> Settings:
-    """The Settings of the master's policy from main.cf.  Raises ConfigError."""
+def settings_from(cfg: Config, foreground: bool, services: Sequence[Service] = (),
+                  privileged: bool = False) -> Settings:
+    """The Settings of the master's policy from main.cf (and each service's watchdog
+    time, with its -o overrides).  Raises ConfigError."""
+    watchdog = {svc.service_key: watchdog_timeout(svc.child_config(cfg),
+                                                  svc.module.rpartition(".")[2])
+                for svc in services}
     return Settings(config_directory=cfg.config_directory,
-                    queue_directory=cfg.get("queue_directory"),
+                    queue_directory=os.path.abspath(cfg.get("queue_directory")),
                     default_process_limit=cfg.get_int("default_process_limit"),
                     service_throttle_time=cfg.get_time("service_throttle_time"),
-                    foreground=foreground)
+                    foreground=foreground, privileged=privileged, watchdog=watchdog)
 
 
 def _load(config_directory: str) -> tuple[Config, list[Service]]:
@@ -106,18 +117,18 @@ def _load(config_directory: str) -> tuple[Config, list[Service]]:
     return cfg, services
 
 
-def _inet_host(cfg: Config) -> str:
-    """The bind address for inet services without a host part (first inet_interfaces)."""
+def _inet_hosts(cfg: Config) -> list[str]:
+    """The bind addresses of inet services without a host part (inet_interfaces: "all"
+    -> the wildcard address, "loopback-only" -> 127.0.0.1, else each address)."""
     interfaces = cfg.get_list("inet_interfaces")
-    if not interfaces or interfaces[0] == "all":
-        return ""
-    if interfaces[0] == "loopback-only":
-        return "127.0.0.1"
-    return interfaces[0]
+    if not interfaces or "all" in interfaces:
+        return [""]
+    hosts = ["127.0.0.1" if name == "loopback-only" else name for name in interfaces]
+    return list(dict.fromkeys(host.strip("[]") for host in hosts))
 
 
 class Master:
-    """The master process: pid lock, signals, selector loop around a Supervisor.
+    """The master process: locks, signals, selector loop around a Supervisor.
 
     The constructor does no I/O; start() does everything that can fail.
     """
@@ -127,7 +138,11 @@ class Master:
         self.foreground = foreground
         self.selector = selectors.DefaultSelector()
         self.pidfile: PidFile | None = None
+        self.lockfile: PidFile | None = None
         self.supervisor: Supervisor | None = None
+        self.control: control.ControlServer | None = None
+        self.owner: Owner | None = None
+        self.started = 0.0
         self._pending: list[int] = []
         self._sig_r = -1
         self._sig_w = -1
@@ -137,15 +152,24 @@ class Master:
 
     # --- start-up ---------------------------------------------------------------------
     def start(self, cfg: Config, services: list[Service]) -> None:
-        """Lock the pid file, make directories, open endpoints, install signals.
+        """Check mail_owner, lock the pid file, make/repair directories, open endpoints
+        and the control socket, install signals.
 
         Raises:
-            StartupError: already running, or a directory/endpoint cannot be made.
+            StartupError: bad mail_owner, already running, or a directory, lock or
+                endpoint cannot be made.
         """
-        settings = settings_from(cfg, self.foreground)
+        try:
+            owner = lookup_mail_owner(cfg)
+        except OwnerError as exc:
+            raise StartupError(str(exc)) from None
+        self.owner = owner
+        if not owner.privileged:
+            log.warning(unprivileged_warning(owner))
+        settings = settings_from(cfg, self.foreground, services, owner.privileged)
         qdir = settings.queue_directory
         try:
-            os.makedirs(os.path.join(qdir, "pid"), mode=0o700, exist_ok=True)
+            os.makedirs(os.path.join(qdir, "pid"), mode=0o755, exist_ok=True)
             pidfile = PidFile(pid_path(qdir))
             pidfile.acquire()
         except AlreadyRunning as exc:
@@ -154,19 +178,57 @@ class Master:
             raise StartupError(f"open lock file {pid_path(qdir)}: {exc.strerror}") from None
         self.pidfile = pidfile
         try:
-            make_queue_dirs(qdir, cfg.get("data_directory"))
+            self._prepare(cfg, owner, qdir)
             os.chdir(qdir)
-            sup = Supervisor(PosixOs(self._forget, _inet_host(cfg)), settings)
+            endpoint_owner = (owner.uid, owner.gid) if owner.privileged else None
+            sup = Supervisor(PosixOs(self._forget, _inet_hosts(cfg), endpoint_owner), settings)
             self.supervisor = sup
             sup.start(services)
+            self.control = control.ControlServer(control.control_path(qdir),
+                                                 self._control_request, self.selector)
+            self.control.open()
+        except AlreadyRunning as exc:
+            self._shutdown_fds()
+            raise StartupError(str(exc)) from None
         except (OSError, ValueError) as exc:
             self._shutdown_fds()
             raise StartupError(str(exc)) from None
         self._install_signals()
         setproctitle.setproctitle("qmgrd: master")
         setproctitle.setthreadtitle("qmgrd: master")
+        self.started = time.time()
         log.info(f"daemon started -- version {VERSION}, configuration "
                  f"{self.config_directory}")
+
+    def _prepare(self, cfg: Config, owner: Owner, qdir: str) -> None:
+        """Repair the queue tree (logging each change), take master.lock, warn when
+        mail_owner cannot reach the queue directory.  Raises OSError, AlreadyRunning."""
+        data_directory = cfg.get("data_directory")
+        for change in check_queue_dirs(qdir, data_directory, owner):
+            log.info(change)
+        if data_directory:
+            lock = PidFile(lock_path(data_directory))
+            lock.acquire()
+            self.lockfile = lock
+        if owner.privileged:
+            blocked = unreachable_by(qdir, owner.uid, owner.gid)
+            if blocked is not None:
+                log.warning(f"mail_owner {owner.name} cannot reach queue_directory {qdir}:"
+                            f" no search permission on {blocked}")
+
+    def _control_request(self, request: dict[str, Any]) -> dict[str, Any]:
+        """The control socket's handler (master.daemon.control)."""
+        sup = self.supervisor
+        if request.get("request") != "status" or sup is None:
+            return {"error": "unknown request"}
+        reply = sup.snapshot(time.time() - sup.os.monotonic())
+        owner = self.owner
+        reply.update(pid=os.getpid(), version=VERSION, started=round(self.started, 3),
+                     config_directory=self.config_directory,
+                     queue_directory=sup.settings.queue_directory,
+                     mail_owner=owner.name if owner else "",
+                     mail_owner_uid=owner.uid if owner else -1)
+        return reply
 
     def _install_signals(self) -> None:
         r, w = socket.socketpair()
@@ -188,8 +250,12 @@ class Master:
         """Serve until stopped; returns the exit code (0)."""
         sup = self.supervisor
         assert sup is not None
+        ctl = self.control
+        assert ctl is not None
         while True:
+            self._reassert_locks()
             sup.run_timers()
+            ctl.run_timers()
             if self._stop_deadline is not None and self._stopping_done(sup):
                 break
             self._sync(sup)
@@ -199,6 +265,9 @@ class Master:
                 if kind == _STATUS and fd in self._watched:
                     sup.on_status_ready(fd)
             self._handle_signals(sup)
+            for key, mask in events:
+                if key.data == control.KIND:
+                    ctl.on_ready(key.fd, mask)
             for fd, kind in ready:
                 if kind == _LISTEN and fd in self._watched:
                     sup.on_listener_ready(fd)
@@ -206,8 +275,19 @@ class Master:
         self._shutdown_fds()
         return 0
 
+    def _reassert_locks(self) -> None:
+        """Postfix re-asserts its locks in every loop iteration; so do we (cheap)."""
+        for lock in (self.pidfile, self.lockfile):
+            if lock is not None:
+                try:
+                    lock.reassert()
+                except OSError as exc:
+                    log.fatal(f"refresh exclusive lock {lock.path}: {exc.strerror}")
+
     def _timeout(self, sup: Supervisor) -> float | None:
-        deadlines = [t for t in (sup.next_deadline(), self._stop_deadline) if t is not None]
+        ctl_deadline = self.control.next_deadline() if self.control is not None else None
+        deadlines = [t for t in (sup.next_deadline(), self._stop_deadline, ctl_deadline)
+                     if t is not None]
         if not deadlines:
             return None
         return max(0.0, min(deadlines) - sup.os.monotonic())
@@ -265,7 +345,8 @@ class Master:
     def _reload(self, sup: Supervisor) -> None:
         try:
             cfg, services = _load(self.config_directory)
-            settings = settings_from(cfg, self.foreground)
+            settings = settings_from(cfg, self.foreground, services,
+                                     sup.settings.privileged)
         except ConfigError as exc:
             log.warning(f"reload failed, keeping the current configuration: {exc}")
             return
@@ -273,6 +354,9 @@ class Master:
         sup.reload(settings, services)
 
     def _shutdown_fds(self) -> None:
+        if self.control is not None:
+            self.control.close()
+            self.control = None
         if self.supervisor is not None:
             self.supervisor.close_all()
         if self._sig_r >= 0:
@@ -282,9 +366,26 @@ class Master:
                 os.close(fd)
             self._sig_r = self._sig_w = -1
         self.selector.close()
+        if self.lockfile is not None:
+            self.lockfile.release()
+            self.lockfile = None
         if self.pidfile is not None:
             self.pidfile.release()
             self.pidfile = None
+
+
+def _create_maillog(path: str) -> None:
+    """Create the log file 0644 whatever the umask (a new file only).  Children open it
+    before they drop privileges, so root ownership is fine; readers need not be root."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    except FileExistsError:
+        return
+    try:
+        os.fchmod(fd, 0o644)
+    finally:
+        os.close(fd)
 
 
 def run_master(config_directory: str, foreground: bool = False,
@@ -302,6 +403,8 @@ def run_master(config_directory: str, foreground: bool = False,
     except ConfigError as exc:
         fail(str(exc))
     try:
+        if maillog:
+            _create_maillog(maillog)
         log.setup("master", maillog, syslog_name, foreground=foreground)
     except OSError as exc:
         fail(f"open {maillog}: {exc.strerror}")

@@ -5,16 +5,20 @@ Summary
     non-blocking ``flock`` for the master's whole life; its content is the pid
     right-aligned in 32 characters plus a newline, as Postfix writes it.  A second
     master finds the lock taken and refuses to start; tools probe the lock to tell
-    whether the mail system runs.
+    whether the mail system runs.  ``$data_directory/master.lock`` is a second lock of
+    the same kind (two masters sharing a data_directory are refused too).  The master
+    re-asserts both locks in every iteration of its loop (one flock(2) each), as
+    Postfix does.
 
 Public API
     PidFile(path): acquire() (raises AlreadyRunning), release() (unlock, unlink, close),
-        fd (the locked descriptor, -1 when not held)
+        reassert() (flock again; raises OSError), fd (the locked descriptor, -1 when not
+        held)
     AlreadyRunning(pid): raised by acquire(); str = "the qmgrd mail system is already
         running (pid N)"
     running_pid(path) -> int | None: the pid of the master holding the lock, None when no
         master runs (0 when the lock is held but the pid is not written yet)
-    pid_path(queue_directory) -> str
+    pid_path(queue_directory) -> str;  lock_path(data_directory) -> str
 
 Raises
     OSError when the file cannot be created or opened (the caller makes it fatal).
@@ -25,7 +29,7 @@ from __future__ import annotations
 import fcntl
 import os
 
-__all__ = ["AlreadyRunning", "PidFile", "pid_path", "running_pid"]
+__all__ = ["AlreadyRunning", "PidFile", "lock_path", "pid_path", "running_pid"]
 
 
 class AlreadyRunning(Exception):
@@ -39,6 +43,11 @@ class AlreadyRunning(Exception):
 def pid_path(queue_directory: str) -> str:
     """``<queue_directory>/pid/master.pid``."""
     return os.path.join(queue_directory, "pid", "master.pid")
+
+
+def lock_path(data_directory: str) -> str:
+    """``<data_directory>/master.lock``."""
+    return os.path.join(data_directory, "master.lock")
 
 
 def _read_pid(fd: int) -> int:
@@ -75,6 +84,12 @@ class PidFile:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid():>32}\n".encode("ascii"), 0)
         self.fd = fd
+
+    def reassert(self) -> None:
+        """Take the lock again (a no-op for the kernel while we hold it; Postfix does it
+        every loop iteration).  Raises OSError (e.g. the descriptor went bad)."""
+        if self.fd >= 0:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
     def release(self) -> None:
         """Remove the pid file and drop the lock (the master is exiting)."""

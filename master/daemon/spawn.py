@@ -10,7 +10,11 @@ Summary
     A child is started as (postfix.md §3.2, docs/contracts.md "master/server")::
 
         <sys.executable> -P -m <service.module> -c <config_dir> -n <service> -t <type>
-            [-d] [-o name=value ...] [-- args...]
+            [-d] [--unpriv] [--chroot] [-s N] [-o name=value ...] [-- args...]
+
+    (``--unpriv`` / ``--chroot``, Postfix's ``-u`` / ``-c``, only when the master runs as
+    root and the service's master.cf column says so; ``-s N`` when the service has
+    N > 1 listeners - an inet service on several inet_interfaces addresses - as Postfix.)
 
     with the parent's environment plus ``GENERATION=<n>`` (decimal) and, when the code
     is not installed in site-packages, the directory holding the ``master`` package
@@ -19,17 +23,28 @@ Summary
     terminal reaches the master only) and the descriptors of postfix.md §3.3: 3/4 the
     flow-control pipe, 5 the service's status socket (child end), 6.. the listeners.
     The master keeps its own descriptors at 10 and above (F_DUPFD_CLOEXEC) so the
-    ``dup2`` file actions can never overwrite a source descriptor.
+    ``dup2`` file actions can never overwrite a source descriptor.  SIGPIPE, SIGXFSZ and
+    SIGALRM are reset to their default action in the child (SIGALRM: the watchdog, see
+    master.server.watchdog).
+
+    Endpoints (postfix.md §3.5): UNIX sockets mode 0666, FIFOs 0622, both handed to
+    mail_owner (``PosixOs(owner=(uid, gid))``) when the master runs as root; access is
+    governed by the private/ (0700) and public/ (0755) directories.
 
 Public API
     OsLayer (Protocol): monotonic(), spawn(argv, generation, fds) -> pid,
-        reap() -> list[(pid, exitcode)], kill(pid, sig), open_listener(service,
-        queue_directory, backlog) -> fd, close_listener(service, queue_directory, fd),
+        reap() -> list[(pid, exitcode)], kill(pid, sig), open_listeners(service,
+        queue_directory, backlog) -> [fd, ...], close_listeners(service, queue_directory,
+        fds),
         open_status() -> (master_fd, child_fd), open_flow() -> (read_fd, write_fd),
         close(fd), read_status(fd) -> bytes | None, wakeup(service, queue_directory, fd)
-    PosixOs(before_close=None): the real OsLayer (``before_close(fd)`` is called before a
-        descriptor is closed, so the event loop can unregister it first)
-    child_argv(service, config_directory, foreground) -> list[str]
+    PosixOs(before_close=None, inet_hosts=("",), owner=None): the real OsLayer
+        (``before_close(fd)`` is called before a descriptor is closed, so the event loop
+        can unregister it first; ``inet_hosts``: the addresses an inet service without a
+        host part listens on, one socket each (inet_interfaces); ``owner`` = (uid, gid)
+        of the endpoints, None = ours)
+    child_argv(service, config_directory, foreground, privileged=False, sockets=1)
+        -> list[str]
     describe_exit(exitcode) -> str       "exit status 1" / "killed by signal 9"
     wait_child(pid) -> int | None        exit code of one child if it has ended (no wait)
     high_fd(fd) -> int                   move a descriptor to >= 10, close-on-exec
@@ -91,13 +106,16 @@ class OsLayer(Protocol):
         """Send ``sig`` to ``pid``; a pid that is already gone is not an error."""
         ...
 
-    def open_listener(self, service: Service, queue_directory: str, backlog: int) -> int:
-        """Create the service's endpoint and return its descriptor.  Raises OSError or
-        ValueError (bad inet address)."""
+    def open_listeners(self, service: Service, queue_directory: str,
+                       backlog: int) -> list[int]:
+        """Create the service's endpoint(s) and return the descriptors (one, or one per
+        address of an inet service).  Raises OSError or ValueError (bad inet address);
+        nothing stays open then."""
         ...
 
-    def close_listener(self, service: Service, queue_directory: str, fd: int) -> None:
-        """Close a listener for good (the service was removed): also unlink its path."""
+    def close_listeners(self, service: Service, queue_directory: str,
+                        fds: Sequence[int]) -> None:
+        """Close listeners for good (the service was removed): also unlink the path."""
         ...
 
     def open_status(self) -> tuple[int, int]:
@@ -129,12 +147,19 @@ def high_fd(fd: int) -> int:
     return new
 
 
-def child_argv(service: Service, config_directory: str, foreground: bool) -> list[str]:
+def child_argv(service: Service, config_directory: str, foreground: bool,
+               privileged: bool = False, sockets: int = 1) -> list[str]:
     """The command line of a child of ``service`` (module docstring)."""
     argv = [sys.executable, "-P", "-m", service.module, "-c", config_directory,
             "-n", service.name, "-t", service.type]
     if foreground:
         argv.append("-d")
+    if privileged and service.unpriv:
+        argv.append("--unpriv")
+    if privileged and service.chroot:
+        argv.append("--chroot")
+    if sockets > 1:
+        argv += ["-s", str(sockets)]
     for name, value in service.overrides.items():
         argv += ["-o", f"{name}={value}"]
     if service.args:
@@ -193,9 +218,11 @@ class PosixOs:
     """The real OsLayer (see the module docstring).  The constructor does no I/O."""
 
     def __init__(self, before_close: Callable[[int], None] | None = None,
-                 inet_host: str = "") -> None:
+                 inet_hosts: Sequence[str] = ("",),
+                 owner: tuple[int, int] | None = None) -> None:
         self._before_close = before_close
-        self._inet_host = inet_host
+        self._inet_hosts = list(inet_hosts) or [""]
+        self._owner = owner
         self._env = dict(os.environ)
         root = _import_root()
         if root is not None:
@@ -211,7 +238,8 @@ class PosixOs:
         env["GENERATION"] = str(generation)
         actions = [(os.POSIX_SPAWN_DUP2, src, 3 + i) for i, src in enumerate(fds)]
         return os.posix_spawn(argv[0], list(argv), env, file_actions=actions, setpgroup=0,
-                              setsigdef=(signal.SIGPIPE, signal.SIGXFSZ), setsigmask=())
+                              setsigdef=(signal.SIGPIPE, signal.SIGXFSZ, signal.SIGALRM),
+                              setsigmask=())
 
     def reap(self) -> list[tuple[int, int]]:
         ended: list[tuple[int, int]] = []
@@ -231,20 +259,39 @@ class PosixOs:
         except ProcessLookupError:
             pass
 
-    def open_listener(self, service: Service, queue_directory: str, backlog: int) -> int:
+    def open_listeners(self, service: Service, queue_directory: str,
+                       backlog: int) -> list[int]:
         if service.type == "inet":
-            return self._open_inet(service, backlog)
+            fds: list[int] = []
+            try:
+                for host in self._hosts(service):
+                    fds.append(self._open_inet(service.name, host, backlog))
+            except (OSError, ValueError):
+                for fd in fds:
+                    self.close(fd)
+                raise
+            return fds
+        return [self._open_local(service, queue_directory, backlog)]
+
+    def _hosts(self, service: Service) -> list[str]:
+        """The addresses of an inet service: its own host part, else inet_hosts."""
+        host, sep, _ = service.name.rpartition(":")
+        return [host] if sep else self._inet_hosts
+
+    def _open_local(self, service: Service, queue_directory: str, backlog: int) -> int:
         path = service.endpoint(queue_directory)
         _unlink_stale(path)
         if service.type == "fifo":
             os.mkfifo(path, 0o622)
             os.chmod(path, 0o622)
+            self._chown(path)
             fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
             return high_fd(fd)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.bind(path)
             os.chmod(path, 0o666)
+            self._chown(path)
             sock.listen(backlog)
             sock.setblocking(False)
         except OSError:
@@ -252,8 +299,12 @@ class PosixOs:
             raise
         return high_fd(sock.detach())
 
-    def _open_inet(self, service: Service, backlog: int) -> int:
-        host, port = parse_inet(service.name, self._inet_host)
+    def _chown(self, path: str) -> None:
+        if self._owner is not None:
+            os.lchown(path, *self._owner)
+
+    def _open_inet(self, name: str, default_host: str, backlog: int) -> int:
+        host, port = parse_inet(name, default_host)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
@@ -266,8 +317,10 @@ class PosixOs:
             raise
         return high_fd(sock.detach())
 
-    def close_listener(self, service: Service, queue_directory: str, fd: int) -> None:
-        self.close(fd)
+    def close_listeners(self, service: Service, queue_directory: str,
+                        fds: Sequence[int]) -> None:
+        for fd in fds:
+            self.close(fd)
         if service.type != "inet":
             try:
                 _unlink_stale(service.endpoint(queue_directory))
@@ -307,7 +360,7 @@ class PosixOs:
                     sock.connect(service.endpoint(queue_directory))
                     sock.send(b"W\0")
             else:
-                host, port = parse_inet(service.name, self._inet_host)
+                host, port = parse_inet(service.name, self._inet_hosts[0])
                 family = socket.AF_INET6 if ":" in host else socket.AF_INET
                 with socket.socket(family, socket.SOCK_STREAM) as sock:
                     sock.setblocking(False)

@@ -32,12 +32,21 @@ Summary
       channel and their children get SIGTERM; new services start.
     * Stop closes every status channel and sends SIGTERM to every child;
       kill_remaining() sends SIGKILL to what is left.
+    * Privileges: when the master runs as root (``Settings.privileged``) a child of an
+      ``unpriv`` service gets ``--unpriv`` and one of a ``chroot`` service ``--chroot``
+      (master.server.jail does the rest in the child).
+    * A service with maxproc > 1 whose every child is busy at the limit logs "has
+      reached its process limit" - at most once per PROCESS_LIMIT_WARN_INTERVAL (1000 s)
+      per service, as Postfix's master_avail_listen().
+    * A child killed by SIGALRM is reported with its watchdog time
+      (``Settings.watchdog``, see master.server.watchdog).
 
 Public API
     Settings(config_directory, queue_directory, default_process_limit=100,
-             service_throttle_time=60, foreground=False)
-    Child (pid, service, generation, avail, use_count, signalled)
-    ServiceState (service, generation, listen_fd, status_fd, children, throttled_until,
+             service_throttle_time=60, foreground=False, privileged=False, watchdog={})
+        watchdog: (name, type) -> the watchdog seconds of that service's children
+    Child (pid, service, generation, avail, use_count, signalled, started)
+    ServiceState (service, generation, listen_fds, status_fd, children, throttled_until,
                   next_wakeup, used, removed); wants_listener(stopping) -> bool
     Supervisor(osl, settings)
         start(services) -> None            raises OSError/ValueError (listener failed)
@@ -46,10 +55,15 @@ Public API
         on_listener_ready(fd);  on_status_ready(fd);  reap();  run_timers()
         next_deadline() -> float | None;  stop();  kill_remaining();  close_all()
         children: dict[int, Child];  services: dict[(name, type), ServiceState]
+        snapshot(wall_offset=0.0) -> dict     the state for the control socket (JSON-able;
+                                               monotonic times + wall_offset = epoch)
 
 Logs
     warning: process <module> pid <n> exit status <s> | killed by signal <n>
-        (not for a child that died of the signal the master sent it)
+        (not for a child that died of the signal the master sent it); signal 14 adds
+        " (watchdog timeout after <t>s?)"
+    warning: service "<name>" (<endpoint>) has reached its process limit "<n>": new
+        clients may experience noticeable delays  (+ a second line with the remedy)
     warning: <service>: bad command startup -- throttling
     warning: <service>: spawn: <error>;  warning: <service>: partial status (<n> bytes)
     warning: <service>: status from unknown pid <n> / stale generation ...
@@ -59,8 +73,9 @@ from __future__ import annotations
 
 import signal
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from master import log
 from master.config import Service
@@ -72,6 +87,7 @@ STATUS = struct.Struct("=iIi")
 STATUS_BUSY = 0
 STATUS_IDLE = 1
 REWAKE_INTERVAL = 1.0
+PROCESS_LIMIT_WARN_INTERVAL = 1000.0
 
 
 @dataclass(frozen=True)
@@ -83,6 +99,8 @@ class Settings:
     default_process_limit: int = 100
     service_throttle_time: int = 60
     foreground: bool = False
+    privileged: bool = False
+    watchdog: Mapping[tuple[str, str], int] = field(default_factory=dict)
 
 
 @dataclass(eq=False)
@@ -95,6 +113,7 @@ class Child:
     avail: bool = True
     use_count: int = 0
     signalled: int = 0  # the signal the master sent it (stop, removal), 0 = none
+    started: float = 0.0  # monotonic spawn time
 
 
 @dataclass(eq=False)
@@ -103,7 +122,7 @@ class ServiceState:
 
     service: Service
     generation: int
-    listen_fd: int | None = None
+    listen_fds: list[int] = field(default_factory=list)
     status_fd: int | None = None
     status_child_fd: int | None = None
     children: dict[int, Child] = field(default_factory=dict)
@@ -112,10 +131,16 @@ class ServiceState:
     last_wakeup: float | None = None
     used: bool = False
     removed: bool = False
+    limit_warned: float | None = None  # monotonic time of the last process-limit warning
 
     @property
     def name(self) -> str:
         return self.service.name
+
+    @property
+    def listen_fd(self) -> int | None:
+        """The first listener (the one wakeups go to), None when there is none."""
+        return self.listen_fds[0] if self.listen_fds else None
 
     def idle_count(self) -> int:
         """Idle children of the current generation."""
@@ -124,7 +149,7 @@ class ServiceState:
 
     def wants_listener(self, stopping: bool) -> bool:
         """True while the listener must be watched for on-demand spawning (§3.5)."""
-        if stopping or self.removed or self.listen_fd is None or self.status_fd is None:
+        if stopping or self.removed or not self.listen_fds or self.status_fd is None:
             return False
         if self.throttled_until is not None:
             return False
@@ -166,7 +191,9 @@ class Supervisor:
                                  self.settings.queue_directory,
                                  settings.default_process_limit,
                                  settings.service_throttle_time,
-                                 self.settings.foreground)
+                                 self.settings.foreground,
+                                 self.settings.privileged,
+                                 settings.watchdog)
         self.generation += 1
         wanted = {svc.service_key: svc for svc in services}
         for key in list(self.services):
@@ -205,9 +232,9 @@ class Supervisor:
         """Close every descriptor the supervisor owns (the master is exiting)."""
         for st in self.services.values():
             self._close_status(st)
-            if st.listen_fd is not None:
-                self.os.close(st.listen_fd)
-                st.listen_fd = None
+            for fd in st.listen_fds:
+                self.os.close(fd)
+            st.listen_fds = []
         if self._flow is not None:
             for fd in self._flow:
                 self.os.close(fd)
@@ -216,8 +243,8 @@ class Supervisor:
     # --- what the loop watches --------------------------------------------------------
     def wanted_listeners(self) -> set[int]:
         """Listener descriptors to watch now."""
-        return {st.listen_fd for st in self.services.values()
-                if st.listen_fd is not None and st.wants_listener(self.stopping)}
+        return {fd for st in self.services.values() if st.wants_listener(self.stopping)
+                for fd in st.listen_fds}
 
     def status_fds(self) -> list[int]:
         """Master ends of every open status channel."""
@@ -233,7 +260,7 @@ class Supervisor:
     def on_listener_ready(self, fd: int) -> None:
         """A watched listener is readable: spawn one child if the policy still allows."""
         for st in self.services.values():
-            if st.listen_fd == fd:
+            if fd in st.listen_fds:
                 if st.wants_listener(self.stopping):
                     self._spawn(st)
                 return
@@ -259,7 +286,8 @@ class Supervisor:
             self._rewake(st)
             if code == 0 or (code < 0 and -code == child.signalled):
                 continue  # a clean exit, or the end we asked for
-            log.warning(f"process {st.service.module} pid {pid} {describe_exit(code)}")
+            log.warning(f"process {st.service.module} pid {pid} {describe_exit(code)}"
+                        f"{self._exit_hint(st, code)}")
             if (child.use_count == 0 and child.generation == st.generation
                     and not st.removed and not self.stopping
                     and st.throttled_until is None):
@@ -274,19 +302,66 @@ class Supervisor:
                 self._rewake(st)
             if st.next_wakeup is not None and now >= st.next_wakeup:
                 st.next_wakeup = now + st.service.wakeup
-                if (st.throttled_until is None and st.listen_fd is not None
+                if (st.throttled_until is None and st.listen_fds
                         and (st.used or not st.service.wakeup_if_used)):
                     st.last_wakeup = now
-                    self.os.wakeup(st.service, self.settings.queue_directory, st.listen_fd)
+                    self.os.wakeup(st.service, self.settings.queue_directory,
+                                   st.listen_fds[0])
+
+    def snapshot(self, wall_offset: float = 0.0) -> dict[str, Any]:
+        """The master's view of every service and child, JSON-able (control socket).
+        Monotonic times are turned into epoch seconds by adding ``wall_offset``."""
+        services = []
+        for st in self.services.values():
+            svc = st.service
+            procs = [{"pid": c.pid, "generation": c.generation,
+                      "state": "idle" if c.avail else "busy", "uses": c.use_count,
+                      "started": round(c.started + wall_offset, 3)}
+                     for c in sorted(st.children.values(), key=lambda c: c.pid)]
+            throttled = st.throttled_until
+            services.append({
+                "name": svc.name, "type": svc.type, "module": svc.module,
+                "endpoint": svc.endpoint(self.settings.queue_directory),
+                "maxproc": svc.maxproc, "unpriv": svc.unpriv, "chroot": svc.chroot,
+                "wakeup": svc.wakeup, "generation": st.generation,
+                "throttled_until": (None if throttled is None
+                                    else round(throttled + wall_offset, 3)),
+                "processes": procs})
+        return {"generation": self.generation, "stopping": self.stopping,
+                "privileged": self.settings.privileged, "services": services}
 
     # --- internals --------------------------------------------------------------------
+    def _exit_hint(self, st: ServiceState, code: int) -> str:
+        if code != -signal.SIGALRM:
+            return ""
+        timeout = self.settings.watchdog.get(st.service.service_key)
+        return "" if timeout is None else f" (watchdog timeout after {timeout}s?)"
+
+    def _check_limit(self, st: ServiceState) -> None:
+        """Postfix's "has reached its process limit" warning (module docstring)."""
+        svc = st.service
+        if (svc.maxproc <= 1 or len(st.children) < svc.maxproc or st.idle_count() > 0
+                or st.throttled_until is not None or self.stopping or st.removed):
+            return
+        now = self.os.monotonic()
+        if st.limit_warned is not None and now - st.limit_warned < PROCESS_LIMIT_WARN_INTERVAL:
+            return
+        st.limit_warned = now
+        where = svc.endpoint(self.settings.queue_directory)
+        if svc.type != "inet":
+            where = "/".join(where.split("/")[-2:])
+        log.warning(f'service "{svc.name}" ({where}) has reached its process limit '
+                    f'"{svc.maxproc}": new clients may experience noticeable delays')
+        log.warning("to avoid this condition, increase the process count in master.cf "
+                    "or reduce the service time per client")
+
     def _backlog(self, svc: Service) -> int:
         return max(svc.maxproc, self.settings.default_process_limit)
 
     def _open(self, st: ServiceState) -> None:
         st.status_fd, st.status_child_fd = self.os.open_status()
-        st.listen_fd = self.os.open_listener(st.service, self.settings.queue_directory,
-                                             self._backlog(st.service))
+        st.listen_fds = self.os.open_listeners(st.service, self.settings.queue_directory,
+                                               self._backlog(st.service))
         self._arm_wakeup(st)
 
     def _arm_wakeup(self, st: ServiceState) -> None:
@@ -319,11 +394,11 @@ class Supervisor:
         st.generation = self.generation
         st.throttled_until = None
         st.status_fd, st.status_child_fd = self.os.open_status()
-        if old.endpoint(qdir) != svc.endpoint(qdir) and st.listen_fd is not None:
-            self.os.close_listener(old, qdir, st.listen_fd)
-            st.listen_fd = None
+        if old.endpoint(qdir) != svc.endpoint(qdir) and st.listen_fds:
+            self.os.close_listeners(old, qdir, st.listen_fds)
+            st.listen_fds = []
             try:
-                st.listen_fd = self.os.open_listener(svc, qdir, self._backlog(svc))
+                st.listen_fds = self.os.open_listeners(svc, qdir, self._backlog(svc))
             except (OSError, ValueError) as exc:
                 log.warning(f"{svc.name}: cannot open endpoint: {exc}")
         self._arm_wakeup(st)
@@ -332,9 +407,9 @@ class Supervisor:
         st.removed = True
         st.next_wakeup = None
         self._close_status(st)
-        if st.listen_fd is not None:
-            self.os.close_listener(st.service, self.settings.queue_directory, st.listen_fd)
-            st.listen_fd = None
+        if st.listen_fds:
+            self.os.close_listeners(st.service, self.settings.queue_directory, st.listen_fds)
+            st.listen_fds = []
         for child in st.children.values():
             self._kill(child, signal.SIGTERM)
 
@@ -349,21 +424,23 @@ class Supervisor:
         log.warning(f"{st.name}: bad command startup -- throttling")
 
     def _spawn(self, st: ServiceState) -> None:
-        assert self._flow is not None and st.listen_fd is not None
+        assert self._flow is not None and st.listen_fds
         assert st.status_child_fd is not None
         argv = child_argv(st.service, self.settings.config_directory,
-                          self.settings.foreground)
-        fds = [self._flow[0], self._flow[1], st.status_child_fd, st.listen_fd]
+                          self.settings.foreground, self.settings.privileged,
+                          len(st.listen_fds))
+        fds = [self._flow[0], self._flow[1], st.status_child_fd, *st.listen_fds]
         try:
             pid = self.os.spawn(argv, st.generation, fds)
         except OSError as exc:
             log.warning(f"{st.name}: spawn: {exc}")
             self._throttle(st)
             return
-        child = Child(pid, st, st.generation)
+        child = Child(pid, st, st.generation, started=self.os.monotonic())
         st.children[pid] = child
         self.children[pid] = child
         st.used = True
+        self._check_limit(st)
 
     def _read_status(self, st: ServiceState) -> None:
         while st.status_fd is not None:
@@ -391,5 +468,6 @@ class Supervisor:
             child.avail = True
         elif avail == STATUS_BUSY:
             child.avail = False
+            self._check_limit(st)
         else:
             log.warning(f"{st.name}: pid {pid}: bad status {avail}")

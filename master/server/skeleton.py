@@ -5,7 +5,7 @@ Summary
     The master starts a child as (docs/contracts.md "master/server")::
 
         python -m <module> -c <config_dir> -n <service> -t <type> [-d]
-            [-o name=value ...] [-s N] [-l PATH] [-- args...]
+            [--unpriv] [--chroot] [-o name=value ...] [-s N] [-l PATH] [-- args...]
 
     with ``GENERATION=<n>`` in the environment, fd 3/4 the flow-control pipe, fd 5 the
     service's status socket and fd 6 .. 6+N-1 the listeners (``-s N``, default 1, as
@@ -15,9 +15,22 @@ Summary
 
     Start-up: parse argv, process name ``qmgrd: <service>``, check fds 5/6..,
     ``Config.load(config_dir, {service_name, process_name, -o...})``,
-    ``log.setup(service, maillog_file, syslog_name, foreground=-d)``, ``pre_jail(ctx)``,
-    [chroot + setuid: a later issue, see _enter_jail], ``post_jail(ctx)``, then the
-    service loop.
+    ``log.setup(service, maillog_file, syslog_name, foreground=-d)`` (the log is open
+    before the jail, so a child that drops privileges still writes it), mail_owner looked
+    up (``--unpriv``), the watchdog time read, ``pre_jail(ctx)`` (cwd and
+    ``ctx.queue_directory`` = the queue directory's absolute path), then the jail
+    (master.server.jail): ``--chroot`` chroots into queue_directory and chdirs to "/"
+    (``ctx.queue_directory`` becomes "/"), ``--unpriv`` drops to mail_owner and verifies
+    that root cannot be regained - any failure is ``fatal:``, exit 1; from then on every
+    module import is logged as ``warning: <service>: module <name> imported after the
+    jail (import it before: pre_jail)`` (design.md §4 rule 5).  Then
+    ``post_jail(ctx)`` and the service loop.  The master passes ``--unpriv`` /
+    ``--chroot`` (Postfix: ``-u`` / ``-c``) only when it runs as root.
+
+    Watchdog (master.server.watchdog): ``alarm(daemon_timeout)`` around each request of
+    single_server / trigger_server, re-armed every few seconds by a task of
+    async_server's loop (``qmgr_daemon_timeout`` for the qmgr); SIGALRM keeps its default
+    action, so a wedged process is killed by the kernel and the master logs it.
 
     Status (postfix.md §3.4): busy() / idle() write ``struct.pack("=iIi", pid, gen,
     avail)`` to fd 5 (0 busy, 1 idle).  EOF (or anything readable) on fd 5 means the
@@ -44,11 +57,13 @@ Summary
 
 Public API
     ServerContext (dataclass): service, config, queue_directory, listen_fds, generation,
-        args, service_type, foreground, status_fd, stopping; busy(), idle(),
-        status_closed() -> bool
-    single_server(handler, *, pre_jail=None, post_jail=None, argv=None) -> NoReturn
-    trigger_server(handler, *, pre_jail=None, post_jail=None, argv=None) -> NoReturn
-    async_server(main, *, pre_jail=None, post_jail=None, argv=None) -> NoReturn
+        args, service_type, foreground, status_fd, stopping, unpriv, chroot, owner,
+        watchdog; busy(), idle(), status_closed() -> bool
+    single_server(handler, *, pre_jail=None, post_jail=None, argv=None, watchdog=None)
+    trigger_server(handler, *, pre_jail=None, post_jail=None, argv=None, watchdog=None)
+    async_server(main, *, pre_jail=None, post_jail=None, argv=None, watchdog=None)
+        all -> NoReturn; ``watchdog`` names the timeout parameter (default:
+        ``<process_name>_daemon_timeout`` if known, else ``daemon_timeout``)
     Handler types: ConnHandler, TriggerHandler, AsyncMain, JailHook
 """
 
@@ -74,6 +89,16 @@ import setproctitle
 
 from master import log
 from master.config import Config
+from master.server.jail import (
+    JailError,
+    Owner,
+    OwnerError,
+    enter_jail,
+    lookup_mail_owner,
+    prime_for_jail,
+    watch_late_imports,
+)
+from master.server.watchdog import Watchdog, watchdog_timeout
 
 __all__ = [
     "AsyncMain",
@@ -107,6 +132,10 @@ class ServerContext:
     foreground: bool = False
     status_fd: int | None = None
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    unpriv: bool = False
+    chroot: bool = False
+    owner: Owner | None = None
+    watchdog: Watchdog = field(default_factory=lambda: Watchdog(18000))
     _status_broken: bool = False
 
     def _report(self, avail: int) -> None:
@@ -150,6 +179,8 @@ def _parse_argv(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("-o", dest="overrides", action="append", default=[])
     parser.add_argument("-l", dest="listen", default="")
     parser.add_argument("-s", dest="sockets", type=int, default=1)
+    parser.add_argument("--unpriv", action="store_true")
+    parser.add_argument("--chroot", action="store_true")
     parser.add_argument("args", nargs="*")
     return parser.parse_args(list(argv))
 
@@ -197,17 +228,46 @@ def _standalone_listener(path: str, stype: str) -> int:
     return fd
 
 
-def _enter_jail(ctx: ServerContext) -> None:
-    """chroot(queue_directory) + setuid(mail_owner) for chroot/unpriv services.
+def _prepare_jail(ctx: ServerContext) -> None:
+    """Before pre_jail: chdir to the queue directory, look mail_owner up (--unpriv) and
+    prime the standard library for the chroot.  A problem is fatal (exit 1; a missing
+    queue directory only when started by the master or jailed)."""
+    try:
+        os.chdir(ctx.queue_directory)  # as Postfix's daemons; the master's cwd anyway
+    except OSError as exc:
+        if ctx.status_fd is not None or ctx.unpriv or ctx.chroot:
+            log.fatal(f"chdir {ctx.queue_directory}: {exc.strerror}")
+    if not (ctx.unpriv or ctx.chroot):
+        return
+    if os.geteuid() != 0:
+        log.fatal("--unpriv/--chroot given, but this process does not run as root")
+    if ctx.unpriv:
+        try:
+            ctx.owner = lookup_mail_owner(ctx.config)
+        except OwnerError as exc:
+            log.fatal(str(exc))
+    prime_for_jail()
 
-    TODO(later issue): not implemented yet; children run with the master's root and
-    uid.  Everything a service needs after this point must be imported/opened in
-    pre_jail (design.md §4 rule 5).
-    """
+
+def _enter_jail(ctx: ServerContext) -> None:
+    """After pre_jail: chroot(queue_directory) for --chroot, drop to mail_owner for
+    --unpriv (master.server.jail).  A failure is fatal (exit 1)."""
+    if not (ctx.unpriv or ctx.chroot):
+        return
+    root = os.path.abspath(ctx.queue_directory) if ctx.chroot else None
+    try:
+        enter_jail(root, ctx.owner if ctx.unpriv else None)
+    except JailError as exc:
+        log.fatal(f"{ctx.service}: {exc}")
+    if ctx.chroot:
+        ctx.queue_directory = "/"
+    service = ctx.service
+    watch_late_imports(lambda name: log.warning(
+        f"{service}: module {name} imported after the jail (import it before: pre_jail)"))
 
 
 def _setup(argv: Sequence[str] | None, pre_jail: JailHook | None,
-           post_jail: JailHook | None) -> ServerContext:
+           post_jail: JailHook | None, watchdog: str | None = None) -> ServerContext:
     opts = _parse_argv(sys.argv[1:] if argv is None else argv)
     module = sys.modules["__main__"].__spec__
     module_name = module.name.removesuffix(".__main__") if module is not None else ""
@@ -232,7 +292,10 @@ def _setup(argv: Sequence[str] | None, pre_jail: JailHook | None,
                         queue_directory=cfg.get("queue_directory"), listen_fds=listen_fds,
                         generation=int(os.environ.get("GENERATION", "0") or 0),
                         args=list(opts.args), service_type=opts.type,
-                        foreground=opts.foreground, status_fd=status_fd)
+                        foreground=opts.foreground, status_fd=status_fd,
+                        unpriv=opts.unpriv, chroot=opts.chroot,
+                        watchdog=Watchdog(watchdog_timeout(cfg, process_name, watchdog)))
+    _prepare_jail(ctx)
     if pre_jail is not None:
         pre_jail(ctx)
     _enter_jail(ctx)
@@ -316,7 +379,12 @@ class _Loop:
             if "status" in kinds or self.terminate:
                 return
             for key, _ in events:
-                if key.data != "listen" or not on_ready(key.fd):
+                if key.data != "listen":
+                    continue
+                self.ctx.watchdog.arm()
+                served = on_ready(key.fd)
+                self.ctx.watchdog.disarm()
+                if not served:
                     continue
                 last = time.monotonic()
                 self.uses += 1
@@ -327,7 +395,7 @@ class _Loop:
 
 def single_server(handler: ConnHandler, *, pre_jail: JailHook | None = None,
                   post_jail: JailHook | None = None,
-                  argv: Sequence[str] | None = None) -> NoReturn:
+                  argv: Sequence[str] | None = None, watchdog: str | None = None) -> NoReturn:
     """Serve one connection at a time on the listener(s) until a limit or EOF on fd 5.
 
     ``handler(conn, ctx)`` gets a blocking connected socket; the skeleton closes it
@@ -335,7 +403,7 @@ def single_server(handler: ConnHandler, *, pre_jail: JailHook | None = None,
     an exception, logged as fatal).
     """
     def body() -> None:
-        ctx = _setup(argv, pre_jail, post_jail)
+        ctx = _setup(argv, pre_jail, post_jail, watchdog)
 
         def on_ready(fd: int) -> bool:
             listener = socket.socket(fileno=os.dup(fd))
@@ -361,12 +429,13 @@ def single_server(handler: ConnHandler, *, pre_jail: JailHook | None = None,
 
 def trigger_server(handler: TriggerHandler, *, pre_jail: JailHook | None = None,
                    post_jail: JailHook | None = None,
-                   argv: Sequence[str] | None = None) -> NoReturn:
+                   argv: Sequence[str] | None = None,
+                   watchdog: str | None = None) -> NoReturn:
     """Serve triggers: each read of the FIFO (up to 1024 bytes), or the bytes of one
     connection to a UNIX/inet listener, is one ``handler(data, ctx)`` call between
     busy() and idle().  Same limits and exits as single_server."""
     def body() -> None:
-        ctx = _setup(argv, pre_jail, post_jail)
+        ctx = _setup(argv, pre_jail, post_jail, watchdog)
 
         def on_ready(fd: int) -> bool:
             if _fd_is(fd, stat.S_ISSOCK):
@@ -424,11 +493,12 @@ def _read_connection(fd: int) -> bytes:
 
 def async_server(main: AsyncMain, *, pre_jail: JailHook | None = None,
                  post_jail: JailHook | None = None,
-                 argv: Sequence[str] | None = None) -> NoReturn:
+                 argv: Sequence[str] | None = None, watchdog: str | None = None) -> NoReturn:
     """Run ``asyncio.run(main(ctx))``; ``ctx.stopping`` is set on fd-5 EOF or SIGTERM.
-    Exits 0 when main returns (1 after an exception, logged as fatal)."""
+    A task of the loop keeps the watchdog armed while main runs.  Exits 0 when main
+    returns (1 after an exception, logged as fatal)."""
     def body() -> None:
-        ctx = _setup(argv, pre_jail, post_jail)
+        ctx = _setup(argv, pre_jail, post_jail, watchdog)
 
         async def runner() -> None:
             loop = asyncio.get_running_loop()
@@ -440,9 +510,12 @@ def async_server(main: AsyncMain, *, pre_jail: JailHook | None = None,
                     loop.remove_reader(status_fd)
                     ctx.stopping.set()
                 loop.add_reader(status_fd, on_status)
+            keepalive = loop.create_task(ctx.watchdog.keepalive())
             try:
                 await main(ctx)
             finally:
+                keepalive.cancel()
+                ctx.watchdog.disarm()
                 if status_fd is not None:
                     loop.remove_reader(status_fd)
                 loop.remove_signal_handler(signal.SIGTERM)

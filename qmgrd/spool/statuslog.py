@@ -154,6 +154,21 @@ def _path(spool: Spool, log_name: str, qid: str) -> str:
     return spool.path(log_name, qid)
 
 
+def _make_hash_dirs(spool: Spool, log_name: str, directory: str) -> None:
+    """Create missing hash directories; as root, owned like the log's queue directory."""
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    if os.geteuid() != 0:
+        return
+    top_path = spool.queue_path(log_name)
+    top = os.stat(top_path)
+    d = directory
+    while len(d) > len(top_path) and d.startswith(top_path):
+        st = os.stat(d)
+        if (st.st_uid, st.st_gid) != (top.st_uid, top.st_gid):
+            os.chown(d, top.st_uid, top.st_gid)
+        d = os.path.dirname(d)
+
+
 def append(spool: Spool, log_name: str, qid: str, rcpt: Recipient, dsn: Dsn) -> None:
     """Append one entry to ``<log_name>/<qid>`` under an exclusive lock, then fsync.
 
@@ -174,9 +189,16 @@ def append(spool: Spool, log_name: str, qid: str, rcpt: Recipient, dsn: Dsn) -> 
     try:
         fd = os.open(path, flags, 0o600)
     except FileNotFoundError:
-        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        _make_hash_dirs(spool, log_name, os.path.dirname(path))
         fd = os.open(path, flags, 0o600)
     try:
+        if os.geteuid() == 0:
+            # A root agent (local) writes here too: the log must stay readable by the
+            # mail_owner processes (qmgr, bounce), so it gets the queue's owner.
+            top = os.stat(spool.queue_path(log_name))
+            st = os.fstat(fd)
+            if (st.st_uid, st.st_gid) != (top.st_uid, top.st_gid):
+                os.fchown(fd, top.st_uid, top.st_gid)
         fcntl.flock(fd, fcntl.LOCK_EX)
         size = os.fstat(fd).st_size
         try:

@@ -9,7 +9,9 @@ master's session).
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,15 +32,32 @@ def child_env() -> dict[str, str]:
     return env
 
 
+MAIL_OWNER = "qmgrd"  # created by tests/conftest.py when the suite runs as root
+
+
+def make_base() -> Path:
+    """A fresh temporary directory that mail_owner can traverse (mode 0755; pytest's
+    tmp_path lives under a 0700 directory).  Remove it with remove_base()."""
+    base = Path(tempfile.mkdtemp(prefix="qmgrd-master-"))
+    os.chmod(base, 0o755)
+    return base
+
+
+def remove_base(base: Path) -> None:
+    """Remove a directory made by make_base()."""
+    shutil.rmtree(base, ignore_errors=True)
+
+
 def write_config(base: Path, master_cf: str, main_extra: str = "") -> Path:
-    """Write ``base/etc/{main.cf,master.cf}`` with queue_directory ``base/q`` and the
-    log in ``base/maillog``; returns the configuration directory."""
+    """Write ``base/etc/{main.cf,master.cf}`` with queue_directory ``base/q``, the log in
+    ``base/maillog`` and mail_owner qmgrd; returns the configuration directory."""
     etc = base / "etc"
     etc.mkdir(exist_ok=True)
     (etc / "main.cf").write_text(
         f"queue_directory = {base / 'q'}\n"
         f"data_directory = {base / 'data'}\n"
-        f"maillog_file = {base / 'maillog'}\n" + main_extra, encoding="utf-8")
+        f"maillog_file = {base / 'maillog'}\n"
+        f"mail_owner = {MAIL_OWNER}\n" + main_extra, encoding="utf-8")
     (etc / "master.cf").write_text(master_cf, encoding="utf-8")
     return etc
 

@@ -1,0 +1,204 @@
+"""master.server.jail - mail_owner, chroot and privilege drop (Postfix's chroot_uid()).
+
+Summary
+    Privilege separation as Postfix's master(8) and its daemons do it (postfix.md §3.1,
+    the ``unpriv`` and ``chroot`` columns of master.cf):
+
+    * The account is ``mail_owner`` of main.cf.  Where the master runs as root it must
+      exist and must not be privileged; otherwise nothing starts (Postfix's words)::
+
+          file /etc/qmgrd/main.cf: parameter mail_owner: unknown user name value: x
+          file /etc/qmgrd/main.cf: parameter mail_owner: user root has privileged user ID
+          file /etc/qmgrd/main.cf: parameter mail_owner: user x has privileged group ID
+
+    * Started by a normal user, the whole mail system runs as that user: no account is
+      required, no chroot, no privilege drop (:func:`lookup_mail_owner` returns an Owner
+      with ``privileged=False``; the master logs :func:`unprivileged_warning` once).
+
+    * A child told ``--chroot`` chroots into queue_directory and then chdir("/"); a child
+      told ``--unpriv`` then calls setgroups([]), setgid(mail_owner's gid) and
+      setuid(mail_owner's uid), and verifies that root cannot be regained (setuid(0) must
+      fail, every real/effective/saved id must be mail_owner's) - otherwise JailError.
+      Order as chroot_uid(3): chroot as root first, then drop the privileges.
+
+    After the jail nothing outside queue_directory exists, so everything a service needs
+    must be imported or opened before it (design.md §4 rule 5).  :func:`prime_for_jail`
+    loads what the standard library would otherwise load lazily on first use: the codecs
+    a service is likely to use and the local time zone (log time stamps).  After the
+    jail, :func:`watch_late_imports` reports every module imported from then on (the
+    import is still attempted): the skeleton logs it as a warning naming the module, so
+    a lazy import that fails - or works only by luck - is visible in the log.
+
+Public API
+    Owner(name, uid, gid, privileged)            frozen dataclass
+    OwnerError                                   str = the Postfix-style message above
+    JailError                                    the jail could not be entered
+    lookup_mail_owner(cfg, euid=None) -> Owner   raises OwnerError (only when euid == 0)
+    unprivileged_warning(owner) -> str           the one-line warning (no "warning: ")
+    prime_for_jail() -> None
+    enter_jail(root, owner) -> None              raises JailError; root None = no chroot,
+                                                 owner None = keep the current ids
+    watch_late_imports(report) -> None           report(module name) once per module
+                                                 imported from now on
+
+Logs
+    Nothing: callers (the master, the server skeleton) log and exit.
+"""
+
+from __future__ import annotations
+
+import codecs
+import errno
+import os
+import pwd
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import types
+    from importlib.machinery import ModuleSpec
+
+from master.config import Config
+
+__all__ = [
+    "JailError",
+    "Owner",
+    "OwnerError",
+    "enter_jail",
+    "lookup_mail_owner",
+    "prime_for_jail",
+    "unprivileged_warning",
+    "watch_late_imports",
+]
+
+PRIMED_CODECS = ("ascii", "latin-1", "utf-8", "utf-16", "idna", "cp437", "charmap")
+
+
+class OwnerError(Exception):
+    """mail_owner is unusable (str = the message, without "fatal: ")."""
+
+
+class JailError(Exception):
+    """chroot or the privilege drop failed, or root can still be regained."""
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The account the unprivileged processes run as.
+
+    ``privileged`` is True when the mail system was started by root (privilege separation
+    and chroot apply); False when it runs as the invoking user.
+    """
+
+    name: str
+    uid: int
+    gid: int
+    privileged: bool
+
+
+def lookup_mail_owner(cfg: Config, euid: int | None = None) -> Owner:
+    """The mail_owner account of ``cfg`` when ``euid`` (default: ours) is 0, else the
+    invoking user.
+
+    Raises:
+        OwnerError: started as root and mail_owner does not exist or has uid/gid 0.
+    """
+    if euid is None:
+        euid = os.geteuid()
+    if euid != 0:
+        try:
+            name = pwd.getpwuid(euid).pw_name
+        except KeyError:
+            name = str(euid)
+        return Owner(name, euid, os.getegid(), False)
+    name = cfg.get("mail_owner")
+    where = f"file {os.path.join(cfg.config_directory, 'main.cf')}: parameter mail_owner"
+    try:
+        entry = pwd.getpwnam(name)
+    except KeyError:
+        raise OwnerError(f"{where}: unknown user name value: {name}") from None
+    if entry.pw_uid == 0:
+        raise OwnerError(f"{where}: user {name} has privileged user ID")
+    if entry.pw_gid == 0:
+        raise OwnerError(f"{where}: user {name} has privileged group ID")
+    return Owner(name, entry.pw_uid, entry.pw_gid, True)
+
+
+def unprivileged_warning(owner: Owner) -> str:
+    """The master's one warning when it was not started by root."""
+    return (f"not started as root: every process runs as user {owner.name} "
+            f"(uid {owner.uid}), without privilege separation or chroot")
+
+
+def prime_for_jail() -> None:
+    """Load what the standard library loads lazily and cannot load inside a chroot."""
+    for name in PRIMED_CODECS:
+        codecs.lookup(name)
+    time.tzset()
+    time.localtime()
+
+
+def enter_jail(root: str | None, owner: Owner | None) -> None:
+    """chroot(root) + chdir("/") when ``root`` is given, then drop to ``owner``'s uid and
+    gid when ``owner`` is given (module docstring).
+
+    Raises:
+        JailError: a system call failed, or root privileges can still be regained.
+    """
+    if root is not None:
+        try:
+            os.chroot(root)
+            os.chdir("/")
+        except OSError as exc:
+            raise JailError(f"chroot {root}: {exc.strerror}") from None
+    if owner is None:
+        return
+    try:
+        os.setgroups([])
+        os.setgid(owner.gid)
+        os.setuid(owner.uid)
+    except OSError as exc:
+        raise JailError(f"drop privileges to {owner.name} (uid {owner.uid}): "
+                        f"{exc.strerror}") from None
+    _verify_dropped(owner)
+
+
+def _verify_dropped(owner: Owner) -> None:
+    """Raise JailError unless every id is the owner's and setuid(0) fails."""
+    if (os.getresuid() != (owner.uid,) * 3 or os.getresgid() != (owner.gid,) * 3
+            or os.getgroups() not in ([], [owner.gid])):
+        raise JailError(f"privileges not dropped to {owner.name}: uids {os.getresuid()}, "
+                        f"gids {os.getresgid()}, groups {os.getgroups()}")
+    try:
+        os.setuid(0)
+    except PermissionError:
+        return
+    except OSError as exc:
+        if exc.errno == errno.EPERM:
+            return
+        raise JailError(f"setuid(0) check: {exc.strerror}") from None
+    raise JailError("root privileges can be regained after setuid: refusing to run")
+
+
+class _LateImports:
+    """A meta path finder that only reports: first in sys.meta_path, finds nothing.
+    (Not derived from importlib.abc.MetaPathFinder: that import costs ~6 ms per child.)"""
+
+    def __init__(self, report: Callable[[str], None]) -> None:
+        self.report = report
+        self.seen: set[str] = set()
+
+    def find_spec(self, fullname: str, path: Sequence[str] | None,
+                  target: types.ModuleType | None = None) -> ModuleSpec | None:
+        if fullname not in self.seen:
+            self.seen.add(fullname)
+            self.report(fullname)
+        return None
+
+
+def watch_late_imports(report: Callable[[str], None]) -> None:
+    """Call ``report(name)`` (once per name) for every module imported from now on."""
+    sys.meta_path.insert(0, _LateImports(report))
