@@ -341,6 +341,9 @@ class CaptureServer:
 
 
 # --------------------------------------------------------------------------- load helpers
+MakeSystem = Callable[..., MailSystem]  # the type of the ``mailsys`` fixture
+
+
 def spawn_sendmail(ms: MailSystem, args: list[str], data: bytes) -> subprocess.Popen[bytes]:
     """Start one qmgr-sendmail run with ``data`` on its stdin (already closed)."""
     p = subprocess.Popen([PY, "-m", "qmgrd.sendmail", "-c", str(ms.etc), *args],
@@ -484,10 +487,10 @@ def service_of(p: psutil.Process) -> str | None:
             rest = joined[len("qmgrd: "):].split()
             return rest[0] if rest else None
         if "-n" in cmd[:-1]:
-            return cmd[cmd.index("-n") + 1]
+            return str(cmd[cmd.index("-n") + 1])
         return None
     try:
-        name = p.name()
+        name = str(p.name())
     except psutil.Error:
         return None
     return name[len("qmgrd: "):] if name.startswith("qmgrd: ") else None

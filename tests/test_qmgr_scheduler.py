@@ -1,85 +1,135 @@
-"""The qmgr scheduler without processes: real spool files, a fake agent client, a fake clock."""
+"""The qmgr scheduler without processes: real spool files, fake agents, a fake clock.
+
+Also the shared helpers of the other test_qmgr_* files (Clock, FakeAgents, Env, drain)."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import time
+from collections import Counter
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from master.config import Config
-from qmgrd.delivery import DeliverRequest, DeliverStatus, StatusRequest
+from qmgrd.delivery import BOUNCE_CMD_WARN, DeliverRequest, DeliverStatus, StatusRequest
 from qmgrd.qmgr.client import TransportUnavailable
 from qmgrd.qmgr.resolve import Resolver
 from qmgrd.qmgr.scheduler import Scheduler
+from qmgrd.spool import records as R
 from qmgrd.spool import statuslog
 from qmgrd.spool.cleanup import Cleanup
 from qmgrd.spool.envelope import Envelope, Recipient
-from qmgrd.spool.message import QueueFile
 from qmgrd.spool.queue import Spool
 
 
 class Clock:
+    """A fake clock: whole seconds, starting a little after the real time (so that files
+    written meanwhile never look as if their mtime were in the future)."""
+
     def __init__(self) -> None:
-        self.now = time.time()
+        self.now = float(int(time.time()) + 2)
 
     def __call__(self) -> float:
         return self.now
 
 
 class FakeAgents:
-    """Plays every delivery agent: outcome per recipient from ``decide``."""
+    """Plays every delivery agent and the bounce/defer services.
 
-    def __init__(self, spool: Spool, decide=None) -> None:
+    Outcome per recipient from ``decide`` ("sent", "bounce", "defer"); nexthops in
+    ``hop_fail`` fail as a whole (hop status: negative feedback); transports in
+    ``unavailable`` cannot be reached. With ``hold`` set, each delivery waits until the
+    test releases it (``release``), optionally with a different outcome."""
+
+    def __init__(self, spool: Spool, decide: Callable[[str, DeliverRequest, Any], str]
+                 | None = None) -> None:
         self.spool = spool
         self.decide = decide or (lambda transport, req, rcpt: "sent")
         self.requests: list[tuple[str, DeliverRequest]] = []
         self.status_requests: list[tuple[str, StatusRequest]] = []
         self.unavailable: set[str] = set()
         self.hop_fail: set[str] = set()
+        self.status_ok = True
+        self.hold = False
+        self.waiting: list[tuple[asyncio.Event, list[str]]] = []
         self.inflight = 0
         self.max_inflight = 0
+        self.per_dest: Counter[str] = Counter()
+        self.max_per_dest: Counter[str] = Counter()
+        self.on_deliver: Callable[[str, DeliverRequest], None] | None = None
+
+    def release(self, n: int = 1, outcome: str = "") -> None:
+        for _ in range(n):
+            event, box = self.waiting.pop(0)
+            box.append(outcome)
+            event.set()
 
     async def deliver(self, transport: str, req: DeliverRequest) -> DeliverStatus:
         if transport in self.unavailable:
             raise TransportUnavailable("connection refused")
         self.requests.append((transport, req))
+        if self.on_deliver is not None:
+            self.on_deliver(transport, req)
         self.inflight += 1
         self.max_inflight = max(self.max_inflight, self.inflight)
-        await asyncio.sleep(0)
+        self.per_dest[req.nexthop] += 1
+        self.max_per_dest[req.nexthop] = max(self.max_per_dest[req.nexthop],
+                                             self.per_dest[req.nexthop])
+        override = ""
+        if self.hold:
+            event, box = asyncio.Event(), []
+            self.waiting.append((event, box))
+            await event.wait()
+            override = box[0]
+        else:
+            await asyncio.sleep(0)
         self.inflight -= 1
-        if req.nexthop in self.hop_fail:
+        self.per_dest[req.nexthop] -= 1
+        if req.nexthop in self.hop_fail or override == "hopfail":
             for r in req.recipients:
                 statuslog.append(self.spool, "defer", req.queue_id,
                                  Recipient(r.address, offset=r.offset),
                                  statuslog.Dsn("4.4.1", "delayed", "connect refused"))
             return DeliverStatus(1, "4.4.1", "", "", "", "", "delayed", "connect refused")
+        return self._outcomes(transport, req, override)
+
+    def _outcomes(self, transport: str, req: DeliverRequest, override: str) -> DeliverStatus:
         failed = 0
-        qf = QueueFile.open(self.spool, req.queue_name, req.queue_id, lock="sh")
-        try:
+        with open(self.spool.path(req.queue_name, req.queue_id), "r+b") as f:
             for r in req.recipients:
-                outcome = self.decide(transport, req, r)
+                outcome = override or self.decide(transport, req, r)
                 rcpt = Recipient(r.address, offset=r.offset)
-                if outcome == "sent":
-                    qf.mark_done(r.offset)
-                elif outcome == "bounce":
+                if outcome in ("sent", "bounce"):
+                    f.seek(r.offset)
+                    assert f.read(1) == R.REC_RCPT, "recipient delivered twice"
+                    f.seek(r.offset)
+                    f.write(R.REC_DONE)
+                if outcome == "bounce":
                     statuslog.append(self.spool, "bounce", req.queue_id, rcpt,
                                      statuslog.Dsn("5.1.1", "failed", "user unknown"))
-                    qf.mark_done(r.offset)
-                else:
+                elif outcome == "defer":
                     statuslog.append(self.spool, "defer", req.queue_id, rcpt,
                                      statuslog.Dsn("4.2.0", "delayed", "try later"))
                     failed = 1
-        finally:
-            qf.close()
         return DeliverStatus(status=failed)
 
     async def status_request(self, service: str, req: StatusRequest) -> bool:
         self.status_requests.append((service, req))
-        os.unlink(self.spool.path("bounce" if service == "bounce" else "defer", req.queue_id))
+        if not self.status_ok:
+            return False
+        if req.nrequest != BOUNCE_CMD_WARN:
+            log = "bounce" if service == "bounce" else "defer"
+            os.unlink(self.spool.path(log, req.queue_id))
         return True
+
+    def rcpts(self, transport: str | None = None) -> list[str]:
+        return [r.address for t, req in self.requests for r in req.recipients
+                if transport is None or t == transport]
 
 
 def make_cfg(tmp_path: Path, **extra: str) -> Config:
@@ -94,11 +144,30 @@ def make_cfg(tmp_path: Path, **extra: str) -> Config:
     return Config.from_text(text, str(tmp_path))
 
 
-def setup(tmp_path: Path, **extra: str) -> tuple[Config, Spool, Cleanup, Clock]:
-    cfg = make_cfg(tmp_path, **extra)
-    spool = Spool(str(tmp_path / "spool"))
-    spool.make_dirs()
-    return cfg, spool, Cleanup(cfg, spool), Clock()
+class Env:
+    """A spool, cleanup, fake clock and fake agents; ``sched()`` makes the scheduler."""
+
+    def __init__(self, tmp_path: Path, **params: str) -> None:
+        self.cfg = make_cfg(tmp_path, **params)
+        self.spool = Spool(str(tmp_path / "spool"))
+        self.spool.make_dirs()
+        self.cleanup = Cleanup(self.cfg, self.spool)
+        self.clock = Clock()
+        self.agents = FakeAgents(self.spool)
+
+    def submit(self, sender: str, rcpts: list[str], body: bytes = b"hi\n",
+               age: float = 0) -> str:
+        arrival = (int(self.clock.now - age), 0) if age else (0, 0)
+        return self.cleanup.submit(
+            Envelope(sender=sender, recipients=[Recipient(r) for r in rcpts], arrival=arrival),
+            b"Subject: t\n\n" + body)
+
+    def sched(self) -> Scheduler:
+        return Scheduler(self.cfg, self.spool, self.agents,  # type: ignore[arg-type]
+                         clock=self.clock)
+
+    def files(self, queue: str) -> list[str]:
+        return sorted(self.spool.scan(queue))
 
 
 def submit(cleanup: Cleanup, sender: str, rcpts: list[str], body: bytes = b"hi\n") -> str:
@@ -106,19 +175,33 @@ def submit(cleanup: Cleanup, sender: str, rcpts: list[str], body: bytes = b"hi\n
                           b"Subject: t\n\n" + body)
 
 
-async def drain(sched: Scheduler, rounds: int = 2000) -> None:
+async def drain(sched: Scheduler, rounds: int = 50000) -> None:
+    """Step until nothing is left to do now: no work and no task able to progress
+    (timers in the future and deliveries held by FakeAgents.hold may remain)."""
+    idle = 0
     for _ in range(rounds):
         worked = sched.step()
         await asyncio.sleep(0)
-        if not worked and not sched.tasks:
+        idle = 0 if worked else idle + 1
+        if idle and (not sched.tasks or idle >= 10):
             return
     raise AssertionError("scheduler did not settle")
 
 
-def run(coro) -> None:
+async def settle(rounds: int = 20) -> None:
+    for _ in range(rounds):
+        await asyncio.sleep(0)
+
+
+def run(coro: Coroutine[Any, Any, None]) -> None:
     asyncio.run(coro)
 
 
+def defer_reasons(spool: Spool, qid: str) -> list[tuple[str, str]]:
+    return [(d.status, d.reason) for _, d in statuslog.read(spool, "defer", qid)]
+
+
+# ----------------------------------------------------------------------------- routing
 def test_resolver_routes(tmp_path: Path) -> None:
     tm = tmp_path / "transport"
     tm.write_text("special.example  smtp:[127.0.0.1]:2526\n.sub.example discard:\n"
@@ -134,199 +217,546 @@ def test_resolver_routes(tmp_path: Path) -> None:
     assert r.resolve("u@err.example").transport == "error"
     assert r.resolve("u@err.example").nexthop == "5.1.2 no such domain"
     assert r.resolve("@x").transport == "error"
-    assert r.resolve("-opt@x.example").transport == "error"
+    assert r.resolve("-opt@x.example").transport == "error"  # allow_min_user = no
+    r2 = Resolver(make_cfg(tmp_path, allow_min_user="yes"))
+    assert r2.resolve("-opt@x.example").transport == "smtp"
 
 
 def test_delivers_and_removes(tmp_path: Path) -> None:
-    cfg, spool, cleanup, clock = setup(tmp_path)
-    qids = [submit(cleanup, "a@x.example", [f"r{i}@d{i % 3}.example", "u@localhost"])
+    env = Env(tmp_path)
+    qids = [env.submit("a@x.example", [f"r{i}@d{i % 3}.example", "u@localhost"])
             for i in range(9)]
-    agents = FakeAgents(spool)
 
     async def go() -> None:
-        sched = Scheduler(cfg, spool, agents, clock=clock)  # type: ignore[arg-type]
+        sched = env.sched()
         sched.startup()
         await drain(sched)
-        assert not sched.active
+        assert not sched.active.messages and sched.active.rcpt_count == 0
+        # every queue of a ready destination was forgotten once empty
+        assert all(not t.queues for t in sched.transports.values())
+        assert all(t.jobs.rcpt_unused == 20000 for t in sched.transports.values())
 
     run(go())
-    assert not list(spool.scan("incoming")) and not list(spool.scan("active"))
-    transports = sorted({t for t, _ in agents.requests})
-    assert transports == ["local", "smtp"]
-    # recipients of one message to one destination travel together; local is 1 per request
-    assert all(len(r.recipients) == 1 for t, r in agents.requests if t == "local")
-    delivered = {r.queue_id for _, r in agents.requests}
-    assert delivered == set(qids)
+    assert not env.files("incoming") and not env.files("active")
+    assert sorted({t for t, _ in env.agents.requests}) == ["local", "smtp"]
+    assert all(len(r.recipients) == 1 for t, r in env.agents.requests if t == "local")
+    assert {r.queue_id for _, r in env.agents.requests} == set(qids)
 
 
 def test_recipient_limit_splits_entries(tmp_path: Path) -> None:
-    cfg, spool, cleanup, clock = setup(tmp_path, smtp_destination_recipient_limit="2")
-    submit(cleanup, "a@x.example", [f"r{i}@big.example" for i in range(5)])
-    agents = FakeAgents(spool)
+    env = Env(tmp_path, smtp_destination_recipient_limit="2")
+    env.submit("a@x.example", [f"r{i}@big.example" for i in range(5)])
 
     async def go() -> None:
-        sched = Scheduler(cfg, spool, agents, clock=clock)  # type: ignore[arg-type]
+        sched = env.sched()
         sched.startup()
         await drain(sched)
 
     run(go())
-    assert sorted(len(r.recipients) for _, r in agents.requests) == [1, 2, 2]
+    assert sorted(len(r.recipients) for _, r in env.agents.requests) == [1, 2, 2]
 
 
-def test_deferred_gets_backoff_mtime_and_defer_log(tmp_path: Path) -> None:
-    cfg, spool, cleanup, clock = setup(tmp_path)
-    qid = submit(cleanup, "a@x.example", ["ok@d.example", "later@d.example"])
-    agents = FakeAgents(spool, lambda t, req, r: "defer" if r.address.startswith("later")
-                        else "sent")
+def test_local_gets_one_queue_per_recipient_without_extension(tmp_path: Path) -> None:
+    env = Env(tmp_path, recipient_delimiter="+")
+    env.submit("a@x.example", ["u+x@localhost", "u@localhost", "v@localhost"])
+    env.agents.hold = True
 
     async def go() -> None:
-        sched = Scheduler(cfg, spool, agents, clock=clock)  # type: ignore[arg-type]
+        sched = env.sched()
+        sched.startup()
+        await drain(sched)
+        local = sched.transports["local"]
+        assert sorted(local.queues) == ["u@mail.test.example", "v@mail.test.example"]
+        assert len(local.queues["u@mail.test.example"].busy) == 2  # window 2: both busy
+        env.agents.release(3)
+        await drain(sched)
+
+    run(go())
+    assert sorted(env.agents.rcpts("local")) == ["u+x@localhost", "u@localhost", "v@localhost"]
+
+
+# ----------------------------------------------------------------------------- fairness
+def test_incoming_and_deferred_take_turns_and_incoming_wins_when_full(tmp_path: Path) -> None:
+    env = Env(tmp_path, qmgr_message_active_limit="3")
+    inc = [env.submit("a@x.example", [f"i{i}@d.example"]) for i in range(4)]
+    dfr = [env.submit("a@x.example", [f"f{i}@d.example"]) for i in range(3)]
+    for qid in dfr:
+        path = env.spool.move(qid, "incoming", "deferred")
+        os.utime(path, (env.clock.now - 10, env.clock.now - 10))
+    env.agents.hold = True
+
+    async def go() -> None:
+        sched = env.sched()
+        sched.startup()
+        await drain(sched)
+        assert len(sched.active.messages) == 3  # full: I D I
+        env.agents.release(3)
+        await drain(sched)
+        env.agents.release(len(env.agents.waiting))
+        await drain(sched)
+        env.agents.release(len(env.agents.waiting))
+        await drain(sched)
+
+    run(go())
+    origin = {q: "I" for q in inc} | {q: "D" for q in dfr}
+    # after a feed the other queue goes first; once full, incoming is preferred
+    assert [origin[r.queue_id] for _, r in env.agents.requests] == list("IDIIDID")
+
+
+def test_round_robin_across_transports(tmp_path: Path) -> None:
+    env = Env(tmp_path)
+    for i in range(3):
+        env.submit("a@x.example", [f"u{i}@localhost"])
+        env.submit("a@x.example", [f"r{i}@d{i}.example"])
+
+    async def go() -> None:
+        sched = env.sched()
+        sched.startup()
+        while sched.feed_one():
+            pass
+        assert len(sched.active.messages) == 6
+        sched.dispatch()
+        await drain(sched)
+
+    run(go())
+    seq = [t for t, _ in env.agents.requests]
+    assert sorted(seq) == ["local"] * 3 + ["smtp"] * 3
+    assert all(a != b for a, b in itertools.pairwise(seq)), seq
+
+
+def test_round_robin_across_destinations_of_a_message(tmp_path: Path) -> None:
+    env = Env(tmp_path, smtp_destination_recipient_limit="2")
+    env.submit("a@x.example", [f"r{i}@d{d}.example" for d in range(3) for i in range(4)])
+
+    async def go() -> None:
+        sched = env.sched()
         sched.startup()
         await drain(sched)
 
     run(go())
-    path = spool.path("deferred", qid)
-    assert os.path.exists(path)
-    # message age is ~0, so the delay is clamped up to minimal_backoff_time (300 s)
-    assert os.stat(path).st_mtime == pytest.approx(clock.now + 300, abs=1)
-    entries = statuslog.read(spool, "defer", qid)
-    assert [r.address for r, _ in entries] == ["later@d.example"]
-    qf = QueueFile.open(spool, "deferred", qid, lock=None, readonly=True)
-    try:
-        assert [r.address for r in qf.recipients] == ["later@d.example"]
-    finally:
-        qf.close()
+    assert [r.nexthop for _, r in env.agents.requests] == [
+        "d0.example", "d1.example", "d2.example"] * 2
 
 
-def test_deferred_scan_respects_mtime_until_scan_all(tmp_path: Path) -> None:
-    cfg, spool, cleanup, clock = setup(tmp_path)
-    qid = submit(cleanup, "a@x.example", ["later@d.example"])
-    mode = {"v": "defer"}
-    agents = FakeAgents(spool, lambda t, req, r: mode["v"])
+# ----------------------------------------------------------------------------- feedback
+def test_slow_start_window_grows_by_one_per_success(tmp_path: Path) -> None:
+    env = Env(tmp_path)
+    for i in range(12):
+        env.submit("a@x.example", [f"r{i}@slow.example"])
+    env.agents.hold = True
 
     async def go() -> None:
-        sched = Scheduler(cfg, spool, agents, clock=clock)  # type: ignore[arg-type]
+        sched = env.sched()
         sched.startup()
         await drain(sched)
-        assert os.path.exists(spool.path("deferred", qid))
-        n = len(agents.requests)
-        mode["v"] = "sent"
-        sched.trigger(b"D")
+        q = sched.transports["smtp"].queues["slow.example"]
+        assert (env.agents.inflight, q.window.window, len(q.todo)) == (5, 5, 7)
+        env.agents.release(1)  # positive feedback with 5 busy: 5 < 5 + 5 -> 6
         await drain(sched)
-        assert len(agents.requests) == n  # mtime in the future: not yet
-        sched.trigger(b"FADI")
+        assert (q.window.window, env.agents.inflight) == (6, 6)
+        env.agents.release(1)
         await drain(sched)
-        assert len(agents.requests) == n + 1
-
-    run(go())
-    assert not os.path.exists(spool.path("deferred", qid))
-
-
-def test_bounce_asks_bounce_service_and_removes(tmp_path: Path) -> None:
-    cfg, spool, cleanup, clock = setup(tmp_path)
-    qid = submit(cleanup, "a@x.example", ["bad@d.example", "good@d.example"])
-    agents = FakeAgents(spool, lambda t, req, r: "bounce" if r.address.startswith("bad")
-                        else "sent")
-
-    async def go() -> None:
-        sched = Scheduler(cfg, spool, agents, clock=clock)  # type: ignore[arg-type]
-        sched.startup()
+        assert (q.window.window, env.agents.inflight) == (7, 7)
+        env.agents.release(len(env.agents.waiting))
         await drain(sched)
 
     run(go())
-    assert [(s, r.queue_id) for s, r in agents.status_requests] == [("bounce", qid)]
-    assert not os.path.exists(spool.path("active", qid))
+    assert env.agents.max_per_dest["slow.example"] == 7
 
 
-def test_dead_transport_defers_without_attempt(tmp_path: Path) -> None:
-    cfg, spool, cleanup, clock = setup(tmp_path)
-    q1 = submit(cleanup, "a@x.example", ["r@d.example"])
-    agents = FakeAgents(spool)
-    agents.unavailable.add("smtp")
+def test_negative_feedback_shrinks_the_window_then_kills_the_destination(
+        tmp_path: Path) -> None:
+    env = Env(tmp_path)
+    qids = [env.submit("a@x.example", [f"r{i}@flaky.example"]) for i in range(8)]
+    env.agents.hold = True
 
     async def go() -> None:
-        sched = Scheduler(cfg, spool, agents, clock=clock)  # type: ignore[arg-type]
+        sched = env.sched()
         sched.startup()
         await drain(sched)
-        assert sched.transports["smtp"].dead(clock.now)
-        q2 = submit(cleanup, "a@x.example", ["s@e.example"])
+        q = sched.transports["smtp"].queues["flaky.example"]
+        assert (len(q.busy), len(q.todo)) == (5, 3)
+        env.agents.release(1, "hopfail")
+        await drain(sched)
+        assert (q.window.window, len(q.busy)) == (3, 4)  # 5 -> 3: no new delivery
+        env.agents.release(1, "hopfail")
+        await drain(sched)
+        assert (q.window.window, len(q.busy)) == (2, 3)
+        env.agents.release(1, "hopfail")  # 1/5 + 1/3 + 1/2 >= 1: dead
+        await drain(sched)
+        assert q.dead and q.dead_reason == "connect refused" and q.dead_status == "4.4.1"
+        assert not q.todo  # the 3 waiting entries were deferred without an attempt
+        assert q.dead_until == env.clock.now + 300
+        env.agents.release(2)  # in-flight deliveries still finish
+        await drain(sched)
+
+    run(go())
+    assert len(env.agents.requests) == 5
+    never_tried = [q for q in qids if q not in {r.queue_id for _, r in env.agents.requests}]
+    assert len(never_tried) == 3
+    for qid in never_tried:
+        assert defer_reasons(env.spool, qid) == [("4.4.1", "connect refused")]
+
+
+def test_dead_destination_cache_expires_after_minimal_backoff(tmp_path: Path) -> None:
+    env = Env(tmp_path, minimal_backoff_time="100s")
+    for i in range(3):
+        env.submit("a@x.example", [f"r{i}@down.example"])
+    env.agents.hold = True
+
+    async def go() -> None:
+        sched = env.sched()
+        sched.startup()
+        await drain(sched)
+        env.agents.release(3, "hopfail")  # three failures: dead
+        await drain(sched)
+        q = sched.transports["smtp"].queues["down.example"]
+        assert q.dead
+        env.agents.hold = False
+        late = env.submit("a@x.example", ["late@down.example"])
         sched.trigger(b"I")
         await drain(sched)
-        assert os.path.exists(spool.path("deferred", q2))
-        reasons = [d.reason for _, d in statuslog.read(spool, "defer", q2)]
-        assert reasons == ["mail transport unavailable"]
-
-    run(go())
-    assert os.path.exists(spool.path("deferred", q1))
-    assert agents.requests == []
-
-
-def test_dead_destination_after_failed_cohort(tmp_path: Path) -> None:
-    cfg, spool, cleanup, clock = setup(tmp_path)
-    for i in range(20):
-        submit(cleanup, "a@x.example", [f"r{i}@down.example"])
-    agents = FakeAgents(spool)
-    agents.hop_fail.add("down.example")
-
-    async def go() -> None:
-        sched = Scheduler(cfg, spool, agents, clock=clock)  # type: ignore[arg-type]
-        sched.startup()
+        assert len(env.agents.requests) == 3  # no attempt: the saved reason is used
+        assert defer_reasons(env.spool, late) == [("4.4.1", "connect refused")]
+        assert env.spool.path("deferred", late) in [
+            env.spool.path("deferred", x) for x in env.files("deferred")]
+        env.clock.now += 99
         await drain(sched)
-
-    run(go())
-    # window 5 -> 3 -> 2 -> dead after three failures: at most the first window of 5 (plus
-    # none later) was attempted; every other message was deferred with the saved reason
-    assert 3 <= len(agents.requests) <= 5
-    deferred = list(spool.scan("deferred"))
-    assert len(deferred) == 20
-    reasons = {d.reason for q in deferred for _, d in statuslog.read(spool, "defer", q)}
-    assert reasons == {"connect refused"}
-
-
-def test_unknown_trigger_bytes_ignored(tmp_path: Path) -> None:
-    cfg, spool, cleanup, clock = setup(tmp_path)
-    agents = FakeAgents(spool)
-
-    async def go() -> None:
-        sched = Scheduler(cfg, spool, agents, clock=clock)  # type: ignore[arg-type]
-        sched.startup()
+        assert q.dead
+        env.clock.now += 1  # minimal_backoff_time later the destination is alive again
         await drain(sched)
-        sched.trigger(b"\x00zzz\xffI")
-        qid = submit(cleanup, "a@x.example", ["r@d.example"])
+        assert not q.dead and "down.example" not in sched.transports["smtp"].queues
+        again = env.submit("a@x.example", ["again@down.example"])
         sched.trigger(b"I")
         await drain(sched)
-        assert not os.path.exists(spool.path("incoming", qid))
+        assert env.agents.requests[-1][1].queue_id == again
 
     run(go())
 
 
-def test_corrupt_file_moved_to_corrupt(tmp_path: Path) -> None:
-    cfg, spool, _, clock = setup(tmp_path)
-    bad = spool.path("incoming", "4SVLCh0sf8z9HdB")
-    with open(bad, "wb") as f:
-        f.write(b"not a queue file")
-    os.chmod(bad, 0o700)
-    agents = FakeAgents(spool)
+def test_flush_forgets_dead_destinations_and_transports_at_once(tmp_path: Path) -> None:
+    env = Env(tmp_path)
+    for i in range(5):
+        env.submit("a@x.example", [f"r{i}@down.example"])
+    env.submit("a@x.example", ["u@localhost"])
+    env.agents.unavailable.add("local")
+    env.agents.hold = True
 
     async def go() -> None:
-        sched = Scheduler(cfg, spool, agents, clock=clock)  # type: ignore[arg-type]
+        sched = env.sched()
         sched.startup()
+        await drain(sched)
+        env.agents.release(3, "hopfail")
+        await drain(sched)
+        smtp, local = sched.transports["smtp"], sched.transports["local"]
+        q = smtp.queues["down.example"]
+        assert q.dead
+        assert local.dead and local.dead_reason == "mail transport unavailable"
+        assert len(sched.timers) == 2 and sched.dead_queues == {q}
+        sched.trigger(b"F")
+        assert not q.dead and q.window.window == 2  # the two deliveries still busy
+        assert not local.dead and len(sched.timers) == 0
+        assert not sched.dead_queues and not sched.dead_transports
+        env.agents.release(2)
         await drain(sched)
 
     run(go())
-    assert os.path.exists(spool.path("corrupt", "4SVLCh0sf8z9HdB"))
+
+
+def test_dead_transport_defers_without_attempt_until_transport_retry_time(
+        tmp_path: Path) -> None:
+    env = Env(tmp_path, transport_retry_time="30s")
+    q1 = env.submit("a@x.example", ["r@d.example"])
+    env.agents.unavailable.add("smtp")
+
+    async def go() -> None:
+        sched = env.sched()
+        sched.startup()
+        await drain(sched)
+        smtp = sched.transports["smtp"]
+        assert smtp.dead and smtp.dead_until == env.clock.now + 30
+        q2 = env.submit("a@x.example", ["s@e.example"])
+        sched.trigger(b"I")
+        await drain(sched)
+        assert env.spool.path("deferred", q2) in {env.spool.path("deferred", q)
+                                                  for q in env.files("deferred")}
+        assert defer_reasons(env.spool, q2) == [("4.3.0", "mail transport unavailable")]
+        env.agents.unavailable.clear()
+        env.clock.now += 30
+        await drain(sched)
+        assert not smtp.dead
+        q3 = env.submit("a@x.example", ["t@e.example"])
+        sched.trigger(b"I")
+        await drain(sched)
+        assert [r.queue_id for _, r in env.agents.requests] == [q3]
+
+    run(go())
+    assert q1 in env.files("deferred")
+
+
+# ----------------------------------------------------------------------------- rate delays
+def test_destination_rate_delay_one_delivery_per_delay(tmp_path: Path) -> None:
+    env = Env(tmp_path, smtp_destination_rate_delay="10s")
+    for i in range(3):
+        env.submit("a@x.example", [f"r{i}@slow.example"])
+
+    async def go() -> None:
+        sched = env.sched()
+        sched.startup()
+        await drain(sched)
+        q = sched.transports["smtp"].queues["slow.example"]
+        assert len(env.agents.requests) == 1
+        assert q.suspended and q.suspended_until == env.clock.now + 10
+        env.clock.now += 9
+        await drain(sched)
+        assert len(env.agents.requests) == 1
+        env.clock.now += 1
+        await drain(sched)
+        assert len(env.agents.requests) == 2
+        env.clock.now += 10
+        await drain(sched)
+        assert len(env.agents.requests) == 3
+        env.clock.now += 10
+        await drain(sched)
+        assert "slow.example" not in sched.transports["smtp"].queues  # resumed, empty
+
+    run(go())
+    assert env.agents.max_per_dest["slow.example"] == 1
+
+
+def test_transport_rate_delay_spaces_all_deliveries_of_the_transport(tmp_path: Path) -> None:
+    env = Env(tmp_path, smtp_transport_rate_delay="5s")
+    for i in range(3):
+        env.submit("a@x.example", [f"r@d{i}.example"])
+    env.submit("a@x.example", ["u@localhost"])
+
+    async def go() -> None:
+        sched = env.sched()
+        sched.startup()
+        await drain(sched)
+        assert [t for t, _ in env.agents.requests].count("smtp") == 1
+        assert env.agents.rcpts("local") == ["u@localhost"]  # other transports go on
+        env.clock.now += 5
+        await drain(sched)
+        assert len(env.agents.rcpts("smtp")) == 2
+        env.clock.now += 5
+        await drain(sched)
+        assert len(env.agents.rcpts("smtp")) == 3
+
+    run(go())
+
+
+# ----------------------------------------------------------------------------- triggers
+def test_unknown_trigger_bytes_are_ignored_and_logged_once(
+        tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    env = Env(tmp_path)
+
+    async def go() -> None:
+        sched = env.sched()
+        sched.startup()
+        await drain(sched)
+        sched.trigger(b"I\0")  # the NUL unix_trigger appends is not "unknown"
+        sched.trigger(b"\x01zzz\xffI")
+        sched.trigger(b"?")
+        qid = env.submit("a@x.example", ["r@d.example"])
+        sched.trigger(b"W")
+        await drain(sched)
+        assert qid not in env.files("incoming")
+
+    run(go())
+    err = capfd.readouterr().err
+    assert err.count("ignoring unknown trigger") == 1
+
+
+def test_scan_all_alone_starts_nothing_but_applies_to_the_next_scan(tmp_path: Path) -> None:
+    env = Env(tmp_path)
+    qid = env.submit("a@x.example", ["r@d.example"])
+    later = env.clock.now + 1000
+    path = env.spool.move(qid, "incoming", "deferred")
+    os.utime(path, (later, later))
+
+    async def go() -> None:
+        sched = env.sched()
+        sched.startup()
+        await drain(sched)
+        assert not env.agents.requests  # mtime in the future
+        sched.trigger(b"A")
+        await drain(sched)
+        assert not env.agents.requests and not sched.deferred.busy
+        sched.trigger(b"D")  # the next deferred scan ignores time stamps
+        await drain(sched)
+        assert [r.queue_id for _, r in env.agents.requests] == [qid]
+
+    run(go())
+
+
+def test_trigger_flood_cannot_stall_feeding(tmp_path: Path) -> None:
+    env = Env(tmp_path)
+    qids = [env.submit("a@x.example", [f"r{i}@d{i % 4}.example"]) for i in range(30)]
+    scans = Counter[str]()
+    real_scan = env.spool.scan
+
+    def counting_scan(queue: str) -> Iterator[str]:
+        scans[queue] += 1
+        return real_scan(queue)
+
+    env.spool.scan = counting_scan  # type: ignore[method-assign]
+
+    async def go() -> None:
+        sched = env.sched()
+        sched.startup()
+        for step in range(200):
+            sched.trigger(b"WIDA" * 256)  # a full 1024-byte read every round
+            sched.step()
+            await asyncio.sleep(0)
+            if step == 29:
+                assert scans["incoming"] <= 2  # restarts wait for the running scan
+            if not sched.active.messages and not env.files("incoming") and step > 30:
+                break
+        await drain(sched)
+
+    run(go())
+    assert sorted({r.queue_id for _, r in env.agents.requests}) == sorted(qids)
+
+
+# ----------------------------------------------------------------------------- policy
+def test_defer_transports_until_a_flush(tmp_path: Path) -> None:
+    env = Env(tmp_path, defer_transports="smtp")
+    qid = env.submit("a@x.example", ["r@d.example"])
+
+    async def go() -> None:
+        sched = env.sched()
+        sched.startup()
+        await drain(sched)
+        assert not env.agents.requests
+        assert defer_reasons(env.spool, qid) == [("4.3.2", "deferred transport")]
+        sched.trigger(b"FADI")  # postqueue -f: defer_transports is ignored this time
+        await drain(sched)
+        assert [r.queue_id for _, r in env.agents.requests] == [qid]
+        other = env.submit("a@x.example", ["s@d.example"])
+        sched.trigger(b"I")  # a scan without F: deferred again
+        await drain(sched)
+        assert len(env.agents.requests) == 1 and other in env.files("deferred")
+
+    run(go())
+
+
+def test_hold_queue_is_never_scanned(tmp_path: Path) -> None:
+    env = Env(tmp_path)
+    qid = env.submit("a@x.example", ["r@d.example"])
+    env.spool.move(qid, "incoming", "hold")
+
+    async def go() -> None:
+        sched = env.sched()
+        sched.startup()
+        sched.trigger(b"FADIW")
+        await drain(sched)
+
+    run(go())
+    assert not env.agents.requests and env.files("hold") == [qid]
+
+
+def test_clog_warning_once_per_warn_time(tmp_path: Path,
+                                        capfd: pytest.CaptureFixture[str]) -> None:
+    env = Env(tmp_path, qmgr_message_active_limit="10", qmgr_clog_warn_time="300s")
+    for i in range(5):
+        env.submit("a@x.example", [f"r{i}@clog.example"])
+    env.agents.hold = True
+
+    async def go() -> None:
+        sched = env.sched()
+        sched.startup()
+        await drain(sched)
+        env.clock.now += 300
+        env.submit("a@x.example", ["late@clog.example"])
+        sched.trigger(b"I")
+        await drain(sched)
+        env.agents.release(len(env.agents.waiting))
+        await drain(sched)
+        env.agents.release(len(env.agents.waiting))
+        await drain(sched)
+
+    run(go())
+    err = capfd.readouterr().err
+    assert err.count("is using up") == 2
+    assert "warning: mail for clog.example is using up 3 of 3 active queue entries" in err
+    assert "warning: mail for clog.example is using up 6 of 6 active queue entries" in err
+    assert "to turn off these warnings specify: qmgr_clog_warn_time = 0" in err
 
 
 def test_double_bounce_recipient_discarded(tmp_path: Path) -> None:
-    cfg, spool, cleanup, clock = setup(tmp_path)
-    qid = submit(cleanup, "", ["double-bounce@mail.test.example"])
-    agents = FakeAgents(spool)
+    env = Env(tmp_path)
+    qid = env.submit("", ["double-bounce@mail.test.example"])
 
     async def go() -> None:
-        sched = Scheduler(cfg, spool, agents, clock=clock)  # type: ignore[arg-type]
+        sched = env.sched()
         sched.startup()
         await drain(sched)
 
     run(go())
-    assert agents.requests == []
-    assert not os.path.exists(spool.path("active", qid))
+    assert env.agents.requests == []
+    assert qid not in env.files("active") and qid not in env.files("deferred")
+
+
+def test_corrupt_file_moved_to_corrupt_and_qmgr_goes_on(tmp_path: Path) -> None:
+    env = Env(tmp_path)
+    bad = env.spool.path("incoming", "4SVLCh0sf8z9HdB")
+    with open(bad, "wb") as f:
+        f.write(b"not a queue file")
+    os.chmod(bad, 0o700)
+    good = env.submit("a@x.example", ["r@d.example"])
+
+    async def go() -> None:
+        sched = env.sched()
+        sched.startup()
+        await drain(sched)
+
+    run(go())
+    assert env.files("corrupt") == ["4SVLCh0sf8z9HdB"]
+    assert [r.queue_id for _, r in env.agents.requests] == [good]
+
+
+def test_bounce_asks_bounce_service_and_removes(tmp_path: Path) -> None:
+    env = Env(tmp_path)
+    env.agents.decide = lambda t, req, r: "bounce" if r.address.startswith("bad") else "sent"
+    qid = env.submit("a@x.example", ["bad@d.example", "good@d.example"])
+
+    async def go() -> None:
+        sched = env.sched()
+        sched.startup()
+        await drain(sched)
+
+    run(go())
+    assert [(s, r.queue_id) for s, r in env.agents.status_requests] == [("bounce", qid)]
+    assert not env.files("active")
+
+
+def test_per_message_flush_bit_revives_what_the_message_needs(tmp_path: Path) -> None:
+    env = Env(tmp_path)
+    for i in range(5):
+        env.submit("a@x.example", [f"r{i}@down.example"])
+    env.agents.hold = True
+
+    async def go() -> None:
+        sched = env.sched()
+        sched.startup()
+        await drain(sched)
+        env.agents.release(3, "hopfail")
+        await drain(sched)
+        assert sched.transports["smtp"].queues["down.example"].dead
+        env.agents.hold = False  # (the two deliveries still in flight stay held)
+        qid = env.submit("a@x.example", ["flushed@down.example"])
+        os.chmod(env.spool.path("incoming", qid), 0o740)  # group read: flush this one
+        sched.trigger(b"I")
+        await drain(sched)
+        q = sched.transports["smtp"].queues["down.example"]
+        # revived with window = the deliveries in flight; the message waits its turn
+        assert q.ready and q.window.window == 2 and len(q.busy) == 2 and len(q.todo) == 1
+        assert not sched.dead_queues and qid in sched.active.messages
+        env.agents.release(2)
+        await drain(sched)
+        assert env.agents.requests[-1][1].queue_id == qid  # attempted, not deferred
+        assert not os.path.exists(env.spool.path("active", qid))
+        assert defer_reasons(env.spool, qid) == []
+
+    run(go())

@@ -3,6 +3,7 @@
 Synopsis
     qmgr-ctl [-c config_dir] list [--json]
     qmgr-ctl [-c config_dir] flush
+    qmgr-ctl [-c config_dir] status [--json]
 
 Description
     ``list`` is Postfix's ``postqueue -p`` (``mailq``) and, with ``--json``,
@@ -17,6 +18,12 @@ Description
     process reading it) the mail system is down: ``qmgr-ctl: fatal: Cannot flush mail
     queue - mail system is down`` on standard error, exit 69, as postqueue does.
 
+    ``status`` asks the running qmgr for its scheduler state over
+    ``<queue_directory>/private/qmgr-status`` (qmgrd.qmgr.status): every transport and
+    destination with its concurrency window, deliveries in flight and waiting, dead or
+    rate-delay state with the saved reason, and the active queue's counts. ``--json``
+    prints the qmgr's document as it is (indented). No qmgr answering: exit 69.
+
     ``-c DIR`` names the configuration directory holding main.cf (default:
     ``$QMGRD_CONFIG_DIR``, else ``/etc/qmgrd``); ``queue_directory``,
     ``hash_queue_names``, ``hash_queue_depth``, ``empty_address_recipient`` and
@@ -26,7 +33,8 @@ Description
 Exit status (sysexits.h)
     0   success
     64  usage error (EX_USAGE): unknown command or option
-    69  the mail system is down (EX_UNAVAILABLE): flush could not trigger the qmgr/pickup
+    69  the mail system is down (EX_UNAVAILABLE): flush could not trigger the qmgr/pickup,
+        status got no answer from the qmgr
     75  the queue directory cannot be read (EX_TEMPFAIL)
     78  configuration error (EX_CONFIG): ``<file>, line <n>: <what>``
 
@@ -42,6 +50,7 @@ Public API
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import sys
@@ -53,6 +62,7 @@ import click
 from master.config import Config, ConfigError
 from qmgrd.ctl.format import format_json, format_mailq
 from qmgrd.ctl.showq import scan
+from qmgrd.qmgr.status import fetch, format_text
 from qmgrd.spool.queue import Spool
 from qmgrd.trigger import (
     QMGR_REQ_FLUSH_DEAD,
@@ -82,7 +92,7 @@ _EXIT_HELP = """
 Exit status:
   0   success
   64  usage error
-  69  mail system down (flush could not trigger qmgr or pickup)
+  69  mail system down (flush could not trigger qmgr or pickup; no qmgr status)
   75  queue directory unreadable
   78  configuration error
 """
@@ -202,6 +212,33 @@ def flush_cmd(ctx: click.Context) -> None:
     for service, data in (("qmgr", _FLUSH_QMGR), ("pickup", TRIGGER_REQ_WAKEUP)):
         if not send_trigger(os.path.join(public, service), data):
             _fatal(ctx, EX_UNAVAILABLE, "Cannot flush mail queue - mail system is down")
+
+
+@cli.command("status", help=f"""Show the qmgr's scheduler state.
+
+Asks the running qmgr over private/qmgr-status: transports, destinations (concurrency
+window, busy, todo, dead or suspended with the saved reason), active queue counts.
+{_EXIT_HELP}""")
+@click.option("--json", "as_json", is_flag=True, help="The qmgr's JSON document, indented.")
+@click.pass_context
+def status_cmd(ctx: click.Context, as_json: bool) -> None:
+    cfg = _load(ctx)
+    try:
+        path = os.path.join(cfg.get("queue_directory"), "private", "qmgr-status")
+    except ConfigError as exc:
+        _fatal(ctx, EX_CONFIG, str(exc))
+    try:
+        snap = fetch(path)
+    except (OSError, ValueError, TypeError) as exc:
+        _fatal(ctx, EX_UNAVAILABLE, f"cannot get the qmgr status from {path}: {exc}")
+    try:
+        if as_json:
+            click.echo(json.dumps(snap, indent=2, sort_keys=True))
+        else:
+            click.echo(format_text(snap), nl=False)
+    except BrokenPipeError:
+        _quiet_stdout()
+        ctx.exit(EX_OK)
 
 
 def main(argv: list[str] | None = None) -> NoReturn:

@@ -7,6 +7,10 @@ maxproc 1, wakeup 300; the bundled master.cf runs it unprivileged and chrooted i
 (reload, stop, master death) or SIGTERM; then it stops feeding, lets in-flight deliveries
 finish (bounded by ``qmgr_ipc_timeout``) and exits 0.
 
+It also serves the scheduler's state on ``private/qmgr-status`` (qmgrd.qmgr.status; a
+UNIX socket it creates itself, mode 0600, under the queue directory so that it works in
+the chroot), read by ``qmgr-ctl status``.
+
 Pre-jail (before chroot): read master.cf for the transports' process limits, open the
 transport maps (kept open, so that a changed map is still noticed inside the jail: the
 qmgr then exits and the master starts a fresh one, Postfix's pre_accept check), and
@@ -27,6 +31,7 @@ from master.server.skeleton import ServerContext, async_server
 from qmgrd.qmgr.client import AgentClient
 from qmgrd.qmgr.resolve import Resolver
 from qmgrd.qmgr.scheduler import Scheduler
+from qmgrd.qmgr.status import StatusServer
 from qmgrd.spool.queue import Spool
 
 
@@ -102,6 +107,9 @@ async def qmgr_main(ctx: ServerContext) -> None:
                 log.info("table has changed -- restarting")
                 ctx.stopping.set()
 
+    status = StatusServer(os.path.join(ctx.queue_directory, "private", "qmgr-status"),
+                          sched.snapshot)
+    await status.start()
     watcher = loop.create_task(watch_tables())
     try:
         # On reload or stop, Postfix's qmgr exits at once. Give replies already on their way
@@ -111,6 +119,7 @@ async def qmgr_main(ctx: ServerContext) -> None:
             "qmgr_ipc_timeout"))))
     finally:
         watcher.cancel()
+        await status.close()
         if fifo >= 0:
             loop.remove_reader(fifo)
 

@@ -1,24 +1,51 @@
 """message — one queue file while it is in the active queue (qmgr_message).
 
 Summary
-    The in-memory view of a message the qmgr has taken into ``active/``: envelope facts
-    needed to build delivery requests and to finish the message, and the bookkeeping of
-    its outstanding delivery entries.
+    The in-memory view of a message the qmgr has taken into ``active/``: the envelope
+    facts needed to build delivery requests and to finish the message, the bookkeeping
+    of its outstanding delivery entries, and its share of the active queue's recipient
+    memory (postfix.md §4.3, §4.6):
+
+    * ``rcpt_count``: recipients of this message now in memory (in entries);
+    * ``rcpt_limit``: how many it may hold: ``qmgr_message_recipient_minimum`` of its
+      own, plus the slots its jobs were given from their transports' pools;
+    * ``rcpt_offset``: where the next batch of recipients starts in the queue file
+      (0 = every recipient has been read); ``rcpt_unread``: how many are left there;
+    * ``refill_time``: when the last batch was read (``<transport>_recipient_refill_delay``).
+
+    ``defer_recipients()`` is how the qmgr itself defers recipients without a delivery
+    attempt (dead transport, dead destination, ``defer_transports``): a ``defer/<id>``
+    log entry and Postfix's ``status=deferred`` log line each, ``relay=none``.
 
 Public API
     Message (dataclass)
         qid, sender, arrival (epoch s, float), create_time (epoch s), active_arrival,
-        size (content bytes), data_offset (bytes), encoding, smtputf8, envid, ret,
-        client/helo/protocol log attributes,
-        refcount: outstanding entries; deferred: some recipient must be retried;
-        completing: completion in progress.
+        queued_time (int epoch s: entered the active queue; the jobs' FIFO order),
+        size (content bytes), data_offset, data_size (bytes), encoding, smtputf8, envid,
+        ret, client/helo/protocol log attributes, rewrite_context, warn_time, warn_offset,
+        single_rcpt (VERP: one recipient per delivery), flush (ignore defer_transports),
+        unthrottle (per-message flush: revive dead transports/destinations it needs),
+        forced_expire, refcount, deferred, completing, corrupt, nrcpt, jobs
+        (transport name -> Job, in creation order), rcpt_* counters above.
     Message.from_queue_file(qf, now) -> Message
+    Message.defer_recipients(spool, rcpts, status, reason, now) -> None
+        logs a warning (and carries on) when the defer log cannot be written.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from master import log
+from qmgrd import logfmt
+from qmgrd.spool import statuslog
+from qmgrd.spool.envelope import Recipient
+from qmgrd.spool.queue import Spool
+
+if TYPE_CHECKING:
+    from qmgrd.qmgr.job import Job
 
 __all__ = ["Message"]
 
@@ -34,6 +61,8 @@ class Message:
     active_arrival: float
     size: int
     data_offset: int
+    data_size: int = 0
+    queued_time: int = 0
     encoding: str = ""
     smtputf8: int = 0
     envid: str = ""
@@ -44,14 +73,26 @@ class Message:
     helo_name: str = ""
     rewrite_context: str = "local"
     warn_time: int = 0
+    warn_offset: int = 0
+    single_rcpt: bool = False
+    flush: bool = False
+    unthrottle: bool = False
+    forced_expire: bool = False
     refcount: int = 0
     deferred: bool = False
     completing: bool = False
+    corrupt: bool = False
     nrcpt: int = 0
+    rcpt_count: int = 0
+    rcpt_limit: int = 0
+    rcpt_unread: int = 0
+    rcpt_offset: int = 0
+    refill_time: float = 0.0
+    jobs: dict[str, Job] = field(default_factory=dict)
 
     @classmethod
     def from_queue_file(cls, qf: Any, now: float) -> Message:
-        """Build from an open ``qmgrd.spool.message.QueueFile``."""
+        """Build from an open ``qmgrd.spool.message.QueueFile`` (recipients not counted)."""
         attrs: dict[str, str] = dict(getattr(qf, "attrs", {}) or {})
         arrival = qf.arrival
         if isinstance(arrival, tuple):
@@ -62,8 +103,10 @@ class Message:
             arrival=float(arrival),
             create_time=float(qf.create_time or arrival),
             active_arrival=now,
+            queued_time=int(now),
             size=int(qf.content_size or qf.data_size),
             data_offset=int(qf.data_offset),
+            data_size=int(qf.data_size),
             encoding=qf.encoding or "",
             smtputf8=int(qf.smtputf8 or 0),
             envid=qf.envid or "",
@@ -72,6 +115,22 @@ class Message:
             client_address=attrs.get("log_client_address", attrs.get("client_address", "")),
             protocol_name=attrs.get("log_protocol_name", attrs.get("protocol_name", "")),
             helo_name=attrs.get("log_helo_name", attrs.get("helo_name", "")),
-            rewrite_context=attrs.get("rewrite_context", "local") or "local",
+            rewrite_context=getattr(qf, "rewrite_context", "") or "local",
             warn_time=int(getattr(qf, "warn_time", 0) or 0),
+            warn_offset=int(getattr(qf, "warn_offset", 0) or 0),
+            single_rcpt=bool(getattr(qf, "verp", "")),
         )
+
+    def defer_recipients(self, spool: Spool, rcpts: Iterable[Recipient], status: str,
+                         reason: str, now: float) -> None:
+        """Defer ``rcpts`` without a delivery attempt (defer log + ``status=deferred`` line)."""
+        self.deferred = True
+        dsn = statuslog.Dsn(status=status, action="delayed", reason=reason)
+        for rcpt in rcpts:
+            try:
+                statuslog.append(spool, "defer", self.qid, rcpt, dsn)
+            except OSError as exc:
+                log.warning(f"{self.qid}: cannot update defer log: {exc}")
+            log.info(logfmt.delivery_line(
+                self.qid, rcpt.address, rcpt.orig_rcpt, "none", self.arrival,
+                self.active_arrival, now, now, now, status, "deferred", reason))

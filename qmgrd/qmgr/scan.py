@@ -1,18 +1,25 @@
 """scan — a restartable walk over one queue directory (qmgr_scan).
 
 Summary
-    The qmgr has two scans, ``incoming`` and ``deferred`` (postfix.md §4.2). A scan hands
-    out one queue id at a time, so that feeding the active queue interleaves with
-    delivery. A request that arrives while a scan runs does not restart it at once: the
-    scan is restarted when it ends (so files added meanwhile are found). The ``A`` flag
-    (ignore deferred time stamps) is applied to the scan in progress and the next one.
+    The qmgr has two scans, ``incoming`` and ``deferred`` (postfix.md §4.1, §4.2). A scan
+    hands out one queue id at a time, so that feeding the active queue interleaves with
+    delivery. Requests follow Postfix's qmgr_scan_request:
+
+    * a *start* request starts the scan when none runs; while one runs it only sets a
+      flag, and the scan restarts once when it ends (so files added meanwhile are found).
+      A flood of requests therefore costs nothing but that flag: scans never restart
+      more often than they finish;
+    * the modifiers ``scan_all`` (trigger ``A``: ignore file time stamps) and ``flush``
+      (trigger ``F``: ignore ``defer_transports``) apply to the scan in progress and are
+      kept for the next scan that starts; a modifier alone starts nothing.
 
 Public API
-    Scan(name, lister)            lister: Callable[[], Iterator[str]] (e.g. Spool.scan)
-    .request(scan_all=False)      start now, or restart when the running scan ends
-    .next() -> str | None         the next id, or None when idle
-    .scan_all -> bool             A flag in force for the current scan
-    .busy -> bool
+    Scan(name, lister)              lister: Callable[[], Iterator[str]] (e.g. Spool.scan)
+    .request(start=True, scan_all=False, flush=False)
+    .next() -> str | None           the next id, or None when idle
+    .scan_all, .flush -> bool       modifiers in force for the current scan
+    .busy -> bool; .restart_pending -> bool
+    .close()                        abandon the scan in progress
 """
 
 from __future__ import annotations
@@ -31,28 +38,47 @@ class Scan:
         self._iter: Iterator[str] | None = None
         self._restart = False
         self._next_all = False
+        self._next_flush = False
         self.scan_all = False
+        self.flush = False
 
     @property
     def busy(self) -> bool:
+        """True while a scan is in progress."""
         return self._iter is not None
 
-    def request(self, scan_all: bool = False) -> None:
-        """Ask for a scan. ``scan_all``: ignore file time stamps (trigger A)."""
+    @property
+    def restart_pending(self) -> bool:
+        """True when the running scan will start over once it ends."""
+        return self._restart
+
+    def request(self, start: bool = True, scan_all: bool = False, flush: bool = False) -> None:
+        """Ask for a scan (``start``) and/or set modifiers for the current and next scan."""
         if scan_all:
             self._next_all = True
-            if self._iter is not None:
-                self.scan_all = True
-        if self._iter is None:
+        if flush:
+            self._next_flush = True
+        if self._iter is not None:
+            self.scan_all = self.scan_all or scan_all
+            self.flush = self.flush or flush
+            if start:
+                self._restart = True
+        elif start:
             self._start()
-        else:
-            self._restart = True
 
     def _start(self) -> None:
         self._iter = self._lister()
-        self.scan_all = self._next_all
-        self._next_all = False
+        self.scan_all, self.flush = self._next_all, self._next_flush
+        self._next_all = self._next_flush = False
         self._restart = False
+
+    def close(self) -> None:
+        """Abandon the scan in progress (closes its directory handle)."""
+        it, self._iter = self._iter, None
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()
+        self.scan_all = self.flush = False
 
     def next(self) -> str | None:
         """Return the next queue id, or None when the scan is over (and not restarted)."""
@@ -61,7 +87,7 @@ class Scan:
                 return next(self._iter)
             except StopIteration:
                 self._iter = None
-                self.scan_all = False
+                self.scan_all = self.flush = False
                 if self._restart:
                     self._start()
         return None

@@ -1,73 +1,90 @@
 """scheduler — the qmgr: moves mail through the active queue to the delivery agents.
 
 Summary
-    One Scheduler object owns all qmgr state (postfix.md §4): the two scans, the active
-    queue, transports and their destination queues. Its loop does, in turn:
+    One Scheduler object owns all qmgr state (postfix.md §4): the two directory scans
+    (qmgrd.qmgr.scan), the active queue (qmgrd.qmgr.active), the transports with their
+    destination queues and job lists (qmgrd.qmgr.transport, .destqueue, .joblist),
+    timers on an injected clock (qmgrd.qmgr.timers) and message completion
+    (qmgrd.qmgr.completion). Each loop round (``step``):
 
-    * feed: while the active queue holds fewer than ``qmgr_message_active_limit``
-      messages, take ONE file from the scans, alternating incoming and deferred (after a
-      feed the other queue goes first; when the active queue is full, incoming is
-      preferred), move it to ``active/``, lock, read, resolve every recipient, group
-      recipients per (transport, destination) into entries of at most
-      ``<transport>_destination_recipient_limit``;
-    * dispatch: for each transport, round robin across destinations, start deliveries
-      while the destination's concurrency window and the transport's process limit allow;
-    * react to agent replies: concurrency feedback, dead destinations, dead transports;
-    * complete messages whose last entry finished: send the non-delivery notice (bounce
-      service), then remove the file, or — when a recipient was deferred — set its
-      mtime to now + backoff (message age clamped to minimal_backoff_time ..
-      maximal_backoff_time) and move it to ``deferred/``; expired messages
-      (``maximal_queue_lifetime``, ``bounce_queue_lifetime`` for the null sender) are
-      returned to the sender through the ``defer`` service.
+    1. due timers run: dead destinations come back after ``minimal_backoff_time``, dead
+       transports after ``transport_retry_time``, rate-delayed queues resume; a deferred
+       scan starts every ``queue_run_delay``;
+    2. feed: when the active queue is below ``qmgr_message_active_limit`` messages and
+       ``qmgr_message_recipient_limit`` recipients, take ONE file from the scans,
+       incoming and deferred in turn (after a feed the other queue goes first; when the
+       active queue is full, incoming is preferred);
+    3. dispatch: round robin over the transports that are alive, not rate locked and
+       below their process limit; each hands out its next entry (preemptive job
+       scheduling, round robin over a job's destinations, concurrency windows); a
+       ``<transport>_transport_rate_delay`` locks the transport after each hand-out.
 
-    Triggers (one byte each): I/W incoming scan, D deferred scan, A ignore time stamps,
-    F forget dead transports and destinations. Unknown bytes are ignored (a warning once
-    per kind). A deferred scan also runs every ``queue_run_delay``.
+    Agent replies (qmgr_deliver_update): a reply clears a dead transport; a reply with a
+    hop status (the site had trouble) is negative concurrency feedback — a destination
+    that fails ``<transport>_destination_concurrency_failed_cohort_limit`` pseudo-cohorts
+    is dead: its todo entries and later mail for it are deferred with the saved reason,
+    without attempts; a reply without one is positive feedback (and revives a dead
+    destination). After a delivery a ``<transport>_destination_rate_delay`` suspends the
+    queue. An agent that cannot be reached makes its transport dead (every todo entry of
+    the transport is deferred, ``4.3.0 mail transport unavailable``).
+
+    Triggers (one byte each, a read of up to 1024 bytes collapsed into one set): ``I``/
+    ``W`` incoming scan, ``D`` deferred scan, ``A`` ignore time stamps (current and next
+    scans), ``F`` forget dead transports and destinations now and ignore
+    ``defer_transports`` for the current and next scans. A scan request while the scan
+    runs is a flag (the scan restarts once when it ends). Unknown bytes are ignored;
+    the first ones are logged once.
 
 Logs (Postfix's lines): ``<id>: from=<s>, size=N, nrcpt=N (queue active)``,
 ``<id>: removed``, ``<id>: from=<s>, status=expired, returned to sender``,
-``<id>: skipped, still being delivered``, per-recipient ``status=deferred`` lines for
-mail the qmgr defers itself; warnings for corrupt files (moved to ``corrupt/``).
+``<id>: skipped, still being delivered``, ``status=deferred`` lines for mail the qmgr
+defers itself, clog warnings, warnings for corrupt files and unreachable transports;
+with ``destination_concurrency_feedback_debug`` the window after each feedback.
 
 Public API
     Scheduler(cfg, spool, client, clock=time.time, process_limits={}, resolver=None)
-    .startup()                 move active/ back to incoming/ and start both scans
-    .trigger(data: bytes)      handle trigger bytes
-    .step() -> bool            one feed + dispatch round; True when it did work
-    async run(stopping)        the loop; returns after in-flight deliveries finished
+    .startup()                 move active/ back to incoming/, start both scans
+    .trigger(data: bytes)      handle one read of trigger bytes
+    .flush_dead()              forget dead transports and destinations (trigger F)
+    .step() -> bool            one round (timers, feed, dispatch); True when it did work
+    .transport(name) -> Transport   (created on first use; fatal on a bad parameter)
+    .snapshot() -> dict        the state for ``private/qmgr-status`` (qmgrd.qmgr.status)
+    async run(stopping, drain_timeout)   the loop; waits (bounded) for in-flight work
+    attributes: active (ActiveQueue), transports, incoming, deferred, timers, tasks
 """
 
 from __future__ import annotations
 
 import asyncio
-import errno
-import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from master import log
-from master.config import Config
-from qmgrd import logfmt
-from qmgrd.delivery import BOUNCE_CMD_FLUSH, DeliverRequest, RecipientInfo, StatusRequest
+from master.config import Config, ConfigError
+from qmgrd.delivery import DeliverRequest, DeliverStatus, RecipientInfo
+from qmgrd.qmgr.active import ActiveQueue
 from qmgrd.qmgr.client import AgentClient, TransportUnavailable
-from qmgrd.qmgr.feedback import feedback_value, negative, parse_feedback, positive
+from qmgrd.qmgr.completion import Completion
+from qmgrd.qmgr.destqueue import DestQueue
+from qmgrd.qmgr.entry import Entry
+from qmgrd.qmgr.feedback import feedback_value, negative, positive
 from qmgrd.qmgr.message import Message
 from qmgrd.qmgr.resolve import Resolver
 from qmgrd.qmgr.scan import Scan
-from qmgrd.qmgr.transport import Entry, Transport
-from qmgrd.spool import statuslog
-from qmgrd.spool.message import (
-    CorruptQueueFile,
-    QueueFile,
-    QueueFileLocked,
-    QueueFileNotReady,
-)
+from qmgrd.qmgr.status import snapshot
+from qmgrd.qmgr.timers import Timers
+from qmgrd.qmgr.transport import Transport, TransportParams
 from qmgrd.spool.queue import Spool
 
 __all__ = ["Scheduler"]
 
-_TRIGGER_CODES = frozenset(b"IWDAF")
+_TRIGGER_CODES = frozenset(b"IWDAF\0")
+
+
+def _soft(status: str) -> str:
+    """A DSN status made temporary (dead destinations defer, they never bounce)."""
+    return "4" + status[1:] if status[:1] in ("2", "4", "5") and len(status) > 1 else "4.0.0"
 
 
 class Scheduler:
@@ -88,254 +105,222 @@ class Scheduler:
         self.clock = clock
         self.process_limits = process_limits or {}
         self.resolver = resolver if resolver is not None else Resolver(cfg)
-        self.active_limit = cfg.get_int("qmgr_message_active_limit")
         self.min_backoff = cfg.get_time("minimal_backoff_time")
-        self.max_backoff = cfg.get_time("maximal_backoff_time")
-        self.max_lifetime = cfg.get_time("maximal_queue_lifetime")
-        self.bounce_lifetime = min(cfg.get_time("bounce_queue_lifetime"), self.max_lifetime)
         self.transport_retry_time = cfg.get_time("transport_retry_time")
         self.queue_run_delay = cfg.get_time("queue_run_delay")
-        self.double_bounce = cfg.get("double_bounce_sender").lower()
-        self.default_process_limit = cfg.get_int("default_process_limit")
+        self.feedback_debug = cfg.get_bool("destination_concurrency_feedback_debug")
+        cfg.get_int("qmgr_fudge_factor")  # oqmgr only; checked like Postfix's qmgr does
         self.incoming = Scan("incoming", lambda: spool.scan("incoming"))
         self.deferred = Scan("deferred", lambda: spool.scan("deferred"))
         self._incoming_first = True
-        self.active: dict[str, Message] = {}
         self.transports: dict[str, Transport] = {}
+        self._rr = 0
+        self.timers = Timers()
+        self.active = ActiveQueue(cfg, spool, self.resolver, clock, self)
+        self.completion = Completion(
+            spool, client, clock,
+            min_backoff=self.min_backoff,
+            max_backoff=cfg.get_time("maximal_backoff_time"),
+            max_lifetime=cfg.get_time("maximal_queue_lifetime"),
+            bounce_lifetime=cfg.get_time("bounce_queue_lifetime"),
+            refill=self.active.refill, release=self._release,
+            to_corrupt=self.active.to_corrupt,
+        )
+        self.dead_queues: set[DestQueue] = set()
+        self.dead_transports: set[Transport] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         self.wakeup = asyncio.Event()
-        self._warned_bytes: set[int] = set()
+        self._warned_unknown = False
         self._next_deferred_scan = 0.0
+        self.started = clock()
         self.stopping = False
 
     # ---------------------------------------------------------------- triggers
     def trigger(self, data: bytes) -> None:
         """Handle one read of trigger bytes (untrusted: unknown bytes are ignored)."""
         codes = set(data)
-        for b in codes - _TRIGGER_CODES:
-            if b != 0 and b not in self._warned_bytes:
-                self._warned_bytes.add(b)
-                log.warning(f"ignoring unknown trigger request: {bytes([b])!r}")
+        if not self._warned_unknown and not codes <= _TRIGGER_CODES:
+            self._warned_unknown = True
+            bad = bytes(sorted(codes - _TRIGGER_CODES))
+            log.warning(f"ignoring unknown trigger request(s) {bad[:16]!r} "
+                        "(further unknown requests are ignored silently)")
+        start_in = ord("I") in codes or ord("W") in codes
+        start_def = ord("D") in codes
         scan_all = ord("A") in codes
-        if ord("F") in codes:
+        flush = ord("F") in codes
+        if flush:
             self.flush_dead()
-        if ord("I") in codes or ord("W") in codes:
-            self.incoming.request(scan_all)
-        if ord("D") in codes:
-            self.deferred.request(scan_all)
-        elif scan_all:
-            self.incoming.request(True)
+        if start_in or scan_all or flush:
+            self.incoming.request(start_in, scan_all, flush)
+        if start_def or scan_all or flush:
+            self.deferred.request(start_def, scan_all, flush)
         self.wakeup.set()
 
     def flush_dead(self) -> None:
-        """Forget every dead transport and destination (trigger F)."""
-        for t in self.transports.values():
-            t.dead_until = 0.0
-            t.dead_reason = ""
-            for q in list(t.queues.values()):
-                if q.dead_until:
-                    q.revive()
-                    t.make_ready(q, self.clock())
-                    t.drop_idle_queue(q)
+        """Forget every dead transport and destination (trigger F); O(dead ones)."""
+        for t in list(self.dead_transports):
+            self.unthrottle_transport(t)
+        for q in list(self.dead_queues):
+            self.unthrottle_queue(q)
 
     # ---------------------------------------------------------------- start-up
     def startup(self) -> None:
         """Move leftovers from active/ to incoming/ (mtime now) and start both scans."""
-        now = self.clock()
-        for qid in list(self.spool.scan("active")):
-            try:
-                path = self.spool.move(qid, "active", "incoming")
-                os.utime(path, (now, now))
-            except OSError as exc:
-                log.warning(f"{qid}: cannot move from active to incoming: {exc}")
+        self.active.recover()
         self.incoming.request()
         self.deferred.request()
-        self._next_deferred_scan = now + self.queue_run_delay
+        self._next_deferred_scan = self.clock() + self.queue_run_delay
 
     # ---------------------------------------------------------------- transports
     def transport(self, name: str) -> Transport:
         """Find or create the in-memory transport ``name`` with its parameters."""
         t = self.transports.get(name)
         if t is None:
-            cfg = self.cfg
-
-            def feedback(suffix: str) -> tuple[float, bool]:
-                text = cfg.transport_param(name, suffix)
-                try:
-                    return parse_feedback(text)
-                except ValueError:
-                    log.warning(f"{name}{suffix}: bad value {text!r}; using 1")
-                    return (1.0, False)
-
-            maxproc = self.process_limits.get(name, self.default_process_limit)
-            t = Transport(
-                name,
-                recipient_limit=cfg.transport_int(name, "_destination_recipient_limit"),
-                concurrency_limit=cfg.transport_int(name, "_destination_concurrency_limit"),
-                initial_concurrency=cfg.transport_int(name, "_initial_destination_concurrency"),
-                max_inflight=maxproc if maxproc > 0 else self.default_process_limit,
-                positive=feedback("_destination_concurrency_positive_feedback"),
-                negative=feedback("_destination_concurrency_negative_feedback"),
-                cohort_limit=cfg.transport_int(
-                    name, "_destination_concurrency_failed_cohort_limit"
-                ),
-            )
+            try:
+                params = TransportParams.from_config(self.cfg, name,
+                                                     self.process_limits.get(name, 0))
+            except ConfigError as exc:
+                log.fatal(str(exc))
+            t = Transport(name, params)
             self.transports[name] = t
         return t
 
+    def _throttle_transport(self, t: Transport, status: str, reason: str) -> None:
+        """The agent cannot be reached: dead for transport_retry_time, todo deferred."""
+        if not t.dead:
+            log.warning(f"transport {t.name}: suspended for {self.transport_retry_time}s: "
+                        f"{reason}")
+            t.dead = True
+            t.dead_until = self.clock() + self.transport_retry_time
+            t.dead_status, t.dead_reason = status, reason
+            self.dead_transports.add(t)
+            self.timers.request(("transport", t), t.dead_until,
+                                lambda: self.unthrottle_transport(t))
+        for q in list(t.queues.values()):
+            self._defer_todo(q, status, reason)
+
+    def unthrottle_transport(self, t: Transport) -> None:
+        """Forget that ``t`` is dead (timer, flush, or a reply from its agent)."""
+        self.timers.cancel(("transport", t))
+        self.dead_transports.discard(t)
+        t.dead = False
+        t.dead_until = 0.0
+        t.dead_status = t.dead_reason = ""
+        self.wakeup.set()
+
+    # ---------------------------------------------------------------- destinations
+    def _queue_dead(self, q: DestQueue, status: str, reason: str) -> None:
+        """A failed cohort: remember the reason, defer the todo entries, revive later."""
+        q.refresh()
+        q.dead_until = self.clock() + self.min_backoff
+        q.dead_status, q.dead_reason = _soft(status or "4.4.1"), reason
+        self.dead_queues.add(q)
+        self.timers.request(("queue", q), q.dead_until, lambda: self.unthrottle_queue(q))
+        self._defer_todo(q, q.dead_status, reason)
+
+    def unthrottle_queue(self, q: DestQueue) -> None:
+        """Forget that ``q`` is dead: window = busy deliveries, else the initial one."""
+        self.timers.cancel(("queue", q))
+        self.dead_queues.discard(q)
+        w = q.window
+        if w.window == 0:
+            w.window = len(q.busy) or q.transport.params.initial_concurrency
+            w.success = w.failure = w.fail_cohorts = 0.0
+        q.refresh()
+        q.dead_until = 0.0
+        q.dead_status = q.dead_reason = ""
+        q.transport.jobs.queue_unblocked(q)
+        if q.empty and q.ready:
+            self._queue_done(q)
+        self.wakeup.set()
+
+    def _suspend_queue(self, q: DestQueue, delay: int) -> None:
+        q.window.window = -1
+        q.refresh()
+        q.suspended_until = self.clock() + delay
+        self.timers.request(("resume", q), q.suspended_until, lambda: self._resume_queue(q))
+
+    def _resume_queue(self, q: DestQueue) -> None:
+        if q.suspended:
+            q.window.window = 1
+            q.refresh()
+            q.suspended_until = 0.0
+            q.transport.jobs.queue_unblocked(q)
+            if q.empty:
+                self._queue_done(q)
+        self.wakeup.set()
+
+    def _queue_done(self, q: DestQueue) -> None:
+        """Forget an empty, ready queue (dead ones stay: the dead-destination cache)."""
+        t = q.transport
+        if t.queues.get(q.name) is q:
+            del t.queues[q.name]
+
+    def _queue_count(self) -> int:
+        return sum(len(t.queues) for t in self.transports.values())
+
+    def _defer_todo(self, q: DestQueue, status: str, reason: str) -> None:
+        """Defer every entry waiting in ``q`` (no delivery attempt)."""
+        now = self.clock()
+        link = q.todo.head
+        while link is not None:
+            entry = link.owner
+            link = link.next
+            entry.message.defer_recipients(self.spool, entry.recipients, status, reason, now)
+            self._entry_done(entry, busy=False)
+
     # ---------------------------------------------------------------- feeding
-    def _next_file(self) -> tuple[str, Scan] | None:
-        order = (self.incoming, self.deferred) if self._incoming_first else (
-            self.deferred, self.incoming)
-        for scan in order:
-            qid = scan.next()
-            if qid is not None:
-                self._incoming_first = scan is not self.incoming
-                return qid, scan
-        return None
-
     def feed_one(self) -> bool:
-        """Take one file from the scans into the active queue. True if a name was taken."""
-        if len(self.active) >= self.active_limit:
-            self._incoming_first = True
-            return False
-        nxt = self._next_file()
-        if nxt is None:
-            return False
-        qid, scan = nxt
-        if qid not in self.active:
-            self._feed(qid, scan.name, scan.scan_all)
-        return True
-
-    def _feed(self, qid: str, from_queue: str, scan_all: bool) -> None:
-        now = self.clock()
-        path = self.spool.path(from_queue, qid)
-        try:
-            st = os.stat(path)
-        except OSError:
-            return
-        if st.st_mode & 0o700 != 0o700:
-            return
-        if not scan_all and st.st_mtime > now + 1:
-            return
-        try:
-            apath = self.spool.move(qid, from_queue, "active")
-        except OSError as exc:
-            if exc.errno != errno.ENOENT:
-                log.warning(f"{qid}: cannot move {from_queue} to active: {exc}")
-            return
-        try:
-            qf = QueueFile.open(self.spool, "active", qid, lock="ex")
-        except (QueueFileLocked, QueueFileNotReady):
-            log.info(f"{qid}: skipped, still being delivered")
-            self._back_to_incoming(qid, now + 60)
-            return
-        except CorruptQueueFile as exc:
-            log.warning(f"{qid}: {exc}: moving to corrupt queue")
-            self._to_corrupt(qid)
-            return
-        except OSError as exc:
-            log.warning(f"{qid}: cannot open {apath}: {exc}")
-            self._back_to_incoming(qid, now + 60)
-            return
-        try:
-            self._read_message(qf, qid, now)
-        except CorruptQueueFile as exc:
-            log.warning(f"{qid}: {exc}: moving to corrupt queue")
-            self.active.pop(qid, None)
-            self._to_corrupt(qid)
-        finally:
-            qf.close()
-        msg = self.active.get(qid)
-        if msg is not None and msg.refcount == 0:
-            self._start_completion(msg)
-
-    def _read_message(self, qf: QueueFile, qid: str, now: float) -> None:
-        try:
-            os.unlink(self.spool.path("defer", qid))
-        except OSError:
-            pass
-        msg = Message.from_queue_file(qf, now)
-        recipients = list(qf.recipients)
-        msg.nrcpt = len(recipients)
-        self.active[qid] = msg
-        log.info(f"{qid}: from=<{msg.sender}>, size={msg.size}, nrcpt={msg.nrcpt} (queue active)")
-        groups: dict[tuple[str, str], tuple[str, list[Any]]] = {}
-        for rcpt in recipients:
-            res = self.resolver.resolve(rcpt.address)
-            if res.local and rcpt.address.rpartition("@")[0].lower() == self.double_bounce:
-                qf.mark_done(rcpt.offset)
-                log.info(logfmt.delivery_line(
-                    qid, rcpt.address, rcpt.orig_rcpt, "none", msg.arrival, now, now, now, now,
-                    "2.0.0", "sent", "undeliverable postmaster notification discarded"))
-                continue
-            t = self.transport(res.transport)
-            qname = res.nexthop
-            if t.recipient_limit == 1 and res.transport not in ("error", "retry"):
-                qname = rcpt.address.rpartition("@")[0] + "@" + res.nexthop
-            groups.setdefault((res.transport, qname.lower()), (res.nexthop, []))[1].append(rcpt)
-        for (tname, qname), (nexthop, rcpts) in groups.items():
-            t = self.transports[tname]
-            q = t.queue_for(qname, nexthop)
-            if t.dead(now):
-                self._defer_now(msg, rcpts, "4.3.0", t.dead_reason or "mail transport unavailable")
-                t.drop_idle_queue(q)
-                continue
-            if q.dead(now):
-                self._defer_now(msg, rcpts, q.dead_status or "4.4.1", q.dead_reason)
-                continue
-            limit = t.recipient_limit if t.recipient_limit > 0 else len(rcpts)
-            for i in range(0, len(rcpts), limit):
-                q.todo.append(Entry(msg, q, rcpts[i : i + limit]))
-                msg.refcount += 1
-            t.make_ready(q, now)
-
-    def _back_to_incoming(self, qid: str, mtime: float) -> None:
-        try:
-            path = self.spool.move(qid, "active", "incoming")
-            os.utime(path, (mtime, mtime))
-        except OSError as exc:
-            log.warning(f"{qid}: cannot move back to incoming: {exc}")
-
-    def _to_corrupt(self, qid: str) -> None:
-        try:
-            self.spool.move(qid, "active", "corrupt")
-        except OSError as exc:
-            log.warning(f"{qid}: cannot move to corrupt: {exc}")
-
-    def _defer_now(self, msg: Message, rcpts: list[Any], status: str, reason: str) -> None:
-        """Defer recipients without a delivery attempt: defer log + Postfix log line."""
-        now = self.clock()
-        msg.deferred = True
-        for rcpt in rcpts:
-            try:
-                statuslog.append(
-                    self.spool, "defer", msg.qid, rcpt,
-                    statuslog.Dsn(status=status, action="delayed", reason=reason),
-                )
-            except OSError as exc:
-                log.warning(f"{msg.qid}: cannot update defer log: {exc}")
-            log.info(logfmt.delivery_line(
-                msg.qid, rcpt.address, rcpt.orig_rcpt, "none", msg.arrival, msg.active_arrival,
-                now, now, now, status, "deferred", reason))
+        """Take at most one file into the active queue. True if a name was taken."""
+        took = False
+        if not self.active.full():
+            order = ((self.incoming, self.deferred) if self._incoming_first
+                     else (self.deferred, self.incoming))
+            last = order[-1]
+            for scan in order:
+                last = scan
+                qid = scan.next()
+                if qid is None:
+                    continue
+                took = True
+                if self.active.feed(qid, scan.name, scan.scan_all, scan.flush):
+                    break
+            if not self.active.full():
+                self._incoming_first = last is self.deferred
+                return took
+        self._incoming_first = True
+        return took
 
     # ---------------------------------------------------------------- dispatch
     def dispatch(self) -> bool:
-        """Start every delivery that the windows allow. True if any started."""
-        if self.stopping:
+        """Start every delivery the limits allow, round robin over transports."""
+        if self.stopping or not self.transports:
             return False
         now = self.clock()
+        ring = list(self.transports.values())
+        start = self._rr % len(ring)
+        ring = ring[start:] + ring[:start]
+        self._rr = start + 1
         started = False
-        for t in list(self.transports.values()):
-            while True:
-                entry = t.next_entry(now)
+        progress = True
+        while progress:
+            progress = False
+            for t in ring:
+                if not t.can_start(now):
+                    continue
+                entry = t.jobs.select_entry(now, self.active.refill)
                 if entry is None:
-                    break
-                started = True
+                    continue
+                progress = started = True
+                t.inflight += 1
+                delay = t.params.transport_rate_delay
+                if delay > 0:
+                    t.rate_locked_until = now + delay
+                    self.timers.request(("rate", t), t.rate_locked_until, self.wakeup.set)
                 self._spawn(self._deliver(entry))
         return started
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
         self.tasks.add(task)
         task.add_done_callback(self._task_done)
@@ -343,8 +328,7 @@ class Scheduler:
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self.tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            exc = task.exception()
-            log.error(f"qmgr task failed: {exc!r}")
+            log.error(f"qmgr task failed: {task.exception()!r}")
         self.wakeup.set()
 
     def _request(self, entry: Entry) -> DeliverRequest:
@@ -375,153 +359,108 @@ class Scheduler:
         )
 
     async def _deliver(self, entry: Entry) -> None:
-        q = entry.queue
-        t = q.transport
+        t = entry.queue.transport
         try:
             status = await self.client.deliver(t.name, self._request(entry))
         except TransportUnavailable as exc:
             log.warning(f"connect to transport private/{t.name}: {exc}")
-            self._transport_dead(t, "mail transport unavailable")
-            self._entry_done(entry, failed=True, reason="mail transport unavailable",
-                             dsn_status="4.3.0")
+            reason = "mail transport unavailable"
+            self._throttle_transport(t, "4.3.0", reason)
+            entry.message.defer_recipients(self.spool, entry.recipients, "4.3.0", reason,
+                                           self.clock())
+            self._entry_done(entry, busy=True)
             return
-        now = self.clock()
-        if status.hop_failed:
-            dead = negative(q.window, feedback_value(t.negative, q.window.window), t.cohort_limit)
-            if dead:
-                q.dead_until = now + self.min_backoff
-                q.dead_reason = status.reason
-                q.dead_status = status.dsn_status or "4.4.1"
-                for e in list(q.todo):
-                    self._defer_now(e.message, e.recipients, q.dead_status, q.dead_reason)
-                pending = list(q.todo)
-                q.todo.clear()
-                for e in pending:
-                    self._release(e.message)
-        else:
-            positive(q.window, feedback_value(t.positive, q.window.window), q.busy,
-                     t.initial_concurrency, t.concurrency_limit)
-        if t.dead_until:
-            t.dead_until = 0.0
-            t.dead_reason = ""
-        self._entry_done(entry, failed=status.status != 0)
+        except Exception as exc:  # noqa: BLE001 - keep the queue moving, report the bug
+            log.error(f"{entry.message.qid}: delivery via {t.name} failed: {exc!r}")
+            status = DeliverStatus(status=1, dsn_status="4.3.0", action="delayed",
+                                   reason="unknown mail transport error")
+        self._delivery_update(entry, status)
 
-    def _transport_dead(self, t: Transport, reason: str) -> None:
-        now = self.clock()
-        if not t.dead_until:
-            log.warning(f"transport {t.name}: suspended for {self.transport_retry_time}s: {reason}")
-        t.dead_until = now + self.transport_retry_time
-        t.dead_reason = reason
-        for q in list(t.queues.values()):
-            pending = list(q.todo)
-            q.todo.clear()
-            for e in pending:
-                self._defer_now(e.message, e.recipients, "4.3.0", reason)
-                self._release(e.message)
-            t.drop_idle_queue(q)
-
-    def _entry_done(self, entry: Entry, failed: bool, reason: str = "",
-                    dsn_status: str = "") -> None:
+    def _delivery_update(self, entry: Entry, status: DeliverStatus) -> None:
+        """An agent's reply: feedback, dead destinations, then the entry is done."""
         q = entry.queue
         t = q.transport
-        q.busy -= 1
-        t.inflight -= 1
-        if failed:
+        p = t.params
+        if t.dead:
+            self.unthrottle_transport(t)
+        if status.status != 0:
             entry.message.deferred = True
-            if reason:
-                self._defer_now(entry.message, entry.recipients, dsn_status or "4.3.0", reason)
-        t.make_ready(q, self.clock())
-        t.drop_idle_queue(q)
-        self._release(entry.message)
+        if status.hop_failed:
+            if q.ready:
+                f = feedback_value(p.negative, q.window.window)
+                dead = negative(q.window, f, p.cohort_limit)
+                q.refresh()
+                self._debug_feedback(q, "negative", f)
+                if dead:
+                    self._queue_dead(q, status.dsn_status, status.reason)
+        elif q.dead:
+            self.unthrottle_queue(q)
+        elif q.ready:
+            g = feedback_value(p.positive, q.window.window)
+            positive(q.window, g, len(q.busy), p.initial_concurrency, p.concurrency_limit)
+            q.refresh()
+            self._debug_feedback(q, "positive", g)
+        self._entry_done(entry, busy=True)
 
-    def _release(self, msg: Message) -> None:
+    def _debug_feedback(self, q: DestQueue, kind: str, value: float) -> None:
+        if self.feedback_debug:
+            w = q.window
+            log.info(f"{kind} feedback {value:g} for {q.transport.name}:{q.name}: "
+                     f"window {w.window} success {w.success:g} failure {w.failure:g} "
+                     f"fail_cohorts {w.fail_cohorts:g}")
+
+    def _entry_done(self, entry: Entry, busy: bool) -> None:
+        """An entry's delivery ended (busy) or it left the todo list (qmgr_entry_done)."""
+        q = entry.queue
+        t = q.transport
+        msg = entry.message
+        if busy:
+            t.inflight -= 1
+            if t.params.dest_rate_delay > 0 and q.ready:
+                self._suspend_queue(q, t.params.dest_rate_delay)
+        t.jobs.entry_done(entry, busy)
+        self.active.rcpt_count -= len(entry.recipients)
+        if q.empty:
+            if q.dead and self._queue_count() > 2 * self.active.recipient_limit:
+                self.unthrottle_queue(q)
+            elif q.ready:
+                self._queue_done(q)
         msg.refcount -= 1
-        if msg.refcount <= 0:
-            self._start_completion(msg)
+        if msg.refcount == 0:
+            self.start_completion(msg)
+        self.wakeup.set()
 
     # ---------------------------------------------------------------- completion
-    def _start_completion(self, msg: Message) -> None:
+    def start_completion(self, msg: Message) -> None:
+        """Finish ``msg`` asynchronously (its last entry is done)."""
         if msg.completing:
             return
         msg.completing = True
-        self._spawn(self._complete(msg))
+        self._spawn(self.completion.run(msg))
 
-    def _status_request(self, msg: Message, nrequest: int) -> StatusRequest:
-        return StatusRequest(
-            nrequest=nrequest, queue_name="active", queue_id=msg.qid, sender=msg.sender,
-            encoding=msg.encoding, smtputf8=msg.smtputf8, envelope_id=msg.envid,
-            ret_flags=msg.ret,
-        )
-
-    async def _complete(self, msg: Message) -> None:
-        """Finish a message whose entries are all done (postfix.md §4.9)."""
-        qid = msg.qid
-        try:
-            bpath = self.spool.path("bounce", qid)
-            try:
-                bsize = os.stat(bpath).st_size
-            except OSError:
-                bsize = -1
-            if bsize == 0:
-                os.unlink(bpath)
-            elif bsize > 0:
-                ok = await self.client.status_request(
-                    "bounce", self._status_request(msg, BOUNCE_CMD_FLUSH))
-                if not ok:
-                    msg.deferred = True
-            path = self.spool.path("active", qid)
-            try:
-                st = os.stat(path)
-            except OSError as exc:
-                log.warning(f"{qid}: active queue file vanished: {exc}")
-                return
-            if st.st_mode & 0o700 != 0o700:
-                log.warning(f"{qid}: queue file marked corrupt: moving to corrupt queue")
-                self._to_corrupt(qid)
-                return
-            now = self.clock()
-            if msg.deferred:
-                lifetime = self.bounce_lifetime if not msg.sender else self.max_lifetime
-                if now >= msg.create_time + lifetime:
-                    log.info(f"{qid}: from=<{msg.sender}>, status=expired, returned to sender")
-                    ok = await self.client.status_request(
-                        "defer", self._status_request(msg, BOUNCE_CMD_FLUSH))
-                    if ok:
-                        self._remove(qid)
-                        return
-                delay = min(max(now - msg.create_time, self.min_backoff), self.max_backoff)
-                try:
-                    os.utime(path, (now + delay, now + delay))
-                    self.spool.move(qid, "active", "deferred")
-                except OSError as exc:
-                    log.warning(f"{qid}: cannot move to deferred: {exc}")
-            else:
-                self._remove(qid)
-        finally:
-            self.active.pop(qid, None)
-            self.wakeup.set()
-
-    def _remove(self, qid: str) -> None:
-        for queue in ("defer", "active"):
-            try:
-                os.unlink(self.spool.path(queue, qid))
-            except FileNotFoundError:
-                pass
-            except OSError as exc:
-                log.warning(f"{qid}: remove {queue} file: {exc}")
-                return
-        log.info(f"{qid}: removed")
+    def _release(self, msg: Message) -> None:
+        self.active.release(msg)
+        self.wakeup.set()
 
     # ---------------------------------------------------------------- loop
+    def snapshot(self) -> dict[str, Any]:
+        """The scheduler's state as plain data (see qmgrd.qmgr.status)."""
+        return snapshot(self)
+
+    def next_deferred_scan(self) -> float:
+        """When the next periodic deferred scan starts (epoch s)."""
+        return self._next_deferred_scan
+
     def step(self) -> bool:
-        """One round: feed at most one message, then dispatch. True if work was done."""
+        """One round: timers, feed at most one message, dispatch. True if work was done."""
         now = self.clock()
+        ran = self.timers.run_due(now)
         if now >= self._next_deferred_scan:
             self._next_deferred_scan = now + self.queue_run_delay
             self.deferred.request()
         fed = False if self.stopping else self.feed_one()
         started = self.dispatch()
-        return fed or started
+        return fed or started or ran > 0
 
     async def run(self, stopping: asyncio.Event, drain_timeout: float = 30.0) -> None:
         """Run until ``stopping`` is set, then wait (bounded) for in-flight deliveries."""
@@ -533,13 +472,19 @@ class Scheduler:
                     await asyncio.sleep(0)
                     continue
                 self.wakeup.clear()
-                timeout = max(0.05, self._next_deferred_scan - self.clock())
+                due = self._next_deferred_scan
+                timer = self.timers.next_due()
+                if timer is not None:
+                    due = min(due, timer)
+                timeout = min(max(0.01, due - self.clock()), 60.0)
                 wake = asyncio.ensure_future(self.wakeup.wait())
                 await asyncio.wait({wake, stop_task}, timeout=timeout,
                                    return_when=asyncio.FIRST_COMPLETED)
                 wake.cancel()
         finally:
             stop_task.cancel()
+            self.incoming.close()
+            self.deferred.close()
         self.stopping = True
         if self.tasks:
             await asyncio.wait(set(self.tasks), timeout=drain_timeout)
