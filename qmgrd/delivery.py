@@ -394,6 +394,7 @@ class DeliverStatus:
     mta_mname: str = ""
     action: str = ""
     reason: str = ""
+    agent_failed: bool = False  # set by the qmgr's client: no or malformed reply (not sent)
 
     @property
     def hop_failed(self) -> bool:

@@ -760,3 +760,29 @@ def test_per_message_flush_bit_revives_what_the_message_needs(tmp_path: Path) ->
         assert defer_reasons(env.spool, qid) == []
 
     run(go())
+
+
+def test_agent_crash_defers_unfinished_recipients_with_a_log_line(tmp_path: Path) -> None:
+    """An agent that dies mid-request (no reply): the recipients it did not finish get a
+    defer-log entry and a status=deferred line; the one it finished keeps its D record."""
+    env = Env(tmp_path)
+    qid = env.submit("a@x.example", ["done@d.example", "lost@d.example"])
+    real = env.agents._outcomes
+
+    def crash_after_first(transport: str, req: DeliverRequest, override: str) -> DeliverStatus:
+        first = DeliverRequest(**{**req.__dict__, "recipients": req.recipients[:1]})
+        real(transport, first, "sent")
+        return DeliverStatus(status=1, dsn_status="4.3.0", action="delayed",
+                             reason="unknown mail transport error", agent_failed=True)
+
+    env.agents._outcomes = crash_after_first  # type: ignore[method-assign]
+
+    async def go() -> None:
+        sched = env.sched()
+        sched.startup()
+        await drain(sched)
+
+    run(go())
+    assert env.files("deferred") == [qid]
+    assert [(r.address, d.reason) for r, d in statuslog.read(env.spool, "defer", qid)] == [
+        ("lost@d.example", "unknown mail transport error")]

@@ -89,7 +89,7 @@ class AgentClient:
                 )
                 return DeliverStatus(
                     status=1, dsn_status="4.3.0", action="delayed",
-                    reason="unknown mail transport error",
+                    reason="unknown mail transport error", agent_failed=True,
                 )
         finally:
             writer.close()

@@ -56,6 +56,7 @@ Public API
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -373,8 +374,31 @@ class Scheduler:
         except Exception as exc:  # noqa: BLE001 - keep the queue moving, report the bug
             log.error(f"{entry.message.qid}: delivery via {t.name} failed: {exc!r}")
             status = DeliverStatus(status=1, dsn_status="4.3.0", action="delayed",
-                                   reason="unknown mail transport error")
+                                   reason="unknown mail transport error", agent_failed=True)
+        if status.agent_failed:
+            self._defer_unfinished(entry, status)
         self._delivery_update(entry, status)
+
+    def _defer_unfinished(self, entry: Entry, status: DeliverStatus) -> None:
+        """The agent died or replied garbage: log ``status=deferred`` (and a defer-log
+        entry) for each recipient it did not finish, as Postfix does, so that the log
+        and ``qmgr-ctl list`` tell why. Finished ones already have their ``D`` record."""
+        msg = entry.message
+        unfinished = list(entry.recipients)
+        try:
+            fd = os.open(self.spool.path("active", msg.qid), os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            pass
+        else:
+            try:
+                unfinished = [r for r in entry.recipients if os.pread(fd, 1, r.offset) == b"R"]
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+        if unfinished:
+            msg.defer_recipients(self.spool, unfinished, status.dsn_status or "4.3.0",
+                                 status.reason, self.clock())
 
     def _delivery_update(self, entry: Entry, status: DeliverStatus) -> None:
         """An agent's reply: feedback, dead destinations, then the entry is done."""
