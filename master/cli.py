@@ -9,8 +9,12 @@ Description
     ``-c DIR`` names the configuration directory (default ``$QMGRD_CONFIG_DIR``, else
     /etc/qmgrd) holding main.cf and master.cf.
 
-    start      Validate main.cf and master.cf first (a bad line: ``qmgr-master: fatal:
-               <file>, line <n>: ...`` on stderr, exit 1, nothing started); as root,
+    start      Check main.cf and master.cf first, as the master does
+               (master.config.validate: syntax, every parameter value including each
+               service's ``-o`` overrides, command modules, inet ports and hosts; a
+               problem: ``qmgr-master: fatal: <file>, line <n>: ...`` on stderr, exit 1,
+               nothing started; warnings - duplicate services, unused ``-o``
+               parameters - as ``qmgr-master: warning: ...``); as root,
                refuse a mail_owner that does not exist or is privileged (``qmgr-master:
                fatal: file <dir>/main.cf: parameter mail_owner: unknown user name value:
                x``, exit 1); refuse when a master already runs (exit 1, the running one
@@ -23,7 +27,10 @@ Description
     stop       SIGTERM the master and wait until it and every child are gone; exit 0.
                Not running: "the qmgrd mail system is not running", exit 1 (as
                ``postfix stop``).
-    reload     SIGHUP the master; exit 0 (1 if not running).
+    reload     Check both files as start does, then SIGHUP the master; exit 0.  A bad
+               file: ``qmgr-master: fatal: <file>, line <n>: ...``, exit 1, the master
+               is not signalled (it keeps its configuration; signalled directly it
+               checks again and keeps it too).  Not running: exit 1.
     status     Exit 0 when running, 3 when not.  Shows every service (name, type,
                maxproc, throttled-until) and each of its processes: pid, busy/idle, uses
                (completed requests), uid, root directory (chroot) - the master's own state
@@ -37,6 +44,12 @@ Description
                   "chrooted"}]}],
                 "processes": [{"pid", "service", "title", "cmdline", "uid", "user", "root",
                   "chrooted", "state", "uses"}]}   (the master first, then every child).
+    (broken main.cf) stop and status still find the master's pid file: after
+               ``qmgr-master: warning: <file>, line <n>: ... (bad lines ignored to find
+               the queue directory)`` they take queue_directory from the lines that
+               parse, so status's 0 / 3 keep their meaning; only when even that fails
+               (queue_directory itself cannot be expanded): ``qmgr-master: fatal:
+               cannot find the queue directory: ...``, exit 1 ("cannot tell").
     check      Create missing queue directories and data_directory, fix wrong owners and
                modes (master.daemon.queuedirs); one line per change on stderr; exit 0.
 
@@ -60,7 +73,7 @@ from typing import Any, NoReturn
 import click
 import psutil  # type: ignore[import-untyped]
 
-from master.config import Config, ConfigError, load_master_cf
+from master.config import Config, ConfigError, Service, describe, load_configuration
 from master.daemon.control import control_path, query
 from master.daemon.master import run_master
 from master.daemon.pidfile import pid_path, running_pid
@@ -95,6 +108,34 @@ def _config(ctx: click.Context) -> Config:
         _fatal(str(exc))
 
 
+def _checked_config(ctx: click.Context, warn: bool = True) -> tuple[Config, list[Service]]:
+    """main.cf and master.cf fully checked (master.config.validate), as the master will
+    check them; warnings printed (with ``warn``); an error is fatal (exit 1)."""
+    def say_warning(text: str) -> None:
+        if warn:
+            _say(f"warning: {text}")
+
+    try:
+        return load_configuration(ctx.obj, say_warning)
+    except ConfigError as exc:
+        _fatal(str(exc))
+
+
+def _queue_directory(ctx: click.Context) -> str:
+    """queue_directory (absolute) for stop and status, also from a broken main.cf: a
+    warning, then the lines that parse are used; fatal (exit 1) if it still cannot be
+    expanded."""
+    try:
+        return os.path.abspath(Config.load(ctx.obj).get("queue_directory"))
+    except ConfigError as exc:
+        _say(f"warning: {exc} (bad lines ignored to find the queue directory)")
+    try:
+        cfg, _ = Config.load_lenient(ctx.obj)
+        return os.path.abspath(cfg.get("queue_directory"))
+    except ConfigError as exc:
+        _fatal(f"cannot find the queue directory: {exc}")
+
+
 def _owner(cfg: Config) -> Owner:
     """mail_owner (as root) or the invoking user; a bad mail_owner is fatal."""
     try:
@@ -103,13 +144,9 @@ def _owner(cfg: Config) -> Owner:
         _fatal(str(exc))
 
 
-def _pid_file(cfg: Config) -> str:
-    return pid_path(cfg.get("queue_directory"))
-
-
-def _running(cfg: Config) -> int | None:
+def _running(queue_directory: str) -> int | None:
     """The master's pid (waiting briefly for a master that is still writing it)."""
-    path = _pid_file(cfg)
+    path = pid_path(queue_directory)
     deadline = time.monotonic() + 1.0
     pid = running_pid(path)
     while pid == 0 and time.monotonic() < deadline:
@@ -132,16 +169,10 @@ def main(ctx: click.Context, config_dir: str) -> None:
 @click.pass_context
 def start(ctx: click.Context, foreground: bool) -> None:
     """Start the mail system."""
-    cfg = _config(ctx)
-    try:
-        load_master_cf(os.path.join(cfg.config_directory, "master.cf"), cfg)
-        cfg.get("queue_directory")
-        cfg.get_int("default_process_limit")
-        cfg.get_time("service_throttle_time")
-    except ConfigError as exc:
-        _fatal(str(exc))
+    # --foreground: the master (this process) logs the warnings itself, to stderr too
+    cfg, _ = _checked_config(ctx, warn=not foreground)
     _owner(cfg)
-    pid = _running(cfg)
+    pid = _running(os.path.abspath(cfg.get("queue_directory")))
     if pid is not None:
         _fatal(f"the qmgrd mail system is already running (pid {pid})")
     if foreground:
@@ -217,8 +248,7 @@ def _wait_started(r: int, pid: int) -> int:
 @click.pass_context
 def stop(ctx: click.Context) -> None:
     """Stop the mail system: the master and every child."""
-    cfg = _config(ctx)
-    pid = _running(cfg)
+    pid = _running(_queue_directory(ctx))
     if not pid:
         _say("the qmgrd mail system is not running")
         sys.exit(1)
@@ -241,8 +271,8 @@ def stop(ctx: click.Context) -> None:
 @click.pass_context
 def reload(ctx: click.Context) -> None:
     """Make the master re-read main.cf and master.cf."""
-    cfg = _config(ctx)
-    pid = _running(cfg)
+    cfg, _ = _checked_config(ctx)
+    pid = _running(os.path.abspath(cfg.get("queue_directory")))
     if not pid:
         _say("the qmgrd mail system is not running")
         sys.exit(1)
@@ -289,13 +319,13 @@ def _proc_info(proc: psutil.Process) -> dict[str, object]:
             "chrooted": None if root == "?" else root != "/"}
 
 
-def _master_state(cfg: Config) -> dict[str, Any] | None:
+def _master_state(queue_directory: str) -> dict[str, Any] | None:
     """The master's reply to a status request, None (after a note) if unavailable."""
-    path = control_path(os.path.abspath(cfg.get("queue_directory")))
+    path = control_path(queue_directory)
     try:
         reply = query(path, {"request": "status"})
     except (OSError, ValueError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else describe(exc)
         _say(f"cannot ask the master ({path}: {reason}): process list only")
         return None
     if "error" in reply or not isinstance(reply.get("services"), list):
@@ -304,7 +334,7 @@ def _master_state(cfg: Config) -> dict[str, Any] | None:
     return reply
 
 
-def _status_data(cfg: Config, pid: int) -> dict[str, Any] | None:
+def _status_data(queue_directory: str, pid: int) -> dict[str, Any] | None:
     """The --json object of a running system (module docstring); None if it vanished."""
     try:
         master = psutil.Process(pid)
@@ -313,7 +343,7 @@ def _status_data(cfg: Config, pid: int) -> dict[str, Any] | None:
         return None
     procs[0]["service"] = "master"
     by_pid = {int(str(p["pid"])): p for p in procs}
-    state = _master_state(cfg)
+    state = _master_state(queue_directory)
     services: list[dict[str, Any]] = []
     for svc in (state or {}).get("services", []):
         rows = []
@@ -373,9 +403,9 @@ def _print_status(data: dict[str, Any]) -> None:
 def status(ctx: click.Context, as_json: bool) -> None:
     """Tell whether the mail system runs (exit 0) or not (exit 3); show its services and
     processes."""
-    cfg = _config(ctx)
-    pid = _running(cfg)
-    data = _status_data(cfg, pid) if pid else None
+    qdir = _queue_directory(ctx)
+    pid = _running(qdir)
+    data = _status_data(qdir, pid) if pid else None
     if data is None:
         if as_json:
             click.echo(json.dumps({"running": False, "pid": None, "master": None,
@@ -401,7 +431,7 @@ def check(ctx: click.Context) -> None:
         changes = check_queue_dirs(cfg.get("queue_directory"), cfg.get("data_directory"),
                                    owner)
     except (OSError, ConfigError) as exc:
-        _fatal(str(exc))
+        _fatal(describe(exc))
     for change in changes:
         _say(change)
     sys.exit(0)

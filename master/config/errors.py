@@ -9,9 +9,16 @@ DESCRIPTION
     override or a typed parameter value.  Its ``str()`` follows Postfix's
     ``msg_fatal`` context style: ``"<path>, line <n>: <what is wrong>"`` when the
     file and line are known, ``"<path>: <what>"`` with a file only, else ``"<what>"``.
+
+    describe(exc) -> str turns any exception into log wording without Python's reprs:
+    an OSError becomes ``"<file>: <strerror>"`` (``"<file> -> <file2>: ..."`` for a
+    rename, just the strerror without a file: ``"Address already in use"``), not
+    ``"[Errno 98] Address already in use"`` or ``"... '/x'"``; anything else its str().
 """
 
 from __future__ import annotations
+
+import os
 
 
 class ConfigError(Exception):
@@ -33,3 +40,12 @@ class ConfigError(Exception):
         if self.path is not None:
             return f"{self.path}: {self.message}"
         return self.message
+
+
+def describe(exc: BaseException) -> str:
+    """The text of ``exc`` for a log line or message (module docstring)."""
+    if isinstance(exc, OSError) and exc.strerror:
+        names = [os.fsdecode(name) if isinstance(name, bytes) else str(name)
+                 for name in (exc.filename, exc.filename2) if name is not None]
+        return f"{' -> '.join(names)}: {exc.strerror}" if names else exc.strerror
+    return str(exc) or type(exc).__name__

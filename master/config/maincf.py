@@ -27,12 +27,16 @@ DESCRIPTION
 PUBLIC API
     Config.load(config_directory, overrides=None) -> Config
     Config.from_text(text, config_directory, overrides=None, path="main.cf") -> Config
+    Config.load_lenient(config_directory) -> (Config, list[ConfigError])  (bad lines left out)
     cfg.with_overrides(overrides) -> Config       (new object; later overrides win)
     cfg.get(name) -> str; cfg.get_raw(name) -> str; cfg.is_set(name) -> bool
     cfg.get_int / get_bool / get_time (seconds) / get_size (bytes) / get_list
     cfg.transport_name(transport, suffix) -> str (the parameter actually used)
     cfg.transport_param / transport_int / transport_time (transport, suffix)
     cfg.check() -> None          validate every set or table parameter (like postconf)
+    cfg.error(name, message) -> ConfigError   located where name's value came from
+    param_spec(name) -> Param | None   the table entry governing name (per-transport too)
+    TRANSPORT_SUFFIXES                 the per-transport parameter suffixes
     cfg.dump(defaults=False, nondefault=False, expand=False) -> list[str]  (postconf -d/-n/-x)
     cfg.config_directory, cfg.path, cfg.overrides
 
@@ -77,10 +81,12 @@ class Entry:
     line: int
 
 
-def logical_lines(text: str, path: str) -> Iterator[tuple[int, str]]:
+def logical_lines(text: str, path: str,
+                  errors: list[ConfigError] | None = None) -> Iterator[tuple[int, str]]:
     """Yield (first physical line number, logical line) pairs, Postfix readlline style.
 
-    Raises ConfigError when a continuation line has nothing to continue.
+    Raises ConfigError when a continuation line has nothing to continue (with ``errors``
+    given, the error is appended there and the line skipped instead).
     """
     start = 0
     parts: list[str] = []
@@ -90,7 +96,11 @@ def logical_lines(text: str, path: str) -> Iterator[tuple[int, str]]:
             continue
         if physical[0].isspace():
             if not parts:
-                raise ConfigError("continuation line with nothing before it", path, lineno)
+                error = ConfigError("continuation line with nothing before it", path, lineno)
+                if errors is None:
+                    raise error
+                errors.append(error)
+                continue
             parts.append(stripped)
             continue
         if parts:
@@ -100,20 +110,55 @@ def logical_lines(text: str, path: str) -> Iterator[tuple[int, str]]:
         yield start, " ".join(parts)
 
 
-def parse_main_cf(text: str, path: str) -> dict[str, Entry]:
-    """Parse main.cf text into {name: Entry}; later definitions win.  Raises ConfigError."""
+def parse_main_cf(text: str, path: str,
+                  errors: list[ConfigError] | None = None) -> dict[str, Entry]:
+    """Parse main.cf text into {name: Entry}; later definitions win.  Raises ConfigError
+    (with ``errors`` given: appends each error there and skips the bad line)."""
     values: dict[str, Entry] = {}
-    for lineno, line in logical_lines(text, path):
+    for lineno, line in logical_lines(text, path, errors):
         name, eq, value = line.partition("=")
         name = name.strip()
+        problem = ""
         if not eq:
-            raise ConfigError(f'missing \'=\' after parameter name: "{name}"', path, lineno)
-        if not name:
-            raise ConfigError("missing parameter name before '='", path, lineno)
-        if not NAME_RE.match(name):
-            raise ConfigError(f'bad parameter name: "{name}"', path, lineno)
+            problem = f'missing \'=\' after parameter name: "{name}"'
+        elif not name:
+            problem = "missing parameter name before '='"
+        elif not NAME_RE.match(name):
+            problem = f'bad parameter name: "{name}"'
+        if problem:
+            if errors is None:
+                raise ConfigError(problem, path, lineno)
+            errors.append(ConfigError(problem, path, lineno))
+            continue
         values[name] = Entry(value.strip(), lineno)
     return values
+
+
+# Per-transport parameter suffixes (Postfix: <transport><suffix>, falling back to the
+# global parameter, see Config.transport_name), longest first.
+TRANSPORT_SUFFIXES: tuple[str, ...] = tuple(sorted((
+    "_destination_concurrency_limit", "_destination_recipient_limit",
+    "_initial_destination_concurrency", "_destination_concurrency_failed_cohort_limit",
+    "_destination_concurrency_positive_feedback",
+    "_destination_concurrency_negative_feedback", "_destination_rate_delay",
+    "_transport_rate_delay", "_recipient_limit", "_extra_recipient_limit",
+    "_recipient_refill_limit", "_recipient_refill_delay", "_delivery_slot_cost",
+    "_delivery_slot_loan", "_delivery_slot_discount", "_minimum_delivery_slots",
+), key=len, reverse=True))
+
+
+def param_spec(name: str) -> Param | None:
+    """The table entry that governs ``name``: its own, or for a per-transport parameter
+    ``<transport><suffix>`` (TRANSPORT_SUFFIXES) the global one it falls back to
+    (``default<suffix>``, e.g. smtp_destination_recipient_limit ->
+    default_destination_recipient_limit).  None for a name no qmgrd program reads."""
+    spec = PARAMS.get(name)
+    if spec is not None:
+        return spec
+    for suffix in TRANSPORT_SUFFIXES:
+        if name.endswith(suffix) and len(name) > len(suffix):
+            return PARAMS.get(_global_name(suffix))
+    return None
 
 
 @functools.lru_cache(maxsize=1)
@@ -164,6 +209,29 @@ class Config:
             line = data[: e.start].count(b"\n") + 1
             raise ConfigError("invalid UTF-8 text", path, line) from None
         return cls(config_directory, parse_main_cf(text, path), path, overrides)
+
+    @classmethod
+    def load_lenient(cls, config_directory: str) -> tuple[Config, list[ConfigError]]:
+        """Read ``<config_directory>/main.cf`` skipping what cannot be parsed: bad lines
+        are left out (invalid UTF-8 is replaced); returns the Config of the good lines
+        and the errors found.  For tools that must work on a broken main.cf (finding the
+        queue directory of a running master).  Raises ConfigError (unreadable file)."""
+        config_directory = os.path.abspath(config_directory)
+        path = os.path.join(config_directory, "main.cf")
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise ConfigError(f"open {path}: {e.strerror}") from None
+        errors: list[ConfigError] = []
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            errors.append(ConfigError("invalid UTF-8 text", path,
+                                      data[: e.start].count(b"\n") + 1))
+            text = data.decode("utf-8", "replace")
+        values = parse_main_cf(text, path, errors)
+        return cls(config_directory, values, path), errors
 
     @classmethod
     def from_text(cls, text: str, config_directory: str,
@@ -226,6 +294,12 @@ class Config:
     def _error(self, name: str, message: str) -> ConfigError:
         path, line, label = self._where(name)
         return ConfigError(label + message, path, line)
+
+    def error(self, name: str, message: str) -> ConfigError:
+        """A ConfigError about parameter ``name`` located where its value came from:
+        ``"<main.cf>, line <n>: <message>"``, ``"-o name=value: <message>"`` or just
+        the message (a default).  Returned, not raised."""
+        return self._error(name, message)
 
     # --- expansion ---------------------------------------------------------------------
     def get(self, name: str) -> str:
@@ -398,11 +472,13 @@ class Config:
 
     # --- whole-config operations -------------------------------------------------------
     def check(self) -> None:
-        """Expand every parameter and convert every typed table parameter; raise the first
-        ConfigError found (like a daemon's start-up checks).  Names are checked sorted."""
+        """Expand every parameter and convert every typed parameter (the table's, and
+        per-transport ones such as smtp_destination_recipient_limit by their global's
+        type, see param_spec); raise the first ConfigError found (like a daemon's
+        start-up checks).  Names are checked sorted."""
         for name in self.names():
             self.get(name)
-            param = PARAMS.get(name)
+            param = param_spec(name)
             if param is None:
                 continue
             if param.type == "bool":

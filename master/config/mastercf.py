@@ -27,24 +27,29 @@ DESCRIPTION
               containing whitespace (braces and outer whitespace removed).
 
     When the same name + type appears twice, the last entry wins (kept at the position of
-    the first).  Service objects compare equal when every column is equal, so the master's
+    the first), as in Postfix; the optional ``warn`` callback gets
+    ``"<path>, line <n>: duplicate service smtp/unix, overrides line <m>"``.  Service objects compare equal when every column is equal, so the master's
     reload can tell changed services from unchanged ones; ``service_key`` = (name, type).
 
 PUBLIC API
-    load_master_cf(path: str, cfg: Config) -> list[Service]
-    parse_master_cf(text: str, path: str, cfg: Config) -> list[Service]
+    load_master_cf(path: str, cfg: Config, warn=None) -> list[Service]
+    parse_master_cf(text: str, path: str, cfg: Config, warn=None) -> list[Service]
+        warn: Callable[[str], None] | None, told about duplicate services
     Service (dataclass), Service.service_key, Service.endpoint(queue_directory) -> str,
     Service.child_config(cfg) -> Config, BUILTIN_MODULES: dict[str, str]
 
 ERRORS
     ConfigError ``"<master.cf path>, line <n>: <what>"`` (bad type, bad y/n, bad number,
     too few fields, bad -o, unknown command, unbalanced braces).  Nothing is logged.
+    Checks that need the system (the command's module exists, inet ports and hosts,
+    parameter values) are in master.config.validate.
 """
 
 from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from master.config.errors import ConfigError
@@ -218,18 +223,26 @@ def _parse_line(line: str, path: str, lineno: int, cfg: Config) -> Service:
     return svc
 
 
-def parse_master_cf(text: str, path: str, cfg: Config) -> list[Service]:
-    """Parse master.cf text.  ``cfg`` supplies default_process_limit.  Raises ConfigError."""
+def parse_master_cf(text: str, path: str, cfg: Config,
+                    warn: Callable[[str], None] | None = None) -> list[Service]:
+    """Parse master.cf text.  ``cfg`` supplies default_process_limit.  A service defined
+    twice (same name and type) is reported through ``warn`` (one message per later
+    definition, without "warning: ").  Raises ConfigError."""
     services: dict[tuple[str, str], Service] = {}
     for lineno, line in logical_lines(text, path):
         svc = _parse_line(line, path, lineno, cfg)
+        old = services.get(svc.service_key)
+        if old is not None and warn is not None:
+            warn(f"{path}, line {lineno}: duplicate service {svc.name}/{svc.type}, "
+                 f"overrides line {old.line}")
         services[svc.service_key] = svc
     return list(services.values())
 
 
-def load_master_cf(path: str, cfg: Config) -> list[Service]:
-    """Read and parse the master.cf file at ``path``.  Raises ConfigError (also when the
-    file cannot be read or is not UTF-8)."""
+def load_master_cf(path: str, cfg: Config,
+                   warn: Callable[[str], None] | None = None) -> list[Service]:
+    """Read and parse the master.cf file at ``path`` (``warn`` as parse_master_cf).
+    Raises ConfigError (also when the file cannot be read or is not UTF-8)."""
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -239,4 +252,4 @@ def load_master_cf(path: str, cfg: Config) -> list[Service]:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ConfigError("invalid UTF-8 text", path, data[: e.start].count(b"\n") + 1) from None
-    return parse_master_cf(text, path, cfg)
+    return parse_master_cf(text, path, cfg, warn)

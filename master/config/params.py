@@ -187,6 +187,8 @@ _i("hopcount_limit", "50", 1)
 _z("header_size_limit", "102400", 1)
 _z("line_length_limit", "2048", 1)
 _z("message_size_limit", "10240000", 0)
+_b("always_add_missing_headers", "no")
+_i("duplicate_filter_limit", "1000", 0)
 
 # --- master and process limits ---------------------------------------------------------
 _i("default_process_limit", "100", 1)

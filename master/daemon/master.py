@@ -7,15 +7,20 @@ Summary
     spawn on demand, and the timers (wakeups, throttles, the stop grace period).  The
     policy lives in master.daemon.supervisor; this module does the I/O around it.
 
-    Start-up (run_master): read main.cf and master.cf, open the log (created 0644 before
-    any child exists: children open it before they drop privileges), look up mail_owner
+    Start-up (run_master): read and check main.cf and master.cf (every value, the
+    ``-o`` overrides, command modules, inet ports and hosts: master.config.validate; a
+    problem is ``fatal: <file>, line <n>: ...`` with nothing started), open the log
+    (created 0644 before any child exists: children open it before they drop
+    privileges), log the configuration warnings (duplicate services, unused ``-o``
+    parameters), look up mail_owner
     (as root it must exist and be unprivileged - "fatal: file <dir>/main.cf: parameter
     mail_owner: unknown user name value: x" - otherwise one warning that everything runs
     as the invoking user, master.server.jail), lock ``pid/master.pid`` (a second master
     gets "fatal: the qmgrd mail system is already running (pid N)" and exits 1 having
     touched nothing), create or repair the queue directories and data_directory
     (master.daemon.queuedirs; each fix logged), lock ``$data_directory/master.lock``,
-    chdir to queue_directory, create every endpoint (owned by mail_owner), open the
+    chdir to queue_directory, create every endpoint (owned by mail_owner; a failure is
+    ``fatal: <master.cf>, line <n>: cannot open endpoint <endpoint>: <reason>``), open the
     control socket ``pid/master.ctl`` (master.daemon.control), set the process name
     ``qmgrd: master`` (see master.server.skeleton on titles), log ``daemon started --
     version 0.1, configuration <dir>``.
@@ -25,9 +30,10 @@ Summary
     throttle, a control client's deadline, the stop grace) is due - never a polling
     timeout, so an idle master costs no CPU.
 
-    Signals (postfix.md §3.7): SIGHUP reloads (main.cf and master.cf re-read; on error
-    the old configuration stays and the error is logged; ``reload -- version 0.1,
-    configuration <dir>``).  SIGTERM, SIGINT, SIGQUIT stop: ``terminating on signal
+    Signals (postfix.md §3.7): SIGHUP reloads (main.cf and master.cf re-read and checked
+    as at start-up; on any error the running configuration stays: ``warning: reload
+    failed, keeping the current configuration: <file>, line <n>: ...``; else
+    ``reload -- version 0.1, configuration <dir>``).  SIGTERM, SIGINT, SIGQUIT stop: ``terminating on signal
     <n>``, every status channel closed, SIGTERM to every child, up to STOP_GRACE (5 s)
     of reaping, SIGKILL to the rest, pid file removed, exit 0.  SIGCHLD reaps.
 
@@ -38,6 +44,9 @@ Logs (besides master.daemon.supervisor's)
     warning: not started as root: every process runs as user <u> (uid <n>), ...
     created <dir> (mode 1733, owner <uid>:<gid>) / fixed <dir>: mode|owner <a> -> <b>
     warning: mail_owner <u> cannot reach queue_directory <q>: no search permission on <d>
+    warning: <master.cf>, line <n>: duplicate service <name>/<type>, overrides line <m>
+    warning: <master.cf>, line <n>: unused parameter: -o <name>=<value>
+    warning: reload failed, keeping the current configuration: <file>, line <n>: <what>
     fatal: refresh exclusive lock <file>: <error>;  fatal: <start-up failure>
 
 Public API
@@ -66,12 +75,13 @@ from typing import Any, NoReturn
 import setproctitle
 
 from master import log
-from master.config import Config, ConfigError, Service, load_master_cf
+from master.config import Config, ConfigError, Service, describe, load_configuration
+from master.config.validate import inet_hosts
 from master.daemon import control
 from master.daemon.pidfile import AlreadyRunning, PidFile, lock_path, pid_path
 from master.daemon.queuedirs import check_queue_dirs, unreachable_by
 from master.daemon.spawn import PosixOs, high_fd
-from master.daemon.supervisor import Settings, Supervisor
+from master.daemon.supervisor import EndpointError, Settings, Supervisor
 from master.server.jail import Owner, OwnerError, lookup_mail_owner, unprivileged_warning
 from master.server.watchdog import watchdog_timeout
 
@@ -111,20 +121,11 @@ def settings_from(cfg: Config, foreground: bool, services: Sequence[Service] = (
                     foreground=foreground, privileged=privileged, watchdog=watchdog)
 
 
-def _load(config_directory: str) -> tuple[Config, list[Service]]:
-    cfg = Config.load(config_directory)
-    services = load_master_cf(os.path.join(cfg.config_directory, "master.cf"), cfg)
-    return cfg, services
-
-
-def _inet_hosts(cfg: Config) -> list[str]:
-    """The bind addresses of inet services without a host part (inet_interfaces: "all"
-    -> the wildcard address, "loopback-only" -> 127.0.0.1, else each address)."""
-    interfaces = cfg.get_list("inet_interfaces")
-    if not interfaces or "all" in interfaces:
-        return [""]
-    hosts = ["127.0.0.1" if name == "loopback-only" else name for name in interfaces]
-    return list(dict.fromkeys(host.strip("[]") for host in hosts))
+def _load(config_directory: str, warnings: list[str]) -> tuple[Config, list[Service]]:
+    """main.cf and master.cf, fully checked (master.config.validate); the warnings found
+    (duplicate services, unused -o parameters) are appended to ``warnings``.  Raises
+    ConfigError."""
+    return load_configuration(config_directory, warnings.append)
 
 
 class Master:
@@ -181,18 +182,18 @@ class Master:
             self._prepare(cfg, owner, qdir)
             os.chdir(qdir)
             endpoint_owner = (owner.uid, owner.gid) if owner.privileged else None
-            sup = Supervisor(PosixOs(self._forget, _inet_hosts(cfg), endpoint_owner), settings)
+            sup = Supervisor(PosixOs(self._forget, inet_hosts(cfg), endpoint_owner), settings)
             self.supervisor = sup
             sup.start(services)
             self.control = control.ControlServer(control.control_path(qdir),
                                                  self._control_request, self.selector)
             self.control.open()
-        except AlreadyRunning as exc:
+        except (AlreadyRunning, EndpointError) as exc:
             self._shutdown_fds()
             raise StartupError(str(exc)) from None
         except (OSError, ValueError) as exc:
             self._shutdown_fds()
-            raise StartupError(str(exc)) from None
+            raise StartupError(describe(exc)) from None
         self._install_signals()
         setproctitle.setproctitle("qmgrd: master")
         setproctitle.setthreadtitle("qmgrd: master")
@@ -343,13 +344,19 @@ class Master:
         return True
 
     def _reload(self, sup: Supervisor) -> None:
+        """SIGHUP: re-read and check both files; on any error keep what runs."""
+        warnings: list[str] = []
         try:
-            cfg, services = _load(self.config_directory)
+            cfg, services = _load(self.config_directory, warnings)
             settings = settings_from(cfg, self.foreground, services,
                                      sup.settings.privileged)
         except ConfigError as exc:
+            for text in warnings:
+                log.warning(text)
             log.warning(f"reload failed, keeping the current configuration: {exc}")
             return
+        for text in warnings:
+            log.warning(text)
         log.info(f"reload -- version {VERSION}, configuration {self.config_directory}")
         sup.reload(settings, services)
 
@@ -396,8 +403,9 @@ def run_master(config_directory: str, foreground: bool = False,
             notify(reason)
         log.fatal(reason)
 
+    warnings: list[str] = []
     try:
-        cfg, services = _load(config_directory)
+        cfg, services = _load(config_directory, warnings)
         maillog = cfg.get("maillog_file")
         syslog_name = cfg.get("syslog_name") or "qmgrd"
     except ConfigError as exc:
@@ -408,6 +416,8 @@ def run_master(config_directory: str, foreground: bool = False,
         log.setup("master", maillog, syslog_name, foreground=foreground)
     except OSError as exc:
         fail(f"open {maillog}: {exc.strerror}")
+    for text in warnings:
+        log.warning(text)
     master = Master(config_directory, foreground)
     try:
         master.start(cfg, services)

@@ -42,6 +42,7 @@ Summary
       (``Settings.watchdog``, see master.server.watchdog).
 
 Public API
+    endpoint_problem(service, queue_directory, exc) -> str;  EndpointError(Exception)
     Settings(config_directory, queue_directory, default_process_limit=100,
              service_throttle_time=60, foreground=False, privileged=False, watchdog={})
         watchdog: (name, type) -> the watchdog seconds of that service's children
@@ -49,7 +50,9 @@ Public API
     ServiceState (service, generation, listen_fds, status_fd, children, throttled_until,
                   next_wakeup, used, removed); wants_listener(stopping) -> bool
     Supervisor(osl, settings)
-        start(services) -> None            raises OSError/ValueError (listener failed)
+        start(services) -> None            raises EndpointError (a listener failed:
+                                           "<master.cf>, line <n>: cannot open endpoint
+                                           <endpoint>: <reason>"), OSError (flow pipe)
         reload(settings, services) -> None  never raises (failed new services: warning)
         wanted_listeners() -> set[int];  status_fds() -> list[int]
         on_listener_ready(fd);  on_status_ready(fd);  reap();  run_timers()
@@ -66,6 +69,9 @@ Logs
         clients may experience noticeable delays  (+ a second line with the remedy)
     warning: <service>: bad command startup -- throttling
     warning: <service>: spawn: <error>;  warning: <service>: partial status (<n> bytes)
+    warning: <service>: cannot start service: <master.cf>, line <n>: cannot open endpoint
+        <endpoint>: <reason>   (a new service at reload; <service>: cannot open ... when
+        a kept service's endpoint moved)
     warning: <service>: status from unknown pid <n> / stale generation ...
 """
 
@@ -78,16 +84,31 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from master import log
-from master.config import Service
+from master.config import Service, describe
 from master.daemon.spawn import OsLayer, child_argv, describe_exit
 
-__all__ = ["STATUS", "Child", "ServiceState", "Settings", "Supervisor"]
+__all__ = ["STATUS", "Child", "EndpointError", "ServiceState", "Settings", "Supervisor",
+           "endpoint_problem"]
 
 STATUS = struct.Struct("=iIi")
 STATUS_BUSY = 0
 STATUS_IDLE = 1
 REWAKE_INTERVAL = 1.0
 PROCESS_LIMIT_WARN_INTERVAL = 1000.0
+
+
+class EndpointError(Exception):
+    """A service's endpoint cannot be opened at start (str = endpoint_problem())."""
+
+
+def endpoint_problem(svc: Service, queue_directory: str, exc: BaseException) -> str:
+    """``"<master.cf>, line <n>: cannot open endpoint <endpoint>: <reason>"`` (the reason
+    in log wording, master.config.describe; an error that names its own file gives
+    ``"... cannot open endpoint <file>: <reason>"``)."""
+    where = f"{svc.path}, line {svc.line}: " if svc.path else ""
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return f"{where}cannot open endpoint {describe(exc)}"
+    return f"{where}cannot open endpoint {svc.endpoint(queue_directory)}: {describe(exc)}"
 
 
 @dataclass(frozen=True)
@@ -175,13 +196,19 @@ class Supervisor:
 
     # --- life cycle ------------------------------------------------------------------
     def start(self, services: Sequence[Service]) -> None:
-        """Open the flow pipe and every service's endpoints.  Raises OSError/ValueError
-        (the caller makes that fatal at start-up)."""
+        """Open the flow pipe and every service's endpoints.  Raises OSError (the flow
+        pipe) or EndpointError naming the service's master.cf line (the caller makes
+        that fatal at start-up)."""
         self.generation += 1
         self._flow = self.os.open_flow()
         for svc in services:
             st = ServiceState(svc, self.generation)
-            self._open(st)
+            try:
+                self._open(st)
+            except (OSError, ValueError) as exc:
+                self._close_status(st)
+                raise EndpointError(endpoint_problem(svc, self.settings.queue_directory,
+                                                     exc)) from exc
             self.services[svc.service_key] = st
 
     def reload(self, settings: Settings, services: Sequence[Service]) -> None:
@@ -207,7 +234,8 @@ class Supervisor:
                     self._open(st)
                 except (OSError, ValueError) as exc:
                     self._close_status(st)
-                    log.warning(f"{svc.name}: cannot start service: {exc}")
+                    problem = endpoint_problem(svc, self.settings.queue_directory, exc)
+                    log.warning(f"{svc.name}: cannot start service: {problem}")
                     continue
                 self.services[key] = st
                 continue
@@ -400,7 +428,7 @@ class Supervisor:
             try:
                 st.listen_fds = self.os.open_listeners(svc, qdir, self._backlog(svc))
             except (OSError, ValueError) as exc:
-                log.warning(f"{svc.name}: cannot open endpoint: {exc}")
+                log.warning(f"{svc.name}: {endpoint_problem(svc, qdir, exc)}")
         self._arm_wakeup(st)
 
     def _remove(self, st: ServiceState) -> None:
@@ -433,7 +461,7 @@ class Supervisor:
         try:
             pid = self.os.spawn(argv, st.generation, fds)
         except OSError as exc:
-            log.warning(f"{st.name}: spawn: {exc}")
+            log.warning(f"{st.name}: spawn: {describe(exc)}")
             self._throttle(st)
             return
         child = Child(pid, st, st.generation, started=self.os.monotonic())

@@ -52,8 +52,10 @@ Summary
     ``pgrep`` show).  ``qmgr-master status`` reads the service from it.
 
     Errors: an Exception escaping the service (or start-up) is caught here only: the
-    traceback goes to the log, then ``fatal: <service>: <exc>`` and exit 1 (the master
-    throttles a service whose children die before their first request).
+    traceback goes to the log, then ``fatal: <service>: <exc>`` (an OSError as
+    ``<file>: <strerror>``, master.config.describe) and exit 1 (the master throttles a
+    service whose children die before their first request).  A ConfigError is bad
+    input, not a bug: one line ``fatal: <file>, line <n>: <what>``, no traceback.
 
 Public API
     ServerContext (dataclass): service, config, queue_directory, listen_fds, generation,
@@ -88,7 +90,7 @@ from typing import NoReturn
 import setproctitle
 
 from master import log
-from master.config import Config
+from master.config import Config, ConfigError, describe
 from master.server.jail import (
     JailError,
     Owner,
@@ -308,11 +310,13 @@ def _run(body: Callable[[], None]) -> NoReturn:
     """The skeleton boundary: the one place that catches Exception."""
     try:
         body()
+    except ConfigError as exc:  # expected input, not a bug: one line, no traceback
+        log.fatal(str(exc))
     except Exception as exc:  # noqa: BLE001 - skeleton boundary (design.md §4 rule 6)
         service = _CURRENT[0] or _service_name()
         for line in traceback.format_exc().rstrip().splitlines():
             log.info(line)
-        log.fatal(f"{service}: {exc}")
+        log.fatal(f"{service}: {describe(exc)}")
     sys.exit(0)
 
 

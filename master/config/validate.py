@@ -1,0 +1,233 @@
+"""master.config.validate - the check of main.cf and master.cf before a start or reload.
+
+SYNOPSIS
+    from master.config.validate import load_configuration
+    cfg, services = load_configuration("/etc/qmgrd", warn=print)   # raises ConfigError
+
+DESCRIPTION
+    Parsing (master.config.maincf, master.config.mastercf) checks syntax only; a value
+    that parses but is wrong (``maximal_queue_lifetime = 5q``, ``myhostname =
+    $myhostname``, a ``-o`` override with a bad value, a command module that does not
+    exist, an inet port that is not in /etc/services) would only be found by the child
+    that reads it, after the master has started.  This module finds all of that up
+    front, so that ``qmgr-master start`` refuses to start and a reload keeps the running
+    configuration:
+
+    * main.cf: every parameter expanded and every typed one converted (Config.check:
+      expansion loops, bad numbers, times, sizes, booleans, ranges).
+    * master.cf, per service: the Config its children will see (main.cf plus
+      service_name, process_name and its ``-o`` overrides) checked the same way; the
+      command's module exists and can be run with ``python -m`` (found with
+      importlib's path finder - never imported, no code of it runs); an inet
+      service's port is a number (1-65535) or a name in /etc/services, and its host
+      (or each inet_interfaces address when it has none) an IP address or a name that
+      resolves.
+    * ``-o name=value`` with a name no qmgrd program reads (not in the parameter table,
+      not a per-transport parameter, not set in main.cf, not referred to as ``$name``
+      by main.cf or the service's other overrides) is accepted, as Postfix does, but
+      reported through ``warn``: ``<master.cf>, line <n>: unused parameter: -o
+      name=value``.  Duplicate services are reported the same way (mastercf).
+
+    Errors name the file and line: main.cf problems ``"<main.cf>, line <n>: ..."``,
+    service problems ``"<master.cf>, line <n>: ..."`` (an override's value:
+    ``"<master.cf>, line <n>: -o name=value: bad time value for parameter name: ..."``).
+
+PUBLIC API
+    load_configuration(config_directory, warn=None) -> (Config, list[Service])
+        Config.load + Config.check + load_master_cf + check_services; raises ConfigError
+    check_services(cfg, services, warn=None) -> None          raises ConfigError
+    check_service(cfg, service, warn=None) -> None            raises ConfigError
+    module_problem(module) -> str | None    why ``python -m module`` cannot work, or None
+    inet_hosts(cfg) -> list[str]            bind addresses of inet services without a host
+                                            ("" = every address); raises ConfigError
+    ``warn``: Callable[[str], None] | None, gets each warning without "warning: ".
+
+Nothing here logs; the callers (master.cli, master.daemon.master) print or log.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import ipaddress
+import os
+import pkgutil
+import re
+import socket
+from collections.abc import Callable, Sequence
+
+from master.config.errors import ConfigError
+from master.config.maincf import Config, param_spec
+from master.config.mastercf import Service, load_master_cf
+
+__all__ = [
+    "check_service",
+    "check_services",
+    "inet_hosts",
+    "load_configuration",
+    "module_problem",
+]
+
+Warn = Callable[[str], None]
+
+
+def load_configuration(config_directory: str,
+                       warn: Warn | None = None) -> tuple[Config, list[Service]]:
+    """Load and fully check main.cf and master.cf of ``config_directory`` (module
+    docstring).  Raises ConfigError, naming file and line."""
+    cfg = Config.load(config_directory)
+    cfg.check()
+    services = load_master_cf(os.path.join(cfg.config_directory, "master.cf"), cfg, warn)
+    check_services(cfg, services, warn)
+    return cfg, services
+
+
+def check_services(cfg: Config, services: Sequence[Service], warn: Warn | None = None) -> None:
+    """check_service() for each service, in master.cf order.  Raises ConfigError."""
+    for svc in services:
+        check_service(cfg, svc, warn)
+
+
+def check_service(cfg: Config, svc: Service, warn: Warn | None = None) -> None:
+    """Check one master.cf service against ``cfg`` (module docstring).  Raises ConfigError
+    ``"<master.cf>, line <n>: <what>"``."""
+    if warn is not None:
+        for name, value in svc.overrides.items():
+            if not _is_used(cfg, svc, name):
+                warn(f"{_where(svc)}unused parameter: -o {name}={value}")
+    try:
+        svc.child_config(cfg).check()
+    except ConfigError as exc:
+        message = exc.message if exc.path is None else str(exc)
+        raise ConfigError(message, svc.path or None, svc.line or None) from None
+    problem = module_problem(svc.module)
+    if problem is not None:
+        raise ConfigError(f'command "{svc.command}": {problem}', svc.path or None,
+                          svc.line or None)
+    if svc.type == "inet":
+        _check_inet(cfg, svc)
+
+
+def _where(svc: Service) -> str:
+    return f"{svc.path}, line {svc.line}: " if svc.path else ""
+
+
+def _is_used(cfg: Config, svc: Service, name: str) -> bool:
+    """True if some qmgrd program or some other setting can read parameter ``name``."""
+    if param_spec(name) is not None or cfg.is_set(name):
+        return True
+    ref = re.compile(r"\$[{(]?\s*" + re.escape(name) + r"(?![A-Za-z0-9_])")
+    values = [cfg.get_raw(other) for other in cfg.names()]
+    values += [value for other, value in svc.overrides.items() if other != name]
+    return any(ref.search(value) for value in values)
+
+
+def _search_path() -> list[str]:
+    """Where a child looks for modules first: the directory holding the ``master``
+    package (master.daemon.spawn puts it on the child's PYTHONPATH), then PYTHONPATH."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    extra = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return [root, *extra]
+
+
+def module_problem(module: str) -> str | None:
+    """Why ``python -m <module>`` cannot run, or None if it can.  The module is located
+    with the path entry finders only: neither it nor its parent packages are imported."""
+    parts = module.split(".")
+    found = _find(parts[0], _search_path())
+    if found is None:
+        try:
+            spec = importlib.util.find_spec(parts[0])  # a top level name: nothing imported
+        except (ImportError, ValueError):
+            spec = None
+        if spec is not None:
+            locations = spec.submodule_search_locations
+            found = (list(locations) if locations is not None else None,)
+    if found is None:
+        return f"no module named {parts[0]}"
+    for i in range(1, len(parts)):
+        dirs = found[0]
+        parent, name = ".".join(parts[:i]), ".".join(parts[:i + 1])
+        if dirs is None:
+            return f"no module named {name} ({parent} is not a package)"
+        found = _find(name, dirs)
+        if found is None:
+            return f"no module named {name}"
+    dirs = found[0]
+    if dirs is not None and _find(module + ".__main__", dirs) is None:
+        return f"{module} is a package without __main__ (cannot be run)"
+    return None
+
+
+def _find(name: str, dirs: Sequence[str]) -> tuple[list[str] | None] | None:
+    """Look module ``name`` (dotted) up in ``dirs``: None if absent, else a 1-tuple of
+    its package directories (None for a plain module).  Uses each directory's path entry
+    finder directly (pkgutil.get_importer): no parent package needs to be imported."""
+    portions: list[str] = []
+    for directory in dirs:
+        finder = pkgutil.get_importer(directory)
+        if finder is None:
+            continue
+        spec = finder.find_spec(name)
+        if spec is None:
+            continue
+        locations = spec.submodule_search_locations
+        if spec.loader is not None:  # a module or a regular package: it shadows the rest
+            return (list(locations) if locations is not None else None,)
+        portions += list(locations or [])  # a namespace package portion
+    return (portions,) if portions else None
+
+
+def inet_hosts(cfg: Config) -> list[str]:
+    """The bind addresses of inet services without a host part (inet_interfaces: "all"
+    -> the wildcard address "", "loopback-only" -> 127.0.0.1, else each address).
+    Raises ConfigError (expansion)."""
+    interfaces = cfg.get_list("inet_interfaces")
+    if not interfaces or "all" in interfaces:
+        return [""]
+    hosts = ["127.0.0.1" if name == "loopback-only" else name for name in interfaces]
+    return list(dict.fromkeys(host.strip("[]") for host in hosts))
+
+
+def _check_inet(cfg: Config, svc: Service) -> None:
+    """Port and host(s) of an inet service.  Raises ConfigError."""
+    path, line = svc.path or None, svc.line or None
+    host, sep, port = svc.name.rpartition(":")
+    if port.isdigit():
+        number = int(port)
+    elif not port:
+        raise ConfigError(f'missing port in inet service "{svc.name}"', path, line)
+    else:
+        try:
+            number = socket.getservbyname(port, "tcp")
+        except OSError:
+            raise ConfigError(f'unknown service port "{port}" in inet service "{svc.name}" '
+                              "(not a number, not in /etc/services)", path, line) from None
+    if not 0 < number < 65536:
+        raise ConfigError(f'bad port number "{port}" in inet service "{svc.name}"', path,
+                          line)
+    if sep:
+        problem = _host_problem(host.strip("[]"))
+        if problem is not None:
+            raise ConfigError(f'{problem} in inet service "{svc.name}"', path, line)
+        return
+    for address in inet_hosts(cfg):  # the master binds with main.cf's inet_interfaces
+        problem = _host_problem(address)
+        if problem is not None:
+            raise cfg.error("inet_interfaces", f"{problem} in parameter inet_interfaces")
+
+
+def _host_problem(host: str) -> str | None:
+    """None if ``host`` is "" (every address), an IP address or a name that resolves."""
+    if not host:
+        return None
+    try:
+        ipaddress.ip_address(host)
+        return None
+    except ValueError:
+        pass
+    try:
+        socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "bad name"
+        return f'unknown host "{host}" ({reason})'
+    return None

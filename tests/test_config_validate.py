@@ -1,0 +1,190 @@
+"""master.config.validate and friends: every value of main.cf and of each master.cf -o
+override checked before a start or reload, command modules located without importing
+them, inet ports and hosts, duplicate services and unused -o parameters reported,
+main.cf read leniently (for stop/status), exception wording without Python reprs."""
+
+from __future__ import annotations
+
+import errno
+import sys
+from pathlib import Path
+
+import pytest
+
+from master.config import Config, ConfigError, describe, load_configuration
+from master.config.maincf import param_spec
+from master.config.mastercf import parse_master_cf
+from master.config.validate import check_service, inet_hosts, module_problem
+
+GOOD_MASTER = """\
+pickup    fifo  n       -       n       60      1       pickup
+qmgr      fifo  n       -       n       300     1       qmgr
+smtp      unix  -       -       n       -       -       smtp
+"""
+
+
+def write(tmp_path: Path, main: str, master: str = GOOD_MASTER) -> str:
+    (tmp_path / "main.cf").write_text(f"queue_directory = {tmp_path}/q\n" + main)
+    (tmp_path / "master.cf").write_text(master)
+    return str(tmp_path)
+
+
+def error_of(etc: str) -> str:
+    with pytest.raises(ConfigError) as ei:
+        load_configuration(etc)
+    return str(ei.value)
+
+
+def test_good_configuration_loads(tmp_path: Path) -> None:
+    warnings: list[str] = []
+    cfg, services = load_configuration(write(tmp_path, "myhostname = h.example\n"),
+                                       warnings.append)
+    assert [s.name for s in services] == ["pickup", "qmgr", "smtp"]
+    assert cfg.get("myhostname") == "h.example" and warnings == []
+
+
+@pytest.mark.parametrize("line,what", [
+    ("maximal_queue_lifetime = 5q", 'bad time value for parameter maximal_queue_lifetime: "5q"'),
+    ("qmgr_message_active_limit = lots",
+     'bad numerical value for parameter qmgr_message_active_limit: "lots"'),
+    ("myhostname = $myhostname", "expansion loop in parameter myhostname"),
+    ("soft_bounce = maybe", "bad boolean value for parameter soft_bounce"),
+    ("smtp_destination_recipient_limit = x",
+     'bad numerical value for parameter smtp_destination_recipient_limit: "x"'),
+    ("relay_transport_rate_delay = 1fortnight",
+     "bad time value for parameter relay_transport_rate_delay"),
+])
+def test_bad_main_cf_values_are_errors_with_file_and_line(tmp_path: Path, line: str,
+                                                           what: str) -> None:
+    etc = write(tmp_path, f"# comment\n{line}\n")
+    assert error_of(etc).startswith(f"{etc}/main.cf, line 3: {what}")
+
+
+def test_per_transport_parameters_take_their_globals_type() -> None:
+    spec = param_spec("smtp_destination_recipient_limit")
+    assert spec is not None and spec.name == "default_destination_recipient_limit"
+    initial = param_spec("relay_initial_destination_concurrency")
+    assert initial is not None and initial.name == "initial_destination_concurrency"
+    assert param_spec("queue_run_delay") is not None
+    assert param_spec("my_own_macro") is None
+
+
+def test_bad_override_value_names_master_cf_line(tmp_path: Path) -> None:
+    etc = write(tmp_path, "", GOOD_MASTER + "relay unix - - n - - smtp\n"
+                "  -o maximal_queue_lifetime=5q\n")
+    assert error_of(etc) == (f"{etc}/master.cf, line 4: -o maximal_queue_lifetime=5q: bad "
+                             'time value for parameter maximal_queue_lifetime: "5q"')
+
+
+def test_override_making_an_expansion_loop(tmp_path: Path) -> None:
+    etc = write(tmp_path, "", GOOD_MASTER + "relay unix - - n - - smtp -o myorigin=$myorigin\n")
+    message = error_of(etc)
+    assert message.startswith(f"{etc}/master.cf, line 4: ")
+    assert "expansion loop in parameter myorigin" in message
+
+
+def test_unknown_override_names_only_warn(tmp_path: Path) -> None:
+    master = GOOD_MASTER + ("relay unix - - n - - smtp -o smtp_fooo=1 -o syslog_name=x\n"
+                            "  -o relay_destination_recipient_limit=3 -o user_macro=a\n"
+                            "  -o smtp_helo_name=$user_macro -o known_in_main=2\n")
+    etc = write(tmp_path, "known_in_main = 1\n", master)
+    warnings: list[str] = []
+    load_configuration(etc, warnings.append)
+    assert warnings == [f"{etc}/master.cf, line 4: unused parameter: -o smtp_fooo=1"]
+
+
+def test_duplicate_service_warns_naming_both_lines(tmp_path: Path) -> None:
+    etc = write(tmp_path, "", GOOD_MASTER + "# again\nsmtp unix - - n - 5 smtp\n")
+    warnings: list[str] = []
+    _, services = load_configuration(etc, warnings.append)
+    assert warnings == [(f"{etc}/master.cf, line 5: duplicate service smtp/unix, "
+                        "overrides line 3")]
+    smtp = [s for s in services if s.name == "smtp"]
+    assert len(smtp) == 1 and smtp[0].maxproc == 5 and smtp[0].line == 5  # last wins
+    parse_master_cf(GOOD_MASTER * 2, "master.cf", Config.from_text("", "/x"))  # no warn: ok
+
+
+@pytest.mark.parametrize("command,what", [
+    ("no.such.module", "no module named no"),
+    ("qmgrd.no_such_agent", "no module named qmgrd.no_such_agent"),
+    ("transports.pickup.sub", ("no module named transports.pickup.sub (transports.pickup "
+                              "is not a package)")),
+    ("tests.services", "tests.services is a package without __main__ (cannot be run)"),
+])
+def test_command_module_must_exist(tmp_path: Path, command: str, what: str) -> None:
+    etc = write(tmp_path, "", GOOD_MASTER + f"mine unix - - n - - {command}\n")
+    assert error_of(etc) == f'{etc}/master.cf, line 4: command "{command}": {what}'
+
+
+def test_module_lookup_imports_nothing() -> None:
+    for name in ("tests.services.echo_agent", "qmgrd.qmgr", "transports.bounce"):
+        sys.modules.pop(name, None)
+    assert module_problem("tests.services.echo_agent") is None   # namespace packages
+    assert module_problem("qmgrd.qmgr") is None                  # package with __main__
+    assert module_problem("transports.bounce") is None           # plain module
+    assert module_problem("json.tool") is None                   # outside the checkout
+    for name in ("tests.services.echo_agent", "qmgrd.qmgr", "transports.bounce"):
+        assert name not in sys.modules
+
+
+@pytest.mark.parametrize("name,what", [
+    ("inet1", ('unknown service port "inet1" in inet service "inet1" (not a number, not '
+              "in /etc/services)")),
+    ("127.0.0.1:99999", 'bad port number "99999" in inet service "127.0.0.1:99999"'),
+    ("127.0.0.1:", 'missing port in inet service "127.0.0.1:"'),
+    ("no-such-host.invalid:2525", 'unknown host "no-such-host.invalid"'),
+])
+def test_inet_service_names_are_checked(tmp_path: Path, name: str, what: str) -> None:
+    etc = write(tmp_path, "", GOOD_MASTER + f"{name} inet n - n - - tests.services.echo_agent\n")
+    message = error_of(etc)
+    assert message.startswith(f"{etc}/master.cf, line 4: {what}")
+
+
+def test_good_inet_service_names(tmp_path: Path) -> None:
+    master = GOOD_MASTER + ("127.0.0.1:smtp inet n - n - - tests.services.echo_agent\n"
+                            "[::1]:2525 inet n - n - - tests.services.echo_agent\n"
+                            "localhost:2526 inet n - n - - tests.services.echo_agent\n"
+                            "2527 inet n - n - - tests.services.echo_agent\n")
+    load_configuration(write(tmp_path, "inet_interfaces = loopback-only, [::1]\n", master))
+    cfg = Config.from_text("inet_interfaces = loopback-only, [::1], 127.0.0.1\n", "/x")
+    assert inet_hosts(cfg) == ["127.0.0.1", "::1"]
+    assert inet_hosts(Config.from_text("", "/x")) == [""]
+
+
+def test_bad_inet_interfaces_named_in_main_cf(tmp_path: Path) -> None:
+    master = GOOD_MASTER + "2527 inet n - n - - tests.services.echo_agent\n"
+    etc = write(tmp_path, "inet_interfaces = no-such-host.invalid\n", master)
+    assert error_of(etc).startswith(f'{etc}/main.cf, line 2: unknown host "no-such-host.'
+                                    'invalid"')
+
+
+def test_check_service_without_location() -> None:
+    cfg = Config.from_text("", "/x")
+    svc = parse_master_cf("x unix - - n - - smtp -o max_idle=soon\n", "", cfg)[0]
+    svc.path, svc.line = "", 0
+    with pytest.raises(ConfigError, match=r"^-o max_idle=soon: bad time value"):
+        check_service(cfg, svc)
+
+
+def test_lenient_load_skips_bad_lines(tmp_path: Path) -> None:
+    (tmp_path / "main.cf").write_bytes(b"  orphan continuation\nqueue_directory = /q\n"
+                                       b"broken line\nname = \xff\nx = 1\n")
+    with pytest.raises(ConfigError):
+        Config.load(str(tmp_path))
+    cfg, errors = Config.load_lenient(str(tmp_path))
+    assert cfg.get("queue_directory") == "/q" and cfg.get("x") == "1"
+    assert [e.line for e in errors] == [4, 1, 3]
+    assert "missing '=' after parameter name" in str(errors[2])
+    with pytest.raises(ConfigError, match="open .*: No such file"):
+        Config.load_lenient(str(tmp_path / "nowhere"))
+
+
+def test_describe_has_no_python_reprs() -> None:
+    assert describe(FileNotFoundError(errno.ENOENT, "No such file or directory", "/x")) == (
+        "/x: No such file or directory")
+    assert describe(OSError(errno.EADDRINUSE, "Address already in use")) == (
+        "Address already in use")
+    assert describe(OSError(errno.EXDEV, "Invalid cross-device link", b"/a", None, "/b")) == (
+        "/a -> /b: Invalid cross-device link")
+    assert describe(ValueError("plain words")) == "plain words"
+    assert describe(RuntimeError()) == "RuntimeError"

@@ -1,0 +1,227 @@
+"""`qmgr-master` and configuration problems (real processes): start refuses bad values,
+bad -o overrides, unknown ports and busy endpoints with `fatal: <file>, line <n>: ...`
+and starts nothing; reload checks both files before signalling (exit 1, the master keeps
+its configuration, also when signalled directly); status and stop work on a broken
+main.cf; duplicate services are warned about; a child's configuration error is one
+clean fatal line."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.services.procs import (
+    child_env,
+    kill_session,
+    log_lines,
+    make_base,
+    remove_base,
+    wait_for,
+    write_config,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+MASTER_CF = "echo   unix - - n - 2 tests.services.echo_agent\n"
+
+
+class System:
+    """A configuration under ``base`` and the masters started on it."""
+
+    def __init__(self, base: Path, master_cf: str = MASTER_CF, main_extra: str = "") -> None:
+        self.base = base
+        self.etc = write_config(base, master_cf, main_extra)
+        self.main = self.etc / "main.cf"
+        self.master_cf = self.etc / "master.cf"
+        self.good_main = self.main.read_text()
+        self.q = base / "q"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.sessions: list[int] = []
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-P", "-m", "master.cli", "-c", str(self.etc),
+                               *args], check=False, env=child_env(), capture_output=True,
+                              text=True, timeout=30, stdin=subprocess.DEVNULL)
+
+    def start(self) -> int:
+        """A foreground master in its own session; returns its pid once started."""
+        with open(self.base / "stderr", "ab") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-P", "-m", "master.cli", "-c", str(self.etc), "start",
+                 "--foreground"], env=child_env(), start_new_session=True,
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
+        self.sessions.append(self.proc.pid)
+        wait_for(lambda: self.grep("daemon started"), what="daemon started")
+        return self.proc.pid
+
+    def grep(self, text: str) -> list[str]:
+        return [line for line in log_lines(self.base) if text in line]
+
+    def echo(self) -> str:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(10)
+            sock.connect(str(self.q / "private" / "echo"))
+            sock.sendall(b"ping\n")
+            data = b""
+            while chunk := sock.recv(1024):
+                data += chunk
+        return data.decode()
+
+    def cleanup(self) -> None:
+        try:  # a background master (also one that should not have started)
+            self.sessions.append(int((self.q / "pid" / "master.pid").read_text()))
+        except (OSError, ValueError):
+            pass
+        for sid in self.sessions:
+            kill_session(sid)
+        if self.proc is not None:
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def base() -> Iterator[Path]:
+    path = make_base()
+    yield path
+    remove_base(path)
+
+
+@pytest.fixture
+def system(base: Path) -> Iterator[System]:
+    made = System(base)
+    yield made
+    made.cleanup()
+
+
+@pytest.mark.parametrize("line,what", [
+    ("maximal_queue_lifetime = 5q", 'bad time value for parameter maximal_queue_lifetime: "5q"'),
+    ("qmgr_message_active_limit = lots",
+     'bad numerical value for parameter qmgr_message_active_limit: "lots"'),
+    ("myhostname = $myhostname",
+     "expansion loop in parameter myhostname: myhostname -> myhostname"),
+])
+def test_start_refuses_bad_main_cf_value(system: System, line: str, what: str) -> None:
+    system.main.write_text(system.good_main + line + "\n")
+    result = system.cli("start")
+    assert result.returncode == 1
+    assert result.stderr == f"qmgr-master: fatal: {system.main}, line 5: {what}\n"
+    assert not system.q.exists() and log_lines(system.base) == []  # nothing started
+
+
+@pytest.mark.parametrize("extra,what", [
+    ("relay unix - - n - - tests.services.echo_agent -o max_idle=soon",
+     '-o max_idle=soon: bad time value for parameter max_idle: "soon"'),
+    ("inet1 inet n - n - - tests.services.echo_agent",
+     'unknown service port "inet1" in inet service "inet1"'),
+    ("mine unix - - n - - tests.services.no_such_agent",
+     'command "tests.services.no_such_agent": no module named tests.services.no_such_agent'),
+])
+def test_start_refuses_bad_service(system: System, extra: str, what: str) -> None:
+    system.master_cf.write_text(MASTER_CF + extra + "\n")
+    result = system.cli("start")
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"qmgr-master: fatal: {system.master_cf}, line 2: {what}")
+    assert not system.q.exists()
+
+
+def test_busy_endpoint_names_master_cf_line(system: System) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        system.master_cf.write_text(
+            MASTER_CF + f"127.0.0.1:{port} inet n - n - - tests.services.echo_agent\n")
+        result = system.cli("start")
+    assert result.returncode == 1
+    expected = (f"fatal: {system.master_cf}, line 2: cannot open endpoint 127.0.0.1:{port}: "
+                "Address already in use")
+    assert result.stderr == f"qmgr-master: {expected}\n"
+    assert any(line.endswith(expected) for line in log_lines(system.base))
+
+
+def test_duplicate_service_is_warned_about(system: System) -> None:
+    system.master_cf.write_text(MASTER_CF + "# again\necho unix - - n - 1 "
+                                "tests.services.echo_agent\n")
+    warning = f"warning: {system.master_cf}, line 3: duplicate service echo/unix, overrides line 1"
+    result = system.cli("start")
+    pid = int((system.q / "pid" / "master.pid").read_text())
+    system.sessions.append(pid)
+    assert result.returncode == 0 and result.stderr == f"qmgr-master: {warning}\n"
+    assert len(system.grep(warning)) == 1
+    assert system.cli("stop").returncode == 0
+
+
+def test_reload_checks_the_configuration_before_signalling(system: System) -> None:
+    system.start()
+    generation = system.echo().split()[2]
+    cases = [
+        (system.main, system.good_main + "maximal_queue_lifetime = 5q\n",
+         f"{system.main}, line 5: bad time value for parameter maximal_queue_lifetime"),
+        (system.main, system.good_main + "broken line\n",
+         f"{system.main}, line 5: missing '=' after parameter name"),
+        (system.master_cf, MASTER_CF + "oops unix -\n",
+         f"{system.master_cf}, line 2: too few fields (3 of at least 8)"),
+        (system.master_cf, MASTER_CF + "x unix - - n - - tests.services.echo_agent "
+         "-o max_use=none\n", f"{system.master_cf}, line 2: -o max_use=none: bad numerical"),
+    ]
+    for path, text, what in cases:
+        good = path.read_text()
+        path.write_text(text)
+        result = system.cli("reload")
+        assert result.returncode == 1, what
+        assert result.stderr.startswith(f"qmgr-master: fatal: {what}")
+        path.write_text(good)
+    assert system.grep("reload") == []  # the master was never signalled
+    assert system.echo().split()[2] == generation
+    assert system.cli("reload").returncode == 0
+    wait_for(lambda: system.grep("reload -- version"), what="reload")
+    assert system.echo().split()[2] != generation
+
+
+def test_direct_sighup_with_bad_value_keeps_configuration(system: System) -> None:
+    pid = system.start()
+    generation = system.echo().split()[2]
+    system.main.write_text(system.good_main + "maximal_queue_lifetime = 5q\n")
+    os.kill(pid, signal.SIGHUP)
+    kept = wait_for(lambda: system.grep("reload failed"), what="reload failure")
+    assert kept[0].endswith(
+        f"warning: reload failed, keeping the current configuration: {system.main}, line 5:"
+        ' bad time value for parameter maximal_queue_lifetime: "5q"')
+    assert not system.grep("reload -- version")
+    assert system.echo().split()[2] == generation
+
+
+def test_status_and_stop_work_with_a_broken_main_cf(system: System) -> None:
+    assert system.cli("start").returncode == 0  # in the background: stop reaps nothing
+    pid = int((system.q / "pid" / "master.pid").read_text())
+    system.sessions.append(pid)
+    system.main.write_text(system.good_main + "broken line\n")
+    status = system.cli("status")
+    assert status.returncode == 0
+    assert status.stderr.startswith(f"qmgr-master: warning: {system.main}, line 5: missing")
+    assert f"running: pid {pid}" in status.stderr
+    assert system.cli("stop").returncode == 0
+    assert system.cli("status").returncode == 3
+    system.main.write_text(system.good_main + "queue_directory = $queue_directory\n")
+    unknown = system.cli("status")
+    assert unknown.returncode == 1 and "cannot find the queue directory" in unknown.stderr
+
+
+def test_child_config_error_is_one_fatal_line(system: System) -> None:
+    (system.q / "private").mkdir(parents=True)
+    proc = subprocess.run(
+        [sys.executable, "-P", "-m", "tests.services.echo_agent", "-c", str(system.etc), "-n",
+         "echo", "-t", "unix", "-o", "daemon_timeout=soon", "-l", str(system.q / "e.sock")],
+        env=child_env(), stdin=subprocess.DEVNULL, capture_output=True, timeout=30,
+        check=False)
+    assert proc.returncode == 1
+    lines = log_lines(system.base)
+    assert len(lines) == 1, lines
+    assert lines[0].endswith(
+        'fatal: -o daemon_timeout=soon: bad time value for parameter daemon_timeout: "soon"')
