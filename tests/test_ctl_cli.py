@@ -155,3 +155,18 @@ def test_help_documents_exit_codes(tmp_path: Path) -> None:
                      "queue directory unreadable", "configuration error"):
             assert text in out, (args, text)
     assert "QMGRD_CONFIG_DIR" in run("--help")[1]
+
+
+def test_config_prints_like_postconf(tmp_path: Path) -> None:
+    (tmp_path / "main.cf").write_text("queue_directory = ${config_directory}/q\n"
+                                      "myhostname = mx.example\n")
+    code, out, _ = run("-c", str(tmp_path), "config", "-n")
+    assert code == 0
+    assert out.splitlines() == ["myhostname = mx.example",
+                                "queue_directory = ${config_directory}/q"]
+    code, out, _ = run("-c", str(tmp_path), "config", "-x", "queue_directory", "myorigin")
+    assert out.splitlines() == [f"queue_directory = {tmp_path}/q", "myorigin = mx.example"]
+    code, out, _ = run("-c", str(tmp_path), "config", "-d", "minimal_backoff_time")
+    assert out.splitlines() == ["minimal_backoff_time = 300s"]
+    code, _, err = run("-c", str(tmp_path), "config", "no_such_parameter")
+    assert code == EX_USAGE and "unknown parameter: no_such_parameter" in err

@@ -241,6 +241,30 @@ def status_cmd(ctx: click.Context, as_json: bool) -> None:
         ctx.exit(EX_OK)
 
 
+@cli.command("config", help="""Print main.cf parameters, as postconf does: every
+effective value; -d the defaults; -n only what main.cf sets; -x expanded. With NAMEs, only
+those (an unknown name: exit 64).""")
+@click.option("-d", "defaults", is_flag=True, help="Print the default values.")
+@click.option("-n", "nondefault", is_flag=True, help="Print only what main.cf sets.")
+@click.option("-x", "expand", is_flag=True, help="Expand $name in the values.")
+@click.argument("names", nargs=-1)
+@click.pass_context
+def config_cmd(ctx: click.Context, defaults: bool, nondefault: bool, expand: bool,
+               names: tuple[str, ...]) -> None:
+    cfg = _load(ctx)
+    if defaults and nondefault:
+        _fatal(ctx, EX_USAGE, "-d and -n are mutually exclusive")
+    lines = cfg.dump(defaults=defaults, nondefault=nondefault, expand=expand)
+    if names:
+        by_name = {line.split(" =", 1)[0]: line for line in lines}
+        missing = [n for n in names if n not in by_name]
+        if missing:
+            _fatal(ctx, EX_USAGE, f"unknown parameter: {missing[0]}")
+        lines = [by_name[n] for n in names]
+    for line in lines:
+        click.echo(line)
+
+
 def main(argv: list[str] | None = None) -> NoReturn:
     """Run qmgr-ctl with ``argv`` (default sys.argv[1:]); exits with the status above."""
     cli.main(args=argv, prog_name=PROG)
