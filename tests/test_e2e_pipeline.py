@@ -17,38 +17,12 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.harness import CORPUS, PY, REPO, MailSystem, wait_for
+from tests.harness import CORPUS, REPO, MailSystem, inject_many, wait_for
 
 pytestmark = pytest.mark.timeout(180)
 
 CORPUS_FILES = sorted(p.name for p in CORPUS.glob("*.eml"))
 LOOP_FILE = "10-many-received.eml"
-
-
-def spawn_sendmail(ms: MailSystem, args: list[str], data: bytes) -> subprocess.Popen[bytes]:
-    p = subprocess.Popen([PY, "-m", "qmgrd.sendmail", "-c", str(ms.etc), *args],
-                         stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.PIPE, env=ms.env)
-    assert p.stdin is not None
-    p.stdin.write(data)
-    p.stdin.close()
-    return p
-
-
-def inject_many(ms: MailSystem, jobs: list[tuple[list[str], bytes]], parallel: int = 8) -> None:
-    """Run qmgr-sendmail for each (args, data), ``parallel`` at a time; all must exit 0."""
-    running: list[subprocess.Popen[bytes]] = []
-    for args, data in jobs:
-        while len(running) >= parallel:
-            p = running.pop(0)
-            assert p.wait(timeout=60) == 0, p.stderr.read() if p.stderr else b""
-            if p.stderr:
-                p.stderr.close()
-        running.append(spawn_sendmail(ms, args, data))
-    for p in running:
-        assert p.wait(timeout=60) == 0, p.stderr.read() if p.stderr else b""
-        if p.stderr:
-            p.stderr.close()
 
 
 def split_message(data: bytes) -> tuple[list[bytes], bytes]:
