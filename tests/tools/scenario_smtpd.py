@@ -35,6 +35,7 @@ Public API (for tests; importing this module does not start anything)
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import socket
@@ -167,6 +168,12 @@ def parse(args: list[str]) -> dict[int, tuple[str, float]]:
     return out
 
 
+def mark_ready(directory: str) -> None:
+    """Write DIR/ready (every port listens)."""
+    with open(os.path.join(directory, "ready"), "w") as f:
+        f.write("ok\n")
+
+
 async def main() -> None:
     directory = sys.argv[1]
     specs = parse(sys.argv[2:])
@@ -182,9 +189,8 @@ async def main() -> None:
         else:
             handler = Handler(rec, port, behaviour, delay)
             servers.append(await loop.create_server(
-                lambda h=handler, p=port: CountingSMTP(rec, p, h), "127.0.0.1", port))
-    with open(os.path.join(directory, "ready"), "w") as f:
-        f.write("ok\n")
+                functools.partial(CountingSMTP, rec, port, handler), "127.0.0.1", port))
+    mark_ready(directory)
     await asyncio.gather(*(s.serve_forever() for s in servers))
 
 
