@@ -25,6 +25,7 @@ import pytest
 
 from master import log
 from tests.harness import CaptureServer, MailSystem, SmtpSink
+from tests.services.procs import make_base, remove_base
 
 MAIL_OWNER = "qmgrd"
 
@@ -92,3 +93,11 @@ def peers(tmp_path: Path) -> Iterator[Peers]:
     yield p
     for peer in p.made:
         peer.stop()
+
+
+@pytest.fixture
+def base() -> Iterator[Path]:
+    """A fresh 0755 temporary directory for a test master (tests.services.procs)."""
+    path = make_base()
+    yield path
+    remove_base(path)

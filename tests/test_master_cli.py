@@ -21,8 +21,6 @@ from tests.services.procs import (
     child_env,
     kill_session,
     log_lines,
-    make_base,
-    remove_base,
     wait_for,
     write_config,
 )
@@ -84,12 +82,6 @@ class System:
         if self.proc is not None:
             self.proc.wait(10)
 
-
-@pytest.fixture
-def base() -> Iterator[Path]:
-    path = make_base()
-    yield path
-    remove_base(path)
 
 
 @pytest.fixture

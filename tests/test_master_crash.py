@@ -11,7 +11,6 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import psutil  # type: ignore[import-untyped]
@@ -21,8 +20,6 @@ from tests.services.procs import (
     child_env,
     kill_session,
     log_lines,
-    make_base,
-    remove_base,
     session_procs,
     wait_for,
     write_config,
@@ -37,12 +34,6 @@ qmgr   fifo n n n 300 1 tests.services.async_agent
 pickup fifo n n n 60 1 tests.services.trigger_agent
 """
 
-
-@pytest.fixture
-def base() -> Iterator[Path]:
-    path = make_base()
-    yield path
-    remove_base(path)
 
 
 def start(base: Path, etc: Path) -> subprocess.Popen[bytes]:

@@ -9,7 +9,6 @@ import os
 import pwd
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ import pytest
 from master.config import Config
 from master.server import jail
 from master.server.jail import JailError, Owner, OwnerError, enter_jail, lookup_mail_owner
-from tests.services.procs import MAIL_OWNER, child_env, make_base, remove_base
+from tests.services.procs import MAIL_OWNER, child_env
 
 ROOT = os.geteuid() == 0
 
@@ -175,12 +174,6 @@ print(json.dumps({"ids": [os.getresuid(), os.getresgid(), os.getgroups()],
                   "root": sorted(os.listdir("/")), "cwd": os.getcwd(), "regained": regained}))
 """
 
-
-@pytest.fixture
-def base() -> Iterator[Path]:
-    path = make_base()
-    yield path
-    remove_base(path)
 
 
 @pytest.mark.skipif(not ROOT, reason="chroot and setuid need root")

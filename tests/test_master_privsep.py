@@ -24,8 +24,6 @@ from tests.services.procs import (
     child_env,
     kill_session,
     log_lines,
-    make_base,
-    remove_base,
     wait_for,
     write_config,
 )
@@ -71,12 +69,6 @@ class Master:
             kill_session(self.proc.pid)
             self.proc.wait(10)
 
-
-@pytest.fixture
-def base() -> Iterator[Path]:
-    path = make_base()
-    yield path
-    remove_base(path)
 
 
 @pytest.fixture

@@ -22,8 +22,6 @@ from tests.services.procs import (
     child_env,
     kill_session,
     log_lines,
-    make_base,
-    remove_base,
     session_procs,
     wait_for,
     write_config,
@@ -90,12 +88,6 @@ class Mail:
         if self.proc is not None:
             self.proc.wait(10)
 
-
-@pytest.fixture
-def base() -> Iterator[Path]:
-    path = make_base()
-    yield path
-    remove_base(path)
 
 
 @pytest.fixture

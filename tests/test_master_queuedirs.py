@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from master.daemon.queuedirs import QUEUE_DIRS, check_queue_dirs, unreachable_by
 from master.server.jail import Owner
-from tests.services.procs import make_base, remove_base
 
 ROOT = os.geteuid() == 0
 as_root = pytest.mark.skipif(not ROOT, reason="chown needs root")
@@ -24,12 +22,6 @@ MODES = {"maildrop": 0o1733, "public": 0o755, "pid": 0o755, "private": 0o700,
          "corrupt": 0o700, "bounce": 0o700, "defer": 0o700, "trace": 0o700,
          "flush": 0o700, "saved": 0o700}
 
-
-@pytest.fixture
-def base() -> Iterator[Path]:
-    path = make_base()
-    yield path
-    remove_base(path)
 
 
 def me() -> Owner:

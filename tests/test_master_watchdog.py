@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,8 +19,6 @@ from tests.services.procs import (
     child_env,
     kill_session,
     log_lines,
-    make_base,
-    remove_base,
     wait_for,
     write_config,
 )
@@ -54,12 +51,6 @@ def test_arm_and_disarm_use_the_alarm_clock() -> None:
     finally:
         signal.alarm(0)
 
-
-@pytest.fixture
-def base() -> Iterator[Path]:
-    path = make_base()
-    yield path
-    remove_base(path)
 
 
 def talk(path: Path, line: bytes) -> bytes:
