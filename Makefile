@@ -46,5 +46,11 @@ lint: $(TSTAMP)
 	$(BIN)/mypy master qmgrd transports
 	$(BIN)/lint-imports
 
+## make bench: qmgrd vs Postfix (drain, qmgr RSS, deferred scan) and the master's idle
+## cost; prints a table, writes bench/results.json (bench/README.md). BENCH_SCALE=0.1 for
+## a quick run. The Postfix side needs root and Debian's postfix.
+bench: $(STAMP)
+	$(BIN)/python bench/run.py
+
 clean:
 	rm -rf var build *.egg-info

@@ -1,0 +1,393 @@
+"""bench/common.py - what the queue benchmarks share: a fast queue-file writer, a qmgrd
+instance and a private Postfix instance, each in a temporary directory.
+
+Public API
+    SCALE                         float from $BENCH_SCALE (default 1.0); scaled(n) -> int
+    wait_for(cond, timeout, what, interval=0.02) -> object    poll with a deadline
+    QueueWriter(queue_directory, owner)
+        .write(queue, count, rcpt, mtime=None) -> list[str]   ready queue files, fast
+        .fix_owner(queue)                                      hash dirs to the owner
+    count_files(dirpath) -> int    regular files under a queue directory (recursive)
+    BlackHole()                    a loopback TCP port that accepts and never answers
+    Instance                       the interface both systems offer:
+        .name, .owner, .queue_directory, .writer (QueueWriter), .prepare() (make the
+        queue directories), .start(), .stop() (idempotent), .qmgr_pid() -> int,
+        .trigger(data: bytes) (to public/qmgr), .write_main(**params), .log() -> str
+    QmgrdInstance(root, **main)    tests.harness.MailSystem (qmgr-master, mail_owner qmgrd)
+    PostfixInstance(root, **main)  /usr/sbin/postfix -c <root>/etc (mail_owner postfix)
+        .master_pid() -> int | None
+    postfix_available() -> bool    Postfix installed and we are root
+
+Raises RuntimeError when a system does not start or a wait times out.
+
+Queue files are written with the project's spool API (qmgrd.spool.queue.Spool paths
+with hashed directories, qmgrd.spool.queueid long queue ids, records encoded by
+qmgrd.spool.records) in Postfix's format, which both systems read. Setup writes do no
+fsync (both systems are stopped while the queue is filled). Files belong to the
+instance's mail_owner, mode 0700 (ready).
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import psutil  # type: ignore[import-untyped]
+
+from qmgrd.spool import records as R
+from qmgrd.spool.queue import Spool
+from qmgrd.spool.queueid import new_long_id
+from qmgrd.trigger import send_trigger
+from tests.harness import MailSystem
+
+SCALE = float(os.environ.get("BENCH_SCALE", "1") or "1")
+SENDER = b"bench@sender.example"
+BODY = [b"This is line %d of a benchmark message, about sixty bytes long.." % i
+        for i in range(16)]
+
+
+def scaled(n: int) -> int:
+    """``n`` times $BENCH_SCALE, at least 1."""
+    return max(1, round(n * SCALE))
+
+
+def wait_for(cond: Callable[[], object], timeout: float, what: str,
+             interval: float = 0.02) -> object:
+    """Poll ``cond`` until truthy; RuntimeError after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def count_files(path: Path) -> int:
+    """Regular files under ``path``, recursing into (hash) subdirectories."""
+    n = 0
+    try:
+        it = os.scandir(path)
+    except FileNotFoundError:
+        return 0
+    with it:
+        for e in it:
+            try:
+                if e.is_dir(follow_symlinks=False):
+                    n += count_files(Path(e.path))
+                elif e.is_file(follow_symlinks=False):
+                    n += 1
+            except FileNotFoundError:
+                continue
+    return n
+
+
+class QueueWriter:
+    """Writes ready one-recipient queue files straight into a queue directory."""
+
+    def __init__(self, queue_directory: Path, owner: str) -> None:
+        self.spool = Spool(str(queue_directory))
+        pw = pwd.getpwnam(owner) if os.geteuid() == 0 else pwd.getpwuid(os.geteuid())
+        self.uid, self.gid = pw.pw_uid, pw.pw_gid
+        self._serial = 0
+
+    @staticmethod
+    def message(qid: str, rcpt: bytes, sec: int, usec: int) -> bytes:
+        """The queue file of one message (cleanup's record layout, remote context)."""
+        enc = R.encode
+        out = bytearray(R.SIZE_RECORD_LEN)
+        out += enc(R.REC_TIME, b"%d %d" % (sec, usec))
+        out += enc(R.REC_ATTR, b"create_time=%d" % sec)
+        out += enc(R.REC_ATTR, b"rewrite_context=remote")
+        out += enc(R.REC_FROM, SENDER)
+        out += enc(R.REC_ORCP, rcpt)
+        out += enc(R.REC_RCPT, rcpt)
+        out += enc(R.REC_MESG, b"")
+        data_offset = len(out)
+        head = [b"From: " + SENDER, b"To: " + rcpt, b"Subject: benchmark " + qid.encode(),
+                b"Message-ID: <" + qid.encode() + b"@bench.example>",
+                b"Date: Mon, 1 Jan 2024 00:00:00 +0000", b""]
+        for line in head + BODY:
+            out += enc(R.REC_NORM, line)
+        data_size = len(out) - data_offset
+        out += enc(R.REC_XTRA, b"")
+        out += enc(R.REC_END, b"")
+        out[0:R.SIZE_RECORD_LEN] = enc(R.REC_SIZE, R.size_payload(
+            data_size, data_offset, 1, 0, data_size, 0))
+        return bytes(out)
+
+    def write(self, queue: str, count: int, rcpt: Callable[[int], bytes],
+              mtime: float | None = None) -> list[str]:
+        """Write ``count`` ready files into ``queue``; ``rcpt(i)`` names the recipient of
+        the i-th; ``mtime`` sets their time stamps (deferred/: when they are due).
+        Returns their queue ids.
+
+        Ids are long Postfix ids (qmgrd.spool.queueid.new_long_id) from the current
+        time, one microsecond apart, with a counter in the inode field (neither qmgr
+        checks it), so each file costs one exclusive create instead of
+        Spool.create()'s create, link and unlink. A name that exists is skipped."""
+        ids: list[str] = []
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        made_dirs: set[str] = set()
+        i = 0
+        while len(ids) < count:
+            now = time.time_ns() // 1000
+            sec, usec = divmod(now, 1_000_000)
+            self._serial += 1
+            qid = new_long_id(sec, usec, self._serial)
+            path = self.spool.path(queue, qid)
+            try:
+                fd = os.open(path, flags, 0o600)
+            except FileExistsError:
+                continue
+            except FileNotFoundError:
+                d = os.path.dirname(path)
+                os.makedirs(d, mode=0o700, exist_ok=True)
+                made_dirs.add(d)
+                continue
+            try:
+                os.write(fd, self.message(qid, rcpt(i), sec, usec))
+                os.fchown(fd, self.uid, self.gid)
+                os.fchmod(fd, 0o700)
+            finally:
+                os.close(fd)
+            if mtime is not None:
+                os.utime(path, (mtime, mtime))
+            ids.append(qid)
+            i += 1
+        if made_dirs:
+            self.fix_owner(queue)
+        return ids
+
+    def fix_owner(self, queue: str) -> None:
+        """Give the hash directories made on demand to the owner (we write as root)."""
+        base = Path(self.spool.queue_path(queue))
+        for dirpath, dirnames, _ in os.walk(base):
+            for d in dirnames:
+                os.chown(os.path.join(dirpath, d), self.uid, self.gid)
+
+
+class BlackHole:
+    """A TCP port on 127.0.0.1 whose kernel accepts connections that nobody ever
+    answers (listen() with a large backlog, no accept()): an SMTP client waits for a
+    greeting until its own timeout."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(4096)
+        self.port = int(self.sock.getsockname()[1])
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+# --------------------------------------------------------------------------- qmgrd
+class QmgrdInstance:
+    """A whole qmgrd mail system (tests.harness.MailSystem) under ``root``."""
+
+    name = "qmgrd"
+    owner = "qmgrd"
+
+    def __init__(self, root: Path, **main: str) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        os.chmod(root, 0o755)
+        main.setdefault("daemon_timeout", "18000s")
+        main.setdefault("qmgr_ipc_timeout", "60s")
+        self.ms = MailSystem(root, main=main)
+        self.queue_directory = self.ms.spool
+        self.writer = QueueWriter(self.queue_directory, self.owner)
+        self._made = False
+
+    def write_main(self, **params: str) -> None:
+        self.ms.write_main(**params)
+
+    def prepare(self) -> None:
+        """Make the queue directories (a first start and stop)."""
+        if not self._made:
+            self.start()
+            self.stop()
+            self._made = True
+
+    def start(self) -> None:
+        self.ms.start()
+
+    def stop(self) -> None:
+        self.ms.stop(check=False)
+
+    def qmgr_pid(self) -> int:
+        kids = self.ms.children("qmgr")
+        if not kids:
+            raise RuntimeError("qmgrd: no qmgr process")
+        return int(kids[0].pid)
+
+    def trigger(self, data: bytes) -> None:
+        send_trigger(str(self.queue_directory / "public" / "qmgr"), data)
+
+    def log(self) -> str:
+        return self.ms.log()
+
+
+# --------------------------------------------------------------------------- Postfix
+POSTFIX = "/usr/sbin/postfix"
+
+POSTFIX_MAIN = {
+    "compatibility_level": "3.6",
+    "mail_owner": "postfix",
+    "setgid_group": "postdrop",
+    "myhostname": "pf.bench.example",
+    "mydestination": "localhost",
+    "relay_domains": "",
+    "inet_interfaces": "loopback-only",
+    "inet_protocols": "ipv4",
+    "enable_long_queue_ids": "yes",
+    "alias_maps": "",
+    "alias_database": "",
+    "local_recipient_maps": "",
+    "biff": "no",
+    "smtputf8_enable": "no",
+    "smtp_dns_support_level": "disabled",
+}
+
+# No listener: the queue is filled directly. chroot off (as qmgrd's agents);
+# the qmgr on a FIFO (as in qmgrd's bundled master.cf) so that a one-byte write triggers.
+POSTFIX_MASTER = """\
+qmgr      fifo  n       -       n       300     1       qmgr
+cleanup   unix  n       -       n       -       0       cleanup
+rewrite   unix  -       -       n       -       -       trivial-rewrite
+bounce    unix  -       -       n       -       0       bounce
+defer     unix  -       -       n       -       0       bounce
+trace     unix  -       -       n       -       0       bounce
+flush     unix  n       -       n       1000?   0       flush
+smtp      unix  -       -       n       -       -       smtp
+discard   unix  -       -       n       -       -       discard
+scache    unix  -       -       n       -       1       scache
+showq     unix  n       -       n       -       -       showq
+postlog   unix-dgram n  -       n       -       1       postlogd
+"""
+
+
+def postfix_available() -> bool:
+    return os.access(POSTFIX, os.X_OK) and os.geteuid() == 0
+
+
+class PostfixInstance:
+    """A private Postfix instance: config, queue and data directories under ``root``.
+
+    Needs root (postfix start). Logs to ``<root>/maillog`` through postlogd, as qmgrd
+    logs to a file.
+    """
+
+    name = "postfix"
+    owner = "postfix"
+
+    def __init__(self, root: Path, **main: str) -> None:
+        self.root = root
+        self.etc = root / "etc"
+        self.queue_directory = root / "spool"
+        self.data_directory = root / "lib"
+        self.maillog = root / "maillog"
+        for d in (root, self.etc, self.queue_directory):
+            d.mkdir(parents=True, exist_ok=True)
+            os.chmod(d, 0o755)
+        self.data_directory.mkdir(mode=0o700, exist_ok=True)
+        shutil.chown(self.data_directory, "postfix")
+        self.params = dict(POSTFIX_MAIN)
+        self.params.update(queue_directory=str(self.queue_directory),
+                           data_directory=str(self.data_directory),
+                           maillog_file=str(self.maillog),
+                           maillog_file_prefixes=str(root))
+        self.params.update(main)
+        self.write_main()
+        (self.etc / "master.cf").write_text(POSTFIX_MASTER)
+        self.writer = QueueWriter(self.queue_directory, self.owner)
+        self._made = False
+
+    def write_main(self, **params: str) -> None:
+        self.params.update(params)
+        (self.etc / "main.cf").write_text(
+            "".join(f"{k} = {v}\n" for k, v in self.params.items()))
+
+    def _postfix(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([POSTFIX, "-c", str(self.etc), *args], capture_output=True,
+                              text=True, timeout=120, check=False,
+                              stdin=subprocess.DEVNULL)
+
+    def prepare(self) -> None:
+        """``postfix check`` makes the queue directories with their owners and modes."""
+        if not self._made:
+            r = self._postfix("check")
+            if r.returncode != 0:
+                raise RuntimeError(f"postfix check: {r.stderr or self.log()[-2000:]}")
+            self._made = True
+
+    def master_pid(self) -> int | None:
+        try:
+            text = (self.queue_directory / "pid" / "master.pid").read_text().strip()
+            pid = int(text)
+        except (OSError, ValueError):
+            return None
+        return pid if psutil.pid_exists(pid) else None
+
+    def start(self) -> None:
+        self.prepare()
+        r = self._postfix("start")
+        if r.returncode != 0:
+            raise RuntimeError(f"postfix start: {r.stderr or self.log()[-2000:]}")
+        wait_for(lambda: self._child("qmgr"), 20, "the Postfix qmgr")
+
+    def stop(self) -> None:
+        pid = self.master_pid()
+        if pid is None:
+            return
+        self._postfix("stop")
+        try:
+            wait_for(lambda: not psutil.pid_exists(pid), 30, "the Postfix master to exit")
+        except RuntimeError:
+            os.kill(pid, signal.SIGKILL)
+
+    def _child(self, name: str) -> psutil.Process | None:
+        pid = self.master_pid()
+        if pid is None:
+            return None
+        try:
+            for p in psutil.Process(pid).children():
+                try:
+                    if p.name() == name:
+                        return p
+                except psutil.Error:
+                    continue
+        except psutil.Error:
+            return None
+        return None
+
+    def qmgr_pid(self) -> int:
+        p = self._child("qmgr")
+        if p is None:
+            raise RuntimeError("postfix: no qmgr process")
+        return int(p.pid)
+
+    def trigger(self, data: bytes) -> None:
+        send_trigger(str(self.queue_directory / "public" / "qmgr"), data)
+
+    def log(self) -> str:
+        try:
+            return self.maillog.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+
+Instance = QmgrdInstance | PostfixInstance
