@@ -118,6 +118,8 @@ class MailSystem:
         self.params = params
         self.write_main()
         text = master_cf if master_cf is not None else (REPO / "etc" / "master.cf").read_text()
+        # the bundled smtpd listens on 127.0.0.1:2525: give each instance a port of its own
+        text = text.replace("\n127.0.0.1:2525 ", f"\n127.0.0.1:{free_port()} ")
         (self.etc / "master.cf").write_text(text)
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -614,3 +616,90 @@ class LogCursor:
             if m and m.group(1).rpartition("/")[2] == service:
                 out.append((int(m.group(2)), m.group(3)))
         return out
+
+
+# --------------------------------------------------------------------------- queue filling
+def fill_deferred(ms: MailSystem, sender: str, recipients: list[str], *, tag: str = "bulk",
+                  age: float = 3600.0, timeout: float = 120) -> list[str]:
+    """Put one message per recipient straight into ``deferred/``, due now; returns the ids.
+
+    The files are written by the project's own writer (qmgrd.spool.cleanup.Cleanup, the
+    same records as any queued mail) into a staging queue directory on the same file
+    system, then renamed into ``<queue_directory>/deferred/<hash>/`` with their mtime
+    (the next-attempt time, postfix.md §4.9) an hour ahead, so that a deferred scan
+    while they are being written takes none of them; once all are in place every mtime
+    is set one second in the past, so the next deferred scan takes them all. Their
+    arrival (create_time) is ``age`` seconds ago, as for mail that has waited in the
+    queue. The work runs in a child process that, as root,
+    becomes the owner of ``deferred/`` (the mail_owner) before it writes anything, so the
+    qmgr owns and reads the files as it would its own. Message ``i`` has
+    ``Message-ID: <{tag}{i}@{tag}>``. The qmgr is not told (send trigger ``D`` to
+    ``public/qmgr`` to scan at once). Start the system first (the queue directories must
+    exist). Raises AssertionError if the writer fails.
+    """
+    import json as _json
+
+    deferred = ms.spool / "deferred"
+    st = deferred.stat()
+    staging = Path(tempfile.mkdtemp(prefix="fill-", dir=ms.root))
+    spec = staging / "spec.json"
+    spec.write_text(_json.dumps({"etc": str(ms.etc), "staging": str(staging),
+                                 "deferred": str(deferred), "sender": sender,
+                                 "recipients": recipients, "tag": tag, "age": age,
+                                 "uid": st.st_uid, "gid": st.st_gid}))
+    if os.geteuid() == 0 and st.st_uid != 0:
+        os.chown(staging, st.st_uid, st.st_gid)
+    code = "import sys; from tests.harness import _fill_worker; _fill_worker(sys.argv[1])"
+    r = subprocess.run([PY, "-c", code, str(spec)],
+                       capture_output=True, text=True, timeout=timeout, cwd=str(REPO),
+                       env=ms.env, stdin=subprocess.DEVNULL, check=False)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ids = [line for line in r.stdout.split() if line]
+    shutil.rmtree(staging, ignore_errors=True)
+    assert len(ids) == len(recipients), (len(ids), r.stderr[-2000:])
+    return ids
+
+
+def _fill_worker(spec_path: str) -> None:
+    """fill_deferred's child: writes the messages, prints one queue id a line."""
+    import json as _json
+
+    from master import log
+    from master.config import Config
+    from qmgrd.spool.cleanup import Cleanup
+    from qmgrd.spool.envelope import Envelope, Recipient
+    from qmgrd.spool.queue import Spool
+
+    spec = _json.loads(Path(spec_path).read_text())
+    cfg = Config.load(spec["etc"])
+    real = Spool.from_config(cfg)
+    staging = Spool(spec["staging"], cfg.get_list("hash_queue_names"),
+                    cfg.get_int("hash_queue_depth"))
+    log.setup("fill", os.devnull)  # Cleanup's per-message info lines are of no interest
+    cleanup = Cleanup(cfg, staging)
+    if os.geteuid() == 0 and spec["uid"] != 0:
+        # Become the queue owner once everything is loaded (the interpreter itself may
+        # live where the mail_owner cannot read), as the master's children do.
+        os.setgroups([])
+        os.setgid(spec["gid"])
+        os.setuid(spec["uid"])
+    staging.make_dirs()
+    arrival = time.time() - float(spec["age"])
+    sec, usec = int(arrival), int(arrival % 1 * 1_000_000)
+    later = time.time() + 3600
+    tag = spec["tag"]
+    out = []
+    for i, rcpt in enumerate(spec["recipients"]):
+        content = f"Subject: {tag} {i}\nMessage-ID: <{tag}{i}@{tag}>\n\nbody {i}\n".encode()
+        qid = cleanup.submit(Envelope(spec["sender"], [Recipient(rcpt)], arrival=(sec, usec)),
+                             content)
+        src = staging.path("incoming", qid)
+        os.utime(src, (later, later))
+        dst = real.path("deferred", qid)
+        os.makedirs(os.path.dirname(dst), mode=0o700, exist_ok=True)
+        os.rename(src, dst)
+        out.append(qid)
+    due = time.time() - 1
+    for qid in out:
+        os.utime(real.path("deferred", qid), (due, due))
+    sys.stdout.write("\n".join(out) + "\n")
