@@ -137,10 +137,12 @@ def test_missing_queue_directory_exits_75(etc: Path) -> None:
 
 
 def test_unreadable_queue_exits_75(etc: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    def denied(self: Spool, queue: str) -> Iterator[str]:
+    from qmgrd.ctl import showq
+
+    def denied(spool: Spool, queue: str) -> Iterator[tuple[str, str]]:
         raise PermissionError(13, "Permission denied", queue)
 
-    monkeypatch.setattr(Spool, "scan", denied)
+    monkeypatch.setattr(showq, "walk", denied)  # the listing's directory walk
     code, out, err = run("-c", str(etc), "list", "--json")
     assert (code, out) == (EX_TEMPFAIL, "")
     assert err.startswith("qmgr-ctl: fatal: scan queue directory ") and "Permission" in err

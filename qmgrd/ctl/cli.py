@@ -1,69 +1,126 @@
 """cli — ``qmgr-ctl``, the administrator's command for a qmgrd mail queue.
 
 Synopsis
-    qmgr-ctl [-c config_dir] list [--json]
-    qmgr-ctl [-c config_dir] flush
+    qmgr-ctl [-c config_dir] list [--json] [SELECTORS]
+    qmgr-ctl [-c config_dir] show [--envelope] [--headers] [--body] [--json] ID
+    qmgr-ctl [-c config_dir] shape [-s] [-p] [-m N] [-b N] [-t N] [-l] [-w N] [--json]
+                                   [QUEUE...]
+    qmgr-ctl [-c config_dir] hold|release|delete|requeue [--dry-run] [--wait S]
+                                   [SELECTORS] [ID... | - | ALL]
+    qmgr-ctl [-c config_dir] flush [--site DOMAIN | --id ID...] [--batch N] [--pace S]
     qmgr-ctl [-c config_dir] status [--json]
+    qmgr-ctl [-c config_dir] suspend [--for DURATION] [--reason TEXT] DOMAIN
+    qmgr-ctl [-c config_dir] resume [--batch N] [--pace S] DOMAIN
+    qmgr-ctl [-c config_dir] config [-d] [-n] [-x] [NAME...]
+    qmgr-ctl [-c config_dir] config NAME=VALUE...
 
 Description
-    ``list`` is Postfix's ``postqueue -p`` (``mailq``) and, with ``--json``,
-    ``postqueue -j`` (postfix.md §7.1, §7.2). Instead of asking a showq daemon it reads
-    the queue directory itself (qmgrd.ctl.showq): read-only, without locks, so it never
-    holds up the qmgr. Output is byte-for-byte Postfix's long-queue-id layout
-    (qmgrd.ctl.format).
+    Postfix spreads this over postqueue, postsuper, postcat and qshape; qmgr-ctl does it
+    in one tool, with selectors instead of awk pipelines.
 
-    ``flush`` is ``postqueue -f`` (§7.3): it writes ``FADI`` (forget dead destinations,
-    ignore deferred time stamps, scan deferred, scan incoming) to ``public/qmgr`` and
-    ``W`` to ``public/pickup``. When either trigger cannot be delivered (no FIFO, or no
-    process reading it) the mail system is down: ``qmgr-ctl: fatal: Cannot flush mail
-    queue - mail system is down`` on standard error, exit 69, as postqueue does.
+    ``list`` is Postfix's ``postqueue -p`` (``mailq``) and, with ``--json``,
+    ``postqueue -j`` (postfix.md §7.1, §7.2), byte for byte (qmgrd.ctl.format). It reads
+    the queue directory itself (qmgrd.ctl.showq, qmgrd.ctl.qread): read-only, without
+    locks, streaming. SELECTORS (qmgrd.ctl.select) narrow it: ``--queue``, ``--sender``,
+    ``--recipient``, ``--domain``, ``--older-than``, ``--younger-than``, ``--reason``.
+
+    ``show ID`` prints one queue file as postcat does (qmgrd.ctl.show) and its bounce,
+    defer and trace log entries. ``shape`` is qshape's table (qmgrd.ctl.shape).
+
+    ``hold``, ``release``, ``delete``, ``requeue`` are postsuper -h, -H, -d, -r
+    (qmgrd.ctl.admin): by queue id, ``-`` (ids on standard input), ``ALL``, or the
+    selectors; ``--dry-run`` prints what would be done. Messages in the active queue
+    are changed by the running qmgr once their deliveries in flight end (``--wait``
+    seconds are waited for that; later ones are reported as pending). ``requeue`` makes
+    the qmgr route the mail anew (a changed transport map applies).
+
+    ``flush`` is ``postqueue -f`` (``FADI`` to public/qmgr, ``W`` to public/pickup; no
+    reader: ``Cannot flush mail queue - mail system is down``, exit 69). ``--id`` is
+    ``postqueue -i``, ``--site`` ``postqueue -s``, paced: ``--batch`` messages every
+    ``--pace`` seconds.
 
     ``status`` asks the running qmgr for its scheduler state over
-    ``<queue_directory>/private/qmgr-status`` (qmgrd.qmgr.status): every transport and
-    destination with its concurrency window, deliveries in flight and waiting, dead or
-    rate-delay state with the saved reason, and the active queue's counts. ``--json``
-    prints the qmgr's document as it is (indented). No qmgr answering: exit 69.
+    ``private/qmgr-status`` (qmgrd.qmgr.status), operator suspensions included.
+
+    ``suspend DOMAIN`` stops delivery to a destination (a recipient domain,
+    ``.domain`` for its subdomains, or a nexthop ``[address]:port``) without attempts
+    until ``resume`` or the end of ``--for``; it survives qmgr restarts
+    (qmgrd.qmgr.suspend). ``config`` prints main.cf parameters as postconf does, and
+    ``config NAME=VALUE`` edits main.cf as ``postconf -e`` (qmgrd.ctl.postconf).
+
+    Queue ids and domains given by the user are validated before they touch a path.
+    Commands that change the queue (hold, release, delete, requeue, flush --id/--site,
+    suspend, resume) need root or the queue owner (mail_owner); as root they work with
+    the queue owner's ids. They log postsuper's lines (``<id>: removed`` ...) to the
+    mail log.
 
     ``-c DIR`` names the configuration directory holding main.cf (default:
-    ``$QMGRD_CONFIG_DIR``, else ``/etc/qmgrd``); ``queue_directory``,
-    ``hash_queue_names``, ``hash_queue_depth``, ``empty_address_recipient`` and
-    ``duplicate_filter_limit`` are read from it. The configuration is loaded only when a
+    ``$QMGRD_CONFIG_DIR``, else ``/etc/qmgrd``). The configuration is loaded only when a
     command runs, so ``--help`` always works.
 
 Exit status (sysexits.h)
     0   success
-    64  usage error (EX_USAGE): unknown command or option
+    64  usage error (EX_USAGE): unknown command or option, a bad selector value
+    65  an invalid queue id was given (EX_DATAERR); nothing was done
+    66  a named message is not in the queue (EX_NOINPUT); the others were done
     69  the mail system is down (EX_UNAVAILABLE): flush could not trigger the qmgr/pickup,
         status got no answer from the qmgr
-    75  the queue directory cannot be read (EX_TEMPFAIL)
+    75  the queue directory cannot be read, or a message was still being delivered and
+        could not be changed (EX_TEMPFAIL: try again)
+    77  not root or mail_owner (EX_NOPERM)
     78  configuration error (EX_CONFIG): ``<file>, line <n>: <what>``
 
     Errors are printed on standard error as ``qmgr-ctl: fatal: <text>``. When the reader
-    of the listing goes away (``qmgr-ctl list | head``) the listing stops quietly, exit 0,
+    of a listing goes away (``qmgr-ctl list | head``) the listing stops quietly, exit 0,
     as postqueue does on EPIPE.
 
 Public API
     main(argv: list[str] | None = None) -> NoReturn     the console script entry point
     cli                                                 the click group (for CliRunner)
-    EX_OK, EX_USAGE, EX_UNAVAILABLE, EX_TEMPFAIL, EX_CONFIG
+    EX_OK, EX_USAGE, EX_DATAERR, EX_NOINPUT, EX_UNAVAILABLE, EX_TEMPFAIL, EX_NOPERM,
+    EX_CONFIG
 """
 
 from __future__ import annotations
 
 import json
 import os
-import stat
 import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
 import click
 
-from master.config import Config, ConfigError
+from master.config import ConfigError
+from qmgrd.ctl import change
+from qmgrd.ctl.common import (
+    EX_CONFIG,
+    EX_DATAERR,
+    EX_NOINPUT,
+    EX_NOPERM,
+    EX_OK,
+    EX_TEMPFAIL,
+    EX_UNAVAILABLE,
+    EX_USAGE,
+    EXIT_HELP,
+    PROG,
+    Output,
+    check_queue_dir,
+    fatal,
+    load,
+    make_selector,
+    quiet_stdout,
+    selector_options,
+    settings,
+)
 from qmgrd.ctl.format import format_json, format_mailq
-from qmgrd.ctl.showq import scan
+from qmgrd.ctl.postconf import edit_main_cf, parse_assignments
+from qmgrd.ctl.shape import QUEUE_NAMES, Shape, count, format_table
+from qmgrd.ctl.show import as_json, locate, render, render_logs
+from qmgrd.ctl.showq import QUEUE_ORDER, scan
 from qmgrd.qmgr.status import fetch, format_text
-from qmgrd.spool.queue import Spool
+from qmgrd.spool.message import CorruptQueueFile
+from qmgrd.spool.queueid import valid_id
 from qmgrd.trigger import (
     QMGR_REQ_FLUSH_DEAD,
     QMGR_REQ_SCAN_ALL,
@@ -73,34 +130,12 @@ from qmgrd.trigger import (
     send_trigger,
 )
 
-__all__ = ["EX_CONFIG", "EX_OK", "EX_TEMPFAIL", "EX_UNAVAILABLE", "EX_USAGE", "cli", "main"]
+__all__ = ["EX_CONFIG", "EX_DATAERR", "EX_NOINPUT", "EX_NOPERM", "EX_OK", "EX_TEMPFAIL",
+           "EX_UNAVAILABLE", "EX_USAGE", "cli", "main"]
 
-EX_OK = 0
-EX_USAGE = 64
-EX_UNAVAILABLE = 69
-EX_TEMPFAIL = 75
-EX_CONFIG = 78
-
-PROG = "qmgr-ctl"
 DEFAULT_CONFIG_DIR = "/etc/qmgrd"
 _FLUSH_QMGR = QMGR_REQ_FLUSH_DEAD + QMGR_REQ_SCAN_ALL + QMGR_REQ_SCAN_DEFERRED \
     + QMGR_REQ_SCAN_INCOMING
-_DUP_FILTER_DEFAULT = 1000
-
-_EXIT_HELP = """
-\b
-Exit status:
-  0   success
-  64  usage error
-  69  mail system down (flush could not trigger qmgr or pickup; no qmgr status)
-  75  queue directory unreadable
-  78  configuration error
-"""
-
-
-def _fatal(ctx: click.Context, code: int, msg: str) -> NoReturn:
-    click.echo(f"{PROG}: fatal: {msg}", err=True)
-    ctx.exit(code)
 
 
 class _Cli(click.Group):
@@ -130,18 +165,8 @@ class _Cli(click.Group):
         sys.exit(rv if isinstance(rv, int) else EX_OK)
 
 
-def _quiet_stdout() -> None:
-    """After EPIPE on stdout, point it at /dev/null so the exit-time flush is silent."""
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
-    except (OSError, ValueError, AttributeError):
-        pass
-
-
 @click.group(name=PROG, cls=_Cli, help=f"""Inspect and control a qmgrd mail queue.
-{_EXIT_HELP}""", context_settings={"help_option_names": ["-h", "--help"]})
+{EXIT_HELP}""", context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-c", "config_dir", metavar="DIR", envvar="QMGRD_CONFIG_DIR",
               default=DEFAULT_CONFIG_DIR, show_default=True, show_envvar=True,
               help="Configuration directory holding main.cf.")
@@ -150,100 +175,185 @@ def cli(ctx: click.Context, config_dir: str) -> None:
     ctx.obj = config_dir
 
 
-def _load(ctx: click.Context) -> Config:
-    try:
-        return Config.load(str(ctx.obj))
-    except ConfigError as exc:
-        _fatal(ctx, EX_CONFIG, str(exc))
-
-
-def _settings(ctx: click.Context, cfg: Config) -> tuple[Spool, str, int]:
-    """(spool, empty_address_recipient, duplicate_filter_limit); EX_CONFIG when bad."""
-    try:
-        spool = Spool.from_config(cfg)
-        empty = cfg.get("empty_address_recipient") or "MAILER-DAEMON"
-        limit = _DUP_FILTER_DEFAULT
-        if cfg.get("duplicate_filter_limit"):
-            limit = cfg.get_int("duplicate_filter_limit")
-    except (ConfigError, ValueError) as exc:
-        _fatal(ctx, EX_CONFIG, str(exc))
-    return spool, empty, limit
-
-
 @cli.command("list", help=f"""List the queue as Postfix's mailq / postqueue -p does.
 
 Reads maildrop, active, incoming, deferred and hold directly (read-only, no locks).
-Markers after the queue id: * active, ! on hold, # forced to expire.
-{_EXIT_HELP}""")
-@click.option("--json", "as_json", is_flag=True,
+Markers after the queue id: * active, ! on hold, # forced to expire. The selectors
+narrow the listing (each one must match; a repeated one matches any of its values).
+{EXIT_HELP}""")
+@click.option("--json", "as_json_", is_flag=True,
               help="One JSON object per message and line, as postqueue -j.")
+@selector_options
 @click.pass_context
-def list_cmd(ctx: click.Context, as_json: bool) -> None:
-    spool, empty, limit = _settings(ctx, _load(ctx))
-    qdir = spool.queue_directory
+def list_cmd(ctx: click.Context, /, as_json_: bool, **sel: Any) -> None:
+    spool, empty, limit = settings(ctx, load(ctx))
+    selector = make_selector(ctx, **sel)
+    check_queue_dir(ctx, spool)
+    entries = scan(spool, empty_address=empty, dup_filter_limit=limit,
+                   queues=selector.queues or QUEUE_ORDER)
+    if selector.active:
+        entries = (e for e in entries if selector.match(e))
+    out = Output(sys.stdout.buffer)
     try:
-        if not stat.S_ISDIR(os.stat(qdir).st_mode):
-            _fatal(ctx, EX_TEMPFAIL, f"open queue directory {qdir}: Not a directory")
-    except OSError as exc:
-        _fatal(ctx, EX_TEMPFAIL, f"open queue directory {qdir}: {exc.strerror}")
-    entries = scan(spool, empty_address=empty, dup_filter_limit=limit)
-    try:
-        chunks = (format_json(e) for e in entries) if as_json else format_mailq(entries)
+        chunks = (format_json(e) for e in entries) if as_json_ else format_mailq(entries)
         for chunk in chunks:  # UTF-8 bytes whatever the locale, as Postfix writes them
-            click.echo(chunk.encode("utf-8"), nl=False)
+            out.write(chunk.encode("utf-8", "surrogateescape"))
+        out.flush()
     except BrokenPipeError:  # the reader went away (qmgr-ctl list | head): as postqueue
-        _quiet_stdout()
+        quiet_stdout()
         ctx.exit(EX_OK)
     except OSError as exc:
-        _fatal(ctx, EX_TEMPFAIL, f"scan queue directory {qdir}: {exc.strerror or exc}")
+        fatal(ctx, EX_TEMPFAIL, f"scan queue directory {spool.queue_directory}: "
+                                f"{exc.strerror or exc}")
 
 
-@cli.command("flush", help=f"""Attempt to deliver all queued mail, as postqueue -f.
+@cli.command("show", help=f"""Show one queued message as Postfix's postcat does.
 
-Sends FADI to public/qmgr and W to public/pickup.
-{_EXIT_HELP}""")
+The envelope records, the headers and the body (all three by default), then the
+message's bounce, defer and trace log entries (with the envelope).
+{EXIT_HELP}""")
+@click.option("-e", "--envelope", is_flag=True, help="The envelope records (and logs).")
+@click.option("--headers", is_flag=True, help="The message headers.")
+@click.option("-b", "--body", is_flag=True, help="The message body.")
+@click.option("--json", "as_json_", is_flag=True, help="The message as one JSON object.")
+@click.argument("qid", metavar="ID")
 @click.pass_context
-def flush_cmd(ctx: click.Context) -> None:
-    cfg = _load(ctx)
+def show_cmd(ctx: click.Context, envelope: bool, headers: bool, body: bool, as_json_: bool,
+             qid: str) -> None:
+    spool, _, _ = settings(ctx, load(ctx))
+    if not valid_id(qid):
+        fatal(ctx, EX_DATAERR, f"invalid queue id: {qid[:60]!r}")
+    check_queue_dir(ctx, spool)
+    found = locate(spool, qid)
+    if found is None:
+        fatal(ctx, EX_NOINPUT, f"{qid}: no such message in the queue")
+    queue, path = found
+    if not (envelope or headers or body):
+        envelope = headers = body = True
+    out = Output(sys.stdout.buffer)
+    try:
+        if as_json_:
+            out.write(json.dumps(as_json(spool, queue, qid, path), indent=1).encode() + b"\n")
+        else:
+            for chunk in render(path, envelope=envelope, headers=headers, body=body):
+                out.write(chunk)
+            if envelope:
+                for chunk in render_logs(spool, qid):
+                    out.write(chunk)
+        out.flush()
+    except BrokenPipeError:
+        quiet_stdout()
+        ctx.exit(EX_OK)
+    except FileNotFoundError:
+        fatal(ctx, EX_NOINPUT, f"{qid}: the message left the queue")
+    except CorruptQueueFile as exc:
+        out.flush()
+        fatal(ctx, EX_DATAERR, f"{path}: {exc}")
+    except OSError as exc:
+        fatal(ctx, EX_TEMPFAIL, f"{path}: {exc.strerror or exc}")
+
+
+@cli.command("shape", help=f"""Show the queue's shape as Postfix's qshape does.
+
+Recipients (-s: senders) by domain and age: bucket i holds mail between
+bucket_time * 2^(i-2) and bucket_time * 2^(i-1) minutes old. Default queues:
+incoming active.
+{EXIT_HELP}""")
+@click.option("-s", "by_sender", is_flag=True, help="Count sender domains.")
+@click.option("-p", "parents", is_flag=True, help="Also count parent domains (.domain).")
+@click.option("-m", "min_sub", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Show a parent with at least this many subdomains.")
+@click.option("-b", "buckets", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Number of age buckets.")
+@click.option("-t", "bucket_time", type=click.IntRange(min=1), default=5,
+              show_default=True, help="Minutes of the first bucket.")
+@click.option("-l", "linear", is_flag=True, help="Linear buckets.")
+@click.option("-w", "width", type=int, default=80, show_default=True,
+              help="Width of the table (values up to 80 are ignored, as in qshape).")
+@click.option("--json", "as_json_", is_flag=True, help="The table as one JSON object.")
+@click.argument("queues", nargs=-1, type=click.Choice(QUEUE_NAMES))
+@click.pass_context
+def shape_cmd(ctx: click.Context, by_sender: bool, parents: bool, min_sub: int,
+              buckets: int, bucket_time: int, linear: bool, width: int, as_json_: bool,
+              queues: tuple[str, ...]) -> None:
+    spool, _, _ = settings(ctx, load(ctx))
+    check_queue_dir(ctx, spool)
+    opts = Shape(queues=queues or ("incoming", "active"), by_sender=by_sender,
+                 parents=parents, min_subdomains=min_sub, buckets=buckets,
+                 bucket_time=bucket_time, linear=linear)
+    try:
+        table = count(spool, opts)
+        text = (json.dumps(table.as_json()) + "\n" if as_json_
+                else format_table(table, max(80, width)))
+        click.echo(text, nl=False)
+    except BrokenPipeError:
+        quiet_stdout()
+        ctx.exit(EX_OK)
+    except OSError as exc:
+        fatal(ctx, EX_TEMPFAIL, f"scan queue directory {spool.queue_directory}: {exc}")
+
+
+@cli.command("flush", help=f"""Attempt to deliver queued mail, as postqueue -f/-s/-i.
+
+Without options: FADI to public/qmgr and W to public/pickup (everything). --id: move
+those deferred messages to incoming now (postqueue -i). --site: the deferred mail for
+DOMAIN, --batch messages every --pace seconds (postqueue -s).
+{EXIT_HELP}""")
+@click.option("--site", metavar="DOMAIN", help="Only mail for DOMAIN (.DOMAIN: below).")
+@click.option("--id", "ids", multiple=True, metavar="ID", help="Only this message.")
+@click.option("--batch", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Messages per batch (--site).")
+@click.option("--pace", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="Seconds between batches (--site).")
+@click.pass_context
+def flush_cmd(ctx: click.Context, site: str | None, ids: tuple[str, ...], batch: int,
+              pace: float) -> None:
+    if site or ids:
+        change.flush_some(ctx, site, ids, batch, pace)
+        return
+    cfg = load(ctx)
     try:
         public = os.path.join(cfg.get("queue_directory"), "public")
     except ConfigError as exc:
-        _fatal(ctx, EX_CONFIG, str(exc))
+        fatal(ctx, EX_CONFIG, str(exc))
     for service, data in (("qmgr", _FLUSH_QMGR), ("pickup", TRIGGER_REQ_WAKEUP)):
         if not send_trigger(os.path.join(public, service), data):
-            _fatal(ctx, EX_UNAVAILABLE, "Cannot flush mail queue - mail system is down")
+            fatal(ctx, EX_UNAVAILABLE, "Cannot flush mail queue - mail system is down")
 
 
 @cli.command("status", help=f"""Show the qmgr's scheduler state.
 
 Asks the running qmgr over private/qmgr-status: transports, destinations (concurrency
-window, busy, todo, dead or suspended with the saved reason), active queue counts.
-{_EXIT_HELP}""")
-@click.option("--json", "as_json", is_flag=True, help="The qmgr's JSON document, indented.")
+window, busy, todo, dead or suspended with the saved reason), operator suspensions,
+active queue counts.
+{EXIT_HELP}""")
+@click.option("--json", "as_json_", is_flag=True, help="The qmgr's JSON document, indented.")
 @click.pass_context
-def status_cmd(ctx: click.Context, as_json: bool) -> None:
-    cfg = _load(ctx)
+def status_cmd(ctx: click.Context, as_json_: bool) -> None:
+    cfg = load(ctx)
     try:
         path = os.path.join(cfg.get("queue_directory"), "private", "qmgr-status")
     except ConfigError as exc:
-        _fatal(ctx, EX_CONFIG, str(exc))
+        fatal(ctx, EX_CONFIG, str(exc))
     try:
         snap = fetch(path)
     except (OSError, ValueError, TypeError) as exc:
-        _fatal(ctx, EX_UNAVAILABLE, f"cannot get the qmgr status from {path}: {exc}")
+        fatal(ctx, EX_UNAVAILABLE, f"cannot get the qmgr status from {path}: {exc}")
     try:
-        if as_json:
+        if as_json_:
             click.echo(json.dumps(snap, indent=2, sort_keys=True))
         else:
             click.echo(format_text(snap), nl=False)
     except BrokenPipeError:
-        _quiet_stdout()
+        quiet_stdout()
         ctx.exit(EX_OK)
 
 
-@cli.command("config", help="""Print main.cf parameters, as postconf does: every
+@cli.command("config", help=f"""Print main.cf parameters, as postconf does: every
 effective value; -d the defaults; -n only what main.cf sets; -x expanded. With NAMEs, only
-those (an unknown name: exit 64).""")
+those (an unknown name: exit 64). With NAME=VALUE arguments: set them in main.cf, as
+postconf -e (the result must be a valid configuration; nothing is written otherwise).
+{EXIT_HELP}""")
 @click.option("-d", "defaults", is_flag=True, help="Print the default values.")
 @click.option("-n", "nondefault", is_flag=True, help="Print only what main.cf sets.")
 @click.option("-x", "expand", is_flag=True, help="Expand $name in the values.")
@@ -251,18 +361,44 @@ those (an unknown name: exit 64).""")
 @click.pass_context
 def config_cmd(ctx: click.Context, defaults: bool, nondefault: bool, expand: bool,
                names: tuple[str, ...]) -> None:
-    cfg = _load(ctx)
+    if any("=" in n for n in names):
+        _config_set(ctx, names, defaults or nondefault or expand)
+        return
+    cfg = load(ctx)
     if defaults and nondefault:
-        _fatal(ctx, EX_USAGE, "-d and -n are mutually exclusive")
+        fatal(ctx, EX_USAGE, "-d and -n are mutually exclusive")
     lines = cfg.dump(defaults=defaults, nondefault=nondefault, expand=expand)
     if names:
         by_name = {line.split(" =", 1)[0]: line for line in lines}
         missing = [n for n in names if n not in by_name]
         if missing:
-            _fatal(ctx, EX_USAGE, f"unknown parameter: {missing[0]}")
+            fatal(ctx, EX_USAGE, f"unknown parameter: {missing[0]}")
         lines = [by_name[n] for n in names]
     for line in lines:
         click.echo(line)
+
+
+def _config_set(ctx: click.Context, names: tuple[str, ...], flags: bool) -> None:
+    """``config NAME=VALUE...`` (qmgrd.ctl.postconf)."""
+    if flags:
+        fatal(ctx, EX_USAGE, "config: -d, -n and -x do not go with NAME=VALUE")
+    try:
+        changes = parse_assignments(names)
+    except ValueError as exc:
+        fatal(ctx, EX_USAGE, str(exc))
+    directory = str(ctx.find_root().obj)
+    try:
+        edit_main_cf(directory, changes)
+    except ConfigError as exc:
+        fatal(ctx, EX_CONFIG, f"not changed: {exc}")
+    except PermissionError as exc:
+        fatal(ctx, EX_NOPERM, f"cannot change {exc.filename}: {exc.strerror}")
+    except OSError as exc:
+        fatal(ctx, EX_CONFIG, f"cannot change main.cf in {directory}: {exc.strerror or exc}")
+
+
+for _command in change.COMMANDS:
+    cli.add_command(_command)
 
 
 def main(argv: list[str] | None = None) -> NoReturn:

@@ -41,9 +41,9 @@ Pure functions; no I/O, nothing logged or raised.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterable, Iterator
+from json.encoder import encode_basestring as _quote
 
 from qmgrd.ctl.showq import QueueEntry
 
@@ -95,20 +95,19 @@ def format_mailq(entries: Iterable[QueueEntry]) -> Iterator[str]:
 
 
 def format_json(entry: QueueEntry) -> str:
-    """One ``postqueue -j`` line for ``entry`` (ends with a newline)."""
-    recipients: list[dict[str, str]] = []
-    for rcpt in entry.recipients:
-        item = {"address": rcpt.address}
-        if rcpt.reason:
-            item["delay_reason"] = rcpt.reason
-        recipients.append(item)
-    obj = {
-        "queue_name": entry.queue_name,
-        "queue_id": entry.queue_id,
-        "arrival_time": entry.arrival_time,
-        "message_size": entry.message_size,
-        "forced_expire": entry.forced_expire,
-        "sender": entry.sender,
-        "recipients": recipients,
-    }
-    return json.dumps(obj, ensure_ascii=False) + "\n"
+    """One ``postqueue -j`` line for ``entry`` (ends with a newline).
+
+    Built with json's own string encoder, member by member: the same bytes as
+    ``json.dumps(obj, ensure_ascii=False)`` of the object in postqueue's order, at a
+    fraction of the cost (a listing writes 100,000 of these)."""
+    rcpts = ", ".join(
+        '{"address": ' + _quote(r.address)
+        + (', "delay_reason": ' + _quote(r.reason) + "}" if r.reason else "}")
+        for r in entry.recipients)
+    return ('{"queue_name": ' + _quote(entry.queue_name)
+            + ', "queue_id": ' + _quote(entry.queue_id)
+            + f', "arrival_time": {int(entry.arrival_time)}'
+            + f', "message_size": {int(entry.message_size)}'
+            + ', "forced_expire": ' + ("true" if entry.forced_expire else "false")
+            + ', "sender": ' + _quote(entry.sender)
+            + ', "recipients": [' + rcpts + "]}\n")

@@ -34,12 +34,19 @@ Public API
     QUEUE_ORDER = ("maildrop", "active", "incoming", "deferred", "hold")
     ShowRecipient(address: str, reason: str)            (NamedTuple; reason "" = none)
     QueueEntry(queue_name, queue_id, arrival_time, message_size, forced_expire, sender,
-               recipients)                               (dataclass)
-    scan(spool, *, empty_address="MAILER-DAEMON", dup_filter_limit=1000)
-        -> Iterator[QueueEntry]                          OSError: a queue directory
+               recipients, raw_sender, raw_recipients, last_reason)   (dataclass)
+    scan(spool, *, empty_address="MAILER-DAEMON", dup_filter_limit=1000,
+         queues=QUEUE_ORDER) -> Iterator[QueueEntry]     OSError: a queue directory
                                                          cannot be read
     read_entry(spool, queue, qid, *, empty_address="MAILER-DAEMON",
-               dup_filter_limit=1000) -> QueueEntry | None
+               dup_filter_limit=1000, path=None, defer_ids=None) -> QueueEntry | None
+    walk(spool, queue) -> Iterator[(qid, path)]          names only, nothing opened
+    defer_log_ids(spool) -> dict[str, str]               ids with a defer log -> path
+
+Speed: files are read with qmgrd.ctl.qread (one pread each, no locks), and the defer
+directory is listed once per scan instead of trying to open a log per message, so a
+listing of 100,000 messages streams at once and ends in a few seconds
+(bench/ctl_list.py).
 
 Writes ``qmgr-ctl: warning: ...`` to stderr for a file or defer log that exists but
 cannot be opened; statuslog.read warns about garbage in a defer log. Output is
@@ -50,23 +57,27 @@ against ``postqueue -p``/``-j`` with ``enable_long_queue_ids = yes``).
 from __future__ import annotations
 
 import os
+import re
 import stat
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from qmgrd.spool import records as R
+from qmgrd.ctl.qread import open_ready, read_envelope
 from qmgrd.spool import statuslog
-from qmgrd.spool.message import CorruptQueueFile, QueueFile, QueueFileError
 from qmgrd.spool.queue import Spool
-from qmgrd.spool.records import RecordError, RecordReader
+from qmgrd.spool.queueid import valid_id
 
-__all__ = ["QUEUE_ORDER", "QueueEntry", "ShowRecipient", "read_entry", "scan"]
+__all__ = ["QUEUE_ORDER", "QueueEntry", "ShowRecipient", "defer_log_ids", "read_entry",
+           "scan", "walk"]
 
 QUEUE_ORDER = ("maildrop", "active", "incoming", "deferred", "hold")
-_MAILDROP_MAX_LEN = 1 << 24
 _PRINTABLE = {c: "?" for c in [*range(32), 127]}
+_ATTR_NAME = re.compile(r"[A-Za-z0-9_]*[A-Za-z0-9][A-Za-z0-9_]*\Z")
+_INT = re.compile(r"-?\d+\Z")
+_PLAIN = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
+                    r"@[A-Za-z0-9._-]+\Z")
 
 
 class ShowRecipient(NamedTuple):
@@ -88,6 +99,9 @@ class QueueEntry:
         forced_expire: True when the file has mode bit g+x.
         sender: printable quoted sender (null sender = empty_address_recipient).
         recipients: defer-log recipients with reasons, then the other undone ones.
+        raw_sender: the sender as stored ("" = null sender), for selectors.
+        raw_recipients: the undone recipients as stored, for selectors.
+        last_reason: the reason of the defer log's last entry ("" = no defer log).
     """
 
     queue_name: str
@@ -97,10 +111,15 @@ class QueueEntry:
     forced_expire: bool
     sender: str
     recipients: list[ShowRecipient] = field(default_factory=list)
+    raw_sender: str = ""
+    raw_recipients: list[str] = field(default_factory=list)
+    last_reason: str = ""
 
 
 def _printable(text: str) -> str:
     """Postfix printable(text, '?'): control characters and undecodable bytes -> '?'."""
+    if text.isascii():
+        return text if text.isprintable() else text.translate(_PRINTABLE)
     text = text.translate(_PRINTABLE)
     if any(0xD800 <= ord(c) <= 0xDFFF for c in text):
         text = "".join("?" if 0xD800 <= ord(c) <= 0xDFFF else c for c in text)
@@ -108,66 +127,110 @@ def _printable(text: str) -> str:
 
 
 def _show_address(address: str, empty_address: str) -> str:
+    if _PLAIN.match(address):  # the common case: nothing to quote or replace
+        return address
     return _printable(statuslog.quote_822_local(address or empty_address))
 
 
-class _Envelope(NamedTuple):
-    arrival: int
-    size: int
-    sender: str
-    recipients: list[str]
-
-
-def _read_queue_file(spool: Spool, queue: str, qid: str) -> tuple[_Envelope, os.stat_result]:
-    """Read a qmgr-format queue file with QueueFile (no lock, read-only)."""
-    with QueueFile.open(spool, queue, qid, lock=None, readonly=True) as qf:
-        env = _Envelope(qf.arrival[0], qf.data_size, qf.sender,
-                        [r.address for r in qf.recipients])
-        return env, qf.st
-
-
-def _read_maildrop(spool: Spool, qid: str) -> tuple[_Envelope, os.stat_result]:
-    """Read a maildrop file leniently, as showq does (records T, C, S, R up to E).
+def walk(spool: Spool, queue: str) -> Iterator[tuple[str, str]]:
+    """Yield (queue id, path) of every file with a valid id in ``queue`` (hash
+    directories included, directory order, nothing opened). A missing queue is empty.
 
     Raises:
-        OSError: open failed.
-        QueueFileError: not ready, bad framing, or no sender record.
+        OSError: a directory exists but cannot be read.
     """
-    fd = os.open(spool.path("maildrop", qid), os.O_RDONLY | os.O_CLOEXEC)
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(fd)
-        if not Spool.is_ready(st):
-            raise QueueFileError(f"{qid}: file is not ready")
-        arrival = size = 0
-        sender: str | None = None
-        rcpts: list[str] = []
-        try:
-            for rec in RecordReader(f, max_len=_MAILDROP_MAX_LEN, offset=0):
-                t = rec.rtype
-                if t == R.REC_TIME and arrival == 0:
-                    arrival = _leading_int(rec.data)
-                elif t == R.REC_SIZE and size == 0:
-                    size = _leading_int(rec.data)
-                elif t == R.REC_FROM:
-                    sender = rec.data.decode("utf-8", "surrogateescape")
-                elif t == R.REC_RCPT and sender is not None:
-                    rcpts.append(rec.data.decode("utf-8", "surrogateescape"))
-                elif t == R.REC_END:
-                    break
-        except RecordError as exc:
-            raise CorruptQueueFile(str(exc)) from None
-        if sender is None:
-            raise CorruptQueueFile(f"{qid}: no sender record")
-        return _Envelope(arrival, size, sender, rcpts), st
+    yield from _walk(spool.queue_path(queue), 11)
 
 
-def _leading_int(data: bytes) -> int:
-    """atol(): the leading decimal number of ``data``, 0 when there is none."""
-    parts = data.split()
+def _walk(path: str, depth_left: int) -> Iterator[tuple[str, str]]:
     try:
-        return int(parts[0]) if parts else 0
-    except ValueError:
-        return 0
+        it = os.scandir(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    subdirs: list[str] = []
+    with it:
+        for entry in it:
+            name = entry.name
+            if len(name) == 1 and depth_left > 1:
+                try:
+                    if entry.is_dir(follow_symlinks=False):
+                        subdirs.append(entry.path)
+                        continue
+                except OSError:
+                    continue
+            if valid_id(name):
+                yield name, entry.path
+    for sub in subdirs:
+        yield from _walk(sub, depth_left - 1)
+
+
+def defer_log_ids(spool: Spool) -> dict[str, str]:
+    """The ids that have a ``defer/`` log now, with its path (one directory walk, no
+    file opened).
+
+    Raises:
+        OSError: the defer directory exists but cannot be read.
+    """
+    return dict(walk(spool, "defer"))
+
+
+def _defer_reasons(spool: Spool, qid: str, path: str | None) -> list[tuple[str, str]]:
+    """(recipient, reason) of each entry of ``defer/<qid>``, in log order.
+
+    The common case is parsed here without building Recipient/Dsn objects or taking a
+    lock (showq takes none); anything unusual in the log (a line that is not
+    ``name=value``, an entry without recipient, a bad number) is left to
+    qmgrd.spool.statuslog.read, which skips garbage with a warning.
+
+    Raises:
+        OSError: the log exists but cannot be read.
+    """
+    try:
+        fd = os.open(path or spool.path("defer", qid), os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return []
+    try:
+        chunks = []
+        while True:
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    out: list[tuple[str, str]] = []
+    rcpt: str | None = None
+    reason = ""
+    seen = False
+    for line in b"".join(chunks).decode("utf-8", "surrogateescape").split("\n"):
+        if not line or line.isspace():
+            if seen:
+                if rcpt is None:
+                    return _slow_defer_reasons(spool, qid)
+                out.append((rcpt, reason))
+                rcpt, reason, seen = None, "", False
+            continue
+        if not seen and line[0] == "<":
+            continue
+        key, sep, value = line.partition("=")
+        if not sep or not _ATTR_NAME.match(key):
+            return _slow_defer_reasons(spool, qid)
+        seen = True
+        if key == "recipient":
+            rcpt = "" if value == "<>" else value
+        elif key == "reason":
+            reason = value
+        elif key in ("offset", "notify_flags") and not _INT.match(value):
+            return _slow_defer_reasons(spool, qid)
+    if seen:
+        if rcpt is None:
+            return _slow_defer_reasons(spool, qid)
+        out.append((rcpt, reason))
+    return out
+
+
+def _slow_defer_reasons(spool: Spool, qid: str) -> list[tuple[str, str]]:
+    return [(r.address, d.reason) for r, d in statuslog.read(spool, "defer", qid)]
 
 
 def read_entry(
@@ -177,29 +240,44 @@ def read_entry(
     *,
     empty_address: str = "MAILER-DAEMON",
     dup_filter_limit: int = 1000,
+    path: str | None = None,
+    defer_ids: dict[str, str] | None = None,
 ) -> QueueEntry | None:
     """Read one queue file and its defer log into a QueueEntry.
 
     Args:
         spool: the queue directory.
         queue: one of QUEUE_ORDER.
-        qid: a queue id found by Spool.scan (validated again).
+        qid: a queue id found by a directory scan (validated again).
         empty_address: what to show for the null sender (empty_address_recipient).
         dup_filter_limit: how many defer-log addresses to remember (0 = all).
+        path: the file's path when already known (else computed from queue and id).
+        defer_ids: ids known to have a defer log, with its path (None: look for one).
 
     Returns:
         The entry, or None when the file is gone, not ready or does not parse (and,
         with a warning on stderr, when it cannot be opened for another reason).
     """
     try:
-        if queue == "maildrop":
-            env, st = _read_maildrop(spool, qid)
-        else:
-            env, st = _read_queue_file(spool, queue, qid)
-    except (FileNotFoundError, QueueFileError, ValueError):
+        if path is None:
+            path = spool.path(queue, qid)
+        opened = open_ready(path)
+    except ValueError:
         return None
     except OSError as exc:
         _warn(f"open {queue} {qid}: {exc.strerror}")
+        return None
+    if opened is None:
+        return None
+    fd, st = opened
+    try:
+        env = read_envelope(fd, st.st_size, maildrop=queue == "maildrop")
+    except OSError as exc:
+        _warn(f"read {queue} {qid}: {exc.strerror}")
+        return None
+    finally:
+        os.close(fd)
+    if env is None or env.sender is None:
         return None
     entry = QueueEntry(
         queue_name=queue,
@@ -208,18 +286,23 @@ def read_entry(
         message_size=env.size if env.size > 0 else st.st_size,
         forced_expire=bool(st.st_mode & stat.S_IXGRP),
         sender=_show_address(env.sender, empty_address),
+        raw_sender=env.sender,
+        raw_recipients=env.recipients,
     )
     seen: set[str] = set()
-    try:
-        deferred = statuslog.read(spool, "defer", qid)
-    except OSError as exc:
-        _warn(f"open defer {qid}: {exc.strerror}")
-        deferred = []
-    for rcpt, dsn in deferred:
-        address = _printable(rcpt.address or "<>")
+    deferred: list[tuple[str, str]] = []
+    if defer_ids is None or qid in defer_ids:
+        try:
+            deferred = _defer_reasons(spool, qid, defer_ids.get(qid) if defer_ids else None)
+        except OSError as exc:
+            _warn(f"open defer {qid}: {exc.strerror}")
+    for raw, reason in deferred:
+        address = _printable(raw or "<>")
         if dup_filter_limit == 0 or len(seen) < dup_filter_limit:
             seen.add(address)
-        entry.recipients.append(ShowRecipient(address, _printable(dsn.reason)))
+        entry.recipients.append(ShowRecipient(address, _printable(reason)))
+    if deferred:
+        entry.last_reason = deferred[-1][1]
     for raw in env.recipients:
         address = _show_address(raw, empty_address)
         if address not in seen:
@@ -232,19 +315,25 @@ def scan(
     *,
     empty_address: str = "MAILER-DAEMON",
     dup_filter_limit: int = 1000,
+    queues: Iterable[str] = QUEUE_ORDER,
 ) -> Iterator[QueueEntry]:
     """Yield a QueueEntry for each ready file in maildrop, active, incoming, deferred, hold.
 
     Within a queue the order is directory order (as showq). A missing queue directory
-    is treated as empty.
+    is treated as empty. ``queues`` restricts the scan (kept in showq's order).
 
     Raises:
         OSError: a queue directory exists but cannot be read (e.g. PermissionError).
     """
+    wanted = set(queues)
+    defer_ids = defer_log_ids(spool)
     for queue in QUEUE_ORDER:
-        for qid in spool.scan(queue):
+        if queue not in wanted:
+            continue
+        for qid, path in walk(spool, queue):
             entry = read_entry(spool, queue, qid, empty_address=empty_address,
-                               dup_filter_limit=dup_filter_limit)
+                               dup_filter_limit=dup_filter_limit, path=path,
+                               defer_ids=defer_ids)
             if entry is not None:
                 yield entry
 

@@ -7,9 +7,17 @@ maxproc 1, wakeup 300; the bundled master.cf runs it unprivileged and chrooted i
 (reload, stop, master death) or SIGTERM; then it stops feeding, lets in-flight deliveries
 finish (bounded by ``qmgr_ipc_timeout``) and exits 0.
 
+Triggers are untrusted (any local user may write into ``public/qmgr``): up to 1024 bytes
+are read at a time, at most one read per ``TRIGGER_INTERVAL`` (10 ms; a lone trigger is
+read at once, a flood waits in the FIFO and is coalesced), and a full 1024-byte read also
+counts as a ``W`` wakeup: the FIFO is backing up, and writers that find it full drop their
+trigger as already pending, so a flood of garbage cannot hide new mail.
+
 It also serves the scheduler's state on ``private/qmgr-status`` (qmgrd.qmgr.status; a
 UNIX socket it creates itself, mode 0600, under the queue directory so that it works in
-the chroot), read by ``qmgr-ctl status``.
+the chroot), read by ``qmgr-ctl status``, and takes qmgr-ctl's requests (hold, delete,
+requeue of active mail; suspensions, read from ``private/qmgr-suspend`` at start) on
+``private/qmgr-control`` (qmgrd.qmgr.control).
 
 Pre-jail (before chroot): read master.cf for the transports' process limits, open the
 transport maps (kept open, so that a changed map is still noticed inside the jail: the
@@ -29,10 +37,15 @@ from master import log
 from master.config.mastercf import load_master_cf
 from master.server.skeleton import ServerContext, async_server
 from qmgrd.qmgr.client import AgentClient
+from qmgrd.qmgr.control import CONTROL_SOCKET, Control, ControlServer
 from qmgrd.qmgr.resolve import Resolver
 from qmgrd.qmgr.scheduler import Scheduler
 from qmgrd.qmgr.status import StatusServer
 from qmgrd.spool.queue import Spool
+from qmgrd.trigger import TRIGGER_REQ_WAKEUP
+
+TRIGGER_READ = 1024  # bytes per read of the FIFO, as Postfix's trigger server
+TRIGGER_INTERVAL = 0.01  # s: reads closer together than this are paced (flood)
 
 
 class _PreJail:
@@ -83,9 +96,23 @@ async def qmgr_main(ctx: ServerContext) -> None:
     loop = asyncio.get_running_loop()
     fifo = ctx.listen_fds[0] if ctx.listen_fds else -1
 
+    last_read = -TRIGGER_INTERVAL
+    paused: list[asyncio.TimerHandle] = []
+
+    def resume() -> None:
+        paused.clear()
+        loop.add_reader(fifo, on_trigger)
+
     def on_trigger() -> None:
+        nonlocal last_read
+        now = loop.time()
+        if now < last_read + TRIGGER_INTERVAL:  # a flood: pace the reads, bytes wait
+            loop.remove_reader(fifo)
+            paused.append(loop.call_later(last_read + TRIGGER_INTERVAL - now, resume))
+            return
+        last_read = now
         try:
-            data = os.read(fifo, 1024)
+            data = os.read(fifo, TRIGGER_READ)
         except BlockingIOError:
             return
         except OSError as exc:
@@ -93,7 +120,9 @@ async def qmgr_main(ctx: ServerContext) -> None:
             return
         if data:
             ctx.busy()
-            sched.trigger(data)
+            # A full read: the FIFO is backing up, and a writer that finds it full drops
+            # its trigger as "already pending" (send_trigger). So it counts as a wakeup.
+            sched.trigger(data + TRIGGER_REQ_WAKEUP if len(data) >= TRIGGER_READ else data)
             ctx.idle()
 
     if fifo >= 0:
@@ -110,6 +139,11 @@ async def qmgr_main(ctx: ServerContext) -> None:
     status = StatusServer(os.path.join(ctx.queue_directory, "private", "qmgr-status"),
                           sched.snapshot)
     await status.start()
+    control = Control(sched, ctx.queue_directory, ctx.stopping.set)
+    control.load_suspensions()
+    control_server = ControlServer(os.path.join(ctx.queue_directory, "private",
+                                                CONTROL_SOCKET), control)
+    await control_server.start()
     watcher = loop.create_task(watch_tables())
     try:
         # On reload or stop, Postfix's qmgr exits at once. Give replies already on their way
@@ -120,6 +154,9 @@ async def qmgr_main(ctx: ServerContext) -> None:
     finally:
         watcher.cancel()
         await status.close()
+        await control_server.close()
+        for handle in paused:
+            handle.cancel()
         if fifo >= 0:
             loop.remove_reader(fifo)
 

@@ -29,7 +29,9 @@ Summary
     resolver (transport, nexthop); the local ``double_bounce_sender`` is discarded
     (``status=sent`` "undeliverable postmaster notification discarded", marked done);
     forced expiry defers with ``4.7.0 message is administratively expired``;
-    ``defer_transports`` (unless flushed) defers with ``4.3.2 deferred transport``; a dead
+    ``defer_transports`` (unless flushed) defers with ``4.3.2 deferred transport``; an
+    operator's suspension of the recipient domain or nexthop (qmgrd.qmgr.suspend)
+    defers with ``4.3.2 delivery to <key> suspended ...`` and a retry at its end; a dead
     transport or destination defers with its saved status and reason (no attempt); the
     queue name is the nexthop, or ``localpart@nexthop`` (address extension removed) when
     the transport's recipient limit is 1. Recipients of one message for one queue are
@@ -67,6 +69,7 @@ from qmgrd.qmgr.message import Message
 from qmgrd.qmgr.peer import Peer
 from qmgrd.qmgr.qfile import ActiveFile
 from qmgrd.qmgr.resolve import Resolver
+from qmgrd.qmgr.suspend import Suspensions
 from qmgrd.qmgr.transport import Transport
 from qmgrd.spool.envelope import Recipient
 from qmgrd.spool.message import CorruptQueueFile, QueueFileLocked, QueueFileNotReady
@@ -110,6 +113,7 @@ class ActiveQueue:
         self.defer_transports = frozenset(cfg.get_list("defer_transports"))
         self.double_bounce = cfg.get("double_bounce_sender").lower()
         self.delimiter = cfg.get("recipient_delimiter")
+        self.suspended: Suspensions | None = None  # set by the Scheduler
 
     def __len__(self) -> int:
         return len(self.messages)
@@ -295,6 +299,12 @@ class ActiveQueue:
                 continue
             if res.transport in self.defer_transports and not msg.flush:
                 deferred.setdefault(("4.3.2", "deferred transport"), []).append(rcpt)
+                continue
+            hit = self.suspended.match(rcpt.address, res.nexthop) if self.suspended else None
+            if hit is not None:  # qmgr-ctl suspend: no attempt until it ends
+                deferred.setdefault(("4.3.2", hit.text), []).append(rcpt)
+                if hit.until and (not msg.retry_at or hit.until < msg.retry_at):
+                    msg.retry_at = hit.until
                 continue
             t = self.owner.transport(res.transport)
             if t.dead and msg.unthrottle:

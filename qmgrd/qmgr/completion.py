@@ -9,6 +9,10 @@ Summary
        could not be read -> ``corrupt/``.
     3. Unread recipients left -> the next batch is read and the message goes on (when
        every new recipient was settled at once, the steps start over).
+    3a. ``trace/<id>`` (recipients delivered with NOTIFY=SUCCESS): empty -> removed;
+       otherwise the ``trace`` service is asked for the success notice
+       (BOUNCE_CMD_TRACE; it removes the log); failure keeps the message deferred, so
+       the notice is asked for again at the next attempt.
     4. Some recipient deferred:
        * expired when forced (``status=force-expired``) or when ``now >= create_time +
          lifetime`` (``maximal_queue_lifetime``; ``bounce_queue_lifetime`` for the null
@@ -21,7 +25,12 @@ Summary
     5. Still deferred: backoff ``delay = now - create_time`` clamped to
        [``minimal_backoff_time``, ``maximal_backoff_time``]; atime = mtime = now + delay;
        moved to ``deferred/`` (the deferred scan skips it until then).
-    6. Otherwise the file and its defer log are removed: ``<id>: removed``.
+    6. Otherwise the file and its defer and trace logs are removed: ``<id>: removed``.
+
+    An operator's change (``msg.admin``, qmgrd.qmgr.admin: qmgr-ctl hold, delete,
+    requeue of an active message) replaces steps 2-6: ``delete`` before step 1 (no
+    notice), hold and requeue right after it. A deferred message's retry time is
+    brought forward to ``msg.retry_at`` when that is earlier (a suspension's end).
 
 Public API
     Completion(spool, client, clock, *, min_backoff, max_backoff, max_lifetime,
@@ -40,7 +49,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from master import log
-from qmgrd.delivery import BOUNCE_CMD_FLUSH, BOUNCE_CMD_WARN, StatusRequest
+from qmgrd.delivery import BOUNCE_CMD_FLUSH, BOUNCE_CMD_TRACE, BOUNCE_CMD_WARN, StatusRequest
 from qmgrd.qmgr.message import Message
 from qmgrd.spool.message import QueueFile, QueueFileError
 from qmgrd.spool.queue import Spool
@@ -99,7 +108,13 @@ class Completion:
         qid = msg.qid
         path = self.spool.path("active", qid)
         while True:
+            if msg.admin is not None and not msg.admin.flush_bounces:  # qmgr-ctl delete
+                msg.admin.finish(msg)
+                return False
             await self._flush_bounces(msg)
+            if msg.admin is not None:  # qmgr-ctl hold/requeue (qmgrd.qmgr.admin)
+                msg.admin.finish(msg)
+                return False
             try:
                 st = os.stat(path)
             except OSError as exc:
@@ -120,6 +135,10 @@ class Completion:
                     break
                 continue
             break
+        await self._flush_log(msg, "trace", BOUNCE_CMD_TRACE)
+        if msg.admin is not None:
+            msg.admin.finish(msg)
+            return False
         now = self.clock()
         if msg.deferred:
             lifetime = self.max_lifetime if msg.sender else self.bounce_lifetime
@@ -140,18 +159,22 @@ class Completion:
         return False
 
     async def _flush_bounces(self, msg: Message) -> None:
-        bpath = self.spool.path("bounce", msg.qid)
+        await self._flush_log(msg, "bounce", BOUNCE_CMD_FLUSH)
+
+    async def _flush_log(self, msg: Message, name: str, nrequest: int) -> None:
+        """Ask service ``name`` to turn ``<name>/<id>`` into a notice (an empty log is
+        removed); failure keeps the message deferred."""
+        path = self.spool.path(name, msg.qid)
         try:
-            size = os.stat(bpath).st_size
+            size = os.stat(path).st_size
         except OSError:
             return
         if size == 0:
             try:
-                os.unlink(bpath)
+                os.unlink(path)
             except OSError as exc:
-                log.warning(f"{msg.qid}: cannot remove empty bounce log: {exc}")
-        elif not await self.client.status_request("bounce",
-                                                  self._request(msg, BOUNCE_CMD_FLUSH)):
+                log.warning(f"{msg.qid}: cannot remove empty {name} log: {exc}")
+        elif not await self.client.status_request(name, self._request(msg, nrequest)):
             msg.deferred = True
 
     def _warn_done(self, msg: Message) -> None:
@@ -166,6 +189,8 @@ class Completion:
     def _defer(self, msg: Message, path: str) -> None:
         now = self.clock()
         when = now + self.backoff(now, msg.create_time, self.min_backoff, self.max_backoff)
+        if msg.retry_at > 0:  # a suspension ends earlier (qmgrd.qmgr.suspend)
+            when = min(when, max(now, msg.retry_at))
         try:
             os.utime(path, (when, when))
             self.spool.move(msg.qid, "active", "deferred")
@@ -173,7 +198,7 @@ class Completion:
             log.warning(f"{msg.qid}: cannot move to deferred: {exc}")
 
     def _remove(self, qid: str) -> None:
-        for queue in ("defer", "active"):
+        for queue in ("defer", "trace", "active"):
             try:
                 os.unlink(self.spool.path(queue, qid))
             except FileNotFoundError:

@@ -26,7 +26,10 @@ Public API
         single_rcpt (VERP: one recipient per delivery), flush (ignore defer_transports),
         unthrottle (per-message flush: revive dead transports/destinations it needs),
         forced_expire, refcount, deferred, completing, corrupt, nrcpt, jobs
-        (transport name -> Job, in creation order), rcpt_* counters above.
+        (transport name -> Job, in creation order), rcpt_* counters above;
+        admin: an operator's hold/delete/requeue waiting for the deliveries in flight
+        (qmgrd.qmgr.admin; completion carries it out instead of deferring);
+        retry_at: epoch s, 0 = none: retry no later than this (a suspension's end).
     Message.from_queue_file(qf, now) -> Message
     Message.defer_recipients(spool, rcpts, status, reason, now) -> None
         logs a warning (and carries on) when the defer log cannot be written.
@@ -45,6 +48,7 @@ from qmgrd.spool.envelope import Recipient
 from qmgrd.spool.queue import Spool
 
 if TYPE_CHECKING:
+    from qmgrd.qmgr.admin import AdminAction
     from qmgrd.qmgr.job import Job
 
 __all__ = ["Message"]
@@ -89,6 +93,8 @@ class Message:
     rcpt_offset: int = 0
     refill_time: float = 0.0
     jobs: dict[str, Job] = field(default_factory=dict)
+    admin: AdminAction | None = None
+    retry_at: float = 0.0
 
     @classmethod
     def from_queue_file(cls, qf: Any, now: float) -> Message:

@@ -49,8 +49,10 @@ Public API
     .step() -> bool            one round (timers, feed, dispatch); True when it did work
     .transport(name) -> Transport   (created on first use; fatal on a bad parameter)
     .snapshot() -> dict        the state for ``private/qmgr-status`` (qmgrd.qmgr.status)
+    .entry_purged(entry)       a todo entry leaves without delivery (qmgrd.qmgr.control)
     async run(stopping, drain_timeout)   the loop; waits (bounded) for in-flight work
-    attributes: active (ActiveQueue), transports, incoming, deferred, timers, tasks
+    attributes: active (ActiveQueue), transports, incoming, deferred, timers, tasks,
+        suspended (qmgrd.qmgr.suspend.Suspensions: operator suspensions)
 """
 
 from __future__ import annotations
@@ -74,6 +76,7 @@ from qmgrd.qmgr.message import Message
 from qmgrd.qmgr.resolve import Resolver
 from qmgrd.qmgr.scan import Scan
 from qmgrd.qmgr.status import snapshot
+from qmgrd.qmgr.suspend import Suspensions
 from qmgrd.qmgr.timers import Timers
 from qmgrd.qmgr.transport import Transport, TransportParams
 from qmgrd.spool.queue import Spool
@@ -118,6 +121,8 @@ class Scheduler:
         self._rr = 0
         self.timers = Timers()
         self.active = ActiveQueue(cfg, spool, self.resolver, clock, self)
+        self.suspended = Suspensions()  # qmgr-ctl suspend (qmgrd.qmgr.control)
+        self.active.suspended = self.suspended
         self.completion = Completion(
             spool, client, clock,
             min_backoff=self.min_backoff,
@@ -455,6 +460,11 @@ class Scheduler:
         self.wakeup.set()
 
     # ---------------------------------------------------------------- completion
+    def entry_purged(self, entry: Entry) -> None:
+        """Take a waiting entry out without a delivery (qmgrd.qmgr.control: an operator's
+        hold/delete/requeue, or a suspension whose recipients were deferred)."""
+        self._entry_done(entry, busy=False)
+
     def start_completion(self, msg: Message) -> None:
         """Finish ``msg`` asynchronously (its last entry is done)."""
         if msg.completing:

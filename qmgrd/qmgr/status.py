@@ -13,6 +13,8 @@ Summary
          "scans": {"incoming"|"deferred": {"busy", "restart_pending", "scan_all",
                    "flush"}},
          "next_deferred_scan", "timers",
+         "suspended": [{"domain", "until" (0 = until resumed), "reason", "since"}]
+             (operator suspensions, qmgr-ctl suspend; qmgrd.qmgr.suspend),
          "transports": [{"name", "dead", "dead_until", "dead_status", "dead_reason",
              "inflight", "max_inflight", "concurrency_limit", "initial_concurrency",
              "recipient_limit", "rate_delay": {"destination", "transport",
@@ -115,6 +117,7 @@ def snapshot(sched: Scheduler) -> dict[str, Any]:
         "next_deferred_scan": sched.next_deferred_scan(),
         "timers": len(sched.timers),
         "transports": transports,
+        "suspended": sched.suspended.describe(),
     }
 
 
@@ -223,6 +226,10 @@ def format_text(snap: dict[str, Any], now: float | None = None) -> str:
                      + (f" ({', '.join(flags)})" if flags else ""))
     out.append(f"scans: {'; '.join(scans)}; next deferred scan "
                f"{_when(snap['next_deferred_scan'], now)}")
+    for s in snap.get("suspended", []):
+        until = _when(s["until"], now) if s["until"] else "resumed"
+        out.append(f"suspended: {s['domain']} until {until}"
+                   + (f": {s['reason']}" if s["reason"] else ""))
     for t in snap["transports"]:
         act = t["active"]
         rate = t["rate_delay"]

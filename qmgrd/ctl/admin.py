@@ -1,0 +1,430 @@
+"""admin — the queue-changing half of qmgr-ctl: hold, release, delete, requeue, flush by
+id or site, suspend and resume (Postfix's postsuper -h/-H/-d/-r, postqueue -i/-s).
+
+Summary
+    Who: only root and the queue's owner (mail_owner) may change the queue. As root the
+    work is done with the *effective* ids of the owner of ``active/`` (postsuper also
+    runs as mail_owner), so that every directory and file made belongs to it; anyone
+    else gets :class:`NotPrivileged`.
+
+    Which messages: queue ids (validated with qmgrd.spool.queueid.valid_id before any
+    path is built: ``../../etc/passwd``, NUL or newline never get near the file system),
+    ``-`` for ids on standard input (whitespace separated; mailq's ``*``/``!``/``#``
+    markers are stripped), ``ALL``, or the selectors of ``list`` (qmgrd.ctl.select).
+    An id is looked for in the action's queues in Postfix's order.
+
+    How (qmgrd.qmgr.admin): files outside ``active/`` are renamed or removed directly;
+    messages in ``active/`` are handed to the running qmgr over ``private/qmgr-control``
+    (qmgrd.qmgr.control), which takes them out of scheduling, lets deliveries in flight
+    finish and then makes the change — so no agent reads a removed file and the qmgr
+    keeps its counts. The request waits up to ``wait`` seconds for in-flight deliveries;
+    later ones are reported ``pending``. With no qmgr answering, active files are
+    changed directly under an exclusive lock (an agent's lock: "still being delivered").
+    A message that moves between queues while we work is looked for again (3 rounds).
+
+    ``requeue`` first makes sure the qmgr routes with the current transport maps: when
+    a map has changed the qmgr restarts, and the requeue waits (up to 30 s) for the new
+    one. Requeued files go to ``incoming/`` with mtime now; the qmgr resolves every
+    recipient again when it takes them in. ``release`` sends ``D`` and ``requeue`` ``I``
+    to the qmgr afterwards, so the change shows at once.
+
+    ``flush --id`` moves deferred files to ``incoming/`` with mtime now and the g+r
+    "unthrottle" bit (postqueue -i); ``flush --site`` moves a site's deferred mail
+    after an ``F`` (forget dead destinations) in batches of ``batch`` files with
+    ``pace`` seconds between batches and an ``I`` after each, so a big backlog does not
+    reach one destination all at once.
+
+    ``suspend KEY`` / ``resume KEY`` edit ``private/qmgr-suspend`` (qmgrd.qmgr.suspend)
+    and tell the qmgr; ``resume`` then flushes the mail deferred by that suspension.
+
+Public API
+    NotPrivileged(Exception); BadIds(ValueError)
+    QUEUES_FOR: dict action -> queues searched (postsuper's defaults)
+    privileged(spool, what) -> ContextManager[None]        NotPrivileged
+    parse_ids(args, stdin) -> list[str]                    BadIds (nothing done)
+    Report(qid, queue, result, text)                       one line of output
+    Admin(spool, action, *, dry_run=False, wait=10.0)
+        .run(targets: list[tuple[str, str | None]]) -> list[Report]
+    select_targets(spool, action, ids, everything, selector) -> list[(qid, queue|None)]
+    flush_ids(spool, ids) -> list[Report]; flush_site(spool, key, batch, pace,
+        match=None) -> int
+    suspend(spool, key, until, reason, now) -> str; resume(spool, key, batch, pace) -> str
+
+Logs (maillog, when the caller set it up) postsuper's lines for files changed here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import IO
+
+from qmgrd.ctl.select import Selector, domain_matches, recipient_domain
+from qmgrd.ctl.showq import QueueEntry, scan
+from qmgrd.qmgr import control
+from qmgrd.qmgr.admin import ABSENT, BUSY, DONE, apply_file
+from qmgrd.qmgr.suspend import Suspension, suspend_path, update
+from qmgrd.spool.queue import Spool
+from qmgrd.spool.queueid import valid_id
+from qmgrd.trigger import (
+    QMGR_REQ_FLUSH_DEAD,
+    QMGR_REQ_SCAN_DEFERRED,
+    QMGR_REQ_SCAN_INCOMING,
+    send_trigger,
+)
+
+__all__ = ["QUEUES_FOR", "Admin", "BadIds", "NotPrivileged", "Report", "flush_ids",
+           "flush_site", "parse_ids", "privileged", "resume", "select_targets", "suspend"]
+
+QUEUES_FOR = {
+    "delete": ("hold", "incoming", "active", "deferred"),
+    "hold": ("incoming", "active", "deferred"),
+    "release": ("hold",),
+    "requeue": ("hold", "incoming", "active", "deferred"),
+}
+DONE_TEXT = {"delete": "removed", "hold": "placed on hold", "release": "released from hold",
+             "requeue": "requeued"}
+SUMMARY = {"delete": "Deleted", "hold": "Placed on hold", "release": "Released from hold",
+           "requeue": "Requeued"}
+_ROUNDS = 3
+_BATCH = 5000
+_MAX_STDIN_IDS = 1_000_000
+
+
+class NotPrivileged(Exception):
+    """The caller is neither root nor the queue's owner."""
+
+
+class BadIds(ValueError):
+    """Some queue ids given by the user are not valid ids (nothing was done)."""
+
+
+@contextlib.contextmanager
+def privileged(spool: Spool, what: str) -> Iterator[None]:
+    """Run the block as the queue's owner (see module docstring).
+
+    Raises:
+        NotPrivileged: neither root nor the owner of the queue.
+        OSError: the queue directory cannot be examined.
+    """
+    st = os.stat(spool.queue_path("active"))
+    euid = os.geteuid()
+    if euid != 0:
+        if euid != st.st_uid:
+            raise NotPrivileged(f"{what}: permission denied: only root and the mail queue "
+                                f"owner (mail_owner, uid {st.st_uid}) may change the queue")
+        yield
+        return
+    if st.st_uid == 0:
+        yield
+        return
+    old_gid = os.getegid()
+    os.setegid(st.st_gid)
+    os.seteuid(st.st_uid)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+        os.setegid(old_gid)
+
+
+def parse_ids(args: Iterable[str], stdin: IO[str] | None) -> list[str]:
+    """The queue ids of ``args`` (``-``: read more from ``stdin``), deduplicated.
+
+    Raises:
+        BadIds: one or more are not valid queue ids (listed, printable, in the text).
+    """
+    ids: list[str] = []
+    for arg in args:
+        if arg == "-" and stdin is not None:
+            for n, token in enumerate(stdin.read().split()):
+                if n >= _MAX_STDIN_IDS:
+                    raise BadIds("too many queue ids on standard input")
+                ids.append(token.rstrip("*!#"))
+        else:
+            ids.append(arg)
+    bad = [i for i in ids if not valid_id(i)]
+    if bad:
+        shown = ", ".join(repr(b)[:60] for b in bad[:5])
+        more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
+        raise BadIds(f"invalid queue id: {shown}{more}")
+    return list(dict.fromkeys(ids))
+
+
+@dataclass
+class Report:
+    """The outcome for one message: result is DONE, ABSENT, BUSY, "pending",
+    "delivered", "would" (dry run) or "error"."""
+
+    qid: str
+    queue: str
+    result: str
+    text: str
+
+
+def select_targets(spool: Spool, action: str, ids: list[str], everything: bool,
+                   selector: Selector) -> list[tuple[str, str | None]]:
+    """The messages to work on: ids (queue unknown yet), or ALL / the selector's matches
+    among the action's queues (with the queue they were found in)."""
+    queues = QUEUES_FOR[action]
+    if ids and not selector.active:
+        return [(qid, None) for qid in ids]
+    wanted = set(ids)
+    scan_queues = [q for q in queues if not selector.queues or q in selector.queues]
+    if action == "delete" and "maildrop" in selector.queues:
+        scan_queues.append("maildrop")
+    out: list[tuple[str, str | None]] = []
+    for entry in scan(spool, queues=scan_queues):
+        if (not ids or entry.queue_id in wanted) and selector.match(entry):
+            out.append((entry.queue_id, entry.queue_name))
+    return out
+
+
+class Admin:
+    """One hold/release/delete/requeue run (see module docstring)."""
+
+    def __init__(self, spool: Spool, action: str, *, dry_run: bool = False,
+                 wait: float = 10.0, queues: tuple[str, ...] | None = None) -> None:
+        self.spool = spool
+        self.action = action
+        self.dry_run = dry_run
+        self.wait = wait
+        self.queues = queues or QUEUES_FOR[action]
+        self.control_path = os.path.join(spool.queue_path("private"),
+                                         control.CONTROL_SOCKET)
+
+    def _exists(self, queue: str, qid: str) -> bool:
+        return os.path.lexists(self.spool.path(queue, qid))
+
+    def locate(self, qid: str, first: str | None = None) -> str | None:
+        """The queue (of this action's) that holds ``qid`` now, ``first`` tried first."""
+        order = ([first] if first else []) + [q for q in self.queues if q != first]
+        for queue in order:
+            if self._exists(queue, qid):
+                return queue
+        return None
+
+    def run(self, targets: list[tuple[str, str | None]]) -> list[Report]:
+        """Do the action on every target; one Report each, in order."""
+        if self.dry_run:
+            return [self._dry(qid, hint) for qid, hint in targets]
+        if self.action == "requeue":
+            sync_tables(self.control_path)
+        reports: dict[str, Report] = {}
+        active: list[str] = []
+        for qid, hint in targets:
+            rep = self._direct(qid, hint)
+            if rep is None:
+                active.append(qid)
+            else:
+                reports[qid] = rep
+        for qid, rep in self._active(active).items():
+            reports[qid] = rep
+        return [reports[qid] for qid, _ in targets if qid in reports]
+
+    def _dry(self, qid: str, hint: str | None) -> Report:
+        queue = self.locate(qid, hint)
+        if queue is None:
+            return Report(qid, "", ABSENT, self._absent_text(qid))
+        return Report(qid, queue, "would",
+                      f"{qid}: would be {DONE_TEXT[self.action]} (queue {queue})")
+
+    def _absent_text(self, qid: str) -> str:
+        return f"{qid}: no such message in {', '.join(self.queues)}"
+
+    def _direct(self, qid: str, hint: str | None) -> Report | None:
+        """Change a file outside active/; None when it is in active/ (the qmgr's)."""
+        for _ in range(_ROUNDS):
+            queue = self.locate(qid, hint)
+            if queue is None:
+                return Report(qid, "", ABSENT, self._absent_text(qid))
+            if queue == "active":
+                return None
+            try:
+                result = apply_file(self.spool, queue, qid, self.action)
+            except OSError as exc:
+                return Report(qid, queue, "error", f"{qid}: {self.action}: {exc}")
+            if result == DONE:
+                return Report(qid, queue, DONE, f"{qid}: {DONE_TEXT[self.action]}")
+            hint = None  # moved meanwhile: look again
+        return Report(qid, "", ABSENT, self._absent_text(qid))
+
+    def _active(self, ids: list[str]) -> dict[str, Report]:
+        out: dict[str, Report] = {}
+        if not ids:
+            return out
+        results: dict[str, str] = {}
+        for start in range(0, len(ids), _BATCH):
+            batch = ids[start:start + _BATCH]
+            try:
+                reply = control.request(self.control_path, {
+                    "cmd": "act", "action": self.action, "ids": batch, "wait": self.wait},
+                    timeout=self.wait + 30)
+                got = reply.get("results")
+                if not isinstance(got, dict):
+                    raise TypeError(str(reply.get("error", "bad reply"))[:200])
+                results.update({k: str(v) for k, v in got.items() if k in batch})
+            except (OSError, ValueError, TypeError):
+                # no qmgr (or it went away): the files are ours to change, under a lock
+                for qid in batch:
+                    try:
+                        results[qid] = apply_file(self.spool, "active", qid, self.action)
+                    except OSError as exc:
+                        results[qid] = f"error: {exc}"
+        for qid in ids:
+            result = results.get(qid, ABSENT)
+            if result == DONE:
+                out[qid] = Report(qid, "active", DONE, f"{qid}: {DONE_TEXT[self.action]}")
+            elif result == "pending":
+                out[qid] = Report(qid, "active", "pending",
+                                  f"{qid}: {DONE_TEXT[self.action]} when its delivery in "
+                                  "progress ends")
+            elif result == "delivered":
+                out[qid] = Report(qid, "active", "delivered",
+                                  f"{qid}: delivered meanwhile (nothing left to "
+                                  f"{self.action})")
+            elif result == BUSY:
+                out[qid] = Report(qid, "active", BUSY,
+                                  f"{qid}: still being delivered; try again later")
+            elif result == ABSENT:
+                rep = self._direct(qid, None)  # it left the active queue meanwhile
+                out[qid] = rep if rep is not None else Report(
+                    qid, "active", BUSY, f"{qid}: in the active queue; try again later")
+            else:
+                out[qid] = Report(qid, "active", "error", f"{qid}: {self.action}: {result}")
+        return out
+
+
+def sync_tables(path: str, timeout: float = 30.0) -> None:
+    """Make sure the running qmgr (if any) routes with the current transport maps."""
+    try:
+        reply = control.request(path, {"cmd": "tables"}, timeout=10)
+    except (OSError, ValueError, TypeError):
+        return
+    if not reply.get("restarting"):
+        return
+    old = reply.get("pid")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if control.request(path, {"cmd": "ping"}, timeout=5).get("pid") != old:
+                return
+        except (OSError, ValueError, TypeError):
+            pass
+        time.sleep(0.1)
+
+
+def trigger(spool: Spool, data: bytes) -> bool:
+    """Send ``data`` to public/qmgr (a hint: False when nobody listens)."""
+    return send_trigger(os.path.join(spool.queue_path("public"), "qmgr"), data)
+
+
+def _flush_one(spool: Spool, qid: str, unthrottle: bool, now: float) -> str:
+    """deferred -> incoming, mtime now (g+r for a single-message flush): DONE/ABSENT."""
+    try:
+        path = spool.move(qid, "deferred", "incoming")
+    except FileNotFoundError:
+        return ABSENT
+    os.utime(path, (now, now))
+    if unthrottle:
+        st = os.stat(path)
+        os.chmod(path, (st.st_mode & 0o7777) | 0o040)
+    return DONE
+
+
+def flush_ids(spool: Spool, ids: list[str]) -> list[Report]:
+    """``postqueue -i`` for each id (see module docstring); triggers ``I`` after."""
+    out: list[Report] = []
+    now = time.time()
+    for qid in ids:
+        try:
+            if _flush_one(spool, qid, True, now) == DONE:
+                out.append(Report(qid, "deferred", DONE, f"{qid}: flushed"))
+                continue
+        except OSError as exc:
+            out.append(Report(qid, "deferred", "error", f"{qid}: flush: {exc}"))
+            continue
+        if any(os.path.lexists(spool.path(q, qid)) for q in ("incoming", "active")):
+            out.append(Report(qid, "active", DONE, f"{qid}: already on its way"))
+        elif os.path.lexists(spool.path("hold", qid)):
+            out.append(Report(qid, "hold", "error", f"{qid}: on hold; release it first"))
+        else:
+            out.append(Report(qid, "", ABSENT, f"{qid}: no such message in deferred"))
+    trigger(spool, QMGR_REQ_SCAN_INCOMING)
+    return out
+
+
+def flush_site(spool: Spool, key: str, batch: int, pace: float,
+               match: Callable[[QueueEntry], bool] | None = None,
+               sleep: Callable[[float], None] = time.sleep) -> int:
+    """``postqueue -s``, paced: returns how many deferred messages were moved.
+
+    ``match`` replaces the default test (an undone recipient in domain ``key``)."""
+    test = match or (lambda e: any(domain_matches(recipient_domain(r), key)
+                                   for r in e.raw_recipients))
+    ids = [e.queue_id for e in scan(spool, queues=("deferred",)) if test(e)]
+    trigger(spool, QMGR_REQ_FLUSH_DEAD)
+    moved = 0
+    for start in range(0, len(ids), max(batch, 1)):
+        if start and pace > 0:
+            sleep(pace)
+        now = time.time()
+        for qid in ids[start:start + max(batch, 1)]:
+            if _flush_one(spool, qid, False, now) == DONE:
+                moved += 1
+        trigger(spool, QMGR_REQ_SCAN_INCOMING)
+    return moved
+
+
+def _notify_suspend(spool: Spool) -> bool:
+    path = os.path.join(spool.queue_path("private"), control.CONTROL_SOCKET)
+    try:
+        return "suspended" in control.request(path, {"cmd": "suspend"}, timeout=10)
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def suspend(spool: Spool, key: str, until: float, reason: str, now: float) -> str:
+    """Add (or replace) the suspension of ``key``; tell the qmgr. Returns a status line.
+
+    Raises:
+        OSError, ValueError: the suspension file cannot be updated.
+    """
+    new = Suspension(key, until, reason, now)
+    update(suspend_path(spool.queue_directory),
+           lambda items: [s for s in items if s.domain != key] + [new], now)
+    told = _notify_suspend(spool)
+    return new.text + ("" if told else " (the qmgr is not running; it reads this at start)")
+
+
+def resume(spool: Spool, key: str, batch: int, pace: float) -> str:
+    """Lift the suspension of ``key``, tell the qmgr, flush the mail it deferred.
+
+    Raises:
+        OSError, ValueError: the suspension file cannot be updated.
+    """
+    now = time.time()
+    found: list[Suspension] = []
+
+    def drop(items: list[Suspension]) -> list[Suspension]:
+        found.extend(s for s in items if s.domain == key)
+        return [s for s in items if s.domain != key]
+
+    update(suspend_path(spool.queue_directory), drop, now)
+    _notify_suspend(spool)
+    phrase = f"delivery to {key} suspended"
+    moved = flush_site(spool, key, batch, pace,
+                       match=lambda e: any(phrase in r.reason for r in e.recipients))
+    state = "resumed" if found else "was not suspended"
+    return f"delivery to {key} {state}; {moved} deferred message(s) flushed"
+
+
+def release_trigger(spool: Spool, action: str) -> None:
+    """After release/requeue: wake the qmgr (D / I); nothing for the others."""
+    if action == "release":
+        trigger(spool, QMGR_REQ_SCAN_DEFERRED)
+    elif action == "requeue":
+        trigger(spool, QMGR_REQ_SCAN_INCOMING)

@@ -1,0 +1,211 @@
+"""change — the qmgr-ctl commands that change the queue: hold, release, delete, requeue,
+suspend, resume, and flush by id or site (the work is qmgrd.ctl.admin's).
+
+Output: one line per message on standard output (postsuper's wording: ``<id>:
+removed``, ``placed on hold``, ``released from hold``, ``requeued``; ``--dry-run``:
+``<id>: would be removed (queue deferred)``), warnings for messages not found or still
+being delivered on standard error, then postsuper's summary on standard error
+(``qmgr-ctl: Deleted: 3 messages``). Exit codes: qmgrd.ctl.cli.
+
+Public API
+    COMMANDS: list[click.Command]       registered on the qmgr-ctl group by cli.py
+    flush_some(ctx, site, ids, batch, pace) -> None     flush --site / --id
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+import click
+
+from qmgrd.ctl import admin
+from qmgrd.ctl.common import (
+    EX_DATAERR,
+    EX_NOINPUT,
+    EX_OK,
+    EX_TEMPFAIL,
+    EX_USAGE,
+    EXIT_HELP,
+    PROG,
+    changing,
+    fatal,
+    load,
+    make_selector,
+    selector_options,
+    settings,
+    warn,
+)
+from qmgrd.ctl.select import parse_age
+from qmgrd.qmgr.admin import ABSENT, BUSY
+from qmgrd.qmgr.suspend import MAX_REASON, valid_key
+
+__all__ = ["COMMANDS", "flush_some"]
+
+_HELP = {
+    "hold": "Put mail on hold, as postsuper -h: no delivery until it is released.",
+    "release": "Release mail from hold, as postsuper -H (back to the deferred queue).",
+    "delete": "Delete mail, as postsuper -d (with its bounce/defer/trace logs).",
+    "requeue": "Requeue mail, as postsuper -r: routed again at once (transport maps "
+               "re-read).",
+}
+
+
+def _exit_code(reports: list[admin.Report]) -> int:
+    results = {r.result for r in reports}
+    if BUSY in results or "error" in results:
+        return EX_TEMPFAIL
+    if ABSENT in results:
+        return EX_NOINPUT
+    return EX_OK
+
+
+def _print(reports: list[admin.Report]) -> None:
+    for r in reports:
+        if r.result in (ABSENT, BUSY, "error"):
+            warn(r.text)
+        else:
+            click.echo(r.text)
+
+
+def _make(action: str) -> click.Command:
+    @click.command(action, help=f"""{_HELP[action]}
+
+IDs are queue ids; "-" reads ids from standard input; ALL (upper case) selects every
+message of the queues ({", ".join(admin.QUEUES_FOR[action])}); the selectors select
+(and, with ids, narrow) the messages as in list. Active mail is changed by the qmgr
+when its delivery in progress ends.
+{EXIT_HELP}""")
+    @click.option("--dry-run", is_flag=True, help="Only print what would be done.")
+    @click.option("--wait", type=click.FloatRange(0, 60), default=10.0, show_default=True,
+                  help="Seconds to wait for deliveries in progress.")
+    @selector_options
+    @click.argument("ids", nargs=-1, metavar="[ID... | - | ALL]")
+    @click.pass_context
+    def command(ctx: click.Context, /, dry_run: bool, wait: float, ids: tuple[str, ...],
+                **sel: Any) -> None:
+        cfg = load(ctx)
+        spool, _, _ = settings(ctx, cfg)
+        selector = make_selector(ctx, **sel)
+        everything = "ALL" in ids
+        if everything and len(ids) > 1:
+            fatal(ctx, EX_USAGE, "ALL cannot be combined with queue ids")
+        if not ids and not selector.active:
+            fatal(ctx, EX_USAGE, f"{action}: name the messages: ID..., -, ALL or selectors")
+        bad = [q for q in selector.queues if q not in admin.QUEUES_FOR[action]
+               and not (action == "delete" and q == "maildrop")]
+        if bad:
+            fatal(ctx, EX_USAGE, f"{action}: not for the {bad[0]} queue")
+        try:
+            named = [] if everything else admin.parse_ids(ids, sys.stdin)
+        except admin.BadIds as exc:
+            fatal(ctx, EX_DATAERR, str(exc))
+        with changing(ctx, cfg, spool, action):
+            targets = admin.select_targets(spool, action, named, everything, selector)
+            runner = admin.Admin(spool, action, dry_run=dry_run, wait=wait)
+            reports = runner.run(targets)
+            if not dry_run:
+                admin.release_trigger(spool, action)
+        _print(reports)
+        n = sum(1 for r in reports if r.result in ("done", "pending", "would"))
+        plural = "" if n == 1 else "s"
+        if dry_run:
+            click.echo(f"{PROG}: dry run: {n} message{plural} would be "
+                       f"{admin.DONE_TEXT[action]}", err=True)
+        else:
+            click.echo(f"{PROG}: {admin.SUMMARY[action]}: {n} message{plural}", err=True)
+        ctx.exit(_exit_code(reports))
+
+    return command
+
+
+def _key(ctx: click.Context, text: str) -> str:
+    key = text.removesuffix(".")  # a fully qualified name
+    if not valid_key(key):
+        fatal(ctx, EX_USAGE, f"bad domain {text[:60]!r} (a domain, .domain or "
+                             "[address]:port)")
+    return key.lower()
+
+
+@click.command("suspend", help=f"""Stop delivery to DOMAIN until resumed (or for a time).
+
+DOMAIN is a recipient domain, .domain (its subdomains) or a nexthop [address]:port.
+Its mail is deferred without delivery attempts while other mail flows; the suspension
+is shown by status and survives a qmgr restart. With --for it ends by itself.
+{EXIT_HELP}""")
+@click.option("--for", "duration", metavar="DURATION",
+              help="End after DURATION (30s, 5m, 2h, 1d, 1w).")
+@click.option("--reason", default="", help="Why (shown in the defer reason and status).")
+@click.argument("domain")
+@click.pass_context
+def suspend_cmd(ctx: click.Context, duration: str | None, reason: str, domain: str) -> None:
+    key = _key(ctx, domain)
+    try:
+        seconds = parse_age(duration) if duration else 0
+    except ValueError as exc:
+        fatal(ctx, EX_USAGE, str(exc))
+    if duration and seconds <= 0:
+        fatal(ctx, EX_USAGE, "--for must be longer than 0s")
+    if len(reason) > MAX_REASON or not reason.isprintable():
+        fatal(ctx, EX_USAGE, f"--reason: at most {MAX_REASON} printable characters")
+    cfg = load(ctx)
+    spool, _, _ = settings(ctx, cfg)
+    now = time.time()
+    with changing(ctx, cfg, spool, "suspend"):
+        try:
+            text = admin.suspend(spool, key, now + seconds if seconds else 0.0, reason, now)
+        except (OSError, ValueError) as exc:
+            fatal(ctx, EX_TEMPFAIL, f"suspend {key}: {exc}")
+    click.echo(text)
+
+
+@click.command("resume", help=f"""Resume delivery to DOMAIN (see suspend).
+
+Its mail deferred by the suspension is flushed at once, --batch messages every --pace
+seconds.
+{EXIT_HELP}""")
+@click.option("--batch", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--pace", type=click.FloatRange(min=0), default=1.0, show_default=True)
+@click.argument("domain")
+@click.pass_context
+def resume_cmd(ctx: click.Context, batch: int, pace: float, domain: str) -> None:
+    key = _key(ctx, domain)
+    cfg = load(ctx)
+    spool, _, _ = settings(ctx, cfg)
+    with changing(ctx, cfg, spool, "resume"):
+        try:
+            text = admin.resume(spool, key, batch, pace)
+        except (OSError, ValueError) as exc:
+            fatal(ctx, EX_TEMPFAIL, f"resume {key}: {exc}")
+    click.echo(text)
+
+
+def flush_some(ctx: click.Context, site: str | None, ids: tuple[str, ...], batch: int,
+               pace: float) -> None:
+    """``flush --site`` / ``flush --id`` (see qmgrd.ctl.admin)."""
+    if site and ids:
+        fatal(ctx, EX_USAGE, "flush: --site and --id are mutually exclusive")
+    cfg = load(ctx)
+    spool, _, _ = settings(ctx, cfg)
+    if site:
+        key = _key(ctx, site)
+        if key.startswith("["):
+            fatal(ctx, EX_USAGE, "flush --site: a domain, not a nexthop")
+        with changing(ctx, cfg, spool, "flush"):
+            moved = admin.flush_site(spool, key, batch, pace)
+        click.echo(f"{PROG}: flushed {moved} deferred message{'' if moved == 1 else 's'} "
+                   f"for {key}", err=True)
+        return
+    try:
+        named = admin.parse_ids(ids, None)
+    except admin.BadIds as exc:
+        fatal(ctx, EX_DATAERR, str(exc))
+    with changing(ctx, cfg, spool, "flush"):
+        reports = admin.flush_ids(spool, named)
+    _print(reports)
+    ctx.exit(_exit_code(reports))
+
+
+COMMANDS: list[click.Command] = [_make(a) for a in admin.QUEUES_FOR] + [suspend_cmd,
+                                                                       resume_cmd]

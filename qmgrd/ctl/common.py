@@ -1,0 +1,208 @@
+"""common — what every qmgr-ctl command shares: exit codes, errors, configuration,
+the selector options, streamed output and the privilege/log set-up of changing commands.
+
+Public API
+    EX_OK, EX_USAGE, EX_DATAERR, EX_NOINPUT, EX_UNAVAILABLE, EX_TEMPFAIL, EX_NOPERM,
+    EX_CONFIG (sysexits.h values); EXIT_HELP (the table shown by --help)
+    PROG = "qmgr-ctl"
+    fatal(ctx, code, msg) -> NoReturn        ``qmgr-ctl: fatal: msg`` on stderr, exit code
+    warn(msg)                                ``qmgr-ctl: warning: msg`` on stderr
+    load(ctx) -> Config; settings(ctx, cfg) -> (Spool, empty_address, dup_filter_limit)
+    check_queue_dir(ctx, spool)              EX_TEMPFAIL when it cannot be used
+    selector_options(f)                      the decorator adding list's selectors
+    make_selector(ctx, **options) -> Selector   EX_USAGE for bad values
+    Output(stream)                           buffered writer: .write(bytes), .flush();
+                                             the first chunk is flushed at once
+    quiet_stdout()                           after EPIPE: stdout to /dev/null
+    changing(ctx, cfg, spool, what)          context manager: open the maillog, become
+                                             the queue owner (EX_NOPERM otherwise)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+import sys
+from collections.abc import Callable, Iterator
+from typing import IO, Any, NoReturn, TypeVar
+
+import click
+
+from master import log
+from master.config import Config, ConfigError
+from qmgrd.ctl.admin import NotPrivileged, privileged
+from qmgrd.ctl.select import Selector, parse_age
+from qmgrd.ctl.showq import QUEUE_ORDER
+from qmgrd.spool.queue import Spool
+
+__all__ = ["EXIT_HELP", "EX_CONFIG", "EX_DATAERR", "EX_NOINPUT", "EX_NOPERM", "EX_OK",
+           "EX_TEMPFAIL", "EX_UNAVAILABLE", "EX_USAGE", "PROG", "Output", "changing",
+           "check_queue_dir", "fatal", "load", "make_selector", "quiet_stdout",
+           "selector_options", "settings", "warn"]
+
+EX_OK = 0
+EX_USAGE = 64
+EX_DATAERR = 65
+EX_NOINPUT = 66
+EX_UNAVAILABLE = 69
+EX_TEMPFAIL = 75
+EX_NOPERM = 77
+EX_CONFIG = 78
+PROG = "qmgr-ctl"
+_DUP_FILTER_DEFAULT = 1000
+_OUT_CHUNK = 1 << 16
+
+EXIT_HELP = """
+\b
+Exit status:
+  0   success
+  64  usage error (also: a bad selector, time, domain or pattern)
+  65  invalid queue id given (nothing was done)
+  66  some named message is not in the queue (the others were done)
+  69  mail system down (flush could not trigger qmgr or pickup; no qmgr status)
+  75  queue directory unreadable; a message still being delivered (try again)
+  77  permission denied: changing the queue needs root or mail_owner
+  78  configuration error
+"""
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def fatal(ctx: click.Context, code: int, msg: str) -> NoReturn:
+    """Print ``qmgr-ctl: fatal: msg`` on stderr and exit with ``code``."""
+    click.echo(f"{PROG}: fatal: {msg}", err=True)
+    ctx.exit(code)
+    raise AssertionError("not reached")  # ctx.exit raises
+
+
+def warn(msg: str) -> None:
+    """Print ``qmgr-ctl: warning: msg`` on stderr."""
+    click.echo(f"{PROG}: warning: {msg}", err=True)
+
+
+def load(ctx: click.Context) -> Config:
+    """The configuration of ``-c`` (EX_CONFIG when it is broken)."""
+    try:
+        return Config.load(str(ctx.find_root().obj))
+    except ConfigError as exc:
+        fatal(ctx, EX_CONFIG, str(exc))
+
+
+def settings(ctx: click.Context, cfg: Config) -> tuple[Spool, str, int]:
+    """(spool, empty_address_recipient, duplicate_filter_limit); EX_CONFIG when bad."""
+    try:
+        spool = Spool.from_config(cfg)
+        empty = cfg.get("empty_address_recipient") or "MAILER-DAEMON"
+        limit = _DUP_FILTER_DEFAULT
+        if cfg.get("duplicate_filter_limit"):
+            limit = cfg.get_int("duplicate_filter_limit")
+    except (ConfigError, ValueError) as exc:
+        fatal(ctx, EX_CONFIG, str(exc))
+    return spool, empty, limit
+
+
+def check_queue_dir(ctx: click.Context, spool: Spool) -> None:
+    """EX_TEMPFAIL unless the queue directory is a directory we can stat."""
+    qdir = spool.queue_directory
+    try:
+        if not stat.S_ISDIR(os.stat(qdir).st_mode):
+            fatal(ctx, EX_TEMPFAIL, f"open queue directory {qdir}: Not a directory")
+    except OSError as exc:
+        fatal(ctx, EX_TEMPFAIL, f"open queue directory {qdir}: {exc.strerror}")
+
+
+def selector_options(f: F) -> F:
+    """Add list's selector options (qmgrd.ctl.select) to a click command."""
+    opts = [
+        click.option("--queue", "queues", multiple=True, type=click.Choice(QUEUE_ORDER),
+                     help="Only messages in this queue (repeatable)."),
+        click.option("--sender", "senders", multiple=True, metavar="PATTERN",
+                     help="Envelope sender matches (wildcards; <> = null sender)."),
+        click.option("--recipient", "recipients", multiple=True, metavar="PATTERN",
+                     help="A recipient still to do matches (wildcards)."),
+        click.option("--domain", "domains", multiple=True, metavar="DOMAIN",
+                     help="A recipient still to do is in DOMAIN (.DOMAIN: subdomains)."),
+        click.option("--older-than", metavar="AGE", help="Arrived at least AGE ago "
+                     "(30s, 5m, 2h, 1d, 1w)."),
+        click.option("--younger-than", metavar="AGE", help="Arrived less than AGE ago."),
+        click.option("--reason", metavar="REGEX",
+                     help="The last delay reason (defer log) matches REGEX."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def make_selector(ctx: click.Context, queues: tuple[str, ...] = (),
+                  senders: tuple[str, ...] = (), recipients: tuple[str, ...] = (),
+                  domains: tuple[str, ...] = (), older_than: str | None = None,
+                  younger_than: str | None = None, reason: str | None = None) -> Selector:
+    """The Selector of the options (EX_USAGE for a bad value)."""
+    try:
+        return Selector(queues=tuple(queues), senders=tuple(senders),
+                        recipients=tuple(recipients), domains=tuple(domains),
+                        older_than=parse_age(older_than) if older_than else None,
+                        younger_than=parse_age(younger_than) if younger_than else None,
+                        reason=reason)
+    except ValueError as exc:
+        fatal(ctx, EX_USAGE, str(exc))
+
+
+class Output:
+    """Buffered binary output that shows its first chunk at once (a listing streams)."""
+
+    def __init__(self, stream: IO[bytes]) -> None:
+        self.stream = stream
+        self.parts: list[bytes] = []
+        self.size = 0
+        self.first = True
+
+    def write(self, data: bytes) -> None:
+        """Queue ``data``; write when 64 KiB are waiting (or for the first chunk)."""
+        self.parts.append(data)
+        self.size += len(data)
+        if self.first or self.size >= _OUT_CHUNK:
+            self.first = False
+            self.flush()
+
+    def flush(self) -> None:
+        """Write and flush what is waiting."""
+        if self.parts:
+            self.stream.write(b"".join(self.parts))
+            self.parts.clear()
+            self.size = 0
+        self.stream.flush()
+
+
+def quiet_stdout() -> None:
+    """After EPIPE on stdout, point it at /dev/null so the exit-time flush is silent."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+@contextlib.contextmanager
+def changing(ctx: click.Context, cfg: Config, spool: Spool, what: str) -> Iterator[None]:
+    """Open the maillog (as the caller) and run the block as the queue's owner.
+
+    Exits EX_NOPERM (not root, not mail_owner) or EX_TEMPFAIL (no queue directory).
+    """
+    check_queue_dir(ctx, spool)
+    try:
+        log.setup(PROG, cfg.get("maillog_file"), cfg.get("syslog_name") or "qmgrd",
+                  myhostname=cfg.get("myhostname"))
+    except (OSError, ConfigError) as exc:
+        warn(f"cannot open the mail log: {exc}")
+    try:
+        with privileged(spool, what):
+            yield
+    except NotPrivileged as exc:
+        fatal(ctx, EX_NOPERM, str(exc))
+    except FileNotFoundError as exc:
+        fatal(ctx, EX_TEMPFAIL, f"{what}: {exc}")
+    finally:
+        log.close()

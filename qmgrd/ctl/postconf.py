@@ -1,0 +1,112 @@
+"""postconf — ``qmgr-ctl config NAME=VALUE``: edit main.cf as ``postconf -e`` does.
+
+Summary
+    Each ``NAME=VALUE`` replaces the first logical line that sets NAME (the line and its
+    continuation lines: lines starting with white space that are neither blank nor
+    comments), drops later settings of NAME, or is appended at the end. Comments, blank
+    lines and every other line are kept as they are. The new text must parse
+    and every value must be valid (master.config's Config.check) before anything is
+    written; the file is then replaced atomically
+    (a temporary file in the same directory with the old file's mode and owner, fsync,
+    rename). A running mail system sees the change after ``qmgr-master reload``.
+
+Public API
+    parse_assignments(args) -> dict[str, str]     ValueError for a bad name or value
+    edit_text(text, changes) -> str               pure
+    edit_main_cf(config_directory, changes) -> None
+        raises ConfigError (the result would not parse), OSError (read/write)
+
+Logs nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from collections.abc import Iterable
+
+from master.config import Config
+
+__all__ = ["edit_main_cf", "edit_text", "parse_assignments"]
+
+_NAME = re.compile(r"[A-Za-z0-9_]+\Z")
+_SETS = re.compile(r"([A-Za-z0-9_]+)[ \t]*=")
+
+
+def parse_assignments(args: Iterable[str]) -> dict[str, str]:
+    """``NAME=VALUE`` arguments as a dict (values stripped, as postconf does).
+
+    Raises:
+        ValueError: an argument without ``=``, a bad name, or a value with a line break.
+    """
+    out: dict[str, str] = {}
+    for arg in args:
+        name, eq, value = arg.partition("=")
+        name = name.strip()
+        if not eq or not _NAME.match(name):
+            raise ValueError(f"bad parameter setting {arg[:60]!r} (use name=value)")
+        if any(c in value for c in "\n\r\0"):
+            raise ValueError(f"{name}: the value must be one line")
+        out[name] = value.strip()
+    return out
+
+
+def _continues(line: str) -> bool:
+    return line[:1] in (" ", "\t") and bool(line.strip()) \
+        and not line.lstrip().startswith("#")
+
+
+def edit_text(text: str, changes: dict[str, str]) -> str:
+    """main.cf ``text`` with ``changes`` applied (see module docstring)."""
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    out: list[str] = []
+    done: set[str] = set()
+    i = 0
+    while i < len(lines):
+        m = _SETS.match(lines[i])
+        if m is None or m.group(1) not in changes:
+            out.append(lines[i])
+            i += 1
+            continue
+        name = m.group(1)
+        i += 1
+        while i < len(lines) and _continues(lines[i]):
+            i += 1
+        if name not in done:
+            out.append(f"{name} = {changes[name]}")
+            done.add(name)
+    out += [f"{n} = {v}" for n, v in changes.items() if n not in done]
+    return "\n".join(out) + "\n"
+
+
+def edit_main_cf(config_directory: str, changes: dict[str, str]) -> None:
+    """Apply ``changes`` to ``<config_directory>/main.cf`` (see module docstring).
+
+    Raises:
+        ConfigError: the edited file would not parse (nothing is written).
+        OSError: the file cannot be read or replaced.
+    """
+    path = os.path.join(config_directory, "main.cf")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    new = edit_text(text, changes)
+    Config.from_text(new, config_directory, path=path).check()  # values must be valid
+    st = os.stat(path)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, st.st_mode & 0o777)
+    try:
+        try:
+            os.write(fd, new.encode("utf-8"))
+            if os.geteuid() == 0:
+                os.fchown(fd, st.st_uid, st.st_gid)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

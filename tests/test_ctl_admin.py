@@ -1,0 +1,304 @@
+"""qmgr-ctl hold/release/delete/requeue/flush/suspend/resume and the selectors, without a
+running mail system (no qmgr: files, including active ones, are changed directly)."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import stat
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from master.config import Config
+from qmgrd.ctl.cli import EX_DATAERR, EX_NOINPUT, EX_TEMPFAIL, EX_USAGE, cli
+from qmgrd.ctl.select import Selector, parse_age, parse_domain
+from qmgrd.ctl.showq import QueueEntry
+from qmgrd.qmgr import suspend as susp
+from qmgrd.spool import statuslog
+from qmgrd.spool.cleanup import Cleanup
+from qmgrd.spool.envelope import Envelope, Recipient
+from qmgrd.spool.queue import Spool
+
+T0 = 1_700_000_000
+
+
+class Q:
+    def __init__(self, tmp_path: Path) -> None:
+        self.etc = tmp_path / "etc"
+        self.etc.mkdir()
+        (self.etc / "main.cf").write_text(
+            f"queue_directory = {tmp_path}/q\nmyhostname = mx.example.org\n"
+            f"maillog_file = {tmp_path}/maillog\n")
+        cfg = Config.load(str(self.etc))
+        self.spool = Spool.from_config(cfg)
+        self.spool.make_dirs()
+        self.cleanup = Cleanup(cfg, self.spool)
+        self.maillog = tmp_path / "maillog"
+
+    def submit(self, queue: str, sender: str, rcpts: list[str], when: int = T0) -> str:
+        qid = self.cleanup.submit(Envelope(sender, [Recipient(r) for r in rcpts],
+                                           arrival=(when, 0)), b"Subject: t\n\nhi\n",
+                                  origin="smtp")
+        if queue != "incoming":
+            self.spool.move(qid, "incoming", queue)
+        return qid
+
+    def run(self, *args: str, stdin: str | bytes | None = None) -> tuple[int, str, str]:
+        res = CliRunner().invoke(cli, ["-c", str(self.etc), *args], input=stdin)
+        assert res.exception is None or isinstance(res.exception, SystemExit), res.exception
+        return res.exit_code, res.stdout, res.stderr
+
+    def where(self, qid: str) -> list[str]:
+        return [q for q in ("maildrop", "incoming", "active", "deferred", "hold")
+                if os.path.exists(self.spool.path(q, qid))]
+
+
+@pytest.fixture
+def q(tmp_path: Path) -> Q:
+    return Q(tmp_path)
+
+
+def test_hold_release_delete_by_id(q: Q) -> None:
+    a = q.submit("deferred", "a@x.example", ["r@one.example"])
+    b = q.submit("incoming", "b@x.example", ["r@two.example"])
+    assert q.run("hold", a, b) == (0, f"{a}: placed on hold\n{b}: placed on hold\n",
+                                   "qmgr-ctl: Placed on hold: 2 messages\n")
+    assert q.where(a) == q.where(b) == ["hold"]
+    code, out, _ = q.run("list")
+    assert code == 0 and f"{a}!" in out and f"{b}!" in out
+    assert q.run("release", a)[:2] == (0, f"{a}: released from hold\n")
+    assert q.where(a) == ["deferred"]
+    statuslog.append(q.spool, "defer", a, Recipient("r@one.example"),
+                     statuslog.Dsn("4.2.0", "delayed", "later"))
+    assert q.run("delete", a, b)[0] == 0
+    assert q.where(a) == q.where(b) == []
+    assert not os.path.exists(q.spool.path("defer", a))
+    log = q.maillog.read_text()
+    assert "qmgrd/qmgr-ctl[" in log and f"{a}: removed" in log and f"{b}: placed on hold" in log
+
+
+def test_ids_from_stdin_all_and_dry_run(q: Q) -> None:
+    ids = [q.submit("deferred", "a@x.example", [f"r{i}@one.example"]) for i in range(3)]
+    code, out, err = q.run("delete", "--dry-run", "-", stdin=f"{ids[0]}*\n{ids[1]}!\n")
+    assert code == 0 and out == "".join(f"{i}: would be removed (queue deferred)\n"
+                                        for i in ids[:2])
+    assert err == "qmgr-ctl: dry run: 2 messages would be removed\n"
+    assert all(q.where(i) == ["deferred"] for i in ids)
+    assert q.run("hold", "ALL")[2] == "qmgr-ctl: Placed on hold: 3 messages\n"
+    assert q.run("release", "ALL")[2] == "qmgr-ctl: Released from hold: 3 messages\n"
+    assert q.run("hold", "all")[0] == EX_DATAERR  # ALL must be upper case, as postsuper
+    assert q.run("hold", "ALL", ids[0])[0] == EX_USAGE
+    assert q.run("hold")[0] == EX_USAGE  # no message named
+
+
+def test_requeue_moves_to_incoming_now(q: Q) -> None:
+    qid = q.submit("deferred", "a@x.example", ["r@one.example"])
+    os.utime(q.spool.path("deferred", qid), (T0 + 10**6, T0 + 10**6))
+    statuslog.append(q.spool, "defer", qid, Recipient("r@one.example"),
+                     statuslog.Dsn("4.2.0", "delayed", "later"))
+    assert q.run("requeue", qid)[:2] == (0, f"{qid}: requeued\n")
+    assert q.where(qid) == ["incoming"]
+    assert abs(os.stat(q.spool.path("incoming", qid)).st_mtime - time.time()) < 5
+    assert not os.path.exists(q.spool.path("defer", qid))
+
+
+def test_invalid_ids_touch_nothing(q: Q) -> None:
+    qid = q.submit("deferred", "a@x.example", ["r@one.example"])
+    for bad in ("../../etc/passwd", "a\0b", "a\nb", "4SVLCh0sf8z9HdB/x", "", "."):
+        code, out, err = q.run("delete", qid, bad)
+        assert code == EX_DATAERR and out == "", bad
+        assert "invalid queue id" in err
+    code, _, err = q.run("delete", "-", stdin=b"ok\x00\n")
+    assert code == EX_DATAERR
+    assert q.where(qid) == ["deferred"]
+    code, out, err = q.run("delete", "4SVLCh0sf8z9HdB", qid)
+    assert code == EX_NOINPUT and out == f"{qid}: removed\n"
+    assert "4SVLCh0sf8z9HdB: no such message in hold, incoming, active, deferred" in err
+    assert q.run("show", "../x")[0] == EX_DATAERR
+    assert q.run("flush", "--id", "../x")[0] == EX_DATAERR
+
+
+def test_active_file_locked_by_an_agent_is_busy(q: Q) -> None:
+    qid = q.submit("active", "a@x.example", ["r@one.example"])
+    fd = os.open(q.spool.path("active", qid), os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        code, out, err = q.run("delete", qid)
+        assert code == EX_TEMPFAIL and "still being delivered" in err and out == ""
+        assert q.where(qid) == ["active"]
+    finally:
+        os.close(fd)
+    assert q.run("delete", qid)[:2] == (0, f"{qid}: removed\n")
+
+
+def test_selectors_pick_the_messages(q: Q) -> None:
+    now = int(time.time())
+    old = q.submit("deferred", "alice@x.example", ["r@one.example", "s@two.example"],
+                   now - 3 * 86400)
+    new = q.submit("deferred", "", ["t@one.example"], now - 60)
+    held = q.submit("hold", "bob@y.example", ["u@sub.one.example"], now - 7200)
+    statuslog.append(q.spool, "defer", old, Recipient("r@one.example"),
+                     statuslog.Dsn("4.4.1", "delayed", "connect to mx.one.example: refused"))
+
+    def ids(*args: str) -> list[str]:
+        code, out, err = q.run("list", "--json", *args)
+        assert code == 0, err
+        return sorted(json.loads(x)["queue_id"] for x in out.splitlines())
+
+    assert ids("--domain", "one.example") == sorted([old, new])
+    assert ids("--domain", ".one.example") == [held]
+    assert ids("--domain", "two.example", "--domain", "sub.one.example") == sorted(
+        [old, held])
+    assert ids("--sender", "ALICE@*") == [old]
+    assert ids("--sender", "<>") == [new]
+    assert ids("--recipient", "?@one.example", "--queue", "deferred") == sorted([old, new])
+    assert ids("--older-than", "1d") == [old]
+    assert ids("--younger-than", "1h") == [new]
+    assert ids("--older-than", "1h", "--younger-than", "1d") == [held]
+    assert ids("--reason", r"connect to \S+: refused") == [old]
+    assert ids("--queue", "hold", "--sender", "nobody@*") == []
+    code, out, _ = q.run("list", "--queue", "hold")
+    assert out.endswith("-- 0 Kbytes in 1 Request.\n")
+    for bad in (["--older-than", "ten"], ["--domain", "../etc"], ["--reason", "("],
+                ["--queue", "corrupt"]):
+        code, _, err = q.run("list", *bad)
+        assert code == EX_USAGE and err, bad
+    code, out, _ = q.run("hold", "--domain", "one.example", "--older-than", "2d")
+    assert out == f"{old}: placed on hold\n" and q.where(new) == ["deferred"]
+    assert q.run("delete", "--queue", "active", "--dry-run", held)[0] == 0
+    assert q.run("release", "--queue", "deferred", "ALL")[0] == EX_USAGE
+
+
+def test_selector_unit() -> None:
+    assert [parse_age(x) for x in ("90", "90s", "5m", "2h", "1d", "1w")] == [
+        90, 90, 300, 7200, 86400, 604800]
+    for bad in ("", "-1", "1y", "1.5h", "5 m x"):
+        with pytest.raises(ValueError):
+            parse_age(bad)
+    assert parse_domain("Example.COM.") == "example.com"
+    for bad in ("../x", "a b", "a\0", "[127.0.0.1]"):
+        with pytest.raises(ValueError):
+            parse_domain(bad)
+    e = QueueEntry("deferred", "4SVLCh0sf8z9HdB", 100, 1, False, "a", [],
+                   raw_sender="A@X.example", raw_recipients=["u@d.example"],
+                   last_reason="450 busy")
+    assert Selector(senders=("a@x.*",), now=200).match(e)
+    assert not Selector(senders=("b@*",), now=200).match(e)
+    assert Selector(reason="busy$", older_than=100, now=200).match(e)
+    assert not Selector(younger_than=100, now=200).match(e)
+    assert not Selector().active and Selector(domains=("d.example",)).active
+
+
+def test_flush_by_id_and_site(q: Q) -> None:
+    a = q.submit("deferred", "a@x.example", ["r@one.example"])
+    b = q.submit("deferred", "a@x.example", ["r@two.example"])
+    c = q.submit("deferred", "a@x.example", ["r@x.two.example"])
+    h = q.submit("hold", "a@x.example", ["r@one.example"])
+    for qid in (a, b, c):
+        os.utime(q.spool.path("deferred", qid), (T0 + 10**7, T0 + 10**7))
+    code, out, err = q.run("flush", "--id", a, "--id", h)
+    assert out == f"{a}: flushed\n" and "on hold; release it first" in err
+    assert q.where(a) == ["incoming"]
+    mode = os.stat(q.spool.path("incoming", a)).st_mode
+    assert mode & stat.S_IRGRP  # postqueue -i: unthrottle this message
+    assert abs(os.stat(q.spool.path("incoming", a)).st_mtime - time.time()) < 5
+    code, out, err = q.run("flush", "--site", ".two.example", "--pace", "0")
+    assert code == 0 and "flushed 1 deferred message for .two.example" in err
+    assert q.where(c) == ["incoming"] and q.where(b) == ["deferred"]
+    code, out, err = q.run("flush", "--site", "two.example", "--batch", "1", "--pace", "0")
+    assert q.where(b) == ["incoming"]
+    assert q.run("flush", "--site", "x", "--id", a)[0] == EX_USAGE
+
+
+def test_suspend_and_resume_edit_the_file(q: Q) -> None:
+    code, out, err = q.run("suspend", "Example.COM", "--for", "1h", "--reason", "upgrade")
+    assert code == 0, err
+    assert "suspended by the administrator until" in out and "upgrade" in out
+    assert "the qmgr is not running" in out
+    path = susp.suspend_path(q.spool.queue_directory)
+    (s,) = susp.load(path, time.time())
+    assert s.domain == "example.com" and s.reason == "upgrade"
+    assert 3500 < s.until - time.time() <= 3600
+    assert q.run("suspend", "[127.0.0.1]:2525")[0] == 0
+    assert len(susp.load(path, time.time())) == 2
+    qid = q.submit("deferred", "a@x.example", ["r@example.com"])
+    statuslog.append(q.spool, "defer", qid, Recipient("r@example.com"),
+                     statuslog.Dsn("4.3.2", "delayed", s.text))
+    code, out, _ = q.run("resume", "example.com", "--pace", "0")
+    assert out == "delivery to example.com resumed; 1 deferred message(s) flushed\n"
+    assert q.where(qid) == ["incoming"]
+    assert [x.domain for x in susp.load(path, time.time())] == ["[127.0.0.1]:2525"]
+    for bad in (["suspend", "../../etc"], ["suspend", "x.example", "--for", "0s"],
+                ["suspend", "x.example", "--reason", "a\nb"], ["resume", "a/b"]):
+        assert q.run(*bad)[0] == EX_USAGE, bad
+
+
+def test_show_json_and_missing(q: Q) -> None:
+    qid = q.submit("deferred", "a@x.example", ["r@one.example", "s@two.example"])
+    code, out, _ = q.run("show", "--json", qid)
+    assert code == 0
+    doc = json.loads(out)
+    assert doc["queue_name"] == "deferred" and doc["sender"] == "a@x.example"
+    assert [r["address"] for r in doc["recipients"]] == ["r@one.example", "s@two.example"]
+    assert doc["headers"].startswith("Subject: t\n") and "\nMessage-ID: <" in doc["headers"]
+    assert doc["body"] == "\nhi\n"
+    assert q.run("show", "4SVLCh0sf8z9HdB")[0] == EX_NOINPUT
+
+
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(entries=st.lists(st.tuples(
+    st.text(st.characters(blacklist_categories=("Cs",)), max_size=20),
+    st.text(st.characters(blacklist_categories=("Cs",)), max_size=40)), max_size=4),
+    junk=st.sampled_from(["", "garbage line\n", "\n\n", "<x>: old style\n", "offset=x\n",
+                          "recipient=<>\n", "reason=only\n\n", "ö=1\n", " \n"]))
+def test_listing_reads_defer_logs_as_statuslog_does(tmp_path: Path, entries: list[tuple[
+        str, str]], junk: str) -> None:
+    from qmgrd.ctl.showq import _defer_reasons
+
+    spool = Spool(str(tmp_path / "q"))
+    spool.make_dirs()
+    qid = "4SVLCh0sf8z9HdB"
+    data = b"".join(statuslog.format_entry(Recipient(a), statuslog.Dsn("4.0.0", "delayed", r))
+                    for a, r in entries) + junk.encode()
+    path = spool.path("defer", qid)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Path(path).write_bytes(data)
+    want = [(r.address, d.reason) for r, d in statuslog.read(spool, "defer", qid)]
+    assert _defer_reasons(spool, qid, path) == want
+
+
+def test_config_sets_parameters_as_postconf_e(tmp_path: Path) -> None:
+    from qmgrd.ctl.postconf import edit_text
+
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    main = etc / "main.cf"
+    main.write_text("# comment\nmyhostname = old.example\nrelayhost =\n  [x.example]\n"
+                    "\nmyhostname = twice.example\nmydomain = example\n")
+    os.chmod(main, 0o640)
+
+    def run(*args: str) -> tuple[int, str, str]:
+        res = CliRunner().invoke(cli, ["-c", str(etc), "config", *args])
+        return res.exit_code, res.stdout, res.stderr
+
+    assert run("myhostname=new.example", "relayhost = [y.example]:25",
+               "minimal_backoff_time=10s")[0] == 0
+    assert main.read_text() == ("# comment\nmyhostname = new.example\n"
+                                "relayhost = [y.example]:25\n\nmydomain = example\n"
+                                "minimal_backoff_time = 10s\n")
+    assert stat.S_IMODE(os.stat(main).st_mode) == 0o640
+    assert run("myhostname")[1] == "myhostname = new.example\n"
+    before = main.read_text()
+    code, _, err = run("minimal_backoff_time=soon")
+    assert code == 78 and "not changed" in err and main.read_text() == before
+    assert run("bad name=1")[0] == EX_USAGE
+    assert run("-n", "a=1")[0] == EX_USAGE
+    assert run("myhostname=a\nb")[0] == EX_USAGE
+    assert edit_text("a = 1", {"b": "2"}) == "a = 1\nb = 2\n"

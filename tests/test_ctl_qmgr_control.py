@@ -1,0 +1,334 @@
+"""The qmgr's side of qmgr-ctl (qmgrd.qmgr.control, .admin, .suspend) without processes:
+real spool files, fake agents that can hold a delivery open, a fake clock.
+
+Checked: hold/delete/requeue of active mail wait for the delivery in flight and never
+lose a count; files the qmgr does not hold are changed under a lock; suspensions defer
+without attempts, bring the retry time forward and expire by the clock; the control
+socket answers."""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from qmgrd.delivery import DeliverStatus
+from qmgrd.qmgr import suspend as susp
+from qmgrd.qmgr.admin import ABSENT, BUSY, DONE, apply_file
+from qmgrd.qmgr.control import Control, ControlServer, request
+from qmgrd.qmgr.scheduler import Scheduler
+from qmgrd.spool import statuslog
+from qmgrd.spool.envelope import Recipient
+from qmgrd.spool.message import QueueFile
+from tests.test_qmgr_scheduler import Env, drain, run
+
+
+def counts_are_zero(sched: Scheduler) -> None:
+    """Nothing left in memory: no message, recipient, entry, job or slot leak."""
+    assert not sched.active.messages
+    assert sched.active.rcpt_count == 0
+    for t in sched.transports.values():
+        assert t.inflight == 0
+        assert all(not q.todo and not q.busy for q in t.queues.values())
+        assert not t.jobs.sched
+        assert t.jobs.rcpt_unused == t.params.rcpt_pool  # every slot is back
+
+
+def control(env: Env, sched: Scheduler, restarts: list[int] | None = None) -> Control:
+    box = restarts if restarts is not None else []
+    return Control(sched, env.spool.queue_directory, lambda: box.append(1))
+
+
+def test_delete_waits_for_the_delivery_in_flight(tmp_path: Path,
+                                                 capfd: pytest.CaptureFixture[str]) -> None:
+    env = Env(tmp_path)
+    qid = env.submit("a@x.example", ["r1@one.example", "r2@two.example"])
+    other = env.submit("a@x.example", ["r3@three.example"])
+    env.agents.hold = True
+
+    async def go() -> None:
+        sched = env.sched()
+        ctl = control(env, sched)
+        sched.startup()
+        await drain(sched)
+        assert len(env.agents.waiting) == 3  # every delivery is in flight
+        statuslog.append(env.spool, "defer", qid, Recipient("r1@one.example"),
+                         statuslog.Dsn("4.2.0", "delayed", "earlier attempt"))
+        assert ctl.act([qid], "delete") == {qid: "pending"}
+        assert os.path.exists(env.spool.path("active", qid))  # the agent may still read it
+        env.agents.release(3, "defer")
+        await drain(sched)
+        assert ctl._result(qid) == DONE
+        counts_are_zero(sched)
+
+    run(go())
+    assert not os.path.exists(env.spool.path("active", qid))
+    assert not os.path.exists(env.spool.path("defer", qid))  # logs go with the message
+    assert env.files("deferred") == [other]  # the other message is untouched
+    assert f"{qid}: removed" in capfd.readouterr().err  # the log (stderr: not set up)
+
+
+def test_hold_takes_waiting_entries_out_and_keeps_every_recipient(tmp_path: Path) -> None:
+    env = Env(tmp_path, smtp_destination_recipient_limit="2",
+              smtp_destination_concurrency_limit="1", initial_destination_concurrency="1")
+    qid = env.submit("a@x.example", [f"r{i}@one.example" for i in range(6)])
+    env.agents.hold = True
+
+    async def go() -> None:
+        sched = env.sched()
+        ctl = control(env, sched)
+        sched.startup()
+        await drain(sched)
+        assert len(env.agents.waiting) == 1  # one entry in flight, two waiting
+        assert sched.active.rcpt_count == 6
+        assert ctl.act([qid], "hold") == {qid: "pending"}
+        assert sched.active.rcpt_count == 2  # the waiting ones are gone, counts kept
+        env.agents.release(1, "sent")
+        await drain(sched)
+        counts_are_zero(sched)
+
+    run(go())
+    assert env.files("hold") == [qid]
+    assert len(env.agents.requests) == 1  # no attempt after the hold
+    with QueueFile.open(env.spool, "hold", qid, lock=None, readonly=True) as qf:
+        assert (len(qf.recipients), qf.done_count) == (4, 2)  # 4 left, 2 delivered
+
+
+def test_hold_of_mail_delivered_meanwhile_removes_it(tmp_path: Path) -> None:
+    env = Env(tmp_path)
+    qid = env.submit("a@x.example", ["r@one.example"])
+    env.agents.hold = True
+
+    async def go() -> None:
+        sched = env.sched()
+        ctl = control(env, sched)
+        sched.startup()
+        await drain(sched)
+        assert ctl.act([qid], "hold") == {qid: "pending"}
+        env.agents.release(1, "sent")
+        await drain(sched)
+        assert ctl._result(qid) == "delivered"
+        counts_are_zero(sched)
+
+    run(go())
+    assert not env.files("hold") and not env.files("active")
+
+
+def test_requeue_puts_it_back_to_incoming_and_it_is_routed_again(tmp_path: Path) -> None:
+    env = Env(tmp_path)
+    qid = env.submit("a@x.example", ["r@one.example"])
+    env.agents.hold = True
+
+    async def go() -> None:
+        sched = env.sched()
+        ctl = control(env, sched)
+        sched.startup()
+        await drain(sched)
+        assert ctl.act([qid], "requeue") == {qid: "pending"}
+        env.agents.release(1, "defer")
+        env.agents.hold = False
+        await drain(sched)  # back to incoming, scanned, delivered again
+        counts_are_zero(sched)
+
+    run(go())
+    assert [r.queue_id for _, r in env.agents.requests] == [qid, qid]
+    assert not env.files("deferred") and not env.files("incoming")
+
+
+def test_unread_recipients_stay_in_the_file(tmp_path: Path) -> None:
+    env = Env(tmp_path, qmgr_message_recipient_limit="10",
+              qmgr_message_recipient_minimum="2", smtp_recipient_limit="2",
+              smtp_destination_recipient_limit="1")
+    qid = env.submit("a@x.example", [f"r{i}@one.example" for i in range(30)])
+    env.agents.hold = True
+
+    async def go() -> None:
+        sched = env.sched()
+        ctl = control(env, sched)
+        sched.startup()
+        await drain(sched)
+        msg = sched.active.messages[qid]
+        assert msg.rcpt_offset > 0  # not every recipient was read
+        ctl.act([qid], "hold")
+        env.agents.release(len(env.agents.waiting), "sent")
+        await drain(sched)
+        counts_are_zero(sched)
+
+    run(go())
+    assert env.files("hold") == [qid]
+
+
+def test_files_the_qmgr_does_not_hold(tmp_path: Path) -> None:
+    env = Env(tmp_path)
+    qid = env.submit("a@x.example", ["r@one.example"])
+    env.spool.move(qid, "incoming", "active")
+
+    async def go() -> None:
+        sched = env.sched()
+        ctl = control(env, sched)
+        fd = os.open(env.spool.path("active", qid), os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)  # an agent of an earlier qmgr delivers it
+            assert ctl.act([qid], "hold") == {qid: BUSY}
+        finally:
+            os.close(fd)
+        assert ctl.act([qid], "hold") == {qid: DONE}
+        other = "4SVLCh0sf8z9HdB"
+        assert ctl.act([other], "delete") == {other: ABSENT}
+
+    run(go())
+    assert env.files("hold") == [qid]
+    assert apply_file(env.spool, "hold", qid, "release") == DONE
+    assert env.files("deferred") == [qid]
+    assert apply_file(env.spool, "hold", qid, "release") == ABSENT
+
+
+def write_suspension(env: Env, key: str, until: float, reason: str = "") -> None:
+    path = susp.suspend_path(env.spool.queue_directory)
+    susp.update(path, lambda items: [s for s in items if s.domain != key]
+                + [susp.Suspension(key, until, reason, env.clock.now)], env.clock.now)
+
+
+def test_suspension_defers_without_attempt_and_ends_by_itself(tmp_path: Path) -> None:
+    env = Env(tmp_path, minimal_backoff_time="300s", maximal_backoff_time="4000s")
+    write_suspension(env, "example.com", env.clock.now + 60, "maintenance")
+    held = env.submit("a@x.example", ["u@example.com", "v@other.example"])
+
+    async def go() -> None:
+        sched = env.sched()
+        ctl = control(env, sched)
+        ctl.load_suspensions()
+        assert [s["domain"] for s in sched.snapshot()["suspended"]] == ["example.com"]
+        sched.startup()
+        await drain(sched)
+        assert env.agents.rcpts() == ["v@other.example"]  # no attempt for example.com
+        assert env.files("deferred") == [held]
+        mtime = os.stat(env.spool.path("deferred", held)).st_mtime
+        assert mtime == env.clock.now + 60  # retry at the end, not after 300 s
+        (status, reason), = [(d.status, d.reason)
+                             for _, d in statuslog.read(env.spool, "defer", held)]
+        assert status == "4.3.2" and "example.com suspended" in reason
+        assert "maintenance" in reason
+        env.clock.now += 61
+        await drain(sched)
+        assert not sched.suspended
+        assert env.agents.rcpts()[-1] == "u@example.com"
+
+    run(go())
+    assert not env.files("deferred")
+
+
+def test_suspension_sweeps_waiting_entries_and_is_lifted(tmp_path: Path) -> None:
+    env = Env(tmp_path, smtp_destination_concurrency_limit="1",
+              initial_destination_concurrency="1")
+    qids = [env.submit("a@x.example", [f"u{i}@example.com"]) for i in range(3)]
+    env.agents.hold = True
+
+    async def go() -> None:
+        sched = env.sched()
+        ctl = control(env, sched)
+        sched.startup()
+        await drain(sched)
+        assert len(env.agents.waiting) == 1  # 1 in flight, 2 waiting
+        write_suspension(env, ".com", 0)
+        assert (await ctl.handle({"cmd": "suspend"}))["suspended"][0]["domain"] == ".com"
+        env.agents.release(1, "sent")
+        await drain(sched)
+        counts_are_zero(sched)
+        assert len(env.agents.requests) == 1
+        path = susp.suspend_path(env.spool.queue_directory)
+        susp.update(path, lambda items: [], env.clock.now)
+        await ctl.handle({"cmd": "suspend"})
+        assert not sched.suspended
+
+    run(go())
+    assert len(env.files("deferred")) == 2 and set(env.files("deferred")) < set(qids)
+
+
+def test_control_socket_round_trip(tmp_path: Path) -> None:
+    env = Env(tmp_path)
+    restarts: list[int] = []
+    path = str(tmp_path / "ctl.sock")
+
+    async def go() -> None:
+        sched = env.sched()
+        server = ControlServer(path, control(env, sched, restarts))
+        assert await server.start()
+        loop = asyncio.get_running_loop()
+        try:
+            pong = await loop.run_in_executor(None, request, path, {"cmd": "ping"})
+            assert pong["pid"] == os.getpid() and pong["tables_changed"] is False
+            bad = await loop.run_in_executor(
+                None, request, path, {"cmd": "act", "action": "delete", "ids": ["../x"]})
+            assert "error" in bad
+            act = await loop.run_in_executor(
+                None, request, path,
+                {"cmd": "act", "action": "delete", "ids": ["4SVLCh0sf8z9HdB"]})
+            assert act == {"results": {"4SVLCh0sf8z9HdB": ABSENT}}
+            tables = await loop.run_in_executor(None, request, path, {"cmd": "tables"})
+            assert tables["restarting"] is False and not restarts
+        finally:
+            await server.close()
+        assert not os.path.exists(path)
+
+    run(go())
+
+
+def test_suspension_file_is_checked(tmp_path: Path) -> None:
+    path = str(tmp_path / "s")
+    assert susp.load(path, 0) == []
+    for bad in ("{", "[]", json.dumps({"suspensions": [{"domain": "../etc"}]})):
+        Path(path).write_text(bad)
+        try:
+            susp.load(path, 0)
+        except ValueError:
+            continue
+        raise AssertionError(f"accepted {bad!r}")
+    Path(path).write_text(json.dumps({"suspensions": [
+        {"domain": "a.example", "until": 10}, {"domain": "b.example", "until": 0}]}))
+    assert [s.domain for s in susp.load(path, 20)] == ["b.example"]  # a. has ended
+    for key in ("example.com", ".example.com", "[127.0.0.1]:2525", "[::1]", "x-y.example"):
+        assert susp.valid_key(key), key
+    for key in ("", "../../etc/passwd", "a\0b", "a\nb", "a b", "a/b", "[x]:99999999"):
+        assert not susp.valid_key(key), key
+    s = susp.Suspensions()
+    s.replace([susp.Suspension("example.com"), susp.Suspension(".sub.example"),
+               susp.Suspension("[127.0.0.1]:2525")], 0)
+    assert s.match("u@EXAMPLE.com", "example.com")
+    assert not s.match("u@x.example.com", "x.example.com")
+    assert s.match("u@a.sub.example", "a.sub.example")
+    assert not s.match("u@sub.example", "sub.example")
+    assert s.match("u@elsewhere.example", "[127.0.0.1]:2525")
+    assert not s.match("u@elsewhere.example", "[127.0.0.1]:2526")
+
+
+def test_qmgr_copes_when_a_file_is_removed_under_it(tmp_path: Path,
+                                                      capfd: pytest.CaptureFixture[str]) -> None:
+    """Postfix's postsuper way (and qmgr-ctl's fallback with no qmgr answering): the file
+    goes while its delivery is in flight; the qmgr warns, forgets it, counts stay right."""
+    env = Env(tmp_path)
+    gone = env.submit("a@x.example", ["r@one.example"])
+    moved = env.submit("a@x.example", ["r@two.example"])
+    env.agents.hold = True
+
+    async def go() -> None:
+        sched = env.sched()
+        sched.startup()
+        await drain(sched)
+        assert len(env.agents.waiting) == 2
+        os.unlink(env.spool.path("active", gone))
+        env.spool.move(moved, "active", "hold")
+        env.agents.release(2, "defer")  # replies: the agents had the files open
+        await drain(sched)
+        counts_are_zero(sched)
+
+    env.agents._outcomes = lambda t, r, o: DeliverStatus(status=1)  # type: ignore[method-assign]
+    run(go())
+    err = capfd.readouterr().err
+    assert f"{gone}: active queue file vanished" in err
+    assert "delivery via" not in err and "Traceback" not in err
+    assert env.files("hold") == [moved] and not env.files("active")
