@@ -25,6 +25,12 @@ Summary
     moves it to corrupt/ (Postfix mark_corrupt). A malformed request is logged as a
     warning and the connection is closed without a reply.
 
+    Status-log entries of one request are written with one append per log
+    (statuslog.append_many: one fsync for all the request's bounced recipients). A
+    transport hook that raises (``software``) and a status log that cannot be written
+    (``resource``) also post a postmaster notice when ``notify_classes`` has the class
+    (transports.notify).
+
 Public API
     DeliveryAgent                     subclass it; ``name`` is the default service name
         .deliver(req, msg) -> list[tuple[RecipientInfo, Dsn]]     the transport hook
@@ -67,6 +73,7 @@ from qmgrd.spool.message import CorruptQueueFile, QueueFile, QueueFileError
 from qmgrd.spool.queue import MESSAGE_QUEUES, Spool
 from qmgrd.spool.queueid import valid_id
 from qmgrd.spool.statuslog import Dsn
+from transports import notify
 
 if TYPE_CHECKING:
     from master.config import Config
@@ -226,9 +233,12 @@ class DeliveryAgent:
                         log.warning(f"{req.queue_id}: cannot mark corrupt: {err}")
                 return self._finish_all(req, msg, make_dsn("4.3.0", _READ_ERROR))
             except Exception:  # noqa: BLE001 - the request boundary: contain any agent bug
+                trace = traceback.format_exc()
                 log.error(f"{req.queue_id}: delivery agent failed: "
-                          + traceback.format_exc().replace("\n", " | "))
-                return self._finish_all(req, msg, make_dsn("4.3.0", _AGENT_ERROR))
+                          + trace.replace("\n", " | "))
+                reply = self._finish_all(req, msg, make_dsn("4.3.0", _AGENT_ERROR))
+                self._error_notice("software", req, trace)
+                return reply
             return self._finish(req, msg, results)
 
     def _chmod_corrupt(self, req: DeliverRequest) -> None:
@@ -248,10 +258,13 @@ class DeliveryAgent:
         results: list[tuple[RecipientInfo, Dsn]],
     ) -> DeliverStatus:
         by_id = {id(r): d for r, d in results}
+        outcomes = [(rcpt, self._normalize(req, rcpt, by_id.get(id(rcpt))
+                                           or make_dsn("4.3.0", _AGENT_ERROR)))
+                    for rcpt in req.recipients]
+        written = self._append_logs(req, outcomes)
         unfinished = 0
-        for rcpt in req.recipients:
-            dsn = by_id.get(id(rcpt)) or make_dsn("4.3.0", _AGENT_ERROR)
-            if not self._record(req, msg, rcpt, dsn):
+        for rcpt, dsn in outcomes:
+            if not self._record(req, msg, rcpt, dsn, id(rcpt) in written):
                 unfinished += 1
         reply = DeliverStatus(status=1 if unfinished else 0)
         hop = self.state.hop
@@ -265,43 +278,62 @@ class DeliveryAgent:
 
     # ------------------------------------------------------------------ per recipient
 
-    def _record(
-        self, req: DeliverRequest, msg: QueueFile | None, rcpt: RecipientInfo, dsn: Dsn
-    ) -> bool:
-        """Log and record one recipient's outcome; True when the recipient is finished."""
+    def _normalize(self, req: DeliverRequest, rcpt: RecipientInfo, dsn: Dsn) -> Dsn:
+        """A checked status (bad codes become 4.3.0), soft_bounce applied, with the action
+        that fits it (delivered unless the transport said e.g. relayed, failed, delayed)."""
         if not _DSN_RE.match(dsn.status):
             log.warning(f"{req.queue_id}: bad status {dsn.status!r} for {rcpt.address}")
             dsn = make_dsn("4.3.0", _AGENT_ERROR)
         if dsn.status[0] == "5" and self.soft_bounce:
             dsn = replace(dsn, status="4" + dsn.status[1:], action="delayed")
-        env_rcpt = Recipient(rcpt.address, rcpt.orig_rcpt, rcpt.dsn_orcpt, rcpt.notify,
-                             rcpt.offset)
-        assert self.spool is not None
         if dsn.status[0] == "2":
-            dsn = replace(dsn, action=dsn.action or "delivered")
+            return replace(dsn, action=dsn.action or "delivered")
+        return replace(dsn, action="failed" if dsn.status[0] == "5" else "delayed")
+
+    @staticmethod
+    def _status_log(req: DeliverRequest, rcpt: RecipientInfo, dsn: Dsn) -> str:
+        """The status log a (normalized) outcome goes to ("" = none)."""
+        if dsn.status[0] == "2":
             if rcpt.notify & DSN_NOTIFY_SUCCESS or req.flags & DEL_REQ_FLAG_RECORD:
-                try:
-                    statuslog.append(self.spool, "trace", req.queue_id, env_rcpt, dsn)
-                except (OSError, ValueError) as exc:
-                    log.warning(f"{req.queue_id}: trace log append: {exc}")
-                    return self._defer(req, rcpt, env_rcpt,
-                                       make_dsn("4.3.0", _STATUS_LOG_ERROR))
-            self._log(req, rcpt, dsn, "sent")
-            if req.flags & delivery.DEL_REQ_FLAG_SUCCESS and msg is not None:
-                self._mark_done(req, msg, rcpt)
-            return True
-        if dsn.status[0] == "5":
-            dsn = replace(dsn, action="failed")
+                return "trace"
+            return ""
+        return "bounce" if dsn.status[0] == "5" else "defer"
+
+    def _append_logs(self, req: DeliverRequest,
+                     outcomes: list[tuple[RecipientInfo, Dsn]]) -> set[int]:
+        """Write the request's status-log entries, one append (one fsync) per log; return
+        the ``id()`` of every recipient whose entry was written."""
+        assert self.spool is not None
+        groups: dict[str, list[tuple[RecipientInfo, Dsn]]] = {}
+        for rcpt, dsn in outcomes:
+            name = self._status_log(req, rcpt, dsn)
+            if name:
+                groups.setdefault(name, []).append((rcpt, dsn))
+        written: set[int] = set()
+        for name, items in groups.items():
             try:
-                statuslog.append(self.spool, "bounce", req.queue_id, env_rcpt, dsn)
+                statuslog.append_many(self.spool, name, req.queue_id,
+                                      [(_env_rcpt(r), d) for r, d in items])
             except (OSError, ValueError) as exc:
-                log.warning(f"{req.queue_id}: bounce log append: {exc}")
-                return self._defer(req, rcpt, env_rcpt, make_dsn("4.3.0", _STATUS_LOG_ERROR))
-            self._log(req, rcpt, dsn, "bounced")
-            if msg is not None:
-                self._mark_done(req, msg, rcpt)
-            return True
-        return self._defer(req, rcpt, env_rcpt, replace(dsn, action="delayed"))
+                log.warning(f"{req.queue_id}: {name} log append: {exc}")
+                self._error_notice("resource", req, f"{name} log append: {exc}")
+                continue
+            written.update(id(r) for r, _ in items)
+        return written
+
+    def _record(self, req: DeliverRequest, msg: QueueFile | None, rcpt: RecipientInfo,
+                dsn: Dsn, logged: bool) -> bool:
+        """Log and settle one recipient's (normalized) outcome whose status-log entry was
+        ``logged`` or not; True when the recipient is finished."""
+        if dsn.status[0] == "4":
+            self._log(req, rcpt, dsn, "deferred")
+            return False
+        if not logged and self._status_log(req, rcpt, dsn):
+            return self._defer(req, rcpt, _env_rcpt(rcpt), make_dsn("4.3.0", _STATUS_LOG_ERROR))
+        self._log(req, rcpt, dsn, "sent" if dsn.status[0] == "2" else "bounced")
+        if msg is not None and (dsn.status[0] == "5" or req.flags & delivery.DEL_REQ_FLAG_SUCCESS):
+            self._mark_done(req, msg, rcpt)
+        return True
 
     def _defer(
         self, req: DeliverRequest, rcpt: RecipientInfo, env_rcpt: Recipient, dsn: Dsn
@@ -313,6 +345,12 @@ class DeliveryAgent:
             log.warning(f"{req.queue_id}: defer log append: {exc}")
         self._log(req, rcpt, dsn, "deferred")
         return False
+
+    def _error_notice(self, klass: str, req: DeliverRequest, text: str) -> None:
+        """A postmaster notice per notify_classes (transports.notify)."""
+        if self.cfg is not None and self.spool is not None:
+            notify.error_notice(self.cfg, self.spool, klass, service=self.service,
+                                qid=req.queue_id, sender=req.sender, text=text)
 
     @staticmethod
     def _mark_done(req: DeliverRequest, msg: QueueFile, rcpt: RecipientInfo) -> None:
@@ -330,6 +368,10 @@ class DeliveryAgent:
             req.arrival, req.active_arrival, req.handoff, self.state.conn_setup_done,
             self.clock(), dsn.status, status, dsn.reason,
         ))
+
+
+def _env_rcpt(rcpt: RecipientInfo) -> Recipient:
+    return Recipient(rcpt.address, rcpt.orig_rcpt, rcpt.dsn_orcpt, rcpt.notify, rcpt.offset)
 
 
 def run(agent: DeliveryAgent) -> NoReturn:

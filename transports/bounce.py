@@ -4,41 +4,73 @@ Summary
     One program serves the master.cf services ``bounce``, ``defer`` and ``trace``; the
     service name chooses the status log it reads (``bounce/<id>``, ``defer/<id>``,
     ``trace/<id>``). The qmgr asks it, over ``private/<service>`` with Postfix's
-    ``delivery_status_protocol`` (postfix.md §5.4), to turn a message's log into a
-    notice:
+    ``delivery_status_protocol`` (postfix.md §5.4), to turn a message's log into
+    notices, and does not wait for anything else meanwhile (its request is asynchronous):
 
     * FLUSH to ``bounce``: a non-delivery notice for the recipients in ``bounce/<id>``;
     * FLUSH to ``defer``: the message expired — a non-delivery notice for the recipients
-      in ``defer/<id>`` (Action: failed);
-    * WARN to ``defer``: a delay warning (Action: delayed), the log is kept;
-    * TRACE to ``trace``: a success notice (Action: delivered/relayed).
+      in ``defer/<id>`` (Action: failed, the last 4.x.x status and reason of each: a
+      recipient logged more than once is reported once, with its last entry);
+    * WARN to ``defer``: a delay warning (Action: delayed, Will-Retry-Until), the log is
+      kept (the qmgr marks the warning as sent);
+    * TRACE to ``trace``: a success notice (Action: delivered or relayed).
 
     Notices are RFC 3464 ``multipart/report; report-type=delivery-status`` messages built
-    with the standard ``email`` package: a human-readable part naming each recipient and
-    the reason, a ``message/delivery-status`` part (Reporting-MTA, Arrival-Date,
-    per recipient Final-Recipient, Original-Recipient, Action, Status, Remote-MTA,
-    Diagnostic-Code, Last-Attempt-Date), and the original message (``message/rfc822``)
-    or only its headers (``text/rfc822-headers``) when RET=HDRS or it is larger than
-    ``bounce_size_limit``. Notices go through cleanup with the null sender. DSN NOTIFY
-    decides which recipients are listed (no NOTIFY or FAILURE for non-delivery; DELAY
-    for warnings; SUCCESS for success notices); with none the notice is cancelled.
+    with the standard ``email`` package (:func:`build_notice`): a human-readable
+    ``text/plain`` part naming each recipient and the reason, a
+    ``message/delivery-status`` part (Reporting-MTA, Original-Envelope-Id, Arrival-Date;
+    per recipient Final-Recipient, Original-Recipient from ORCPT or the pre-rewrite
+    address, Action, Status, Remote-MTA, Diagnostic-Code, Last-Attempt-Date), and the
+    original message (``message/rfc822``) or only its headers (``text/rfc822-headers``).
+    Every notice enters the queue through cleanup.
 
-    A notice for mail from the null sender is a double bounce: it goes to
-    ``2bounce_notice_recipient`` from ``double-bounce@$myhostname`` when
-    ``notify_classes`` has ``bounce`` or ``2bounce``, and is otherwise discarded (logged).
+Who gets what (Postfix bounce_notify_service, bounce_warn_service, bounce_trace_service)
+    * A sender notice goes from the null sender to the envelope sender and lists the
+      recipients whose DSN NOTIFY allows it (RFC 3461: none given or FAILURE for
+      non-delivery, none or DELAY for delay warnings, SUCCESS for success notices);
+      with none left (e.g. NOTIFY=NEVER) no sender notice is sent and that counts as
+      success. Non-delivery notices return the message per RET (full unless
+      RET=HDRS); delay warnings and success notices return the headers only; anything
+      over ``bounce_size_limit`` bytes returns the headers only.
+    * Postmaster notices go from ``double-bounce@$myhostname`` (``double_bounce_sender``),
+      list every recipient of the log whatever its NOTIFY, carry no boiler-plate text,
+      and are sent per ``notify_classes``: class ``bounce`` — a copy of every sender
+      non-delivery notice (headers only) to ``bounce_notice_recipient``; class
+      ``delay`` — a copy of every delay warning (headers only) to
+      ``delay_notice_recipient``. A failed postmaster copy is a warning only.
+    * A notice for mail from the null sender (a notice that could not be delivered) is
+      a double bounce: with ``bounce`` or ``2bounce`` in ``notify_classes`` it goes to
+      ``2bounce_notice_recipient`` with the full message (size limit applies), otherwise
+      it is dropped. A delayed null-sender message warns ``delay_notice_recipient``
+      only with class ``delay``; null-sender mail gets no success notice.
+    * A notice for mail from the double-bounce address itself (a postmaster notice that
+      could not be delivered) is never sent: ``undeliverable postmaster notification
+      discarded``. So a notice can loop at most once, to the postmaster.
+    Unqualified notice recipients get ``@$myorigin``.
 
-Replies ``status=0`` on success (the log is then removed, except for WARN), non-zero
-on failure (the qmgr keeps the message deferred and asks again later).
+Public API
+    BounceService(ctx)              .serve(conn, ctx), .handle(request) -> int (0 = done)
+    build_notice(*, kind, myhostname, qid, sender, to, arrival, entries, original,
+                 headers_only, envid="", lifetime=432000, warn_after=0,
+                 postmaster_copy=False, boilerplate=True, smtputf8=False) -> bytes
+    main()                          the service's entry point (single_server)
 
-Logs: ``<id>: sender non-delivery notification: <new id>`` (and delay/success variants).
+Replies ``status=0`` on success (the log is then removed, except for WARN), non-zero on
+failure (cleanup refused the notice, the queue file or log could not be read): the log
+is kept and the qmgr asks again later. Logs Postfix's lines
+``<id>: sender non-delivery notification: <new id>`` (``sender delay notification``,
+``sender delivery status notification``, ``postmaster non-delivery notification``,
+``postmaster delay notification``) and warnings for bad requests and failures.
 """
 
 from __future__ import annotations
 
+import email.charset
 import email.utils
-import os
+import io
 import socket
 import time
+from email.generator import BytesGenerator
 from email.message import Message
 from email.mime.base import MIMEBase
 from email.mime.message import MIMEMessage
@@ -62,19 +94,27 @@ from qmgrd.delivery import (
 )
 from qmgrd.spool import statuslog
 from qmgrd.spool.cleanup import Cleanup, CleanupError
-from qmgrd.spool.envelope import Envelope, Recipient
+from qmgrd.spool.envelope import (
+    DSN_NOTIFY_DELAY,
+    DSN_NOTIFY_FAILURE,
+    DSN_NOTIFY_SUCCESS,
+    DSN_RET_HDRS,
+    SMTPUTF8_FLAG_REQUESTED,
+    Envelope,
+    Recipient,
+)
 from qmgrd.spool.message import CorruptQueueFile, QueueFile
 from qmgrd.spool.queue import Spool
 from qmgrd.spool.queueid import valid_id
 
 __all__ = ["BounceService", "build_notice", "main"]
 
-NOTIFY_SUCCESS, NOTIFY_FAILURE, NOTIFY_DELAY = 2, 4, 8
+Entries = list[tuple[Recipient, statuslog.Dsn]]
 
 _SUBJECT = {
-    "failed": "Undelivered Mail Returned to Sender",
-    "delayed": "Delayed Mail (still being retried)",
-    "delivered": "Successful Mail Delivery Report",
+    "failed": ("Undelivered Mail Returned to Sender", "Postmaster Copy: Undelivered Mail"),
+    "delayed": ("Delayed Mail (still being retried)", "Postmaster Warning: Delayed Mail"),
+    "delivered": ("Successful Mail Delivery Report", "Postmaster Copy: Delivery Report"),
 }
 
 _TEXT = {
@@ -89,8 +129,11 @@ _TEXT = {
         "####################################################################\n"
         "# THIS IS A WARNING ONLY.  YOU DO NOT NEED TO RESEND YOUR MESSAGE. #\n"
         "####################################################################\n\n"
-        "Your message could not be delivered for {delay} hour(s).\n"
-        "It will be retried until it is {lifetime} day(s) old.\n"
+        "Your message could not be delivered for more than {delay}.\n"
+        "It will be retried until it is {lifetime} old.\n\n"
+        "For further assistance, please send mail to postmaster.\n\n"
+        "If you do so, please include this problem report. You can\n"
+        "delete your own text from the attached returned message.\n"
     ),
     "delivered": (
         "Your message was successfully delivered to the destination(s)\n"
@@ -100,16 +143,87 @@ _TEXT = {
     ),
 }
 
+_RETURNED = {
+    "failed": ("Undelivered Message", "Undelivered Message Headers"),
+    "delayed": ("Delayed Message", "Delayed Message Headers"),
+    "delivered": ("Delivered Message", "Message Headers"),
+}
 
-def _addr_type(addr: str) -> str:
-    return "rfc822"
+# Header values are passed as "surrogateescape" text so that the compat32 generator
+# writes them as they are (raw UTF-8 for SMTPUTF8 mail, never RFC 2047 words), and
+# without folding (max_line_length 0).
+_OUT_POLICY = compat32.clone(linesep="\n", max_line_length=0)
+_UTF8_8BIT = email.charset.Charset("utf-8")
+_UTF8_8BIT.body_encoding = None  # type: ignore[assignment]  # 8bit, not base64
+
+
+class _Generator(BytesGenerator):
+    """BytesGenerator that writes message/global-delivery-status (RFC 6533) as the header
+    blocks it is, like message/delivery-status."""
+
+    def _handle_message_global_delivery_status(self, msg: Message) -> None:
+        self._handle_message_delivery_status(msg)  # type: ignore[attr-defined]
+
+
+def _raw(value: str) -> str:
+    return value.encode("utf-8", "surrogateescape").decode("ascii", "surrogateescape")
+
+
+def _duration(seconds: float) -> str:
+    """``4 hour(s)``, ``5 day(s)``, ``30 second(s)``: the largest unit that fits."""
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if seconds >= size:
+            return f"{round(seconds / size, 1):g} {unit}(s)"
+    return f"{max(0, round(seconds)):g} second(s)"
 
 
 def _field_block(fields: list[tuple[str, str]]) -> Message:
     m = Message(policy=compat32)
     for name, value in fields:
-        m[name] = value
+        m[name] = _raw(value)
     return m
+
+
+def _text_part(text: str) -> MIMEText:
+    if text.isascii():
+        return MIMEText(text, "plain", "us-ascii", policy=compat32)
+    return MIMEText(text, "plain", _UTF8_8BIT, policy=compat32)  # type: ignore[arg-type]
+
+
+def _recipient_line(rcpt: Recipient, dsn: statuslog.Dsn) -> str:
+    """Postfix's ``<addr> (expanded from <orig>): reason`` line."""
+    line = f"<{statuslog.quote_822_local(rcpt.address)}>"
+    if rcpt.orig_rcpt and rcpt.orig_rcpt.lower() != rcpt.address.lower():
+        line += f" (expanded from <{statuslog.quote_822_local(rcpt.orig_rcpt)}>)"
+    return f"{line}: {dsn.reason}"
+
+
+def _recipient_fields(kind: str, rcpt: Recipient, dsn: statuslog.Dsn, addr_type: str,
+                      last: str, retry_until: str) -> list[tuple[str, str]]:
+    f = [("Final-Recipient", f"{addr_type}; {statuslog.quote_822_local(rcpt.address)}")]
+    if rcpt.dsn_orcpt:
+        f.append(("Original-Recipient", rcpt.dsn_orcpt))
+    elif rcpt.orig_rcpt and rcpt.orig_rcpt.lower() != rcpt.address.lower():
+        f.append(("Original-Recipient",
+                  f"{addr_type}; {statuslog.quote_822_local(rcpt.orig_rcpt)}"))
+    if kind == "delivered":
+        action = dsn.action if dsn.action in ("delivered", "relayed", "expanded") \
+            else "delivered"
+    else:
+        action = kind
+    f.append(("Action", action))
+    f.append(("Status", dsn.status or {"failed": "5.0.0", "delayed": "4.0.0"}.get(kind,
+                                                                                "2.0.0")))
+    if dsn.mta_type and dsn.mta_mname:
+        f.append(("Remote-MTA", f"{dsn.mta_type}; {dsn.mta_mname}"))
+    if dsn.diag_type and dsn.diag_text:
+        f.append(("Diagnostic-Code", f"{dsn.diag_type}; {dsn.diag_text}"))
+    else:
+        f.append(("Diagnostic-Code", f"X-Postfix; {dsn.reason}"))
+    f.append(("Last-Attempt-Date", last))
+    if kind == "delayed":
+        f.append(("Will-Retry-Until", retry_until))
+    return f
 
 
 def build_notice(
@@ -120,104 +234,110 @@ def build_notice(
     sender: str,
     to: str,
     arrival: float,
-    entries: list[tuple[Recipient, statuslog.Dsn]],
+    entries: Entries,
     original: bytes,
     headers_only: bool,
     envid: str = "",
-    lifetime_days: float = 5,
+    lifetime: float = 5 * 86400,
+    warn_after: float = 0,
     postmaster_copy: bool = False,
+    boilerplate: bool = True,
+    smtputf8: bool = False,
 ) -> bytes:
-    """Build an RFC 3464 notice (bytes, LF line ends).
+    """Build an RFC 3464 notice (bytes, LF line ends; cleanup adds the Message-ID).
 
     Args:
         kind: "failed" (non-delivery or expiry), "delayed" (warning), "delivered".
-        original: the original message (headers + body), LF line ends.
-        headers_only: return only the headers (RET=HDRS or over bounce_size_limit).
+        myhostname: the Reporting-MTA name.
+        qid, sender: the original message's queue id and envelope sender.
+        to: the notice's recipient (the To: header).
+        arrival: when the original message arrived (epoch seconds).
+        entries: the recipients to report with their status (in that order).
+        original: the original message (headers + body, or only the headers when
+            ``headers_only``), LF line ends.
+        headers_only: return ``text/rfc822-headers`` instead of ``message/rfc822``.
+        envid: the DSN ENVID ("" = none).
+        lifetime: maximal_queue_lifetime in seconds (Will-Retry-Until, warning text).
+        warn_after: delay_warning_time in seconds (warning text).
+        postmaster_copy: the postmaster subject and ``Auto-Submitted: auto-generated``.
+        boilerplate: include the explanatory text (postmaster notices have none).
+        smtputf8: use ``message/global-delivery-status`` and ``message/global``
+            (RFC 6533) and ``utf-8`` address types.
     """
     now = time.time()
     outer = MIMEMultipart("report", report_type="delivery-status", policy=compat32)
-    subject = _SUBJECT[kind]
-    if postmaster_copy:
-        subject = "Postmaster Copy: " + subject if kind == "failed" else "Postmaster Warning: " + subject
     outer["From"] = f"MAILER-DAEMON@{myhostname} (Mail Delivery System)"
-    outer["Subject"] = subject
-    outer["To"] = to
+    outer["Subject"] = _SUBJECT[kind][1 if postmaster_copy else 0]
+    outer["To"] = _raw(to)
     outer["Auto-Submitted"] = "auto-generated" if postmaster_copy else "auto-replied"
     outer["Date"] = email.utils.formatdate(now, localtime=True)
-    outer["Message-ID"] = f"<{qid}.notice.{int(now)}@{myhostname}>"
-    orig_hdrs = BytesParser(policy=compat32).parsebytes(original, headersonly=True)
+    head_end = original.find(b"\n\n")
+    orig_hdrs = BytesParser(policy=compat32).parsebytes(
+        original if head_end < 0 else original[: head_end + 1], headersonly=True)
     orig_mid = orig_hdrs.get("Message-ID")
-    if orig_mid:
-        outer["In-Reply-To"] = str(orig_mid).strip()
-        outer["References"] = str(orig_mid).strip()
+    if orig_mid and str(orig_mid).strip():
+        outer["In-Reply-To"] = _raw(str(orig_mid).strip())
+        outer["References"] = _raw(str(orig_mid).strip())
     outer.preamble = "This is a MIME-encapsulated message.\n"
 
-    hours = max(0.0, (now - arrival) / 3600)
-    intro = (
-        f"This is the mail system at host {myhostname}.\n\n"
-        + _TEXT[kind].format(delay=f"{hours:.0f}", lifetime=f"{lifetime_days:g}")
-        + "\n                   The mail system\n\n"
-    )
-    lines = [f"<{r.address}>: {d.reason}" for r, d in entries]
-    text = MIMEText(intro + "\n".join(lines) + "\n", "plain", "utf-8")
-    text["Content-Description"] = "Notification" if kind == "failed" else (
-        "Delayed Mail" if kind == "delayed" else "Notification")
-    outer.attach(text)
+    text = f"This is the mail system at host {myhostname}.\n\n" + _TEXT[kind].format(
+        delay=_duration(warn_after), lifetime=_duration(lifetime)
+    ) + "\n                   The mail system\n\n" if boilerplate else ""
+    text += "".join(_recipient_line(r, d) + "\n" for r, d in entries)
+    part1 = _text_part(text)
+    part1["Content-Description"] = "Notification"
+    del part1["MIME-Version"]
+    outer.attach(part1)
 
+    addr_type = "utf-8" if smtputf8 else "rfc822"
     msg_fields = [("Reporting-MTA", f"dns; {myhostname}")]
     if envid:
         msg_fields.append(("Original-Envelope-Id", envid))
     msg_fields += [
         ("X-Postfix-Queue-ID", qid),
-        ("X-Postfix-Sender", f"rfc822; {sender}"),
+        ("X-Postfix-Sender", f"{addr_type}; {statuslog.quote_822_local(sender)}"),
         ("Arrival-Date", email.utils.formatdate(arrival, localtime=True)),
     ]
-    blocks = [_field_block(msg_fields)]
     last = email.utils.formatdate(now, localtime=True)
-    for rcpt, dsn in entries:
-        f = [("Final-Recipient", f"{_addr_type(rcpt.address)}; {rcpt.address}")]
-        if rcpt.dsn_orcpt:
-            f.append(("Original-Recipient", rcpt.dsn_orcpt))
-        elif rcpt.orig_rcpt and rcpt.orig_rcpt.lower() != rcpt.address.lower():
-            f.append(("Original-Recipient", f"rfc822; {rcpt.orig_rcpt}"))
-        action = kind if kind != "failed" else "failed"
-        if kind == "delivered":
-            action = dsn.action if dsn.action in ("delivered", "relayed", "expanded") else "delivered"
-        f.append(("Action", action))
-        f.append(("Status", dsn.status or ("5.0.0" if kind == "failed" else "4.0.0")))
-        if dsn.mta_type and dsn.mta_mname:
-            f.append(("Remote-MTA", f"{dsn.mta_type}; {dsn.mta_mname}"))
-        if dsn.diag_type and dsn.diag_text:
-            f.append(("Diagnostic-Code", f"{dsn.diag_type}; {dsn.diag_text}"))
-        else:
-            f.append(("Diagnostic-Code", f"X-Postfix; {dsn.reason}"))
-        f.append(("Last-Attempt-Date", last))
-        if kind == "delayed":
-            f.append(("Will-Retry-Until", email.utils.formatdate(
-                arrival + lifetime_days * 86400, localtime=True)))
-        blocks.append(_field_block(f))
-    report = MIMEBase("message", "delivery-status", policy=compat32)
-    report.set_payload(blocks)  # type: ignore[arg-type]
+    retry_until = email.utils.formatdate(arrival + lifetime, localtime=True)
+    fields = [msg_fields] + [_recipient_fields(kind, r, d, addr_type, last, retry_until)
+                             for r, d in entries]
+    report = MIMEBase("message", "global-delivery-status" if smtputf8 else "delivery-status",
+                      policy=compat32)
+    report.set_payload([_field_block(block) for block in fields])
     del report["MIME-Version"]
     report["Content-Description"] = "Delivery report"
     outer.attach(report)
 
-    header_end = original.find(b"\n\n")
-    head = original if header_end < 0 else original[: header_end + 1]
-    returned_head = b"Return-Path: <" + sender.encode("utf-8", "surrogateescape") + b">\n"
+    returned = b"Return-Path: <" + statuslog.quote_822_local(sender).encode(
+        "utf-8", "surrogateescape") + b">\n"
+    part: Message
     if headers_only:
-        part = MIMEBase("text", "rfc822-headers", policy=compat32)
-        part.set_payload((returned_head + head).decode("utf-8", "surrogateescape"))
+        head = original if head_end < 0 else original[: head_end + 1]
+        part = MIMEBase("text", "global-headers" if smtputf8 else "rfc822-headers",
+                        policy=compat32)
+        part.set_payload((returned + head).decode("ascii", "surrogateescape"))
         del part["MIME-Version"]
-        part["Content-Description"] = "Undelivered Message Headers"
     else:
-        inner = BytesParser(policy=compat32).parsebytes(returned_head + original)
-        part = MIMEMessage(inner, policy=compat32)
+        inner = BytesParser(policy=compat32).parsebytes(returned + original)
+        part = MIMEMessage(inner, "global" if smtputf8 else "rfc822", policy=compat32)
         del part["MIME-Version"]
-        part["Content-Description"] = "Undelivered Message"
+        if not original.isascii():
+            part["Content-Transfer-Encoding"] = "8bit"
+    part["Content-Description"] = _RETURNED[kind][1 if headers_only else 0]
     outer.attach(part)
-    data = outer.as_bytes(policy=compat32.clone(linesep="\n"))
-    return data
+    buf = io.BytesIO()
+    _Generator(buf, policy=_OUT_POLICY).flatten(outer)
+    return buf.getvalue()
+
+
+def _last_per_recipient(entries: Entries) -> Entries:
+    """One entry per recipient (address and queue-file offset), the last one logged, in
+    the order the recipients first appear."""
+    last: dict[tuple[str, int], tuple[Recipient, statuslog.Dsn]] = {}
+    for rcpt, dsn in entries:
+        last[(rcpt.address, rcpt.offset)] = (rcpt, dsn)
+    return list(last.values())
 
 
 class BounceService:
@@ -233,10 +353,12 @@ class BounceService:
                            cfg.get_int("hash_queue_depth"))
         self.cleanup = Cleanup(cfg, self.spool)
         self.myhostname = cfg.get("myhostname")
+        self.myorigin = cfg.get("myorigin") or self.myhostname
         self.size_limit = cfg.get_int("bounce_size_limit")
         self.notify_classes = {c.lower() for c in cfg.get_list("notify_classes")}
         self.double_bounce = f"{cfg.get('double_bounce_sender')}@{self.myhostname}"
-        self.lifetime_days = cfg.get_time("maximal_queue_lifetime") / 86400
+        self.lifetime = cfg.get_time("maximal_queue_lifetime")
+        self.warn_after = cfg.get_time("delay_warning_time")
 
     def serve(self, conn: socket.socket, ctx: ServerContext) -> None:
         """Handle one connection: greeting, one request, one ``status`` reply."""
@@ -258,71 +380,117 @@ class BounceService:
             log.warning(f"{req.queue_id}: {self.service}: reply: {exc}")
 
     def handle(self, req: StatusRequest) -> int:
-        """Build and queue the notice for ``req``. Returns 0 on success."""
+        """Send the notices for ``req``; returns 0 on success (the log is then removed,
+        except after a warning).
+
+        Raises:
+            OSError, CorruptQueueFile: the log or queue file cannot be read.
+            CleanupError: cleanup refused a notice to the sender or a double bounce.
+        """
         if not valid_id(req.queue_id) or req.queue_name not in (
                 "active", "incoming", "deferred", "hold"):
             log.warning(f"{self.service}: bad queue id or name in request: {req.queue_id!r}")
             return 1
-        if req.nrequest == BOUNCE_CMD_WARN:
-            kind, want = "delayed", NOTIFY_DELAY
-        elif req.nrequest == BOUNCE_CMD_TRACE:
-            kind, want = "delivered", NOTIFY_SUCCESS
-        elif req.nrequest == BOUNCE_CMD_FLUSH:
-            kind, want = "failed", NOTIFY_FAILURE
-        else:
+        kinds = {BOUNCE_CMD_FLUSH: "failed", BOUNCE_CMD_WARN: "delayed",
+                 BOUNCE_CMD_TRACE: "delivered"}
+        kind = kinds.get(req.nrequest)
+        if kind is None:
             log.warning(f"{req.queue_id}: {self.service}: unsupported request {req.nrequest}")
             return 1
-        entries = statuslog.read(self.spool, self.logname, req.queue_id)
+        entries = _last_per_recipient(statuslog.read(self.spool, self.logname, req.queue_id))
+        if entries:
+            self._notify(req, kind, entries)
+        if req.nrequest != BOUNCE_CMD_WARN:
+            statuslog.remove(self.spool, self.logname, req.queue_id)
+        return 0
+
+    def _qualify(self, addr: str) -> str:
+        return addr if "@" in addr else f"{addr}@{self.myorigin}"
+
+    def _notify(self, req: StatusRequest, kind: str, entries: Entries) -> None:
+        qid, sender = req.queue_id, req.sender
+        if sender.lower() == self.double_bounce.lower():
+            if kind == "delivered":
+                log.info(f"{qid}: not sending trace/success notification for "
+                         f"double-bounce message")
+            else:
+                log.warning(f"{qid}: undeliverable postmaster notification discarded")
+            return
+        if not sender:
+            if kind == "failed" and self.notify_classes & {"bounce", "2bounce"}:
+                self._post(req, kind, entries, self.cfg.get("2bounce_notice_recipient"),
+                           postmaster=True, ret_hdrs=False)
+            elif kind == "delayed" and "delay" in self.notify_classes:
+                self._post(req, kind, entries, self.cfg.get("delay_notice_recipient"),
+                           postmaster=True, ret_hdrs=True)
+            elif kind == "delivered":
+                log.info(f"{qid}: not sending trace/success notification for "
+                         f"single-bounce message")
+            else:
+                log.info(f"{qid}: null sender: {kind} notice not sent (notify_classes)")
+            return
+        want = {"failed": DSN_NOTIFY_FAILURE, "delayed": DSN_NOTIFY_DELAY,
+                "delivered": DSN_NOTIFY_SUCCESS}[kind]
         if kind == "delivered":
-            selected = [(r, d) for r, d in entries if r.notify & NOTIFY_SUCCESS]
+            selected = entries
         else:
             selected = [(r, d) for r, d in entries if r.notify == 0 or r.notify & want]
         if selected:
-            self._send(req, kind, selected)
-        if req.nrequest != BOUNCE_CMD_WARN:
+            self._post(req, kind, selected, sender, postmaster=False,
+                       ret_hdrs=kind != "failed" or req.ret_flags == DSN_RET_HDRS)
+        copy_to = {"failed": ("bounce", "bounce_notice_recipient"),
+                   "delayed": ("delay", "delay_notice_recipient")}.get(kind)
+        if copy_to is not None and copy_to[0] in self.notify_classes:
             try:
-                os.unlink(self.spool.path(self.logname, req.queue_id))
-            except FileNotFoundError:
-                pass
-        return 0
+                self._post(req, kind, entries, self.cfg.get(copy_to[1]), postmaster=True,
+                           ret_hdrs=True)
+            except (OSError, CorruptQueueFile, CleanupError) as exc:
+                log.warning(f"{qid}: postmaster notice failed while sending a {kind} "
+                            f"notice to {sender}: {exc}")
 
-    def _send(self, req: StatusRequest, kind: str,
-              entries: list[tuple[Recipient, statuslog.Dsn]]) -> None:
+    def _original(self, req: StatusRequest, ret_hdrs: bool) -> tuple[bytes, float, bool]:
+        """(content or headers, arrival, headers_only) of the original message."""
         qf = QueueFile.open(self.spool, req.queue_name, req.queue_id, lock=None)
         try:
-            original = b"\n".join(qf.iter_lines()) + b"\n"
             arrival = qf.arrival[0] + qf.arrival[1] / 1e6
+            headers_only = ret_hdrs or qf.data_size > self.size_limit
+            lines: list[bytes] = []
+            for line in qf.iter_lines():
+                if headers_only and not line:
+                    break
+                lines.append(line)
         finally:
             qf.close()
-        headers_only = req.ret_flags == 2 or len(original) > self.size_limit
-        if req.sender:
-            to, env_sender, pm = req.sender, "", False
-        else:
-            if not self.notify_classes & {"bounce", "2bounce"}:
-                log.info(f"{req.queue_id}: discarding undeliverable {kind} notice for the "
-                         f"null sender")
-                return
-            to, env_sender, pm = self.cfg.get("2bounce_notice_recipient"), self.double_bounce, True
-            if "@" not in to:
-                to = f"{to}@{self.myhostname}"
+        original = b"\n".join(lines) + b"\n"
+        if len(original) > self.size_limit and not headers_only:
+            return self._original(req, True)
+        return original, arrival, headers_only
+
+    def _post(self, req: StatusRequest, kind: str, entries: Entries, to: str, *,
+              postmaster: bool, ret_hdrs: bool) -> None:
+        """Build one notice and queue it through cleanup (raises as handle() does)."""
+        to = self._qualify(to)
+        original, arrival, headers_only = self._original(req, ret_hdrs)
         data = build_notice(
             kind=kind, myhostname=self.myhostname, qid=req.queue_id, sender=req.sender,
             to=to, arrival=arrival, entries=entries, original=original,
-            headers_only=headers_only, envid=req.envelope_id,
-            lifetime_days=self.lifetime_days, postmaster_copy=pm,
+            headers_only=headers_only, envid=req.envelope_id, lifetime=self.lifetime,
+            warn_after=self.warn_after, postmaster_copy=postmaster,
+            boilerplate=not postmaster, smtputf8=bool(req.smtputf8 & SMTPUTF8_FLAG_REQUESTED),
         )
-        env = Envelope(sender=env_sender, recipients=[Recipient(to)])
+        env = Envelope(sender=self.double_bounce if postmaster else "",
+                       recipients=[Recipient(to)])
         new_id = self.cleanup.submit(env, data, origin="bounce")
-        what = {"failed": "non-delivery", "delayed": "delay status",
+        what = {"failed": "non-delivery", "delayed": "delay",
                 "delivered": "delivery status"}[kind]
-        who = "postmaster" if pm else "sender"
-        log.info(f"{req.queue_id}: {who} {what} notification: {new_id}")
+        log.info(f"{req.queue_id}: {'postmaster' if postmaster else 'sender'} {what} "
+                 f"notification: {new_id}")
 
 
 def _warm_up(svc: BounceService) -> None:
-    """Build one notice in memory, so that every module the email package loads lazily
+    """Build notices in memory, so that every module the email package loads lazily
     (generator, charset, encoders...) is loaded before the jail (design.md §4 rule 5)."""
-    rcpt = Recipient("warm-up@example.invalid")
+    rcpt = Recipient("warm-up@example.invalid", orig_rcpt="w@example.invalid")
     dsn = statuslog.Dsn(status="5.0.0", action="failed", reason="warm-up",
                         diag_type="smtp", diag_text="550 warm-up", mta_type="dns",
                         mta_mname="example.invalid")
@@ -330,9 +498,10 @@ def _warm_up(svc: BounceService) -> None:
     for kind in ("failed", "delayed", "delivered"):
         for headers_only in (False, True):
             build_notice(kind=kind, myhostname=svc.myhostname, qid="0", sender="a@b",
-                         to="a@b", arrival=time.time(), entries=[(rcpt, dsn)],
+                         to="a\u00e9@b", arrival=time.time(), entries=[(rcpt, dsn)],
                          original=original, headers_only=headers_only, envid="e",
-                         postmaster_copy=headers_only)
+                         postmaster_copy=headers_only, boilerplate=not headers_only,
+                         smtputf8=headers_only)
 
 
 def main() -> None:

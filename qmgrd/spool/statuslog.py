@@ -34,6 +34,8 @@ Public API
     LOGS = ("bounce", "defer", "trace")
     Dsn(status, action, reason, diag_type="", diag_text="", mta_type="", mta_mname="")
     append(spool, log, qid, rcpt, dsn) -> None          OSError, ValueError
+    append_many(spool, log, qid, entries) -> None       the same for a list of
+                                (Recipient, Dsn): one lock, one write, one fsync
     format_entry(rcpt, dsn) -> bytes
     read(spool, log, qid) -> list[tuple[Recipient, Dsn]]   [] when there is no log
     parse(data, name="") -> list[tuple[Recipient, Dsn]]
@@ -48,6 +50,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from master import log
@@ -58,6 +61,7 @@ __all__ = [
     "LOGS",
     "Dsn",
     "append",
+    "append_many",
     "format_entry",
     "parse",
     "quote_822_local",
@@ -183,8 +187,23 @@ def append(spool: Spool, log_name: str, qid: str, rcpt: Recipient, dsn: Dsn) -> 
         ValueError: unknown log name or invalid id.
         OSError: the append failed; the file was truncated back to its old length.
     """
+    append_many(spool, log_name, qid, [(rcpt, dsn)])
+
+
+def append_many(spool: Spool, log_name: str, qid: str,
+                entries: Sequence[tuple[Recipient, Dsn]]) -> None:
+    """Append several entries to ``<log_name>/<qid>`` at once: one lock, one write and
+    one fsync for all (a delivery agent's whole request). Nothing is done for no entries.
+
+    Raises:
+        ValueError: unknown log name or invalid id.
+        OSError: the append failed; the file was truncated back to its old length (no
+            entry of the batch is left in it).
+    """
     path = _path(spool, log_name, qid)
-    data = format_entry(rcpt, dsn)
+    if not entries:
+        return
+    data = b"".join(format_entry(rcpt, dsn) for rcpt, dsn in entries)
     flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
     try:
         fd = os.open(path, flags, 0o600)
