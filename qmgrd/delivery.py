@@ -28,11 +28,14 @@ MAX_ATTRS attributes (recipient lists are sent as one list per recipient).
 
 from __future__ import annotations
 
-import asyncio
 import socket
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the agents never load asyncio (~50 ms of start-up); the qmgr has it
+    import asyncio
 
 __all__ = [
     "BOUNCE_CMD_APPEND",

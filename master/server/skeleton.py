@@ -72,7 +72,6 @@ Public API
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import selectors
 import signal
@@ -85,7 +84,7 @@ import traceback
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from types import FrameType
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import setproctitle
 
@@ -101,6 +100,9 @@ from master.server.jail import (
     watch_late_imports,
 )
 from master.server.watchdog import Watchdog, watchdog_timeout
+
+if TYPE_CHECKING:  # asyncio costs ~50 ms at start; only async_server's children load it
+    import asyncio
 
 __all__ = [
     "AsyncMain",
@@ -133,12 +135,26 @@ class ServerContext:
     service_type: str = "unix"
     foreground: bool = False
     status_fd: int | None = None
-    stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    _stopping: asyncio.Event | None = field(default=None, repr=False)
     unpriv: bool = False
     chroot: bool = False
     owner: Owner | None = None
     watchdog: Watchdog = field(default_factory=lambda: Watchdog(18000))
     _status_broken: bool = False
+
+    @property
+    def stopping(self) -> asyncio.Event:
+        """Set when the service must stop (async_server: fd-5 EOF or SIGTERM); made on
+        first use, so that the synchronous servers never import asyncio."""
+        if self._stopping is None:
+            import asyncio
+
+            self._stopping = asyncio.Event()
+        return self._stopping
+
+    @stopping.setter
+    def stopping(self, event: asyncio.Event) -> None:
+        self._stopping = event
 
     def _report(self, avail: int) -> None:
         if self.status_fd is None or self._status_broken:
@@ -501,6 +517,8 @@ def async_server(main: AsyncMain, *, pre_jail: JailHook | None = None,
     """Run ``asyncio.run(main(ctx))``; ``ctx.stopping`` is set on fd-5 EOF or SIGTERM.
     A task of the loop keeps the watchdog armed while main runs.  Exits 0 when main
     returns (1 after an exception, logged as fatal)."""
+    import asyncio  # before the jail: everything is imported by then
+
     def body() -> None:
         ctx = _setup(argv, pre_jail, post_jail, watchdog)
 

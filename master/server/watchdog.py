@@ -38,7 +38,6 @@ Logs
 
 from __future__ import annotations
 
-import asyncio
 import signal
 
 from master.config import PARAMS, Config
@@ -81,6 +80,8 @@ class Watchdog:
 
     async def keepalive(self) -> None:
         """Re-arm every interval() seconds until cancelled; disarm when cancelled."""
+        import asyncio  # loaded by async_server already; kept out of the sync servers
+
         try:
             while True:
                 self.arm()
