@@ -186,8 +186,12 @@ class DeliveryAgent:
             conn.sendall(delivery.protocol_greeting(delivery.DELIVER_PROTOCOL))
             req = delivery.read_request(conn)
             self._check_request(req)
-        except (ProtocolError, OSError) as exc:
+        except ProtocolError as exc:
             log.warning(f"malformed delivery request: {exc}")
+            conn.close()
+            return
+        except OSError as exc:  # the qmgr went away (restart, kill) before its request
+            log.warning(f"cannot read delivery request: {exc.strerror or exc}")
             conn.close()
             return
         reply = self.handle(req)
