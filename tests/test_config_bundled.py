@@ -42,6 +42,7 @@ def test_bundled_master_cf() -> None:
         "error": ("unix", True, True, False, 0, 100, "error"),
         "retry": ("unix", True, True, False, 0, 100, "error"),
         "discard": ("unix", True, True, False, 0, 100, "discard"),
+        "127.0.0.1:2525": ("inet", False, True, False, 0, 100, "smtpd"),
     }
     qdir = cfg.get("queue_directory")
     qmgr = next(s for s in services if s.name == "qmgr")

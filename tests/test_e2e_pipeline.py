@@ -17,7 +17,15 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.harness import CORPUS, REPO, Injector, MailSystem, inject_many, wait_for
+from tests.harness import (
+    CORPUS,
+    REPO,
+    Injector,
+    MailSystem,
+    free_port,
+    inject_many,
+    wait_for,
+)
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -62,6 +70,11 @@ def test_bundled_config_delivers_local_mail_and_stops_clean() -> None:
     tmp_path = Path(tempfile.mkdtemp(prefix="qmgrd-bundled-"))
     os.chmod(tmp_path, 0o755)
     shutil.copytree(REPO / "etc", tmp_path / "etc")
+    # the bundled smtpd listens on 127.0.0.1:2525; a free port keeps this test apart
+    # from a `make run` on the same machine
+    mcf = tmp_path / "etc" / "master.cf"
+    assert "127.0.0.1:2525 " in mcf.read_text()
+    mcf.write_text(mcf.read_text().replace("127.0.0.1:2525 ", f"127.0.0.1:{free_port()} "))
     ms = MailSystem.__new__(MailSystem)
     ms.root = tmp_path
     ms.etc = tmp_path / "etc"

@@ -287,6 +287,22 @@ _l("smtpd_helo_restrictions", "")
 _l("smtpd_sender_restrictions", "")
 _l("smtpd_data_restrictions", "")
 _b("smtputf8_enable", "yes")
+_i("smtpd_recipient_overshoot_limit", "1000", 1)
+_l("smtpd_client_event_limit_exceptions", "$mynetworks")
+_b("smtpd_peername_lookup", "yes")
+_l("smtpd_discard_ehlo_keywords", "")
+_s("smtpd_tls_cert_file", "")
+_s("smtpd_tls_key_file", "$smtpd_tls_cert_file")
+_s("smtpd_tls_security_level", "")
+_i("smtpd_process_session_limit", "20", 1)  # qmgrd: most sessions of one smtpd (bursts)
+_b("disable_vrfy_command", "no")
+_b("allow_untrusted_routing", "no")
+_i("relay_domains_reject_code", "554", 400, 599)
+_i("non_fqdn_reject_code", "504", 400, 599)
+_i("unknown_address_reject_code", "450", 400, 599)
+_l("parent_domain_matches_subdomains",
+   "debug_peer_list,fast_flush_domains,mynetworks,permit_mx_backup_networks,"
+   "qmqpd_authorized_clients,relay_domains,smtpd_access_maps")
 
 
 def hostname_default() -> str:

@@ -1,0 +1,487 @@
+"""Issue 6: one smtpd session in-process (transports.smtpd_session with a real Policy and a
+real SmtpdCleanup on a temporary spool), driven by a raw asyncio client on 127.0.0.1.
+
+Checked: the EHLO keywords, Postfix's replies and enhanced status codes, MAIL/RCPT
+parameters (SIZE, BODY, SMTPUTF8, DSN RET/ENVID/NOTIFY/ORCPT stored in the queue file),
+relay control, DATA framing (dot-unstuffing, CRLF.CRLF only, long lines, size limit,
+header truncation), the Received: header, error/junk/recipient limits, the timeout,
+the connection count limit, queue space and write errors, and the log lines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from master import log
+from master.config import Config
+from qmgrd.spool.cleanup import CleanupError
+from qmgrd.spool.envelope import DSN_NOTIFY_FAILURE, DSN_NOTIFY_SUCCESS, DSN_RET_HDRS, Envelope
+from qmgrd.spool.message import QueueFile
+from qmgrd.spool.queue import Spool
+from transports.smtpd import SmtpdCleanup
+from transports.smtpd_policy import Policy
+from transports.smtpd_session import SmtpdParams, SmtpdSession
+
+pytestmark = pytest.mark.timeout(30)
+
+BASE = """myhostname = mx.test.example
+mydomain = test.example
+mydestination = $myhostname, localhost
+smtpd_error_sleep_time = 0
+"""
+
+
+class Host:
+    """A SessionHost over a temporary spool (what transports.smtpd.SmtpdServer does)."""
+
+    def __init__(self, root: Path, main: str = "") -> None:
+        self.root = root
+        qdir = root / "q"
+        cfg = Config.from_text(BASE + f"queue_directory = {qdir}\n" + main, str(root))
+        self.spool = Spool(str(qdir))
+        self.spool.make_dirs()
+        self.cleanup = SmtpdCleanup(cfg, self.spool)
+        self.params = SmtpdParams.from_config(cfg, "smtpd", str(qdir))
+        self.policy = Policy(cfg, None)
+        self.tls_context = None
+        self.tls_required = False
+        self.clients: dict[str, int] = {}
+        self.fail: CleanupError | None = None
+        self.queued: list[str] = []
+
+    def connect(self, session: SmtpdSession) -> int:
+        addr = session.client.addr
+        self.clients[addr] = self.clients.get(addr, 0) + 1
+        return self.clients[addr]
+
+    def disconnect(self, session: SmtpdSession) -> None:
+        self.clients[session.client.addr] -= 1
+
+    def enqueue(self, env: Envelope, content: bytes, namaddr: str,
+                received: Callable[[str], list[bytes]]) -> str:
+        if self.fail is not None:
+            raise self.fail
+        qid = self.cleanup.submit_smtp(env, content, namaddr, received)
+        self.queued.append(qid)
+        return qid
+
+    def queue_file(self, qid: str) -> QueueFile:
+        return QueueFile.open(self.spool, "incoming", qid, lock=None, readonly=True)
+
+    def content(self, qid: str) -> bytes:
+        with self.queue_file(qid) as qf:
+            return b"\n".join(qf.iter_lines()) + b"\n"
+
+
+class Client:
+    """A raw SMTP client: send bytes, read whole replies (all lines of one reply)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    async def reply(self, timeout: float = 10) -> str:
+        lines = []
+        while True:
+            line = await asyncio.wait_for(self.reader.readline(), timeout)
+            if not line:
+                lines.append("<EOF>")
+                break
+            text = line.decode("utf-8", "replace").rstrip("\r\n")
+            lines.append(text)
+            if len(text) < 4 or text[3] != "-":
+                break
+        return "\n".join(lines)
+
+    async def cmd(self, text: str | bytes) -> str:
+        self.writer.write(text if isinstance(text, bytes) else text.encode() + b"\r\n")
+        await self.writer.drain()
+        return await self.reply()
+
+    async def close(self) -> None:
+        self.writer.close()
+        try:
+            await self.writer.wait_closed()
+        except OSError:
+            pass
+
+
+Script = Callable[[Client], Awaitable[None]]
+
+
+def run(host: Host, *scripts: Script) -> None:
+    """Serve ``host`` on a loopback port; run each script on its own connection, in
+    order; wait until every session has ended."""
+
+    async def main() -> None:
+        sessions: list[SmtpdSession] = []
+
+        def factory() -> SmtpdSession:
+            s = SmtpdSession(host)
+            sessions.append(s)
+            return s
+
+        server = await asyncio.get_running_loop().create_server(factory, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            for script in scripts:
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                client = Client(reader, writer)
+                try:
+                    await script(client)
+                finally:
+                    await client.close()
+            for _ in range(200):
+                if all(s._ended for s in sessions):
+                    break
+                await asyncio.sleep(0.01)
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    asyncio.run(main())
+
+
+@pytest.fixture
+def host(tmp_path: Path) -> Host:
+    log.setup("smtpd", str(tmp_path / "maillog"), "qmgrd")
+    return Host(tmp_path)
+
+
+def maillog(host: Host) -> str:
+    return (host.root / "maillog").read_text()
+
+
+async def greet(c: Client, name: str = "client.example") -> None:
+    assert (await c.reply()).startswith("220 mx.test.example ESMTP qmgrd")
+    assert (await c.cmd(f"EHLO {name}")).startswith("250-mx.test.example")
+
+
+async def send(c: Client, sender: str, rcpts: list[str], data: bytes,
+               mail_params: str = "") -> str:
+    assert (await c.cmd(f"MAIL FROM:<{sender}>{mail_params}")).startswith("250 2.1.0")
+    for r in rcpts:
+        assert (await c.cmd(f"RCPT TO:<{r}>")).startswith("250 2.1.5")
+    assert (await c.cmd("DATA")).startswith("354 ")
+    return await c.cmd(data)
+
+
+# --------------------------------------------------------------------------- ESMTP
+def test_ehlo_keywords_and_postfix_replies(host: Host) -> None:
+    async def script(c: Client) -> None:
+        assert (await c.reply()) == "220 mx.test.example ESMTP qmgrd"
+        ehlo = await c.cmd("EHLO client.example")
+        assert ehlo.split("\n") == [
+            "250-mx.test.example", "250-PIPELINING", "250-SIZE 10240000", "250-VRFY",
+            "250-ENHANCEDSTATUSCODES", "250-8BITMIME", "250-DSN", "250 SMTPUTF8"]
+        assert await c.cmd("HELO client.example") == "250 mx.test.example"
+        assert await c.cmd("NOOP") == "250 2.0.0 Ok"
+        assert await c.cmd("RSET") == "250 2.0.0 Ok"
+        assert await c.cmd("VRFY bob") == "252 2.0.0 bob"
+        assert await c.cmd("RCPT TO:<a@b.example>") == "503 5.5.1 Error: need MAIL command"
+        assert await c.cmd("DATA") == "503 5.5.1 Error: need RCPT command"
+        assert await c.cmd("EXPN x") == "502 5.5.2 Error: command not recognized"
+        assert await c.cmd("AUTH PLAIN") == "503 5.5.1 Error: authentication not enabled"
+        assert await c.cmd("MAIL") == "501 5.5.4 Syntax: MAIL FROM:<address>"
+        assert await c.cmd("MAIL FROM:<a@b.example>") == "250 2.1.0 Ok"
+        assert await c.cmd("MAIL FROM:<a@b.example>") == "503 5.5.1 Error: nested MAIL command"
+        assert await c.cmd("RCPT TO:<>") == "501 5.1.3 Bad recipient address syntax"
+        assert await c.cmd("DATA") == "554 5.5.1 Error: no valid recipients"
+        assert await c.cmd("QUIT") == "221 2.0.0 Bye"
+        assert await c.reply() == "<EOF>"
+
+    run(host, script)
+    text = maillog(host)
+    assert "connect from localhost[127.0.0.1]" in text
+    assert re.search(r"disconnect from localhost\[127\.0\.0\.1\] helo=1 ehlo=1 auth=0/1 "
+                     r"mail=1/3 rcpt=0/2 data=0/2 rset=1 noop=1 vrfy=1 quit=1 unknown=0/1 "
+                     r"commands=7/15$", text, re.MULTILINE), text
+
+
+def test_mail_parameters(host: Host) -> None:
+    async def script(c: Client) -> None:
+        await greet(c)
+        for params, reply in [
+            (" SIZE=10240001", "552 5.3.4 Message size exceeds fixed limit"),
+            (" SIZE=x", "501 5.5.4 Bad message size syntax"),
+            (" RET=WHAT", "501 5.5.4 Bad RET parameter syntax"),
+            (" ENVID=a b", "555 5.5.4 Unsupported option: b"),
+            (" ENVID=a+2", "501 5.5.4 Bad ENVID parameter syntax"),
+            (" BODY=BINARYMIME", "555 5.5.4 Unsupported option: BODY=BINARYMIME"),
+            (" AUTH=<>", "555 5.5.4 Unsupported option: AUTH=<>"),
+        ]:
+            assert await c.cmd(f"MAIL FROM:<a@b.example>{params}") == reply, params
+        assert await c.cmd("MAIL FROM:<ü@b.example>") == (
+            "553 5.6.7 Must declare SMTPUTF8 to send unicode address")
+        assert await c.cmd("MAIL FROM:<ü@b.example> SMTPUTF8") == "250 2.1.0 Ok"
+        assert await c.cmd("RCPT TO:<x@localhost> NOTIFY=SOMETIMES") == (
+            "501 5.5.4 Error: Bad NOTIFY parameter syntax")
+        assert await c.cmd("RCPT TO:<x@localhost> ORCPT=rfc822") == (
+            "501 5.5.4 Error: Bad ORCPT parameter syntax")
+        assert await c.cmd("RCPT TO:<x@localhost> FOO=1") == "555 5.5.4 Unsupported option: FOO=1"
+        await c.cmd("QUIT")
+
+    run(host, script)
+
+
+def test_dsn_and_body_stored_in_queue_file(host: Host) -> None:
+    async def script(c: Client) -> None:
+        await greet(c)
+        assert (await c.cmd("MAIL FROM:<alice@b.example> RET=HDRS ENVID=QQ+2Bid "
+                            "BODY=8BITMIME SIZE=100")).startswith("250")
+        assert (await c.cmd("RCPT TO:<bob@localhost> NOTIFY=SUCCESS,FAILURE "
+                            "ORCPT=rfc822;Bob+40orig.example")).startswith("250")
+        assert (await c.cmd("RCPT TO:<carol@localhost>")).startswith("250")
+        await c.cmd("DATA")
+        reply = await c.cmd(b"Subject: dsn\r\n\r\nbody \xc3\xa9\r\n.\r\n")
+        assert reply.startswith("250 2.0.0 Ok: queued as ")
+        await c.cmd("QUIT")
+
+    run(host, script)
+    (qid,) = host.queued
+    with host.queue_file(qid) as qf:
+        assert qf.envid == "QQ+id"
+        assert qf.ret == DSN_RET_HDRS
+        assert qf.encoding == "8bit"
+        bob, carol = qf.recipients
+        assert bob.notify == DSN_NOTIFY_SUCCESS | DSN_NOTIFY_FAILURE
+        assert bob.dsn_orcpt == "rfc822;Bob@orig.example"
+        assert carol.notify == 0 and carol.dsn_orcpt == "rfc822;carol@localhost"
+        assert qf.attrs["log_client_address"] == "127.0.0.1"
+        assert qf.attrs["log_helo_name"] == "client.example"
+        assert qf.attrs["log_protocol_name"] == "ESMTP"
+
+
+# --------------------------------------------------------------------------- relay
+def test_relay_control(tmp_path: Path) -> None:
+    log.setup("smtpd", str(tmp_path / "maillog"), "qmgrd")
+    outside = Host(tmp_path / "a", "mynetworks = 192.0.2.0/24\nrelay_domains = relay.example\n"
+                   "smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination\n")
+    default = Host(tmp_path / "b", "mynetworks = 192.0.2.0/24\n")
+    inside = Host(tmp_path / "c")
+
+    async def script_outside(c: Client) -> None:
+        await greet(c)
+        assert (await c.cmd("MAIL FROM:<a@far.example>")).startswith("250")
+        assert await c.cmd("RCPT TO:<x@foreign.example>") == (
+            "554 5.7.1 <x@foreign.example>: Relay access denied")
+        assert await c.cmd("RCPT TO:<x%foreign.example@localhost>") == (
+            "554 5.7.1 <x%foreign.example@localhost>: Relay access denied")
+        for ok in ("x@localhost", "x@mx.test.example", "x@relay.example",
+                   "x@sub.relay.example", "postmaster"):
+            assert (await c.cmd(f"RCPT TO:<{ok}>")).startswith("250 2.1.5"), ok
+        await c.cmd("QUIT")
+
+    async def script_default(c: Client) -> None:
+        await greet(c)
+        await c.cmd("MAIL FROM:<a@far.example>")
+        assert await c.cmd("RCPT TO:<x@foreign.example>") == (
+            "454 4.7.1 <x@foreign.example>: Relay access denied")
+        await c.cmd("QUIT")
+
+    async def script_inside(c: Client) -> None:
+        await greet(c)
+        await c.cmd("MAIL FROM:<a@far.example>")
+        assert (await c.cmd("RCPT TO:<x@foreign.example>")).startswith("250 2.1.5")
+        await c.cmd("QUIT")
+
+    run(outside, script_outside)
+    run(default, script_default)
+    run(inside, script_inside)
+    assert ("NOQUEUE: reject: RCPT from localhost[127.0.0.1]: 554 5.7.1 <x@foreign.example>: "
+            "Relay access denied; from=<a@far.example> to=<x@foreign.example> proto=ESMTP "
+            "helo=<client.example>") in (tmp_path / "maillog").read_text()
+
+
+def test_recipient_restrictions_fqdn(tmp_path: Path) -> None:
+    log.setup("smtpd", str(tmp_path / "maillog"), "qmgrd")
+    h = Host(tmp_path, "smtpd_recipient_restrictions = reject_non_fqdn_recipient, "
+             "reject_unknown_recipient_domain, permit_mynetworks, reject_unauth_destination\n")
+
+    async def script(c: Client) -> None:
+        await greet(c)
+        await c.cmd("MAIL FROM:<a@far.example>")
+        assert await c.cmd("RCPT TO:<bob@nodots>") == (
+            "504 5.5.2 <bob@nodots>: Recipient address rejected: need fully-qualified address")
+        # no DNS resolver in this host: unknown domains are deferred, never accepted blind
+        assert (await c.cmd("RCPT TO:<bob@unknown.invalid>")).startswith("450 4.1.2 ")
+        assert (await c.cmd("RCPT TO:<bob@localhost.test.example>")).startswith("450 4.1.2")
+        await c.cmd("QUIT")
+
+    run(h, script)
+
+
+# --------------------------------------------------------------------------- DATA
+def test_data_framing_and_received_header(host: Host) -> None:
+    long_line = b"y" * 5000
+    data = (b"Subject: frame\r\n\r\n..dot\r\nbare\n.\nstill data\r\n" + long_line +
+            b"\r\nlast\r\n.\r\n")
+
+    async def script(c: Client) -> None:
+        await greet(c, "helo.example")
+        reply = await send(c, "alice@far.example", ["bob@localhost"], data)
+        assert reply.startswith("250 2.0.0 Ok: queued as ")
+        reply = await send(c, "alice@far.example", ["a@localhost", "b@localhost"],
+                           b" starts with space\r\n.\r\n")
+        assert reply.startswith("250 ")
+        await c.cmd("QUIT")
+
+    run(host, script)
+    first, second = host.queued
+    text = host.content(first)
+    lines = text.split(b"\n")
+    assert lines[0] == b"Received: from helo.example (localhost [127.0.0.1])"
+    assert lines[1] == f"\tby mx.test.example (qmgrd) with ESMTP id {first}".encode()
+    assert re.fullmatch(rb"\tfor <bob@localhost>; \w{3}, \d\d \w{3} \d{4} [\d:]{8} [+-]\d{4}"
+                        rb"( \(\w+\))?", lines[2])
+    body = text.split(b"\n\n", 1)[1]
+    # a dot line ended by a bare LF is data (only CRLF.CRLF ends DATA), unstuffed
+    assert body == b".dot\nbare\n\nstill data\n" + long_line + b"\nlast\n"
+    second_lines = host.content(second).split(b"\n")
+    assert second_lines[1] == f"\tby mx.test.example (qmgrd) with ESMTP id {second};".encode()
+    # Postfix: content that starts with white space is body, not part of our header
+    assert host.content(second).split(b"\n\n", 1)[1] == b" starts with space\n"
+    assert f"{first}: client=localhost[127.0.0.1]" in maillog(host)
+
+
+def test_message_size_limit_and_header_truncation(tmp_path: Path) -> None:
+    log.setup("smtpd", str(tmp_path / "maillog"), "qmgrd")
+    h = Host(tmp_path, "message_size_limit = 20000\nheader_size_limit = 1000\n")
+    big = b"Subject: big\r\n\r\n" + (b"x" * 998 + b"\r\n") * 30
+    long_header = b"X-Long: " + b"h" * 3000 + b"\r\nX-Next: kept\r\n\r\nbody\r\n"
+
+    async def script(c: Client) -> None:
+        await greet(c)
+        assert await send(c, "a@far.example", ["b@localhost"], big + b".\r\n") == (
+            "552 5.3.4 Error: message file too big")
+        # the session goes on after the refusal
+        reply = await send(c, "a@far.example", ["b@localhost"], long_header + b".\r\n")
+        assert reply.startswith("250 ")
+        await c.cmd("QUIT")
+
+    run(h, script)
+    (qid,) = h.queued
+    text = h.content(qid)
+    assert b"X-Long: " + b"h" * 992 + b"\n" in text and b"h" * 993 not in text
+    assert b"X-Next: kept\n" in text
+    assert f"{qid}: 1 header(s) longer than header_size_limit (1000) truncated" in (
+        tmp_path / "maillog").read_text()
+
+
+def test_queue_space_and_write_errors(tmp_path: Path) -> None:
+    log.setup("smtpd", str(tmp_path / "maillog"), "qmgrd")
+    full = Host(tmp_path / "a", "queue_minfree = 1000000000000000\n")
+    broken = Host(tmp_path / "b")
+    broken.fail = CleanupError("4.3.0", "queue file write error: No space left on device")
+
+    async def script_full(c: Client) -> None:
+        await greet(c)
+        assert await c.cmd("MAIL FROM:<a@far.example>") == (
+            "452 4.3.1 Insufficient system storage")
+        await c.cmd("QUIT")
+
+    async def script_broken(c: Client) -> None:
+        await greet(c)
+        assert await send(c, "a@far.example", ["b@localhost"], b"x\r\n.\r\n") == (
+            "451 4.3.0 Error: queue file write error")
+        await c.cmd("QUIT")
+
+    run(full, script_full)
+    run(broken, script_broken)
+    assert not list(full.spool.scan("incoming")) and not list(broken.spool.scan("incoming"))
+
+
+# --------------------------------------------------------------------------- limits
+def test_hard_error_limit_and_junk_commands(tmp_path: Path) -> None:
+    log.setup("smtpd", str(tmp_path / "maillog"), "qmgrd")
+    h = Host(tmp_path, "smtpd_hard_error_limit = 3\nsmtpd_junk_command_limit = 2\n")
+
+    async def errors(c: Client) -> None:
+        await greet(c)
+        assert (await c.cmd("BOGUS")).startswith("502")
+        assert (await c.cmd("MAIL")).startswith("501")
+        assert await c.cmd("RCPT TO:<x@y.example>") == "503 5.5.1 Error: need MAIL command"
+        assert await c.reply() == "421 4.7.0 mx.test.example Error: too many errors"
+        assert await c.reply() == "<EOF>"
+
+    async def junk(c: Client) -> None:
+        await c.reply()
+        replies = [await c.cmd("NOOP") for _ in range(6)]
+        assert replies == ["250 2.0.0 Ok"] * 6
+        assert await c.reply() == "421 4.7.0 mx.test.example Error: too many errors"
+
+    run(h, errors, junk)
+    text = (tmp_path / "maillog").read_text()
+    assert "too many errors after RCPT from localhost[127.0.0.1]" in text
+    assert "too many errors after NOOP from localhost[127.0.0.1]" in text
+
+
+def test_recipient_limit_and_non_smtp_command(tmp_path: Path) -> None:
+    log.setup("smtpd", str(tmp_path / "maillog"), "qmgrd")
+    h = Host(tmp_path, "smtpd_recipient_limit = 2\n")
+
+    async def limit(c: Client) -> None:
+        await greet(c)
+        await c.cmd("MAIL FROM:<a@far.example>")
+        assert (await c.cmd("RCPT TO:<a@localhost>")).startswith("250")
+        assert (await c.cmd("RCPT TO:<b@localhost>")).startswith("250")
+        assert await c.cmd("RCPT TO:<c@localhost>") == "452 4.5.3 Error: too many recipients"
+        await c.cmd("DATA")
+        assert (await c.cmd(b"x\r\n.\r\n")).startswith("250")
+        await c.cmd("QUIT")
+
+    async def header(c: Client) -> None:
+        await c.reply()
+        assert await c.cmd("Subject: spam") == (
+            "221 2.7.0 Error: I can break rules, too. Goodbye.")
+        assert await c.reply() == "<EOF>"
+
+    run(h, limit, header)
+    with h.queue_file(h.queued[0]) as qf:
+        assert [r.address for r in qf.recipients] == ["a@localhost", "b@localhost"]
+    assert "non-SMTP command from localhost[127.0.0.1]: SUBJECT: spam" in (
+        tmp_path / "maillog").read_text()
+
+
+def test_timeout_and_connection_count_limit(tmp_path: Path) -> None:
+    log.setup("smtpd", str(tmp_path / "maillog"), "qmgrd")
+    h = Host(tmp_path, "smtpd_timeout = 1s\nsmtpd_client_connection_count_limit = 1\n"
+             "smtpd_client_event_limit_exceptions =\n")
+
+    async def two(c: Client) -> None:
+        assert (await c.reply()).startswith("220 ")
+        reader, writer = await asyncio.open_connection(*c.writer.get_extra_info("peername"))
+        second = Client(reader, writer)
+        try:
+            assert await second.reply() == (
+                "421 4.7.0 mx.test.example Error: too many connections from 127.0.0.1")
+            assert await second.reply() == "<EOF>"
+        finally:
+            await second.close()
+        await c.cmd("EHLO x.example")
+        assert await c.reply(timeout=5) == "421 4.4.2 mx.test.example Error: timeout exceeded"
+
+    run(h, two)
+    text = (tmp_path / "maillog").read_text()
+    assert ("warning: Connection concurrency limit exceeded: 2 from localhost[127.0.0.1] "
+            "for service smtpd") in text
+    assert "timeout after EHLO from localhost[127.0.0.1]" in text
+
+
+def test_disconnect_mid_data_queues_nothing(host: Host) -> None:
+    async def script(c: Client) -> None:
+        await greet(c)
+        await c.cmd("MAIL FROM:<a@far.example>")
+        await c.cmd("RCPT TO:<b@localhost>")
+        await c.cmd("DATA")
+        c.writer.write(b"Subject: half\r\n\r\npartial line without end")
+        await c.writer.drain()
+
+    run(host, script)
+    assert not host.queued and not list(host.spool.scan("incoming"))
+    assert "lost connection after DATA (" in maillog(host)

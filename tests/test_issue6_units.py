@@ -1,0 +1,242 @@
+"""Issue 6: smtpd's pure parts - transports.smtpd_policy (networks, domains, relay control,
+restriction lists, queue space, client names) and the helpers of transports.smtpd_session
+(xtext, header truncation)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+from typing import Any
+
+import dns.resolver
+import pytest
+
+from master.config import Config
+from transports.smtpd_policy import (
+    ClientInfo,
+    DomainList,
+    NetList,
+    Policy,
+    PolicyError,
+    is_fqdn,
+    queue_space,
+)
+from transports.smtpd_tx import truncate_headers, xtext_decode
+
+
+def policy(text: str = "", resolver: Any = None) -> Policy:
+    cfg = Config.from_text("myhostname = mx.test.example\nmydomain = test.example\n" + text,
+                           "/nonexistent")
+    return Policy(cfg, resolver)
+
+
+def test_netlist() -> None:
+    nets = NetList(["127.0.0.0/8", "[::1]/128", "!192.0.2.7", "192.0.2.0/24",
+                    "[2001:db8::]/32", "host.example"], "mynetworks")
+    assert nets.match("127.1.2.3") and nets.match("::1") and nets.match("192.0.2.8")
+    assert not nets.match("192.0.2.7")  # excluded before the network matches
+    assert nets.match("2001:db8::5") and nets.match("::ffff:127.0.0.1")
+    assert not nets.match("10.0.0.1") and not nets.match("garbage")
+
+
+def test_netlist_table(tmp_path: Path) -> None:
+    table = tmp_path / "clients"
+    table.write_text("10.1.2.3 OK\n")
+    nets = NetList([f"texthash:{table}"], "mynetworks")
+    assert nets.match("10.1.2.3") and not nets.match("10.1.2.4")
+    with pytest.raises(PolicyError, match="mynetworks"):
+        NetList([f"texthash:{tmp_path}/missing"], "mynetworks")
+
+
+def test_domainlist() -> None:
+    exact = DomainList(["example.com", ".sub.example.net", "!bad.example.org",
+                        "example.org"], "mydestination")
+    assert exact.match("example.com") and not exact.match("a.example.com")
+    assert exact.match("x.sub.example.net") and not exact.match("sub.example.net")
+    assert exact.match("example.org") and not exact.match("bad.example.org")
+    parent = DomainList(["example.com"], "relay_domains", parent_match=True)
+    assert parent.match("a.b.example.com") and not parent.match("badexample.com")
+
+
+def test_auth_destination_and_untrusted_routing() -> None:
+    p = policy("mydestination = $myhostname, localhost\nrelay_domains = relay.example\n"
+               "virtual_alias_domains = alias.example\n")
+    for ok in ("a@mx.test.example", "a@localhost", "a@relay.example", "a@x.relay.example",
+               "a@alias.example", "postmaster", "a@LOCALHOST."):
+        assert p.auth_destination(ok), ok
+    for bad in ("a@foreign.example", "a%foreign.example@localhost",
+                "a!foreign.example@localhost", "a@foreign.example@localhost",
+                "a@mx.test.example.evil.example"):
+        assert not p.auth_destination(bad), bad
+    assert policy("allow_untrusted_routing = yes\nmydestination = localhost\n"
+                  ).auth_destination("a%b.example@localhost")
+
+
+def test_never_an_open_relay() -> None:
+    with pytest.raises(PolicyError, match="reject_unauth_destination"):
+        policy("smtpd_relay_restrictions = permit_mynetworks\n"
+               "smtpd_recipient_restrictions = permit\n")
+    # the defaults (defer_unauth_destination) and Debian's usual setting are accepted
+    policy()
+    policy("smtpd_relay_restrictions =\n"
+           "smtpd_recipient_restrictions = permit_mynetworks, reject_unauth_destination\n")
+
+
+def check(p: Policy, rcpt: str, addr: str = "192.0.2.9", sender: str = "s@far.example"
+          ) -> str | None:
+    return asyncio.run(p.check_rcpt(ClientInfo(addr, "1025"), "helo.example", sender, rcpt))
+
+
+def test_restriction_lists() -> None:
+    p = policy("smtpd_relay_restrictions = permit_mynetworks, permit_sasl_authenticated, "
+               "reject_unauth_destination\n"
+               "smtpd_recipient_restrictions = reject_non_fqdn_recipient, "
+               "reject_non_fqdn_sender\n")
+    assert check(p, "x@far.example") == "554 5.7.1 <x@far.example>: Relay access denied"
+    assert check(p, "x@far.example", addr="127.0.0.1") is None
+    # a permit ends its own list only: the recipient restrictions still apply
+    assert check(p, "x@nodot", addr="127.0.0.1") == (
+        "504 5.5.2 <x@nodot>: Recipient address rejected: need fully-qualified address")
+    assert check(p, "x@mx.test.example", sender="bob@nodot") == (
+        "504 5.5.2 <bob@nodot>: Sender address rejected: need fully-qualified address")
+    assert check(p, "x@mx.test.example", sender="") is None
+    assert check(policy("relay_domains_reject_code = 550\nsmtpd_relay_restrictions = "
+                        "defer_unauth_destination\n"), "x@far.example") == (
+        "450 4.7.1 <x@far.example>: Relay access denied")
+    assert check(policy("smtpd_client_restrictions = reject\n"), "x@localhost") == (
+        "554 5.7.1 <x@localhost>: Recipient address rejected: Access denied")
+    assert check(policy("smtpd_helo_restrictions = check_helo_access hash:/x\n"),
+                 "x@localhost") == "451 4.3.5 Server configuration error"
+
+
+class FakeResolver:
+    """dnspython's resolve() for a few names; anything else is NXDOMAIN."""
+
+    def __init__(self, records: dict[tuple[str, str], list[str]], fail: bool = False):
+        self.records = records
+        self.fail = fail
+
+    async def resolve(self, name: Any, rtype: str, lifetime: float = 0) -> list[str]:
+        if self.fail:
+            raise dns.resolver.LifetimeTimeout(timeout=1.0, errors=[])
+        key = (str(name).rstrip("."), rtype)
+        if key in self.records:
+            return self.records[key]
+        if any(n == key[0] for n, _ in self.records):
+            raise dns.resolver.NoAnswer()
+        raise dns.resolver.NXDOMAIN()
+
+
+def test_reject_unknown_recipient_domain() -> None:
+    text = ("smtpd_recipient_restrictions = reject_unknown_recipient_domain, "
+            "permit_mynetworks, reject_unauth_destination\n")
+    p = policy(text, FakeResolver({("mx.example", "MX"): ["10 mail.mx.example."],
+                                   ("a.example", "A"): ["192.0.2.1"]}))
+    ip = "127.0.0.1"
+    assert check(p, "x@mx.example", ip) is None
+    assert check(p, "x@a.example", ip) is None
+    assert check(p, "x@localhost", ip) is None  # a final destination: not looked up
+    assert check(p, "x@nowhere.example", ip) == (
+        "450 4.1.2 <x@nowhere.example>: Recipient address rejected: Domain not found")
+    p5 = policy(text + "unknown_address_reject_code = 550\n", FakeResolver({}))
+    assert check(p5, "x@nowhere.example", ip) == (
+        "550 5.1.2 <x@nowhere.example>: Recipient address rejected: Domain not found")
+    failing = policy(text + "unknown_address_reject_code = 550\n", FakeResolver({}, True))
+    assert (check(failing, "x@nowhere.example", ip) or "").startswith("450 4.1.2 ")
+
+
+def test_lookup_name() -> None:
+    p = policy("", FakeResolver({("9.2.0.192.in-addr.arpa", "PTR"): ["host.example."],
+                                 ("host.example", "A"): ["192.0.2.9"],
+                                 ("8.2.0.192.in-addr.arpa", "PTR"): ["liar.example."],
+                                 ("liar.example", "A"): ["192.0.2.1"]}))
+    assert asyncio.run(p.lookup_name("127.0.0.1")) == "localhost"
+    assert asyncio.run(p.lookup_name("::1")) == "localhost"
+    assert asyncio.run(p.lookup_name("192.0.2.9")) == "host.example"
+    assert asyncio.run(p.lookup_name("192.0.2.8")) == "unknown"  # not forward-confirmed
+    assert asyncio.run(p.lookup_name("192.0.2.7")) == "unknown"
+    off = policy("smtpd_peername_lookup = no\n", p.resolver)
+    assert asyncio.run(off.lookup_name("192.0.2.9")) == "unknown"
+    assert ClientInfo("2001:db8::1", "25", "h").rfc_addr == "IPv6:2001:db8::1"
+    assert ClientInfo("192.0.2.1", "25", "h").namaddr == "h[192.0.2.1]"
+
+
+def test_queue_space(tmp_path: Path) -> None:
+    assert queue_space(str(tmp_path), 0, 10240000)
+    assert not queue_space(str(tmp_path), 1 << 60, 0)
+    assert not queue_space(str(tmp_path), 0, 1 << 60)  # 1.5 x message_size_limit
+    assert not queue_space(str(tmp_path), 0, 0, size=1 << 60)
+    assert queue_space(str(tmp_path / "missing"), 1 << 60, 0)  # unknown: the write tells
+
+
+def test_is_fqdn() -> None:
+    assert is_fqdn("a.example") and is_fqdn("[192.0.2.1]") and is_fqdn("x-y.b.example.")
+    assert not is_fqdn("localhost") and not is_fqdn("a..b") and not is_fqdn("-a.b")
+
+
+def test_xtext_decode() -> None:
+    assert xtext_decode("abc+2Bdef+3D") == "abc+def="
+    assert xtext_decode("") == ""
+    for bad in ("a+2", "a+ZZ", "a=b", "a b", "é"):
+        assert xtext_decode(bad) is None, bad
+
+
+def test_truncate_headers() -> None:
+    msg = b"A: " + b"x" * 50 + b"\r\n\tcont " + b"y" * 50 + b"\r\nB: ok\r\n\r\nbody " * 1
+    assert truncate_headers(msg, 1000) == (msg, 0)
+    cut, n = truncate_headers(msg + b"z" * 2000, 60)
+    assert n == 1
+    assert cut.startswith(b"A: " + b"x" * 50 + b"\r\n\tcont y\r\nB: ok\r\n\r\nbody z")
+    # the body is never touched, however long its lines
+    body_only = b"not a header line\r\n" + b"q" * 5000
+    assert truncate_headers(body_only, 100) == (body_only, 0)
+
+
+def test_session_sets_up_what_aiosmtpd_sets_up(tmp_path: Path) -> None:
+    """SmtpdSession replaces SMTP.__init__ (without its per-connection introspection):
+    every attribute aiosmtpd's constructor sets must be there (guards an upgrade)."""
+    from aiosmtpd.smtp import SMTP
+
+    from transports.smtpd_session import SmtpdParams, SmtpdSession
+
+    cfg = Config.from_text(f"queue_directory = {tmp_path}\n", str(tmp_path))
+
+    class Host:
+        params = SmtpdParams.from_config(cfg, "smtpd", str(tmp_path))
+        policy = policy()
+        tls_context = None
+        tls_required = False
+
+    async def make() -> tuple[set[str], set[str]]:
+        plain = SMTP(object(), enable_SMTPUTF8=True, hostname="h.example")
+        ours = SmtpdSession(Host())  # type: ignore[arg-type]
+        return set(vars(plain)), set(vars(ours))
+
+    plain_attrs, our_attrs = asyncio.run(make())
+    assert plain_attrs - {"_call_limit_default", "_call_limit_base"} <= our_attrs
+
+
+def test_connection_counter_across_processes(tmp_path: Path) -> None:
+    """Two counters on one file act like two smtpd processes (each open() is its own
+    lock owner); a count survives only as long as its holder."""
+    from transports.smtpd_policy import ConnectionCounter
+
+    path = str(tmp_path / "smtpd.conn")
+    one, two = ConnectionCounter(path), ConnectionCounter(path)
+    c1, s1 = one.acquire("192.0.2.1", 2)
+    c2, s2 = two.acquire("192.0.2.1", 2)
+    assert (c1, c2) == (1, 2) and s1 is not None and s2 is not None
+    assert one.acquire("192.0.2.1", 2) == (3, None)
+    assert one.acquire("192.0.2.2", 2)[0] == 1  # another client, its own count
+    os.close(two.fd)  # the second "process" died: its session no longer counts
+    three = ConnectionCounter(path)
+    c3, s3 = three.acquire("192.0.2.1", 2)
+    assert c3 == 2
+    one.release(s1)
+    assert three.acquire("192.0.2.1", 2)[0] == 1
+    three.release(s3)
+    local = ConnectionCounter(None)
+    assert [local.acquire("a", 2)[0] for _ in range(3)] == [1, 2, 3]
+    local.release(-1)
+    assert local.acquire("a", 2)[0] == 2

@@ -1,0 +1,508 @@
+"""smtpd_policy — the SMTP server's access policy: relay control, restriction lists,
+client identity and queue space (Postfix smtpd_check(5) facts, ours to enforce).
+
+Summary
+    ``Policy(cfg)`` is built once per smtpd process (before the jail) and answers the
+    questions smtpd asks while a client talks:
+
+    * **Networks** (``NetList``): ``mynetworks`` and ``smtpd_client_event_limit_exceptions``
+      hold ``a.b.c.d``, ``a.b.c.d/n``, ``[v6]``, ``[v6]/n`` (brackets optional), ``!``
+      before an entry excludes, and ``type:table`` entries (looked up by address).
+      Host names are not supported: a warning names them once, and they never match.
+    * **Domains** (``DomainList``): ``mydestination``, ``relay_domains``,
+      ``virtual_alias_domains``, ``virtual_mailbox_domains``: ``name``, ``.name``
+      (subdomains), ``!name``, ``type:table``; a plain ``name`` also matches its
+      subdomains when the parameter is in ``parent_domain_matches_subdomains`` (by default
+      relay_domains and mynetworks, not mydestination) - as Postfix's match_list.
+    * **Authorized destination** (``permit_auth_destination``): an address without a
+      domain, or whose domain is local, virtual or in relay_domains - unless it carries
+      sender-specified routing (``@``, ``%`` or ``!`` in the local part, or a source route)
+      and ``allow_untrusted_routing = no``.
+    * **Restriction lists** (smtpd_delay_reject = yes: all are evaluated at RCPT time, in
+      Postfix's order): ``smtpd_client_restrictions``, ``smtpd_helo_restrictions``,
+      ``smtpd_sender_restrictions``, ``smtpd_relay_restrictions``,
+      ``smtpd_recipient_restrictions``. In each list the first ``permit``/``reject``
+      decides that list; a reject anywhere rejects. Supported: ``permit``, ``dunno``,
+      ``reject`` (554 5.7.1 Access denied), ``defer`` (450 4.7.1), ``permit_mynetworks``,
+      ``permit_auth_destination``, ``reject_unauth_destination`` (``$relay_domains_reject_code``
+      554, ``5.7.1 <rcpt>: Relay access denied``), ``defer_unauth_destination`` (that code
+      minus 100: 454 4.7.1), ``reject_non_fqdn_recipient`` / ``reject_non_fqdn_sender``
+      (``$non_fqdn_reject_code`` 504 5.5.2), ``reject_unknown_recipient_domain``
+      (``$unknown_address_reject_code`` 450 4.1.2 when a non-final domain has neither MX
+      nor A/AAAA; DNS through dnspython's asyncio resolver). ``permit_sasl_authenticated``
+      is accepted and never matches: smtpd offers no AUTH (no SASL). Any other name:
+      ``warning: unknown smtpd restriction: "x"`` and ``451 4.3.5 Server configuration
+      error``, as Postfix.
+    * **Never an open relay**: as Postfix, the configuration is refused (PolicyError, the
+      process exits fatal and the master throttles) unless smtpd_relay_restrictions or
+      smtpd_recipient_restrictions holds one of reject_unauth_destination,
+      defer_unauth_destination, reject, defer, defer_if_permit.
+    * **Queue space** (Postfix smtpd_check_queue / smtpd_check_size): ``queue_space(...)``
+      refuses (``452 4.3.1 Insufficient system storage``) when ``queue_minfree`` is not
+      below the free space of the queue file system, when 1.5 x ``message_size_limit``
+      is not, or when a declared SIZE plus queue_minfree is not.
+    * **Client identity** (``ClientInfo``, ``lookup_name``): the forward-confirmed name of
+      the client's address (PTR, then A/AAAA must give the address back), ``unknown``
+      otherwise; loopback addresses are ``localhost`` without a query;
+      ``smtpd_peername_lookup = no`` skips the lookup.
+
+Public API
+    PolicyError(Exception)
+    ClientInfo(addr, port, name="unknown") .rfc_addr .namaddr .family
+    NetList(entries, param, parent_match=False) .match(addr) -> bool
+    DomainList(entries, param, parent_match=False) .match(domain) -> bool
+    Policy(cfg, resolver=None)
+        .is_mynetworks(addr) -> bool; .limit_exempt(addr) -> bool
+        .auth_destination(rcpt) -> bool
+        async .check_rcpt(client, helo, sender, rcpt) -> str | None   (None = accepted)
+        async .lookup_name(addr) -> str
+    queue_space(path, minfree, message_limit, size=0) -> bool   (True = enough room)
+    ConnectionCounter(path) .acquire(addr, limit) -> (count, slot | None); .release(slot)
+        sessions per client address across processes (byte-range locks on one file)
+    domain_of(address) -> str;  is_fqdn(domain) -> bool
+
+Logs warnings (unknown restriction, unsupported mynetworks entry, unreadable table); raises
+PolicyError for a configuration that would make an open relay or names a table that
+cannot be opened.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import ipaddress
+import os
+import struct
+import zlib
+from dataclasses import dataclass, field
+
+import dns.asyncresolver
+import dns.exception
+import dns.resolver
+import dns.reversename
+
+from master import log
+from master.config import Config
+from qmgrd.maps import Table, TableError, open_table
+
+__all__ = [
+    "ClientInfo",
+    "ConnectionCounter",
+    "DomainList",
+    "NetList",
+    "Policy",
+    "PolicyError",
+    "domain_of",
+    "is_fqdn",
+    "queue_space",
+]
+
+_Net = ipaddress.IPv4Network | ipaddress.IPv6Network
+_RELAY_GUARDS = ("reject_unauth_destination", "defer_unauth_destination", "reject", "defer",
+                 "defer_if_permit")
+_LOOKUP_LIFETIME = 10.0  # seconds for a PTR or A/AAAA/MX query
+_SPACE_FACTOR = 1.5      # Postfix smtpd_space_multf
+
+
+class PolicyError(Exception):
+    """The configuration cannot be enforced safely (the message says why)."""
+
+
+@dataclass
+class ClientInfo:
+    """The SMTP client: address, port and (verified) name.
+
+    ``rfc_addr`` is the address as written in Received: (``IPv6:`` prefix for IPv6),
+    ``namaddr`` the ``name[addr]`` form of the log lines.
+    """
+
+    addr: str
+    port: str
+    name: str = "unknown"
+    family: int = field(default=2)  # AF_INET; 10 = AF_INET6 (Postfix client_address_type)
+
+    def __post_init__(self) -> None:
+        if ":" in self.addr:
+            self.family = 10
+
+    @property
+    def rfc_addr(self) -> str:
+        return f"IPv6:{self.addr}" if ":" in self.addr else self.addr
+
+    @property
+    def namaddr(self) -> str:
+        return f"{self.name}[{self.addr}]"
+
+
+def domain_of(address: str) -> str:
+    """The lower-case domain of ``address`` without a trailing dot ("" for none)."""
+    at = address.rfind("@")
+    return address[at + 1:].lower().rstrip(".") if at >= 0 else ""
+
+
+def is_fqdn(domain: str) -> bool:
+    """True for a fully-qualified host name (at least one dot, valid labels) or an
+    address literal ``[...]``."""
+    if domain.startswith("[") and domain.endswith("]"):
+        return True
+    labels = domain.rstrip(".").split(".")
+    if len(labels) < 2:
+        return False
+    return all(0 < len(lb) <= 63 and lb.replace("-", "").isalnum() and lb[0] != "-"
+               and lb[-1] != "-" for lb in labels)
+
+
+def _open(spec: str, param: str) -> Table | None:
+    try:
+        return open_table(spec)
+    except TableError as exc:
+        raise PolicyError(f"parameter {param}: {exc}") from None
+
+
+class NetList:
+    """A Postfix network list (mynetworks syntax; see module docstring)."""
+
+    def __init__(self, entries: list[str], param: str, parent_match: bool = False) -> None:
+        self.items: list[tuple[bool, _Net | Table]] = []
+        for raw in entries:
+            neg = raw.startswith("!")
+            text = raw[1:] if neg else raw
+            if _is_table(text):
+                table = _open(text, param)
+                if table is not None:
+                    self.items.append((neg, table))
+                continue
+            spec = text.replace("[", "").replace("]", "")
+            try:
+                self.items.append((neg, ipaddress.ip_network(spec, strict=False)))
+            except ValueError:
+                log.warning(f"{param}: unsupported entry \"{raw}\" (host names are not "
+                            "supported): ignored")
+
+    def match(self, addr: str) -> bool:
+        """True when ``addr`` (an IP address string) is in the list."""
+        try:
+            ip = ipaddress.ip_address(addr)
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        for neg, item in self.items:
+            if isinstance(item, Table):
+                hit = item.lookup(str(ip)) is not None
+            else:
+                hit = ip.version == item.version and ip in item
+            if hit:
+                return not neg
+        return False
+
+
+_TABLE_TYPES = ("texthash", "hash", "btree", "lmdb", "cdb", "inline")
+
+
+def _is_table(text: str) -> bool:
+    return text.partition(":")[0].lower() in _TABLE_TYPES
+
+
+class DomainList:
+    """A Postfix domain list (mydestination / relay_domains syntax)."""
+
+    def __init__(self, entries: list[str], param: str, parent_match: bool = False) -> None:
+        self.parent_match = parent_match
+        self.items: list[tuple[bool, str | Table]] = []
+        for raw in entries:
+            neg = raw.startswith("!")
+            text = raw[1:] if neg else raw
+            if _is_table(text):
+                table = _open(text, param)
+                if table is not None:
+                    self.items.append((neg, table))
+            elif text:
+                self.items.append((neg, text.lower().rstrip(".")))
+
+    def match(self, domain: str) -> bool:
+        """True when ``domain`` (lower case, no trailing dot) is in the list."""
+        parents = domain.split(".")
+        for neg, item in self.items:
+            if isinstance(item, Table):
+                hit = item.lookup(domain) is not None or (self.parent_match and any(
+                    item.lookup(".".join(parents[i:])) is not None
+                    for i in range(1, len(parents))))
+            elif item.startswith("."):
+                hit = domain.endswith(item)
+            else:
+                hit = domain == item or (self.parent_match and domain.endswith("." + item))
+            if hit:
+                return not neg
+        return False
+
+
+def queue_space(path: str, minfree: int, message_limit: int, size: int = 0) -> bool:
+    """True when the file system holding ``path`` has room for mail (module docstring).
+    An unreadable file system counts as having room (the write will tell)."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return True
+    bsize = st.f_frsize or st.f_bsize or 1
+    free = st.f_bavail
+    if minfree // bsize >= free:
+        return False
+    if message_limit and message_limit // bsize >= free / _SPACE_FACTOR:
+        return False
+    return not (size and minfree // bsize + size // bsize >= free)
+
+
+class Policy:
+    """Relay control and restriction lists for one smtpd process (module docstring).
+
+    Raises:
+        PolicyError: an open-relay configuration or a table that cannot be opened.
+    """
+
+    def __init__(self, cfg: Config,
+                 resolver: dns.asyncresolver.Resolver | None = None) -> None:
+        parents = set(cfg.get_list("parent_domain_matches_subdomains"))
+
+        def nets(param: str) -> NetList:
+            return NetList(cfg.get_list(param), param, param in parents)
+
+        def domains(param: str) -> DomainList:
+            return DomainList(cfg.get_list(param), param, param in parents)
+
+        self.mynetworks = nets("mynetworks")
+        self.exceptions = nets("smtpd_client_event_limit_exceptions")
+        self.local = domains("mydestination")
+        self.final = [self.local, domains("virtual_alias_domains"),
+                      domains("virtual_mailbox_domains")]
+        self.relay = domains("relay_domains")
+        self.allow_untrusted = cfg.get_bool("allow_untrusted_routing")
+        self.percent_hack = cfg.get_bool("allow_percent_hack")
+        self.bang_path = cfg.get_bool("swap_bangpath")
+        self.relay_code = cfg.get_int("relay_domains_reject_code")
+        self.fqdn_code = cfg.get_int("non_fqdn_reject_code")
+        self.unknown_code = cfg.get_int("unknown_address_reject_code")
+        self.peername_lookup = cfg.get_bool("smtpd_peername_lookup")
+        self.lists = [(name, [r.lower() for r in cfg.get_list(name)]) for name in (
+            "smtpd_client_restrictions", "smtpd_helo_restrictions",
+            "smtpd_sender_restrictions", "smtpd_relay_restrictions",
+            "smtpd_recipient_restrictions")]
+        guarded = [r for name, rs in self.lists[3:] for r in rs if r in _RELAY_GUARDS]
+        if not guarded:
+            raise PolicyError(
+                "in parameter smtpd_relay_restrictions or smtpd_recipient_restrictions, "
+                "specify at least one working instance of: reject_unauth_destination, "
+                "defer_unauth_destination, reject, defer, defer_if_permit or "
+                "check_relay_domains")
+        self.resolver = resolver
+
+    # ------------------------------------------------------------------ questions
+    def is_mynetworks(self, addr: str) -> bool:
+        return self.mynetworks.match(addr)
+
+    def limit_exempt(self, addr: str) -> bool:
+        """True for clients excluded from the connection count limit."""
+        return self.exceptions.match(addr)
+
+    def _final(self, domain: str) -> bool:
+        return not domain or any(d.match(domain) for d in self.final)
+
+    def _routed(self, address: str) -> bool:
+        local = address[: address.rfind("@")] if "@" in address else address
+        return ("@" in local or (self.percent_hack and "%" in local)
+                or (self.bang_path and "!" in local) or address.startswith("@"))
+
+    def auth_destination(self, rcpt: str) -> bool:
+        """Postfix permit_auth_destination: a final or relay destination, without
+        untrusted sender-specified routing."""
+        domain = domain_of(rcpt)
+        if not (self._final(domain) or self.relay.match(domain)):
+            return False
+        return self.allow_untrusted or not self._routed(rcpt)
+
+    async def _has_dns(self, domain: str) -> bool | None:
+        """True when ``domain`` has an MX or an A/AAAA record, False when it has none,
+        None when DNS could not tell (no resolver, timeout, server failure)."""
+        if self.resolver is None:
+            return None
+        try:
+            for rtype in ("MX", "A", "AAAA"):
+                try:
+                    await self.resolver.resolve(domain, rtype, lifetime=_LOOKUP_LIFETIME)
+                    return True
+                except dns.resolver.NoAnswer:
+                    continue
+            return False
+        except dns.resolver.NXDOMAIN:
+            return False
+        except dns.exception.DNSException:
+            return None
+
+    # ------------------------------------------------------------------ restrictions
+    @staticmethod
+    def _reply(code: int, dsn: str, text: str) -> str:
+        return f"{code} {str(code)[0]}{dsn[1:]} {text}"
+
+    async def _apply(self, name: str, client: ClientInfo, sender: str,
+                     rcpt: str) -> str | None:
+        """One restriction: "permit", "dunno" or a reply line (a rejection)."""
+        if name in ("permit", "dunno"):
+            return name
+        if name == "reject":
+            return self._reply(554, "5.7.1", f"<{rcpt}>: Recipient address rejected: "
+                               "Access denied")
+        if name in ("defer", "defer_if_permit"):
+            return self._reply(450, "4.7.1", f"<{rcpt}>: Recipient address rejected: "
+                               "Access denied")
+        if name == "permit_mynetworks":
+            return "permit" if self.is_mynetworks(client.addr) else "dunno"
+        if name == "permit_sasl_authenticated":
+            return "dunno"  # no SASL: nobody is ever authenticated
+        if name == "permit_auth_destination":
+            return "permit" if self.auth_destination(rcpt) else "dunno"
+        if name in ("reject_unauth_destination", "defer_unauth_destination"):
+            if self.auth_destination(rcpt):
+                return "dunno"
+            code = self.relay_code - (100 if name.startswith("defer") else 0)
+            return self._reply(code, "5.7.1", f"<{rcpt}>: Relay access denied")
+        if name == "reject_non_fqdn_recipient":
+            domain = domain_of(rcpt)
+            if domain and is_fqdn(domain):
+                return "dunno"
+            return self._reply(self.fqdn_code, "5.5.2", f"<{rcpt}>: Recipient address "
+                               "rejected: need fully-qualified address")
+        if name == "reject_non_fqdn_sender":
+            domain = domain_of(sender)
+            if not sender or (domain and is_fqdn(domain)):
+                return "dunno"
+            return self._reply(self.fqdn_code, "5.5.2", f"<{sender}>: Sender address "
+                               "rejected: need fully-qualified address")
+        if name == "reject_unknown_recipient_domain":
+            domain = domain_of(rcpt)
+            if not domain or self._final(domain) or self.relay.match(domain) or \
+                    domain.startswith("["):
+                return "dunno"
+            found = await self._has_dns(domain)
+            if found:
+                return "dunno"
+            if found is None:
+                log.warning(f"{domain}: domain lookup failed: recipient <{rcpt}> deferred")
+                return self._reply(450, "4.1.2", f"<{rcpt}>: Recipient address rejected: "
+                                   "Domain not found")
+            return self._reply(self.unknown_code, "5.1.2", f"<{rcpt}>: Recipient address "
+                               "rejected: Domain not found")
+        log.warning(f'unknown smtpd restriction: "{name}"')
+        return "451 4.3.5 Server configuration error"
+
+    async def check_rcpt(self, client: ClientInfo, helo: str, sender: str,
+                         rcpt: str) -> str | None:
+        """Evaluate every restriction list for one recipient; the rejection reply, or
+        None when the recipient is accepted."""
+        for _list_name, restrictions in self.lists:
+            for name in restrictions:
+                result = await self._apply(name, client, sender, rcpt)
+                if result == "permit":
+                    break
+                if result != "dunno":
+                    return result
+        return None
+
+    # ------------------------------------------------------------------ client name
+    async def lookup_name(self, addr: str) -> str:
+        """The client's verified host name, ``localhost`` for loopback, else
+        ``unknown`` (module docstring). Never raises."""
+        try:
+            ip = ipaddress.ip_address(addr)
+        except ValueError:
+            return "unknown"
+        if ip.is_loopback:
+            return "localhost"
+        if not self.peername_lookup or self.resolver is None:
+            return "unknown"
+        try:
+            ptr = await self.resolver.resolve(dns.reversename.from_address(addr), "PTR",
+                                              lifetime=_LOOKUP_LIFETIME)
+            name = str(ptr[0]).rstrip(".")
+            rtype = "AAAA" if ip.version == 6 else "A"
+            answer = await self.resolver.resolve(name, rtype, lifetime=_LOOKUP_LIFETIME)
+        except dns.exception.DNSException:
+            return "unknown"
+        if any(ipaddress.ip_address(str(r)) == ip for r in answer):
+            return name
+        return "unknown"
+
+
+_FLOCK = struct.Struct("hhqqi")  # struct flock: l_type, l_whence, l_start, l_len, l_pid
+_STRIDE = 1024                   # lock bytes per client address bucket (the count's cap)
+_BUCKETS = 65536
+
+
+class ConnectionCounter:
+    """Concurrent sessions per client address across every smtpd process (Postfix asks
+    its anvil(8) service; here a shared file does it, without a service).
+
+    Each counted session holds an open-file-description lock (Linux F_OFD_SETLK) on one
+    byte of ``path``: the bytes ``bucket * 1024 ...`` of the client address's bucket (a
+    hash of the address, 65,536 buckets). A session takes the first byte that no one
+    holds; when the first ``limit`` bytes are all held, the client already has
+    ``limit`` sessions. Locks vanish with the process that held them, so a crashed
+    smtpd leaves no stale count. The file is opened once, before the jail; without it
+    (``path`` None, no F_OFD_SETLK, or an open error: a warning) sessions are counted in
+    this process only.
+    """
+
+    def __init__(self, path: str | None) -> None:
+        self.fd = -1
+        self._held: set[int] = set()
+        self._local: dict[str, int] = {}
+        self._slot_addr: dict[int, str] = {}
+        self._next_local = -1
+        if path is None or not hasattr(fcntl, "F_OFD_SETLK"):
+            return
+        try:
+            self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            log.warning(f"open {path}: {exc.strerror}: client connection counts are per "
+                        "smtpd process")
+
+    def _lock(self, offset: int, kind: int) -> bool:
+        arg = _FLOCK.pack(kind, os.SEEK_SET, offset, 1, 0)
+        try:
+            fcntl.fcntl(self.fd, fcntl.F_OFD_SETLK, arg)
+        except OSError:
+            return False
+        return True
+
+    def acquire(self, addr: str, limit: int) -> tuple[int, int | None]:
+        """Count a new session of ``addr``: (its number among the client's sessions,
+        capped at ``limit + 1``; a slot for release(), None when over the limit)."""
+        if self.fd < 0:
+            count = self._local.get(addr, 0) + 1
+            if count > limit:
+                return count, None
+            self._local[addr] = count
+            slot = self._next_local
+            self._next_local -= 1
+            self._slot_addr[slot] = addr
+            return count, slot
+        base = zlib.crc32(addr.encode()) % _BUCKETS * _STRIDE
+        for i in range(min(limit, _STRIDE)):
+            offset = base + i
+            if offset not in self._held and self._lock(offset, fcntl.F_WRLCK):
+                self._held.add(offset)
+                return i + 1, offset
+        return limit + 1, None
+
+    def release(self, slot: int | None) -> None:
+        """The session that got ``slot`` has ended (None: nothing to release)."""
+        if slot is None:
+            return
+        if slot < 0:
+            addr = self._slot_addr.pop(slot, "")
+            left = self._local.get(addr, 1) - 1
+            if left > 0:
+                self._local[addr] = left
+            else:
+                self._local.pop(addr, None)
+            return
+        self._held.discard(slot)
+        self._lock(slot, fcntl.F_UNLCK)

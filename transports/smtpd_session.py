@@ -1,0 +1,669 @@
+"""smtpd_session — one SMTP session of smtpd(8): aiosmtpd's protocol engine with Postfix's
+commands, replies, limits and log lines.
+
+Summary
+    ``SmtpdSession`` subclasses ``aiosmtpd.smtp.SMTP``: aiosmtpd reads command lines,
+    handles timeouts and STARTTLS; the commands that carry policy (HELO, EHLO, MAIL, RCPT,
+    DATA, RSET, NOOP, VRFY, QUIT, AUTH, STARTTLS) are ours, with Postfix's wording
+    (smtpd.c). Every reply other than the greeting, HELO/EHLO and 354 carries an RFC 3463
+    enhanced status code (aiosmtpd's own few replies are rewritten to Postfix's).
+
+    * EHLO announces PIPELINING, ``SIZE <message_size_limit>``, VRFY, STARTTLS (when a
+      certificate is configured and TLS is not yet on), ENHANCEDSTATUSCODES, 8BITMIME,
+      DSN and SMTPUTF8 (``smtputf8_enable``), minus ``smtpd_discard_ehlo_keywords``.
+    * MAIL FROM / RCPT TO parameters, DATA framing, the Received: header and the queue
+      file's attributes: transports.smtpd_tx. A SIZE over message_size_limit gets
+      ``552 5.3.4``, a queue file system short of room ``452 4.3.1 Insufficient system
+      storage`` (smtpd_policy.queue_space); recipients are checked by
+      smtpd_policy.Policy (relay control); ``smtpd_recipient_limit`` -> ``452 4.5.3``
+      (an error only beyond smtpd_recipient_overshoot_limit). The message goes into the
+      queue through the host's ``enqueue`` (qmgrd.spool.cleanup: complete and fsynced
+      before ``250 2.0.0 Ok: queued as <id>``); a write error -> ``451 4.3.0 Error: queue
+      file write error``, never a 5xx; nothing is queued before the final dot, so a
+      client that disconnects mid-DATA leaves nothing behind.
+    * Limits (Postfix): every 4xx/5xx reply to a command is an error; at
+      ``smtpd_soft_error_limit`` errors every reply waits ``smtpd_error_sleep_time``; at
+      ``smtpd_hard_error_limit`` -> ``421 4.7.0 <host> Error: too many errors`` and
+      hang-up. NOOP, VRFY, RSET, HELO, EHLO beyond ``smtpd_junk_command_limit`` count as
+      errors. A delivered message forgives both. ``smtpd_timeout`` per read ->
+      ``421 4.4.2 <host> Error: timeout exceeded``. A header line sent as a command ->
+      ``221 2.7.0 Error: I can break rules, too. Goodbye.``
+
+Logs (Postfix smtpd's lines, so pflogsumm counts them)
+    ``connect from <name>[<addr>]``; ``<qid>: client=<name>[<addr>]`` (when the queue id
+    is assigned); ``NOQUEUE: reject: RCPT from <name>[<addr>]: <reply>; from=<s> to=<r>
+    proto=ESMTP helo=<h>``; ``warning: Connection concurrency limit exceeded: ...``;
+    ``timeout|lost connection|too many errors after <CMD> from ...`` (``after DATA (<n>
+    bytes)``); ``disconnect from <name>[<addr>] ehlo=1 mail=1 rcpt=1 data=1 quit=1
+    commands=5`` (``name=ok/total`` when some failed).
+
+Public API
+    SmtpdParams.from_config(cfg, service, queue_directory) -> SmtpdParams
+    SessionHost (Protocol): params, policy, tls_context, connect(s) -> int,
+        disconnect(s), enqueue(env, content, namaddr, received) -> str
+    SmtpdSession(host)          an asyncio protocol (loop.connect_accepted_socket)
+        .abort()                close now (shutdown)
+    The transaction's pieces (parameters, DATA reading, Received:) are transports.smtpd_tx.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import re
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from aiosmtpd.smtp import SMTP, login_always_fail
+
+from master import log
+from master.config import Config
+from qmgrd.spool.cleanup import CleanupError
+from qmgrd.spool.envelope import SMTPUTF8_FLAG_REQUESTED, Envelope, Recipient, internal_form
+from transports.smtpd_policy import ClientInfo, Policy, queue_space
+from transports.smtpd_tx import (
+    Transaction,
+    content_with,
+    mail_params,
+    message_attrs,
+    rcpt_params,
+    read_data,
+    received_header,
+    truncate_headers,
+    utf8_error,
+)
+
+__all__ = ["SessionHost", "SmtpdParams", "SmtpdSession"]
+
+logging.getLogger("mail.log").setLevel(logging.CRITICAL)  # aiosmtpd's own chatter
+
+WHERE_CONNECT = "CONNECT"
+WHERE_DATA = "DATA content"
+WHERE_EOM = "END-OF-MESSAGE"
+_CMD_ORDER = ("helo", "ehlo", "starttls", "auth", "mail", "rcpt", "data", "bdat", "rset",
+              "noop", "vrfy", "etrn", "quit", "unknown")
+_JUNK = frozenset({"HELO", "EHLO", "RSET", "NOOP", "VRFY"})
+_HEADER_NAME = re.compile(r"[\x21-\x39\x3b-\x7e]+:\Z")
+_NEUTER = str.maketrans({c: "?" for c in ' <>()\\";@'})
+_SIMPLE_PATH = re.compile(r"<([A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+@[A-Za-z0-9.-]+)>(.*)\Z")
+_ENHANCED = re.compile(r"\d{3}[ -][245]\.\d{1,3}\.\d{1,3}\b")
+_AIOSMTPD_REPLIES = {
+    "500 Error: bad syntax": "500 5.5.2 Error: bad syntax",
+    "500 Command line too long": "500 5.5.2 Error: command line too long",
+    "500 Error: strict ASCII mode": "500 5.5.2 Error: bad syntax",
+    "530 Must issue a STARTTLS command first": "530 5.7.0 Must issue a STARTTLS command first",
+    "554 Command refused due to lack of security": "554 5.7.0 Error: TLS handshake failed",
+    "454 TLS not available": "454 4.7.0 TLS not available due to local problem",
+    "220 Ready to start TLS": "220 2.0.0 Ready to start TLS",
+}
+_DEFAULT_DSN = {"2": "2.0.0", "4": "4.0.0", "5": "5.5.2", "500": "5.5.2", "501": "5.5.4",
+                "502": "5.5.1", "503": "5.5.1", "530": "5.7.0", "554": "5.7.0"}
+_MAX_ERROR_SLEEP = 10.0
+
+
+@dataclass(frozen=True)
+class SmtpdParams:
+    """The parameters one smtpd process reads once (main.cf names)."""
+
+    service: str
+    queue_directory: str
+    myhostname: str
+    mail_name: str
+    banner: str
+    timeout: float
+    recipient_limit: int
+    overshoot_limit: int
+    soft_error_limit: int
+    hard_error_limit: int
+    junk_limit: int
+    error_sleep: float
+    conn_limit: int
+    helo_required: bool
+    message_size_limit: int
+    line_length_limit: int
+    header_size_limit: int
+    queue_minfree: int
+    smtputf8: bool
+    disable_vrfy: bool
+    discard_ehlo: frozenset[str] = field(default_factory=frozenset)
+
+    @classmethod
+    def from_config(cls, cfg: Config, service: str, queue_directory: str) -> SmtpdParams:
+        """Read the parameters; raises ConfigError for a bad value."""
+        return cls(
+            service=service, queue_directory=queue_directory,
+            myhostname=cfg.get("myhostname"), mail_name=cfg.get("mail_name") or "qmgrd",
+            banner=cfg.get("smtpd_banner"), timeout=float(cfg.get_time("smtpd_timeout")),
+            recipient_limit=cfg.get_int("smtpd_recipient_limit"),
+            overshoot_limit=cfg.get_int("smtpd_recipient_overshoot_limit"),
+            soft_error_limit=cfg.get_int("smtpd_soft_error_limit"),
+            hard_error_limit=cfg.get_int("smtpd_hard_error_limit"),
+            junk_limit=cfg.get_int("smtpd_junk_command_limit"),
+            error_sleep=min(float(cfg.get_time("smtpd_error_sleep_time")), _MAX_ERROR_SLEEP),
+            conn_limit=cfg.get_int("smtpd_client_connection_count_limit"),
+            helo_required=cfg.get_bool("smtpd_helo_required"),
+            message_size_limit=cfg.get_size("message_size_limit"),
+            line_length_limit=max(cfg.get_size("line_length_limit"), 1000),
+            header_size_limit=cfg.get_size("header_size_limit"),
+            queue_minfree=cfg.get_size("queue_minfree"),
+            smtputf8=cfg.get_bool("smtputf8_enable"),
+            disable_vrfy=cfg.get_bool("disable_vrfy_command"),
+            discard_ehlo=frozenset(k.lower() for k in cfg.get_list("smtpd_discard_ehlo_keywords")),
+        )
+
+
+class SessionHost(Protocol):
+    """What a session needs from the process that serves it (transports.smtpd)."""
+
+    params: SmtpdParams
+    policy: Policy
+    tls_context: ssl.SSLContext | None
+    tls_required: bool
+
+    def connect(self, session: SmtpdSession) -> int:
+        """Register a new session; returns how many sessions its client address has."""
+        ...
+
+    def disconnect(self, session: SmtpdSession) -> None:
+        """The session has ended."""
+        ...
+
+    def enqueue(self, env: Envelope, content: bytes, namaddr: str,
+                received: Callable[[str], list[bytes]]) -> str:
+        """Queue the message (complete and fsynced on return); returns the queue id.
+        ``received(qid)`` gives our Received: header lines. Raises CleanupError."""
+        ...
+
+
+class _Commands(dict[str, Callable[[str | None], Awaitable[None]]]):
+    """aiosmtpd's command table: unknown names get our 502 handler, not aiosmtpd's."""
+
+    def __init__(self, unknown: Callable[[str], Callable[[str | None], Awaitable[None]]]):
+        super().__init__()
+        self._unknown = unknown
+
+    def get(self, key: str, default: Any = None) -> Any:
+        found = super().get(key)
+        return found if found is not None else self._unknown(key)
+
+
+class _NoHooks:
+    """aiosmtpd's event handler: none of its hooks are used."""
+
+
+class SmtpdSession(SMTP):
+    """One client connection (module docstring)."""
+
+    def __init__(self, host: SessionHost) -> None:
+        p = host.params
+        self.host = host
+        self.params = p
+        # aiosmtpd reads these from the instance while it sets up its StreamReader.
+        self.line_length_limit = p.line_length_limit
+        self.command_size_limit = p.line_length_limit
+        self.command_size_limits = collections.defaultdict(lambda: p.line_length_limit)
+        tls = host.tls_context
+        self._init_protocol(tls, bool(tls and host.tls_required))
+        self.client = ClientInfo("unknown", "unknown")
+        self.helo: str | None = None
+        self.protocol = "SMTP"
+        self.tls_on = False
+        self.tx: Transaction | None = None
+        self.where = WHERE_CONNECT
+        self.reason: str | None = None
+        self.stats: dict[str, list[int]] = {}
+        self.error_count = 0
+        self.junk = 0
+        self.data_bytes = 0
+        self._in_cmd = False
+        self._cmd_error = False
+        self._greeted = False
+        self._registered = False
+        self._count = 0
+        self._ended = False
+        table = _Commands(self._unknown)
+        names = ["HELO", "EHLO", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "VRFY", "QUIT", "AUTH"]
+        if tls is not None:
+            names.append("STARTTLS")
+        for name in names:
+            table[name] = self._wrap(name, getattr(self, f"cmd_{name.lower()}"))
+        self._smtp_methods = table
+
+    def _init_protocol(self, tls: ssl.SSLContext | None, tls_required: bool) -> None:
+        """What SMTP.__init__ sets up, without its introspection of the class on every
+        connection (inspect.getmembers and dir: about 0.17 ms of CPU per connection, a
+        tenth of a message). tests/test_issue6_units checks that every attribute
+        SMTP.__init__ sets is set here too."""
+        p = self.params
+        loop = asyncio.get_running_loop()
+        asyncio.StreamReaderProtocol.__init__(
+            self, asyncio.StreamReader(loop=loop, limit=p.line_length_limit),
+            client_connected_cb=self._cb_client_connected, loop=loop)
+        self.__ident__ = ""
+        self.loop = loop
+        self.event_handler = _NoHooks()
+        self.data_size_limit = None
+        self.enable_SMTPUTF8 = True  # arguments decoded as UTF-8 (surrogateescape)
+        self._decode_data = False
+        self.hostname = p.myhostname
+        self.tls_context = tls
+        self.require_starttls = tls_required
+        self._timeout_duration = p.timeout
+        self._timeout_handle = None
+        self._tls_handshake_okay = True
+        self._tls_protocol = None
+        self._original_transport = None
+        self.session = None
+        self.envelope = None
+        self.transport = None
+        self._handler_coroutine = None
+        self._auth_require_tls = True
+        self._proxy_timeout = None
+        self._authenticator = None
+        self._auth_callback = login_always_fail
+        self._auth_required = False
+        self._auth_methods = {}
+        self._handle_hooks = {}
+        self._ehlo_hook_ver = None
+        self._enforce_call_limit = False
+
+    # ------------------------------------------------------------------ life cycle
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        tls_restart = self._original_transport is not None
+        super().connection_made(transport)
+        if tls_restart:
+            self.tls_on = True
+            self.helo, self.tx, self.protocol = None, None, "SMTP"
+            obj = transport.get_extra_info("ssl_object")
+            cipher = obj.cipher() if obj is not None else None
+            if cipher:
+                log.info(f"Anonymous TLS connection established from {self.client.namaddr}: "
+                         f"{cipher[1]} with cipher {cipher[0]} ({cipher[2]}/{cipher[2]} bits)")
+            return
+        peer = transport.get_extra_info("peername") or ("unknown", "unknown")
+        self.client = ClientInfo(str(peer[0]), str(peer[1]))
+        self._registered = True
+        self._count = self.host.connect(self)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        super().connection_lost(error)
+        if self._ended:
+            return
+        self._ended = True
+        if self.reason is None:
+            self.reason = "lost connection"
+        if self.reason and self.where:
+            if self.where == WHERE_DATA:
+                log.info(f"{self.reason} after DATA ({self.data_bytes} bytes) from "
+                         f"{self.client.namaddr}")
+            elif self.where != WHERE_EOM or self.reason != "lost connection":
+                log.info(f"{self.reason} after {self.where} from {self.client.namaddr}")
+        log.info(f"disconnect from {self.client.namaddr}{self._stats_text()}")
+        if self._registered:
+            self.host.disconnect(self)
+
+    def _stats_text(self) -> str:
+        parts = []
+        ok_all = total_all = 0
+        for name in _CMD_ORDER:
+            if name not in self.stats:
+                continue
+            ok, total = self.stats[name]
+            ok_all += ok
+            total_all += total
+            parts.append(f" {name}={ok}" if ok == total else f" {name}={ok}/{total}")
+        parts.append(f" commands={ok_all}" if ok_all == total_all and total_all
+                     else f" commands={ok_all}/{total_all}")
+        return "".join(parts)
+
+    def abort(self) -> None:
+        """Close the connection now (process shutdown); nothing unfinished is queued."""
+        if self.reason is None:
+            self.reason = ""
+        transport = self.transport
+        if isinstance(transport, asyncio.WriteTransport):
+            transport.abort()
+
+    def _hangup(self, reason: str) -> None:
+        if self.reason is None:
+            self.reason = reason
+        if self.transport is not None:
+            self.transport.close()
+
+    def _timeout_cb(self) -> None:
+        self.reason = "timeout"
+        transport = self.transport
+        if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
+            transport.write(f"421 4.4.2 {self.params.myhostname} Error: timeout exceeded\r\n"
+                            .encode())
+            transport.close()
+
+    async def _handle_client(self) -> None:
+        p = self.params
+        self.client.name = await self.host.policy.lookup_name(self.client.addr)
+        log.info(f"connect from {self.client.namaddr}")
+        if (p.conn_limit and self._count > p.conn_limit
+                and not self.host.policy.limit_exempt(self.client.addr)):
+            log.warning(f"Connection concurrency limit exceeded: {self._count} from "
+                        f"{self.client.namaddr} for service {p.service}")
+            self._greeted = True
+            await self._say(f"421 4.7.0 {p.myhostname} Error: too many connections from "
+                            f"{self.client.addr}", count=False)
+            self._hangup("")
+            return
+        await super()._handle_client()
+
+    async def handle_exception(self, error: Exception) -> str:
+        log.warning(f"{self.client.namaddr}: {type(error).__name__}: {error}")
+        return "451 4.3.0 Error: internal error"
+
+    # ------------------------------------------------------------------ replies
+    async def push(self, status: Any) -> None:
+        """aiosmtpd's replies: the greeting becomes ``220 <smtpd_banner>``; the rest get
+        Postfix's wording or at least an enhanced status code."""
+        text = status if isinstance(status, str) else bytes(status).decode("utf-8", "replace")
+        if not self._greeted:
+            self._greeted = True
+            await self._say(f"220 {self.params.banner}", count=False)
+            return
+        text = _AIOSMTPD_REPLIES.get(text, text)
+        if text[:1] in "245" and not _ENHANCED.match(text) and text[:3] != "220":
+            dsn = _DEFAULT_DSN.get(text[:3], _DEFAULT_DSN.get(text[:1], "5.5.2"))
+            text = f"{text[:3]} {dsn} {text[4:]}"
+        await self._say(text)
+
+    async def _say(self, *lines: str, count: bool = True) -> None:
+        """Write reply lines (one reply) and count a 4xx/5xx as an error."""
+        p = self.params
+        if self._writer is None or self.transport is None or self.transport.is_closing():
+            return
+        if self.error_count >= p.soft_error_limit and p.error_sleep > 0:
+            await asyncio.sleep(p.error_sleep)
+        self._writer.write(b"".join(x.encode("utf-8", "surrogateescape") + b"\r\n"
+                                    for x in lines))
+        if lines[-1][:1] in "45" and count:
+            if self._in_cmd:
+                self._cmd_error = True
+            else:
+                self.error_count += 1
+                self._bump("unknown", False)
+        await self._writer.drain()
+        if not self._in_cmd and self.error_count >= p.hard_error_limit:
+            await self._too_many_errors()
+
+    async def _too_many_errors(self) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        self.reason = "too many errors"
+        self._writer.write(f"421 4.7.0 {self.params.myhostname} Error: too many errors\r\n"
+                           .encode())
+        self._hangup("too many errors")
+
+    def _bump(self, name: str, ok: bool) -> None:
+        entry = self.stats.setdefault(name, [0, 0])
+        entry[0] += ok
+        entry[1] += 1
+
+    # ------------------------------------------------------------------ dispatch
+    def _wrap(self, name: str, method: Callable[[str | None], Awaitable[None]]
+              ) -> Callable[[str | None], Awaitable[None]]:
+        lname = name.lower()
+
+        async def run(arg: str | None) -> None:
+            p = self.params
+            self.where = name
+            self._in_cmd, self._cmd_error = True, False
+            try:
+                await method(arg)
+            finally:
+                self._in_cmd = False
+                self._bump(lname, not self._cmd_error)
+                if self._cmd_error:
+                    self.error_count += 1
+                if name in _JUNK:
+                    if self.junk > p.junk_limit:
+                        self.error_count += 1
+                    self.junk += 1
+            if self.error_count >= p.hard_error_limit and name != "QUIT":
+                await self._too_many_errors()
+
+        return run
+
+    def _unknown(self, name: str) -> Callable[[str | None], Awaitable[None]]:
+        async def run(arg: str | None) -> None:
+            self.where = "UNKNOWN"
+            if _HEADER_NAME.match(name):
+                line = f"{name} {arg}" if arg else name
+                log.warning(f"non-SMTP command from {self.client.namaddr}: {line[:100]}")
+                self._bump("unknown", False)
+                await self._say("221 2.7.0 Error: I can break rules, too. Goodbye.",
+                                count=False)
+                self._hangup("")
+                return
+            await self._say("502 5.5.2 Error: command not recognized")
+        return run
+
+    # ------------------------------------------------------------------ HELO / EHLO
+    def _set_helo(self, arg: str, protocol: str) -> None:
+        name = " ".join(arg.split())
+        self.helo = "".join(c if " " < c < "\x7f" else "?" for c in name).translate(_NEUTER)
+        self.tx = None
+        if self.session is not None:
+            self.session.host_name = self.helo
+            self.session.extended_smtp = protocol == "ESMTP"
+        self.protocol = protocol
+
+    async def cmd_helo(self, arg: str | None) -> None:
+        if not arg:
+            await self._say("501 Syntax: HELO hostname")
+            return
+        self._set_helo(arg, "SMTP")
+        await self._say(f"250 {self.params.myhostname}")
+
+    async def cmd_ehlo(self, arg: str | None) -> None:
+        if not arg:
+            await self._say("501 Syntax: EHLO hostname")
+            return
+        self._set_helo(arg, "ESMTP")
+        p = self.params
+        words = [p.myhostname, "PIPELINING",
+                 f"SIZE {p.message_size_limit}" if p.message_size_limit else "SIZE"]
+        if not p.disable_vrfy:
+            words.append("VRFY")
+        if self.host.tls_context is not None and not self.tls_on:
+            words.append("STARTTLS")
+        words += ["ENHANCEDSTATUSCODES", "8BITMIME", "DSN"]
+        if p.smtputf8:
+            words.append("SMTPUTF8")
+        words = [words[0]] + [w for w in words[1:] if w.split()[0].lower() not in p.discard_ehlo]
+        await self._say(*[f"250{'-' if i < len(words) - 1 else ' '}{w}"
+                          for i, w in enumerate(words)])
+
+    async def cmd_starttls(self, arg: str | None) -> None:
+        if self.tls_on:
+            await self._say("554 5.5.1 Error: TLS already active")
+        elif arg:
+            await self._say("501 5.5.4 Syntax: STARTTLS")
+        else:
+            await super().smtp_STARTTLS(arg or "")
+
+    async def cmd_auth(self, arg: str | None) -> None:
+        await self._say("503 5.5.1 Error: authentication not enabled")
+
+    # ------------------------------------------------------------------ small commands
+    async def cmd_rset(self, arg: str | None) -> None:
+        if arg:
+            await self._say("501 5.5.4 Syntax: RSET")
+            return
+        self.tx = None
+        await self._say("250 2.0.0 Ok")
+
+    async def cmd_noop(self, arg: str | None) -> None:
+        await self._say("250 2.0.0 Ok")
+
+    async def cmd_quit(self, arg: str | None) -> None:
+        await self._say("221 2.0.0 Bye")
+        self._hangup("")
+
+    async def cmd_vrfy(self, arg: str | None) -> None:
+        if self.params.disable_vrfy:
+            await self._say("502 5.5.1 VRFY command is disabled")
+            return
+        if not arg:
+            await self._say("501 5.5.4 Syntax: VRFY address")
+            return
+        addr = self._address(arg)[0]
+        if not addr:
+            await self._say("501 5.1.3 Bad recipient address syntax")
+            return
+        err = await self.host.policy.check_rcpt(self.client, self.helo or "", "", addr)
+        await self._say(err or f"252 2.0.0 {arg}")
+
+    # ------------------------------------------------------------------ MAIL / RCPT
+    def _address(self, text: str) -> tuple[str | None, list[str]]:
+        """``<addr> params`` -> (internal-form address or None when malformed, params)."""
+        text = text.strip()
+        if text.startswith("<>"):
+            return "", text[2:].split()
+        simple = _SIMPLE_PATH.match(text)
+        if simple is not None:  # the common case, without email's full parser
+            return simple.group(1), simple.group(2).split()
+        addr, rest = self._getaddr(text)
+        if addr is None or rest is None:
+            return None, []
+        addr = internal_form(addr)
+        if any(c in addr for c in "\r\n\0<>") or addr.startswith("\""):
+            return None, []
+        return addr, rest.split()
+
+    async def cmd_mail(self, arg: str | None) -> None:
+        p = self.params
+        if p.helo_required and self.helo is None:
+            await self._say("503 5.5.1 Error: send HELO/EHLO first")
+            return
+        if self.tx is not None:
+            await self._say("503 5.5.1 Error: nested MAIL command")
+            return
+        if not arg or arg[:5].upper() != "FROM:":
+            await self._say("501 5.5.4 Syntax: MAIL FROM:<address>")
+            return
+        sender, params = self._address(arg[5:])
+        if sender is None:
+            await self._say("501 5.1.7 Bad sender address syntax")
+            return
+        tx = Transaction(sender, time.time())
+        err = (mail_params(tx, params, p.smtputf8, "dsn" in p.discard_ehlo)
+               or utf8_error(sender, tx.smtputf8))
+        if err is None and p.message_size_limit and tx.size > p.message_size_limit:
+            err = "552 5.3.4 Message size exceeds fixed limit"
+        if err is None and not queue_space(p.queue_directory, p.queue_minfree,
+                                           p.message_size_limit, tx.size):
+            log.warning(f"not enough free space in mail queue: {p.queue_directory}")
+            err = "452 4.3.1 Insufficient system storage"
+        if err is not None:
+            await self._say(err)
+            return
+        self.tx = tx
+        await self._say("250 2.1.0 Ok")
+
+    async def cmd_rcpt(self, arg: str | None) -> None:
+        p = self.params
+        tx = self.tx
+        if tx is None:
+            await self._say("503 5.5.1 Error: need MAIL command")
+            return
+        if not arg or arg[:3].upper() != "TO:":
+            await self._say("501 5.5.4 Syntax: RCPT TO:<address>")
+            return
+        rcpt, params = self._address(arg[3:])
+        if not rcpt:
+            await self._say("501 5.1.3 Bad recipient address syntax")
+            return
+        parsed = rcpt_params(params, "dsn" in p.discard_ehlo)
+        err = parsed if isinstance(parsed, str) else utf8_error(rcpt, tx.smtputf8)
+        if err is not None or isinstance(parsed, str):
+            await self._say(err or "451 4.3.0 Error: internal error")
+            return
+        if p.recipient_limit and len(tx.rcpts) >= p.recipient_limit:
+            tx.overshoot += 1
+            await self._say("452 4.5.3 Error: too many recipients",
+                            count=tx.overshoot > p.overshoot_limit)
+            return
+        err = await self.host.policy.check_rcpt(self.client, self.helo or "", tx.sender, rcpt)
+        if err:
+            helo = f" helo=<{self.helo}>" if self.helo else ""
+            log.info(f"NOQUEUE: reject: RCPT from {self.client.namaddr}: {err}; "
+                     f"from=<{tx.sender}> to=<{rcpt}> proto={self.protocol}{helo}")
+            await self._say(err)
+            return
+        notify, orcpt = parsed
+        tx.rcpts.append(Recipient(rcpt, dsn_orcpt=orcpt or f"rfc822;{rcpt}", notify=notify))
+        await self._say("250 2.1.5 Ok")
+
+    # ------------------------------------------------------------------ DATA
+    async def cmd_data(self, arg: str | None) -> None:
+        tx = self.tx
+        if tx is None or not tx.rcpts:
+            await self._say("503 5.5.1 Error: need RCPT command" if tx is None
+                            else "554 5.5.1 Error: no valid recipients")
+            return
+        if arg:
+            await self._say("501 5.5.4 Syntax: DATA")
+            return
+        await self._say("354 End data with <CR><LF>.<CR><LF>")
+        self.where = WHERE_DATA
+        self.data_bytes = 0
+        loop, rearm = self.loop, min(1.0, self.params.timeout / 10)
+        rearm_at = [loop.time() + rearm]
+
+        def progress(nbytes: int) -> None:
+            self.data_bytes += nbytes
+            if loop.time() >= rearm_at[0]:  # smtpd_timeout runs per read: rearm it
+                self._reset_timeout()
+                rearm_at[0] = loop.time() + rearm
+
+        data = await read_data(self._reader, self.params.message_size_limit, progress)
+        self.where = WHERE_EOM
+        self.tx = None
+        if data is None:
+            log.warning(f"NOQUEUE: queue file size limit exceeded from {self.client.namaddr}")
+            await self._say("552 5.3.4 Error: message file too big")
+            return
+        await self._queue(tx, data)
+
+    async def _queue(self, tx: Transaction, data: bytes) -> None:
+        p, client = self.params, self.client
+        data, cut = truncate_headers(data, p.header_size_limit)
+        protocol = self.protocol + ("S" if self.tls_on and self.protocol == "ESMTP" else "")
+        received = received_header(p.myhostname, p.mail_name, client, self.helo,
+                                   ("UTF8" if tx.smtputf8 else "") + protocol, tx)
+        env = Envelope(tx.sender, tx.rcpts, arrival=(int(tx.arrival), int(tx.arrival % 1 * 1e6)),
+                       ret=tx.ret, envid=tx.envid,
+                       attrs=message_attrs(client, self.helo or "", self.protocol, tx),
+                       smtputf8=SMTPUTF8_FLAG_REQUESTED if tx.smtputf8 else 0)
+        try:
+            qid = self.host.enqueue(env, content_with(received("?"), data), client.namaddr,
+                                    received)
+        except CleanupError as exc:
+            log.warning(f"{client.namaddr}: queue file write error: {exc.status} {exc.text}")
+            if exc.status == "5.3.4":
+                await self._say("552 5.3.4 Error: message file too big")
+            elif exc.status.startswith("5"):
+                await self._say(f"554 {exc.status} Error: {exc.text}")
+            else:
+                await self._say("451 4.3.0 Error: queue file write error")
+            return
+        except OSError as exc:
+            log.warning(f"{client.namaddr}: queue file write error: {exc}")
+            await self._say("451 4.3.0 Error: queue file write error")
+            return
+        if cut:
+            log.info(f"{qid}: {cut} header(s) longer than header_size_limit "
+                     f"({p.header_size_limit}) truncated")
+        self.error_count = 0
+        self.junk = 0
+        await self._say(f"250 2.0.0 Ok: queued as {qid}")

@@ -1,0 +1,290 @@
+"""smtpd_tx — one SMTP mail transaction of smtpd(8): parameters, message data, the
+Received: header and the queue-file attributes (helpers of transports.smtpd_session).
+
+Summary
+    * ``mail_params`` / ``rcpt_params``: the ESMTP parameters of MAIL FROM (BODY=7BIT|
+      8BITMIME, SIZE, RET=FULL|HDRS, ENVID as RFC 3461 xtext, SMTPUTF8) and RCPT TO
+      (NOTIFY, ORCPT ``type;xtext``), with Postfix's replies for bad values (``501 5.5.4
+      Bad RET parameter syntax`` ...; ``555 5.5.4 Unsupported option: X`` for anything
+      else; ``501 5.7.1 DSN support is disabled`` when ``dsn`` is in
+      smtpd_discard_ehlo_keywords). DSN values are stored as qmgr-sendmail's -N/-R/-V store
+      them (qmgrd.spool.envelope masks; ENVID and ORCPT decoded).
+    * ``read_data``: the DATA content up to CRLF.CRLF. Lines are read with the stream's
+      limit (line_length_limit) per read; longer lines arrive in pieces and are kept
+      whole. A dot at the start of any line (after CRLF or a bare LF) is removed; only a
+      lone dot after CRLF ends the data (a bare-LF dot line is data: no SMTP smuggling).
+      Over ``message_size_limit`` (each line counted with CRLF, as Postfix) the rest is
+      read and dropped and None is returned.
+    * ``truncate_headers``: a header longer than ``header_size_limit`` is cut (Postfix
+      cleanup discards the excess).
+    * ``received_header``: Postfix smtpd's Received: header, three lines
+      (``from HELO (NAME [ADDR])``, ``by HOST (MAIL_NAME) with PROTO id QID``, ``for
+      <RCPT>; DATE`` when there is one recipient, else ``;`` and the date alone).
+    * ``content_with``: Received: lines + data, with Postfix's two kludges: content that
+      starts with white space gets an empty line first (it is body, not part of our
+      header); a ``From `` line first becomes ``X-Mailbox-Line: From ...``.
+    * ``message_attrs``: the client attributes Postfix stores (log_client_name ...,
+      rewrite_context=remote, encoding).
+
+Public API
+    Transaction(sender, arrival) .ret .envid .encoding .smtputf8 .size .rcpts .overshoot
+    mail_params(tx, params, smtputf8_enable, dsn_off) -> str | None   (error reply)
+    rcpt_params(params, dsn_off) -> (notify, orcpt) | str             (str: error reply)
+    utf8_error(address, smtputf8) -> str | None
+    async read_data(reader, limit, progress) -> bytes | None
+    truncate_headers(data, limit) -> (bytes, int)
+    received_header(myhostname, mail_name, client, helo, protocol, tx)
+        -> Callable[[qid], list[bytes]]
+    content_with(received_lines, data) -> bytes
+    message_attrs(client, helo, protocol, tx) -> dict[str, str]
+    xtext_decode(text) -> str | None
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from qmgrd.spool.cleanup import mail_date
+from qmgrd.spool.envelope import (
+    DSN_RET_FULL,
+    DSN_RET_HDRS,
+    Recipient,
+    parse_notify,
+    valid_envid,
+)
+from qmgrd.spool.statuslog import quote_822_local
+from transports.smtpd_policy import ClientInfo
+
+__all__ = [
+    "Transaction",
+    "content_with",
+    "mail_params",
+    "message_attrs",
+    "rcpt_params",
+    "read_data",
+    "received_header",
+    "truncate_headers",
+    "utf8_error",
+    "xtext_decode",
+]
+
+_HEADER_LINE = re.compile(rb"[\x21-\x39\x3b-\x7e]+[ \t]*:")
+_RET = {"FULL": DSN_RET_FULL, "HDRS": DSN_RET_HDRS}
+
+
+@dataclass
+class Transaction:
+    """A mail transaction between MAIL FROM and the end of DATA."""
+
+    sender: str
+    arrival: float
+    ret: int = 0
+    envid: str = ""
+    encoding: str = ""
+    smtputf8: bool = False
+    size: int = 0
+    rcpts: list[Recipient] = field(default_factory=list)
+    overshoot: int = 0
+
+
+def xtext_decode(text: str) -> str | None:
+    """RFC 3461 xtext -> text; None when malformed (a bad ``+XX``, ``=``, space, controls
+    or non-ASCII)."""
+    out: list[str] = []
+    i, n = 0, len(text)
+    while i < n:
+        c = text[i]
+        if c == "+":
+            h = text[i + 1:i + 3]
+            if len(h) != 2 or any(x not in "0123456789ABCDEFabcdef" for x in h):
+                return None
+            out.append(chr(int(h, 16)))
+            i += 3
+        elif "!" <= c <= "~" and c != "=":
+            out.append(c)
+            i += 1
+        else:
+            return None
+    return "".join(out)
+
+
+def truncate_headers(data: bytes, limit: int) -> tuple[bytes, int]:
+    """Cut every header of ``data`` (a message, any line ends) longer than ``limit`` bytes
+    (its physical lines counted without line ends) to ``limit``; returns the new data and
+    how many headers were cut. The header block ends at an empty line or at the first line
+    that is neither a header nor a continuation."""
+    if limit <= 0 or len(data) <= limit:
+        return data, 0
+    out = bytearray()
+    pos, n, size, cut, cutting, started = 0, len(data), 0, 0, False, False
+    while pos < n:
+        nl = data.find(b"\n", pos)
+        end = n if nl < 0 else nl + 1
+        line = data[pos:end]
+        text = line.rstrip(b"\r\n")
+        if not text:
+            break
+        if line[:1] in (b" ", b"\t") and started:
+            pass
+        elif _HEADER_LINE.match(line):
+            started, size, cutting = True, 0, False
+        else:
+            break
+        if not cutting:
+            if size + len(text) > limit:
+                out += text[: max(limit - size, 0)] + line[len(text):]
+                cutting = True
+                cut += 1
+            else:
+                out += line
+        size += len(text)
+        pos = end
+    if not cut:
+        return data, 0
+    return bytes(out) + data[pos:], cut
+
+
+def utf8_error(address: str, smtputf8: bool) -> str | None:
+    """The reply for a non-ASCII address in a transaction without SMTPUTF8, else None."""
+    if address.isascii() or smtputf8:
+        return None
+    return "553 5.6.7 Must declare SMTPUTF8 to send unicode address"
+
+
+def mail_params(tx: Transaction, params: list[str], smtputf8_enable: bool,
+                dsn_off: bool) -> str | None:
+    """Apply MAIL FROM's parameters to ``tx``; the error reply, or None."""
+    for param in params:
+        key, eq, value = param.partition("=")
+        key, word = key.upper(), value.upper()
+        if key == "BODY" and word in ("8BITMIME", "7BIT"):
+            tx.encoding = "8bit" if word == "8BITMIME" else "7bit"
+        elif key == "SIZE" and eq:
+            if not value.isdigit():
+                return "501 5.5.4 Bad message size syntax"
+            tx.size = int(value)
+        elif key in ("RET", "ENVID") and dsn_off:
+            return "501 5.7.1 DSN support is disabled"
+        elif key == "RET":
+            if tx.ret or word not in _RET:
+                return "501 5.5.4 Bad RET parameter syntax"
+            tx.ret = _RET[word]
+        elif key == "ENVID":
+            envid = xtext_decode(value)
+            if tx.envid or envid is None or not valid_envid(envid):
+                return "501 5.5.4 Bad ENVID parameter syntax"
+            tx.envid = envid
+        elif key == "SMTPUTF8" and not eq and smtputf8_enable:
+            tx.smtputf8 = True
+        else:
+            return f"555 5.5.4 Unsupported option: {param}"
+    return None
+
+
+def rcpt_params(params: list[str], dsn_off: bool) -> tuple[int, str] | str:
+    """RCPT TO's parameters -> (NOTIFY mask, ORCPT ``type;address``), or the error reply."""
+    notify, orcpt = 0, ""
+    for param in params:
+        key, _, value = param.partition("=")
+        key = key.upper()
+        if key in ("NOTIFY", "ORCPT") and dsn_off:
+            return "501 5.7.1 DSN support is disabled"
+        if key == "NOTIFY":
+            try:
+                notify = 0 if notify else parse_notify(value)
+            except ValueError:
+                notify = 0
+            if not notify:
+                return "501 5.5.4 Error: Bad NOTIFY parameter syntax"
+        elif key == "ORCPT":
+            kind, semi, coded = value.partition(";")
+            decoded = xtext_decode(coded) if semi and kind else None
+            if orcpt or decoded is None:
+                return "501 5.5.4 Error: Bad ORCPT parameter syntax"
+            orcpt = f"{kind};{decoded}"
+        else:
+            return f"555 5.5.4 Unsupported option: {param}"
+    return notify, orcpt
+
+
+async def read_data(reader: asyncio.StreamReader, limit: int,
+                    progress: Callable[[int], None]) -> bytes | None:
+    """The DATA content up to CRLF.CRLF, dot-unstuffed (module docstring); None when
+    over ``limit`` bytes (0 = no limit). ``progress(n)`` is called after each read of n
+    bytes. Raises what the reader raises (the connection went away)."""
+    parts: list[bytes] = []
+    size = 0
+    too_big = False
+    at_start, last_cr, line_crlf = True, False, True
+    while True:
+        try:
+            chunk = await reader.readuntil(b"\n")
+        except asyncio.LimitOverrunError as exc:
+            chunk = await reader.read(exc.consumed)
+        progress(len(chunk))
+        if at_start:
+            if chunk == b".\r\n" and line_crlf:
+                break
+            if chunk[:1] == b".":
+                chunk = chunk[1:]
+        at_start = chunk.endswith(b"\n")
+        if at_start:
+            line_crlf = chunk.endswith(b"\r\n") or (chunk == b"\n" and last_cr)
+            size += len(chunk) + (0 if chunk.endswith(b"\r\n") else 1)
+            last_cr = False
+        else:
+            size += len(chunk)
+            last_cr = chunk.endswith(b"\r")
+        if too_big:
+            continue
+        if limit and size > limit:
+            too_big = True
+            parts = []
+        else:
+            parts.append(chunk)
+    return None if too_big else b"".join(parts)
+
+
+def received_header(myhostname: str, mail_name: str, client: ClientInfo, helo: str | None,
+                    protocol: str, tx: Transaction) -> Callable[[str], list[bytes]]:
+    """A function of the queue id that gives our Received: header's lines."""
+    first = f"Received: from {helo or client.name} ({client.name} [{client.rfc_addr}])"
+    by = f"\tby {myhostname} ({mail_name}) with {protocol} id "
+    date = mail_date(tx.arrival)
+    rcpts = tx.rcpts
+
+    def build(qid: str) -> list[bytes]:
+        if len(rcpts) == 1:
+            lines = [first, by + qid, f"\tfor <{quote_822_local(rcpts[0].address)}>; {date}"]
+        else:
+            lines = [first, by + qid + ";", f"\t{date}"]
+        return [x.encode("utf-8", "surrogateescape") for x in lines]
+
+    return build
+
+
+def content_with(received: list[bytes], data: bytes) -> bytes:
+    """Our Received: lines, then the data (with Postfix's kludges, module docstring)."""
+    head = b"\n".join(received) + b"\n"
+    first = data[: data.find(b"\n") + 1] if b"\n" in data else data
+    if first[:1] in (b" ", b"\t"):
+        head += b"\n"
+    elif first.lstrip(b">").startswith(b"From "):
+        head += b"X-Mailbox-Line: "
+    return head + data
+
+
+def message_attrs(client: ClientInfo, helo: str, protocol: str,
+                  tx: Transaction) -> dict[str, str]:
+    """The named attributes of the queue file (Postfix smtpd's, empty ones left out)."""
+    attrs = {"rewrite_context": "remote", "log_client_name": client.name,
+             "log_client_address": client.rfc_addr, "log_client_port": client.port,
+             "log_message_origin": client.namaddr, "log_helo_name": helo,
+             "log_protocol_name": protocol, "client_name": client.name,
+             "reverse_client_name": client.name, "client_address": client.addr,
+             "client_port": client.port, "helo_name": helo, "protocol_name": protocol,
+             "client_address_type": str(client.family), "encoding": tx.encoding}
+    return {k: v for k, v in attrs.items() if v}
