@@ -30,7 +30,11 @@ Description
     reload     Check both files as start does, then SIGHUP the master; exit 0.  A bad
                file: ``qmgr-master: fatal: <file>, line <n>: ...``, exit 1, the master
                is not signalled (it keeps its configuration; signalled directly it
-               checks again and keeps it too).  Not running: exit 1.
+               checks again and keeps it too).  Not running: exit 1.  stop and reload
+               by a user who may not signal the master (it runs as root):
+               ``qmgr-master: fatal: stop: permission denied (the master runs as root;
+               run as root)``, exit 1.  For every command a missing configuration
+               directory (-c) is one fatal line, exit 1.
     status     Exit 0 when running, 3 when not.  Shows every service (name, type,
                maxproc, throttled-until) and each of its processes: pid, busy/idle, uses
                (completed requests), uid, root directory (chroot) - the master's own state
@@ -162,6 +166,14 @@ def _running(queue_directory: str) -> int | None:
 def main(ctx: click.Context, config_dir: str) -> None:
     """Control the qmgrd master (the mail system's supervisor)."""
     ctx.obj = os.path.abspath(config_dir)
+    if ctx.invoked_subcommand and not os.path.isdir(ctx.obj):
+        _fatal(f"configuration directory {ctx.obj}: no such directory (give -c DIR or "
+               "set QMGRD_CONFIG_DIR)")
+
+
+def _denied(command: str) -> NoReturn:
+    """One clear line instead of a traceback when a non-root user signals the master."""
+    _fatal(f"{command}: permission denied (the master runs as root; run as root)")
 
 
 @main.command()
@@ -259,6 +271,8 @@ def stop(ctx: click.Context) -> None:
     except psutil.NoSuchProcess:
         _say("the qmgrd mail system is not running")
         sys.exit(1)
+    except (psutil.AccessDenied, PermissionError):
+        _denied("stop")
     _say("stopping the qmgrd mail system")
     _, alive = psutil.wait_procs(procs, timeout=STOP_TIMEOUT)
     if alive:
@@ -281,6 +295,8 @@ def reload(ctx: click.Context) -> None:
     except ProcessLookupError:
         _say("the qmgrd mail system is not running")
         sys.exit(1)
+    except PermissionError:
+        _denied("reload")
     _say("refreshing the qmgrd mail system")
     sys.exit(0)
 

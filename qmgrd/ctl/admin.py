@@ -18,7 +18,9 @@ Summary
     (qmgrd.qmgr.control), which takes them out of scheduling, lets deliveries in flight
     finish and then makes the change — so no agent reads a removed file and the qmgr
     keeps its counts. The request waits up to ``wait`` seconds for in-flight deliveries;
-    later ones are reported ``pending``. With no qmgr answering, active files are
+    later ones are reported ``pending`` ("in delivery; will be held when the delivery in
+    progress ends"), not as done: the qmgr does the change after that delivery, and logs
+    it, or logs that it was moot when every recipient was delivered meanwhile. With no qmgr answering, active files are
     changed directly under an exclusive lock (an agent's lock: "still being delivered").
     A message that moves between queues while we work is looked for again (3 rounds).
 
@@ -42,7 +44,8 @@ Public API
     QUEUES_FOR: dict action -> queues searched (postsuper's defaults)
     privileged(spool, what) -> ContextManager[None]        NotPrivileged
     parse_ids(args, stdin) -> list[str]                    BadIds (nothing done)
-    Report(qid, queue, result, text)                       one line of output
+    Report(qid, queue, result, text)                       one line of output ("" = none)
+    NOOP                                                   result: nothing to do, silent
     Admin(spool, action, *, dry_run=False, wait=10.0)
         .run(targets: list[tuple[str, str | None]]) -> list[Report]
     select_targets(spool, action, ids, everything, selector) -> list[(qid, queue|None)]
@@ -57,6 +60,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -76,7 +80,7 @@ from qmgrd.trigger import (
     send_trigger,
 )
 
-__all__ = ["QUEUES_FOR", "Admin", "BadIds", "NotPrivileged", "Report", "flush_ids",
+__all__ = ["NOOP", "QUEUES_FOR", "Admin", "BadIds", "NotPrivileged", "Report", "flush_ids",
            "flush_site", "parse_ids", "privileged", "resume", "select_targets", "suspend"]
 
 QUEUES_FOR = {
@@ -87,8 +91,11 @@ QUEUES_FOR = {
 }
 DONE_TEXT = {"delete": "removed", "hold": "placed on hold", "release": "released from hold",
              "requeue": "requeued"}
+PENDING_TEXT = {"delete": "deleted", "hold": "held", "requeue": "requeued",
+                "release": "released"}
 SUMMARY = {"delete": "Deleted", "hold": "Placed on hold", "release": "Released from hold",
            "requeue": "Requeued"}
+NOOP = "noop"
 _ROUNDS = 3
 _BATCH = 5000
 _MAX_STDIN_IDS = 1_000_000
@@ -135,12 +142,16 @@ def parse_ids(args: Iterable[str], stdin: IO[str] | None) -> list[str]:
     """The queue ids of ``args`` (``-``: read more from ``stdin``), deduplicated.
 
     Raises:
-        BadIds: one or more are not valid queue ids (listed, printable, in the text).
+        BadIds: one or more are not valid queue ids (the first five in the text, each as
+            an escaped ASCII literal of at most 40 bytes).
     """
     ids: list[str] = []
     for arg in args:
         if arg == "-" and stdin is not None:
-            for n, token in enumerate(stdin.read().split()):
+            raw = getattr(stdin, "buffer", None)
+            text = (raw.read().decode("utf-8", "surrogateescape") if raw is not None
+                    else stdin.read())
+            for n, token in enumerate(text.split()):
                 if n >= _MAX_STDIN_IDS:
                     raise BadIds("too many queue ids on standard input")
                 ids.append(token.rstrip("*!#"))
@@ -148,16 +159,25 @@ def parse_ids(args: Iterable[str], stdin: IO[str] | None) -> list[str]:
             ids.append(arg)
     bad = [i for i in ids if not valid_id(i)]
     if bad:
-        shown = ", ".join(repr(b)[:60] for b in bad[:5])
+        shown = ", ".join(_escaped(b) for b in bad[:5])
         more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
         raise BadIds(f"invalid queue id: {shown}{more}")
     return list(dict.fromkeys(ids))
 
 
+def _escaped(text: str, limit: int = 40) -> str:
+    """``text`` as an ASCII Python literal (control characters, escape sequences and
+    undecodable bytes escaped), at most ``limit`` characters of it, "..." when cut."""
+    raw = text.encode("utf-8", "surrogateescape")
+    shown = ascii(raw[:limit].decode("utf-8", "surrogateescape"))
+    return shown + ("..." if len(raw) > limit else "")
+
+
 @dataclass
 class Report:
     """The outcome for one message: result is DONE, ABSENT, BUSY, "pending",
-    "delivered", "would" (dry run) or "error"."""
+    "delivered", "would" (dry run), NOOP (hold of a message already on hold: nothing
+    shown, as postsuper) or "error"."""
 
     qid: str
     queue: str
@@ -228,19 +248,26 @@ class Admin:
     def _dry(self, qid: str, hint: str | None) -> Report:
         queue = self.locate(qid, hint)
         if queue is None:
-            return Report(qid, "", ABSENT, self._absent_text(qid))
+            return self._absent(qid)
         return Report(qid, queue, "would",
                       f"{qid}: would be {DONE_TEXT[self.action]} (queue {queue})")
 
     def _absent_text(self, qid: str) -> str:
         return f"{qid}: no such message in {', '.join(self.queues)}"
 
+    def _absent(self, qid: str) -> Report:
+        """Not in this action's queues: ABSENT, or (hold of a message already on hold)
+        NOOP — postsuper -h is silent about it."""
+        if self.action == "hold" and self._exists("hold", qid):
+            return Report(qid, "hold", NOOP, "")
+        return Report(qid, "", ABSENT, self._absent_text(qid))
+
     def _direct(self, qid: str, hint: str | None) -> Report | None:
         """Change a file outside active/; None when it is in active/ (the qmgr's)."""
         for _ in range(_ROUNDS):
             queue = self.locate(qid, hint)
             if queue is None:
-                return Report(qid, "", ABSENT, self._absent_text(qid))
+                return self._absent(qid)
             if queue == "active":
                 return None
             try:
@@ -280,8 +307,9 @@ class Admin:
                 out[qid] = Report(qid, "active", DONE, f"{qid}: {DONE_TEXT[self.action]}")
             elif result == "pending":
                 out[qid] = Report(qid, "active", "pending",
-                                  f"{qid}: {DONE_TEXT[self.action]} when its delivery in "
-                                  "progress ends")
+                                  f"{qid}: in delivery; will be {PENDING_TEXT[self.action]}"
+                                  " when the delivery in progress ends (recipients "
+                                  "delivered meanwhile stay delivered)")
             elif result == "delivered":
                 out[qid] = Report(qid, "active", "delivered",
                                   f"{qid}: delivered meanwhile (nothing left to "
@@ -387,6 +415,11 @@ def _notify_suspend(spool: Spool) -> bool:
         return False
 
 
+def _damaged(text: str) -> None:
+    """A damaged suspension file: one warning on stderr (it is replaced)."""
+    sys.stderr.write(f"qmgr-ctl: warning: {text}\n")
+
+
 def suspend(spool: Spool, key: str, until: float, reason: str, now: float) -> str:
     """Add (or replace) the suspension of ``key``; tell the qmgr. Returns a status line.
 
@@ -395,7 +428,7 @@ def suspend(spool: Spool, key: str, until: float, reason: str, now: float) -> st
     """
     new = Suspension(key, until, reason, now)
     update(suspend_path(spool.queue_directory),
-           lambda items: [s for s in items if s.domain != key] + [new], now)
+           lambda items: [s for s in items if s.domain != key] + [new], now, _damaged)
     told = _notify_suspend(spool)
     return new.text + ("" if told else " (the qmgr is not running; it reads this at start)")
 
@@ -413,7 +446,7 @@ def resume(spool: Spool, key: str, batch: int, pace: float) -> str:
         found.extend(s for s in items if s.domain == key)
         return [s for s in items if s.domain != key]
 
-    update(suspend_path(spool.queue_directory), drop, now)
+    update(suspend_path(spool.queue_directory), drop, now, _damaged)
     _notify_suspend(spool)
     phrase = f"delivery to {key} suspended"
     moved = flush_site(spool, key, batch, pace,

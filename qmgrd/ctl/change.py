@@ -4,12 +4,15 @@ suspend, resume, and flush by id or site (the work is qmgrd.ctl.admin's).
 Output: one line per message on standard output (postsuper's wording: ``<id>:
 removed``, ``placed on hold``, ``released from hold``, ``requeued``; ``--dry-run``:
 ``<id>: would be removed (queue deferred)``), warnings for messages not found or still
-being delivered on standard error, then postsuper's summary on standard error
+being delivered on standard error (``<id>: in delivery; will be held when the delivery in
+progress ends ...``, exit 75: such a message is not counted as done, and the qmgr logs
+whether the change happened or was moot), then postsuper's summary on standard error
 (``qmgr-ctl: Deleted: 3 messages``). Exit codes: qmgrd.ctl.cli.
 
 Public API
     COMMANDS: list[click.Command]       registered on the qmgr-ctl group by cli.py
     flush_some(ctx, site, ids, batch, pace) -> None     flush --site / --id
+    MAX_SUSPEND_FOR = 365 days (seconds): suspend --for longer exits 64
 """
 
 from __future__ import annotations
@@ -41,7 +44,9 @@ from qmgrd.ctl.select import parse_age
 from qmgrd.qmgr.admin import ABSENT, BUSY
 from qmgrd.qmgr.suspend import MAX_REASON, valid_key
 
-__all__ = ["COMMANDS", "flush_some"]
+__all__ = ["COMMANDS", "MAX_SUSPEND_FOR", "flush_some"]
+
+MAX_SUSPEND_FOR = 365 * 86400  # seconds: a longer --for is a usage error
 
 _HELP = {
     "hold": "Put mail on hold, as postsuper -h: no delivery until it is released.",
@@ -54,7 +59,7 @@ _HELP = {
 
 def _exit_code(reports: list[admin.Report]) -> int:
     results = {r.result for r in reports}
-    if BUSY in results or "error" in results:
+    if BUSY in results or "error" in results or "pending" in results:
         return EX_TEMPFAIL
     if ABSENT in results:
         return EX_NOINPUT
@@ -63,7 +68,9 @@ def _exit_code(reports: list[admin.Report]) -> int:
 
 def _print(reports: list[admin.Report]) -> None:
     for r in reports:
-        if r.result in (ABSENT, BUSY, "error"):
+        if not r.text:  # admin.NOOP: hold of a message already on hold (postsuper: silent)
+            continue
+        if r.result in (ABSENT, BUSY, "error", "pending"):
             warn(r.text)
         else:
             click.echo(r.text)
@@ -108,7 +115,7 @@ when its delivery in progress ends.
             if not dry_run:
                 admin.release_trigger(spool, action)
         _print(reports)
-        n = sum(1 for r in reports if r.result in ("done", "pending", "would"))
+        n = sum(1 for r in reports if r.result in ("done", "would"))
         plural = "" if n == 1 else "s"
         if dry_run:
             click.echo(f"{PROG}: dry run: {n} message{plural} would be "
@@ -135,7 +142,7 @@ Its mail is deferred without delivery attempts while other mail flows; the suspe
 is shown by status and survives a qmgr restart. With --for it ends by itself.
 {EXIT_HELP}""")
 @click.option("--for", "duration", metavar="DURATION",
-              help="End after DURATION (30s, 5m, 2h, 1d, 1w).")
+              help="End after DURATION (30s, 5m, 2h, 1d, 1w; at most 365d).")
 @click.option("--reason", default="", help="Why (shown in the defer reason and status).")
 @click.argument("domain")
 @click.pass_context
@@ -147,6 +154,9 @@ def suspend_cmd(ctx: click.Context, duration: str | None, reason: str, domain: s
         fatal(ctx, EX_USAGE, str(exc))
     if duration and seconds <= 0:
         fatal(ctx, EX_USAGE, "--for must be longer than 0s")
+    if seconds > MAX_SUSPEND_FOR:
+        fatal(ctx, EX_USAGE, f"--for: at most {MAX_SUSPEND_FOR // 86400}d (omit --for to "
+                             "suspend until resume)")
     if len(reason) > MAX_REASON or not reason.isprintable():
         fatal(ctx, EX_USAGE, f"--reason: at most {MAX_REASON} printable characters")
     cfg = load(ctx)

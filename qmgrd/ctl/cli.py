@@ -46,7 +46,9 @@ Description
     ``.domain`` for its subdomains, or a nexthop ``[address]:port``) without attempts
     until ``resume`` or the end of ``--for``; it survives qmgr restarts
     (qmgrd.qmgr.suspend). ``config`` prints main.cf parameters as postconf does, and
-    ``config NAME=VALUE`` edits main.cf as ``postconf -e`` (qmgrd.ctl.postconf).
+    ``config NAME=VALUE`` edits main.cf as ``postconf -e`` (qmgrd.ctl.postconf). An
+    unknown NAME is warned about (``qmgr-ctl: warning: NAME: unknown parameter``): when
+    printing, the others are printed (exit 0); when setting, it is written anyway.
 
     Queue ids and domains given by the user are validated before they touch a path.
     Commands that change the queue (hold, release, delete, requeue, flush --id/--site,
@@ -65,9 +67,11 @@ Exit status (sysexits.h)
     66  a named message is not in the queue (EX_NOINPUT); the others were done
     69  the mail system is down (EX_UNAVAILABLE): flush could not trigger the qmgr/pickup,
         status got no answer from the qmgr
-    75  the queue directory cannot be read, or a message was still being delivered and
-        could not be changed (EX_TEMPFAIL: try again)
-    77  not root or mail_owner (EX_NOPERM)
+    75  the queue directory cannot be used, or a message was still being delivered and
+        could not be changed yet (EX_TEMPFAIL: try again)
+    77  permission denied (EX_NOPERM): list, show, shape and status read the queue
+        directory and private/qmgr-status themselves (there is no showq service, unlike
+        Postfix's mailq), so they need root or mail_owner, as the changing commands do
     78  configuration error (EX_CONFIG): ``<file>, line <n>: <what>``
 
     Errors are printed on standard error as ``qmgr-ctl: fatal: <text>``. When the reader
@@ -92,6 +96,7 @@ from typing import Any, NoReturn
 import click
 
 from master.config import ConfigError
+from master.config.maincf import param_spec
 from qmgrd.ctl import change
 from qmgrd.ctl.common import (
     EX_CONFIG,
@@ -106,15 +111,18 @@ from qmgrd.ctl.common import (
     PROG,
     Output,
     check_queue_dir,
+    denied,
     fatal,
     load,
     make_selector,
     quiet_stdout,
     selector_options,
     settings,
+    warn,
 )
 from qmgrd.ctl.format import format_json, format_mailq
 from qmgrd.ctl.postconf import edit_main_cf, parse_assignments
+from qmgrd.ctl.qread import NotRegular
 from qmgrd.ctl.shape import QUEUE_NAMES, Shape, count, format_table
 from qmgrd.ctl.show import as_json, locate, render, render_logs
 from qmgrd.ctl.showq import QUEUE_ORDER, scan
@@ -202,6 +210,9 @@ def list_cmd(ctx: click.Context, /, as_json_: bool, **sel: Any) -> None:
     except BrokenPipeError:  # the reader went away (qmgr-ctl list | head): as postqueue
         quiet_stdout()
         ctx.exit(EX_OK)
+    except PermissionError as exc:
+        out.flush()
+        denied(ctx, "list: read the mail queue", exc)
     except OSError as exc:
         fatal(ctx, EX_TEMPFAIL, f"scan queue directory {spool.queue_directory}: "
                                 f"{exc.strerror or exc}")
@@ -224,7 +235,10 @@ def show_cmd(ctx: click.Context, envelope: bool, headers: bool, body: bool, as_j
     if not valid_id(qid):
         fatal(ctx, EX_DATAERR, f"invalid queue id: {qid[:60]!r}")
     check_queue_dir(ctx, spool)
-    found = locate(spool, qid)
+    try:
+        found = locate(spool, qid)
+    except PermissionError as exc:
+        denied(ctx, f"show {qid}", exc)
     if found is None:
         fatal(ctx, EX_NOINPUT, f"{qid}: no such message in the queue")
     queue, path = found
@@ -246,6 +260,13 @@ def show_cmd(ctx: click.Context, envelope: bool, headers: bool, body: bool, as_j
         ctx.exit(EX_OK)
     except FileNotFoundError:
         fatal(ctx, EX_NOINPUT, f"{qid}: the message left the queue")
+    except NotRegular:
+        out.flush()
+        fatal(ctx, EX_DATAERR, f"{path}: not a regular file (FIFO, device or symbolic "
+                               "link): not shown")
+    except PermissionError as exc:
+        out.flush()
+        denied(ctx, f"show {qid}", exc)
     except CorruptQueueFile as exc:
         out.flush()
         fatal(ctx, EX_DATAERR, f"{path}: {exc}")
@@ -289,6 +310,8 @@ def shape_cmd(ctx: click.Context, by_sender: bool, parents: bool, min_sub: int,
     except BrokenPipeError:
         quiet_stdout()
         ctx.exit(EX_OK)
+    except PermissionError as exc:
+        denied(ctx, "shape: read the mail queue", exc)
     except OSError as exc:
         fatal(ctx, EX_TEMPFAIL, f"scan queue directory {spool.queue_directory}: {exc}")
 
@@ -337,6 +360,8 @@ def status_cmd(ctx: click.Context, as_json_: bool) -> None:
         fatal(ctx, EX_CONFIG, str(exc))
     try:
         snap = fetch(path)
+    except PermissionError as exc:
+        denied(ctx, f"status: connect to {path}", exc)
     except (OSError, ValueError, TypeError) as exc:
         fatal(ctx, EX_UNAVAILABLE, f"cannot get the qmgr status from {path}: {exc}")
     try:
@@ -351,7 +376,7 @@ def status_cmd(ctx: click.Context, as_json_: bool) -> None:
 
 @cli.command("config", help=f"""Print main.cf parameters, as postconf does: every
 effective value; -d the defaults; -n only what main.cf sets; -x expanded. With NAMEs, only
-those (an unknown name: exit 64). With NAME=VALUE arguments: set them in main.cf, as
+those (an unknown name: a warning, the others are printed, as postconf). With NAME=VALUE arguments: set them in main.cf, as
 postconf -e (the result must be a valid configuration; nothing is written otherwise).
 {EXIT_HELP}""")
 @click.option("-d", "defaults", is_flag=True, help="Print the default values.")
@@ -370,12 +395,18 @@ def config_cmd(ctx: click.Context, defaults: bool, nondefault: bool, expand: boo
     lines = cfg.dump(defaults=defaults, nondefault=nondefault, expand=expand)
     if names:
         by_name = {line.split(" =", 1)[0]: line for line in lines}
-        missing = [n for n in names if n not in by_name]
-        if missing:
-            fatal(ctx, EX_USAGE, f"unknown parameter: {missing[0]}")
-        lines = [by_name[n] for n in names]
+        for n in names:  # as postconf: warn about unknown names, print the others
+            if n not in by_name:
+                warn(f"{_escaped(n)}: unknown parameter")
+        lines = [by_name[n] for n in names if n in by_name]
     for line in lines:
         click.echo(line)
+
+
+def _escaped(text: str) -> str:
+    """A name from the command line, safe to show (escaped when not plain, bounded)."""
+    return text if text.isprintable() and text.isascii() and len(text) <= 80 \
+        else ascii(text[:80])
 
 
 def _config_set(ctx: click.Context, names: tuple[str, ...], flags: bool) -> None:
@@ -387,6 +418,10 @@ def _config_set(ctx: click.Context, names: tuple[str, ...], flags: bool) -> None
     except ValueError as exc:
         fatal(ctx, EX_USAGE, str(exc))
     directory = str(ctx.find_root().obj)
+    for name in changes:
+        if param_spec(name) is None:  # postconf -e writes it too, silently; we warn
+            warn(f"{_escaped(name)}: unknown parameter (no qmgrd program reads it); "
+                 "written to main.cf anyway")
     try:
         edit_main_cf(directory, changes)
     except ConfigError as exc:

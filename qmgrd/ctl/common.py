@@ -6,6 +6,7 @@ Public API
     EX_CONFIG (sysexits.h values); EXIT_HELP (the table shown by --help)
     PROG = "qmgr-ctl"
     fatal(ctx, code, msg) -> NoReturn        ``qmgr-ctl: fatal: msg`` on stderr, exit code
+    denied(ctx, what, exc=None) -> NoReturn  EX_NOPERM: "permission denied ... run as root"
     warn(msg)                                ``qmgr-ctl: warning: msg`` on stderr
     load(ctx) -> Config; settings(ctx, cfg) -> (Spool, empty_address, dup_filter_limit)
     check_queue_dir(ctx, spool)              EX_TEMPFAIL when it cannot be used
@@ -38,7 +39,7 @@ from qmgrd.spool.queue import Spool
 
 __all__ = ["EXIT_HELP", "EX_CONFIG", "EX_DATAERR", "EX_NOINPUT", "EX_NOPERM", "EX_OK",
            "EX_TEMPFAIL", "EX_UNAVAILABLE", "EX_USAGE", "PROG", "Output", "changing",
-           "check_queue_dir", "fatal", "load", "make_selector", "quiet_stdout",
+           "check_queue_dir", "denied", "fatal", "load", "make_selector", "quiet_stdout",
            "selector_options", "settings", "warn"]
 
 EX_OK = 0
@@ -62,7 +63,8 @@ Exit status:
   66  some named message is not in the queue (the others were done)
   69  mail system down (flush could not trigger qmgr or pickup; no qmgr status)
   75  queue directory unreadable; a message still being delivered (try again)
-  77  permission denied: changing the queue needs root or mail_owner
+  77  permission denied: reading (list, show, shape, status) or changing the queue
+      needs root or mail_owner
   78  configuration error
 """
 
@@ -74,6 +76,17 @@ def fatal(ctx: click.Context, code: int, msg: str) -> NoReturn:
     click.echo(f"{PROG}: fatal: {msg}", err=True)
     ctx.exit(code)
     raise AssertionError("not reached")  # ctx.exit raises
+
+
+def denied(ctx: click.Context, what: str, exc: OSError | None = None) -> NoReturn:
+    """EX_NOPERM with a hint: reading or changing the queue needs root or mail_owner.
+
+    (Postfix's mailq works for everyone through its showq service; qmgrd has none, so
+    qmgr-ctl reads the queue directory itself.)
+    """
+    where = f" ({exc.filename})" if exc is not None and exc.filename else ""
+    fatal(ctx, EX_NOPERM, f"{what}: permission denied{where}: run qmgr-ctl as root or as "
+                          "the mail queue owner (mail_owner)")
 
 
 def warn(msg: str) -> None:

@@ -28,20 +28,29 @@ Public API
                                                    the file has none)
     read_envelope(fd, size, *, maildrop=False) -> Envelope | None   None: broken file;
         raises OSError from pread
-    open_ready(path) -> tuple[int, os.stat_result] | None    open O_RDONLY, fstat; None
-        (fd closed) when the file is gone or not ready; raises other OSErrors
+    open_ready(path) -> tuple[int, os.stat_result] | None    open O_RDONLY|O_NONBLOCK|
+        O_NOFOLLOW, fstat; None (fd closed) when the file is gone or not ready; raises
+        NotRegular (a FIFO, device, socket or symbolic link: never read) and other OSErrors
+    open_regular(path) -> tuple[int, os.stat_result]    the same without the readiness
+        test; FileNotFoundError, NotRegular, OSError
+
+    Every queue file is opened with O_NONBLOCK|O_NOFOLLOW and checked with fstat: anyone
+    may create a FIFO in the mode-1733 maildrop directory, and opening one for reading
+    would block qmgr-ctl forever (Postfix's showq skips what is not a regular file).
 
 Logs nothing.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from dataclasses import dataclass, field
 
 from qmgrd.spool.queue import Spool
 
-__all__ = ["Envelope", "open_ready", "read_envelope"]
+__all__ = ["Envelope", "NotRegular", "open_ready", "open_regular", "read_envelope"]
 
 _WHOLE = 256 * 1024
 _CHUNK = 64 * 1024
@@ -71,24 +80,52 @@ def _int(data: bytes) -> int:
         return 0
 
 
-def open_ready(path: str) -> tuple[int, os.stat_result] | None:
-    """Open ``path`` read-only if it is a ready queue file (owner rwx).
+class NotRegular(OSError):
+    """A queue directory entry that is not a regular file (FIFO, device, socket, link)."""
+
+
+def open_regular(path: str) -> tuple[int, os.stat_result]:
+    """Open ``path`` read-only without blocking or following a symbolic link.
 
     Returns:
-        (fd, stat) — the caller closes fd — or None when the file is gone or not ready.
+        (fd, stat) of a regular file; the caller closes fd.
 
     Raises:
-        OSError: any other open/fstat failure (e.g. PermissionError).
+        NotRegular: the entry is a FIFO, device, socket, directory or symbolic link.
+        FileNotFoundError: it is gone; OSError: another open/fstat failure.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-    except FileNotFoundError:
-        return None
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # O_NOFOLLOW on a symbolic link
+            raise NotRegular(errno.ELOOP, "not a regular file (symbolic link)",
+                             path) from None
+        raise
     try:
         st = os.fstat(fd)
     except OSError:
         os.close(fd)
         raise
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise NotRegular(errno.EINVAL, "not a regular file", path)
+    return fd, st
+
+
+def open_ready(path: str) -> tuple[int, os.stat_result] | None:
+    """Open ``path`` read-only if it is a ready queue file (owner rwx); see open_regular.
+
+    Returns:
+        (fd, stat) — the caller closes fd — or None when the file is gone or not ready.
+
+    Raises:
+        NotRegular: not a regular file (never opened for reading in blocking mode).
+        OSError: any other open/fstat failure (e.g. PermissionError).
+    """
+    try:
+        fd, st = open_regular(path)
+    except FileNotFoundError:
+        return None
     if not Spool.is_ready(st):
         os.close(fd)
         return None

@@ -6,7 +6,8 @@ Summary
 
     * queues: the names given (default ``incoming active``), every file below them
       (hash directories included) whose name is 6 or more letters and digits, a regular
-      file (lstat) with ``mode & 0733 == 0700`` — so files still being written, and ones
+      file (opened O_NONBLOCK|O_NOFOLLOW, then fstat: a FIFO or symbolic link is skipped
+      with a warning and never read) with ``mode & 0733 == 0700`` — so files still being written, and ones
       flagged for forced expiry (g+x), are not counted, as in qshape;
     * a file counts when its first record is ``C`` followed by ``T`` (time = the ``T``
       record's seconds), or (maildrop) ``S`` or ``F`` then ``S`` (time = the file's
@@ -38,13 +39,16 @@ Public API
     Shape(queues, by_sender=False, parents=False, min_subdomains=5, buckets=10,
           bucket_time=5, linear=False, now=None)          (the counting options)
     count(spool, shape) -> Table        reads the queues; OSError for an unreadable
-                                        queue directory
+                                        queue directory or file (PermissionError: the
+                                        caller may not read the queue — never a silent
+                                        TOTAL 0)
     Table: .headings (list[str]), .rows (list[(name, list[int])]: TOTAL first as
            sorted; counts[0] is the total), .as_json() -> dict
     format_table(table, width=80) -> str
     QUEUE_NAMES                          the queue names shape accepts
 
-Logs nothing; files that vanish or do not parse are skipped.
+Logs nothing; files that vanish or do not parse are skipped (a warning on stderr for one
+that is not a regular file).
 """
 
 from __future__ import annotations
@@ -52,11 +56,12 @@ from __future__ import annotations
 import math
 import os
 import re
-import stat
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from qmgrd.ctl.qread import NotRegular, open_regular
 from qmgrd.spool.queue import Spool
 
 __all__ = ["QUEUE_NAMES", "Shape", "Table", "count", "format_table"]
@@ -125,16 +130,17 @@ def _records(f: Any) -> Any:
 def _qenv(path: str) -> tuple[int, str, list[str]] | None:
     """qshape's qenv(): (time, sender, recipients) of a countable file, else None."""
     try:
-        st = os.lstat(path)
-    except OSError:
+        fd, st = open_regular(path)
+    except NotRegular:
+        sys.stderr.write(f"qmgr-ctl: warning: skip {path}: not a regular file\n")
         return None
-    if not stat.S_ISREG(st.st_mode) or st.st_mode & 0o733 != 0o700:
+    except FileNotFoundError:
         return None
-    try:
-        f = open(path, "rb", buffering=65536)  # noqa: SIM115 - closed below
-    except OSError:
+    # PermissionError and other failures propagate: a wrong count is worse than an error
+    if st.st_mode & 0o733 != 0o700:
+        os.close(fd)
         return None
-    with f:
+    with open(fd, "rb", buffering=65536) as f:
         recs = _records(f)
         first = next(recs, None)
         if first is None:
@@ -202,10 +208,18 @@ def _num(data: bytes) -> int:
 
 def _files(top: str) -> Any:
     """Every file below ``top`` (File::Find: all subdirectories), with a qshape name."""
-    for dirpath, _dirs, files in os.walk(top):
+    if not os.path.lexists(top):
+        return
+    for dirpath, _dirs, files in os.walk(top, onerror=_raise):
         for name in files:
             if _NAME.match(name):
                 yield os.path.join(dirpath, name)
+
+
+def _raise(exc: OSError) -> None:
+    """os.walk's onerror: an unreadable directory is an error, not an empty queue."""
+    if not isinstance(exc, FileNotFoundError):
+        raise exc
 
 
 def _domain(address: str) -> str:

@@ -32,9 +32,12 @@ Summary
 
 Public API
     SEARCH_ORDER                 queues searched for an id
-    locate(spool, qid) -> tuple[str, str] | None     (queue, path); ValueError: bad id
+    locate(spool, qid) -> tuple[str, str] | None     (queue, path); ValueError: bad id;
+        PermissionError: a queue directory may not be searched
     render(path, *, envelope, headers, body) -> Iterator[bytes]
-        raises OSError; CorruptQueueFile (qmgrd.spool.message) when the file is broken
+        raises OSError (qmgrd.ctl.qread.NotRegular: a FIFO, device or symbolic link,
+        opened O_NONBLOCK|O_NOFOLLOW and never read); CorruptQueueFile
+        (qmgrd.spool.message) when the file is broken
     render_logs(spool, qid) -> Iterator[bytes]
     as_json(spool, queue, qid, path) -> dict
 
@@ -47,8 +50,9 @@ import os
 import re
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, BinaryIO
 
+from qmgrd.ctl.qread import open_regular
 from qmgrd.spool import statuslog
 from qmgrd.spool.message import CorruptQueueFile
 from qmgrd.spool.queue import Spool
@@ -77,11 +81,22 @@ def locate(spool: Spool, qid: str) -> tuple[str, str] | None:
 
     Raises:
         ValueError: ``qid`` is not a valid queue id (checked before any path is made).
+        PermissionError: a queue directory cannot be searched (not root or mail_owner)
+            and the message was not found elsewhere.
     """
+    denied: PermissionError | None = None
     for queue in SEARCH_ORDER:
         path = spool.path(queue, qid)
-        if os.path.lexists(path):
-            return queue, path
+        try:
+            os.lstat(path)
+        except PermissionError as exc:
+            denied = denied or exc
+            continue
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        return queue, path
+    if denied is not None:
+        raise denied
     return None
 
 
@@ -96,8 +111,14 @@ def _asctime(data: bytes) -> str:
 
 
 def _records(path: str) -> Iterator[tuple[bytes, bytes]]:
-    """Every record of the file in reading order, following pointer records."""
-    with open(path, "rb") as f:
+    """Every record of the file in reading order, following pointer records; the file
+    is opened (and checked) at once, before the first record is asked for."""
+    fd, _ = open_regular(path)  # never a FIFO or a symbolic link (/dev/urandom ...)
+    return _read_records(open(fd, "rb"))
+
+
+def _read_records(f: BinaryIO) -> Iterator[tuple[bytes, bytes]]:
+    with f:
         reader = RecordReader(f, offset=0)
         jumps = 0
         try:
@@ -145,12 +166,13 @@ def render(path: str, *, envelope: bool, headers: bool, body: bool) -> Iterator[
         OSError: the file cannot be read; CorruptQueueFile: bad framing or structure.
     """
     name = path.encode("utf-8", "surrogateescape")
+    records = _records(path)  # opened before anything is shown
     if envelope:
         yield b"*** ENVELOPE RECORDS " + name + b" ***\n"
     segment = "envelope"
     in_header = True
     pending = b""
-    for rtype, data in _records(path):
+    for rtype, data in records:
         if segment == "content":
             if rtype == b"L":
                 pending += data

@@ -28,7 +28,10 @@ Summary
     A file that vanishes between the directory scan and the read, is no longer ready, or
     does not parse (truncated, garbage, no sender) is skipped silently — the qmgr deals
     with corrupt files. A file that exists but cannot be opened for another reason (e.g.
-    EACCES) is skipped with a warning on standard error, like showq's ``msg_warn``.
+    EACCES) is skipped with a warning on standard error, like showq's ``msg_warn``; so is
+    anything that is not a regular file (a FIFO or symbolic link planted in the
+    world-writable maildrop): files are opened O_NONBLOCK|O_NOFOLLOW and fstat-checked
+    (qmgrd.ctl.qread.open_regular), so such an entry never blocks a listing.
 
 Public API
     QUEUE_ORDER = ("maildrop", "active", "incoming", "deferred", "hold")
@@ -64,7 +67,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from qmgrd.ctl.qread import open_ready, read_envelope
+from qmgrd.ctl.qread import open_ready, open_regular, read_envelope
 from qmgrd.spool import statuslog
 from qmgrd.spool.queue import Spool
 from qmgrd.spool.queueid import valid_id
@@ -186,7 +189,7 @@ def _defer_reasons(spool: Spool, qid: str, path: str | None) -> list[tuple[str, 
         OSError: the log exists but cannot be read.
     """
     try:
-        fd = os.open(path or spool.path("defer", qid), os.O_RDONLY | os.O_CLOEXEC)
+        fd, _ = open_regular(path or spool.path("defer", qid))
     except FileNotFoundError:
         return []
     try:

@@ -17,7 +17,9 @@ Summary
       takes it in again at once and resolves every recipient anew, so a changed
       transport map applies). Bounced recipients of the last attempt get their
       non-delivery notice first (hold, requeue). A message whose recipients were all
-      delivered meanwhile is removed as usual.
+      delivered meanwhile is removed as usual, and the moot change is logged
+      (``<id>: hold not done: every recipient was delivered meanwhile``; delete:
+      ``<id>: delete moot: every recipient was delivered meanwhile``).
 
     Files outside ``active/`` — and active files the qmgr does not hold in memory (no
     qmgr running; a file an old qmgr left) — are changed directly with the functions
@@ -180,8 +182,13 @@ class AdminAction:
                     except FileNotFoundError:
                         pass
                 log.info(f"{qid}: removed")
+                log.info(f"{qid}: {action} not done: every recipient was delivered "
+                         "(or bounced) meanwhile")
                 self.outcome = "delivered"
                 return
+            if action == "delete" and not msg.deferred:
+                log.info(f"{qid}: delete moot: every recipient was delivered "
+                         "(or bounced) meanwhile")
             _change(self.spool, "active", qid, action, time.time())
         except FileNotFoundError:
             log.warning(f"{qid}: active queue file vanished before {action}")

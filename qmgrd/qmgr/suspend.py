@@ -33,9 +33,11 @@ Public API
     suspend_path(queue_directory) -> str
     valid_key(key) -> bool                 the syntax above, at most 255 characters
     Suspension(domain, until, reason, since)   (frozen dataclass; .text: the DSN text)
-    load(path, now) -> list[Suspension]    [] when missing; ValueError for a broken file
-    update(path, change, now) -> list[Suspension]   read-modify-write under the lock;
-        ``change(list) -> list``; OSError / ValueError
+    load(path, now) -> list[Suspension]    [] when missing; ValueError ("<path>: damaged:
+                                           ...") for a broken file
+    update(path, change, now, on_damaged=None) -> list[Suspension]   read-modify-write
+        under the lock; ``change(list) -> list``; OSError / ValueError (a damaged file
+        with ``on_damaged``: reported once through it, kept as .damaged, replaced)
     Suspensions()                          the qmgr's in-memory set
         .replace(items, now) -> (added, removed)     lists of Suspension
         .match(address, nexthop) -> Suspension | None
@@ -48,6 +50,7 @@ Logs nothing; callers log.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -141,24 +144,44 @@ def load(path: str, now: float) -> list[Suspension]:
     if len(data) > _MAX_FILE:
         raise ValueError(f"{path}: file too large")
     try:
-        return _parse(json.loads(data or b'{"suspensions": []}'), now)
+        doc = json.loads(data.decode("utf-8") if data else '{"suspensions": []}')
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: damaged: not UTF-8 text") from None
+    except ValueError as exc:
+        raise ValueError(f"{path}: damaged: not JSON ({exc})") from None
+    try:
+        return _parse(doc, now)
     except (ValueError, TypeError) as exc:
-        raise ValueError(f"{path}: {exc}") from None
+        raise ValueError(f"{path}: damaged: {exc}") from None
 
 
 def update(path: str, change: Callable[[list[Suspension]], list[Suspension]],
-           now: float) -> list[Suspension]:
+           now: float, on_damaged: Callable[[str], None] | None = None) -> list[Suspension]:
     """Apply ``change`` to the file's suspensions under its lock; returns the new list.
 
-    The file is replaced atomically (temporary file, fsync, rename), mode 0600.
+    The file is replaced atomically (temporary file, fsync, rename), mode 0600. A
+    damaged old file (junk bytes, not JSON, bad entries) is reported once through
+    ``on_damaged(text)`` (text names the file), kept as ``<path>.damaged`` and replaced:
+    its suspensions are lost, ``change`` gets [].
 
     Raises:
-        OSError: cannot lock, read or write; ValueError: the old file is broken.
+        OSError: cannot lock, read or write; ValueError: the old file is broken and no
+        ``on_damaged`` was given.
     """
     lock_fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(lock_fd, fcntl.LOCK_EX)
-        items = change(load(path, now))
+        try:
+            old = load(path, now)
+        except ValueError as exc:
+            if on_damaged is None:
+                raise
+            with contextlib.suppress(OSError):
+                os.replace(path, path + ".damaged")
+            on_damaged(f"{exc}; its suspensions are dropped and the file is replaced "
+                       f"(old copy: {path}.damaged)")
+            old = []
+        items = change(old)
         doc = {"version": 1, "suspensions": [s.as_dict() for s in items]}
         tmp = f"{path}.{os.getpid()}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
