@@ -30,8 +30,16 @@ from qmgrd.spool.cleanup import Cleanup
 from qmgrd.spool.envelope import Envelope, Recipient
 from qmgrd.spool.message import QueueFile
 from qmgrd.spool.queue import Spool
-from tests.harness import MakeSystem, inject_many, maildir_messages, require_tool, wait_for
+from tests.harness import (
+    MailSystem,
+    MakeSystem,
+    inject_many,
+    maildir_messages,
+    require_tool,
+    wait_for,
+)
 from tests.tools.scenario_smtpd import Scenario
+from tests.tools.smtpd_system import smtp, wait_smtpd
 
 CORPUS = Path(__file__).parent / "data" / "corpus"
 # Ages (minutes) in the middle of qshape's default buckets (5-minute ticks, doubling),
@@ -167,6 +175,13 @@ def test_postcat_and_show_agree(q: Q, name: str) -> None:
 
 
 # --------------------------------------------------------------------------- pflogsumm
+def smtpd_port(ms: MailSystem) -> int:
+    """The loopback port of the instance's smtpd (the harness gives it a free one)."""
+    m = re.search(r"^127\.0\.0\.1:(\d+)\s+inet\s", (ms.etc / "master.cf").read_text(), re.MULTILINE)
+    assert m, "no smtpd in master.cf"
+    return int(m.group(1))
+
+
 def totals(report: str) -> dict[str, int]:
     """pflogsumm's "Grand Totals" message counts by label."""
     out: dict[str, int] = {}
@@ -182,11 +197,23 @@ def test_pflogsumm_counts_what_we_did(mailsys: MakeSystem, tmp_path: Path) -> No
     scen = Scenario(tmp_path / "scen", {"ok.example": "accept", "late.example": "defer",
                                         "bad.example": "reject"})
     try:
-        ms = mailsys()
+        # loopback is not in mynetworks here, so relaying through smtpd is refused
+        ms = mailsys(main={"mynetworks": "192.0.2.0/24",
+                           "smtpd_relay_restrictions":
+                               "permit_mynetworks, reject_unauth_destination"})
         table = ms.etc / "transport"
         table.write_text(scen.transport_lines())
         ms.write_main(transport_maps=f"texthash:{table}")
         ms.start()
+        port = smtpd_port(ms)
+        wait_smtpd(port)
+        rejected = 2
+        with smtp(port) as c:
+            c.ehlo()
+            c.mail("carol@client.test.example")
+            for i in range(rejected):
+                code, text = c.rcpt(f"r{i}@foreign.example")
+                assert code == 554 and b"5.7.1" in text, (code, text)
         sent, deferred, bounced = 6, 3, 2
         jobs = [(["-i", "-f", "alice@mail.test.example", f"u{i}@ok.example"],
                  f"Subject: s{i}\n\nbody\n".encode()) for i in range(sent)]
@@ -211,6 +238,6 @@ def test_pflogsumm_counts_what_we_did(mailsys: MakeSystem, tmp_path: Path) -> No
         assert got["delivered"] == sent + bounced, p.stdout
         assert got["deferred"] == deferred, p.stdout
         assert got["bounced"] == bounced, p.stdout
-        assert got["rejected"] == 0, p.stdout
+        assert got["rejected"] == rejected, p.stdout
     finally:
         scen.stop()
