@@ -18,7 +18,9 @@ Public API
     Table.lookup(key) -> str | None
     open_table(spec) -> Table
     open_tables(specs: list[str]) -> list[Table]
-    TableError: unknown type or an unreadable file, naming the table (and line).
+    TableError: unknown type or an unreadable file, naming the table (and line); the
+        same class as master.config.tables.TableError, where the file format lives (so
+        that the master's configuration check can read tables too).
 """
 
 from __future__ import annotations
@@ -26,12 +28,9 @@ from __future__ import annotations
 import os
 
 from master import log
+from master.config.tables import TableError, read_table
 
 __all__ = ["Table", "TableError", "open_table", "open_tables"]
-
-
-class TableError(Exception):
-    """A table cannot be opened or has a bad line."""
 
 
 class Table:
@@ -87,68 +86,15 @@ class Table:
         self.close()
 
 
-def _parse_text(path: str) -> dict[str, str]:
-    data: dict[str, str] = {}
-    try:
-        with open(path, encoding="utf-8", errors="surrogateescape") as f:
-            lines = f.read().splitlines()
-    except OSError as exc:
-        raise TableError(f"{path}: {exc.strerror}") from exc
-    logical: list[tuple[int, str]] = []
-    for n, line in enumerate(lines, 1):
-        stripped = line.strip()
-        if not stripped or stripped.startswith("#"):
-            continue
-        if line[0] in " \t":
-            if not logical:
-                raise TableError(f"{path}, line {n}: continuation line without a key")
-            ln, prev = logical[-1]
-            logical[-1] = (ln, prev + " " + stripped)
-        else:
-            logical.append((n, stripped))
-    for n, text in logical:
-        parts = text.split(None, 1)
-        if len(parts) != 2:
-            raise TableError(f"{path}, line {n}: expected \"key whitespace value\"")
-        key = parts[0].lower()
-        if key in data:
-            log.warning(f"{path}, line {n}: duplicate entry: \"{key}\"")
-            continue
-        data[key] = parts[1].strip()
-    return data
-
-
 def open_table(spec: str) -> Table:
-    """Open one table.
+    """Open one table (master.config.tables.read_table; a duplicate key is logged as a
+    warning).
 
     Raises:
         TableError: unsupported type, unreadable file or bad syntax.
     """
-    spec = spec.strip()
-    kind, sep, name = spec.partition(":")
-    if not sep:
-        raise TableError(f"table {spec!r}: expected type:name")
-    if kind in ("texthash", "hash", "btree", "lmdb", "cdb"):
-        try:
-            mtime = os.stat(name).st_mtime
-        except OSError as exc:
-            raise TableError(f"{spec}: {exc.strerror}") from exc
-        return Table(spec, _parse_text(name), name, mtime)
-    if kind == "inline":
-        body = name.strip()
-        if not (body.startswith("{") and body.endswith("}")):
-            raise TableError(f"{spec}: inline table must be {{ key=value, ... }}")
-        data: dict[str, str] = {}
-        for item in body[1:-1].split(","):
-            item = item.strip()
-            if not item:
-                continue
-            k, eq, v = item.partition("=")
-            if not eq:
-                raise TableError(f"{spec}: missing '=' in {item!r}")
-            data.setdefault(k.strip().lower(), v.strip())
-        return Table(spec, data)
-    raise TableError(f"unsupported dictionary type: {kind}")
+    t = read_table(spec, log.warning)
+    return Table(t.spec, t.data, t.path, t.mtime)
 
 
 def open_tables(specs: list[str]) -> list[Table]:

@@ -14,7 +14,14 @@ import pytest
 from master.config import Config, ConfigError, describe, load_configuration
 from master.config.maincf import param_spec
 from master.config.mastercf import parse_master_cf
-from master.config.validate import check_service, inet_hosts, module_problem
+from master.config.tables import TableError, read_table
+from master.config.validate import (
+    check_mail_owner,
+    check_service,
+    check_tables,
+    inet_hosts,
+    module_problem,
+)
 
 GOOD_MASTER = """\
 pickup    fifo  n       -       n       60      1       pickup
@@ -188,3 +195,83 @@ def test_describe_has_no_python_reprs() -> None:
         "/a -> /b: Invalid cross-device link")
     assert describe(ValueError("plain words")) == "plain words"
     assert describe(RuntimeError()) == "RuntimeError"
+
+
+# ----------------------------------------------------------------------------- tables
+def test_missing_transport_map_is_an_error_naming_parameter_and_table(
+        tmp_path: Path) -> None:
+    etc = write(tmp_path, "myhostname = h.example\ntransport_maps = hash:/nonexistent\n")
+    assert error_of(etc) == (f"{etc}/main.cf, line 3: parameter transport_maps: "
+                             "hash:/nonexistent: No such file or directory")
+
+
+@pytest.mark.parametrize("value,what", [
+    ("nis:mail.transport", "nis:mail.transport: unsupported dictionary type: nis"),
+    ("inline:{a=b, c}", "inline:{a=b, c}: missing '=' in 'c'"),
+    ("hash:DIR/bad", 'DIR/bad, line 2: expected "key whitespace value"'),
+    ("texthash:DIR", "DIR: Is a directory"),
+])
+def test_bad_transport_maps_are_errors(tmp_path: Path, value: str, what: str) -> None:
+    (tmp_path / "bad").write_text("# c\nlonely\n")
+    etc = write(tmp_path, f"transport_maps = {value.replace('DIR', str(tmp_path))}\n")
+    assert error_of(etc) == (f"{etc}/main.cf, line 2: parameter transport_maps: "
+                             f"{what.replace('DIR', str(tmp_path))}")
+
+
+def test_good_transport_maps_load_and_duplicates_warn(tmp_path: Path) -> None:
+    (tmp_path / "transport").write_text("a.example smtp:\nA.example local:\n")
+    warnings: list[str] = []
+    load_configuration(write(tmp_path, f"transport_maps = texthash:{tmp_path}/transport, "
+                             "inline:{b.example=error:nope}\n"), warnings.append)
+    assert warnings == [f'{tmp_path}/transport, line 2: duplicate entry: "a.example"']
+
+
+def test_transport_maps_override_in_master_cf_is_checked(tmp_path: Path) -> None:
+    etc = write(tmp_path, "", GOOD_MASTER.replace(
+        "300     1       qmgr", "300     1       qmgr -o transport_maps=hash:/nope"))
+    assert error_of(etc) == (f"{etc}/master.cf, line 2: -o transport_maps=hash:/nope: "
+                             "parameter transport_maps: hash:/nope: No such file or directory")
+
+
+def test_check_tables_and_read_table(tmp_path: Path) -> None:
+    cfg = Config.from_text("relocated_maps = hash:/nonexistent\n", str(tmp_path))
+    check_tables(cfg)  # relocated_maps: not read by qmgrd, not checked
+    with pytest.raises(ConfigError, match="parameter relocated_maps: hash:/nonexistent"):
+        check_tables(cfg, ["relocated_maps"])
+    (tmp_path / "t").write_text("Key  value\n  continued\n")
+    table = read_table(f"hash:{tmp_path}/t")
+    assert table.data == {"key": "value continued"} and table.path == f"{tmp_path}/t"
+    with pytest.raises(TableError, match="expected type:name"):
+        read_table("nocolon")
+
+
+# ----------------------------------------------------------------------------- mail_owner
+@pytest.mark.parametrize("owner,what", [
+    ("nosuchuser", "unknown user name value: nosuchuser"),
+    ("root", "user root has privileged user ID"),
+])
+def test_bad_mail_owner_is_an_error_when_root(tmp_path: Path, owner: str, what: str) -> None:
+    etc = write(tmp_path, f"mail_owner = {owner}\n")
+    with pytest.raises(ConfigError) as ei:
+        load_configuration(etc, euid=0)
+    assert str(ei.value) == f"file {etc}/main.cf: parameter mail_owner: {what}"
+    load_configuration(etc, euid=1000)  # not root: mail_owner is not used
+
+
+def test_mail_owner_default_and_privileged_group(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import pwd
+
+    def fake_getpwnam(name: str) -> pwd.struct_passwd:
+        if name == "wheelish":
+            return pwd.struct_passwd(("wheelish", "x", 500, 0, "", "/", "/bin/sh"))
+        raise KeyError(name)
+
+    monkeypatch.setattr(pwd, "getpwnam", fake_getpwnam)
+    cfg = Config.from_text("mail_owner = wheelish\n", str(tmp_path))
+    with pytest.raises(ConfigError, match="user wheelish has privileged group ID"):
+        check_mail_owner(cfg, euid=0)
+    with pytest.raises(ConfigError) as ei:  # the default, absent: main.cf named anyway
+        check_mail_owner(Config.from_text("", str(tmp_path)), euid=0)
+    assert str(ei.value) == (f"file {tmp_path}/main.cf: parameter mail_owner: "
+                             "unknown user name value: postfix")

@@ -22,6 +22,19 @@ DESCRIPTION
       service's port is a number (1-65535) or a name in /etc/services, and its host
       (or each inet_interfaces address when it has none) an IP address or a name that
       resolves.
+    * lookup tables: every table named by a parameter whose tables a qmgrd program
+      opens (TABLE_PARAMS: ``transport_maps``, read by the qmgr) is read the way the
+      program will read it (master.config.tables); a missing or unreadable file, an
+      unsupported type or a bad line is an error naming the parameter and the table:
+      ``"<main.cf>, line <n>: parameter transport_maps: hash:/x: No such file or
+      directory"``.  A service's ``-o`` override of such a parameter is checked too.
+      (Otherwise the qmgr dies at start with that error and nothing is delivered.)
+    * mail_owner, only when this process runs as root (otherwise every process runs as
+      the invoking user and mail_owner is not used - master.server.jail): the account
+      must exist and have neither uid 0 nor gid 0 - ``"file <main.cf>: parameter
+      mail_owner: unknown user name value: x"``, ``"... user root has privileged user
+      ID"``, ``"... has privileged group ID"`` (Postfix's wording, the same as the
+      master's own check at start-up).
     * ``-o name=value`` with a name no qmgrd program reads (not in the parameter table,
       not a per-transport parameter, not set in main.cf, not referred to as ``$name``
       by main.cf or the service's other overrides) is accepted, as Postfix does, but
@@ -33,8 +46,13 @@ DESCRIPTION
     ``"<master.cf>, line <n>: -o name=value: bad time value for parameter name: ..."``).
 
 PUBLIC API
-    load_configuration(config_directory, warn=None) -> (Config, list[Service])
-        Config.load + Config.check + load_master_cf + check_services; raises ConfigError
+    load_configuration(config_directory, warn=None, euid=None) -> (Config, list[Service])
+        Config.load + Config.check + check_tables + check_mail_owner + load_master_cf +
+        check_services; raises ConfigError.  ``euid`` (default: ours) decides whether
+        mail_owner is checked (only for 0).
+    check_tables(cfg, names=TABLE_PARAMS, warn=None) -> None  raises ConfigError
+    check_mail_owner(cfg, euid=None) -> None                  raises ConfigError
+    TABLE_PARAMS: tuple[str, ...]       parameters whose tables qmgrd programs open
     check_services(cfg, services, warn=None) -> None          raises ConfigError
     check_service(cfg, service, warn=None) -> None            raises ConfigError
     module_problem(module) -> str | None    why ``python -m module`` cannot work, or None
@@ -58,10 +76,15 @@ from collections.abc import Callable, Sequence
 from master.config.errors import ConfigError
 from master.config.maincf import Config, param_spec
 from master.config.mastercf import Service, load_master_cf
+from master.config.tables import TableError, read_table
+from master.server import jail
 
 __all__ = [
+    "TABLE_PARAMS",
+    "check_mail_owner",
     "check_service",
     "check_services",
+    "check_tables",
     "inet_hosts",
     "load_configuration",
     "module_problem",
@@ -69,16 +92,53 @@ __all__ = [
 
 Warn = Callable[[str], None]
 
+# Parameters naming lookup tables that some qmgrd program opens (qmgrd.maps): the qmgr's
+# transport_maps.  Others (alias_maps, relocated_maps, ...) are not read by qmgrd.
+TABLE_PARAMS: tuple[str, ...] = ("transport_maps",)
 
-def load_configuration(config_directory: str,
-                       warn: Warn | None = None) -> tuple[Config, list[Service]]:
+
+def load_configuration(config_directory: str, warn: Warn | None = None,
+                       euid: int | None = None) -> tuple[Config, list[Service]]:
     """Load and fully check main.cf and master.cf of ``config_directory`` (module
-    docstring).  Raises ConfigError, naming file and line."""
+    docstring); ``euid`` (default: ours) is the user the master runs as.  Raises
+    ConfigError, naming file and line."""
     cfg = Config.load(config_directory)
     cfg.check()
+    check_tables(cfg, warn=warn)
+    check_mail_owner(cfg, euid)
     services = load_master_cf(os.path.join(cfg.config_directory, "master.cf"), cfg, warn)
     check_services(cfg, services, warn)
     return cfg, services
+
+
+def check_tables(cfg: Config, names: Sequence[str] = TABLE_PARAMS,
+                 warn: Warn | None = None) -> None:
+    """Read every table each parameter of ``names`` lists (module docstring).  Raises
+    ConfigError ``"<where the value is set>: parameter <name>: <table problem>"``."""
+    for name in names:
+        for spec in cfg.get_list(name):
+            try:
+                read_table(spec, warn)
+            except TableError as exc:
+                raise _param_error(cfg, name, f"parameter {name}: {exc}") from None
+
+
+def check_mail_owner(cfg: Config, euid: int | None = None) -> None:
+    """mail_owner must exist and be unprivileged when the master runs as root (``euid``,
+    default ours, is 0); master.server.jail.lookup_mail_owner.  Raises ConfigError
+    ``"file <main.cf>: parameter mail_owner: ..."``."""
+    try:
+        jail.lookup_mail_owner(cfg, euid)
+    except jail.OwnerError as exc:  # the wording of the master's own (start-up) check
+        raise ConfigError(str(exc)) from None
+
+
+def _param_error(cfg: Config, name: str, message: str) -> ConfigError:
+    """cfg.error(), naming main.cf (without a line) also when the value is a default."""
+    err = cfg.error(name, message)
+    if err.path is None and not err.message.startswith("-o "):
+        return ConfigError(err.message, os.path.join(cfg.config_directory, "main.cf"))
+    return err
 
 
 def check_services(cfg: Config, services: Sequence[Service], warn: Warn | None = None) -> None:
@@ -95,7 +155,9 @@ def check_service(cfg: Config, svc: Service, warn: Warn | None = None) -> None:
             if not _is_used(cfg, svc, name):
                 warn(f"{_where(svc)}unused parameter: -o {name}={value}")
     try:
-        svc.child_config(cfg).check()
+        child = svc.child_config(cfg)
+        child.check()
+        check_tables(child, [name for name in TABLE_PARAMS if name in svc.overrides], warn)
     except ConfigError as exc:
         message = exc.message if exc.path is None else str(exc)
         raise ConfigError(message, svc.path or None, svc.line or None) from None

@@ -381,6 +381,19 @@ class Master:
             self.pidfile = None
 
 
+def _log_early(config_directory: str, foreground: bool) -> None:
+    """Best effort, for a configuration error at start: open the log that main.cf names
+    (read leniently), so that the fatal line reaches the maillog as well as stderr."""
+    try:
+        cfg, _errors = Config.load_lenient(config_directory)
+        maillog = cfg.get("maillog_file")
+        if maillog:
+            _create_maillog(maillog)
+        log.setup("master", maillog, cfg.get("syslog_name") or "qmgrd", foreground=foreground)
+    except (ConfigError, OSError):
+        return
+
+
 def _create_maillog(path: str) -> None:
     """Create the log file 0644 whatever the umask (a new file only).  Children open it
     before they drop privileges, so root ownership is fine; readers need not be root."""
@@ -409,6 +422,7 @@ def run_master(config_directory: str, foreground: bool = False,
         maillog = cfg.get("maillog_file")
         syslog_name = cfg.get("syslog_name") or "qmgrd"
     except ConfigError as exc:
+        _log_early(config_directory, foreground)
         fail(str(exc))
     try:
         if maillog:

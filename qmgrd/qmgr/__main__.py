@@ -11,7 +11,9 @@ Triggers are untrusted (any local user may write into ``public/qmgr``): up to 10
 are read at a time, at most one read per ``TRIGGER_INTERVAL`` (10 ms; a lone trigger is
 read at once, a flood waits in the FIFO and is coalesced), and a full 1024-byte read also
 counts as a ``W`` wakeup: the FIFO is backing up, and writers that find it full drop their
-trigger as already pending, so a flood of garbage cannot hide new mail.
+trigger as already pending, so a flood of garbage cannot hide new mail. Nor can it make
+the qmgr hammer a destination: the scheduler starts at most one forced (``A``,
+ignore-time) deferred scan per second, coalescing later requests.
 
 It also serves the scheduler's state on ``private/qmgr-status`` (qmgrd.qmgr.status; a
 UNIX socket it creates itself, mode 0600, under the queue directory so that it works in
@@ -23,7 +25,12 @@ Pre-jail (before chroot): read master.cf for the transports' process limits, ope
 transport maps (kept open, so that a changed map is still noticed inside the jail: the
 qmgr then exits and the master starts a fresh one, Postfix's pre_accept check), and
 load what would otherwise be loaded lazily (time zone, codecs). After the jail every
-path is relative to the queue directory.
+path is relative to the queue directory. A transport map that cannot be read is one
+line, ``fatal: parameter transport_maps: hash:/x: No such file or directory`` (exit 1;
+``qmgr-master start``/``reload`` refuse such a configuration before, see
+master.config.validate, so this happens only when the file goes away later).
+
+Unknown trigger bytes are logged once, as a count and the hex of the first 16 bytes.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ import time
 from master import log
 from master.config.mastercf import load_master_cf
 from master.server.skeleton import ServerContext, async_server
+from qmgrd.maps import TableError
 from qmgrd.qmgr.client import AgentClient
 from qmgrd.qmgr.control import CONTROL_SOCKET, Control, ControlServer
 from qmgrd.qmgr.resolve import Resolver
@@ -72,7 +80,10 @@ def _process_limits(ctx: ServerContext) -> dict[str, int]:
 def pre_jail(ctx: ServerContext) -> None:
     """Read everything that lives outside the queue directory."""
     _PRE.limits = _process_limits(ctx)
-    _PRE.resolver = Resolver(ctx.config)
+    try:
+        _PRE.resolver = Resolver(ctx.config)
+    except TableError as exc:  # bad input, not a bug: one fatal line, no traceback
+        log.fatal(f"parameter transport_maps: {exc}")
     time.localtime()  # load the time zone before chroot hides /etc/localtime
     for name in ("idna", "utf-8", "ascii", "latin-1"):
         codecs.lookup(name)
