@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Coroutine, Iterator
@@ -25,6 +27,7 @@ from qmgrd.spool import statuslog
 from qmgrd.spool.cleanup import Cleanup
 from qmgrd.spool.envelope import Envelope, Recipient
 from qmgrd.spool.queue import Spool
+from tests.services.procs import child_env
 
 
 class Clock:
@@ -565,7 +568,63 @@ def test_unknown_trigger_bytes_are_ignored_and_logged_once(
 
     run(go())
     err = capfd.readouterr().err
-    assert err.count("ignoring unknown trigger") == 1
+    assert err.count("ignoring 5 unknown trigger request byte(s) (hex 01 7a 7a 7a ff;") == 1
+    assert "ignoring" in err and "\\x" not in err
+
+
+def test_unknown_trigger_warning_is_short(tmp_path: Path,
+                                          capfd: pytest.CaptureFixture[str]) -> None:
+    env = Env(tmp_path)
+    env.sched().trigger(bytes(range(1, 33)) * 32)
+    err = capfd.readouterr().err
+    assert "ignoring 1024 unknown trigger request byte(s) (hex 01 02 03 04 05 06 07 08 " \
+        "09 0a 0b 0c 0d 0e 0f 10...;" in err
+    assert len(err) < 250
+
+
+def test_forced_deferred_scans_are_rate_limited(tmp_path: Path) -> None:
+    """A flood of A+D triggers (any local user can write public/qmgr) cannot make the
+    qmgr retry a deferred message over and over: at most one forced scan per second,
+    and the last request is still honoured when the second is up."""
+    env = Env(tmp_path)
+    env.agents.decide = lambda transport, req, rcpt: "defer"
+    qid = env.submit("a@x.example", ["r@d.example"])
+    scans = Counter[str]()
+    real_scan = env.spool.scan
+
+    def counting_scan(queue: str) -> Iterator[str]:
+        scans[queue] += 1
+        return real_scan(queue)
+
+    env.spool.scan = counting_scan  # type: ignore[method-assign]
+
+    async def go() -> None:
+        sched = env.sched()
+        sched.startup()
+        await drain(sched)
+        assert len(env.agents.requests) == 1 and env.files("deferred") == [qid]
+        sched.trigger(b"AD")  # an operator's flush: at once
+        await drain(sched)
+        assert len(env.agents.requests) == 2 and env.files("deferred") == [qid]
+        env.clock.now += 1
+        before = scans["deferred"]
+        for _ in range(1000):  # the flood, all within one second of the fake clock
+            sched.trigger(b"AD")
+            sched.step()
+            await asyncio.sleep(0)
+        await drain(sched)
+        assert 3 <= len(env.agents.requests) <= 4  # at most ~2 forced passes
+        assert scans["deferred"] > before  # plain D requests still scan (time honoured)
+        assert env.files("deferred") == [qid]
+        burst = len(env.agents.requests)
+        env.clock.now += 1  # the second is up: the remembered request runs, once
+        await drain(sched)
+        assert len(env.agents.requests) == burst + 1
+        env.clock.now += 5
+        await drain(sched)
+        assert len(env.agents.requests) == burst + 1  # coalesced: nothing more queued
+
+    run(go())
 
 
 def test_scan_all_alone_starts_nothing_but_applies_to_the_next_scan(tmp_path: Path) -> None:
@@ -786,3 +845,25 @@ def test_agent_crash_defers_unfinished_recipients_with_a_log_line(tmp_path: Path
     assert env.files("deferred") == [qid]
     assert [(r.address, d.reason) for r, d in statuslog.read(env.spool, "defer", qid)] == [
         ("lost@d.example", "unknown mail transport error")]
+
+
+# ----------------------------------------------------------------------------- start-up
+def test_missing_transport_map_is_one_fatal_line(tmp_path: Path) -> None:
+    """The qmgr process itself: a table that cannot be opened is one ``fatal:`` line in
+    the maillog (no traceback) and exit 1."""
+    (tmp_path / "q").mkdir()
+    maillog = tmp_path / "maillog"
+    (tmp_path / "main.cf").write_text(
+        f"queue_directory = {tmp_path}/q\nmaillog_file = {maillog}\n"
+        "myhostname = h.example\ntransport_maps = hash:/nonexistent\n")
+    (tmp_path / "master.cf").write_text("qmgr fifo n - n 300 1 qmgr\n")
+    proc = subprocess.run(
+        [sys.executable, "-P", "-m", "qmgrd.qmgr", "-c", str(tmp_path), "-n", "qmgr",
+         "-t", "fifo", "-l", str(tmp_path / "fifo")],
+        env=child_env(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL, timeout=20, check=False)
+    assert proc.returncode == 1
+    lines = maillog.read_text().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].endswith("]: fatal: parameter transport_maps: hash:/nonexistent: "
+                             "No such file or directory"), lines

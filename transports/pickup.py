@@ -16,7 +16,9 @@ Summary
       ``Received: by <myhostname> (<mail_name>, from userid <uid>)``; the arrival time
       and Received date are the file's mtime; -t from the ``extract_recipients``
       attribute), the maildrop file is unlinked, and ``<qid>: uid=<uid> from=<sender>``
-      is logged;
+      is logged. Before each message, inbound flow control (qmgrd.flow): one token is
+      taken from the master's flow pipe, waiting up to ``in_flow_delay`` (0: off) when
+      the qmgr has fallen behind, then the message goes on anyway;
     * a CleanupError 4.x.x keeps the file for the next wakeup (``warning: <name>: error
       writing queue file: <status> <text>``). A permanent refusal (5.x.x: no recipients,
       bad envelope data), and content over message_size_limit (5.3.4), do not lose the
@@ -41,6 +43,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 from master import log
 from master.server.skeleton import ServerContext, trigger_server
+from qmgrd.flow import flow_get
 from qmgrd.spool.cleanup import Cleanup, CleanupError
 from qmgrd.spool.envelope import Envelope
 from qmgrd.spool.maildrop import MaildropError, MaildropMessage, read_maildrop
@@ -126,6 +129,9 @@ def pickup_file(cfg: Config, spool: Spool, cleanup: Cleanup, name: str) -> bool:
     arrival = msg.arrival if msg.arrival[0] > 0 else (int(mtime), int(mtime % 1 * 1e6))
     env = Envelope(msg.sender, msg.recipients, fullname=msg.fullname, arrival=arrival,
                    ret=msg.ret, envid=msg.envid)
+    delay = cfg.get_time("in_flow_delay")
+    if delay > 0:
+        flow_get(delay)  # qmgrd.flow: slowed while the qmgr falls behind, never blocked
     try:
         qid = _enqueue(cleanup, env, msg, uid)
     except CleanupError as exc:

@@ -42,16 +42,15 @@ Summary
       ``smtpd_tls_security_level`` is not ``none``; ``encrypt`` makes it mandatory before
       MAIL. A certificate that cannot be loaded is fatal under ``encrypt``, a warning
       (no STARTTLS) otherwise.
-    * **Inbound flow control** (``in_flow_delay``) is not implemented. The design, for
-      whoever adds it: the master already passes its flow-control pipe as fds 3/4 to every
-      child. The qmgr writes one byte to fd 4 per message it moves from incoming/ to
-      active/ (and tops the pipe up to default_process_limit bytes when its incoming scan
-      finds nothing, as Postfix's qmgr does); smtpd (and pickup) take one byte from fd 3
-      before each Cleanup.submit - non-blocking read, else wait for fd 3 to become
-      readable (loop.add_reader, so only that session waits) for at most in_flow_delay,
-      then go on anyway. Producers are slowed, never blocked, and a burst of inbound mail
-      cannot starve outbound delivery. The consumer alone would delay every message by
-      in_flow_delay, so it ships together with the qmgr's producer or not at all.
+    * **Inbound flow control** (``in_flow_delay``, qmgrd.flow): the master passes its
+      flow-control pipe as fds 3/4 to every child; the qmgr puts one token per message it
+      moves from incoming/ to active/ (and tops the pipe up to default_process_limit when
+      its incoming scan is idle). Before each Cleanup.submit smtpd takes one token,
+      waiting up to in_flow_delay (0: off) when there is none, then goes on anyway:
+      producers are slowed, never blocked, and a burst of inbound mail cannot starve
+      outbound delivery. The wait blocks this process's event loop, as Postfix's smtpd
+      waits for its cleanup: it is the only session in the process except in overflow
+      (OVERFLOW_DELAY), where the other sessions wait too (at most in_flow_delay each).
     * The log tag is ``<syslog_name>/smtpd`` (the program, as Postfix), whatever the
       master.cf service name (an address such as ``127.0.0.1:2525``).
 
@@ -90,6 +89,7 @@ import dns.resolver
 from master import log
 from master.config import Config
 from master.server.skeleton import ServerContext, async_server
+from qmgrd.flow import flow_get
 from qmgrd.spool.cleanup import Cleanup, _Headers
 from qmgrd.spool.envelope import Envelope, Recipient
 from qmgrd.spool.queue import Spool
@@ -182,6 +182,7 @@ class SmtpdServer:
         self.session_limit = ctx.config.get_int("smtpd_process_session_limit")
         self.max_use = ctx.config.get_int("max_use") * self.session_limit
         self.max_idle = ctx.config.get_time("max_idle")
+        self.flow_delay = ctx.config.get_time("in_flow_delay")
         self.sessions: set[SmtpdSession] = set()
         self.accepted = 0
         self.retiring = False
@@ -212,6 +213,8 @@ class SmtpdServer:
 
     def enqueue(self, env: Envelope, content: bytes, namaddr: str,
                 received: Callable[[str], list[bytes]]) -> str:
+        if self.flow_delay > 0:
+            flow_get(self.flow_delay)  # qmgrd.flow: slowed, never blocked
         return self.cleanup.submit_smtp(env, content, namaddr, received)
 
     # ------------------------------------------------------------------ accepting

@@ -13,6 +13,11 @@ Summary
       (trigger ``F``: ignore ``defer_transports``) apply to the scan in progress and are
       kept for the next scan that starts; a modifier alone starts nothing.
 
+    A scan knows no clock: the scheduler rate-limits ``scan_all`` requests for the
+    deferred queue (at most one per second, later ones coalesced and applied when the
+    second is up - qmgrd.qmgr.scheduler, FORCED_SCAN_INTERVAL), because triggers come
+    from any local user and each ignore-time scan retries every deferred message.
+
 Public API
     Scan(name, lister)              lister: Callable[[], Iterator[str]] (e.g. Spool.scan)
     .request(start=True, scan_all=False, flush=False)

@@ -33,7 +33,21 @@ Summary
     scans), ``F`` forget dead transports and destinations now and ignore
     ``defer_transports`` for the current and next scans. A scan request while the scan
     runs is a flag (the scan restarts once when it ends). Unknown bytes are ignored;
-    the first ones are logged once.
+    the first ones are logged once (count and hex of the first 16).
+
+    Forced deferred scans are rate limited.  ``public/qmgr`` is writable by every local
+    user, and each ``A`` makes the deferred scan ignore the files' retry times: without
+    a limit, a stream of junk bytes containing ``A`` and ``D`` re-read every deferred
+    message as soon as the previous scan ended - one deferred message was retried 93
+    times in a second - so any user could make the qmgr hammer a destination.  So an
+    ``A`` for the deferred scan takes effect at most once per ``FORCED_SCAN_INTERVAL``
+    (1 s); a later one within that second is remembered (coalesced with any others) and
+    applied - with the scan start it asked for - when the second is up, never lost.  The
+    rest of the request (``D`` start, ``F``) takes effect at once, without ignoring
+    times.  A forced request therefore makes at most two passes ignore times (the scan
+    in progress and its restart, Postfix's semantics) per interval.  The first request
+    after a quiet second - an operator's ``qmgr-ctl flush`` - is immediate.  Incoming
+    scans are not limited (a file leaves ``incoming`` when it is taken).
 
 Logs (Postfix's lines): ``<id>: from=<s>, size=N, nrcpt=N (queue active)``,
 ``<id>: removed``, ``<id>: from=<s>, status=expired, returned to sender``,
@@ -66,6 +80,7 @@ from typing import Any
 from master import log
 from master.config import Config, ConfigError
 from qmgrd.delivery import DeliverRequest, DeliverStatus, RecipientInfo
+from qmgrd.flow import flow_put, flow_topup
 from qmgrd.qmgr.active import ActiveQueue
 from qmgrd.qmgr.client import AgentClient, TransportUnavailable
 from qmgrd.qmgr.completion import Completion
@@ -84,6 +99,7 @@ from qmgrd.spool.queue import Spool
 __all__ = ["Scheduler"]
 
 _TRIGGER_CODES = frozenset(b"IWDAF\0")
+FORCED_SCAN_INTERVAL = 1.0  # s: at most one forced (ignore-time) deferred request per interval
 
 
 def _soft(status: str) -> str:
@@ -113,6 +129,7 @@ class Scheduler:
         self.transport_retry_time = cfg.get_time("transport_retry_time")
         self.queue_run_delay = cfg.get_time("queue_run_delay")
         self.feedback_debug = cfg.get_bool("destination_concurrency_feedback_debug")
+        self.flow_limit = cfg.get_int("default_process_limit")  # qmgrd.flow tokens
         cfg.get_int("qmgr_fudge_factor")  # oqmgr only; checked like Postfix's qmgr does
         self.incoming = Scan("incoming", lambda: spool.scan("incoming"))
         self.deferred = Scan("deferred", lambda: spool.scan("deferred"))
@@ -137,6 +154,8 @@ class Scheduler:
         self.tasks: set[asyncio.Task[None]] = set()
         self.wakeup = asyncio.Event()
         self._warned_unknown = False
+        self._forced_next = float("-inf")  # when the next forced deferred scan may start
+        self._forced_pending: tuple[bool, bool] | None = None  # (start, flush) waiting
         self._next_deferred_scan = 0.0
         self.started = clock()
         self.stopping = False
@@ -147,9 +166,11 @@ class Scheduler:
         codes = set(data)
         if not self._warned_unknown and not codes <= _TRIGGER_CODES:
             self._warned_unknown = True
-            bad = bytes(sorted(codes - _TRIGGER_CODES))
-            log.warning(f"ignoring unknown trigger request(s) {bad[:16]!r} "
-                        "(further unknown requests are ignored silently)")
+            bad = bytes(b for b in data if b not in _TRIGGER_CODES)
+            more = "..." if len(bad) > 16 else ""
+            log.warning(f"ignoring {len(bad)} unknown trigger request byte(s) "
+                        f"(hex {bad[:16].hex(' ')}{more}; "
+                        "further unknown requests are ignored silently)")
         start_in = ord("I") in codes or ord("W") in codes
         start_def = ord("D") in codes
         scan_all = ord("A") in codes
@@ -159,8 +180,32 @@ class Scheduler:
         if start_in or scan_all or flush:
             self.incoming.request(start_in, scan_all, flush)
         if start_def or scan_all or flush:
-            self.deferred.request(start_def, scan_all, flush)
+            self._request_deferred(start_def, scan_all, flush)
         self.wakeup.set()
+
+    def _request_deferred(self, start: bool, scan_all: bool, flush: bool) -> None:
+        """A deferred scan request from a trigger; an ignore-time (``scan_all``) one is
+        rate limited to one per FORCED_SCAN_INTERVAL (module docstring)."""
+        if scan_all:
+            now = self.clock()
+            if now >= self._forced_next:
+                self._forced_next = now + FORCED_SCAN_INTERVAL
+            else:
+                old_start, old_flush = self._forced_pending or (False, False)
+                self._forced_pending = (old_start or start, old_flush or flush)
+                self.timers.request(("forced-scan",), self._forced_next, self._forced_due)
+                scan_all = False
+        if start or scan_all or flush:
+            self.deferred.request(start, scan_all, flush)
+
+    def _forced_due(self) -> None:
+        """The rate limit's interval is up: apply the remembered forced request."""
+        pending, self._forced_pending = self._forced_pending, None
+        if pending is not None:
+            start, flush = pending
+            self._forced_next = self.clock() + FORCED_SCAN_INTERVAL
+            self.deferred.request(start, True, flush)
+            self.wakeup.set()
 
     def flush_dead(self) -> None:
         """Forget every dead transport and destination (trigger F); O(dead ones)."""
@@ -289,6 +334,8 @@ class Scheduler:
                 if qid is None:
                     continue
                 took = True
+                if scan is self.incoming:
+                    flow_put(1)  # in_flow_delay: one token per message taken (qmgrd.flow)
                 if self.active.feed(qid, scan.name, scan.scan_all, scan.flush):
                     break
             if not self.active.full():
@@ -505,6 +552,8 @@ class Scheduler:
                 if self.step():
                     await asyncio.sleep(0)
                     continue
+                if not self.incoming.busy:  # idle: tokens to default_process_limit
+                    flow_topup(self.flow_limit)
                 self.wakeup.clear()
                 due = self._next_deferred_scan
                 timer = self.timers.next_due()
