@@ -391,6 +391,10 @@ class SmtpAgent(DeliveryAgent):
                        diag_text=reply.text, mta_type="dns", mta_mname=addr.hostname)
         for i in accepted:
             att.final[i], att.relay[i] = dsn, addr.relay
+            if dsn_ok:
+                # The next hop took NOTIFY=SUCCESS with the recipient and will notify the
+                # sender itself: no success notice of ours (Postfix's smtp_rcpt_done()).
+                rcpts[i].notify &= ~DSN_NOTIFY_SUCCESS
 
 
 def _rcpt_dsn_options(rcpt: RecipientInfo) -> list[str]:
