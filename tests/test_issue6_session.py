@@ -32,6 +32,7 @@ pytestmark = pytest.mark.timeout(30)
 BASE = """myhostname = mx.test.example
 mydomain = test.example
 mydestination = $myhostname, localhost
+local_recipient_maps =
 smtpd_error_sleep_time = 0
 """
 

@@ -26,7 +26,8 @@ from transports.smtpd_tx import truncate_headers, xtext_decode
 
 
 def policy(text: str = "", resolver: Any = None) -> Policy:
-    cfg = Config.from_text("myhostname = mx.test.example\nmydomain = test.example\n" + text,
+    cfg = Config.from_text("myhostname = mx.test.example\nmydomain = test.example\n"
+                           "local_recipient_maps =\n" + text,
                            "/nonexistent")
     return Policy(cfg, resolver)
 
@@ -240,3 +241,30 @@ def test_connection_counter_across_processes(tmp_path: Path) -> None:
     assert [local.acquire("a", 2)[0] for _ in range(3)] == [1, 2, 3]
     local.release(-1)
     assert local.acquire("a", 2)[0] == 2
+
+
+def test_local_recipient_maps_reject_unknown_local_users(tmp_path: Path) -> None:
+    table = tmp_path / "local"
+    table.write_text("alice ok\ncarol@mx.test.example ok\n")
+    base = ("mydestination = mx.test.example\nmynetworks = 127.0.0.0/8\n"
+            "smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination\n"
+            "recipient_delimiter = +\n")
+    p = policy(base + f"local_recipient_maps = texthash:{table}, proxy:unix:passwd.byname,"
+               " nis:mail.aliases\n")
+
+    def rcpt(addr: str) -> str | None:
+        return asyncio.run(p.check_rcpt(ClientInfo("127.0.0.1", "1025"), "h.example", "",
+                                        addr))
+
+    assert rcpt("alice@mx.test.example") is None
+    assert rcpt("alice+list@mx.test.example") is None  # the extension is cut
+    assert rcpt("carol@mx.test.example") is None  # user@domain key
+    assert rcpt("root@mx.test.example") is None  # the passwd database
+    assert rcpt("postmaster@mx.test.example") is None  # RFC 5321: always
+    assert rcpt("nosuchuser@mx.test.example") == (
+        "550 5.1.1 <nosuchuser@mx.test.example>: Recipient address rejected: "
+        "User unknown in local recipient table")
+    assert rcpt("anyone@elsewhere.example") is None  # not local: relay rules only
+    # empty (the bundled main.cf): every local name is accepted
+    assert asyncio.run(policy(base).check_rcpt(ClientInfo("127.0.0.1", "1025"), "h", "",
+                                               "nosuchuser@mx.test.example")) is None

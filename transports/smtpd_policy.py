@@ -71,6 +71,7 @@ from __future__ import annotations
 import fcntl
 import ipaddress
 import os
+import pwd
 import struct
 import zlib
 from dataclasses import dataclass, field
@@ -252,6 +253,54 @@ def queue_space(path: str, minfree: int, message_limit: int, size: int = 0) -> b
     return not (size and minfree // bsize + size // bsize >= free)
 
 
+class LocalRecipients:
+    """``local_recipient_maps``: which local parts of ``mydestination`` exist (Postfix's
+    smtpd_reject_unlisted_recipient for local domains). Empty = every name exists (no
+    check). ``unix:passwd.byname`` (also behind ``proxy:``) looks in the passwd
+    database; texthash/hash/inline tables are looked up by ``user@domain`` then
+    ``user``; a table type qmgrd cannot read (e.g. ``nis:``, a missing alias database)
+    is logged once and matches nothing."""
+
+    def __init__(self, entries: list[str]) -> None:
+        self.passwd = False
+        self.tables: list[Table] = []
+        self.active = bool(entries)
+        for spec in entries:
+            bare = spec.removeprefix("proxy:")
+            if bare == "unix:passwd.byname":
+                self.passwd = True
+                continue
+            try:
+                self.tables.append(open_table(bare))
+            except TableError as exc:
+                log.warning(f"local_recipient_maps: {exc}: table ignored")
+
+    def known(self, address: str, delimiter: str = "") -> bool:
+        """True when ``address`` (a local-domain recipient) exists, or no check is set."""
+        if not self.active:
+            return True
+        at = address.rfind("@")
+        local = (address[:at] if at >= 0 else address).lower()
+        if local == "postmaster":  # RFC 5321 section 4.5.1: always accepted
+            return True
+        names = [address.lower(), local]
+        if delimiter:
+            cut = min((i for i in (local.find(c) for c in delimiter) if i > 0), default=-1)
+            if cut > 0:
+                names.append(local[:cut])
+        for name in names:
+            if any(t.lookup(name) is not None for t in self.tables):
+                return True
+        if self.passwd:
+            for name in names[1:]:
+                try:
+                    pwd.getpwnam(name)
+                    return True
+                except KeyError:
+                    continue
+        return False
+
+
 class Policy:
     """Relay control and restriction lists for one smtpd process (module docstring).
 
@@ -294,6 +343,8 @@ class Policy:
                 "defer_unauth_destination, reject, defer, defer_if_permit or "
                 "check_relay_domains")
         self.resolver = resolver
+        self.local_recipients = LocalRecipients(cfg.get_list("local_recipient_maps"))
+        self.delimiter = cfg.get("recipient_delimiter")
 
     # ------------------------------------------------------------------ questions
     def is_mynetworks(self, addr: str) -> bool:
@@ -404,6 +455,10 @@ class Policy:
                     break
                 if result != "dunno":
                     return result
+        if (rcpt and self.local.match(domain_of(rcpt))
+                and not self.local_recipients.known(rcpt, self.delimiter)):
+            return self._reply(550, "5.1.1", f"<{rcpt}>: Recipient address rejected: "
+                                            "User unknown in local recipient table")
         return None
 
     # ------------------------------------------------------------------ client name
