@@ -217,6 +217,9 @@ def test_mail_parameters(host: Host) -> None:
             (" AUTH=<>", "555 5.5.4 Unsupported option: AUTH=<>"),
         ]:
             assert await c.cmd(f"MAIL FROM:<a@b.example>{params}") == reply, params
+        assert await c.cmd("MAIL FROM:<a@b.example") == "501 5.1.7 Bad sender address syntax"
+        assert await c.cmd("MAIL FROM:<a (x)@b.example") == (
+            "501 5.1.7 Bad sender address syntax")
         assert await c.cmd("MAIL FROM:<ü@b.example>") == (
             "553 5.6.7 Must declare SMTPUTF8 to send unicode address")
         assert await c.cmd("MAIL FROM:<ü@b.example> SMTPUTF8") == "250 2.1.0 Ok"

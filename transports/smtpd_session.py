@@ -532,6 +532,8 @@ class SmtpdSession(SMTP):
         simple = _SIMPLE_PATH.match(text)
         if simple is not None:  # the common case, without email's full parser
             return simple.group(1), simple.group(2).split()
+        if text.startswith("<") and ">" not in text:  # email's parser would add the ">"
+            return None, []
         addr, rest = self._getaddr(text)
         if addr is None or rest is None:
             return None, []
