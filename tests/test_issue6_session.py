@@ -445,11 +445,18 @@ def test_recipient_limit_and_non_smtp_command(tmp_path: Path) -> None:
             "221 2.7.0 Error: I can break rules, too. Goodbye.")
         assert await c.reply() == "<EOF>"
 
-    run(h, limit, header)
+    async def http(c: Client) -> None:  # smtpd_forbidden_commands: CONNECT GET POST
+        await c.reply()
+        assert await c.cmd("GET / HTTP/1.0") == (
+            "221 2.7.0 Error: I can break rules, too. Goodbye.")
+        assert await c.reply() == "<EOF>"
+
+    run(h, limit, header, http)
     with h.queue_file(h.queued[0]) as qf:
         assert [r.address for r in qf.recipients] == ["a@localhost", "b@localhost"]
-    assert "non-SMTP command from localhost[127.0.0.1]: SUBJECT: spam" in (
-        tmp_path / "maillog").read_text()
+    text = (tmp_path / "maillog").read_text()
+    assert "non-SMTP command from localhost[127.0.0.1]: SUBJECT: spam" in text
+    assert "non-SMTP command from localhost[127.0.0.1]: GET / HTTP/1.0" in text
 
 
 def test_timeout_and_connection_count_limit(tmp_path: Path) -> None:

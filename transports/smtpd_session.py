@@ -130,6 +130,7 @@ class SmtpdParams:
     smtputf8: bool
     disable_vrfy: bool
     discard_ehlo: frozenset[str] = field(default_factory=frozenset)
+    forbidden: frozenset[str] = frozenset({"CONNECT", "GET", "POST"})
 
     @classmethod
     def from_config(cls, cfg: Config, service: str, queue_directory: str) -> SmtpdParams:
@@ -153,6 +154,7 @@ class SmtpdParams:
             smtputf8=cfg.get_bool("smtputf8_enable"),
             disable_vrfy=cfg.get_bool("disable_vrfy_command"),
             discard_ehlo=frozenset(k.lower() for k in cfg.get_list("smtpd_discard_ehlo_keywords")),
+            forbidden=frozenset(c.upper() for c in cfg.get_list("smtpd_forbidden_commands")),
         )
 
 
@@ -436,7 +438,9 @@ class SmtpdSession(SMTP):
     def _unknown(self, name: str) -> Callable[[str | None], Awaitable[None]]:
         async def run(arg: str | None) -> None:
             self.where = "UNKNOWN"
-            if _HEADER_NAME.match(name):
+            # a mail header or a forbidden command (smtpd_forbidden_commands: HTTP
+            # CONNECT/GET/POST) ends the session at once, as Postfix's smtpd does
+            if _HEADER_NAME.match(name) or name.upper() in self.params.forbidden:
                 line = f"{name} {arg}" if arg else name
                 log.warning(f"non-SMTP command from {self.client.namaddr}: {line[:100]}")
                 self._bump("unknown", False)
