@@ -51,12 +51,12 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from master import log
 from qmgrd.qmgr.admin import ABSENT, AdminAction, apply_file
+from qmgrd.qmgr.jsonsock import IO_TIMEOUT, JsonServer, exchange
 from qmgrd.qmgr.suspend import Suspension, load, suspend_path
 from qmgrd.spool.queueid import valid_id
 
@@ -252,76 +252,25 @@ def note_suspended(msg: Message, hit: Suspension) -> None:
         msg.retry_at = hit.until
 
 
-class ControlServer:
+class ControlServer(JsonServer):
     """Serves :class:`Control` on a UNIX socket (mode 0600; see module docstring)."""
 
     def __init__(self, path: str, control: Control) -> None:
-        self.path = path
+        super().__init__(path, "control", MAX_REQUEST)
         self.control = control
-        self._server: asyncio.AbstractServer | None = None
-        self._ident: tuple[int, int] | None = None
 
-    async def start(self) -> bool:
-        """Create the socket. False (and a warning) when that fails."""
+    async def reply(self, reader: asyncio.StreamReader) -> dict[str, Any]:
         try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            log.warning(f"cannot remove stale {self.path}: {exc}")
-            return False
-        old = os.umask(0o177)
-        try:
-            self._server = await asyncio.start_unix_server(self._serve, path=self.path,
-                                                           limit=MAX_REQUEST)
-            os.chmod(self.path, 0o600)
-            st = os.stat(self.path)
-            self._ident = (st.st_dev, st.st_ino)
-        except OSError as exc:
-            log.warning(f"cannot create control socket {self.path}: {exc}")
-            return False
-        finally:
-            os.umask(old)
-        return True
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        reply: dict[str, Any]
-        try:
-            line = await asyncio.wait_for(reader.readline(), 10)
+            line = await asyncio.wait_for(reader.readline(), IO_TIMEOUT)
             req = json.loads(line)
             if not isinstance(req, dict):
                 raise TypeError("not a JSON object")
-            reply = await self.control.handle(req)
+            return await self.control.handle(req)
         except (ValueError, TypeError, TimeoutError, asyncio.LimitOverrunError) as exc:
             log.warning(f"bad control request: {str(exc)[:100]}")
-            reply = {"error": "bad request"}
+            return {"error": "bad request"}
         except OSError:
-            reply = {"error": "read error"}
-        try:
-            writer.write(json.dumps(reply, separators=(",", ":")).encode() + b"\n")
-            await asyncio.wait_for(writer.drain(), 10)
-        except (OSError, TimeoutError):
-            pass
-        finally:
-            writer.close()
-            try:
-                await writer.wait_closed()
-            except OSError:
-                pass
-
-    async def close(self) -> None:
-        """Stop serving; remove the socket unless a newer qmgr has replaced it."""
-        if self._server is None:
-            return
-        self._server.close()
-        await self._server.wait_closed()
-        self._server = None
-        try:
-            st = os.stat(self.path)
-            if (st.st_dev, st.st_ino) == self._ident:
-                os.unlink(self.path)
-        except OSError:
-            pass
+            return {"error": "read error"}
 
 
 def request(path: str, doc: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
@@ -331,21 +280,4 @@ def request(path: str, doc: dict[str, Any], timeout: float = 10.0) -> dict[str, 
         OSError: no qmgr listens, or it timed out; ValueError: a reply that is not
         JSON; TypeError: JSON, but not an object.
     """
-    chunks: list[bytes] = []
-    size = 0
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        sock.connect(path)
-        sock.sendall(json.dumps(doc, separators=(",", ":")).encode() + b"\n")
-        while True:
-            data = sock.recv(65536)
-            if not data:
-                break
-            size += len(data)
-            if size > MAX_REQUEST:
-                raise ValueError("control reply too large")
-            chunks.append(data)
-    reply = json.loads(b"".join(chunks) or b"null")
-    if not isinstance(reply, dict):
-        raise TypeError("control reply is not a JSON object")
-    return reply
+    return exchange(path, doc, MAX_REQUEST, "control", timeout)

@@ -42,14 +42,12 @@ Public API
 from __future__ import annotations
 
 import asyncio
-import json
 import os
-import socket
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from master import log
+from qmgrd.qmgr.jsonsock import JsonServer, exchange
 
 if TYPE_CHECKING:
     from qmgrd.qmgr.scheduler import Scheduler
@@ -121,63 +119,15 @@ def snapshot(sched: Scheduler) -> dict[str, Any]:
     }
 
 
-class StatusServer:
+class StatusServer(JsonServer):
     """Serves :func:`snapshot` documents on a UNIX socket (see module docstring)."""
 
     def __init__(self, path: str, provider: Callable[[], dict[str, Any]]) -> None:
-        self.path = path
+        super().__init__(path, "status")
         self.provider = provider
-        self._server: asyncio.AbstractServer | None = None
-        self._ident: tuple[int, int] | None = None
 
-    async def start(self) -> bool:
-        """Create the socket (mode 0600). False (and a warning) when that fails."""
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            log.warning(f"cannot remove stale {self.path}: {exc}")
-            return False
-        old = os.umask(0o177)
-        try:
-            self._server = await asyncio.start_unix_server(self._serve, path=self.path)
-            os.chmod(self.path, 0o600)
-            st = os.stat(self.path)
-            self._ident = (st.st_dev, st.st_ino)
-        except OSError as exc:
-            log.warning(f"cannot create status socket {self.path}: {exc}")
-            return False
-        finally:
-            os.umask(old)
-        return True
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            data = json.dumps(self.provider(), separators=(",", ":")).encode() + b"\n"
-            writer.write(data)
-            await asyncio.wait_for(writer.drain(), 10)
-        except (OSError, TimeoutError):
-            pass
-        finally:
-            writer.close()
-            try:
-                await writer.wait_closed()
-            except OSError:
-                pass
-
-    async def close(self) -> None:
-        """Stop serving and remove the socket, unless a newer qmgr has replaced it."""
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-            self._server = None
-            try:
-                st = os.stat(self.path)
-                if (st.st_dev, st.st_ino) == self._ident:
-                    os.unlink(self.path)
-            except OSError:
-                pass
+    async def reply(self, reader: asyncio.StreamReader) -> dict[str, Any]:
+        return self.provider()
 
 
 def fetch(path: str, timeout: float = 5.0) -> dict[str, Any]:
@@ -187,23 +137,7 @@ def fetch(path: str, timeout: float = 5.0) -> dict[str, Any]:
         OSError: no qmgr listens (or timeout); ValueError: bad JSON or too large;
         TypeError: JSON, but not an object.
     """
-    chunks: list[bytes] = []
-    size = 0
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        sock.connect(path)
-        while True:
-            data = sock.recv(65536)
-            if not data:
-                break
-            size += len(data)
-            if size > MAX_REPLY:
-                raise ValueError("status reply too large")
-            chunks.append(data)
-    doc = json.loads(b"".join(chunks))
-    if not isinstance(doc, dict):
-        raise TypeError("status reply is not a JSON object")
-    return doc
+    return exchange(path, None, MAX_REPLY, "status", timeout)
 
 
 def _when(value: float, now: float) -> str:
