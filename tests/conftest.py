@@ -24,8 +24,9 @@ from typing import Any
 import pytest
 
 from master import log
-from tests.harness import CaptureServer, MailSystem, SmtpSink
+from tests.harness import CaptureServer, MailSystem, MakeSystem, ScenarioSetup, SmtpSink
 from tests.services.procs import make_base, remove_base
+from tests.tools.scenario_smtpd import Scenario
 
 MAIL_OWNER = "qmgrd"
 
@@ -101,3 +102,28 @@ def base() -> Iterator[Path]:
     path = make_base()
     yield path
     remove_base(path)
+
+
+@pytest.fixture
+def scenario(mailsys: MakeSystem, tmp_path: Path) -> Iterator[ScenarioSetup]:
+    """setup(behaviours, **main) -> (started MailSystem, Scenario peer): one
+    tests/tools/scenario_smtpd.py peer with a port per behaviour, and a mail system whose
+    ``transport_maps`` (texthash) routes each behaviour's name (a domain) to its port."""
+    made: list[Scenario] = []
+
+    def setup(behaviours: dict[str, str], routes: dict[str, str] | None = None,
+              **main: str) -> tuple[MailSystem, Scenario]:
+        """``routes``: extra domains routed to the port of a behaviour's name."""
+        scen = Scenario(tmp_path / f"scenario{len(made)}", behaviours)
+        made.append(scen)
+        ms = mailsys(main=main)
+        table = ms.etc / "transport"
+        table.write_text(scen.transport_lines() + "".join(
+            f"{d} smtp:[127.0.0.1]:{scen.ports[n]}\n" for d, n in (routes or {}).items()))
+        ms.write_main(transport_maps=f"texthash:{table}")
+        ms.start()
+        return ms, scen
+
+    yield setup
+    for s in made:
+        s.stop()

@@ -19,6 +19,7 @@ instance's session).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -31,6 +32,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import psutil
 
@@ -703,3 +705,19 @@ def _fill_worker(spec_path: str) -> None:
     for qid in out:
         os.utime(real.path("deferred", qid), (due, due))
     sys.stdout.write("\n".join(out) + "\n")
+
+
+# --------------------------------------------------------------------- scenario peers
+if TYPE_CHECKING:
+    from tests.tools.scenario_smtpd import Scenario
+
+# the type of the ``scenario`` fixture (tests/conftest.py): setup(behaviours, **main)
+# -> (a started MailSystem routing each behaviour's domain to its port, the peer)
+ScenarioSetup = Callable[..., "tuple[MailSystem, Scenario]"]
+
+
+def ctl_status(ms: MailSystem) -> dict[str, Any]:
+    """``qmgr-ctl status --json`` of ``ms`` (it must succeed)."""
+    r = ms.ctl("status", "--json")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)  # type: ignore[no-any-return]

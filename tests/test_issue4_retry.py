@@ -13,13 +13,14 @@ import time
 
 import pytest
 
+from tests.harness import ScenarioSetup as Setup
 from tests.harness import wait_for
-from tests.test_issue4_scheduling import SENDER, Setup, msg, scenario  # noqa: F401
+from tests.test_issue4_scheduling import SENDER, msg
 
 
 # --------------------------------------------------------------------------- 3
 @pytest.mark.timeout(60)
-def test_retry_gaps_follow_backoff(scenario: Setup) -> None:  # noqa: F811
+def test_retry_gaps_follow_backoff(scenario: Setup) -> None:
     qrd, lo, hi = 1.0, 2.0, 8.0
     ms, scen = scenario({"retry.example": "defer"}, minimal_backoff_time="2s",
                         maximal_backoff_time="8s", queue_run_delay="1s")

@@ -26,7 +26,7 @@ import math
 import re
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -38,46 +38,23 @@ from tests.harness import (
     Injector,
     LogCursor,
     MailSystem,
-    MakeSystem,
     fill_deferred,
     maildir_messages,
     wait_for,
 )
+from tests.harness import ScenarioSetup as Setup
 from tests.tools.scenario_smtpd import Scenario
 
 SENDER = "alice@mail.test.example"
 
-Setup = Callable[..., tuple[MailSystem, Scenario]]
 
 
-@pytest.fixture
-def scenario(mailsys: MakeSystem, tmp_path: Path) -> Iterator[Setup]:
-    """setup(behaviours, **main) -> (started MailSystem, Scenario peer)."""
-    made: list[Scenario] = []
-
-    def setup(behaviours: dict[str, str], **main: str) -> tuple[MailSystem, Scenario]:
-        scen = Scenario(tmp_path / f"scenario{len(made)}", behaviours)
-        made.append(scen)
-        ms = mailsys(main=main)
-        table = ms.etc / "transport"
-        table.write_text(scen.transport_lines())
-        ms.write_main(transport_maps=f"texthash:{table}")
-        ms.start()
-        return ms, scen
-
-    yield setup
-    for s in made:
-        s.stop()
 
 
 def msg(tag: str, i: int) -> bytes:
     return f"Subject: {tag} {i}\nMessage-ID: <{tag}{i}@issue4>\n\nbody {i}\n".encode()
 
 
-def status(ms: MailSystem) -> dict[str, Any]:
-    r = ms.ctl("status", "--json")
-    assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout)  # type: ignore[no-any-return]
 
 
 def destination(snap: dict[str, Any], transport: str, name: str) -> dict[str, Any] | None:

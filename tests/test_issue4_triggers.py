@@ -48,7 +48,8 @@ from qmgrd.spool.envelope import Envelope, Recipient
 from qmgrd.spool.queue import Spool
 from qmgrd.trigger import send_trigger
 from tests.harness import LogCursor, MailSystem, MakeSystem, wait_for
-from tests.test_issue4_scheduling import SENDER, Setup, destination, msg, scenario  # noqa: F401
+from tests.harness import ScenarioSetup as Setup
+from tests.test_issue4_scheduling import SENDER, destination, msg
 
 N = 800  # messages per timed round
 FLOOD_PATTERN = b"AFWID\x01zz?\xff\n"
@@ -270,7 +271,7 @@ def test_garbage_flood_cannot_hide_new_mail(mailsys: MakeSystem) -> None:
 
 # --------------------------------------------------------------------------- F
 @pytest.mark.timeout(60)
-def test_flush_trigger_forgets_a_dead_destination_at_once(scenario: Setup) -> None:  # noqa: F811
+def test_flush_trigger_forgets_a_dead_destination_at_once(scenario: Setup) -> None:
     # window 1, cohort limit 1: the first failure kills the destination
     ms, scen = scenario({"dead.example": "greet421"}, initial_destination_concurrency="1",
                         smtp_destination_concurrency_failed_cohort_limit="1",

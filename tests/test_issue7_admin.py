@@ -15,40 +15,20 @@ import os
 import pwd
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.harness import PY, LogCursor, MailSystem, MakeSystem, inject_many, wait_for
+from tests.harness import PY, LogCursor, MailSystem, inject_many, wait_for
+from tests.harness import ScenarioSetup as Setup
+from tests.harness import ctl_status as status
 from tests.tools.scenario_smtpd import Scenario
 
 SENDER = "alice@mail.test.example"
-Setup = Callable[..., tuple[MailSystem, Scenario]]
 
 
-@pytest.fixture
-def scenario(mailsys: MakeSystem, tmp_path: Path) -> Iterator[Setup]:
-    """setup(behaviours, **main) -> (started MailSystem, Scenario peer)."""
-    made: list[Scenario] = []
-
-    def setup(behaviours: dict[str, str], routes: dict[str, str] | None = None,
-              **main: str) -> tuple[MailSystem, Scenario]:
-        """``routes``: extra domains routed to the port of a behaviour's name."""
-        scen = Scenario(tmp_path / f"scenario{len(made)}", behaviours)
-        made.append(scen)
-        ms = mailsys(main=main)
-        table = ms.etc / "transport"
-        table.write_text(scen.transport_lines() + "".join(
-            f"{d} smtp:[127.0.0.1]:{scen.ports[n]}\n" for d, n in (routes or {}).items()))
-        ms.write_main(transport_maps=f"texthash:{table}")
-        ms.start()
-        return ms, scen
-
-    yield setup
-    for s in made:
-        s.stop()
 
 
 def msg(tag: str, i: int, extra: str = "") -> bytes:
@@ -61,10 +41,6 @@ def listing(ms: MailSystem, *args: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in r.stdout.splitlines()]
 
 
-def status(ms: MailSystem) -> dict[str, Any]:
-    r = ms.ctl("status", "--json")
-    assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout)  # type: ignore[no-any-return]
 
 
 def sessions(scen: Scenario, name: str) -> int:

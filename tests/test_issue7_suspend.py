@@ -8,51 +8,27 @@ any D, so the test uses 8 s to stay fast). A suspension without an end shows in
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.harness import MailSystem, MakeSystem, inject_many, wait_for
+from tests.harness import MailSystem, inject_many, wait_for
+from tests.harness import ScenarioSetup as Setup
+from tests.harness import ctl_status as status
 from tests.tools.scenario_smtpd import Scenario
 
 SENDER = "alice@mail.test.example"
-Setup = Callable[..., tuple[MailSystem, Scenario]]
 PAUSE = 8.0  # seconds of suspension in the test
 
 
-@pytest.fixture
-def scenario(mailsys: MakeSystem, tmp_path: Path) -> Iterator[Setup]:
-    made: list[Scenario] = []
-
-    def setup(behaviours: dict[str, str], **main: str) -> tuple[MailSystem, Scenario]:
-        scen = Scenario(tmp_path / f"scenario{len(made)}", behaviours)
-        made.append(scen)
-        ms = mailsys(main=main)
-        table = ms.etc / "transport"
-        table.write_text(scen.transport_lines())
-        ms.write_main(transport_maps=f"texthash:{table}")
-        ms.start()
-        return ms, scen
-
-    yield setup
-    for s in made:
-        s.stop()
 
 
 def msg(tag: str, i: int) -> bytes:
     return f"Subject: {tag} {i}\nMessage-ID: <{tag}{i}@issue7>\n\nbody {i}\n".encode()
 
 
-def status(ms: MailSystem) -> dict[str, Any]:
-    r = ms.ctl("status", "--json")
-    assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout)  # type: ignore[no-any-return]
 
 
 def sessions(scen: Scenario, name: str) -> int:
