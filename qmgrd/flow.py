@@ -8,6 +8,10 @@ Summary
     * the qmgr puts one token per message it takes from ``incoming/``
       (:func:`flow_put`), and when its incoming scan is idle it tops the pipe up to
       ``default_process_limit`` tokens, or drains the excess (:func:`flow_topup`);
+      beyond Postfix, it withholds both while it has a backlog of its own (a deferred
+      scan in progress, or the active queue over 2 x ``default_process_limit``
+      messages) and pays the withheld tokens (at most ``default_process_limit``) once
+      caught up (qmgrd.qmgr.scheduler.Scheduler.flow_behind);
     * each submission into cleanup by smtpd or pickup first takes one token
       (:func:`flow_get` with ``in_flow_delay``): when none is there it waits up to
       ``in_flow_delay`` seconds for one and then proceeds anyway. Producers are slowed

@@ -867,3 +867,40 @@ def test_missing_transport_map_is_one_fatal_line(tmp_path: Path) -> None:
     assert len(lines) == 1, lines
     assert lines[0].endswith("]: fatal: parameter transport_maps: hash:/nonexistent: "
                              "No such file or directory"), lines
+
+
+def test_flow_tokens_withheld_while_the_qmgr_has_a_backlog(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """in_flow_delay (qmgrd.flow): one token per message taken from incoming, except
+    while a deferred scan runs or the active queue is over 2 x default_process_limit;
+    the withheld tokens are paid (at most default_process_limit) once caught up."""
+    import qmgrd.qmgr.scheduler as scheduler_mod
+    put: list[int] = []
+    monkeypatch.setattr(scheduler_mod, "flow_put", lambda n: put.append(n) or n)
+    env = Env(tmp_path, default_process_limit="2")  # tokens <= 2, backlog mark 4
+    env.agents.hold = True
+    dfr = [env.submit("a@x.example", [f"f{i}@d.example"]) for i in range(3)]
+    for qid in dfr:
+        path = env.spool.move(qid, "incoming", "deferred")
+        os.utime(path, (env.clock.now - 10, env.clock.now - 10))
+    for i in range(3):
+        env.submit("a@x.example", [f"i{i}@d.example"])
+
+    async def go() -> None:
+        sched = env.sched()
+        sched.startup()
+        sched.step()  # takes from incoming while the deferred scan is busy
+        assert sched.deferred.busy and put == []
+        await drain(sched)  # I D I D I: all taken; the deferred scan is over
+        assert not sched.deferred.busy and len(sched.active) == 6
+        assert sum(put) == 0 and sched._flow_owed == 2  # 6 > 4, owed capped at 2
+        for _ in range(10):  # two agents at a time (default_process_limit)
+            env.agents.release(len(env.agents.waiting))
+            await drain(sched)
+        assert len(sched.active) == 0
+        env.submit("a@x.example", ["late@d.example"])
+        sched.trigger(b"I")
+        await drain(sched)
+        assert put == [3]  # its own token and the two owed
+
+    run(go())

@@ -13,7 +13,10 @@ Summary
     2. feed: when the active queue is below ``qmgr_message_active_limit`` messages and
        ``qmgr_message_recipient_limit`` recipients, take ONE file from the scans,
        incoming and deferred in turn (after a feed the other queue goes first; when the
-       active queue is full, incoming is preferred);
+       active queue is full, incoming is preferred). A message taken from incoming earns
+       producers an ``in_flow_delay`` token (qmgrd.flow), withheld while the qmgr has a
+       backlog (``flow_behind``: a deferred scan running, or the active queue over
+       2 x ``default_process_limit`` messages) and paid once caught up;
     3. dispatch: round robin over the transports that are alive, not rate locked and
        below their process limit; each hands out its next entry (preemptive job
        scheduling, round robin over a job's destinations, concurrency windows); a
@@ -130,6 +133,10 @@ class Scheduler:
         self.queue_run_delay = cfg.get_time("queue_run_delay")
         self.feedback_debug = cfg.get_bool("destination_concurrency_feedback_debug")
         self.flow_limit = cfg.get_int("default_process_limit")  # qmgrd.flow tokens
+        # in_flow_delay: above this many messages in the active queue the qmgr is
+        # "behind" (arrival rate > delivery rate) and withholds tokens (flow_behind)
+        self.flow_backlog = 2 * self.flow_limit
+        self._flow_owed = 0  # tokens withheld while behind, paid when caught up
         cfg.get_int("qmgr_fudge_factor")  # oqmgr only; checked like Postfix's qmgr does
         self.incoming = Scan("incoming", lambda: spool.scan("incoming"))
         self.deferred = Scan("deferred", lambda: spool.scan("deferred"))
@@ -335,7 +342,7 @@ class Scheduler:
                     continue
                 took = True
                 if scan is self.incoming:
-                    flow_put(1)  # in_flow_delay: one token per message taken (qmgrd.flow)
+                    self._flow_token()
                 if self.active.feed(qid, scan.name, scan.scan_all, scan.flush):
                     break
             if not self.active.full():
@@ -343,6 +350,25 @@ class Scheduler:
                 return took
         self._incoming_first = True
         return took
+
+    # ---------------------------------------------------------------- flow control
+    def flow_behind(self) -> bool:
+        """True while the qmgr has a backlog of its own: a deferred scan is in progress
+        (mail already queued is being retried) or the active queue holds more than
+        ``flow_backlog`` (twice ``default_process_limit``) messages (mail arrives faster
+        than it is delivered). Tokens are then withheld, so that producers wait up to
+        ``in_flow_delay`` per message (qmgr(8) BUGS; goes beyond Postfix, whose qmgr
+        puts one token per message taken in whatever its backlog)."""
+        return self.deferred.busy or len(self.active) > self.flow_backlog
+
+    def _flow_token(self) -> None:
+        """One message was taken from incoming: its in_flow_delay token (qmgrd.flow),
+        withheld while behind and paid, with those owed, once caught up."""
+        if self.flow_behind():
+            self._flow_owed = min(self._flow_owed + 1, self.flow_limit)
+            return
+        flow_put(1 + self._flow_owed)
+        self._flow_owed = 0
 
     # ---------------------------------------------------------------- dispatch
     def dispatch(self) -> bool:
@@ -552,8 +578,9 @@ class Scheduler:
                 if self.step():
                     await asyncio.sleep(0)
                     continue
-                if not self.incoming.busy:  # idle: tokens to default_process_limit
-                    flow_topup(self.flow_limit)
+                if not self.incoming.busy and not self.flow_behind():
+                    flow_topup(self.flow_limit)  # idle: tokens to default_process_limit
+                    self._flow_owed = 0
                 self.wakeup.clear()
                 due = self._next_deferred_scan
                 timer = self.timers.next_due()
