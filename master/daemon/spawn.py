@@ -5,7 +5,10 @@ Summary
     goes through one small interface, :class:`OsLayer`, so that the spawn / reap /
     throttle / on-demand policy runs in tests against a fake OS and a fake clock.
     :class:`PosixOs` is the real implementation.  This module holds the ONLY
-    ``os.waitpid`` and the ONLY ``os.posix_spawn`` of the code base (design.md §2).
+    ``os.waitpid`` and the ONLY ``os.posix_spawn`` of the code base (design.md §2). The
+    children of our own services are forked from the master instead (no interpreter
+    start, no imports: master.daemon.forkspawn, called from :meth:`PosixOs.spawn` only);
+    what they get is the same.
 
     A child is started as (postfix.md §3.2, docs/contracts.md "master/server")::
 
@@ -69,6 +72,7 @@ from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from master.config import Service
+from master.daemon.forkspawn import fork_child, forkable
 
 __all__ = [
     "FD_BASE",
@@ -219,8 +223,9 @@ class PosixOs:
 
     def __init__(self, before_close: Callable[[int], None] | None = None,
                  inet_hosts: Sequence[str] = ("",),
-                 owner: tuple[int, int] | None = None) -> None:
+                 owner: tuple[int, int] | None = None, fork: bool = True) -> None:
         self._before_close = before_close
+        self._fork = fork
         self._inet_hosts = list(inet_hosts) or [""]
         self._owner = owner
         self._env = dict(os.environ)
@@ -234,6 +239,9 @@ class PosixOs:
         return time.monotonic()
 
     def spawn(self, argv: Sequence[str], generation: int, fds: Sequence[int]) -> int:
+        module = forkable(argv) if self._fork else None
+        if module is not None:  # one of ours, loaded in the master: fork (forkspawn)
+            return fork_child(module, argv, generation, fds, self._env)
         env = dict(self._env)
         env["GENERATION"] = str(generation)
         actions = [(os.POSIX_SPAWN_DUP2, src, 3 + i) for i, src in enumerate(fds)]

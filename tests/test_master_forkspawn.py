@@ -1,0 +1,94 @@
+"""master.daemon.forkspawn: a forked child starts as an exec'd one would (module docstring).
+
+The fork happens in the pytest process here; the child runs tests.services.fork_probe,
+which reports its state and exits 7.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+from master.daemon import forkspawn
+from master.daemon.spawn import FD_BASE, high_fd
+from tests.harness import wait_for
+
+
+def _reap(pid: int) -> int:
+    def done() -> int | None:
+        got, status = os.waitpid(pid, os.WNOHANG)
+        return os.waitstatus_to_exitcode(status) if got == pid else None
+    code = wait_for(lambda: (c := done()) is not None and (c,), 20, "the forked child")
+    return int(code[0])
+
+
+def _inheritable(fd: int) -> bool:
+    try:
+        return os.get_inheritable(fd)
+    except OSError:
+        return False
+
+
+def test_forked_child_has_exactly_its_descriptors_default_signals_and_env(
+        tmp_path: Path) -> None:
+    report = tmp_path / "report.json"
+    r, w = os.pipe()
+    a, b = socket.socketpair()
+    fds = [high_fd(r), high_fd(w), high_fd(a.detach())]
+    stray = high_fd(os.open(os.devnull, os.O_RDONLY))  # close-on-exec: must not survive
+    inheritable = {int(n) for n in os.listdir("/proc/self/fd")
+                   if int(n) > 5 and _inheritable(int(n))}
+    old_term = signal.signal(signal.SIGTERM, lambda *_: None)  # as the master's handlers
+    old_hup = signal.signal(signal.SIGHUP, lambda *_: None)
+    try:
+        argv = [sys.executable, "-P", "-m", "tests.services.fork_probe", str(report), "x"]
+        pid = forkspawn.fork_child("tests.services.fork_probe", argv, 42, fds,
+                                   {**os.environ, "FORK_PROBE_MARKER": "yes"})
+        assert _reap(pid) == 7
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
+        signal.signal(signal.SIGHUP, old_hup)
+        for fd in [*fds, stray]:
+            os.close(fd)
+        b.close()
+    got = json.loads(report.read_text())
+    assert all(fd >= FD_BASE for fd in [*fds, stray])
+    # exec's semantics: its three, and whatever the parent had without close-on-exec
+    # (pytest's own), never the close-on-exec ones; plus the probe's listdir descriptor
+    extra = set(got["fds"]) - {0, 1, 2, 3, 4, 5} - inheritable
+    assert len(extra) <= 1 and all(fd < FD_BASE for fd in extra), got["fds"]  # listdir's
+    assert stray not in got["fds"] and not set(fds) & set(got["fds"]) - inheritable
+    assert got["pgid_is_pid"] is True
+    assert got["signals"] == {"SIGTERM": "default", "SIGHUP": "default", "SIGCHLD": "default",
+                              "SIGPIPE": "ignore", "SIGXFSZ": "ignore",
+                              "SIGINT": "python-int"}
+    assert got["blocked"] == [] and got["wakeup_fd"] == -1
+    assert got["generation"] == "42" and got["env_marker"] == "yes"
+    assert got["argv"] == [str(report), "x"]
+    assert got["main_name"] == "__main__" and got["spec"] == "tests.services.fork_probe"
+
+
+def test_only_our_own_importable_services_are_forked() -> None:
+    exe = sys.executable
+    assert forkspawn.forkable([exe, "-P", "-m", "transports.discard", "-n", "d"]) == \
+        "transports.discard"
+    assert forkspawn.forkable([exe, "-P", "-m", "qmgrd.qmgr", "-n", "qmgr"]) == "qmgrd.qmgr"
+    assert "qmgrd.qmgr.__main__" in sys.modules  # a package: its __main__ is loaded
+    # a user's module, another interpreter, another command line shape: spawned
+    assert forkspawn.forkable([exe, "-P", "-m", "tests.services.echo_agent"]) is None
+    assert forkspawn.forkable(["/usr/bin/python3.9", "-P", "-m", "transports.discard"]) \
+        is None
+    assert forkspawn.forkable([exe, "-m", "transports.discard"]) is None
+    # ours by name but not importable: spawned, so that the child reports the error
+    assert forkspawn.forkable([exe, "-P", "-m", "transports.no_such_agent"]) is None
+
+
+@pytest.mark.parametrize("code,want", [(None, 0), (3, 3), ("fatal words", 1)])
+def test_exit_status_as_python_would_give_it(code: object, want: int) -> None:
+    assert forkspawn._exit_code(code) == want
