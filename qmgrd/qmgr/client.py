@@ -56,14 +56,14 @@ class AgentClient:
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, AttrDecoder]:
         path = os.path.join(self.queue_directory, "private", service)
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_unix_connection(path, limit=1 << 20), self.greeting_timeout
-            )
+            async with asyncio.timeout(self.greeting_timeout):  # no task per call
+                reader, writer = await asyncio.open_unix_connection(path, limit=1 << 20)
         except (TimeoutError, OSError) as exc:
             raise TransportUnavailable(f"connect to {path}: {exc}") from exc
         dec = AttrDecoder()
         try:
-            greet = await asyncio.wait_for(async_read_list(reader, dec), self.greeting_timeout)
+            async with asyncio.timeout(self.greeting_timeout):
+                greet = await async_read_list(reader, dec)
             check_greeting(greet, protocol)
         except (TimeoutError, OSError, ProtocolError) as exc:
             writer.close()
@@ -80,7 +80,8 @@ class AgentClient:
             except OSError as exc:
                 raise TransportUnavailable(f"write to {transport}: {exc}") from exc
             try:
-                reply = await asyncio.wait_for(async_read_list(reader, dec), self.reply_timeout)
+                async with asyncio.timeout(self.reply_timeout):
+                    reply = await async_read_list(reader, dec)
                 return DeliverStatus.from_attrs(reply)
             except (TimeoutError, OSError, ProtocolError) as exc:
                 log.warning(
@@ -108,7 +109,8 @@ class AgentClient:
         try:
             writer.write(encode(request.to_attrs()))
             await writer.drain()
-            reply = await asyncio.wait_for(async_read_list(reader, dec), self.reply_timeout)
+            async with asyncio.timeout(self.reply_timeout):
+                reply = await async_read_list(reader, dec)
             if len(reply) != 1 or reply[0][0] != "status" or not reply[0][1].isdigit():
                 raise ProtocolError(f"bad reply {reply[:2]!r}")
             return int(reply[0][1]) == 0
