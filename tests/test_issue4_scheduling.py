@@ -175,7 +175,10 @@ def test_slow_start_seen_at_the_peer(scenario: Setup) -> None:
                         smtp_destination_concurrency_limit=str(limit),
                         destination_concurrency_feedback_debug="yes",
                         minimal_backoff_time="2s", maximal_backoff_time="4s",
-                        queue_run_delay="1s", default_process_limit="100")
+                        queue_run_delay="1s", default_process_limit="100",
+                        # one session per delivery, so that the peer's sessions show the
+                        # window: a reused connection (issue 8) outlives its delivery
+                        smtp_connection_cache_on_demand="no")
     cur = LogCursor(ms)
     # Everything is queued before the qmgr sees any of it, so only the feedback (not the
     # arrival rate) limits the concurrency.

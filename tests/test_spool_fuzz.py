@@ -7,7 +7,7 @@ import tempfile
 from collections.abc import Iterator
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from master.config import Config
@@ -64,6 +64,8 @@ def test_body_round_trip(cleanup: tuple[Cleanup, Spool], body: bytes, eol: bool)
 def test_any_content_is_queued_and_readable(cleanup: tuple[Cleanup, Spool],
                                             content: bytes) -> None:
     c, spool = cleanup
+    # cleanup removes Return-Path: headers (its documented edit, tested on its own)
+    assume(b"return-path" not in content.lower())
     try:
         qid = c.submit(Envelope("a@b", [Recipient("c@d")]), content, origin="smtp")
     except CleanupError as exc:  # pragma: no cover - must not happen for content alone

@@ -30,8 +30,25 @@ Summary
       host H[ip]``.
 
     relay= is ``host[ip]:port`` of the server that gave the answer, ``none`` before any
-    connection. Connections are not reused yet: :meth:`SmtpAgent._session` and
-    :meth:`SmtpAgent._release` are where a connection cache plugs in.
+    connection; on a reused connection Postfix's ``, conn_use=N`` follows it (the N-th
+    transaction on that connection): ``relay=h[ip]:port, conn_use=2, delay=...``.
+
+    Connection reuse (Postfix's connection cache, kept in the agent process by
+    transports.smtp_cache, since each agent serves one request at a time): a request
+    uses the cache when its nexthop host is in ``smtp_connection_cache_destinations``,
+    or, with ``smtp_connection_cache_on_demand = yes``, as the qmgr asks in the request
+    flags (DEL_REQ_FLAG_CONN_LOAD 0x800: look for a cached session; _CONN_STORE 0x1000:
+    keep the session afterwards; the qmgr sets STORE while the destination has more mail
+    waiting or in delivery). Lookup first by nexthop (no DNS lookup, connect, greeting
+    or EHLO then), else by server address before each connect. A cached session is
+    checked (peer still there, RSET 250) before use; one found dead, or one that fails
+    (lost connection, 421) before the message content was sent, is dropped silently
+    and a new connection made: never a deferral. After the transaction the session is
+    kept (not QUIT) subject to ``smtp_connection_reuse_time_limit`` and
+    ``smtp_connection_reuse_count_limit``; idle ones get QUIT after
+    ``smtp_connection_cache_time_limit`` (the skeleton's timer hook, see :func:`main`)
+    and when the agent exits (max_use, max_idle, SIGTERM, master gone). Sessions are
+    keyed with the HELO name and TLS level, so no session crosses policies.
 
     The session itself (timeouts, Postfix's failure wording) is transports.smtp_session.
     smtplib and dnspython are imported at module import time and the resolver reads
@@ -39,7 +56,8 @@ Summary
 
 Public API
     SmtpAgent(DeliveryAgent)     .deliver(req, msg); .setup(); .params (SmtpParams);
-                                 .resolver (HostResolver, replaceable in tests)
+                                 .resolver (HostResolver, replaceable in tests);
+                                 .cache (ConnCache); .timer(final) -> float | None
     build_content(lines, line_limit=998) -> bytes                CRLF, folded, dot-stuffed
     xtext(text) -> str                                           RFC 3461 xtext
     re-exported: parse_nexthop, Nexthop, Address, HostResolver, DnsError (smtp_dns);
@@ -55,7 +73,13 @@ from dataclasses import dataclass, field
 from typing import NoReturn
 
 from master import log
-from qmgrd.delivery import DeliverRequest, RecipientInfo
+from master.server.skeleton import single_server
+from qmgrd.delivery import (
+    DEL_REQ_FLAG_CONN_LOAD,
+    DEL_REQ_FLAG_CONN_STORE,
+    DeliverRequest,
+    RecipientInfo,
+)
 from qmgrd.spool.envelope import (
     DSN_NOTIFY_DELAY,
     DSN_NOTIFY_FAILURE,
@@ -67,7 +91,8 @@ from qmgrd.spool.envelope import (
 )
 from qmgrd.spool.message import QueueFile
 from qmgrd.spool.statuslog import quote_822_local
-from transports.agent import DeliveryAgent, Dsn, make_dsn, run
+from transports.agent import DeliveryAgent, Dsn, make_dsn
+from transports.smtp_cache import CacheDestinations, ConnCache, Key, dest_key, endpoint_key
 from transports.smtp_dns import Address, DnsError, HostResolver, Nexthop, parse_nexthop
 from transports.smtp_session import Reply, SmtpFailure, SmtpParams, SmtpSession
 
@@ -154,6 +179,8 @@ class SmtpAgent(DeliveryAgent):
         super().__init__()
         self.params = SmtpParams()
         self.resolver: HostResolver | None = None
+        self.cache = ConnCache(0.0, 0.0, 0)
+        self.cache_destinations = CacheDestinations([])
 
     def setup(self) -> None:
         """Read the smtp_* parameters and make the DNS resolver (pre-jail)."""
@@ -178,12 +205,22 @@ class SmtpAgent(DeliveryAgent):
             mx_session_limit=cfg.get_int("smtp_mx_session_limit"),
             skip_5xx_greeting=cfg.get_bool("smtp_skip_5xx_greeting"),
             smtputf8_enable=cfg.get_bool("smtputf8_enable"),
+            rset_timeout=t("smtp_rset_timeout"),
+            cache_on_demand=cfg.get_bool("smtp_connection_cache_on_demand"),
+            cache_time_limit=t("smtp_connection_cache_time_limit"),
+            reuse_time_limit=t("smtp_connection_reuse_time_limit"),
+            reuse_count_limit=cfg.get_int("smtp_connection_reuse_count_limit"),
+            cache_destinations=cfg.get_list("smtp_connection_cache_destinations"),
+            tls_security_level=cfg.get("smtp_tls_security_level"),
         )
+        p = self.params
+        self.cache = ConnCache(p.cache_time_limit, p.reuse_time_limit, p.reuse_count_limit)
+        self.cache_destinations = CacheDestinations(p.cache_destinations)
         if self.resolver is None:
             self.resolver = HostResolver(cfg.get_list("smtp_host_lookup") or ["dns"],
                                          cfg.get_list("inet_protocols"))
 
-    # -- connection management (a connection cache plugs in here) ---------------------
+    # -- connection management --------------------------------------------------------
 
     def _session(self, addr: Address) -> SmtpSession:
         """An open session with ``addr``. Raises SmtpFailure."""
@@ -195,9 +232,33 @@ class SmtpAgent(DeliveryAgent):
             raise
         return sess
 
-    def _release(self, sess: SmtpSession) -> None:
-        """Done with ``sess`` after a transaction: QUIT and close."""
+    def _release(self, sess: SmtpSession, dest: Key | None, store: bool) -> None:
+        """Done with ``sess`` after a clean transaction: keep it in the cache (``store``,
+        under ``dest`` and its address) or QUIT and close it."""
+        if store and self.cache.store(sess, dest, endpoint_key(sess.addr, self._policy())):
+            return
         sess.quit()
+
+    def _policy(self) -> tuple[str, ...]:
+        """What must match for a cached session to be shared (never across policies)."""
+        return (self.params.helo_name.lower(), self.params.tls_security_level.lower())
+
+    def _cache_mode(self, req: DeliverRequest) -> tuple[bool, bool]:
+        """(look in the cache, store in the cache) for ``req``."""
+        if self.cache_destinations and self.cache_destinations.match(req.nexthop):
+            return True, True
+        if self.params.cache_on_demand:
+            return (bool(req.flags & DEL_REQ_FLAG_CONN_LOAD),
+                    bool(req.flags & DEL_REQ_FLAG_CONN_STORE))
+        return False, False
+
+    def timer(self, final: bool) -> float | None:
+        """The single_server timer hook: QUIT idle cached sessions (all of them when
+        ``final``: the agent exits); the seconds until the next is due, or None."""
+        if final:
+            self.cache.close_all()
+            return None
+        return self.cache.expire()
 
     # -- delivery ------------------------------------------------------------------------
 
@@ -218,42 +279,92 @@ class SmtpAgent(DeliveryAgent):
                 # longer lines with CRLF SPACE. Say so, since the content changes.
                 log.info(f"{req.queue_id}: {folded} line(s) longer than {limit_len} "
                          f"characters folded (smtp_line_length_limit)")
+        att = _Attempt()
+        pending = list(range(len(rcpts)))
+        load, store = self._cache_mode(req)
+        policy = self._policy()
+        dest = dest_key(req.nexthop, policy)
+        sessions = 0
+        tried: set[Address] = set()
+        if load:
+            cached = self.cache.take_dest(dest)
+            if cached is not None and self._use(cached, req, content, pending, att,
+                                                last=False, dest=dest, store=store):
+                sessions = 1
+                tried.add(cached.addr)
+                pending = [i for i in pending if i not in att.final]
+        if not pending:
+            return self._results(req, att, pending)
         try:
             addrs = self._addresses(req.nexthop)
         except DnsError as exc:
             dsn = make_dsn(exc.status, exc.reason)
             if exc.status[0] == "4":
                 self.state.hop = dsn
-            return [(r, dsn) for r in rcpts]
-        att = _Attempt()
-        pending = list(range(len(rcpts)))
+            for i in pending:
+                if i not in att.soft:
+                    att.final[i] = dsn
+            return self._results(req, att, [])
         limit = self.params.mx_address_limit
         addrs = addrs[:limit] if limit > 0 else addrs
-        sessions = 0
         for n, addr in enumerate(addrs):
-            last = n == len(addrs) - 1
-            try:
-                sess = self._session(addr)
-            except SmtpFailure as exc:
-                self._fail(att, pending, exc, last, "none")
-                pending = [i for i in pending if i not in att.final]
+            if addr in tried:  # the cached session was with this server
                 continue
+            last = n == len(addrs) - 1
+            # Postfix stores under the nexthop only sessions with the first (best) server.
+            home = dest if n == 0 else None
+            cached = self.cache.take_endpoint(endpoint_key(addr, policy)) if load else None
+            if cached is None or not self._use(cached, req, content, pending, att,
+                                               last=last, dest=home, store=store):
+                try:
+                    sess = self._session(addr)
+                except SmtpFailure as exc:
+                    self._fail(att, pending, exc, last, "none")
+                    pending = [i for i in pending if i not in att.final]
+                    continue
+                self._use(sess, req, content, pending, att, last=last, dest=home,
+                          store=store)
             sessions += 1
-            self.state.conn_setup_done = self.clock()
-            try:
-                self._transaction(sess, req, content, pending, att)
-            except SmtpFailure as exc:
-                sess.close()
-                left = [i for i in pending if i not in att.final]
-                self._fail(att, left, exc, last, addr.relay)
-            else:
-                att.site = None
-                self._release(sess)
             pending = [i for i in pending if i not in att.final]
             if not pending:
                 break
             if self.params.mx_session_limit > 0 and sessions >= self.params.mx_session_limit:
                 break
+        return self._results(req, att, pending)
+
+    def _use(self, sess: SmtpSession, req: DeliverRequest, content: bytes, pending: list[int],
+             att: _Attempt, *, last: bool, dest: Key | None, store: bool) -> bool:
+        """One transaction on ``sess``; then cache or QUIT it (a failed one is closed).
+
+        Returns False, with ``att`` as it was and the session closed, when a reused
+        session turned out dead (lost, timed out, 421) before the content was sent: the
+        caller makes a new connection instead; nothing is logged."""
+        reused = sess.reuse_count > 0
+        saved = (dict(att.final), dict(att.soft), dict(att.relay), att.site)
+        sess.committed = False
+        self.state.conn_setup_done = self.clock()
+        try:
+            self._transaction(sess, req, content, pending, att)
+        except SmtpFailure as exc:
+            sess.close()
+            if reused and not sess.committed:
+                att.final, att.soft, att.relay, att.site = saved
+                return False
+            left = [i for i in pending if i not in att.final]
+            self._fail(att, left, exc, last, sess.relay)
+            return True
+        if reused and sess.dead and not sess.committed:
+            sess.close()
+            att.final, att.soft, att.relay, att.site = saved
+            return False
+        att.site = None
+        self._release(sess, dest, store)
+        return True
+
+    def _results(self, req: DeliverRequest, att: _Attempt,
+                 pending: list[int]) -> list[tuple[RecipientInfo, Dsn]]:
+        """One Dsn per recipient (relay= recorded); the hop status when some are left."""
+        rcpts = req.recipients
         results: list[tuple[RecipientInfo, Dsn]] = []
         for i, rcpt in enumerate(rcpts):
             dsn = att.final.get(i) or att.soft.get(i) or make_dsn(
@@ -305,7 +416,7 @@ class SmtpAgent(DeliveryAgent):
         status = reply.dsn if reply.code // 100 in (4, 5) else "4.5.0"
         dsn = make_dsn(status, reason, diag_type="smtp", diag_text=reply.text,
                        mta_type="dns", mta_mname=sess.addr.hostname)
-        att.relay[i] = sess.addr.relay
+        att.relay[i] = sess.relay
         if status[0] == "5":
             att.final[i] = dsn
         else:
@@ -336,14 +447,14 @@ class SmtpAgent(DeliveryAgent):
             dsn = make_dsn("5.6.7", f"SMTPUTF8 is required, but was not offered by host "
                                     f"{addr.namaddr}")
             for i in pending:
-                att.final[i], att.relay[i] = dsn, addr.relay
+                att.final[i], att.relay[i] = dsn, sess.relay
             return
         limit = sess.size_limit()
         if limit and len(content) > limit:
             dsn = make_dsn("5.3.4", f"message size {len(content)} exceeds size limit {limit} "
                                     f"of server {addr.namaddr}")
             for i in pending:
-                att.final[i], att.relay[i] = dsn, addr.relay
+                att.final[i], att.relay[i] = dsn, sess.relay
             return
         opts = []
         if sess.has("size"):
@@ -379,6 +490,7 @@ class SmtpAgent(DeliveryAgent):
             for i in accepted:
                 self._reply_result(att, i, reply, sess, "DATA")
             return
+        sess.committed = True  # from here on the server may have the message
         reply = sess.call(content + b".\r\n", p.data_xfer_timeout, "sending message body",
                           "end of DATA", reply_timeout=p.data_done_timeout,
                           reply_phase="sending end of data -- message may be sent more "
@@ -390,7 +502,7 @@ class SmtpAgent(DeliveryAgent):
         dsn = make_dsn(reply.dsn, reply.text, action="relayed", diag_type="smtp",
                        diag_text=reply.text, mta_type="dns", mta_mname=addr.hostname)
         for i in accepted:
-            att.final[i], att.relay[i] = dsn, addr.relay
+            att.final[i], att.relay[i] = dsn, sess.relay
             if dsn_ok:
                 # The next hop took NOTIFY=SUCCESS with the recipient and will notify the
                 # sender itself: no success notice of ours (Postfix's smtp_rcpt_done()).
@@ -412,8 +524,10 @@ def _rcpt_dsn_options(rcpt: RecipientInfo) -> list[str]:
 
 
 def main() -> NoReturn:
-    """Run the smtp service under single_server."""
-    run(SmtpAgent())
+    """Run the smtp service under single_server, with the agent's timer hook (idle
+    cached sessions are closed between requests and when the process exits)."""
+    agent = SmtpAgent()
+    single_server(agent.serve, pre_jail=agent.pre_jail, timer=agent.timer)
 
 
 if __name__ == "__main__":

@@ -16,11 +16,20 @@ Summary
     * ``host H[ip] sent a malformed reply ... (in reply to X command)`` (4.5.0): a reply
       that is not a 3-digit code 200..599 is never taken as a rejection.
 
+    Connection reuse (transports.smtp_cache): a session records when it was opened
+    (``created``, monotonic seconds), how often it was reused (``reuse_count``), whether
+    the message content was sent in the current transaction (``committed``) and whether
+    it must not be used again (``dead``: closed, failed, or the server said 421).
+    ``usable()`` checks a session taken from the cache without blocking (the peer has
+    not closed it or sent something unasked) and with RSET (``smtp_rset_timeout``).
+
 Public API
     SmtpParams(...)                 the smtp_* parameters (seconds, bytes)
     SmtpSession(addr, params)       .open(), .call(command, timeout, phase, reply_to, *,
                                     reply_timeout=None, reply_phase=""), .has(feature),
-                                    .size_limit(), .esmtp, .quit(), .close()
+                                    .size_limit(), .esmtp, .quit(timeout=None), .close(),
+                                    .usable() -> bool, .created, .reuse_count,
+                                    .committed, .dead, .relay (relay= text, conn_use=N)
     Reply(code, lines)              .text (Postfix's one-line form), .dsn (x.y.z)
     SmtpFailure(status, reason, *, site, reply=None, mta="")   .dsn() -> Dsn
 Logs nothing.
@@ -29,9 +38,11 @@ Logs nothing.
 from __future__ import annotations
 
 import re
+import select
 import smtplib
 import socket
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 from qmgrd.spool.statuslog import Dsn
 from transports.agent import make_dsn
@@ -104,6 +115,13 @@ class SmtpParams:
     mx_session_limit: int = 2
     skip_5xx_greeting: bool = True
     smtputf8_enable: bool = True
+    rset_timeout: float = 20.0
+    cache_on_demand: bool = True
+    cache_time_limit: float = 2.0
+    reuse_time_limit: float = 300.0
+    reuse_count_limit: int = 0
+    cache_destinations: list[str] = field(default_factory=list)
+    tls_security_level: str = ""
 
 
 def _timed_out(exc: BaseException) -> bool:
@@ -123,6 +141,18 @@ class SmtpSession:
         self.params = params
         self.client = smtplib.SMTP(local_hostname=params.helo_name)
         self.esmtp = False
+        self.created = time.monotonic()
+        self.reuse_count = 0
+        self.committed = False
+        self.dead = False
+
+    @property
+    def relay(self) -> str:
+        """The relay= text: ``host[ip]:port``, plus ``, conn_use=N`` (the N-th
+        transaction on this connection) when it is a reused one, as Postfix logs it."""
+        if self.reuse_count:
+            return f"{self.addr.relay}, conn_use={self.reuse_count + 1}"
+        return self.addr.relay
 
     def open(self) -> None:
         """Connect, read the greeting, EHLO (HELO after a 5xx EHLO).
@@ -131,6 +161,7 @@ class SmtpSession:
             SmtpFailure: site-level failure.
         """
         addr, p = self.addr, self.params
+        self.created = time.monotonic()
         family = socket.AF_INET6 if ":" in addr.ip else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.settimeout(p.connect_timeout or None)
@@ -219,22 +250,50 @@ class SmtpSession:
         lines = msg.decode("utf-8", "replace").split("\n")
         if not 200 <= code <= 599:
             raise self._malformed(reply_to, " ".join(lines))
+        if code == 421:  # the server is closing the connection (RFC 5321 3.8)
+            self.dead = True
         return Reply(code, lines)
+
+    def usable(self) -> bool:
+        """Check a cached session before reuse: the peer has neither closed it nor sent
+        anything unasked (a 421 on an idle connection), and RSET gets a 250 within
+        ``smtp_rset_timeout``. False closes the session; nothing is logged or raised."""
+        sock = self.client.sock
+        if self.dead or sock is None:
+            self.close()
+            return False
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        if poller.poll(0):  # EOF, an error, or unasked data (421): not usable
+            self.close()
+            return False
+        self.committed = False
+        try:
+            reply = self.call("RSET", self.params.rset_timeout, "sending RSET", "RSET")
+        except SmtpFailure:
+            return False
+        if reply.code != 250:
+            self.close()
+            return False
+        return True
 
     def _malformed(self, reply_to: str, text: str) -> SmtpFailure:
         self.close()
         return SmtpFailure("4.5.0", f"host {self.addr.namaddr} sent a malformed reply "
                            f"{text[:200]!r} (in reply to {reply_to} command)", site=True)
 
-    def quit(self) -> None:
-        """Send QUIT (errors ignored) and close."""
-        if self.client.sock is not None:
+    def quit(self, timeout: float | None = None) -> None:
+        """Send QUIT (errors ignored) and close; ``timeout`` seconds (default
+        ``smtp_quit_timeout``) for the exchange."""
+        if self.client.sock is not None and not self.dead:
             try:
-                self.call("QUIT", self.params.quit_timeout, "sending QUIT", "QUIT")
+                self.call("QUIT", self.params.quit_timeout if timeout is None else timeout,
+                          "sending QUIT", "QUIT")
             except SmtpFailure:
                 pass
         self.close()
 
     def close(self) -> None:
-        """Close the connection (idempotent)."""
+        """Close the connection (idempotent); the session is dead from then on."""
+        self.dead = True
         self.client.close()

@@ -39,7 +39,11 @@ Summary
     * single_server(handler): delivery agents.  One connection at a time:
       busy(), accept, handler(conn, ctx), idle(), close.  Exit 0 after max_use
       connections (0 = unlimited), after max_idle seconds without one (0 = never), on
-      fd-5 EOF, or on SIGTERM (checked between requests).
+      fd-5 EOF, or on SIGTERM (checked between requests).  ``timer(final)`` (optional,
+      the smtp agent's connection cache): called with False before each wait for a
+      request, returning the seconds after which it wants to be called again (None =
+      no wish; it is not a request, so max_idle still counts), and once with True when
+      the loop ends for any of the reasons above.
     * trigger_server(handler): pickup-like services.  Each read of up to 1024 bytes from
       the FIFO (or the bytes of one connection to a UNIX socket, sent by
       qmgrd.trigger.send_trigger with a trailing NUL) is one handler(data, ctx) call
@@ -61,12 +65,13 @@ Public API
     ServerContext (dataclass): service, config, queue_directory, listen_fds, generation,
         args, service_type, foreground, status_fd, stopping, unpriv, chroot, owner,
         watchdog; busy(), idle(), status_closed() -> bool
-    single_server(handler, *, pre_jail=None, post_jail=None, argv=None, watchdog=None)
+    single_server(handler, *, pre_jail=None, post_jail=None, argv=None, watchdog=None,
+                  timer=None)
     trigger_server(handler, *, pre_jail=None, post_jail=None, argv=None, watchdog=None)
     async_server(main, *, pre_jail=None, post_jail=None, argv=None, watchdog=None)
         all -> NoReturn; ``watchdog`` names the timeout parameter (default:
         ``<process_name>_daemon_timeout`` if known, else ``daemon_timeout``)
-    Handler types: ConnHandler, TriggerHandler, AsyncMain, JailHook
+    Handler types: ConnHandler, TriggerHandler, AsyncMain, JailHook, TimerHook
 """
 
 from __future__ import annotations
@@ -109,6 +114,7 @@ __all__ = [
     "ConnHandler",
     "JailHook",
     "ServerContext",
+    "TimerHook",
     "async_server",
     "single_server",
     "trigger_server",
@@ -185,6 +191,7 @@ ConnHandler = Callable[[socket.socket, ServerContext], None]
 TriggerHandler = Callable[[bytes, ServerContext], None]
 AsyncMain = Callable[[ServerContext], Awaitable[None]]
 JailHook = Callable[[ServerContext], None]
+TimerHook = Callable[[bool], float | None]
 
 
 def _parse_argv(argv: Sequence[str]) -> argparse.Namespace:
@@ -347,8 +354,9 @@ def _service_name() -> str:
 class _Loop:
     """The shared select loop of single_server and trigger_server."""
 
-    def __init__(self, ctx: ServerContext) -> None:
+    def __init__(self, ctx: ServerContext, timer: TimerHook | None = None) -> None:
         self.ctx = ctx
+        self.timer = timer
         self.terminate = False
         self.sig_fd = -1
         self.uses = 0
@@ -379,6 +387,8 @@ class _Loop:
                 sel.register(fd, selectors.EVENT_READ, "listen")
             self._loop(sel, on_ready)
         finally:
+            if self.timer is not None:
+                self.timer(True)
             signal.set_wakeup_fd(-1)
             sel.close()
             sig_r.close()
@@ -390,6 +400,9 @@ class _Loop:
             timeout = None
             if self.max_idle > 0:
                 timeout = max(0.0, last + self.max_idle - time.monotonic())
+            wake = self.timer(False) if self.timer is not None else None
+            if wake is not None:
+                timeout = wake if timeout is None else min(timeout, wake)
             events = sel.select(timeout)
             if not events and self.max_idle > 0 and time.monotonic() >= last + self.max_idle:
                 return
@@ -415,12 +428,13 @@ class _Loop:
 
 def single_server(handler: ConnHandler, *, pre_jail: JailHook | None = None,
                   post_jail: JailHook | None = None,
-                  argv: Sequence[str] | None = None, watchdog: str | None = None) -> NoReturn:
+                  argv: Sequence[str] | None = None, watchdog: str | None = None,
+                  timer: TimerHook | None = None) -> NoReturn:
     """Serve one connection at a time on the listener(s) until a limit or EOF on fd 5.
 
     ``handler(conn, ctx)`` gets a blocking connected socket; the skeleton closes it
-    afterwards.  ``argv`` defaults to sys.argv[1:].  Exits the process (0, or 1 after
-    an exception, logged as fatal).
+    afterwards.  ``argv`` defaults to sys.argv[1:].  ``timer``: see the module
+    docstring.  Exits the process (0, or 1 after an exception, logged as fatal).
     """
     def body() -> None:
         ctx = _setup(argv, pre_jail, post_jail, watchdog)
@@ -442,7 +456,7 @@ def single_server(handler: ConnHandler, *, pre_jail: JailHook | None = None,
                 ctx.idle()
             return True
 
-        _Loop(ctx).serve(on_ready)
+        _Loop(ctx, timer).serve(on_ready)
 
     _run(body)
 

@@ -82,7 +82,14 @@ from typing import Any
 
 from master import log
 from master.config import Config, ConfigError
-from qmgrd.delivery import DeliverRequest, DeliverStatus, RecipientInfo
+from qmgrd.delivery import (
+    DEL_REQ_FLAG_CONN_LOAD,
+    DEL_REQ_FLAG_CONN_STORE,
+    DEL_REQ_FLAG_DEFLT,
+    DeliverRequest,
+    DeliverStatus,
+    RecipientInfo,
+)
 from qmgrd.flow import flow_put, flow_topup
 from qmgrd.qmgr.active import ActiveQueue
 from qmgrd.qmgr.client import AgentClient, TransportUnavailable
@@ -412,7 +419,15 @@ class Scheduler:
 
     def _request(self, entry: Entry) -> DeliverRequest:
         m = entry.message
+        q = entry.queue
+        # Connection cache (Postfix qmgr_entry_select): an agent may always reuse a cached
+        # connection, and keeps its own while more mail for the destination waits or is
+        # in delivery (``entry`` is on q.busy already).
+        flags = DEL_REQ_FLAG_DEFLT | DEL_REQ_FLAG_CONN_LOAD
+        if len(q.todo) or len(q.busy) > 1:
+            flags |= DEL_REQ_FLAG_CONN_STORE
         return DeliverRequest(
+            flags=flags,
             queue_name="active",
             queue_id=m.qid,
             offset=m.data_offset,
