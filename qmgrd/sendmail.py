@@ -25,6 +25,17 @@ Description
     (Resent-To/Cc/Bcc when any is present, as cleanup does); when they hold no address
     the submission fails (Postfix: "No recipient addresses found in message header").
 
+Start-up cost
+    One run is one interpreter start, so the common case imports only os, sys, pwd,
+    qmgrd.spool.queue/queueid/maildrop and qmgrd.trigger (not typing, re, dataclasses,
+    socket or master.config: tests/test_sendmail_fast.py checks). Addresses without
+    specials are checked in place (qmgrd.spool.envelope is imported only for -N, -R, -V
+    or an address that needs RFC 5322 parsing). main.cf is read by a small reader that
+    takes ``queue_directory``, ``line_length_limit`` and ``message_size_limit`` when
+    they are literal values (no ``$``; decimal numbers) and otherwise, or when any line
+    is not plain ``name = value``, loads it through master.config.Config (same values,
+    same errors).
+
 Options
     -c DIR      configuration directory (default $QMGRD_CONFIG_DIR, else /etc/qmgrd)
     -f sender   envelope sender (also -fsender); default: the login name, qualified later
@@ -53,7 +64,10 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import IO, NoReturn
+
+TYPE_CHECKING = False  # typing is not imported at run time (start-up cost)
+if TYPE_CHECKING:
+    from typing import IO, NoReturn
 
 __all__ = ["main", "run"]
 
@@ -89,15 +103,50 @@ class _Options:
         self.recipients: list[str] = []
 
 
-def _parse(argv: list[str]) -> _Options:
-    from qmgrd.spool.envelope import (
-        parse_notify,
-        parse_recipient_arg,
-        parse_ret,
-        parse_sender_arg,
-        valid_envid,
-    )
+# qmgrd.spool.envelope: _ADDR_SPECIALS (needs_parsing) and _CONTROLS (_well_formed)
+_SPECIALS = frozenset('"<>(),;:\\ \t\r\n\f\v')
+_CONTROLS = frozenset([*map(chr, range(32)), "\x7f"])
 
+
+def _plain_address(text: str) -> bool:
+    """True when ``text`` is an address that qmgrd.spool.envelope takes as it is: no
+    character that needs RFC 5322 parsing, no control character, and no empty local
+    part or domain around its last ``@``."""
+    if not text or not _SPECIALS.isdisjoint(text) or not _CONTROLS.isdisjoint(text):
+        return False
+    at = text.rfind("@")
+    return at < 0 or 0 < at < len(text) - 1
+
+
+def _dsn_option(o: _Options, opt: str, value: str) -> None:
+    """-N, -R, -V (rare: imports qmgrd.spool.envelope). Raises ValueError, _Fatal."""
+    from qmgrd.spool.envelope import parse_notify, parse_ret, valid_envid
+
+    if opt == "N":
+        o.notify = parse_notify(value)
+    elif opt == "R":
+        o.ret = parse_ret(value)
+    elif valid_envid(value):
+        o.envid = value
+    else:
+        raise _Fatal(EX_USAGE, "-V option requires an envelope ID of 1 to 100 "
+                     "printable ASCII characters without spaces")
+
+
+def _addresses(o: _Options) -> None:
+    """Turn the -f value and recipient arguments into internal form (see the module
+    description). Raises ValueError."""
+    if o.sender is not None and not _plain_address(o.sender):
+        from qmgrd.spool.envelope import parse_sender_arg
+
+        o.sender = parse_sender_arg(o.sender)
+    if not all(_plain_address(a) for a in o.recipients):
+        from qmgrd.spool.envelope import parse_recipient_arg
+
+        o.recipients = [a for arg in o.recipients for a in parse_recipient_arg(arg)]
+
+
+def _parse(argv: list[str]) -> _Options:
     o = _Options()
     i = 0
     while i < len(argv):
@@ -122,15 +171,8 @@ def _parse(argv: list[str]) -> _Options:
                     o.sender = rest
                 elif opt == "F":
                     o.fullname = rest
-                elif opt == "N":
-                    o.notify = parse_notify(rest)
-                elif opt == "R":
-                    o.ret = parse_ret(rest)
-                elif valid_envid(rest):
-                    o.envid = rest
                 else:
-                    raise _Fatal(EX_USAGE, "-V option requires an envelope ID of 1 to 100 "
-                                 "printable ASCII characters without spaces")
+                    _dsn_option(o, opt, rest)
             except ValueError as exc:
                 raise _Fatal(EX_USAGE, str(exc)) from None
         elif opt == "t" and not rest:
@@ -151,9 +193,7 @@ def _parse(argv: list[str]) -> _Options:
         if any(c in value for c in "\0\r\n"):
             raise _Fatal(EX_USAGE, "line break or NUL byte in a command-line argument")
     try:
-        if o.sender is not None:
-            o.sender = parse_sender_arg(o.sender)
-        o.recipients = [a for arg in o.recipients for a in parse_recipient_arg(arg)]
+        _addresses(o)
     except ValueError as exc:
         raise _Fatal(EX_USAGE, str(exc)) from None
     if not o.recipients and not o.extract:
@@ -216,19 +256,74 @@ def _login_name() -> str:
         raise _Fatal(EX_NOUSER, f"no login name found for user ID {os.getuid()}") from None
 
 
-def _submit(o: _Options, stdin: IO[bytes], stderr: IO[str]) -> None:
+# The parameters read, with their master.config.params defaults and minimum values
+# (tests/test_sendmail_fast.py checks them against the table).
+_PARAMS = {"queue_directory": ("/var/spool/postfix", 0),
+           "line_length_limit": ("2048", 1),
+           "message_size_limit": ("10240000", 0)}
+
+
+def _quick_config(config_dir: str) -> tuple[str, int, int] | None:
+    """(queue_directory, line_length_limit, message_size_limit) from main.cf when the
+    file is plain (``name = value`` lines, comments, continuation lines) and the three
+    values are literal; None when master.config must decide (anything else, including
+    every error, so that errors are reported by the one parser)."""
+    try:
+        with open(os.path.join(config_dir, "main.cf"), "rb") as f:
+            text = f.read().decode("utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    values: dict[str, str] = {}
+    name = ""
+    for line in text.splitlines():
+        stripped = line.strip()
+        if not stripped or stripped[0] == "#":
+            continue
+        if line[0].isspace():
+            if not name:
+                return None
+            if name in _PARAMS:
+                values[name] += " " + stripped
+            continue
+        name, eq, value = line.partition("=")
+        name = name.strip()
+        if not eq or not name or not (name.replace("_", "a").isalnum() and name.isascii()):
+            return None  # a syntax error, or a name with . or - (master.config decides)
+        if name in _PARAMS:
+            values[name] = value.rstrip()
+    out: list[str] = []
+    for param, (default, minimum) in _PARAMS.items():
+        value = values.get(param, default).strip()
+        if "$" in value:
+            return None
+        if param != "queue_directory" and not (
+                value.isascii() and value.isdigit() and int(value) >= minimum):
+            return None
+        out.append(value)
+    return out[0], int(out[1]), int(out[2])
+
+
+def _config(config_dir: str) -> tuple[str, int, int]:
+    """(queue_directory, line_length_limit, message_size_limit). Raises _Fatal EX_CONFIG."""
+    quick = _quick_config(config_dir)
+    if quick is not None:
+        return quick
     from master.config import Config, ConfigError
+
+    try:
+        cfg = Config.load(config_dir)
+        return (cfg.get("queue_directory"), cfg.get_int("line_length_limit"),
+                cfg.get_int("message_size_limit"))
+    except ConfigError as exc:
+        raise _Fatal(EX_CONFIG, str(exc)) from None
+
+
+def _submit(o: _Options, stdin: IO[bytes], stderr: IO[str]) -> None:
     from qmgrd.spool.maildrop import MaildropWriter
     from qmgrd.spool.queue import Spool
     from qmgrd.trigger import TRIGGER_REQ_WAKEUP, send_trigger
 
-    try:
-        cfg = Config.load(o.config_dir)
-        queue_directory = cfg.get("queue_directory")
-        line_limit = cfg.get_int("line_length_limit")
-        size_limit = cfg.get_int("message_size_limit")
-    except ConfigError as exc:
-        raise _Fatal(EX_CONFIG, str(exc)) from None
+    queue_directory, line_limit, size_limit = _config(o.config_dir)
     sender = _login_name() if o.sender is None else o.sender
     spool = Spool(queue_directory)
     try:

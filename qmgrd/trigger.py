@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import errno
 import os
-import socket
 import stat
 
 __all__ = [
@@ -73,6 +72,8 @@ def send_trigger(path: str, data: bytes, timeout: float = 1.0) -> bool:
         finally:
             os.close(fd)
     if stat.S_ISSOCK(st.st_mode):
+        import socket  # here, not at the top: qmgr-sendmail wakes a FIFO (start-up cost)
+
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
                 sock.settimeout(timeout)

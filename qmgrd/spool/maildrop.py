@@ -32,24 +32,38 @@ Public API
     read_maildrop(f, *, max_record=2048, size_limit=10240000) -> MaildropMessage
     MaildropError(reason)
 
+Start-up cost
+    qmgr-sendmail imports this module once per run, so importing it loads nothing but
+    this file: MaildropMessage is a plain class (no dataclasses), the writer frames its
+    records itself (the framing of qmgrd.spool.records.encode; the record types are the
+    records REC_* values, checked by the tests), and read_maildrop imports
+    qmgrd.spool.records and qmgrd.spool.envelope when it is first called.
+
 Logs nothing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import IO
+TYPE_CHECKING = False  # nothing imported at run time: see "Start-up cost" above
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+    from typing import IO
 
-from qmgrd.spool import records as R
-from qmgrd.spool.envelope import Recipient, valid_envid
-from qmgrd.spool.records import encode
+    from qmgrd.spool.envelope import Recipient
 
 __all__ = ["MaildropError", "MaildropMessage", "MaildropWriter", "read_maildrop"]
 
-_ENV = frozenset(R.MAILDROP_ENVELOPE[i : i + 1] for i in range(len(R.MAILDROP_ENVELOPE)))
-_CONT = frozenset(R.MAILDROP_CONTENT[i : i + 1] for i in range(len(R.MAILDROP_CONTENT)))
-_XTRA = frozenset(R.MAILDROP_EXTRACTED[i : i + 1] for i in range(len(R.MAILDROP_EXTRACTED)))
+# The record types the writer emits (Postfix rec_type.h; the values of the REC_* names in
+# qmgrd.spool.records, which tests/test_sendmail_fast.py checks).
+_REC_FULL = b"F"
+_REC_FROM = b"S"
+_REC_ATTR = b"A"
+_REC_RCPT = b"R"
+_REC_MESG = b"M"
+_REC_CONT = b"L"
+_REC_NORM = b"N"
+_REC_XTRA = b"X"
+_REC_END = b"E"
 _ENV_ATTRS = frozenset(("envelope_id", "ret_flags", "notify_flags", "rewrite_context",
                         "extract_recipients", "encoding"))
 
@@ -62,19 +76,39 @@ class MaildropError(Exception):
         self.reason = reason
 
 
-@dataclass
-class MaildropMessage:
-    """What a maildrop file holds (see read_maildrop)."""
+_FIELDS = ("sender", "fullname", "recipients", "envid", "ret", "extract_recipients",
+           "arrival", "content", "too_big")
 
-    sender: str = ""
-    fullname: str = ""
-    recipients: list[Recipient] = field(default_factory=list)
-    envid: str = ""
-    ret: int = 0
-    extract_recipients: bool = False
-    arrival: tuple[int, int] = (0, 0)
-    content: bytes = b""
-    too_big: bool = False
+
+class MaildropMessage:
+    """What a maildrop file holds (see read_maildrop); fields as keyword arguments,
+    compared by value. (A plain class, not a dataclass: qmgr-sendmail imports this
+    module and the dataclasses import costs it several milliseconds per run.)"""
+
+    __slots__ = _FIELDS
+
+    def __init__(self, sender: str = "", fullname: str = "",
+                 recipients: list[Recipient] | None = None, envid: str = "", ret: int = 0,
+                 extract_recipients: bool = False, arrival: tuple[int, int] = (0, 0),
+                 content: bytes = b"", too_big: bool = False) -> None:
+        self.sender = sender
+        self.fullname = fullname
+        self.recipients: list[Recipient] = [] if recipients is None else recipients
+        self.envid = envid
+        self.ret = ret
+        self.extract_recipients = extract_recipients
+        self.arrival = arrival
+        self.content = content
+        self.too_big = too_big
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, MaildropMessage):
+            return NotImplemented
+        return all(getattr(self, n) == getattr(other, n) for n in _FIELDS)
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{n}={getattr(self, n)!r}" for n in _FIELDS)
+        return f"MaildropMessage({fields})"
 
 
 class MaildropWriter:
@@ -96,20 +130,20 @@ class MaildropWriter:
         """Write the envelope segment and the ``M`` record."""
         w = self._f.write
         if fullname:
-            w(encode(R.REC_FULL, fullname.encode("utf-8", "surrogateescape")))
-        w(encode(R.REC_FROM, sender.encode("utf-8", "surrogateescape")))
+            w(_frame(_REC_FULL, fullname.encode("utf-8", "surrogateescape")))
+        w(_frame(_REC_FROM, sender.encode("utf-8", "surrogateescape")))
         if envid:
-            w(encode(R.REC_ATTR, b"envelope_id=" + envid.encode("utf-8", "surrogateescape")))
+            w(_frame(_REC_ATTR, b"envelope_id=" + envid.encode("utf-8", "surrogateescape")))
         if ret:
-            w(encode(R.REC_ATTR, b"ret_flags=%d" % ret))
-        w(encode(R.REC_ATTR, b"rewrite_context=local"))
+            w(_frame(_REC_ATTR, b"ret_flags=%d" % ret))
+        w(_frame(_REC_ATTR, b"rewrite_context=local"))
         if extract_recipients:
-            w(encode(R.REC_ATTR, b"extract_recipients=1"))
+            w(_frame(_REC_ATTR, b"extract_recipients=1"))
         for rcpt in recipients:
             if notify:
-                w(encode(R.REC_ATTR, b"notify_flags=%d" % notify))
-            w(encode(R.REC_RCPT, rcpt.encode("utf-8", "surrogateescape")))
-        w(encode(R.REC_MESG, b""))
+                w(_frame(_REC_ATTR, b"notify_flags=%d" % notify))
+            w(_frame(_REC_RCPT, rcpt.encode("utf-8", "surrogateescape")))
+        w(_frame(_REC_MESG, b""))
 
     def line(self, data: bytes) -> None:
         """Write one content line (without its line ending)."""
@@ -117,13 +151,27 @@ class MaildropWriter:
         w = self._f.write
         self.content_bytes += len(data) + 1
         while len(data) > limit:
-            w(encode(R.REC_CONT, data[:limit]))
+            w(_frame(_REC_CONT, data[:limit]))
             data = data[limit:]
-        w(encode(R.REC_NORM, data))
+        w(_frame(_REC_NORM, data))
 
     def finish(self) -> None:
         """Write the ``X`` and ``E`` records."""
-        self._f.write(encode(R.REC_XTRA, b"") + encode(R.REC_END, b""))
+        self._f.write(_frame(_REC_XTRA, b"") + _frame(_REC_END, b""))
+
+
+def _frame(rtype: bytes, data: bytes) -> bytes:
+    """One record: type byte, payload length as little-endian base-128, payload (the
+    framing of qmgrd.spool.records.encode, postfix.md §2.1)."""
+    n = len(data)
+    if n < 0x80:
+        return rtype + bytes((n,)) + data
+    head = bytearray(rtype)
+    while n >= 0x80:
+        head.append(n & 0x7F | 0x80)
+        n >>= 7
+    head.append(n)
+    return bytes(head) + data
 
 
 def _type_name(t: bytes) -> str:
@@ -196,10 +244,16 @@ def read_maildrop(f: IO[bytes], *, max_record: int = 2048,
         MaildropError: any framing error, record type outside its segment, unknown or bad
             attribute, missing sender, bad envelope id, missing final E, or data after E.
     """
+    from qmgrd.spool import records as R
+    from qmgrd.spool.envelope import Recipient, valid_envid
+
+    env_types, cont_types, xtra_types = (
+        frozenset(types[i : i + 1] for i in range(len(types)))
+        for types in (R.MAILDROP_ENVELOPE, R.MAILDROP_CONTENT, R.MAILDROP_EXTRACTED))
     msg = MaildropMessage()
     f.seek(0)
     records = _records(f, max_record)
-    allowed = _ENV
+    allowed = env_types
     segment = "envelope"
     seen_sender = False
     notify = 0
@@ -214,7 +268,7 @@ def read_maildrop(f: IO[bytes], *, max_record: int = 2048,
             raise MaildropError(f"unexpected record type {_type_name(t)} in {segment} segment")
         if segment == "content":
             if t == R.REC_XTRA:
-                allowed, segment = _XTRA, "extracted"
+                allowed, segment = xtra_types, "extracted"
                 continue
             size += len(data) + (1 if t == R.REC_NORM else 0)
             if size_limit and size > size_limit:
@@ -228,7 +282,7 @@ def read_maildrop(f: IO[bytes], *, max_record: int = 2048,
         if t == R.REC_END:
             break
         if t == R.REC_MESG:
-            allowed, segment = _CONT, "content"
+            allowed, segment = cont_types, "content"
         elif t == R.REC_FROM:
             if seen_sender:
                 raise MaildropError("duplicate sender record")

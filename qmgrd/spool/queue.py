@@ -38,13 +38,19 @@ import errno
 import os
 import stat
 import time
-from collections.abc import Iterable, Iterator
-from typing import IO, TYPE_CHECKING
 
 from qmgrd.spool.queueid import hash_dir, new_long_id, valid_id
 
+# typing and collections.abc are not imported at run time: every qmgr-sendmail run
+# imports this module, and typing (with re) costs it about 10 ms.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Iterable, Iterator
+    from typing import IO
+
     from master.config import Config
+
+_ID_CACHE = 4096  # ids whose check and hash path are remembered (Spool.path)
 
 __all__ = ["LOG_QUEUES", "MESSAGE_QUEUES", "QUEUES", "Spool"]
 
@@ -69,6 +75,7 @@ class Spool:
         if not 0 <= hash_queue_depth <= 10:
             raise ValueError(f"hash_queue_depth out of range: {hash_queue_depth}")
         self.hash_queue_depth = hash_queue_depth
+        self._hashed_ids: dict[str, str] = {}  # valid id -> its hashed relative path
 
     @classmethod
     def from_config(cls, cfg: Config) -> Spool:
@@ -96,11 +103,17 @@ class Spool:
         Raises:
             ValueError: unknown queue, or ``qid`` is not a valid long queue id.
         """
-        if not valid_id(qid):
-            raise ValueError(f"invalid queue id: {qid!r}")
+        hashed = self._hashed_ids.get(qid)
+        if hashed is None:  # checked once per id (the qmgr asks ~10 times per message)
+            if not valid_id(qid):
+                raise ValueError(f"invalid queue id: {qid!r}")
+            if len(self._hashed_ids) >= _ID_CACHE:
+                self._hashed_ids.clear()
+            hashed = os.path.join(*hash_dir(qid, self.hash_queue_depth), qid)
+            self._hashed_ids[qid] = hashed
         base = self.queue_path(queue)
         if self._hashed(queue):
-            return os.path.join(base, *hash_dir(qid, self.hash_queue_depth), qid)
+            return os.path.join(base, hashed)
         return os.path.join(base, qid)
 
     # ---------------------------------------------------------------- create
