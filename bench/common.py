@@ -13,9 +13,21 @@ Public API
         .name, .owner, .queue_directory, .writer (QueueWriter), .prepare() (make the
         queue directories), .start(), .stop() (idempotent), .qmgr_pid() -> int,
         .trigger(data: bytes) (to public/qmgr), .write_main(**params), .log() -> str
-    QmgrdInstance(root, **main)    tests.harness.MailSystem (qmgr-master, mail_owner qmgrd)
-    PostfixInstance(root, **main)  /usr/sbin/postfix -c <root>/etc (mail_owner postfix)
-        .master_pid() -> int | None
+    QmgrdInstance(root, smtpd_port=None, **main)   tests.harness.MailSystem (qmgr-master,
+                                   mail_owner qmgrd); with ``smtpd_port`` the smtpd
+                                   service on 127.0.0.1:<port> (tests/tools/smtpd_system.py)
+    PostfixInstance(root, smtpd_port=None, **main)  /usr/sbin/postfix -c <root>/etc
+                                   (mail_owner postfix); with ``smtpd_port`` its smtpd on
+                                   127.0.0.1:<port> (and anvil)
+        .master_pid() -> int | None (both), .sendmail_argv() -> list[str] (both),
+        .sendmail_env() -> dict[str, str] (both),
+        .flush() -> None (both: qmgr-ctl flush / postfix flush)
+    transport_table(path, domains, port) -> str   a texthash table routing every domain to
+                                   smtp:[127.0.0.1]:<port>; returns "texthash:<path>"
+    tree(pid) -> list[psutil.Process]   pid and its live descendants
+    tree_cpu(pid) -> float         CPU s of pid's tree, reaped children included
+    tree_pss(pid, by_name=None) -> int   summed PSS (bytes) of pid's live tree (by_name:
+                                   {title: [count, bytes]} filled in)
     postfix_available() -> bool    Postfix installed and we are root
 
 Raises RuntimeError when a system does not start or a wait times out.
@@ -50,7 +62,8 @@ from qmgrd.spool import records as R
 from qmgrd.spool.queue import Spool
 from qmgrd.spool.queueid import new_long_id
 from qmgrd.trigger import send_trigger
-from tests.harness import MailSystem
+from tests.harness import PY, MailSystem
+from tests.tools.smtpd_system import master_cf_with_smtpd
 
 SCALE = float(os.environ.get("BENCH_SCALE", "1") or "1")
 SENDER = b"bench@sender.example"
@@ -202,12 +215,14 @@ class QmgrdInstance:
     name = "qmgrd"
     owner = "qmgrd"
 
-    def __init__(self, root: Path, **main: str) -> None:
+    def __init__(self, root: Path, smtpd_port: int | None = None, **main: str) -> None:
         root.mkdir(parents=True, exist_ok=True)
         os.chmod(root, 0o755)
         main.setdefault("daemon_timeout", "18000s")
         main.setdefault("qmgr_ipc_timeout", "60s")
-        self.ms = MailSystem(root, main=main)
+        cf = master_cf_with_smtpd(smtpd_port) if smtpd_port else None
+        self.ms = MailSystem(root, main=main, master_cf=cf)
+        self.etc = self.ms.etc
         self.queue_directory = self.ms.spool
         self.writer = QueueWriter(self.queue_directory, self.owner)
         self._made = False
@@ -223,16 +238,57 @@ class QmgrdInstance:
             self._made = True
 
     def start(self) -> None:
-        self.ms.start()
+        """As MailSystem.start() (the master in the foreground, in a session of its own),
+        but waiting for the qmgr by looking at the master's children only, instead of
+        running ``master.cli status`` (a Python process per poll) while the system starts
+        - which would take CPU from the system being timed."""
+        ms = self.ms
+        with open(ms.root / "master.stderr", "wb") as err:
+            ms.proc = subprocess.Popen(
+                [PY, "-m", "master.cli", "-c", str(ms.etc), "start", "--foreground"],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+                start_new_session=True, env=ms.env)
+        wait_for(lambda: ms.proc_dead() or self._qmgr() is not None, 30, "the qmgrd qmgr",
+                 interval=0.05)
+        if ms.proc_dead():
+            raise RuntimeError("qmgrd master: "
+                               + (ms.root / "master.stderr").read_text()[-2000:])
+
+    def _qmgr(self) -> psutil.Process | None:
+        for p in tree(self.ms.master_pid)[1:]:
+            try:
+                cmd = p.cmdline()
+            except psutil.Error:
+                continue
+            if " ".join(cmd).split()[:2] == ["qmgrd:", "qmgr"] or (
+                    "-n" in cmd and cmd[cmd.index("-n") + 1:cmd.index("-n") + 2] == ["qmgr"]):
+                return p
+        return None
 
     def stop(self) -> None:
         self.ms.stop(check=False)
 
+    def master_pid(self) -> int | None:
+        return None if self.ms.proc_dead() else self.ms.master_pid
+
     def qmgr_pid(self) -> int:
-        kids = self.ms.children("qmgr")
-        if not kids:
+        p = None if self.ms.proc_dead() else self._qmgr()
+        if p is None:
             raise RuntimeError("qmgrd: no qmgr process")
-        return int(kids[0].pid)
+        return int(p.pid)
+
+    def sendmail_argv(self) -> list[str]:
+        """The installed console script (as a user runs it), with this config."""
+        return [str(Path(PY).parent / "qmgr-sendmail"), "-c", str(self.ms.etc)]
+
+    def sendmail_env(self) -> dict[str, str]:
+        """The harness's environment: PYTHONPATH = this checkout, first."""
+        return self.ms.env
+
+    def flush(self) -> None:
+        r = self.ms.ctl("flush")
+        if r.returncode != 0:
+            raise RuntimeError(f"qmgr-ctl flush: {r.returncode} {r.stderr[-500:]}")
 
     def trigger(self, data: bytes) -> None:
         send_trigger(str(self.queue_directory / "public" / "qmgr"), data)
@@ -243,6 +299,7 @@ class QmgrdInstance:
 
 # --------------------------------------------------------------------------- Postfix
 POSTFIX = "/usr/sbin/postfix"
+SENDMAIL = "/usr/sbin/sendmail"
 
 POSTFIX_MAIN = {
     "compatibility_level": "3.6",
@@ -262,9 +319,10 @@ POSTFIX_MAIN = {
     "smtp_dns_support_level": "disabled",
 }
 
-# No listener: the queue is filled directly. chroot off (as qmgrd's agents);
-# the qmgr on a FIFO (as in qmgrd's bundled master.cf) so that a one-byte write triggers.
+# chroot off (as qmgrd's agents); the qmgr on a FIFO (as in qmgrd's bundled master.cf)
+# so that a one-byte write triggers. With a smtpd_port, an smtpd line is added.
 POSTFIX_MASTER = """\
+pickup    fifo  n       -       n       60      1       pickup
 qmgr      fifo  n       -       n       300     1       qmgr
 cleanup   unix  n       -       n       -       0       cleanup
 rewrite   unix  -       -       n       -       -       trivial-rewrite
@@ -277,6 +335,9 @@ discard   unix  -       -       n       -       -       discard
 scache    unix  -       -       n       -       1       scache
 showq     unix  n       -       n       -       -       showq
 postlog   unix-dgram n  -       n       -       1       postlogd
+error     unix  -       -       n       -       -       error
+retry     unix  -       -       n       -       -       error
+anvil     unix  -       -       n       -       1       anvil
 """
 
 
@@ -294,7 +355,7 @@ class PostfixInstance:
     name = "postfix"
     owner = "postfix"
 
-    def __init__(self, root: Path, **main: str) -> None:
+    def __init__(self, root: Path, smtpd_port: int | None = None, **main: str) -> None:
         self.root = root
         self.etc = root / "etc"
         self.queue_directory = root / "spool"
@@ -312,7 +373,10 @@ class PostfixInstance:
                            maillog_file_prefixes=str(root))
         self.params.update(main)
         self.write_main()
-        (self.etc / "master.cf").write_text(POSTFIX_MASTER)
+        cf = POSTFIX_MASTER
+        if smtpd_port:
+            cf += f"127.0.0.1:{smtpd_port} inet n - n - - smtpd\n"
+        (self.etc / "master.cf").write_text(cf)
         self.writer = QueueWriter(self.queue_directory, self.owner)
         self._made = False
 
@@ -383,6 +447,19 @@ class PostfixInstance:
     def trigger(self, data: bytes) -> None:
         send_trigger(str(self.queue_directory / "public" / "qmgr"), data)
 
+    def sendmail_argv(self) -> list[str]:
+        return [SENDMAIL, "-C", str(self.etc)]
+
+    def sendmail_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.pop("MAIL_CONFIG", None)
+        return env
+
+    def flush(self) -> None:
+        r = self._postfix("flush")
+        if r.returncode != 0:
+            raise RuntimeError(f"postfix flush: {r.returncode} {r.stderr[-500:]}")
+
     def log(self) -> str:
         try:
             return self.maillog.read_text(errors="replace")
@@ -391,3 +468,66 @@ class PostfixInstance:
 
 
 Instance = QmgrdInstance | PostfixInstance
+
+
+def transport_table(path: Path, domains: list[str], port: int) -> str:
+    """Write a texthash table routing each of ``domains`` to smtp:[127.0.0.1]:<port>;
+    returns the transport_maps value (both systems read texthash)."""
+    path.write_text("".join(f"{d} smtp:[127.0.0.1]:{port}\n" for d in domains))
+    os.chmod(path, 0o644)
+    return f"texthash:{path}"
+
+
+def tree(pid: int) -> list[psutil.Process]:
+    """``pid`` and its live descendants (empty when ``pid`` is gone)."""
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return []
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds (user + system) used so far by ``pid``'s process tree: for each live
+    process its own time plus the time of the children it has reaped (children_user +
+    children_system; a reaped child's figure includes its own reaped children). A process
+    that exits between two readings moves from "live" to its parent's children_* figure,
+    so a difference of two readings counts every process of the tree exactly once."""
+    total = 0.0
+    for p in tree(pid):
+        try:
+            t = p.cpu_times()
+        except psutil.Error:
+            continue
+        total += t.user + t.system + t.children_user + t.children_system
+    return total
+
+
+def tree_pss(pid: int, by_name: dict[str, list[int]] | None = None) -> int:
+    """Summed proportional set size (bytes) of ``pid``'s live process tree: the ``Pss:``
+    line of each process's /proc/<pid>/smaps_rollup (what psutil's
+    memory_full_info().pss reads, without its other work). With ``by_name``, also
+    fills it with [process count, PSS bytes] per process title (qmgrd: ``qmgrd: smtp``;
+    Postfix: the program name)."""
+    total = 0
+    for p in tree(pid):
+        try:
+            with open(f"/proc/{p.pid}/smaps_rollup", "rb") as f:
+                data = f.read()
+        except OSError:
+            continue
+        at = data.find(b"\nPss:")
+        if at < 0:
+            continue
+        pss = int(data[at + 5:data.index(b"kB", at)]) * 1024
+        total += pss
+        if by_name is not None:
+            try:
+                cmd = p.cmdline()
+                name = cmd[0].strip() if cmd and cmd[0].startswith("qmgrd:") else p.name()
+            except psutil.Error:
+                name = "?"
+            entry = by_name.setdefault(name, [0, 0])
+            entry[0] += 1
+            entry[1] += pss
+    return total

@@ -85,7 +85,7 @@ def build(root: Path, count: int) -> Path:
         queue = ("deferred" if r < 90 else "hold" if r < 95 else "incoming" if r < 98
                  else "active")
         qid = new_long_id(T0 + i // 1000, (i * 997) % 1_000_000, i + 1)
-        data, rcpts = templates[i % len(templates)]
+        data, addrs = templates[i % len(templates)]
         path = spool.path(queue, qid)
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -97,7 +97,7 @@ def build(root: Path, count: int) -> Path:
         os.close(fd)
         if queue == "deferred" and i % 3 == 0:
             dsn = statuslog.Dsn("4.2.0", "delayed", REASON)
-            for addr in rcpts:
+            for addr in addrs:
                 statuslog.append(spool, "defer", qid, Recipient(addr), dsn)
     _give_to_postfix(qdir)
     marker.write_text(str(count))

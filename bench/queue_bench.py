@@ -15,7 +15,7 @@ Benchmarks (functions; each takes an Instance factory and returns a dict):
         to the N-th "<id>: removed" line of the qmgr in the maillog (then the queue is
         checked empty). CPU: the qmgr process; the whole system = the master, its live
         children and the children it reaped.
-    rss(make, keep=False) -> ({"active_limit", "points": [{"queued", "active",
+    rss(make, keep=False, sizes=RSS_POINTS) -> ({"active_limit", "points": [{"queued", "active",
                                "deferred", "rss_mib", "fill_s"}], "max_rss_mib",
                                "growth_full_mib", "growth_mib"}, kept instance or None)
         The queue is topped up to each size (10k, 50k, 120k) in deferred/ (due now) with
@@ -177,8 +177,10 @@ def _holds(path: Path, n: int) -> Callable[[], bool]:
     return lambda: count_files(path) >= n
 
 
-def rss(make: Make, keep: bool = False) -> tuple[dict[str, object], Instance | None]:
-    """Returns (result, the stopped instance when ``keep``, for the scan benchmark)."""
+def rss(make: Make, keep: bool = False, sizes: tuple[int, ...] = RSS_POINTS
+        ) -> tuple[dict[str, object], Instance | None]:
+    """Returns (result, the stopped instance when ``keep``, for the scan benchmark).
+    ``sizes``: the queue sizes measured (before BENCH_SCALE), ascending."""
     hole = BlackHole()
     limit = scaled(ACTIVE_LIMIT)
     inst = make(default_transport=f"smtp:[127.0.0.1]:{hole.port}",
@@ -189,7 +191,7 @@ def rss(make: Make, keep: bool = False) -> tuple[dict[str, object], Instance | N
     try:
         inst.prepare()
         queued = 0
-        for size in (scaled(s) for s in RSS_POINTS):
+        for size in (scaled(s) for s in sizes):
             inst.writer.write("deferred", size - queued, rcpt, mtime=time.time() - 60)
             queued = size
             # What the qmgr does at start-up anyway, done here so that active/ starts
@@ -297,20 +299,21 @@ def factories(base: Path, systems: list[str],
     """An instance factory per system; every instance made is appended to ``made``."""
 
     def qmgrd(**kw: str) -> Instance:
-        made.append(QmgrdInstance(base / f"qmgrd{len(made)}", **kw))
+        made.append(QmgrdInstance(base / f"qmgrd{len(made)}", None, **kw))
         return made[-1]
 
     def postfix(**kw: str) -> Instance:
-        made.append(PostfixInstance(base / f"postfix{len(made)}", **kw))
+        made.append(PostfixInstance(base / f"postfix{len(made)}", None, **kw))
         return made[-1]
 
     table: dict[str, Make] = {"qmgrd": qmgrd, "postfix": postfix}
     return {name: table[name] for name in systems}
 
 
-def run(only: list[str], systems: list[str], log: Callable[[str], None]) -> dict[str, object]:
+def run(only: list[str], systems: list[str], log: Callable[[str], None],
+        rss_sizes: tuple[int, ...] = RSS_POINTS) -> dict[str, object]:
     """Run the benchmarks named in ``only`` for each system; results by benchmark, then
-    by system (an error is recorded as {"error": text})."""
+    by system (an error is recorded as {"error": text}). ``rss_sizes``: rss's points."""
     if "postfix" in systems and not postfix_available():
         log("postfix: not installed or not root - skipped")
         systems = [s for s in systems if s != "postfix"]
@@ -329,7 +332,8 @@ def run(only: list[str], systems: list[str], log: Callable[[str], None]) -> dict
                     if bench == "drain":
                         results[bench][name] = drain(make)
                     elif bench == "rss":
-                        results[bench][name], kept[name] = rss(make, keep="scan" in only)
+                        results[bench][name], kept[name] = rss(make, keep="scan" in only,
+                                                               sizes=rss_sizes)
                     elif bench == "scan":
                         results[bench][name] = scan(make, kept.pop(name, None))
                 except Exception as exc:  # noqa: BLE001 - report and go on with the rest
