@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 from master.daemon import forkspawn
 from master.daemon.spawn import FD_BASE, high_fd
-from tests.harness import wait_for
+from tests.harness import PY, MakeSystem, wait_for
 
 
 def _reap(pid: int) -> int:
@@ -92,3 +95,39 @@ def test_only_our_own_importable_services_are_forked() -> None:
 @pytest.mark.parametrize("code,want", [(None, 0), (3, 3), ("fatal words", 1)])
 def test_exit_status_as_python_would_give_it(code: object, want: int) -> None:
     assert forkspawn._exit_code(code) == want
+
+
+def test_descriptors_left_open_by_the_starter_reach_no_process(mailsys: MakeSystem) -> None:
+    """``( qmgr-master start 9>>file ) | cat`` must return: the master closes what its
+    starter left inheritable, so neither it nor any child holds the caller's pipe."""
+    ms = mailsys()
+    r, w = os.pipe()
+    spare = os.open(os.devnull, os.O_WRONLY)
+    os.set_inheritable(spare, True)
+    try:
+        done = subprocess.run([PY, "-m", "master.cli", "-c", str(ms.etc), "start"],
+                              env=ms.env, stdin=subprocess.DEVNULL, capture_output=True,
+                              pass_fds=(w, spare), timeout=60, check=False)
+        assert done.returncode == 0, done.stderr
+        os.close(w)
+        w = -1
+        master = psutil.Process(int((ms.spool / "pid" / "master.pid").read_text().split()[0]))
+        assert ms.sendmail("-f", "a@x.example", "u1@localhost",
+                           data=b"Subject: t\n\nx\n").returncode == 0
+        wait_for(lambda: any("qmgr" in " ".join(c.cmdline()) for c in master.children()),
+                 30, "qmgr to start")
+        # every process of the system: none holds the pipe, so its read end sees EOF
+        ready, _, _ = select.select([r], [], [], 10)
+        assert ready and os.read(r, 1) == b"", "a qmgrd process holds the starter's pipe"
+        for proc in [master, *master.children()]:
+            fds = {int(n) for n in os.listdir(f"/proc/{proc.pid}/fd")}
+            names = {os.readlink(f"/proc/{proc.pid}/fd/{fd}") for fd in fds
+                     if os.path.exists(f"/proc/{proc.pid}/fd/{fd}")}
+            assert "/dev/null" not in names - {os.readlink(f"/proc/{proc.pid}/fd/0")}, \
+                (proc.pid, proc.name(), names)
+    finally:
+        os.close(r)
+        os.close(spare)
+        if w >= 0:
+            os.close(w)
+        assert ms.master("stop").returncode == 0

@@ -56,6 +56,8 @@ Public API
     Master(config_directory, foreground=False): start() (raises StartupError), run() -> int
     StartupError: start-up failed (str = the reason, without "fatal: ")
     run_master(config_directory, foreground=False, notify=None) -> int
+    close_inherited()    close the inheritable descriptors above 2 (run_master does it
+                         first: nothing the starter left open reaches a child)
         the whole master life; ``notify(None)`` once started, ``notify(reason)`` when
         start-up failed (the CLI's background parent waits for this).  Returns 0 after
         a stop; a failed start-up logs ``fatal: <reason>`` and raises SystemExit(1).
@@ -408,6 +410,24 @@ def _create_maillog(path: str) -> None:
         os.close(fd)
 
 
+def close_inherited() -> None:
+    """Close every descriptor above 2 that whoever started the master left inheritable
+    (a shell's ``9>file``, the pipe of ``$(...)`` or of an ssh session): no child of the
+    master - chrooted and unprivileged ones included - may get them, and the caller's
+    pipe must see its end when ``qmgr-master start`` returns. Our own descriptors are
+    close-on-exec (PEP 446) and are kept."""
+    fd_dir = "/proc/self/fd" if os.path.isdir("/proc/self/fd") else "/dev/fd"
+    for name in os.listdir(fd_dir):
+        fd = int(name)
+        if fd <= 2:
+            continue
+        try:
+            if os.get_inheritable(fd):
+                os.close(fd)
+        except OSError:
+            pass  # the listing's own descriptor, closed by now
+
+
 def run_master(config_directory: str, foreground: bool = False,
                notify: Callable[[str | None], None] | None = None) -> int:
     """Run the master from start-up to stop (module docstring); returns the exit code."""
@@ -416,6 +436,7 @@ def run_master(config_directory: str, foreground: bool = False,
             notify(reason)
         log.fatal(reason)
 
+    close_inherited()
     warnings: list[str] = []
     try:
         cfg, services = _load(config_directory, warnings)
