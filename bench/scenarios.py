@@ -55,7 +55,7 @@ from common import (
     wait_for,
 )
 
-from tests.harness import free_port, tool
+from tests.harness import free_port, terminate, tool
 from tests.tools.smtpd_system import wait_smtpd
 
 DOMAINS = [f"d{i}.bench.example" for i in range(50)]
@@ -122,13 +122,7 @@ class Sink:
         return got
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc)
         shutil.rmtree(self.dumpdir, ignore_errors=True)
 
 

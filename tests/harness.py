@@ -285,13 +285,7 @@ class SmtpSink:
         return sum(1 for p in self.dumpdir.rglob("*") if p.is_file())
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc)
         shutil.rmtree(self.dumpdir, ignore_errors=True)
 
 
@@ -335,17 +329,22 @@ class CaptureServer:
         return out
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc)
 
 
 # --------------------------------------------------------------------------- load helpers
 MakeSystem = Callable[..., MailSystem]  # the type of the ``mailsys`` fixture
+
+
+def terminate(proc: subprocess.Popen[Any], grace: float = 5.0) -> None:
+    """SIGTERM ``proc`` if it still runs, wait up to ``grace`` s, then SIGKILL and reap."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def spawn_sendmail(ms: MailSystem, args: list[str], data: bytes) -> subprocess.Popen[bytes]:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import free_port, require_tool, wait_for
+from harness import free_port, require_tool, terminate, wait_for
 from test_agent_support import (
     CORPUS,
     Env,
@@ -67,13 +67,7 @@ class SmtpSink:
         return sum(1 for p in self.dumpdir.rglob("*") if p.is_file())
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc)
         shutil.rmtree(self.dumpdir, ignore_errors=True)
 
 
