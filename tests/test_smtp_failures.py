@@ -287,3 +287,53 @@ def test_python_m_transports_smtp_imports(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+EHLO_PIPE = "250-peer.test\r\n250-PIPELINING\r\n250 ENHANCEDSTATUSCODES"
+
+
+def test_pipelining_sends_mail_rcpts_and_data_at_once(env: Env, peers: list[ScriptedPeer],
+                                                      tmp_path: Path) -> None:
+    """RFC 2920: with PIPELINING the peer reads MAIL, both RCPTs and DATA before it
+    answers anything (a client that waited for each reply would time out here); the
+    replies are matched in order: one recipient refused, the other delivered."""
+    p = script(peers, tmp_path, ["220 peer.test ESMTP", "<", EHLO_PIPE, "<", "<", "<", "<",
+                                 "250 2.1.0 Ok", "550 5.1.1 no such user", "250 2.1.5 Ok",
+                                 "354 go ahead", "<.", "250 2.0.0 Ok: queued", "<", "221 Bye"])
+    qid, reply = deliver(env, f"[127.0.0.1]:{p.port}", ["bob@example.net", "carol@example.net"])
+    assert reply.status == 0, env.log()
+    got = p.received()
+    assert got[1:5] == ["MAIL FROM:<alice@example.com>\r\n", "RCPT TO:<bob@example.net>\r\n",
+                        "RCPT TO:<carol@example.net>\r\n", "DATA\r\n"]
+    assert got[6] == "QUIT\r\n"
+    ((rcpt, dsn),) = statuslog.read(env.spool, "bounce", qid)
+    assert (rcpt.address, dsn.status) == ("bob@example.net", "5.1.1")
+    assert env.undone(qid) == []
+    assert "to=<carol@example.net>" in env.log() and "status=sent" in env.log()
+
+
+def test_pipelining_mail_refused_answers_every_recipient(env: Env,
+                                                         peers: list[ScriptedPeer],
+                                                         tmp_path: Path) -> None:
+    p = script(peers, tmp_path, ["220 peer.test ESMTP", "<", EHLO_PIPE, "<", "<", "<",
+                                 "550 5.7.1 sender refused", "503 5.5.1 no MAIL",
+                                 "503 5.5.1 no valid recipients", "<", "221 Bye"])
+    qid, reply = deliver(env, f"[127.0.0.1]:{p.port}")
+    assert reply.status == 0, env.log()
+    assert p.received()[4] == "QUIT\r\n"  # no content after the refused DATA
+    ((_, dsn),) = statuslog.read(env.spool, "bounce", qid)
+    assert dsn.status == "5.7.1" and "sender refused" in dsn.reason
+
+
+def test_pipelining_data_accepted_without_recipients_is_ended_empty(
+        env: Env, peers: list[ScriptedPeer], tmp_path: Path) -> None:
+    """A server that answers 354 to the pipelined DATA although it refused every
+    recipient gets an empty message (a lone dot), and nothing is delivered."""
+    p = script(peers, tmp_path, ["220 peer.test ESMTP", "<", EHLO_PIPE, "<", "<", "<",
+                                 "250 2.1.0 Ok", "450 4.2.0 try later", "354 go ahead",
+                                 "<.", "554 5.5.1 no valid recipients", "<", "221 Bye"])
+    qid, reply = deliver(env, f"[127.0.0.1]:{p.port}")
+    assert reply.status != 0
+    got = p.received()
+    assert got[4] == "" and got[5] == "QUIT\r\n"  # the empty message, then QUIT
+    assert "try later" in deferred_reason(env, qid)

@@ -468,24 +468,58 @@ class SmtpAgent(DeliveryAgent):
             opts.append("RET=" + ("FULL" if req.ret_flags & DSN_RET_FULL else "HDRS"))
         if use_utf8:
             opts.append("SMTPUTF8")
-        reply = sess.call(" ".join([f"MAIL FROM:{_angle(req.sender)}"] + opts),
-                          p.mail_timeout, "sending MAIL FROM", "MAIL FROM")
-        if reply.code // 100 != 2:
-            for i in pending:
-                self._reply_result(att, i, reply, sess, "MAIL FROM")
-            return
-        accepted: list[int] = []
-        for i in pending:
-            reply = sess.call(" ".join([f"RCPT TO:{_angle(rcpts[i].address)}"]
-                                       + (_rcpt_dsn_options(rcpts[i]) if dsn_ok else [])),
-                              p.rcpt_timeout, "sending RCPT TO", "RCPT TO")
-            if reply.code // 100 == 2:
-                accepted.append(i)
+        mail = " ".join([f"MAIL FROM:{_angle(req.sender)}"] + opts)
+        rcpt_lines = [" ".join([f"RCPT TO:{_angle(rcpts[i].address)}"]
+                               + (_rcpt_dsn_options(rcpts[i]) if dsn_ok else []))
+                      for i in pending]
+        if sess.has("pipelining"):
+            # RFC 2920: MAIL, every RCPT and DATA in one write, then the replies in order
+            # (Postfix's smtp(8) does the same when the server offers PIPELINING)
+            batch = "".join(line + "\r\n" for line in [mail, *rcpt_lines, "DATA"])
+            sess.send(batch.encode("utf-8", "surrogateescape"), p.mail_timeout,
+                      "sending MAIL FROM")
+            expect = ([(p.mail_timeout, "sending MAIL FROM", "MAIL FROM")]
+                      + [(p.rcpt_timeout, "sending RCPT TO", "RCPT TO")] * len(pending)
+                      + [(p.data_init_timeout, "sending DATA command", "DATA")])
+            replies: list[Reply] = []
+            for timeout, phase, reply_to in expect:
+                replies.append(sess.reply(timeout, phase, reply_to))
+                if replies[-1].code == 421:  # closing: it answers the rest too
+                    replies += [replies[-1]] * (len(expect) - len(replies))
+                    break
+            mail_reply, rcpt_replies, reply = replies[0], replies[1:-1], replies[-1]
+            if mail_reply.code // 100 != 2:
+                for i in pending:
+                    self._reply_result(att, i, mail_reply, sess, "MAIL FROM")
+                accepted: list[int] = []
             else:
-                self._reply_result(att, i, reply, sess, "RCPT TO")
-        if not accepted:
-            return
-        reply = sess.call("DATA", p.data_init_timeout, "sending DATA command", "DATA")
+                accepted = []
+                for i, rcpt_reply in zip(pending, rcpt_replies, strict=True):
+                    if rcpt_reply.code // 100 == 2:
+                        accepted.append(i)
+                    else:
+                        self._reply_result(att, i, rcpt_reply, sess, "RCPT TO")
+            if not accepted:
+                if reply.code == 354:  # DATA went ahead without a recipient: end it empty
+                    sess.call(b".\r\n", p.data_done_timeout, "sending end of data",
+                              "end of DATA")
+                return
+        else:
+            reply = sess.call(mail, p.mail_timeout, "sending MAIL FROM", "MAIL FROM")
+            if reply.code // 100 != 2:
+                for i in pending:
+                    self._reply_result(att, i, reply, sess, "MAIL FROM")
+                return
+            accepted = []
+            for i, line in zip(pending, rcpt_lines, strict=True):
+                reply = sess.call(line, p.rcpt_timeout, "sending RCPT TO", "RCPT TO")
+                if reply.code // 100 == 2:
+                    accepted.append(i)
+                else:
+                    self._reply_result(att, i, reply, sess, "RCPT TO")
+            if not accepted:
+                return
+            reply = sess.call("DATA", p.data_init_timeout, "sending DATA command", "DATA")
         if reply.code != 354:
             for i in accepted:
                 self._reply_result(att, i, reply, sess, "DATA")

@@ -225,6 +225,18 @@ class SmtpSession:
         Raises:
             SmtpFailure: lost connection, timeout, or a malformed reply (site-level).
         """
+        self.send(command, timeout, phase)
+        if reply_timeout is not None:
+            return self.reply(reply_timeout, reply_phase or phase, reply_to)
+        return self.reply(timeout, phase, reply_to)
+
+    def send(self, command: str | bytes | None, timeout: float, phase: str) -> None:
+        """Send a command line (str, CRLF added), raw bytes, or several pipelined command
+        lines joined (bytes, RFC 2920), without reading a reply.
+
+        Raises:
+            SmtpFailure: lost connection or timeout (site-level).
+        """
         client = self.client
         try:
             if client.sock is None:
@@ -234,25 +246,39 @@ class SmtpSession:
                 client.send((command + "\r\n").encode("utf-8", "surrogateescape"))
             elif command is not None:
                 client.send(command)
-            if reply_timeout is not None:
-                phase = reply_phase or phase
-                client.sock.settimeout(reply_timeout or None)
+        except (smtplib.SMTPServerDisconnected, OSError) as exc:
+            raise self._lost(exc, phase) from None
+
+    def reply(self, timeout: float, phase: str, reply_to: str) -> Reply:
+        """Read one reply within ``timeout`` seconds.
+
+        Raises:
+            SmtpFailure: lost connection, timeout, or a malformed reply (site-level).
+        """
+        client = self.client
+        try:
+            if client.sock is None:
+                raise smtplib.SMTPServerDisconnected("not connected")
+            client.sock.settimeout(timeout or None)
             code, msg = client.getreply()
         except smtplib.SMTPResponseException as exc:  # reply line too long
             raise self._malformed(reply_to, str(exc.smtp_error)) from None
         except (smtplib.SMTPServerDisconnected, OSError) as exc:
-            self.close()
-            verb = "timed out" if _timed_out(exc) else "lost connection"
-            reason = (f"conversation with {self.addr.namaddr} timed out while {phase}"
-                      if verb == "timed out" else
-                      f"lost connection with {self.addr.namaddr} while {phase}")
-            raise SmtpFailure("4.4.2", reason, site=True) from None
+            raise self._lost(exc, phase) from None
         lines = msg.decode("utf-8", "replace").split("\n")
         if not 200 <= code <= 599:
             raise self._malformed(reply_to, " ".join(lines))
         if code == 421:  # the server is closing the connection (RFC 5321 3.8)
             self.dead = True
         return Reply(code, lines)
+
+    def _lost(self, exc: BaseException, phase: str) -> SmtpFailure:
+        self.close()
+        if _timed_out(exc):
+            return SmtpFailure("4.4.2", f"conversation with {self.addr.namaddr} timed out "
+                                        f"while {phase}", site=True)
+        return SmtpFailure("4.4.2", f"lost connection with {self.addr.namaddr} while {phase}",
+                           site=True)
 
     def usable(self) -> bool:
         """Check a cached session before reuse: the peer has neither closed it nor sent
