@@ -41,7 +41,8 @@ from transports.smtp_session import SmtpParams, SmtpSession
 # the verb, "msg" with the Message-ID after the final dot, "idle_close", "close").
 # OPTS: idle_close (s: close a connection idle that long, after "421" if idle_421),
 # rset (the reply to RSET; a 421 also closes), drop_after_rset (close on a MAIL that
-# follows a RSET).
+# follows a RSET), pipelining (offer PIPELINING: the client then sends the cached
+# session's RSET first in its MAIL/RCPT/DATA batch).
 PEER = r"""
 import asyncio, json, os, sys, time
 port, opts, out = int(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
@@ -73,7 +74,8 @@ async def session(r, w):
             verb = line.decode("ascii", "replace").strip().split(" ")[0].upper()
             ev(c, "cmd", cmd=verb)
             if verb in ("EHLO", "HELO"):
-                w.write(b"250-peer.test\r\n250-SIZE 10000000\r\n250 8BITMIME\r\n")
+                pipe = b"250-PIPELINING\r\n" if opts.get("pipelining") else b""
+                w.write(b"250-peer.test\r\n" + pipe + b"250-SIZE 10000000\r\n250 8BITMIME\r\n")
             elif verb == "MAIL":
                 if after_rset and opts.get("drop_after_rset"):
                     break
@@ -293,10 +295,12 @@ def test_cache_destinations_without_qmgr_flags(tmp_path: Path, peers: list[Peer]
     {"rset": "554 5.5.1 Error: no thanks"},
     {"drop_after_rset": True},                # lost while sending MAIL FROM
 ], ids=["closed", "421-idle", "421-rset", "5xx-rset", "lost-mail"])
+@pytest.mark.parametrize("pipelining", [False, True], ids=["", "pipelined"])
 def test_dead_cached_session_is_replaced_silently(env: Env, tmp_path: Path, peers: list[Peer],
                                                   agents: list[SmtpAgent],
-                                                  opts: dict[str, Any]) -> None:
-    p = peer(peers, tmp_path, **opts)
+                                                  opts: dict[str, Any],
+                                                  pipelining: bool) -> None:
+    p = peer(peers, tmp_path, **opts, pipelining=pipelining)
     a = agent_for(env, agents)
     assert send(env, a, p.nexthop, STORE, 0).status == 0
     if "idle_close" in opts:

@@ -475,9 +475,12 @@ class SmtpAgent(DeliveryAgent):
         if sess.has("pipelining"):
             # RFC 2920: MAIL, every RCPT and DATA in one write, then the replies in order
             # (Postfix's smtp(8) does the same when the server offers PIPELINING)
-            batch = "".join(line + "\r\n" for line in [mail, *rcpt_lines, "DATA"])
+            rset = ["RSET"] if sess.rset_pending else []  # a cached session's check
+            batch = "".join(line + "\r\n" for line in [*rset, mail, *rcpt_lines, "DATA"])
             sess.send(batch.encode("utf-8", "surrogateescape"), p.mail_timeout,
                       "sending MAIL FROM")
+            if rset:
+                sess.pending_rset_reply()
             expect = ([(p.mail_timeout, "sending MAIL FROM", "MAIL FROM")]
                       + [(p.rcpt_timeout, "sending RCPT TO", "RCPT TO")] * len(pending)
                       + [(p.data_init_timeout, "sending DATA command", "DATA")])
