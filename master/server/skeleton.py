@@ -362,6 +362,7 @@ class _Loop:
         self.uses = 0
         self.max_use = ctx.config.get_int("max_use")
         self.max_idle = ctx.config.get_time("max_idle")
+        self.arm_watchdog = True  # around on_ready; False: on_ready arms it itself
 
     def _record(self, signum: int, frame: FrameType | None) -> None:
         self.terminate = True
@@ -414,9 +415,11 @@ class _Loop:
             for key, _ in events:
                 if key.data != "listen":
                     continue
-                self.ctx.watchdog.arm()
+                if self.arm_watchdog:
+                    self.ctx.watchdog.arm()
                 served = on_ready(key.fd)
-                self.ctx.watchdog.disarm()
+                if self.arm_watchdog:
+                    self.ctx.watchdog.disarm()
                 if not served:
                     continue
                 last = time.monotonic()
@@ -439,24 +442,35 @@ def single_server(handler: ConnHandler, *, pre_jail: JailHook | None = None,
     def body() -> None:
         ctx = _setup(argv, pre_jail, post_jail, watchdog)
 
+        # One non-blocking socket object per listener, made once: every idle process
+        # of the service wakes for each connection and all but one find nothing to
+        # accept, so that miss must cost one accept(2), not a new socket object.
+        listeners: dict[int, socket.socket] = {}
+        for fd in ctx.listen_fds:
+            listeners[fd] = socket.socket(fileno=os.dup(fd))
+            listeners[fd].setblocking(False)
+
         def on_ready(fd: int) -> bool:
-            listener = socket.socket(fileno=os.dup(fd))
             try:
-                listener.setblocking(False)
-                try:
-                    conn, _ = listener.accept()
-                except (BlockingIOError, InterruptedError):
-                    return False  # another process took it
-            finally:
-                listener.close()
+                conn, _ = listeners[fd].accept()
+            except (BlockingIOError, InterruptedError):
+                return False  # another process took it
+            ctx.watchdog.arm()
             with conn:
                 conn.setblocking(True)
                 ctx.busy()
                 handler(conn, ctx)
                 ctx.idle()
+            ctx.watchdog.disarm()
             return True
 
-        _Loop(ctx, timer).serve(on_ready)
+        loop = _Loop(ctx, timer)
+        loop.arm_watchdog = False
+        try:
+            loop.serve(on_ready)
+        finally:
+            for listener in listeners.values():
+                listener.close()
 
     _run(body)
 
