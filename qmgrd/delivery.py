@@ -102,15 +102,18 @@ def encode(pairs: Iterable[tuple[str, str | int]]) -> bytes:
     Raises:
         ProtocolError: a name or value contains NUL or exceeds the bounds.
     """
-    out = bytearray()
+    parts: list[str] = []
     for name, value in pairs:
-        v = str(value).encode("utf-8", "surrogateescape")
-        n = name.encode("ascii")
-        if b"\0" in v or b"\0" in n or not n or len(n) > MAX_NAME or len(v) > MAX_VALUE:
+        v = value if isinstance(value, str) else str(value)
+        if (not name or len(name) > MAX_NAME or not name.isascii() or "\0" in name
+                or "\0" in v or (len(v) * 4 > MAX_VALUE and len(
+                    v.encode("utf-8", "surrogateescape")) > MAX_VALUE)):
             raise ProtocolError(f"bad attribute {name!r}")
-        out += n + b"\0" + v + b"\0"
-    out += b"\0"
-    return bytes(out)
+        parts.append(name)
+        parts.append(v)
+    if not parts:
+        return b"\0"
+    return "\0".join(parts).encode("utf-8", "surrogateescape") + b"\0\0"
 
 
 class AttrDecoder:

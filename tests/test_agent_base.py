@@ -340,3 +340,20 @@ def test_python_m_agent_serves_one_request(tmp_path: Path, module: str, service:
             proc.kill()
             proc.wait()
     assert f"qmgrd/{service}[" in env.log()
+
+
+@pytest.mark.parametrize("pairs", [
+    [("", "x")], [("a\0b", "x")], [("a", "x\0y")], [("é", "x")], [("n" * 101, "x")],
+    [("a", "é" * (delivery.MAX_VALUE // 2 + 1))],
+], ids=["empty-name", "nul-name", "nul-value", "non-ascii-name", "long-name",
+        "long-utf8-value"])
+def test_encode_refuses_what_the_protocol_cannot_carry(pairs: list[tuple[str, str]]) -> None:
+    with pytest.raises(delivery.ProtocolError):
+        delivery.encode(pairs)
+
+
+def test_encode_frames_names_values_and_the_terminator() -> None:
+    assert delivery.encode([]) == b"\0"
+    assert delivery.encode([("a", 1), ("b", "é\udcff")]) == b"a\x001\x00b\x00\xc3\xa9\xff\x00\x00"
+    value = "x" * delivery.MAX_VALUE  # at the bound: allowed
+    assert delivery.encode([("v", value)]).endswith(b"x\0\0")

@@ -76,6 +76,7 @@ class Spool:
             raise ValueError(f"hash_queue_depth out of range: {hash_queue_depth}")
         self.hash_queue_depth = hash_queue_depth
         self._hashed_ids: dict[str, str] = {}  # valid id -> its hashed relative path
+        self._prefix: dict[str, tuple[str, bool]] = {}  # queue -> (directory, hashed)
 
     @classmethod
     def from_config(cls, cfg: Config) -> Spool:
@@ -111,10 +112,11 @@ class Spool:
                 self._hashed_ids.clear()
             hashed = os.path.join(*hash_dir(qid, self.hash_queue_depth), qid)
             self._hashed_ids[qid] = hashed
-        base = self.queue_path(queue)
-        if self._hashed(queue):
-            return os.path.join(base, hashed)
-        return os.path.join(base, qid)
+        prefix = self._prefix.get(queue)
+        if prefix is None:
+            base = self.queue_path(queue)  # raises for an unknown queue
+            prefix = self._prefix[queue] = (base, self._hashed(queue))
+        return os.path.join(prefix[0], hashed if prefix[1] else qid)
 
     # ---------------------------------------------------------------- create
 
