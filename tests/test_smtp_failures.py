@@ -166,7 +166,9 @@ def test_garbage_reply_defers_never_bounces(env: Env, peers: list[ScriptedPeer],
     p = script(peers, tmp_path, steps)
     qid, reply = deliver(env, f"[127.0.0.1]:{p.port}")
     assert reply.status == 1 and reply.hop_failed
-    assert "malformed reply" in deferred_reason(env, qid)
+    reason = deferred_reason(env, qid)
+    assert "malformed reply" in reason
+    assert repr(steps[-1]) in reason  # quoted whole, as the peer sent it
     assert env.undone(qid) == ["bob@example.net"]
 
 

@@ -43,6 +43,7 @@ import smtplib
 import socket
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from qmgrd.spool.statuslog import Dsn
 from transports.agent import make_dsn
@@ -146,6 +147,7 @@ class SmtpSession:
         self.committed = False
         self.dead = False
         self.rset_pending = False  # usable() left RSET to go first in the next pipeline
+        self._lines: _LineRecorder | None = None
 
     @property
     def relay(self) -> str:
@@ -174,7 +176,8 @@ class SmtpSession:
                 exc.strerror or str(exc) or type(exc).__name__)
             raise SmtpFailure("4.4.1", f"connect to {addr.relay}: {why}", site=True) from None
         self.client.sock = sock
-        self.client.file = None
+        self._lines = _LineRecorder(sock.makefile("rb"))
+        self.client.file = self._lines
         greeting = self.call(None, p.helo_timeout, "receiving the initial server greeting",
                              "initial greeting")
         if greeting.code // 100 != 2:
@@ -267,8 +270,10 @@ class SmtpSession:
         except (smtplib.SMTPServerDisconnected, OSError) as exc:
             raise self._lost(exc, phase) from None
         lines = msg.decode("utf-8", "replace").split("\n")
-        if not 200 <= code <= 599:
-            raise self._malformed(reply_to, " ".join(lines))
+        if not 200 <= code <= 599:  # smtplib cut 4 bytes off each line: quote them whole
+            raw = self._lines.last if self._lines is not None else b""
+            raise self._malformed(reply_to, raw.decode("utf-8", "replace").strip()
+                                  or " ".join(lines))
         if code == 421:  # the server is closing the connection (RFC 5321 3.8)
             self.dead = True
         return Reply(code, lines)
@@ -342,3 +347,21 @@ class SmtpSession:
         """Close the connection (idempotent); the session is dead from then on."""
         self.dead = True
         self.client.close()
+
+
+class _LineRecorder:
+    """The reply stream smtplib reads (``SMTP.file``), remembering the last line read
+    as it came: smtplib's getreply() drops the first 4 bytes of every line, which for a
+    malformed reply are text, not a code."""
+
+    def __init__(self, raw: Any) -> None:
+        self._raw = raw
+        self.last = b""
+
+    def readline(self, size: int = -1) -> bytes:
+        line: bytes = self._raw.readline(size)
+        self.last = line
+        return line
+
+    def close(self) -> None:
+        self._raw.close()
