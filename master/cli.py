@@ -27,10 +27,15 @@ Description
     stop       SIGTERM the master and wait until it and every child are gone; exit 0.
                Not running: "the qmgrd mail system is not running", exit 1 (as
                ``postfix stop``).
-    reload     Check both files as start does, then SIGHUP the master; exit 0.  A bad
-               file: ``qmgr-master: fatal: <file>, line <n>: ...``, exit 1, the master
-               is not signalled (it keeps its configuration; signalled directly it
-               checks again and keeps it too).  Not running: exit 1.  stop and reload
+    reload     Check both files as start does, then SIGHUP the master and wait (up to
+               RELOAD_TIMEOUT, 10 s) for its verdict in ``pid/master.reload``: exit 0
+               when it reloaded; exit 1 with ``the master refused the reload and keeps
+               its configuration: <why>`` when its own check (in its environment: a
+               user's transport module must be importable by the master) failed; no
+               answer in time: a warning, exit 0.  A bad file: ``qmgr-master: fatal:
+               <file>, line <n>: ...``, exit 1, the master is not signalled (it keeps
+               its configuration; signalled directly it checks again and keeps it
+               too).  Not running: exit 1.  stop and reload
                by a user who may not signal the master (it runs as root):
                ``qmgr-master: fatal: stop: permission denied (the master runs as root;
                run as root)``, exit 1.  For every command a missing configuration
@@ -80,7 +85,7 @@ import psutil  # type: ignore[import-untyped]
 from master.config import Config, ConfigError, Service, describe, load_configuration
 from master.daemon.control import control_path, query
 from master.daemon.master import run_master
-from master.daemon.pidfile import pid_path, running_pid
+from master.daemon.pidfile import pid_path, read_reload_verdict, running_pid
 from master.daemon.queuedirs import check_queue_dirs
 from master.daemon.spawn import wait_child
 from master.server.jail import Owner, OwnerError, lookup_mail_owner
@@ -89,6 +94,7 @@ __all__ = ["main"]
 
 PROG = "qmgr-master"
 START_TIMEOUT = 10.0
+RELOAD_TIMEOUT = 10.0  # s: how long reload waits for the master's verdict
 STOP_TIMEOUT = 15.0
 
 
@@ -286,10 +292,12 @@ def stop(ctx: click.Context) -> None:
 def reload(ctx: click.Context) -> None:
     """Make the master re-read main.cf and master.cf."""
     cfg, _ = _checked_config(ctx)
-    pid = _running(os.path.abspath(cfg.get("queue_directory")))
+    qdir = os.path.abspath(cfg.get("queue_directory"))
+    pid = _running(qdir)
     if not pid:
         _say("the qmgrd mail system is not running")
         sys.exit(1)
+    before = read_reload_verdict(qdir)
     try:
         os.kill(pid, signal.SIGHUP)
     except ProcessLookupError:
@@ -298,6 +306,18 @@ def reload(ctx: click.Context) -> None:
     except PermissionError:
         _denied("reload")
     _say("refreshing the qmgrd mail system")
+    # the master checks the files again, in its own environment: report its verdict
+    deadline = time.monotonic() + RELOAD_TIMEOUT
+    while time.monotonic() < deadline:
+        verdict = read_reload_verdict(qdir)
+        if verdict is not None and verdict != before and verdict[0] == pid:
+            if verdict[2] is not None:
+                _fatal(f"the master refused the reload and keeps its configuration: "
+                       f"{verdict[2]}")
+            sys.exit(0)
+        time.sleep(0.05)
+    _say(f"warning: no answer from the master (pid {pid}) within {RELOAD_TIMEOUT:.0f}s; "
+         "see its log")
     sys.exit(0)
 
 

@@ -43,9 +43,12 @@ class System:
         self.proc: subprocess.Popen[bytes] | None = None
         self.sessions: list[int] = []
 
-    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+    def cli(self, *args: str, pythonpath: str = "") -> subprocess.CompletedProcess[str]:
+        env = child_env()
+        if pythonpath:
+            env["PYTHONPATH"] += os.pathsep + pythonpath
         return subprocess.run([sys.executable, "-P", "-m", "master.cli", "-c", str(self.etc),
-                               *args], check=False, env=child_env(), capture_output=True,
+                               *args], check=False, env=env, capture_output=True,
                               text=True, timeout=30, stdin=subprocess.DEVNULL)
 
     def start(self) -> int:
@@ -217,3 +220,26 @@ def test_child_config_error_is_one_fatal_line(system: System) -> None:
     assert len(lines) == 1, lines
     assert lines[0].endswith(
         'fatal: -o daemon_timeout=soon: bad time value for parameter daemon_timeout: "soon"')
+
+
+def test_reload_reports_the_masters_own_verdict(system: System, tmp_path: Path) -> None:
+    """The master checks the files again in its own environment: a transport module the
+    reloading shell can import but the master cannot is refused by the master, and
+    qmgr-master reload says so (exit 1) instead of reporting success."""
+    mods = tmp_path / "mods"
+    (mods / "reload_only").mkdir(parents=True)
+    (mods / "reload_only" / "__init__.py").write_text("")
+    (mods / "reload_only" / "here.py").write_text("")
+    system.start()
+    good = system.master_cf.read_text()
+    system.master_cf.write_text(good + "mine unix - - n - - reload_only.here\n")
+    result = system.cli("reload", pythonpath=str(mods))
+    assert result.returncode == 1, result.stderr
+    assert "the master refused the reload and keeps its configuration" in result.stderr
+    assert 'command "reload_only.here": no module named reload_only' in result.stderr
+    assert system.grep("reload failed, keeping the current configuration")
+    system.master_cf.write_text(good)
+    result = system.cli("reload")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == "qmgr-master: refreshing the qmgrd mail system\n"
+    assert system.grep("reload -- version")

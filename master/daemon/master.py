@@ -80,7 +80,13 @@ from master import log
 from master.config import Config, ConfigError, Service, describe, load_configuration
 from master.config.validate import inet_hosts
 from master.daemon import control
-from master.daemon.pidfile import AlreadyRunning, PidFile, lock_path, pid_path
+from master.daemon.pidfile import (
+    AlreadyRunning,
+    PidFile,
+    lock_path,
+    pid_path,
+    write_reload_verdict,
+)
 from master.daemon.queuedirs import check_queue_dirs, unreachable_by
 from master.daemon.spawn import PosixOs, high_fd
 from master.daemon.supervisor import EndpointError, Settings, Supervisor
@@ -141,6 +147,7 @@ class Master:
         self.foreground = foreground
         self.selector = selectors.DefaultSelector()
         self.pidfile: PidFile | None = None
+        self._reloads = 0  # SIGHUPs handled (the serial of pid/master.reload)
         self.lockfile: PidFile | None = None
         self.supervisor: Supervisor | None = None
         self.control: control.ControlServer | None = None
@@ -346,8 +353,11 @@ class Master:
         return True
 
     def _reload(self, sup: Supervisor) -> None:
-        """SIGHUP: re-read and check both files; on any error keep what runs."""
+        """SIGHUP: re-read and check both files; on any error keep what runs. The verdict
+        goes to ``pid/master.reload`` (pidfile.write_reload_verdict) for qmgr-master."""
         warnings: list[str] = []
+        self._reloads += 1
+        qdir = sup.settings.queue_directory
         try:
             cfg, services = _load(self.config_directory, warnings)
             settings = settings_from(cfg, self.foreground, services,
@@ -356,11 +366,19 @@ class Master:
             for text in warnings:
                 log.warning(text)
             log.warning(f"reload failed, keeping the current configuration: {exc}")
+            self._verdict(qdir, str(exc))
             return
         for text in warnings:
             log.warning(text)
         log.info(f"reload -- version {VERSION}, configuration {self.config_directory}")
         sup.reload(settings, services)
+        self._verdict(qdir, None)
+
+    def _verdict(self, queue_directory: str, error: str | None) -> None:
+        try:
+            write_reload_verdict(queue_directory, self._reloads, error)
+        except OSError as exc:
+            log.warning(f"cannot record the reload verdict: {exc}")
 
     def _shutdown_fds(self) -> None:
         if self.control is not None:

@@ -19,6 +19,9 @@ Public API
     running_pid(path) -> int | None: the pid of the master holding the lock, None when no
         master runs (0 when the lock is held but the pid is not written yet)
     pid_path(queue_directory) -> str;  lock_path(data_directory) -> str
+    reload_path(queue_directory) -> str   ``pid/master.reload``
+    write_reload_verdict(queue_directory, serial, error)   the master, after each SIGHUP
+    read_reload_verdict(queue_directory) -> (pid, serial, error | None) | None
 
 Raises
     OSError when the file cannot be created or opened (the caller makes it fatal).
@@ -29,7 +32,8 @@ from __future__ import annotations
 import fcntl
 import os
 
-__all__ = ["AlreadyRunning", "PidFile", "lock_path", "pid_path", "running_pid"]
+__all__ = ["AlreadyRunning", "PidFile", "lock_path", "pid_path", "read_reload_verdict",
+           "reload_path", "running_pid", "write_reload_verdict"]
 
 
 class AlreadyRunning(Exception):
@@ -43,6 +47,36 @@ class AlreadyRunning(Exception):
 def pid_path(queue_directory: str) -> str:
     """``<queue_directory>/pid/master.pid``."""
     return os.path.join(queue_directory, "pid", "master.pid")
+
+
+def reload_path(queue_directory: str) -> str:
+    """``<queue_directory>/pid/master.reload``: the master's verdict on its last reload."""
+    return os.path.join(queue_directory, "pid", "master.reload")
+
+
+def write_reload_verdict(queue_directory: str, serial: int, error: str | None) -> None:
+    """Record the verdict on reload number ``serial`` of this master (``error`` None:
+    done), as one line ``<pid> <serial> ok`` or ``<pid> <serial> failed <error>``,
+    replaced atomically (so that ``qmgr-master reload`` can report what the master
+    decided). Raises OSError."""
+    path = reload_path(queue_directory)
+    line = f"{os.getpid()} {serial} " + ("ok" if error is None else f"failed {error}")
+    tmp = f"{path}.{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(line.replace("\n", " ") + "\n")
+    os.replace(tmp, path)
+
+
+def read_reload_verdict(queue_directory: str) -> tuple[int, int, str | None] | None:
+    """(pid, serial, error or None) of the last reload verdict, None when there is none
+    (or it cannot be read)."""
+    try:
+        with open(reload_path(queue_directory), encoding="utf-8") as f:
+            pid, serial, verdict = (f.readline().rstrip("\n").split(" ", 2) + ["", ""])[:3]
+        error = None if verdict == "ok" else verdict.removeprefix("failed ")
+        return int(pid), int(serial), error
+    except (OSError, ValueError):
+        return None
 
 
 def lock_path(data_directory: str) -> str:
