@@ -397,8 +397,9 @@ def test_negative_feedback_shrinks_the_window_then_kills_the_destination(
     assert len(env.agents.requests) == 5
     never_tried = [q for q in qids if q not in {r.queue_id for _, r in env.agents.requests}]
     assert len(never_tried) == 3
-    for qid in never_tried:
-        assert defer_reasons(env.spool, qid) == [("4.4.1", "connect refused")]
+    for qid in never_tried:  # Postfix's text for mail not tried at a dead destination
+        assert defer_reasons(env.spool, qid) == [
+            ("4.4.1", "delivery temporarily suspended: connect refused")]
 
 
 def test_dead_destination_cache_expires_after_minimal_backoff(tmp_path: Path) -> None:
@@ -420,7 +421,7 @@ def test_dead_destination_cache_expires_after_minimal_backoff(tmp_path: Path) ->
         sched.trigger(b"I")
         await drain(sched)
         assert len(env.agents.requests) == 3  # no attempt: the saved reason is used
-        assert defer_reasons(env.spool, late) == [("4.4.1", "connect refused")]
+        assert defer_reasons(env.spool, late) == [("4.4.1", "delivery temporarily suspended: connect refused")]
         assert env.spool.path("deferred", late) in [
             env.spool.path("deferred", x) for x in env.files("deferred")]
         env.clock.now += 99

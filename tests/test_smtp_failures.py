@@ -153,6 +153,9 @@ def test_5xx_greeting_defers(env: Env, peers: list[ScriptedPeer], tmp_path: Path
     assert reply.status == 1 and reply.hop_failed
     assert deferred_reason(env, qid) == ("host 127.0.0.1[127.0.0.1] refused to talk to me: "
                                          "554 5.7.1 go away")
+    # connected: the log names the server, as Postfix does (relay=none only when no
+    # connection was made)
+    assert f"relay=127.0.0.1[127.0.0.1]:{p.port}," in env.log()
 
 
 @pytest.mark.parametrize("steps", [

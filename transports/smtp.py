@@ -227,7 +227,9 @@ class SmtpAgent(DeliveryAgent):
         sess = SmtpSession(addr, self.params)
         try:
             sess.open()
-        except SmtpFailure:
+        except SmtpFailure as exc:
+            if sess.connected:  # greeting or EHLO failed: Postfix names the server
+                exc.relay = sess.relay
             sess.close()
             raise
         return sess
@@ -319,7 +321,7 @@ class SmtpAgent(DeliveryAgent):
                 try:
                     sess = self._session(addr)
                 except SmtpFailure as exc:
-                    self._fail(att, pending, exc, last, "none")
+                    self._fail(att, pending, exc, last, exc.relay)
                     pending = [i for i in pending if i not in att.final]
                     continue
                 self._use(sess, req, content, pending, att, last=last, dest=home,

@@ -89,6 +89,7 @@ class SmtpFailure(Exception):
         self.site = site
         self.reply = reply
         self.mta = mta
+        self.relay = "none"  # relay= of the log line: the server once connected to it
 
     def dsn(self) -> Dsn:
         """The Dsn this failure gives each recipient it applies to."""
@@ -147,6 +148,7 @@ class SmtpSession:
         self.committed = False
         self.dead = False
         self.rset_pending = False  # usable() left RSET to go first in the next pipeline
+        self.connected = False  # the TCP connection was made (relay= is this server)
         self._lines: _LineRecorder | None = None
 
     @property
@@ -176,6 +178,7 @@ class SmtpSession:
                 exc.strerror or str(exc) or type(exc).__name__)
             raise SmtpFailure("4.4.1", f"connect to {addr.relay}: {why}", site=True) from None
         self.client.sock = sock
+        self.connected = True
         self._lines = _LineRecorder(sock.makefile("rb"))
         self.client.file = self._lines
         greeting = self.call(None, p.helo_timeout, "receiving the initial server greeting",

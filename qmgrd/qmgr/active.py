@@ -32,7 +32,8 @@ Summary
     ``defer_transports`` (unless flushed) defers with ``4.3.2 deferred transport``; an
     operator's suspension of the recipient domain or nexthop (qmgrd.qmgr.suspend)
     defers with ``4.3.2 delivery to <key> suspended ...`` and a retry at its end; a dead
-    transport or destination defers with its saved status and reason (no attempt); the
+    transport defers with its saved status and reason, a dead destination with
+    ``delivery temporarily suspended: <its reason>`` (no attempt, Postfix's text); the
     queue name is the nexthop, or ``localpart@nexthop`` (address extension removed) when
     the transport's recipient limit is 1. Recipients of one message for one queue are
     batched into entries of ``<transport>_destination_recipient_limit`` (one with VERP).
@@ -75,7 +76,13 @@ from qmgrd.spool.envelope import Recipient
 from qmgrd.spool.message import CorruptQueueFile, QueueFileLocked, QueueFileNotReady
 from qmgrd.spool.queue import Spool
 
-__all__ = ["ActiveQueue", "Owner"]
+__all__ = ["ActiveQueue", "Owner", "suspended_reason"]
+
+
+def suspended_reason(reason: str) -> str:
+    """The deferral reason of mail not attempted because its destination is dead:
+    Postfix's ``delivery temporarily suspended: <the reason it died>``."""
+    return f"delivery temporarily suspended: {reason}"
 
 MAX_BATCH = 5000  # recipients per read, for latency (Postfix's cap)
 _STAT_UNTHROTTLE = stat.S_IRGRP
@@ -318,7 +325,8 @@ class ActiveQueue:
                 self.owner.unthrottle_queue(q)
                 q = t.queue_find(qname)  # an empty revived queue is forgotten at once
             if q is not None and q.dead:
-                deferred.setdefault((q.dead_status, q.dead_reason), []).append(rcpt)
+                deferred.setdefault((q.dead_status, suspended_reason(q.dead_reason)),
+                                    []).append(rcpt)
                 continue
             if q is None:
                 q = t.queue_obtain(qname, res.nexthop)

@@ -91,7 +91,7 @@ from qmgrd.delivery import (
     RecipientInfo,
 )
 from qmgrd.flow import flow_put, flow_topup
-from qmgrd.qmgr.active import ActiveQueue
+from qmgrd.qmgr.active import ActiveQueue, suspended_reason
 from qmgrd.qmgr.client import AgentClient, TransportUnavailable
 from qmgrd.qmgr.completion import Completion
 from qmgrd.qmgr.destqueue import DestQueue
@@ -281,7 +281,7 @@ class Scheduler:
         q.dead_status, q.dead_reason = _soft(status or "4.4.1"), reason
         self.dead_queues.add(q)
         self.timers.request(("queue", q), q.dead_until, lambda: self.unthrottle_queue(q))
-        self._defer_todo(q, q.dead_status, reason)
+        self._defer_todo(q, q.dead_status, suspended_reason(reason))
 
     def unthrottle_queue(self, q: DestQueue) -> None:
         """Forget that ``q`` is dead: window = busy deliveries, else the initial one."""
