@@ -67,8 +67,10 @@ def clean_log(ms: MailSystem) -> None:
 def test_delete_while_the_delivery_is_in_flight(scenario: Setup) -> None:
     ms, scen = scenario({"slow.example": "accept", "ok.example": "accept"})
     qmgr = ms.children("qmgr")[0].pid
+    # the peer holds the delivery 12 s: room for the listing, five injections and the
+    # delete on a loaded machine while it is still in flight
     r = ms.sendmail("-i", "-f", SENDER, "x@slow.example",
-                    data=msg("slow", 0, "X-Scenario-Delay: 6\n"))
+                    data=msg("slow", 0, "X-Scenario-Delay: 12\n"))
     assert r.returncode == 0, r.stderr
     wait_for(lambda: scen.stats()["slow.example"]["current"] >= 1, 20,
              "the slow delivery to start")
