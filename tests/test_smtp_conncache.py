@@ -92,6 +92,8 @@ async def session(r, w):
                         break
                     if body.lower().startswith(b"message-id:"):
                         mid = body[11:].strip().decode("ascii", "replace")
+                if not body:  # lost before the final dot: no message (RFC 5321 4.1.1.4)
+                    break
                 ev(c, "msg", mid=mid)
                 w.write(b"250 2.0.0 Ok: queued\r\n")
             elif verb == "RSET":
