@@ -62,6 +62,7 @@ from common import (
     count_files,
     postfix_available,
     scaled,
+    tree_cpu,
     wait_for,
 )
 
@@ -112,17 +113,7 @@ def _system_cpu(inst: Instance) -> float:
     """CPU seconds used so far by the whole mail system: the master, the children it
     has reaped, and its live children (with the children they reaped)."""
     pid = inst.ms.master_pid if isinstance(inst, QmgrdInstance) else inst.master_pid()
-    if pid is None:
-        return 0.0
-    master = psutil.Process(pid)
-    total = 0.0
-    for p in (master, *master.children()):
-        try:
-            t = p.cpu_times()
-        except psutil.Error:
-            continue
-        total += t.user + t.system + t.children_user + t.children_system
-    return total
+    return 0.0 if pid is None else tree_cpu(pid)
 
 
 # --------------------------------------------------------------------------- drain

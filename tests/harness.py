@@ -337,14 +337,18 @@ MakeSystem = Callable[..., MailSystem]  # the type of the ``mailsys`` fixture
 
 
 def terminate(proc: subprocess.Popen[Any], grace: float = 5.0) -> None:
-    """SIGTERM ``proc`` if it still runs, wait up to ``grace`` s, then SIGKILL and reap."""
+    """SIGTERM ``proc`` if it still runs, wait up to ``grace`` s (0: SIGKILL at once),
+    then SIGKILL and reap; its stdout pipe, if any, is closed."""
     if proc.poll() is None:
-        proc.terminate()
+        if grace > 0:
+            proc.terminate()
         try:
             proc.wait(timeout=grace)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+    if proc.stdout is not None:
+        proc.stdout.close()
 
 
 def spawn_sendmail(ms: MailSystem, args: list[str], data: bytes) -> subprocess.Popen[bytes]:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import MailSystem, fill_deferred, free_port, wait_for
+from harness import MailSystem, fill_deferred, free_port, terminate, wait_for
 from test_agent_support import (
     Env,
     close_log,  # noqa: F401 - autouse fixture
@@ -170,11 +170,7 @@ class Peer:
         return bool(opened) and opened == quits == self.closed()
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-        assert self.proc.stdout is not None
-        self.proc.stdout.close()
+        terminate(self.proc, grace=0)
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import free_port, wait_for
+from harness import free_port, terminate, wait_for
 from test_agent_support import (
     Env,
     close_log,  # noqa: F401 - autouse fixture
@@ -77,11 +77,7 @@ class ScriptedPeer:
         return got
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-        assert self.proc.stdout is not None
-        self.proc.stdout.close()
+        terminate(self.proc, grace=0)
 
 
 @pytest.fixture
