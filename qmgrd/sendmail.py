@@ -47,7 +47,7 @@ Options
     -N notify   DSN NOTIFY: never, or a comma list of success, delay, failure
     -R full|hdrs  DSN RET
     -V envid    DSN ENVID: 1-100 printable ASCII characters without space (RFC 3461)
-    -bm, -v     accepted and ignored;  --  ends the options
+    -bm, -v, -X log_file   accepted and ignored;  --  ends the options
 
 Exit status (sysexits)
     0 queued; 64 EX_USAGE bad option, malformed address or envelope id, no recipients
@@ -80,7 +80,7 @@ EX_CANTCREAT = 73
 EX_TEMPFAIL = 75
 EX_CONFIG = 78
 PROG = "qmgr-sendmail"
-_WITH_ARG = "cfFNRV"
+_WITH_ARG = "cfFNRVX"
 
 
 class _Fatal(Exception):
@@ -171,6 +171,8 @@ def _parse(argv: list[str]) -> _Options:
                     o.sender = rest
                 elif opt == "F":
                     o.fullname = rest
+                elif opt == "X":
+                    pass  # -X log_file: sendmail's traffic log, ignored (as Postfix does)
                 else:
                     _dsn_option(o, opt, rest)
             except ValueError as exc:

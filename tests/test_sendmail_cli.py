@@ -90,6 +90,14 @@ def test_defaults_oi_and_attached_args(confdir: Path, monkeypatch: pytest.Monkey
     assert msg.sender == "bob" and msg.fullname == "x" and msg.content == b".\n"
 
 
+def test_traffic_log_option_is_ignored(confdir: Path) -> None:
+    """-X log_file (sendmail's traffic log) is accepted and ignored, as Postfix does."""
+    log = confdir / "traffic.log"
+    assert sendmail(confdir, ["-X", str(log), "-X/dev/null", "r@example.net"], b"x")[0] == 0
+    _, msg = only_message(confdir)
+    assert [r.address for r in msg.recipients] == ["r@example.net"] and not log.exists()
+
+
 def test_default_sender_is_login_name(confdir: Path) -> None:
     assert sendmail(confdir, ["r@example.net"], b"x")[0] == 0
     _, msg = only_message(confdir)
