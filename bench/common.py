@@ -63,6 +63,7 @@ from qmgrd.spool.queue import Spool
 from qmgrd.spool.queueid import new_long_id
 from qmgrd.trigger import send_trigger
 from tests.harness import PY, MailSystem
+from tests.harness import wait_for as harness_wait_for
 from tests.tools.smtpd_system import master_cf_with_smtpd
 
 SCALE = float(os.environ.get("BENCH_SCALE", "1") or "1")
@@ -78,15 +79,9 @@ def scaled(n: int) -> int:
 
 def wait_for(cond: Callable[[], object], timeout: float, what: str,
              interval: float = 0.02) -> object:
-    """Poll ``cond`` until truthy; RuntimeError after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
+    """tests.harness.wait_for with RuntimeError after ``timeout`` seconds (an invalid
+    benchmark round, not a failed test)."""
+    return harness_wait_for(cond, timeout, what, interval, error=RuntimeError)
 
 
 def count_files(path: Path) -> int:

@@ -70,15 +70,16 @@ def free_port() -> int:
 
 
 def wait_for(cond: Callable[[], object], timeout: float, what: str = "condition",
-             interval: float = 0.05) -> object:
-    """Poll ``cond`` until it returns a truthy value; AssertionError after ``timeout`` s."""
+             interval: float = 0.05, error: type[Exception] = AssertionError) -> object:
+    """Poll ``cond`` every ``interval`` s until it returns a truthy value (returned);
+    ``error`` (AssertionError) after ``timeout`` s."""
     deadline = time.monotonic() + timeout
     while True:
         v = cond()
         if v:
             return v
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+            raise error(f"timed out after {timeout:g}s waiting for {what}")
         time.sleep(interval)
 
 

@@ -28,13 +28,12 @@ Logs ``<qid>: postmaster <klass> notification: <new id>`` and warnings.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from master import log
 from qmgrd.spool.cleanup import Cleanup, CleanupError
 from qmgrd.spool.envelope import Envelope, Recipient
+from qmgrd.spool.owner import as_owner
 from qmgrd.spool.queue import Spool
 
 if TYPE_CHECKING:
@@ -48,26 +47,6 @@ _WHAT = {
     "resource": "a resource problem (for example a file that could not be written)",
     "software": "a software problem (a delivery agent failed)",
 }
-
-
-@contextmanager
-def _as_queue_owner(spool: Spool) -> Iterator[None]:
-    """As root: the effective uid/gid of the owner of ``incoming/`` for the block."""
-    if os.geteuid() != 0:
-        yield
-        return
-    st = os.stat(spool.queue_path("incoming"))
-    if st.st_uid == 0:
-        yield
-        return
-    egid = os.getegid()
-    os.setegid(st.st_gid)
-    os.seteuid(st.st_uid)
-    try:
-        yield
-    finally:
-        os.seteuid(0)
-        os.setegid(egid)
 
 
 def error_notice(cfg: Config, spool: Spool, klass: str, *, service: str, qid: str,
@@ -103,7 +82,7 @@ def error_notice(cfg: Config, spool: Spool, klass: str, *, service: str, qid: st
     data = (head + body).encode("utf-8", "surrogateescape")
     env = Envelope(sender=double_bounce, recipients=[Recipient(to)])
     try:
-        with _as_queue_owner(spool):
+        with as_owner(os.stat(spool.queue_path("incoming"))):
             new_id = Cleanup(cfg, spool).submit(env, data, origin="bounce")
     except (OSError, CleanupError) as exc:
         log.warning(f"{qid}: cannot post the postmaster {klass} notice: {exc}")

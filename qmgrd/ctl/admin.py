@@ -71,6 +71,7 @@ from qmgrd.ctl.showq import QueueEntry, scan
 from qmgrd.qmgr import control
 from qmgrd.qmgr.admin import ABSENT, BUSY, DONE, apply_file
 from qmgrd.qmgr.suspend import Suspension, suspend_path, update
+from qmgrd.spool.owner import as_owner
 from qmgrd.spool.queue import Spool
 from qmgrd.spool.queueid import valid_id
 from qmgrd.trigger import (
@@ -125,17 +126,8 @@ def privileged(spool: Spool, what: str) -> Iterator[None]:
                                 f"owner (mail_owner, uid {st.st_uid}) may change the queue")
         yield
         return
-    if st.st_uid == 0:
+    with as_owner(st):
         yield
-        return
-    old_gid = os.getegid()
-    os.setegid(st.st_gid)
-    os.seteuid(st.st_uid)
-    try:
-        yield
-    finally:
-        os.seteuid(0)
-        os.setegid(old_gid)
 
 
 def parse_ids(args: Iterable[str], stdin: IO[str] | None) -> list[str]:
