@@ -40,6 +40,7 @@ def _inheritable(fd: int) -> bool:
 
 def test_forked_child_has_exactly_its_descriptors_default_signals_and_env(
         tmp_path: Path) -> None:
+    sys.modules.pop("tests.services.fork_probe", None)  # not loaded: run as __main__
     report = tmp_path / "report.json"
     r, w = os.pipe()
     a, b = socket.socketpair()
@@ -75,6 +76,20 @@ def test_forked_child_has_exactly_its_descriptors_default_signals_and_env(
     assert got["generation"] == "42" and got["env_marker"] == "yes"
     assert got["argv"] == [str(report), "x"]
     assert got["main_name"] == "__main__" and got["spec"] == "tests.services.fork_probe"
+
+
+def test_a_loaded_module_main_is_called_without_running_its_body_again(
+        tmp_path: Path) -> None:
+    import tests.services.fork_probe as probe
+
+    report = tmp_path / "report.json"
+    argv = [sys.executable, "-P", "-m", "tests.services.fork_probe", str(report)]
+    pid = forkspawn.fork_child("tests.services.fork_probe", argv, 3, [], dict(os.environ))
+    assert _reap(pid) == 7
+    got = json.loads(report.read_text())
+    # the master's module object: its main() ran, its body was not executed again
+    assert got["main_name"] == probe.__name__ == "tests.services.fork_probe"
+    assert got["argv"] == [str(report)] and got["generation"] == "3"
 
 
 def test_only_our_own_importable_services_are_forked() -> None:

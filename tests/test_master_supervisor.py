@@ -568,3 +568,36 @@ def test_several_listeners_are_all_passed_with_s(fos: FakeOs, flog: FakeLog) -> 
     assert "-s" not in fos.spawned[-1][1] and len(fos.spawned[-1][3]) == 4
     sup.close_all()
     assert set(fds) <= set(fos.closed)
+
+
+def test_idle_count_kept_equals_a_walk_over_the_children(fos: FakeOs, flog: FakeLog) -> None:
+    """The count the master asks for after every status record is kept up to date by
+    spawn, status, reap and reload, never recounted: it must match a walk at every step."""
+    import random
+
+    rng = random.Random(8)
+    sup = make(fos, svc("echo", maxproc=6))
+
+    def walked(st: supmod.ServiceState) -> int:
+        return sum(1 for c in st.children.values()
+                   if c.avail and c.generation == st.generation)
+
+    for _ in range(400):
+        st = st_of(sup, "echo")
+        pids = list(st.children)
+        step = rng.choice(["connect", "busy", "idle", "idle", "exit", "reload"])
+        if step == "connect":
+            if fos.listeners["echo"] in sup.wanted_listeners():
+                sup.on_listener_ready(fos.listeners["echo"])
+        elif step in ("busy", "idle") and pids:
+            pid = rng.choice(pids)
+            if st.children[pid].generation == st.generation:
+                report(fos, sup, "echo", pid, 0 if step == "busy" else 1)
+        elif step == "exit" and pids:
+            fos.exits.append((rng.choice(pids), 0))
+            sup.reap()
+        elif step == "reload" and rng.random() < 0.2:
+            sup.reload(sup.settings, [svc("echo", maxproc=6)])
+        st = st_of(sup, "echo")
+        assert st.idle_count() == walked(st), step
+    assert fos.spawned  # the walk did spawn, report and reap

@@ -153,6 +153,7 @@ class ServiceState:
     used: bool = False
     removed: bool = False
     limit_warned: float | None = None  # monotonic time of the last process-limit warning
+    idle: int = 0  # children of the current generation with avail set (kept by the methods)
 
     @property
     def name(self) -> str:
@@ -164,9 +165,35 @@ class ServiceState:
         return self.listen_fds[0] if self.listen_fds else None
 
     def idle_count(self) -> int:
-        """Idle children of the current generation."""
-        return sum(1 for c in self.children.values()
-                   if c.avail and c.generation == self.generation)
+        """Idle children of the current generation (a count kept up to date by
+        add_child / drop_child / set_avail / new_generation: the master asks for it after
+        every status record, so it must not walk the children)."""
+        return self.idle
+
+    def add_child(self, child: Child) -> None:
+        """A new child (counted idle, as Postfix's master does until it reports)."""
+        self.children[child.pid] = child
+        if child.avail and child.generation == self.generation:
+            self.idle += 1
+
+    def drop_child(self, pid: int) -> None:
+        """A reaped child."""
+        child = self.children.pop(pid, None)
+        if child is not None and child.avail and child.generation == self.generation:
+            self.idle -= 1
+
+    def set_avail(self, child: Child, avail: bool) -> None:
+        """A status record of ``child`` (of the current generation)."""
+        if child.avail != avail and child.generation == self.generation:
+            self.idle += 1 if avail else -1
+        child.avail = avail
+
+    def new_generation(self, generation: int) -> None:
+        """Reload: every child belongs to an older generation and is no longer idle."""
+        for child in self.children.values():
+            child.avail = False
+        self.generation = generation
+        self.idle = 0
 
     def wants_listener(self, stopping: bool) -> bool:
         """True while the listener must be watched for on-demand spawning (§3.5)."""
@@ -310,7 +337,7 @@ class Supervisor:
             if child is None:
                 continue
             st = child.service
-            st.children.pop(pid, None)
+            st.drop_child(pid)
             self._rewake(st)
             if code == 0 or (code < 0 and -code == child.signalled):
                 continue  # a clean exit, or the end we asked for
@@ -416,10 +443,8 @@ class Supervisor:
         qdir = self.settings.queue_directory
         old = st.service
         self._close_status(st)
-        for child in st.children.values():
-            child.avail = False
+        st.new_generation(self.generation)
         st.service = svc
-        st.generation = self.generation
         st.throttled_until = None
         st.status_fd, st.status_child_fd = self.os.open_status()
         if old.endpoint(qdir) != svc.endpoint(qdir) and st.listen_fds:
@@ -465,7 +490,7 @@ class Supervisor:
             self._throttle(st)
             return
         child = Child(pid, st, st.generation, started=self.os.monotonic())
-        st.children[pid] = child
+        st.add_child(child)
         self.children[pid] = child
         st.used = True
         self._check_limit(st)
@@ -493,9 +518,9 @@ class Supervisor:
         if avail == STATUS_IDLE:
             if not child.avail:
                 child.use_count += 1
-            child.avail = True
+            st.set_avail(child, True)
         elif avail == STATUS_BUSY:
-            child.avail = False
+            st.set_avail(child, False)
             self._check_limit(st)
         else:
             log.warning(f"{st.name}: pid {pid}: bad status {avail}")
