@@ -118,15 +118,18 @@ def _config(ctx: click.Context) -> Config:
         _fatal(str(exc))
 
 
-def _checked_config(ctx: click.Context, warn: bool = True) -> tuple[Config, list[Service]]:
+def _checked_config(ctx: click.Context, warn: bool = True,
+                    modules: bool = True) -> tuple[Config, list[Service]]:
     """main.cf and master.cf fully checked (master.config.validate), as the master will
-    check them; warnings printed (with ``warn``); an error is fatal (exit 1)."""
+    check them (``modules`` False: without looking for the services' modules - reload
+    leaves that to the running master, whose environment may differ from ours);
+    warnings printed (with ``warn``); an error is fatal (exit 1)."""
     def say_warning(text: str) -> None:
         if warn:
             _say(f"warning: {text}")
 
     try:
-        return load_configuration(ctx.obj, say_warning)
+        return load_configuration(ctx.obj, say_warning, modules=modules)
     except ConfigError as exc:
         _fatal(str(exc))
 
@@ -291,7 +294,7 @@ def stop(ctx: click.Context) -> None:
 @click.pass_context
 def reload(ctx: click.Context) -> None:
     """Make the master re-read main.cf and master.cf."""
-    cfg, _ = _checked_config(ctx)
+    cfg, _ = _checked_config(ctx, modules=False)
     qdir = os.path.abspath(cfg.get("queue_directory"))
     pid = _running(qdir)
     if not pid:

@@ -51,12 +51,15 @@ class System:
                                *args], check=False, env=env, capture_output=True,
                               text=True, timeout=30, stdin=subprocess.DEVNULL)
 
-    def start(self) -> int:
+    def start(self, pythonpath: str = "") -> int:
         """A foreground master in its own session; returns its pid once started."""
+        env = child_env()
+        if pythonpath:
+            env["PYTHONPATH"] += os.pathsep + pythonpath
         with open(self.base / "stderr", "ab") as err:
             self.proc = subprocess.Popen(
                 [sys.executable, "-P", "-m", "master.cli", "-c", str(self.etc), "start",
-                 "--foreground"], env=child_env(), start_new_session=True,
+                 "--foreground"], env=env, start_new_session=True,
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
         self.sessions.append(self.proc.pid)
         wait_for(lambda: self.grep("daemon started"), what="daemon started")
@@ -243,3 +246,26 @@ def test_reload_reports_the_masters_own_verdict(system: System, tmp_path: Path) 
     assert result.returncode == 0, result.stderr
     assert result.stderr == "qmgr-master: refreshing the qmgrd mail system\n"
     assert system.grep("reload -- version")
+
+
+def test_reload_leaves_the_module_check_to_the_master(system: System, tmp_path: Path) -> None:
+    """A transport module that only the master can import (it was started with the
+    PYTHONPATH the module needs, the reloading shell was not) is accepted: the master
+    judges the modules in its own environment. A syntax error is still caught first."""
+    mods = tmp_path / "mods"
+    (mods / "master_only").mkdir(parents=True)
+    (mods / "master_only" / "__init__.py").write_text("")
+    (mods / "master_only" / "agent.py").write_text("")
+    system.start(pythonpath=str(mods))
+    generation = system.echo().split()[2]
+    good = system.master_cf.read_text()
+    system.master_cf.write_text(good + "mine unix - - n - - master_only.agent\n")
+    result = system.cli("reload")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == "qmgr-master: refreshing the qmgrd mail system\n"
+    wait_for(lambda: system.grep("reload -- version"), what="reload")
+    assert system.echo().split()[2] != generation
+    system.master_cf.write_text(good + "mine unix - - n - - master_only.agent -o x\n")
+    result = system.cli("reload")
+    assert result.returncode == 1 and "line 2" in result.stderr, result.stderr
+    system.master_cf.write_text(good)

@@ -98,16 +98,19 @@ TABLE_PARAMS: tuple[str, ...] = ("transport_maps",)
 
 
 def load_configuration(config_directory: str, warn: Warn | None = None,
-                       euid: int | None = None) -> tuple[Config, list[Service]]:
+                       euid: int | None = None, *, modules: bool = True
+                       ) -> tuple[Config, list[Service]]:
     """Load and fully check main.cf and master.cf of ``config_directory`` (module
-    docstring); ``euid`` (default: ours) is the user the master runs as.  Raises
-    ConfigError, naming file and line."""
+    docstring); ``euid`` (default: ours) is the user the master runs as.  ``modules``
+    False leaves out whether each service's module can be found (module_problem): that
+    depends on the environment, and a running master checks it in its own on reload.
+    Raises ConfigError, naming file and line."""
     cfg = Config.load(config_directory)
     cfg.check()
     check_tables(cfg, warn=warn)
     check_mail_owner(cfg, euid)
     services = load_master_cf(os.path.join(cfg.config_directory, "master.cf"), cfg, warn)
-    check_services(cfg, services, warn)
+    check_services(cfg, services, warn, modules=modules)
     return cfg, services
 
 
@@ -141,15 +144,17 @@ def _param_error(cfg: Config, name: str, message: str) -> ConfigError:
     return err
 
 
-def check_services(cfg: Config, services: Sequence[Service], warn: Warn | None = None) -> None:
+def check_services(cfg: Config, services: Sequence[Service], warn: Warn | None = None,
+                   *, modules: bool = True) -> None:
     """check_service() for each service, in master.cf order.  Raises ConfigError."""
     for svc in services:
-        check_service(cfg, svc, warn)
+        check_service(cfg, svc, warn, modules=modules)
 
 
-def check_service(cfg: Config, svc: Service, warn: Warn | None = None) -> None:
-    """Check one master.cf service against ``cfg`` (module docstring).  Raises ConfigError
-    ``"<master.cf>, line <n>: <what>"``."""
+def check_service(cfg: Config, svc: Service, warn: Warn | None = None, *,
+                  modules: bool = True) -> None:
+    """Check one master.cf service against ``cfg`` (module docstring); ``modules``: see
+    load_configuration.  Raises ConfigError ``"<master.cf>, line <n>: <what>"``."""
     if warn is not None:
         for name, value in svc.overrides.items():
             if not _is_used(cfg, svc, name):
@@ -161,7 +166,7 @@ def check_service(cfg: Config, svc: Service, warn: Warn | None = None) -> None:
     except ConfigError as exc:
         message = exc.message if exc.path is None else str(exc)
         raise ConfigError(message, svc.path or None, svc.line or None) from None
-    problem = module_problem(svc.module)
+    problem = module_problem(svc.module) if modules else None
     if problem is not None:
         raise ConfigError(f'command "{svc.command}": {problem}', svc.path or None,
                           svc.line or None)
