@@ -174,7 +174,7 @@ def test_master_stop_reload_permission_denied(q: Q, monkeypatch: pytest.MonkeyPa
         raise PermissionError(1, "Operation not permitted")
 
     monkeypatch.setattr(master_cli, "_checked_config",
-                        lambda ctx, warn=True: (Config.load(str(q.etc)), []))
+                        lambda ctx, warn=True, modules=True: (Config.load(str(q.etc)), []))
     monkeypatch.setattr(master_cli.os, "kill", kill)
     code, err = _master(q, "reload")
     assert code == 1 and "reload: permission denied" in err and "Traceback" not in err

@@ -87,8 +87,10 @@ def test_a_loaded_module_main_is_called_without_running_its_body_again(
     pid = forkspawn.fork_child("tests.services.fork_probe", argv, 3, [], dict(os.environ))
     assert _reap(pid) == 7
     got = json.loads(report.read_text())
-    # the master's module object: its main() ran, its body was not executed again
+    # the master's module object: its main() ran, its body was not executed again, and
+    # it is __main__ (the skeleton names the process - log tag, parameters - after it)
     assert got["main_name"] == probe.__name__ == "tests.services.fork_probe"
+    assert got["spec"] == "tests.services.fork_probe"
     assert got["argv"] == [str(report)] and got["generation"] == "3"
 
 

@@ -26,7 +26,9 @@ Summary
     4. ``GENERATION`` in the environment, ``sys.argv`` as ``-m`` would set it;
     5. the service module's ``main()`` - the module object the master imported, so
        its body is not executed again (that cost each child about 4 ms of CPU and
-       0.7 MiB of pages of its own); a module without ``main()`` is run by
+       0.7 MiB of pages of its own), made ``sys.modules["__main__"]`` (the skeleton
+       names the process - log tag, ``<process_name>_*`` parameters - after
+       ``__main__``'s spec); a module without ``main()`` is run by
        ``runpy.run_module(module, run_name="__main__", alter_sys=True)`` exactly as
        under ``python -m`` - and ``os._exit`` with its exit status. The child never
        returns into the master's code, and no exit handler or finaliser of the master
@@ -149,10 +151,11 @@ def _child(module: str, args: list[str], generation: int, fds: list[int],
         spec = importlib.util.find_spec(module)
         origin = spec.origin if spec is not None and spec.origin else module
         sys.argv = [origin, *args]
-        main = getattr(sys.modules.get(module + ".__main__") or sys.modules.get(module),
-                       "main", None)
-        if callable(main):
-            main()
+        loaded = sys.modules.get(module + ".__main__") or sys.modules.get(module)
+        main = getattr(loaded, "main", None)
+        if loaded is not None and callable(main):
+            sys.modules["__main__"] = loaded  # as runpy would: the skeleton names the
+            main()                            # process after __main__'s spec
         else:
             runpy.run_module(module, run_name="__main__", alter_sys=True)
         code = 0

@@ -40,10 +40,10 @@ Summary
     and tell the qmgr; ``resume`` then flushes the mail deferred by that suspension.
 
 Public API
-    NotPrivileged(Exception); BadIds(ValueError)
-    QUEUES_FOR: dict action -> queues searched (postsuper's defaults)
-    privileged(spool, what) -> ContextManager[None]        NotPrivileged
-    parse_ids(args, stdin) -> list[str]                    BadIds (nothing done)
+    NotPrivileged(Exception); BadIds(ValueError)           (from qmgrd.ctl.guard)
+    QUEUES_FOR: dict action -> queues searched (postsuper's defaults; qmgrd.ctl.queues)
+    privileged(spool, what) -> ContextManager[None]        NotPrivileged (guard)
+    parse_ids(args, stdin) -> list[str]                    BadIds, nothing done (guard)
     Report(qid, queue, result, text)                       one line of output ("" = none)
     NOOP                                                   result: nothing to do, silent
     Admin(spool, action, *, dry_run=False, wait=10.0)
@@ -58,22 +58,20 @@ Logs (maillog, when the caller set it up) postsuper's lines for files changed he
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import IO
 
+from qmgrd.ctl.guard import BadIds, NotPrivileged, parse_ids, privileged
+from qmgrd.ctl.queues import QUEUES_FOR
 from qmgrd.ctl.select import Selector, domain_matches, recipient_domain
 from qmgrd.ctl.showq import QueueEntry, scan
 from qmgrd.qmgr import control
 from qmgrd.qmgr.admin import ABSENT, BUSY, DONE, apply_file
 from qmgrd.qmgr.suspend import Suspension, suspend_path, update
-from qmgrd.spool.owner import as_owner
 from qmgrd.spool.queue import Spool
-from qmgrd.spool.queueid import valid_id
 from qmgrd.trigger import (
     QMGR_REQ_FLUSH_DEAD,
     QMGR_REQ_SCAN_DEFERRED,
@@ -84,12 +82,6 @@ from qmgrd.trigger import (
 __all__ = ["NOOP", "QUEUES_FOR", "Admin", "BadIds", "NotPrivileged", "Report", "flush_ids",
            "flush_site", "parse_ids", "privileged", "resume", "select_targets", "suspend"]
 
-QUEUES_FOR = {
-    "delete": ("hold", "incoming", "active", "deferred"),
-    "hold": ("incoming", "active", "deferred"),
-    "release": ("hold",),
-    "requeue": ("hold", "incoming", "active", "deferred"),
-}
 DONE_TEXT = {"delete": "removed", "hold": "placed on hold", "release": "released from hold",
              "requeue": "requeued"}
 PENDING_TEXT = {"delete": "deleted", "hold": "held", "requeue": "requeued",
@@ -99,70 +91,6 @@ SUMMARY = {"delete": "Deleted", "hold": "Placed on hold", "release": "Released f
 NOOP = "noop"
 _ROUNDS = 3
 _BATCH = 5000
-_MAX_STDIN_IDS = 1_000_000
-
-
-class NotPrivileged(Exception):
-    """The caller is neither root nor the queue's owner."""
-
-
-class BadIds(ValueError):
-    """Some queue ids given by the user are not valid ids (nothing was done)."""
-
-
-@contextlib.contextmanager
-def privileged(spool: Spool, what: str) -> Iterator[None]:
-    """Run the block as the queue's owner (see module docstring).
-
-    Raises:
-        NotPrivileged: neither root nor the owner of the queue.
-        OSError: the queue directory cannot be examined.
-    """
-    st = os.stat(spool.queue_path("active"))
-    euid = os.geteuid()
-    if euid != 0:
-        if euid != st.st_uid:
-            raise NotPrivileged(f"{what}: permission denied: only root and the mail queue "
-                                f"owner (mail_owner, uid {st.st_uid}) may change the queue")
-        yield
-        return
-    with as_owner(st):
-        yield
-
-
-def parse_ids(args: Iterable[str], stdin: IO[str] | None) -> list[str]:
-    """The queue ids of ``args`` (``-``: read more from ``stdin``), deduplicated.
-
-    Raises:
-        BadIds: one or more are not valid queue ids (the first five in the text, each as
-            an escaped ASCII literal of at most 40 bytes).
-    """
-    ids: list[str] = []
-    for arg in args:
-        if arg == "-" and stdin is not None:
-            raw = getattr(stdin, "buffer", None)
-            text = (raw.read().decode("utf-8", "surrogateescape") if raw is not None
-                    else stdin.read())
-            for n, token in enumerate(text.split()):
-                if n >= _MAX_STDIN_IDS:
-                    raise BadIds("too many queue ids on standard input")
-                ids.append(token.rstrip("*!#"))
-        else:
-            ids.append(arg)
-    bad = [i for i in ids if not valid_id(i)]
-    if bad:
-        shown = ", ".join(_escaped(b) for b in bad[:5])
-        more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
-        raise BadIds(f"invalid queue id: {shown}{more}")
-    return list(dict.fromkeys(ids))
-
-
-def _escaped(text: str, limit: int = 40) -> str:
-    """``text`` as an ASCII Python literal (control characters, escape sequences and
-    undecodable bytes escaped), at most ``limit`` characters of it, "..." when cut."""
-    raw = text.encode("utf-8", "surrogateescape")
-    shown = ascii(raw[:limit].decode("utf-8", "surrogateescape"))
-    return shown + ("..." if len(raw) > limit else "")
 
 
 @dataclass

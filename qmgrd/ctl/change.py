@@ -13,17 +13,21 @@ Public API
     COMMANDS: list[click.Command]       registered on the qmgr-ctl group by cli.py
     flush_some(ctx, site, ids, batch, pace) -> None     flush --site / --id
     MAX_SUSPEND_FOR = 365 days (seconds): suspend --for longer exits 64
+
+Declaring the commands needs only click, qmgrd.ctl.common and qmgrd.ctl.queues, so that
+the other qmgr-ctl commands start fast (issue 8). A command checks its arguments with light
+modules (qmgrd.ctl.guard, qmgrd.ctl.select); the work, qmgrd.ctl.admin (asyncio for the
+qmgr-control client), is loaded by common.changing once the caller may change the queue.
 """
 
 from __future__ import annotations
 
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from qmgrd.ctl import admin
 from qmgrd.ctl.common import (
     EX_DATAERR,
     EX_NOINPUT,
@@ -40,9 +44,10 @@ from qmgrd.ctl.common import (
     settings,
     warn,
 )
-from qmgrd.ctl.select import parse_age
-from qmgrd.qmgr.admin import ABSENT, BUSY
-from qmgrd.qmgr.suspend import MAX_REASON, valid_key
+from qmgrd.ctl.queues import QUEUES_FOR
+
+if TYPE_CHECKING:
+    from qmgrd.ctl.admin import Report
 
 __all__ = ["COMMANDS", "MAX_SUSPEND_FOR", "flush_some"]
 
@@ -57,7 +62,9 @@ _HELP = {
 }
 
 
-def _exit_code(reports: list[admin.Report]) -> int:
+def _exit_code(reports: list[Report]) -> int:
+    from qmgrd.qmgr.admin import ABSENT, BUSY
+
     results = {r.result for r in reports}
     if BUSY in results or "error" in results or "pending" in results:
         return EX_TEMPFAIL
@@ -66,7 +73,9 @@ def _exit_code(reports: list[admin.Report]) -> int:
     return EX_OK
 
 
-def _print(reports: list[admin.Report]) -> None:
+def _print(reports: list[Report]) -> None:
+    from qmgrd.qmgr.admin import ABSENT, BUSY
+
     for r in reports:
         if not r.text:  # admin.NOOP: hold of a message already on hold (postsuper: silent)
             continue
@@ -80,7 +89,7 @@ def _make(action: str) -> click.Command:
     @click.command(action, help=f"""{_HELP[action]}
 
 IDs are queue ids; "-" reads ids from standard input; ALL (upper case) selects every
-message of the queues ({", ".join(admin.QUEUES_FOR[action])}); the selectors select
+message of the queues ({", ".join(QUEUES_FOR[action])}); the selectors select
 (and, with ids, narrow) the messages as in list. Active mail is changed by the qmgr
 when its delivery in progress ends.
 {EXIT_HELP}""")
@@ -92,6 +101,8 @@ when its delivery in progress ends.
     @click.pass_context
     def command(ctx: click.Context, /, dry_run: bool, wait: float, ids: tuple[str, ...],
                 **sel: Any) -> None:
+        from qmgrd.ctl.guard import BadIds, parse_ids
+
         cfg = load(ctx)
         spool, _, _ = settings(ctx, cfg)
         selector = make_selector(ctx, **sel)
@@ -100,15 +111,17 @@ when its delivery in progress ends.
             fatal(ctx, EX_USAGE, "ALL cannot be combined with queue ids")
         if not ids and not selector.active:
             fatal(ctx, EX_USAGE, f"{action}: name the messages: ID..., -, ALL or selectors")
-        bad = [q for q in selector.queues if q not in admin.QUEUES_FOR[action]
+        bad = [q for q in selector.queues if q not in QUEUES_FOR[action]
                and not (action == "delete" and q == "maildrop")]
         if bad:
             fatal(ctx, EX_USAGE, f"{action}: not for the {bad[0]} queue")
         try:
-            named = [] if everything else admin.parse_ids(ids, sys.stdin)
-        except admin.BadIds as exc:
+            named = [] if everything else parse_ids(ids, sys.stdin)
+        except BadIds as exc:
             fatal(ctx, EX_DATAERR, str(exc))
         with changing(ctx, cfg, spool, action):
+            from qmgrd.ctl import admin  # loaded by changing()
+
             targets = admin.select_targets(spool, action, named, everything, selector)
             runner = admin.Admin(spool, action, dry_run=dry_run, wait=wait)
             reports = runner.run(targets)
@@ -128,6 +141,8 @@ when its delivery in progress ends.
 
 
 def _key(ctx: click.Context, text: str) -> str:
+    from qmgrd.qmgr.suspend import valid_key
+
     key = text.removesuffix(".")  # a fully qualified name
     if not valid_key(key):
         fatal(ctx, EX_USAGE, f"bad domain {text[:60]!r} (a domain, .domain or "
@@ -147,6 +162,9 @@ is shown by status and survives a qmgr restart. With --for it ends by itself.
 @click.argument("domain")
 @click.pass_context
 def suspend_cmd(ctx: click.Context, duration: str | None, reason: str, domain: str) -> None:
+    from qmgrd.ctl.select import parse_age
+    from qmgrd.qmgr.suspend import MAX_REASON
+
     key = _key(ctx, domain)
     try:
         seconds = parse_age(duration) if duration else 0
@@ -163,6 +181,8 @@ def suspend_cmd(ctx: click.Context, duration: str | None, reason: str, domain: s
     spool, _, _ = settings(ctx, cfg)
     now = time.time()
     with changing(ctx, cfg, spool, "suspend"):
+        from qmgrd.ctl import admin  # loaded by changing()
+
         try:
             text = admin.suspend(spool, key, now + seconds if seconds else 0.0, reason, now)
         except (OSError, ValueError) as exc:
@@ -184,6 +204,8 @@ def resume_cmd(ctx: click.Context, batch: int, pace: float, domain: str) -> None
     cfg = load(ctx)
     spool, _, _ = settings(ctx, cfg)
     with changing(ctx, cfg, spool, "resume"):
+        from qmgrd.ctl import admin  # loaded by changing()
+
         try:
             text = admin.resume(spool, key, batch, pace)
         except (OSError, ValueError) as exc:
@@ -194,6 +216,8 @@ def resume_cmd(ctx: click.Context, batch: int, pace: float, domain: str) -> None
 def flush_some(ctx: click.Context, site: str | None, ids: tuple[str, ...], batch: int,
                pace: float) -> None:
     """``flush --site`` / ``flush --id`` (see qmgrd.ctl.admin)."""
+    from qmgrd.ctl.guard import BadIds, parse_ids
+
     if site and ids:
         fatal(ctx, EX_USAGE, "flush: --site and --id are mutually exclusive")
     cfg = load(ctx)
@@ -203,19 +227,22 @@ def flush_some(ctx: click.Context, site: str | None, ids: tuple[str, ...], batch
         if key.startswith("["):
             fatal(ctx, EX_USAGE, "flush --site: a domain, not a nexthop")
         with changing(ctx, cfg, spool, "flush"):
+            from qmgrd.ctl import admin  # loaded by changing()
+
             moved = admin.flush_site(spool, key, batch, pace)
         click.echo(f"{PROG}: flushed {moved} deferred message{'' if moved == 1 else 's'} "
                    f"for {key}", err=True)
         return
     try:
-        named = admin.parse_ids(ids, None)
-    except admin.BadIds as exc:
+        named = parse_ids(ids, None)
+    except BadIds as exc:
         fatal(ctx, EX_DATAERR, str(exc))
     with changing(ctx, cfg, spool, "flush"):
+        from qmgrd.ctl import admin  # loaded by changing()
+
         reports = admin.flush_ids(spool, named)
     _print(reports)
     ctx.exit(_exit_code(reports))
 
 
-COMMANDS: list[click.Command] = [_make(a) for a in admin.QUEUES_FOR] + [suspend_cmd,
-                                                                       resume_cmd]
+COMMANDS: list[click.Command] = [_make(a) for a in QUEUES_FOR] + [suspend_cmd, resume_cmd]

@@ -83,11 +83,21 @@ Public API
     cli                                                 the click group (for CliRunner)
     EX_OK, EX_USAGE, EX_DATAERR, EX_NOINPUT, EX_UNAVAILABLE, EX_TEMPFAIL, EX_NOPERM,
     EX_CONFIG
+    fetch(path: str) -> dict[str, Any]                  the status command's client
+
+Start-up
+    qmgr-ctl starts once per ``flush`` (issue 8): importing this module, ``--help`` and a
+    plain ``flush`` load only click, master.config, qmgrd.ctl.common/queues/change and
+    qmgrd.trigger. Each command imports the modules doing its work (asyncio, json, the
+    queue readers, qmgrd.ctl.admin) when it runs (tests/test_ctl_startup.py).
 """
 
 from __future__ import annotations
 
-import json
+# click's gettext imports locale at its first message: loaded with the rest, so that a
+# process that loads qmgr-ctl and then drops its privileges runs it without reading the
+# interpreter's files again (tests/test_issue7_admin.py, the refused "hold ALL").
+import locale  # noqa: F401
 import os
 import sys
 from collections.abc import Sequence
@@ -96,7 +106,6 @@ from typing import Any, NoReturn
 import click
 
 from master.config import ConfigError
-from master.config.maincf import param_spec
 from qmgrd.ctl import change
 from qmgrd.ctl.common import (
     EX_CONFIG,
@@ -120,15 +129,7 @@ from qmgrd.ctl.common import (
     settings,
     warn,
 )
-from qmgrd.ctl.format import format_json, format_mailq
-from qmgrd.ctl.postconf import edit_main_cf, parse_assignments
-from qmgrd.ctl.qread import NotRegular
-from qmgrd.ctl.shape import QUEUE_NAMES, Shape, count, format_table
-from qmgrd.ctl.show import as_json, locate, render, render_logs
-from qmgrd.ctl.showq import QUEUE_ORDER, scan
-from qmgrd.qmgr.status import fetch, format_text
-from qmgrd.spool.message import CorruptQueueFile
-from qmgrd.spool.queueid import valid_id
+from qmgrd.ctl.queues import QUEUE_NAMES, QUEUE_ORDER
 from qmgrd.trigger import (
     QMGR_REQ_FLUSH_DEAD,
     QMGR_REQ_SCAN_ALL,
@@ -144,6 +145,18 @@ __all__ = ["EX_CONFIG", "EX_DATAERR", "EX_NOINPUT", "EX_NOPERM", "EX_OK", "EX_TE
 DEFAULT_CONFIG_DIR = "/etc/qmgrd"
 _FLUSH_QMGR = QMGR_REQ_FLUSH_DEAD + QMGR_REQ_SCAN_ALL + QMGR_REQ_SCAN_DEFERRED \
     + QMGR_REQ_SCAN_INCOMING
+
+
+def fetch(path: str) -> dict[str, Any]:
+    """The qmgr's status document from ``path`` (qmgrd.qmgr.status.fetch, loaded on use).
+
+    Raises:
+        OSError: no qmgr listens (or timeout); ValueError: bad JSON or too large;
+        TypeError: JSON, but not an object.
+    """
+    from qmgrd.qmgr import status  # asyncio: only for the status command
+
+    return status.fetch(path)
 
 
 class _Cli(click.Group):
@@ -194,6 +207,9 @@ narrow the listing (each one must match; a repeated one matches any of its value
 @selector_options
 @click.pass_context
 def list_cmd(ctx: click.Context, /, as_json_: bool, **sel: Any) -> None:
+    from qmgrd.ctl.format import format_json, format_mailq
+    from qmgrd.ctl.showq import scan
+
     spool, empty, limit = settings(ctx, load(ctx))
     selector = make_selector(ctx, **sel)
     check_queue_dir(ctx, spool)
@@ -231,6 +247,13 @@ message's bounce, defer and trace log entries (with the envelope).
 @click.pass_context
 def show_cmd(ctx: click.Context, envelope: bool, headers: bool, body: bool, as_json_: bool,
              qid: str) -> None:
+    import json
+
+    from qmgrd.ctl.qread import NotRegular
+    from qmgrd.ctl.show import as_json, locate, render, render_logs
+    from qmgrd.spool.message import CorruptQueueFile
+    from qmgrd.spool.queueid import valid_id
+
     spool, _, _ = settings(ctx, load(ctx))
     if not valid_id(qid):
         fatal(ctx, EX_DATAERR, f"invalid queue id: {qid[:60]!r}")
@@ -297,6 +320,10 @@ incoming active.
 def shape_cmd(ctx: click.Context, by_sender: bool, parents: bool, min_sub: int,
               buckets: int, bucket_time: int, linear: bool, width: int, as_json_: bool,
               queues: tuple[str, ...]) -> None:
+    import json
+
+    from qmgrd.ctl.shape import Shape, count, format_table
+
     spool, _, _ = settings(ctx, load(ctx))
     check_queue_dir(ctx, spool)
     opts = Shape(queues=queues or ("incoming", "active"), by_sender=by_sender,
@@ -353,6 +380,10 @@ active queue counts.
 @click.option("--json", "as_json_", is_flag=True, help="The qmgr's JSON document, indented.")
 @click.pass_context
 def status_cmd(ctx: click.Context, as_json_: bool) -> None:
+    import json
+
+    from qmgrd.qmgr.status import format_text
+
     cfg = load(ctx)
     try:
         path = os.path.join(cfg.get("queue_directory"), "private", "qmgr-status")
@@ -411,6 +442,9 @@ def _escaped(text: str) -> str:
 
 def _config_set(ctx: click.Context, names: tuple[str, ...], flags: bool) -> None:
     """``config NAME=VALUE...`` (qmgrd.ctl.postconf)."""
+    from master.config.maincf import param_spec
+    from qmgrd.ctl.postconf import edit_main_cf, parse_assignments
+
     if flags:
         fatal(ctx, EX_USAGE, "config: -d, -n and -x do not go with NAME=VALUE")
     try:

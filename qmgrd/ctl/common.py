@@ -17,25 +17,31 @@ Public API
     quiet_stdout()                           after EPIPE: stdout to /dev/null
     changing(ctx, cfg, spool, what)          context manager: open the maillog, become
                                              the queue owner (EX_NOPERM otherwise)
+
+Imports only click, master.config, master.log and qmgrd.ctl.queues when loaded: what a
+function needs beyond that (the spool, the selectors, qmgrd.ctl.guard, qmgrd.ctl.admin) is
+imported when it is called, so that ``qmgr-ctl flush`` and ``--help`` start fast (issue 8).
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import stat
 import sys
 from collections.abc import Callable, Iterator
-from typing import IO, Any, NoReturn, TypeVar
+from typing import IO, TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 
 from master import log
 from master.config import Config, ConfigError
-from qmgrd.ctl.admin import NotPrivileged, privileged
-from qmgrd.ctl.select import Selector, parse_age
-from qmgrd.ctl.showq import QUEUE_ORDER
-from qmgrd.spool.queue import Spool
+from qmgrd.ctl.queues import QUEUE_ORDER
+
+if TYPE_CHECKING:
+    from qmgrd.ctl.select import Selector
+    from qmgrd.spool.queue import Spool
 
 __all__ = ["EXIT_HELP", "EX_CONFIG", "EX_DATAERR", "EX_NOINPUT", "EX_NOPERM", "EX_OK",
            "EX_TEMPFAIL", "EX_UNAVAILABLE", "EX_USAGE", "PROG", "Output", "changing",
@@ -104,6 +110,8 @@ def load(ctx: click.Context) -> Config:
 
 def settings(ctx: click.Context, cfg: Config) -> tuple[Spool, str, int]:
     """(spool, empty_address_recipient, duplicate_filter_limit); EX_CONFIG when bad."""
+    from qmgrd.spool.queue import Spool
+
     try:
         spool = Spool.from_config(cfg)
         empty = cfg.get("empty_address_recipient") or "MAILER-DAEMON"
@@ -152,6 +160,8 @@ def make_selector(ctx: click.Context, queues: tuple[str, ...] = (),
                   domains: tuple[str, ...] = (), older_than: str | None = None,
                   younger_than: str | None = None, reason: str | None = None) -> Selector:
     """The Selector of the options (EX_USAGE for a bad value)."""
+    from qmgrd.ctl.select import Selector, parse_age
+
     try:
         return Selector(queues=tuple(queues), senders=tuple(senders),
                         recipients=tuple(recipients), domains=tuple(domains),
@@ -202,8 +212,14 @@ def quiet_stdout() -> None:
 def changing(ctx: click.Context, cfg: Config, spool: Spool, what: str) -> Iterator[None]:
     """Open the maillog (as the caller) and run the block as the queue's owner.
 
+    Once the caller is known to be allowed, qmgrd.ctl.admin (the work, with asyncio) is
+    loaded, still with the caller's ids: as root the block runs with the queue owner's
+    effective ids, which need not be allowed to read the interpreter's files.
     Exits EX_NOPERM (not root, not mail_owner) or EX_TEMPFAIL (no queue directory).
     """
+    from qmgrd.ctl.guard import NotPrivileged, owner_stat
+    from qmgrd.spool.owner import as_owner
+
     check_queue_dir(ctx, spool)
     try:
         log.setup(PROG, cfg.get("maillog_file"), cfg.get("syslog_name") or "qmgrd",
@@ -211,7 +227,9 @@ def changing(ctx: click.Context, cfg: Config, spool: Spool, what: str) -> Iterat
     except (OSError, ConfigError) as exc:
         warn(f"cannot open the mail log: {exc}")
     try:
-        with privileged(spool, what):
+        st = owner_stat(spool, what)
+        importlib.import_module("qmgrd.ctl.admin")
+        with as_owner(st):
             yield
     except NotPrivileged as exc:
         fatal(ctx, EX_NOPERM, str(exc))

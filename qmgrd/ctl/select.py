@@ -33,17 +33,19 @@ Public API
     recipient_domain(address) -> str
 
 Raises ValueError for bad values (the CLI turns them into usage errors); logs nothing.
+Loaded before qmgr-ctl's privilege check, so kept light: fnmatch and qmgrd.qmgr.suspend
+are imported when a pattern or a domain is given.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import re
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from qmgrd.ctl.showq import QueueEntry
-from qmgrd.qmgr.suspend import valid_key
+if TYPE_CHECKING:
+    from qmgrd.ctl.showq import QueueEntry
 
 __all__ = ["Selector", "domain_matches", "parse_age", "parse_domain", "recipient_domain"]
 
@@ -69,6 +71,8 @@ def parse_domain(text: str) -> str:
     Raises:
         ValueError: not a domain name (path characters, NUL, newline... never pass).
     """
+    from qmgrd.qmgr.suspend import valid_key  # json: loaded only for --domain
+
     key = text.removesuffix(".")  # a fully qualified name
     if not valid_key(key) or key.startswith("["):
         raise ValueError(f"bad domain {text[:60]!r}")
@@ -89,6 +93,8 @@ def domain_matches(domain: str, key: str) -> bool:
 
 
 def _pattern(text: str) -> re.Pattern[str]:
+    import fnmatch
+
     if text == "<>":
         return re.compile(r"\Z")
     return re.compile(fnmatch.translate(text.lower()), re.DOTALL)

@@ -62,11 +62,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qmgrd.ctl.qread import NotRegular, open_regular
+from qmgrd.ctl.queues import QUEUE_NAMES
 from qmgrd.spool.queue import Spool
 
 __all__ = ["QUEUE_NAMES", "Shape", "Table", "count", "format_table"]
 
-QUEUE_NAMES = ("maildrop", "incoming", "active", "deferred", "hold", "corrupt")
 _NAME = re.compile(r"[A-Za-z0-9]{6,}\Z")
 _MAX_JUMPS = 10000
 _PARENT = re.compile(r"^(?:\.)?[^.]+\.(.*\.)")

@@ -68,6 +68,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from qmgrd.ctl.qread import open_ready, open_regular, read_envelope
+from qmgrd.ctl.queues import QUEUE_ORDER
 from qmgrd.spool import statuslog
 from qmgrd.spool.queue import Spool
 from qmgrd.spool.queueid import valid_id
@@ -75,7 +76,6 @@ from qmgrd.spool.queueid import valid_id
 __all__ = ["QUEUE_ORDER", "QueueEntry", "ShowRecipient", "defer_log_ids", "read_entry",
            "scan", "walk"]
 
-QUEUE_ORDER = ("maildrop", "active", "incoming", "deferred", "hold")
 _PRINTABLE = {c: "?" for c in [*range(32), 127]}
 _ATTR_NAME = re.compile(r"[A-Za-z0-9_]*[A-Za-z0-9][A-Za-z0-9_]*\Z")
 _INT = re.compile(r"-?\d+\Z")
