@@ -12,11 +12,26 @@ Nothing here logs; every problem is a ConfigError whose str is
 ``"<file>, line <n>: <what is wrong>"`` when it comes from a file.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from master.config.errors import ConfigError, describe
 from master.config.maincf import Config
 from master.config.mastercf import BUILTIN_MODULES, Service, load_master_cf, parse_master_cf
 from master.config.params import PARAMS, Param
-from master.config.validate import load_configuration
+
+if TYPE_CHECKING:
+    from master.config.validate import load_configuration
+
+
+def __getattr__(name: str) -> Any:
+    """load_configuration is imported on first use: validate.py (tables, importlib,
+    ipaddress, ...) costs every short-lived tool 6 ms that only start/reload need."""
+    if name == "load_configuration":
+        from master.config.validate import load_configuration
+
+        return load_configuration
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "BUILTIN_MODULES",
