@@ -28,6 +28,9 @@ Public API
     tree_cpu(pid) -> float         CPU s of pid's tree, reaped children included
     tree_pss(pid, by_name=None) -> int   summed PSS (bytes) of pid's live tree (by_name:
                                    {title: [count, bytes]} filled in)
+    title(process) -> str          "qmgrd: <service>" or Postfix's program name
+    CpuByProcess(pid, from_zero=False)   per-title CPU of pid's tree from samples:
+        .sample(), .by_title(total_cpu_s, messages) -> {title: CPU ms per message}
     postfix_available() -> bool    Postfix installed and we are root
 
 Raises RuntimeError when a system does not start or a wait times out.
@@ -498,6 +501,58 @@ def tree_cpu(pid: int) -> float:
     return total
 
 
+def title(p: psutil.Process) -> str:
+    """A process's title for the per-process figures: ``qmgrd: <service>`` for qmgrd's
+    processes, the program name for Postfix's ("?" when it is gone)."""
+    try:
+        cmd = p.cmdline()
+        return cmd[0].strip() if cmd and cmd[0].startswith("qmgrd:") else str(p.name())
+    except psutil.Error:
+        return "?"
+
+
+class CpuByProcess:
+    """CPU seconds (user + system) of ``pid``'s process tree per process title, from
+    readings of each live process's own times (sample()): a process's share is its last
+    reading minus its first (0 for one that appeared after the first sample, or for
+    every process with ``from_zero``: a system started at the scenario's start). What a
+    process used after its last reading before it exited is not attributed; by_title()
+    puts the difference to the scenario's total CPU under "(not sampled)"."""
+
+    def __init__(self, pid: int, from_zero: bool = False) -> None:
+        self.pid = pid
+        self.first: dict[int, float] = {}
+        self.last: dict[int, float] = {}
+        self.titles: dict[int, str] = {}
+        if not from_zero:
+            self.sample()
+            self.first = dict(self.last)
+
+    def sample(self) -> None:
+        """Read every live process of the tree."""
+        for p in tree(self.pid):
+            try:
+                t = p.cpu_times()
+            except psutil.Error:
+                continue
+            self.last[p.pid] = t.user + t.system
+            if p.pid not in self.titles or self.titles[p.pid].startswith(("python", "?")):
+                self.titles[p.pid] = title(p)
+
+    def by_title(self, total: float, messages: int) -> dict[str, float]:
+        """CPU ms per message by title, largest first, plus "(not sampled)" (the rest of
+        ``total`` CPU seconds)."""
+        per: dict[str, float] = {}
+        for pid, cpu in self.last.items():
+            name = self.titles.get(pid, "?")
+            per[name] = per.get(name, 0.0) + cpu - self.first.get(pid, 0.0)
+        rest = max(0.0, total - sum(per.values()))
+        out = {k: round(v / messages * 1000, 3) for k, v in
+               sorted(per.items(), key=lambda kv: -kv[1]) if v > 0}
+        out["(not sampled)"] = round(rest / messages * 1000, 3)
+        return out
+
+
 def tree_pss(pid: int, by_name: dict[str, list[int]] | None = None) -> int:
     """Summed proportional set size (bytes) of ``pid``'s live process tree: the ``Pss:``
     line of each process's /proc/<pid>/smaps_rollup (what psutil's
@@ -517,12 +572,7 @@ def tree_pss(pid: int, by_name: dict[str, list[int]] | None = None) -> int:
         pss = int(data[at + 5:data.index(b"kB", at)]) * 1024
         total += pss
         if by_name is not None:
-            try:
-                cmd = p.cmdline()
-                name = cmd[0].strip() if cmd and cmd[0].startswith("qmgrd:") else p.name()
-            except psutil.Error:
-                name = "?"
-            entry = by_name.setdefault(name, [0, 0])
+            entry = by_name.setdefault(title(p), [0, 0])
             entry[0] += 1
             entry[1] += pss
     return total

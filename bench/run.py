@@ -238,6 +238,29 @@ def _median(rows: list[dict[str, Any]], key: str) -> float | None:
     return statistics.median(vals) if vals else None
 
 
+def _median_by_process(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Per process title, the median over the valid rounds of CPU ms per message (a round
+    without the title counts 0)."""
+    valid = [r.get("cpu_ms_per_msg_by_process") or {} for r in rows if r.get("valid")]
+    titles = {t for r in valid for t in r}
+    med = {t: statistics.median(r.get(t, 0.0) for r in valid) for t in titles}
+    return {t: round(v, 3) for t, v in sorted(med.items(), key=lambda kv: -kv[1]) if v > 0}
+
+
+def cpu_breakdown(summ: dict[str, Any], top: int = 6) -> str:
+    """Where the CPU goes: per scenario and system, the costliest process titles in CPU
+    ms per message (median of the valid rounds; the profile issue 8 asks for)."""
+    out = []
+    for sc in ("A", "H", "C"):
+        for system, v in summ.get(sc, {}).items():
+            per = v.get("cpu_by_process") or {}
+            if per:
+                parts = [f"{t} {ms:.2f}" for t, ms in list(per.items())[:top]]
+                out.append(f"  {sc} {system:<8} " + ", ".join(parts))
+    return ("CPU ms per message by process (median of rounds):\n" + "\n".join(out)
+            if out else "")
+
+
 def summarize(rows: list[dict[str, Any]], systems: list[str]) -> dict[str, Any]:
     """Medians per scenario and system over the valid rounds; ratios; targets."""
     summ: dict[str, Any] = {}
@@ -254,6 +277,7 @@ def summarize(rows: list[dict[str, Any]], systems: list[str]) -> dict[str, Any]:
                 "cpu_ms_per_msg": _median(mine, "cpu_ms_per_msg"),
                 "peak_pss_mib": _median(mine, "peak_pss_mib"),
                 "peak_qmgr_rss_mib": _median(mine, "peak_qmgr_rss_mib"),
+                "cpu_by_process": _median_by_process(mine),
                 "errors": [r["error"] for r in mine if not r["valid"]]}
         if per:
             summ[sc] = per
@@ -428,6 +452,9 @@ def main() -> None:
     if rows or scale_rows:
         rss = res.get("rss") if isinstance(res.get("rss"), dict) else None
         parts.append(scenario_table(summ, scale_rows, rss))
+        breakdown = cpu_breakdown(summ)
+        if breakdown:
+            parts.append(breakdown)
     if any(b in only for b in ("drain", "scan", "idle", "list")):
         parts.append(legacy_table(res))
     text = "\n\n".join(parts)

@@ -19,7 +19,9 @@ Public API
 
 Every round returns a dict (one JSON line of bench/results.jsonl): "system",
 "scenario", "messages", "valid" (bool), and, when valid, "seconds", "msgs_per_s",
-"cpu_s", "cpu_ms_per_msg"; A adds "peak_pss_mib" (scenario M) and
+"cpu_s", "cpu_ms_per_msg"; A, H and C add "cpu_ms_per_msg_by_process" ({title: CPU ms
+per message}, from samples of each process every 0.25 s; "(not sampled)": what
+processes used after their last sample before they exited); A adds "peak_pss_mib" (scenario M) and
 "peak_pss_by_process" ({title: [processes, MiB]} at the peak); H adds
 "peak_qmgr_rss_mib"; B adds "client_cpu_s"; an invalid round has "error". A round is
 valid only when the sink has received exactly the expected messages: as many dump
@@ -44,6 +46,7 @@ from typing import Any
 
 import psutil  # type: ignore[import-untyped]
 from common import (
+    CpuByProcess,
     Instance,
     PostfixInstance,
     QmgrdInstance,
@@ -144,15 +147,17 @@ class Watch:
 
     def __init__(self, inst: Instance, sink: Sink, n: int, timeout: float,
                  pss: bool = False, rss: bool = False,
-                 pump: Callable[[], None] | None = None) -> None:
+                 pump: Callable[[], None] | None = None, from_zero: bool = False) -> None:
         self.inst, self.sink, self.n = inst, sink, n
         self.timeout, self.pss, self.rss, self.pump = timeout, pss, rss, pump
+        self.cpu = CpuByProcess(_master(inst), from_zero)
         self.peak_pss = 0
         self.peak_by_name: dict[str, list[int]] = {}
         self.peak_rss = 0
         self._qmgr: psutil.Process | None = None
 
     def _sample(self) -> None:
+        self.cpu.sample()
         if self.pss:
             pid = self.inst.master_pid()
             if pid is not None:
@@ -341,11 +346,13 @@ class Bench:
                     p.stderr.close()
         end = sink.last_time()
         _settle(inst)
+        watch.cpu.sample()
         cpu = tree_cpu(master) - cpu0
         if failed:
             raise RuntimeError(f"smtp-source failed: {failed[0]}")
         _verify(sink, lambda r: bool(re.fullmatch(r"\d+bench@d\d+\.bench\.example", r)), n)
         out = _figures(n, end - t0, cpu)
+        out["cpu_ms_per_msg_by_process"] = watch.cpu.by_title(cpu, n)
         out["peak_pss_mib"] = round(watch.peak_pss / 2**20, 1)
         out["peak_pss_by_process"] = {  # at the peak: title -> [processes, MiB]
             k: [v[0], round(v[1] / 2**20, 1)] for k, v in sorted(
@@ -362,13 +369,15 @@ class Bench:
         inst.writer.write("incoming", n, _rcpt)
         t0 = time.time()
         inst.start()
-        watch = Watch(inst, sink, n, max(300.0, n / 10), rss=True)
+        watch = Watch(inst, sink, n, max(300.0, n / 10), rss=True, from_zero=True)
         watch.run()
         end = sink.last_time()
         _settle(inst)
+        watch.cpu.sample()
         cpu = tree_cpu(_master(inst))  # the whole tree, from its start
         _verify(sink, lambda r: r.startswith("h"), n)
         out = _figures(n, end - t0, cpu)
+        out["cpu_ms_per_msg_by_process"] = watch.cpu.by_title(cpu, n)
         out["peak_qmgr_rss_mib"] = round(watch.peak_rss / 2**20, 1)
         return out
 
@@ -390,15 +399,19 @@ class Bench:
         holder[0].stop()
         holder[0] = sink = Sink(self.sink_port)
         master = _master(inst)
+        watch = Watch(inst, sink, n, max(300.0, n / 10))
         cpu0 = tree_cpu(master)
         t0 = time.time()
         inst.flush()
-        Watch(inst, sink, n, max(300.0, n / 10)).run()
+        watch.run()
         end = sink.last_time()
         _settle(inst)
+        watch.cpu.sample()
         cpu = tree_cpu(master) - cpu0
         _verify(sink, lambda r: r.startswith("h"), n)
-        return _figures(n, end - t0, cpu)
+        out = _figures(n, end - t0, cpu)
+        out["cpu_ms_per_msg_by_process"] = watch.cpu.by_title(cpu, n)
+        return out
 
     # ------------------------------------------------------------------ B
     def b(self, system: str, n: int = B_MESSAGES) -> dict[str, Any]:
