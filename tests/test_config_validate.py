@@ -275,3 +275,17 @@ def test_mail_owner_default_and_privileged_group(tmp_path: Path,
         check_mail_owner(Config.from_text("", str(tmp_path)), euid=0)
     assert str(ei.value) == (f"file {tmp_path}/main.cf: parameter mail_owner: "
                              "unknown user name value: postfix")
+
+
+@pytest.mark.parametrize("line,what", [
+    ("myhostname =", 'bad myhostname parameter value "": not a valid host name'),
+    ("myhostname = mail host", 'bad myhostname parameter value "mail host"'),
+    ("myhostname = -mx.example", 'bad myhostname parameter value "-mx.example"'),
+    ("inet_protocols = ipv4, ipv7", 'unknown inet_protocols value "ipv7"'),
+])
+def test_identity_parameters_are_checked(tmp_path: Path, line: str, what: str) -> None:
+    """An empty or malformed myhostname (greeting, Message-ID, Received:, local senders)
+    and an unknown inet_protocols value stop start and reload, naming file and line."""
+    with pytest.raises(ConfigError) as got:
+        load_configuration(write(tmp_path, f"myhostname = h.example\n{line}\n"))
+    assert str(got.value).startswith(f"{tmp_path / 'main.cf'}, line 3: {what}")

@@ -43,6 +43,8 @@ def test_table_matches_the_documented_layout() -> None:
 
 def test_creates_everything_with_modes_as_the_invoking_user(base: Path) -> None:
     q, data = base / "spool" / "q", base / "lib" / "data"
+    (base / "spool").mkdir()  # only the directories themselves are made, in their parents
+    (base / "lib").mkdir()
     changes = check_queue_dirs(str(q), str(data), me())
     assert len(changes) == 16 and all(c.startswith("created ") for c in changes)
     assert {name: mode for name, (mode, _, _) in tree(q).items()} == MODES
@@ -120,3 +122,15 @@ def test_unreachable_by(base: Path) -> None:
     os.chmod(base / "a", 0o750)
     assert unreachable_by(str(inner), uid, gid) == str(base / "a")
     assert unreachable_by(str(base / "missing"), uid, gid) == str(base / "missing")
+
+
+def test_a_mistyped_queue_directory_is_refused_not_created(tmp_path: Path) -> None:
+    """A missing queue directory is made only inside an existing parent: a typo in the
+    path must not become a new, empty queue (Postfix refuses to start without one)."""
+    wrong = tmp_path / "no-such-dir" / "spool"
+    with pytest.raises(FileNotFoundError, match="parent directory .*no-such-dir does not"):
+        check_queue_dirs(str(wrong), str(tmp_path / "data"), me())
+    assert not (tmp_path / "no-such-dir").exists()
+    with pytest.raises(FileNotFoundError, match="data_directory"):
+        check_queue_dirs(str(tmp_path / "q"), str(tmp_path / "nope" / "data"), me())
+    assert not (tmp_path / "nope").exists()

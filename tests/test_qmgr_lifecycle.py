@@ -324,3 +324,38 @@ def test_selection_work_does_not_grow_with_the_queue(tmp_path: Path,
     assert len(env.agents.requests) == n
     # one look per delivery, not one walk over the waiting jobs per delivery
     assert calls[0] <= 2 * n
+
+
+def test_a_failed_move_to_deferred_is_tried_again_at_the_next_scan(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A deferral whose rename into deferred/ fails (a user's "chown root deferred") is
+    not forgotten in active/: the next deferred scan moves it, and it is delivered."""
+    env = Env(tmp_path, queue_run_delay="60s", minimal_backoff_time="30s")
+    env.agents.decide = always_defer
+    qid = env.submit("a@x.example", ["r@d.example"])
+    broken = [True]
+    move = Spool.move
+
+    def failing_move(self: Spool, qid: str, src: str, dst: str) -> str:
+        if broken[0] and dst == "deferred":
+            raise PermissionError(13, "Permission denied")
+        return move(self, qid, src, dst)
+
+    monkeypatch.setattr(Spool, "move", failing_move)
+
+    async def go() -> None:
+        sched = env.sched()
+        sched.startup()
+        await drain(sched)
+        assert env.files("active") and qid in sched.completion.unmoved
+        broken[0] = False  # repaired
+        env.agents.decide = lambda t, r, x: "sent"
+        env.clock.now += 60  # the periodic scan: moved first, then found when due
+        await drain(sched)
+        assert not env.files("active") and not sched.completion.unmoved
+        env.clock.now += 60
+        await drain(sched)
+        assert len(env.agents.requests) == 2
+
+    run(go())
+    assert not env.files("deferred") and not env.files("active")

@@ -71,6 +71,8 @@ NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*\Z")
 _MACRO_NAME_RE = re.compile(r"[A-Za-z0-9_]+")
 _BRACED_RE = re.compile(r"\s*([A-Za-z0-9_][A-Za-z0-9_.\-]*)\s*")
 _MAX_DEPTH = 100
+_HOSTNAME_RE = re.compile(  # letters, digits, "-", "_" (Postfix valid_hostname)
+    r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?")
 
 
 @dataclass(frozen=True)
@@ -485,6 +487,21 @@ class Config:
                 self.get_bool(name)
             elif param.type in ("int", "time", "size"):
                 self._convert(name, param.type, param)
+        self._check_identity()
+
+    def _check_identity(self) -> None:
+        """myhostname must be a host name (it is the SMTP greeting, Message-ID and
+        Received: domain, the sender domain of local mail: Postfix refuses to start
+        without a valid one) and inet_protocols must name known protocols (Postfix:
+        fatal "unknown inet_protocols value").  Raises ConfigError."""
+        host = self.get("myhostname")
+        if not _HOSTNAME_RE.fullmatch(host) or len(host) > 255:
+            raise self._error("myhostname", f'bad myhostname parameter value "{host}": '
+                              "not a valid host name")
+        for proto in self.get_list("inet_protocols"):
+            if proto.lower() not in ("all", "ipv4", "ipv6"):
+                raise self._error("inet_protocols", f'unknown inet_protocols value "{proto}"'
+                                  " (all, ipv4 or ipv6)")
 
     def dump(self, defaults: bool = False, nondefault: bool = False,
              expand: bool = False) -> list[str]:

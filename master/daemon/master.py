@@ -87,7 +87,7 @@ from master.daemon.pidfile import (
     pid_path,
     write_reload_verdict,
 )
-from master.daemon.queuedirs import check_queue_dirs, unreachable_by
+from master.daemon.queuedirs import check_queue_dirs, require_parent, unreachable_by
 from master.daemon.spawn import PosixOs, high_fd
 from master.daemon.supervisor import EndpointError, Settings, Supervisor
 from master.server.jail import Owner, OwnerError, lookup_mail_owner, unprivileged_warning
@@ -178,6 +178,10 @@ class Master:
             log.warning(unprivileged_warning(owner))
         settings = settings_from(cfg, self.foreground, services, owner.privileged)
         qdir = settings.queue_directory
+        try:
+            require_parent(qdir, "queue_directory")
+        except FileNotFoundError as exc:
+            raise StartupError(str(exc.strerror)) from None
         try:
             os.makedirs(os.path.join(qdir, "pid"), mode=0o755, exist_ok=True)
             pidfile = PidFile(pid_path(qdir))

@@ -17,7 +17,8 @@ Summary
     data_directory         mail_owner  0700    master.lock
     =====================  ==========  ======  =================================
 
-    Missing directories are created; existing ones with a wrong owner or mode are
+    Missing directories are created (queue_directory and data_directory only inside an
+    existing parent: a mistyped path is an error, not a new empty queue); existing ones with a wrong owner or mode are
     fixed, and every fix is reported.  Entries inside the mail_owner queues (queue files,
     status logs, hash subdirectories) that are not owned by mail_owner - left over from a
     run without privilege separation - are handed to mail_owner (maildrop is left alone:
@@ -28,6 +29,9 @@ Public API
     QUEUE_DIRS: dict[str, tuple[int, bool]]     name -> (mode, owned by mail_owner)
     check_queue_dirs(queue_directory, data_directory, owner) -> list[str]
         the changes made, one human-readable line each.  Raises OSError.
+    require_parent(path, param) -> None
+        FileNotFoundError unless ``path`` or its parent directory exists (``param``:
+        the parameter named in the message).
     unreachable_by(path, uid, gid) -> str | None
         the first directory on the way to ``path`` that ``uid`` cannot search, or None.
 
@@ -37,12 +41,14 @@ Logs
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 
 from master.server.jail import Owner
 
-__all__ = ["QUEUE_DIRS", "ROOT_DIR_MODE", "check_queue_dirs", "unreachable_by"]
+__all__ = ["QUEUE_DIRS", "ROOT_DIR_MODE", "check_queue_dirs", "require_parent",
+           "unreachable_by"]
 
 ROOT_DIR_MODE = 0o755
 DATA_DIR_MODE = 0o700
@@ -108,15 +114,13 @@ def check_queue_dirs(queue_directory: str, data_directory: str, owner: Owner) ->
     """
     changes: list[str] = []
     qdir = os.path.abspath(queue_directory)
-    if not os.path.isdir(qdir):
-        os.makedirs(os.path.dirname(qdir), mode=ROOT_DIR_MODE, exist_ok=True)
+    require_parent(qdir, "queue_directory")
     _ensure(qdir, ROOT_DIR_MODE, *_ids(owner, False), changes)
     for name, (mode, by_mail_owner) in QUEUE_DIRS.items():
         _ensure(os.path.join(qdir, name), mode, *_ids(owner, by_mail_owner), changes)
     if data_directory:
         ddir = os.path.abspath(data_directory)
-        if not os.path.isdir(ddir):
-            os.makedirs(os.path.dirname(ddir), mode=ROOT_DIR_MODE, exist_ok=True)
+        require_parent(ddir, "data_directory")
         _ensure(ddir, DATA_DIR_MODE, *_ids(owner, True), changes)
     if owner.privileged:
         for name, (_, by_mail_owner) in QUEUE_DIRS.items():
@@ -126,6 +130,21 @@ def check_queue_dirs(queue_directory: str, data_directory: str, owner: Owner) ->
                     changes.append(f"fixed {os.path.join(qdir, name)}: {count} "
                                    f"entries handed to {owner.name}")
     return changes
+
+
+def require_parent(path: str, param: str) -> None:
+    """A missing queue or data directory is created, but only inside an existing
+    directory: a mistyped path must not silently become a new, empty queue (Postfix
+    refuses to start without its queue directory).
+
+    Raises:
+        FileNotFoundError: the parent directory does not exist.
+    """
+    parent = os.path.dirname(path)
+    if not os.path.isdir(path) and not os.path.isdir(parent):
+        raise FileNotFoundError(
+            errno.ENOENT, f"{param} {path}: parent directory {parent} does not exist "
+            "(a mistyped path? create it first if it is right)")
 
 
 def unreachable_by(path: str, uid: int, gid: int) -> str | None:

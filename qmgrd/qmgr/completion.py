@@ -37,6 +37,9 @@ Public API
                bounce_lifetime, refill, release, to_corrupt)
         async run(msg) -> None      never raises for file-system trouble (logs warnings);
                                     calls ``release(msg)`` unless the message goes on.
+        retry_unmoved() -> None     step 5's move once more for messages it failed for
+                                    (``unmoved``: qid -> retry time); the scheduler calls
+                                    it before each deferred scan.
     Completion.backoff(now, create_time, min_backoff, max_backoff) -> float  (static)
 
 Logs the lines above and warnings for file-system failures.
@@ -80,6 +83,7 @@ class Completion:
         self.refill = refill
         self.release = release
         self.to_corrupt = to_corrupt
+        self.unmoved: dict[str, float] = {}  # qid -> next attempt: stuck in active/
 
     @staticmethod
     def backoff(now: float, create_time: float, min_backoff: int, max_backoff: int) -> float:
@@ -195,7 +199,26 @@ class Completion:
             os.utime(path, (when, when))
             self.spool.move(msg.qid, "active", "deferred")
         except OSError as exc:
-            log.warning(f"{msg.qid}: cannot move to deferred: {exc}")
+            self.unmoved[msg.qid] = when
+            log.warning(f"{msg.qid}: cannot move to deferred: {exc} (tried again at each "
+                        "deferred queue scan)")
+
+    def retry_unmoved(self) -> None:
+        """Move the messages whose move to deferred/ failed (permissions, a full disk)
+        once more: called before each deferred scan, so that a repaired queue picks them
+        up instead of leaving them in active/ until the qmgr restarts (Postfix's qmgr
+        exits on that failure and its successor moves active/ back to incoming/)."""
+        for qid, when in list(self.unmoved.items()):
+            try:
+                os.utime(self.spool.path("active", qid), (when, when))
+                self.spool.move(qid, "active", "deferred")
+            except FileNotFoundError:
+                del self.unmoved[qid]  # gone (an operator's delete, a restart's recovery)
+            except OSError as exc:
+                log.warning(f"{qid}: cannot move to deferred: {exc}")
+            else:
+                del self.unmoved[qid]
+                log.info(f"{qid}: moved to deferred after an earlier failure")
 
     def _remove(self, qid: str) -> None:
         for queue in ("defer", "trace", "active"):

@@ -200,6 +200,8 @@ class Scheduler:
     def _request_deferred(self, start: bool, scan_all: bool, flush: bool) -> None:
         """A deferred scan request from a trigger; an ignore-time (``scan_all``) one is
         rate limited to one per FORCED_SCAN_INTERVAL (module docstring)."""
+        if self.completion.unmoved:
+            self.completion.retry_unmoved()
         if scan_all:
             now = self.clock()
             if now >= self._forced_next:
@@ -579,6 +581,8 @@ class Scheduler:
         ran = self.timers.run_due(now)
         if now >= self._next_deferred_scan:
             self._next_deferred_scan = now + self.queue_run_delay
+            if self.completion.unmoved:
+                self.completion.retry_unmoved()
             self.deferred.request()
         fed = False if self.stopping else self.feed_one()
         started = self.dispatch()
