@@ -20,7 +20,10 @@ Summary
     keeps its counts. The request waits up to ``wait`` seconds for in-flight deliveries;
     later ones are reported ``pending`` ("in delivery; will be held when the delivery in
     progress ends"), not as done: the qmgr does the change after that delivery, and logs
-    it, or logs that it was moot when every recipient was delivered meanwhile. With no qmgr answering, active files are
+    it, or logs that it was moot when every recipient was delivered meanwhile. A change
+    the qmgr reports as moot within the wait (``"verdict": true`` in the request: a
+    delete too) is not counted as done: ``<id>: not removed: delivered meanwhile``
+    (``not placed on hold``, ``not requeued``). With no qmgr answering, active files are
     changed directly under an exclusive lock (an agent's lock: "still being delivered").
     A message that moves between queues while we work is looked for again (3 rounds).
 
@@ -96,7 +99,8 @@ _BATCH = 5000
 @dataclass
 class Report:
     """The outcome for one message: result is DONE, ABSENT, BUSY, "pending",
-    "delivered", "would" (dry run), NOOP (hold of a message already on hold: nothing
+    "delivered" (moot: every recipient was delivered meanwhile; not done), "would" (dry
+    run), NOOP (hold of a message already on hold: nothing
     shown, as postsuper) or "error"."""
 
     qid: str
@@ -208,7 +212,8 @@ class Admin:
             batch = ids[start:start + _BATCH]
             try:
                 reply = control.request(self.control_path, {
-                    "cmd": "act", "action": self.action, "ids": batch, "wait": self.wait},
+                    "cmd": "act", "action": self.action, "ids": batch, "wait": self.wait,
+                    "verdict": True},
                     timeout=self.wait + 30)
                 got = reply.get("results")
                 if not isinstance(got, dict):
@@ -232,8 +237,8 @@ class Admin:
                                   "delivered meanwhile stay delivered)")
             elif result == "delivered":
                 out[qid] = Report(qid, "active", "delivered",
-                                  f"{qid}: delivered meanwhile (nothing left to "
-                                  f"{self.action})")
+                                  f"{qid}: not {DONE_TEXT[self.action]}: delivered "
+                                  "meanwhile")
             elif result == BUSY:
                 out[qid] = Report(qid, "active", BUSY,
                                   f"{qid}: still being delivered; try again later")

@@ -6,8 +6,11 @@ removed``, ``placed on hold``, ``released from hold``, ``requeued``; ``--dry-run
 ``<id>: would be removed (queue deferred)``), warnings for messages not found or still
 being delivered on standard error (``<id>: in delivery; will be held when the delivery in
 progress ends ...``, exit 75: such a message is not counted as done, and the qmgr logs
-whether the change happened or was moot), then postsuper's summary on standard error
-(``qmgr-ctl: Deleted: 3 messages``). Exit codes: qmgrd.ctl.cli.
+whether the change happened or was moot). A message whose recipients were all delivered
+while the qmgr waited for its delivery in progress is not counted as done either:
+``<id>: not removed: delivered meanwhile`` (``not placed on hold``, ``not requeued``;
+standard output, exit 0: nothing is left to change). Then postsuper's summary on
+standard error (``qmgr-ctl: Deleted: 3 messages``). Exit codes: qmgrd.ctl.cli.
 
 Public API
     COMMANDS: list[click.Command]       registered on the qmgr-ctl group by cli.py

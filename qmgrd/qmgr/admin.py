@@ -45,6 +45,8 @@ Public API
         .outcome -> str   "" until finish: DONE, "delivered" (hold/requeue of a message
                           whose recipients were all delivered: removed as usual),
                           ABSENT (the file vanished), "error: <text>"
+        .moot -> bool     True once finish found every recipient delivered (or bounced)
+                          meanwhile: the change was moot (a delete's outcome stays DONE)
 
 Logs (as postsuper does): ``<id>: removed``, ``<id>: placed on hold``, ``<id>: released
 from hold``, ``<id>: requeued``; warnings for file-system failures.
@@ -163,6 +165,7 @@ class AdminAction:
         self.spool = spool
         self.on_requeue = on_requeue
         self.outcome = ""
+        self.moot = False
 
     @property
     def flush_bounces(self) -> bool:
@@ -184,9 +187,11 @@ class AdminAction:
                 log.info(f"{qid}: removed")
                 log.info(f"{qid}: {action} not done: every recipient was delivered "
                          "(or bounced) meanwhile")
+                self.moot = True
                 self.outcome = "delivered"
                 return
             if action == "delete" and not msg.deferred:
+                self.moot = True
                 log.info(f"{qid}: delete moot: every recipient was delivered "
                          "(or bounced) meanwhile")
             _change(self.spool, "active", qid, action, time.time())

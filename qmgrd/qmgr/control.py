@@ -8,8 +8,8 @@ Summary
         {"cmd": "tables"}                     -> {"pid": N, "restarting": bool}
             a transport map changed: the qmgr restarts now (as its 5 s watcher would),
             so that mail requeued next is routed by the new map
-        {"cmd": "act", "action": "hold"|"delete"|"requeue", "ids": [...], "wait": s}
-                                              -> {"results": {id: result}}
+        {"cmd": "act", "action": "hold"|"delete"|"requeue", "ids": [...], "wait": s,
+         "verdict": bool (optional)}          -> {"results": {id: result}}
         {"cmd": "suspend"}                    -> {"suspended": [...]}
             re-read ``private/qmgr-suspend`` (qmgrd.qmgr.suspend)
 
@@ -21,7 +21,8 @@ Summary
     taken out of the scheduler, the change is made when the deliveries in flight have
     ended. The reply waits up to ``wait`` seconds (at most 60) for that. Results:
     ``done``; ``delivered`` (hold/requeue: every recipient was delivered meanwhile, the
-    file was removed as usual); ``pending`` (still in delivery when the wait ended; the
+    file was removed as usual; with ``"verdict": true`` also a delete that was moot for
+    that reason — without it such a delete is ``done``, as before); ``pending`` (still in delivery when the wait ended; the
     change follows); ``absent`` (not in the active queue: look elsewhere); ``busy`` (a
     file in active/ the qmgr does not hold, locked by a delivery agent); ``error: ...``.
 
@@ -37,7 +38,8 @@ Public API
     Control(sched, queue_directory, on_tables_changed)
         .load_suspensions() -> None     (logs a warning for a broken file)
         async .handle(request: dict) -> dict
-        .act(ids, action) -> dict[str, str]      immediate results (no waiting)
+        .act(ids, action, verdict=False) -> dict[str, str]   immediate results (no
+                                                 waiting; verdict: see ``act`` above)
     ControlServer(path, control)   async start() -> bool / async close()
     request(path, doc, timeout=10.0) -> dict     the client; OSError, ValueError,
                                                  TypeError
@@ -55,7 +57,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from master import log
-from qmgrd.qmgr.admin import ABSENT, AdminAction, apply_file
+from qmgrd.qmgr.admin import ABSENT, DONE, AdminAction, apply_file
 from qmgrd.qmgr.jsonsock import IO_TIMEOUT, JsonServer, exchange
 from qmgrd.qmgr.suspend import Suspension, load, suspend_path
 from qmgrd.spool.queueid import valid_id
@@ -101,21 +103,23 @@ class Control:
             return {"suspended": self.sched.suspended.describe()}
         if cmd == "act":
             action, ids, wait = req.get("action"), req.get("ids"), req.get("wait", 0)
+            verdict = req.get("verdict", False)
             if (action not in _ACT or not isinstance(ids, list) or len(ids) > MAX_IDS
                     or not all(isinstance(i, str) and valid_id(i) for i in ids)
-                    or not isinstance(wait, int | float)):
+                    or not isinstance(wait, int | float) or not isinstance(verdict, bool)):
                 return {"error": "bad act request"}
-            results = self.act(ids, action)
+            results = self.act(ids, action, verdict)
             waiting = [i for i, r in results.items() if r == "pending"]
             if waiting and wait > 0:
                 await self._wait(waiting, min(float(wait), MAX_WAIT))
                 for qid in waiting:
-                    results[qid] = self._result(qid)
+                    results[qid] = self._result(qid, verdict)
             return {"results": results}
         return {"error": f"unknown command {str(cmd)[:40]!r}"}
 
-    def act(self, ids: list[str], action: str) -> dict[str, str]:
-        """Start ``action`` on each active-queue message; immediate results."""
+    def act(self, ids: list[str], action: str, verdict: bool = False) -> dict[str, str]:
+        """Start ``action`` on each active-queue message; immediate results (``verdict``:
+        a moot delete is ``delivered``, not ``done``)."""
         out: dict[str, str] = {}
         for qid in ids:
             msg = self.sched.active.messages.get(qid)
@@ -126,7 +130,7 @@ class Control:
                     out[qid] = f"error: {exc}"
                 continue
             self._take(msg, action)
-            out[qid] = self._result(qid)
+            out[qid] = self._result(qid, verdict)
         return out
 
     def _take(self, msg: Message, action: str) -> None:
@@ -159,11 +163,13 @@ class Control:
         self.sched.incoming.request()
         self.sched.wakeup.set()
 
-    def _result(self, qid: str) -> str:
+    def _result(self, qid: str, verdict: bool = False) -> str:
         admin = self.pending.get(qid)
         msg = self.sched.active.messages.get(qid)
         if admin is not None and admin.outcome:
             self.pending.pop(qid, None)
+            if verdict and admin.moot and admin.outcome == DONE:
+                return "delivered"  # a moot delete: every recipient was delivered
             return admin.outcome
         if msg is not None and msg.admin is admin and admin is not None:
             return "pending"
