@@ -6,6 +6,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import socket
 import stat
 import time
 from pathlib import Path
@@ -81,6 +82,10 @@ def test_hold_release_delete_by_id(q: Q) -> None:
     assert not os.path.exists(q.spool.path("defer", a))
     log = q.maillog.read_text()
     assert "qmgrd/qmgr-ctl[" in log and f"{a}: removed" in log and f"{b}: placed on hold" in log
+    # the host field is the one every daemon writes (the system's short name), not
+    # myhostname's first label: one log, one host name
+    host = socket.gethostname().split(".")[0]
+    assert all(line.split()[3] == host for line in log.splitlines()), log
 
 
 def test_ids_from_stdin_all_and_dry_run(q: Q) -> None:
