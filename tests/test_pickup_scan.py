@@ -289,3 +289,21 @@ def test_standalone_pickup_process(env: Env) -> None:
                 proc.wait()
             assert proc.stderr is not None
             proc.stderr.close()
+
+
+def test_a_header_over_header_size_limit_is_cut(tmp_path: Path, maillog: Path) -> None:
+    """Locally submitted mail gets Postfix's header_size_limit as SMTP mail does: the
+    excess of a long header is dropped (the rest of the message is kept)."""
+    e = Env(tmp_path, "header_size_limit = 200\n")
+    e.sendmail(["-i", "bob@example.net"],
+               b"X-Long: " + b"a" * 150 + b"\n " + b"b" * 150 + b"\nSubject: kept\n\nbody\n")
+    assert e.scan() == 1
+    [qid] = e.ls("incoming")
+    with QueueFile.open(e.spool, "incoming", qid) as qf:
+        lines = list(qf.iter_lines())
+    long = [x for x in lines if x.startswith(b"X-Long:")]
+    assert long == [b"X-Long: " + b"a" * 150], long
+    assert b" " + b"b" * 41 in lines, lines
+    assert b"Subject: kept" in lines and lines[-1] == b"body"
+    assert f"{qid}: 1 header(s) longer than header_size_limit (200) truncated" in \
+        maillog.read_text()

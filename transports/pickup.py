@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, NoReturn
 from master import log
 from master.server.skeleton import ServerContext, trigger_server
 from qmgrd.flow import flow_get
-from qmgrd.spool.cleanup import Cleanup, CleanupError
+from qmgrd.spool.cleanup import Cleanup, CleanupError, truncate_headers
 from qmgrd.spool.envelope import Envelope
 from qmgrd.spool.maildrop import MaildropError, MaildropMessage, read_maildrop
 from qmgrd.spool.queue import Spool
@@ -71,8 +71,10 @@ def _set_aside(spool: Spool, name: str, uid: int, reason: str) -> None:
             log.warning(f"remove maildrop/{name}: {exc2.strerror}")
 
 
-def _enqueue(cleanup: Cleanup, env: Envelope, msg: MaildropMessage, uid: int) -> str:
-    """Cleanup.submit; a permanent refusal (or too_big) -> Cleanup.bounce.
+def _enqueue(cleanup: Cleanup, env: Envelope, msg: MaildropMessage, uid: int,
+             header_limit: int) -> str:
+    """Cleanup.submit (each header cut to ``header_limit`` bytes, as smtpd does: Postfix's
+    header_size_limit); a permanent refusal (or too_big) -> Cleanup.bounce.
 
     Raises:
         CleanupError: 4.x.x from either call, 5.x.x from bounce.
@@ -80,8 +82,13 @@ def _enqueue(cleanup: Cleanup, env: Envelope, msg: MaildropMessage, uid: int) ->
     try:
         if msg.too_big:
             raise CleanupError("5.3.4", "message file too big")
-        return cleanup.submit(env, msg.content, extract_recipients=msg.extract_recipients,
-                              origin="local", uid=uid)
+        content, cut = truncate_headers(msg.content, header_limit)
+        qid = cleanup.submit(env, content, extract_recipients=msg.extract_recipients,
+                             origin="local", uid=uid)
+        if cut:
+            log.info(f"{qid}: {cut} header(s) longer than header_size_limit "
+                     f"({header_limit}) truncated")
+        return qid
     except CleanupError as exc:
         if exc.status.startswith("4"):
             raise
@@ -133,7 +140,7 @@ def pickup_file(cfg: Config, spool: Spool, cleanup: Cleanup, name: str) -> bool:
     if delay > 0:
         flow_get(delay)  # qmgrd.flow: slowed while the qmgr falls behind, never blocked
     try:
-        qid = _enqueue(cleanup, env, msg, uid)
+        qid = _enqueue(cleanup, env, msg, uid, cfg.get_size("header_size_limit"))
     except CleanupError as exc:
         if exc.status.startswith("4"):
             log.warning(f"{name}: error writing queue file: {exc.status} {exc.text}")

@@ -43,11 +43,10 @@ Public API
 from __future__ import annotations
 
 import asyncio
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from qmgrd.spool.cleanup import mail_date
+from qmgrd.spool.cleanup import mail_date, truncate_headers
 from qmgrd.spool.envelope import (
     DSN_RET_FULL,
     DSN_RET_HDRS,
@@ -71,7 +70,6 @@ __all__ = [
     "xtext_decode",
 ]
 
-_HEADER_LINE = re.compile(rb"[\x21-\x39\x3b-\x7e]+[ \t]*:")
 _RET = {"FULL": DSN_RET_FULL, "HDRS": DSN_RET_HDRS}
 
 
@@ -109,42 +107,6 @@ def xtext_decode(text: str) -> str | None:
         else:
             return None
     return "".join(out)
-
-
-def truncate_headers(data: bytes, limit: int) -> tuple[bytes, int]:
-    """Cut every header of ``data`` (a message, any line ends) longer than ``limit`` bytes
-    (its physical lines counted without line ends) to ``limit``; returns the new data and
-    how many headers were cut. The header block ends at an empty line or at the first line
-    that is neither a header nor a continuation."""
-    if limit <= 0 or len(data) <= limit:
-        return data, 0
-    out = bytearray()
-    pos, n, size, cut, cutting, started = 0, len(data), 0, 0, False, False
-    while pos < n:
-        nl = data.find(b"\n", pos)
-        end = n if nl < 0 else nl + 1
-        line = data[pos:end]
-        text = line.rstrip(b"\r\n")
-        if not text:
-            break
-        if line[:1] in (b" ", b"\t") and started:
-            pass
-        elif _HEADER_LINE.match(line):
-            started, size, cutting = True, 0, False
-        else:
-            break
-        if not cutting:
-            if size + len(text) > limit:
-                out += text[: max(limit - size, 0)] + line[len(text):]
-                cutting = True
-                cut += 1
-            else:
-                out += line
-        size += len(text)
-        pos = end
-    if not cut:
-        return data, 0
-    return bytes(out) + data[pos:], cut
 
 
 def utf8_error(address: str, smtputf8: bool) -> str | None:

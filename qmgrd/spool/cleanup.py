@@ -50,6 +50,7 @@ Public API
                    origin="local", uid=None) -> str (the queue id)
     CleanupError(status, text)          .status ("4.3.0", "5.3.4", "5.1.0"), .text
     mail_date(when: float) -> str       RFC 5322 date as Postfix writes it
+    truncate_headers(data, limit) -> (bytes, headers cut)   header_size_limit (smtpd, pickup)
 
 Logs ``<qid>: message-id=<...>`` (info) per message, a warning per hop-count bounce, and
 for every recipient bounced here ``<qid>: to=<rcpt>, relay=none, delay=.., delays=..,
@@ -86,7 +87,7 @@ from qmgrd.trigger import TRIGGER_REQ_WAKEUP, send_trigger
 if TYPE_CHECKING:
     from master.config import Config
 
-__all__ = ["Cleanup", "CleanupError", "mail_date"]
+__all__ = ["Cleanup", "CleanupError", "mail_date", "truncate_headers"]
 
 _HEADER_RE = re.compile(rb"[\x21-\x39\x3b-\x7e]+[ \t]*:")
 _DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
@@ -94,6 +95,44 @@ _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct",
 _PHRASE_SPECIALS = frozenset('()<>@,;:\\".[]')
 _RCPT_HEADERS = (b"to", b"cc", b"bcc")
 _RESENT_RCPT_HEADERS = (b"resent-to", b"resent-cc", b"resent-bcc")
+
+
+def truncate_headers(data: bytes, limit: int) -> tuple[bytes, int]:
+    """Cut every header of ``data`` (a message, any line ends) longer than ``limit`` bytes
+    (its physical lines counted without line ends) to ``limit``; returns the new data and
+    how many headers were cut. The header block ends at an empty line or at the first line
+    that is neither a header nor a continuation. Postfix's cleanup keeps at most
+    ``header_size_limit`` bytes of a header and drops the excess; smtpd and pickup call
+    this before Cleanup.submit."""
+    if limit <= 0 or len(data) <= limit:
+        return data, 0
+    out = bytearray()
+    pos, n, size, cut, cutting, started = 0, len(data), 0, 0, False, False
+    while pos < n:
+        nl = data.find(b"\n", pos)
+        end = n if nl < 0 else nl + 1
+        line = data[pos:end]
+        text = line.rstrip(b"\r\n")
+        if not text:
+            break
+        if line[:1] in (b" ", b"\t") and started:
+            pass
+        elif _HEADER_RE.match(line):
+            started, size, cutting = True, 0, False
+        else:
+            break
+        if not cutting:
+            if size + len(text) > limit:
+                out += text[: max(limit - size, 0)] + line[len(text):]
+                cutting = True
+                cut += 1
+            else:
+                out += line
+        size += len(text)
+        pos = end
+    if not cut:
+        return data, 0
+    return bytes(out) + data[pos:], cut
 
 
 class CleanupError(Exception):
