@@ -52,9 +52,11 @@ Options
 Exit status (sysexits)
     0 queued; 64 EX_USAGE bad option, malformed address or envelope id, no recipients
     without -t, or -t with no recipient in the headers; 65 EX_DATAERR message
-    over message_size_limit; 73 EX_CANTCREAT the queue file cannot be created; 75
-    EX_TEMPFAIL write error; 78 EX_CONFIG bad configuration. Errors print one line
-    ``qmgr-sendmail: fatal: ...`` on standard error.
+    over message_size_limit, or a sender or recipient argument that is not valid UTF-8
+    (``malformed UTF-8 in recipient address: <a/\\xff@b>``; nothing is queued); 73
+    EX_CANTCREAT the queue file cannot be created; 75 EX_TEMPFAIL write error; 78
+    EX_CONFIG bad configuration. Errors print one line ``qmgr-sendmail: fatal: ...`` on
+    standard error.
 
 Public API
     main() -> NoReturn (console script), run(argv, stdin, stderr) -> int
@@ -116,6 +118,24 @@ def _plain_address(text: str) -> bool:
         return False
     at = text.rfind("@")
     return at < 0 or 0 < at < len(text) - 1
+
+
+def _valid_utf8(text: str) -> bool:
+    """False when ``text`` (an argument, decoded by Python with "surrogateescape") holds
+    bytes that are not valid UTF-8, i.e. a lone surrogate."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _shown(text: str) -> str:
+    """``text`` for a message: bytes that are not valid UTF-8 as ``\\xff``."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _dsn_option(o: _Options, opt: str, value: str) -> None:
@@ -194,6 +214,11 @@ def _parse(argv: list[str]) -> _Options:
     for value in [o.sender or "", o.fullname, o.envid, *o.recipients]:
         if any(c in value for c in "\0\r\n"):
             raise _Fatal(EX_USAGE, "line break or NUL byte in a command-line argument")
+    for what, values in (("sender", [o.sender or ""]), ("recipient", o.recipients)):
+        for value in values:
+            if not _valid_utf8(value):
+                raise _Fatal(EX_DATAERR, f"malformed UTF-8 in {what} address: "
+                             f"<{_shown(value)}>")
     try:
         _addresses(o)
     except ValueError as exc:

@@ -55,6 +55,12 @@ Public API
                  postmaster_copy=False, boilerplate=True, smtputf8=False) -> bytes
     main()                          the service's entry point (single_server)
 
+Bad bytes
+    Addresses and texts arrive decoded with "surrogateescape"; a byte that is not valid
+    UTF-8 never makes a notice fail: it is shown as ``\\xff`` in the human-readable part,
+    as ``+FF`` (xtext style, RFC 3461) in the address fields of the delivery-status part
+    and as ``?`` in other fields and headers (To:, Return-Path:).
+
 Replies ``status=0`` on success (the log is then removed, except for WARN), non-zero on
 failure (cleanup refused the notice, the queue file or log could not be read): the log
 is kept and the qmgr asks again later. Logs Postfix's lines
@@ -169,6 +175,35 @@ def _raw(value: str) -> str:
     return value.encode("utf-8", "surrogateescape").decode("ascii", "surrogateescape")
 
 
+def _safe(value: str, style: str) -> str:
+    """``value`` with every character that cannot be written as UTF-8 replaced.
+
+    Addresses and diagnostics reach the service decoded with "surrogateescape": a byte
+    that is not valid UTF-8 is a lone surrogate U+DC80..U+DCFF, and any lone surrogate
+    makes ``str.encode("utf-8")`` raise. Such a byte becomes ``\\xff`` (style "text",
+    the human-readable part), ``+FF`` (style "xtext", RFC 3461 xtext-style, in the
+    delivery-status fields) or ``?`` (style "header", Postfix printable()); any other
+    lone surrogate becomes ``?``. Valid text (including UTF-8) is returned unchanged.
+    """
+    try:
+        value.encode("utf-8")
+        return value
+    except UnicodeEncodeError:
+        pass
+    out: list[str] = []
+    for ch in value:
+        code = ord(ch)
+        if 0xDC80 <= code <= 0xDCFF:
+            byte = code - 0xDC00
+            out.append(f"\\x{byte:02x}" if style == "text"
+                       else f"+{byte:02X}" if style == "xtext" else "?")
+        elif 0xD800 <= code <= 0xDFFF:
+            out.append("?")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
 def _duration(seconds: float) -> str:
     """``4 hour(s)``, ``5 day(s)``, ``30 second(s)``: the largest unit that fits."""
     for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
@@ -180,11 +215,14 @@ def _duration(seconds: float) -> str:
 def _field_block(fields: list[tuple[str, str]]) -> Message:
     m = Message(policy=compat32)
     for name, value in fields:
-        m[name] = _raw(value)
+        # an address gets xtext-style +XX for a bad byte, other text (diagnostics) "?"
+        style = "xtext" if name.endswith(("Recipient", "Sender")) else "header"
+        m[name] = _raw(_safe(value, style))
     return m
 
 
 def _text_part(text: str) -> MIMEText:
+    text = _safe(text, "text")
     if text.isascii():
         return MIMEText(text, "plain", "us-ascii", policy=compat32)
     return MIMEText(text, "plain", _UTF8_8BIT, policy=compat32)  # type: ignore[arg-type]
@@ -268,7 +306,7 @@ def build_notice(
     outer = MIMEMultipart("report", report_type="delivery-status", policy=compat32)
     outer["From"] = f"MAILER-DAEMON@{myhostname} (Mail Delivery System)"
     outer["Subject"] = _SUBJECT[kind][1 if postmaster_copy else 0]
-    outer["To"] = _raw(to)
+    outer["To"] = _raw(_safe(to, "header"))
     outer["Auto-Submitted"] = "auto-generated" if postmaster_copy else "auto-replied"
     outer["Date"] = email.utils.formatdate(now, localtime=True)
     head_end = original.find(b"\n\n")
@@ -309,8 +347,8 @@ def build_notice(
     report["Content-Description"] = "Delivery report"
     outer.attach(report)
 
-    returned = b"Return-Path: <" + statuslog.quote_822_local(sender).encode(
-        "utf-8", "surrogateescape") + b">\n"
+    returned = b"Return-Path: <" + _safe(statuslog.quote_822_local(sender),
+                                          "header").encode() + b">\n"
     part: Message
     if headers_only:
         head = original if head_end < 0 else original[: head_end + 1]
@@ -371,7 +409,7 @@ class BounceService:
             return
         try:
             status = self.handle(req)
-        except (OSError, CorruptQueueFile, CleanupError) as exc:
+        except (OSError, CorruptQueueFile, CleanupError, UnicodeError) as exc:
             log.warning(f"{req.queue_id}: {self.service}: cannot send notice: {exc}")
             status = 1
         try:

@@ -21,6 +21,10 @@ Summary
       before ``250 2.0.0 Ok: queued as <id>``); a write error -> ``451 4.3.0 Error: queue
       file write error``, never a 5xx; nothing is queued before the final dot, so a
       client that disconnects mid-DATA leaves nothing behind.
+    * An address with bytes that are not valid UTF-8 (Postfix refuses malformed UTF-8):
+      MAIL -> ``553 5.1.7 <a\\xff@b>: malformed UTF-8 in sender address``, RCPT and VRFY
+      -> ``553 5.1.3 <...>: malformed UTF-8 in recipient address`` (bad bytes shown as
+      ``\\xff``); MAIL and RCPT are logged as ``NOQUEUE: reject:`` lines.
     * Limits (Postfix): every 4xx/5xx reply to a command is an error; at
       ``smtpd_soft_error_limit`` errors every reply waits ``smtpd_error_sleep_time``; at
       ``smtpd_hard_error_limit`` -> ``421 4.7.0 <host> Error: too many errors`` and
@@ -32,7 +36,8 @@ Summary
 Logs (Postfix smtpd's lines, so pflogsumm counts them)
     ``connect from <name>[<addr>]``; ``<qid>: client=<name>[<addr>]`` (when the queue id
     is assigned); ``NOQUEUE: reject: RCPT from <name>[<addr>]: <reply>; from=<s> to=<r>
-    proto=ESMTP helo=<h>``; ``warning: Connection concurrency limit exceeded: ...``;
+    proto=ESMTP helo=<h>`` (``NOQUEUE: reject: MAIL from ...; from=<s> proto=...`` for a
+    malformed UTF-8 sender); ``warning: Connection concurrency limit exceeded: ...``;
     ``timeout|lost connection|too many errors after <CMD> from ...`` (``after DATA (<n>
     bytes)``); ``disconnect from <name>[<addr>] ehlo=1 mail=1 rcpt=1 data=1 quit=1
     commands=5`` (``name=ok/total`` when some failed).
@@ -103,6 +108,24 @@ _AIOSMTPD_REPLIES = {
 _DEFAULT_DSN = {"2": "2.0.0", "4": "4.0.0", "5": "5.5.2", "500": "5.5.2", "501": "5.5.4",
                 "502": "5.5.1", "503": "5.5.1", "530": "5.7.0", "554": "5.7.0"}
 _MAX_ERROR_SLEEP = 10.0
+
+
+def _malformed_utf8(address: str) -> bool:
+    """True when ``address`` (decoded with "surrogateescape") has bytes that are not
+    valid UTF-8 (a lone surrogate)."""
+    if address.isascii():
+        return False
+    try:
+        address.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _shown(address: str) -> str:
+    """``address`` for a reply or log line: a byte that is not valid UTF-8 as ``\\xff``."""
+    return "".join(f"\\x{ord(c) - 0xDC00:02x}" if 0xDC80 <= ord(c) <= 0xDCFF
+                   else "?" if 0xD800 <= ord(c) <= 0xDFFF else c for c in address)
 
 
 @dataclass(frozen=True)
@@ -524,6 +547,10 @@ class SmtpdSession(SMTP):
         if not addr:
             await self._say("501 5.1.3 Bad recipient address syntax")
             return
+        if _malformed_utf8(addr):
+            await self._say(f"553 5.1.3 <{_shown(addr)}>: malformed UTF-8 in recipient "
+                            f"address")
+            return
         err = await self.host.policy.check_rcpt(self.client, self.helo or "", "", addr)
         await self._say(err or f"252 2.0.0 {arg}")
 
@@ -561,6 +588,13 @@ class SmtpdSession(SMTP):
         if sender is None:
             await self._say("501 5.1.7 Bad sender address syntax")
             return
+        if _malformed_utf8(sender):
+            bad = f"553 5.1.7 <{_shown(sender)}>: malformed UTF-8 in sender address"
+            helo = f" helo=<{self.helo}>" if self.helo else ""
+            log.info(f"NOQUEUE: reject: MAIL from {self.client.namaddr}: {bad}; "
+                     f"from=<{_shown(sender)}> proto={self.protocol}{helo}")
+            await self._say(bad)
+            return
         tx = Transaction(sender, time.time())
         err = (mail_params(tx, params, p.smtputf8, "dsn" in p.discard_ehlo)
                or utf8_error(sender, tx.smtputf8))
@@ -588,6 +622,13 @@ class SmtpdSession(SMTP):
         rcpt, params = self._address(arg[3:])
         if not rcpt:
             await self._say("501 5.1.3 Bad recipient address syntax")
+            return
+        if _malformed_utf8(rcpt):
+            bad = f"553 5.1.3 <{_shown(rcpt)}>: malformed UTF-8 in recipient address"
+            helo = f" helo=<{self.helo}>" if self.helo else ""
+            log.info(f"NOQUEUE: reject: RCPT from {self.client.namaddr}: {bad}; "
+                     f"from=<{tx.sender}> to=<{_shown(rcpt)}> proto={self.protocol}{helo}")
+            await self._say(bad)
             return
         parsed = rcpt_params(params, "dsn" in p.discard_ehlo)
         err = parsed if isinstance(parsed, str) else utf8_error(rcpt, tx.smtputf8)
