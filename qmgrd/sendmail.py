@@ -43,6 +43,8 @@ Options
     -F name     sender full name
     -t          extract recipients from To/Cc/Bcc (added to any given as arguments)
     -i, -oi     a line with a single "." does not end the input (otherwise it does)
+    A first input line starting with "From " (an mbox separator) is skipped, as
+    Postfix's sendmail does.
     -oX...      other -o options are ignored
     -N notify   DSN NOTIFY: never, or a comma list of success, delay, failure
     -R full|hdrs  DSN RET
@@ -364,10 +366,15 @@ def _submit(o: _Options, stdin: IO[bytes], stderr: IO[str]) -> None:
             w = MaildropWriter(f, line_limit)
             w.envelope(sender, o.recipients, fullname=o.fullname, notify=o.notify, ret=o.ret,
                        envid=o.envid, extract_recipients=o.extract)
+            first = True
             for raw in stdin:
                 line = raw[:-1] if raw.endswith(b"\n") else raw
                 if raw.endswith(b"\n") and line.endswith(b"\r"):
                     line = line[:-1]
+                if first:
+                    first = False
+                    if line.startswith(b"From "):
+                        continue  # an mbox "From " line, skipped as Postfix's sendmail does
                 if o.dot_ends and line == b".":
                     break
                 w.line(line)

@@ -61,6 +61,16 @@ def test_basic_submission(confdir: Path) -> None:
     assert not msg.extract_recipients
 
 
+def test_a_leading_mbox_from_line_is_skipped(confdir: Path) -> None:
+    """As Postfix's sendmail: a first line "From sender date" (an mbox separator) would
+    otherwise push the real headers into the body; only the first line is skipped."""
+    code, _ = sendmail(confdir, ["-i", "bob@example.net"],
+                       b"From alice@example.org Sun Nov 29 10:00:00 2026\nSubject: s\n\n"
+                       b"From the body: kept\n")
+    assert code == 0
+    assert only_message(confdir)[1].content == b"Subject: s\n\nFrom the body: kept\n"
+
+
 def test_record_types_are_postdrop_subset(confdir: Path) -> None:
     assert sendmail(confdir, ["-t", "-N", "success,delay", "-R", "hdrs", "-V", "env-1", "-i",
                               "b@example.net"], b"To: c@example.net\n\n.\nx" * 1)[0] == 0
