@@ -148,3 +148,16 @@ def test_descriptors_left_open_by_the_starter_reach_no_process(mailsys: MakeSyst
         if w >= 0:
             os.close(w)
         assert ms.master("stop").returncode == 0
+
+
+def test_the_master_can_load_a_service_module_before_any_fork() -> None:
+    """PosixOs.preload (called by the master for every master.cf service at start, before
+    the first fork) loads our modules, and leaves other command lines alone."""
+    from master.daemon.spawn import PosixOs
+
+    exe = sys.executable
+    forkspawn._Loaded.ok.discard("transports.error")
+    PosixOs().preload([exe, "-P", "-m", "transports.error", "-n", "error"])
+    assert "transports.error" in forkspawn._Loaded.ok
+    PosixOs(fork=False).preload([exe, "-P", "-m", "transports.no_such_agent"])
+    assert "transports.no_such_agent" not in forkspawn._Loaded.failed  # not even tried

@@ -387,6 +387,9 @@ def _warm_up() -> None:
             dns.rdataclass.IN, dns.rdatatype.from_text(rtype))
 
 
+_warm_up()  # at import: the master loads this module once and forks every smtpd from it
+
+
 def _pre_jail(ctx: ServerContext) -> None:
     cfg = ctx.config
     log.setup(cfg.get("process_name") or "smtpd", cfg.get("maillog_file"),

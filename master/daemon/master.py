@@ -88,7 +88,7 @@ from master.daemon.pidfile import (
     write_reload_verdict,
 )
 from master.daemon.queuedirs import check_queue_dirs, require_parent, unreachable_by
-from master.daemon.spawn import PosixOs, high_fd
+from master.daemon.spawn import PosixOs, child_argv, high_fd
 from master.daemon.supervisor import EndpointError, Settings, Supervisor
 from master.server.jail import Owner, OwnerError, lookup_mail_owner, unprivileged_warning
 from master.server.watchdog import watchdog_timeout
@@ -195,9 +195,13 @@ class Master:
             self._prepare(cfg, owner, qdir)
             os.chdir(qdir)
             endpoint_owner = (owner.uid, owner.gid) if owner.privileged else None
-            sup = Supervisor(PosixOs(self._forget, inet_hosts(cfg), endpoint_owner), settings)
+            posix = PosixOs(self._forget, inet_hosts(cfg), endpoint_owner)
+            sup = Supervisor(posix, settings)
             self.supervisor = sup
             sup.start(services)
+            for svc in services:  # every module before the first fork (PosixOs.preload)
+                posix.preload(child_argv(svc, settings.config_directory, settings.foreground,
+                                         settings.privileged))
             self.control = control.ControlServer(control.control_path(qdir),
                                                  self._control_request, self.selector)
             self.control.open()

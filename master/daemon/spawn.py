@@ -238,6 +238,16 @@ class PosixOs:
     def monotonic(self) -> float:
         return time.monotonic()
 
+    def preload(self, argv: Sequence[str]) -> None:
+        """Load the module of a child command line in the master now (forkspawn.preload),
+        before any child is forked: all children then share one image of the master's
+        memory. A module loaded after the first fork makes the master write to pages
+        that the children forked before it share, and every such page becomes private
+        to them (an idle pickup forked first had 7.8 MiB of its own, 4.x when it is
+        forked after every module is loaded)."""
+        if self._fork:
+            forkable(argv)
+
     def spawn(self, argv: Sequence[str], generation: int, fds: Sequence[int]) -> int:
         module = forkable(argv) if self._fork else None
         if module is not None:  # one of ours, loaded in the master: fork (forkspawn)
