@@ -159,5 +159,5 @@ def test_the_master_can_load_a_service_module_before_any_fork() -> None:
     forkspawn._Loaded.ok.discard("transports.error")
     PosixOs().preload([exe, "-P", "-m", "transports.error", "-n", "error"])
     assert "transports.error" in forkspawn._Loaded.ok
-    PosixOs(fork=False).preload([exe, "-P", "-m", "transports.no_such_agent"])
-    assert "transports.no_such_agent" not in forkspawn._Loaded.failed  # not even tried
+    PosixOs(fork=False).preload([exe, "-P", "-m", "transports.never_tried_agent"])
+    assert "transports.never_tried_agent" not in forkspawn._Loaded.failed  # not tried
