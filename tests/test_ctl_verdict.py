@@ -66,6 +66,31 @@ def test_qmgr_reports_a_moot_change(tmp_path: Path, action: str, verdict: bool,
     assert not env.files("active") and not env.files("hold") and not env.files("incoming")
 
 
+def test_a_hold_after_a_pending_delete_says_the_delete_is_pending(tmp_path: Path) -> None:
+    """A hold (or requeue) of a message whose delete waits for its delivery in flight is
+    not answered "done" (the CLI would print "placed on hold" for mail being removed)."""
+    env = Env(tmp_path)
+    qid = env.submit("a@x.example", ["r@one.example"])
+    env.agents.hold = True
+
+    async def go() -> None:
+        sched = env.sched()
+        ctl = control(env, sched)
+        sched.startup()
+        await drain(sched)
+        first = await ctl.handle({"cmd": "act", "action": "delete", "ids": [qid]})
+        assert first == {"results": {qid: "pending"}}
+        for action in ("hold", "requeue"):
+            reply = await ctl.handle({"cmd": "act", "action": action, "ids": [qid],
+                                      "verdict": True})
+            assert reply == {"results": {qid: "a delete of it is pending"}}
+        env.agents.release(1, "defer")
+        await drain(sched)
+
+    run(go())
+    assert not env.files("active") and not env.files("hold") and not env.files("deferred")
+
+
 def test_qmgr_refuses_a_bad_verdict_flag(tmp_path: Path) -> None:
     env = Env(tmp_path)
 

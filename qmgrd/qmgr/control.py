@@ -23,7 +23,8 @@ Summary
     ``done``; ``delivered`` (hold/requeue: every recipient was delivered meanwhile, the
     file was removed as usual; with ``"verdict": true`` also a delete that was moot for
     that reason — without it such a delete is ``done``, as before); ``pending`` (still in delivery when the wait ended; the
-    change follows); ``absent`` (not in the active queue: look elsewhere); ``busy`` (a
+    change follows); ``a delete of it is pending`` (hold/requeue of a message whose
+    delete waits for its deliveries); ``absent`` (not in the active queue: look elsewhere); ``busy`` (a
     file in active/ the qmgr does not hold, locked by a delivery agent); ``error: ...``.
 
     Suspensions: at start and on ``suspend`` the file is read and the set replaced. A new
@@ -128,6 +129,10 @@ class Control:
                     out[qid] = apply_file(self.sched.spool, "active", qid, action)
                 except (OSError, ValueError) as exc:
                     out[qid] = f"error: {exc}"
+                continue
+            old = msg.admin
+            if isinstance(old, AdminAction) and old.action == "delete" and action != "delete":
+                out[qid] = "a delete of it is pending"  # not "done": it will be removed
                 continue
             self._take(msg, action)
             out[qid] = self._result(qid, verdict)
