@@ -69,6 +69,8 @@ from __future__ import annotations
 import os
 import sys
 
+from qmgrd.utf8 import malformed, shown
+
 TYPE_CHECKING = False  # typing is not imported at run time (start-up cost)
 if TYPE_CHECKING:
     from typing import IO, NoReturn
@@ -120,24 +122,6 @@ def _plain_address(text: str) -> bool:
         return False
     at = text.rfind("@")
     return at < 0 or 0 < at < len(text) - 1
-
-
-def _valid_utf8(text: str) -> bool:
-    """False when ``text`` (an argument, decoded by Python with "surrogateescape") holds
-    bytes that are not valid UTF-8, i.e. a lone surrogate."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def _shown(text: str) -> str:
-    """``text`` for a message: bytes that are not valid UTF-8 as ``\\xff``."""
-    try:
-        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    except UnicodeEncodeError:
-        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _dsn_option(o: _Options, opt: str, value: str) -> None:
@@ -218,9 +202,9 @@ def _parse(argv: list[str]) -> _Options:
             raise _Fatal(EX_USAGE, "line break or NUL byte in a command-line argument")
     for what, values in (("sender", [o.sender or ""]), ("recipient", o.recipients)):
         for value in values:
-            if not _valid_utf8(value):
+            if malformed(value):
                 raise _Fatal(EX_DATAERR, f"malformed UTF-8 in {what} address: "
-                             f"<{_shown(value)}>")
+                             f"<{shown(value)}>")
     try:
         _addresses(o)
     except ValueError as exc:

@@ -69,6 +69,8 @@ from master import log
 from master.config import Config
 from qmgrd.spool.cleanup import CleanupError
 from qmgrd.spool.envelope import SMTPUTF8_FLAG_REQUESTED, Envelope, Recipient, internal_form
+from qmgrd.utf8 import malformed as malformed_utf8
+from qmgrd.utf8 import shown
 from transports.smtpd_policy import ClientInfo, Policy, queue_space
 from transports.smtpd_tx import (
     Transaction,
@@ -108,24 +110,6 @@ _AIOSMTPD_REPLIES = {
 _DEFAULT_DSN = {"2": "2.0.0", "4": "4.0.0", "5": "5.5.2", "500": "5.5.2", "501": "5.5.4",
                 "502": "5.5.1", "503": "5.5.1", "530": "5.7.0", "554": "5.7.0"}
 _MAX_ERROR_SLEEP = 10.0
-
-
-def _malformed_utf8(address: str) -> bool:
-    """True when ``address`` (decoded with "surrogateescape") has bytes that are not
-    valid UTF-8 (a lone surrogate)."""
-    if address.isascii():
-        return False
-    try:
-        address.encode("utf-8")
-    except UnicodeEncodeError:
-        return True
-    return False
-
-
-def _shown(address: str) -> str:
-    """``address`` for a reply or log line: a byte that is not valid UTF-8 as ``\\xff``."""
-    return "".join(f"\\x{ord(c) - 0xDC00:02x}" if 0xDC80 <= ord(c) <= 0xDCFF
-                   else "?" if 0xD800 <= ord(c) <= 0xDFFF else c for c in address)
 
 
 @dataclass(frozen=True)
@@ -547,8 +531,8 @@ class SmtpdSession(SMTP):
         if not addr:
             await self._say("501 5.1.3 Bad recipient address syntax")
             return
-        if _malformed_utf8(addr):
-            await self._say(f"553 5.1.3 <{_shown(addr)}>: malformed UTF-8 in recipient "
+        if malformed_utf8(addr):
+            await self._say(f"553 5.1.3 <{shown(addr)}>: malformed UTF-8 in recipient "
                             f"address")
             return
         err = await self.host.policy.check_rcpt(self.client, self.helo or "", "", addr)
@@ -588,11 +572,11 @@ class SmtpdSession(SMTP):
         if sender is None:
             await self._say("501 5.1.7 Bad sender address syntax")
             return
-        if _malformed_utf8(sender):
-            bad = f"553 5.1.7 <{_shown(sender)}>: malformed UTF-8 in sender address"
+        if malformed_utf8(sender):
+            bad = f"553 5.1.7 <{shown(sender)}>: malformed UTF-8 in sender address"
             helo = f" helo=<{self.helo}>" if self.helo else ""
             log.info(f"NOQUEUE: reject: MAIL from {self.client.namaddr}: {bad}; "
-                     f"from=<{_shown(sender)}> proto={self.protocol}{helo}")
+                     f"from=<{shown(sender)}> proto={self.protocol}{helo}")
             await self._say(bad)
             return
         tx = Transaction(sender, time.time())
@@ -623,11 +607,11 @@ class SmtpdSession(SMTP):
         if not rcpt:
             await self._say("501 5.1.3 Bad recipient address syntax")
             return
-        if _malformed_utf8(rcpt):
-            bad = f"553 5.1.3 <{_shown(rcpt)}>: malformed UTF-8 in recipient address"
+        if malformed_utf8(rcpt):
+            bad = f"553 5.1.3 <{shown(rcpt)}>: malformed UTF-8 in recipient address"
             helo = f" helo=<{self.helo}>" if self.helo else ""
             log.info(f"NOQUEUE: reject: RCPT from {self.client.namaddr}: {bad}; "
-                     f"from=<{tx.sender}> to=<{_shown(rcpt)}> proto={self.protocol}{helo}")
+                     f"from=<{tx.sender}> to=<{shown(rcpt)}> proto={self.protocol}{helo}")
             await self._say(bad)
             return
         parsed = rcpt_params(params, "dsn" in p.discard_ehlo)
