@@ -9,8 +9,9 @@ Summary
 
 Public API
     malformed(text: str) -> bool    True when ``text`` holds a lone surrogate
-    shown(text: str) -> str         ``text`` for a reply or log line: each escaped byte
-                                    as ``\\xNN``, any other lone surrogate as ``?``
+    shown(text: str, style="text") -> str   ``text`` writable as UTF-8: each escaped
+                                    byte as ``\\xNN`` ("text"), ``+NN`` ("xtext") or ``?``
+                                    ("header"), any other lone surrogate as ``?``
 """
 
 from __future__ import annotations
@@ -30,9 +31,23 @@ def malformed(text: str) -> bool:
     return False
 
 
-def shown(text: str) -> str:
-    """``text`` with each escaped byte as ``\\xNN`` and any other lone surrogate as "?"."""
+def shown(text: str, style: str = "text") -> str:
+    """``text`` with every character that cannot be written as UTF-8 replaced: an escaped
+    byte as ``\\xNN`` (style "text": replies, logs, the readable part of a notice),
+    ``+NN`` (style "xtext", RFC 3461 xtext-style: a notice's delivery-status address
+    fields) or ``?`` (style "header": Postfix printable()); any other lone surrogate as
+    ``?``. Valid text, UTF-8 included, is returned unchanged."""
     if not malformed(text):
         return text
-    return "".join(f"\\x{ord(c) - 0xDC00:02x}" if 0xDC80 <= ord(c) <= 0xDCFF
-                   else "?" if 0xD800 <= ord(c) <= 0xDFFF else c for c in text)
+    out: list[str] = []
+    for ch in text:
+        code = ord(ch)
+        if 0xDC80 <= code <= 0xDCFF:
+            byte = code - 0xDC00
+            out.append(f"\\x{byte:02x}" if style == "text"
+                       else f"+{byte:02X}" if style == "xtext" else "?")
+        elif 0xD800 <= code <= 0xDFFF:
+            out.append("?")
+        else:
+            out.append(ch)
+    return "".join(out)

@@ -112,6 +112,7 @@ from qmgrd.spool.envelope import (
 from qmgrd.spool.message import CorruptQueueFile, QueueFile
 from qmgrd.spool.queue import Spool
 from qmgrd.spool.queueid import valid_id
+from qmgrd.utf8 import shown as _safe
 
 __all__ = ["BounceService", "build_notice", "main"]
 
@@ -173,35 +174,6 @@ class _Generator(BytesGenerator):
 
 def _raw(value: str) -> str:
     return value.encode("utf-8", "surrogateescape").decode("ascii", "surrogateescape")
-
-
-def _safe(value: str, style: str) -> str:
-    """``value`` with every character that cannot be written as UTF-8 replaced.
-
-    Addresses and diagnostics reach the service decoded with "surrogateescape": a byte
-    that is not valid UTF-8 is a lone surrogate U+DC80..U+DCFF, and any lone surrogate
-    makes ``str.encode("utf-8")`` raise. Such a byte becomes ``\\xff`` (style "text",
-    the human-readable part), ``+FF`` (style "xtext", RFC 3461 xtext-style, in the
-    delivery-status fields) or ``?`` (style "header", Postfix printable()); any other
-    lone surrogate becomes ``?``. Valid text (including UTF-8) is returned unchanged.
-    """
-    try:
-        value.encode("utf-8")
-        return value
-    except UnicodeEncodeError:
-        pass
-    out: list[str] = []
-    for ch in value:
-        code = ord(ch)
-        if 0xDC80 <= code <= 0xDCFF:
-            byte = code - 0xDC00
-            out.append(f"\\x{byte:02x}" if style == "text"
-                       else f"+{byte:02X}" if style == "xtext" else "?")
-        elif 0xD800 <= code <= 0xDFFF:
-            out.append("?")
-        else:
-            out.append(ch)
-    return "".join(out)
 
 
 def _duration(seconds: float) -> str:
