@@ -344,7 +344,7 @@ def _submit(o: _Options, stdin: IO[bytes], stderr: IO[str]) -> None:
     except OSError as exc:
         raise _Fatal(EX_CANTCREAT, f"create file in {spool.queue_path('maildrop')}: "
                      f"{exc.strerror}") from None
-    headers = _HeaderRecipients() if o.extract and not o.recipients else None
+    headers = _HeaderRecipients() if o.extract else None
     try:
         with f:
             w = MaildropWriter(f, line_limit)
@@ -366,8 +366,14 @@ def _submit(o: _Options, stdin: IO[bytes], stderr: IO[str]) -> None:
                     raise _Fatal(EX_DATAERR, "message file too big")
                 if headers is not None and headers.in_headers:
                     headers.feed(line)
-            if headers is not None and not headers.addresses():
-                raise _Fatal(EX_USAGE, "No recipient addresses found in message header")
+            if headers is not None:
+                found = headers.addresses()
+                if not found and not o.recipients:
+                    raise _Fatal(EX_USAGE, "No recipient addresses found in message header")
+                bad = [a for a in found if malformed(a)]
+                if bad:  # as for the arguments: refused before anything is queued
+                    raise _Fatal(EX_DATAERR, "malformed UTF-8 in recipient address: "
+                                 f"<{shown(bad[0])}>")
             w.finish()
             f.flush()
             os.fchmod(f.fileno(), 0o744)

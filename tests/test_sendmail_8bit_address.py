@@ -72,3 +72,17 @@ def test_installed_script_refuses_raw_bytes(confdir: Path, args: list[bytes]) ->
     assert p.stderr.startswith(b"qmgr-sendmail: fatal: malformed UTF-8 in ")
     assert b"\\x" in p.stderr and b"\xff" not in p.stderr and b"\xfe" not in p.stderr
     assert maildrop(confdir) == []
+
+
+@pytest.mark.parametrize("args", [["-t"], ["-t", "ok@example.net"]])
+def test_t_refuses_header_recipients_that_are_not_utf8(confdir: Path,
+                                                       args: list[str]) -> None:
+    """-t takes recipients from To/Cc/Bcc: a header address that is not valid UTF-8 is
+    refused as an argument would be (exit 65, nothing queued)."""
+    err = io.StringIO()
+    code = run(["-c", str(confdir), *args],
+               io.BytesIO(b"To: j\xf6rg@localhost\nCc: ok2@example.net\nSubject: t\n\nb\n"),
+               err)
+    assert code == 65, err.getvalue()
+    assert "malformed UTF-8 in recipient address: <j\\xf6rg@localhost>" in err.getvalue()
+    assert not list((confdir / "q" / "maildrop").iterdir())
