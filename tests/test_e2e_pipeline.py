@@ -70,6 +70,7 @@ def test_bundled_config_delivers_local_mail_and_stops_clean() -> None:
     tmp_path = Path(tempfile.mkdtemp(prefix="qmgrd-bundled-"))
     os.chmod(tmp_path, 0o755)
     shutil.copytree(REPO / "etc", tmp_path / "etc")
+    (tmp_path / "var").mkdir()  # as make run does: queue_directory is made inside it
     # the bundled smtpd listens on 127.0.0.1:2525; a free port keeps this test apart
     # from a `make run` on the same machine
     mcf = tmp_path / "etc" / "master.cf"

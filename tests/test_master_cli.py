@@ -269,3 +269,22 @@ def test_reload_leaves_the_module_check_to_the_master(system: System, tmp_path: 
     result = system.cli("reload")
     assert result.returncode == 1 and "line 2" in result.stderr, result.stderr
     system.master_cf.write_text(good)
+
+
+def test_start_refuses_a_mistyped_queue_directory_and_creates_nothing(tmp_path: Path) -> None:
+    """queue_directory and maillog_file under a directory that does not exist: start
+    fails naming the parameter, and neither path is created (making the log's
+    directories first would have made the typo's parent exist)."""
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    (etc / "master.cf").write_text(MASTER_CF)
+    typo = tmp_path / "tpyo"
+    (etc / "main.cf").write_text(f"queue_directory = {typo}/spool\n"
+                                 f"maillog_file = {typo}/log/maillog\n")
+    result = subprocess.run([sys.executable, "-P", "-m", "master.cli", "-c", str(etc),
+                             "start"], check=False, env=child_env(), capture_output=True,
+                            text=True, timeout=30, stdin=subprocess.DEVNULL)
+    assert result.returncode == 1
+    assert f"queue_directory {typo}/spool: parent directory {typo} does not exist" \
+        in result.stderr
+    assert not typo.exists()

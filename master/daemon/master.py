@@ -471,6 +471,10 @@ def run_master(config_directory: str, foreground: bool = False,
     except ConfigError as exc:
         _log_early(config_directory, foreground)
         fail(str(exc))
+    try:  # before the log's directories are made: they could make a typo's parent exist
+        require_parent(os.path.abspath(cfg.get("queue_directory")), "queue_directory")
+    except FileNotFoundError as exc:
+        fail(str(exc.strerror))
     try:
         if maillog:
             _create_maillog(maillog)
