@@ -317,6 +317,8 @@ def reload(ctx: click.Context) -> None:
             if verdict[2] is not None:
                 _fatal(f"the master refused the reload and keeps its configuration: "
                        f"{verdict[2]}")
+            if verdict[3] is not None:
+                _fatal(f"the master reloaded, but could not start: {verdict[3]}")
             sys.exit(0)
         time.sleep(0.05)
     _say(f"warning: no answer from the master (pid {pid}) within {RELOAD_TIMEOUT:.0f}s; "

@@ -288,3 +288,23 @@ def test_start_refuses_a_mistyped_queue_directory_and_creates_nothing(tmp_path: 
     assert f"queue_directory {typo}/spool: parent directory {typo} does not exist" \
         in result.stderr
     assert not typo.exists()
+
+
+def test_reload_reports_a_new_service_that_could_not_start(system: System) -> None:
+    """A service added by reload whose port is taken: the master keeps the rest of the
+    new configuration, and qmgr-master reload says which service it could not start
+    (exit 1) instead of reporting success."""
+    system.start()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        good = system.master_cf.read_text()
+        system.master_cf.write_text(
+            good + f"127.0.0.1:{port} inet n - n - - tests.services.echo_agent\n")
+        result = system.cli("reload")
+    assert result.returncode == 1, result.stderr
+    assert "the master reloaded, but could not start: 127.0.0.1:" in result.stderr
+    assert "Address already in use" in result.stderr
+    system.master_cf.write_text(good)
+    assert system.cli("reload").returncode == 0

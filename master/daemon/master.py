@@ -379,12 +379,13 @@ class Master:
         for text in warnings:
             log.warning(text)
         log.info(f"reload -- version {VERSION}, configuration {self.config_directory}")
-        sup.reload(settings, services)
-        self._verdict(qdir, None)
+        problems = sup.reload(settings, services)
+        self._verdict(qdir, None, "; ".join(problems) or None)
 
-    def _verdict(self, queue_directory: str, error: str | None) -> None:
+    def _verdict(self, queue_directory: str, error: str | None,
+                 incomplete: str | None = None) -> None:
         try:
-            write_reload_verdict(queue_directory, self._reloads, error)
+            write_reload_verdict(queue_directory, self._reloads, error, incomplete)
         except OSError as exc:
             log.warning(f"cannot record the reload verdict: {exc}")
 

@@ -20,8 +20,10 @@ Public API
         master runs (0 when the lock is held but the pid is not written yet)
     pid_path(queue_directory) -> str;  lock_path(data_directory) -> str
     reload_path(queue_directory) -> str   ``pid/master.reload``
-    write_reload_verdict(queue_directory, serial, error)   the master, after each SIGHUP
-    read_reload_verdict(queue_directory) -> (pid, serial, error | None) | None
+    write_reload_verdict(queue_directory, serial, error, incomplete=None)   the master,
+                                     after each SIGHUP
+    read_reload_verdict(queue_directory) -> (pid, serial, error | None,
+                                             incomplete | None) | None
 
 Raises
     OSError when the file cannot be created or opened (the caller makes it fatal).
@@ -54,27 +56,34 @@ def reload_path(queue_directory: str) -> str:
     return os.path.join(queue_directory, "pid", "master.reload")
 
 
-def write_reload_verdict(queue_directory: str, serial: int, error: str | None) -> None:
+def write_reload_verdict(queue_directory: str, serial: int, error: str | None,
+                         incomplete: str | None = None) -> None:
     """Record the verdict on reload number ``serial`` of this master (``error`` None:
-    done), as one line ``<pid> <serial> ok`` or ``<pid> <serial> failed <error>``,
-    replaced atomically (so that ``qmgr-master reload`` can report what the master
-    decided). Raises OSError."""
+    done; ``incomplete``: done, but these new services could not be started), as one
+    line ``<pid> <serial> ok``, ``<pid> <serial> failed <error>`` or ``<pid> <serial>
+    incomplete <what>``, replaced atomically (so that ``qmgr-master reload`` can report
+    what the master decided). Raises OSError."""
     path = reload_path(queue_directory)
-    line = f"{os.getpid()} {serial} " + ("ok" if error is None else f"failed {error}")
+    verdict = ("ok" if error is None and incomplete is None
+               else f"failed {error}" if error is not None else f"incomplete {incomplete}")
+    line = f"{os.getpid()} {serial} {verdict}"
     tmp = f"{path}.{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(line.replace("\n", " ") + "\n")
     os.replace(tmp, path)
 
 
-def read_reload_verdict(queue_directory: str) -> tuple[int, int, str | None] | None:
-    """(pid, serial, error or None) of the last reload verdict, None when there is none
-    (or it cannot be read)."""
+def read_reload_verdict(
+        queue_directory: str) -> tuple[int, int, str | None, str | None] | None:
+    """(pid, serial, error or None, incomplete or None) of the last reload verdict, None
+    when there is none (or it cannot be read)."""
     try:
         with open(reload_path(queue_directory), encoding="utf-8") as f:
             pid, serial, verdict = (f.readline().rstrip("\n").split(" ", 2) + ["", ""])[:3]
+        if verdict.startswith("incomplete "):
+            return int(pid), int(serial), None, verdict.removeprefix("incomplete ")
         error = None if verdict == "ok" else verdict.removeprefix("failed ")
-        return int(pid), int(serial), error
+        return int(pid), int(serial), error, None
     except (OSError, ValueError):
         return None
 

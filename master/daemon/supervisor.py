@@ -238,9 +238,11 @@ class Supervisor:
                                                      exc)) from exc
             self.services[svc.service_key] = st
 
-    def reload(self, settings: Settings, services: Sequence[Service]) -> None:
+    def reload(self, settings: Settings, services: Sequence[Service]) -> list[str]:
         """Mark and sweep to the new service list (module docstring).  A new service
-        whose endpoint cannot be opened is logged and left out."""
+        whose endpoint cannot be opened is logged and left out; returns those problems
+        (``"<service>: <endpoint_problem>"``, for the reload verdict)."""
+        problems: list[str] = []
         self.settings = Settings(self.settings.config_directory,
                                  self.settings.queue_directory,
                                  settings.default_process_limit,
@@ -263,10 +265,12 @@ class Supervisor:
                     self._close_status(st)
                     problem = endpoint_problem(svc, self.settings.queue_directory, exc)
                     log.warning(f"{svc.name}: cannot start service: {problem}")
+                    problems.append(f"{svc.name}: {problem}")
                     continue
                 self.services[key] = st
                 continue
             self._restart(st, svc)
+        return problems
 
     def stop(self) -> None:
         """Begin shutdown: no more spawns or wakeups, close every status channel (children
