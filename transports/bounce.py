@@ -262,7 +262,8 @@ def build_notice(
         qid, sender: the original message's queue id and envelope sender.
         to: the notice's recipient (the To: header).
         arrival: when the original message arrived (epoch seconds).
-        entries: the recipients to report with their status (in that order).
+        entries: the recipients to report with their status (in that order); addresses
+            in the internal (unquoted) form, quoted here once (quote_822_local).
         original: the original message (headers + body, or only the headers when
             ``headers_only``), LF line ends.
         headers_only: return ``text/rfc822-headers`` instead of ``message/rfc822``.
@@ -343,9 +344,12 @@ def build_notice(
 
 def _last_per_recipient(entries: Entries) -> Entries:
     """One entry per recipient (address and queue-file offset), the last one logged, in
-    the order the recipients first appear."""
+    the order the recipients first appear. The log holds the addresses quoted (external
+    form); they come back in the internal form, as build_notice quotes them itself."""
     last: dict[tuple[str, int], tuple[Recipient, statuslog.Dsn]] = {}
     for rcpt, dsn in entries:
+        rcpt.address = statuslog.unquote_822_local(rcpt.address)
+        rcpt.orig_rcpt = statuslog.unquote_822_local(rcpt.orig_rcpt)
         last[(rcpt.address, rcpt.offset)] = (rcpt, dsn)
     return list(last.values())
 

@@ -41,6 +41,11 @@ Public API
     parse(data, name="") -> list[tuple[Recipient, Dsn]]
     remove(spool, log, qid) -> bool
     quote_822_local(address) -> str
+    unquote_822_local(address) -> str   the inverse: external (quoted) -> internal form
+
+``read``/``parse`` return addresses (``recipient=``, ``original_recipient=``) as logged,
+i.e. in the quoted external form; a consumer that quotes again (a notice, postfix.md
+§5.6) must first turn them back into the internal form with ``unquote_822_local``.
 
 ``read`` is tolerant: entries without ``recipient=`` and lines that are not
 ``name=value`` are skipped with a warning via master.log.
@@ -67,6 +72,7 @@ __all__ = [
     "quote_822_local",
     "read",
     "remove",
+    "unquote_822_local",
 ]
 
 LOGS = ("bounce", "defer", "trace")
@@ -113,6 +119,25 @@ def quote_822_local(address: str) -> str:
         return address
     esc = local.replace("\\", "\\\\").replace('"', '\\"')
     return f'"{esc}"{domain}'
+
+
+def unquote_822_local(address: str) -> str:
+    """The internal form of an address quoted by :func:`quote_822_local` (its exact
+    inverse): a local part wrapped in double quotes loses them and its ``\\``
+    escapes are resolved (``"a\\"b"@h`` -> ``a"b@h``); anything else is returned
+    unchanged."""
+    at = address.rfind("@")
+    local, domain = (address[:at], address[at:]) if at >= 0 else (address, "")
+    if len(local) < 2 or local[0] != '"' or local[-1] != '"':
+        return address
+    out: list[str] = []
+    i, inner = 0, local[1:-1]
+    while i < len(inner):
+        if inner[i] == "\\" and i + 1 < len(inner):
+            i += 1
+        out.append(inner[i])
+        i += 1
+    return "".join(out) + domain
 
 
 _CTRL = {c: "?" for c in [*range(32), 127]}
