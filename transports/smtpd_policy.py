@@ -61,7 +61,8 @@ Public API
         sessions per client address across processes (byte-range locks on one file)
     domain_of(address) -> str;  is_fqdn(domain) -> bool
 
-Logs warnings (unknown restriction, unsupported mynetworks entry, unreadable table); raises
+Logs warnings (unknown restriction, unsupported mynetworks entry - with the reason from
+master.config.netlist, which Config.check also uses - unreadable table); raises
 PolicyError for a configuration that would make an open relay or names a table that
 cannot be opened.
 """
@@ -83,6 +84,7 @@ import dns.reversename
 
 from master import log
 from master.config import Config
+from master.config.netlist import NetworkError, is_table, parse_network
 from qmgrd.maps import Table, TableError, open_table
 
 __all__ = [
@@ -172,12 +174,10 @@ class NetList:
                 if table is not None:
                     self.items.append((neg, table))
                 continue
-            spec = text.replace("[", "").replace("]", "")
             try:
-                self.items.append((neg, ipaddress.ip_network(spec, strict=False)))
-            except ValueError:
-                log.warning(f"{param}: unsupported entry \"{raw}\" (host names are not "
-                            "supported): ignored")
+                self.items.append((neg, parse_network(text)))
+            except NetworkError as exc:  # Config.check refuses these: reached only unchecked
+                log.warning(f"{param}: unsupported entry \"{raw}\" ({exc}): ignored")
 
     def match(self, addr: str) -> bool:
         """True when ``addr`` (an IP address string) is in the list."""
@@ -197,11 +197,7 @@ class NetList:
         return False
 
 
-_TABLE_TYPES = ("texthash", "hash", "btree", "lmdb", "cdb", "inline")
-
-
-def _is_table(text: str) -> bool:
-    return text.partition(":")[0].lower() in _TABLE_TYPES
+_is_table = is_table  # master.config.netlist: one parser for smtpd and the config check
 
 
 class DomainList:

@@ -33,7 +33,8 @@ PUBLIC API
     cfg.get_int / get_bool / get_time (seconds) / get_size (bytes) / get_list
     cfg.transport_name(transport, suffix) -> str (the parameter actually used)
     cfg.transport_param / transport_int / transport_time (transport, suffix)
-    cfg.check() -> None          validate every set or table parameter (like postconf)
+    cfg.check() -> None          validate every set or table parameter (like postconf),
+                                 and each entry of NETWORK_LIST_PARAMS (master.config.netlist)
     cfg.error(name, message) -> ConfigError   located where name's value came from
     param_spec(name) -> Param | None   the table entry governing name (per-transport too)
     TRANSPORT_SUFFIXES                 the per-transport parameter suffixes
@@ -55,6 +56,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 from master.config.errors import ConfigError
+from master.config.netlist import network_problem
 from master.config.params import (
     PARAMS,
     Param,
@@ -71,6 +73,10 @@ NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*\Z")
 _MACRO_NAME_RE = re.compile(r"[A-Za-z0-9_]+")
 _BRACED_RE = re.compile(r"\s*([A-Za-z0-9_][A-Za-z0-9_.\-]*)\s*")
 _MAX_DEPTH = 100
+# Network lists smtpd matches client addresses against (transports.smtpd_policy.NetList);
+# mynetworks first, so that an error in "$mynetworks" is reported where it is set.
+NETWORK_LIST_PARAMS: tuple[str, ...] = ("mynetworks", "smtpd_client_event_limit_exceptions")
+
 _HOSTNAME_RE = re.compile(  # letters, digits, "-", "_" (Postfix valid_hostname)
     r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?")
 
@@ -502,6 +508,11 @@ class Config:
             if proto.lower() not in ("all", "ipv4", "ipv6"):
                 raise self._error("inet_protocols", f'unknown inet_protocols value "{proto}"'
                                   " (all, ipv4 or ipv6)")
+        for name in NETWORK_LIST_PARAMS:  # Postfix: a bad network is fatal
+            for entry in self.get_list(name):
+                problem = network_problem(entry)
+                if problem is not None:
+                    raise self._error(name, f"parameter {name}: {problem}")
 
     def dump(self, defaults: bool = False, nondefault: bool = False,
              expand: bool = False) -> list[str]:

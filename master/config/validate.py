@@ -14,7 +14,9 @@ DESCRIPTION
     configuration:
 
     * main.cf: every parameter expanded and every typed one converted (Config.check:
-      expansion loops, bad numbers, times, sizes, booleans, ranges).
+      expansion loops, bad numbers, times, sizes, booleans, ranges; each mynetworks and
+      smtpd_client_event_limit_exceptions entry an address, a network without host
+      bits or a table - master.config.netlist, the parser smtpd uses too).
     * master.cf, per service: the Config its children will see (main.cf plus
       service_name, process_name and its ``-o`` overrides) checked the same way; the
       command's module exists and can be run with ``python -m`` (found with
