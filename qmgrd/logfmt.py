@@ -19,6 +19,8 @@ Public API
 
 from __future__ import annotations
 
+from qmgrd.spool.statuslog import quote_822_local
+
 __all__ = ["delivery_line", "format_delay"]
 
 
@@ -61,9 +63,9 @@ def delivery_line(
     handoff = handoff or active
     conn_done = conn_done or handoff
     done = done or conn_done
-    parts = [f"{qid}: to=<{rcpt}>"]
+    parts = [f"{qid}: to=<{quote_822_local(rcpt)}>"]  # the quoted form, as Postfix logs
     if orig and orig.lower() != rcpt.lower():
-        parts.append(f"orig_to=<{orig}>")
+        parts.append(f"orig_to=<{quote_822_local(orig)}>")
     parts.append(f"relay={relay}")
     parts.append(f"delay={format_delay(done - arrival)}")
     parts.append(
