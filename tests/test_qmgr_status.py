@@ -128,7 +128,8 @@ def test_status_socket_and_qmgr_ctl_status(tmp_path: Path) -> None:
         assert not os.path.exists(path)
         code, out, err = await ctl(etc, "status")
         assert code == 69
-        assert err.startswith("qmgr-ctl: fatal: cannot get the qmgr status from ")
+        assert err.startswith("qmgr-ctl: fatal: the qmgr is not running (nothing listens "
+                              f"on {os.path.abspath(path)}): is the mail system up?"), err
         env.agents.release(1)
         await drain(sched)
 

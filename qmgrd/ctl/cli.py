@@ -386,13 +386,17 @@ def status_cmd(ctx: click.Context, as_json_: bool) -> None:
 
     cfg = load(ctx)
     try:
-        path = os.path.join(cfg.get("queue_directory"), "private", "qmgr-status")
+        path = os.path.join(os.path.abspath(cfg.get("queue_directory")), "private",
+                            "qmgr-status")
     except ConfigError as exc:
         fatal(ctx, EX_CONFIG, str(exc))
     try:
         snap = fetch(path)
     except PermissionError as exc:
         denied(ctx, f"status: connect to {path}", exc)
+    except (FileNotFoundError, ConnectionRefusedError):
+        fatal(ctx, EX_UNAVAILABLE, f"the qmgr is not running (nothing listens on {path}): "
+              "is the mail system up?")
     except (OSError, ValueError, TypeError) as exc:
         fatal(ctx, EX_UNAVAILABLE, f"cannot get the qmgr status from {path}: {exc}")
     try:
