@@ -203,16 +203,26 @@ def run_scenarios(bench: scenarios.Bench, only: list[str], rounds: int, n: dict[
             order = bench.systems if step % 2 == 0 else bench.systems[::-1]
             step += 1
             for system in order:
-                t0 = time.monotonic()
-                res = getattr(bench, sc.lower())(system, n[sc])
-                res["round"] = rnd
-                sink(res)
-                out.append(res)
-                log(f"round {rnd} {sc} {system}: " + (
-                    f"{res['msgs_per_s']} msgs/s, {res['cpu_ms_per_msg']} CPU ms/msg"
-                    if res["valid"] else f"INVALID {res['error']}")
-                    + f" ({time.monotonic() - t0:.0f}s)")
+                out.append(_timed(
+                    f"round {rnd} {sc} {system}",
+                    lambda: getattr(bench, sc.lower())(system, n[sc]),  # noqa: B023
+                    {"round": rnd}, sink,
+                    lambda r: f"{r['msgs_per_s']} msgs/s, {r['cpu_ms_per_msg']} CPU ms/msg"))
     return out
+
+
+def _timed(label: str, run: Callable[[], dict[str, Any]], extra: dict[str, Any],
+           sink: Callable[[dict[str, Any]], None],
+           figures: Callable[[dict[str, Any]], str]) -> dict[str, Any]:
+    """One round: ``run()``, ``extra`` added, recorded (``sink``) and logged with its
+    ``figures`` (or INVALID and the error) and the seconds it took."""
+    t0 = time.monotonic()
+    res = run()
+    res.update(extra)
+    sink(res)
+    log(f"{label}: " + (figures(res) if res["valid"] else f"INVALID {res['error']}")
+        + f" ({time.monotonic() - t0:.0f}s)")
+    return res
 
 
 def run_scale(bench: scenarios.Bench, points: list[int],
@@ -221,15 +231,10 @@ def run_scale(bench: scenarios.Bench, points: list[int],
     for i, size in enumerate(points):
         order = bench.systems if i % 2 == 0 else bench.systems[::-1]
         for system in order:
-            t0 = time.monotonic()
-            res = bench.h(system, size)
-            res["scenario"] = "H-scale"
-            sink(res)
-            out.append(res)
-            log(f"scale H {size} {system}: " + (
-                f"{res['msgs_per_s']} msgs/s, qmgr RSS {res['peak_qmgr_rss_mib']} MiB"
-                if res["valid"] else f"INVALID {res['error']}")
-                + f" ({time.monotonic() - t0:.0f}s)")
+            out.append(_timed(
+                f"scale H {size} {system}", lambda: bench.h(system, size),  # noqa: B023
+                {"scenario": "H-scale"}, sink,
+                lambda r: f"{r['msgs_per_s']} msgs/s, qmgr RSS {r['peak_qmgr_rss_mib']} MiB"))
     return out
 
 

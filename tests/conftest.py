@@ -7,7 +7,9 @@
   directory that an unprivileged ``mail_owner`` can traverse (pytest's tmp_path is 0700,
   which matters when the suite runs as root and children drop privileges), stopped at
   teardown;
-* ``peers.sink(*args)`` / ``peers.capture(mode)`` start SMTP peers on 127.0.0.1.
+* ``peers.sink(*args)`` / ``peers.capture(mode)`` start SMTP peers on 127.0.0.1;
+* ``confdir``: a main.cf (queue_directory, myhostname mx.example.org) and its queue
+  directories in tmp_path, for the qmgr-sendmail tests.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any
 import pytest
 
 from master import log
+from qmgrd.spool.queue import Spool
 from tests.harness import CaptureServer, MailSystem, MakeSystem, ScenarioSetup, SmtpSink
 from tests.services.procs import make_base, remove_base
 from tests.tools.scenario_smtpd import Scenario
@@ -50,6 +53,14 @@ def _reset_log() -> Iterator[None]:
     log.close()
     yield
     log.close()
+
+
+@pytest.fixture
+def confdir(tmp_path: Path) -> Path:
+    (tmp_path / "main.cf").write_text(
+        f"queue_directory = {tmp_path}/q\nmyhostname = mx.example.org\n")
+    Spool(str(tmp_path / "q")).make_dirs()
+    return tmp_path
 
 
 @pytest.fixture

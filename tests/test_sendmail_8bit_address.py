@@ -17,18 +17,9 @@ from pathlib import Path
 import pytest
 
 from qmgrd.sendmail import run
-from qmgrd.spool.queue import Spool
 
 EX_DATAERR = 65
 SCRIPT = Path(sys.executable).parent / "qmgr-sendmail"
-
-
-@pytest.fixture
-def confdir(tmp_path: Path) -> Path:
-    (tmp_path / "main.cf").write_text(
-        f"queue_directory = {tmp_path}/q\nmyhostname = mx.example.org\n")
-    Spool(str(tmp_path / "q")).make_dirs()
-    return tmp_path
 
 
 def maildrop(confdir: Path) -> list[str]:

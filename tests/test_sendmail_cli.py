@@ -14,19 +14,10 @@ import pytest
 
 from qmgrd.sendmail import run
 from qmgrd.spool.maildrop import MaildropMessage, read_maildrop
-from qmgrd.spool.queue import Spool
 from qmgrd.spool.queueid import valid_id
 from qmgrd.spool.records import RecordReader
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture
-def confdir(tmp_path: Path) -> Path:
-    (tmp_path / "main.cf").write_text(
-        f"queue_directory = {tmp_path}/q\nmyhostname = mx.example.org\n")
-    Spool(str(tmp_path / "q")).make_dirs()
-    return tmp_path
 
 
 def sendmail(confdir: Path, args: list[str], data: bytes) -> tuple[int, str]:

@@ -539,6 +539,14 @@ class SmtpdSession(SMTP):
         await self._say(err or f"252 2.0.0 {arg}")
 
     # ------------------------------------------------------------------ MAIL / RCPT
+    async def _reject(self, command: str, reply: str, envelope: str) -> None:
+        """Log Postfix's ``NOQUEUE: reject: <command> from <client>: <reply>; <envelope>
+        proto=<p> helo=<h>`` line and send ``reply``."""
+        helo = f" helo=<{self.helo}>" if self.helo else ""
+        log.info(f"NOQUEUE: reject: {command} from {self.client.namaddr}: {reply}; "
+                 f"{envelope} proto={self.protocol}{helo}")
+        await self._say(reply)
+
     def _address(self, text: str) -> tuple[str | None, list[str]]:
         """``<addr> params`` -> (internal-form address or None when malformed, params)."""
         text = text.strip()
@@ -573,11 +581,9 @@ class SmtpdSession(SMTP):
             await self._say("501 5.1.7 Bad sender address syntax")
             return
         if malformed_utf8(sender):
-            bad = f"553 5.1.7 <{shown(sender)}>: malformed UTF-8 in sender address"
-            helo = f" helo=<{self.helo}>" if self.helo else ""
-            log.info(f"NOQUEUE: reject: MAIL from {self.client.namaddr}: {bad}; "
-                     f"from=<{shown(sender)}> proto={self.protocol}{helo}")
-            await self._say(bad)
+            await self._reject(
+                "MAIL", f"553 5.1.7 <{shown(sender)}>: malformed UTF-8 in sender address",
+                f"from=<{shown(sender)}>")
             return
         tx = Transaction(sender, time.time())
         err = (mail_params(tx, params, p.smtputf8, "dsn" in p.discard_ehlo)
@@ -608,11 +614,9 @@ class SmtpdSession(SMTP):
             await self._say("501 5.1.3 Bad recipient address syntax")
             return
         if malformed_utf8(rcpt):
-            bad = f"553 5.1.3 <{shown(rcpt)}>: malformed UTF-8 in recipient address"
-            helo = f" helo=<{self.helo}>" if self.helo else ""
-            log.info(f"NOQUEUE: reject: RCPT from {self.client.namaddr}: {bad}; "
-                     f"from=<{tx.sender}> to=<{shown(rcpt)}> proto={self.protocol}{helo}")
-            await self._say(bad)
+            await self._reject(
+                "RCPT", f"553 5.1.3 <{shown(rcpt)}>: malformed UTF-8 in recipient address",
+                f"from=<{tx.sender}> to=<{shown(rcpt)}>")
             return
         parsed = rcpt_params(params, "dsn" in p.discard_ehlo)
         err = parsed if isinstance(parsed, str) else utf8_error(rcpt, tx.smtputf8)
@@ -626,10 +630,7 @@ class SmtpdSession(SMTP):
             return
         err = await self.host.policy.check_rcpt(self.client, self.helo or "", tx.sender, rcpt)
         if err:
-            helo = f" helo=<{self.helo}>" if self.helo else ""
-            log.info(f"NOQUEUE: reject: RCPT from {self.client.namaddr}: {err}; "
-                     f"from=<{tx.sender}> to=<{rcpt}> proto={self.protocol}{helo}")
-            await self._say(err)
+            await self._reject("RCPT", err, f"from=<{tx.sender}> to=<{rcpt}>")
             return
         notify, orcpt = parsed
         tx.rcpts.append(Recipient(rcpt, dsn_orcpt=orcpt or f"rfc822;{rcpt}", notify=notify))

@@ -105,8 +105,9 @@ def preload(module: str) -> bool:
     except Exception:  # noqa: BLE001 - any import failure: the spawned child reports it
         _Loaded.failed.add(module)
         return False
+    if not _Loaded.ok:
+        prime_for_jail()  # once: the codecs and time zone every jailed child would load
     _Loaded.ok.add(module)
-    prime_for_jail()
     gc.collect()
     gc.freeze()
     return True

@@ -178,11 +178,7 @@ class Master:
             log.warning(unprivileged_warning(owner))
         settings = settings_from(cfg, self.foreground, services, owner.privileged)
         qdir = settings.queue_directory
-        try:
-            require_parent(qdir, "queue_directory")
-        except FileNotFoundError as exc:
-            raise StartupError(str(exc.strerror)) from None
-        try:
+        try:  # run_master checked that queue_directory's parent exists (require_parent)
             os.makedirs(os.path.join(qdir, "pid"), mode=0o755, exist_ok=True)
             pidfile = PidFile(pid_path(qdir))
             pidfile.acquire()
