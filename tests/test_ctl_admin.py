@@ -102,6 +102,25 @@ def test_ids_from_stdin_all_and_dry_run(q: Q) -> None:
     assert q.run("hold")[0] == EX_USAGE  # no message named
 
 
+def test_dash_with_nothing_on_stdin_names_nothing(q: Q) -> None:
+    """``list | grep nomatch | awk ... | delete -``: no id read means nothing is done
+    (postsuper -d -), never "every message" - with or without selectors, dry run or
+    not."""
+    ids = [q.submit("deferred", "a@x.example", [f"r{i}@one.example"]) for i in range(2)]
+    held = q.submit("hold", "a@x.example", ["h@one.example"])
+    for args, stdin in ((["delete", "-"], ""), (["delete", "-"], "\n  \n"),
+                        (["hold", "-"], ""), (["release", "-"], ""),
+                        (["requeue", "-"], ""), (["delete", "--dry-run", "-"], ""),
+                        (["delete", "-", "--sender", "a@x.example"], "")):
+        code, out, err = q.run(*args, stdin=stdin)
+        assert (code, out) == (0, ""), (args, err)
+        assert " 0 messages" in err, (args, err)
+    assert all(q.where(i) == ["deferred"] for i in ids) and q.where(held) == ["hold"]
+    code, out, _ = q.run("delete", "-", "--sender", "a@x.example", stdin=f"{ids[0]}\n")
+    assert (code, out) == (0, f"{ids[0]}: removed\n")  # the selector narrows the ids read
+    assert q.where(ids[1]) == ["deferred"] and q.where(held) == ["hold"]
+
+
 def test_requeue_moves_to_incoming_now(q: Q) -> None:
     qid = q.submit("deferred", "a@x.example", ["r@one.example"])
     os.utime(q.spool.path("deferred", qid), (T0 + 10**6, T0 + 10**6))
@@ -170,6 +189,8 @@ def test_selectors_pick_the_messages(q: Q) -> None:
     assert ids("--queue", "hold", "--sender", "nobody@*") == []
     code, out, _ = q.run("list", "--queue", "hold")
     assert out.endswith("-- 0 Kbytes in 1 Request.\n")
+    # nothing selected is not an empty queue
+    assert q.run("list", "--recipient", "nobody@*") == (0, "No message matches\n", "")
     for bad in (["--older-than", "ten"], ["--domain", "../etc"], ["--reason", "("],
                 ["--queue", "corrupt"]):
         code, _, err = q.run("list", *bad)
@@ -219,6 +240,8 @@ def test_flush_by_id_and_site(q: Q) -> None:
     code, out, err = q.run("flush", "--site", "two.example", "--batch", "1", "--pace", "0")
     assert q.where(b) == ["incoming"]
     assert q.run("flush", "--site", "x", "--id", a)[0] == EX_USAGE
+    code, _, err = q.run("flush", "--site", "")  # not "flush nothing, exit 0"
+    assert code == EX_USAGE and "bad domain ''" in err
 
 
 def test_suspend_and_resume_edit_the_file(q: Q) -> None:

@@ -51,7 +51,7 @@ Public API
     NOOP                                                   result: nothing to do, silent
     Admin(spool, action, *, dry_run=False, wait=10.0)
         .run(targets: list[tuple[str, str | None]]) -> list[Report]
-    select_targets(spool, action, ids, everything, selector) -> list[(qid, queue|None)]
+    select_targets(spool, action, ids | None, everything, selector) -> list[(qid, queue|None)]
     flush_ids(spool, ids) -> list[Report]; flush_site(spool, key, batch, pace,
         match=None) -> int
     suspend(spool, key, until, reason, now) -> str; resume(spool, key, batch, pace) -> str
@@ -109,20 +109,25 @@ class Report:
     text: str
 
 
-def select_targets(spool: Spool, action: str, ids: list[str], everything: bool,
+def select_targets(spool: Spool, action: str, ids: list[str] | None, everything: bool,
                    selector: Selector) -> list[tuple[str, str | None]]:
     """The messages to work on: ids (queue unknown yet), or ALL / the selector's matches
-    among the action's queues (with the queue they were found in)."""
+    among the action's queues (with the queue they were found in). ``ids`` None: not
+    restricted by ids (ALL, or selectors alone); a list - even an empty one, as ``-``
+    with nothing on standard input gives - restricts to those ids (postsuper: no id
+    read, nothing done; never "every message")."""
     queues = QUEUES_FOR[action]
+    if ids is not None and not ids:
+        return []
     if ids and not selector.active:
         return [(qid, None) for qid in ids]
-    wanted = set(ids)
+    wanted = set(ids or ())
     scan_queues = [q for q in queues if not selector.queues or q in selector.queues]
     if action == "delete" and "maildrop" in selector.queues:
         scan_queues.append("maildrop")
     out: list[tuple[str, str | None]] = []
     for entry in scan(spool, queues=scan_queues):
-        if (not ids or entry.queue_id in wanted) and selector.match(entry):
+        if (ids is None or entry.queue_id in wanted) and selector.match(entry):
             out.append((entry.queue_id, entry.queue_name))
     return out
 

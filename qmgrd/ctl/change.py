@@ -119,7 +119,9 @@ when its delivery in progress ends.
         if bad:
             fatal(ctx, EX_USAGE, f"{action}: not for the {bad[0]} queue")
         try:
-            named = [] if everything else parse_ids(ids, sys.stdin)
+            # None: no ids named (ALL, or selectors alone); else the ids named - an
+            # empty list when "-" read nothing, and then nothing is done
+            named = None if everything or not ids else parse_ids(ids, sys.stdin)
         except BadIds as exc:
             fatal(ctx, EX_DATAERR, str(exc))
         with changing(ctx, cfg, spool, action):
@@ -225,7 +227,7 @@ def flush_some(ctx: click.Context, site: str | None, ids: tuple[str, ...], batch
         fatal(ctx, EX_USAGE, "flush: --site and --id are mutually exclusive")
     cfg = load(ctx)
     spool, _, _ = settings(ctx, cfg)
-    if site:
+    if site is not None:
         key = _key(ctx, site)
         if key.startswith("["):
             fatal(ctx, EX_USAGE, "flush --site: a domain, not a nexthop")

@@ -219,7 +219,7 @@ def list_cmd(ctx: click.Context, /, as_json_: bool, **sel: Any) -> None:
         entries = (e for e in entries if selector.match(e))
     out = Output(sys.stdout.buffer)
     try:
-        chunks = (format_json(e) for e in entries) if as_json_ else format_mailq(entries)
+        chunks = (format_json(e) for e in entries) if as_json_ else format_mailq(entries, selector.active)
         for chunk in chunks:  # UTF-8 bytes whatever the locale, as Postfix writes them
             out.write(chunk.encode("utf-8", "surrogateescape"))
         out.flush()
@@ -358,7 +358,7 @@ DOMAIN, --batch messages every --pace seconds (postqueue -s).
 @click.pass_context
 def flush_cmd(ctx: click.Context, site: str | None, ids: tuple[str, ...], batch: int,
               pace: float) -> None:
-    if site or ids:
+    if site is not None or ids:
         change.flush_some(ctx, site, ids, batch, pace)
         return
     cfg = load(ctx)

@@ -22,7 +22,8 @@ Summary
     * recipient lines: three empty fields in the header layout (47 spaces), the address;
     * a blank line between messages; at the end ``-- <sum of sizes // 1024> Kbytes in
       <n> Request[s].`` after a blank line (the division truncates, as ``%lu`` of an
-      integer division does), or ``Mail queue is empty`` when nothing was listed.
+      integer division does), or ``Mail queue is empty`` when nothing was listed
+      (``No message matches`` when a selector matched nothing).
 
     JSON: one object per line, members in postqueue's order ``queue_name``, ``queue_id``,
     ``arrival_time``, ``message_size``, ``forced_expire``, ``sender``, ``recipients``
@@ -75,11 +76,13 @@ def format_message(entry: QueueEntry) -> str:
     return "".join(out)
 
 
-def format_mailq(entries: Iterable[QueueEntry]) -> Iterator[str]:
+def format_mailq(entries: Iterable[QueueEntry], selected: bool = False) -> Iterator[str]:
     """Yield mailq output chunk by chunk (so that a long listing streams).
 
     Args:
         entries: queue entries in display order (usually showq.scan()).
+        selected: the entries are a selector's matches: when there are none, say
+            ``No message matches`` (the queue need not be empty).
     """
     count = 0
     total = 0
@@ -89,7 +92,7 @@ def format_mailq(entries: Iterable[QueueEntry]) -> Iterator[str]:
         total += entry.message_size
         count += 1
     if count == 0:
-        yield "Mail queue is empty\n"
+        yield "No message matches\n" if selected else "Mail queue is empty\n"
     else:
         yield f"\n-- {total // 1024} Kbytes in {count} Request{'' if count == 1 else 's'}.\n"
 
