@@ -614,12 +614,13 @@ class LogCursor:
         except FileNotFoundError:
             return []
 
-    def by(self, service: str) -> list[tuple[int, str]]:
-        """(pid, message) of the lines logged by ``<syslog_name>/<service>`` since the mark."""
+    def by(self, program: str) -> list[tuple[int, str]]:
+        """(pid, message) of the lines logged by ``<syslog_name>/<program>`` since the mark
+        (the program: the module's name, whatever the service's, as Postfix logs)."""
         out = []
         for line in self.lines():
             m = self.LINE.match(line)
-            if m and m.group(1).rpartition("/")[2] == service:
+            if m and m.group(1).rpartition("/")[2] == program:
                 out.append((int(m.group(2)), m.group(3)))
         return out
 

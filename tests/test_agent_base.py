@@ -339,7 +339,9 @@ def test_python_m_agent_serves_one_request(tmp_path: Path, module: str, service:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert f"qmgrd/{service}[" in env.log()
+    program = module.rpartition(".")[2]  # "retry" logs as error(8) does: qmgrd/error
+    log = env.log()
+    assert f"qmgrd/{program}[" in log and (service == program or f"qmgrd/{service}[" not in log)
 
 
 @pytest.mark.parametrize("pairs", [

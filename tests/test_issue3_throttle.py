@@ -65,7 +65,7 @@ def test_failing_service_is_throttled_and_the_rest_keeps_working(
         now = time.monotonic()
         if not delivered_at and len(delivered()) == len(jobs):
             delivered_at.append(now - t0)
-        for pid, msg in cursor.by("failsvc"):
+        for pid, msg in cursor.by("fail_agent"):
             if fatal.search(msg):
                 first_seen.setdefault(pid, now)
         assert not ms.proc_dead(), "the master died"

@@ -105,7 +105,8 @@ def test_exception_is_fatal_with_traceback(base: Path, run: Standalone) -> None:
     lines = log_lines(base)
     assert any(line.endswith("fatal: bad: this service cannot start") for line in lines)
     assert any("Traceback (most recent call last):" in line for line in lines)
-    assert all("qmgrd/bad[" in line for line in lines)
+    # the tag is the program (the module's name), not the service's, as Postfix's
+    assert all("qmgrd/fail_agent[" in line for line in lines)
 
 
 def test_trigger_server_fifo_and_socket(base: Path, run: Standalone) -> None:

@@ -15,7 +15,11 @@ Summary
 
     Start-up: parse argv, process name ``qmgrd: <service>``, check fds 5/6..,
     ``Config.load(config_dir, {service_name, process_name, -o...})``,
-    ``log.setup(service, maillog_file, syslog_name, foreground=-d)`` (the log is open
+    ``log.setup(process_name, maillog_file, syslog_name, foreground=-d)`` - the log tag
+    is ``<syslog_name>/<program>`` whatever the service's name, as Postfix's (a
+    ``relay ... smtp`` service logs as ``qmgrd/smtp``, and with ``-o
+    syslog_name=postfix/$service_name`` as ``postfix/relay/smtp``: what pflogsumm
+    looks for); the log is open
     before the jail, so a child that drops privileges still writes it), mail_owner looked
     up (``--unpriv``), the watchdog time read, ``pre_jail(ctx)`` (cwd and
     ``ctx.queue_directory`` = the queue directory's absolute path), then the jail
@@ -321,7 +325,7 @@ def _setup(argv: Sequence[str] | None, pre_jail: JailHook | None,
         overrides[name.strip()] = value.strip()
     status_fd, listen_fds = _master_fds(opts.sockets)  # before anything opens a file
     cfg = Config.load(opts.config_dir, overrides)
-    log.setup(service, cfg.get("maillog_file"), cfg.get("syslog_name") or "qmgrd",
+    log.setup(process_name, cfg.get("maillog_file"), cfg.get("syslog_name") or "qmgrd",
               foreground=opts.foreground)
     if status_fd is None and opts.listen:
         listen_fds = [_standalone_listener(opts.listen, opts.type)]
