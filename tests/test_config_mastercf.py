@@ -44,7 +44,7 @@ def test_load_sample_file() -> None:
     assert smtp.line == 8
     pipe = by_key[("pipe", "unix")]
     assert pipe.args == ["flags=R", "argv=/bin/cat -u"] and not pipe.unpriv
-    assert pipe.module == "transports.pipe"
+    assert pipe.module == "my.pipe"
     mine = by_key[("mine", "unix")]
     assert mine.module == "my.pkg.agent"
     assert (mine.private, mine.unpriv, mine.chroot, mine.wakeup) == (True, True, False, 0)
@@ -97,7 +97,12 @@ def test_equality_for_reload() -> None:
     ("x unix - - n - - error -o novalue\n", 1, "bad -o option"),
     ("x unix - - n - - error -o { bad name = 1 }\n", 1, "bad -o option"),
     ("x unix - - n - - error { unclosed\n", 1, "missing '}'"),
-    ("x unix - - n - - cleanup\n", 1, "unknown command"),
+    ("x unix - - n - - cleanup\n", 1, ('command "cleanup": Postfix\'s cleanup(8) is not a '
+                                       "service in qmgrd (smtpd, pickup and bounce do its "
+                                       "work in their own process): delete this line")),
+    ("maildrop unix - n n - - pipe flags=DRXhu argv=/usr/bin/maildrop\n", 1,
+     'command "pipe": Postfix\'s pipe(8) is not implemented in qmgrd: delete this line'),
+    ("x unix - - n - - nosuch\n", 1, "unknown command"),
     ("a/b unix - - n - - error\n", 1, "bad service name"),
     ("  x unix - - n - - error\n", 1, "continuation line with nothing before it"),
 ])

@@ -111,8 +111,28 @@ def test_duplicate_service_warns_naming_both_lines(tmp_path: Path) -> None:
     parse_master_cf(GOOD_MASTER * 2, "master.cf", Config.from_text("", "/x"))  # no warn: ok
 
 
+def test_smtpd_encrypt_needs_a_readable_certificate(tmp_path: Path) -> None:
+    """TLS required and no certificate: refused at start/reload (naming the smtpd line),
+    not a smtpd that dies at every start while the master throttles it."""
+    line = "127.0.0.1:2525 inet n - n - - smtpd -o smtpd_tls_security_level=encrypt"
+    etc = write(tmp_path, "", GOOD_MASTER + line + "\n")
+    assert error_of(etc) == (f"{etc}/master.cf, line 4: smtpd_tls_security_level = "
+                             "encrypt needs smtpd_tls_cert_file")
+    etc = write(tmp_path, f"smtpd_tls_cert_file = {tmp_path}/none.pem\n",
+                GOOD_MASTER + line + "\n")
+    assert error_of(etc) == (f"{etc}/master.cf, line 4: smtpd_tls_security_level = "
+                             f"encrypt: cannot read smtpd_tls_cert_file {tmp_path}/none.pem: "
+                             "No such file or directory")
+    (tmp_path / "cert.pem").write_text("x")
+    etc = write(tmp_path, f"smtpd_tls_cert_file = {tmp_path}/cert.pem\n",
+                GOOD_MASTER + line + "\n")
+    load_configuration(etc)  # readable: the content is smtpd's to judge (and log)
+    etc = write(tmp_path, "", GOOD_MASTER + line.replace("encrypt", "may") + "\n")
+    load_configuration(etc)  # may: STARTTLS is just not offered
+
+
 @pytest.mark.parametrize("command,what", [
-    ("no.such.module", "no module named no"),
+    ("no.such.module", 'no module named no.such.module ("no" not found)'),
     ("qmgrd.no_such_agent", "no module named qmgrd.no_such_agent"),
     ("transports.pickup.sub", ("no module named transports.pickup.sub (transports.pickup "
                               "is not a package)")),

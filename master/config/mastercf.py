@@ -40,7 +40,10 @@ PUBLIC API
 
 ERRORS
     ConfigError ``"<master.cf path>, line <n>: <what>"`` (bad type, bad y/n, bad number,
-    too few fields, bad -o, unknown command, unbalanced braces).  Nothing is logged.
+    too few fields, bad -o, unknown command, unbalanced braces).  A Postfix program that
+    qmgrd has no service for (POSTFIX_PROGRAMS: cleanup, trivial-rewrite, pipe, ...) is
+    named as such: ``command "pipe": Postfix's pipe(8) is not implemented in qmgrd:
+    delete this line``.  Nothing is logged.
     Checks that need the system (the command's module exists, inet ports and hosts,
     parameter values) are in master.config.validate.
 """
@@ -61,11 +64,35 @@ BUILTIN_MODULES: dict[str, str] = {
     "smtp": "transports.smtp",
     "lmtp": "transports.smtp",
     "local": "transports.local",
-    "pipe": "transports.pipe",
     "error": "transports.error",
     "discard": "transports.discard",
     "bounce": "transports.bounce",
     "smtpd": "transports.smtpd",
+}
+
+# Postfix programs a pasted master.cf names that qmgrd has no service for: what a Postfix
+# user is told instead of "unknown command" (the line must go: nothing is guessed).
+BUILT_INTO = "is not a service in qmgrd"
+NOT_IMPLEMENTED = "is not implemented in qmgrd"
+POSTFIX_PROGRAMS: dict[str, str] = {
+    "cleanup": f"{BUILT_INTO} (smtpd, pickup and bounce do its work in their own process)",
+    "trivial-rewrite": f"{BUILT_INTO} (the qmgr resolves addresses and transports itself)",
+    "showq": f"{BUILT_INTO} (qmgr-ctl list reads the queue itself)",
+    "flush": f"{BUILT_INTO} (qmgr-ctl flush --site does fast flush's work)",
+    "anvil": f"{BUILT_INTO} (smtpd counts connections per client itself)",
+    "scache": f"{BUILT_INTO} (each smtp agent keeps its own connection cache)",
+    "postlogd": f"{BUILT_INTO} (every process writes maillog_file itself)",
+    "tlsmgr": f"{BUILT_INTO} (no TLS session cache)",
+    "oqmgr": f"{NOT_IMPLEMENTED} (qmgr is the queue manager)",
+    "pipe": NOT_IMPLEMENTED,
+    "virtual": NOT_IMPLEMENTED,
+    "spawn": NOT_IMPLEMENTED,
+    "verify": NOT_IMPLEMENTED,
+    "proxymap": NOT_IMPLEMENTED,
+    "postscreen": NOT_IMPLEMENTED,
+    "dnsblog": NOT_IMPLEMENTED,
+    "tlsproxy": NOT_IMPLEMENTED,
+    "qmqpd": NOT_IMPLEMENTED,
 }
 
 SERVICE_TYPES = ("inet", "unix", "fifo")
@@ -158,6 +185,9 @@ def _module(command: str, path: str, lineno: int) -> str:
         return BUILTIN_MODULES[command]
     if _MODULE_RE.match(command):
         return command
+    if command in POSTFIX_PROGRAMS:
+        raise ConfigError(f'command "{command}": Postfix\'s {command}(8) '
+                          f"{POSTFIX_PROGRAMS[command]}: delete this line", path, lineno)
     raise ConfigError(f'unknown command "{command}" (not built in, and not a dotted '
                       "Python module name)", path, lineno)
 

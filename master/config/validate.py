@@ -23,7 +23,9 @@ DESCRIPTION
       importlib's path finder - never imported, no code of it runs); an inet
       service's port is a number (1-65535) or a name in /etc/services, and its host
       (or each inet_interfaces address when it has none) an IP address or a name that
-      resolves.
+      resolves; an smtpd service with ``smtpd_tls_security_level = encrypt`` has a
+      readable ``smtpd_tls_cert_file`` (and key file): without one smtpd could take no
+      mail at all.
     * lookup tables: every table named by a parameter whose tables a qmgrd program
       opens (TABLE_PARAMS: ``transport_maps``, read by the qmgr) is read the way the
       program will read it (master.config.tables); a missing or unreadable file, an
@@ -174,6 +176,32 @@ def check_service(cfg: Config, svc: Service, warn: Warn | None = None, *,
                           svc.line or None)
     if svc.type == "inet":
         _check_inet(cfg, svc)
+    if svc.module == "transports.smtpd":
+        _check_smtpd_tls(child, svc)
+
+
+def _check_smtpd_tls(child: Config, svc: Service) -> None:
+    """smtpd_tls_security_level = encrypt with no readable certificate: every client
+    would be refused (smtpd exits fatal at start and the master throttles it), so the
+    configuration is refused first, at start and reload."""
+    if child.get("smtpd_tls_security_level").strip().lower() != "encrypt":
+        return
+    cert = child.get("smtpd_tls_cert_file").strip()
+    key = child.get("smtpd_tls_key_file").strip() or cert
+    if not cert:
+        problem = "smtpd_tls_security_level = encrypt needs smtpd_tls_cert_file"
+    else:
+        problem = ""
+        for name, path in (("smtpd_tls_cert_file", cert), ("smtpd_tls_key_file", key)):
+            try:
+                with open(path, "rb"):
+                    pass
+            except OSError as exc:
+                problem = (f"smtpd_tls_security_level = encrypt: cannot read {name} "
+                           f"{path}: {exc.strerror}")
+                break
+    if problem:
+        raise ConfigError(problem, svc.path or None, svc.line or None)
 
 
 def _where(svc: Service) -> str:
@@ -212,7 +240,7 @@ def module_problem(module: str) -> str | None:
             locations = spec.submodule_search_locations
             found = (list(locations) if locations is not None else None,)
     if found is None:
-        return f"no module named {parts[0]}"
+        return f"no module named {module}" + (f' ("{parts[0]}" not found)' if parts[1:] else "")
     for i in range(1, len(parts)):
         dirs = found[0]
         parent, name = ".".join(parts[:i]), ".".join(parts[:i + 1])
