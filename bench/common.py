@@ -536,7 +536,10 @@ class CpuByProcess:
             except psutil.Error:
                 continue
             self.last[p.pid] = t.user + t.system
-            if p.pid not in self.titles or self.titles[p.pid].startswith(("python", "?")):
+            # read again until it differs from the root's: a child forked by qmgrd's
+            # master carries the master's title until it sets its own
+            if (p.pid not in self.titles or self.titles[p.pid].startswith(("python", "?"))
+                    or (p.pid != self.pid and self.titles[p.pid] == self.titles.get(self.pid))):
                 self.titles[p.pid] = title(p)
 
     def by_title(self, total: float, messages: int) -> dict[str, float]:
