@@ -255,6 +255,7 @@ def test_sender_argument_stored_in_internal_form(confdir: Path, arg: str, stored
     (["x@"], "malformed recipient address: x@"),
     (["@example.com"], "malformed recipient address: @example.com"),
     (["a@b c@d"], "malformed recipient address: a@b c@d"),
+    (["a b c"], "malformed recipient address: a b c"),  # not just "a": nothing dropped
     (["<<x>>"], "malformed recipient address: <<x>>"),
     (["ok@example.net", "a@example.net, <>"], "malformed recipient address: a@example.net, <>"),
     (["undisclosed-recipients:;"], "malformed recipient address"),

@@ -139,6 +139,17 @@ def test_extract_recipients(tmp_path: Path) -> None:
     assert os.listdir(spool.queue_path("incoming")) == [qid]
 
 
+def test_extracted_bare_words_are_one_address(tmp_path: Path) -> None:
+    """``To: john smith`` (a name with no address) is the recipient ``john smith``, as
+    Postfix's cleanup reads it - never the local user ``john``."""
+    c, spool = make(tmp_path)
+    data = b"To: john smith, Ann <ann@example.net>\nSubject: t\n\nhi\n"
+    qid = c.submit(env(), data, extract_recipients=True)
+    with QueueFile.open(spool, "incoming", qid) as qf:
+        assert [r.address for r in qf.recipients] == [
+            "john smith@mx.example.org", "ann@example.net"]
+
+
 def test_resent_headers_take_precedence(tmp_path: Path) -> None:
     c, spool = make(tmp_path)
     data = b"To: a@example.net\nResent-To: r@example.net\n\nx\n"

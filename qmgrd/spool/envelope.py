@@ -241,9 +241,27 @@ def parse_recipient_arg(text: str) -> list[str]:
             characters, empty local part or domain), or there is none.
     """
     addrs = _parse_list(text) if needs_parsing(text) else [text]
-    if not addrs or not all(_well_formed(a) for a in addrs):
+    if not addrs or not all(_well_formed(a) for a in addrs) or _whole_words(text, addrs) != addrs:
         raise ValueError(f"malformed recipient address: {text}")
     return addrs
+
+
+def _whole_words(text: str, addrs: list[str]) -> list[str]:
+    """``addrs`` (getaddresses() of ``text``) with each address of which it kept only the
+    first of several bare words (``a b c`` -> ``a``: the rest silently lost) replaced by
+    the whole local part, as the email package's header parser and Postfix's tok822
+    read it (``a b c``)."""
+    if not any(c.isspace() for c in text):
+        return addrs
+    from email.policy import default
+
+    try:
+        modern = [f"{a.username}@{a.domain}" if a.domain else a.username
+                  for a in default.header_factory("To", text).addresses]
+    except Exception:  # noqa: BLE001 - a cross-check only: getaddresses() decided
+        return addrs
+    return [m if m != a and m.partition("@")[0].startswith(a.partition("@")[0] + " ") else a
+            for a, m in zip(addrs, modern + addrs[len(modern):], strict=True)]
 
 
 def parse_sender_arg(text: str) -> str:
@@ -267,13 +285,14 @@ def extract_addresses(values: Iterable[str]) -> list[str]:
     """To/Cc/Bcc header values -> the internal-form addresses they hold, in order.
 
     Entries that do not parse to a well-formed address (``<>``, an empty group such as
-    ``undisclosed-recipients:;``, garbage) are skipped, as cleanup does.
+    ``undisclosed-recipients:;``, garbage) are skipped, as cleanup does; bare words are
+    one address (``To: john smith`` is ``john smith``, as Postfix reads it, never
+    ``john``).
     """
     from email.utils import getaddresses
 
     out: list[str] = []
-    for _name, addr in getaddresses(list(values)):
-        addr = internal_form(addr.strip())
-        if _well_formed(addr):
-            out.append(addr)
+    for value in values:
+        addrs = [internal_form(addr.strip()) for _name, addr in getaddresses([value])]
+        out += [a for a in _whole_words(value, addrs) if _well_formed(a)]
     return out
