@@ -50,6 +50,18 @@ def test_good_configuration_loads(tmp_path: Path) -> None:
     assert cfg.get("myhostname") == "h.example" and warnings == []
 
 
+def test_a_parameter_set_twice_is_named(tmp_path: Path) -> None:
+    """main.cf sets relayhost twice: the later line wins and the earlier is named, as
+    Postfix's configuration reader warns (overriding earlier entry)."""
+    warnings: list[str] = []
+    etc = write(tmp_path, "relayhost = [a.example]\nmyhostname = h.example\n"
+                          "relayhost =\n    [b.example]:587\n")
+    cfg, _ = load_configuration(etc, warnings.append)
+    assert cfg.get("relayhost") == "[b.example]:587"
+    assert warnings == [(f"{etc}/main.cf, line 4: overriding earlier entry: "
+                         "relayhost=[b.example]:587")]
+
+
 @pytest.mark.parametrize("line,what", [
     ("maximal_queue_lifetime = 5q", 'bad time value for parameter maximal_queue_lifetime: "5q"'),
     ("qmgr_message_active_limit = lots",
