@@ -170,8 +170,10 @@ try:
     regained = True
 except PermissionError:
     regained = False
+idn = "ex\u00e4mple.org".encode("idna").decode()  # needs punycode, stringprep: primed
 print(json.dumps({"ids": [os.getresuid(), os.getresgid(), os.getgroups()],
-                  "root": sorted(os.listdir("/")), "cwd": os.getcwd(), "regained": regained}))
+                  "root": sorted(os.listdir("/")), "cwd": os.getcwd(), "regained": regained,
+                  "idn": idn}))
 """
 
 
@@ -187,3 +189,4 @@ def test_real_jail_in_a_child(base: Path) -> None:
     pw = pwd.getpwnam(MAIL_OWNER)
     assert got["ids"] == [[pw.pw_uid] * 3, [pw.pw_gid] * 3, []]
     assert got["root"] == ["inside"] and got["cwd"] == "/" and got["regained"] is False
+    assert got["idn"] == "xn--exmple-cua.org"  # mail to an IDN domain works in the jail

@@ -24,7 +24,8 @@ Summary
     After the jail nothing outside queue_directory exists, so everything a service needs
     must be imported or opened before it (design.md §4 rule 5).  :func:`prime_for_jail`
     loads what the standard library would otherwise load lazily on first use: the codecs
-    a service is likely to use and the local time zone (log time stamps).  After the
+    a service is likely to use (idna with punycode and stringprep: mail to an IDN
+    domain), and the local time zone (log time stamps).  After the
     jail, :func:`watch_late_imports` reports every module imported from then on (the
     import is still attempted): the skeleton logs it as a warning naming the module, so
     a lazy import that fails - or works only by luck - is visible in the log.
@@ -74,7 +75,9 @@ __all__ = [
     "watch_late_imports",
 ]
 
-PRIMED_CODECS = ("ascii", "latin-1", "utf-8", "utf-16", "idna", "cp437", "charmap")
+PRIMED_CODECS = ("ascii", "latin-1", "utf-8", "utf-16", "idna", "punycode", "cp437",
+                 "charmap")
+IDN_SAMPLE = "b\u00fccher.example"  # encoded once: idna loads punycode, stringprep, unicodedata
 
 
 class OwnerError(Exception):
@@ -137,6 +140,7 @@ def prime_for_jail() -> None:
     """Load what the standard library loads lazily and cannot load inside a chroot."""
     for name in PRIMED_CODECS:
         codecs.lookup(name)
+    IDN_SAMPLE.encode("idna")  # an IDN domain (MX lookup, bounce to it) after the jail
     time.tzset()
     time.localtime()
 
