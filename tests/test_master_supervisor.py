@@ -394,12 +394,15 @@ def test_stop_and_kill(fos: FakeOs, flog: FakeLog) -> None:
     assert sup.next_deadline() is None
     fos.exits.append((p1, 0))
     sup.reap()
-    sup.kill_remaining()
+    sup.kill_remaining(5.0)
     assert fos.killed[-1] == (p2, signal.SIGKILL)
+    # the one left is named: a stop that had to kill says so
+    assert flog.lines == [(f"warning: pickup: pid {p2} did not exit within 5s after "
+                           "SIGTERM: killed")]
     fos.exits.append((p2, -9))
     sup.reap()
     assert sup.children == {}
-    assert flog.lines == []  # neither throttling nor "killed by signal" for our signals
+    assert len(flog.lines) == 1  # neither throttling nor "killed by signal" for our signals
     sup.close_all()
     assert fos.listeners["echo"] in fos.closed
 

@@ -350,7 +350,7 @@ class Master:
         if now < self._stop_deadline:
             return False
         if not self._killed:
-            sup.kill_remaining()
+            sup.kill_remaining(STOP_GRACE)
             self._killed = True
             self._stop_deadline = now + KILL_GRACE
             return False

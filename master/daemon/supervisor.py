@@ -31,7 +31,7 @@ Summary
       children, even across a reload); removed services lose their listener and status
       channel and their children get SIGTERM; new services start.
     * Stop closes every status channel and sends SIGTERM to every child;
-      kill_remaining() sends SIGKILL to what is left.
+      kill_remaining() sends SIGKILL to what is left, with a warning naming each.
     * Privileges: when the master runs as root (``Settings.privileged``) a child of an
       ``unpriv`` service gets ``--unpriv`` and one of a ``chroot`` service ``--chroot``
       (master.server.jail does the rest in the child).
@@ -282,9 +282,14 @@ class Supervisor:
         for child in self.children.values():
             self._kill(child, signal.SIGTERM)
 
-    def kill_remaining(self) -> None:
-        """SIGKILL every child still alive (the end of the stop grace period)."""
+    def kill_remaining(self, grace: float | None = None) -> None:
+        """SIGKILL every child still alive (the end of the stop grace period), each
+        named in a warning: ``warning: <service>: pid <pid> did not exit within <grace>s
+        after SIGTERM: killed`` (``grace`` None: without the time)."""
+        within = f" within {grace:g}s" if grace is not None else ""
         for child in self.children.values():
+            log.warning(f"{child.service.name}: pid {child.pid} did not exit{within} "
+                        "after SIGTERM: killed")
             self._kill(child, signal.SIGKILL)
 
     def close_all(self) -> None:
