@@ -154,6 +154,8 @@ def test_lookup_name() -> None:
                                  ("liar.example", "A"): ["192.0.2.1"]}))
     assert asyncio.run(p.lookup_name("127.0.0.1")) == "localhost"
     assert asyncio.run(p.lookup_name("::1")) == "localhost"
+    # another loopback address is looked up like any (no PTR here): not "localhost"
+    assert asyncio.run(p.lookup_name("127.0.0.2")) == "unknown"
     assert asyncio.run(p.lookup_name("192.0.2.9")) == "host.example"
     assert asyncio.run(p.lookup_name("192.0.2.8")) == "unknown"  # not forward-confirmed
     assert asyncio.run(p.lookup_name("192.0.2.7")) == "unknown"

@@ -43,7 +43,8 @@ Summary
       is not, or when a declared SIZE plus queue_minfree is not.
     * **Client identity** (``ClientInfo``, ``lookup_name``): the forward-confirmed name of
       the client's address (PTR, then A/AAAA must give the address back), ``unknown``
-      otherwise; loopback addresses are ``localhost`` without a query;
+      otherwise; 127.0.0.1 and ::1 are ``localhost`` without a query (as /etc/hosts
+      names them), other loopback addresses (127.0.0.2) are looked up like any;
       ``smtpd_peername_lookup = no`` skips the lookup.
 
 Public API
@@ -103,6 +104,7 @@ _Net = ipaddress.IPv4Network | ipaddress.IPv6Network
 _RELAY_GUARDS = ("reject_unauth_destination", "defer_unauth_destination", "reject", "defer",
                  "defer_if_permit")
 _LOOKUP_LIFETIME = 10.0  # seconds for a PTR or A/AAAA/MX query
+_LOCALHOST = (ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1"))  # /etc/hosts
 _SPACE_FACTOR = 1.5      # Postfix smtpd_space_multf
 
 
@@ -459,13 +461,13 @@ class Policy:
 
     # ------------------------------------------------------------------ client name
     async def lookup_name(self, addr: str) -> str:
-        """The client's verified host name, ``localhost`` for loopback, else
+        """The client's verified host name, ``localhost`` for 127.0.0.1 and ::1, else
         ``unknown`` (module docstring). Never raises."""
         try:
             ip = ipaddress.ip_address(addr)
         except ValueError:
             return "unknown"
-        if ip.is_loopback:
+        if ip in _LOCALHOST:
             return "localhost"
         if not self.peername_lookup or self.resolver is None:
             return "unknown"
