@@ -3,6 +3,7 @@
 Synopsis
     qmgr-sendmail [-c DIR] [-f sender] [-F full_name] [-t] [-i|-oi] [-N notify]
                   [-R full|hdrs] [-V envid] [recipient ...] < message
+    qmgr-sendmail [-c DIR] -bp | -q | -qRsite | -I
 
 Description
     Reads a message from standard input and writes it into ``$queue_directory/maildrop/``
@@ -49,7 +50,12 @@ Options
     -N notify   DSN NOTIFY: never, or a comma list of success, delay, failure
     -R full|hdrs  DSN RET
     -V envid    DSN ENVID: 1-100 printable ASCII characters without space (RFC 3461)
-    -bm, -v, -X log_file   accepted and ignored;  --  ends the options
+    -bm, -v, -X log_file, -O option=value   accepted and ignored;  --  ends the options
+    -bp         list the queue (mailq): runs ``qmgr-ctl list``, as Postfix runs postqueue -p
+    -q, -q<interval>   deliver all queued mail now: ``qmgr-ctl flush`` (the interval is
+                ignored);  -qR<site>  ``qmgr-ctl flush --site <site>`` (postqueue -s)
+    -I, -bi     newaliases: qmgrd has no alias database; a warning, exit 0
+    -bs, -bv, -bd, -bh, -bH, -bl   not implemented: a fatal error saying so (exit 64)
 
 Exit status (sysexits)
     0 queued; 64 EX_USAGE bad option, malformed address or envelope id, no recipients
@@ -86,7 +92,16 @@ EX_CANTCREAT = 73
 EX_TEMPFAIL = 75
 EX_CONFIG = 78
 PROG = "qmgr-sendmail"
-_WITH_ARG = "cfFNRVX"
+_WITH_ARG = "cfFNRVXO"
+# -b modes Postfix's sendmail has and qmgrd does not: what to use instead
+_NO_MODE = {
+    "s": "-bs (SMTP on standard input) is not implemented: use smtpd (master.cf)",
+    "v": "-bv (address verification) is not implemented",
+    "d": "-bd (daemon mode) is not implemented: run qmgr-master start",
+    "h": "-bh (SMTP test mode) is not implemented",
+    "H": "-bH (SMTP test mode) is not implemented",
+    "l": "-bl is not implemented: run qmgr-master start",
+}
 
 
 class _Fatal(Exception):
@@ -107,6 +122,8 @@ class _Options:
         self.ret = 0
         self.envid = ""
         self.recipients: list[str] = []
+        self.config_given = False
+        self.ctl: list[str] | None = None  # -bp / -q: the qmgr-ctl command run instead
 
 
 # qmgrd.spool.envelope: _ADDR_SPECIALS (needs_parsing) and _CONTROLS (_well_formed)
@@ -173,12 +190,13 @@ def _parse(argv: list[str]) -> _Options:
             try:
                 if opt == "c":
                     o.config_dir = rest
+                    o.config_given = True
                 elif opt == "f":
                     o.sender = rest
                 elif opt == "F":
                     o.fullname = rest
-                elif opt == "X":
-                    pass  # -X log_file: sendmail's traffic log, ignored (as Postfix does)
+                elif opt in "XO":
+                    pass  # -X log_file, -O option=value: ignored, as Postfix does
                 else:
                     _dsn_option(o, opt, rest)
             except ValueError as exc:
@@ -194,8 +212,27 @@ def _parse(argv: list[str]) -> _Options:
                 raise _Fatal(EX_USAGE, "option requires an argument -- 'o'")
         elif (opt == "b" and rest == "m") or (opt == "v" and not rest.strip("v")):
             pass
+        elif opt == "b" and rest == "p":
+            o.ctl = ["list"]  # mailq
+        elif opt == "q":
+            if rest.startswith("R"):  # -qRsite (or -qR site): flush one site
+                site = rest[1:]
+                if not site:
+                    if i >= len(argv):
+                        raise _Fatal(EX_USAGE, "option requires an argument -- 'qR'")
+                    site = argv[i]
+                    i += 1
+                o.ctl = ["flush", "--site", site]
+            else:  # -q, -q<interval>: deliver all queued mail now (the interval ignored)
+                o.ctl = ["flush"]
+        elif (opt == "b" and rest == "i") or (opt == "I" and not rest):
+            o.ctl = []  # newaliases
+        elif opt == "b" and rest in _NO_MODE:
+            raise _Fatal(EX_USAGE, _NO_MODE[rest])
         else:
             raise _Fatal(EX_USAGE, f"unsupported option: {arg}")
+    if o.ctl is not None:
+        return o
     o.recipients.extend(argv[i:])
     for value in [o.sender or "", o.fullname, o.envid, *o.recipients]:
         if any(c in value for c in "\0\r\n"):
@@ -396,13 +433,34 @@ def _unlink(path: str) -> None:
 
 
 def run(argv: list[str], stdin: IO[bytes], stderr: IO[str]) -> int:
-    """Parse ``argv`` (without the program name), submit ``stdin``; return the exit code."""
+    """Parse ``argv`` (without the program name), submit ``stdin``; return the exit code.
+    ``-bp`` and ``-q`` replace this process with qmgr-ctl (never return)."""
     try:
-        _submit(_parse(argv), stdin, stderr)
+        o = _parse(argv)
+        if o.ctl == []:
+            stderr.write(f"{PROG}: warning: qmgrd has no alias database: nothing to "
+                         "rebuild\n")
+        elif o.ctl is not None:
+            _exec_ctl(o)
+        else:
+            _submit(o, stdin, stderr)
     except _Fatal as exc:
         stderr.write(f"{PROG}: fatal: {exc.text}\n")
         return exc.code
     return EX_OK
+
+
+def _exec_ctl(o: _Options) -> None:
+    """``-bp`` / ``-q``: run ``qmgr-ctl [-c DIR] list|flush ...`` in this process's place,
+    as Postfix's sendmail runs postqueue (its exit status is the command's)."""
+    argv = [sys.executable, "-m", "qmgrd.ctl"]
+    if o.config_given:
+        argv += ["-c", o.config_dir]
+    sys.stdout.flush()
+    try:
+        os.execv(sys.executable, argv + (o.ctl or []))
+    except OSError as exc:
+        raise _Fatal(EX_SOFTWARE, f"cannot run qmgr-ctl: {exc.strerror}") from None
 
 
 def main() -> NoReturn:

@@ -99,6 +99,45 @@ def test_traffic_log_option_is_ignored(confdir: Path) -> None:
     assert [r.address for r in msg.recipients] == ["r@example.net"] and not log.exists()
 
 
+def test_ignored_options_of_postfix(confdir: Path) -> None:
+    """-O option=value is accepted and ignored, as Postfix's sendmail does."""
+    assert sendmail(confdir, ["-O", "DeliveryMode=b", "-ODeliveryMode=b", "r@example.net"],
+                    b"x")[0] == 0
+    assert [r.address for r in only_message(confdir)[1].recipients] == ["r@example.net"]
+
+
+def _sm(confdir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "qmgrd.sendmail", "-c", str(confdir), *args],
+                          input="", capture_output=True, text=True, cwd=REPO, timeout=60,
+                          check=False)
+
+
+def test_mailq_flush_and_newaliases_modes(confdir: Path) -> None:
+    """-bp lists the queue (qmgr-ctl list, as Postfix runs postqueue -p); -q and -qRsite
+    flush (qmgr-ctl flush - with the mail system down, its exit 69 and postqueue's
+    "mail system is down" - and flush --site); -I (newaliases) warns that there is no alias database and exits 0."""
+    assert sendmail(confdir, ["r@example.net"], b"Subject: s\n\nx\n")[0] == 0
+    (qfile,) = maildrop_files(confdir)
+    p = _sm(confdir, "-bp")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith("----Queue ID-----") and f"{qfile.name}" in p.stdout
+    assert "r@example.net" in p.stdout and p.stdout.endswith("in 1 Request.\n")
+    for args in (["-q"], ["-q30m"]):
+        p = _sm(confdir, *args)
+        assert p.returncode == 69, (args, p.stderr)
+        assert p.stderr.startswith("qmgr-ctl: fatal: ") and "is down" in p.stderr, p.stderr
+    for args in (["-qRexample.net"], ["-qR", "example.net"]):  # moves deferred files itself
+        p = _sm(confdir, *args)
+        assert (p.returncode, p.stderr) == (
+            0, "qmgr-ctl: flushed 0 deferred messages for example.net\n"), args
+    p = _sm(confdir, "-qR..")
+    assert p.returncode == 64 and "bad domain" in p.stderr
+    p = _sm(confdir, "-I")
+    assert (p.returncode, p.stderr) == (
+        0, "qmgr-sendmail: warning: qmgrd has no alias database: nothing to rebuild\n")
+    assert maildrop_files(confdir) == [qfile]  # none of the modes queued anything
+
+
 def test_default_sender_is_login_name(confdir: Path) -> None:
     assert sendmail(confdir, ["r@example.net"], b"x")[0] == 0
     _, msg = only_message(confdir)
@@ -124,6 +163,9 @@ def test_null_sender_and_long_lines(confdir: Path) -> None:
     (["-N", "never,success", "r@x"], 64, "cannot be combined"),
     (["-R", "body", "r@x"], 64, "bad DSN ret keyword"),
     (["r@x\nBcc: evil@x"], 64, "line break"),
+    (["-bs"], 64, "-bs (SMTP on standard input) is not implemented: use smtpd"),
+    (["-bv", "r@x"], 64, "-bv (address verification) is not implemented"),
+    (["-bd"], 64, "-bd (daemon mode) is not implemented: run qmgr-master start"),
 ])
 def test_usage_errors(confdir: Path, args: list[str], code: int, text: str) -> None:
     got, err = sendmail(confdir, args, b"x\n")
