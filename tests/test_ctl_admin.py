@@ -326,6 +326,9 @@ def test_config_sets_parameters_as_postconf_e(tmp_path: Path) -> None:
     before = main.read_text()
     code, _, err = run("minimal_backoff_time=soon")
     assert code == 78 and "not changed" in err and main.read_text() == before
+    # the bad value is the one given, not a line of main.cf: no line number is named
+    assert err == ('qmgr-ctl: fatal: not changed: bad time value for parameter '
+                   'minimal_backoff_time: "soon"\n')
     assert run("bad name=1")[0] == EX_USAGE
     assert run("-n", "a=1")[0] == EX_USAGE
     assert run("myhostname=a\nb")[0] == EX_USAGE

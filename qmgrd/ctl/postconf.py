@@ -26,7 +26,7 @@ import os
 import re
 from collections.abc import Iterable
 
-from master.config import Config
+from master.config import Config, ConfigError
 
 __all__ = ["edit_main_cf", "edit_text", "parse_assignments"]
 
@@ -93,7 +93,12 @@ def edit_main_cf(config_directory: str, changes: dict[str, str]) -> None:
     with open(path, encoding="utf-8") as f:
         text = f.read()
     new = edit_text(text, changes)
-    Config.from_text(new, config_directory, path=path).check()  # values must be valid
+    try:
+        Config.from_text(new, config_directory, path=path).check()  # values must be valid
+    except ConfigError as exc:
+        if any(f"parameter {name}" in exc.message for name in changes):
+            raise ConfigError(exc.message) from None  # a value given here: no file line
+        raise
     st = os.stat(path)
     tmp = f"{path}.{os.getpid()}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, st.st_mode & 0o777)
