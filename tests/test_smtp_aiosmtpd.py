@@ -254,6 +254,12 @@ def test_smtputf8_not_offered_bounces_567(env: Env) -> None:
         _, reply2 = round_trip(agent_for(env), env.request(qid2, peer.nexthop), env.ctx())
         assert reply2 is not None and reply2.status == 0
         assert "SMTPUTF8" not in peer.capture.messages[0].mail_options
+        # a UTF-8 domain alone needs no SMTPUTF8: it goes as its A-label (Postfix)
+        qid3 = env.queue(["user@b\u00fccher.example"], b"Subject: idn\r\n\r\nhi\r\n")
+        _, reply3 = round_trip(agent_for(env), env.request(qid3, peer.nexthop), env.ctx())
+        assert reply3 is not None and reply3.status == 0, env.log()
+        assert peer.capture.messages[1].rcpts == ["user@xn--bcher-kva.example"]
+        assert env.undone(qid3) == [] and not statuslog.read(env.spool, "bounce", qid3)
 
 
 def test_server_size_limit_bounces_534(env: Env) -> None:

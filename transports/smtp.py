@@ -25,9 +25,11 @@ Summary
       refused, lost connection, timeout, malformed reply) move on to the next address; if
       none is left the remaining recipients are deferred (a 5xx HELO rejection from the
       last server bounces) and the hop status is set. A malformed reply never bounces.
-    * An envelope that needs SMTPUTF8 (a non-ASCII sender or recipient) sent to a server
-      that does not offer it: bounce ``5.6.7 SMTPUTF8 is required, but was not offered by
-      host H[ip]``.
+    * An envelope that needs SMTPUTF8 (a non-ASCII local part of the sender or a
+      recipient) sent to a server that does not offer it: bounce ``5.6.7 SMTPUTF8 is
+      required, but was not offered by host H[ip]``. A UTF-8 domain alone does not need
+      it: such a server gets the domain's A-label (``user@xn--bcher-kva.example``), as
+      Postfix sends it.
 
     relay= is ``host[ip]:port`` of the server that gave the answer, ``none`` before any
     connection; on a reused connection Postfix's ``, conn_use=N`` follows it (the N-th
@@ -60,6 +62,7 @@ Public API
                                  .cache (ConnCache); .timer(final) -> float | None
     build_content(lines, line_limit=998) -> bytes                CRLF, folded, dot-stuffed
     xtext(text) -> str                                           RFC 3461 xtext
+    a_label(address) -> str        a UTF-8 domain as its IDNA A-label (no SMTPUTF8)
     re-exported: parse_nexthop, Nexthop, Address, HostResolver, DnsError (smtp_dns);
                  Reply, SmtpParams (smtp_session)
     main() -> NoReturn                                           ``python -m transports.smtp``
@@ -104,6 +107,7 @@ __all__ = [
     "Reply",
     "SmtpAgent",
     "SmtpParams",
+    "a_label",
     "build_content",
     "main",
     "parse_nexthop",
@@ -151,6 +155,20 @@ def _notify(mask: int) -> str:
     words = [w for w, bit in (("SUCCESS", DSN_NOTIFY_SUCCESS), ("FAILURE", DSN_NOTIFY_FAILURE),
                               ("DELAY", DSN_NOTIFY_DELAY)) if mask & bit]
     return ",".join(words)
+
+
+def a_label(address: str) -> str:
+    """``address`` with a UTF-8 domain as its IDNA A-label (``user@b\u00fccher.example``
+    -> ``user@xn--bcher-kva.example``), as Postfix's smtp client sends it to a server
+    without SMTPUTF8 (SMTPUTF8_README); unchanged when the domain is ASCII or has no
+    A-label. The local part is never changed."""
+    local, at, domain = address.rpartition("@")
+    if not at or domain.isascii():
+        return address
+    try:
+        return f"{local}@{domain.encode('idna').decode('ascii')}"
+    except UnicodeError:
+        return address
 
 
 def _angle(address: str) -> str:
@@ -441,10 +459,16 @@ class SmtpAgent(DeliveryAgent):
         pending = [i for i in pending if i not in att.final]
         if not pending:
             return
-        need_utf8 = not req.sender.isascii() or any(
+        utf8_addrs = not req.sender.isascii() or any(
             not rcpts[i].address.isascii() for i in pending)
         use_utf8 = (p.smtputf8_enable and sess.has("smtputf8")
-                    and (need_utf8 or bool(req.smtputf8 & SMTPUTF8_FLAG_REQUESTED)))
+                    and (utf8_addrs or bool(req.smtputf8 & SMTPUTF8_FLAG_REQUESTED)))
+        # without SMTPUTF8 an IDN domain goes as its A-label (user@xn--bcher-kva.example);
+        # only a UTF-8 local part (or a domain that has no A-label) needs SMTPUTF8
+        sender = req.sender if use_utf8 else a_label(req.sender)
+        addrs = {i: rcpts[i].address if use_utf8 else a_label(rcpts[i].address)
+                 for i in pending}
+        need_utf8 = not sender.isascii() or any(not a.isascii() for a in addrs.values())
         if need_utf8 and not use_utf8:
             dsn = make_dsn("5.6.7", f"SMTPUTF8 is required, but was not offered by host "
                                     f"{addr.namaddr}")
@@ -470,8 +494,8 @@ class SmtpAgent(DeliveryAgent):
             opts.append("RET=" + ("FULL" if req.ret_flags & DSN_RET_FULL else "HDRS"))
         if use_utf8:
             opts.append("SMTPUTF8")
-        mail = " ".join([f"MAIL FROM:{_angle(req.sender)}"] + opts)
-        rcpt_lines = [" ".join([f"RCPT TO:{_angle(rcpts[i].address)}"]
+        mail = " ".join([f"MAIL FROM:{_angle(sender)}"] + opts)
+        rcpt_lines = [" ".join([f"RCPT TO:{_angle(addrs[i])}"]
                                + (_rcpt_dsn_options(rcpts[i]) if dsn_ok else []))
                       for i in pending]
         if sess.has("pipelining"):
