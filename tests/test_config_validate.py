@@ -123,6 +123,16 @@ def test_duplicate_service_warns_naming_both_lines(tmp_path: Path) -> None:
     parse_master_cf(GOOD_MASTER * 2, "master.cf", Config.from_text("", "/x"))  # no warn: ok
 
 
+def test_qmgr_must_be_a_fifo(tmp_path: Path) -> None:
+    """Postfix's stock master.cf has "qmgr unix ...": refused with what to change, not a
+    qmgr that spins on a socket it reads as a FIFO."""
+    master = GOOD_MASTER.replace("qmgr      fifo", "qmgr      unix")
+    etc = write(tmp_path, "", master)
+    assert error_of(etc) == (f"{etc}/master.cf, line 2: service qmgr: the qmgr needs type "
+                             "fifo in qmgrd, not unix (Postfix's master.cf says unix): "
+                             "change the type column to fifo")
+
+
 def test_smtpd_encrypt_needs_a_readable_certificate(tmp_path: Path) -> None:
     """TLS required and no certificate: refused at start/reload (naming the smtpd line),
     not a smtpd that dies at every start while the master throttles it."""

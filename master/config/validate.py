@@ -25,7 +25,8 @@ DESCRIPTION
       (or each inet_interfaces address when it has none) an IP address or a name that
       resolves; an smtpd service with ``smtpd_tls_security_level = encrypt`` has a
       readable ``smtpd_tls_cert_file`` (and key file): without one smtpd could take no
-      mail at all.
+      mail at all; the qmgr service is of type fifo (Postfix's own master.cf has
+      ``qmgr unix``).
     * lookup tables: every table named by a parameter whose tables a qmgrd program
       opens (TABLE_PARAMS: ``transport_maps``, read by the qmgr) is read the way the
       program will read it (master.config.tables); a missing or unreadable file, an
@@ -196,6 +197,11 @@ def check_service(cfg: Config, svc: Service, warn: Warn | None = None, *,
                           svc.line or None)
     if svc.type == "inet":
         _check_inet(cfg, svc)
+    if svc.module == "qmgrd.qmgr" and svc.type != "fifo":
+        # Postfix's own master.cf has "qmgr unix ..."; qmgrd's qmgr reads a FIFO
+        raise ConfigError(f"service {svc.name}: the qmgr needs type fifo in qmgrd, not "
+                          f"{svc.type} (Postfix's master.cf says unix): change the type "
+                          "column to fifo", svc.path or None, svc.line or None)
     if svc.module == "transports.smtpd":
         _check_smtpd_tls(child, svc)
 
