@@ -52,8 +52,11 @@ Options
     -V envid    DSN ENVID: 1-100 printable ASCII characters without space (RFC 3461)
     -bm, -v, -X log_file, -O option=value   accepted and ignored;  --  ends the options
     -bp         list the queue (mailq): runs ``qmgr-ctl list``, as Postfix runs postqueue -p
-    -q, -q<interval>   deliver all queued mail now: ``qmgr-ctl flush`` (the interval is
-                ignored);  -qR<site>  ``qmgr-ctl flush --site <site>`` (postqueue -s)
+    -q          deliver all queued mail now: ``qmgr-ctl flush`` (postqueue -f);
+                -qR<site>  ``qmgr-ctl flush --site <site>`` (postqueue -s); -q<interval>
+                is ignored and any other -q<c> is not implemented, as in Postfix; with
+                -bp or -q no recipient may be given (Postfix: "... mode requires no
+                recipient")
     -I, -bi     newaliases: qmgrd has no alias database; a warning, exit 0
     -bs, -bv, -bd, -bh, -bH, -bl   not implemented: a fatal error saying so (exit 64)
 
@@ -215,7 +218,9 @@ def _parse(argv: list[str]) -> _Options:
         elif opt == "b" and rest == "p":
             o.ctl = ["list"]  # mailq
         elif opt == "q":
-            if rest.startswith("R"):  # -qRsite (or -qR site): flush one site
+            if not rest:  # -q: deliver all queued mail now
+                o.ctl = ["flush"]
+            elif rest.startswith("R"):  # -qRsite (or -qR site): flush one site
                 site = rest[1:]
                 if not site:
                     if i >= len(argv):
@@ -223,8 +228,9 @@ def _parse(argv: list[str]) -> _Options:
                     site = argv[i]
                     i += 1
                 o.ctl = ["flush", "--site", site]
-            else:  # -q, -q<interval>: deliver all queued mail now (the interval ignored)
-                o.ctl = ["flush"]
+            elif not rest[0].isdigit():
+                raise _Fatal(EX_USAGE, f"-q{rest[0]} is not implemented")
+            # -q<interval>: ignored, as Postfix's sendmail (queue_run_delay sets it)
         elif (opt == "b" and rest == "i") or (opt == "I" and not rest):
             o.ctl = []  # newaliases
         elif opt == "b" and rest in _NO_MODE:
@@ -232,6 +238,10 @@ def _parse(argv: list[str]) -> _Options:
         else:
             raise _Fatal(EX_USAGE, f"unsupported option: {arg}")
     if o.ctl is not None:
+        if argv[i:] or o.recipients:
+            mode = o.ctl[0] if o.ctl else ""
+            what = {"list": "display queue", "flush": "flush queue"}.get(mode, "this")
+            raise _Fatal(EX_USAGE, f"{what} mode requires no recipient")
         return o
     o.recipients.extend(argv[i:])
     for value in [o.sender or "", o.fullname, o.envid, *o.recipients]:

@@ -122,7 +122,7 @@ def test_mailq_flush_and_newaliases_modes(confdir: Path) -> None:
     assert p.returncode == 0, p.stderr
     assert p.stdout.startswith("----Queue ID-----") and f"{qfile.name}" in p.stdout
     assert "r@example.net" in p.stdout and p.stdout.endswith("in 1 Request.\n")
-    for args in (["-q"], ["-q30m"]):
+    for args in (["-q"],):
         p = _sm(confdir, *args)
         assert p.returncode == 69, (args, p.stderr)
         assert p.stderr.startswith("qmgr-ctl: fatal: ") and "is down" in p.stderr, p.stderr
@@ -132,6 +132,15 @@ def test_mailq_flush_and_newaliases_modes(confdir: Path) -> None:
             0, "qmgr-ctl: flushed 0 deferred messages for example.net\n"), args
     p = _sm(confdir, "-qR..")
     assert p.returncode == 64 and "bad domain" in p.stderr
+    # as Postfix's sendmail: -q<interval> is ignored (a submission: it needs recipients),
+    # -qS (and any other letter) is not implemented, and a mode takes no recipient
+    for args, text in ((["-q30m"], "no recipients specified"),
+                       (["-qSsite"], "-qS is not implemented"),
+                       (["-bp", "r@example.net"], "display queue mode requires no recipient"),
+                       (["-q", "r@example.net"], "flush queue mode requires no recipient"),
+                       (["-qRexample.net", "r@x"], "flush queue mode requires no recipient")):
+        p = _sm(confdir, *args)
+        assert (p.returncode, p.stderr) == (64, f"qmgr-sendmail: fatal: {text}\n"), args
     p = _sm(confdir, "-I")
     assert (p.returncode, p.stderr) == (
         0, "qmgr-sendmail: warning: qmgrd has no alias database: nothing to rebuild\n")
