@@ -143,11 +143,12 @@ def test_extracted_bare_words_are_one_address(tmp_path: Path) -> None:
     """``To: john smith`` (a name with no address) is the recipient ``john smith``, as
     Postfix's cleanup reads it - never the local user ``john``."""
     c, spool = make(tmp_path)
-    data = b"To: john smith, Ann <ann@example.net>\nSubject: t\n\nhi\n"
+    data = (b"To: john smith, Ann <ann@example.net>\nCc: <b15@example.net> Trailing junk\n"
+            b"Subject: t\n\nhi\n")
     qid = c.submit(env(), data, extract_recipients=True)
-    with QueueFile.open(spool, "incoming", qid) as qf:
-        assert [r.address for r in qf.recipients] == [
-            "john smith@mx.example.org", "ann@example.net"]
+    with QueueFile.open(spool, "incoming", qid) as qf:  # never "Trailing": words after
+        assert [r.address for r in qf.recipients] == [  # an address are not one
+            "john smith@mx.example.org", "ann@example.net", "b15@example.net"]
 
 
 def test_resent_headers_take_precedence(tmp_path: Path) -> None:

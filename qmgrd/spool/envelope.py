@@ -287,12 +287,20 @@ def extract_addresses(values: Iterable[str]) -> list[str]:
     Entries that do not parse to a well-formed address (``<>``, an empty group such as
     ``undisclosed-recipients:;``, garbage) are skipped, as cleanup does; bare words are
     one address (``To: john smith`` is ``john smith``, as Postfix reads it, never
-    ``john``).
+    ``john``), and words after an address are not one (``<b@x> Trailing junk`` is
+    ``b@x`` only). Parsed with the email package's header parser (email.policy), the
+    older getaddresses() only for what that one cannot parse.
     """
+    from email.policy import default
     from email.utils import getaddresses
 
     out: list[str] = []
     for value in values:
-        addrs = [internal_form(addr.strip()) for _name, addr in getaddresses([value])]
-        out += [a for a in _whole_words(value, addrs) if _well_formed(a)]
+        try:  # the email package's header parser: RFC 5322 with its obsolete forms
+            parsed = default.header_factory("To", " ".join(value.splitlines())).addresses
+            addrs = [f"{a.username}@{a.domain}" if a.domain else a.username for a in parsed]
+        except Exception:  # noqa: BLE001 - unparsable for it: the older, laxer parser
+            addrs = _whole_words(value, [internal_form(addr.strip())
+                                         for _name, addr in getaddresses([value])])
+        out += [a for a in addrs if _well_formed(a)]
     return out
