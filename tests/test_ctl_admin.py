@@ -329,6 +329,10 @@ def test_config_sets_parameters_as_postconf_e(tmp_path: Path) -> None:
     # the bad value is the one given, not a line of main.cf: no line number is named
     assert err == ('qmgr-ctl: fatal: not changed: bad time value for parameter '
                    'minimal_backoff_time: "soon"\n')
+    code, _, err = run("transport_maps=nosuch:/x")  # a table that would not open
+    assert (code, err) == (78, ("qmgr-ctl: fatal: not changed: parameter transport_maps: "
+                                "nosuch:/x: unsupported dictionary type: nosuch\n"))
+    assert main.read_text() == before
     assert run("bad name=1")[0] == EX_USAGE
     assert run("-n", "a=1")[0] == EX_USAGE
     assert run("myhostname=a\nb")[0] == EX_USAGE

@@ -6,7 +6,8 @@ Summary
     comments), drops later settings of NAME, or is appended at the end. Comments, blank
     lines and every other line are kept as they are. The new text must parse
     and every value must be valid (master.config's Config.check) before anything is
-    written; the file is then replaced atomically
+    written (a changed table parameter such as transport_maps: its tables must open);
+    the file is then replaced atomically
     (a temporary file in the same directory with the old file's mode and owner, fsync,
     rename). A running mail system sees the change after ``qmgr-master reload``.
 
@@ -94,7 +95,13 @@ def edit_main_cf(config_directory: str, changes: dict[str, str]) -> None:
         text = f.read()
     new = edit_text(text, changes)
     try:
-        Config.from_text(new, config_directory, path=path).check()  # values must be valid
+        cfg = Config.from_text(new, config_directory, path=path)
+        cfg.check()  # values must be valid
+        from master.config.validate import TABLE_PARAMS, check_tables
+
+        tables = [name for name in changes if name in TABLE_PARAMS]
+        if tables:  # a changed lookup table must open as the qmgr will open it
+            check_tables(cfg, tables)
     except ConfigError as exc:
         if any(f"parameter {name}" in exc.message for name in changes):
             raise ConfigError(exc.message) from None  # a value given here: no file line
