@@ -253,6 +253,7 @@ def test_garbage_ids_are_escaped_and_bounded(q: Q) -> None:
     code, out, err = q.run("hold", "-", input=junk)
     assert code == 65 and out == ""
     assert "\x1b" not in err and "\x07" not in err and "\\x1b" in err
+    assert "\\xff\\xfe" in err and "udc" not in err  # the bytes typed, not surrogates
     assert len(err) < 200
 
 

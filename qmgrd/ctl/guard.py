@@ -104,8 +104,9 @@ def parse_ids(args: Iterable[str], stdin: IO[str] | None) -> list[str]:
 
 
 def _escaped(text: str, limit: int = 40) -> str:
-    """``text`` as an ASCII Python literal (control characters, escape sequences and
-    undecodable bytes escaped), at most ``limit`` characters of it, "..." when cut."""
+    """``text`` as an ASCII Python bytes literal without its ``b`` (control characters,
+    escape sequences and bytes above 127 as ``\\xNN``: what was typed, byte by byte),
+    at most ``limit`` bytes of it, "..." when cut."""
     raw = text.encode("utf-8", "surrogateescape")
-    shown = ascii(raw[:limit].decode("utf-8", "surrogateescape"))
+    shown = repr(raw[:limit])[1:]
     return shown + ("..." if len(raw) > limit else "")
