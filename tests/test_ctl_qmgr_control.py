@@ -43,6 +43,16 @@ def control(env: Env, sched: Scheduler, restarts: list[int] | None = None) -> Co
     return Control(sched, env.spool.queue_directory, lambda: box.append(1))
 
 
+async def started(env: Env) -> tuple[Scheduler, Control]:
+    """A scheduler with its control, started and run until nothing more can happen now
+    (deliveries held by ``env.agents`` stay in flight)."""
+    sched = env.sched()
+    ctl = control(env, sched)
+    sched.startup()
+    await drain(sched)
+    return sched, ctl
+
+
 def test_delete_waits_for_the_delivery_in_flight(tmp_path: Path,
                                                  capfd: pytest.CaptureFixture[str]) -> None:
     env = Env(tmp_path)
@@ -51,10 +61,7 @@ def test_delete_waits_for_the_delivery_in_flight(tmp_path: Path,
     env.agents.hold = True
 
     async def go() -> None:
-        sched = env.sched()
-        ctl = control(env, sched)
-        sched.startup()
-        await drain(sched)
+        sched, ctl = await started(env)
         assert len(env.agents.waiting) == 3  # every delivery is in flight
         statuslog.append(env.spool, "defer", qid, Recipient("r1@one.example"),
                          statuslog.Dsn("4.2.0", "delayed", "earlier attempt"))
@@ -79,10 +86,7 @@ def test_hold_takes_waiting_entries_out_and_keeps_every_recipient(tmp_path: Path
     env.agents.hold = True
 
     async def go() -> None:
-        sched = env.sched()
-        ctl = control(env, sched)
-        sched.startup()
-        await drain(sched)
+        sched, ctl = await started(env)
         assert len(env.agents.waiting) == 1  # one entry in flight, two waiting
         assert sched.active.rcpt_count == 6
         assert ctl.act([qid], "hold") == {qid: "pending"}
@@ -104,10 +108,7 @@ def test_hold_of_mail_delivered_meanwhile_removes_it(tmp_path: Path) -> None:
     env.agents.hold = True
 
     async def go() -> None:
-        sched = env.sched()
-        ctl = control(env, sched)
-        sched.startup()
-        await drain(sched)
+        sched, ctl = await started(env)
         assert ctl.act([qid], "hold") == {qid: "pending"}
         env.agents.release(1, "sent")
         await drain(sched)
@@ -124,10 +125,7 @@ def test_requeue_puts_it_back_to_incoming_and_it_is_routed_again(tmp_path: Path)
     env.agents.hold = True
 
     async def go() -> None:
-        sched = env.sched()
-        ctl = control(env, sched)
-        sched.startup()
-        await drain(sched)
+        sched, ctl = await started(env)
         assert ctl.act([qid], "requeue") == {qid: "pending"}
         env.agents.release(1, "defer")
         env.agents.hold = False
@@ -147,10 +145,7 @@ def test_unread_recipients_stay_in_the_file(tmp_path: Path) -> None:
     env.agents.hold = True
 
     async def go() -> None:
-        sched = env.sched()
-        ctl = control(env, sched)
-        sched.startup()
-        await drain(sched)
+        sched, ctl = await started(env)
         msg = sched.active.messages[qid]
         assert msg.rcpt_offset > 0  # not every recipient was read
         ctl.act([qid], "hold")
@@ -229,10 +224,7 @@ def test_suspension_sweeps_waiting_entries_and_is_lifted(tmp_path: Path) -> None
     env.agents.hold = True
 
     async def go() -> None:
-        sched = env.sched()
-        ctl = control(env, sched)
-        sched.startup()
-        await drain(sched)
+        sched, ctl = await started(env)
         assert len(env.agents.waiting) == 1  # 1 in flight, 2 waiting
         write_suspension(env, ".com", 0)
         assert (await ctl.handle({"cmd": "suspend"}))["suspended"][0]["domain"] == ".com"

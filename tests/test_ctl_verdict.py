@@ -24,7 +24,7 @@ from qmgrd.qmgr.admin import DONE
 from qmgrd.qmgr.control import Control
 from tests.harness import MailSystem, ScenarioSetup, wait_for
 from tests.test_ctl_hardening import Q
-from tests.test_ctl_qmgr_control import control, counts_are_zero
+from tests.test_ctl_qmgr_control import control, counts_are_zero, started
 from tests.test_qmgr_scheduler import Env, drain, run
 
 SENDER = "alice@mail.test.example"
@@ -52,10 +52,7 @@ def test_qmgr_reports_a_moot_change(tmp_path: Path, action: str, verdict: bool,
     env.agents.hold = True
 
     async def go() -> None:
-        sched = env.sched()
-        ctl = control(env, sched)
-        sched.startup()
-        await drain(sched)
+        sched, ctl = await started(env)
         assert len(env.agents.waiting) == 1
         extra = {"verdict": True} if verdict else {}
         reply = await _act_while_delivered(env, ctl, qid, action, **extra)
@@ -74,10 +71,7 @@ def test_a_hold_after_a_pending_delete_says_the_delete_is_pending(tmp_path: Path
     env.agents.hold = True
 
     async def go() -> None:
-        sched = env.sched()
-        ctl = control(env, sched)
-        sched.startup()
-        await drain(sched)
+        sched, ctl = await started(env)
         first = await ctl.handle({"cmd": "act", "action": "delete", "ids": [qid]})
         assert first == {"results": {qid: "pending"}}
         for action in ("hold", "requeue"):

@@ -465,10 +465,12 @@ class SmtpAgent(DeliveryAgent):
                     and (utf8_addrs or bool(req.smtputf8 & SMTPUTF8_FLAG_REQUESTED)))
         # without SMTPUTF8 an IDN domain goes as its A-label (user@xn--bcher-kva.example);
         # only a UTF-8 local part (or a domain that has no A-label) needs SMTPUTF8
-        sender = req.sender if use_utf8 else a_label(req.sender)
-        addrs = {i: rcpts[i].address if use_utf8 else a_label(rcpts[i].address)
+        convert = utf8_addrs and not use_utf8
+        sender = a_label(req.sender) if convert else req.sender
+        addrs = {i: a_label(rcpts[i].address) if convert else rcpts[i].address
                  for i in pending}
-        need_utf8 = not sender.isascii() or any(not a.isascii() for a in addrs.values())
+        need_utf8 = convert and (not sender.isascii()
+                                 or any(not a.isascii() for a in addrs.values()))
         if need_utf8 and not use_utf8:
             dsn = make_dsn("5.6.7", f"SMTPUTF8 is required, but was not offered by host "
                                     f"{addr.namaddr}")

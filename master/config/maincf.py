@@ -40,6 +40,8 @@ PUBLIC API
     TRANSPORT_SUFFIXES                 the per-transport parameter suffixes
     cfg.dump(defaults=False, nondefault=False, expand=False) -> list[str]  (postconf -d/-n/-x)
     cfg.config_directory, cfg.path, cfg.overrides
+    cfg.overridden: list[(line, name, value)]  main.cf lines that set a parameter again
+                                 (load(); the later line wins)
 
 ERRORS
     ConfigError, str ``"<main.cf path>, line <n>: <what>"`` for syntax errors and for bad
@@ -118,10 +120,12 @@ def logical_lines(text: str, path: str,
         yield start, " ".join(parts)
 
 
-def parse_main_cf(text: str, path: str,
-                  errors: list[ConfigError] | None = None) -> dict[str, Entry]:
+def parse_main_cf(text: str, path: str, errors: list[ConfigError] | None = None,
+                  overridden: list[tuple[int, str, str]] | None = None) -> dict[str, Entry]:
     """Parse main.cf text into {name: Entry}; later definitions win.  Raises ConfigError
-    (with ``errors`` given: appends each error there and skips the bad line)."""
+    (with ``errors`` given: appends each error there and skips the bad line).  With
+    ``overridden``: appends (line, name, value) for each definition that overrides an
+    earlier one."""
     values: dict[str, Entry] = {}
     for lineno, line in logical_lines(text, path, errors):
         name, eq, value = line.partition("=")
@@ -138,6 +142,8 @@ def parse_main_cf(text: str, path: str,
                 raise ConfigError(problem, path, lineno)
             errors.append(ConfigError(problem, path, lineno))
             continue
+        if overridden is not None and name in values:
+            overridden.append((lineno, name, value.strip()))
         values[name] = Entry(value.strip(), lineno)
     return values
 
@@ -197,6 +203,8 @@ class Config:
         self.overrides: dict[str, str] = _check_overrides(overrides or {})
         self._cache: dict[str, str] = {}
         self._nesting = 0
+        # (line, name, value) of each main.cf line that set a parameter again (load())
+        self.overridden: list[tuple[int, str, str]] = []
 
     # --- construction ------------------------------------------------------------------
     @classmethod
@@ -216,7 +224,11 @@ class Config:
         except UnicodeDecodeError as e:
             line = data[: e.start].count(b"\n") + 1
             raise ConfigError("invalid UTF-8 text", path, line) from None
-        return cls(config_directory, parse_main_cf(text, path), path, overrides)
+        overridden: list[tuple[int, str, str]] = []
+        cfg = cls(config_directory, parse_main_cf(text, path, None, overridden), path,
+                  overrides)
+        cfg.overridden = overridden
+        return cfg
 
     @classmethod
     def load_lenient(cls, config_directory: str) -> tuple[Config, list[ConfigError]]:

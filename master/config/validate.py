@@ -79,7 +79,7 @@ import socket
 from collections.abc import Callable, Sequence
 
 from master.config.errors import ConfigError
-from master.config.maincf import Config, logical_lines, param_spec
+from master.config.maincf import Config, param_spec
 from master.config.mastercf import Service, load_master_cf
 from master.config.tables import TableError, read_table
 from master.server import jail
@@ -124,19 +124,8 @@ def load_configuration(config_directory: str, warn: Warn | None = None,
 def _warn_duplicates(cfg: Config, warn: Warn) -> None:
     """A parameter set twice in main.cf: the later line wins, and the earlier one is
     named, as Postfix's configuration reader does (``overriding earlier entry``)."""
-    try:
-        with open(cfg.path, encoding="utf-8", errors="surrogateescape") as f:
-            text = f.read()
-    except OSError:
-        return  # Config.load read it a moment ago; nothing to add
-    seen: set[str] = set()
-    for lineno, line in logical_lines(text, cfg.path):
-        name, _, value = line.partition("=")
-        name = name.strip()
-        if name in seen:
-            warn(f"{cfg.path}, line {lineno}: overriding earlier entry: "
-                 f"{name}={value.strip()}")
-        seen.add(name)
+    for lineno, name, value in cfg.overridden:
+        warn(f"{cfg.path}, line {lineno}: overriding earlier entry: {name}={value}")
 
 
 def check_tables(cfg: Config, names: Sequence[str] = TABLE_PARAMS,
