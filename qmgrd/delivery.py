@@ -19,6 +19,8 @@ Public API
     encode(pairs) -> bytes
     AttrReader(bounded decoder);  read_list(sock) / write_list(sock, pairs) (blocking)
     async_read_list(reader) / async_write_list(writer, pairs) (asyncio streams)
+    read_request(sock) (blocking) / await read_request_async(sock) (non-blocking socket,
+        the running loop's sock_recv) -> DeliverRequest: an agent reads its request
     ProtocolError: malformed or oversized input (the caller treats it as a failed
         delivery: the qmgr defers with "4.3.0 unknown mail transport error").
 
@@ -64,6 +66,7 @@ __all__ = [
     "read_list",
     "read_lists",
     "read_request",
+    "read_request_async",
     "write_list",
 ]
 
@@ -385,6 +388,38 @@ def read_request(sock: socket.socket) -> DeliverRequest:
     if dec.pending:
         raise ProtocolError("unexpected data after the request")
     req.recipients = [RecipientInfo.from_attrs(p) for p in lists]
+    return req
+
+
+async def read_request_async(sock: socket.socket) -> DeliverRequest:
+    """Agent side: :func:`read_request` on a non-blocking socket, with the running
+    asyncio loop (``loop.sock_recv``); no timeout of its own.
+
+    Raises:
+        ProtocolError, OSError.
+    """
+    import asyncio  # only the agents that serve concurrently get here
+
+    loop = asyncio.get_running_loop()
+    dec = AttrDecoder()
+    got: list[Pairs] = []
+    req: DeliverRequest | None = None
+    count = 0
+    while req is None or len(got) < count:
+        lst = dec.pop()
+        if lst is None:
+            data = await loop.sock_recv(sock, 65536)
+            if not data:
+                raise ProtocolError("unexpected EOF")
+            dec.feed(data)
+            continue
+        if req is None:
+            req, count = DeliverRequest.from_common(lst)
+        else:
+            got.append(lst)
+    if dec.pending:
+        raise ProtocolError("unexpected data after the request")
+    req.recipients = [RecipientInfo.from_attrs(p) for p in got]
     return req
 
 

@@ -29,7 +29,10 @@ SMTP_LINE = re.compile(r"^smtp(\s+)unix(\s+\S+){4}\s+\S+(\s+smtp)\s*$", re.MULTI
 
 def test_smtp_maxproc_2_is_never_exceeded(mailsys: MakeSystem, peers: Peers) -> None:
     sink = peers.sink("-W", "data:1:10")
-    cf, n = SMTP_LINE.subn("smtp      unix  -       -       n       -       2       smtp",
+    # one delivery per process (smtp_process_delivery_limit=1), so that the deliveries
+    # need more processes than maxproc allows: the master must hold the line at 2
+    cf, n = SMTP_LINE.subn("smtp      unix  -       -       n       -       2       smtp"
+                           "\n  -o smtp_process_delivery_limit=1",
                            (REPO / "etc" / "master.cf").read_text())
     assert n == 1, "the bundled master.cf has no smtp unix line to edit"
     ms = mailsys(main={"relayhost": f"[127.0.0.1]:{sink.port}"}, master_cf=cf)

@@ -36,9 +36,14 @@ Public API
         .deliver(req, msg) -> list[tuple[RecipientInfo, Dsn]]     the transport hook
         .setup() -> None              transport hook: read parameters (pre-jail)
         .configure(cfg, service)      load Config-derived state (called by pre_jail)
+        async .deliver_async(req, msg)           the hook of a concurrent agent (default:
+                                      deliver())
         .pre_jail(ctx), .serve(conn, ctx)        single_server callbacks
+        async .serve_async(conn, ctx)            multi_server callback (transports.smtp)
         .handle(req) -> DeliverStatus            one request, no socket (tests)
-        .state: DeliveryState         per-request measurements filled in by deliver()
+        async .handle_async(req) -> DeliverStatus
+        .state: DeliveryState         per-request measurements filled in by deliver();
+                                      a context variable: each asyncio task has its own
     DeliveryState(relay="none", conn_setup_done=0.0, hop=None)
         .set_relay(rcpt, relay)       the relay= text for one recipient
     make_dsn(status, reason, **fields) -> Dsn    with the action that fits the status
@@ -54,6 +59,7 @@ and warnings for malformed requests, queue file problems and status log failures
 
 from __future__ import annotations
 
+import contextvars
 import os
 import re
 import socket
@@ -86,6 +92,9 @@ _ACTIONS = {"2": "delivered", "4": "delayed", "5": "failed"}
 _READ_ERROR = "queue file read error"
 _STATUS_LOG_ERROR = "bounce or trace service failure"
 _AGENT_ERROR = "unknown mail transport error"
+# the DeliveryState of the request in hand: one per asyncio task when an agent serves
+# several requests at once (multi_server), one per process otherwise
+_STATE: contextvars.ContextVar[DeliveryState] = contextvars.ContextVar("delivery_state")
 
 
 def make_dsn(status: str, reason: str, **fields: str) -> Dsn:
@@ -136,8 +145,22 @@ class DeliveryAgent:
         self.service = self.name
         self.soft_bounce = False
         self.ipc_timeout = 3600.0
-        self.state = DeliveryState()
         self.clock = time.time
+
+    @property
+    def state(self) -> DeliveryState:
+        """The DeliveryState of the request in hand (of the current asyncio task when
+        requests are served concurrently)."""
+        try:
+            return _STATE.get()
+        except LookupError:
+            st = DeliveryState()
+            _STATE.set(st)
+            return st
+
+    @state.setter
+    def state(self, st: DeliveryState) -> None:
+        _STATE.set(st)
 
     # ------------------------------------------------------------------ configuration
 
@@ -175,6 +198,13 @@ class DeliveryAgent:
         """
         raise NotImplementedError
 
+    async def deliver_async(self, req: DeliverRequest,
+                            msg: QueueFile) -> list[tuple[RecipientInfo, Dsn]]:
+        """The hook of an agent that serves several requests at once (multi_server):
+        as :meth:`deliver`, awaited in the request's own task. The default runs
+        :meth:`deliver`."""
+        return self.deliver(req, msg)
+
     # ------------------------------------------------------------------ serving
 
     def serve(self, conn: socket.socket, ctx: ServerContext) -> None:
@@ -207,43 +237,101 @@ class DeliveryAgent:
         if not valid_id(req.queue_id):
             raise ProtocolError(f"bad queue id {req.queue_id[:40]!r}")
 
+    async def serve_async(self, conn: socket.socket, ctx: ServerContext) -> None:
+        """multi_server handler: :meth:`serve` on a non-blocking socket, the request
+        handled in the caller's task (:meth:`handle_async`); ``ipc_timeout`` seconds to
+        read the request and to send the reply."""
+        import asyncio  # loaded by the multi_server skeleton before the jail
+
+        loop = asyncio.get_running_loop()
+        if self.cfg is None:
+            self.configure(ctx.config, ctx.service)
+        try:
+            async with asyncio.timeout(self.ipc_timeout):
+                await loop.sock_sendall(conn, delivery.protocol_greeting(
+                    delivery.DELIVER_PROTOCOL))
+                req = await delivery.read_request_async(conn)
+            self._check_request(req)
+        except ProtocolError as exc:
+            log.warning(f"malformed delivery request: {exc}")
+            return
+        except OSError as exc:  # the qmgr went away (restart, kill) or timed out
+            log.warning(f"cannot read delivery request: {exc.strerror or exc}")
+            return
+        reply = await self.handle_async(req)
+        try:
+            async with asyncio.timeout(self.ipc_timeout):
+                await loop.sock_sendall(conn, delivery.encode(reply.to_attrs()))
+        except (ProtocolError, OSError) as exc:
+            log.warning(f"{req.queue_id}: cannot send delivery status: {exc}")
+
     def handle(self, req: DeliverRequest) -> DeliverStatus:
         """Process one decoded request (no socket): open the file, deliver, record.
 
         Raises:
             Panic: the agent was not configured.
         """
+        msg = self._begin(req)
+        if isinstance(msg, DeliverStatus):
+            return msg
+        with msg:
+            try:
+                results = self.deliver(req, msg)
+            except Exception as exc:  # noqa: BLE001 - the request boundary: contain any agent bug
+                return self._failed(req, msg, exc)
+            return self._finish(req, msg, results)
+
+    async def handle_async(self, req: DeliverRequest) -> DeliverStatus:
+        """:meth:`handle` with the :meth:`deliver_async` hook (the request's own
+        DeliveryState, so that concurrent requests do not mix their measurements).
+
+        Raises:
+            Panic: the agent was not configured.
+        """
+        msg = self._begin(req)
+        if isinstance(msg, DeliverStatus):
+            return msg
+        with msg:
+            try:
+                results = await self.deliver_async(req, msg)
+            except Exception as exc:  # noqa: BLE001 - the request boundary: contain any agent bug
+                return self._failed(req, msg, exc)
+            return self._finish(req, msg, results)
+
+    def _begin(self, req: DeliverRequest) -> QueueFile | DeliverStatus:
+        """A fresh DeliveryState and the open queue file, or the reply that defers
+        every recipient when the file cannot be opened."""
         if self.spool is None:
             log.panic("delivery agent used before configure()")
         self.state = DeliveryState()
         if not req.handoff:
             req.handoff = self.clock()
         try:
-            msg = QueueFile.open(self.spool, req.queue_name, req.queue_id, lock="sh")
+            return QueueFile.open(self.spool, req.queue_name, req.queue_id, lock="sh")
         except (QueueFileError, OSError) as exc:
             log.warning(f"{req.queue_id}: cannot open queue file: {exc}")
             if isinstance(exc, CorruptQueueFile):
                 self._chmod_corrupt(req)
             return self._finish_all(req, None, make_dsn("4.3.0", _READ_ERROR))
-        with msg:
-            try:
-                results = self.deliver(req, msg)
-            except QueueFileError as exc:
-                log.warning(f"{req.queue_id}: queue file read error: {exc}")
-                if isinstance(exc, CorruptQueueFile):
-                    try:
-                        msg.mark_corrupt()
-                    except OSError as err:
-                        log.warning(f"{req.queue_id}: cannot mark corrupt: {err}")
-                return self._finish_all(req, msg, make_dsn("4.3.0", _READ_ERROR))
-            except Exception:  # noqa: BLE001 - the request boundary: contain any agent bug
-                trace = traceback.format_exc()
-                log.error(f"{req.queue_id}: delivery agent failed: "
-                          + trace.replace("\n", " | "))
-                reply = self._finish_all(req, msg, make_dsn("4.3.0", _AGENT_ERROR))
-                self._error_notice("software", req, trace)
-                return reply
-            return self._finish(req, msg, results)
+
+    def _failed(self, req: DeliverRequest, msg: QueueFile, exc: Exception) -> DeliverStatus:
+        """The reply after the transport hook raised ``exc`` (called in the except
+        block): a read error defers (a corrupt file is marked for the qmgr), any other
+        exception is an agent bug - logged with its traceback, deferred, and a
+        ``software`` postmaster notice."""
+        if isinstance(exc, QueueFileError):
+            log.warning(f"{req.queue_id}: queue file read error: {exc}")
+            if isinstance(exc, CorruptQueueFile):
+                try:
+                    msg.mark_corrupt()
+                except OSError as err:
+                    log.warning(f"{req.queue_id}: cannot mark corrupt: {err}")
+            return self._finish_all(req, msg, make_dsn("4.3.0", _READ_ERROR))
+        trace = traceback.format_exc()
+        log.error(f"{req.queue_id}: delivery agent failed: " + trace.replace("\n", " | "))
+        reply = self._finish_all(req, msg, make_dsn("4.3.0", _AGENT_ERROR))
+        self._error_notice("software", req, trace)
+        return reply
 
     def _chmod_corrupt(self, req: DeliverRequest) -> None:
         assert self.spool is not None

@@ -4,7 +4,7 @@ Summary
     For each delivery request: read the content from the queue file (lines joined with
     CRLF, lines over ``smtp_line_length_limit`` folded with CRLF SPACE as Postfix does,
     leading dots doubled), find the servers for the request's nexthop, and run one SMTP
-    transaction (smtplib) with the first server that will talk, trying the next address
+    transaction (transports.smtp_session) with the first server that will talk, trying the next address
     after a site-level failure (postfix.md §6.3 nexthop syntax):
 
     * Where: transports.smtp_dns turns the nexthop (``[host]:port``, ``[host]``,
@@ -35,8 +35,18 @@ Summary
     connection; on a reused connection Postfix's ``, conn_use=N`` follows it (the N-th
     transaction on that connection): ``relay=h[ip]:port, conn_use=2, delay=...``.
 
+    Concurrency: one process carries up to ``smtp_process_delivery_limit`` (default 50)
+    deliveries at once, each an asyncio task (master.server.skeleton.multi_server), where
+    Postfix runs one process per delivery; with 1 it is Postfix's one at a time. The
+    qmgr still caps a transport's deliveries in flight at its master.cf maxproc, so
+    maxproc keeps its meaning (deliveries, not processes). Reading the queue file and
+    writing the status logs (a deferral's fsync) happen in the loop and hold up the
+    other deliveries of the process for that long; DNS lookups run in the loop's default
+    executor (threads: this process never forks). A bug that kills the process defers
+    every delivery in hand; the qmgr retries them.
+
     Connection reuse (Postfix's connection cache, kept in the agent process by
-    transports.smtp_cache, since each agent serves one request at a time): a request
+    transports.smtp_cache and shared by the deliveries it carries): a request
     uses the cache when its nexthop host is in ``smtp_connection_cache_destinations``,
     or, with ``smtp_connection_cache_on_demand = yes``, as the qmgr asks in the request
     flags (DEL_REQ_FLAG_CONN_LOAD 0x800: look for a cached session; _CONN_STORE 0x1000:
@@ -53,13 +63,16 @@ Summary
     keyed with the HELO name and TLS level, so no session crosses policies.
 
     The session itself (timeouts, Postfix's failure wording) is transports.smtp_session.
-    smtplib and dnspython are imported at module import time and the resolver reads
+    dnspython and the executor are imported at module import time and the resolver reads
     /etc/resolv.conf in :meth:`SmtpAgent.setup`: both before the chroot.
 
 Public API
-    SmtpAgent(DeliveryAgent)     .deliver(req, msg); .setup(); .params (SmtpParams);
+    SmtpAgent(DeliveryAgent)     await .deliver_async(req, msg), await .timer_async(final)
+                                 (multi_server); .deliver(req, msg), .timer(final) ->
+                                 float | None: the same on the agent's own loop (tests);
+                                 .setup(); .params (SmtpParams); .process_limit;
                                  .resolver (HostResolver, replaceable in tests);
-                                 .cache (ConnCache); .timer(final) -> float | None
+                                 .cache (ConnCache)
     build_content(lines, line_limit=998) -> bytes                CRLF, folded, dot-stuffed
     xtext(text) -> str                                           RFC 3461 xtext
     a_label(address) -> str        a UTF-8 domain as its IDNA A-label (no SMTPUTF8)
@@ -70,13 +83,15 @@ Public API
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures.thread  # noqa: F401 - the executor of DNS lookups, before the jail
 import re
-from collections.abc import Iterable
+from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass, field
-from typing import NoReturn
+from typing import Any, NoReturn, TypeVar
 
 from master import log
-from master.server.skeleton import single_server
+from master.server.skeleton import ServerContext, multi_server
 from qmgrd.delivery import (
     DEL_REQ_FLAG_CONN_LOAD,
     DEL_REQ_FLAG_CONN_STORE,
@@ -115,6 +130,7 @@ __all__ = [
 ]
 
 _BAD_ADDR = re.compile(r"[\r\n\0]")
+_T = TypeVar("_T")
 
 
 # ---------------------------------------------------------------------- content
@@ -199,6 +215,8 @@ class SmtpAgent(DeliveryAgent):
         self.resolver: HostResolver | None = None
         self.cache = ConnCache(0.0, 0.0, 0)
         self.cache_destinations = CacheDestinations([])
+        self.process_limit = 1
+        self._loop: asyncio.AbstractEventLoop | None = None  # the synchronous facade's
 
     def setup(self) -> None:
         """Read the smtp_* parameters and make the DNS resolver (pre-jail)."""
@@ -232,7 +250,10 @@ class SmtpAgent(DeliveryAgent):
             tls_security_level=cfg.get("smtp_tls_security_level"),
         )
         p = self.params
-        self.cache = ConnCache(p.cache_time_limit, p.reuse_time_limit, p.reuse_count_limit)
+        self.process_limit = cfg.get_int("smtp_process_delivery_limit")
+        # room for an idle session per delivery in hand (at least Postfix-like 8)
+        self.cache = ConnCache(p.cache_time_limit, p.reuse_time_limit, p.reuse_count_limit,
+                               max_sessions=max(8, 2 * self.process_limit))
         self.cache_destinations = CacheDestinations(p.cache_destinations)
         if self.resolver is None:
             self.resolver = HostResolver(cfg.get_list("smtp_host_lookup") or ["dns"],
@@ -240,11 +261,11 @@ class SmtpAgent(DeliveryAgent):
 
     # -- connection management --------------------------------------------------------
 
-    def _session(self, addr: Address) -> SmtpSession:
+    async def _session(self, addr: Address) -> SmtpSession:
         """An open session with ``addr``. Raises SmtpFailure."""
         sess = SmtpSession(addr, self.params)
         try:
-            sess.open()
+            await sess.open()
         except SmtpFailure as exc:
             if sess.connected:  # greeting or EHLO failed: Postfix names the server
                 exc.relay = sess.relay
@@ -252,12 +273,13 @@ class SmtpAgent(DeliveryAgent):
             raise
         return sess
 
-    def _release(self, sess: SmtpSession, dest: Key | None, store: bool) -> None:
+    async def _release(self, sess: SmtpSession, dest: Key | None, store: bool) -> None:
         """Done with ``sess`` after a clean transaction: keep it in the cache (``store``,
         under ``dest`` and its address) or QUIT and close it."""
-        if store and self.cache.store(sess, dest, endpoint_key(sess.addr, self._policy())):
+        if store and await self.cache.store(sess, dest,
+                                            endpoint_key(sess.addr, self._policy())):
             return
-        sess.quit()
+        await sess.quit()
 
     def _policy(self) -> tuple[str, ...]:
         """What must match for a cached session to be shared (never across policies)."""
@@ -272,18 +294,42 @@ class SmtpAgent(DeliveryAgent):
                     bool(req.flags & DEL_REQ_FLAG_CONN_STORE))
         return False, False
 
-    def timer(self, final: bool) -> float | None:
-        """The single_server timer hook: QUIT idle cached sessions (all of them when
+    async def timer_async(self, final: bool) -> float | None:
+        """The multi_server timer hook: QUIT idle cached sessions (all of them when
         ``final``: the agent exits); the seconds until the next is due, or None."""
         if final:
-            self.cache.close_all()
+            await self.cache.close_all()
             return None
-        return self.cache.expire()
+        return await self.cache.expire()
+
+    # -- the synchronous facade (tests, tools: one request at a time) --------------------
+
+    def _sync(self, coro: Coroutine[Any, Any, _T]) -> _T:
+        """Run ``coro`` on this agent's own event loop, kept between calls while the
+        connection cache holds sessions (their sockets belong to that loop)."""
+        if self._loop is None or self._loop.is_closed():
+            self._loop = asyncio.new_event_loop()
+        try:
+            return self._loop.run_until_complete(coro)
+        finally:
+            if not len(self.cache):  # nothing for the loop to keep watching
+                self._loop.close()
+                self._loop = None
+
+    def timer(self, final: bool) -> float | None:
+        """:meth:`timer_async` for a caller without a loop."""
+        return self._sync(self.timer_async(final))
+
+    def deliver(self, req: DeliverRequest, msg: QueueFile) -> list[tuple[RecipientInfo, Dsn]]:
+        """:meth:`deliver_async` for a caller without a loop (one request at a time)."""
+        return self._sync(self.deliver_async(req, msg))
 
     # -- delivery ------------------------------------------------------------------------
 
-    def deliver(self, req: DeliverRequest, msg: QueueFile) -> list[tuple[RecipientInfo, Dsn]]:
+    async def deliver_async(self, req: DeliverRequest,
+                            msg: QueueFile) -> list[tuple[RecipientInfo, Dsn]]:
         """Relay ``msg`` to the servers of ``req.nexthop``; one Dsn per recipient.
+        Concurrent calls share the connection cache; each has its own DeliveryState.
 
         Raises:
             CorruptQueueFile: the content could not be read.
@@ -307,16 +353,16 @@ class SmtpAgent(DeliveryAgent):
         sessions = 0
         tried: set[Address] = set()
         if load:
-            cached = self.cache.take_dest(dest)
-            if cached is not None and self._use(cached, req, content, pending, att,
-                                                last=False, dest=dest, store=store):
+            cached = await self.cache.take_dest(dest)
+            if cached is not None and await self._use(cached, req, content, pending, att,
+                                                      last=False, dest=dest, store=store):
                 sessions = 1
                 tried.add(cached.addr)
                 pending = [i for i in pending if i not in att.final]
         if not pending:
             return self._results(req, att, pending)
         try:
-            addrs = self._addresses(req.nexthop)
+            addrs = await self._addresses(req.nexthop)
         except DnsError as exc:
             dsn = make_dsn(exc.status, exc.reason)
             if exc.status[0] == "4":
@@ -333,17 +379,18 @@ class SmtpAgent(DeliveryAgent):
             last = n == len(addrs) - 1
             # Postfix stores under the nexthop only sessions with the first (best) server.
             home = dest if n == 0 else None
-            cached = self.cache.take_endpoint(endpoint_key(addr, policy)) if load else None
-            if cached is None or not self._use(cached, req, content, pending, att,
-                                               last=last, dest=home, store=store):
+            cached = (await self.cache.take_endpoint(endpoint_key(addr, policy))
+                      if load else None)
+            if cached is None or not await self._use(cached, req, content, pending, att,
+                                                     last=last, dest=home, store=store):
                 try:
-                    sess = self._session(addr)
+                    sess = await self._session(addr)
                 except SmtpFailure as exc:
                     self._fail(att, pending, exc, last, exc.relay)
                     pending = [i for i in pending if i not in att.final]
                     continue
-                self._use(sess, req, content, pending, att, last=last, dest=home,
-                          store=store)
+                await self._use(sess, req, content, pending, att, last=last, dest=home,
+                                store=store)
             sessions += 1
             pending = [i for i in pending if i not in att.final]
             if not pending:
@@ -352,8 +399,9 @@ class SmtpAgent(DeliveryAgent):
                 break
         return self._results(req, att, pending)
 
-    def _use(self, sess: SmtpSession, req: DeliverRequest, content: bytes, pending: list[int],
-             att: _Attempt, *, last: bool, dest: Key | None, store: bool) -> bool:
+    async def _use(self, sess: SmtpSession, req: DeliverRequest, content: bytes,
+                   pending: list[int], att: _Attempt, *, last: bool, dest: Key | None,
+                   store: bool) -> bool:
         """One transaction on ``sess``; then cache or QUIT it (a failed one is closed).
 
         Returns False, with ``att`` as it was and the session closed, when a reused
@@ -364,7 +412,7 @@ class SmtpAgent(DeliveryAgent):
         sess.committed = False
         self.state.conn_setup_done = self.clock()
         try:
-            self._transaction(sess, req, content, pending, att)
+            await self._transaction(sess, req, content, pending, att)
         except SmtpFailure as exc:
             sess.close()
             if reused and not sess.committed:
@@ -378,7 +426,7 @@ class SmtpAgent(DeliveryAgent):
             att.final, att.soft, att.relay, att.site = saved
             return False
         att.site = None
-        self._release(sess, dest, store)
+        await self._release(sess, dest, store)
         return True
 
     def _results(self, req: DeliverRequest, att: _Attempt,
@@ -395,12 +443,20 @@ class SmtpAgent(DeliveryAgent):
             self.state.hop = att.site
         return results
 
-    def _addresses(self, nexthop: str) -> list[Address]:
-        assert self.resolver is not None
+    async def _addresses(self, nexthop: str) -> list[Address]:
+        """The servers of ``nexthop``; a name is looked up in the default executor
+        (dnspython and getaddrinfo block), so the other deliveries of the process go on
+        meanwhile; an IP literal needs no lookup. Raises DnsError."""
         try:
             hops = parse_nexthop(nexthop)
         except ValueError as exc:
             raise DnsError("4.3.5", f"bad nexthop {nexthop!r}: {exc}") from None
+        if all(hop.literal for hop in hops):
+            return self._lookup(hops)
+        return await asyncio.get_running_loop().run_in_executor(None, self._lookup, hops)
+
+    def _lookup(self, hops: list[Nexthop]) -> list[Address]:
+        assert self.resolver is not None
         addrs: list[Address] = []
         error: DnsError | None = None
         for hop in hops:
@@ -442,8 +498,8 @@ class SmtpAgent(DeliveryAgent):
         else:
             att.soft[i] = dsn
 
-    def _transaction(self, sess: SmtpSession, req: DeliverRequest, content: bytes,
-                     pending: list[int], att: _Attempt) -> None:
+    async def _transaction(self, sess: SmtpSession, req: DeliverRequest, content: bytes,
+                           pending: list[int], att: _Attempt) -> None:
         """MAIL, RCPT..., DATA on an open session. Raises SmtpFailure (site-level)."""
         p = self.params
         rcpts = req.recipients
@@ -505,16 +561,16 @@ class SmtpAgent(DeliveryAgent):
             # (Postfix's smtp(8) does the same when the server offers PIPELINING)
             rset = ["RSET"] if sess.rset_pending else []  # a cached session's check
             batch = "".join(line + "\r\n" for line in [*rset, mail, *rcpt_lines, "DATA"])
-            sess.send(batch.encode("utf-8", "surrogateescape"), p.mail_timeout,
-                      "sending MAIL FROM")
+            await sess.send(batch.encode("utf-8", "surrogateescape"), p.mail_timeout,
+                            "sending MAIL FROM")
             if rset:
-                sess.pending_rset_reply()
+                await sess.pending_rset_reply()
             expect = ([(p.mail_timeout, "sending MAIL FROM", "MAIL FROM")]
                       + [(p.rcpt_timeout, "sending RCPT TO", "RCPT TO")] * len(pending)
                       + [(p.data_init_timeout, "sending DATA command", "DATA")])
             replies: list[Reply] = []
             for timeout, phase, reply_to in expect:
-                replies.append(sess.reply(timeout, phase, reply_to))
+                replies.append(await sess.reply(timeout, phase, reply_to))
                 if replies[-1].code == 421:  # closing: it answers the rest too
                     replies += [replies[-1]] * (len(expect) - len(replies))
                     break
@@ -532,34 +588,36 @@ class SmtpAgent(DeliveryAgent):
                         self._reply_result(att, i, rcpt_reply, sess, "RCPT TO")
             if not accepted:
                 if reply.code == 354:  # DATA went ahead without a recipient: end it empty
-                    sess.call(b".\r\n", p.data_done_timeout, "sending end of data",
-                              "end of DATA")
+                    await sess.call(b".\r\n", p.data_done_timeout, "sending end of data",
+                                    "end of DATA")
                 return
         else:
-            reply = sess.call(mail, p.mail_timeout, "sending MAIL FROM", "MAIL FROM")
+            reply = await sess.call(mail, p.mail_timeout, "sending MAIL FROM", "MAIL FROM")
             if reply.code // 100 != 2:
                 for i in pending:
                     self._reply_result(att, i, reply, sess, "MAIL FROM")
                 return
             accepted = []
             for i, line in zip(pending, rcpt_lines, strict=True):
-                reply = sess.call(line, p.rcpt_timeout, "sending RCPT TO", "RCPT TO")
+                reply = await sess.call(line, p.rcpt_timeout, "sending RCPT TO", "RCPT TO")
                 if reply.code // 100 == 2:
                     accepted.append(i)
                 else:
                     self._reply_result(att, i, reply, sess, "RCPT TO")
             if not accepted:
                 return
-            reply = sess.call("DATA", p.data_init_timeout, "sending DATA command", "DATA")
+            reply = await sess.call("DATA", p.data_init_timeout, "sending DATA command",
+                                    "DATA")
         if reply.code != 354:
             for i in accepted:
                 self._reply_result(att, i, reply, sess, "DATA")
             return
         sess.committed = True  # from here on the server may have the message
-        reply = sess.call(content + b".\r\n", p.data_xfer_timeout, "sending message body",
-                          "end of DATA", reply_timeout=p.data_done_timeout,
-                          reply_phase="sending end of data -- message may be sent more "
-                                      "than once")
+        reply = await sess.call(content + b".\r\n", p.data_xfer_timeout,
+                                "sending message body", "end of DATA",
+                                reply_timeout=p.data_done_timeout,
+                                reply_phase="sending end of data -- message may be sent "
+                                            "more than once")
         if reply.code // 100 != 2:
             for i in accepted:
                 self._reply_result(att, i, reply, sess, "end of DATA")
@@ -589,10 +647,16 @@ def _rcpt_dsn_options(rcpt: RecipientInfo) -> list[str]:
 
 
 def main() -> NoReturn:
-    """Run the smtp service under single_server, with the agent's timer hook (idle
-    cached sessions are closed between requests and when the process exits)."""
+    """Run the smtp service under multi_server: up to ``smtp_process_delivery_limit``
+    deliveries at once per process, with the agent's timer hook (idle cached sessions
+    are closed every second or so and when the process exits)."""
     agent = SmtpAgent()
-    single_server(agent.serve, pre_jail=agent.pre_jail, timer=agent.timer)
+
+    def limit(ctx: ServerContext) -> int:
+        return agent.process_limit
+
+    multi_server(agent.serve_async, limit=limit, pre_jail=agent.pre_jail,
+                 timer=agent.timer_async)
 
 
 if __name__ == "__main__":

@@ -4,9 +4,10 @@ Summary
     Postfix's smtp(8) saves a session after a successful transaction in scache(8), under
     the logical destination (the nexthop) and under the server address, and a later
     delivery takes it from there instead of connecting, reading the greeting and saying
-    EHLO again (postfix.md; CONNECTION_CACHE_README). qmgrd has no scache service: an
-    agent process serves one request at a time and up to ``max_use`` requests, so each
-    agent keeps its own small cache between requests.
+    EHLO again (postfix.md; CONNECTION_CACHE_README). qmgrd has no scache service: each smtp
+    process keeps its own cache, shared by the deliveries it carries at once
+    (``smtp_process_delivery_limit``) and between them. A session is taken out of the
+    cache before anything is awaited, so two deliveries never share one.
 
     * ``store(sess, dest, endpoint)`` keeps a session whose last transaction ended
       cleanly, unless it is dead, was opened ``smtp_connection_reuse_time_limit``
@@ -34,12 +35,13 @@ Summary
 
 Public API
     ConnCache(idle_limit, reuse_time_limit, reuse_count_limit, *, max_sessions=8,
-              quit_timeout=2.0, clock=time.monotonic)
+              quit_timeout=2.0, clock=time.monotonic)      coroutines:
         .store(sess, dest, endpoint) -> bool    False: not kept (the caller QUITs it)
         .take_dest(dest) -> SmtpSession | None
         .take_endpoint(endpoint) -> SmtpSession | None
         .expire() -> float | None               seconds until the next expiry
-        .close_all() -> None; len(cache)
+        .close_all() -> None                    QUIT to all at once
+    len(cache)
     dest_key(nexthop, policy) -> tuple; endpoint_key(addr, policy) -> tuple
     CacheDestinations(patterns: list[str])      .match(nexthop) -> bool; TableError
 Logs nothing.
@@ -47,6 +49,7 @@ Logs nothing.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -95,33 +98,38 @@ class ConnCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def store(self, sess: SmtpSession, dest: Key | None, endpoint: Key) -> bool:
+    async def store(self, sess: SmtpSession, dest: Key | None, endpoint: Key) -> bool:
         """Keep ``sess`` for reuse; False when it may not be kept (dead, too old, used
         too often, or caching is off): the caller closes it."""
         now = self.clock()
         if self.idle_limit <= 0 or self.max_sessions <= 0:
             return False
-        if sess.dead or sess.client.sock is None:
+        if sess.dead or sess.sock is None:
             return False
         if self.reuse_time_limit > 0 and now - sess.created >= self.reuse_time_limit:
             return False
         if self.reuse_count_limit > 0 and sess.reuse_count >= self.reuse_count_limit:
             return False
+        evicted = []
         while len(self._entries) >= self.max_sessions:
-            self._quit(self._entries.pop(0))
+            evicted.append(self._entries.pop(0))
         self._entries.append(_Entry(sess, dest, endpoint, now + self.idle_limit))
+        for entry in evicted:
+            await self._quit(entry)
         return True
 
-    def take_dest(self, dest: Key) -> SmtpSession | None:
+    async def take_dest(self, dest: Key) -> SmtpSession | None:
         """A checked session stored under logical destination ``dest``, or None."""
-        return self._take(lambda e: e.dest == dest)
+        return await self._take(lambda e: e.dest == dest)
 
-    def take_endpoint(self, endpoint: Key) -> SmtpSession | None:
+    async def take_endpoint(self, endpoint: Key) -> SmtpSession | None:
         """A checked session with server address ``endpoint``, or None."""
-        return self._take(lambda e: e.endpoint == endpoint)
+        return await self._take(lambda e: e.endpoint == endpoint)
 
-    def _take(self, match: Callable[[_Entry], bool]) -> SmtpSession | None:
-        self.expire()
+    async def _take(self, match: Callable[[_Entry], bool]) -> SmtpSession | None:
+        # an entry is taken out of the list before anything is awaited: concurrent
+        # deliveries of the process never get the same session
+        await self.expire()
         while True:
             for i in range(len(self._entries) - 1, -1, -1):
                 if match(self._entries[i]):
@@ -130,33 +138,33 @@ class ConnCache:
             else:
                 return None
             sess = entry.sess
-            if sess.usable():
+            if await sess.usable():
                 sess.reuse_count += 1
                 return sess
 
-    def expire(self) -> float | None:
+    async def expire(self) -> float | None:
         """QUIT the sessions whose idle time is over; the seconds until the next one is
         due (None: the cache is empty)."""
         now = self.clock()
         keep: list[_Entry] = []
+        gone: list[_Entry] = []
         for entry in self._entries:
-            if now >= entry.expires:
-                self._quit(entry)
-            else:
-                keep.append(entry)
+            (gone if now >= entry.expires else keep).append(entry)
         self._entries = keep
+        if gone:
+            await asyncio.gather(*(self._quit(entry) for entry in gone))
+        keep = self._entries
         if not keep:
             return None
         return max(0.0, min(e.expires for e in keep) - now)
 
-    def close_all(self) -> None:
-        """QUIT every cached session (the agent is about to exit)."""
+    async def close_all(self) -> None:
+        """QUIT every cached session, all at once (the agent is about to exit)."""
         entries, self._entries = self._entries, []
-        for entry in entries:
-            self._quit(entry)
+        await asyncio.gather(*(self._quit(entry) for entry in entries))
 
-    def _quit(self, entry: _Entry) -> None:
-        entry.sess.quit(min(self.quit_timeout, entry.sess.params.quit_timeout))
+    async def _quit(self, entry: _Entry) -> None:
+        await entry.sess.quit(min(self.quit_timeout, entry.sess.params.quit_timeout))
 
 
 class CacheDestinations:

@@ -20,7 +20,7 @@ Summary
     and the resolver reads /etc/resolv.conf when HostResolver is made: before the chroot.
 
 Public API
-    Nexthop(host, port, mx), Address(hostname, ip, port) (.namaddr, .relay)
+    Nexthop(host, port, mx) (.literal), Address(hostname, ip, port) (.namaddr, .relay)
     parse_nexthop(text, default_port=25) -> list[Nexthop]              ValueError
     HostResolver(lookup=("dns",), protocols=("ipv4", "ipv6"), dns_resolver=None)
         .resolve(nexthop) -> list[Address]; .mx_hosts(domain); .addresses(host)   DnsError
@@ -68,6 +68,11 @@ class Nexthop:
     host: str
     port: int
     mx: bool
+
+    @property
+    def literal(self) -> bool:
+        """True when ``host`` is an IP address: resolving it needs no lookup."""
+        return _is_ip(self.host)
 
 
 @dataclass(frozen=True)

@@ -1,12 +1,15 @@
-"""smtp_session — one SMTP client connection for the smtp agent, on top of smtplib.
+"""smtp_session — one SMTP client connection for the smtp agent, on asyncio.
 
 Summary
-    ``SmtpSession(addr, params).open()`` connects (``smtp_connect_timeout``), reads the
-    greeting and says EHLO (HELO after a 5xx EHLO reply) with ``smtp_helo_timeout``;
-    ``call()`` sends one command (or the message data) and reads the reply with the
-    timeout of that phase. smtplib.SMTP does the reply parsing and keeps the EHLO
-    features. Failures of the session itself are raised as SmtpFailure with ``site=True``
-    and Postfix's wording:
+    ``await SmtpSession(addr, params).open()`` connects (``smtp_connect_timeout``), reads
+    the greeting and says EHLO (HELO after a 5xx EHLO reply) with ``smtp_helo_timeout``;
+    ``await call()`` sends one command (or the message data) and reads the reply with the
+    timeout of that phase. The session drives a non-blocking socket with the running
+    loop's ``sock_*`` calls, so one agent process carries many sessions at once
+    (transports.smtp). Replies are read as smtplib reads them (lines of at most 8192
+    bytes, ``250-`` continuation lines, the text after the code and one separator) and the
+    EHLO keywords are kept in ``features``. Failures of the session itself are raised as
+    SmtpFailure with ``site=True`` and Postfix's wording:
 
     * ``connect to H[ip]:port: Connection refused`` (4.4.1)
     * ``host H[ip] refused to talk to me: 554 ...`` (greeting or HELO rejected; a 5xx
@@ -25,10 +28,12 @@ Summary
 
 Public API
     SmtpParams(...)                 the smtp_* parameters (seconds, bytes)
-    SmtpSession(addr, params)       .open(), .call(command, timeout, phase, reply_to, *,
-                                    reply_timeout=None, reply_phase=""), .has(feature),
-                                    .size_limit(), .esmtp, .quit(timeout=None), .close(),
-                                    .usable() -> bool, .created, .reuse_count,
+    SmtpSession(addr, params)       coroutines: .open(), .call(command, timeout, phase,
+                                    reply_to, *, reply_timeout=None, reply_phase=""),
+                                    .send(...), .reply(...), .quit(timeout=None),
+                                    .usable() -> bool, .pending_rset_reply();
+                                    .has(feature), .size_limit(), .esmtp, .features,
+                                    .close(), .sock, .created, .reuse_count,
                                     .committed, .dead, .relay (relay= text, conn_use=N)
     Reply(code, lines)              .text (Postfix's one-line form), .dsn (x.y.z)
     SmtpFailure(status, reason, *, site, reply=None, mta="")   .dsn() -> Dsn
@@ -37,13 +42,13 @@ Logs nothing.
 
 from __future__ import annotations
 
+import asyncio
+import os
 import re
 import select
-import smtplib
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 from qmgrd.spool.statuslog import Dsn
 from transports.agent import make_dsn
@@ -51,6 +56,7 @@ from transports.smtp_dns import Address
 
 __all__ = ["Reply", "SmtpFailure", "SmtpParams", "SmtpSession"]
 
+_MAXLINE = 8192  # bytes in one reply line, as smtplib
 _ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?=\s|\Z)")
 
 
@@ -136,20 +142,23 @@ def _timed_out(exc: BaseException) -> bool:
 
 
 class SmtpSession:
-    """One SMTP connection to one address, driven through smtplib.SMTP."""
+    """One SMTP connection to one address, over a non-blocking socket driven by the
+    running asyncio loop (``loop.sock_*``: no stream objects, one recv per reply)."""
 
     def __init__(self, addr: Address, params: SmtpParams) -> None:
         self.addr = addr
         self.params = params
-        self.client = smtplib.SMTP(local_hostname=params.helo_name)
+        self.sock: socket.socket | None = None
         self.esmtp = False
+        self.features: dict[str, str] = {}
         self.created = time.monotonic()
         self.reuse_count = 0
         self.committed = False
         self.dead = False
         self.rset_pending = False  # usable() left RSET to go first in the next pipeline
         self.connected = False  # the TCP connection was made (relay= is this server)
-        self._lines: _LineRecorder | None = None
+        self._buf = bytearray()
+        self._last = b""  # the last reply line read, as it came
 
     @property
     def relay(self) -> str:
@@ -159,7 +168,7 @@ class SmtpSession:
             return f"{self.addr.relay}, conn_use={self.reuse_count + 1}"
         return self.addr.relay
 
-    def open(self) -> None:
+    async def open(self) -> None:
         """Connect, read the greeting, EHLO (HELO after a 5xx EHLO).
 
         Raises:
@@ -169,34 +178,35 @@ class SmtpSession:
         self.created = time.monotonic()
         family = socket.AF_INET6 if ":" in addr.ip else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.settimeout(p.connect_timeout or None)
+        sock.setblocking(False)
         try:
-            sock.connect((addr.ip, addr.port))
-        except OSError as exc:
+            async with asyncio.timeout(p.connect_timeout or None):
+                await asyncio.get_running_loop().sock_connect(sock, (addr.ip, addr.port))
+        except (OSError, TimeoutError) as exc:
             sock.close()
+            # asyncio words a refusal "Connect call failed (...)": use the errno's text
             why = "Connection timed out" if _timed_out(exc) else (
-                exc.strerror or str(exc) or type(exc).__name__)
+                (os.strerror(exc.errno) if isinstance(exc, OSError) and exc.errno else "")
+                or exc.strerror or str(exc) or type(exc).__name__)
             raise SmtpFailure("4.4.1", f"connect to {addr.relay}: {why}", site=True) from None
-        self.client.sock = sock
+        self.sock = sock
         self.connected = True
-        self._lines = _LineRecorder(sock.makefile("rb"))
-        self.client.file = self._lines
-        greeting = self.call(None, p.helo_timeout, "receiving the initial server greeting",
-                             "initial greeting")
+        greeting = await self.call(None, p.helo_timeout,
+                                   "receiving the initial server greeting", "initial greeting")
         if greeting.code // 100 != 2:
             status = greeting.dsn
             if status[0] == "5" and p.skip_5xx_greeting:
                 status = "4" + status[1:]
             raise self._refused(greeting, status)
-        reply = self.call(f"EHLO {p.helo_name}", p.helo_timeout,
-                          "performing the EHLO handshake", "EHLO")
+        reply = await self.call(f"EHLO {p.helo_name}", p.helo_timeout,
+                                "performing the EHLO handshake", "EHLO")
         if reply.code // 100 == 2:
             self.esmtp = True
             self._parse_features(reply)
             return
         if reply.code // 100 == 5:
-            reply = self.call(f"HELO {p.helo_name}", p.helo_timeout,
-                              "performing the HELO handshake", "HELO")
+            reply = await self.call(f"HELO {p.helo_name}", p.helo_timeout,
+                                    "performing the HELO handshake", "HELO")
             if reply.code // 100 == 2:
                 return
         raise self._refused(reply, reply.dsn)
@@ -206,25 +216,24 @@ class SmtpSession:
                            f"{reply.text}", site=True, reply=reply, mta=self.addr.hostname)
 
     def _parse_features(self, reply: Reply) -> None:
-        self.client.esmtp_features = {}
-        self.client.does_esmtp = True
+        self.features = {}
         for line in reply.lines[1:]:
             m = re.match(r"([A-Za-z0-9][A-Za-z0-9-]*) ?(.*)", line)
             if m:
-                self.client.esmtp_features[m.group(1).lower()] = m.group(2).strip()
+                self.features[m.group(1).lower()] = m.group(2).strip()
 
     def has(self, feature: str) -> bool:
         """True when EHLO announced ``feature`` (case-insensitive)."""
-        return self.esmtp and self.client.has_extn(feature)
+        return self.esmtp and feature.lower() in self.features
 
     def size_limit(self) -> int:
         """The server's SIZE limit in bytes (0 = none announced or unlimited)."""
-        value = self.client.esmtp_features.get("size", "") if self.esmtp else ""
+        value = self.features.get("size", "") if self.esmtp else ""
         return int(value) if value.isdigit() else 0
 
-    def call(self, command: str | bytes | None, timeout: float, phase: str,
-             reply_to: str, *, reply_timeout: float | None = None,
-             reply_phase: str = "") -> Reply:
+    async def call(self, command: str | bytes | None, timeout: float, phase: str,
+                   reply_to: str, *, reply_timeout: float | None = None,
+                   reply_phase: str = "") -> Reply:
         """Send ``command`` (str: a command line without CRLF; bytes: raw data) and read
         the reply, with ``timeout`` seconds for the exchange (``reply_timeout`` and
         ``reply_phase``, when given, apply to waiting for the reply).
@@ -232,50 +241,86 @@ class SmtpSession:
         Raises:
             SmtpFailure: lost connection, timeout, or a malformed reply (site-level).
         """
-        self.send(command, timeout, phase)
+        await self.send(command, timeout, phase)
         if reply_timeout is not None:
-            return self.reply(reply_timeout, reply_phase or phase, reply_to)
-        return self.reply(timeout, phase, reply_to)
+            return await self.reply(reply_timeout, reply_phase or phase, reply_to)
+        return await self.reply(timeout, phase, reply_to)
 
-    def send(self, command: str | bytes | None, timeout: float, phase: str) -> None:
+    async def send(self, command: str | bytes | None, timeout: float, phase: str) -> None:
         """Send a command line (str, CRLF added), raw bytes, or several pipelined command
-        lines joined (bytes, RFC 2920), without reading a reply.
+        lines joined (bytes, RFC 2920), without reading a reply; ``timeout`` seconds.
 
         Raises:
             SmtpFailure: lost connection or timeout (site-level).
         """
-        client = self.client
+        if command is None:
+            return
+        data = ((command + "\r\n").encode("utf-8", "surrogateescape")
+                if isinstance(command, str) else command)
         try:
-            if client.sock is None:
-                raise smtplib.SMTPServerDisconnected("not connected")
-            client.sock.settimeout(timeout or None)
-            if isinstance(command, str):
-                client.send((command + "\r\n").encode("utf-8", "surrogateescape"))
-            elif command is not None:
-                client.send(command)
-        except (smtplib.SMTPServerDisconnected, OSError) as exc:
+            if self.sock is None:
+                raise ConnectionError("not connected")
+            sock = self.sock
+            try:  # most commands fit the socket buffer: no loop round trip
+                sent = sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            if sent < len(data):
+                async with asyncio.timeout(timeout or None):
+                    await asyncio.get_running_loop().sock_sendall(sock, memoryview(data)[sent:])
+        except (OSError, TimeoutError) as exc:
             raise self._lost(exc, phase) from None
 
-    def reply(self, timeout: float, phase: str, reply_to: str) -> Reply:
-        """Read one reply within ``timeout`` seconds.
+    async def _readline(self) -> bytes:
+        """One reply line with its line end; b"" at EOF. ValueError: over _MAXLINE."""
+        buf = self._buf
+        loop = asyncio.get_running_loop()
+        while True:
+            end = buf.find(b"\n")
+            if end >= 0:
+                if end + 1 > _MAXLINE:
+                    raise ValueError("Line too long.")
+                line = bytes(buf[:end + 1])
+                del buf[:end + 1]
+                return line
+            if len(buf) > _MAXLINE:
+                raise ValueError("Line too long.")
+            assert self.sock is not None
+            chunk = await loop.sock_recv(self.sock, 65536)
+            if not chunk:
+                line = bytes(buf)
+                buf.clear()
+                return line
+            buf += chunk
+
+    async def reply(self, timeout: float, phase: str, reply_to: str) -> Reply:
+        """Read one reply within ``timeout`` seconds (multi-line: ``250-`` ... ``250 ``).
 
         Raises:
             SmtpFailure: lost connection, timeout, or a malformed reply (site-level).
         """
-        client = self.client
+        lines: list[str] = []
+        code = -1
         try:
-            if client.sock is None:
-                raise smtplib.SMTPServerDisconnected("not connected")
-            client.sock.settimeout(timeout or None)
-            code, msg = client.getreply()
-        except smtplib.SMTPResponseException as exc:  # reply line too long
-            raise self._malformed(reply_to, str(exc.smtp_error)) from None
-        except (smtplib.SMTPServerDisconnected, OSError) as exc:
+            if self.sock is None:
+                raise ConnectionError("not connected")
+            async with asyncio.timeout(timeout or None):
+                while True:
+                    raw = await self._readline()
+                    if not raw:
+                        raise ConnectionError("Connection unexpectedly closed")
+                    self._last = raw
+                    lines.append(raw[4:].strip(b" \t\r\n").decode("utf-8", "replace"))
+                    head = raw[:3]
+                    code = int(head) if head.isdigit() and len(head) == 3 else -1
+                    if code < 0 or raw[3:4] != b"-":
+                        break
+        except ValueError as exc:  # reply line too long
+            raise self._malformed(reply_to, str(exc)) from None
+        except (OSError, TimeoutError) as exc:
             raise self._lost(exc, phase) from None
-        lines = msg.decode("utf-8", "replace").split("\n")
-        if not 200 <= code <= 599:  # smtplib cut 4 bytes off each line: quote them whole
-            raw = self._lines.last if self._lines is not None else b""
-            raise self._malformed(reply_to, raw.decode("utf-8", "replace").strip()
+        if not 200 <= code <= 599:  # quote the line whole: its first 4 bytes are text
+            raise self._malformed(reply_to, self._last.decode("utf-8", "replace").strip()
                                   or " ".join(lines))
         if code == 421:  # the server is closing the connection (RFC 5321 3.8)
             self.dead = True
@@ -289,19 +334,19 @@ class SmtpSession:
         return SmtpFailure("4.4.2", f"lost connection with {self.addr.namaddr} while {phase}",
                            site=True)
 
-    def usable(self) -> bool:
+    async def usable(self) -> bool:
         """Check a cached session before reuse: the peer has neither closed it nor sent
         anything unasked (a 421 on an idle connection), and RSET gets a 250 within
         ``smtp_rset_timeout`` - with PIPELINING the RSET is sent first in the next batch
         instead of on its own (``rset_pending``, :meth:`pending_rset_reply`), one round
         trip less. False closes the session; nothing is logged or raised."""
-        sock = self.client.sock
+        sock = self.sock
         if self.dead or sock is None:
             self.close()
             return False
         poller = select.poll()
         poller.register(sock, select.POLLIN)
-        if poller.poll(0):  # EOF, an error, or unasked data (421): not usable
+        if self._buf or poller.poll(0):  # EOF, an error, or unasked data (421)
             self.close()
             return False
         self.committed = False
@@ -309,7 +354,7 @@ class SmtpSession:
             self.rset_pending = True
             return True
         try:
-            reply = self.call("RSET", self.params.rset_timeout, "sending RSET", "RSET")
+            reply = await self.call("RSET", self.params.rset_timeout, "sending RSET", "RSET")
         except SmtpFailure:
             return False
         if reply.code != 250:
@@ -317,7 +362,7 @@ class SmtpSession:
             return False
         return True
 
-    def pending_rset_reply(self) -> None:
+    async def pending_rset_reply(self) -> None:
         """Read the reply to the RSET sent first in a pipelined batch (``rset_pending``).
 
         Raises:
@@ -325,7 +370,7 @@ class SmtpSession:
             (the caller, which has committed nothing, makes a new connection).
         """
         self.rset_pending = False
-        reply = self.reply(self.params.rset_timeout, "sending RSET", "RSET")
+        reply = await self.reply(self.params.rset_timeout, "sending RSET", "RSET")
         if reply.code != 250:
             self.close()
             raise SmtpFailure("4.4.2", f"host {self.addr.namaddr} refused RSET", site=True)
@@ -335,13 +380,13 @@ class SmtpSession:
         return SmtpFailure("4.5.0", f"host {self.addr.namaddr} sent a malformed reply "
                            f"{text[:200]!r} (in reply to {reply_to} command)", site=True)
 
-    def quit(self, timeout: float | None = None) -> None:
+    async def quit(self, timeout: float | None = None) -> None:
         """Send QUIT (errors ignored) and close; ``timeout`` seconds (default
         ``smtp_quit_timeout``) for the exchange."""
-        if self.client.sock is not None and not self.dead:
+        if self.sock is not None and not self.dead:
             try:
-                self.call("QUIT", self.params.quit_timeout if timeout is None else timeout,
-                          "sending QUIT", "QUIT")
+                await self.call("QUIT", self.params.quit_timeout if timeout is None
+                                else timeout, "sending QUIT", "QUIT")
             except SmtpFailure:
                 pass
         self.close()
@@ -349,22 +394,6 @@ class SmtpSession:
     def close(self) -> None:
         """Close the connection (idempotent); the session is dead from then on."""
         self.dead = True
-        self.client.close()
-
-
-class _LineRecorder:
-    """The reply stream smtplib reads (``SMTP.file``), remembering the last line read
-    as it came: smtplib's getreply() drops the first 4 bytes of every line, which for a
-    malformed reply are text, not a code."""
-
-    def __init__(self, raw: Any) -> None:
-        self._raw = raw
-        self.last = b""
-
-    def readline(self, size: int = -1) -> bytes:
-        line: bytes = self._raw.readline(size)
-        self.last = line
-        return line
-
-    def close(self) -> None:
-        self._raw.close()
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None

@@ -52,6 +52,11 @@ Summary
       the FIFO (or the bytes of one connection to a UNIX socket, sent by
       qmgrd.trigger.send_trigger with a trailing NUL) is one handler(data, ctx) call
       between busy() and idle(); same exits.
+    * multi_server(handler, limit=...): the smtp agent.  Up to ``limit(ctx)``
+      connections at once in one asyncio loop, each ``await handler(conn, ctx)``;
+      "busy" only while at the limit (or closing), so the master starts another process
+      only when one is full.  Same exits as single_server, max_use counting per slot
+      (max_use x limit connections); an async ``timer(final)`` as single_server's.
     * async_server(main): the qmgr (and later smtpd).  ``asyncio.run(main(ctx))`` with
       ``ctx.stopping`` set on fd-5 EOF or SIGTERM; reporting busy/idle is main's business.
 
@@ -73,9 +78,12 @@ Public API
                   timer=None)
     trigger_server(handler, *, pre_jail=None, post_jail=None, argv=None, watchdog=None)
     async_server(main, *, pre_jail=None, post_jail=None, argv=None, watchdog=None)
+    multi_server(handler, *, limit, pre_jail=None, post_jail=None, timer=None, argv=None,
+                 watchdog=None)
         all -> NoReturn; ``watchdog`` names the timeout parameter (default:
         ``<process_name>_daemon_timeout`` if known, else ``daemon_timeout``)
-    Handler types: ConnHandler, TriggerHandler, AsyncMain, JailHook, TimerHook
+    Handler types: ConnHandler, TriggerHandler, AsyncMain, AsyncConnHandler, JailHook,
+        TimerHook, AsyncTimerHook
 """
 
 from __future__ import annotations
@@ -114,12 +122,15 @@ if TYPE_CHECKING:  # asyncio costs ~50 ms at start; only async_server's children
     import asyncio
 
 __all__ = [
+    "AsyncConnHandler",
     "AsyncMain",
+    "AsyncTimerHook",
     "ConnHandler",
     "JailHook",
     "ServerContext",
     "TimerHook",
     "async_server",
+    "multi_server",
     "single_server",
     "trigger_server",
 ]
@@ -589,3 +600,175 @@ def async_server(main: AsyncMain, *, pre_jail: JailHook | None = None,
         asyncio.run(runner())
 
     _run(body)
+
+
+AsyncConnHandler = Callable[[socket.socket, ServerContext], Awaitable[None]]
+AsyncTimerHook = Callable[[bool], Awaitable[float | None]]
+
+
+class _MultiLoop:
+    """multi_server's accept loop (see :func:`multi_server`)."""
+
+    def __init__(self, ctx: ServerContext, handler: AsyncConnHandler, limit: int,
+                 timer: AsyncTimerHook | None) -> None:
+        import asyncio
+
+        self.ctx = ctx
+        self.handler = handler
+        self.limit = max(1, limit)
+        self.timer = timer
+        max_use = ctx.config.get_int("max_use")
+        self.max_use = max_use * self.limit if max_use > 0 else 0
+        self.max_idle = ctx.config.get_time("max_idle")
+        self.active = 0
+        self.accepted = 0
+        self.completed = 0
+        self.busy = False
+        self.reading = False
+        self.closed = False
+        self.wake = asyncio.Event()
+        self.tasks: set[asyncio.Task[None]] = set()  # strong references (the loop's are weak)
+        self.listeners: list[socket.socket] = []
+        self.last = 0.0
+
+    def _refresh(self) -> None:
+        """Watch the listeners only below the limit; busy at the limit or closing."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        reading = not self.closed and self.active < self.limit
+        if reading != self.reading:
+            self.reading = reading
+            for lsock in self.listeners:
+                if reading:
+                    loop.add_reader(lsock.fileno(), self._accept, lsock)
+                else:
+                    loop.remove_reader(lsock.fileno())
+        busy = self.closed or self.active >= self.limit
+        if busy != self.busy:
+            self.busy = busy
+            if busy:
+                self.ctx.busy()
+            else:
+                self.ctx.idle()
+
+    def _accept(self, lsock: socket.socket) -> None:
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        while self.active < self.limit and not self.closed:
+            try:
+                conn, _ = lsock.accept()
+            except (BlockingIOError, InterruptedError):
+                break  # another process took it, or nothing is left
+            except OSError as exc:
+                log.warning(f"accept: {exc.strerror or exc}")
+                break
+            conn.setblocking(False)
+            self.active += 1
+            self.accepted += 1
+            if self.max_use and self.accepted >= self.max_use:
+                self.closed = True
+            task = loop.create_task(self._one(conn))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+        self._refresh()
+
+    async def _one(self, conn: socket.socket) -> None:
+        import asyncio
+
+        try:
+            with conn:
+                await self.handler(conn, self.ctx)
+        except Exception as exc:  # noqa: BLE001 - one connection's bug ends only it
+            trace = traceback.format_exc().replace("\n", " | ")
+            log.error(f"{self.ctx.service}: connection handler failed: {describe(exc)}: "
+                      f"{trace}")
+        finally:
+            self.active -= 1
+            self.completed += 1
+            self.last = asyncio.get_running_loop().time()
+            if self.completed == 1 and not self.busy:
+                # the master counts a use on busy -> idle: after this one a crash is a
+                # crash, not "bad command startup"
+                self.ctx.busy()
+                self.ctx.idle()
+            self._refresh()
+            self.wake.set()
+
+    async def _timer_loop(self) -> None:
+        import asyncio
+
+        assert self.timer is not None
+        while True:
+            delay = await self.timer(False)
+            await asyncio.sleep(1.0 if delay is None else min(max(delay, 0.05), 1.0))
+
+    async def serve(self) -> None:
+        import asyncio
+
+        ctx = self.ctx
+        if not ctx.listen_fds:
+            raise RuntimeError("no listener (started outside the master without -l)")
+        loop = asyncio.get_running_loop()
+        self.listeners = [socket.socket(fileno=os.dup(fd)) for fd in ctx.listen_fds]
+        for lsock in self.listeners:
+            lsock.setblocking(False)
+        self.last = loop.time()
+        timer = loop.create_task(self._timer_loop()) if self.timer is not None else None
+        stopping = loop.create_task(ctx.stopping.wait())
+        self._refresh()
+        try:
+            while True:
+                self.wake.clear()
+                if stopping.done():
+                    self.closed = True
+                    self._refresh()
+                if self.closed and not self.active:
+                    return
+                timeout = None
+                if not self.active and self.max_idle > 0:
+                    timeout = self.last + self.max_idle - loop.time()
+                    if timeout <= 0:
+                        return
+                waiter = loop.create_task(self.wake.wait())
+                await asyncio.wait({waiter, stopping}, timeout=timeout,
+                                   return_when=asyncio.FIRST_COMPLETED)
+                waiter.cancel()
+        finally:
+            if timer is not None:
+                timer.cancel()
+            stopping.cancel()
+            self.closed = True
+            self._refresh()
+            for lsock in self.listeners:
+                lsock.close()
+            if self.timer is not None:
+                await self.timer(True)
+
+
+def multi_server(handler: AsyncConnHandler, *, limit: Callable[[ServerContext], int],
+                 pre_jail: JailHook | None = None, post_jail: JailHook | None = None,
+                 timer: AsyncTimerHook | None = None, argv: Sequence[str] | None = None,
+                 watchdog: str | None = None) -> NoReturn:
+    """Serve up to ``limit(ctx)`` connections at once in one asyncio loop (Postfix's
+    multi_server, with a cap): ``await handler(conn, ctx)`` gets a non-blocking
+    connected socket, closed by the skeleton afterwards.
+
+    * ``limit(ctx)`` is asked once, after pre_jail (the service reads its parameter
+      there); at the limit the listeners are not watched and the master is told
+      "busy", so it starts another process when a connection waits; below it the
+      process is "idle" (available). 1 is the one-at-a-time behaviour of single_server.
+    * Exits 0 after ``max_use`` x limit connections (0 = unlimited) once the last one
+      is done, after ``max_idle`` seconds with none in hand (0 = never), and on fd-5
+      EOF or SIGTERM (no new connection is taken; those in hand are finished).
+    * ``timer(final)`` (optional, a coroutine function): awaited with False about once
+      a second or when the seconds it returned are up (None: no wish), and once with
+      True when the loop ends for any of the reasons above.
+
+    Exits the process (0, or 1 after an exception, logged as fatal).
+    """
+    async def main(ctx: ServerContext) -> None:
+        await _MultiLoop(ctx, handler, limit(ctx), timer).serve()
+
+    async_server(main, pre_jail=pre_jail, post_jail=post_jail, argv=argv, watchdog=watchdog)
