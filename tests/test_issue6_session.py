@@ -63,6 +63,9 @@ class Host:
     def disconnect(self, session: SmtpdSession) -> None:
         self.clients[session.client.addr] -= 1
 
+    async def flow_wait(self) -> None:
+        pass
+
     def enqueue(self, env: Envelope, content: bytes, namaddr: str,
                 received: Callable[[str], list[bytes]]) -> str:
         if self.fail is not None:

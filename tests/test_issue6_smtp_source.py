@@ -14,7 +14,7 @@ from collections import Counter
 import pytest
 
 from tests.harness import LogCursor, MakeSystem, require_tool, wait_for
-from tests.tools.smtpd_system import start
+from tests.tools.smtpd_system import smtp, start
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -89,3 +89,26 @@ def test_pflogsumm_counts_connections_and_messages(mailsys: MakeSystem, peers) -
     got = pflogsumm_counts(p.stdout)
     assert got["received"] == 300 and got["delivered"] == 300, p.stdout
     assert got["connections"] == 301, p.stdout  # and start()'s probe
+
+
+@pytest.mark.parametrize("busy_sessions, processes", [("1", 3), ("3", 1)])
+def test_smtpd_process_busy_sessions(mailsys: MakeSystem, peers, busy_sessions: str,
+                                     processes: int) -> None:
+    """Three clients at once: one smtpd process each by default (Postfix's model, which
+    pflogsumm's --smtpd-stats relies on); one process for all three with
+    smtpd_process_busy_sessions = 3. Every message is queued either way."""
+    sink = peers.sink()
+    ms, port = start(mailsys, {"relayhost": f"[127.0.0.1]:{sink.port}",
+                               "smtpd_process_busy_sessions": busy_sessions})
+    cursor = LogCursor(ms)
+    clients = [smtp(port) for _ in range(3)]  # all three connected before any mails
+    for i, client in enumerate(clients):
+        client.ehlo()
+        client.sendmail("alice@source.test.example", [f"bob{i}@sink.test.example"],
+                        f"Subject: {i}\r\n\r\nbody {i}\r\n")
+    for client in clients:
+        client.quit()
+    wait_for(lambda: sink.count() >= 3, 30, "3 messages at smtp-sink")
+    pids = {m.group(1) for t in cursor.lines()
+            if (m := re.search(r"/smtpd\[(\d+)\]: connect from ", t))}
+    assert len(pids) == processes, pids

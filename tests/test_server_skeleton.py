@@ -1,22 +1,29 @@
 """The child-side skeleton (master.server.skeleton) with real processes: stand-alone mode
 (-l), limits (max_use, max_idle), SIGTERM, the fatal boundary, the status protocol on
-fd 5 under a stand-in master (the real spawn layer), trigger and async servers."""
+fd 5 under a stand-in master (the real spawn layer), trigger and async servers; and
+multi_server's accept loop in-process (the limit, busy/idle, stopping, max_use, max_idle,
+a failing handler, the timer hook)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from master.config import Service
+from master import log
+from master.config import Config, Service
 from master.daemon.spawn import PosixOs, child_argv, wait_child
 from master.daemon.supervisor import STATUS
+from master.server.skeleton import AsyncTimerHook, ServerContext, _MultiLoop
 from tests.services.procs import child_env, kill_session, log_lines, wait_for, write_config
 
 pytestmark = pytest.mark.timeout(60)
@@ -219,3 +226,276 @@ def test_async_server_stops_on_status_eof(base: Path) -> None:
         assert state.read_text() == "stopped"
     finally:
         stand_in.cleanup()
+
+
+# ------------------------------------------------------------------ multi_server (_MultiLoop)
+# In-process: the accept loop of multi_server run in asyncio.run with a ServerContext of
+# our own (fd 5 = one end of a socketpair whose other end collects the =iIi records, one
+# listening AF_UNIX socket); the handlers wait on events the test sets.
+
+BUSY, IDLE = 0, 1
+
+
+class Multi:
+    """A _MultiLoop under test: its context, listener, status records and handlers."""
+
+    def __init__(self, base: Path, limit: int = 2, timer: AsyncTimerHook | None = None,
+                 **main: str) -> None:
+        cfg = Config.load(str(base / "etc"), main)
+        self.path = base / "q" / "multi.sock"
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(str(self.path))
+        self.listener.listen(16)
+        self.status, self.status_child = socket.socketpair()
+        self.status.setblocking(False)
+        self.ctx = ServerContext(service="multi", config=cfg, queue_directory=str(base / "q"),
+                                 listen_fds=[self.listener.fileno()], generation=7, args=[],
+                                 status_fd=self.status_child.fileno())
+        self.loop = _MultiLoop(self.ctx, self.handler, limit=limit, timer=timer)
+        self.clients: dict[str, socket.socket] = {}
+        self.release: dict[str, asyncio.Event] = {}
+        self.started: list[str] = []  # client names, in the order their handlers began
+        self.finished: list[str] = []
+        self.running = 0
+        self.most = 0  # the most handlers seen running at once
+        self.fail: set[str] = set()  # clients whose handler raises when released
+        self.data = b""
+
+    async def handler(self, conn: socket.socket, ctx: ServerContext) -> None:
+        assert ctx is self.ctx and not conn.getblocking()
+        name = (await asyncio.get_running_loop().sock_recv(conn, 16)).decode()
+        self.started.append(name)
+        self.running += 1
+        self.most = max(self.most, self.running)
+        try:
+            await self.release.setdefault(name, asyncio.Event()).wait()
+            if name in self.fail:
+                raise ValueError(f"handler of {name} failed")
+            self.finished.append(name)
+        finally:
+            self.running -= 1
+
+    def connect(self, name: str) -> socket.socket:
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        client.connect(str(self.path))  # completes at once: the backlog holds it
+        client.sendall(name.encode())
+        self.clients[name] = client
+        self.release.setdefault(name, asyncio.Event())
+        return client
+
+    def records(self) -> list[int]:
+        """The ``avail`` of every status record so far (pid and generation checked)."""
+        try:
+            while chunk := self.status.recv(4096):
+                self.data += chunk
+        except BlockingIOError:
+            pass
+        assert len(self.data) % STATUS.size == 0
+        recs = [STATUS.unpack_from(self.data, i) for i in range(0, len(self.data), STATUS.size)]
+        assert all(rec[:2] == (os.getpid(), 7) for rec in recs), recs
+        return [rec[2] for rec in recs]
+
+    def close(self) -> None:
+        for sock in (*self.clients.values(), self.listener, self.status, self.status_child):
+            sock.close()
+
+
+@pytest.fixture
+def multi(base: Path) -> Iterator[Callable[..., Multi]]:
+    made: list[Multi] = []
+
+    def make(**kw: Any) -> Multi:
+        m = Multi(base, **kw)
+        made.append(m)
+        return m
+
+    yield make
+    for m in made:
+        m.close()
+
+
+async def until(cond: Callable[[], object], what: str, timeout: float = 5.0) -> None:
+    """Let the loop run until ``cond()`` is true (AssertionError after ``timeout`` s)."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+async def ended(task: asyncio.Task[None], timeout: float = 5.0) -> None:
+    """serve() must return (not raise) within ``timeout`` s."""
+    await asyncio.wait_for(asyncio.shield(task), timeout)
+
+
+QUIET = 0.3  # seconds in which something that must not happen is given the chance to
+
+
+def test_multi_server_limit_two_busy_at_limit_third_waits(multi: Callable[..., Multi]) -> None:
+    m = multi(limit=2)
+
+    async def body() -> None:
+        serve = asyncio.create_task(m.loop.serve())
+        m.connect("c1")
+        await until(lambda: m.started == ["c1"], "the first handler")
+        assert m.records() == []  # 1 of 2 in hand: still available, nothing said
+        m.connect("c2")
+        m.connect("c3")
+        await until(lambda: m.running == 2, "two handlers at once")
+        await asyncio.sleep(QUIET)
+        assert m.started == ["c1", "c2"], "a third connection was taken at the limit"
+        assert m.records() == [BUSY]  # at the limit: busy
+        m.release["c1"].set()
+        await until(lambda: m.started == ["c1", "c2", "c3"], "the third handler")
+        assert m.finished == ["c1"] and m.running == 2
+        # idle when c1 finished, busy again when c3 was taken (at the limit again); no
+        # separate "use" pair: the busy -> idle the master saw counted it
+        assert m.records() == [BUSY, IDLE, BUSY]
+        m.release["c2"].set()
+        m.release["c3"].set()
+        await until(lambda: m.running == 0, "every handler to finish")
+        assert m.records() == [BUSY, IDLE, BUSY, IDLE]
+        assert not serve.done()
+        m.ctx.stopping.set()
+        await ended(serve)
+        assert m.most == 2 and sorted(m.finished) == ["c1", "c2", "c3"]
+        for client in m.clients.values():  # the skeleton closed each connection
+            client.settimeout(5)
+            assert client.recv(1) == b""
+
+    asyncio.run(body())
+
+
+def test_multi_server_stopping_finishes_the_connection_in_hand(
+        multi: Callable[..., Multi]) -> None:
+    m = multi(limit=2)
+
+    async def body() -> None:
+        serve = asyncio.create_task(m.loop.serve())
+        m.connect("c1")
+        await until(lambda: m.running == 1, "the first handler")
+        m.ctx.stopping.set()  # fd-5 EOF or SIGTERM
+        # closing: busy, so that the master sends no more (a connection made in the same
+        # loop iteration as the stop is the test below)
+        await until(lambda: m.records() == [BUSY], "busy once the stop is seen")
+        m.connect("c2")
+        await asyncio.sleep(QUIET)
+        assert m.started == ["c1"], "a connection was taken after stopping was set"
+        assert not serve.done(), "serve() returned with a connection in hand"
+        m.release["c1"].set()
+        await ended(serve)
+        assert m.finished == ["c1"] and m.started == ["c1"]
+        assert m.records() == [BUSY]
+        # c2 is still in the listener's backlog, for another process to take
+        m.listener.setblocking(False)
+        conn, _ = m.listener.accept()
+        with conn:
+            conn.settimeout(5)
+            assert conn.recv(16) == b"c2"
+
+    asyncio.run(body())
+
+
+def test_multi_server_no_connection_taken_once_stopping_is_set(
+        multi: Callable[..., Multi]) -> None:
+    """At the limit, with a connection waiting, the stop arrives (SIGTERM, fd-5 EOF) in
+    the same loop iteration as one handler's end: the waiting connection must not be
+    taken, nor the master told "idle"."""
+    m = multi(limit=2)
+
+    async def body() -> None:
+        serve = asyncio.create_task(m.loop.serve())
+        for name in ("c1", "c2", "c3"):
+            m.connect(name)
+        await until(lambda: m.running == 2 and m.records() == [BUSY], "the limit")
+        m.ctx.stopping.set()
+        m.release["c1"].set()
+        await asyncio.sleep(QUIET)
+        started, records = list(m.started), m.records()
+        m.release["c2"].set()
+        m.release["c3"].set()
+        await ended(serve)
+        assert started == ["c1", "c2"], "a connection was taken after stopping was set"
+        assert records == [BUSY]
+
+    asyncio.run(body())
+
+
+def test_multi_server_max_use_counts_per_slot(multi: Callable[..., Multi]) -> None:
+    m = multi(limit=2, max_use="1")  # 1 x limit 2 = two connections, then exit
+
+    async def body() -> None:
+        serve = asyncio.create_task(m.loop.serve())
+        m.connect("c1")
+        m.release["c1"].set()
+        await until(lambda: m.finished == ["c1"], "the first connection")
+        await asyncio.sleep(QUIET)
+        assert not serve.done(), "serve() returned after 1 of max_use x limit = 2"
+        # the first completed connection: busy + idle once, so the master counts a use
+        assert m.records() == [BUSY, IDLE]
+        m.connect("c2")
+        m.connect("c3")
+        await until(lambda: m.started == ["c1", "c2"], "the second connection")
+        await asyncio.sleep(QUIET)
+        assert m.started == ["c1", "c2"], "a connection beyond max_use x limit was taken"
+        assert not serve.done(), "serve() returned with a connection in hand"
+        assert m.records() == [BUSY, IDLE, BUSY]  # the last use taken: closing, busy
+        m.release["c2"].set()
+        await ended(serve)
+        assert m.finished == ["c1", "c2"]
+        assert m.records() == [BUSY, IDLE, BUSY]
+
+    asyncio.run(body())
+
+
+def test_multi_server_failed_handler_is_logged_and_the_loop_goes_on(
+        base: Path, multi: Callable[..., Multi]) -> None:
+    log.setup("multi_test", str(base / "maillog"))
+    m = multi(limit=2)
+    m.fail.add("c1")
+
+    async def body() -> None:
+        serve = asyncio.create_task(m.loop.serve())
+        m.connect("c1")
+        m.release["c1"].set()
+        await until(lambda: any("connection handler failed" in line
+                                for line in log_lines(base)), "the error line")
+        m.clients["c1"].settimeout(5)
+        assert m.clients["c1"].recv(1) == b""  # its connection was closed all the same
+        await asyncio.sleep(QUIET)
+        assert not serve.done(), "one handler's exception ended the loop"
+        m.connect("c2")
+        m.release["c2"].set()
+        await until(lambda: m.finished == ["c2"], "the next connection to be served")
+        assert not serve.done()
+        m.ctx.stopping.set()
+        await ended(serve)
+
+    asyncio.run(body())
+    [line] = [ln for ln in log_lines(base) if "connection handler failed" in ln]
+    assert "error: multi: connection handler failed: handler of c1 failed: " in line
+    assert "Traceback (most recent call last):" in line and "ValueError" in line
+
+
+def test_multi_server_max_idle_and_timer_hook(multi: Callable[..., Multi]) -> None:
+    calls: list[bool] = []
+
+    async def timer(final: bool) -> float | None:
+        calls.append(final)
+        return None
+
+    m = multi(limit=2, timer=timer, max_idle="1s")
+
+    async def body() -> None:
+        serve = asyncio.create_task(m.loop.serve())
+        m.connect("c1")
+        await until(lambda: m.running == 1, "the handler")
+        await asyncio.sleep(1.5)  # longer than max_idle, with a connection in hand
+        assert not serve.done(), "max_idle ended the loop with a connection in hand"
+        m.release["c1"].set()
+        await ended(serve, timeout=5)  # then max_idle after it, with nothing in hand
+        assert m.finished == ["c1"]
+
+    asyncio.run(body())
+    assert calls and calls[0] is False  # called while serving
+    assert calls.count(True) == 1 and calls[-1] is True  # once, final, at the end

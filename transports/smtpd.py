@@ -9,7 +9,11 @@ Summary
 
     * **Process model**: as Postfix, a process serves one client at a time: it tells the
       master "idle" while it has no session and "busy" while it has one, so the master
-      starts processes on demand up to maxproc (and counts a use per session). Starting a
+      starts processes on demand up to maxproc (and counts a use per session).
+      ``smtpd_process_busy_sessions`` (qmgrd's own, default 1) raises the number of
+      sessions a process takes at once before it says "busy": fewer processes (about
+      8 MiB each), at the price of pflogsumm's ``--smtpd-stats`` connection counts, which
+      pair ``connect from`` with ``disconnect from`` by pid. Starting a
       Python process costs about 0.3 s of CPU, so when a client has waited
       ``OVERFLOW_DELAY`` (10 s) in the listen queue while this process is busy (a burst,
       or the service at maxproc), the process takes waiting clients too, up to
@@ -48,9 +52,8 @@ Summary
       its incoming scan is idle). Before each Cleanup.submit smtpd takes one token,
       waiting up to in_flow_delay (0: off) when there is none, then goes on anyway:
       producers are slowed, never blocked, and a burst of inbound mail cannot starve
-      outbound delivery. The wait blocks this process's event loop, as Postfix's smtpd
-      waits for its cleanup: it is the only session in the process except in overflow
-      (OVERFLOW_DELAY), where the other sessions wait too (at most in_flow_delay each).
+      outbound delivery. Only the session waits (it looks for a token every FLOW_POLL
+      seconds): the other sessions of the process go on.
     * The log tag is ``<syslog_name>/smtpd`` (the program, as Postfix), whatever the
       master.cf service name (an address such as ``127.0.0.1:2525``).
 
@@ -99,6 +102,7 @@ from transports.smtpd_session import SmtpdParams, SmtpdSession
 __all__ = ["HANDOVER", "OVERFLOW_DELAY", "SmtpdCleanup", "SmtpdServer", "main", "tls_context"]
 
 HANDOVER = 2.0  # seconds a retiring process keeps accepting after reporting busy
+FLOW_POLL = 0.02  # seconds between looks for an inbound flow token while waiting
 OVERFLOW_DELAY = 10.0  # seconds a client waits before a busy process takes it too
 COUNTER_FILE = "smtpd.conn"  # in <queue_directory>/pid: per-client session counts
 _ACCEPT_BATCH = 16
@@ -180,6 +184,8 @@ class SmtpdServer:
         self.tls_required = tls_required
         self.counter = counter or ConnectionCounter(None)
         self.session_limit = ctx.config.get_int("smtpd_process_session_limit")
+        self.busy_sessions = min(ctx.config.get_int("smtpd_process_busy_sessions"),
+                                 self.session_limit)
         self.max_use = ctx.config.get_int("max_use") * self.session_limit
         self.max_idle = ctx.config.get_time("max_idle")
         self.flow_delay = ctx.config.get_time("in_flow_delay")
@@ -211,17 +217,29 @@ class SmtpdServer:
         self.counter.release(self._slots.pop(session, None))
         self._session_done(session)
 
+    async def flow_wait(self) -> None:
+        """Take an inbound flow token (qmgrd.flow), waiting up to in_flow_delay seconds
+        for one: this session is slowed, never blocked, and the other sessions of the
+        process go on meanwhile."""
+        if self.flow_delay <= 0 or flow_get(0):
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.flow_delay
+        while (left := deadline - loop.time()) > 0:
+            await asyncio.sleep(min(FLOW_POLL, left))
+            if flow_get(0):
+                return
+
     def enqueue(self, env: Envelope, content: bytes, namaddr: str,
                 received: Callable[[str], list[bytes]]) -> str:
-        if self.flow_delay > 0:
-            flow_get(self.flow_delay)  # qmgrd.flow: slowed, never blocked
         return self.cleanup.submit_smtp(env, content, namaddr, received)
 
     # ------------------------------------------------------------------ accepting
     def _refresh(self) -> None:
         """Watch the listeners, and tell the master busy/idle, as the state says: idle
-        (and accepting at once) with no session; busy with one or more, watching for a
-        client that waits (overflow) below smtpd_process_session_limit."""
+        (and accepting at once) below smtpd_process_busy_sessions sessions; busy from
+        there on, watching for a client that waits (overflow) below
+        smtpd_process_session_limit."""
         loop = asyncio.get_running_loop()
         if not self.sessions and self._overflow is not None:
             self._overflow.cancel()  # free again: take the waiting client normally
@@ -238,7 +256,7 @@ class SmtpdServer:
                     loop.add_reader(sock.fileno(), self._on_readable, sock)
                 else:
                     loop.remove_reader(sock.fileno())
-        busy = bool(self.sessions) or self.retiring or self._closed
+        busy = len(self.sessions) >= self.busy_sessions or self.retiring or self._closed
         if busy != self._busy:
             self._busy = busy
             if busy:
@@ -247,8 +265,8 @@ class SmtpdServer:
                 self.ctx.idle()
 
     def _on_readable(self, sock: socket.socket) -> None:
-        if not self.sessions:
-            self._accept(sock, 1)
+        if len(self.sessions) < self.busy_sessions:
+            self._accept(sock, self.busy_sessions)
         elif self._overflow is None and not self.retiring:
             # a client waits while this process is busy: give the master OVERFLOW_DELAY
             # to start another process before this one takes more sessions

@@ -45,7 +45,7 @@ Logs (Postfix smtpd's lines, so pflogsumm counts them)
 Public API
     SmtpdParams.from_config(cfg, service, queue_directory) -> SmtpdParams
     SessionHost (Protocol): params, policy, tls_context, connect(s) -> int,
-        disconnect(s), enqueue(env, content, namaddr, received) -> str
+        disconnect(s), await flow_wait(), enqueue(env, content, namaddr, received) -> str
     SmtpdSession(host)          an asyncio protocol (loop.connect_accepted_socket)
         .abort()                close now (shutdown)
     The transaction's pieces (parameters, DATA reading, Received:) are transports.smtpd_tx.
@@ -179,6 +179,11 @@ class SessionHost(Protocol):
 
     def disconnect(self, session: SmtpdSession) -> None:
         """The session has ended."""
+        ...
+
+    async def flow_wait(self) -> None:
+        """Wait for inbound flow control before a message is queued (may return at
+        once)."""
         ...
 
     def enqueue(self, env: Envelope, content: bytes, namaddr: str,
@@ -677,6 +682,7 @@ class SmtpdSession(SMTP):
                        ret=tx.ret, envid=tx.envid,
                        attrs=message_attrs(client, self.helo or "", self.protocol, tx),
                        smtputf8=SMTPUTF8_FLAG_REQUESTED if tx.smtputf8 else 0)
+        await self.host.flow_wait()
         try:
             qid = self.host.enqueue(env, content_with(received("?"), data), client.namaddr,
                                     received)

@@ -73,7 +73,7 @@ Summary
 Public API
     ServerContext (dataclass): service, config, queue_directory, listen_fds, generation,
         args, service_type, foreground, status_fd, stopping, unpriv, chroot, owner,
-        watchdog; busy(), idle(), status_closed() -> bool
+        watchdog; busy(), idle(), used() (both in one write), status_closed() -> bool
     single_server(handler, *, pre_jail=None, post_jail=None, argv=None, watchdog=None,
                   timer=None)
     trigger_server(handler, *, pre_jail=None, post_jail=None, argv=None, watchdog=None)
@@ -192,6 +192,19 @@ class ServerContext:
     def idle(self) -> None:
         """Tell the master this process is free again (no-op stand-alone)."""
         self._report(1)
+
+    def used(self) -> None:
+        """Busy and idle again in one write, so that the master, which reads them
+        together, counts a use without ever seeing this process busy (no-op
+        stand-alone)."""
+        if self.status_fd is None or self._status_broken:
+            return
+        pid = os.getpid()
+        try:
+            os.write(self.status_fd, _STATUS.pack(pid, self.generation, 0)
+                     + _STATUS.pack(pid, self.generation, 1))
+        except OSError:
+            self._status_broken = True
 
     def status_closed(self) -> bool:
         """True when fd 5 is readable (EOF: the master left or reloaded).  Never blocks."""
@@ -636,6 +649,8 @@ class _MultiLoop:
         import asyncio
 
         loop = asyncio.get_running_loop()
+        if self.ctx.stopping.is_set():  # SIGTERM or fd-5 EOF: no new connection
+            self.closed = True
         reading = not self.closed and self.active < self.limit
         if reading != self.reading:
             self.reading = reading
@@ -656,6 +671,8 @@ class _MultiLoop:
         import asyncio
 
         loop = asyncio.get_running_loop()
+        if self.ctx.stopping.is_set():
+            self.closed = True
         while self.active < self.limit and not self.closed:
             try:
                 conn, _ = lsock.accept()
@@ -691,8 +708,7 @@ class _MultiLoop:
             if self.completed == 1 and not self.busy:
                 # the master counts a use on busy -> idle: after this one a crash is a
                 # crash, not "bad command startup"
-                self.ctx.busy()
-                self.ctx.idle()
+                self.ctx.used()
             self._refresh()
             self.wake.set()
 
