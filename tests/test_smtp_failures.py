@@ -338,3 +338,76 @@ def test_pipelining_data_accepted_without_recipients_is_ended_empty(
     got = p.received()
     assert got[4] == "" and got[5] == "QUIT\r\n"  # the empty message, then QUIT
     assert "try later" in deferred_reason(env, qid)
+
+
+# A peer that greets, reads EHLO and then sends "250-" continuation lines without end.
+FLOOD = r"""
+import socket, sys
+srv = socket.create_server(("127.0.0.1", int(sys.argv[1])))
+print("ready", flush=True)
+conn, _ = srv.accept()
+conn.sendall(b"220 flood.test ESMTP\r\n")
+conn.recv(1000)
+line = b"250-" + b"x" * 200 + b"\r\n"
+try:
+    while True:
+        conn.sendall(line * 50)
+except OSError:
+    pass
+"""
+
+
+def test_flooding_peer_holds_up_nothing_and_times_out(env: Env, peers: list[ScriptedPeer],
+                                                      tmp_path: Path) -> None:
+    """One agent process, two deliveries at once: the peer of one floods continuation
+    lines of its EHLO reply. That delivery is deferred when smtp_helo_timeout (2 s) is up,
+    with bounded memory, and the other one is sent meanwhile (fresh-eyes finding: the
+    flood froze the whole process and its timeout never fired)."""
+    import asyncio
+    import time
+
+    port = free_port()
+    flood = subprocess.Popen([sys.executable, "-c", FLOOD, str(port)], stdout=subprocess.PIPE,
+                             stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        assert flood.stdout is not None and flood.stdout.readline() == b"ready\n"
+        good = script(peers, tmp_path, FULL)
+        agent = SmtpAgent()
+        agent.configure(env.cfg, "smtp")
+        flooded = env.queue(["a@flood.test"])
+        normal = env.queue(["b@example.net"])
+        done: dict[str, float] = {}
+
+        async def one(qid: str, nexthop: str) -> DeliverStatus:
+            reply = await agent.handle_async(env.request(qid, nexthop))
+            done[qid] = time.monotonic()
+            return reply
+
+        async def both() -> tuple[DeliverStatus, DeliverStatus]:
+            first = asyncio.ensure_future(one(flooded, f"[127.0.0.1]:{port}"))
+            await asyncio.sleep(0.3)  # the flood is under way
+            second = await one(normal, f"[127.0.0.1]:{good.port}")
+            return await first, second
+
+        t0 = time.monotonic()
+        r_flood, r_normal = asyncio.run(both())
+    finally:
+        terminate(flood, grace=0)
+    assert r_normal.status == 0, "the other delivery was held up or failed"
+    assert done[normal] < done[flooded], "the other delivery waited for the flood to end"
+    assert r_flood.status == 1 and r_flood.dsn_status == "4.4.2"
+    assert deferred_reason(env, flooded) == (
+        "conversation with 127.0.0.1[127.0.0.1] timed out while performing the EHLO "
+        "handshake")
+    assert done[flooded] - t0 < 10, "smtp_helo_timeout (2 s) did not end the flood"
+
+
+def test_overlong_reply_line_is_quoted_in_the_deferral(env: Env, peers: list[ScriptedPeer],
+                                                       tmp_path: Path) -> None:
+    p = script(peers, tmp_path, ["220 peer.test ESMTP", "<", "250 " + "y" * 9000])
+    qid, reply = deliver(env, f"[127.0.0.1]:{p.port}")
+    assert reply.status == 1 and reply.dsn_status == "4.5.0"
+    reason = deferred_reason(env, qid)
+    assert reason.startswith("host 127.0.0.1[127.0.0.1] sent a malformed reply 'line longer "
+                             "than 8192 bytes: 250 yyyy"), reason
+    assert reason.endswith("(in reply to EHLO command)")

@@ -57,6 +57,8 @@ from transports.smtp_dns import Address
 __all__ = ["Reply", "SmtpFailure", "SmtpParams", "SmtpSession"]
 
 _MAXLINE = 8192  # bytes in one reply line, as smtplib
+_TEXT_LIMIT = 2048  # bytes of a reply's text kept (Postfix: line_length_limit), lines beyond
+_YIELD_LINES = 32  # reply lines read between turns given to the other deliveries
 _ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?=\s|\Z)")
 
 
@@ -139,6 +141,11 @@ def _timed_out(exc: BaseException) -> bool:
             return True
         seen = seen.__cause__ or seen.__context__
     return False
+
+
+def _too_long(buf: bytearray) -> str:
+    start = bytes(buf[:80]).decode("utf-8", "replace").rstrip("\r\n")
+    return f"line longer than {_MAXLINE} bytes: {start}..."
 
 
 class SmtpSession:
@@ -279,12 +286,12 @@ class SmtpSession:
             end = buf.find(b"\n")
             if end >= 0:
                 if end + 1 > _MAXLINE:
-                    raise ValueError("Line too long.")
+                    raise ValueError(_too_long(buf))
                 line = bytes(buf[:end + 1])
                 del buf[:end + 1]
                 return line
             if len(buf) > _MAXLINE:
-                raise ValueError("Line too long.")
+                raise ValueError(_too_long(buf))
             assert self.sock is not None
             chunk = await loop.sock_recv(self.sock, 65536)
             if not chunk:
@@ -295,11 +302,18 @@ class SmtpSession:
 
     async def reply(self, timeout: float, phase: str, reply_to: str) -> Reply:
         """Read one reply within ``timeout`` seconds (multi-line: ``250-`` ... ``250 ``).
+        Of a long multi-line reply only the lines within the first 2048 bytes of text
+        are kept, as Postfix keeps them; the rest is read and dropped. Every 32 lines
+        the other deliveries of the process get a turn (data already waiting in the
+        socket is read without one), so a peer that floods continuation lines holds up
+        neither them nor this reply's timeout.
 
         Raises:
             SmtpFailure: lost connection, timeout, or a malformed reply (site-level).
         """
         lines: list[str] = []
+        kept = 0
+        count = 0
         code = -1
         try:
             if self.sock is None:
@@ -310,7 +324,13 @@ class SmtpSession:
                     if not raw:
                         raise ConnectionError("Connection unexpectedly closed")
                     self._last = raw
-                    lines.append(raw[4:].strip(b" \t\r\n").decode("utf-8", "replace"))
+                    count += 1
+                    if count % _YIELD_LINES == 0:
+                        await asyncio.sleep(0)
+                    if kept < _TEXT_LIMIT or raw[3:4] != b"-":  # the last line always
+                        text = raw[4:].strip(b" \t\r\n").decode("utf-8", "replace")
+                        lines.append(text)
+                        kept += len(text) + 1
                     head = raw[:3]
                     code = int(head) if head.isdigit() and len(head) == 3 else -1
                     if code < 0 or raw[3:4] != b"-":

@@ -777,7 +777,10 @@ def multi_server(handler: AsyncConnHandler, *, limit: Callable[[ServerContext], 
       process is "idle" (available). 1 is the one-at-a-time behaviour of single_server.
     * Exits 0 after ``max_use`` x limit connections (0 = unlimited) once the last one
       is done, after ``max_idle`` seconds with none in hand (0 = never), and on fd-5
-      EOF or SIGTERM (no new connection is taken; those in hand are finished).
+      EOF or SIGTERM (no new connection is taken; those in hand are finished - after a
+      reload as long as they take; at a stop the master kills what is still running
+      after its grace period of 5 s, so a delivery caught then may be repeated later,
+      as with Postfix's smtp(8)).
     * ``timer(final)`` (optional, a coroutine function): awaited with False about once
       a second or when the seconds it returned are up (None: no wish), and once with
       True when the loop ends for any of the reasons above.
