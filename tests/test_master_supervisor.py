@@ -183,6 +183,21 @@ def test_busy_child_reopens_listener_up_to_maxproc(fos: FakeOs, flog: FakeLog) -
     assert sup.wanted_listeners() == set()  # an idle child exists
 
 
+def test_negative_avail_counts_uses_without_a_state_change(fos: FakeOs,
+                                                          flog: FakeLog) -> None:
+    """A multi_server process reports completed requests as avail -n: counted as uses,
+    still idle (no new process for the next connection)."""
+    sup = make(fos, svc("echo", maxproc=2))
+    p1 = connect(sup, fos, "echo")
+    assert p1 is not None
+    report(fos, sup, "echo", p1, -1)
+    report(fos, sup, "echo", p1, -37)
+    child = st_of(sup, "echo").children[p1]
+    assert child.use_count == 38 and child.avail
+    assert sup.wanted_listeners() == set()  # an idle child exists
+    assert not any("bad status" in line for line in flog.lines)
+
+
 def test_maxproc_zero_is_unlimited(fos: FakeOs, flog: FakeLog) -> None:
     sup = make(fos, svc("echo", maxproc=0))
     for _ in range(150):

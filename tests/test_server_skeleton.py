@@ -295,6 +295,14 @@ class Multi:
         assert all(rec[:2] == (os.getpid(), 7) for rec in recs), recs
         return [rec[2] for rec in recs]
 
+    def states(self) -> list[int]:
+        """The busy (0) / idle (1) records so far, in order."""
+        return [avail for avail in self.records() if avail >= 0]
+
+    def uses(self) -> int:
+        """The completed connections reported so far (records with avail -n)."""
+        return -sum(avail for avail in self.records() if avail < 0)
+
     def close(self) -> None:
         for sock in (*self.clients.values(), self.listener, self.status, self.status_child):
             sock.close()
@@ -338,26 +346,28 @@ def test_multi_server_limit_two_busy_at_limit_third_waits(multi: Callable[..., M
         serve = asyncio.create_task(m.loop.serve())
         m.connect("c1")
         await until(lambda: m.started == ["c1"], "the first handler")
-        assert m.records() == []  # 1 of 2 in hand: still available, nothing said
+        assert m.states() == []  # 1 of 2 in hand: still available, nothing said
         m.connect("c2")
         m.connect("c3")
         await until(lambda: m.running == 2, "two handlers at once")
         await asyncio.sleep(QUIET)
         assert m.started == ["c1", "c2"], "a third connection was taken at the limit"
-        assert m.records() == [BUSY]  # at the limit: busy
+        assert m.states() == [BUSY]  # at the limit: busy
         m.release["c1"].set()
         await until(lambda: m.started == ["c1", "c2", "c3"], "the third handler")
         assert m.finished == ["c1"] and m.running == 2
-        # idle when c1 finished, busy again when c3 was taken (at the limit again); no
-        # separate "use" pair: the busy -> idle the master saw counted it
-        assert m.records() == [BUSY, IDLE, BUSY]
+        # idle when c1 finished, busy again when c3 was taken (at the limit again); the
+        # first completed connection is reported as a use at once
+        assert m.states() == [BUSY, IDLE, BUSY]
+        assert m.uses() == 1
         m.release["c2"].set()
         m.release["c3"].set()
         await until(lambda: m.running == 0, "every handler to finish")
-        assert m.records() == [BUSY, IDLE, BUSY, IDLE]
+        assert m.states() == [BUSY, IDLE, BUSY, IDLE]
         assert not serve.done()
         m.ctx.stopping.set()
         await ended(serve)
+        assert m.uses() == 3  # the rest within a second, or when the loop ends
         assert m.most == 2 and sorted(m.finished) == ["c1", "c2", "c3"]
         for client in m.clients.values():  # the skeleton closed each connection
             client.settimeout(5)
@@ -377,7 +387,7 @@ def test_multi_server_stopping_finishes_the_connection_in_hand(
         m.ctx.stopping.set()  # fd-5 EOF or SIGTERM
         # closing: busy, so that the master sends no more (a connection made in the same
         # loop iteration as the stop is the test below)
-        await until(lambda: m.records() == [BUSY], "busy once the stop is seen")
+        await until(lambda: m.states() == [BUSY], "busy once the stop is seen")
         m.connect("c2")
         await asyncio.sleep(QUIET)
         assert m.started == ["c1"], "a connection was taken after stopping was set"
@@ -385,7 +395,7 @@ def test_multi_server_stopping_finishes_the_connection_in_hand(
         m.release["c1"].set()
         await ended(serve)
         assert m.finished == ["c1"] and m.started == ["c1"]
-        assert m.records() == [BUSY]
+        assert m.states() == [BUSY] and m.uses() == 1
         # c2 is still in the listener's backlog, for another process to take
         m.listener.setblocking(False)
         conn, _ = m.listener.accept()
@@ -407,11 +417,11 @@ def test_multi_server_no_connection_taken_once_stopping_is_set(
         serve = asyncio.create_task(m.loop.serve())
         for name in ("c1", "c2", "c3"):
             m.connect(name)
-        await until(lambda: m.running == 2 and m.records() == [BUSY], "the limit")
+        await until(lambda: m.running == 2 and m.states() == [BUSY], "the limit")
         m.ctx.stopping.set()
         m.release["c1"].set()
         await asyncio.sleep(QUIET)
-        started, records = list(m.started), m.records()
+        started, records = list(m.started), m.states()
         m.release["c2"].set()
         m.release["c3"].set()
         await ended(serve)
@@ -431,19 +441,19 @@ def test_multi_server_max_use_counts_per_slot(multi: Callable[..., Multi]) -> No
         await until(lambda: m.finished == ["c1"], "the first connection")
         await asyncio.sleep(QUIET)
         assert not serve.done(), "serve() returned after 1 of max_use x limit = 2"
-        # the first completed connection: busy + idle once, so the master counts a use
-        assert m.records() == [BUSY, IDLE]
+        # the first completed connection is reported as a use at once, no busy/idle
+        assert m.states() == [] and m.uses() == 1
         m.connect("c2")
         m.connect("c3")
         await until(lambda: m.started == ["c1", "c2"], "the second connection")
         await asyncio.sleep(QUIET)
         assert m.started == ["c1", "c2"], "a connection beyond max_use x limit was taken"
         assert not serve.done(), "serve() returned with a connection in hand"
-        assert m.records() == [BUSY, IDLE, BUSY]  # the last use taken: closing, busy
+        assert m.states() == [BUSY]  # the last use taken: closing, busy
         m.release["c2"].set()
         await ended(serve)
         assert m.finished == ["c1", "c2"]
-        assert m.records() == [BUSY, IDLE, BUSY]
+        assert m.states() == [BUSY] and m.uses() == 2
 
     asyncio.run(body())
 

@@ -13,7 +13,8 @@ Summary
       connections themselves.
     * Status records ``struct.pack("=iIi", pid, generation, avail)`` (avail 0 busy,
       1 idle) arrive on the service's status channel; every busy -> idle transition
-      counts one use.  Unknown pids, stale generations and partial records are ignored
+      counts one use, and a negative avail ``-n`` counts n uses without a change of
+      state (a multi_server process, which is not busy per request).  Unknown pids, stale generations and partial records are ignored
       with a warning.
     * A child that ends abnormally before completing a request throttles its service
       for service_throttle_time ("bad command startup -- throttling"); spawn failure
@@ -531,5 +532,7 @@ class Supervisor:
         elif avail == STATUS_BUSY:
             st.set_avail(child, False)
             self._check_limit(st)
+        elif avail < 0:  # a multi_server process: -avail more requests completed
+            child.use_count += -avail
         else:
             log.warning(f"{st.name}: pid {pid}: bad status {avail}")

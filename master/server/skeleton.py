@@ -37,7 +37,8 @@ Summary
     action, so a wedged process is killed by the kernel and the master logs it.
 
     Status (postfix.md §3.4): busy() / idle() write ``struct.pack("=iIi", pid, gen,
-    avail)`` to fd 5 (0 busy, 1 idle).  EOF (or anything readable) on fd 5 means the
+    avail)`` to fd 5 (0 busy, 1 idle); uses(n) writes avail ``-n``: n more requests
+    completed, no change of state (multi_server, about once a second).  EOF (or anything readable) on fd 5 means the
     master is gone or reloaded: finish the request in hand and exit 0.
 
     * single_server(handler): delivery agents.  One connection at a time:
@@ -73,7 +74,7 @@ Summary
 Public API
     ServerContext (dataclass): service, config, queue_directory, listen_fds, generation,
         args, service_type, foreground, status_fd, stopping, unpriv, chroot, owner,
-        watchdog; busy(), idle(), used() (both in one write), status_closed() -> bool
+        watchdog; busy(), idle(), uses(count), status_closed() -> bool
     single_server(handler, *, pre_jail=None, post_jail=None, argv=None, watchdog=None,
                   timer=None)
     trigger_server(handler, *, pre_jail=None, post_jail=None, argv=None, watchdog=None)
@@ -193,18 +194,12 @@ class ServerContext:
         """Tell the master this process is free again (no-op stand-alone)."""
         self._report(1)
 
-    def used(self) -> None:
-        """Busy and idle again in one write, so that the master, which reads them
-        together, counts a use without ever seeing this process busy (no-op
-        stand-alone)."""
-        if self.status_fd is None or self._status_broken:
-            return
-        pid = os.getpid()
-        try:
-            os.write(self.status_fd, _STATUS.pack(pid, self.generation, 0)
-                     + _STATUS.pack(pid, self.generation, 1))
-        except OSError:
-            self._status_broken = True
+    def uses(self, count: int) -> None:
+        """Tell the master that ``count`` (> 0) more requests were completed, with no
+        change of state: one record whose avail is ``-count`` (multi_server, whose
+        processes are not busy per request; no-op stand-alone)."""
+        if count > 0:
+            self._report(-count)
 
     def status_closed(self) -> bool:
         """True when fd 5 is readable (EOF: the master left or reloaded).  Never blocks."""
@@ -636,6 +631,7 @@ class _MultiLoop:
         self.active = 0
         self.accepted = 0
         self.completed = 0
+        self.unreported = 0  # completed connections the master has not been told of
         self.busy = False
         self.reading = False
         self.closed = False
@@ -704,13 +700,26 @@ class _MultiLoop:
         finally:
             self.active -= 1
             self.completed += 1
+            self.unreported += 1
             self.last = asyncio.get_running_loop().time()
-            if self.completed == 1 and not self.busy:
-                # the master counts a use on busy -> idle: after this one a crash is a
-                # crash, not "bad command startup"
-                self.ctx.used()
+            if self.completed == 1:
+                # at once: from this use on, a crash is a crash, not "bad command startup"
+                self._report_uses()
             self._refresh()
             self.wake.set()
+
+    def _report_uses(self) -> None:
+        if self.unreported:
+            self.ctx.uses(self.unreported)
+            self.unreported = 0
+
+    async def _reporter(self) -> None:
+        """The uses of the last second in one record (not a record per connection)."""
+        import asyncio
+
+        while True:
+            await asyncio.sleep(1.0)
+            self._report_uses()
 
     async def _timer_loop(self) -> None:
         import asyncio
@@ -732,6 +741,7 @@ class _MultiLoop:
             lsock.setblocking(False)
         self.last = loop.time()
         timer = loop.create_task(self._timer_loop()) if self.timer is not None else None
+        reporter = loop.create_task(self._reporter())
         stopping = loop.create_task(ctx.stopping.wait())
         self._refresh()
         try:
@@ -754,7 +764,9 @@ class _MultiLoop:
         finally:
             if timer is not None:
                 timer.cancel()
+            reporter.cancel()
             stopping.cancel()
+            self._report_uses()
             self.closed = True
             self._refresh()
             for lsock in self.listeners:
