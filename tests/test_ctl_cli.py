@@ -174,3 +174,19 @@ def test_config_prints_like_postconf(tmp_path: Path) -> None:
     code, out, err = run("-c", str(tmp_path), "config", "no_such_parameter", "myhostname")
     assert code == 0 and out == "myhostname = mx.example\n"  # as postconf: a warning
     assert err == "qmgr-ctl: warning: no_such_parameter: unknown parameter\n"
+
+
+def test_config_prints_per_transport_parameters_like_postconf(tmp_path: Path) -> None:
+    """postconf shows a transport's parameters that fall back to a global one as
+    ``$default_...`` (a fresh-eyes finding: "unknown parameter")."""
+    (tmp_path / "main.cf").write_text("relay_destination_recipient_limit = 7\n")
+    code, out, err = run("-c", str(tmp_path), "config", "smtp_destination_recipient_limit",
+                         "relay_destination_recipient_limit",
+                         "smtp_initial_destination_concurrency")
+    assert code == 0 and err == ""
+    assert out.splitlines() == [
+        "smtp_destination_recipient_limit = $default_destination_recipient_limit",
+        "relay_destination_recipient_limit = 7",
+        "smtp_initial_destination_concurrency = $initial_destination_concurrency"]
+    code, out, _ = run("-c", str(tmp_path), "config", "-x", "smtp_destination_recipient_limit")
+    assert out == "smtp_destination_recipient_limit = 50\n"

@@ -38,6 +38,7 @@ PUBLIC API
     cfg.error(name, message) -> ConfigError   located where name's value came from
     param_spec(name) -> Param | None   the table entry governing name (per-transport too)
     TRANSPORT_SUFFIXES                 the per-transport parameter suffixes
+    transport_fallback(name) -> str | None   the global a per-transport name falls back to
     cfg.dump(defaults=False, nondefault=False, expand=False) -> list[str]  (postconf -d/-n/-x)
     cfg.config_directory, cfg.path, cfg.overrides
     cfg.overridden: list[(line, name, value)]  main.cf lines that set a parameter again
@@ -172,6 +173,18 @@ def param_spec(name: str) -> Param | None:
     for suffix in TRANSPORT_SUFFIXES:
         if name.endswith(suffix) and len(name) > len(suffix):
             return PARAMS.get(_global_name(suffix))
+    return None
+
+
+def transport_fallback(name: str) -> str | None:
+    """For a per-transport parameter that is not in the table (``<transport><suffix>``,
+    e.g. smtp_destination_recipient_limit) the global parameter it falls back to
+    (default_destination_recipient_limit); None for any other name."""
+    if name in PARAMS:
+        return None
+    for suffix in TRANSPORT_SUFFIXES:
+        if name.endswith(suffix) and len(name) > len(suffix):
+            return _global_name(suffix)
     return None
 
 

@@ -429,9 +429,15 @@ def config_cmd(ctx: click.Context, defaults: bool, nondefault: bool, expand: boo
         fatal(ctx, EX_USAGE, "-d and -n are mutually exclusive")
     lines = cfg.dump(defaults=defaults, nondefault=nondefault, expand=expand)
     if names:
+        from master.config.maincf import transport_fallback
+
         by_name = {line.split(" =", 1)[0]: line for line in lines}
         for n in names:  # as postconf: warn about unknown names, print the others
-            if n not in by_name:
+            fallback = transport_fallback(n) if n not in by_name else None
+            if fallback is not None:  # smtp_destination_recipient_limit, as postconf
+                value = cfg.get(fallback) if expand else f"${fallback}"
+                by_name[n] = f"{n} = {value}" if value else f"{n} ="
+            elif n not in by_name:
                 warn(f"{_escaped(n)}: unknown parameter")
         lines = [by_name[n] for n in names if n in by_name]
     for line in lines:
