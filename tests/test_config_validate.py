@@ -133,6 +133,17 @@ def test_qmgr_must_be_a_fifo(tmp_path: Path) -> None:
                              "change the type column to fifo")
 
 
+def test_builtin_commands_take_no_arguments(tmp_path: Path) -> None:
+    """Postfix's smtp(8) exits with "unexpected command-line argument"; a fresh-eyes
+    finding: the argument was ignored without a word."""
+    master = GOOD_MASTER.replace("n       -       -       smtp",
+                                 "n       -       -       smtp -o smtp_helo_timeout=9 bogus")
+    etc = write(tmp_path, "", master)
+    assert error_of(etc) == (f'{etc}/master.cf, line 3: service smtp: unexpected '
+                             'command-line argument "bogus" (command "smtp" takes only -o '
+                             'options)')
+
+
 def test_smtpd_encrypt_needs_a_readable_certificate(tmp_path: Path) -> None:
     """TLS required and no certificate: refused at start/reload (naming the smtpd line),
     not a smtpd that dies at every start while the master throttles it."""

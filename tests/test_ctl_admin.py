@@ -102,6 +102,30 @@ def test_ids_from_stdin_all_and_dry_run(q: Q) -> None:
     assert q.run("hold")[0] == EX_USAGE  # no message named
 
 
+def test_all_skips_mail_gone_since_it_was_selected(q: Q,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """hold ALL while mail flows: a message delivered between the selection and its
+    turn is no error (postsuper -h ALL says nothing); a named one still is (66)."""
+    from qmgrd.ctl import admin
+
+    ids = [q.submit("deferred", "a@x.example", [f"r{i}@one.example"]) for i in range(3)]
+    run = admin.Admin.run
+
+    def delivered_meanwhile(self: admin.Admin, targets: list[tuple[str, str | None]]
+                            ) -> list[admin.Report]:
+        os.unlink(q.spool.path("deferred", ids[1]))
+        return run(self, targets)
+
+    monkeypatch.setattr(admin.Admin, "run", delivered_meanwhile)
+    code, out, err = q.run("hold", "ALL")
+    assert (code, err) == (0, "qmgr-ctl: Placed on hold: 2 messages\n")
+    assert sorted(out.splitlines()) == sorted([f"{ids[0]}: placed on hold",
+                                               f"{ids[2]}: placed on hold"])
+    monkeypatch.setattr(admin.Admin, "run", run)
+    code, _, err = q.run("release", ids[1])
+    assert code == EX_NOINPUT and "no such message" in err
+
+
 def test_dash_with_nothing_on_stdin_names_nothing(q: Q) -> None:
     """``list | grep nomatch | awk ... | delete -``: no id read means nothing is done
     (postsuper -d -), never "every message" - with or without selectors, dry run or
@@ -329,6 +353,10 @@ def test_config_sets_parameters_as_postconf_e(tmp_path: Path) -> None:
     # the bad value is the one given, not a line of main.cf: no line number is named
     assert err == ('qmgr-ctl: fatal: not changed: bad time value for parameter '
                    'minimal_backoff_time: "soon"\n')
+    code, _, err = run("smtp_process_delivery_limit=99999")  # out of range: no line either
+    assert (code, err) == (78, ("qmgr-ctl: fatal: not changed: invalid "
+                                "smtp_process_delivery_limit parameter value \"99999\": "
+                                "maximum is 1000\n"))
     code, _, err = run("transport_maps=nosuch:/x")  # a table that would not open
     assert (code, err) == (78, ("qmgr-ctl: fatal: not changed: parameter transport_maps: "
                                 "nosuch:/x: unsupported dictionary type: nosuch\n"))

@@ -299,12 +299,12 @@ _l("smtpd_forbidden_commands", "CONNECT GET POST")
 _s("smtpd_tls_cert_file", "")
 _s("smtpd_tls_key_file", "$smtpd_tls_cert_file")
 _s("smtpd_tls_security_level", "")
-_i("smtpd_process_session_limit", "20", 1)  # qmgrd: most sessions of one smtpd (bursts)
+_i("smtpd_process_session_limit", "20", 1, 1000)  # qmgrd: most sessions of one smtpd (bursts)
 # qmgrd: sessions one smtpd takes at once before it tells the master it is busy; 1 (the
 # default) = as Postfix, a process per client, which pflogsumm's --smtpd-stats needs (it
 # pairs "connect from" with "disconnect from" by pid); more saves memory (about 8 MiB a
 # process)
-_i("smtpd_process_busy_sessions", "1", 1)
+_i("smtpd_process_busy_sessions", "1", 1, 1000)
 _b("disable_vrfy_command", "no")
 _b("allow_untrusted_routing", "no")
 _i("relay_domains_reject_code", "554", 400, 599)

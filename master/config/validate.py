@@ -80,7 +80,7 @@ from collections.abc import Callable, Sequence
 
 from master.config.errors import ConfigError
 from master.config.maincf import Config, param_spec
-from master.config.mastercf import Service, load_master_cf
+from master.config.mastercf import BUILTIN_MODULES, Service, load_master_cf
 from master.config.tables import TableError, read_table
 from master.server import jail
 
@@ -184,6 +184,12 @@ def check_service(cfg: Config, svc: Service, warn: Warn | None = None, *,
     if problem is not None:
         raise ConfigError(f'command "{svc.command}": {problem}', svc.path or None,
                           svc.line or None)
+    if svc.args and svc.module in BUILTIN_MODULES.values():
+        # no built-in service takes arguments: Postfix's programs exit with this
+        # (smtp(8): "unexpected command-line argument"); refused here, at start/reload
+        raise ConfigError(f'service {svc.name}: unexpected command-line argument '
+                          f'"{svc.args[0]}" (command "{svc.command}" takes only -o '
+                          "options)", svc.path or None, svc.line or None)
     if svc.type == "inet":
         _check_inet(cfg, svc)
     if svc.module == "qmgrd.qmgr" and svc.type != "fifo":

@@ -132,6 +132,12 @@ when its delivery in progress ends.
             reports = runner.run(targets)
             if not dry_run:
                 admin.release_trigger(spool, action)
+        if named is None:
+            # ALL or selectors: a message gone since it was selected (delivered, or
+            # deleted meanwhile) is no error, as with postsuper -h ALL
+            from qmgrd.qmgr.admin import ABSENT
+
+            reports = [r for r in reports if r.result != ABSENT]
         _print(reports)
         n = sum(1 for r in reports if r.result in ("done", "would"))
         plural = "" if n == 1 else "s"
@@ -197,11 +203,16 @@ def suspend_cmd(ctx: click.Context, duration: str | None, reason: str, domain: s
 
 @click.command("resume", help=f"""Resume delivery to DOMAIN (see suspend).
 
-Its mail deferred by the suspension is flushed at once, --batch messages every --pace
-seconds.
+The suspension ends at once; the mail it deferred is then moved back for delivery,
+--batch messages every --pace seconds (by default 100 a second, so that a backlog does
+not reach the destination all at once; --pace 0: all at once), and the command returns
+when all of it is moved. If it is interrupted, the rest goes at its next retry time or
+with a later "flush --site DOMAIN".
 {EXIT_HELP}""")
-@click.option("--batch", type=click.IntRange(min=1), default=100, show_default=True)
-@click.option("--pace", type=click.FloatRange(min=0), default=1.0, show_default=True)
+@click.option("--batch", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Messages per batch.")
+@click.option("--pace", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="Seconds between batches (0: no pause).")
 @click.argument("domain")
 @click.pass_context
 def resume_cmd(ctx: click.Context, batch: int, pace: float, domain: str) -> None:

@@ -103,7 +103,8 @@ def edit_main_cf(config_directory: str, changes: dict[str, str]) -> None:
         if tables:  # a changed lookup table must open as the qmgr will open it
             check_tables(cfg, tables)
     except ConfigError as exc:
-        if any(f"parameter {name}" in exc.message for name in changes):
+        if any(re.search(rf"(?<![\w.-]){re.escape(name)}(?![\w.-])", exc.message)
+               for name in changes):
             raise ConfigError(exc.message) from None  # a value given here: no file line
         raise
     st = os.stat(path)
