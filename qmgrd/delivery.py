@@ -382,9 +382,13 @@ def read_request(sock: socket.socket) -> DeliverRequest:
         ProtocolError, OSError.
     """
     dec = AttrDecoder()
-    common = read_lists(sock, 1, dec)[0]
-    req, count = DeliverRequest.from_common(common)
-    lists = read_lists(sock, count, dec)
+    req, count = DeliverRequest.from_common(read_lists(sock, 1, dec)[0])
+    return _with_recipients(req, read_lists(sock, count, dec), dec)
+
+
+def _with_recipients(req: DeliverRequest, lists: list[Pairs], dec: AttrDecoder
+                     ) -> DeliverRequest:
+    """``req`` with the recipient lists read after it; nothing may follow them."""
     if dec.pending:
         raise ProtocolError("unexpected data after the request")
     req.recipients = [RecipientInfo.from_attrs(p) for p in lists]
@@ -398,29 +402,28 @@ async def read_request_async(sock: socket.socket) -> DeliverRequest:
     Raises:
         ProtocolError, OSError.
     """
+    dec = AttrDecoder()
+    req, count = DeliverRequest.from_common((await _read_lists_async(sock, 1, dec))[0])
+    return _with_recipients(req, await _read_lists_async(sock, count, dec), dec)
+
+
+async def _read_lists_async(sock: socket.socket, count: int,
+                            dec: AttrDecoder) -> list[Pairs]:
+    """:func:`read_lists` with ``loop.sock_recv``."""
     import asyncio  # only the agents that serve concurrently get here
 
     loop = asyncio.get_running_loop()
-    dec = AttrDecoder()
     got: list[Pairs] = []
-    req: DeliverRequest | None = None
-    count = 0
-    while req is None or len(got) < count:
+    while len(got) < count:
         lst = dec.pop()
-        if lst is None:
-            data = await loop.sock_recv(sock, 65536)
-            if not data:
-                raise ProtocolError("unexpected EOF")
-            dec.feed(data)
-            continue
-        if req is None:
-            req, count = DeliverRequest.from_common(lst)
-        else:
+        if lst is not None:
             got.append(lst)
-    if dec.pending:
-        raise ProtocolError("unexpected data after the request")
-    req.recipients = [RecipientInfo.from_attrs(p) for p in got]
-    return req
+            continue
+        data = await loop.sock_recv(sock, 65536)
+        if not data:
+            raise ProtocolError("unexpected EOF")
+        dec.feed(data)
+    return got
 
 
 @dataclass

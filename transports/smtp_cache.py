@@ -151,12 +151,11 @@ class ConnCache:
         for entry in self._entries:
             (gone if now >= entry.expires else keep).append(entry)
         self._entries = keep
-        if gone:
+        if gone:  # meanwhile other deliveries may store sessions: read the list again
             await asyncio.gather(*(self._quit(entry) for entry in gone))
-        keep = self._entries
-        if not keep:
+        if not self._entries:
             return None
-        return max(0.0, min(e.expires for e in keep) - now)
+        return max(0.0, min(e.expires for e in self._entries) - now)
 
     async def close_all(self) -> None:
         """QUIT every cached session, all at once (the agent is about to exit)."""

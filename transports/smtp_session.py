@@ -166,6 +166,7 @@ class SmtpSession:
         self.connected = False  # the TCP connection was made (relay= is this server)
         self._buf = bytearray()
         self._last = b""  # the last reply line read, as it came
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop of open()
 
     @property
     def relay(self) -> str:
@@ -186,9 +187,10 @@ class SmtpSession:
         family = socket.AF_INET6 if ":" in addr.ip else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setblocking(False)
+        self._loop = loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(p.connect_timeout or None):
-                await asyncio.get_running_loop().sock_connect(sock, (addr.ip, addr.port))
+                await loop.sock_connect(sock, (addr.ip, addr.port))
         except (OSError, TimeoutError) as exc:
             sock.close()
             # asyncio words a refusal "Connect call failed (...)": use the errno's text
@@ -265,23 +267,22 @@ class SmtpSession:
         data = ((command + "\r\n").encode("utf-8", "surrogateescape")
                 if isinstance(command, str) else command)
         try:
-            if self.sock is None:
+            sock, loop = self.sock, self._loop
+            if sock is None or loop is None:
                 raise ConnectionError("not connected")
-            sock = self.sock
             try:  # most commands fit the socket buffer: no loop round trip
                 sent = sock.send(data)
             except (BlockingIOError, InterruptedError):
                 sent = 0
             if sent < len(data):
                 async with asyncio.timeout(timeout or None):
-                    await asyncio.get_running_loop().sock_sendall(sock, memoryview(data)[sent:])
+                    await loop.sock_sendall(sock, memoryview(data)[sent:])
         except (OSError, TimeoutError) as exc:
             raise self._lost(exc, phase) from None
 
     async def _readline(self) -> bytes:
         """One reply line with its line end; b"" at EOF. ValueError: over _MAXLINE."""
         buf = self._buf
-        loop = asyncio.get_running_loop()
         while True:
             end = buf.find(b"\n")
             if end >= 0:
@@ -292,8 +293,8 @@ class SmtpSession:
                 return line
             if len(buf) > _MAXLINE:
                 raise ValueError(_too_long(buf))
-            assert self.sock is not None
-            chunk = await loop.sock_recv(self.sock, 65536)
+            assert self.sock is not None and self._loop is not None
+            chunk = await self._loop.sock_recv(self.sock, 65536)
             if not chunk:
                 line = bytes(buf)
                 buf.clear()

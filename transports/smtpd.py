@@ -91,7 +91,7 @@ import dns.resolver
 
 from master import log
 from master.config import Config
-from master.server.skeleton import ServerContext, async_server
+from master.server.skeleton import ServerContext, async_server, watch_listeners
 from qmgrd.flow import flow_get
 from qmgrd.spool.cleanup import Cleanup, _Headers
 from qmgrd.spool.envelope import Envelope, Recipient
@@ -251,11 +251,7 @@ class SmtpdServer:
                        and not (self.retiring and self.sessions))
         if reading != self._reading:
             self._reading = reading
-            for sock in self._listeners:
-                if reading:
-                    loop.add_reader(sock.fileno(), self._on_readable, sock)
-                else:
-                    loop.remove_reader(sock.fileno())
+            watch_listeners(loop, self._listeners, self._on_readable if reading else None)
         busy = len(self.sessions) >= self.busy_sessions or self.retiring or self._closed
         if busy != self._busy:
             self._busy = busy

@@ -83,6 +83,7 @@ Public API
                  watchdog=None)
         all -> NoReturn; ``watchdog`` names the timeout parameter (default:
         ``<process_name>_daemon_timeout`` if known, else ``daemon_timeout``)
+    watch_listeners(loop, listeners, on_ready)     an asyncio server's listeners on/off
     Handler types: ConnHandler, TriggerHandler, AsyncMain, AsyncConnHandler, JailHook,
         TimerHook, AsyncTimerHook
 """
@@ -134,6 +135,7 @@ __all__ = [
     "multi_server",
     "single_server",
     "trigger_server",
+    "watch_listeners",
 ]
 
 STATUS_FD = 5
@@ -614,6 +616,18 @@ AsyncConnHandler = Callable[[socket.socket, ServerContext], Awaitable[None]]
 AsyncTimerHook = Callable[[bool], Awaitable[float | None]]
 
 
+def watch_listeners(loop: asyncio.AbstractEventLoop, listeners: Sequence[socket.socket],
+                    on_ready: Callable[[socket.socket], None] | None) -> None:
+    """Call ``on_ready(listener)`` when one of ``listeners`` is readable, or stop
+    watching them (``on_ready`` None): how an asyncio server stops taking connections
+    at its limit and leaves them to the other processes of its service."""
+    for lsock in listeners:
+        if on_ready is None:
+            loop.remove_reader(lsock.fileno())
+        else:
+            loop.add_reader(lsock.fileno(), on_ready, lsock)
+
+
 class _MultiLoop:
     """multi_server's accept loop (see :func:`multi_server`)."""
 
@@ -622,6 +636,7 @@ class _MultiLoop:
         import asyncio
 
         self.ctx = ctx
+        self.loop: asyncio.AbstractEventLoop  # serve()'s running loop
         self.handler = handler
         self.limit = max(1, limit)
         self.timer = timer
@@ -640,21 +655,18 @@ class _MultiLoop:
         self.listeners: list[socket.socket] = []
         self.last = 0.0
 
+    def _closing(self) -> bool:
+        """True once no new connection may be taken (a limit, SIGTERM or fd-5 EOF)."""
+        if self.ctx.stopping.is_set():
+            self.closed = True
+        return self.closed
+
     def _refresh(self) -> None:
         """Watch the listeners only below the limit; busy at the limit or closing."""
-        import asyncio
-
-        loop = asyncio.get_running_loop()
-        if self.ctx.stopping.is_set():  # SIGTERM or fd-5 EOF: no new connection
-            self.closed = True
-        reading = not self.closed and self.active < self.limit
+        reading = not self._closing() and self.active < self.limit
         if reading != self.reading:
             self.reading = reading
-            for lsock in self.listeners:
-                if reading:
-                    loop.add_reader(lsock.fileno(), self._accept, lsock)
-                else:
-                    loop.remove_reader(lsock.fileno())
+            watch_listeners(self.loop, self.listeners, self._accept if reading else None)
         busy = self.closed or self.active >= self.limit
         if busy != self.busy:
             self.busy = busy
@@ -664,12 +676,7 @@ class _MultiLoop:
                 self.ctx.idle()
 
     def _accept(self, lsock: socket.socket) -> None:
-        import asyncio
-
-        loop = asyncio.get_running_loop()
-        if self.ctx.stopping.is_set():
-            self.closed = True
-        while self.active < self.limit and not self.closed:
+        while self.active < self.limit and not self._closing():
             try:
                 conn, _ = lsock.accept()
             except (BlockingIOError, InterruptedError):
@@ -682,14 +689,12 @@ class _MultiLoop:
             self.accepted += 1
             if self.max_use and self.accepted >= self.max_use:
                 self.closed = True
-            task = loop.create_task(self._one(conn))
+            task = self.loop.create_task(self._one(conn))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
         self._refresh()
 
     async def _one(self, conn: socket.socket) -> None:
-        import asyncio
-
         try:
             with conn:
                 await self.handler(conn, self.ctx)
@@ -701,7 +706,7 @@ class _MultiLoop:
             self.active -= 1
             self.completed += 1
             self.unreported += 1
-            self.last = asyncio.get_running_loop().time()
+            self.last = self.loop.time()
             if self.completed == 1:
                 # at once: from this use on, a crash is a crash, not "bad command startup"
                 self._report_uses()
@@ -733,9 +738,9 @@ class _MultiLoop:
         import asyncio
 
         ctx = self.ctx
+        self.loop = loop = asyncio.get_running_loop()
         if not ctx.listen_fds:
             raise RuntimeError("no listener (started outside the master without -l)")
-        loop = asyncio.get_running_loop()
         self.listeners = [socket.socket(fileno=os.dup(fd)) for fd in ctx.listen_fds]
         for lsock in self.listeners:
             lsock.setblocking(False)
@@ -748,7 +753,6 @@ class _MultiLoop:
             while True:
                 self.wake.clear()
                 if stopping.done():
-                    self.closed = True
                     self._refresh()
                 if self.closed and not self.active:
                     return
