@@ -78,6 +78,7 @@ from typing import ClassVar, NoReturn
 
 from master import log
 from master.server.jail import prime_for_jail
+from master.server.skeleton import preparse
 
 __all__ = ["fork_child", "forkable", "preload"]
 
@@ -127,38 +128,71 @@ def fork_child(module: str, argv: Sequence[str], generation: int, fds: Sequence[
                env: Mapping[str, str]) -> int:
     """Fork a child that runs ``module`` with the arguments of ``argv`` after the module
     name, descriptors ``fds`` at 3, 4, ..., environment ``env`` plus ``GENERATION``.
-    Returns the child's pid (in the master)."""
+    Returns the child's pid (in the master).
+
+    What the child needs to know is worked out here, before the fork (:class:`_Plan`):
+    every object a child's code touches is a page it copies, 4 KiB at a time, so the
+    child only carries the plan out."""
+    plan = _Plan(module, list(argv[4:]), generation, list(fds), env)
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
     pid = os.fork()
     if pid == 0:
-        _child(module, list(argv[4:]), generation, list(fds), env)
+        _child(plan)
     return pid
 
 
-def _child(module: str, args: list[str], generation: int, fds: list[int],
-           env: Mapping[str, str]) -> NoReturn:
+class _Plan:
+    """A child's start, decided in the master (fork_child's docstring): its module and
+    ``main``, ``sys.argv``, the signals to put back (step 2), the descriptors to close
+    (step 3), the environment variables to unset and set (step 4), and its command line
+    parsed in advance (master.server.skeleton.preparse) - parsing it in each child made
+    every child copy about 0.7 MiB of the master's pages."""
+
+    def __init__(self, module: str, args: list[str], generation: int, fds: list[int],
+                 env: Mapping[str, str]) -> None:
+        self.module = module
+        self.fds = fds
+        self.keep = set(range(3 + len(fds)))
+        self.loaded = sys.modules.get(module + ".__main__") or sys.modules.get(module)
+        spec = getattr(self.loaded, "__spec__", None) or importlib.util.find_spec(module)
+        origin = spec.origin if spec is not None and spec.origin else module
+        self.argv = [origin, *args]
+        self.signals = _signals_to_reset()
+        self.open_fds = _open_fds()
+        want = dict(env)
+        want["GENERATION"] = str(generation)
+        self.unset = [name for name in os.environ if name not in want]
+        self.set = {name: value for name, value in want.items()
+                    if os.environ.get(name) != value}
+        preparse(args)
+
+
+def _child(plan: _Plan) -> NoReturn:
     code = 1
     try:
         os.setpgid(0, 0)
-        _reset_signals()
+        signal.set_wakeup_fd(-1)
+        for sig, want in plan.signals:
+            try:
+                signal.signal(sig, want)  # type: ignore[arg-type]
+            except (OSError, ValueError):
+                pass
+        signal.pthread_sigmask(signal.SIG_SETMASK, [])
         log.close()
-        for i, src in enumerate(fds):
+        for i, src in enumerate(plan.fds):
             os.dup2(src, 3 + i)
-        _close_on_exec(keep=set(range(3 + len(fds))))
-        os.environ.clear()
-        os.environ.update(env)
-        os.environ["GENERATION"] = str(generation)
-        spec = importlib.util.find_spec(module)
-        origin = spec.origin if spec is not None and spec.origin else module
-        sys.argv = [origin, *args]
-        loaded = sys.modules.get(module + ".__main__") or sys.modules.get(module)
-        main = getattr(loaded, "main", None)
-        if loaded is not None and callable(main):
-            sys.modules["__main__"] = loaded  # as runpy would: the skeleton names the
-            main()                            # process after __main__'s spec
+        _close_on_exec(plan.open_fds, plan.keep)
+        for name in plan.unset:
+            del os.environ[name]
+        os.environ.update(plan.set)
+        sys.argv = plan.argv
+        main = getattr(plan.loaded, "main", None)
+        if plan.loaded is not None and callable(main):
+            sys.modules["__main__"] = plan.loaded  # as runpy would: the skeleton names
+            main()                                 # the process after __main__'s spec
         else:
-            runpy.run_module(module, run_name="__main__", alter_sys=True)
+            runpy.run_module(plan.module, run_name="__main__", alter_sys=True)
         code = 0
     except SystemExit as exc:
         code = _exit_code(exc.code)
@@ -183,9 +217,11 @@ def _exit_code(code: object) -> int:
     return 1
 
 
-def _reset_signals() -> None:
-    """Signals as a new interpreter has them (module docstring, step 2)."""
-    signal.set_wakeup_fd(-1)
+def _signals_to_reset() -> list[tuple[int, object]]:
+    """The signals whose handler differs from a new interpreter's, with the handler it
+    has there (module docstring, step 2): SIGPIPE and SIGXFSZ ignored, SIGINT raising
+    KeyboardInterrupt, every other one the default."""
+    out: list[tuple[int, object]] = []
     for sig in signal.valid_signals():
         if sig in (signal.SIGKILL, signal.SIGSTOP):
             continue
@@ -200,21 +236,24 @@ def _reset_signals() -> None:
         else:
             want = signal.SIG_DFL
         if handler is not want and handler is not None:
-            try:
-                signal.signal(sig, want)  # type: ignore[arg-type]
-            except (OSError, ValueError):
-                pass
-    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+            out.append((sig, want))
+    return out
 
 
-def _close_on_exec(keep: set[int]) -> None:
-    """Close every descriptor that ``exec`` would close (FD_CLOEXEC set), except ``keep``."""
-    for name in os.listdir("/proc/self/fd" if os.path.isdir("/proc/self/fd") else "/dev/fd"):
-        fd = int(name)
+def _open_fds() -> list[int]:
+    """The master's open descriptors (the child starts with the same ones)."""
+    names = os.listdir("/proc/self/fd" if os.path.isdir("/proc/self/fd") else "/dev/fd")
+    return sorted(int(name) for name in names)
+
+
+def _close_on_exec(open_fds: list[int], keep: set[int]) -> None:
+    """Close every descriptor of ``open_fds`` that ``exec`` would close (FD_CLOEXEC
+    set), except ``keep``."""
+    for fd in open_fds:
         if fd in keep:
             continue
         try:
             if not os.get_inheritable(fd):
                 os.close(fd)
         except OSError:
-            pass  # the directory's own descriptor, gone by now
+            pass  # the listing's own descriptor, gone by now

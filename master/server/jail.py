@@ -136,8 +136,17 @@ def unprivileged_warning(owner: Owner) -> str:
             f"(uid {owner.uid}), without privilege separation or chroot")
 
 
+_PRIMED: list[str | None] = []  # the TZ primed for, once primed (a forked child inherits it)
+
+
 def prime_for_jail() -> None:
-    """Load what the standard library loads lazily and cannot load inside a chroot."""
+    """Load what the standard library loads lazily and cannot load inside a chroot.
+    Done once per process and time zone: a child forked from a master that primed
+    itself skips it (every object it would touch is a page it would copy)."""
+    tz = os.environ.get("TZ")
+    if _PRIMED == [tz]:
+        return
+    _PRIMED[:] = [tz]
     for name in PRIMED_CODECS:
         codecs.lookup(name)
     IDN_SAMPLE.encode("idna")  # an IDN domain (MX lookup, bounce to it) after the jail

@@ -91,6 +91,8 @@ Public API
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import selectors
 import signal
@@ -239,9 +241,33 @@ def _build_parser() -> argparse.ArgumentParser:
 _PARSER = _build_parser()
 
 
+_PREPARSED: dict[tuple[str, ...], argparse.Namespace] = {}
+
+
+def preparse(argv: Sequence[str]) -> None:
+    """Parse a child's command line in the master, before it forks the child
+    (master.daemon.forkspawn): the child then finds the result instead of running
+    argparse, which made every forked child copy about 0.7 MiB of the master's pages.
+    A command line argparse refuses is left to the child, which reports it."""
+    key = tuple(argv)
+    if key in _PREPARSED:
+        return
+    if len(_PREPARSED) >= 64:  # services x generations: a handful in practice
+        _PREPARSED.clear()
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            _PREPARSED[key] = _PARSER.parse_args(list(argv))
+    except SystemExit:
+        pass
+
+
 def _parse_argv(argv: Sequence[str]) -> argparse.Namespace:
-    _PARSER.prog = os.path.basename(sys.argv[0] or "qmgrd")
-    args = _PARSER.parse_args(list(argv))
+    done = _PREPARSED.get(tuple(argv))
+    if done is not None:
+        args = argparse.Namespace(**vars(done))  # the cached one stays as parsed
+    else:
+        _PARSER.prog = os.path.basename(sys.argv[0] or "qmgrd")
+        args = _PARSER.parse_args(list(argv))
     if args.config_dir is None:
         args.config_dir = os.environ.get("QMGRD_CONFIG_DIR", "/etc/qmgrd")
     return args
