@@ -99,6 +99,9 @@ class ProtocolError(Exception):
 Pairs = list[tuple[str, str]]
 
 
+_CHECKED_NAMES: set[str] = set()  # attribute names encode() has accepted
+
+
 def encode(pairs: Iterable[tuple[str, str | int]]) -> bytes:
     """Encode one attribute list, terminator included.
 
@@ -107,16 +110,30 @@ def encode(pairs: Iterable[tuple[str, str | int]]) -> bytes:
     """
     parts: list[str] = []
     for name, value in pairs:
-        v = value if isinstance(value, str) else str(value)
+        parts.append(name)
+        parts.append(value if value.__class__ is str else str(value))
+    if not parts:
+        return b"\0"
+    text = "\0".join(parts)
+    # One look at the whole list instead of one per attribute (the qmgr and every agent
+    # encode a list or two per delivery): no NUL but the separators, short enough that
+    # no value can be over MAX_VALUE, names seen before. Otherwise check each.
+    if (text.count("\0") != len(parts) - 1 or len(text) * 4 > MAX_VALUE
+            or not _CHECKED_NAMES.issuperset(parts[0::2])):
+        _check_parts(parts)
+    return text.encode("utf-8", "surrogateescape") + b"\0\0"
+
+
+def _check_parts(parts: list[str]) -> None:
+    """encode()'s checks, one attribute at a time (raises ProtocolError)."""
+    for k in range(0, len(parts), 2):
+        name, v = parts[k], parts[k + 1]
         if (not name or len(name) > MAX_NAME or not name.isascii() or "\0" in name
                 or "\0" in v or (len(v) * 4 > MAX_VALUE and len(
                     v.encode("utf-8", "surrogateescape")) > MAX_VALUE)):
             raise ProtocolError(f"bad attribute {name!r}")
-        parts.append(name)
-        parts.append(v)
-    if not parts:
-        return b"\0"
-    return "\0".join(parts).encode("utf-8", "surrogateescape") + b"\0\0"
+    if len(_CHECKED_NAMES) < 1024:
+        _CHECKED_NAMES.update(parts[0::2])
 
 
 class AttrDecoder:
@@ -136,34 +153,40 @@ class AttrDecoder:
         Raises:
             ProtocolError: oversized name/value or too many attributes.
         """
-        self._buf += data
-        while True:
-            i = self._buf.find(b"\0")
-            if i < 0:
-                if len(self._buf) > MAX_VALUE + MAX_NAME + 2:
-                    raise ProtocolError("attribute too long")
-                return len(self._ready)
-            if i == 0:
-                del self._buf[:1]
-                self._ready.append(self._cur)
-                self._cur = []
+        buf = bytes(self._buf) + data if self._buf else data
+        tokens = buf.split(b"\0")  # the last one is not terminated yet
+        last = len(tokens) - 1
+        cur = self._cur
+        i = 0
+        while i < last:
+            name = tokens[i]
+            if not name:  # an empty name: the end of the list
+                self._ready.append(cur)
+                cur = self._cur = []
+                i += 1
                 continue
-            j = self._buf.find(b"\0", i + 1)
-            if j < 0:
-                if i > MAX_NAME or len(self._buf) - i > MAX_VALUE + 1:
-                    raise ProtocolError("attribute too long")
-                return len(self._ready)
-            name = bytes(self._buf[:i])
-            value = bytes(self._buf[i + 1 : j])
-            del self._buf[: j + 1]
+            if i + 1 >= last:  # its value is not complete yet
+                break
+            value = tokens[i + 1]
             if len(name) > MAX_NAME or len(value) > MAX_VALUE:
                 raise ProtocolError("attribute too long")
-            if len(self._cur) >= MAX_ATTRS:
+            if len(cur) >= MAX_ATTRS:
                 raise ProtocolError("too many attributes")
             try:
-                self._cur.append((name.decode("ascii"), value.decode("utf-8", "surrogateescape")))
+                cur.append((name.decode("ascii"), value.decode("utf-8", "surrogateescape")))
             except UnicodeDecodeError as exc:
                 raise ProtocolError("non-ASCII attribute name") from exc
+            i += 2
+        if i == last:
+            rest = tokens[last]
+            if len(rest) > MAX_VALUE + MAX_NAME + 2:
+                raise ProtocolError("attribute too long")
+        else:  # a name, then the start of its value
+            rest = tokens[i] + b"\0" + tokens[last]
+            if len(tokens[i]) > MAX_NAME or len(tokens[last]) > MAX_VALUE:
+                raise ProtocolError("attribute too long")
+        self._buf = bytearray(rest)
+        return len(self._ready)
 
     def pop(self) -> Pairs | None:
         """The oldest complete list, or None."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import socket
@@ -12,6 +13,8 @@ from pathlib import Path
 
 import pytest
 from harness import wait_for
+from hypothesis import given
+from hypothesis import strategies as st
 from test_agent_support import (
     Env,
     close_log,  # noqa: F401 - autouse fixture
@@ -359,3 +362,43 @@ def test_encode_frames_names_values_and_the_terminator() -> None:
     assert delivery.encode([("a", 1), ("b", "é\udcff")]) == b"a\x001\x00b\x00\xc3\xa9\xff\x00\x00"
     value = "x" * delivery.MAX_VALUE  # at the bound: allowed
     assert delivery.encode([("v", value)]).endswith(b"x\0\0")
+
+
+_names = st.text(alphabet=st.characters(min_codepoint=33, max_codepoint=126), min_size=1,
+                 max_size=delivery.MAX_NAME)
+_values = st.text(alphabet=st.characters(blacklist_characters="\0",
+                                         blacklist_categories=("Cs",)), max_size=40)
+_lists = st.lists(st.lists(st.tuples(_names, _values), max_size=8), max_size=4)
+
+
+@given(lists=_lists, cuts=st.lists(st.integers(min_value=0, max_value=2000), max_size=6))
+def test_decoder_returns_what_encode_framed_however_the_bytes_arrive(
+        lists: list[list[tuple[str, str]]], cuts: list[int]) -> None:
+    data = b"".join(delivery.encode(lst) for lst in lists)
+    points = sorted({min(c, len(data)) for c in cuts} | {0, len(data)})
+    dec = delivery.AttrDecoder()
+    got: list[list[tuple[str, str]]] = []
+    for a, b in itertools.pairwise(points):
+        dec.feed(data[a:b])
+        while (lst := dec.pop()) is not None:
+            got.append(lst)
+    assert got == lists
+    assert not dec.pending
+
+
+@pytest.mark.parametrize("data", [
+    b"n" * (delivery.MAX_NAME + 1) + b"\0v\0\0",
+    b"n\0" + b"v" * (delivery.MAX_VALUE + 1) + b"\0\0",
+    b"n\0" + b"v" * (delivery.MAX_VALUE + 2),  # still arriving, already too long
+    b"\xc3\xa9\0v\0\0",
+    b"".join(b"n%d\0v\0" % i for i in range(delivery.MAX_ATTRS + 1)) + b"\0",
+], ids=["long-name", "long-value", "long-partial-value", "non-ascii-name", "too-many"])
+def test_decoder_refuses_what_the_protocol_does_not_allow(data: bytes) -> None:
+    with pytest.raises(delivery.ProtocolError):
+        delivery.AttrDecoder().feed(data)
+
+
+def test_encode_checks_a_value_with_nul_after_its_name_was_seen() -> None:
+    assert delivery.encode([("seen_name", "ok")])
+    with pytest.raises(delivery.ProtocolError):
+        delivery.encode([("seen_name", "x\0y")])

@@ -115,8 +115,8 @@ class Spool:
         prefix = self._prefix.get(queue)
         if prefix is None:
             base = self.queue_path(queue)  # raises for an unknown queue
-            prefix = self._prefix[queue] = (base, self._hashed(queue))
-        return os.path.join(prefix[0], hashed if prefix[1] else qid)
+            prefix = self._prefix[queue] = (base.rstrip("/") + "/", self._hashed(queue))
+        return prefix[0] + (hashed if prefix[1] else qid)
 
     # ---------------------------------------------------------------- create
 
