@@ -418,7 +418,6 @@ def _pre_jail(ctx: ServerContext) -> None:
         log.fatal(str(exc))
     _State.tls = tls_context(cfg)
     _State.counter = ConnectionCounter(os.path.join(ctx.queue_directory, "pid", COUNTER_FILE))
-    _warm_up()
 
 
 def _post_jail(ctx: ServerContext) -> None:
