@@ -111,7 +111,7 @@ def encode(pairs: Iterable[tuple[str, str | int]]) -> bytes:
     parts: list[str] = []
     for name, value in pairs:
         parts.append(name)
-        parts.append(value if value.__class__ is str else str(value))
+        parts.append(value if isinstance(value, str) else str(value))
     if not parts:
         return b"\0"
     text = "\0".join(parts)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -19,7 +20,7 @@ import pytest
 
 from master.config import Config
 from qmgrd.delivery import BOUNCE_CMD_WARN, DeliverRequest, DeliverStatus, StatusRequest
-from qmgrd.qmgr.client import TransportUnavailable
+from qmgrd.qmgr.client import AgentClient, TransportUnavailable
 from qmgrd.qmgr.resolve import Resolver
 from qmgrd.qmgr.scheduler import Scheduler
 from qmgrd.spool import records as R
@@ -905,3 +906,34 @@ def test_flow_tokens_withheld_while_the_qmgr_has_a_backlog(tmp_path: Path,
         assert put == [3]  # its own token and the two owed
 
     run(go())
+
+
+def test_an_agent_that_greets_too_late_never_gets_the_request(tmp_path: Path) -> None:
+    """TransportUnavailable promises the agent got nothing (postfix.md §5.2: the client
+    sends its request only after the agent's greeting): an agent that accepts and greets
+    after greeting_timeout must read EOF, not a request it could still deliver."""
+    (tmp_path / "private").mkdir()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(tmp_path / "private" / "slow"))
+    listener.listen(5)
+    request = DeliverRequest(queue_name="active", queue_id="4Xq7Zc1Hl2z4abc", offset=0,
+                             size=0, sender="s@x", nexthop="x")
+
+    async def run() -> None:
+        client = AgentClient(str(tmp_path), greeting_timeout=0.2, reply_timeout=5)
+        with pytest.raises(TransportUnavailable):
+            await client.deliver("slow", request)
+
+    asyncio.run(run())  # the connection waits in the listen queue past the timeout
+    conn, _ = listener.accept()
+    with conn, listener:
+        try:
+            conn.sendall(b"protocol\0delivery_request_protocol\0\0")
+        except OSError:
+            pass
+        conn.settimeout(2)
+        try:
+            got = conn.recv(65536)
+        except ConnectionResetError:
+            got = b""
+    assert got == b""

@@ -1,9 +1,9 @@
 """client — the qmgr's asynchronous client side of the agent and bounce-service protocols.
 
 Summary
-    Connects to ``<queue_directory>/private/<service>``, sends one request, checks the
-    server's ``protocol=...`` greeting and reads one reply (postfix.md §5.2, §5.4). One
-    request per connection; the request is written without waiting for the greeting. The connection is a plain non-blocking socket
+    Connects to ``<queue_directory>/private/<service>``, checks the server's
+    ``protocol=...`` greeting, sends one request and reads one reply (postfix.md §5.2,
+    §5.4). One request per connection. The connection is a plain non-blocking socket
     driven by the event loop's ``sock_*`` calls (no stream transport, protocol and
     reader objects per delivery: they were a third of the qmgr's CPU per message).
 
@@ -54,49 +54,36 @@ class AgentClient:
         self.greeting_timeout = greeting_timeout
         self.reply_timeout = reply_timeout
 
-    async def _open(self, service: str, protocol: str,
-                    request: bytes) -> tuple[socket.socket, AttrDecoder]:
-        """Connect, send ``request`` and check the greeting.
-
-        The request goes out right after the connect, without waiting for the agent's
-        greeting (it is a byte stream: the agent reads it after greeting): one wake-up
-        less for the qmgr and for the agent per delivery. The greeting is still read and
-        checked first; a peer that does not greet properly only ever got bytes it does
-        not understand.
-
-        Raises:
-            TransportUnavailable: no connection, the request cannot be written, or no
-                valid greeting within greeting_timeout.
-        """
+    async def _open(self, service: str, protocol: str) -> tuple[socket.socket, AttrDecoder]:
         path = os.path.join(self.queue_directory, "private", service)
         loop = asyncio.get_running_loop()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.setblocking(False)
         dec = AttrDecoder()
-        failed = f"connect to {path}"
         try:
             async with asyncio.timeout(self.greeting_timeout):
                 await loop.sock_connect(sock, path)
-                failed = f"{path}: no valid greeting"
-                try:
-                    await loop.sock_sendall(sock, request)
-                except OSError as exc:
-                    raise TransportUnavailable(f"write to {service}: {exc}") from exc
+        except (TimeoutError, OSError) as exc:
+            sock.close()
+            raise TransportUnavailable(f"connect to {path}: {exc}") from exc
+        try:
+            async with asyncio.timeout(self.greeting_timeout):
                 greet = await _read_list(loop, sock, dec)
             check_greeting(greet, protocol)
-        except TransportUnavailable:
-            sock.close()
-            raise
         except (TimeoutError, OSError, ProtocolError) as exc:
             sock.close()
-            raise TransportUnavailable(f"{failed}: {exc}") from exc
+            raise TransportUnavailable(f"{path}: no valid greeting: {exc}") from exc
         return sock, dec
 
     async def deliver(self, transport: str, request: DeliverRequest) -> DeliverStatus:
         """Send one delivery request to ``private/<transport>`` and wait for the reply."""
-        sock, dec = await self._open(transport, DELIVER_PROTOCOL, request.encode())
+        sock, dec = await self._open(transport, DELIVER_PROTOCOL)
         loop = asyncio.get_running_loop()
         try:
+            try:
+                await loop.sock_sendall(sock, request.encode())
+            except OSError as exc:
+                raise TransportUnavailable(f"write to {transport}: {exc}") from exc
             try:
                 async with asyncio.timeout(self.reply_timeout):
                     reply = await _read_list(loop, sock, dec)
@@ -116,13 +103,13 @@ class AgentClient:
     async def status_request(self, service: str, request: StatusRequest) -> bool:
         """Ask the bounce/defer/trace service for a notice. True on success."""
         try:
-            sock, dec = await self._open(service, STATUS_PROTOCOL,
-                                         encode(request.to_attrs()))
+            sock, dec = await self._open(service, STATUS_PROTOCOL)
         except TransportUnavailable as exc:
             log.warning(f"{request.queue_id}: {service} service unavailable: {exc}")
             return False
         loop = asyncio.get_running_loop()
         try:
+            await loop.sock_sendall(sock, encode(request.to_attrs()))
             async with asyncio.timeout(self.reply_timeout):
                 reply = await _read_list(loop, sock, dec)
             if len(reply) != 1 or reply[0][0] != "status" or not reply[0][1].isdigit():
