@@ -172,42 +172,103 @@ def rcpt_params(params: list[str], dsn_off: bool) -> tuple[int, str] | str:
     return notify, orcpt
 
 
+class _Data:
+    """read_data's state: the content so far, its size and where the stream is."""
+
+    __slots__ = ("at_start", "last_cr", "limit", "line_crlf", "parts", "size", "too_big")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.parts: list[bytes] = []
+        self.size = 0
+        self.too_big = False
+        self.at_start, self.last_cr, self.line_crlf = True, False, True
+
+    def chunk(self, chunk: bytes) -> bool:
+        """One line, or a piece of one (a line over the stream's limit). True at the
+        end of the data (a lone dot after CRLF)."""
+        if self.at_start:
+            if chunk == b".\r\n" and self.line_crlf:
+                return True
+            if chunk[:1] == b".":
+                chunk = chunk[1:]
+        self.at_start = chunk.endswith(b"\n")
+        if self.at_start:
+            self.line_crlf = chunk.endswith(b"\r\n") or (chunk == b"\n" and self.last_cr)
+            self.size += len(chunk) + (0 if chunk.endswith(b"\r\n") else 1)
+            self.last_cr = False
+        else:
+            self.size += len(chunk)
+            self.last_cr = chunk.endswith(b"\r")
+        self._keep(chunk)
+        return False
+
+    def pieces(self, data: bytes) -> None:
+        """Bytes that hold no end of data: each line (or piece) in turn."""
+        start = 0
+        while start < len(data):
+            end = data.find(b"\n", start)
+            end = len(data) if end < 0 else end + 1
+            self.chunk(data[start:end])
+            start = end
+
+    def complete_lines(self, data: bytes) -> None:
+        """Whole lines, CRLF last, from a line start whose first byte is no dot: the
+        per-line rules at once (a dot after every LF removed; a bare LF counted as CRLF)."""
+        data = data.replace(b"\n.", b"\n")
+        self.size += len(data) + data.count(b"\n") - data.count(b"\r\n")
+        self.at_start, self.last_cr, self.line_crlf = True, False, True
+        self._keep(data)
+
+    def _keep(self, data: bytes) -> None:
+        if self.too_big:
+            return
+        if self.limit and self.size > self.limit:
+            self.too_big = True
+            self.parts = []
+        else:
+            self.parts.append(data)
+
+
 async def read_data(reader: asyncio.StreamReader, limit: int,
                     progress: Callable[[int], None]) -> bytes | None:
     """The DATA content up to CRLF.CRLF, dot-unstuffed (module docstring); None when
     over ``limit`` bytes (0 = no limit). ``progress(n)`` is called after each read of n
-    bytes. Raises what the reader raises (the connection went away)."""
-    parts: list[bytes] = []
-    size = 0
-    too_big = False
-    at_start, last_cr, line_crlf = True, False, True
+    bytes. Raises what the reader raises (the connection went away).
+
+    At a line start whose first byte is not a dot, CR or LF, everything up to the first
+    CRLF.CRLF is read in one go and handled at once (no end of data can begin in the
+    bytes already read: module docstring's rules); otherwise, and for what is over the
+    stream's limit, line by line as the rules say."""
+    st = _Data(limit)
     while True:
-        try:
-            chunk = await reader.readuntil(b"\n")
-        except asyncio.LimitOverrunError as exc:
-            chunk = await reader.read(exc.consumed)
-        progress(len(chunk))
-        if at_start:
-            if chunk == b".\r\n" and line_crlf:
+        prefix = b""
+        if st.at_start:
+            prefix = await reader.readexactly(1)
+            if prefix == b"\n":
+                progress(1)
+                if st.chunk(prefix):
+                    break
+                continue
+            if prefix not in (b".", b"\r"):
+                try:
+                    blob = prefix + await reader.readuntil(b"\r\n.\r\n")
+                except asyncio.LimitOverrunError as exc:
+                    blob = prefix + await reader.read(exc.consumed)
+                    progress(len(blob))
+                    st.pieces(blob)
+                    continue
+                progress(len(blob))
+                st.complete_lines(blob[:-3])
                 break
-            if chunk[:1] == b".":
-                chunk = chunk[1:]
-        at_start = chunk.endswith(b"\n")
-        if at_start:
-            line_crlf = chunk.endswith(b"\r\n") or (chunk == b"\n" and last_cr)
-            size += len(chunk) + (0 if chunk.endswith(b"\r\n") else 1)
-            last_cr = False
-        else:
-            size += len(chunk)
-            last_cr = chunk.endswith(b"\r")
-        if too_big:
-            continue
-        if limit and size > limit:
-            too_big = True
-            parts = []
-        else:
-            parts.append(chunk)
-    return None if too_big else b"".join(parts)
+        try:
+            chunk = prefix + await reader.readuntil(b"\n")
+        except asyncio.LimitOverrunError as exc:
+            chunk = prefix + await reader.read(exc.consumed)
+        progress(len(chunk))
+        if st.chunk(chunk):
+            break
+    return None if st.too_big else b"".join(st.parts)
 
 
 def received_header(myhostname: str, mail_name: str, client: ClientInfo, helo: str | None,

@@ -1,0 +1,111 @@
+"""transports.smtpd_tx.read_data: the DATA content as the line rules of its module
+docstring say, whatever the chunking, the stream's limit and the message size limit - and
+what follows the end of data stays in the stream (a pipelined command).
+
+The reference is the line-at-a-time reader read_data replaced (one readuntil per line);
+read_data now reads up to CRLF.CRLF at once where no end of data can start in what it has
+already read."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Callable
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from transports.smtpd_tx import read_data
+
+
+async def _reference(reader: asyncio.StreamReader, limit: int,
+                     progress: Callable[[int], None]) -> bytes | None:
+    parts: list[bytes] = []
+    size = 0
+    too_big = False
+    at_start, last_cr, line_crlf = True, False, True
+    while True:
+        try:
+            chunk = await reader.readuntil(b"\n")
+        except asyncio.LimitOverrunError as exc:
+            chunk = await reader.read(exc.consumed)
+        progress(len(chunk))
+        if at_start:
+            if chunk == b".\r\n" and line_crlf:
+                break
+            if chunk[:1] == b".":
+                chunk = chunk[1:]
+        at_start = chunk.endswith(b"\n")
+        if at_start:
+            line_crlf = chunk.endswith(b"\r\n") or (chunk == b"\n" and last_cr)
+            size += len(chunk) + (0 if chunk.endswith(b"\r\n") else 1)
+            last_cr = False
+        else:
+            size += len(chunk)
+            last_cr = chunk.endswith(b"\r")
+        if too_big:
+            continue
+        if limit and size > limit:
+            too_big = True
+            parts = []
+        else:
+            parts.append(chunk)
+    return None if too_big else b"".join(parts)
+
+
+def _run(reader_fn: Callable[..., object], data: bytes, cuts: list[int], stream_limit: int,
+         limit: int) -> tuple[object, bytes, int]:
+    """(result or exception type, what is left in the stream, bytes reported)."""
+    async def go() -> tuple[object, bytes, int]:
+        reader = asyncio.StreamReader(limit=stream_limit)
+        points = sorted({min(c, len(data)) for c in cuts} | {0, len(data)})
+        seen = [0]
+
+        async def feed() -> None:
+            for a, b in itertools.pairwise(points):
+                reader.feed_data(data[a:b])
+                await asyncio.sleep(0)
+            reader.feed_eof()
+
+        feeder = asyncio.ensure_future(feed())
+        try:
+            out: object = await reader_fn(reader, limit, lambda n: seen.__setitem__(0, seen[0] + n))
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
+            out = type(exc)
+        await feeder
+        rest = await reader.read()
+        return out, rest, seen[0]
+
+    return asyncio.run(go())
+
+
+_bytes = st.lists(st.sampled_from([b".", b"\r", b"\n", b"\r\n", b".\r\n", b"\r\n.\r\n", b"a",
+                                   b"bc", b"x" * 40, b"QUIT\r\n"]), max_size=40).map(b"".join)
+
+
+@settings(max_examples=400, deadline=None)
+@given(data=_bytes, cuts=st.lists(st.integers(0, 400), max_size=5),
+       stream_limit=st.sampled_from([8, 16, 64, 2048]), limit=st.sampled_from([0, 10, 50, 300]))
+def test_read_data_reads_as_the_line_rules_say(data: bytes, cuts: list[int],
+                                                stream_limit: int, limit: int) -> None:
+    got = _run(read_data, data, cuts, stream_limit, limit)
+    want = _run(_reference, data, cuts, stream_limit, limit)
+    if want[0] is asyncio.IncompleteReadError:  # the client went away: what was counted
+        got, want = got[:2], want[:2]           # before EOF is not a promise
+    assert got == want
+
+
+@pytest.mark.parametrize(("data", "want", "rest"), [
+    (b"Subject: x\r\n\r\nbody\r\n.\r\nQUIT\r\n", b"Subject: x\r\n\r\nbody\r\n", b"QUIT\r\n"),
+    (b".\r\nMAIL FROM:<a@b>\r\n", b"", b"MAIL FROM:<a@b>\r\n"),
+    (b"a\r\n..b\r\n.\r\n", b"a\r\n.b\r\n", b""),
+    (b"a\n.\r\nb\r\n.\r\n", b"a\n\r\nb\r\n", b""),  # a dot line after a bare LF is data
+    (b"a\r\n.\n.\r\n", None, None),  # no CRLF.CRLF: the client went away mid-DATA
+])
+def test_read_data_examples(data: bytes, want: bytes | None, rest: bytes | None) -> None:
+    out, left, seen = _run(read_data, data, [], 2048, 0)
+    if want is None:
+        assert out is asyncio.IncompleteReadError
+    else:
+        assert (out, left, seen) == (want, rest, len(data) - len(rest or b""))
