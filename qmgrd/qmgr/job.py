@@ -49,6 +49,11 @@ __all__ = ["Job"]
 class Job:
     """A message's deliveries over one transport (see module docstring)."""
 
+    __slots__ = ("blocker_tag", "children", "joblist", "message", "peer_by_queue", "peers",
+                 "rcpt_count", "rcpt_limit", "read_entries", "sched_link", "selected_entries",
+                 "sibling_link", "slots_available", "slots_used", "stack_level", "stack_parent",
+                 "time_link")
+
     def __init__(self, message: Message, joblist: JobList) -> None:
         self.message = message
         self.joblist = joblist

@@ -54,7 +54,7 @@ if TYPE_CHECKING:
 __all__ = ["Message"]
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Message:
     """A message in the active queue (see module docstring)."""
 

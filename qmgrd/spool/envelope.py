@@ -89,7 +89,7 @@ _NOTIFY_WORDS = {
 }
 
 
-@dataclass
+@dataclass(slots=True)
 class Recipient:
     """One envelope recipient.
 
