@@ -2,7 +2,7 @@
 by side, a table with the targets, bench/results.jsonl and bench/results.json.
 
 Usage
-    .venv/bin/python bench/run.py [--rounds 3] [--only A,H,C,B,scale,rss] [--scale]
+    .venv/bin/python bench/run.py [--rounds 5] [--only A,H,C,B,scale,rss] [--scale]
                                   [--b-messages N] [--rss-points 120000]
                                   [--systems qmgrd,postfix]
                                   [--out results.json] [--jsonl results.jsonl]
@@ -389,7 +389,7 @@ def scenario_table(summ: dict[str, Any], scale_rows: list[dict[str, Any]],
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--only", default="A,H,C,B,scale,rss")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--scale", action="store_true",
                         help=f"scenario H at {BIG_SCALE_POINT:,} messages too")
     parser.add_argument("--b-messages", type=int, default=0,
