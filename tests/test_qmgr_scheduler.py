@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Coroutine, Iterator
@@ -19,7 +20,14 @@ from typing import Any
 import pytest
 
 from master.config import Config
-from qmgrd.delivery import BOUNCE_CMD_WARN, DeliverRequest, DeliverStatus, StatusRequest
+from qmgrd.delivery import (
+    BOUNCE_CMD_WARN,
+    DeliverRequest,
+    DeliverStatus,
+    StatusRequest,
+    encode,
+    protocol_greeting,
+)
 from qmgrd.qmgr.client import AgentClient, TransportUnavailable
 from qmgrd.qmgr.resolve import Resolver
 from qmgrd.qmgr.scheduler import Scheduler
@@ -937,3 +945,57 @@ def test_an_agent_that_greets_too_late_never_gets_the_request(tmp_path: Path) ->
         except ConnectionResetError:
             got = b""
     assert got == b""
+
+
+def _agent_exchange(tmp_path: Path, script: Callable[[socket.socket], None]) -> DeliverStatus:
+    """AgentClient.deliver against a one-connection agent running ``script`` (in a
+    thread: the test's stand-in for the agent process)."""
+    (tmp_path / "private").mkdir(exist_ok=True)
+    path = tmp_path / "private" / "agent"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(1)
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            script(conn)
+
+    worker = threading.Thread(target=serve)
+    worker.start()
+    request = DeliverRequest(queue_name="active", queue_id="4Xq7Zc1Hl2z4abc", offset=0,
+                             size=0, sender="s@x", nexthop="x")
+    try:
+        return asyncio.run(AgentClient(str(tmp_path), greeting_timeout=5,
+                                       reply_timeout=5).deliver("agent", request))
+    finally:
+        worker.join(10)
+        listener.close()
+
+
+def test_client_reads_a_greeting_and_reply_that_trickle_in(tmp_path: Path) -> None:
+    reply = DeliverStatus(status=0, dsn_status="2.0.0", action="relayed", reason="250 ok")
+
+    def script(conn: socket.socket) -> None:
+        data = protocol_greeting("delivery_request_protocol")
+        for i in range(len(data)):
+            conn.sendall(data[i:i + 1])
+            time.sleep(0.002)
+        conn.recv(65536)  # the request
+        data = encode(reply.to_attrs())
+        for i in range(0, len(data), 7):
+            conn.sendall(data[i:i + 7])
+            time.sleep(0.002)
+
+    got = _agent_exchange(tmp_path, script)
+    assert (got.status, got.dsn_status, got.reason, got.agent_failed) == \
+        (0, "2.0.0", "250 ok", False)
+
+
+def test_client_defers_when_the_agent_hangs_up_before_replying(tmp_path: Path) -> None:
+    def script(conn: socket.socket) -> None:
+        conn.sendall(protocol_greeting("delivery_request_protocol"))
+        conn.recv(65536)
+
+    got = _agent_exchange(tmp_path, script)
+    assert (got.status, got.dsn_status, got.agent_failed) == (1, "4.3.0", True)

@@ -54,39 +54,35 @@ class AgentClient:
         self.greeting_timeout = greeting_timeout
         self.reply_timeout = reply_timeout
 
-    async def _open(self, service: str, protocol: str) -> tuple[socket.socket, AttrDecoder]:
+    async def _open(self, service: str, protocol: str) -> _Conn:
         path = os.path.join(self.queue_directory, "private", service)
         loop = asyncio.get_running_loop()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.setblocking(False)
-        dec = AttrDecoder()
+        conn = _Conn(loop, sock)
+        failed = f"connect to {path}"
         try:
-            async with asyncio.timeout(self.greeting_timeout):
+            async with asyncio.timeout(self.greeting_timeout):  # connect and greeting
                 await loop.sock_connect(sock, path)
-        except (TimeoutError, OSError) as exc:
-            sock.close()
-            raise TransportUnavailable(f"connect to {path}: {exc}") from exc
-        try:
-            async with asyncio.timeout(self.greeting_timeout):
-                greet = await _read_list(loop, sock, dec)
+                failed = f"{path}: no valid greeting"
+                greet = await conn.read_list()
             check_greeting(greet, protocol)
         except (TimeoutError, OSError, ProtocolError) as exc:
-            sock.close()
-            raise TransportUnavailable(f"{path}: no valid greeting: {exc}") from exc
-        return sock, dec
+            conn.close()
+            raise TransportUnavailable(f"{failed}: {exc}") from exc
+        return conn
 
     async def deliver(self, transport: str, request: DeliverRequest) -> DeliverStatus:
         """Send one delivery request to ``private/<transport>`` and wait for the reply."""
-        sock, dec = await self._open(transport, DELIVER_PROTOCOL)
-        loop = asyncio.get_running_loop()
+        conn = await self._open(transport, DELIVER_PROTOCOL)
         try:
             try:
-                await loop.sock_sendall(sock, request.encode())
+                await conn.loop.sock_sendall(conn.sock, request.encode())
             except OSError as exc:
                 raise TransportUnavailable(f"write to {transport}: {exc}") from exc
             try:
                 async with asyncio.timeout(self.reply_timeout):
-                    reply = await _read_list(loop, sock, dec)
+                    reply = await conn.read_list()
                 return DeliverStatus.from_attrs(reply)
             except (TimeoutError, OSError, ProtocolError) as exc:
                 log.warning(
@@ -98,20 +94,19 @@ class AgentClient:
                     reason="unknown mail transport error", agent_failed=True,
                 )
         finally:
-            sock.close()
+            conn.close()
 
     async def status_request(self, service: str, request: StatusRequest) -> bool:
         """Ask the bounce/defer/trace service for a notice. True on success."""
         try:
-            sock, dec = await self._open(service, STATUS_PROTOCOL)
+            conn = await self._open(service, STATUS_PROTOCOL)
         except TransportUnavailable as exc:
             log.warning(f"{request.queue_id}: {service} service unavailable: {exc}")
             return False
-        loop = asyncio.get_running_loop()
         try:
-            await loop.sock_sendall(sock, encode(request.to_attrs()))
+            await conn.loop.sock_sendall(conn.sock, encode(request.to_attrs()))
             async with asyncio.timeout(self.reply_timeout):
-                reply = await _read_list(loop, sock, dec)
+                reply = await conn.read_list()
             if len(reply) != 1 or reply[0][0] != "status" or not reply[0][1].isdigit():
                 raise ProtocolError(f"bad reply {reply[:2]!r}")
             return int(reply[0][1]) == 0
@@ -119,21 +114,80 @@ class AgentClient:
             log.warning(f"{request.queue_id}: {service} service: {exc or type(exc).__name__}")
             return False
         finally:
-            sock.close()
+            conn.close()
 
 
-async def _read_list(loop: asyncio.AbstractEventLoop, sock: socket.socket,
-                     dec: AttrDecoder) -> Pairs:
-    """One attribute list from ``sock`` (``dec`` keeps what follows it).
+class _Conn:
+    """One connection to an agent or the bounce service: its socket, the decoder of what
+    it sent, and one registration with the event loop for the connection's life (the
+    greeting and the reply are two waits; loop.sock_recv would add the socket to epoll
+    and remove it again for each). The event loop's callback reads what arrived, so a
+    readiness it reported is never seen twice."""
 
-    Raises:
-        ProtocolError: EOF or malformed input. OSError from the socket.
-    """
-    while True:
-        lst = dec.pop()
-        if lst is not None:
-            return lst
-        data = await loop.sock_recv(sock, 65536)
-        if not data:
-            raise ProtocolError("unexpected EOF")
-        dec.feed(data)
+    __slots__ = ("chunks", "dec", "eof", "error", "loop", "registered", "sock", "waiter")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+        self.loop = loop
+        self.sock = sock
+        self.dec = AttrDecoder()
+        self.waiter: asyncio.Future[None] | None = None
+        self.registered = False
+        self.chunks: list[bytes] = []
+        self.eof = False
+        self.error: OSError | None = None
+
+    def _readable(self) -> None:
+        try:
+            data = self.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self.error, data = exc, b""
+        if data:
+            self.chunks.append(data)
+        else:  # EOF or an error: the socket stays readable; stop watching it
+            self.eof = True
+            self._unregister()
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _unregister(self) -> None:
+        if self.registered:
+            self.loop.remove_reader(self.sock.fileno())
+            self.registered = False
+
+    async def read_list(self) -> Pairs:
+        """One attribute list (the decoder keeps what follows it).
+
+        Raises:
+            ProtocolError: EOF or malformed input. OSError from the socket.
+        """
+        while True:
+            lst = self.dec.pop()
+            if lst is not None:
+                return lst
+            if self.chunks:
+                data = b"".join(self.chunks)
+                self.chunks.clear()
+            elif self.error is not None:
+                raise self.error
+            elif self.eof:
+                data = b""
+            else:
+                try:
+                    data = self.sock.recv(65536)
+                except (BlockingIOError, InterruptedError):
+                    self.waiter = self.loop.create_future()
+                    if not self.registered:
+                        self.loop.add_reader(self.sock.fileno(), self._readable)
+                        self.registered = True
+                    await self.waiter
+                    continue
+            if not data:
+                raise ProtocolError("unexpected EOF")
+            self.dec.feed(data)
+
+    def close(self) -> None:
+        self._unregister()
+        self.sock.close()
