@@ -109,3 +109,30 @@ def test_read_data_examples(data: bytes, want: bytes | None, rest: bytes | None)
         assert out is asyncio.IncompleteReadError
     else:
         assert (out, left, seen) == (want, rest, len(data) - len(rest or b""))
+
+
+def test_a_slow_client_is_reported_as_its_bytes_come() -> None:
+    """smtpd_timeout is per read: while a client sends a line every 0.05 s, progress()
+    comes at least every ``patience`` (0.02 s) plus a line's wait, not only at the end
+    of the data (the caller rearms the timeout in progress())."""
+    lines = [b"Subject: slow\r\n", b"\r\n"] + [b"line %d\r\n" % i for i in range(6)]
+
+    async def go() -> tuple[bytes | None, list[float]]:
+        reader = asyncio.StreamReader(limit=2048)
+        loop = asyncio.get_running_loop()
+        calls: list[float] = []
+
+        async def feed() -> None:
+            for line in [*lines, b".\r\n"]:
+                reader.feed_data(line)
+                await asyncio.sleep(0.05)
+
+        feeder = asyncio.ensure_future(feed())
+        out = await read_data(reader, 0, lambda n: calls.append(loop.time()), patience=0.02)
+        await feeder
+        return out, calls
+
+    out, calls = asyncio.run(go())
+    assert out == b"".join(lines)
+    assert len(calls) >= len(lines) - 1
+    assert max(b - a for a, b in itertools.pairwise(calls)) < 0.2

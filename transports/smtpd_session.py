@@ -663,7 +663,8 @@ class SmtpdSession(SMTP):
                 self._reset_timeout()
                 rearm_at[0] = loop.time() + rearm
 
-        data = await read_data(self._reader, self.params.message_size_limit, progress)
+        data = await read_data(self._reader, self.params.message_size_limit, progress,
+                               patience=rearm)
         self.where = WHERE_EOM
         self.tx = None
         if data is None:
