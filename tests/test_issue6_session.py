@@ -498,4 +498,28 @@ def test_disconnect_mid_data_queues_nothing(host: Host) -> None:
 
     run(host, script)
     assert not host.queued and not list(host.spool.scan("incoming"))
-    assert "lost connection after DATA (" in maillog(host)
+    assert "lost connection after DATA (41 bytes)" in maillog(host)  # all it was sent
+
+
+def test_smtpd_timeout_is_per_read_during_data(tmp_path: Path) -> None:
+    """smtpd_timeout runs per read, as Postfix's: a client that keeps sending - here one
+    line whose bytes come every 0.1 s for 2.5 s, with smtpd_timeout = 1s - is not cut
+    off, and its message is queued whole."""
+    log.setup("smtpd", str(tmp_path / "maillog"), "qmgrd")
+    h = Host(tmp_path, "smtpd_timeout = 1s\n")
+    line = b"x" * 25
+
+    async def script(c: Client) -> None:
+        await greet(c)
+        assert (await c.cmd("MAIL FROM:<a@far.example>")).startswith("250")
+        assert (await c.cmd("RCPT TO:<b@localhost>")).startswith("250")
+        assert (await c.cmd("DATA")).startswith("354")
+        c.writer.write(b"Subject: slow\r\n\r\n")
+        for i in range(len(line)):
+            c.writer.write(line[i:i + 1])
+            await c.writer.drain()
+            await asyncio.sleep(0.1)
+        assert (await c.cmd(b"\r\n.\r\n")).startswith("250 2.0.0 Ok: queued")
+
+    run(h, script)
+    assert len(h.queued) == 1 and h.content(h.queued[0]).endswith(b"\n" + line + b"\n")

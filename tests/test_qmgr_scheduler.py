@@ -999,3 +999,30 @@ def test_client_defers_when_the_agent_hangs_up_before_replying(tmp_path: Path) -
 
     got = _agent_exchange(tmp_path, script)
     assert (got.status, got.dsn_status, got.agent_failed) == (1, "4.3.0", True)
+
+
+def test_a_cancelled_delivery_closes_its_connection(tmp_path: Path) -> None:
+    """The qmgr stopping (its tasks cancelled) while an agent has not greeted yet: the
+    connection is closed at once - the agent reads EOF - not left open and watched."""
+    (tmp_path / "private").mkdir()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(tmp_path / "private" / "mute"))
+    listener.listen(1)
+    request = DeliverRequest(queue_name="active", queue_id="4Xq7Zc1Hl2z4abc", offset=0,
+                             size=0, sender="s@x", nexthop="x")
+
+    async def run() -> None:
+        client = AgentClient(str(tmp_path), greeting_timeout=30, reply_timeout=30)
+        task = asyncio.ensure_future(client.deliver("mute", request))
+        await asyncio.sleep(0.2)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0)
+        conn, _ = listener.accept()
+        with conn:
+            conn.settimeout(2)
+            assert conn.recv(100) == b""
+
+    with listener:
+        asyncio.run(run())

@@ -209,6 +209,11 @@ class _NoHooks:
     """aiosmtpd's event handler: none of its hooks are used."""
 
 
+
+def _no_progress(nbytes: int) -> None:
+    """read_data's progress callback: data_received counts the bytes and rearms the
+    timeout instead."""
+
 class SmtpdSession(SMTP):
     """One client connection (module docstring)."""
 
@@ -232,7 +237,8 @@ class SmtpdSession(SMTP):
         self.stats: dict[str, list[int]] = {}
         self.error_count = 0
         self.junk = 0
-        self.data_bytes = 0
+        self.data_bytes = 0  # bytes received since DATA's 354 (the lost-connection log)
+        self._rearm_at = 0.0  # in DATA: when smtpd_timeout is rearmed next (data_received)
         self._in_cmd = False
         self._cmd_error = False
         self._greeted = False
@@ -302,6 +308,18 @@ class SmtpdSession(SMTP):
         self.client = ClientInfo(str(peer[0]), str(peer[1]))
         self._registered = True
         self._count = self.host.connect(self)
+
+    def data_received(self, data: bytes) -> None:
+        """Each read from the client. During DATA: count the bytes and rearm
+        smtpd_timeout (Postfix's timeout is per read), at most every
+        min(1 s, smtpd_timeout/10) - also while a long line is still coming."""
+        if self.where == WHERE_DATA:
+            self.data_bytes += len(data)
+            now = self.loop.time()
+            if now >= self._rearm_at:
+                self._reset_timeout()
+                self._rearm_at = now + min(1.0, self.params.timeout / 10)
+        super().data_received(data)
 
     def connection_lost(self, error: Exception | None) -> None:
         super().connection_lost(error)
@@ -653,18 +671,9 @@ class SmtpdSession(SMTP):
             return
         await self._say("354 End data with <CR><LF>.<CR><LF>")
         self.where = WHERE_DATA
-        self.data_bytes = 0
-        loop, rearm = self.loop, min(1.0, self.params.timeout / 10)
-        rearm_at = [loop.time() + rearm]
-
-        def progress(nbytes: int) -> None:
-            self.data_bytes += nbytes
-            if loop.time() >= rearm_at[0]:  # smtpd_timeout runs per read: rearm it
-                self._reset_timeout()
-                rearm_at[0] = loop.time() + rearm
-
-        data = await read_data(self._reader, self.params.message_size_limit, progress,
-                               patience=rearm)
+        self.data_bytes = 0  # data_received counts them and rearms smtpd_timeout
+        self._rearm_at = self.loop.time() + min(1.0, self.params.timeout / 10)
+        data = await read_data(self._reader, self.params.message_size_limit, _no_progress)
         self.where = WHERE_EOM
         self.tx = None
         if data is None:

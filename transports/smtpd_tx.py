@@ -195,7 +195,7 @@ class _Data:
         self.at_start = chunk.endswith(b"\n")
         if self.at_start:
             self.line_crlf = chunk.endswith(b"\r\n") or (chunk == b"\n" and self.last_cr)
-            self.size += len(chunk) + (0 if chunk.endswith(b"\r\n") else 1)
+            self.size += len(chunk) + (0 if self.line_crlf else 1)  # a bare LF as CRLF
             self.last_cr = False
         else:
             self.size += len(chunk)
@@ -231,18 +231,17 @@ class _Data:
 
 
 async def read_data(reader: asyncio.StreamReader, limit: int,
-                    progress: Callable[[int], None], patience: float = 1.0) -> bytes | None:
+                    progress: Callable[[int], None]) -> bytes | None:
     """The DATA content up to CRLF.CRLF, dot-unstuffed (module docstring); None when
     over ``limit`` bytes (0 = no limit). ``progress(n)`` is called after each read of n
-    bytes, at least every ``patience`` seconds while bytes arrive (smtpd_timeout is
-    per read: the caller rearms it there). Raises what the reader raises (the
-    connection went away).
+    bytes from ``reader`` (smtpd_timeout is rearmed per read from the network, by the
+    session's data_received, not here). Raises what the reader raises (the connection
+    went away).
 
     At a line start whose first byte is not a dot, CR or LF, everything up to the first
     CRLF.CRLF is read in one go and handled at once (no end of data can begin in the
-    bytes already read: module docstring's rules) - when it comes within ``patience``
-    seconds; otherwise, and for what is over the stream's limit, line by line as the
-    rules say."""
+    bytes already read: module docstring's rules); otherwise, and for what is over the
+    stream's limit, line by line as the rules say."""
     st = _Data(limit)
     while True:
         prefix = b""
@@ -255,22 +254,15 @@ async def read_data(reader: asyncio.StreamReader, limit: int,
                 continue
             if prefix not in (b".", b"\r"):
                 try:
-                    async with asyncio.timeout(patience):
-                        blob = prefix + await reader.readuntil(b"\r\n.\r\n")
-                except TimeoutError:
-                    pass  # a slow client: this line alone, as it comes (below)
+                    blob = prefix + await reader.readuntil(b"\r\n.\r\n")
                 except asyncio.LimitOverrunError as exc:
                     blob = prefix + await reader.read(exc.consumed)
                     progress(len(blob))
                     st.pieces(blob)
                     continue
-                except asyncio.IncompleteReadError as exc:  # what came is counted
-                    progress(len(prefix) + len(exc.partial))
-                    raise
-                else:
-                    progress(len(blob))
-                    st.complete_lines(blob[:-3])
-                    break
+                progress(len(blob))
+                st.complete_lines(blob[:-3])
+                break
         try:
             chunk = prefix + await reader.readuntil(b"\n")
         except asyncio.LimitOverrunError as exc:

@@ -3,9 +3,10 @@
 Summary
     Connects to ``<queue_directory>/private/<service>``, checks the server's
     ``protocol=...`` greeting, sends one request and reads one reply (postfix.md §5.2,
-    §5.4). One request per connection. The connection is a plain non-blocking socket
-    driven by the event loop's ``sock_*`` calls (no stream transport, protocol and
-    reader objects per delivery: they were a third of the qmgr's CPU per message).
+    §5.4). One request per connection. The connection is a plain non-blocking socket:
+    connect and send through the event loop's ``sock_*`` calls, reads by a reader
+    callback registered once per connection (no stream transport, protocol and reader
+    objects per delivery: they were a third of the qmgr's CPU per message).
 
 Public API
     AgentClient(queue_directory, greeting_timeout, reply_timeout)
@@ -70,6 +71,9 @@ class AgentClient:
         except (TimeoutError, OSError, ProtocolError) as exc:
             conn.close()
             raise TransportUnavailable(f"{failed}: {exc}") from exc
+        except BaseException:  # cancelled (the qmgr stops): nothing left registered
+            conn.close()
+            raise
         return conn
 
     async def deliver(self, transport: str, request: DeliverRequest) -> DeliverStatus:
@@ -121,8 +125,9 @@ class _Conn:
     """One connection to an agent or the bounce service: its socket, the decoder of what
     it sent, and one registration with the event loop for the connection's life (the
     greeting and the reply are two waits; loop.sock_recv would add the socket to epoll
-    and remove it again for each). The event loop's callback reads what arrived, so a
-    readiness it reported is never seen twice."""
+    and remove it again for each). The event loop's callback reads what arrived for a
+    waiting read_list (one recv), so a readiness it reported is never seen twice; with
+    nobody waiting it only stops watching the socket."""
 
     __slots__ = ("chunks", "dec", "eof", "error", "loop", "registered", "sock", "waiter")
 
@@ -137,6 +142,10 @@ class _Conn:
         self.error: OSError | None = None
 
     def _readable(self) -> None:
+        waiter = self.waiter
+        if waiter is None or waiter.done():  # nobody waits: read nothing (a peer that
+            self._unregister()              # sends unasked cannot fill our memory);
+            return                          # read_list registers again when it waits
         try:
             data = self.sock.recv(65536)
         except (BlockingIOError, InterruptedError):
@@ -148,9 +157,7 @@ class _Conn:
         else:  # EOF or an error: the socket stays readable; stop watching it
             self.eof = True
             self._unregister()
-        waiter = self.waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        waiter.set_result(None)
 
     def _unregister(self) -> None:
         if self.registered:
