@@ -916,21 +916,29 @@ def test_flow_tokens_withheld_while_the_qmgr_has_a_backlog(tmp_path: Path,
     run(go())
 
 
+_REQUEST = DeliverRequest(queue_name="active", queue_id="4Xq7Zc1Hl2z4abc", offset=0, size=0,
+                          sender="s@x", nexthop="x")
+
+
+def _agent_socket(tmp_path: Path, service: str) -> socket.socket:
+    """A listening ``<tmp_path>/private/<service>``: the test's stand-in for an agent."""
+    (tmp_path / "private").mkdir(exist_ok=True)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(tmp_path / "private" / service))
+    listener.listen(1)
+    return listener
+
+
 def test_an_agent_that_greets_too_late_never_gets_the_request(tmp_path: Path) -> None:
     """TransportUnavailable promises the agent got nothing (postfix.md §5.2: the client
     sends its request only after the agent's greeting): an agent that accepts and greets
     after greeting_timeout must read EOF, not a request it could still deliver."""
-    (tmp_path / "private").mkdir()
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(str(tmp_path / "private" / "slow"))
-    listener.listen(5)
-    request = DeliverRequest(queue_name="active", queue_id="4Xq7Zc1Hl2z4abc", offset=0,
-                             size=0, sender="s@x", nexthop="x")
+    listener = _agent_socket(tmp_path, "slow")
 
     async def run() -> None:
         client = AgentClient(str(tmp_path), greeting_timeout=0.2, reply_timeout=5)
         with pytest.raises(TransportUnavailable):
-            await client.deliver("slow", request)
+            await client.deliver("slow", _REQUEST)
 
     asyncio.run(run())  # the connection waits in the listen queue past the timeout
     conn, _ = listener.accept()
@@ -950,11 +958,7 @@ def test_an_agent_that_greets_too_late_never_gets_the_request(tmp_path: Path) ->
 def _agent_exchange(tmp_path: Path, script: Callable[[socket.socket], None]) -> DeliverStatus:
     """AgentClient.deliver against a one-connection agent running ``script`` (in a
     thread: the test's stand-in for the agent process)."""
-    (tmp_path / "private").mkdir(exist_ok=True)
-    path = tmp_path / "private" / "agent"
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(str(path))
-    listener.listen(1)
+    listener = _agent_socket(tmp_path, "agent")
 
     def serve() -> None:
         conn, _ = listener.accept()
@@ -963,11 +967,9 @@ def _agent_exchange(tmp_path: Path, script: Callable[[socket.socket], None]) -> 
 
     worker = threading.Thread(target=serve)
     worker.start()
-    request = DeliverRequest(queue_name="active", queue_id="4Xq7Zc1Hl2z4abc", offset=0,
-                             size=0, sender="s@x", nexthop="x")
     try:
         return asyncio.run(AgentClient(str(tmp_path), greeting_timeout=5,
-                                       reply_timeout=5).deliver("agent", request))
+                                       reply_timeout=5).deliver("agent", _REQUEST))
     finally:
         worker.join(10)
         listener.close()
@@ -1004,16 +1006,11 @@ def test_client_defers_when_the_agent_hangs_up_before_replying(tmp_path: Path) -
 def test_a_cancelled_delivery_closes_its_connection(tmp_path: Path) -> None:
     """The qmgr stopping (its tasks cancelled) while an agent has not greeted yet: the
     connection is closed at once - the agent reads EOF - not left open and watched."""
-    (tmp_path / "private").mkdir()
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(str(tmp_path / "private" / "mute"))
-    listener.listen(1)
-    request = DeliverRequest(queue_name="active", queue_id="4Xq7Zc1Hl2z4abc", offset=0,
-                             size=0, sender="s@x", nexthop="x")
+    listener = _agent_socket(tmp_path, "mute")
 
     async def run() -> None:
         client = AgentClient(str(tmp_path), greeting_timeout=30, reply_timeout=30)
-        task = asyncio.ensure_future(client.deliver("mute", request))
+        task = asyncio.ensure_future(client.deliver("mute", _REQUEST))
         await asyncio.sleep(0.2)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):

@@ -239,6 +239,7 @@ class SmtpdSession(SMTP):
         self.junk = 0
         self.data_bytes = 0  # bytes received since DATA's 354 (the lost-connection log)
         self._rearm_at = 0.0  # in DATA: when smtpd_timeout is rearmed next (data_received)
+        self._rearm_every = min(1.0, host.params.timeout / 10)  # seconds
         self._in_cmd = False
         self._cmd_error = False
         self._greeted = False
@@ -318,7 +319,7 @@ class SmtpdSession(SMTP):
             now = self.loop.time()
             if now >= self._rearm_at:
                 self._reset_timeout()
-                self._rearm_at = now + min(1.0, self.params.timeout / 10)
+                self._rearm_at = now + self._rearm_every
         super().data_received(data)
 
     def connection_lost(self, error: Exception | None) -> None:
@@ -672,7 +673,7 @@ class SmtpdSession(SMTP):
         await self._say("354 End data with <CR><LF>.<CR><LF>")
         self.where = WHERE_DATA
         self.data_bytes = 0  # data_received counts them and rearms smtpd_timeout
-        self._rearm_at = self.loop.time() + min(1.0, self.params.timeout / 10)
+        self._rearm_at = self.loop.time() + self._rearm_every
         data = await read_data(self._reader, self.params.message_size_limit, _no_progress)
         self.where = WHERE_EOM
         self.tx = None
