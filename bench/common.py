@@ -284,7 +284,11 @@ class QmgrdInstance:
         return self.ms.env
 
     def flush(self) -> None:
-        r = self.ms.ctl("flush")
+        """``qmgr-ctl -c <etc> flush``: the installed command, as an operator runs it
+        (and as ``postfix flush`` is run for Postfix)."""
+        r = subprocess.run([str(Path(PY).parent / "qmgr-ctl"), "-c", str(self.ms.etc),
+                            "flush"], check=False, capture_output=True, text=True,
+                           timeout=30, env=self.ms.env, stdin=subprocess.DEVNULL)
         if r.returncode != 0:
             raise RuntimeError(f"qmgr-ctl flush: {r.returncode} {r.stderr[-500:]}")
 

@@ -325,42 +325,21 @@ _PARAMS = {"queue_directory": ("/var/spool/postfix", 0),
 
 def _quick_config(config_dir: str) -> tuple[str, int, int] | None:
     """(queue_directory, line_length_limit, message_size_limit) from main.cf when the
-    file is plain (``name = value`` lines, comments, continuation lines) and the three
-    values are literal; None when master.config must decide (anything else, including
-    every error, so that errors are reported by the one parser)."""
-    try:
-        with open(os.path.join(config_dir, "main.cf"), "rb") as f:
-            text = f.read().decode("utf-8")
-    except (OSError, UnicodeDecodeError):
+    file is plain and the three values are literal (qmgrd.quickcf) and the two limits
+    decimal numbers in range; None when master.config must decide (anything else,
+    including every error, so that errors are reported by the one parser)."""
+    from qmgrd.quickcf import values
+
+    got = values(config_dir, {name: default for name, (default, _) in _PARAMS.items()})
+    if got is None:
         return None
-    values: dict[str, str] = {}
-    name = ""
-    for line in text.splitlines():
-        stripped = line.strip()
-        if not stripped or stripped[0] == "#":
-            continue
-        if line[0].isspace():
-            if not name:
-                return None
-            if name in _PARAMS:
-                values[name] += " " + stripped
-            continue
-        name, eq, value = line.partition("=")
-        name = name.strip()
-        if not eq or not name or not (name.replace("_", "a").isalnum() and name.isascii()):
-            return None  # a syntax error, or a name with . or - (master.config decides)
-        if name in _PARAMS:
-            values[name] = value.rstrip()
-    out: list[str] = []
-    for param, (default, minimum) in _PARAMS.items():
-        value = values.get(param, default).strip()
-        if "$" in value:
-            return None
+    for param, (_, minimum) in _PARAMS.items():
+        value = got[param]
         if param != "queue_directory" and not (
                 value.isascii() and value.isdigit() and int(value) >= minimum):
             return None
-        out.append(value)
-    return out[0], int(out[1]), int(out[2])
+    return (got["queue_directory"], int(got["line_length_limit"]),
+            int(got["message_size_limit"]))
 
 
 def _config(config_dir: str) -> tuple[str, int, int]:

@@ -13,6 +13,11 @@ Summary
     ========  =======================================================================
 
 Public API
+    QMGR_REQ_FLUSH_ALL = b"FADI"  what postqueue -f sends the qmgr
+    flush_all(queue_directory) -> bool
+        postqueue -f: ``FADI`` to ``public/qmgr``, then ``W`` to ``public/pickup``
+        (mail still in maildrop/ is picked up first). False when either could not be
+        handed over (the qmgr's is tried first; nothing is sent after a failure).
     send_trigger(path, data, timeout=1.0) -> bool
         Write ``data`` to a FIFO or UNIX stream socket endpoint without blocking longer
         than ``timeout`` seconds. Returns False (and raises nothing) when nobody listens:
@@ -28,11 +33,13 @@ import os
 import stat
 
 __all__ = [
+    "QMGR_REQ_FLUSH_ALL",
     "QMGR_REQ_FLUSH_DEAD",
     "QMGR_REQ_SCAN_ALL",
     "QMGR_REQ_SCAN_DEFERRED",
     "QMGR_REQ_SCAN_INCOMING",
     "TRIGGER_REQ_WAKEUP",
+    "flush_all",
     "send_trigger",
 ]
 
@@ -41,6 +48,15 @@ QMGR_REQ_SCAN_DEFERRED = b"D"
 QMGR_REQ_SCAN_ALL = b"A"
 QMGR_REQ_FLUSH_DEAD = b"F"
 TRIGGER_REQ_WAKEUP = b"W"
+QMGR_REQ_FLUSH_ALL = (QMGR_REQ_FLUSH_DEAD + QMGR_REQ_SCAN_ALL + QMGR_REQ_SCAN_DEFERRED
+                      + QMGR_REQ_SCAN_INCOMING)
+
+
+def flush_all(queue_directory: str) -> bool:
+    """postqueue -f (module docstring): True when both triggers were handed over."""
+    public = os.path.join(queue_directory, "public")
+    return (send_trigger(os.path.join(public, "qmgr"), QMGR_REQ_FLUSH_ALL)
+            and send_trigger(os.path.join(public, "pickup"), TRIGGER_REQ_WAKEUP))
 
 
 def send_trigger(path: str, data: bytes, timeout: float = 1.0) -> bool:

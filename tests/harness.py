@@ -220,7 +220,7 @@ class MailSystem:
                               input=data, capture_output=True, timeout=timeout, env=self.env)
 
     def ctl(self, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(check=False, args=[PY, "-m", "qmgrd.ctl.cli", "-c", str(self.etc), *args],
+        return subprocess.run(check=False, args=[PY, "-m", "qmgrd.ctl", "-c", str(self.etc), *args],
                               capture_output=True, text=True, timeout=timeout, env=self.env,
                               stdin=subprocess.DEVNULL)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -115,3 +116,123 @@ def test_command_help_loads_no_command_modules(tmp_path: Path, command: str) -> 
     code, modules, err = _loaded(tmp_path, command, "--help")
     assert code == 0, err
     assert _heavy(modules) == []
+
+
+# --------------------------------------------- a plain flush, without click (qmgrd.ctl.entry)
+
+_ENTRY_PROBE = """
+import sys
+out = sys.argv[1]
+sys.argv[1:] = sys.argv[2:]
+try:
+    from qmgrd.ctl.entry import main
+    main()
+finally:
+    with open(out, "w") as f:
+        f.write("\\n".join(sorted(sys.modules)))
+"""
+
+
+def _entry(tmp_path: Path, *argv: str, config_env: str | None = None
+           ) -> tuple[int, set[str], str]:
+    """(exit status, modules loaded, stderr) of the qmgr-ctl command (qmgrd.ctl.entry)."""
+    out = tmp_path / "modules.txt"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("QMGRD_CONFIG_DIR", None)
+    if config_env is not None:
+        env["QMGRD_CONFIG_DIR"] = config_env
+    r = subprocess.run([sys.executable, "-c", _ENTRY_PROBE, str(out), *argv], cwd=tmp_path,
+                       env=env, capture_output=True, text=True, timeout=60, check=False,
+                       stdin=subprocess.DEVNULL)
+    return r.returncode, set(out.read_text().split("\n")), r.stderr
+
+
+@pytest.fixture()
+def fifos(tmp_path: Path) -> Iterator[dict[str, int]]:
+    """public/qmgr and public/pickup of the spool in ``etc``'s main.cf, as FIFOs with a
+    reader: {service: the reading descriptor}."""
+    public = tmp_path / "spool" / "public"
+    public.mkdir(parents=True)
+    fds = {}
+    for service in ("qmgr", "pickup"):
+        os.mkfifo(public / service, 0o622)
+        fds[service] = os.open(public / service, os.O_RDONLY | os.O_NONBLOCK)
+    yield fds
+    for fd in fds.values():
+        os.close(fd)
+
+
+def _received(fds: dict[str, int]) -> dict[str, bytes]:
+    got = {}
+    for service, fd in fds.items():
+        try:
+            got[service] = os.read(fd, 1024)
+        except BlockingIOError:
+            got[service] = b""
+    return got
+
+
+def test_plain_flush_sends_the_triggers_without_click(tmp_path: Path, etc: Path,
+                                                      fifos: dict[str, int]) -> None:
+    code, modules, err = _entry(tmp_path, "-c", str(etc), "flush")
+    assert code == 0, err
+    assert err == ""
+    assert _received(fifos) == {"qmgr": b"FADI", "pickup": b"W"}  # postqueue -f's
+    assert "qmgrd.quickcf" in modules and "qmgrd.trigger" in modules
+    assert not {"click", "master.config", "qmgrd.ctl.cli", "re", "typing"} & modules
+
+
+def test_plain_flush_takes_the_directory_from_the_environment(
+        tmp_path: Path, etc: Path, fifos: dict[str, int]) -> None:
+    code, modules, err = _entry(tmp_path, "flush", config_env=str(etc))
+    assert code == 0, err
+    assert _received(fifos) == {"qmgr": b"FADI", "pickup": b"W"}
+    assert "click" not in modules
+
+
+def test_plain_flush_with_the_system_down_reports_as_before(tmp_path: Path,
+                                                            etc: Path) -> None:
+    code, modules, err = _entry(tmp_path, "-c", str(etc), "flush")
+    assert code == 69
+    assert err == "qmgr-ctl: fatal: Cannot flush mail queue - mail system is down\n"
+    assert "click" in modules  # the full path ran, and reported
+
+
+def test_flush_with_an_expansion_in_main_cf_goes_through_the_full_parser(
+        tmp_path: Path, etc: Path, fifos: dict[str, int]) -> None:
+    (etc / "main.cf").write_text(f"base = {tmp_path}\nqueue_directory = $base/spool\n")
+    code, modules, err = _entry(tmp_path, "-c", str(etc), "flush")
+    assert code == 0, err
+    assert _received(fifos) == {"qmgr": b"FADI", "pickup": b"W"}
+    assert "master.config" in modules and "click" in modules
+
+
+def test_a_broken_main_cf_is_reported_by_the_full_parser(tmp_path: Path, etc: Path,
+                                                         fifos: dict[str, int]) -> None:
+    (etc / "main.cf").write_text(f"queue_directory = {tmp_path / 'spool'}\nno equals\n")
+    code, _, err = _entry(tmp_path, "-c", str(etc), "flush")
+    assert code == 78, err  # EX_CONFIG, with the file and line, as before
+    assert "main.cf" in err and "line 2" in err
+    assert _received(fifos) == {"qmgr": b"", "pickup": b""}
+
+
+@pytest.mark.parametrize("argv", [["flush", "--site", "example.com"], ["--help"],
+                                  ["-c", "{etc}", "flush", "--help"], ["flush", "-h"]])
+def test_other_command_lines_go_to_click(tmp_path: Path, etc: Path, fifos: dict[str, int],
+                                         argv: list[str]) -> None:
+    for queue in ("maildrop", "incoming", "active", "deferred", "hold"):
+        (tmp_path / "spool" / queue).mkdir()
+    code, modules, err = _entry(tmp_path, *(a.format(etc=etc) for a in argv),
+                                config_env=str(etc))
+    assert "click" in modules, err
+    assert code == 0, err
+    assert _received(fifos)["pickup"] == b""  # no plain flush was sent
+
+
+def test_the_fast_path_defaults_are_the_cli_and_config_defaults() -> None:
+    from master.config import PARAMS
+    from qmgrd.ctl import cli, entry
+
+    assert entry.DEFAULT_CONFIG_DIR == cli.DEFAULT_CONFIG_DIR
+    assert entry.QUEUE_DIRECTORY_DEFAULT == PARAMS["queue_directory"].default

@@ -1,5 +1,5 @@
-"""python -m qmgrd.ctl — the same as the ``qmgr-ctl`` console script (see qmgrd.ctl.cli)."""
+"""python -m qmgrd.ctl — the same as the ``qmgr-ctl`` command (see qmgrd.ctl.entry)."""
 
-from qmgrd.ctl.cli import main
+from qmgrd.ctl.entry import main
 
 main()

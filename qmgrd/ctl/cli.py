@@ -79,15 +79,19 @@ Exit status (sysexits.h)
     as postqueue does on EPIPE.
 
 Public API
-    main(argv: list[str] | None = None) -> NoReturn     the console script entry point
+    main(argv: list[str] | None = None) -> NoReturn     click's half of the qmgr-ctl command
+                                                        (qmgrd.ctl.entry runs a plain flush
+                                                        itself and calls this otherwise)
     cli                                                 the click group (for CliRunner)
     EX_OK, EX_USAGE, EX_DATAERR, EX_NOINPUT, EX_UNAVAILABLE, EX_TEMPFAIL, EX_NOPERM,
     EX_CONFIG
     fetch(path: str) -> dict[str, Any]                  the status command's client
 
 Start-up
-    qmgr-ctl starts once per ``flush`` (issue 8): importing this module, ``--help`` and a
-    plain ``flush`` load only click, master.config, qmgrd.ctl.common/queues/change and
+    qmgr-ctl starts once per ``flush`` (issue 8). A plain ``flush`` does not get here
+    (qmgrd.ctl.entry sends its triggers without click) unless main.cf needs the full
+    parser or the mail system is down; importing this module, ``--help`` and such a
+    flush load only click, master.config, qmgrd.ctl.common/queues/change and
     qmgrd.trigger. Each command imports the modules doing its work (asyncio, json, the
     queue readers, qmgrd.ctl.admin) when it runs (tests/test_ctl_startup.py).
 """
@@ -130,21 +134,12 @@ from qmgrd.ctl.common import (
     warn,
 )
 from qmgrd.ctl.queues import QUEUE_NAMES, QUEUE_ORDER
-from qmgrd.trigger import (
-    QMGR_REQ_FLUSH_DEAD,
-    QMGR_REQ_SCAN_ALL,
-    QMGR_REQ_SCAN_DEFERRED,
-    QMGR_REQ_SCAN_INCOMING,
-    TRIGGER_REQ_WAKEUP,
-    send_trigger,
-)
+from qmgrd.trigger import flush_all
 
 __all__ = ["EX_CONFIG", "EX_DATAERR", "EX_NOINPUT", "EX_NOPERM", "EX_OK", "EX_TEMPFAIL",
            "EX_UNAVAILABLE", "EX_USAGE", "cli", "main"]
 
 DEFAULT_CONFIG_DIR = "/etc/qmgrd"
-_FLUSH_QMGR = QMGR_REQ_FLUSH_DEAD + QMGR_REQ_SCAN_ALL + QMGR_REQ_SCAN_DEFERRED \
-    + QMGR_REQ_SCAN_INCOMING
 
 
 def fetch(path: str) -> dict[str, Any]:
@@ -363,12 +358,11 @@ def flush_cmd(ctx: click.Context, site: str | None, ids: tuple[str, ...], batch:
         return
     cfg = load(ctx)
     try:
-        public = os.path.join(cfg.get("queue_directory"), "public")
+        queue_directory = cfg.get("queue_directory")
     except ConfigError as exc:
         fatal(ctx, EX_CONFIG, str(exc))
-    for service, data in (("qmgr", _FLUSH_QMGR), ("pickup", TRIGGER_REQ_WAKEUP)):
-        if not send_trigger(os.path.join(public, service), data):
-            fatal(ctx, EX_UNAVAILABLE, "Cannot flush mail queue - mail system is down")
+    if not flush_all(queue_directory):
+        fatal(ctx, EX_UNAVAILABLE, "Cannot flush mail queue - mail system is down")
 
 
 @cli.command("status", help=f"""Show the qmgr's scheduler state.
