@@ -23,7 +23,7 @@ from test_agent_support import (
 )
 
 from qmgrd import delivery
-from qmgrd.delivery import DeliverRequest, RecipientInfo
+from qmgrd.delivery import DeliverRequest, DeliverStatus, RecipientInfo
 from qmgrd.spool import statuslog
 from qmgrd.spool.envelope import DSN_NOTIFY_SUCCESS, Recipient
 from qmgrd.spool.message import QueueFile
@@ -102,6 +102,75 @@ def test_mixed_outcomes_round_trip(env: Env) -> None:
     assert lines["hard@example.net"]["status"] == "bounced"
     assert lines["hard@example.net"]["dsn"] == "5.1.1"
     assert all(m["qid"] == qid for m in lines.values())
+
+
+def test_a_request_whose_qmgr_has_gone_is_not_delivered(env: Env) -> None:
+    """The qmgr writes its request before the greeting and closes the connection when
+    the greeting is late (it has deferred the recipients). Closed before the agent
+    greets: the greeting cannot be written, nothing is delivered."""
+    qid = env.queue(["ok1@example.net"])
+    agent = ScriptAgent()
+    client, server = socket.socketpair()
+    with server:
+        with client:
+            client.sendall(env.request(qid).encode())
+        agent.serve(server, env.ctx())
+    assert agent.seen_lines == []  # deliver() never ran
+    assert env.undone(qid) == ["ok1@example.net"]
+    assert log_lines(env) == []
+    assert "cannot read delivery request" in env.log()
+
+
+@pytest.mark.parametrize("multi", [False, True])
+def test_eof_behind_the_request_means_the_qmgr_has_gone(env: Env, multi: bool) -> None:
+    """Closed after the agent greeted but before it read the request: the request is
+    still in the socket, with EOF behind it (here: the qmgr's end shut for writing).
+    The agent looks for that EOF before delivering (single_server and multi_server)."""
+    import asyncio
+
+    qid = env.queue(["ok1@example.net"])
+    agent = ScriptAgent()
+    client, server = socket.socketpair()
+    with client, server:
+        client.sendall(env.request(qid).encode())
+        client.shutdown(socket.SHUT_WR)
+        if multi:
+            server.setblocking(False)
+            asyncio.run(agent.serve_async(server, env.ctx()))
+        else:
+            server.settimeout(30)  # as serve() sets ipc_timeout: the look must not wait
+            agent.serve(server, env.ctx())
+        server.close()  # as the skeleton does after the handler
+        client.settimeout(5)
+        got = b""
+        while data := client.recv(65536):
+            got += data
+    assert got == delivery.protocol_greeting(delivery.DELIVER_PROTOCOL)  # no reply
+    assert agent.seen_lines == []
+    assert env.undone(qid) == ["ok1@example.net"]
+    assert (f"{qid}: the queue manager closed the connection before the delivery began: "
+            "not delivered") in env.log()
+
+
+def test_a_qmgr_that_waits_gets_its_delivery_over_an_async_agent(env: Env) -> None:
+    import asyncio
+
+    qid = env.queue(["ok1@example.net"])
+    agent = ScriptAgent()
+    client, server = socket.socketpair()
+    server.setblocking(False)
+    with client, server:
+        client.sendall(env.request(qid).encode())  # and the connection stays open
+        asyncio.run(agent.serve_async(server, env.ctx()))
+        client.settimeout(5)
+        dec = delivery.AttrDecoder()
+        lists = []
+        while len(lists) < 2:
+            dec.feed(client.recv(65536))
+            while (lst := dec.pop()) is not None:
+                lists.append(lst)
+    assert env.undone(qid) == []
+    assert DeliverStatus.from_attrs(lists[1]).status == 0
 
 
 def test_all_finished_status_zero(env: Env) -> None:

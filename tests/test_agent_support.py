@@ -112,13 +112,18 @@ def round_trip(agent: DeliveryAgent, req: DeliverRequest | bytes,
                ctx: ServerContext) -> tuple[list[tuple[str, str]], DeliverStatus | None]:
     """Run one request through ``agent.serve`` over a socketpair.
 
+    A DeliverRequest is sent as the qmgr sends it: the connection stays open for the
+    reply (an agent delivers nothing once the qmgr's end is closed). Raw bytes are
+    followed by EOF (SHUT_WR), so that a truncated request ends.
+
     Returns the greeting list and the decoded reply (None when the agent closed without
     replying).
     """
     client, server = socket.socketpair()
     with client, server:
         client.sendall(req if isinstance(req, bytes) else req.encode())
-        client.shutdown(socket.SHUT_WR)
+        if isinstance(req, bytes):
+            client.shutdown(socket.SHUT_WR)
         agent.serve(server, ctx)
         server.close()
         client.settimeout(5)

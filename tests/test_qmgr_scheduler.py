@@ -929,30 +929,82 @@ def _agent_socket(tmp_path: Path, service: str) -> socket.socket:
     return listener
 
 
-def test_an_agent_that_greets_too_late_never_gets_the_request(tmp_path: Path) -> None:
-    """TransportUnavailable promises the agent got nothing (postfix.md §5.2: the client
-    sends its request only after the agent's greeting): an agent that accepts and greets
-    after greeting_timeout must read EOF, not a request it could still deliver."""
+def test_an_agent_that_greets_too_late_finds_the_connection_closed(tmp_path: Path) -> None:
+    """The request goes out before the greeting (qmgrd.qmgr.client); an agent that
+    accepts and greets after greeting_timeout finds the request and then EOF - the
+    qmgr's end closed - which is what the agent checks before delivering
+    (transports.agent._qmgr_gone, tested in test_agent_base)."""
     listener = _agent_socket(tmp_path, "slow")
 
     async def run() -> None:
         client = AgentClient(str(tmp_path), greeting_timeout=0.2, reply_timeout=5)
-        with pytest.raises(TransportUnavailable):
+        with pytest.raises(TransportUnavailable, match="no valid greeting"):
             await client.deliver("slow", _REQUEST)
 
     asyncio.run(run())  # the connection waits in the listen queue past the timeout
     conn, _ = listener.accept()
+    got = b""
     with conn, listener:
-        try:
-            conn.sendall(b"protocol\0delivery_request_protocol\0\0")
-        except OSError:
-            pass
         conn.settimeout(2)
-        try:
-            got = conn.recv(65536)
-        except ConnectionResetError:
+        while data := conn.recv(65536):
+            got += data
+    assert got == _REQUEST.encode()
+
+
+def test_the_request_is_written_before_the_greeting_is_read(tmp_path: Path) -> None:
+    """One wake-up less per delivery: the agent finds the request waiting when it has
+    greeted; the reply is still taken only after a valid greeting."""
+    listener = _agent_socket(tmp_path, "agent")
+    reply = DeliverStatus(status=0, dsn_status="2.0.0", action="relayed", reason="250 ok")
+    seen: list[bytes] = []
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.settimeout(5)
+            want = _REQUEST.encode()
             got = b""
-    assert got == b""
+            while len(got) < len(want):  # read before greeting: it is already there
+                got += conn.recv(65536)
+            seen.append(got)
+            conn.sendall(protocol_greeting("delivery_request_protocol")
+                         + encode(reply.to_attrs()))
+
+    worker = threading.Thread(target=serve)
+    worker.start()
+    try:
+        got = asyncio.run(AgentClient(str(tmp_path), greeting_timeout=5,
+                                      reply_timeout=5).deliver("agent", _REQUEST))
+    finally:
+        worker.join(10)
+        listener.close()
+    assert seen == [_REQUEST.encode()]
+    assert (got.status, got.reason, got.agent_failed) == (0, "250 ok", False)
+
+
+@pytest.mark.parametrize("greeting", [b"", b"protocol\0delivery_req",
+                                      b"protocol\0status_protocol\0\0"])
+def test_no_complete_valid_greeting_means_transport_unavailable(
+        tmp_path: Path, greeting: bytes) -> None:
+    """An agent greets before it reads: a connection that ends before a complete
+    greeting was not read (nothing delivered), and a wrong protocol is not an agent."""
+    listener = _agent_socket(tmp_path, "agent")
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.sendall(greeting)
+
+    worker = threading.Thread(target=serve)
+    worker.start()
+    try:
+        # (a peer gone at once may fail the request's write first: the same verdict)
+        with pytest.raises(TransportUnavailable, match="no valid greeting|write to"):
+            asyncio.run(AgentClient(str(tmp_path), greeting_timeout=5,
+                                    reply_timeout=5).deliver("agent", _REQUEST))
+    finally:
+        worker.join(10)
+        listener.close()
 
 
 def _agent_exchange(tmp_path: Path, script: Callable[[socket.socket], None]) -> DeliverStatus:
@@ -1005,7 +1057,8 @@ def test_client_defers_when_the_agent_hangs_up_before_replying(tmp_path: Path) -
 
 def test_a_cancelled_delivery_closes_its_connection(tmp_path: Path) -> None:
     """The qmgr stopping (its tasks cancelled) while an agent has not greeted yet: the
-    connection is closed at once - the agent reads EOF - not left open and watched."""
+    connection is closed at once - the agent reads the request and then EOF (so it
+    delivers nothing: transports.agent) - not left open and watched."""
     listener = _agent_socket(tmp_path, "mute")
 
     async def run() -> None:
@@ -1017,9 +1070,12 @@ def test_a_cancelled_delivery_closes_its_connection(tmp_path: Path) -> None:
             await task
         await asyncio.sleep(0)
         conn, _ = listener.accept()
+        got = b""
         with conn:
             conn.settimeout(2)
-            assert conn.recv(100) == b""
+            while data := conn.recv(65536):
+                got += data
+        assert got == _REQUEST.encode()
 
     with listener:
         asyncio.run(run())

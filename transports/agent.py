@@ -25,6 +25,13 @@ Summary
     moves it to corrupt/ (Postfix mark_corrupt). A malformed request is logged as a
     warning and the connection is closed without a reply.
 
+    The qmgr writes its request without waiting for the greeting (qmgrd.qmgr.client),
+    and gives up on an agent that does not greet within ``qmgr_ipc_timeout``: it defers
+    the recipients and closes the connection. The request may still wait in the
+    socket, so after reading it the agent looks whether the qmgr's end is closed
+    (a non-blocking peek) and, if so, delivers nothing: ``<qid>: the queue manager
+    closed the connection before the delivery began: not delivered``.
+
     Status-log entries of one request are written with one append per log
     (statuslog.append_many: one fsync for all the request's bounced recipients). A
     transport hook that raises (``software``) and a status log that cannot be written
@@ -130,6 +137,28 @@ class DeliveryState:
         return self.relays.get(id(rcpt), self.relay)
 
 
+def _qmgr_gone(conn: socket.socket, req: DeliverRequest) -> bool:
+    """True (logged) when the qmgr closed its end before the delivery began: it gave up
+    waiting for the greeting and deferred the recipients (module docstring), so the
+    request it left in the socket must not be delivered."""
+    timeout = conn.gettimeout()  # a socket with a timeout would wait (poll) first
+    try:
+        if timeout is not None:
+            conn.settimeout(0.0)
+        gone = conn.recv(1, socket.MSG_PEEK) == b""
+    except (BlockingIOError, InterruptedError):
+        return False  # the qmgr waits for the reply
+    except OSError:
+        gone = True
+    finally:
+        if timeout is not None:
+            conn.settimeout(timeout)
+    if gone:
+        log.warning(f"{req.queue_id}: the queue manager closed the connection before the "
+                    "delivery began: not delivered")
+    return gone
+
+
 class DeliveryAgent:
     """Base class of the delivery agents (see the module docstring).
 
@@ -216,6 +245,9 @@ class DeliveryAgent:
             conn.sendall(delivery.protocol_greeting(delivery.DELIVER_PROTOCOL))
             req = delivery.read_request(conn)
             self._check_request(req)
+            if _qmgr_gone(conn, req):
+                conn.close()
+                return
         except ProtocolError as exc:
             log.warning(f"malformed delivery request: {exc}")
             conn.close()
@@ -252,6 +284,8 @@ class DeliveryAgent:
                     delivery.DELIVER_PROTOCOL))
                 req = await delivery.read_request_async(conn)
             self._check_request(req)
+            if _qmgr_gone(conn, req):
+                return
         except ProtocolError as exc:
             log.warning(f"malformed delivery request: {exc}")
             return
