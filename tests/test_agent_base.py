@@ -173,6 +173,85 @@ def test_a_qmgr_that_waits_gets_its_delivery_over_an_async_agent(env: Env) -> No
     assert DeliverStatus.from_attrs(lists[1]).status == 0
 
 
+@pytest.mark.parametrize("live", [True, False])
+def test_the_look_behind_the_request_never_waits(env: Env, live: bool) -> None:
+    """transports.agent._qmgr_gone on a blocking socket: a live qmgr (no EOF) gives
+    False at once; a qmgr that closed with the greeting unread gives ECONNRESET: gone."""
+    from transports.agent import _qmgr_gone
+
+    qid = env.queue(["ok1@example.net"])
+    req = env.request(qid)
+    qmgr, agent = socket.socketpair()
+    with agent:
+        qmgr.sendall(req.encode())
+        agent.sendall(delivery.protocol_greeting(delivery.DELIVER_PROTOCOL))
+        assert len(agent.recv(65536)) == len(req.encode())
+        agent.settimeout(None)  # blocking: a plain recv would hang on a live qmgr
+        if not live:
+            qmgr.close()  # the greeting unread
+        assert _qmgr_gone(agent, req) is (not live)
+        assert agent.gettimeout() is None  # restored
+    if live:
+        qmgr.close()
+
+
+@pytest.mark.parametrize(("greet_at", "stall"), [(0.40, True), (0.55, True), (1.0, False)])
+def test_a_late_greeting_is_never_both_given_up_and_delivered(
+        env: Env, greet_at: float, stall: bool) -> None:
+    """The qmgr writes its request before the greeting (qmgrd.qmgr.client). A greeting
+    that comes while the qmgr's loop is busy across greeting_timeout (0.5 s), or after
+    it: either the qmgr reports TransportUnavailable and the agent delivers nothing, or
+    the agent delivers and the qmgr gets its reply - never TransportUnavailable (the
+    recipients deferred, "not attempted") for mail that went out."""
+    import asyncio
+    import threading
+    import time
+
+    from qmgrd.qmgr.client import AgentClient, TransportUnavailable
+
+    qid = env.queue(["ok1@example.net"])
+    req = env.request(qid)
+    qdir = env.spool.queue_directory
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(f"{qdir}/private/script")
+    listener.listen(5)
+    agent = ScriptAgent()
+    t0 = time.monotonic()
+
+    def serve() -> None:
+        time.sleep(max(0.0, t0 + greet_at - time.monotonic()))
+        conn, _ = listener.accept()
+        with conn:
+            agent.serve(conn, env.ctx())
+
+    worker = threading.Thread(target=serve)
+    worker.start()
+
+    async def run() -> str:
+        if stall:  # one busy pass of the qmgr's loop across the deadline
+            asyncio.get_running_loop().call_later(0.35, time.sleep, 0.3)
+        try:
+            status = await AgentClient(qdir, greeting_timeout=0.5, reply_timeout=5).deliver(
+                "script", req)
+        except TransportUnavailable:
+            return "unavailable"
+        return f"status {status.status}"
+
+    try:
+        outcome = asyncio.run(run())
+    finally:
+        worker.join(10)
+        listener.close()
+    if stall:  # the agent greeted before the qmgr's late look: it delivers (unless a
+        # very slow machine ran it only after that look: then nothing; never both)
+        delivered = env.undone(qid) == []
+        assert (outcome, delivered) in {("status 0", True), ("unavailable", False)}
+    else:
+        assert outcome == "unavailable"
+        assert env.undone(qid) == ["ok1@example.net"]  # closed: its greeting cannot go out
+        assert "cannot read delivery request" in env.log()
+
+
 def test_all_finished_status_zero(env: Env) -> None:
     qid = env.queue(["ok@example.net", "hard@example.net"])
     _, reply = round_trip(ScriptAgent(), env.request(qid), env.ctx())

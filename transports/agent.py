@@ -25,12 +25,14 @@ Summary
     moves it to corrupt/ (Postfix mark_corrupt). A malformed request is logged as a
     warning and the connection is closed without a reply.
 
-    The qmgr writes its request without waiting for the greeting (qmgrd.qmgr.client),
-    and gives up on an agent that does not greet within ``qmgr_ipc_timeout``: it defers
-    the recipients and closes the connection. The request may still wait in the
-    socket, so after reading it the agent looks whether the qmgr's end is closed
-    (a non-blocking peek) and, if so, delivers nothing: ``<qid>: the queue manager
-    closed the connection before the delivery began: not delivered``.
+    The qmgr writes its request without waiting for the greeting (qmgrd.qmgr.client).
+    When the greeting is late it ends its side for writing and gives up on an agent
+    that has not greeted by then (it defers the recipients). The request may still wait
+    in the socket, so after reading it the agent looks whether EOF follows (a
+    non-blocking peek: the qmgr's side shut or closed) and, if so, delivers nothing:
+    ``<qid>: the queue manager closed the connection before the delivery began: not
+    delivered``. Only our qmgr connects here; a client that half-closes after its
+    request gets neither a delivery nor a reply.
 
     Status-log entries of one request are written with one append per log
     (statuslog.append_many: one fsync for all the request's bounced recipients). A
@@ -141,18 +143,16 @@ def _qmgr_gone(conn: socket.socket, req: DeliverRequest) -> bool:
     """True (logged) when the qmgr closed its end before the delivery began: it gave up
     waiting for the greeting and deferred the recipients (module docstring), so the
     request it left in the socket must not be delivered."""
-    timeout = conn.gettimeout()  # a socket with a timeout would wait (poll) first
+    timeout = conn.gettimeout()  # blocking or with a timeout: it would wait
     try:
-        if timeout is not None:
-            conn.settimeout(0.0)
+        conn.settimeout(0.0)
         gone = conn.recv(1, socket.MSG_PEEK) == b""
     except (BlockingIOError, InterruptedError):
         return False  # the qmgr waits for the reply
-    except OSError:
+    except OSError:  # ECONNRESET: the qmgr closed with our greeting unread
         gone = True
     finally:
-        if timeout is not None:
-            conn.settimeout(timeout)
+        conn.settimeout(timeout)
     if gone:
         log.warning(f"{req.queue_id}: the queue manager closed the connection before the "
                     "delivery began: not delivered")

@@ -11,13 +11,18 @@ Summary
     each less - with one smtp process serving many deliveries at once, a shorter wait
     for each of them (issue 8: H and C ran at the destination's concurrency limit of
     20, where throughput is 20 over the time one delivery takes). The greeting is still
-    read and checked before the reply is trusted. An agent greets before it reads
-    (transports.agent), so a connection that ends before a complete greeting has not
-    been read: TransportUnavailable, and nothing was delivered. When the greeting does
-    not come within greeting_timeout, the connection is closed (TransportUnavailable);
-    an agent that greets after that finds the connection closed and does not deliver
-    (transports.agent checks for it after reading the request). Bounce-service requests
-    still wait for the greeting (a handful per bounce, not per delivery).
+    read and checked before the reply is trusted.
+
+    TransportUnavailable means the agent has not delivered and will not: an agent
+    greets before it reads (transports.agent), so a connection that ends before a
+    complete greeting was not read. When no greeting has come by greeting_timeout, the
+    qmgr first ends its side for writing and then looks again: no byte of a greeting
+    yet - the agent will find EOF behind the request and deliver nothing (it looks
+    before delivering) - TransportUnavailable; some - the agent may already be
+    delivering, so the greeting and the reply are awaited as usual within
+    reply_timeout (no reply then: the unknown outcome below, never "not attempted").
+    Bounce-service requests still wait for the greeting (a handful per bounce, not per
+    delivery).
 
     The connection is a plain non-blocking socket:
     connect and send through the event loop's ``sock_*`` calls, reads by a reader
@@ -61,8 +66,8 @@ __all__ = ["AgentClient", "TransportUnavailable"]
 
 
 class TransportUnavailable(Exception):
-    """The delivery agent's socket refused us or did not greet properly: the agent did
-    not read the request (it greets first), so it cannot have delivered it."""
+    """The delivery agent's socket refused us or did not greet properly, and the agent
+    has not delivered the request and will not (module docstring)."""
 
 
 class AgentClient:
@@ -88,18 +93,28 @@ class AgentClient:
         sock.setblocking(False)
         conn = _Conn(loop, sock)
         failed = f"connect to {path}"
+        written = False
         try:
-            async with asyncio.timeout(self.greeting_timeout):  # connect and greeting
-                await loop.sock_connect(sock, path)
-                if request is not None:
-                    failed = f"write to {path}"
-                    await loop.sock_sendall(sock, request)
-                failed = f"{path}: no valid greeting"
-                greet = await conn.read_list()
+            try:
+                async with asyncio.timeout(self.greeting_timeout):  # connect and greeting
+                    await loop.sock_connect(sock, path)
+                    if request is not None:
+                        failed = f"write to {path}"
+                        await loop.sock_sendall(sock, request)
+                        written = True
+                    failed = f"{path}: no valid greeting"
+                    greet = await conn.read_list()
+            except TimeoutError:
+                if not (written and conn.greeted_after_all()):
+                    raise
+                # it greeted after all (in time or not): it may be delivering, so the
+                # request is not "not attempted"; greeting and reply as usual
+                async with asyncio.timeout(self.reply_timeout):
+                    greet = await conn.read_list()
             check_greeting(greet, protocol)
         except (TimeoutError, OSError, ProtocolError) as exc:
             conn.close()
-            raise TransportUnavailable(f"{failed}: {exc or type(exc).__name__}") from exc
+            raise TransportUnavailable(f"{failed}: {str(exc) or type(exc).__name__}") from exc
         except BaseException:  # cancelled (the qmgr stops): nothing left registered
             conn.close()
             raise
@@ -117,7 +132,7 @@ class AgentClient:
             except (TimeoutError, OSError, ProtocolError) as exc:
                 log.warning(
                     f"{request.queue_id}: {transport} agent: bad or no reply: "
-                    f"{exc or type(exc).__name__}"
+                    f"{str(exc) or type(exc).__name__}"
                 )
                 return DeliverStatus(
                     status=1, dsn_status="4.3.0", action="delayed",
@@ -141,7 +156,8 @@ class AgentClient:
                 raise ProtocolError(f"bad reply {reply[:2]!r}")
             return int(reply[0][1]) == 0
         except (TimeoutError, OSError, ProtocolError) as exc:
-            log.warning(f"{request.queue_id}: {service} service: {exc or type(exc).__name__}")
+            log.warning(f"{request.queue_id}: {service} service: "
+                        f"{str(exc) or type(exc).__name__}")
             return False
         finally:
             conn.close()
@@ -220,6 +236,22 @@ class _Conn:
             if not data:
                 raise ProtocolError("unexpected EOF")
             self.dec.feed(data)
+
+    def greeted_after_all(self) -> bool:
+        """After the greeting's deadline: end our side for writing first - an agent that
+        has not looked behind the request yet now finds EOF there and delivers nothing
+        (transports.agent) - then True when any byte of a greeting has arrived: an agent
+        that greeted may have looked before, and be delivering."""
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # the agent's end is gone: what it sent is still here to be seen
+        if self.chunks or self.dec.pending:
+            return True
+        try:
+            return self.sock.recv(1, socket.MSG_PEEK) != b""
+        except OSError:  # nothing yet (EAGAIN), or a reset without a byte
+            return False
 
     def close(self) -> None:
         self._unregister()
