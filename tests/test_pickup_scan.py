@@ -307,3 +307,32 @@ def test_a_header_over_header_size_limit_is_cut(tmp_path: Path, maillog: Path) -
     assert b"Subject: kept" in lines and lines[-1] == b"body"
     assert f"{qid}: 1 header(s) longer than header_size_limit (200) truncated" in \
         maillog.read_text()
+
+
+def test_a_stop_ends_the_scan_after_the_file_in_hand(env: Env) -> None:
+    """qmgr-master stop (SIGTERM) during a long scan: pickup stops taking files at once,
+    as Postfix's does; the rest waits in maildrop/ for the next start, none lost."""
+    for i in range(5):
+        env.sendmail([f"r{i}@example.net"], b"Subject: s\n\nx\n")
+    asked: list[int] = []
+
+    def stopping() -> bool:
+        asked.append(len(env.ls("incoming")))
+        return len(asked) > 2  # stop when asked before the third file
+
+    assert pickup_scan(env.cfg, env.spool, env.cleanup, stopping) == 2
+    assert asked == [0, 1, 2]
+    assert len(env.ls("maildrop")) == 3 and len(env.ls("incoming")) == 2
+    assert env.scan() == 3
+    assert env.ls("maildrop") == [] and len(env.ls("incoming")) == 5
+
+
+def test_sigterm_sets_the_stop_flag_a_long_trigger_handler_looks_at(env: Env) -> None:
+    from master.server.skeleton import ServerContext, _Loop
+
+    ctx = ServerContext(service="pickup", config=env.cfg, queue_directory=str(env.dir / "q"),
+                        listen_fds=[], generation=0, args=[], status_fd=None)
+    loop = _Loop(ctx)
+    assert not ctx.stopping.is_set()
+    loop._record(signal.SIGTERM, None)  # the handler pickup's scan runs under
+    assert loop.terminate and ctx.stopping.is_set()

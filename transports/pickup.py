@@ -28,8 +28,14 @@ Summary
       status=bounced (<text>)``. Only if that too is refused permanently is the file
       set aside in corrupt/ with the warning above.
 
+    A stop (SIGTERM from ``qmgr-master stop``) ends a scan after the file in hand, as
+    Postfix's pickup stops at once: the rest stays in maildrop/ for the next start
+    (a backlog of thousands would otherwise hold the stop up until the master kills
+    pickup, each file waiting for a flow-control token from a qmgr already gone).
+
 Public API
-    pickup_scan(cfg, spool, cleanup) -> int       files handed to cleanup this call
+    pickup_scan(cfg, spool, cleanup, stopping=None) -> int   files handed to cleanup
+                                                  this call; ``stopping()`` True ends it
     pickup_file(cfg, spool, cleanup, name) -> bool   one maildrop file; True if removed
     main() -> NoReturn                             ``python -m transports.pickup``
 """
@@ -50,6 +56,8 @@ from qmgrd.spool.maildrop import MaildropError, MaildropMessage, read_maildrop
 from qmgrd.spool.queue import Spool
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from master.config import Config
 
 __all__ = ["main", "pickup_file", "pickup_scan"]
@@ -156,12 +164,16 @@ def pickup_file(cfg: Config, spool: Spool, cleanup: Cleanup, name: str) -> bool:
     return True
 
 
-def pickup_scan(cfg: Config, spool: Spool, cleanup: Cleanup) -> int:
-    """Scan maildrop/ until a pass removes nothing; return how many files were removed."""
+def pickup_scan(cfg: Config, spool: Spool, cleanup: Cleanup,
+                stopping: Callable[[], bool] | None = None) -> int:
+    """Scan maildrop/ until a pass removes nothing, or until ``stopping()`` is True
+    (asked before each file); return how many files were removed."""
     total = 0
     for _ in range(_MAX_PASSES):
         count = 0
         for name in list(spool.scan("maildrop")):
+            if stopping is not None and stopping():
+                return total + count
             if pickup_file(cfg, spool, cleanup, name):
                 count += 1
         total += count
@@ -186,7 +198,7 @@ def _handle(data: bytes, ctx: ServerContext) -> None:
     spool, cleanup = _Service.spool, _Service.cleanup
     if spool is None or cleanup is None:
         log.panic("pickup: service used before initialisation")
-    pickup_scan(ctx.config, spool, cleanup)
+    pickup_scan(ctx.config, spool, cleanup, ctx.stopping.is_set)
 
 
 def main() -> NoReturn:

@@ -44,7 +44,8 @@ Summary
     * single_server(handler): delivery agents.  One connection at a time:
       busy(), accept, handler(conn, ctx), idle(), close.  Exit 0 after max_use
       connections (0 = unlimited), after max_idle seconds without one (0 = never), on
-      fd-5 EOF, or on SIGTERM (checked between requests).  ``timer(final)`` (optional,
+      fd-5 EOF, or on SIGTERM (checked between requests; a handler that takes long can
+      look at ``ctx.stopping.is_set()``, which SIGTERM sets at once).  ``timer(final)`` (optional,
       the smtp agent's connection cache): called with False before each wait for a
       request, returning the seconds after which it wants to be called again (None =
       no wish; it is not a request, so max_idle still counts), and once with True when
@@ -429,6 +430,7 @@ class _Loop:
 
     def _record(self, signum: int, frame: FrameType | None) -> None:
         self.terminate = True
+        self.ctx.stopping.set()  # a flag (no waiters here): a long handler may look at it
 
     def serve(self, on_ready: Callable[[int], bool]) -> None:
         """Select on listeners, fd 5 and the signal socket; ``on_ready(fd)`` handles one
@@ -440,6 +442,7 @@ class _Loop:
         sig_r.setblocking(False)
         sig_w.setblocking(False)
         self.sig_fd = sig_r.fileno()
+        _ = ctx.stopping  # made now, not in the signal handler
         signal.set_wakeup_fd(sig_w.fileno(), warn_on_full_buffer=False)
         signal.signal(signal.SIGTERM, self._record)
         sel = selectors.DefaultSelector()
