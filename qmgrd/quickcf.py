@@ -43,7 +43,7 @@ def values(config_dir: str, defaults: dict[str, str]) -> dict[str, str] | None:
         return None
     found: dict[str, str] = {}
     name = ""
-    for line in text.splitlines():
+    for line in text.split("\n"):  # only LF ends a line (master.config.maincf)
         stripped = line.strip()
         if not stripped or stripped[0] == "#":
             continue

@@ -30,6 +30,17 @@ def test_load_parses_comments_blank_continuation_and_later_wins() -> None:
     assert c.is_set("unknown_thing") and not c.is_set("relayhost")
 
 
+@pytest.mark.parametrize("sep", ["\x0c", "\x0b", "\x1c", "\x1e", "\x85", "\u2028", "\r"])
+def test_only_a_line_feed_ends_a_line(sep: str) -> None:
+    """As Postfix reads main.cf: a form feed, a lone CR or a Unicode line separator in a
+    comment does not end it, so what follows is no setting; line numbers count LFs."""
+    c = cfg(f"myhostname = a.example\n# note{sep}myhostname = b.example\n"
+            "mydomain = example.org\n")
+    assert c.get("myhostname") == "a.example"
+    with pytest.raises(ConfigError, match="line 3"):
+        cfg(f"# one{sep}two\nmyhostname = a.example\nno equals sign here\n")
+
+
 def test_config_directory_comes_from_argument_and_is_absolute(tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch
                                                               ) -> None:

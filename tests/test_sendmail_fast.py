@@ -151,6 +151,8 @@ MAIN_CF = [
     "line_length_limit = x\n",
     "queue_directory = /q\n line_length_limit = 5\n",
     "queue_directory\n  = /q\n",
+    "queue_directory = /q\n# note\x0cqueue_directory = /elsewhere\n",  # FF: no line end
+    "queue_directory = /q\x1e\nline_length_limit = 10\x85\n",
 ]
 
 

@@ -101,7 +101,8 @@ def logical_lines(text: str, path: str,
     """
     start = 0
     parts: list[str] = []
-    for lineno, physical in enumerate(text.splitlines(), 1):
+    for lineno, physical in enumerate(text.split("\n"), 1):  # only LF ends a line, as in
+        # Postfix (str.splitlines would also end one at FF, VT, FS/GS/RS, NEL, U+2028...)
         stripped = physical.strip()
         if not stripped or stripped.startswith("#"):
             continue
