@@ -333,6 +333,7 @@ def test_sigterm_sets_the_stop_flag_a_long_trigger_handler_looks_at(env: Env) ->
     ctx = ServerContext(service="pickup", config=env.cfg, queue_directory=str(env.dir / "q"),
                         listen_fds=[], generation=0, args=[], status_fd=None)
     loop = _Loop(ctx)
-    assert not ctx.stopping.is_set()
+    assert not ctx.terminating
     loop._record(signal.SIGTERM, None)  # the handler pickup's scan runs under
-    assert loop.terminate and ctx.stopping.is_set()
+    assert loop.terminate and ctx.terminating
+    assert ctx._stopping is None  # no asyncio.Event made: a synchronous server

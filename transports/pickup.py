@@ -198,7 +198,7 @@ def _handle(data: bytes, ctx: ServerContext) -> None:
     spool, cleanup = _Service.spool, _Service.cleanup
     if spool is None or cleanup is None:
         log.panic("pickup: service used before initialisation")
-    pickup_scan(ctx.config, spool, cleanup, ctx.stopping.is_set)
+    pickup_scan(ctx.config, spool, cleanup, lambda: ctx.terminating)
 
 
 def main() -> NoReturn:

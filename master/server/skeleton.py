@@ -45,7 +45,7 @@ Summary
       busy(), accept, handler(conn, ctx), idle(), close.  Exit 0 after max_use
       connections (0 = unlimited), after max_idle seconds without one (0 = never), on
       fd-5 EOF, or on SIGTERM (checked between requests; a handler that takes long can
-      look at ``ctx.stopping.is_set()``, which SIGTERM sets at once).  ``timer(final)`` (optional,
+      look at ``ctx.terminating``, which SIGTERM sets at once).  ``timer(final)`` (optional,
       the smtp agent's connection cache): called with False before each wait for a
       request, returning the seconds after which it wants to be called again (None =
       no wish; it is not a request, so max_idle still counts), and once with True when
@@ -75,7 +75,9 @@ Summary
 Public API
     ServerContext (dataclass): service, config, queue_directory, listen_fds, generation,
         args, service_type, foreground, status_fd, stopping, unpriv, chroot, owner,
-        watchdog; busy(), idle(), uses(count), status_closed() -> bool
+        watchdog, terminating (SIGTERM came: for a long handler of the synchronous
+        servers, which never import asyncio); busy(), idle(), uses(count),
+        status_closed() -> bool
     single_server(handler, *, pre_jail=None, post_jail=None, argv=None, watchdog=None,
                   timer=None)
     trigger_server(handler, *, pre_jail=None, post_jail=None, argv=None, watchdog=None)
@@ -168,6 +170,7 @@ class ServerContext:
     owner: Owner | None = None
     watchdog: Watchdog = field(default_factory=lambda: Watchdog(18000))
     _status_broken: bool = False
+    terminating: bool = False  # SIGTERM came (single_server, trigger_server)
 
     @property
     def stopping(self) -> asyncio.Event:
@@ -430,7 +433,7 @@ class _Loop:
 
     def _record(self, signum: int, frame: FrameType | None) -> None:
         self.terminate = True
-        self.ctx.stopping.set()  # a flag (no waiters here): a long handler may look at it
+        self.ctx.terminating = True  # for a long handler to look at
 
     def serve(self, on_ready: Callable[[int], bool]) -> None:
         """Select on listeners, fd 5 and the signal socket; ``on_ready(fd)`` handles one
@@ -442,7 +445,6 @@ class _Loop:
         sig_r.setblocking(False)
         sig_w.setblocking(False)
         self.sig_fd = sig_r.fileno()
-        _ = ctx.stopping  # made now, not in the signal handler
         signal.set_wakeup_fd(sig_w.fileno(), warn_on_full_buffer=False)
         signal.signal(signal.SIGTERM, self._record)
         sel = selectors.DefaultSelector()
