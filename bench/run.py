@@ -2,7 +2,7 @@
 by side, a table with the targets, bench/results.jsonl and bench/results.json.
 
 Usage
-    .venv/bin/python bench/run.py [--rounds 5] [--only A,H,C,B,scale,rss] [--scale]
+    .venv/bin/python bench/run.py [--rounds 6] [--only A,H,C,B,scale,rss] [--scale]
                                   [--b-messages N] [--rss-points 120000]
                                   [--systems qmgrd,postfix]
                                   [--out results.json] [--jsonl results.jsonl]
@@ -10,9 +10,11 @@ Usage
 
 ``--only`` names what to run (default ``A,H,C,B,scale,rss``):
     A, H, C, B   issue 8's scenarios (bench/scenarios.py); M (peak PSS) is measured
-                 during A. ``--rounds`` rounds; in each round every scenario runs on
-                 both systems, one after the other, the order alternating from one
-                 scenario and round to the next; medians over the valid rounds.
+                 during A. ``--rounds`` rounds (6: an even number, so that each system
+                 goes first in half of each scenario's rounds); in each round every
+                 scenario runs on both systems, one after the other, which goes first
+                 alternating from one round to the next for each scenario (and from one
+                 scenario to the next); medians over the valid rounds.
     scale        scenario H once more per system at 1,000 messages (5,000 is H itself;
                  ``--scale`` adds 50,000): msgs/s and the qmgr's peak RSS.
     rss          bench/queue_bench.py's qmgr RSS benchmark at ``--rss-points`` queued
@@ -197,11 +199,12 @@ def run_scenarios(bench: scenarios.Bench, only: list[str], rounds: int, n: dict[
                   sink: Callable[[dict[str, Any]], None]) -> list[dict[str, Any]]:
     """``rounds`` rounds of every scenario of ``only``, the systems alternating."""
     out: list[dict[str, Any]] = []
-    step = 0
     for rnd in range(1, rounds + 1):
-        for sc in (s for s in SCENARIOS if s in only):
-            order = bench.systems if step % 2 == 0 else bench.systems[::-1]
-            step += 1
+        for idx, sc in enumerate(s for s in SCENARIOS if s in only):
+            # each scenario alternates which system goes first from round to round (and
+            # neighbouring scenarios start differently): no system always runs right
+            # after its own previous scenario, nor always first, in any scenario
+            order = bench.systems if (rnd + idx) % 2 == 1 else bench.systems[::-1]
             for system in order:
                 out.append(_timed(
                     f"round {rnd} {sc} {system}",
@@ -389,7 +392,7 @@ def scenario_table(summ: dict[str, Any], scale_rows: list[dict[str, Any]],
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--only", default="A,H,C,B,scale,rss")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--scale", action="store_true",
                         help=f"scenario H at {BIG_SCALE_POINT:,} messages too")
     parser.add_argument("--b-messages", type=int, default=0,
