@@ -17,6 +17,7 @@ Summary
     (tests/test_sendmail_fast.py, tests/test_ctl_startup.py compare the two).
 
 Public API
+    QUEUE_DIRECTORY_DEFAULT = "/var/spool/postfix"   master.config's default
     values(config_dir: str, defaults: dict[str, str]) -> dict[str, str] | None
         ``{name: value}`` for the names of ``defaults`` (its value where main.cf does
         not set the name), stripped, continuation lines joined with one space; None
@@ -30,7 +31,9 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["values"]
+__all__ = ["QUEUE_DIRECTORY_DEFAULT", "values"]
+
+QUEUE_DIRECTORY_DEFAULT = "/var/spool/postfix"  # master.config.params' (tests compare them)
 
 
 def values(config_dir: str, defaults: dict[str, str]) -> dict[str, str] | None:

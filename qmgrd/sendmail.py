@@ -78,6 +78,7 @@ from __future__ import annotations
 import os
 import sys
 
+from qmgrd import quickcf
 from qmgrd.utf8 import malformed, shown
 
 TYPE_CHECKING = False  # typing is not imported at run time (start-up cost)
@@ -318,7 +319,7 @@ def _login_name() -> str:
 
 # The parameters read, with their master.config.params defaults and minimum values
 # (tests/test_sendmail_fast.py checks them against the table).
-_PARAMS = {"queue_directory": ("/var/spool/postfix", 0),
+_PARAMS = {"queue_directory": (quickcf.QUEUE_DIRECTORY_DEFAULT, 0),
            "line_length_limit": ("2048", 1),
            "message_size_limit": ("10240000", 0)}
 
@@ -328,9 +329,7 @@ def _quick_config(config_dir: str) -> tuple[str, int, int] | None:
     file is plain and the three values are literal (qmgrd.quickcf) and the two limits
     decimal numbers in range; None when master.config must decide (anything else,
     including every error, so that errors are reported by the one parser)."""
-    from qmgrd.quickcf import values
-
-    got = values(config_dir, {name: default for name, (default, _) in _PARAMS.items()})
+    got = quickcf.values(config_dir, {name: default for name, (default, _) in _PARAMS.items()})
     if got is None:
         return None
     for param, (_, minimum) in _PARAMS.items():

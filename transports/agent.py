@@ -143,16 +143,18 @@ def _qmgr_gone(conn: socket.socket, req: DeliverRequest) -> bool:
     """True (logged) when the qmgr closed its end before the delivery began: it gave up
     waiting for the greeting and deferred the recipients (module docstring), so the
     request it left in the socket must not be delivered."""
-    timeout = conn.gettimeout()  # blocking or with a timeout: it would wait
-    try:
+    timeout = conn.gettimeout()
+    if timeout:  # Python would wait for readiness first: non-blocking for the look
         conn.settimeout(0.0)
-        gone = conn.recv(1, socket.MSG_PEEK) == b""
+    try:
+        gone = conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
     except (BlockingIOError, InterruptedError):
         return False  # the qmgr waits for the reply
     except OSError:  # ECONNRESET: the qmgr closed with our greeting unread
         gone = True
     finally:
-        conn.settimeout(timeout)
+        if timeout:
+            conn.settimeout(timeout)
     if gone:
         log.warning(f"{req.queue_id}: the queue manager closed the connection before the "
                     "delivery began: not delivered")

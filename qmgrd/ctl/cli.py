@@ -133,13 +133,13 @@ from qmgrd.ctl.common import (
     settings,
     warn,
 )
+from qmgrd.ctl.entry import DEFAULT_CONFIG_DIR
 from qmgrd.ctl.queues import QUEUE_NAMES, QUEUE_ORDER
 from qmgrd.trigger import flush_all
 
 __all__ = ["EX_CONFIG", "EX_DATAERR", "EX_NOINPUT", "EX_NOPERM", "EX_OK", "EX_TEMPFAIL",
            "EX_UNAVAILABLE", "EX_USAGE", "cli", "main"]
 
-DEFAULT_CONFIG_DIR = "/etc/qmgrd"
 
 
 def fetch(path: str) -> dict[str, Any]:

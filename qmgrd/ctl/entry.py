@@ -36,10 +36,11 @@ from __future__ import annotations
 import os
 import sys
 
-__all__ = ["main"]
+from qmgrd.quickcf import QUEUE_DIRECTORY_DEFAULT, values
 
-DEFAULT_CONFIG_DIR = "/etc/qmgrd"  # qmgrd.ctl.cli's -c default (a test compares them)
-QUEUE_DIRECTORY_DEFAULT = "/var/spool/postfix"  # master.config's (a test compares them)
+__all__ = ["DEFAULT_CONFIG_DIR", "main"]
+
+DEFAULT_CONFIG_DIR = "/etc/qmgrd"  # the -c default (qmgrd.ctl.cli takes it from here)
 
 
 def _plain_flush(argv: list[str]) -> str | None:
@@ -53,7 +54,6 @@ def _plain_flush(argv: list[str]) -> str | None:
 
 def _flush(config_dir: str) -> bool:
     """Send postqueue -f's triggers; False when the full path must run instead."""
-    from qmgrd.quickcf import values
     from qmgrd.trigger import flush_all
 
     got = values(config_dir, {"queue_directory": QUEUE_DIRECTORY_DEFAULT})

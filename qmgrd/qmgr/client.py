@@ -49,6 +49,7 @@ import os
 import socket
 
 from master import log
+from master.config import describe
 from qmgrd.delivery import (
     DELIVER_PROTOCOL,
     STATUS_PROTOCOL,
@@ -114,7 +115,7 @@ class AgentClient:
             check_greeting(greet, protocol)
         except (TimeoutError, OSError, ProtocolError) as exc:
             conn.close()
-            raise TransportUnavailable(f"{failed}: {str(exc) or type(exc).__name__}") from exc
+            raise TransportUnavailable(f"{failed}: {describe(exc)}") from exc
         except BaseException:  # cancelled (the qmgr stops): nothing left registered
             conn.close()
             raise
@@ -132,7 +133,7 @@ class AgentClient:
             except (TimeoutError, OSError, ProtocolError) as exc:
                 log.warning(
                     f"{request.queue_id}: {transport} agent: bad or no reply: "
-                    f"{str(exc) or type(exc).__name__}"
+                    f"{describe(exc)}"
                 )
                 return DeliverStatus(
                     status=1, dsn_status="4.3.0", action="delayed",
@@ -157,7 +158,7 @@ class AgentClient:
             return int(reply[0][1]) == 0
         except (TimeoutError, OSError, ProtocolError) as exc:
             log.warning(f"{request.queue_id}: {service} service: "
-                        f"{str(exc) or type(exc).__name__}")
+                        f"{describe(exc)}")
             return False
         finally:
             conn.close()
