@@ -509,3 +509,42 @@ def test_multi_server_max_idle_and_timer_hook(multi: Callable[..., Multi]) -> No
     asyncio.run(body())
     assert calls and calls[0] is False  # called while serving
     assert calls.count(True) == 1 and calls[-1] is True  # once, final, at the end
+
+
+def test_multi_server_loop_sleeps_while_connections_are_in_hand(
+        multi: Callable[..., Multi], monkeypatch: pytest.MonkeyPatch) -> None:
+    """serve()'s own loop acts only when nothing is in hand (max_idle, the exit): a
+    connection that ends while others go on does not wake it (that cost an smtp process
+    two tasks and a wait per delivery), and after a stop it waits for the last one
+    without spinning."""
+    waits = 0
+    real_wait = asyncio.wait
+
+    async def counting_wait(*args: Any, **kw: Any) -> Any:
+        nonlocal waits
+        waits += 1
+        return await real_wait(*args, **kw)
+
+    monkeypatch.setattr(asyncio, "wait", counting_wait)
+    m = multi(limit=3)
+
+    async def body() -> None:
+        serve = asyncio.create_task(m.loop.serve())
+        for name in ("c1", "c2", "c3"):
+            m.connect(name)
+        await until(lambda: m.running == 3, "three handlers")
+        before = waits
+        m.release["c1"].set()
+        m.release["c2"].set()
+        await until(lambda: m.finished == ["c1", "c2"], "two connections to end")
+        await asyncio.sleep(QUIET)
+        assert waits == before, "the loop woke for connections that ended with one in hand"
+        m.ctx.stopping.set()
+        await asyncio.sleep(QUIET)
+        assert not serve.done(), "serve() returned with a connection in hand"
+        assert waits <= before + 2, f"{waits - before} waits in {QUIET}s after the stop"
+        m.release["c3"].set()
+        await ended(serve)
+        assert m.finished == ["c1", "c2", "c3"]
+
+    asyncio.run(body())

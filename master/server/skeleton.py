@@ -742,7 +742,8 @@ class _MultiLoop:
                 # at once: from this use on, a crash is a crash, not "bad command startup"
                 self._report_uses()
             self._refresh()
-            self.wake.set()
+            if not self.active:  # the serve loop only acts at none in hand: idle, exit
+                self.wake.set()
 
     def _report_uses(self) -> None:
         if self.unreported:
@@ -793,8 +794,10 @@ class _MultiLoop:
                     if timeout <= 0:
                         return
                 waiter = loop.create_task(self.wake.wait())
-                await asyncio.wait({waiter, stopping}, timeout=timeout,
-                                   return_when=asyncio.FIRST_COMPLETED)
+                # a stop already seen is not waited for again: asyncio.wait would return
+                # at once, a busy loop until the last connection in hand ends
+                await asyncio.wait({waiter} if stopping.done() else {waiter, stopping},
+                                   timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
                 waiter.cancel()
         finally:
             if timer is not None:
