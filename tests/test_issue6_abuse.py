@@ -202,6 +202,35 @@ def test_disconnects_mid_data_and_a_killed_smtpd(system: tuple[MailSystem, int])
                    for p in ms.maildir("bob"))
 
 
+def test_reload_with_a_session_in_hand_does_not_spin(mailsys: MakeSystem) -> None:
+    """After a reload, an smtpd whose client is still connected finishes that session
+    (Postfix's smtpd does too) while sleeping in its event loop: it used to wait again
+    for the stop it had already seen, a busy loop of one CPU until the client left."""
+    ms, port = start(mailsys, MAIN)
+    s = connect(port)
+    buf = bytearray()
+    try:
+        assert read_reply(s, buf).startswith(b"220 ")
+        s.sendall(b"EHLO client.example\r\n")
+        assert read_reply(s, buf).startswith(b"250")
+        [pid] = smtpd_pids(ms)
+        proc = psutil.Process(pid)
+        assert ms.master("reload").returncode == 0
+        time.sleep(1.0)  # the master's SIGHUP handling: the old generation's fd 5 closed
+        before = sum(proc.cpu_times()[:2])
+        time.sleep(1.0)
+        burnt = sum(proc.cpu_times()[:2]) - before
+        assert burnt < 0.3, f"the retiring smtpd used {burnt:.2f} s of CPU in 1 s"
+        s.sendall(b"MAIL FROM:<a@client.example>\r\n")  # its session goes on
+        assert read_reply(s, buf).startswith(b"250")
+        s.sendall(b"QUIT\r\n")
+        assert read_reply(s, buf).startswith(b"221")
+        wait_for(lambda: not psutil.pid_exists(pid) or proc.status() == psutil.STATUS_ZOMBIE,
+                 20, "the retired smtpd to exit")
+    finally:
+        s.close()
+
+
 def test_retiring_processes_hand_over(mailsys: MakeSystem) -> None:
     """max_use: a process retires after max_use x smtpd_process_session_limit sessions and
     a successor takes over; no client is turned away meanwhile. A master stop ends the

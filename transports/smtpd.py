@@ -361,8 +361,10 @@ class SmtpdServer:
                     if timeout <= 0:
                         return
                 waiter = loop.create_task(self._wake.wait())
-                await asyncio.wait({waiter, stopping}, timeout=timeout,
-                                   return_when=asyncio.FIRST_COMPLETED)
+                # a stop already seen is not waited for again: asyncio.wait would return
+                # at once, a busy loop for as long as the sessions in hand last
+                await asyncio.wait({waiter} if stopping.done() else {waiter, stopping},
+                                   timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
                 waiter.cancel()
         finally:
             stopping.cancel()
