@@ -25,7 +25,7 @@ from qmgrd.spool.message import QueueFile
 from qmgrd.spool.queue import Spool
 from transports.smtpd import SmtpdCleanup
 from transports.smtpd_policy import Policy
-from transports.smtpd_session import SmtpdParams, SmtpdSession
+from transports.smtpd_session import READ_SIZE, SmtpdParams, SmtpdSession
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -118,12 +118,12 @@ class Client:
 Script = Callable[[Client], Awaitable[None]]
 
 
-def run(host: Host, *scripts: Script) -> None:
+def run(host: Host, *scripts: Script) -> list[SmtpdSession]:
     """Serve ``host`` on a loopback port; run each script on its own connection, in
-    order; wait until every session has ended."""
+    order; wait until every session has ended. Returns the sessions."""
+    sessions: list[SmtpdSession] = []
 
     async def main() -> None:
-        sessions: list[SmtpdSession] = []
 
         def factory() -> SmtpdSession:
             s = SmtpdSession(host)
@@ -149,6 +149,7 @@ def run(host: Host, *scripts: Script) -> None:
             await server.wait_closed()
 
     asyncio.run(main())
+    return sessions
 
 
 @pytest.fixture
@@ -354,6 +355,34 @@ def test_data_framing_and_received_header(host: Host) -> None:
     # Postfix: content that starts with white space is body, not part of our header
     assert host.content(second).split(b"\n\n", 1)[1] == b" starts with space\n"
     assert f"{first}: client=localhost[127.0.0.1]" in maillog(host)
+
+
+def test_large_data_in_64k_reads(host: Host, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reads from the client are at most READ_SIZE (64 KiB) bytes, not asyncio's 256 KiB
+    (an mmap per read: see READ_SIZE); a 550 KB message sent in one write still arrives
+    whole, its lines intact across the read boundaries."""
+    lines = [b"line %06d " % i + b"z" * (i % 97) for i in range(9000)]
+    data = b"Subject: big\r\n\r\n" + b"\r\n".join(lines) + b"\r\n.\r\n"
+    assert len(data) > 8 * READ_SIZE
+    read_sizes: list[int] = []
+    connect = host.connect
+
+    def spy(session: SmtpdSession) -> int:
+        read_sizes.append(getattr(session.transport, "max_size", -1))
+        return connect(session)
+
+    monkeypatch.setattr(host, "connect", spy)
+
+    async def script(c: Client) -> None:
+        await greet(c)
+        reply = await send(c, "alice@far.example", ["bob@localhost"], data)
+        assert reply.startswith("250 2.0.0 Ok: queued as ")
+        await c.cmd("QUIT")
+
+    run(host, script)
+    assert read_sizes == [READ_SIZE]
+    body = host.content(host.queued[0]).split(b"\n\n", 1)[1]
+    assert body == b"\n".join(lines) + b"\n"
 
 
 def test_message_size_limit_and_header_truncation(tmp_path: Path) -> None:

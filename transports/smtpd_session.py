@@ -94,6 +94,12 @@ WHERE_EOM = "END-OF-MESSAGE"
 _CMD_ORDER = ("helo", "ehlo", "starttls", "auth", "mail", "rcpt", "data", "bdat", "rset",
               "noop", "vrfy", "etrn", "quit", "unknown")
 _JUNK = frozenset({"HELO", "EHLO", "RSET", "NOOP", "VRFY"})
+# Bytes asked of one read from the client. asyncio's socket transport asks for 256 KiB
+# (its max_size): a buffer that size is above glibc's mmap threshold, so every read - a
+# command line of 30 bytes - cost an mmap, mremap and munmap and a page fault: 18 us a
+# read against 3 us at 64 KiB (measured on a socketpair), four reads a message. 64 KiB
+# stays below the threshold and still takes a whole DATA burst of the socket buffer.
+READ_SIZE = 65536
 _HEADER_NAME = re.compile(r"[\x21-\x39\x3b-\x7e]+:\Z")
 _NEUTER = str.maketrans({c: "?" for c in ' <>()\\";@'})
 _SIMPLE_PATH = re.compile(r"<([A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+@[A-Za-z0-9.-]+)>(.*)\Z")
@@ -305,6 +311,8 @@ class SmtpdSession(SMTP):
                 log.info(f"Anonymous TLS connection established from {self.client.namaddr}: "
                          f"{cipher[1]} with cipher {cipher[0]} ({cipher[2]}/{cipher[2]} bits)")
             return
+        if hasattr(transport, "max_size"):  # asyncio's selector socket transport
+            transport.max_size = READ_SIZE
         peer = transport.get_extra_info("peername") or ("unknown", "unknown")
         self.client = ClientInfo(str(peer[0]), str(peer[1]))
         self._registered = True
