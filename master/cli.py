@@ -57,8 +57,14 @@ Description
                ``qmgr-master: warning: <file>, line <n>: ... (bad lines ignored to find
                the queue directory)`` they take queue_directory from the lines that
                parse, so status's 0 / 3 keep their meaning; only when even that fails
-               (queue_directory itself cannot be expanded): ``qmgr-master: fatal:
-               cannot find the queue directory: ...``, exit 1 ("cannot tell").
+               (queue_directory itself cannot be expanded, or is empty or relative:
+               master.config.Config.queue_directory): ``qmgr-master: fatal: cannot find
+               the queue directory: <file>, line <n>: bad queue_directory parameter
+               value "spool": not an absolute path``, exit 1 ("cannot tell").
+    (no queue directory) status, stop and reload: ``qmgr-master: fatal: queue
+               directory <path>: No such file or directory``, exit 1 (status too: a
+               missing directory is a configuration or installation problem, not a
+               stopped mail system).  start creates it when its parent exists.
     check      Create missing queue directories and data_directory, fix wrong owners and
                modes (master.daemon.queuedirs); one line per change on stderr; exit 0.
 
@@ -86,7 +92,7 @@ from master.config import Config, ConfigError, Service, describe, load_configura
 from master.daemon.control import control_path, query
 from master.daemon.master import run_master
 from master.daemon.pidfile import pid_path, read_reload_verdict, running_pid
-from master.daemon.queuedirs import check_queue_dirs
+from master.daemon.queuedirs import check_queue_dirs, directory_problem
 from master.daemon.spawn import wait_child
 from master.server.jail import Owner, OwnerError, lookup_mail_owner
 
@@ -135,18 +141,32 @@ def _checked_config(ctx: click.Context, warn: bool = True,
 
 
 def _queue_directory(ctx: click.Context) -> str:
-    """queue_directory (absolute) for stop and status, also from a broken main.cf: a
-    warning, then the lines that parse are used; fatal (exit 1) if it still cannot be
-    expanded."""
+    """queue_directory (Config.queue_directory: absolute) for stop and status, also from
+    a broken main.cf: a warning, then the lines that parse are used; fatal (exit 1) if
+    the value is bad (empty, relative) or cannot be expanded, or if the directory does
+    not exist (_existing)."""
     try:
-        return os.path.abspath(Config.load(ctx.obj).get("queue_directory"))
+        cfg = Config.load(ctx.obj)
     except ConfigError as exc:
         _say(f"warning: {exc} (bad lines ignored to find the queue directory)")
+        try:
+            cfg, _ = Config.load_lenient(ctx.obj)
+        except ConfigError as err:
+            _fatal(f"cannot find the queue directory: {err}")
     try:
-        cfg, _ = Config.load_lenient(ctx.obj)
-        return os.path.abspath(cfg.get("queue_directory"))
+        return _existing(cfg.queue_directory())
     except ConfigError as exc:
         _fatal(f"cannot find the queue directory: {exc}")
+
+
+def _existing(queue_directory: str) -> str:
+    """``queue_directory``, when it is a directory; else fatal (exit 1): ``queue
+    directory <path>: No such file or directory`` - a missing directory is not a
+    stopped mail system (Postfix: fatal "chdir <path>: ...")."""
+    problem = directory_problem(queue_directory)
+    if problem is not None:
+        _fatal(f"queue directory {queue_directory}: {problem}")
+    return queue_directory
 
 
 def _owner(cfg: Config) -> Owner:
@@ -193,7 +213,7 @@ def start(ctx: click.Context, foreground: bool) -> None:
     # --foreground: the master (this process) logs the warnings itself, to stderr too
     cfg, _ = _checked_config(ctx, warn=not foreground)
     _owner(cfg)
-    pid = _running(os.path.abspath(cfg.get("queue_directory")))
+    pid = _running(cfg.queue_directory())
     if pid is not None:
         _fatal(f"the qmgrd mail system is already running (pid {pid})")
     if foreground:
@@ -295,7 +315,7 @@ def stop(ctx: click.Context) -> None:
 def reload(ctx: click.Context) -> None:
     """Make the master re-read main.cf and master.cf."""
     cfg, _ = _checked_config(ctx, modules=False)
-    qdir = os.path.abspath(cfg.get("queue_directory"))
+    qdir = _existing(cfg.queue_directory())
     pid = _running(qdir)
     if not pid:
         _say("the qmgrd mail system is not running")
@@ -469,7 +489,7 @@ def check(ctx: click.Context) -> None:
     cfg = _config(ctx)
     owner = _owner(cfg)
     try:
-        changes = check_queue_dirs(cfg.get("queue_directory"), cfg.get("data_directory"),
+        changes = check_queue_dirs(cfg.queue_directory(), cfg.get("data_directory"),
                                    owner)
     except (OSError, ConfigError) as exc:
         _fatal(describe(exc))

@@ -8,20 +8,25 @@ Summary
     the file itself, but only when it is plain: every line blank, a comment
     (``#`` first), a continuation (leading white space, after a ``name = value``
     line), or ``name = value`` with a name of letters, digits and ``_``. A value is
-    taken only when it is literal (no ``$``: no expansion to do).
+    taken only when it is literal (no ``$``: no expansion to do), and
+    ``queue_directory``, when asked for, only when it is an absolute path.
 
-    Anything else - a syntax error, a name with ``.`` or ``-``, an expansion, a file
-    that cannot be read or is not UTF-8 - gives None, and the caller loads main.cf
-    through master.config.Config, the one parser: it decides, and it reports the
-    errors (file and line). So the values are Config's whenever this reader gives any
-    (tests/test_sendmail_fast.py, tests/test_ctl_startup.py compare the two).
+    Anything else - a syntax error, a name with ``.`` or ``-``, an expansion, an empty
+    or relative queue_directory, a file that cannot be read or is not UTF-8 - gives
+    None, and the caller loads main.cf through master.config.Config, the one parser:
+    it decides, and it reports the errors (file and line; for queue_directory
+    Config.queue_directory's ``bad queue_directory parameter value``). So the values
+    are Config's whenever this reader gives any, and a fast path never works in a
+    directory relative to where the command was started (tests/test_sendmail_fast.py,
+    tests/test_ctl_startup.py compare the two).
 
 Public API
     QUEUE_DIRECTORY_DEFAULT = "/var/spool/postfix"   master.config's default
     values(config_dir: str, defaults: dict[str, str]) -> dict[str, str] | None
         ``{name: value}`` for the names of ``defaults`` (its value where main.cf does
-        not set the name), stripped, continuation lines joined with one space; None
-        as above.
+        not set the name), stripped, continuation lines joined with one space
+        (queue_directory: an absolute path, normalised as Config.queue_directory
+        gives it); None as above.
 
 Logs nothing; raises nothing. Imports only os (no typing, collections or re: each
 would cost a run a few milliseconds).
@@ -38,7 +43,8 @@ QUEUE_DIRECTORY_DEFAULT = "/var/spool/postfix"  # master.config.params' (tests c
 
 def values(config_dir: str, defaults: dict[str, str]) -> dict[str, str] | None:
     """The literal values of the parameters ``defaults`` names, from
-    ``<config_dir>/main.cf`` when the file is plain (module docstring); else None."""
+    ``<config_dir>/main.cf`` when the file is plain and a queue_directory asked for is
+    an absolute path (module docstring); else None. Raises nothing."""
     try:
         with open(os.path.join(config_dir, "main.cf"), "rb") as f:
             text = f.read().decode("utf-8")
@@ -66,6 +72,10 @@ def values(config_dir: str, defaults: dict[str, str]) -> dict[str, str] | None:
     for param, default in defaults.items():
         value = found.get(param, default).strip()
         if "$" in value:
-            return None
+            return None  # Config expands
+        if param == "queue_directory":
+            if not value.startswith("/"):
+                return None  # Config reports it
+            value = os.path.normpath(value)  # as Config.queue_directory
         out[param] = value
     return out

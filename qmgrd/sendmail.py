@@ -33,9 +33,11 @@ Start-up cost
     specials are checked in place (qmgrd.spool.envelope is imported only for -N, -R, -V
     or an address that needs RFC 5322 parsing). main.cf is read by a small reader that
     takes ``queue_directory``, ``line_length_limit`` and ``message_size_limit`` when
-    they are literal values (no ``$``; decimal numbers) and otherwise, or when any line
-    is not plain ``name = value``, loads it through master.config.Config (same values,
-    same errors).
+    they are literal values (no ``$``; an absolute path; decimal numbers) and otherwise,
+    or when any line is not plain ``name = value``, loads it through
+    master.config.Config (same values, same errors: an empty or relative
+    queue_directory is ``<main.cf>, line <n>: bad queue_directory parameter value
+    ...``, exit 78).
 
 Options
     -c DIR      configuration directory (default $QMGRD_CONFIG_DIR, else /etc/qmgrd)
@@ -64,10 +66,12 @@ Exit status (sysexits)
     0 queued; 64 EX_USAGE bad option, malformed address or envelope id, no recipients
     without -t, or -t with no recipient in the headers; 65 EX_DATAERR message
     over message_size_limit, or a sender or recipient argument that is not valid UTF-8
-    (``malformed UTF-8 in recipient address: <a/\\xff@b>``; nothing is queued); 73
-    EX_CANTCREAT the queue file cannot be created; 75 EX_TEMPFAIL write error; 78
-    EX_CONFIG bad configuration. Errors print one line ``qmgr-sendmail: fatal: ...`` on
-    standard error.
+    (``malformed UTF-8 in recipient address: <a/\\xff@b>``; nothing is queued); 69
+    EX_UNAVAILABLE the queue directory does not exist (``queue directory <path>: No
+    such file or directory``, as Postfix's sendmail: fatal ``chdir <path>: ...``,
+    EX_UNAVAILABLE); 73 EX_CANTCREAT the queue file cannot be created; 75 EX_TEMPFAIL
+    write error; 78 EX_CONFIG bad configuration. Errors print one line
+    ``qmgr-sendmail: fatal: ...`` on standard error.
 
 Public API
     main() -> NoReturn (console script), run(argv, stdin, stderr) -> int
@@ -91,6 +95,7 @@ EX_OK = 0
 EX_USAGE = 64
 EX_DATAERR = 65
 EX_NOUSER = 67
+EX_UNAVAILABLE = 69
 EX_SOFTWARE = 70
 EX_CANTCREAT = 73
 EX_TEMPFAIL = 75
@@ -326,9 +331,10 @@ _PARAMS = {"queue_directory": (quickcf.QUEUE_DIRECTORY_DEFAULT, 0),
 
 def _quick_config(config_dir: str) -> tuple[str, int, int] | None:
     """(queue_directory, line_length_limit, message_size_limit) from main.cf when the
-    file is plain and the three values are literal (qmgrd.quickcf) and the two limits
-    decimal numbers in range; None when master.config must decide (anything else,
-    including every error, so that errors are reported by the one parser)."""
+    file is plain and the three values are literal (qmgrd.quickcf: queue_directory an
+    absolute path) and the two limits decimal numbers in range; None when
+    master.config must decide (anything else, including every error, so that errors
+    are reported by the one parser)."""
     got = quickcf.values(config_dir, {name: default for name, (default, _) in _PARAMS.items()})
     if got is None:
         return None
@@ -350,7 +356,7 @@ def _config(config_dir: str) -> tuple[str, int, int]:
 
     try:
         cfg = Config.load(config_dir)
-        return (cfg.get("queue_directory"), cfg.get_int("line_length_limit"),
+        return (cfg.queue_directory(), cfg.get_int("line_length_limit"),
                 cfg.get_int("message_size_limit"))
     except ConfigError as exc:
         raise _Fatal(EX_CONFIG, str(exc)) from None
@@ -367,6 +373,7 @@ def _submit(o: _Options, stdin: IO[bytes], stderr: IO[str]) -> None:
     try:
         f, qid, path = spool.create("maildrop")
     except OSError as exc:
+        _no_queue_directory(spool.queue_directory)
         raise _Fatal(EX_CANTCREAT, f"create file in {spool.queue_path('maildrop')}: "
                      f"{exc.strerror}") from None
     headers = _HeaderRecipients() if o.extract else None
@@ -411,6 +418,18 @@ def _submit(o: _Options, stdin: IO[bytes], stderr: IO[str]) -> None:
         raise
     if not send_trigger(os.path.join(queue_directory, "public", "pickup"), TRIGGER_REQ_WAKEUP):
         stderr.write(f"{PROG}: warning: unable to wake up the pickup service ({qid} queued)\n")
+
+
+def _no_queue_directory(queue_directory: str) -> None:
+    """After a failed create in maildrop: raise _Fatal EX_UNAVAILABLE ``queue directory
+    <path>: No such file or directory`` when the queue directory itself is missing (or
+    not a directory) - Postfix's sendmail chdirs there first: fatal ``chdir <path>:
+    ...``, EX_UNAVAILABLE. Asked only then, so that a submission costs no extra stat."""
+    from master.daemon.queuedirs import directory_problem
+
+    problem = directory_problem(queue_directory)
+    if problem is not None:
+        raise _Fatal(EX_UNAVAILABLE, f"queue directory {queue_directory}: {problem}")
 
 
 def _unlink(path: str) -> None:

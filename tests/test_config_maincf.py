@@ -266,6 +266,59 @@ def test_every_table_default_is_valid() -> None:
     c = cfg("myhostname = h.example.com\n")
     c.check()
     assert os.path.isabs(c.get("queue_directory"))
+    assert c.queue_directory() == "/var/spool/postfix"
+
+
+@pytest.mark.parametrize("setting,shown,why", [
+    ("queue_directory =", '""', "empty; it must be an absolute path"),
+    ("queue_directory = var/spool", '"var/spool"', "not an absolute path"),
+    ("queue_directory = ./spool", '"./spool"', "not an absolute path"),
+    ("queue_directory = $spool_base", '"" (from "$spool_base")',
+     "empty; it must be an absolute path"),
+    ("spool_base =\nqueue_directory = ${spool_base}/q", '"/q"', None),  # absolute after all
+    ("spool_base = spool\nqueue_directory = $spool_base/q",
+     '"spool/q" (from "$spool_base/q")', "not an absolute path"),
+])
+def test_queue_directory_must_be_an_absolute_path(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch,
+                                                  setting: str, shown: str,
+                                                  why: str | None) -> None:
+    """Postfix refuses an empty queue_directory; qmgrd also a relative one (it would be
+    taken from the current directory). The error names main.cf and the line that sets
+    queue_directory, also when the value comes from another parameter; check() finds
+    it too. An empty value is never the current directory."""
+    monkeypatch.chdir(tmp_path)
+    text = f"myhostname = h.example.com\n# the spool\n{setting}\n"
+    line = text.count("\n")  # queue_directory is set on the last line
+    c = cfg(text)
+    if why is None:
+        assert c.queue_directory() == "/q"
+        c.check()
+        return
+    with pytest.raises(ConfigError) as info:
+        c.queue_directory()
+    assert str(info.value) == (f"/etc/qmgrd/main.cf, line {line}: bad queue_directory "
+                               f"parameter value {shown}: {why}")
+    assert (info.value.path, info.value.line) == ("/etc/qmgrd/main.cf", line)
+    with pytest.raises(ConfigError) as checked:
+        c.check()
+    assert str(checked.value) == str(info.value)
+
+
+def test_bad_queue_directory_override_is_named_as_override() -> None:
+    c = cfg("myhostname = h.example.com\nqueue_directory = /q\n",
+            {"queue_directory": "spool"})
+    with pytest.raises(ConfigError) as info:
+        c.queue_directory()
+    assert str(info.value) == ('-o queue_directory=spool: bad queue_directory parameter '
+                               'value "spool": not an absolute path')
+    with pytest.raises(ConfigError, match="^-o queue_directory=: .*empty"):
+        cfg("", {"queue_directory": ""}).check()
+
+
+def test_queue_directory_is_normalised() -> None:
+    assert cfg("queue_directory = /var/spool/../q/./x/\n").queue_directory() == "/var/q/x"
+    assert cfg("base = /srv\nqueue_directory = $base/q\n").queue_directory() == "/srv/q"
 
 
 @settings(max_examples=300, deadline=None)

@@ -136,6 +136,59 @@ def test_missing_queue_directory_exits_75(etc: Path) -> None:
     assert run("-c", str(etc), "list")[0] == EX_TEMPFAIL
 
 
+QID = "4XZnqS1dxVz3Fgq"  # a well-formed long queue id
+
+
+@pytest.mark.parametrize("args", [
+    ["flush"], ["flush", "--site", "example.com"], ["flush", "--id", QID], ["list"],
+    ["show", QID], ["shape"], ["hold", "ALL"], ["release", QID], ["delete", "ALL"],
+    ["requeue", QID], ["status"], ["suspend", "example.com"], ["resume", "example.com"],
+])
+@pytest.mark.parametrize("setting,shown", [
+    ("queue_directory =", '""'),
+    ("queue_directory = q", '"q"'),
+    ("spool_base =\nqueue_directory = $spool_base", '"" (from "$spool_base")'),
+])
+def test_empty_or_relative_queue_directory_exits_78(
+        etc: Path, monkeypatch: pytest.MonkeyPatch, args: list[str], setting: str,
+        shown: str) -> None:
+    """Every command that uses the queue directory refuses an empty or relative one,
+    naming main.cf and the line (EX_CONFIG), instead of working relative to the current
+    directory (here one holding a queue, ``q``, with FIFOs that have readers)."""
+    monkeypatch.chdir(etc.parent)
+    (etc / "main.cf").write_text(f"# the queue\n{setting}\n")
+    line = setting.count("\n") + 2
+    why = "empty; it must be an absolute path" if shown.startswith('""') else \
+        "not an absolute path"
+    (etc.parent / "public").mkdir()  # what an empty value would name
+    paths = [str(etc.parent / "public" / name) for name in ("qmgr", "pickup")]
+    paths += [public(etc, name) for name in ("qmgr", "pickup")]  # and "q"
+    for path in paths:
+        os.mkfifo(path, 0o622)
+    fds = [os.open(path, os.O_RDWR | os.O_NONBLOCK) for path in paths]
+    try:
+        code, out, err = run("-c", str(etc), *args)
+        assert (code, out) == (EX_CONFIG, "")
+        assert err == (f"qmgr-ctl: fatal: {etc}/main.cf, line {line}: bad queue_directory "
+                       f"parameter value {shown}: {why}\n")
+        assert [drain(fd) for fd in fds] == [b""] * 4
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+@pytest.mark.parametrize("args", [["flush"], ["status"]])
+def test_missing_queue_directory_is_not_a_mail_system_down(etc: Path,
+                                                           args: list[str]) -> None:
+    """flush and status find no qmgr; when that is because the queue directory does not
+    exist they say so (EX_UNAVAILABLE, as postqueue's fatal "chdir <dir>: ...")."""
+    missing = etc.parent / "nonexistent"
+    (etc / "main.cf").write_text(f"queue_directory = {missing}\n")
+    assert run("-c", str(etc), *args) == (
+        EX_UNAVAILABLE, "",
+        f"qmgr-ctl: fatal: queue directory {missing}: No such file or directory\n")
+
+
 def test_unreadable_queue_exits_77(etc: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from qmgrd.ctl import showq
 

@@ -73,9 +73,12 @@ def _heavy(modules: set[str]) -> list[str]:
 
 @pytest.fixture()
 def etc(tmp_path: Path) -> Path:
+    """A main.cf whose queue directory (``tmp_path/spool``) exists, with nothing in it:
+    a mail system that is down."""
     d = tmp_path / "etc"
     d.mkdir()
     (d / "main.cf").write_text(f"queue_directory = {tmp_path / 'spool'}\n")
+    (tmp_path / "spool").mkdir()
     return d
 
 
@@ -215,6 +218,58 @@ def test_a_broken_main_cf_is_reported_by_the_full_parser(tmp_path: Path, etc: Pa
     assert code == 78, err  # EX_CONFIG, with the file and line, as before
     assert "main.cf" in err and "line 2" in err
     assert _received(fifos) == {"qmgr": b"", "pickup": b""}
+
+
+def _fifos_in(public: Path) -> dict[str, int]:
+    """public/qmgr and public/pickup FIFOs under ``public``, each with a reader."""
+    public.mkdir(parents=True, exist_ok=True)
+    fds = {}
+    for service in ("qmgr", "pickup"):
+        os.mkfifo(public / service, 0o622)
+        fds[service] = os.open(public / service, os.O_RDONLY | os.O_NONBLOCK)
+    return fds
+
+
+@pytest.mark.parametrize("value,shown,why", [
+    ("", '""', "empty; it must be an absolute path"),
+    ("spool", '"spool"', "not an absolute path"),
+    ("./spool/", '"./spool/"', "not an absolute path"),
+    ("$spool_base", '"" (from "$spool_base")', "empty; it must be an absolute path"),
+])
+def test_plain_flush_never_uses_a_relative_queue_directory(tmp_path: Path, etc: Path,
+                                                           value: str, shown: str,
+                                                           why: str) -> None:
+    """An empty or relative queue_directory (also one that expands to nothing) is not
+    taken by the fast path: the full parser reports it with file and line (EX_CONFIG),
+    and no trigger goes to the FIFOs it would name relative to the current directory
+    (the command runs in tmp_path: ``public/`` and ``spool/public/`` there)."""
+    (etc / "main.cf").write_text(f"# the queue\nqueue_directory = {value}\n")
+    fds = {**{f"./{k}": v for k, v in _fifos_in(tmp_path / "public").items()},
+           **_fifos_in(tmp_path / "spool" / "public")}
+    try:
+        code, modules, err = _entry(tmp_path, "-c", str(etc), "flush")
+        assert code == 78, err
+        assert err == (f"qmgr-ctl: fatal: {etc}/main.cf, line 2: bad queue_directory "
+                       f"parameter value {shown}: {why}\n")
+        assert set(_received(fds).values()) == {b""}
+        assert "master.config" in modules
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+
+
+def test_plain_flush_names_a_missing_queue_directory(tmp_path: Path, etc: Path) -> None:
+    """No queue directory at all is said plainly (postqueue: fatal "chdir <dir>: No such
+    file or directory", EX_UNAVAILABLE), not as a mail system that is down."""
+    missing = tmp_path / "nowhere" / "spool"
+    (etc / "main.cf").write_text(f"queue_directory = {missing}\n")
+    code, _, err = _entry(tmp_path, "-c", str(etc), "flush")
+    assert code == 69
+    assert err == f"qmgr-ctl: fatal: queue directory {missing}: No such file or directory\n"
+    (etc / "main.cf").write_text(f"queue_directory = {etc / 'main.cf'}\n")  # not a dir
+    code, _, err = _entry(tmp_path, "-c", str(etc), "flush")
+    assert code == 69
+    assert err == f"qmgr-ctl: fatal: queue directory {etc}/main.cf: Not a directory\n"
 
 
 @pytest.mark.parametrize("argv", [["flush", "--site", "example.com"], ["--help"],

@@ -295,6 +295,61 @@ def test_start_refuses_a_mistyped_queue_directory_and_creates_nothing(tmp_path: 
     assert not typo.exists()
 
 
+def _master_cli(etc: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """qmgr-master -c etc args, run in ``cwd``; a master it started by mistake is
+    stopped again."""
+    def cli(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-P", "-m", "master.cli", "-c", str(etc),
+                               *argv], check=False, env=child_env(), capture_output=True,
+                              text=True, timeout=30, stdin=subprocess.DEVNULL, cwd=cwd)
+
+    result = cli(*args)
+    if args == ("start",) and result.returncode == 0:  # a regression: do not leave it
+        cli("stop")
+    return result
+
+
+@pytest.mark.parametrize("command", ["start", "status", "stop", "reload", "check"])
+@pytest.mark.parametrize("setting,shown,why", [
+    ("queue_directory =", '""', "empty; it must be an absolute path"),
+    ("queue_directory = q", '"q"', "not an absolute path"),
+    ("queue_directory = $spool_base", '"" (from "$spool_base")',
+     "empty; it must be an absolute path"),
+])
+def test_empty_or_relative_queue_directory_is_fatal(tmp_path: Path, command: str,
+                                                    setting: str, shown: str,
+                                                    why: str) -> None:
+    """Every qmgr-master command names main.cf and the line of an empty or relative
+    queue_directory (Postfix: an empty one is fatal) and works nowhere relative to the
+    directory it was started in."""
+    etc = write_config(tmp_path, MASTER_CF)
+    main = etc / "main.cf"
+    main.write_text("".join(line + "\n" for line in main.read_text().splitlines()
+                            if not line.startswith("queue_directory"))
+                    + f"# the queue\n{setting}\n")
+    line = len(main.read_text().splitlines())
+    result = _master_cli(etc, tmp_path, command)
+    problem = f"{main}, line {line}: bad queue_directory parameter value {shown}: {why}"
+    if command in ("status", "stop"):  # they also read a broken main.cf, then give up
+        problem = f"cannot find the queue directory: {problem}"
+    assert (result.returncode, result.stderr) == (1, f"qmgr-master: fatal: {problem}\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["etc"]  # nothing made here
+
+
+@pytest.mark.parametrize("command", ["status", "stop", "reload"])
+def test_missing_queue_directory_is_said_plainly(tmp_path: Path, command: str) -> None:
+    """No queue directory is not "the qmgrd mail system is not running" (status's exit
+    3): the directory is named, exit 1."""
+    etc = write_config(tmp_path, MASTER_CF)  # queue_directory tmp_path/q, not made
+    result = _master_cli(etc, tmp_path, command)
+    assert (result.returncode, result.stderr) == (
+        1, f"qmgr-master: fatal: queue directory {tmp_path}/q: No such file or directory\n")
+    (tmp_path / "q").mkdir()
+    result = _master_cli(etc, tmp_path, command)
+    assert result.stderr == "qmgr-master: the qmgrd mail system is not running\n"
+    assert result.returncode == (3 if command == "status" else 1)
+
+
 def test_reload_reports_a_new_service_that_could_not_start(system: System) -> None:
     """A service added by reload whose port is taken: the master keeps the rest of the
     new configuration, and qmgr-master reload says which service it could not start

@@ -190,6 +190,10 @@ def test_config_and_queue_errors(tmp_path: Path, confdir: Path) -> None:
     (confdir / "main.cf").write_text(f"queue_directory = {confdir}/q\nline_length_limit = x\n")
     assert sendmail(confdir, ["r@x"], b"x")[0] == 78
     (confdir / "main.cf").write_text(f"queue_directory = {confdir}/nonexistent\n")
+    code, err2 = sendmail(confdir, ["r@x"], b"x")  # Postfix: EX_UNAVAILABLE, chdir
+    assert code == 69 and f"queue directory {confdir}/nonexistent: No such file" in err2
+    (confdir / "main.cf").write_text(f"queue_directory = {confdir}/q\n")
+    (confdir / "q" / "maildrop").rmdir()
     code, err2 = sendmail(confdir, ["r@x"], b"x")
     assert code == 73 and "maildrop" in err2
 

@@ -153,13 +153,17 @@ MAIN_CF = [
     "queue_directory\n  = /q\n",
     "queue_directory = /q\n# note\x0cqueue_directory = /elsewhere\n",  # FF: no line end
     "queue_directory = /q\x1e\nline_length_limit = 10\x85\n",
+    "queue_directory =\n",  # empty, relative: Config reports them
+    "queue_directory = q\n",
+    "queue_directory = ./q\nline_length_limit = 100\n",
+    "queue_directory = /q/../r//\n",  # normalised alike
 ]
 
 
 def full(confdir: Path) -> tuple[str, int, int] | str:
     try:
         cfg = Config.load(str(confdir))
-        return (cfg.get("queue_directory"), cfg.get_int("line_length_limit"),
+        return (cfg.queue_directory(), cfg.get_int("line_length_limit"),
                 cfg.get_int("message_size_limit"))
     except ConfigError as exc:
         return f"error: {exc}"
@@ -207,6 +211,53 @@ def test_reader_never_disagrees_with_config(lines: list[tuple[str, str, str]]) -
         quick = sm._quick_config(d)
         if quick is not None:
             assert quick == full(Path(d))
+
+
+@pytest.mark.parametrize("setting,shown", [
+    ("queue_directory =", '""'),
+    ("queue_directory = q", '"q"'),
+    ("queue_directory = $spool_base", '"" (from "$spool_base")'),
+])
+def test_empty_or_relative_queue_directory_is_a_config_error(
+        confdir: Path, monkeypatch: pytest.MonkeyPatch, setting: str, shown: str) -> None:
+    """Neither the small reader nor the full parser takes an empty or relative
+    queue_directory: EX_CONFIG naming main.cf and the line, and nothing is queued in a
+    maildrop/ relative to the current directory (here: one for "" and one for "q")."""
+    monkeypatch.chdir(confdir)
+    Spool(str(confdir)).make_dirs()
+    (confdir / "main.cf").write_text(f"# the queue\n{setting}\n")
+    why = "empty; it must be an absolute path" if shown.startswith('""') else \
+        "not an absolute path"
+    err = io.StringIO()
+    assert sm.run(["-c", str(confdir), "r@example.net"], io.BytesIO(b"x\n"), err) \
+        == sm.EX_CONFIG
+    assert err.getvalue() == (f"qmgr-sendmail: fatal: {confdir}/main.cf, line 2: bad "
+                              f"queue_directory parameter value {shown}: {why}\n")
+    assert list((confdir / "maildrop").iterdir()) == []
+    assert list((confdir / "q" / "maildrop").iterdir()) == []
+
+
+@pytest.mark.parametrize("setting", ["queue_directory = {missing}",  # the small reader
+                                     "base = {missing}\nqueue_directory = $base"])
+def test_missing_queue_directory_is_said_plainly(tmp_path: Path, setting: str) -> None:
+    """As Postfix's sendmail (fatal "chdir <dir>: No such file or directory",
+    EX_UNAVAILABLE): the directory is named, not "cannot create a file in maildrop"."""
+    missing = tmp_path / "nowhere" / "spool"
+    (tmp_path / "main.cf").write_text(setting.format(missing=missing) + "\n")
+    err = io.StringIO()
+    assert sm.run(["-c", str(tmp_path), "r@example.net"], io.BytesIO(b"x\n"), err) \
+        == sm.EX_UNAVAILABLE == 69
+    assert err.getvalue() == (f"qmgr-sendmail: fatal: queue directory {missing}: "
+                              "No such file or directory\n")
+
+
+def test_missing_maildrop_alone_is_still_cannot_create(confdir: Path) -> None:
+    (confdir / "q" / "maildrop").rmdir()
+    err = io.StringIO()
+    assert sm.run(["-c", str(confdir), "r@example.net"], io.BytesIO(b"x\n"), err) \
+        == sm.EX_CANTCREAT
+    assert err.getvalue() == (f"qmgr-sendmail: fatal: create file in {confdir}/q/maildrop: "
+                              "No such file or directory\n")
 
 
 # ------------------------------------------------------------------- plain addresses

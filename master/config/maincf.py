@@ -3,7 +3,8 @@
 SYNOPSIS
     from master.config import Config, ConfigError
     cfg = Config.load("/etc/qmgrd", overrides={"syslog_name": "qmgrd/relay"})
-    cfg.get("queue_directory")                       # -> str, fully expanded
+    cfg.get("myorigin")                              # -> str, fully expanded
+    cfg.queue_directory()                            # -> str, an absolute path
     cfg.get_time("queue_run_delay")                  # -> int seconds
     cfg.transport_int("smtp", "_destination_recipient_limit")   # -> 50
     child = cfg.with_overrides({"service_name": "relay"})
@@ -31,10 +32,13 @@ PUBLIC API
     cfg.with_overrides(overrides) -> Config       (new object; later overrides win)
     cfg.get(name) -> str; cfg.get_raw(name) -> str; cfg.is_set(name) -> bool
     cfg.get_int / get_bool / get_time (seconds) / get_size (bytes) / get_list
+    cfg.queue_directory() -> str  the one way to the queue directory: an absolute path,
+                                 else ConfigError (Postfix: an empty value is fatal)
     cfg.transport_name(transport, suffix) -> str (the parameter actually used)
     cfg.transport_param / transport_int / transport_time (transport, suffix)
     cfg.check() -> None          validate every set or table parameter (like postconf),
-                                 and each entry of NETWORK_LIST_PARAMS (master.config.netlist)
+                                 each entry of NETWORK_LIST_PARAMS (master.config.netlist)
+                                 and queue_directory (queue_directory())
     cfg.error(name, message) -> ConfigError   located where name's value came from
     param_spec(name) -> Param | None   the table entry governing name (per-transport too)
     TRANSPORT_SUFFIXES                 the per-transport parameter suffixes
@@ -477,6 +481,32 @@ class Config:
         """Value split on commas and whitespace (``{ ... }`` groups kept whole)."""
         return split_list(self.get(name))
 
+    def queue_directory(self) -> str:
+        """The expanded queue_directory, normalised as os.path.abspath does (no "." or
+        ".." parts, no trailing "/").  Every program that uses the queue directory asks
+        here rather than ``get("queue_directory")``.
+
+        Postfix refuses an empty value (a string parameter of minimum length 1: fatal
+        "bad string length"); a relative path would be taken from whatever directory a
+        tool is started in, so it is refused too.
+
+        Raises:
+            ConfigError: the value is empty or relative after expansion - located where
+                queue_directory is set: ``"<main.cf>, line <n>: bad queue_directory
+                parameter value "spool": not an absolute path"``, or ``"-o
+                queue_directory=spool: ..."`` (the raw value is quoted too when it
+                differs: ``"" (from "$spool")``); or the expansion fails (loop,
+                malformed ``${...}``).
+        """
+        value = self.get("queue_directory")
+        if os.path.isabs(value):
+            return os.path.abspath(value)
+        raw = self.get_raw("queue_directory")
+        shown = f'"{value}"' if raw == value else f'"{value}" (from "{raw}")'
+        why = "empty; it must be an absolute path" if not value else "not an absolute path"
+        raise self._error("queue_directory",
+                          f"bad queue_directory parameter value {shown}: {why}")
+
     # --- per-transport parameters ------------------------------------------------------
     def transport_name(self, transport: str, suffix: str) -> str:
         """The parameter used for ``transport`` + ``suffix``: ``<transport><suffix>`` if set
@@ -508,8 +538,9 @@ class Config:
     def check(self) -> None:
         """Expand every parameter and convert every typed parameter (the table's, and
         per-transport ones such as smtp_destination_recipient_limit by their global's
-        type, see param_spec); raise the first ConfigError found (like a daemon's
-        start-up checks).  Names are checked sorted."""
+        type, see param_spec), then queue_directory (queue_directory()) and the host
+        name, protocols and networks (_check_identity); raise the first ConfigError found
+        (like a daemon's start-up checks).  Names are checked sorted."""
         for name in self.names():
             self.get(name)
             param = param_spec(name)
@@ -519,6 +550,7 @@ class Config:
                 self.get_bool(name)
             elif param.type in ("int", "time", "size"):
                 self._convert(name, param.type, param)
+        self.queue_directory()
         self._check_identity()
 
     def _check_identity(self) -> None:

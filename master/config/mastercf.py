@@ -4,7 +4,7 @@ SYNOPSIS
     from master.config import Config, load_master_cf
     cfg = Config.load("/etc/qmgrd")
     for svc in load_master_cf("/etc/qmgrd/master.cf", cfg):
-        svc.service_key, svc.module, svc.endpoint(cfg.get("queue_directory"))
+        svc.service_key, svc.module, svc.endpoint(cfg.queue_directory())
 
 DESCRIPTION
     Postfix master.cf(5) syntax: one logical line per service (continuation lines start

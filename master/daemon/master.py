@@ -123,7 +123,7 @@ def settings_from(cfg: Config, foreground: bool, services: Sequence[Service] = (
                                                   svc.module.rpartition(".")[2])
                 for svc in services}
     return Settings(config_directory=cfg.config_directory,
-                    queue_directory=os.path.abspath(cfg.get("queue_directory")),
+                    queue_directory=cfg.queue_directory(),
                     default_process_limit=cfg.get_int("default_process_limit"),
                     service_throttle_time=cfg.get_time("service_throttle_time"),
                     foreground=foreground, privileged=privileged, watchdog=watchdog)
@@ -469,9 +469,11 @@ def run_master(config_directory: str, foreground: bool = False,
         _log_early(config_directory, foreground)
         fail(str(exc))
     try:  # before the log's directories are made: they could make a typo's parent exist
-        require_parent(os.path.abspath(cfg.get("queue_directory")), "queue_directory")
+        require_parent(cfg.queue_directory(), "queue_directory")
     except FileNotFoundError as exc:
         fail(str(exc.strerror))
+    except ConfigError as exc:  # not after _load's cfg.check(); named for the reader
+        fail(str(exc))
     try:
         if maillog:
             _create_maillog(maillog)

@@ -32,6 +32,10 @@ Public API
     require_parent(path, param) -> None
         FileNotFoundError unless ``path`` or its parent directory exists (``param``:
         the parameter named in the message).
+    directory_problem(path) -> str | None
+        why ``path`` is not a directory one can use ("No such file or directory",
+        "Not a directory", ...), None when it is one: the tools that find no master
+        or qmgr tell a missing queue directory from a mail system that is down.
     unreachable_by(path, uid, gid) -> str | None
         the first directory on the way to ``path`` that ``uid`` cannot search, or None.
 
@@ -47,8 +51,8 @@ import stat
 
 from master.server.jail import Owner
 
-__all__ = ["QUEUE_DIRS", "ROOT_DIR_MODE", "check_queue_dirs", "require_parent",
-           "unreachable_by"]
+__all__ = ["QUEUE_DIRS", "ROOT_DIR_MODE", "check_queue_dirs", "directory_problem",
+           "require_parent", "unreachable_by"]
 
 ROOT_DIR_MODE = 0o755
 DATA_DIR_MODE = 0o700
@@ -145,6 +149,22 @@ def require_parent(path: str, param: str) -> None:
         raise FileNotFoundError(
             errno.ENOENT, f"{param} {path}: parent directory {parent} does not exist "
             "(a mistyped path? create it first if it is right)")
+
+
+def directory_problem(path: str) -> str | None:
+    """Why ``path`` cannot be used as a directory, in strerror's words ("No such file or
+    directory", "Not a directory", "Permission denied"), or None when it is a directory.
+
+    Postfix's postqueue and sendmail chdir to queue_directory first and stop with
+    ``fatal: chdir <queue_directory>: No such file or directory``; qmgrd's tools ask
+    this when they find no master or qmgr, so that a missing queue directory is not
+    reported as a mail system that is down.  Raises nothing.
+    """
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        return exc.strerror or os.strerror(exc.errno or errno.EIO)
+    return None if stat.S_ISDIR(st.st_mode) else os.strerror(errno.ENOTDIR)
 
 
 def unreachable_by(path: str, uid: int, gid: int) -> str | None:

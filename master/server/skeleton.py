@@ -381,7 +381,7 @@ def _setup(argv: Sequence[str] | None, pre_jail: JailHook | None,
     if status_fd is None and opts.listen:
         listen_fds = [_standalone_listener(opts.listen, opts.type)]
     ctx = ServerContext(service=service, config=cfg,
-                        queue_directory=cfg.get("queue_directory"), listen_fds=listen_fds,
+                        queue_directory=cfg.queue_directory(), listen_fds=listen_fds,
                         generation=int(os.environ.get("GENERATION", "0") or 0),
                         args=list(opts.args), service_type=opts.type,
                         foreground=opts.foreground, status_fd=status_fd,

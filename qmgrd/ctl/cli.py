@@ -35,7 +35,9 @@ Description
     the qmgr route the mail anew (a changed transport map applies).
 
     ``flush`` is ``postqueue -f`` (``FADI`` to public/qmgr, ``W`` to public/pickup; no
-    reader: ``Cannot flush mail queue - mail system is down``, exit 69). ``--id`` is
+    reader: ``Cannot flush mail queue - mail system is down``, exit 69; no queue
+    directory at all: ``queue directory <path>: No such file or directory``, exit 69,
+    as postqueue's ``chdir <path>: ...``). ``--id`` is
     ``postqueue -i``, ``--site`` ``postqueue -s``, paced: ``--batch`` messages every
     ``--pace`` seconds.
 
@@ -66,13 +68,16 @@ Exit status (sysexits.h)
     65  an invalid queue id was given (EX_DATAERR); nothing was done
     66  a named message is not in the queue (EX_NOINPUT); the others were done
     69  the mail system is down (EX_UNAVAILABLE): flush could not trigger the qmgr/pickup,
-        status got no answer from the qmgr
+        status got no answer from the qmgr; or, for these two, the queue directory does
+        not exist (``queue directory <path>: No such file or directory``)
     75  the queue directory cannot be used, or a message was still being delivered and
         could not be changed yet (EX_TEMPFAIL: try again)
     77  permission denied (EX_NOPERM): list, show, shape and status read the queue
         directory and private/qmgr-status themselves (there is no showq service, unlike
         Postfix's mailq), so they need root or mail_owner, as the changing commands do
-    78  configuration error (EX_CONFIG): ``<file>, line <n>: <what>``
+    78  configuration error (EX_CONFIG): ``<file>, line <n>: <what>``, e.g. an empty or
+        relative queue_directory (``bad queue_directory parameter value "spool": not an
+        absolute path``; master.config.Config.queue_directory)
 
     Errors are printed on standard error as ``qmgr-ctl: fatal: <text>``. When the reader
     of a listing goes away (``qmgr-ctl list | head``) the listing stops quietly, exit 0,
@@ -90,7 +95,8 @@ Public API
 Start-up
     qmgr-ctl starts once per ``flush`` (issue 8). A plain ``flush`` does not get here
     (qmgrd.ctl.entry sends its triggers without click) unless main.cf needs the full
-    parser or the mail system is down; importing this module, ``--help`` and such a
+    parser (queue_directory not a literal absolute path, among others) or the mail
+    system is down; importing this module, ``--help`` and such a
     flush load only click, master.config, qmgrd.ctl.common/queues/change and
     qmgrd.trigger. Each command imports the modules doing its work (asyncio, json, the
     queue readers, qmgrd.ctl.admin) when it runs (tests/test_ctl_startup.py).
@@ -125,6 +131,7 @@ from qmgrd.ctl.common import (
     Output,
     check_queue_dir,
     denied,
+    down_or_missing,
     fatal,
     load,
     make_selector,
@@ -358,11 +365,11 @@ def flush_cmd(ctx: click.Context, site: str | None, ids: tuple[str, ...], batch:
         return
     cfg = load(ctx)
     try:
-        queue_directory = cfg.get("queue_directory")
+        queue_directory = cfg.queue_directory()
     except ConfigError as exc:
         fatal(ctx, EX_CONFIG, str(exc))
     if not flush_all(queue_directory):
-        fatal(ctx, EX_UNAVAILABLE, "Cannot flush mail queue - mail system is down")
+        down_or_missing(ctx, queue_directory, "Cannot flush mail queue - mail system is down")
 
 
 @cli.command("status", help=f"""Show the qmgr's scheduler state.
@@ -380,17 +387,17 @@ def status_cmd(ctx: click.Context, as_json_: bool) -> None:
 
     cfg = load(ctx)
     try:
-        path = os.path.join(os.path.abspath(cfg.get("queue_directory")), "private",
-                            "qmgr-status")
+        qdir = cfg.queue_directory()
     except ConfigError as exc:
         fatal(ctx, EX_CONFIG, str(exc))
+    path = os.path.join(qdir, "private", "qmgr-status")
     try:
         snap = fetch(path)
     except PermissionError as exc:
         denied(ctx, f"status: connect to {path}", exc)
     except (FileNotFoundError, ConnectionRefusedError):
-        fatal(ctx, EX_UNAVAILABLE, f"the qmgr is not running (nothing listens on {path}): "
-              "is the mail system up?")
+        down_or_missing(ctx, qdir, f"the qmgr is not running (nothing listens on {path}): "
+                        "is the mail system up?")
     except (OSError, ValueError, TypeError) as exc:
         fatal(ctx, EX_UNAVAILABLE, f"cannot get the qmgr status from {path}: {exc}")
     try:

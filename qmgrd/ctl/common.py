@@ -10,6 +10,8 @@ Public API
     warn(msg)                                ``qmgr-ctl: warning: msg`` on stderr
     load(ctx) -> Config; settings(ctx, cfg) -> (Spool, empty_address, dup_filter_limit)
     check_queue_dir(ctx, spool)              EX_TEMPFAIL when it cannot be used
+    down_or_missing(ctx, queue_directory, down)   EX_UNAVAILABLE: ``down``, or that the
+                                             queue directory does not exist
     selector_options(f)                      the decorator adding list's selectors
     make_selector(ctx, **options) -> Selector   EX_USAGE for bad values
     Output(stream)                           buffered writer: .write(bytes), .flush();
@@ -28,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
-import stat
 import sys
 from collections.abc import Callable, Iterator
 from typing import IO, TYPE_CHECKING, Any, NoReturn, TypeVar
@@ -45,8 +46,8 @@ if TYPE_CHECKING:
 
 __all__ = ["EXIT_HELP", "EX_CONFIG", "EX_DATAERR", "EX_NOINPUT", "EX_NOPERM", "EX_OK",
            "EX_TEMPFAIL", "EX_UNAVAILABLE", "EX_USAGE", "PROG", "Output", "changing",
-           "check_queue_dir", "denied", "fatal", "load", "make_selector", "quiet_stdout",
-           "selector_options", "settings", "warn"]
+           "check_queue_dir", "denied", "down_or_missing", "fatal", "load", "make_selector",
+           "quiet_stdout", "selector_options", "settings", "warn"]
 
 EX_OK = 0
 EX_USAGE = 64
@@ -67,7 +68,8 @@ Exit status:
   64  usage error (also: a bad selector, time, domain or pattern)
   65  invalid queue id given (nothing was done)
   66  some named message is not in the queue (the others were done)
-  69  mail system down (flush could not trigger qmgr or pickup; no qmgr status)
+  69  mail system down (flush could not trigger qmgr or pickup; no qmgr status),
+      or the queue directory does not exist (flush, status)
   75  queue directory unreadable; a message still being delivered (try again)
   77  permission denied: reading (list, show, shape, status) or changing the queue
       needs root or mail_owner
@@ -124,13 +126,28 @@ def settings(ctx: click.Context, cfg: Config) -> tuple[Spool, str, int]:
 
 
 def check_queue_dir(ctx: click.Context, spool: Spool) -> None:
-    """EX_TEMPFAIL unless the queue directory is a directory we can stat."""
+    """EX_TEMPFAIL unless the queue directory is a directory we can stat: ``open queue
+    directory <path>: No such file or directory`` (or Not a directory, ...)."""
+    from master.daemon.queuedirs import directory_problem
+
     qdir = spool.queue_directory
-    try:
-        if not stat.S_ISDIR(os.stat(qdir).st_mode):
-            fatal(ctx, EX_TEMPFAIL, f"open queue directory {qdir}: Not a directory")
-    except OSError as exc:
-        fatal(ctx, EX_TEMPFAIL, f"open queue directory {qdir}: {exc.strerror}")
+    problem = directory_problem(qdir)
+    if problem is not None:
+        fatal(ctx, EX_TEMPFAIL, f"open queue directory {qdir}: {problem}")
+
+
+def down_or_missing(ctx: click.Context, queue_directory: str, down: str) -> NoReturn:
+    """No qmgr (or pickup) answered: EX_UNAVAILABLE with ``down`` - or, when the queue
+    directory itself is not there, ``queue directory <path>: No such file or
+    directory`` (Postfix's postqueue: fatal "chdir <path>: ...", EX_UNAVAILABLE), so
+    that a missing or mistyped directory is not reported as a mail system that is
+    down."""
+    from master.daemon.queuedirs import directory_problem
+
+    problem = directory_problem(queue_directory)
+    if problem is not None:
+        fatal(ctx, EX_UNAVAILABLE, f"queue directory {queue_directory}: {problem}")
+    fatal(ctx, EX_UNAVAILABLE, down)
 
 
 def selector_options(f: F) -> F:

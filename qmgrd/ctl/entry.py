@@ -13,15 +13,19 @@ Summary
                           else /etc/qmgrd, as the click option's default)
     * ``-c DIR flush``
 
-    with ``queue_directory`` read by qmgrd.quickcf. When main.cf is not plain enough
-    for that reader, or the triggers cannot be handed over (no reader: the mail system
-    is down, or no permission), or the command line is anything else at all (other
-    options, ``--help``, ``flush --site``...), it runs qmgr-ctl's click interface
-    (qmgrd.ctl.cli) on the same arguments, which parses and reports as always
-    (``Cannot flush mail queue - mail system is down``, exit 69). Both paths send the
-    same bytes (qmgrd.trigger.flush_all); a failed fast attempt may leave one extra
-    ``FADI`` with a qmgr whose pickup is gone, which asks for nothing more than the
-    retry being asked for.
+    with ``queue_directory`` read by qmgrd.quickcf, which gives it only as a literal
+    absolute path. When main.cf is not plain enough for that reader (an expansion, a
+    syntax error, an empty or relative queue_directory...), or the triggers cannot be
+    handed over (no reader: the mail system is down, or no permission; no queue
+    directory), or the command line is anything else at all (other options,
+    ``--help``, ``flush --site``...), it runs qmgr-ctl's click interface
+    (qmgrd.ctl.cli) on the same arguments, which parses and reports as always:
+    ``<main.cf>, line <n>: bad queue_directory parameter value ...`` (exit 78),
+    ``queue directory <path>: No such file or directory`` or ``Cannot flush mail
+    queue - mail system is down`` (exit 69). Both paths send the same bytes
+    (qmgrd.trigger.flush_all); a failed fast attempt may leave one extra ``FADI`` with
+    a qmgr whose pickup is gone, which asks for nothing more than the retry being
+    asked for.
 
 Public API
     main() -> None          console-script entry point (bin/qmgr-ctl, python -m qmgrd.ctl);
