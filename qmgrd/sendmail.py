@@ -25,6 +25,8 @@ Description
     With -t and no recipient arguments, the header block is scanned for To/Cc/Bcc
     (Resent-To/Cc/Bcc when any is present, as cleanup does); when they hold no address
     the submission fails (Postfix: "No recipient addresses found in message header").
+    Header recipients are not envelope records of the maildrop file (they stay content
+    lines; cleanup extracts them at pickup), so line_length_limit does not limit them.
 
 Start-up cost
     One run is one interpreter start, so the common case imports only os, sys, pwd,
@@ -65,8 +67,14 @@ Options
 Exit status (sysexits)
     0 queued; 64 EX_USAGE bad option, malformed address or envelope id, no recipients
     without -t, or -t with no recipient in the headers; 65 EX_DATAERR message
-    over message_size_limit, or a sender or recipient argument that is not valid UTF-8
-    (``malformed UTF-8 in recipient address: <a/\\xff@b>``; nothing is queued); 69
+    over message_size_limit, a sender or recipient argument that is not valid UTF-8
+    (``malformed UTF-8 in recipient address: <a/\\xff@b>``; nothing is queued), or an
+    envelope record longer than line_length_limit, which pickup would set aside:
+    ``sender address too long (5012 bytes; line_length_limit is 2048)``, likewise
+    ``recipient address``, ``full name`` (-F) and, with a very small limit, ``<name>
+    attribute`` (e.g. ``envelope_id attribute``, -V); the length is the record's
+    payload in bytes (UTF-8); checked before the queue file is created, so nothing is
+    queued, as Postfix's postdrop refuses a record over line_length_limit; 69
     EX_UNAVAILABLE the queue directory does not exist (``queue directory <path>: No
     such file or directory``, as Postfix's sendmail: fatal ``chdir <path>: ...``,
     EX_UNAVAILABLE); 73 EX_CANTCREAT the queue file cannot be created; 75 EX_TEMPFAIL
@@ -363,12 +371,18 @@ def _config(config_dir: str) -> tuple[str, int, int]:
 
 
 def _submit(o: _Options, stdin: IO[bytes], stderr: IO[str]) -> None:
-    from qmgrd.spool.maildrop import MaildropWriter
+    from qmgrd.spool.maildrop import MaildropWriter, RecordTooLong, envelope_records
     from qmgrd.spool.queue import Spool
     from qmgrd.trigger import TRIGGER_REQ_WAKEUP, send_trigger
 
     queue_directory, line_limit, size_limit = _config(o.config_dir)
     sender = _login_name() if o.sender is None else o.sender
+    try:  # before any file exists: a record over line_length_limit, pickup would set aside
+        envelope = envelope_records(sender, o.recipients, fullname=o.fullname,
+                                    notify=o.notify, ret=o.ret, envid=o.envid,
+                                    extract_recipients=o.extract, max_record=line_limit)
+    except RecordTooLong as exc:
+        raise _Fatal(EX_DATAERR, str(exc)) from None
     spool = Spool(queue_directory)
     try:
         f, qid, path = spool.create("maildrop")
@@ -379,9 +393,8 @@ def _submit(o: _Options, stdin: IO[bytes], stderr: IO[str]) -> None:
     headers = _HeaderRecipients() if o.extract else None
     try:
         with f:
+            f.write(envelope)
             w = MaildropWriter(f, line_limit)
-            w.envelope(sender, o.recipients, fullname=o.fullname, notify=o.notify, ret=o.ret,
-                       envid=o.envid, extract_recipients=o.extract)
             first = True
             for raw in stdin:
                 line = raw[:-1] if raw.endswith(b"\n") else raw

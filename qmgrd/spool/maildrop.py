@@ -14,6 +14,12 @@ Summary
     the file's mtime (Postfix pickup's rule for files without a T record; a T record is
     accepted too).
 
+    The writer never writes an envelope record that the reader would refuse: a payload
+    longer than the limit (line_length_limit, the reader's ``max_record``) raises
+    RecordTooLong before anything is written, so that qmgr-sendmail fails instead of
+    queueing a file that pickup would set aside. (Content lines have no such limit:
+    long ones are split into ``L`` records.)
+
     The reader is for untrusted input (any local user may write into maildrop/): every
     record is length-limited, types must belong to their segment, only known attribute
     names are accepted, ``S`` and the final ``E`` are required, and an envelope id must
@@ -25,12 +31,21 @@ Summary
     sender, as Postfix's cleanup does).
 
 Public API
-    MaildropWriter(f, line_limit=2048)      .envelope(...), .line(bytes), .finish()
+    MaildropWriter(f, line_limit=2048)      .envelope(...) (raises RecordTooLong),
+                                             .line(bytes), .finish()
+    envelope_records(sender, recipients, *, fullname, notify, ret, envid,
+                     extract_recipients, max_record=2048) -> bytes
+                                             the framed envelope segment; raises
+                                             RecordTooLong (a ValueError) for a record
+                                             over max_record, which read_maildrop would
+                                             refuse
     MaildropMessage                          sender, fullname, recipients, envid, ret,
                                              extract_recipients, arrival, content (bytes),
                                              too_big (content cut at size_limit)
     read_maildrop(f, *, max_record=2048, size_limit=10240000) -> MaildropMessage
     MaildropError(reason)
+    RecordTooLong(what, length, limit)       ValueError: ``<what> too long (<length>
+                                             bytes; line_length_limit is <limit>)``
 
 Start-up cost
     qmgr-sendmail imports this module once per run, so importing it loads nothing but
@@ -51,7 +66,8 @@ if TYPE_CHECKING:
 
     from qmgrd.spool.envelope import Recipient
 
-__all__ = ["MaildropError", "MaildropMessage", "MaildropWriter", "read_maildrop"]
+__all__ = ["MaildropError", "MaildropMessage", "MaildropWriter", "RecordTooLong",
+           "envelope_records", "read_maildrop"]
 
 # The record types the writer emits (Postfix rec_type.h; the values of the REC_* names in
 # qmgrd.spool.records, which tests/test_sendmail_fast.py checks).
@@ -116,7 +132,8 @@ class MaildropWriter:
 
     Args:
         f: binary file opened for writing.
-        line_limit: content lines longer than this become L records plus a final N.
+        line_limit: line_length_limit: content lines longer than this become L records
+            plus a final N, and no envelope record may be longer (RecordTooLong).
     """
 
     def __init__(self, f: IO[bytes], line_limit: int = 2048) -> None:
@@ -127,23 +144,15 @@ class MaildropWriter:
     def envelope(self, sender: str, recipients: list[str], *, fullname: str = "",
                  notify: int = 0, ret: int = 0, envid: str = "",
                  extract_recipients: bool = False) -> None:
-        """Write the envelope segment and the ``M`` record."""
-        w = self._f.write
-        if fullname:
-            w(_frame(_REC_FULL, fullname.encode("utf-8", "surrogateescape")))
-        w(_frame(_REC_FROM, sender.encode("utf-8", "surrogateescape")))
-        if envid:
-            w(_frame(_REC_ATTR, b"envelope_id=" + envid.encode("utf-8", "surrogateescape")))
-        if ret:
-            w(_frame(_REC_ATTR, b"ret_flags=%d" % ret))
-        w(_frame(_REC_ATTR, b"rewrite_context=local"))
-        if extract_recipients:
-            w(_frame(_REC_ATTR, b"extract_recipients=1"))
-        for rcpt in recipients:
-            if notify:
-                w(_frame(_REC_ATTR, b"notify_flags=%d" % notify))
-            w(_frame(_REC_RCPT, rcpt.encode("utf-8", "surrogateescape")))
-        w(_frame(_REC_MESG, b""))
+        """Write the envelope segment and the ``M`` record (envelope_records, with this
+        writer's ``line_limit`` as ``max_record``).
+
+        Raises:
+            RecordTooLong: a record would exceed ``line_limit``; nothing is written.
+        """
+        self._f.write(envelope_records(
+            sender, recipients, fullname=fullname, notify=notify, ret=ret, envid=envid,
+            extract_recipients=extract_recipients, max_record=self._limit))
 
     def line(self, data: bytes) -> None:
         """Write one content line (without its line ending)."""
@@ -158,6 +167,57 @@ class MaildropWriter:
     def finish(self) -> None:
         """Write the ``X`` and ``E`` records."""
         self._f.write(_frame(_REC_XTRA, b"") + _frame(_REC_END, b""))
+
+
+class RecordTooLong(ValueError):
+    """An envelope record whose payload is longer than read_maildrop's ``max_record``
+    (pickup would set the file aside). ``what`` names the field (``sender address``,
+    ``recipient address``, ``full name``, ``<name> attribute`` - e.g.
+    ``envelope_id attribute``, whose payload is ``envelope_id=<envid>``),
+    ``length`` is the payload's size in bytes and ``limit`` the maximum; the message is
+    ``<what> too long (<length> bytes; line_length_limit is <limit>)``."""
+
+    def __init__(self, what: str, length: int, limit: int) -> None:
+        super().__init__(f"{what} too long ({length} bytes; line_length_limit is {limit})")
+        self.what = what
+        self.length = length
+        self.limit = limit
+
+
+def envelope_records(sender: str, recipients: list[str], *, fullname: str = "",
+                     notify: int = 0, ret: int = 0, envid: str = "",
+                     extract_recipients: bool = False, max_record: int = 2048) -> bytes:
+    """The framed envelope segment and ``M`` record of a maildrop file (module
+    description), strings encoded as UTF-8 with surrogateescape.
+
+    Args:
+        max_record: the largest payload allowed - read_maildrop's ``max_record``, i.e.
+            line_length_limit - so that no file is written that pickup would set aside.
+
+    Raises:
+        RecordTooLong: the first record (in file order) whose payload is longer than
+            ``max_record``.
+    """
+    recs: list[tuple[str, bytes, bytes]] = []
+    if fullname:
+        recs.append(("full name", _REC_FULL, fullname.encode("utf-8", "surrogateescape")))
+    recs.append(("sender address", _REC_FROM, sender.encode("utf-8", "surrogateescape")))
+    if envid:
+        recs.append(("envelope_id attribute", _REC_ATTR,
+                     b"envelope_id=" + envid.encode("utf-8", "surrogateescape")))
+    if ret:
+        recs.append(("ret_flags attribute", _REC_ATTR, b"ret_flags=%d" % ret))
+    recs.append(("rewrite_context attribute", _REC_ATTR, b"rewrite_context=local"))
+    if extract_recipients:
+        recs.append(("extract_recipients attribute", _REC_ATTR, b"extract_recipients=1"))
+    for rcpt in recipients:
+        if notify:
+            recs.append(("notify_flags attribute", _REC_ATTR, b"notify_flags=%d" % notify))
+        recs.append(("recipient address", _REC_RCPT, rcpt.encode("utf-8", "surrogateescape")))
+    for what, _, data in recs:
+        if len(data) > max_record:
+            raise RecordTooLong(what, len(data), max_record)
+    return b"".join(_frame(t, data) for _, t, data in recs) + _frame(_REC_MESG, b"")
 
 
 def _frame(rtype: bytes, data: bytes) -> bytes:
