@@ -169,6 +169,24 @@ def test_reload_keeps_listener_and_sweeps(mail: Mail) -> None:
     assert not (mail.q / "private" / "bad").exists()
 
 
+def test_reload_reopens_a_rotated_maillog(mail: Mail) -> None:
+    """Log rotation by rename: after the reload the master writes to a new maillog_file
+    at the configured path (it used to go on writing to the renamed file)."""
+    mail.start()
+    rotated = mail.base / "maillog.1"
+    os.rename(mail.base / "maillog", rotated)
+    assert mail.proc is not None
+    mail.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: any("reload -- version" in line for line in mail.log()),
+             what="the reload line in the new maillog")
+    old = rotated.read_text(encoding="utf-8")
+    assert "reload -- version" not in old and "daemon started" in old
+    mail.proc.send_signal(signal.SIGTERM)
+    mail.proc.wait(timeout=30)
+    assert any("terminating on signal 15" in line for line in mail.log())
+    assert "terminating" not in rotated.read_text(encoding="utf-8")
+
+
 def test_solitary_service_across_reload(mail: Mail) -> None:
     mail.start()
     solo = str(mail.q / "private" / "solo")

@@ -13,8 +13,8 @@ Summary
     (created 0644 before any child exists: children open it before they drop
     privileges), log the configuration warnings (duplicate services, unused ``-o``
     parameters), look up mail_owner
-    (as root it must exist and be unprivileged - "fatal: file <dir>/main.cf: parameter
-    mail_owner: unknown user name value: x" - otherwise one warning that everything runs
+    (as root it must exist and be unprivileged - "fatal: <dir>/main.cf, line <n>:
+    parameter mail_owner: unknown user name value: x" - otherwise one warning that everything runs
     as the invoking user, master.server.jail), lock ``pid/master.pid`` (a second master
     gets "fatal: the qmgrd mail system is already running (pid N)" and exits 1 having
     touched nothing), create or repair the queue directories and data_directory
@@ -372,11 +372,32 @@ class Master:
             log.warning(f"reload failed, keeping the current configuration: {exc}")
             self._verdict(qdir, str(exc))
             return
+        self._reopen_log(cfg)
         for text in warnings:
             log.warning(text)
         log.info(f"reload -- version {VERSION}, configuration {self.config_directory}")
         problems = sup.reload(settings, services)
         self._verdict(qdir, None, "; ".join(problems) or None)
+
+    def _reopen_log(self, cfg: Config) -> None:
+        """At a reload, open maillog_file again (its new value, or the same path): a log
+        rotated by renaming the file gets the master's lines from then on, as every
+        child's (each opens the log when it starts, and a reload replaces them all).
+        Postfix's postlogd, which writes maillog_file for all its processes, does the
+        same when ``postfix reload`` restarts it. When the file cannot be opened the
+        master keeps the descriptor it has and logs a warning there."""
+        maillog = cfg.get("maillog_file")
+        if maillog:
+            try:
+                _create_maillog(maillog)
+                fd = os.open(maillog, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+            except OSError as exc:
+                log.warning(f"reload: cannot open {maillog}: {exc.strerror} "
+                            "(logging on to the file opened before)")
+                return
+            os.close(fd)
+        log.setup("master", maillog, cfg.get("syslog_name") or "qmgrd",
+                  foreground=self.foreground)
 
     def _verdict(self, queue_directory: str, error: str | None,
                  incomplete: str | None = None) -> None:
