@@ -528,6 +528,8 @@ def test_disconnect_mid_data_queues_nothing(host: Host) -> None:
     run(host, script)
     assert not host.queued and not list(host.spool.scan("incoming"))
     assert "lost connection after DATA (41 bytes)" in maillog(host)  # all it was sent
+    # the DATA cut off counts as failed, as in Postfix's disconnect line
+    assert "ehlo=1 mail=1 rcpt=1 data=0/1 commands=3/4" in maillog(host)
 
 
 def test_smtpd_timeout_is_per_read_during_data(tmp_path: Path) -> None:

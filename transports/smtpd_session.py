@@ -458,11 +458,13 @@ class SmtpdSession(SMTP):
             p = self.params
             self.where = name
             self._in_cmd, self._cmd_error = True, False
+            done = False  # a command cut off (the client gone mid-DATA) failed: data=0/1
             try:
                 await method(arg)
+                done = True
             finally:
                 self._in_cmd = False
-                self._bump(lname, not self._cmd_error)
+                self._bump(lname, done and not self._cmd_error)
                 if self._cmd_error:
                     self.error_count += 1
                 if name in _JUNK:
