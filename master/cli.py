@@ -16,8 +16,8 @@ Description
                nothing started; warnings - duplicate services, unused ``-o``
                parameters - as ``qmgr-master: warning: ...``); as root,
                refuse a mail_owner that does not exist or is privileged (``qmgr-master:
-               fatal: file <dir>/main.cf: parameter mail_owner: unknown user name value:
-               x``, exit 1); refuse when a master already runs (exit 1, the running one
+               fatal: <dir>/main.cf, line <n>: parameter mail_owner: unknown user name
+               value: x``, exit 1); refuse when a master already runs (exit 1, the running one
                untouched).  Without
                --foreground, fork once: the child starts a new session, puts stdio on
                /dev/null and runs the master; the parent waits up to 10 s until the

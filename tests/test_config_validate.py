@@ -307,7 +307,9 @@ def test_bad_mail_owner_is_an_error_when_root(tmp_path: Path, owner: str, what: 
     etc = write(tmp_path, f"mail_owner = {owner}\n")
     with pytest.raises(ConfigError) as ei:
         load_configuration(etc, euid=0)
-    assert str(ei.value) == f"file {etc}/main.cf: parameter mail_owner: {what}"
+    lines = (Path(etc) / "main.cf").read_text().split("\n")
+    n = lines.index(f"mail_owner = {owner}") + 1
+    assert str(ei.value) == f"{etc}/main.cf, line {n}: parameter mail_owner: {what}"
     load_configuration(etc, euid=1000)  # not root: mail_owner is not used
 
 

@@ -43,7 +43,7 @@ def users(monkeypatch: pytest.MonkeyPatch) -> dict[str, pwd.struct_passwd]:
 
 def test_mail_owner_as_root(users: dict[str, pwd.struct_passwd]) -> None:
     assert lookup_mail_owner(cfg_with("mailer"), euid=0) == Owner("mailer", 4321, 4322, True)
-    where = "file /etc/qmgrd-test/main.cf: parameter mail_owner"
+    where = "main.cf, line 1: parameter mail_owner"  # Config.from_text's file name
     with pytest.raises(OwnerError) as unknown:
         lookup_mail_owner(cfg_with("nosuchuser"), euid=0)
     assert str(unknown.value) == f"{where}: unknown user name value: nosuchuser"

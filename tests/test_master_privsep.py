@@ -145,7 +145,9 @@ def test_jail_uid_root_and_no_way_back(master: Master) -> None:
 ])
 def test_start_refuses_bad_mail_owner(base: Path, owner: str, what: str) -> None:
     m = Master(base, main_extra=f"mail_owner = {owner}\n")
-    message = f"file {m.etc}/main.cf: parameter mail_owner: {what}"
+    lines = (m.etc / "main.cf").read_text().split("\n")
+    n = max(i + 1 for i, line in enumerate(lines) if line.startswith("mail_owner"))
+    message = f"{m.etc}/main.cf, line {n}: parameter mail_owner: {what}"
     for args in (("start",), ("start", "--foreground"), ("check",)):
         result = m.cli(*args)
         assert result.returncode == 1, args

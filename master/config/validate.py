@@ -36,10 +36,11 @@ DESCRIPTION
       (Otherwise the qmgr dies at start with that error and nothing is delivered.)
     * mail_owner, only when this process runs as root (otherwise every process runs as
       the invoking user and mail_owner is not used - master.server.jail): the account
-      must exist and have neither uid 0 nor gid 0 - ``"file <main.cf>: parameter
+      must exist and have neither uid 0 nor gid 0 - ``"<main.cf>, line <n>: parameter
       mail_owner: unknown user name value: x"``, ``"... user root has privileged user
-      ID"``, ``"... has privileged group ID"`` (Postfix's wording, the same as the
-      master's own check at start-up).
+      ID"``, ``"... has privileged group ID"`` (Postfix's wording after the line, or
+      Postfix's ``"file <main.cf>: ..."`` for the default; the same as the master's own
+      check at start-up).
     * ``-o name=value`` with a name no qmgrd program reads (not in the parameter table,
       not a per-transport parameter, not set in main.cf, not referred to as ``$name``
       by main.cf or the service's other overrides) is accepted, as Postfix does, but
@@ -143,7 +144,8 @@ def check_tables(cfg: Config, names: Sequence[str] = TABLE_PARAMS,
 def check_mail_owner(cfg: Config, euid: int | None = None) -> None:
     """mail_owner must exist and be unprivileged when the master runs as root (``euid``,
     default ours, is 0); master.server.jail.lookup_mail_owner.  Raises ConfigError
-    ``"file <main.cf>: parameter mail_owner: ..."``."""
+    ``"<main.cf>, line <n>: parameter mail_owner: ..."`` (``"file <main.cf>: ..."`` for
+    the default)."""
     try:
         jail.lookup_mail_owner(cfg, euid)
     except jail.OwnerError as exc:  # the wording of the master's own (start-up) check

@@ -7,9 +7,12 @@ Summary
     * The account is ``mail_owner`` of main.cf.  Where the master runs as root it must
       exist and must not be privileged; otherwise nothing starts (Postfix's words)::
 
-          file /etc/qmgrd/main.cf: parameter mail_owner: unknown user name value: x
-          file /etc/qmgrd/main.cf: parameter mail_owner: user root has privileged user ID
-          file /etc/qmgrd/main.cf: parameter mail_owner: user x has privileged group ID
+          /etc/qmgrd/main.cf, line 12: parameter mail_owner: unknown user name value: x
+          /etc/qmgrd/main.cf, line 12: parameter mail_owner: user root has privileged user ID
+          file /etc/qmgrd/main.cf: parameter mail_owner: unknown user name value: postfix
+
+      (the line where main.cf sets it, as every main.cf error; Postfix's ``file
+      <main.cf>:`` when the default ``postfix`` is the account that is missing)
 
     * Started by a normal user, the whole mail system runs as that user: no account is
       required, no chroot, no privilege drop (:func:`lookup_mail_owner` returns an Owner
@@ -118,16 +121,26 @@ def lookup_mail_owner(cfg: Config, euid: int | None = None) -> Owner:
             name = str(euid)
         return Owner(name, euid, os.getegid(), False)
     name = cfg.get("mail_owner")
-    where = f"file {os.path.join(cfg.config_directory, 'main.cf')}: parameter mail_owner"
     try:
         entry = pwd.getpwnam(name)
     except KeyError:
-        raise OwnerError(f"{where}: unknown user name value: {name}") from None
+        raise _owner_error(cfg, f"unknown user name value: {name}") from None
     if entry.pw_uid == 0:
-        raise OwnerError(f"{where}: user {name} has privileged user ID")
+        raise _owner_error(cfg, f"user {name} has privileged user ID")
     if entry.pw_gid == 0:
-        raise OwnerError(f"{where}: user {name} has privileged group ID")
+        raise _owner_error(cfg, f"user {name} has privileged group ID")
     return Owner(name, entry.pw_uid, entry.pw_gid, True)
+
+
+def _owner_error(cfg: Config, what: str) -> OwnerError:
+    """``<main.cf>, line <n>: parameter mail_owner: <what>`` where main.cf sets it (``-o
+    mail_owner=x: ...`` for an override); Postfix's ``file <main.cf>: parameter
+    mail_owner: <what>`` for the default, which no line sets."""
+    located = cfg.error("mail_owner", f"parameter mail_owner: {what}")
+    if located.line is None and not located.message.startswith("-o "):
+        main_cf = os.path.join(cfg.config_directory, "main.cf")
+        return OwnerError(f"file {main_cf}: parameter mail_owner: {what}")
+    return OwnerError(str(located))
 
 
 def unprivileged_warning(owner: Owner) -> str:
