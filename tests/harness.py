@@ -325,7 +325,10 @@ class CaptureServer:
         """(sender, recipients, content bytes) per accepted message, in arrival order."""
         out = []
         for p in sorted(self.dir.glob("msg-*.eml")):
-            env = (p.with_suffix(".env")).read_text().splitlines()
+            try:
+                env = (p.with_suffix(".env")).read_text().splitlines()
+            except FileNotFoundError:
+                continue  # its envelope is renamed into place after the content: not yet
             out.append((env[0], env[1:], p.read_bytes()))
         return out
 
