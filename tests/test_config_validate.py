@@ -164,6 +164,59 @@ def test_smtpd_encrypt_needs_a_readable_certificate(tmp_path: Path) -> None:
     load_configuration(etc)  # may: STARTTLS is just not offered
 
 
+SMTPD = "127.0.0.1:2525 inet n - n - - smtpd"
+OPEN_RELAY = ("in parameter smtpd_relay_restrictions or smtpd_recipient_restrictions, "
+              "specify at least one working instance of: reject_unauth_destination, "
+              "defer_unauth_destination, reject, defer or defer_if_permit")
+
+
+def test_smtpd_without_a_relay_guard_names_main_cf_line(tmp_path: Path) -> None:
+    """The tester's main.cf: smtpd would exit fatal at every start (Postfix's open-relay
+    check) while clients hang; refused at start/reload, naming the main.cf line."""
+    etc = write(tmp_path, "myhostname = h.example\n"
+                "smtpd_relay_restrictions = permit_mynetworks, bogus_restriction\n",
+                GOOD_MASTER + SMTPD + "\n")
+    assert error_of(etc) == f"{etc}/main.cf, line 3: {OPEN_RELAY}"
+    # neither check_*_access nor a restriction class name counts: smtpd runs neither;
+    # the relay list is empty, so the recipient list (line 4) is the one named
+    etc = write(tmp_path, "smtpd_restriction_classes = strict\n"
+                "strict = reject_unauth_destination\n"
+                "smtpd_recipient_restrictions = check_recipient_access texthash:/x, strict\n"
+                "smtpd_relay_restrictions =\n", GOOD_MASTER + SMTPD + "\n")
+    assert error_of(etc) == f"{etc}/main.cf, line 4: {OPEN_RELAY}"
+
+
+def test_smtpd_relay_guard_removed_by_override_names_master_cf_line(tmp_path: Path) -> None:
+    line = SMTPD + " -o smtpd_relay_restrictions=permit_mynetworks"
+    etc = write(tmp_path, "", GOOD_MASTER + line + "\n")
+    assert error_of(etc) == (f"{etc}/master.cf, line 4: -o smtpd_relay_restrictions="
+                             f"permit_mynetworks: {OPEN_RELAY}")
+    # main.cf has its guard in the recipient list; the second smtpd's override drops it
+    etc = write(tmp_path, "smtpd_relay_restrictions =\n"
+                "smtpd_recipient_restrictions = permit_mynetworks, reject_unauth_destination\n",
+                GOOD_MASTER + SMTPD + "\n" + SMTPD.replace("2525", "2526")
+                + "\n  -o smtpd_recipient_restrictions=permit_mynetworks\n")
+    assert error_of(etc) == (f"{etc}/master.cf, line 5: -o smtpd_recipient_restrictions="
+                             f"permit_mynetworks: {OPEN_RELAY}")
+
+
+@pytest.mark.parametrize("main,override", [
+    ("", ""),  # the default relay list ends in defer_unauth_destination
+    ("smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination\n", ""),
+    (("smtpd_relay_restrictions =\n"
+      "smtpd_recipient_restrictions = permit_mynetworks, REJECT_UNAUTH_DESTINATION\n"), ""),
+    # main.cf's list is not what this smtpd runs with: its override is
+    ("smtpd_relay_restrictions = permit_mynetworks, bogus\n",
+     " -o smtpd_relay_restrictions=permit_mynetworks,defer_if_permit"),
+])
+def test_smtpd_with_a_relay_guard_loads(tmp_path: Path, main: str, override: str) -> None:
+    load_configuration(write(tmp_path, main, GOOD_MASTER + SMTPD + override + "\n"))
+
+
+def test_relay_guard_is_checked_for_smtpd_services_only(tmp_path: Path) -> None:
+    load_configuration(write(tmp_path, "smtpd_relay_restrictions = permit_mynetworks\n"))
+
+
 @pytest.mark.parametrize("command,what", [
     ("no.such.module", 'no module named no.such.module ("no" not found)'),
     ("qmgrd.no_such_agent", "no module named qmgrd.no_such_agent"),

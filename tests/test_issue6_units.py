@@ -12,7 +12,7 @@ from typing import Any
 import dns.resolver
 import pytest
 
-from master.config import Config
+from master.config import Config, ConfigError, load_configuration
 from transports.smtpd_policy import (
     ClientInfo,
     DomainList,
@@ -82,6 +82,39 @@ def test_never_an_open_relay() -> None:
     policy()
     policy("smtpd_relay_restrictions =\n"
            "smtpd_recipient_restrictions = permit_mynetworks, reject_unauth_destination\n")
+
+
+@pytest.mark.parametrize("relay,recipient,guarded", [
+    ("permit_mynetworks, bogus_restriction", "", False),
+    ("", "permit_mynetworks, REJECT_UNAUTH_DESTINATION", True),
+    ("permit_mynetworks, defer", "", True),
+    ("reject", "", True),
+    ("permit_mynetworks", "defer_if_permit", True),
+    ("permit_mynetworks, defer_unauth_destination", "", True),
+    ("permit_mynetworks", "check_recipient_access texthash:/x", False),
+    ("permit_mynetworks, check_relay_domains", "", False),  # unknown to smtpd: 451 4.3.5
+    ("permit_mynetworks, strict", "", False),  # a restriction class: smtpd has none
+])
+def test_smtpd_and_the_start_check_share_the_open_relay_test(
+        tmp_path: Path, relay: str, recipient: str, guarded: bool) -> None:
+    """One definition: smtpd's Policy refuses exactly what qmgr-master start refuses."""
+    text = (f"smtpd_restriction_classes = strict\nstrict = reject_unauth_destination\n"
+            f"smtpd_relay_restrictions = {relay}\nsmtpd_recipient_restrictions = {recipient}\n")
+    (tmp_path / "main.cf").write_text(f"queue_directory = {tmp_path}/q\n" + text)
+    (tmp_path / "master.cf").write_text("127.0.0.1:2525 inet n - n - - smtpd\n")
+    if guarded:
+        policy(text)
+        load_configuration(str(tmp_path), modules=False)
+        return
+    with pytest.raises(PolicyError) as policy_error:
+        policy(text)
+    with pytest.raises(ConfigError) as config_error:
+        load_configuration(str(tmp_path), modules=False)
+    assert config_error.value.message == str(policy_error.value)
+    assert str(policy_error.value) == (
+        "in parameter smtpd_relay_restrictions or smtpd_recipient_restrictions, specify at "
+        "least one working instance of: reject_unauth_destination, defer_unauth_destination, "
+        "reject, defer or defer_if_permit")
 
 
 def check(p: Policy, rcpt: str, addr: str = "192.0.2.9", sender: str = "s@far.example"

@@ -368,3 +368,69 @@ def test_reload_reports_a_new_service_that_could_not_start(system: System) -> No
     assert "Address already in use" in result.stderr
     system.master_cf.write_text(good)
     assert system.cli("reload").returncode == 0
+
+
+OPEN_RELAY = ("in parameter smtpd_relay_restrictions or smtpd_recipient_restrictions, "
+              "specify at least one working instance of: reject_unauth_destination, "
+              "defer_unauth_destination, reject, defer or defer_if_permit")
+
+
+def _smtpd_line(options: str = "") -> str:
+    """A master.cf smtpd service on a free loopback port."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return f"127.0.0.1:{port} inet n - n - - smtpd{options}\n"
+
+
+def _greeting(service: str) -> bytes:
+    """The first reply line of the smtpd at master.cf service ``host:port``."""
+    host, _, port = service.partition(":")
+    with socket.create_connection((host, int(port)), timeout=20) as sock:
+        sock.settimeout(20)
+        return sock.makefile("rb").readline()
+
+
+@pytest.mark.parametrize("main_extra,options,where", [
+    ("smtpd_relay_restrictions = permit_mynetworks, bogus_restriction\n", "", "main.cf, line 5"),
+    ("", " -o smtpd_relay_restrictions=permit_mynetworks",
+     "master.cf, line 2: -o smtpd_relay_restrictions=permit_mynetworks"),
+])
+def test_start_refuses_an_smtpd_without_a_relay_guard(system: System, main_extra: str,
+                                                      options: str, where: str) -> None:
+    """An smtpd whose relay and recipient restrictions hold no reject_unauth_destination
+    (or another guard) would exit fatal at every start, with no file or line, while the
+    master throttles it and clients hang: start refuses first, naming where to fix it."""
+    system.main.write_text(system.good_main + main_extra)
+    system.master_cf.write_text(MASTER_CF + _smtpd_line(options))
+    result = system.cli("start")
+    assert result.returncode == 1, result.stderr
+    assert result.stderr == f"qmgr-master: fatal: {system.etc}/{where}: {OPEN_RELAY}\n"
+    assert not system.q.exists() and log_lines(system.base) == []  # nothing started
+
+
+@pytest.mark.parametrize("main_extra", [
+    "",  # the default relay list ends in defer_unauth_destination
+    "smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination\n",
+])
+def test_reload_refuses_an_smtpd_without_a_relay_guard(system: System,
+                                                       main_extra: str) -> None:
+    """A guarded configuration starts and its smtpd greets; a reload to a main.cf
+    without a guard is refused with main.cf's line, the master is not signalled and
+    smtpd still greets."""
+    system.main.write_text(system.good_main + main_extra)
+    smtpd = _smtpd_line()
+    system.master_cf.write_text(MASTER_CF + smtpd)
+    system.start()
+    service = smtpd.split()[0]
+    assert _greeting(service).startswith(b"220 ")
+    guarded = system.main.read_text()
+    system.main.write_text(system.good_main + "smtpd_relay_restrictions = permit_mynetworks\n")
+    result = system.cli("reload")
+    assert result.returncode == 1, result.stderr
+    assert result.stderr == f"qmgr-master: fatal: {system.main}, line 5: {OPEN_RELAY}\n"
+    assert system.grep("reload") == []  # the master was never signalled
+    assert _greeting(service).startswith(b"220 ")
+    system.main.write_text(guarded)
+    assert system.cli("reload").returncode == 0
+    wait_for(lambda: system.grep("reload -- version"), what="reload")

@@ -36,7 +36,10 @@ Summary
     * **Never an open relay**: as Postfix, the configuration is refused (PolicyError, the
       process exits fatal and the master throttles) unless smtpd_relay_restrictions or
       smtpd_recipient_restrictions holds one of reject_unauth_destination,
-      defer_unauth_destination, reject, defer, defer_if_permit.
+      defer_unauth_destination, reject, defer, defer_if_permit - decided by
+      master.config.relayguard.open_relay_problem, which ``qmgr-master start``/``reload``
+      apply first (master.config.validate), refusing such a configuration with its file
+      and line before any smtpd runs.
     * **Queue space** (Postfix smtpd_check_queue / smtpd_check_size): ``queue_space(...)``
       refuses (``452 4.3.1 Insufficient system storage``) when ``queue_minfree`` is not
       below the free space of the queue file system, when 1.5 x ``message_size_limit``
@@ -64,7 +67,8 @@ Public API
 
 Logs warnings (unknown restriction, unsupported mynetworks entry - with the reason from
 master.config.netlist, which Config.check also uses - unreadable table); raises
-PolicyError for a configuration that would make an open relay or names a table that
+PolicyError for a configuration that would make an open relay (the message of
+master.config.relayguard, which the start/reload check also uses) or names a table that
 cannot be opened.
 """
 
@@ -86,6 +90,7 @@ import dns.reversename
 from master import log
 from master.config import Config
 from master.config.netlist import NetworkError, is_table, parse_network
+from master.config.relayguard import open_relay_problem
 from qmgrd.maps import Table, TableError, open_table
 
 __all__ = [
@@ -101,8 +106,6 @@ __all__ = [
 ]
 
 _Net = ipaddress.IPv4Network | ipaddress.IPv6Network
-_RELAY_GUARDS = ("reject_unauth_destination", "defer_unauth_destination", "reject", "defer",
-                 "defer_if_permit")
 _LOOKUP_LIFETIME = 10.0  # seconds for a PTR or A/AAAA/MX query
 _LOCALHOST = (ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1"))  # /etc/hosts
 _SPACE_FACTOR = 1.5      # Postfix smtpd_space_multf
@@ -303,7 +306,9 @@ class Policy:
     """Relay control and restriction lists for one smtpd process (module docstring).
 
     Raises:
-        PolicyError: an open-relay configuration or a table that cannot be opened.
+        PolicyError: an open-relay configuration (neither smtpd_relay_restrictions nor
+            smtpd_recipient_restrictions holds a guard: master.config.relayguard) or a
+            table that cannot be opened.
     """
 
     def __init__(self, cfg: Config,
@@ -333,13 +338,9 @@ class Policy:
             "smtpd_client_restrictions", "smtpd_helo_restrictions",
             "smtpd_sender_restrictions", "smtpd_relay_restrictions",
             "smtpd_recipient_restrictions")]
-        guarded = [r for name, rs in self.lists[3:] for r in rs if r in _RELAY_GUARDS]
-        if not guarded:
-            raise PolicyError(
-                "in parameter smtpd_relay_restrictions or smtpd_recipient_restrictions, "
-                "specify at least one working instance of: reject_unauth_destination, "
-                "defer_unauth_destination, reject, defer, defer_if_permit or "
-                "check_relay_domains")
+        problem = open_relay_problem(cfg)  # the start/reload check's own test
+        if problem is not None:
+            raise PolicyError(problem)
         self.resolver = resolver
         self.local_recipients = LocalRecipients(cfg.get_list("local_recipient_maps"))
         self.delimiter = cfg.get("recipient_delimiter")

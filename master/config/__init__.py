@@ -7,6 +7,8 @@ PUBLIC API (see docs/contracts.md "master/config")
     load_master_cf(path, cfg, warn=None) -> list[Service], Service (mastercf.py)
     load_configuration(config_directory, warn=None) -> (Config, list[Service])
         everything a start or reload checks: values, modules, ports  (validate.py)
+    open_relay_problem(cfg) -> str | None   Postfix's open-relay check, shared by smtpd
+        and the start/reload check                                  (relayguard.py)
 
 Nothing here logs; every problem is a ConfigError whose str is
 ``"<file>, line <n>: <what is wrong>"`` when it comes from a file.

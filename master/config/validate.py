@@ -23,10 +23,17 @@ DESCRIPTION
       importlib's path finder - never imported, no code of it runs); an inet
       service's port is a number (1-65535) or a name in /etc/services, and its host
       (or each inet_interfaces address when it has none) an IP address or a name that
-      resolves; an smtpd service with ``smtpd_tls_security_level = encrypt`` has a
-      readable ``smtpd_tls_cert_file`` (and key file): without one smtpd could take no
-      mail at all; the qmgr service is of type fifo (Postfix's own master.cf has
-      ``qmgr unix``).
+      resolves; the qmgr service is of type fifo (Postfix's own master.cf has ``qmgr
+      unix``).  For an smtpd service, two settings without which smtpd could take no
+      mail at all (it would exit fatal at every start while the master throttles it):
+      smtpd_relay_restrictions or smtpd_recipient_restrictions must hold a working
+      open-relay guard (reject_unauth_destination, defer_unauth_destination, reject,
+      defer or defer_if_permit: master.config.relayguard, the very test smtpd applies) -
+      else ``"<main.cf>, line <n>: in parameter smtpd_relay_restrictions or
+      smtpd_recipient_restrictions, specify at least one working instance of: ..."``,
+      or ``"<master.cf>, line <n>: -o name=value: in parameter ..."`` when the
+      service's override is to blame; and ``smtpd_tls_security_level = encrypt``
+      needs a readable ``smtpd_tls_cert_file`` (and key file).
     * lookup tables: every table named by a parameter whose tables a qmgrd program
       opens (TABLE_PARAMS: ``transport_maps``, read by the qmgr) is read the way the
       program will read it (master.config.tables); a missing or unreadable file, an
@@ -82,6 +89,7 @@ from collections.abc import Callable, Sequence
 from master.config.errors import ConfigError
 from master.config.maincf import Config, param_spec
 from master.config.mastercf import BUILTIN_MODULES, Service, load_master_cf
+from master.config.relayguard import RELAY_PARAMS, is_guarded, open_relay_problem
 from master.config.tables import TableError, read_table
 from master.server import jail
 
@@ -170,7 +178,9 @@ def check_services(cfg: Config, services: Sequence[Service], warn: Warn | None =
 def check_service(cfg: Config, svc: Service, warn: Warn | None = None, *,
                   modules: bool = True) -> None:
     """Check one master.cf service against ``cfg`` (module docstring); ``modules``: see
-    load_configuration.  Raises ConfigError ``"<master.cf>, line <n>: <what>"``."""
+    load_configuration.  Raises ConfigError ``"<master.cf>, line <n>: <what>"``, or
+    ``"<main.cf>, line <n>: <what>"`` when a main.cf value is what the service cannot
+    run with (inet_interfaces, smtpd's relay restrictions)."""
     if warn is not None:
         for name, value in svc.overrides.items():
             if not _is_used(cfg, svc, name):
@@ -200,7 +210,36 @@ def check_service(cfg: Config, svc: Service, warn: Warn | None = None, *,
                           f"{svc.type} (Postfix's master.cf says unix): change the type "
                           "column to fifo", svc.path or None, svc.line or None)
     if svc.module == "transports.smtpd":
+        _check_smtpd_relay(cfg, child, svc)
         _check_smtpd_tls(child, svc)
+
+
+def _check_smtpd_relay(cfg: Config, child: Config, svc: Service) -> None:
+    """Neither smtpd_relay_restrictions nor smtpd_recipient_restrictions of the service's
+    Config ``child`` (``cfg`` plus the -o overrides of ``svc``) holds a working guard:
+    smtpd would exit fatal at every start (master.config.relayguard, Postfix's open-relay
+    check) while the master throttles it, so the configuration is refused first.
+
+    Raises:
+        ConfigError: OPEN_RELAY_MESSAGE located where the list to fix is set: the
+            service's master.cf line for an ``-o`` override (``"<master.cf>, line <n>:
+            -o name=value: ..."``), else the main.cf line (``"<main.cf>, line <n>:
+            ..."``).  The list blamed is smtpd_relay_restrictions, except when the
+            service's ``-o smtpd_recipient_restrictions`` took away main.cf's guard, or
+            smtpd_relay_restrictions is empty and smtpd_recipient_restrictions is set
+            (the pre-Postfix-2.10 style, where the guard belongs in the recipient list).
+    """
+    problem = open_relay_problem(child)
+    if problem is None:
+        return
+    relay, recipient = RELAY_PARAMS
+    dropped = recipient in svc.overrides and is_guarded(cfg.get_list(recipient))
+    old_style = not child.get_list(relay) and child.is_set(recipient)
+    name = recipient if relay not in svc.overrides and (dropped or old_style) else relay
+    err = _param_error(child, name, problem)
+    if err.path is None:  # "-o name=value: ...": the service's line
+        raise ConfigError(err.message, svc.path or None, svc.line or None)
+    raise err
 
 
 def _check_smtpd_tls(child: Config, svc: Service) -> None:
