@@ -186,6 +186,18 @@ def test_smtpd_without_a_relay_guard_names_main_cf_line(tmp_path: Path) -> None:
     assert error_of(etc) == f"{etc}/main.cf, line 4: {OPEN_RELAY}"
 
 
+@pytest.mark.parametrize("relay", [
+    "permit, reject_unauth_destination",  # permit ends the list: an open relay
+    "permit_mynetworks, warn_if_reject reject_unauth_destination",  # only logs
+])
+def test_smtpd_guard_after_permit_or_warn_if_reject_does_not_count(tmp_path: Path,
+                                                                     relay: str) -> None:
+    """Postfix's has_required: a guard after ``permit`` or under ``warn_if_reject`` is no
+    guard."""
+    etc = write(tmp_path, f"smtpd_relay_restrictions = {relay}\n", GOOD_MASTER + SMTPD + "\n")
+    assert error_of(etc) == f"{etc}/main.cf, line 2: {OPEN_RELAY}"
+
+
 def test_smtpd_relay_guard_removed_by_override_names_master_cf_line(tmp_path: Path) -> None:
     line = SMTPD + " -o smtpd_relay_restrictions=permit_mynetworks"
     etc = write(tmp_path, "", GOOD_MASTER + line + "\n")

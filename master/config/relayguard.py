@@ -26,8 +26,10 @@ DESCRIPTION
     * check_relay_domains, which Postfix's message still lists: qmgrd's smtpd does not
       know it (451 4.3.5 too), so the message here names only RELAY_GUARDS.
 
-    Unlike Postfix, a guard after ``permit`` in the same list still counts (smtpd has
-    always accepted that; Postfix's has_required stops at ``permit``).
+    As Postfix's has_required: a guard after ``permit`` in the same list does not count
+    (``permit`` ends the list at run time: ``permit, reject_unauth_destination`` lets
+    every relay attempt through), nor does one qualified by ``warn_if_reject`` (it only
+    logs).
 
 PUBLIC API
     RELAY_GUARDS: tuple[str, ...]   restrictions that count as working, lower case
@@ -63,8 +65,21 @@ OPEN_RELAY_MESSAGE: str = (
 
 def is_guarded(restrictions: Iterable[str]) -> bool:
     """True when ``restrictions`` (the names of one restriction list, any case) holds one
-    of RELAY_GUARDS."""
-    return any(name.lower() in RELAY_GUARDS for name in restrictions)
+    of RELAY_GUARDS before any ``permit`` and not right after ``warn_if_reject``
+    (Postfix's has_required)."""
+    warn_only = False
+    for name in restrictions:
+        lname = name.lower()
+        if warn_only:
+            warn_only = False
+            continue
+        if lname == "warn_if_reject":
+            warn_only = True
+        elif lname == "permit":
+            return False
+        elif lname in RELAY_GUARDS:
+            return True
+    return False
 
 
 def open_relay_problem(cfg: Config) -> str | None:
