@@ -231,6 +231,40 @@ def test_reload_with_a_session_in_hand_does_not_spin(mailsys: MakeSystem) -> Non
         s.close()
 
 
+def test_master_killed_with_a_session_in_hand_frees_the_port(mailsys: MakeSystem) -> None:
+    """kill -9 of the master: the smtpd that still has a client finishes that session
+    but closes its listening socket at once, so a new master can bind the port (it got
+    "Address already in use" until the client left)."""
+    ms, port = start(mailsys, MAIN)
+    s = connect(port)
+    buf = bytearray()
+    try:
+        assert read_reply(s, buf).startswith(b"220 ")
+        [pid] = smtpd_pids(ms)
+        assert ms.proc is not None
+        ms.proc.kill()
+        ms.proc.wait()
+
+        def port_free() -> bool:
+            with socket.socket() as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    probe.bind(("127.0.0.1", port))
+                except OSError:
+                    return False
+                return True
+
+        wait_for(port_free, 20, "the orphaned smtpd to release the port")
+        assert psutil.pid_exists(pid)
+        s.sendall(b"EHLO client.example\r\n")  # its session goes on
+        assert read_reply(s, buf).startswith(b"250")
+        s.sendall(b"QUIT\r\n")
+        assert read_reply(s, buf).startswith(b"221")
+    finally:
+        s.close()
+    wait_for(lambda: not ms.processes(), 30, "the orphans to exit")
+
+
 def test_retiring_processes_hand_over(mailsys: MakeSystem) -> None:
     """max_use: a process retires after max_use x smtpd_process_session_limit sessions and
     a successor takes over; no client is turned away meanwhile. A master stop ends the

@@ -312,11 +312,25 @@ class SmtpdServer:
             self._session_done(session)
 
     def _stop_accepting(self) -> None:
+        """No more clients, ever (a reload, a master gone, max_use): stop watching the
+        listeners and close this process's descriptors of them, the master's too, so
+        that the port is not held by a process that only finishes its sessions - after
+        the master was killed, a new master could not bind it ("Address already in
+        use") until the last client left."""
         self._closed = True
         if self._overflow is not None:
             self._overflow.cancel()
             self._overflow = None
         self._refresh()
+        for sock in self._listeners:
+            sock.close()
+        self._listeners = []
+        for fd in self.ctx.listen_fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.ctx.listen_fds.clear()
         self._wake.set()
 
     def _session_done(self, session: SmtpdSession) -> None:
