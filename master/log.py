@@ -64,15 +64,19 @@ def setup(
         foreground: also copy lines to standard error.
 
     Raises:
-        OSError: the log file cannot be opened (callers treat that as fatal).
+        OSError: the log file cannot be opened (callers treat that as fatal); the log
+            opened before, if any, is then kept as it was.
     """
+    fd = -1
+    if maillog_file:  # opened before the old log is closed: a failure leaves that one
+        os.makedirs(os.path.dirname(maillog_file) or ".", exist_ok=True)
+        fd = os.open(maillog_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
     close()
     _S.tag = f"{syslog_name}/{service}"
     _S.host = (myhostname or socket.gethostname()).split(".")[0]
     _S.stderr_too = foreground
     if maillog_file:
-        os.makedirs(os.path.dirname(maillog_file) or ".", exist_ok=True)
-        _S.fd = os.open(maillog_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        _S.fd = fd
         _S.use_syslog = False
     else:
         syslog.openlog(_S.tag, syslog.LOG_PID | syslog.LOG_NDELAY, syslog.LOG_MAIL)

@@ -386,18 +386,11 @@ class Master:
         Postfix's postlogd, which writes maillog_file for all its processes, does the
         same when ``postfix reload`` restarts it. When the file cannot be opened the
         master keeps the descriptor it has and logs a warning there."""
-        maillog = cfg.get("maillog_file")
-        if maillog:
-            try:
-                _create_maillog(maillog)
-                fd = os.open(maillog, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
-            except OSError as exc:
-                log.warning(f"reload: cannot open {maillog}: {exc.strerror} "
-                            "(logging on to the file opened before)")
-                return
-            os.close(fd)
-        log.setup("master", maillog, cfg.get("syslog_name") or "qmgrd",
-                  foreground=self.foreground)
+        try:
+            _open_log(cfg, self.foreground)
+        except OSError as exc:  # log.setup keeps the log it had
+            log.warning(f"reload: cannot open {cfg.get('maillog_file')}: {exc.strerror} "
+                        "(logging on to the file opened before)")
 
     def _verdict(self, queue_directory: str, error: str | None,
                  incomplete: str | None = None) -> None:
@@ -432,12 +425,19 @@ def _log_early(config_directory: str, foreground: bool) -> None:
     (read leniently), so that the fatal line reaches the maillog as well as stderr."""
     try:
         cfg, _errors = Config.load_lenient(config_directory)
-        maillog = cfg.get("maillog_file")
-        if maillog:
-            _create_maillog(maillog)
-        log.setup("master", maillog, cfg.get("syslog_name") or "qmgrd", foreground=foreground)
+        _open_log(cfg, foreground)
     except (ConfigError, OSError):
         return
+
+
+def _open_log(cfg: Config, foreground: bool) -> None:
+    """The master's log: maillog_file (created 0644 if new, _create_maillog) or syslog,
+    under syslog_name.  Raises OSError (the file cannot be made or opened; a log opened
+    before is kept) or ConfigError (a value cannot be expanded)."""
+    maillog = cfg.get("maillog_file")
+    if maillog:
+        _create_maillog(maillog)
+    log.setup("master", maillog, cfg.get("syslog_name") or "qmgrd", foreground=foreground)
 
 
 def _create_maillog(path: str) -> None:
@@ -483,9 +483,7 @@ def run_master(config_directory: str, foreground: bool = False,
     close_inherited()
     warnings: list[str] = []
     try:
-        cfg, services = _load(config_directory, warnings)
-        maillog = cfg.get("maillog_file")
-        syslog_name = cfg.get("syslog_name") or "qmgrd"
+        cfg, services = _load(config_directory, warnings)  # cfg.check(): values expand
     except ConfigError as exc:
         _log_early(config_directory, foreground)
         fail(str(exc))
@@ -493,14 +491,10 @@ def run_master(config_directory: str, foreground: bool = False,
         require_parent(cfg.queue_directory(), "queue_directory")
     except FileNotFoundError as exc:
         fail(str(exc.strerror))
-    except ConfigError as exc:  # not after _load's cfg.check(); named for the reader
-        fail(str(exc))
     try:
-        if maillog:
-            _create_maillog(maillog)
-        log.setup("master", maillog, syslog_name, foreground=foreground)
+        _open_log(cfg, foreground)
     except OSError as exc:
-        fail(f"open {maillog}: {exc.strerror}")
+        fail(f"open {cfg.get('maillog_file')}: {exc.strerror}")
     for text in warnings:
         log.warning(text)
     master = Master(config_directory, foreground)
