@@ -315,6 +315,31 @@ def test_incoming_and_deferred_take_turns_and_incoming_wins_when_full(tmp_path: 
     assert [origin[r.queue_id] for _, r in env.agents.requests] == list("IDIIDID")
 
 
+def test_a_feed_step_passes_over_files_not_yet_due(tmp_path: Path) -> None:
+    """A deferred scan over files whose retry time has not come passes over up to
+    SKIP_BATCH of them in one feed step (no event-loop round per file), but still takes
+    at most one message in per step."""
+    from qmgrd.qmgr.scheduler import SKIP_BATCH
+    env = Env(tmp_path)
+    later = env.clock.now + 3600
+    n_waiting = 2 * SKIP_BATCH + 10
+    for i in range(n_waiting + 2):
+        qid = env.submit("a@x.example", [f"r{i}@d.example"])
+        path = env.spool.move(qid, "incoming", "deferred")
+        due = env.clock.now - 10 if i >= n_waiting else later
+        os.utime(path, (due, due))
+    sched = env.sched()
+    sched.deferred.request()
+    steps = 0
+    while sched.feed_one():
+        steps += 1
+        assert len(sched.active.messages) <= steps  # one message per step at most
+    assert len(sched.active.messages) == 2
+    # 212 names: 3 steps to pass the 210 not due (the last also takes one), 1 more
+    assert steps <= 4
+    assert len(env.files("deferred")) == n_waiting
+
+
 def test_round_robin_across_transports(tmp_path: Path) -> None:
     env = Env(tmp_path)
     for i in range(3):
@@ -602,9 +627,9 @@ def test_forced_deferred_scans_are_rate_limited(tmp_path: Path) -> None:
     scans = Counter[str]()
     real_scan = env.spool.scan
 
-    def counting_scan(queue: str) -> Iterator[str]:
+    def counting_scan(queue: str, ready_only: bool = True) -> Iterator[str]:
         scans[queue] += 1
-        return real_scan(queue)
+        return real_scan(queue, ready_only)
 
     env.spool.scan = counting_scan  # type: ignore[method-assign]
 
@@ -665,9 +690,9 @@ def test_trigger_flood_cannot_stall_feeding(tmp_path: Path) -> None:
     scans = Counter[str]()
     real_scan = env.spool.scan
 
-    def counting_scan(queue: str) -> Iterator[str]:
+    def counting_scan(queue: str, ready_only: bool = True) -> Iterator[str]:
         scans[queue] += 1
-        return real_scan(queue)
+        return real_scan(queue, ready_only)
 
     env.spool.scan = counting_scan  # type: ignore[method-assign]
 

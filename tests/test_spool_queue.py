@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from qmgrd.spool.queue import QUEUES, Spool
-from qmgrd.spool.queueid import hash_dir, valid_id
+from qmgrd.spool.queueid import hash_dir, hash_dir_of_valid, valid_id
 
 
 @pytest.fixture
@@ -75,6 +75,29 @@ def test_move_makes_hash_dirs_and_scan_recurses(spool: Spool) -> None:
     with pytest.raises(FileNotFoundError):
         spool.move(qid, "incoming", "active")
     assert spool.remove("deferred", qid) and not spool.remove("deferred", qid)
+
+
+def test_scan_names_only_includes_files_still_being_written(spool: Spool) -> None:
+    """ready_only=False yields every valid name (no stat: the qmgr's feed checks the mode
+    itself); the default yields complete files only."""
+    done, qdone, pdone = spool.create("incoming")
+    done.close()
+    os.chmod(pdone, 0o700)
+    busy, qbusy, _ = spool.create("incoming")
+    busy.close()
+    Path(spool.queue_path("incoming"), "junk.txt").write_text("x")
+    assert list(spool.scan("incoming")) == [qdone]
+    assert sorted(spool.scan("incoming", ready_only=False)) == sorted([qdone, qbusy])
+
+
+def test_path_hashing_matches_hash_dir(spool: Spool) -> None:
+    for _ in range(20):
+        f, qid, _ = spool.create("incoming")
+        f.close()
+        assert hash_dir_of_valid(qid, 3) == hash_dir(qid, 3)
+        assert spool.path("deferred", qid) == os.path.join(
+            spool.queue_path("deferred"), *hash_dir(qid, 1), qid)
+        assert spool.path("incoming", qid) == os.path.join(spool.queue_path("incoming"), qid)
 
 
 def test_scan_missing_queue_dir(tmp_path: Path) -> None:

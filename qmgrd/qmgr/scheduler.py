@@ -109,6 +109,7 @@ from qmgrd.spool.queue import Spool
 __all__ = ["Scheduler"]
 
 _TRIGGER_CODES = frozenset(b"IWDAF\0")
+SKIP_BATCH = 100  # names a scan may pass over in one step (feed_one) without taking one
 FORCED_SCAN_INTERVAL = 1.0  # s: at most one forced (ignore-time) deferred request per interval
 
 
@@ -145,8 +146,9 @@ class Scheduler:
         self.flow_backlog = 2 * self.flow_limit
         self._flow_owed = 0  # tokens withheld while behind, paid when caught up
         cfg.get_int("qmgr_fudge_factor")  # oqmgr only; checked like Postfix's qmgr does
-        self.incoming = Scan("incoming", lambda: spool.scan("incoming"))
-        self.deferred = Scan("deferred", lambda: spool.scan("deferred"))
+        # names only: the feed stats each file itself (mode, mtime), as Postfix's does
+        self.incoming = Scan("incoming", lambda: spool.scan("incoming", ready_only=False))
+        self.deferred = Scan("deferred", lambda: spool.scan("deferred", ready_only=False))
         self._incoming_first = True
         self.transports: dict[str, Transport] = {}
         self._rr = 0
@@ -344,15 +346,24 @@ class Scheduler:
             order = ((self.incoming, self.deferred) if self._incoming_first
                      else (self.deferred, self.incoming))
             last = order[-1]
+            taken = False
             for scan in order:
                 last = scan
-                qid = scan.next()
-                if qid is None:
-                    continue
-                took = True
-                if scan is self.incoming:
-                    self._flow_token()
-                if self.active.feed(qid, scan.name, scan.scan_all, scan.flush):
+                # names the feed passes over (not yet due, not ready, already active)
+                # cost no delivery work: up to SKIP_BATCH of them in one step, instead
+                # of one event loop round each (a deferred scan over 100,000 files
+                # that are not due is a walk of the directory, as in Postfix)
+                for _ in range(SKIP_BATCH):
+                    qid = scan.next()
+                    if qid is None:
+                        break
+                    took = True
+                    if self.active.feed(qid, scan.name, scan.scan_all, scan.flush):
+                        if scan is self.incoming:
+                            self._flow_token()  # one per message taken in from incoming
+                        taken = True
+                        break
+                if taken:
                     break
             if not self.active.full():
                 self._incoming_first = last is self.deferred

@@ -25,7 +25,8 @@ Public API
         .create(queue, mode=0o600) -> (file object "w+b", qid, path)    OSError
         .move(qid, from_queue, to_queue) -> str  new path; OSError (ENOENT: no such file)
         .remove(queue, qid) -> bool            False when it did not exist
-        .scan(queue) -> Iterator[str]          ids of ready files (recursing hash dirs)
+        .scan(queue, ready_only=True) -> Iterator[str]   ids of ready files (recursing hash
+                                               dirs); ready_only=False: names only, no stat
         .is_ready(st) -> bool                  (staticmethod)
         .make_dirs()                           create the queue directories (0700, public
                                                0710, maildrop 0730, pid 0755)
@@ -39,7 +40,7 @@ import os
 import stat
 import time
 
-from qmgrd.spool.queueid import hash_dir, new_long_id, valid_id
+from qmgrd.spool.queueid import hash_dir_of_valid, new_long_id, valid_id
 
 # typing and collections.abc are not imported at run time: every qmgr-sendmail run
 # imports this module, and typing (with re) costs it about 10 ms.
@@ -111,7 +112,7 @@ class Spool:
                 raise ValueError(f"invalid queue id: {qid!r}")
             if len(self._hashed_ids) >= _ID_CACHE:
                 self._hashed_ids.clear()
-            hashed = os.path.join(*hash_dir(qid, self.hash_queue_depth), qid)
+            hashed = "/".join((*hash_dir_of_valid(qid, self.hash_queue_depth), qid))
             self._hashed_ids[qid] = hashed
         prefix = self._prefix.get(queue)
         if prefix is None:
@@ -220,7 +221,7 @@ class Spool:
         """True for a regular file whose owner bits are exactly rwx (a complete file)."""
         return stat.S_ISREG(st.st_mode) and (st.st_mode & stat.S_IRWXU) == stat.S_IRWXU
 
-    def scan(self, queue: str) -> Iterator[str]:
+    def scan(self, queue: str, ready_only: bool = True) -> Iterator[str]:
         """Yield the ids of ready files in ``queue``, recursing into hash directories.
 
         Names that are not valid ids, non-regular files and files still being written are
@@ -228,12 +229,16 @@ class Spool:
         levels), so files left over from other hashing settings are still found. A
         directory vanishing during the walk is not an error. Directory order, not sorted.
 
+        ``ready_only=False`` yields every valid id that is not a directory without a
+        ``stat`` of its own (the names only, as Postfix's scan_dir): for a caller that
+        stats the file anyway before using it (the qmgr's feed checks mode and mtime).
+
         Raises:
             ValueError: unknown queue name.
         """
-        yield from self._scan_dir(self.queue_path(queue), 11)
+        yield from self._scan_dir(self.queue_path(queue), 11, ready_only)
 
-    def _scan_dir(self, path: str, depth_left: int) -> Iterator[str]:
+    def _scan_dir(self, path: str, depth_left: int, ready_only: bool) -> Iterator[str]:
         try:
             it = os.scandir(path)
         except (FileNotFoundError, NotADirectoryError):
@@ -249,12 +254,12 @@ class Spool:
                         continue
                     if not valid_id(name):
                         continue
-                    if self.is_ready(entry.stat(follow_symlinks=False)):
+                    if not ready_only or self.is_ready(entry.stat(follow_symlinks=False)):
                         yield name
                 except FileNotFoundError:
                     continue
         for sub in subdirs:
-            yield from self._scan_dir(sub, depth_left - 1)
+            yield from self._scan_dir(sub, depth_left - 1, ready_only)
 
     # ---------------------------------------------------------------- setup
 

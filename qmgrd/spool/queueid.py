@@ -22,13 +22,15 @@ Public API
     id_usec(qid) -> int         microseconds encoded in a valid id (ValueError otherwise)
     id_time(qid) -> tuple[int, int]   (seconds, microseconds) encoded in a valid id
     hash_dir(qid, depth) -> list[str] hash directory names, one per level
+    hash_dir_of_valid(qid, depth)     the same for an id already checked with valid_id
 
 Raises ValueError for invalid input; logs nothing.
 """
 
 from __future__ import annotations
 
-__all__ = ["ALPHABET", "hash_dir", "id_time", "id_usec", "new_long_id", "valid_id"]
+__all__ = ["ALPHABET", "hash_dir", "hash_dir_of_valid", "id_time", "id_usec", "new_long_id",
+           "valid_id"]
 
 ALPHABET = "0123456789BCDFGHJKLMNPQRSTVWXYZbcdfghjklmnpqrstvwxyz"
 _INODE_ALPHABET = ALPHABET[:51]
@@ -138,5 +140,14 @@ def hash_dir(qid: str, depth: int) -> list[str]:
     """
     if depth < 0:
         raise ValueError(f"negative hash depth {depth}")
-    hexu = f"{id_usec(qid):05X}"
+    if not valid_id(qid):
+        raise ValueError(f"invalid queue id: {qid!r}")
+    return hash_dir_of_valid(qid, depth)
+
+
+def hash_dir_of_valid(qid: str, depth: int) -> list[str]:
+    """:func:`hash_dir` for a ``qid`` the caller has checked with :func:`valid_id` and a
+    ``depth`` >= 0 (a second check of the id is the larger part of the cost)."""
+    z = qid.rfind("z")
+    hexu = f"{_decode(qid[z - 4 : z]):05X}"
     return [hexu[i] if i < len(hexu) else "_" for i in range(depth)]
