@@ -35,7 +35,8 @@ Start-up cost
     specials are checked in place (qmgrd.spool.envelope is imported only for -N, -R, -V
     or an address that needs RFC 5322 parsing). main.cf is read by a small reader that
     takes ``queue_directory``, ``line_length_limit`` and ``message_size_limit`` when
-    they are literal values (no ``$``; an absolute path; decimal numbers) and otherwise,
+    they are literal values (no ``$``; an absolute path; decimal numbers not under the
+    parameter table's minimum) and otherwise,
     or when any line is not plain ``name = value``, loads it through
     master.config.Config (same values, same errors: an empty or relative
     queue_directory is ``<main.cf>, line <n>: bad queue_directory parameter value
@@ -71,14 +72,14 @@ Exit status (sysexits)
     (``malformed UTF-8 in recipient address: <a/\\xff@b>``; nothing is queued), or an
     envelope record longer than line_length_limit, which pickup would set aside:
     ``sender address too long (5012 bytes; line_length_limit is 2048)``, likewise
-    ``recipient address``, ``full name`` (-F) and, with a very small limit, ``<name>
-    attribute`` (e.g. ``envelope_id attribute``, -V); the length is the record's
+    ``recipient address`` and ``full name`` (-F); the length is the record's
     payload in bytes (UTF-8); checked before the queue file is created, so nothing is
     queued, as Postfix's postdrop refuses a record over line_length_limit; 69
     EX_UNAVAILABLE the queue directory does not exist (``queue directory <path>: No
     such file or directory``, as Postfix's sendmail: fatal ``chdir <path>: ...``,
     EX_UNAVAILABLE); 73 EX_CANTCREAT the queue file cannot be created; 75 EX_TEMPFAIL
-    write error; 78 EX_CONFIG bad configuration. Errors print one line
+    write error; 78 EX_CONFIG bad configuration (e.g. ``invalid line_length_limit
+    parameter value "100": minimum is 512``, Postfix's minimum). Errors print one line
     ``qmgr-sendmail: fatal: ...`` on standard error.
 
 Public API
@@ -333,7 +334,7 @@ def _login_name() -> str:
 # The parameters read, with their master.config.params defaults and minimum values
 # (tests/test_sendmail_fast.py checks them against the table).
 _PARAMS = {"queue_directory": (quickcf.QUEUE_DIRECTORY_DEFAULT, 0),
-           "line_length_limit": ("2048", 1),
+           "line_length_limit": ("2048", 512),
            "message_size_limit": ("10240000", 0)}
 
 

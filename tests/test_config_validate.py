@@ -72,6 +72,8 @@ def test_a_parameter_set_twice_is_named(tmp_path: Path) -> None:
      'bad numerical value for parameter smtp_destination_recipient_limit: "x"'),
     ("relay_transport_rate_delay = 1fortnight",
      "bad time value for parameter relay_transport_rate_delay"),
+    ("line_length_limit = 100",  # Postfix's minimum: every submission would be refused
+     'invalid line_length_limit parameter value "100": minimum is 512'),
 ])
 def test_bad_main_cf_values_are_errors_with_file_and_line(tmp_path: Path, line: str,
                                                            what: str) -> None:

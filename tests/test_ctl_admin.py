@@ -357,6 +357,9 @@ def test_config_sets_parameters_as_postconf_e(tmp_path: Path) -> None:
     assert (code, err) == (78, ("qmgr-ctl: fatal: not changed: invalid "
                                 "smtp_process_delivery_limit parameter value \"99999\": "
                                 "maximum is 1000\n"))
+    code, _, err = run("line_length_limit=100")  # under Postfix's minimum
+    assert (code, err) == (78, ("qmgr-ctl: fatal: not changed: invalid line_length_limit "
+                                "parameter value \"100\": minimum is 512\n"))
     code, _, err = run("transport_maps=nosuch:/x")  # a table that would not open
     assert (code, err) == (78, ("qmgr-ctl: fatal: not changed: parameter transport_maps: "
                                 "nosuch:/x: unsupported dictionary type: nosuch\n"))

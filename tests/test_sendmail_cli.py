@@ -155,12 +155,12 @@ def test_default_sender_is_login_name(confdir: Path) -> None:
 
 
 def test_null_sender_and_long_lines(confdir: Path) -> None:
-    # 21: the longest envelope record written here (A rewrite_context=local) still fits
+    # 512: Postfix's minimum; the 1100-byte line becomes 512 + 512 (L records) + 76
     (confdir / "main.cf").write_text(
-        f"queue_directory = {confdir}/q\nline_length_limit = 21\n")
-    assert sendmail(confdir, ["-f", "<>", "r@example.net"], b"a" * 50 + b"\n")[0] == 0
+        f"queue_directory = {confdir}/q\nline_length_limit = 512\n")
+    assert sendmail(confdir, ["-f", "<>", "r@example.net"], b"a" * 1100 + b"\n")[0] == 0
     path, msg = only_message(confdir)
-    assert msg.sender == "" and msg.content == b"a" * 50 + b"\n"
+    assert msg.sender == "" and msg.content == b"a" * 1100 + b"\n"
     with open(path, "rb") as f:
         assert [r.rtype for r in RecordReader(f)].count(b"L") == 2
 

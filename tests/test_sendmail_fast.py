@@ -133,8 +133,8 @@ def test_reader_defaults_match_the_parameter_table() -> None:
 MAIN_CF = [
     "",
     "queue_directory = /q\n",
-    "queue_directory=/q\nline_length_limit = 100\nmessage_size_limit = 0\n",
-    "# c\nqueue_directory =\n  /q\n# between\n  tail\nline_length_limit = 7  \n",
+    "queue_directory=/q\nline_length_limit = 600\nmessage_size_limit = 0\n",
+    "# c\nqueue_directory =\n  /q\n# between\n  tail\nline_length_limit = 700  \n",
     "queue_directory = /a\nqueue_directory = /b\n",
     "myhostname = x\n  continued = still x\nqueue_directory = /q # not a comment\n",
     "queue_directory = /q\r\nmessage_size_limit = 0012\r\n",
@@ -157,6 +157,8 @@ MAIN_CF = [
     "queue_directory = q\n",
     "queue_directory = ./q\nline_length_limit = 100\n",
     "queue_directory = /q/../r//\n",  # normalised alike
+    "line_length_limit = 511\n",  # under Postfix's minimum (512): Config reports it
+    "line_length_limit = 512\n",
 ]
 
 
