@@ -489,7 +489,7 @@ def check(ctx: click.Context) -> None:
     cfg = _config(ctx)
     owner = _owner(cfg)
     try:
-        changes = check_queue_dirs(cfg.queue_directory(), cfg.get("data_directory"),
+        changes = check_queue_dirs(cfg.queue_directory(), cfg.data_directory(),
                                    owner)
     except (OSError, ConfigError) as exc:
         _fatal(describe(exc))

@@ -318,6 +318,46 @@ def test_bad_queue_directory_override_is_named_as_override() -> None:
         cfg("", {"queue_directory": ""}).check()
 
 
+@pytest.mark.parametrize("name", ["data_directory", "maillog_file"])
+@pytest.mark.parametrize("value,shown,why", [
+    ("lib", '"lib"', "not an absolute path"),
+    ("./var/log/maillog", '"./var/log/maillog"', "not an absolute path"),
+    ("$base/x", '"var/x" (from "$base/x")', "not an absolute path"),
+    ("", '""', "empty; it must be an absolute path"),
+])
+def test_data_directory_and_maillog_file_must_be_absolute(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, value: str,
+        shown: str, why: str) -> None:
+    """A relative data_directory or maillog_file (each process would take it from its
+    own working directory) is refused by its accessor and by check(), naming main.cf
+    and the line, as queue_directory. An empty data_directory is refused too (Postfix:
+    a string of minimum length 1); an empty maillog_file is syslog (Postfix's default)."""
+    monkeypatch.chdir(tmp_path)
+    text = f"myhostname = h.example.com\nbase = var\n# the path\n{name} = {value}\n"
+    c = cfg(text)
+    accessor = getattr(c, name)
+    if name == "maillog_file" and not value:
+        assert accessor() == ""
+        c.check()
+        return
+    with pytest.raises(ConfigError) as info:
+        accessor()
+    assert str(info.value) == (f"/etc/qmgrd/main.cf, line 4: bad {name} parameter "
+                               f"value {shown}: {why}")
+    with pytest.raises(ConfigError) as checked:
+        c.check()
+    assert str(checked.value) == str(info.value)
+    with pytest.raises(ConfigError, match=f"^-o {name}=x: bad {name} parameter value"):
+        cfg("myhostname = h.example.com\n", {name: "x"}).check()
+
+
+def test_data_directory_and_maillog_file_defaults_and_normalising() -> None:
+    c = cfg("myhostname = h.example.com\n")
+    assert (c.data_directory(), c.maillog_file()) == ("/var/lib/postfix", "")
+    c = cfg("base = /srv/\ndata_directory = $base/lib/\nmaillog_file = /var/log/../log/m\n")
+    assert (c.data_directory(), c.maillog_file()) == ("/srv/lib", "/var/log/m")
+
+
 def test_queue_directory_is_normalised() -> None:
     assert cfg("queue_directory = /var/spool/../q/./x/\n").queue_directory() == "/var/q/x"
     assert cfg("base = /srv\nqueue_directory = $base/q\n").queue_directory() == "/srv/q"

@@ -357,6 +357,12 @@ def test_config_sets_parameters_as_postconf_e(tmp_path: Path) -> None:
     assert (code, err) == (78, ("qmgr-ctl: fatal: not changed: invalid "
                                 "smtp_process_delivery_limit parameter value \"99999\": "
                                 "maximum is 1000\n"))
+    for name in ("data_directory", "maillog_file"):  # a relative path
+        code, _, err = run(f"{name}=var/x")
+        assert (code, err) == (78, (f"qmgr-ctl: fatal: not changed: bad {name} parameter "
+                                    "value \"var/x\": not an absolute path\n"))
+    assert run("maillog_file=")[0] == 0 and "\nmaillog_file = \n" in main.read_text()
+    before = main.read_text()
     code, _, err = run("line_length_limit=100")  # under Postfix's minimum
     assert (code, err) == (78, ("qmgr-ctl: fatal: not changed: invalid line_length_limit "
                                 "parameter value \"100\": minimum is 512\n"))

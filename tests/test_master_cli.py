@@ -336,6 +336,28 @@ def test_empty_or_relative_queue_directory_is_fatal(tmp_path: Path, command: str
     assert sorted(p.name for p in tmp_path.iterdir()) == ["etc"]  # nothing made here
 
 
+@pytest.mark.parametrize("command,name,value", [
+    ("start", "data_directory", "data"), ("reload", "data_directory", "data"),
+    ("check", "data_directory", "data"),  # check makes data_directory
+    ("start", "maillog_file", "log/maillog"), ("reload", "maillog_file", "log/maillog"),
+])
+def test_relative_data_directory_or_maillog_file_is_fatal(tmp_path: Path, command: str,
+                                                          name: str, value: str) -> None:
+    """A relative data_directory or maillog_file is refused by start and reload (and a
+    relative data_directory by check, which makes it), naming main.cf and its line;
+    nothing is made relative to the directory the command runs in (the master would
+    lock, or log to, a file that depends on it)."""
+    etc = write_config(tmp_path, MASTER_CF)
+    main = etc / "main.cf"
+    main.write_text("".join(line + "\n" for line in main.read_text().splitlines()
+                            if not line.startswith(name)) + f"{name} = {value}\n")
+    line = len(main.read_text().splitlines())
+    result = _master_cli(etc, tmp_path, command)
+    problem = f'{main}, line {line}: bad {name} parameter value "{value}": not an absolute path'
+    assert (result.returncode, result.stderr) == (1, f"qmgr-master: fatal: {problem}\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["etc"]  # nothing made here
+
+
 @pytest.mark.parametrize("command", ["status", "stop", "reload"])
 def test_missing_queue_directory_is_said_plainly(tmp_path: Path, command: str) -> None:
     """No queue directory is not "the qmgrd mail system is not running" (status's exit

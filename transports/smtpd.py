@@ -422,7 +422,7 @@ _warm_up()  # at import: the master loads this module once and forks every smtpd
 
 def _pre_jail(ctx: ServerContext) -> None:
     cfg = ctx.config
-    log.setup(cfg.get("process_name") or "smtpd", cfg.get("maillog_file"),
+    log.setup(cfg.get("process_name") or "smtpd", cfg.maillog_file(),
               cfg.get("syslog_name") or "qmgrd", foreground=ctx.foreground)
     try:
         resolver: dns.asyncresolver.Resolver | None = dns.asyncresolver.Resolver()

@@ -34,11 +34,14 @@ PUBLIC API
     cfg.get_int / get_bool / get_time (seconds) / get_size (bytes) / get_list
     cfg.queue_directory() -> str  the one way to the queue directory: an absolute path,
                                  else ConfigError (Postfix: an empty value is fatal)
+    cfg.data_directory() -> str   likewise for data_directory
+    cfg.maillog_file() -> str     likewise for maillog_file, but "" (syslog) is allowed
     cfg.transport_name(transport, suffix) -> str (the parameter actually used)
     cfg.transport_param / transport_int / transport_time (transport, suffix)
     cfg.check() -> None          validate every set or table parameter (like postconf),
                                  each entry of NETWORK_LIST_PARAMS (master.config.netlist)
-                                 and queue_directory (queue_directory())
+                                 and the paths (queue_directory(), data_directory(),
+                                 maillog_file())
     cfg.error(name, message) -> ConfigError   located where name's value came from
     param_spec(name) -> Param | None   the table entry governing name (per-transport too)
     TRANSPORT_SUFFIXES                 the per-transport parameter suffixes
@@ -498,14 +501,53 @@ class Config:
                 differs: ``"" (from "$spool")``); or the expansion fails (loop,
                 malformed ``${...}``).
         """
-        value = self.get("queue_directory")
+        return self._absolute_path("queue_directory", empty_ok=False)
+
+    def data_directory(self) -> str:
+        """The expanded data_directory (where the master keeps master.lock), an absolute
+        path normalised as queue_directory() gives it.  Every program that uses it asks
+        here rather than ``get("data_directory")``.
+
+        Postfix refuses an empty value (a string parameter of minimum length 1) and
+        works in data_directory by absolute path only; a relative path would be taken
+        from whatever directory a program is started in (two masters of one
+        configuration would not share their lock), so it is refused too.
+
+        Raises:
+            ConfigError: the value is empty or relative after expansion, located as
+                for queue_directory(): ``"<main.cf>, line <n>: bad data_directory
+                parameter value "lib": not an absolute path"``; or the expansion fails.
+        """
+        return self._absolute_path("data_directory", empty_ok=False)
+
+    def maillog_file(self) -> str:
+        """The expanded maillog_file: "" (the default) for syslog, else an absolute path
+        normalised as queue_directory() gives it.  Every program that opens the log asks
+        here rather than ``get("maillog_file")``.
+
+        An empty value means syslog, as in Postfix (maillog_file unset: no postlogd
+        file).  A relative path would name a different file for each process, each
+        opening it from its own working directory, so it is refused.
+
+        Raises:
+            ConfigError: the value is relative after expansion, located as for
+                queue_directory(): ``"<main.cf>, line <n>: bad maillog_file parameter
+                value "maillog": not an absolute path"``; or the expansion fails.
+        """
+        return self._absolute_path("maillog_file", empty_ok=True)
+
+    def _absolute_path(self, name: str, empty_ok: bool) -> str:
+        """The expanded value of path parameter ``name``, normalised (os.path.abspath);
+        "" when it is empty and ``empty_ok``.  Raises ConfigError (empty, relative)."""
+        value = self.get(name)
         if os.path.isabs(value):
             return os.path.abspath(value)
-        raw = self.get_raw("queue_directory")
+        if not value and empty_ok:
+            return ""
+        raw = self.get_raw(name)
         shown = f'"{value}"' if raw == value else f'"{value}" (from "{raw}")'
         why = "empty; it must be an absolute path" if not value else "not an absolute path"
-        raise self._error("queue_directory",
-                          f"bad queue_directory parameter value {shown}: {why}")
+        raise self._error(name, f"bad {name} parameter value {shown}: {why}")
 
     # --- per-transport parameters ------------------------------------------------------
     def transport_name(self, transport: str, suffix: str) -> str:
@@ -538,7 +580,8 @@ class Config:
     def check(self) -> None:
         """Expand every parameter and convert every typed parameter (the table's, and
         per-transport ones such as smtp_destination_recipient_limit by their global's
-        type, see param_spec), then queue_directory (queue_directory()) and the host
+        type, see param_spec), then the paths (queue_directory(), data_directory(),
+        maillog_file()) and the host
         name, protocols and networks (_check_identity); raise the first ConfigError found
         (like a daemon's start-up checks).  Names are checked sorted."""
         for name in self.names():
@@ -551,6 +594,8 @@ class Config:
             elif param.type in ("int", "time", "size"):
                 self._convert(name, param.type, param)
         self.queue_directory()
+        self.data_directory()
+        self.maillog_file()
         self._check_identity()
 
     def _check_identity(self) -> None:

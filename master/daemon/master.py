@@ -166,8 +166,9 @@ class Master:
         and the control socket, install signals.
 
         Raises:
-            StartupError: bad mail_owner, already running, or a directory, lock or
-                endpoint cannot be made.
+            StartupError: bad mail_owner, already running, a directory, lock or
+                endpoint cannot be made, or data_directory is not an absolute path (a
+                Config that passed cfg.check() has one).
         """
         try:
             owner = lookup_mail_owner(cfg)
@@ -201,7 +202,7 @@ class Master:
             self.control = control.ControlServer(control.control_path(qdir),
                                                  self._control_request, self.selector)
             self.control.open()
-        except (AlreadyRunning, EndpointError) as exc:
+        except (AlreadyRunning, EndpointError, ConfigError) as exc:
             self._shutdown_fds()
             raise StartupError(str(exc)) from None
         except (OSError, ValueError) as exc:
@@ -216,14 +217,14 @@ class Master:
 
     def _prepare(self, cfg: Config, owner: Owner, qdir: str) -> None:
         """Repair the queue tree (logging each change), take master.lock, warn when
-        mail_owner cannot reach the queue directory.  Raises OSError, AlreadyRunning."""
-        data_directory = cfg.get("data_directory")
+        mail_owner cannot reach the queue directory.  Raises OSError, AlreadyRunning,
+        ConfigError (Config.data_directory)."""
+        data_directory = cfg.data_directory()
         for change in check_queue_dirs(qdir, data_directory, owner):
             log.info(change)
-        if data_directory:
-            lock = PidFile(lock_path(data_directory))
-            lock.acquire()
-            self.lockfile = lock
+        lock = PidFile(lock_path(data_directory))
+        lock.acquire()
+        self.lockfile = lock
         if owner.privileged:
             blocked = unreachable_by(qdir, owner.uid, owner.gid)
             if blocked is not None:
@@ -389,7 +390,7 @@ class Master:
         try:
             _open_log(cfg, self.foreground)
         except OSError as exc:  # log.setup keeps the log it had
-            log.warning(f"reload: cannot open {cfg.get('maillog_file')}: {exc.strerror} "
+            log.warning(f"reload: cannot open {cfg.maillog_file()}: {exc.strerror} "
                         "(logging on to the file opened before)")
 
     def _verdict(self, queue_directory: str, error: str | None,
@@ -433,8 +434,9 @@ def _log_early(config_directory: str, foreground: bool) -> None:
 def _open_log(cfg: Config, foreground: bool) -> None:
     """The master's log: maillog_file (created 0644 if new, _create_maillog) or syslog,
     under syslog_name.  Raises OSError (the file cannot be made or opened; a log opened
-    before is kept) or ConfigError (a value cannot be expanded)."""
-    maillog = cfg.get("maillog_file")
+    before is kept) or ConfigError (a value cannot be expanded, or maillog_file is a
+    relative path: Config.maillog_file)."""
+    maillog = cfg.maillog_file()
     if maillog:
         _create_maillog(maillog)
     log.setup("master", maillog, cfg.get("syslog_name") or "qmgrd", foreground=foreground)
@@ -494,7 +496,7 @@ def run_master(config_directory: str, foreground: bool = False,
     try:
         _open_log(cfg, foreground)
     except OSError as exc:
-        fail(f"open {cfg.get('maillog_file')}: {exc.strerror}")
+        fail(f"open {cfg.maillog_file()}: {exc.strerror}")
     for text in warnings:
         log.warning(text)
     master = Master(config_directory, foreground)

@@ -376,7 +376,7 @@ def _setup(argv: Sequence[str] | None, pre_jail: JailHook | None,
         overrides[name.strip()] = value.strip()
     status_fd, listen_fds = _master_fds(opts.sockets)  # before anything opens a file
     cfg = Config.load(opts.config_dir, overrides)
-    log.setup(process_name, cfg.get("maillog_file"), cfg.get("syslog_name") or "qmgrd",
+    log.setup(process_name, cfg.maillog_file(), cfg.get("syslog_name") or "qmgrd",
               foreground=opts.foreground)
     if status_fd is None and opts.listen:
         listen_fds = [_standalone_listener(opts.listen, opts.type)]

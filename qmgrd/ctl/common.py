@@ -240,7 +240,7 @@ def changing(ctx: click.Context, cfg: Config, spool: Spool, what: str) -> Iterat
     check_queue_dir(ctx, spool)
     try:
         # the host name field as every daemon writes it (the system's short name)
-        log.setup(PROG, cfg.get("maillog_file"), cfg.get("syslog_name") or "qmgrd")
+        log.setup(PROG, cfg.maillog_file(), cfg.get("syslog_name") or "qmgrd")
     except (OSError, ConfigError) as exc:
         warn(f"cannot open the mail log: {exc}")
     try:
