@@ -411,3 +411,61 @@ def test_identity_parameters_are_checked(tmp_path: Path, line: str, what: str) -
     with pytest.raises(ConfigError) as got:
         load_configuration(write(tmp_path, f"myhostname = h.example\n{line}\n"))
     assert str(got.value).startswith(f"{tmp_path / 'main.cf'}, line 3: {what}")
+
+
+@pytest.mark.parametrize("value,what", [
+    ("[relay.example]:99999", 'bad port number "99999" (1-65535)'),
+    ("[relay.example]:0", 'bad port number "0" (1-65535)'),
+    ("relay.example:25x", "garbage after numerical service"),
+    ("[relay.example]:nosuchservice", 'unknown service "nosuchservice"'),
+    ("[]:25", "missing host information"),
+    (":25", "missing host information"),
+    ("[relay.example", 'missing "]"'),
+    ("relay.example]", "valid hostname or network address required"),
+    ("[relay.example]]", 'garbage after "]"'),
+    ("[ipv6:192.0.2.1]", "malformed IPv6 address"),
+    ("a.example, [b.example]:70000", 'bad port number "70000" (1-65535) in "[b.example]:70000"'),
+])
+def test_bad_relayhost_is_refused_with_file_and_line(tmp_path: Path, value: str,
+                                                    what: str) -> None:
+    """relayhost is an smtp destination (the smtp client's own parser,
+    master.config.nexthop): a port out of range, not a number nor a known service, an
+    empty host or unbalanced brackets stop start and reload, naming main.cf's line -
+    instead of deferring every relayed message at delivery."""
+    etc = write(tmp_path, f"myhostname = h.example\n# smart host\nrelayhost = {value}\n")
+    assert error_of(etc) == (f'{etc}/main.cf, line 4: bad relayhost parameter value '
+                             f'"{value}": {what}')
+
+
+@pytest.mark.parametrize("value", [
+    "", "relay.example", "relay.example:587", "relay.example:submission", "relay.example:",
+    "[relay.example]", "[relay.example]:2525", "[relay.example]:", "[192.0.2.1]:25",
+    "192.0.2.1", "[::1]", "[ipv6:2001:db8::1]:25", "[IPv6:2001:db8::1]",
+    "a.example, [b.example]:26 c.example", "$myhostname", "[relay_1.example.]",
+])
+def test_good_relayhost_forms_load(tmp_path: Path, value: str) -> None:
+    """Every form Postfix accepts (smtp(8) destination syntax, host_port(); a list with
+    Postfix >= 3.5) loads."""
+    cfg, _ = load_configuration(write(tmp_path, f"myhostname = h.example\nrelayhost = {value}\n"))
+    assert cfg.get_raw("relayhost") == value
+
+
+def test_transport_nexthop_of_an_smtp_service_is_checked(tmp_path: Path) -> None:
+    """default_transport and relay_transport with a nexthop: checked as relayhost when
+    the transport is an smtp service of master.cf (not for error:text), also in a qmgr
+    service's -o override (master.cf's line)."""
+    etc = write(tmp_path, "myhostname = h.example\ndefault_transport = smtp:[x.example]:99999\n")
+    assert error_of(etc) == (f'{etc}/main.cf, line 3: bad default_transport parameter '
+                             'value "smtp:[x.example]:99999": nexthop "[x.example]:99999": '
+                             'bad port number "99999" (1-65535)')
+    etc = write(tmp_path, "myhostname = h.example\nrelay_transport = smtp:[x.example\n")
+    assert error_of(etc).startswith(f'{etc}/main.cf, line 3: bad relay_transport parameter')
+    for good in ("smtp:[x.example]:2525", "smtp", "error:5.7.1 no mail: ever", "smtp:",
+                 "local:[x]:99999"):  # local: not an smtp service here
+        load_configuration(write(tmp_path, f"myhostname = h.example\ndefault_transport = {good}\n"))
+    master = GOOD_MASTER.replace("300     1       qmgr",
+                                 "300     1       qmgr\n  -o default_transport=smtp:[y]:0")
+    etc = write(tmp_path, "myhostname = h.example\n", master)
+    assert error_of(etc) == (f'{etc}/master.cf, line 2: -o default_transport=smtp:[y]:0: '
+                             'bad default_transport parameter value "smtp:[y]:0": nexthop '
+                             '"[y]:0": bad port number "0" (1-65535)')

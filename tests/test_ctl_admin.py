@@ -374,3 +374,36 @@ def test_config_sets_parameters_as_postconf_e(tmp_path: Path) -> None:
     assert run("-n", "a=1")[0] == EX_USAGE
     assert run("myhostname=a\nb")[0] == EX_USAGE
     assert edit_text("a = 1", {"b": "2"}) == "a = 1\nb = 2\n"
+
+
+@pytest.mark.parametrize("setting,what", [
+    ("relayhost=[x.example]:99999",
+     'bad relayhost parameter value "[x.example]:99999": bad port number "99999" (1-65535)'),
+    ("relayhost=[x.example]:smtpx",
+     'bad relayhost parameter value "[x.example]:smtpx": unknown service "smtpx"'),
+    ("relayhost=[]", 'bad relayhost parameter value "[]": missing host information'),
+    ("relayhost=[x.example", 'bad relayhost parameter value "[x.example": missing "]"'),
+    ("default_transport=smtp:x.example:0",
+     ('bad default_transport parameter value "smtp:x.example:0": nexthop "x.example:0": '
+      'bad port number "0" (1-65535)')),
+])
+def test_config_refuses_a_bad_relayhost(tmp_path: Path, setting: str, what: str) -> None:
+    """qmgr-ctl config NAME=VALUE with a relayhost (or an smtp service's nexthop in
+    default_transport) that the smtp client cannot use: exit 78 naming it, main.cf
+    unchanged; a valid one is written."""
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    main = etc / "main.cf"
+    main.write_text(f"queue_directory = {tmp_path}/q\nrelayhost = [old.example]\n")
+    (etc / "master.cf").write_text("smtp      unix  -       -       n       -       -"
+                                   "       smtp\n")
+    before = main.read_text()
+    res = CliRunner().invoke(cli, ["-c", str(etc), "config", setting])
+    assert (res.exit_code, res.stderr) == (78, f"qmgr-ctl: fatal: not changed: {what}\n")
+    assert main.read_text() == before
+    name = setting.partition("=")[0]
+    res = CliRunner().invoke(cli, ["-c", str(etc), "config", f"{name}=smtp:[new.example]:587"
+                                   if name == "default_transport" else
+                                   f"{name}=[new.example]:587, backup.example:"])
+    assert res.exit_code == 0, res.stderr
+    assert main.read_text() != before

@@ -358,6 +358,17 @@ def test_relative_data_directory_or_maillog_file_is_fatal(tmp_path: Path, comman
     assert sorted(p.name for p in tmp_path.iterdir()) == ["etc"]  # nothing made here
 
 
+@pytest.mark.parametrize("command", ["start", "reload"])
+def test_bad_relayhost_is_fatal(tmp_path: Path, command: str) -> None:
+    """A relayhost port out of range stops start and reload, naming main.cf's line."""
+    etc = write_config(tmp_path, MASTER_CF, "relayhost = [relay.example]:99999\n")
+    line = len((etc / "main.cf").read_text().splitlines())
+    result = _master_cli(etc, tmp_path, command)
+    problem = (f'{etc}/main.cf, line {line}: bad relayhost parameter value '
+               '"[relay.example]:99999": bad port number "99999" (1-65535)')
+    assert (result.returncode, result.stderr) == (1, f"qmgr-master: fatal: {problem}\n")
+
+
 @pytest.mark.parametrize("command", ["status", "stop", "reload"])
 def test_missing_queue_directory_is_said_plainly(tmp_path: Path, command: str) -> None:
     """No queue directory is not "the qmgrd mail system is not running" (status's exit

@@ -31,10 +31,21 @@ def test_parse_nexthop_forms() -> None:
     assert parse_nexthop("192.0.2.1") == [Nexthop("192.0.2.1", 25, False)]
     assert parse_nexthop("[a.example], b.example:26") == [
         Nexthop("a.example", 25, False), Nexthop("b.example", 26, True)]
+    # Postfix's host_port(): "host:" and "[host]:" take the default port; an IPv6
+    # address in brackets with or without "ipv6:"; a list separated by white space
+    assert parse_nexthop("[x.example]:") == [Nexthop("x.example", 25, False)]
+    assert parse_nexthop("x.example:", 24) == [Nexthop("x.example", 24, True)]
+    assert parse_nexthop("[::1]:2525") == [Nexthop("::1", 2525, False)]
+    assert parse_nexthop(" a.example\tb.example:smtp ") == [
+        Nexthop("a.example", 25, True), Nexthop("b.example", 25, True)]
+    assert parse_nexthop("[b\u00fccher.example]") == [Nexthop("b\u00fccher.example", 25, False)]
 
 
-@pytest.mark.parametrize("bad", ["", "[host", "[host]x", "host:0", "host:99999",
-                                 "host:nosuchservice", "[]", "a/b", "[x]:"])
+@pytest.mark.parametrize("bad", ["", " , ", "[host", "[host]x", "host:0", "host:99999",
+                                 "host:nosuchservice", "[]", "a/b", "[x]:65536",
+                                 "host:25x", ":25", "x]", "[[x]]", "[ipv6:nonsense]",
+                                 "2001:db8::1", "ex!mple.com", "a..example",
+                                 "a.example, [b.example]:99999"])
 def test_parse_nexthop_errors(bad: str) -> None:
     with pytest.raises(ValueError):
         parse_nexthop(bad)

@@ -7,6 +7,8 @@ Summary
     * ``[host]:port`` / ``[host]`` / ``[ipv6:addr]`` — no MX lookup (an IP literal needs
       no lookup at all); ``host:port`` and ``domain`` — MX lookup; a comma/space
       separated list of those is tried in order. A port may be a number or a service name.
+      The syntax is master.config.nexthop's (parse_nexthop, re-exported here), the parser
+      the start/reload check of relayhost uses too.
     * MX records are sorted by preference (equal preferences shuffled), then each MX
       host's A/AAAA records (IPv4 first, per ``inet_protocols``); no MX record -> the
       domain's own addresses; a null MX -> 5.1.0 "does not accept mail (nullMX)".
@@ -21,7 +23,7 @@ Summary
 
 Public API
     Nexthop(host, port, mx) (.literal), Address(hostname, ip, port) (.namaddr, .relay)
-    parse_nexthop(text, default_port=25) -> list[Nexthop]              ValueError
+    parse_nexthop(text, default_port=25) -> list[Nexthop]   ValueError (master.config.nexthop)
     HostResolver(lookup=("dns",), protocols=("ipv4", "ipv6"), dns_resolver=None)
         .resolve(nexthop) -> list[Address]; .mx_hosts(domain); .addresses(host)   DnsError
     DnsError(status, reason); DnsResolverLike (Protocol for a test resolver)
@@ -33,7 +35,6 @@ from __future__ import annotations
 import encodings.idna  # noqa: F401 - dnspython's IDNA codec, loaded before the chroot
 import ipaddress
 import random
-import re
 import socket
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -55,25 +56,10 @@ import dns.rdtypes.IN.A
 import dns.rdtypes.IN.AAAA
 import dns.resolver
 
+from master.config.nexthop import Nexthop, parse_nexthop
+
 __all__ = ["Address", "DnsError", "DnsResolverLike", "HostResolver", "Nexthop",
            "parse_nexthop"]
-
-_SERVICES = {"smtp": 25, "submission": 587, "lmtp": 24}
-
-
-@dataclass(frozen=True)
-class Nexthop:
-    """One destination: ``host`` (name or IP), TCP ``port``, ``mx`` = look up MX records."""
-
-    host: str
-    port: int
-    mx: bool
-
-    @property
-    def literal(self) -> bool:
-        """True when ``host`` is an IP address: resolving it needs no lookup."""
-        return _is_ip(self.host)
-
 
 @dataclass(frozen=True)
 class Address:
@@ -92,55 +78,6 @@ class Address:
     def relay(self) -> str:
         """``host[ip]:port`` for relay= in the log."""
         return f"{self.hostname}[{self.ip}]:{self.port}"
-
-
-def _port(text: str) -> int:
-    if text.isdigit():
-        port = int(text)
-    elif text.lower() in _SERVICES:
-        port = _SERVICES[text.lower()]
-    else:
-        try:
-            port = socket.getservbyname(text, "tcp")
-        except OSError:
-            raise ValueError(f"unknown service {text!r}") from None
-    if not 0 < port < 65536:
-        raise ValueError(f"bad port {text!r}")
-    return port
-
-
-def parse_nexthop(text: str, default_port: int = 25) -> list[Nexthop]:
-    """Parse an smtp nexthop: ``[host]:port``, ``[host]``, ``[ipv6:addr]``, ``host:port``,
-    ``domain``, or a comma/space separated list of those.
-
-    Raises:
-        ValueError: empty text, unbalanced brackets, a bad port or host.
-    """
-    out: list[Nexthop] = []
-    for item in re.split(r"[\s,]+", text.strip()):
-        if not item:
-            continue
-        if item.startswith("["):
-            end = item.find("]")
-            if end < 0:
-                raise ValueError(f"missing ']' in {item!r}")
-            host, rest, mx = item[1:end], item[end + 1:], False
-            if host.lower().startswith("ipv6:"):
-                host = host[5:]
-        else:
-            host, sep, port = item.partition(":")
-            rest, mx = (":" + port if sep else ""), True
-        if not host or any(c in host for c in "[]/\\@\0"):
-            raise ValueError(f"bad host in {item!r}")
-        if rest and not rest.startswith(":"):
-            raise ValueError(f"garbage after ']' in {item!r}")
-        port_no = _port(rest[1:]) if rest else default_port
-        if _is_ip(host):
-            mx = False
-        out.append(Nexthop(host, port_no, mx))
-    if not out:
-        raise ValueError("empty nexthop")
-    return out
 
 
 def _is_ip(host: str) -> bool:

@@ -39,7 +39,8 @@ PUBLIC API
     cfg.transport_name(transport, suffix) -> str (the parameter actually used)
     cfg.transport_param / transport_int / transport_time (transport, suffix)
     cfg.check() -> None          validate every set or table parameter (like postconf),
-                                 each entry of NETWORK_LIST_PARAMS (master.config.netlist)
+                                 each entry of NETWORK_LIST_PARAMS (master.config.netlist),
+                                 each of NEXTHOP_PARAMS (relayhost: master.config.nexthop)
                                  and the paths (queue_directory(), data_directory(),
                                  maillog_file())
     cfg.error(name, message) -> ConfigError   located where name's value came from
@@ -67,6 +68,7 @@ from dataclasses import dataclass
 
 from master.config.errors import ConfigError
 from master.config.netlist import network_problem
+from master.config.nexthop import nexthop_problem
 from master.config.params import (
     PARAMS,
     Param,
@@ -86,6 +88,8 @@ _MAX_DEPTH = 100
 # Network lists smtpd matches client addresses against (transports.smtpd_policy.NetList);
 # mynetworks first, so that an error in "$mynetworks" is reported where it is set.
 NETWORK_LIST_PARAMS: tuple[str, ...] = ("mynetworks", "smtpd_client_event_limit_exceptions")
+# Parameters whose value is an smtp destination (master.config.nexthop), "" = none
+NEXTHOP_PARAMS: tuple[str, ...] = ("relayhost",)
 
 _HOSTNAME_RE = re.compile(  # letters, digits, "-", "_" (Postfix valid_hostname)
     r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?")
@@ -581,8 +585,8 @@ class Config:
         """Expand every parameter and convert every typed parameter (the table's, and
         per-transport ones such as smtp_destination_recipient_limit by their global's
         type, see param_spec), then the paths (queue_directory(), data_directory(),
-        maillog_file()) and the host
-        name, protocols and networks (_check_identity); raise the first ConfigError found
+        maillog_file()), the host name, protocols and networks (_check_identity) and
+        relayhost (_check_nexthops); raise the first ConfigError found
         (like a daemon's start-up checks).  Names are checked sorted."""
         for name in self.names():
             self.get(name)
@@ -597,6 +601,7 @@ class Config:
         self.data_directory()
         self.maillog_file()
         self._check_identity()
+        self._check_nexthops()
 
     def _check_identity(self) -> None:
         """myhostname must be a host name (it is the SMTP greeting, Message-ID and
@@ -616,6 +621,22 @@ class Config:
                 problem = network_problem(entry)
                 if problem is not None:
                     raise self._error(name, f"parameter {name}: {problem}")
+
+    def _check_nexthops(self) -> None:
+        """Each parameter of NEXTHOP_PARAMS (relayhost), when not empty, must be a valid
+        smtp destination (master.config.nexthop: host, [host], host:port, [host]:port,
+        [ipv6:addr], a list of those): a port outside 1-65535 or not a number or known
+        service, an empty host or unbalanced brackets would only be found by the smtp
+        client, deferring all mail that goes there (Postfix's client: fatal "bad network
+        port" and the like).  Raises ConfigError ``"<main.cf>, line <n>: bad relayhost
+        parameter value "[x]:99999": bad port number "99999" (1-65535)"``."""
+        for name in NEXTHOP_PARAMS:
+            value = self.get(name)
+            if not value.strip():
+                continue
+            problem = nexthop_problem(value)
+            if problem is not None:
+                raise self._error(name, f'bad {name} parameter value "{value}": {problem}')
 
     def dump(self, defaults: bool = False, nondefault: bool = False,
              expand: bool = False) -> list[str]:

@@ -16,7 +16,11 @@ DESCRIPTION
     * main.cf: every parameter expanded and every typed one converted (Config.check:
       expansion loops, bad numbers, times, sizes, booleans, ranges; each mynetworks and
       smtpd_client_event_limit_exceptions entry an address, a network without host
-      bits or a table - master.config.netlist, the parser smtpd uses too).
+      bits or a table - master.config.netlist, the parser smtpd uses too; relayhost an
+      smtp destination - master.config.nexthop, the parser the smtp client uses too).
+      The nexthop of default_transport and relay_transport (``smtp:[host]:port``) is
+      checked the same way when that transport is an smtp service of master.cf
+      (check_transport_nexthops).
     * master.cf, per service: the Config its children will see (main.cf plus
       service_name, process_name and its ``-o`` overrides) checked the same way; the
       command's module exists and can be run with ``python -m`` (found with
@@ -61,10 +65,12 @@ DESCRIPTION
 PUBLIC API
     load_configuration(config_directory, warn=None, euid=None) -> (Config, list[Service])
         Config.load + Config.check + check_tables + check_mail_owner + load_master_cf +
-        check_services; raises ConfigError.  ``euid`` (default: ours) decides whether
+        check_services + check_transport_nexthops; raises ConfigError.  ``euid`` (default: ours) decides whether
         mail_owner is checked (only for 0).
     check_tables(cfg, names=TABLE_PARAMS, warn=None) -> None  raises ConfigError
     check_mail_owner(cfg, euid=None) -> None                  raises ConfigError
+    check_transport_nexthops(cfg, services) -> None           raises ConfigError
+    TRANSPORT_NEXTHOP_PARAMS: tuple[str, ...]  default_transport, relay_transport
     TABLE_PARAMS: tuple[str, ...]       parameters whose tables qmgrd programs open
     check_services(cfg, services, warn=None) -> None          raises ConfigError
     check_service(cfg, service, warn=None) -> None            raises ConfigError
@@ -89,6 +95,7 @@ from collections.abc import Callable, Sequence
 from master.config.errors import ConfigError
 from master.config.maincf import Config, param_spec
 from master.config.mastercf import BUILTIN_MODULES, Service, load_master_cf
+from master.config.nexthop import nexthop_problem
 from master.config.relayguard import RELAY_PARAMS, is_guarded, open_relay_problem
 from master.config.tables import TableError, read_table
 from master.server import jail
@@ -99,12 +106,18 @@ __all__ = [
     "check_service",
     "check_services",
     "check_tables",
+    "check_transport_nexthops",
     "inet_hosts",
     "load_configuration",
     "module_problem",
 ]
 
 Warn = Callable[[str], None]
+
+# "transport:nexthop" parameters whose nexthop the qmgr gives to that transport (the
+# smtp client parses it as a destination when the transport is an smtp service)
+TRANSPORT_NEXTHOP_PARAMS: tuple[str, ...] = ("default_transport", "relay_transport")
+SMTP_MODULE = "transports.smtp"
 
 # Parameters naming lookup tables that some qmgrd program opens (qmgrd.maps): the qmgr's
 # transport_maps.  Others (alias_maps, relocated_maps, ...) are not read by qmgrd.
@@ -127,7 +140,44 @@ def load_configuration(config_directory: str, warn: Warn | None = None,
     check_mail_owner(cfg, euid)
     services = load_master_cf(os.path.join(cfg.config_directory, "master.cf"), cfg, warn)
     check_services(cfg, services, warn, modules=modules)
+    check_transport_nexthops(cfg, services)
     return cfg, services
+
+
+def check_transport_nexthops(cfg: Config, services: Sequence[Service]) -> None:
+    """The nexthop of each TRANSPORT_NEXTHOP_PARAMS value ``transport:nexthop`` whose
+    transport is an smtp service of ``services`` (``relay unix ... smtp``) must be a
+    valid smtp destination, as relayhost (master.config.nexthop; Config.check); an
+    other transport's nexthop (``error:5.0.0 text``) is its own business.  The qmgr
+    services' ``-o`` overrides of those parameters are checked too.
+
+    Raises:
+        ConfigError: ``"<main.cf>, line <n>: bad default_transport parameter value
+            "smtp:[x]:99999": nexthop "[x]:99999": bad port number "99999"
+            (1-65535)"``, or ``"<master.cf>, line <n>: -o default_transport=...:
+            ..."`` for a qmgr service's override.
+    """
+    smtp = {svc.name for svc in services if svc.module == SMTP_MODULE}
+    if not smtp:
+        return
+    configs: list[tuple[Config, Service | None]] = [(cfg, None)]
+    configs += [(svc.child_config(cfg), svc) for svc in services
+                if svc.module == "qmgrd.qmgr"
+                and any(name in svc.overrides for name in TRANSPORT_NEXTHOP_PARAMS)]
+    for child, svc in configs:
+        for name in TRANSPORT_NEXTHOP_PARAMS:
+            value = child.get(name)
+            transport, sep, nexthop = value.partition(":")  # as the qmgr's resolver
+            if not sep or not nexthop.strip() or transport.strip() not in smtp:
+                continue
+            problem = nexthop_problem(nexthop.strip())
+            if problem is None:
+                continue
+            err = _param_error(child, name, f'bad {name} parameter value "{value}": '
+                               f'nexthop "{nexthop.strip()}": {problem}')
+            if err.path is None and svc is not None:  # "-o name=value: ...": its line
+                raise ConfigError(err.message, svc.path or None, svc.line or None)
+            raise err
 
 
 def _warn_duplicates(cfg: Config, warn: Warn) -> None:

@@ -6,7 +6,9 @@ Summary
     comments), drops later settings of NAME, or is appended at the end. Comments, blank
     lines and every other line are kept as they are. The new text must parse
     and every value must be valid (master.config's Config.check) before anything is
-    written (a changed table parameter such as transport_maps: its tables must open);
+    written (a changed table parameter such as transport_maps: its tables must open; a
+    changed default_transport or relay_transport naming an smtp service of master.cf:
+    its nexthop must be a valid destination, as relayhost);
     the file is then replaced atomically
     (a temporary file in the same directory with the old file's mode and owner, fsync,
     rename). A running mail system sees the change after ``qmgr-master reload``.
@@ -27,7 +29,7 @@ import os
 import re
 from collections.abc import Iterable
 
-from master.config import Config, ConfigError
+from master.config import Config, ConfigError, Service, load_master_cf
 
 __all__ = ["edit_main_cf", "edit_text", "parse_assignments"]
 
@@ -83,6 +85,15 @@ def edit_text(text: str, changes: dict[str, str]) -> str:
     return "\n".join(out) + "\n"
 
 
+def _services(cfg: Config) -> list[Service]:
+    """master.cf's services, or [] when it cannot be read or parsed (then nothing is
+    checked against it here: qmgr-master start and reload report that file)."""
+    try:
+        return load_master_cf(os.path.join(cfg.config_directory, "master.cf"), cfg)
+    except ConfigError:
+        return []
+
+
 def edit_main_cf(config_directory: str, changes: dict[str, str]) -> None:
     """Apply ``changes`` to ``<config_directory>/main.cf`` (see module docstring).
 
@@ -97,11 +108,18 @@ def edit_main_cf(config_directory: str, changes: dict[str, str]) -> None:
     try:
         cfg = Config.from_text(new, config_directory, path=path)
         cfg.check()  # values must be valid
-        from master.config.validate import TABLE_PARAMS, check_tables
+        from master.config.validate import (
+            TABLE_PARAMS,
+            TRANSPORT_NEXTHOP_PARAMS,
+            check_tables,
+            check_transport_nexthops,
+        )
 
         tables = [name for name in changes if name in TABLE_PARAMS]
         if tables:  # a changed lookup table must open as the qmgr will open it
             check_tables(cfg, tables)
+        if any(name in TRANSPORT_NEXTHOP_PARAMS for name in changes):
+            check_transport_nexthops(cfg, _services(cfg))
     except ConfigError as exc:
         if any(re.search(rf"(?<![\w.-]){re.escape(name)}(?![\w.-])", exc.message)
                for name in changes):
