@@ -12,10 +12,13 @@ import asyncio
 import fcntl
 import json
 import os
+import re
+import subprocess
 from pathlib import Path
 
 import pytest
 
+from master import log
 from qmgrd.delivery import DeliverStatus
 from qmgrd.qmgr import suspend as susp
 from qmgrd.qmgr.admin import ABSENT, BUSY, DONE, apply_file
@@ -24,6 +27,7 @@ from qmgrd.qmgr.scheduler import Scheduler
 from qmgrd.spool import statuslog
 from qmgrd.spool.envelope import Recipient
 from qmgrd.spool.message import QueueFile
+from tests.harness import require_tool
 from tests.test_qmgr_scheduler import Env, drain, run
 
 
@@ -215,6 +219,59 @@ def test_suspension_defers_without_attempt_and_ends_by_itself(tmp_path: Path) ->
 
     run(go())
     assert not env.files("deferred")
+
+
+def deferral_detail(report: str) -> list[str]:
+    """The reasons of pflogsumm's "message deferral detail" section, count removed."""
+    section = report.split("message deferral detail", 1)[1].split("\n\n", 1)[0]
+    return [m.group(1) for m in re.finditer(r"^\s+\d+\s{3}(\S.*)$", section, re.MULTILINE)]
+
+
+def test_suspension_deferral_reads_well_in_pflogsumm(tmp_path: Path) -> None:
+    """The qmgr's status=deferred line for a suspended destination, through pflogsumm
+    (which cuts a long reason after each ':' in turn): its "message deferral detail"
+    shows the operator's reason, or (without one) the suspension itself - not a piece
+    of the end time such as "30:00: maintenance window". The end time is kept, as an
+    ISO 8601 basic time without ':'."""
+    pflogsumm = require_tool("pflogsumm")
+    env = Env(tmp_path)
+    write_suspension(env, "example.com", env.clock.now + 3600, "maintenance window")
+    write_suspension(env, "example.org", env.clock.now + 3600)
+    env.submit("a@x.example", ["u@example.com"])
+    env.submit("a@x.example", ["v@example.org"])
+    maillog = tmp_path / "maillog"
+    log.setup("qmgr", str(maillog), "qmgrd")
+
+    async def go() -> None:
+        sched = env.sched()
+        control(env, sched).load_suspensions()
+        sched.startup()
+        await drain(sched)
+
+    run(go())
+    log.close()
+    p = subprocess.run([pflogsumm, "--syslog-name=qmgrd", str(maillog)],
+                       capture_output=True, text=True, timeout=60, check=False)
+    assert p.returncode == 0, p.stderr
+    reasons = sorted(deferral_detail(p.stdout))
+    assert len(reasons) == 2, p.stdout
+    # without a reason: the text, shortened by pflogsumm as any long reason (with
+    # --verbose-msg-detail it shows it whole, below)
+    assert reasons[0].startswith("delivery to example.org suspended by the administrator"), \
+        p.stdout
+    assert reasons[1] == "maintenance window", p.stdout
+    end = r"until \d{8}T\d{6}[+-]\d{4}"
+    lines = sorted((line for line in maillog.read_text().splitlines()
+                    if "status=deferred" in line), key=lambda line: "example.org" in line)
+    assert len(lines) == 2, maillog.read_text()
+    assert re.search(rf"dsn=4\.3\.2, status=deferred \(delivery to example\.com suspended "
+                     rf"by the administrator {end}: maintenance window\)$", lines[0]), lines
+    assert re.search(rf"status=deferred \(delivery to example\.org suspended by the "
+                     rf"administrator {end}\)$", lines[1]), lines
+    p = subprocess.run([pflogsumm, "--syslog-name=qmgrd", "--verbose-msg-detail",
+                        str(maillog)], capture_output=True, text=True, timeout=60, check=False)
+    assert re.fullmatch(rf"delivery to example\.com suspended by the administrator {end}: "
+                        "maintenance window", min(deferral_detail(p.stdout))), p.stdout
 
 
 def test_suspension_sweeps_waiting_entries_and_is_lifted(tmp_path: Path) -> None:

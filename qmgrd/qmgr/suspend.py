@@ -13,8 +13,9 @@ Summary
       (with that port, when given).
 
     While a suspension holds, the qmgr defers matching recipients *without a delivery
-    attempt* (``4.3.2 delivery to <key> suspended by the administrator[: reason]``), so
-    no connection is made; other mail flows on. When a suspension has an end time the
+    attempt* (``4.3.2 delivery to <key> suspended by the administrator[ until
+    20240501T143000+0200][: reason]``: Suspension.text), so no connection is made;
+    other mail flows on. When a suspension has an end time the
     message's retry time (the deferred file's mtime) is brought forward to that end,
     and the qmgr scans the deferred queue when it passes: the mail goes out by itself.
 
@@ -92,10 +93,18 @@ class Suspension:
 
     @property
     def text(self) -> str:
-        """The reason given to deferred recipients (the defer log and maillog)."""
+        """The reason given to deferred recipients (the defer log, the maillog's
+        ``status=deferred (...)`` and the delay notice): ``delivery to <key> suspended
+        by the administrator[ until <end>][: <reason>]``, the end in local time as an
+        ISO 8601 basic time (``20240501T143000+0200``).
+
+        No ``:`` but the one before the operator's reason, as in Postfix's own reasons
+        (``<context>: <detail>``): pflogsumm shortens a long reason in its "message
+        deferral detail" by cutting it after each ``:`` in turn, and the colons of
+        ``14:30:00`` left ``30:00: maintenance`` there."""
         text = f"delivery to {self.domain} suspended by the administrator"
         if self.until:
-            text += time.strftime(" until %Y-%m-%d %H:%M:%S", time.localtime(self.until))
+            text += time.strftime(" until %Y%m%dT%H%M%S%z", time.localtime(self.until))
         return f"{text}: {self.reason}" if self.reason else text
 
     def as_dict(self) -> dict[str, Any]:
