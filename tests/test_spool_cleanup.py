@@ -79,14 +79,14 @@ def test_mixed_line_endings_keep_lone_cr_and_nul(tmp_path: Path) -> None:
 
 
 def test_long_lines_become_L_records(tmp_path: Path) -> None:
-    c, spool = make(tmp_path, "line_length_limit = 100\n")
-    body = b"x" * 250 + b"\n" + b"y" * 200 + b"\n" + b"z" * 100 + b"\n"
+    c, spool = make(tmp_path, "line_length_limit = 512\n")  # Postfix's minimum
+    body = b"x" * 1100 + b"\n" + b"y" * 1000 + b"\n" + b"z" * 512 + b"\n"
     data = b"Subject: long\n\n" + body
     qid = c.submit(env("b@example.net"), data, origin="smtp")
     with open(spool.path("incoming", qid), "rb") as f:
         types = [r.rtype for r in RecordReader(f)]
-    assert types.count(b"L") == 3  # 250 -> L L N, 200 -> L N, 100 -> N
-    assert lines_of(spool, qid)[-3:] == [b"x" * 250, b"y" * 200, b"z" * 100]
+    assert types.count(b"L") == 3  # 1100 -> L L N, 1000 -> L N, 512 -> N
+    assert lines_of(spool, qid)[-3:] == [b"x" * 1100, b"y" * 1000, b"z" * 512]
 
 
 def test_missing_headers_added_return_path_removed(tmp_path: Path) -> None:
