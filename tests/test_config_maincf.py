@@ -172,7 +172,7 @@ def test_typed_values_and_units() -> None:
     ("queue_run_delay = 5x\n", "get_time", "queue_run_delay", "bad time value"),
     ("queue_run_delay = 1h30m\n", "get_time", "queue_run_delay", "bad time value"),
     ("queue_run_delay = 0\n", "get_time", "queue_run_delay", "minimum is 1s"),
-    ("hash_queue_depth = 17\n", "get_int", "hash_queue_depth", "maximum is 16"),
+    ("hash_queue_depth = 11\n", "get_int", "hash_queue_depth", "maximum is 10"),
     ("line_length_limit = 511\n", "get_int", "line_length_limit", "minimum is 512"),
     ("line_length_limit = 100\n", "get_size", "line_length_limit", "minimum is 512"),
     ("default_process_limit = many\n", "get_int", "default_process_limit", "bad numerical"),

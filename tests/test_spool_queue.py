@@ -7,8 +7,12 @@ import stat
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
-from qmgrd.spool.queue import QUEUES, Spool
+from master.config import Config, ConfigError
+from master.config.params import PARAMS
+from qmgrd.ctl.cli import cli
+from qmgrd.spool.queue import MAX_HASH_DEPTH, QUEUES, Spool
 from qmgrd.spool.queueid import hash_dir, hash_dir_of_valid, valid_id
 
 
@@ -113,3 +117,31 @@ def test_is_ready_modes() -> None:
     assert Spool.is_ready(St(0o744))  # type: ignore[arg-type]
     assert not Spool.is_ready(St(0o600))  # type: ignore[arg-type]
     assert not Spool.is_ready(St(0o400))  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------ hash_queue_depth range
+
+def test_the_parameter_table_and_spool_agree_on_the_depth_range() -> None:
+    assert (PARAMS["hash_queue_depth"].min, PARAMS["hash_queue_depth"].max) == (
+        1, MAX_HASH_DEPTH)
+    Spool("/nonexistent", hash_queue_depth=MAX_HASH_DEPTH)
+    with pytest.raises(ValueError):
+        Spool("/nonexistent", hash_queue_depth=MAX_HASH_DEPTH + 1)
+
+
+@pytest.mark.parametrize("value,what", [("11", "maximum is 10"), ("16", "maximum is 10"),
+                                        ("0", "minimum is 1")])
+def test_a_depth_out_of_range_is_a_config_error_with_its_line(tmp_path: Path, value: str,
+                                                              what: str) -> None:
+    (tmp_path / "main.cf").write_text(f"queue_directory = /var/spool/qmgrd\n"
+                                      f"hash_queue_depth = {value}\n")
+    cfg = Config.load(str(tmp_path))
+    want = (f'{tmp_path}/main.cf, line 2: invalid hash_queue_depth parameter value '
+            f'"{value}": {what}')
+    for check in (cfg.check, lambda: Spool.from_config(cfg)):
+        with pytest.raises(ConfigError) as ei:
+            check()
+        assert str(ei.value) == want
+    # and what builds a Spool from it says so instead of crashing (qmgr-ctl: EX_CONFIG)
+    res = CliRunner().invoke(cli, ["-c", str(tmp_path), "list"])
+    assert (res.exit_code, res.stdout, res.stderr) == (78, "", f"qmgr-ctl: fatal: {want}\n")

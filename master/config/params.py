@@ -180,7 +180,10 @@ _s("bounce_template_file", "")
 
 # --- queue -----------------------------------------------------------------------------
 _l("hash_queue_names", "deferred, defer")
-_i("hash_queue_depth", "1", 1, 16)
+# Postfix: minimum 1, no maximum. qmgrd: at most 10, what qmgrd.spool.queue.Spool accepts
+# (MAX_HASH_DEPTH) and how deep its scan and structure repair descend; the id gives 5 hex
+# digits, deeper levels are all "_".
+_i("hash_queue_depth", "1", 1, 10)
 _b("enable_long_queue_ids", "yes")
 _z("queue_minfree", "0")
 _i("hopcount_limit", "50", 1)

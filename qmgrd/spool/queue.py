@@ -18,7 +18,9 @@ Summary
 
 Public API
     QUEUES, MESSAGE_QUEUES, LOG_QUEUES
+    MAX_HASH_DEPTH = 10     the deepest hash_queue_depth (the parameter table's maximum too)
     Spool(queue_directory, hash_queue_names=("deferred", "defer"), hash_queue_depth=1)
+                                           ValueError: hash_queue_depth outside 0..10
         .from_config(cfg) -> Spool             (classmethod; reads the three parameters)
         .queue_path(queue) -> str
         .path(queue, qid) -> str               ValueError for a bad queue name or id
@@ -53,13 +55,16 @@ if TYPE_CHECKING:
 
 _ID_CACHE = 4096  # ids whose check and hash path are remembered (Spool.path)
 
-__all__ = ["LOG_QUEUES", "MESSAGE_QUEUES", "QUEUES", "Spool"]
+__all__ = ["LOG_QUEUES", "MAX_HASH_DEPTH", "MESSAGE_QUEUES", "QUEUES", "Spool"]
 
 MESSAGE_QUEUES = ("maildrop", "incoming", "active", "deferred", "hold", "corrupt")
 LOG_QUEUES = ("bounce", "defer", "trace")
 QUEUES = MESSAGE_QUEUES + LOG_QUEUES + ("private", "public", "pid")
 _DIR_MODES = {"maildrop": 0o730, "public": 0o710, "pid": 0o755}
 _CREATE_TRIES = 1000
+#: the deepest hashing accepted, and the number of one-character directory levels scan()
+#: descends; master.config.params declares hash_queue_depth with the same maximum.
+MAX_HASH_DEPTH = 10
 
 
 class Spool:
@@ -73,7 +78,7 @@ class Spool:
     ) -> None:
         self.queue_directory = os.path.abspath(queue_directory)
         self.hash_queue_names = frozenset(n.lower() for n in hash_queue_names)
-        if not 0 <= hash_queue_depth <= 10:
+        if not 0 <= hash_queue_depth <= MAX_HASH_DEPTH:
             raise ValueError(f"hash_queue_depth out of range: {hash_queue_depth}")
         self.hash_queue_depth = hash_queue_depth
         self._hashed_ids: dict[str, str] = {}  # valid id -> its hashed relative path
@@ -236,7 +241,7 @@ class Spool:
         Raises:
             ValueError: unknown queue name.
         """
-        yield from self._scan_dir(self.queue_path(queue), 11, ready_only)
+        yield from self._scan_dir(self.queue_path(queue), MAX_HASH_DEPTH + 1, ready_only)
 
     def _scan_dir(self, path: str, depth_left: int, ready_only: bool) -> Iterator[str]:
         try:
