@@ -1,5 +1,6 @@
 """change — the qmgr-ctl commands that change the queue: hold, release, delete, requeue,
-suspend, resume, and flush by id or site (the work is qmgrd.ctl.admin's).
+suspend, resume, repair, and flush by id or site (the work is qmgrd.ctl.admin's;
+repair's is qmgrd.spool.structure's).
 
 Output: one line per message on standard output (postsuper's wording: ``<id>:
 removed``, ``placed on hold``, ``released from hold``, ``requeued``; ``--dry-run``:
@@ -11,6 +12,13 @@ while the qmgr waited for its delivery in progress is not counted as done either
 ``<id>: not removed: delivered meanwhile`` (``not placed on hold``, ``not requeued``;
 standard output, exit 0: nothing is left to change). Then postsuper's summary on
 standard error (``qmgr-ctl: Deleted: 3 messages``). Exit codes: qmgrd.ctl.cli.
+
+``repair`` (postsuper -s): nothing on standard output; each file it could not move on
+standard error (``qmgr-ctl: warning: rename file deferred/C/<id> as deferred/C/E/<id>:
+File exists (both kept; ...)``), then ``qmgr-ctl: Moved to the right queue
+subdirectory: 2 messages, 2 log files`` when it moved anything; the same lines go to
+the mail log. Exit 0, also when files were left because their place was taken; 75 when
+a directory could not be read or a file could not be renamed (the rest was done).
 
 Public API
     COMMANDS: list[click.Command]       registered on the qmgr-ctl group by cli.py
@@ -261,4 +269,31 @@ def flush_some(ctx: click.Context, site: str | None, ids: tuple[str, ...], batch
     ctx.exit(_exit_code(reports))
 
 
-COMMANDS: list[click.Command] = [_make(a) for a in QUEUES_FOR] + [suspend_cmd, resume_cmd]
+@click.command("repair", help=f"""Move queue files to where the hashing wants them, as
+postsuper -s (structure check and repair).
+
+After hash_queue_names or hash_queue_depth changes, mail already queued (and its bounce,
+defer and trace logs) sits in the hash directories of the old setting, where the qmgr,
+show, delete and hold do not look for it. repair renames each such file into its place
+(nothing is copied; a file whose place is taken already is left where it is, with a
+warning) and removes the hash directories no longer used. Names that are not queue ids
+are left alone; maildrop is not touched. qmgr-master start runs it before the services
+start, and a reload that changes the hashing runs it too.
+{EXIT_HELP}""")
+@click.pass_context
+def repair_cmd(ctx: click.Context) -> None:
+    cfg = load(ctx)
+    spool, _, _ = settings(ctx, cfg)
+    with changing(ctx, cfg, spool, "repair", work="qmgrd.spool.structure"):
+        from qmgrd.spool import structure  # loaded by changing()
+
+        report = structure.repair(spool)
+    for text in report.problems:
+        warn(text)
+    if report.summary():
+        click.echo(f"{PROG}: {report.summary()}", err=True)
+    ctx.exit(EX_TEMPFAIL if report.errors else EX_OK)
+
+
+COMMANDS: list[click.Command] = [_make(a) for a in QUEUES_FOR] + [suspend_cmd, resume_cmd,
+                                                                  repair_cmd]

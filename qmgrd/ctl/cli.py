@@ -11,6 +11,7 @@ Synopsis
     qmgr-ctl [-c config_dir] status [--json]
     qmgr-ctl [-c config_dir] suspend [--for DURATION] [--reason TEXT] DOMAIN
     qmgr-ctl [-c config_dir] resume [--batch N] [--pace S] DOMAIN
+    qmgr-ctl [-c config_dir] repair
     qmgr-ctl [-c config_dir] config [-d] [-n] [-x] [NAME...]
     qmgr-ctl [-c config_dir] config NAME=VALUE...
 
@@ -41,6 +42,13 @@ Description
     ``postqueue -i``, ``--site`` ``postqueue -s``, paced: ``--batch`` messages every
     ``--pace`` seconds.
 
+    ``repair`` is ``postsuper -s`` (qmgrd.spool.structure): queue files and their
+    bounce/defer/trace logs that are not where hash_queue_names and hash_queue_depth
+    want them (after a change of either) are renamed into place, one rename each; a
+    file whose place is taken is left, with a warning. qmgr-master start runs it before
+    the services start (as postfix start runs postsuper), and a master reload that
+    changes the hashing runs it too (as postfix reload does, in the background).
+
     ``status`` asks the running qmgr for its scheduler state over
     ``private/qmgr-status`` (qmgrd.qmgr.status), operator suspensions included.
 
@@ -54,8 +62,8 @@ Description
 
     Queue ids and domains given by the user are validated before they touch a path.
     Commands that change the queue (hold, release, delete, requeue, flush --id/--site,
-    suspend, resume) need root or the queue owner (mail_owner); as root they work with
-    the queue owner's ids. They log postsuper's lines (``<id>: removed`` ...) to the
+    suspend, resume, repair) need root or the queue owner (mail_owner); as root they
+    work with the queue owner's ids. They log postsuper's lines (``<id>: removed`` ...) to the
     mail log.
 
     ``-c DIR`` names the configuration directory holding main.cf (default:
@@ -71,7 +79,8 @@ Exit status (sysexits.h)
         status got no answer from the qmgr; or, for these two, the queue directory does
         not exist (``queue directory <path>: No such file or directory``)
     75  the queue directory cannot be used, or a message was still being delivered and
-        could not be changed yet (EX_TEMPFAIL: try again)
+        could not be changed yet (EX_TEMPFAIL: try again); repair: a directory could not
+        be read or a file could not be renamed
     77  permission denied (EX_NOPERM): list, show, shape and status read the queue
         directory and private/qmgr-status themselves (there is no showq service, unlike
         Postfix's mailq), so they need root or mail_owner, as the changing commands do

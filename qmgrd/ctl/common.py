@@ -17,8 +17,10 @@ Public API
     Output(stream)                           buffered writer: .write(bytes), .flush();
                                              the first chunk is flushed at once
     quiet_stdout()                           after EPIPE: stdout to /dev/null
-    changing(ctx, cfg, spool, what)          context manager: open the maillog, become
-                                             the queue owner (EX_NOPERM otherwise)
+    changing(ctx, cfg, spool, what, work="qmgrd.ctl.admin")
+                                             context manager: open the maillog, load
+                                             ``work``, become the queue owner
+                                             (EX_NOPERM otherwise)
 
 Imports only click, master.config, master.log and qmgrd.ctl.queues when loaded: what a
 function needs beyond that (the spool, the selectors, qmgrd.ctl.guard, qmgrd.ctl.admin) is
@@ -226,12 +228,14 @@ def quiet_stdout() -> None:
 
 
 @contextlib.contextmanager
-def changing(ctx: click.Context, cfg: Config, spool: Spool, what: str) -> Iterator[None]:
+def changing(ctx: click.Context, cfg: Config, spool: Spool, what: str,
+             work: str = "qmgrd.ctl.admin") -> Iterator[None]:
     """Open the maillog (as the caller) and run the block as the queue's owner.
 
-    Once the caller is known to be allowed, qmgrd.ctl.admin (the work, with asyncio) is
-    loaded, still with the caller's ids: as root the block runs with the queue owner's
-    effective ids, which need not be allowed to read the interpreter's files.
+    Once the caller is known to be allowed, the module ``work`` (by default
+    qmgrd.ctl.admin, the work with asyncio) is loaded, still with the caller's ids: as
+    root the block runs with the queue owner's effective ids, which need not be allowed
+    to read the interpreter's files.
     Exits EX_NOPERM (not root, not mail_owner) or EX_TEMPFAIL (no queue directory).
     """
     from qmgrd.ctl.guard import NotPrivileged, owner_stat
@@ -245,7 +249,7 @@ def changing(ctx: click.Context, cfg: Config, spool: Spool, what: str) -> Iterat
         warn(f"cannot open the mail log: {exc}")
     try:
         st = owner_stat(spool, what)
-        importlib.import_module("qmgrd.ctl.admin")
+        importlib.import_module(work)
         with as_owner(st):
             yield
     except NotPrivileged as exc:
