@@ -18,7 +18,9 @@ Description
                refuse a mail_owner that does not exist or is privileged (``qmgr-master:
                fatal: <dir>/main.cf, line <n>: parameter mail_owner: unknown user name
                value: x``, exit 1); refuse when a master already runs (exit 1, the running one
-               untouched).  Without
+               untouched).  Before the services start the master runs ``qmgr-ctl
+               repair`` to its end (master.daemon.master; a failure fails the start).
+               Without
                --foreground, fork once: the child starts a new session, puts stdio on
                /dev/null and runs the master; the parent waits up to 10 s until the
                child holds the pid file lock, then exits 0 (1 with the reason if the child

@@ -19,9 +19,13 @@ Summary
     gets "fatal: the qmgrd mail system is already running (pid N)" and exits 1 having
     touched nothing), create or repair the queue directories and data_directory
     (master.daemon.queuedirs; each fix logged), lock ``$data_directory/master.lock``,
-    chdir to queue_directory, create every endpoint (owned by mail_owner; a failure is
-    ``fatal: <master.cf>, line <n>: cannot open endpoint <endpoint>: <reason>``), open the
-    control socket ``pid/master.ctl`` (master.daemon.control), set the process name
+    chdir to queue_directory, run ``qmgr-ctl repair`` to its end (REPAIR_COMMAND, as
+    ``postfix start`` runs postsuper: queue files and logs left in the hash directories
+    of an earlier hash_queue_names/hash_queue_depth are moved where the processes look
+    for them; when it fails the start fails: ``fatal: queue structure check failed:
+    qmgr-ctl repair exit status 75 (...)``), create every endpoint (owned by mail_owner;
+    a failure is ``fatal: <master.cf>, line <n>: cannot open endpoint <endpoint>:
+    <reason>``), open the control socket ``pid/master.ctl`` (master.daemon.control), set the process name
     ``qmgrd: master`` (see master.server.skeleton on titles), log ``daemon started --
     version 0.1, configuration <dir>``.
 
@@ -33,9 +37,14 @@ Summary
     Signals (postfix.md §3.7): SIGHUP reloads (main.cf and master.cf re-read and checked
     as at start-up; on any error the running configuration stays: ``warning: reload
     failed, keeping the current configuration: <file>, line <n>: ...``; else
-    ``reload -- version 0.1, configuration <dir>``).  SIGTERM, SIGINT, SIGQUIT stop: ``terminating on signal
-    <n>``, every status channel closed, SIGTERM to every child, up to STOP_GRACE (5 s)
-    of reaping, SIGKILL to the rest, pid file removed, exit 0.  SIGCHLD reaps.
+    ``reload -- version 0.1, configuration <dir>``; when hash_queue_names or
+    hash_queue_depth changed, ``qmgr-ctl repair`` is then started in the background, as
+    ``postfix reload`` runs ``postsuper &`` after its SIGHUP, and reaped by the loop; a
+    second change while it runs starts it once more after it ends).  SIGTERM, SIGINT,
+    SIGQUIT stop: ``terminating on signal <n>``, every status channel closed, SIGTERM to
+    every child (and to a running qmgr-ctl repair: the next start finishes its work),
+    up to STOP_GRACE (5 s) of reaping, SIGKILL to the rest, pid file removed, exit 0.
+    SIGCHLD reaps.
 
     inet services without a host part listen on every address of inet_interfaces (one
     socket each; the children get them all, ``-s N``).
@@ -48,6 +57,10 @@ Logs (besides master.daemon.supervisor's)
     warning: <master.cf>, line <n>: unused parameter: -o <name>=<value>
     warning: reload failed, keeping the current configuration: <file>, line <n>: <what>
     fatal: refresh exclusive lock <file>: <error>;  fatal: <start-up failure>
+    hash_queue_names or hash_queue_depth changed: qmgr-ctl repair (pid <n>) moves the
+        queue files into place
+    warning: qmgr-ctl repair pid <n> exit status <s>: some queue files may still be out
+        of place (...)
 
 Public API
     VERSION = "0.1"
@@ -88,12 +101,13 @@ from master.daemon.pidfile import (
     write_reload_verdict,
 )
 from master.daemon.queuedirs import check_queue_dirs, require_parent, unreachable_by
-from master.daemon.spawn import PosixOs, child_argv, high_fd
+from master.daemon.spawn import PosixOs, child_argv, command_argv, describe_exit, high_fd
 from master.daemon.supervisor import EndpointError, Settings, Supervisor
 from master.server.jail import Owner, OwnerError, lookup_mail_owner, unprivileged_warning
 from master.server.watchdog import watchdog_timeout
 
 __all__ = [
+    "REPAIR_COMMAND",
     "STOP_GRACE",
     "VERSION",
     "Master",
@@ -103,6 +117,9 @@ __all__ = [
 ]
 
 VERSION = "0.1"
+#: Postfix's postsuper as postfix-script runs it: the queue structure check and repair
+#: (qmgrd.spool.structure), a command of the layer above, named, never imported
+REPAIR_COMMAND = ("qmgrd.ctl", "repair")
 STOP_GRACE = 5.0
 KILL_GRACE = 2.0
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
@@ -159,6 +176,10 @@ class Master:
         self._watched: dict[int, str] = {}
         self._stop_deadline: float | None = None
         self._killed = False
+        self._posix: PosixOs | None = None
+        self._hashing: tuple[tuple[str, ...], int] | None = None  # as the queue is laid out
+        self._repair_pid: int | None = None  # a qmgr-ctl repair started at a reload
+        self._repair_again = False  # the hashing changed again while it ran
 
     # --- start-up ---------------------------------------------------------------------
     def start(self, cfg: Config, services: list[Service]) -> None:
@@ -193,6 +214,8 @@ class Master:
             os.chdir(qdir)
             endpoint_owner = (owner.uid, owner.gid) if owner.privileged else None
             posix = PosixOs(self._forget, inet_hosts(cfg), endpoint_owner)
+            self._posix = posix
+            self._repair_structure(cfg, posix)
             sup = Supervisor(posix, settings)
             self.supervisor = sup
             sup.start(services)
@@ -202,6 +225,9 @@ class Master:
             self.control = control.ControlServer(control.control_path(qdir),
                                                  self._control_request, self.selector)
             self.control.open()
+        except StartupError:
+            self._shutdown_fds()
+            raise
         except (AlreadyRunning, EndpointError, ConfigError) as exc:
             self._shutdown_fds()
             raise StartupError(str(exc)) from None
@@ -230,6 +256,67 @@ class Master:
             if blocked is not None:
                 log.warning(f"mail_owner {owner.name} cannot reach queue_directory {qdir}:"
                             f" no search permission on {blocked}")
+
+    def _repair_structure(self, cfg: Config, posix: PosixOs) -> None:
+        """Run ``qmgr-ctl repair`` (REPAIR_COMMAND) to its end before any service starts,
+        as ``postfix start`` runs postsuper: queue files and logs left in the hash
+        directories of an earlier hash_queue_names/hash_queue_depth are moved where
+        every process will look for them (it logs what it did; it drops to mail_owner
+        itself).
+
+        Raises:
+            StartupError: it failed (Postfix: "Postfix integrity check failed!").
+            OSError: it could not be started.  ConfigError: bad hashing parameters.
+        """
+        self._hashing = _hashing(cfg)
+        argv = command_argv(REPAIR_COMMAND[0], self.config_directory, *REPAIR_COMMAND[1:])
+        code = posix.run_command(argv)
+        if code != 0:
+            raise StartupError(f"queue structure check failed: qmgr-ctl repair "
+                               f"{describe_exit(code)} (see its lines in the mail log)")
+
+    def _repair_after_reload(self, cfg: Config) -> None:
+        """After a reload that changed hash_queue_names or hash_queue_depth, start
+        ``qmgr-ctl repair`` in the background (postfix reload runs ``postsuper &`` after
+        signalling the master); the loop goes on meanwhile and reaps it."""
+        try:
+            hashing = _hashing(cfg)
+        except ConfigError:  # not reached: the reload checked every value
+            return
+        if hashing == self._hashing or self._posix is None:
+            return
+        self._hashing = hashing
+        if self._repair_pid is not None:
+            self._repair_again = True  # after the one running (it has the old setting)
+            return
+        self._start_repair()
+
+    def _start_repair(self) -> None:
+        assert self._posix is not None
+        argv = command_argv(REPAIR_COMMAND[0], self.config_directory, *REPAIR_COMMAND[1:])
+        try:
+            self._repair_pid = self._posix.start_command(argv)
+        except OSError as exc:
+            log.warning(f"cannot run qmgr-ctl repair: {exc}: queue files in the hash "
+                        "directories of the former hashing are not found until it runs")
+            return
+        log.info(f"hash_queue_names or hash_queue_depth changed: qmgr-ctl repair (pid "
+                 f"{self._repair_pid}) moves the queue files into place")
+
+    def _reaped(self, ended: list[tuple[int, int]]) -> None:
+        """Report the one-shot commands that ended (Supervisor.reap's leftovers)."""
+        for pid, code in ended:
+            if pid != self._repair_pid:
+                continue
+            self._repair_pid = None
+            stopped = self._stop_deadline is not None and code == -signal.SIGTERM
+            if code != 0 and not stopped:
+                log.warning(f"qmgr-ctl repair pid {pid} {describe_exit(code)}: some queue "
+                            "files may still be out of place (see its lines above; run "
+                            "qmgr-ctl repair)")
+            if self._repair_again and self._stop_deadline is None:
+                self._repair_again = False
+                self._start_repair()
 
     def _control_request(self, request: dict[str, Any]) -> dict[str, Any]:
         """The control socket's handler (master.daemon.control)."""
@@ -332,7 +419,7 @@ class Master:
         pending, self._pending = self._pending, []
         for signum in pending:
             if signum == signal.SIGCHLD:
-                sup.reap()
+                self._reaped(sup.reap())
             elif signum == signal.SIGHUP:
                 if self._stop_deadline is None:
                     self._reload(sup)
@@ -340,7 +427,9 @@ class Master:
                 log.info(f"terminating on signal {signum}")
                 self._stop_deadline = sup.os.monotonic() + STOP_GRACE
                 sup.stop()
-                sup.reap()
+                if self._repair_pid is not None:  # interrupted, it loses nothing: the
+                    sup.os.kill(self._repair_pid, signal.SIGTERM)  # next start runs it
+                self._reaped(sup.reap())
 
     def _stopping_done(self, sup: Supervisor) -> bool:
         """During a stop: True once no child is left or the grace time is over."""
@@ -379,6 +468,7 @@ class Master:
         log.info(f"reload -- version {VERSION}, configuration {self.config_directory}")
         problems = sup.reload(settings, services)
         self._verdict(qdir, None, "; ".join(problems) or None)
+        self._repair_after_reload(cfg)
 
     def _reopen_log(self, cfg: Config) -> None:
         """At a reload, open maillog_file again (its new value, or the same path): a log
@@ -419,6 +509,13 @@ class Master:
         if self.pidfile is not None:
             self.pidfile.release()
             self.pidfile = None
+
+
+def _hashing(cfg: Config) -> tuple[tuple[str, ...], int]:
+    """The queue layout ``cfg`` asks for: (hashed queue names, lower case and sorted;
+    hash_queue_depth).  Raises ConfigError."""
+    names = sorted({n.lower() for n in cfg.get_list("hash_queue_names")})
+    return tuple(names), cfg.get_int("hash_queue_depth")
 
 
 def _log_early(config_directory: str, foreground: bool) -> None:

@@ -48,6 +48,10 @@ Public API
         of the endpoints, None = ours)
     child_argv(service, config_directory, foreground, privileged=False, sockets=1)
         -> list[str]
+    command_argv(module, config_directory, *args) -> list[str]    a one-shot command
+    PosixOs.start_command(argv) -> pid; PosixOs.run_command(argv) -> exit code
+        one-shot commands (``qmgr-ctl repair`` at start and reload: master.daemon.master),
+        always posix_spawn'ed; run_command waits for the end (start-up only)
     describe_exit(exitcode) -> str       "exit status 1" / "killed by signal 9"
     wait_child(pid) -> int | None        exit code of one child if it has ended (no wait)
     high_fd(fd) -> int                   move a descriptor to >= 10, close-on-exec
@@ -79,6 +83,7 @@ __all__ = [
     "OsLayer",
     "PosixOs",
     "child_argv",
+    "command_argv",
     "describe_exit",
     "high_fd",
     "parse_inet",
@@ -172,6 +177,12 @@ def child_argv(service: Service, config_directory: str, foreground: bool,
     return argv
 
 
+def command_argv(module: str, config_directory: str, *args: str) -> list[str]:
+    """The command line of a one-shot command the master runs: ``<sys.executable> -P -m
+    <module> -c <config_directory> args...`` (PosixOs.start_command, run_command)."""
+    return [sys.executable, "-P", "-m", module, "-c", config_directory, *args]
+
+
 def describe_exit(exitcode: int) -> str:
     """Postfix's wording for an abnormal end: ``exit status N`` / ``killed by signal N``."""
     if exitcode < 0:
@@ -258,6 +269,22 @@ class PosixOs:
         return os.posix_spawn(argv[0], list(argv), env, file_actions=actions, setpgroup=0,
                               setsigdef=(signal.SIGPIPE, signal.SIGXFSZ, signal.SIGALRM),
                               setsigmask=())
+
+    def start_command(self, argv: Sequence[str]) -> int:
+        """Start a one-shot command (not a service child: never forked from the master,
+        descriptors 0-2 only, its own process group, the children's environment without
+        GENERATION); returns its pid, which reap() collects. Raises OSError."""
+        return os.posix_spawn(argv[0], list(argv), self._env, setpgroup=0,
+                              setsigdef=(signal.SIGPIPE, signal.SIGXFSZ, signal.SIGALRM),
+                              setsigmask=())
+
+    def run_command(self, argv: Sequence[str]) -> int:
+        """Run a one-shot command (see start_command) to its end and return its exit code
+        (``-N``: killed by signal N). Blocks: for start-up, before the event loop.
+        Raises OSError."""
+        pid = self.start_command(argv)
+        _, status = os.waitpid(pid, 0)
+        return os.waitstatus_to_exitcode(status)
 
     def reap(self) -> list[tuple[int, int]]:
         ended: list[tuple[int, int]] = []

@@ -56,7 +56,10 @@ Public API
                                            <endpoint>: <reason>"), OSError (flow pipe)
         reload(settings, services) -> None  never raises (failed new services: warning)
         wanted_listeners() -> set[int];  status_fds() -> list[int]
-        on_listener_ready(fd);  on_status_ready(fd);  reap();  run_timers()
+        on_listener_ready(fd);  on_status_ready(fd);  run_timers()
+        reap() -> list[(pid, exitcode)]    buries every ended child; returns those that
+                                           were no service's (a one-shot command the
+                                           master started), for their owner to report
         next_deadline() -> float | None;  stop();  kill_remaining();  close_all()
         children: dict[int, Child];  services: dict[(name, type), ServiceState]
         snapshot(wall_offset=0.0) -> dict     the state for the control socket (JSON-able;
@@ -337,14 +340,17 @@ class Supervisor:
                 self._read_status(st)
                 return
 
-    def reap(self) -> None:
+    def reap(self) -> list[tuple[int, int]]:
         """Collect ended children (after draining status channels, so that a last
-        "idle" record is counted before its sender is buried)."""
+        "idle" record is counted before its sender is buried). Returns (pid, exitcode)
+        of those that were not children of a service."""
+        others: list[tuple[int, int]] = []
         for st in self.services.values():
             self._read_status(st)
         for pid, code in self.os.reap():
             child = self.children.pop(pid, None)
             if child is None:
+                others.append((pid, code))
                 continue
             st = child.service
             st.drop_child(pid)
@@ -357,6 +363,7 @@ class Supervisor:
                     and not st.removed and not self.stopping
                     and st.throttled_until is None):
                 self._throttle(st)
+        return others
 
     def run_timers(self) -> None:
         """End throttles and send wakeups that are due."""
