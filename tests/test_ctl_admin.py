@@ -9,6 +9,7 @@ import os
 import socket
 import stat
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -407,3 +408,109 @@ def test_config_refuses_a_bad_relayhost(tmp_path: Path, setting: str, what: str)
                                    f"{name}=[new.example]:587, backup.example:"])
     assert res.exit_code == 0, res.stderr
     assert main.read_text() != before
+
+
+class _DyingQmgr:
+    """A qmgr on private/qmgr-control that takes one ``act`` request, does ``work`` on
+    the files (as the real one does before it is killed) and closes the connection
+    without an answer - what ``kill -9`` of the qmgr mid-request looks like."""
+
+    def __init__(self, q: Q, work: Callable[[list[str]], None]) -> None:
+        import threading
+
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(os.path.join(q.spool.queue_path("private"), "qmgr-control"))
+        self.sock.listen(1)
+        self.work = work
+        self.request: dict[str, object] = {}
+        self.thread = threading.Thread(target=self._serve)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        conn, _ = self.sock.accept()
+        with conn:
+            data = b""
+            while not data.endswith(b"\n"):
+                data += conn.recv(65536)
+            self.request = json.loads(data)
+            self.work([str(i) for i in self.request["ids"]])  # type: ignore[union-attr]
+
+    def close(self) -> None:
+        self.thread.join(10)
+        self.sock.close()
+
+
+@pytest.mark.parametrize("action", ["hold", "delete"])
+def test_qmgr_that_stops_before_answering(q: Q, action: str) -> None:
+    """hold/delete ALL of active mail; the qmgr changes some, then dies before its
+    answer: what it did is counted (held: in hold/ now) or reported as unknown (gone:
+    removed, or delivered meanwhile), never as "0 messages"; a file still locked by an
+    agent is "still being delivered", an unlocked one is changed directly; exit 75."""
+    ids = [q.submit("active", "a@x.example", [f"r{i}@one.example"]) for i in range(5)]
+    done_by_qmgr, busy, free = ids[:3], ids[3], ids[4]
+
+    def work(asked: list[str]) -> None:
+        for qid in done_by_qmgr:
+            if action == "hold":
+                q.spool.move(qid, "active", "hold")
+            else:
+                os.unlink(q.spool.path("active", qid))
+
+    fd = os.open(q.spool.path("active", busy), os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_SH)  # a delivery agent still at work
+    qmgr = _DyingQmgr(q, work)
+    try:
+        code, out, err = q.run(action, "--wait", "1", "ALL")
+    finally:
+        qmgr.close()
+        os.close(fd)
+    assert sorted(qmgr.request["ids"]) == sorted(ids)  # type: ignore[arg-type]
+    assert code == EX_TEMPFAIL, err
+    assert ("qmgr-ctl: warning: no answer from the qmgr (control: connection closed "
+            "before the reply)") in err
+    assert f"{busy}: still being delivered; try again later" in err
+    if action == "hold":
+        assert sorted(out.splitlines()) == sorted(f"{i}: placed on hold"
+                                                  for i in [*done_by_qmgr, free])
+        assert err.endswith("qmgr-ctl: Placed on hold: 4 messages\n"), err
+        assert all(q.where(i) == ["hold"] for i in [*done_by_qmgr, free])
+    else:
+        assert out == f"{free}: removed\n"
+        for qid in done_by_qmgr:
+            assert f"{qid}: outcome unknown: the qmgr stopped before it answered" in err
+        assert err.endswith("qmgr-ctl: Deleted: 1 message; outcome unknown: 3 "
+                            "messages\n"), err
+    assert q.where(busy) == ["active"]
+
+
+def test_reply_lost_only_after_the_request_was_sent(tmp_path: Path) -> None:
+    """jsonsock.exchange: no listener is a plain OSError (nothing was asked); a
+    listener that closes without its newline-ended reply is ReplyLost."""
+    from qmgrd.qmgr.jsonsock import ReplyLost, exchange
+
+    path = str(tmp_path / "s")
+    with pytest.raises(OSError) as info:
+        exchange(path, {"cmd": "ping"}, 1000, "control", 5)
+    assert not isinstance(info.value, ReplyLost)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as srv:
+        srv.bind(path)
+        srv.listen(2)
+        import threading
+
+        def serve(reply: bytes) -> None:
+            conn, _ = srv.accept()
+            with conn:
+                conn.recv(1000)
+                conn.sendall(reply)
+
+        for reply, lost in ((b"", True), (b'{"results": {', True), (b'{"pid": 1}\n', False)):
+            t = threading.Thread(target=serve, args=(reply,))
+            t.start()
+            try:
+                if lost:
+                    with pytest.raises(ReplyLost, match="connection closed before the"):
+                        exchange(path, {"cmd": "ping"}, 1000, "control", 5)
+                else:
+                    assert exchange(path, {"cmd": "ping"}, 1000, "control", 5) == {"pid": 1}
+            finally:
+                t.join(10)

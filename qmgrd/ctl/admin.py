@@ -25,6 +25,12 @@ Summary
     delete too) is not counted as done: ``<id>: not removed: delivered meanwhile``
     (``not placed on hold``, ``not requeued``). With no qmgr answering, active files are
     changed directly under an exclusive lock (an agent's lock: "still being delivered").
+    When the qmgr took the request but stopped (or hung) before it answered
+    (qmgrd.qmgr.jsonsock.ReplyLost), what it did is read from the queue directory:
+    a file still in ``active/`` is changed directly as above; one now on hold (hold) is
+    counted as done (the qmgr held it); one gone from every queue is :data:`UNKNOWN`
+    (the qmgr removed it, or it was delivered meanwhile: only the maillog tells);
+    ``Admin.lost_reason`` then says why the answer was lost.
     A message that moves between queues while we work is looked for again (3 rounds).
 
     ``requeue`` first makes sure the qmgr routes with the current transport maps: when
@@ -49,8 +55,11 @@ Public API
     parse_ids(args, stdin) -> list[str]                    BadIds, nothing done (guard)
     Report(qid, queue, result, text)                       one line of output ("" = none)
     NOOP                                                   result: nothing to do, silent
+    UNKNOWN                                                result: outcome unknown (above)
     Admin(spool, action, *, dry_run=False, wait=10.0)
         .run(targets: list[tuple[str, str | None]]) -> list[Report]
+        .lost_reason -> str     "" or why the qmgr's answer was lost (e.g. "control:
+                                connection closed before the reply")
     select_targets(spool, action, ids | None, everything, selector) -> list[(qid, queue|None)]
     flush_ids(spool, ids) -> list[Report]; flush_site(spool, key, batch, pace,
         match=None) -> int
@@ -73,6 +82,7 @@ from qmgrd.ctl.select import Selector, domain_matches, recipient_domain
 from qmgrd.ctl.showq import QueueEntry, scan
 from qmgrd.qmgr import control
 from qmgrd.qmgr.admin import ABSENT, BUSY, DONE, apply_file
+from qmgrd.qmgr.jsonsock import ReplyLost
 from qmgrd.qmgr.suspend import Suspension, suspend_path, update
 from qmgrd.spool.queue import Spool
 from qmgrd.trigger import (
@@ -82,7 +92,7 @@ from qmgrd.trigger import (
     send_trigger,
 )
 
-__all__ = ["NOOP", "QUEUES_FOR", "Admin", "BadIds", "NotPrivileged", "Report", "flush_ids",
+__all__ = ["NOOP", "QUEUES_FOR", "UNKNOWN", "Admin", "BadIds", "NotPrivileged", "Report", "flush_ids",
            "flush_site", "parse_ids", "privileged", "resume", "select_targets", "suspend"]
 
 DONE_TEXT = {"delete": "removed", "hold": "placed on hold", "release": "released from hold",
@@ -92,6 +102,7 @@ PENDING_TEXT = {"delete": "deleted", "hold": "held", "requeue": "requeued",
 SUMMARY = {"delete": "Deleted", "hold": "Placed on hold", "release": "Released from hold",
            "requeue": "Requeued"}
 NOOP = "noop"
+UNKNOWN = "unknown"
 _ROUNDS = 3
 _BATCH = 5000
 
@@ -101,7 +112,8 @@ class Report:
     """The outcome for one message: result is DONE, ABSENT, BUSY, "pending",
     "delivered" (moot: every recipient was delivered meanwhile; not done), "would" (dry
     run), NOOP (hold of a message already on hold: nothing
-    shown, as postsuper) or "error"."""
+    shown, as postsuper), UNKNOWN (asked of a qmgr that stopped before it answered,
+    and gone from the queue since: removed by it, or delivered) or "error"."""
 
     qid: str
     queue: str
@@ -144,6 +156,7 @@ class Admin:
         self.queues = queues or QUEUES_FOR[action]
         self.control_path = os.path.join(spool.queue_path("private"),
                                          control.CONTROL_SOCKET)
+        self.lost_reason = ""
 
     def _exists(self, queue: str, qid: str) -> bool:
         return os.path.lexists(self.spool.path(queue, qid))
@@ -213,6 +226,7 @@ class Admin:
         if not ids:
             return out
         results: dict[str, str] = {}
+        lost: set[str] = set()  # asked, but the qmgr's answer never came
         for start in range(0, len(ids), _BATCH):
             batch = ids[start:start + _BATCH]
             try:
@@ -224,13 +238,21 @@ class Admin:
                 if not isinstance(got, dict):
                     raise TypeError(str(reply.get("error", "bad reply"))[:200])
                 results.update({k: str(v) for k, v in got.items() if k in batch})
+                continue
+            except ReplyLost as exc:
+                # the qmgr had the request and went away (or hung) before it answered:
+                # it may have changed some of them; where each file is now tells
+                if not self.lost_reason:
+                    self.lost_reason = str(exc)
+                lost.update(batch)
             except (OSError, ValueError, TypeError):
-                # no qmgr (or it went away): the files are ours to change, under a lock
-                for qid in batch:
-                    try:
-                        results[qid] = apply_file(self.spool, "active", qid, self.action)
-                    except OSError as exc:
-                        results[qid] = f"error: {exc}"
+                pass
+            # no qmgr (or it went away): the files are ours to change, under a lock
+            for qid in batch:
+                try:
+                    results[qid] = apply_file(self.spool, "active", qid, self.action)
+                except OSError as exc:
+                    results[qid] = f"error: {exc}"
         for qid in ids:
             result = results.get(qid, ABSENT)
             if result == DONE:
@@ -249,11 +271,27 @@ class Admin:
                                   f"{qid}: still being delivered; try again later")
             elif result == ABSENT:
                 rep = self._direct(qid, None)  # it left the active queue meanwhile
+                if qid in lost and rep is not None:
+                    rep = self._after_lost(rep)
                 out[qid] = rep if rep is not None else Report(
                     qid, "active", BUSY, f"{qid}: in the active queue; try again later")
             else:
                 out[qid] = Report(qid, "active", "error", f"{qid}: {self.action}: {result}")
         return out
+
+    def _after_lost(self, rep: Report) -> Report:
+        """A message asked of a qmgr that never answered, no longer in active/: on
+        hold now (hold: the qmgr did it, DONE), or gone from every queue (UNKNOWN:
+        removed by the qmgr, or delivered meanwhile - only its maillog says which)."""
+        qid = rep.qid
+        if rep.result == NOOP:
+            return Report(qid, "hold", DONE, f"{qid}: {DONE_TEXT[self.action]}")
+        if rep.result == ABSENT:
+            return Report(qid, "", UNKNOWN,
+                          f"{qid}: outcome unknown: the qmgr stopped before it answered "
+                          "and the message has left the queue (removed, or delivered "
+                          "meanwhile; see the maillog)")
+        return rep
 
 
 def sync_tables(path: str, timeout: float = 30.0) -> None:

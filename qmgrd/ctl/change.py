@@ -10,8 +10,12 @@ progress ends ...``, exit 75: such a message is not counted as done, and the qmg
 whether the change happened or was moot). A message whose recipients were all delivered
 while the qmgr waited for its delivery in progress is not counted as done either:
 ``<id>: not removed: delivered meanwhile`` (``not placed on hold``, ``not requeued``;
-standard output, exit 0: nothing is left to change). Then postsuper's summary on
-standard error (``qmgr-ctl: Deleted: 3 messages``). Exit codes: qmgrd.ctl.cli.
+standard output, exit 0: nothing is left to change). When the qmgr stopped before it
+answered, a warning says so, the messages it held are counted as done (they are in
+``hold/``) and those gone from the queue are ``<id>: outcome unknown: ...`` (exit 75;
+removed by the qmgr or delivered meanwhile: the maillog tells). Then postsuper's summary on
+standard error (``qmgr-ctl: Deleted: 3 messages``; ``...; outcome unknown: 2
+messages``). Exit codes: qmgrd.ctl.cli.
 
 ``repair`` (postsuper -s): nothing on standard output; each file it could not move on
 standard error (``qmgr-ctl: warning: rename file deferred/C/<id> as deferred/C/E/<id>:
@@ -74,10 +78,11 @@ _HELP = {
 
 
 def _exit_code(reports: list[Report]) -> int:
+    from qmgrd.ctl.admin import UNKNOWN
     from qmgrd.qmgr.admin import ABSENT, BUSY
 
     results = {r.result for r in reports}
-    if BUSY in results or "error" in results or "pending" in results:
+    if results & {BUSY, "error", "pending", UNKNOWN}:
         return EX_TEMPFAIL
     if ABSENT in results:
         return EX_NOINPUT
@@ -85,12 +90,13 @@ def _exit_code(reports: list[Report]) -> int:
 
 
 def _print(reports: list[Report]) -> None:
+    from qmgrd.ctl.admin import UNKNOWN
     from qmgrd.qmgr.admin import ABSENT, BUSY
 
     for r in reports:
         if not r.text:  # admin.NOOP: hold of a message already on hold (postsuper: silent)
             continue
-        if r.result in (ABSENT, BUSY, "error", "pending"):
+        if r.result in (ABSENT, BUSY, "error", "pending", UNKNOWN):
             warn(r.text)
         else:
             click.echo(r.text)
@@ -138,6 +144,9 @@ when its delivery in progress ends.
             targets = admin.select_targets(spool, action, named, everything, selector)
             runner = admin.Admin(spool, action, dry_run=dry_run, wait=wait)
             reports = runner.run(targets)
+            if runner.lost_reason:
+                warn(f"no answer from the qmgr ({runner.lost_reason}): what it did is "
+                     "read from the queue directory")
             if not dry_run:
                 admin.release_trigger(spool, action)
         if named is None:
@@ -153,7 +162,11 @@ when its delivery in progress ends.
             click.echo(f"{PROG}: dry run: {n} message{plural} would be "
                        f"{admin.DONE_TEXT[action]}", err=True)
         else:
-            click.echo(f"{PROG}: {admin.SUMMARY[action]}: {n} message{plural}", err=True)
+            unknown = sum(1 for r in reports if r.result == admin.UNKNOWN)
+            more = (f"; outcome unknown: {unknown} message{'' if unknown == 1 else 's'}"
+                    if unknown else "")
+            click.echo(f"{PROG}: {admin.SUMMARY[action]}: {n} message{plural}{more}",
+                       err=True)
         ctx.exit(_exit_code(reports))
 
     return command

@@ -72,7 +72,8 @@ Exit status:
   66  some named message is not in the queue (the others were done)
   69  mail system down (flush could not trigger qmgr or pickup; no qmgr status),
       or the queue directory does not exist (flush, status)
-  75  queue directory unreadable; a message still being delivered (try again)
+  75  queue directory unreadable; a message still being delivered (try again);
+      the qmgr stopped before it answered (some outcomes unknown: see the maillog)
   77  permission denied: reading (list, show, shape, status) or changing the queue
       needs root or mail_owner
   78  configuration error

@@ -15,7 +15,11 @@ Public API
     exchange(path, doc, limit, what, timeout) -> dict
         connect, send ``doc`` (unless None) as one line, read the reply until EOF.
         Raises OSError (no qmgr listens, timeout), ValueError (not JSON, or more than
-        ``limit`` bytes), TypeError (JSON, but not an object).
+        ``limit`` bytes), TypeError (JSON, but not an object); :class:`ReplyLost` (an
+        OSError) when the request was sent but no complete reply came back - the qmgr
+        closed the connection before its newline-ended reply (it died or was stopped),
+        or the reply timed out - so what the request did is unknown.
+    ReplyLost(OSError)
 
 Logs: ``warning: cannot remove stale <path>``, ``warning: cannot create <what> socket``.
 """
@@ -30,9 +34,15 @@ from typing import Any
 
 from master import log
 
-__all__ = ["JsonServer", "exchange"]
+__all__ = ["JsonServer", "ReplyLost", "exchange"]
 
 IO_TIMEOUT = 10  # seconds a peer may take to send its request or read the reply
+
+
+class ReplyLost(OSError):
+    """The request was sent, but the reply was cut off or never came: its outcome is
+    unknown (the text says why: ``connection closed before the reply``, ``timed out``,
+    or the socket error)."""
 
 
 class JsonServer:
@@ -113,17 +123,26 @@ def exchange(path: str, doc: dict[str, Any] | None, limit: int, what: str,
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         sock.connect(path)
-        if doc is not None:
-            sock.sendall(json.dumps(doc, separators=(",", ":")).encode() + b"\n")
-        while True:
-            data = sock.recv(65536)
-            if not data:
-                break
-            size += len(data)
-            if size > limit:
-                raise ValueError(f"{what} reply too large")
-            chunks.append(data)
-    reply = json.loads(b"".join(chunks) or b"null")
+        try:
+            if doc is not None:
+                sock.sendall(json.dumps(doc, separators=(",", ":")).encode() + b"\n")
+            while True:
+                data = sock.recv(65536)
+                if not data:
+                    break
+                size += len(data)
+                if size > limit:
+                    raise ValueError(f"{what} reply too large")
+                chunks.append(data)
+        except TimeoutError as exc:
+            raise ReplyLost(f"{what} reply timed out after {timeout:g}s") from exc
+        except OSError as exc:
+            raise ReplyLost(f"{what} reply: {exc.strerror or exc}") from exc
+    raw = b"".join(chunks)
+    if not raw.endswith(b"\n"):  # every reply ends with one: this one was cut off
+        raise ReplyLost(f"{what}: connection closed before the reply"
+                        + (f" ended ({len(raw)} bytes)" if raw else ""))
+    reply = json.loads(raw)
     if not isinstance(reply, dict):
         raise TypeError(f"{what} reply is not a JSON object")
     return reply
