@@ -37,7 +37,7 @@ run: $(STAMP)
 	  useradd --system --no-create-home --home-dir /nonexistent \
 	    --shell /usr/sbin/nologin $(MAIL_OWNER); \
 	fi
-	@mkdir -p var
+	@mkdir -p var/log
 	$(BIN)/qmgr-master -c etc start --foreground
 
 stop: $(STAMP)

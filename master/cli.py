@@ -34,7 +34,10 @@ Description
                when it reloaded; exit 1 with ``the master refused the reload and keeps
                its configuration: <why>`` when its own check (in its environment: a
                user's transport module must be importable by the master) failed; no
-               answer in time: a warning, exit 0.  A bad file: ``qmgr-master: fatal:
+               answer in time: a warning, exit 0.  (A maillog_file that cannot be
+               opened is such a refusal: the master logs ``warning: reload failed,
+               keeping the current configuration: <main.cf>, line <n>: cannot open
+               maillog_file ...`` in the log it keeps.)  A bad file: ``qmgr-master: fatal:
                <file>, line <n>: ...``, exit 1, the master is not signalled (it keeps
                its configuration; signalled directly it checks again and keeps it
                too).  Not running: exit 1.  stop and reload
@@ -69,6 +72,11 @@ Description
                stopped mail system).  start creates it when its parent exists.
     check      Create missing queue directories and data_directory, fix wrong owners and
                modes (master.daemon.queuedirs); one line per change on stderr; exit 0.
+               Then a maillog_file that cannot be opened for appending (its directory
+               missing or not writable: no directory is made for the log, as Postfix's
+               postlogd makes none) is fatal, exit 1: ``qmgr-master: fatal:
+               <main.cf>, line <n>: cannot open maillog_file "<path>": ...``
+               (master.config.validate.check_maillog); start refuses it the same way.
 
 Messages go to stderr as ``qmgr-master: <text>`` (``qmgr-master: fatal: <text>`` for
 errors).  Exit codes: 0 success, 1 failure, 3 status "not running".
@@ -129,15 +137,16 @@ def _config(ctx: click.Context) -> Config:
 def _checked_config(ctx: click.Context, warn: bool = True,
                     modules: bool = True) -> tuple[Config, list[Service]]:
     """main.cf and master.cf fully checked (master.config.validate), as the master will
-    check them (``modules`` False: without looking for the services' modules - reload
-    leaves that to the running master, whose environment may differ from ours);
-    warnings printed (with ``warn``); an error is fatal (exit 1)."""
+    check them (``modules`` False: without looking for the services' modules, or
+    whether maillog_file can be opened - reload leaves both to the running master,
+    whose environment may differ from ours and who logs its refusal in the log it
+    keeps); warnings printed (with ``warn``); an error is fatal (exit 1)."""
     def say_warning(text: str) -> None:
         if warn:
             _say(f"warning: {text}")
 
     try:
-        return load_configuration(ctx.obj, say_warning, modules=modules)
+        return load_configuration(ctx.obj, say_warning, modules=modules, logfile=modules)
     except ConfigError as exc:
         _fatal(str(exc))
 
@@ -497,6 +506,12 @@ def check(ctx: click.Context) -> None:
         _fatal(describe(exc))
     for change in changes:
         _say(change)
+    from master.config.validate import check_maillog
+
+    try:
+        check_maillog(cfg)
+    except ConfigError as exc:
+        _fatal(str(exc))
     sys.exit(0)
 
 

@@ -63,13 +63,17 @@ def setup(
         myhostname: host name written in each line (default: the short host name).
         foreground: also copy lines to standard error.
 
+    The file is created (mode 0644, less the umask) when missing, but not its
+    directory: as with Postfix's postlogd, a log file in a directory that does not
+    exist cannot be opened (the master refuses such a maillog_file at start and reload:
+    master.config.validate.check_maillog).
+
     Raises:
         OSError: the log file cannot be opened (callers treat that as fatal); the log
             opened before, if any, is then kept as it was.
     """
     fd = -1
     if maillog_file:  # opened before the old log is closed: a failure leaves that one
-        os.makedirs(os.path.dirname(maillog_file) or ".", exist_ok=True)
         fd = os.open(maillog_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
     close()
     _S.tag = f"{syslog_name}/{service}"

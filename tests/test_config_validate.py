@@ -469,3 +469,33 @@ def test_transport_nexthop_of_an_smtp_service_is_checked(tmp_path: Path) -> None
     assert error_of(etc) == (f'{etc}/master.cf, line 2: -o default_transport=smtp:[y]:0: '
                              'bad default_transport parameter value "smtp:[y]:0": nexthop '
                              '"[y]:0": bad port number "0" (1-65535)')
+
+
+def test_maillog_file_must_open_and_no_directory_is_made(tmp_path: Path) -> None:
+    """maillog_file: an existing file, or a new one in an existing writable directory,
+    is fine (the check creates nothing); a missing directory, or a directory as the
+    file, is an error naming main.cf's line - no directory is made for the log, as
+    Postfix's postlogd makes none; the check can be left to the master (logfile=False,
+    as reload's command line does) and master.log.setup makes no directory either."""
+    from master import log
+
+    new = tmp_path / "new.log"
+    etc = write(tmp_path, f"maillog_file = {new}\n")
+    load_configuration(etc)
+    assert not new.exists()  # checked, not created
+    new.write_text("old lines\n")
+    load_configuration(etc)
+    assert new.read_text() == "old lines\n"
+    missing = tmp_path / "nonexistent" / "dir" / "maillog"
+    etc = write(tmp_path, f"maillog_file = {missing}\n")
+    assert error_of(etc) == (
+        f'{etc}/main.cf, line 2: cannot open maillog_file "{missing}": No such file or '
+        f"directory (its directory {missing.parent} does not exist; it is not created)")
+    load_configuration(etc, logfile=False)
+    etc = write(tmp_path, f"maillog_file = {tmp_path}\n")
+    assert error_of(etc) == (f'{etc}/main.cf, line 2: cannot open maillog_file '
+                             f'"{tmp_path}": Is a directory')
+    with pytest.raises(FileNotFoundError):
+        log.setup("test", str(missing))
+    log.close()
+    assert not (tmp_path / "nonexistent").exists()

@@ -66,11 +66,13 @@ def test_bundled_config_delivers_local_mail_and_stops_clean() -> None:
     make_n = subprocess.run(["make", "-n", "-C", str(REPO), "run"], capture_output=True,
                             text=True, check=False)
     assert "qmgr-master -c etc start --foreground" in make_n.stdout
+    assert "mkdir -p var/log" in make_n.stdout  # maillog_file's directory is not made
     # a directory mail_owner can traverse (pytest's tmp_path is 0700 when run as root)
     tmp_path = Path(tempfile.mkdtemp(prefix="qmgrd-bundled-"))
     os.chmod(tmp_path, 0o755)
     shutil.copytree(REPO / "etc", tmp_path / "etc")
-    (tmp_path / "var").mkdir()  # as make run does: queue_directory is made inside it
+    # as make run does: queue_directory is made inside var/, the log's directory is not
+    (tmp_path / "var" / "log").mkdir(parents=True)
     # the bundled smtpd listens on 127.0.0.1:2525; a free port keeps this test apart
     # from a `make run` on the same machine
     mcf = tmp_path / "etc" / "master.cf"

@@ -195,6 +195,45 @@ def test_direct_sighup_with_bad_value_keeps_configuration(system: System) -> Non
     assert system.echo().split()[2] == generation
 
 
+def test_maillog_file_that_cannot_be_opened(system: System) -> None:
+    """A maillog_file in a directory that does not exist (a typo; mail_owner's home,
+    meant not to exist): no directory is made for it, as Postfix's postlogd makes none.
+    start and check refuse it naming main.cf's line (exit 1); a reload is refused by
+    the master, which keeps its configuration and its log and says so there, and
+    qmgr-master reload exits 1 with the reason."""
+    missing = system.base / "nonexistent"
+    bad = missing / "dir" / "maillog"
+    good_line = f"maillog_file = {system.base / 'maillog'}\n"
+    assert system.good_main.splitlines()[2] + "\n" == good_line
+    bad_main = system.good_main.replace(good_line, f"maillog_file = {bad}\n")
+    problem = (f'{system.main}, line 3: cannot open maillog_file "{bad}": No such file '
+               f"or directory (its directory {bad.parent} does not exist; it is not "
+               "created)")
+    system.main.write_text(bad_main)
+    for command in ("start", "check"):
+        result = system.cli(command)
+        assert result.returncode == 1, (command, result.stderr)
+        assert result.stderr.splitlines()[-1] == f"qmgr-master: fatal: {problem}"
+        assert not missing.exists()
+    system.main.write_text(system.good_main)
+    system.start()
+    generation = system.echo().split()[2]
+    system.main.write_text(bad_main)
+    result = system.cli("reload")
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.splitlines()[-1] == (
+        "qmgr-master: fatal: the master refused the reload and keeps its configuration: "
+        f"{problem}")
+    (kept,) = system.grep("reload failed")
+    assert kept.endswith(f"warning: reload failed, keeping the current configuration: "
+                         f"{problem}")
+    assert not missing.exists()
+    assert system.echo().split()[2] == generation
+    system.main.write_text(system.good_main)  # the old log still gets the master's lines
+    assert system.cli("reload").returncode == 0
+    wait_for(lambda: system.grep("reload -- version"), what="reload")
+
+
 def test_status_and_stop_work_with_a_broken_main_cf(system: System) -> None:
     assert system.cli("start").returncode == 0  # in the background: stop reaps nothing
     pid = int((system.q / "pid" / "master.pid").read_text())
@@ -271,16 +310,19 @@ def test_reload_leaves_the_module_check_to_the_master(system: System, tmp_path: 
     system.master_cf.write_text(good)
 
 
-def test_start_refuses_a_mistyped_queue_directory_and_creates_nothing(tmp_path: Path) -> None:
-    """queue_directory and maillog_file under a directory that does not exist: start
+@pytest.mark.parametrize("log_typo", [False, True])
+def test_start_refuses_a_mistyped_queue_directory_and_creates_nothing(
+        tmp_path: Path, log_typo: bool) -> None:
+    """queue_directory (and maillog_file) under a directory that does not exist: start
     fails naming the parameter, and neither path is created (making the log's
-    directories first would have made the typo's parent exist)."""
+    directories would have made the typo's parent exist)."""
     etc = tmp_path / "etc"
     etc.mkdir()
     (etc / "master.cf").write_text(MASTER_CF)
     typo = tmp_path / "tpyo"
+    log = typo / "log" if log_typo else tmp_path
     (etc / "main.cf").write_text(f"queue_directory = {typo}/spool\n"
-                                 f"maillog_file = {typo}/log/maillog\n")
+                                 f"maillog_file = {log}/maillog\n")
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-P", "-m", "master.cli", "-c", str(etc),
                                *args], check=False, env=child_env(), capture_output=True,
@@ -290,8 +332,11 @@ def test_start_refuses_a_mistyped_queue_directory_and_creates_nothing(tmp_path: 
     if result.returncode == 0:  # a regression started a master: do not leave it running
         cli("stop")
     assert result.returncode == 1
-    assert f"queue_directory {typo}/spool: parent directory {typo} does not exist" \
-        in result.stderr
+    if log_typo:  # the configuration check finds the log first
+        assert f'line 2: cannot open maillog_file "{log}/maillog"' in result.stderr
+    else:
+        assert f"queue_directory {typo}/spool: parent directory {typo} does not exist" \
+            in result.stderr
     assert not typo.exists()
 
 

@@ -52,6 +52,11 @@ DESCRIPTION
       ID"``, ``"... has privileged group ID"`` (Postfix's wording after the line, or
       Postfix's ``"file <main.cf>: ..."`` for the default; the same as the master's own
       check at start-up).
+    * maillog_file (when not syslog) can be opened for appending: an existing file
+      opens, or its directory exists and is writable - no directory is made for it, as
+      Postfix's postlogd makes none (check_maillog): ``"<main.cf>, line <n>: cannot
+      open maillog_file "/x/maillog": No such file or directory (its directory /x does
+      not exist; it is not created)"``.
     * ``-o name=value`` with a name no qmgrd program reads (not in the parameter table,
       not a per-transport parameter, not set in main.cf, not referred to as ``$name``
       by main.cf or the service's other overrides) is accepted, as Postfix does, but
@@ -63,10 +68,13 @@ DESCRIPTION
     ``"<master.cf>, line <n>: -o name=value: bad time value for parameter name: ..."``).
 
 PUBLIC API
-    load_configuration(config_directory, warn=None, euid=None) -> (Config, list[Service])
-        Config.load + Config.check + check_tables + check_mail_owner + load_master_cf +
-        check_services + check_transport_nexthops; raises ConfigError.  ``euid`` (default: ours) decides whether
-        mail_owner is checked (only for 0).
+    load_configuration(config_directory, warn=None, euid=None, *, modules=True,
+                       logfile=True) -> (Config, list[Service])
+        Config.load + Config.check + check_maillog + check_tables + check_mail_owner +
+        load_master_cf + check_services + check_transport_nexthops; raises ConfigError.
+        ``euid`` (default: ours) decides whether mail_owner is checked (only for 0);
+        ``modules``/``logfile`` False leave out the module and maillog_file checks.
+    check_maillog(cfg) -> None                                raises ConfigError
     check_tables(cfg, names=TABLE_PARAMS, warn=None) -> None  raises ConfigError
     check_mail_owner(cfg, euid=None) -> None                  raises ConfigError
     check_transport_nexthops(cfg, services) -> None           raises ConfigError
@@ -84,6 +92,7 @@ Nothing here logs; the callers (master.cli, master.daemon.master) print or log.
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import ipaddress
 import os
@@ -103,6 +112,7 @@ from master.server import jail
 __all__ = [
     "TABLE_PARAMS",
     "check_mail_owner",
+    "check_maillog",
     "check_service",
     "check_services",
     "check_tables",
@@ -125,15 +135,18 @@ TABLE_PARAMS: tuple[str, ...] = ("transport_maps",)
 
 
 def load_configuration(config_directory: str, warn: Warn | None = None,
-                       euid: int | None = None, *, modules: bool = True
-                       ) -> tuple[Config, list[Service]]:
+                       euid: int | None = None, *, modules: bool = True,
+                       logfile: bool = True) -> tuple[Config, list[Service]]:
     """Load and fully check main.cf and master.cf of ``config_directory`` (module
     docstring); ``euid`` (default: ours) is the user the master runs as.  ``modules``
-    False leaves out whether each service's module can be found (module_problem): that
-    depends on the environment, and a running master checks it in its own on reload.
-    Raises ConfigError, naming file and line."""
+    False leaves out whether each service's module can be found (module_problem), and
+    ``logfile`` False whether maillog_file can be opened (check_maillog): both depend on
+    the environment, and a running master checks them in its own on reload (so that its
+    refusal is logged in the log it keeps).  Raises ConfigError, naming file and line."""
     cfg = Config.load(config_directory)
     cfg.check()
+    if logfile:
+        check_maillog(cfg)
     if warn is not None:
         _warn_duplicates(cfg, warn)
     check_tables(cfg, warn=warn)
@@ -142,6 +155,49 @@ def load_configuration(config_directory: str, warn: Warn | None = None,
     check_services(cfg, services, warn, modules=modules)
     check_transport_nexthops(cfg, services)
     return cfg, services
+
+
+def check_maillog(cfg: Config) -> None:
+    """maillog_file, when set, must be a file this process can open for appending: an
+    existing one is opened (non-blocking, at once closed; nothing is written), a missing
+    one needs an existing, writable directory.  No directory is created - Postfix's
+    postlogd creates none either: a typo, or a directory meant not to exist (mail_owner's
+    home), must not be made by root - so the master, which opens the log at start and
+    reload (master.log.setup), would fail; it refuses the configuration instead (a
+    reload keeps the running one and the log it has).
+
+    Raises:
+        ConfigError: ``"<main.cf>, line <n>: cannot open maillog_file
+            "/nonexistent/dir/maillog": No such file or directory (its directory
+            /nonexistent/dir does not exist; it is not created)"``; or the value is
+            relative or cannot be expanded (Config.maillog_file).
+    """
+    path = cfg.maillog_file()
+    if not path:
+        return  # syslog
+    problem = _maillog_problem(path)
+    if problem is not None:
+        raise _param_error(cfg, "maillog_file",
+                           f'cannot open maillog_file "{path}": {problem}')
+
+
+def _maillog_problem(path: str) -> str | None:
+    """Why ``path`` cannot be opened for appending (created if missing), or None."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NONBLOCK | os.O_NOCTTY
+                     | os.O_CLOEXEC)
+    except FileNotFoundError as exc:
+        parent = os.path.dirname(path)
+        if not os.path.isdir(parent):
+            return (f"{exc.strerror} (its directory {parent} does not exist; it is not "
+                    "created)")
+        if not os.access(parent, os.W_OK):
+            return f"cannot create it: {os.strerror(errno.EACCES)} ({parent})"
+        return None
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    os.close(fd)
+    return None
 
 
 def check_transport_nexthops(cfg: Config, services: Sequence[Service]) -> None:

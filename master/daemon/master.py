@@ -541,8 +541,9 @@ def _open_log(cfg: Config, foreground: bool) -> None:
 
 def _create_maillog(path: str) -> None:
     """Create the log file 0644 whatever the umask (a new file only).  Children open it
-    before they drop privileges, so root ownership is fine; readers need not be root."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    before they drop privileges, so root ownership is fine; readers need not be root.
+    Its directory is never created (Postfix's postlogd neither): a missing one raises
+    FileNotFoundError (load_configuration refuses such a maillog_file before)."""
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     except FileExistsError:
