@@ -79,8 +79,10 @@ Exit status (sysexits.h)
         status got no answer from the qmgr; or, for these two, the queue directory does
         not exist (``queue directory <path>: No such file or directory``)
     75  the queue directory cannot be used, or a message was still being delivered and
-        could not be changed yet (EX_TEMPFAIL: try again); repair: a directory could not
-        be read or a file could not be renamed
+        could not be changed yet (EX_TEMPFAIL: try again), or the qmgr stopped before it
+        answered a hold/delete/requeue (what it did is read from the queue directory;
+        ``outcome unknown`` for messages gone from the queue: see the mail log); repair:
+        a directory could not be read or a file could not be renamed
     77  permission denied (EX_NOPERM): list, show, shape and status read the queue
         directory and private/qmgr-status themselves (there is no showq service, unlike
         Postfix's mailq), so they need root or mail_owner, as the changing commands do
