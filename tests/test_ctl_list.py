@@ -213,8 +213,52 @@ def test_corrupt_and_unready_files_are_skipped(q: Q) -> None:
     assert good in out
     for name in (junk, trunc, embryo):
         assert os.path.basename(name) not in out
-    code, out, _ = q.run("list", "--json")
+    # the damaged ones are named on stderr, with why (as showq's msg_warn); the one
+    # still being written (not ready) is no damage and is not named
+    warnings = {
+        (f"qmgr-ctl: warning: incoming/{os.path.basename(junk)}: damaged queue file: "
+         "bad record length; skipped"),
+        (f"qmgr-ctl: warning: hold/{os.path.basename(trunc)}: damaged queue file: "
+         "truncated: a record runs past the end of the file; skipped")}
+    assert set(err.splitlines()) == warnings, err
+    code, out, err = q.run("list", "--json")
     assert code == 0 and [json.loads(x)["queue_id"] for x in out.splitlines()] == [good]
+    assert set(err.splitlines()) == warnings
+
+
+def test_damaged_deferred_file_among_many_is_named(q: Q) -> None:
+    """One of 50 deferred files cut in half: 49 listed, exit 0, and one warning on
+    stderr naming deferred/<id> and why; --json stays one parseable object a line."""
+    ids = [q.submit("alice@example.org", [f"r{i}@example.net"], T0) for i in range(50)]
+    for qid in ids:
+        q.spool.move(qid, "incoming", "deferred")
+    cut = q.spool.path("deferred", ids[17])
+    data = Path(cut).read_bytes()
+    Path(cut).write_bytes(data[: len(data) // 2])
+    for args in (["list"], ["list", "--json"]):
+        code, out, err = q.run(*args)
+        assert code == 0
+        assert err.splitlines() == [(
+            f"qmgr-ctl: warning: deferred/{ids[17]}: damaged queue file: truncated: "
+            "a record runs past the end of the file; skipped")], err
+    listed = [json.loads(x)["queue_id"] for x in out.splitlines()]
+    assert sorted(listed) == sorted(i for i in ids if i != ids[17])
+
+
+def test_show_of_a_damaged_file_says_so(q: Q) -> None:
+    """show ID of a damaged file: 'damaged queue file' and exit 65 (EX_DATAERR, which
+    the help documents for show as a damaged queue file - not only a bad id)."""
+    from qmgrd.ctl.common import EX_DATAERR, EXIT_HELP
+
+    qid = q.submit("alice@example.org", ["bob@example.net"], T0)
+    path = q.spool.path("incoming", qid)
+    data = Path(path).read_bytes()
+    Path(path).write_bytes(data[: len(data) // 2])
+    for args in (["show", qid], ["show", "--json", qid]):
+        code, _, err = q.run(*args)
+        assert code == EX_DATAERR
+        assert err.startswith(f"qmgr-ctl: fatal: {path}: damaged queue file: "), err
+    assert "show: the message's queue file\n      is damaged" in EXIT_HELP
 
 
 def maildrop_file(q: Q, qid: str, records: list[tuple[bytes, bytes]]) -> str:

@@ -102,3 +102,29 @@ def test_table_layout_and_json(tmp_path: Path) -> None:
     assert table.headings == ["T", "30", "60", "90", "90+"]
     empty = Table(["T", "5", "5+"], [("TOTAL", [0, 0, 0])])
     assert format_table(empty) == " " * 71 + "  T  5 5+\n" + " " * 66 + "TOTAL  0  0  0\n"
+
+
+def test_damaged_file_is_skipped_with_a_warning(tmp_path: Path) -> None:
+    """shape skips a damaged queue file as before, but says so on stderr (queue/<id>,
+    why); the table (and --json) on stdout stays valid, exit 0. Files in the corrupt
+    queue are known to be damaged: no warning for them."""
+    etc, _, spool, cleanup = make(tmp_path)
+    ids = [cleanup.submit(Envelope("a@x.example", [Recipient(f"u{i}@one.example")]),
+                          b"x\n" * 40) for i in range(3)]
+    for qid in ids:
+        spool.move(qid, "incoming", "deferred")
+    cut = spool.path("deferred", ids[1])
+    data = Path(cut).read_bytes()
+    Path(cut).write_bytes(data[: len(data) // 2])
+    Path(spool.queue_path("corrupt")).mkdir(exist_ok=True)
+    bad = Path(spool.queue_path("corrupt"), new_long_id(int(time.time()), 1, 97))
+    bad.write_bytes(b"Cgarbage")
+    os.chmod(bad, 0o700)
+    for args in (["deferred", "corrupt"], ["--json", "deferred", "corrupt"]):
+        res = CliRunner().invoke(cli, ["-c", str(etc), "shape", *args])
+        assert res.exit_code == 0
+        assert res.stderr.splitlines() == [(
+            f"qmgr-ctl: warning: deferred/{ids[1]}: damaged queue file: no "
+            "extracted-envelope record (X) after the message content (truncated?); "
+            "skipped")], res.stderr
+    assert json.loads(res.stdout)["rows"][0]["total"] == 2

@@ -73,7 +73,9 @@ Description
 Exit status (sysexits.h)
     0   success
     64  usage error (EX_USAGE): unknown command or option, a bad selector value
-    65  an invalid queue id was given (EX_DATAERR); nothing was done
+    65  an invalid queue id was given (EX_DATAERR); nothing was done. show: the
+        message's queue file is damaged (``<path>: damaged queue file: offset 269:
+        truncated record data``) or not a regular file (bad data all the same)
     66  a named message is not in the queue (EX_NOINPUT); the others were done
     69  the mail system is down (EX_UNAVAILABLE): flush could not trigger the qmgr/pickup,
         status got no answer from the qmgr; or, for these two, the queue directory does
@@ -90,7 +92,10 @@ Exit status (sysexits.h)
         relative queue_directory (``bad queue_directory parameter value "spool": not an
         absolute path``; master.config.Config.queue_directory)
 
-    Errors are printed on standard error as ``qmgr-ctl: fatal: <text>``. When the reader
+    Errors are printed on standard error as ``qmgr-ctl: fatal: <text>``. list and shape
+    skip a damaged queue file with ``qmgr-ctl: warning: <queue>/<id>: damaged queue
+    file: <why>; skipped`` on standard error (exit 0: the listing of the rest is valid,
+    as Postfix's showq warns and goes on). When the reader
     of a listing goes away (``qmgr-ctl list | head``) the listing stops quietly, exit 0,
     as postqueue does on EPIPE.
 
@@ -305,7 +310,7 @@ def show_cmd(ctx: click.Context, envelope: bool, headers: bool, body: bool, as_j
         denied(ctx, f"show {qid}", exc)
     except CorruptQueueFile as exc:
         out.flush()
-        fatal(ctx, EX_DATAERR, f"{path}: {exc}")
+        fatal(ctx, EX_DATAERR, f"{path}: damaged queue file: {exc}")
     except OSError as exc:
         fatal(ctx, EX_TEMPFAIL, f"{path}: {exc.strerror or exc}")
 

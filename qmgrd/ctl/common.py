@@ -68,7 +68,8 @@ EXIT_HELP = """
 Exit status:
   0   success
   64  usage error (also: a bad selector, time, domain or pattern)
-  65  invalid queue id given (nothing was done)
+  65  invalid queue id given (nothing was done); show: the message's queue file
+      is damaged (or not a regular file)
   66  some named message is not in the queue (the others were done)
   69  mail system down (flush could not trigger qmgr or pickup; no qmgr status),
       or the queue directory does not exist (flush, status)

@@ -8,8 +8,8 @@ Summary
     (one ``pread`` for files up to 256 KiB), the way Postfix's showq and qshape read:
 
     * records are framed as usual (postfix.md §2.1); a record that runs past the end of
-      the file, a length over 16 MiB, or a file without a final ``E`` is *broken* and
-      the file is not listed;
+      the file, a length over 16 MiB, or a file without a final ``E`` is *broken*:
+      :class:`Damaged` says why, and the caller skips the file with a warning;
     * ``C``: field 1 is the data size, field 2 the data offset (six decimal fields,
       §2.4); ``T``: field 1 the arrival time (the first of each counts); ``S`` the sender
       (the last counts); ``R`` a recipient to do (``D`` = done, skipped);
@@ -26,8 +26,9 @@ Summary
 Public API
     Envelope(arrival, size, sender, recipients)   (slots dataclass; arrival/size 0 when
                                                    the file has none)
-    read_envelope(fd, size, *, maildrop=False) -> Envelope | None   None: broken file;
-        raises OSError from pread
+    Damaged(ValueError)                           a broken queue file; str() says why
+    read_envelope(fd, size, *, maildrop=False) -> Envelope   raises Damaged (a broken
+        file), OSError from pread
     open_ready(path) -> tuple[int, os.stat_result] | None    open O_RDONLY|O_NONBLOCK|
         O_NOFOLLOW, fstat; None (fd closed) when the file is gone or not ready; raises
         NotRegular (a FIFO, device, socket or symbolic link: never read) and other OSErrors
@@ -50,7 +51,8 @@ from dataclasses import dataclass, field
 
 from qmgrd.spool.queue import Spool
 
-__all__ = ["Envelope", "NotRegular", "open_ready", "open_regular", "read_envelope"]
+__all__ = ["Damaged", "Envelope", "NotRegular", "open_ready", "open_regular",
+           "read_envelope"]
 
 _WHOLE = 256 * 1024
 _CHUNK = 64 * 1024
@@ -78,6 +80,11 @@ def _int(data: bytes) -> int:
         return int(parts[0]) if parts else 0
     except ValueError:
         return 0
+
+
+class Damaged(ValueError):
+    """A ready queue file that is not a well-formed queue file (truncated, garbage, a
+    required record missing); the text says why."""
 
 
 class NotRegular(OSError):
@@ -132,7 +139,7 @@ def open_ready(path: str) -> tuple[int, os.stat_result] | None:
     return fd, st
 
 
-def read_envelope(fd: int, size: int, *, maildrop: bool = False) -> Envelope | None:
+def read_envelope(fd: int, size: int, *, maildrop: bool = False) -> Envelope:
     """Scan the records of an open queue file (see module docstring).
 
     Args:
@@ -141,9 +148,11 @@ def read_envelope(fd: int, size: int, *, maildrop: bool = False) -> Envelope | N
         maildrop: the file is a postdrop-format maildrop file.
 
     Returns:
-        The envelope, or None when the file is broken.
+        The envelope.
 
     Raises:
+        Damaged: the file is broken (the text says how: ``truncated: a record runs
+            past the end of the file``, ``no sender record (S)``, ...).
         OSError: a read failed.
     """
     buf = os.pread(fd, size if size <= _WHOLE else _CHUNK, 0)
@@ -162,11 +171,11 @@ def read_envelope(fd: int, size: int, *, maildrop: bool = False) -> Envelope | N
             base, end = pos, pos + len(buf)
         rel = pos - base
         if rel < 0 or rel >= end - base:
-            return None
+            raise Damaged("truncated: the file ends before its end record")
         rtype = buf[rel]
         i = rel + 1
         if i >= end - base:
-            return None
+            raise Damaged("truncated: the file ends inside a record")
         length = buf[i]
         i += 1
         if length >= 0x80:  # a long record: more length bytes
@@ -174,7 +183,7 @@ def read_envelope(fd: int, size: int, *, maildrop: bool = False) -> Envelope | N
             shift = 7
             while True:
                 if i >= end - base or shift > 28:
-                    return None
+                    raise Damaged("bad record length")
                 b = buf[i]
                 i += 1
                 length |= (b & 0x7F) << shift
@@ -182,22 +191,23 @@ def read_envelope(fd: int, size: int, *, maildrop: bool = False) -> Envelope | N
                     break
                 shift += 7
             if length > _MAX_LEN:
-                return None
+                raise Damaged(f"record of {length} bytes (at most {_MAX_LEN})")
         start = base + i
         stop = start + length
         if stop > end:
             if stop > size:
-                return None
+                raise Damaged("truncated: a record runs past the end of the file")
             buf = os.pread(fd, max(length, _CHUNK), start)
             base, end = start, start + len(buf)
             if stop > end:
-                return None
+                raise Damaged("truncated: a record runs past the end of the file")
         pos = stop
         if in_content:
             if rtype == _X:
                 in_content = False
             elif rtype not in _CONTENT:
-                return None
+                raise Damaged(f"unexpected record type {chr(rtype)!r} in the message "
+                              "content")
             elif rtype != _P:
                 continue
         if rtype not in _WANTED:
@@ -218,29 +228,33 @@ def read_envelope(fd: int, size: int, *, maildrop: bool = False) -> Envelope | N
                     env.size = int(fields[0])
                     data_offset = int(fields[1])
                 except (IndexError, ValueError):
-                    return None
+                    raise Damaged("bad size record (C)") from None
                 have_c = True
         elif rtype == _P:
             target = _int(data)
             if target > 0:
                 jumps += 1
                 if jumps > _MAX_JUMPS or target >= size:
-                    return None
+                    raise Damaged("bad pointer record (p)")
                 pos = target
         elif rtype == _M:
             if have_c and not maildrop:
                 pos = (data_offset or pos) + env.size
                 if pos >= size:
-                    return None
+                    raise Damaged("truncated: the message content runs past the end "
+                                  "of the file")
                 in_content = True  # the next record must be X (checked below)
                 if pos < base or pos >= end:
                     buf = os.pread(fd, _CHUNK, pos)
                     base, end = pos, pos + len(buf)
                 if pos >= end or buf[pos - base] != _X:
-                    return None
+                    raise Damaged("no extracted-envelope record (X) after the message "
+                                  "content")
             else:
                 in_content = True
         elif rtype == _E:
-            if env.sender is None or (not have_c and not maildrop):
-                return None
+            if env.sender is None:
+                raise Damaged("no sender record (S)")
+            if not have_c and not maildrop:
+                raise Damaged("no size record (C)")
             return env

@@ -32,8 +32,8 @@ Summary
 
     Unlike qshape (a refreshing display on a terminal), the table is printed once.
     One deliberate difference: a ready file whose first record is neither ``C``, ``S``
-    nor ``F`` (garbage, or empty) is skipped; qshape's ``return undef`` makes it count,
-    with ``-s``, as a MAILER-DAEMON message of the oldest age.
+    nor ``F`` (garbage, or empty) is skipped, with the warning below; qshape's ``return
+    undef`` makes it count, with ``-s``, as a MAILER-DAEMON message of the oldest age.
 
 Public API
     Shape(queues, by_sender=False, parents=False, min_subdomains=5, buckets=10,
@@ -47,8 +47,10 @@ Public API
     format_table(table, width=80) -> str
     QUEUE_NAMES                          the queue names shape accepts
 
-Logs nothing; files that vanish or do not parse are skipped (a warning on stderr for one
-that is not a regular file).
+Logs nothing; files that vanish are skipped silently, those that are not regular files or
+do not parse with a warning on stderr (``qmgr-ctl: warning: deferred/<id>: damaged queue
+file: <why>; skipped``; not for the corrupt queue, whose files are known to be damaged),
+as Postfix's showq warns about a file it cannot read; the table stays valid.
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from qmgrd.ctl.qread import NotRegular, open_regular
+from qmgrd.ctl.qread import Damaged, NotRegular, open_regular
 from qmgrd.ctl.queues import QUEUE_NAMES
 from qmgrd.spool.queue import Spool
 
@@ -128,7 +130,9 @@ def _records(f: Any) -> Any:
 
 
 def _qenv(path: str) -> tuple[int, str, list[str]] | None:
-    """qshape's qenv(): (time, sender, recipients) of a countable file, else None."""
+    """qshape's qenv(): (time, sender, recipients) of a countable file, else None (gone,
+    not ready, forced to expire, no recipient left).  Raises Damaged for a ready file
+    that is not a well-formed queue file (qshape skips it or, with -s, counts it)."""
     try:
         fd, st = open_regular(path)
     except NotRegular:
@@ -144,7 +148,7 @@ def _qenv(path: str) -> tuple[int, str, list[str]] | None:
         recs = _records(f)
         first = next(recs, None)
         if first is None:
-            return None
+            raise Damaged("empty file" if st.st_size == 0 else "truncated first record")
         r, d = first
         dlen: int | None = None
         sender: str | None = None
@@ -154,25 +158,25 @@ def _qenv(path: str) -> tuple[int, str, list[str]] | None:
             dlen = int(m.group(1)) if m else None
             second = next(recs, None)
             if second is None or second[0] != b"T":
-                return None
+                raise Damaged("no arrival time record (T) after the size record (C)")
             when = _num(second[1])
         elif r in (b"S", b"F"):
             when = int(st.st_mtime)
             if r != b"S":
                 second = next(recs, None)
                 if second is None or second[0] != b"S":
-                    return None
+                    raise Damaged("no sender record (S) after the F record")
                 d = second[1]
             sender = d.decode("utf-8", "surrogateescape")
         else:
-            return None
+            raise Damaged(f"not a queue file (first record type {r!r})")
         rcpts: list[str] = []
         jumps = 0
         for r, d in recs:
             if r == b"p" and _num(d) > 0:
                 jumps += 1
                 if jumps > _MAX_JUMPS:
-                    return None
+                    raise Damaged("bad pointer record (p)")
                 f.seek(_num(d))
             if r == b"R":
                 rcpts.append(d.decode("utf-8", "surrogateescape"))
@@ -180,7 +184,7 @@ def _qenv(path: str) -> tuple[int, str, list[str]] | None:
                 sender = d.decode("utf-8", "surrogateescape")
             elif r == b"M":
                 if sender is None:
-                    return None
+                    raise Damaged("no sender record (S)")
                 nxt: tuple[bytes, bytes] | None
                 if dlen is not None:
                     f.seek(dlen, os.SEEK_CUR)
@@ -192,12 +196,15 @@ def _qenv(path: str) -> tuple[int, str, list[str]] | None:
                             f.seek(_num(nxt[1]))
                         nxt = next(recs, None)
                 if nxt is None or nxt[0] != b"X":
-                    return None
+                    raise Damaged("no extracted-envelope record (X) after the message "
+                                  "content (truncated?)")
             elif r == b"E":
-                if when is None or sender is None or not rcpts:
+                if sender is None:
+                    raise Damaged("no sender record (S)")
+                if when is None or not rcpts:
                     return None
                 return when, sender, rcpts
-        return None
+        raise Damaged("truncated: the file ends before its end record")
 
 
 def _num(data: bytes) -> int:
@@ -266,7 +273,14 @@ def count(spool: Spool, s: Shape) -> Table:
         if queue not in QUEUE_NAMES:
             raise ValueError(f"unknown queue name {queue!r}")
         for path in _files(spool.queue_path(queue)):
-            found = _qenv(path)
+            try:
+                found = _qenv(path)
+            except Damaged as exc:
+                if queue != "corrupt":  # known to be damaged: why they are there
+                    sys.stderr.write(f"qmgr-ctl: warning: {queue}/"
+                                     f"{os.path.basename(path)}: damaged queue file: "
+                                     f"{exc}; skipped\n")
+                continue
             if found is None:
                 continue
             when, sender, rcpts = found

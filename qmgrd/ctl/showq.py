@@ -25,10 +25,13 @@ Summary
     everything shown, with control characters and undecodable bytes replaced by ``?``
     (Postfix ``printable()``).
 
-    A file that vanishes between the directory scan and the read, is no longer ready, or
-    does not parse (truncated, garbage, no sender) is skipped silently — the qmgr deals
-    with corrupt files. A file that exists but cannot be opened for another reason (e.g.
-    EACCES) is skipped with a warning on standard error, like showq's ``msg_warn``; so is
+    A file that vanishes between the directory scan and the read, or is not ready yet,
+    is skipped silently. A ready file that does not parse (truncated, garbage, no
+    sender) is skipped with a warning on standard error, like showq's ``msg_warn``:
+    ``qmgr-ctl: warning: deferred/<id>: damaged queue file: truncated: a record runs
+    past the end of the file; skipped`` (qmgrd.ctl.qread.Damaged; the listing on
+    standard output stays complete and, with --json, parseable). A file that exists
+    but cannot be opened for another reason (e.g. EACCES) is skipped with a warning; so is
     anything that is not a regular file (a FIFO or symbolic link planted in the
     world-writable maildrop): files are opened O_NONBLOCK|O_NOFOLLOW and fstat-checked
     (qmgrd.ctl.qread.open_regular), so such an entry never blocks a listing.
@@ -51,8 +54,8 @@ directory is listed once per scan instead of trying to open a log per message, s
 listing of 100,000 messages streams at once and ends in a few seconds
 (bench/ctl_list.py).
 
-Writes ``qmgr-ctl: warning: ...`` to stderr for a file or defer log that exists but
-cannot be opened; statuslog.read warns about garbage in a defer log. Output is
+Writes ``qmgr-ctl: warning: ...`` to stderr for a damaged queue file and for a file or
+defer log that exists but cannot be opened; statuslog.read warns about garbage in a defer log. Output is
 byte-for-byte that of Postfix 3.7's stand-alone showq on the same queue (checked
 against ``postqueue -p``/``-j`` with ``enable_long_queue_ids = yes``).
 """
@@ -67,7 +70,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from qmgrd.ctl.qread import open_ready, open_regular, read_envelope
+from qmgrd.ctl.qread import Damaged, open_ready, open_regular, read_envelope
 from qmgrd.ctl.queues import QUEUE_ORDER
 from qmgrd.spool import statuslog
 from qmgrd.spool.queue import Spool
@@ -258,8 +261,8 @@ def read_entry(
         defer_ids: ids known to have a defer log, with its path (None: look for one).
 
     Returns:
-        The entry, or None when the file is gone, not ready or does not parse (and,
-        with a warning on stderr, when it cannot be opened for another reason).
+        The entry, or None when the file is gone or not ready (and, with a warning on
+        stderr, when it does not parse or cannot be opened for another reason).
     """
     try:
         if path is None:
@@ -275,12 +278,15 @@ def read_entry(
     fd, st = opened
     try:
         env = read_envelope(fd, st.st_size, maildrop=queue == "maildrop")
+    except Damaged as exc:
+        _warn(f"{queue}/{qid}: damaged queue file: {exc}; skipped")
+        return None
     except OSError as exc:
         _warn(f"read {queue} {qid}: {exc.strerror}")
         return None
     finally:
         os.close(fd)
-    if env is None or env.sender is None:
+    if env.sender is None:  # read_envelope raises Damaged first: for the type checker
         return None
     entry = QueueEntry(
         queue_name=queue,
