@@ -30,7 +30,7 @@ Summary
     objects per delivery: they were a third of the qmgr's CPU per message).
 
 Public API
-    AgentClient(queue_directory, greeting_timeout, reply_timeout)
+    AgentClient(queue_directory, greeting_timeout, reply_timeout, clock=time.monotonic)
         async deliver(transport, request) -> DeliverStatus
             raises TransportUnavailable when the agent cannot be reached, does not
             greet properly, or the request cannot be written (the transport is then
@@ -39,14 +39,27 @@ Public API
             ``4.3.0 unknown mail transport error`` (negative feedback, never a bounce).
         async status_request(service, request) -> bool
             the bounce/defer/trace service; False on any failure (the message stays
-            deferred and is retried later).
+            deferred and is retried later); its warning at most once per
+            SERVICE_WARN_INTERVAL (60 s) per service, the failures not logged are
+            counted in the next warning or in ``<service> service available again``.
+    SERVICE_WARN_INTERVAL = 60.0 (seconds)
+
+Why a service is unavailable is said as it happened: ``connect to <path>: listen queue
+full: no process accepts connections ...`` (the listener's queue is full: the service's
+processes are gone or throttled; a UNIX-domain connect fails at once then, as Postfix's
+non-blocking unix_connect), ``<path>: connection closed before the greeting``, ``<path>:
+no valid greeting: <what came>``, or the socket error.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from master import log
 from master.config import describe
@@ -63,7 +76,11 @@ from qmgrd.delivery import (
     encode,
 )
 
-__all__ = ["AgentClient", "TransportUnavailable"]
+__all__ = ["SERVICE_WARN_INTERVAL", "AgentClient", "TransportUnavailable"]
+
+SERVICE_WARN_INTERVAL = 60.0  # s: at most one "service unavailable" warning per service
+_QUEUE_FULL = ("listen queue full: no process accepts connections (the service is down, "
+               "throttled or overloaded)")
 
 
 class TransportUnavailable(Exception):
@@ -74,10 +91,13 @@ class TransportUnavailable(Exception):
 class AgentClient:
     """Connects to agents and the bounce service (see module docstring)."""
 
-    def __init__(self, queue_directory: str, greeting_timeout: float, reply_timeout: float):
+    def __init__(self, queue_directory: str, greeting_timeout: float, reply_timeout: float,
+                 clock: Callable[[], float] = time.monotonic):
         self.queue_directory = queue_directory
         self.greeting_timeout = greeting_timeout
         self.reply_timeout = reply_timeout
+        self.clock = clock
+        self._outages: dict[str, _Outage] = {}  # services whose last request failed
 
     async def _open(self, service: str, protocol: str, request: bytes | None = None) -> _Conn:
         """Connect to ``private/<service>`` and read its greeting (within greeting_timeout).
@@ -98,7 +118,7 @@ class AgentClient:
         try:
             try:
                 async with asyncio.timeout(self.greeting_timeout):  # connect and greeting
-                    await loop.sock_connect(sock, path)
+                    _connect(sock, path)
                     if request is not None:
                         failed = f"write to {path}"
                         await loop.sock_sendall(sock, request)
@@ -115,7 +135,10 @@ class AgentClient:
             check_greeting(greet, protocol)
         except (TimeoutError, OSError, ProtocolError) as exc:
             conn.close()
-            raise TransportUnavailable(f"{failed}: {describe(exc)}") from exc
+            text = f"{failed}: {describe(exc)}"
+            if isinstance(exc, ProtocolError) and conn.eof and not conn.dec.pending:
+                text = f"{path}: connection closed before the greeting"  # no byte of one
+            raise TransportUnavailable(text) from exc
         except BaseException:  # cancelled (the qmgr stops): nothing left registered
             conn.close()
             raise
@@ -143,11 +166,20 @@ class AgentClient:
             conn.close()
 
     async def status_request(self, service: str, request: StatusRequest) -> bool:
-        """Ask the bounce/defer/trace service for a notice. True on success."""
+        """Ask the bounce/defer/trace service for a notice. True on success.
+
+        A failure is logged as ``<id>: <service> service unavailable: <why>`` (no
+        connection or greeting) or ``<id>: <service> service: <why>`` (no good reply),
+        but at most once per SERVICE_WARN_INTERVAL per service: while the service is
+        down every message finishing asks again, and each would log the same line.
+        The next warning, or ``<service> service available again`` on the first
+        success, says how many failures were not logged one by one.
+        """
         try:
             conn = await self._open(service, STATUS_PROTOCOL)
         except TransportUnavailable as exc:
-            log.warning(f"{request.queue_id}: {service} service unavailable: {exc}")
+            self._failed(service, f"{request.queue_id}: {service} service unavailable: "
+                                  f"{exc}")
             return False
         try:
             await conn.loop.sock_sendall(conn.sock, encode(request.to_attrs()))
@@ -155,13 +187,59 @@ class AgentClient:
                 reply = await conn.read_list()
             if len(reply) != 1 or reply[0][0] != "status" or not reply[0][1].isdigit():
                 raise ProtocolError(f"bad reply {reply[:2]!r}")
-            return int(reply[0][1]) == 0
         except (TimeoutError, OSError, ProtocolError) as exc:
-            log.warning(f"{request.queue_id}: {service} service: "
-                        f"{describe(exc)}")
+            self._failed(service, f"{request.queue_id}: {service} service: "
+                                  f"{describe(exc)}")
             return False
         finally:
             conn.close()
+        outage = self._outages.pop(service, None)
+        if outage is not None and outage.unlogged:
+            log.info(f"{service} service available again ({outage.unlogged} more failed "
+                     "requests were not logged one by one)")
+        return int(reply[0][1]) == 0
+
+    def _failed(self, service: str, text: str) -> None:
+        """Log ``warning: text`` unless ``service`` had one less than
+        SERVICE_WARN_INTERVAL ago (then only count it)."""
+        now = self.clock()
+        outage = self._outages.get(service)
+        if outage is not None and now - outage.warned_at < SERVICE_WARN_INTERVAL:
+            outage.unlogged += 1
+            return
+        more = (f" ({outage.unlogged} more failed requests since the last warning)"
+                if outage is not None and outage.unlogged else "")
+        log.warning(text + more)
+        self._outages[service] = _Outage(now)
+
+
+@dataclass
+class _Outage:
+    """A service whose last request failed: when its last warning was logged (the
+    client's clock, seconds) and how many failures since were only counted."""
+
+    warned_at: float
+    unlogged: int = 0
+
+
+def _connect(sock: socket.socket, path: str) -> None:
+    """Connect the non-blocking UNIX-domain ``sock`` to ``path``, at once or never.
+
+    A UNIX-domain connect does not go on in the background as a TCP one does: it
+    succeeds, or fails - with EAGAIN when the listener's queue is full because no
+    process accepts (the service's processes died or are throttled). asyncio's
+    sock_connect takes EAGAIN for "in progress", waits for the (unconnected, hence
+    writable) socket and reports a connection that does not exist; the first read then
+    failed with EINVAL, logged as ``no valid greeting: Invalid argument``.
+
+    Raises:
+        OSError: the connect failed (EAGAIN: ``listen queue full: no process accepts
+            connections ...``).
+    """
+    try:
+        sock.connect(path)
+    except BlockingIOError:
+        raise OSError(errno.EAGAIN, _QUEUE_FULL) from None
 
 
 class _Conn:
