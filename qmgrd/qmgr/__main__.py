@@ -4,8 +4,13 @@ Started by the master for the ``qmgr`` service of master.cf (a FIFO, ``public/qm
 maxproc 1, wakeup 300; the bundled master.cf runs it unprivileged and chrooted into
 ``queue_directory``). Reads one-byte triggers from the FIFO and runs the
 :class:`qmgrd.qmgr.scheduler.Scheduler` loop until the master closes the status pipe
-(reload, stop, master death) or SIGTERM; then it stops feeding, lets in-flight deliveries
-finish (bounded by ``qmgr_ipc_timeout``) and exits 0.
+(reload, stop, master death) or SIGTERM; then it stops feeding and dispatching at once,
+lets in-flight deliveries finish (bounded by ``qmgr_ipc_timeout``, at most 2 s) and exits
+0. A delivery that fails then because the agents go away too (with the master) leaves
+its message in ``active/`` untouched, for the next qmgr to retry at once - no deferral, no
+dead transport (qmgrd.qmgr.scheduler, "Going away"); a failed delivery asks whether
+the status descriptor is readable, so this holds when an agent notices the master's
+death before the qmgr does.
 
 Triggers are untrusted (any local user may write into ``public/qmgr``): up to 1024 bytes
 are read at a time, at most one read per ``TRIGGER_INTERVAL`` (10 ms; a lone trigger is
@@ -103,7 +108,7 @@ async def qmgr_main(ctx: ServerContext) -> None:
         reply_timeout=float(cfg.get_time("daemon_timeout")),
     )
     sched = Scheduler(cfg, spool, client, process_limits=_PRE.limits,
-                      resolver=_PRE.resolver)
+                      resolver=_PRE.resolver, master_gone=ctx.status_closed)
     loop = asyncio.get_running_loop()
     fifo = ctx.listen_fds[0] if ctx.listen_fds else -1
 

@@ -25,7 +25,9 @@ Public API
         ret, client/helo/protocol log attributes, rewrite_context, warn_time, warn_offset,
         single_rcpt (VERP: one recipient per delivery), flush (ignore defer_transports),
         unthrottle (per-message flush: revive dead transports/destinations it needs),
-        forced_expire, refcount, deferred, completing, corrupt, nrcpt, jobs
+        forced_expire, refcount, deferred, completing, left (the qmgr is going away
+        and a delivery of it could not be made: it stays in active/ unfinished, for the
+        next qmgr; qmgrd.qmgr.scheduler), corrupt, nrcpt, jobs
         (transport name -> Job, in creation order), rcpt_* counters above;
         admin: an operator's hold/delete/requeue waiting for the deliveries in flight
         (qmgrd.qmgr.admin; completion carries it out instead of deferring);
@@ -85,6 +87,7 @@ class Message:
     refcount: int = 0
     deferred: bool = False
     completing: bool = False
+    left: bool = False
     corrupt: bool = False
     nrcpt: int = 0
     rcpt_count: int = 0

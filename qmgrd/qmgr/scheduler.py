@@ -31,6 +31,23 @@ Summary
     queue. An agent that cannot be reached makes its transport dead (every todo entry of
     the transport is deferred, ``4.3.0 mail transport unavailable``).
 
+    Going away (the master died, reloaded or stops: EOF on the status descriptor; SIGTERM;
+    a changed table): the loop stops at once - no more feeding or dispatching - and waits
+    (bounded) for the deliveries in flight; their replies are handled as usual. The
+    agents go away with the master, so a delivery that then finds no agent
+    (TransportUnavailable: connection refused, or reset unread in the agent's listen
+    queue) or no proper reply (``agent_failed``) is not the transport's fault: its
+    message is *left* - no defer log, no ``status=deferred`` line, no dead transport, no
+    completion - and stays in ``active/`` with the recipients the agents did finish
+    marked done, so that the next qmgr moves it back to ``incoming/`` and retries it at
+    once (Postfix's qmgr exits as soon as its master goes away, leaving its mail in
+    ``active/`` the same way). The agent may notice the master's death before the qmgr
+    does (the qmgr's reader of the status descriptor has not run yet): a failed delivery
+    therefore asks ``master_gone`` (the status descriptor is readable), which the
+    master's death, stop or reload makes true before any agent can leave because of it,
+    and the qmgr stops then. Logs one line when messages are left: ``stopping: <n>
+    message(s) left in the active queue for the next queue manager``.
+
     Triggers (one byte each, a read of up to 1024 bytes collapsed into one set): ``I``/
     ``W`` incoming scan, ``D`` deferred scan, ``A`` ignore time stamps (current and next
     scans), ``F`` forget dead transports and destinations now and ignore
@@ -59,7 +76,10 @@ defers itself, clog warnings, warnings for corrupt files and unreachable transpo
 with ``destination_concurrency_feedback_debug`` the window after each feedback.
 
 Public API
-    Scheduler(cfg, spool, client, clock=time.time, process_limits={}, resolver=None)
+    Scheduler(cfg, spool, client, clock=time.time, process_limits={}, resolver=None,
+              master_gone=None)
+        master_gone: () -> bool, True once the master is gone, stopping or reloading
+        (the skeleton's ServerContext.status_closed; None: never)
     .startup()                 move active/ back to incoming/, start both scans
     .trigger(data: bytes)      handle one read of trigger bytes
     .flush_dead()              forget dead transports and destinations (trigger F)
@@ -68,6 +88,8 @@ Public API
     .snapshot() -> dict        the state for ``private/qmgr-status`` (qmgrd.qmgr.status)
     .entry_purged(entry)       a todo entry leaves without delivery (qmgrd.qmgr.control)
     async run(stopping, drain_timeout)   the loop; waits (bounded) for in-flight work
+    .going_away() -> bool      the qmgr stops (stop event, or master_gone); sets stopping
+    .left: int                 messages left in active/ for the next qmgr
     attributes: active (ActiveQueue), transports, incoming, deferred, timers, tasks,
         suspended (qmgrd.qmgr.suspend.Suspensions: operator suspensions)
 """
@@ -129,6 +151,7 @@ class Scheduler:
         clock: Callable[[], float] = time.time,
         process_limits: dict[str, int] | None = None,
         resolver: Resolver | None = None,
+        master_gone: Callable[[], bool] | None = None,
     ) -> None:
         self.cfg = cfg
         self.spool = spool
@@ -175,6 +198,9 @@ class Scheduler:
         self._next_deferred_scan = 0.0
         self.started = clock()
         self.stopping = False
+        self.master_gone = master_gone
+        self._stop_event: asyncio.Event | None = None
+        self.left = 0  # messages left in active/ for the next qmgr (going_away)
 
     # ---------------------------------------------------------------- triggers
     def trigger(self, data: bytes) -> None:
@@ -465,11 +491,35 @@ class Scheduler:
             rewrite_context=m.rewrite_context,
         )
 
+    def going_away(self) -> bool:
+        """True once the qmgr stops (module docstring, "Going away"): the loop has
+        ended, its stop event is set, or ``master_gone`` says so - then ``stopping``
+        is set, and the loop ends at its next round."""
+        if not self.stopping:
+            event = self._stop_event
+            if (event is not None and event.is_set()) or (
+                    self.master_gone is not None and self.master_gone()):
+                self.stopping = True
+                self.wakeup.set()
+        return self.stopping
+
+    def _leave(self, entry: Entry) -> None:
+        """The qmgr is going away and ``entry`` was not delivered: its message stays in
+        active/ untouched for the next qmgr (no defer log, no completion)."""
+        msg = entry.message
+        if not msg.left:
+            msg.left = True
+            self.left += 1
+        self._entry_done(entry, busy=True)
+
     async def _deliver(self, entry: Entry) -> None:
         t = entry.queue.transport
         try:
             status = await self.client.deliver(t.name, self._request(entry))
         except TransportUnavailable as exc:
+            if self.going_away():
+                self._leave(entry)
+                return
             log.warning(f"connect to transport private/{t.name}: {exc}")
             reason = "mail transport unavailable"
             self._throttle_transport(t, "4.3.0", reason)
@@ -482,6 +532,9 @@ class Scheduler:
             status = DeliverStatus(status=1, dsn_status="4.3.0", action="delayed",
                                    reason="unknown mail transport error", agent_failed=True)
         if status.agent_failed:
+            if self.going_away():
+                self._leave(entry)
+                return
             self._defer_unfinished(entry, status)
         self._delivery_update(entry, status)
 
@@ -567,8 +620,9 @@ class Scheduler:
         self._entry_done(entry, busy=False)
 
     def start_completion(self, msg: Message) -> None:
-        """Finish ``msg`` asynchronously (its last entry is done)."""
-        if msg.completing:
+        """Finish ``msg`` asynchronously (its last entry is done); a message left for the
+        next qmgr (going away) is not finished: it stays in active/."""
+        if msg.completing or msg.left:
             return
         msg.completing = True
         self._spawn(self.completion.run(msg))
@@ -600,11 +654,14 @@ class Scheduler:
         return fed or started or ran > 0
 
     async def run(self, stopping: asyncio.Event, drain_timeout: float = 30.0) -> None:
-        """Run until ``stopping`` is set, then wait (bounded) for in-flight deliveries."""
+        """Run until ``stopping`` is set (or a failed delivery finds the master gone:
+        going_away), then wait up to ``drain_timeout`` s for the deliveries in flight;
+        logs how many messages were left in active/ for the next qmgr, if any."""
         self.startup()
+        self._stop_event = stopping
         stop_task = asyncio.ensure_future(stopping.wait())
         try:
-            while not stopping.is_set():
+            while not stopping.is_set() and not self.stopping:
                 if self.step():
                     await asyncio.sleep(0)
                     continue
@@ -628,3 +685,6 @@ class Scheduler:
         self.stopping = True
         if self.tasks:
             await asyncio.wait(set(self.tasks), timeout=drain_timeout)
+        if self.left:
+            log.info(f"stopping: {self.left} message(s) left in the active queue "
+                     "for the next queue manager")

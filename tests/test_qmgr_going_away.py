@@ -1,0 +1,164 @@
+"""The qmgr going away (its master died, stops or reloads): deliveries that fail because
+the agents go away too leave their mail in active/ untouched - no defer log, no
+``status=deferred`` line, no dead transport - for the next qmgr; deliveries the agents
+did finish are recorded as usual (qmgrd.qmgr.scheduler, "Going away").
+
+Both orders: the qmgr sees the stop first (its stop event), or an agent has gone before
+the qmgr has read its status descriptor (``master_gone`` answers). Real queue files,
+fake agents (tests.test_qmgr_scheduler)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from qmgrd.delivery import DeliverRequest, DeliverStatus
+from qmgrd.qmgr.client import TransportUnavailable
+from qmgrd.qmgr.scheduler import Scheduler
+from qmgrd.spool import records as R
+from qmgrd.spool import statuslog
+from tests.test_qmgr_scheduler import Env, FakeAgents, drain, run, settle
+
+
+class LeavingAgents(FakeAgents):
+    """FakeAgents whose held deliveries can also end as the agent going away: released
+    with "gone" (connection reset before the request was read) or "crash" (no reply)."""
+
+    def _outcomes(self, transport: str, req: DeliverRequest, override: str) -> DeliverStatus:
+        if override == "gone":
+            raise TransportUnavailable("/private/smtp: no valid greeting: "
+                                       "Connection reset by peer")
+        if override == "crash":
+            return DeliverStatus(status=1, dsn_status="4.3.0", action="delayed",
+                                 reason="unknown mail transport error", agent_failed=True)
+        return super()._outcomes(transport, req, override)
+
+
+def setup(tmp_path: Path, gone: list[bool]) -> tuple[Env, Scheduler, list[str]]:
+    """Three messages to three destinations; sent: one recipient, gone: one, mixed: one
+    recipient per destination d1 and d2. Every delivery is held."""
+    env = Env(tmp_path)
+    env.agents = LeavingAgents(env.spool)
+    env.agents.hold = True
+    ids = [env.submit("a@x.example", ["s@d1.example"]),
+           env.submit("a@x.example", ["g@d2.example"]),
+           env.submit("a@x.example", ["m1@d1.example", "m2@d3.example"])]
+    sched = Scheduler(env.cfg, env.spool, env.agents,  # type: ignore[arg-type]
+                      clock=env.clock, master_gone=lambda: gone[0])
+    return env, sched, ids
+
+
+def release(env: Env, outcomes: dict[str, str]) -> None:
+    """Release every held delivery, the outcome by its first recipient."""
+    while env.agents.waiting:
+        addr = env.agents.requests[-len(env.agents.waiting)][1].recipients[0].address
+        env.agents.release(1, outcomes[addr])
+
+
+def rcpt_marks(env: Env, qid: str) -> dict[str, bytes]:
+    """Recipient address -> its record type byte in active/<qid> (R pending, D done), at
+    the offsets the delivery requests named."""
+    out = {}
+    with open(env.spool.path("active", qid), "rb") as f:
+        for _, req in env.agents.requests:
+            if req.queue_id == qid:
+                for r in req.recipients:
+                    f.seek(r.offset)
+                    out[r.address] = f.read(1)
+    return out
+
+
+def no_deferral(env: Env, err: str) -> None:
+    assert env.files("deferred") == []
+    assert not [p for p in (Path(env.spool.queue_directory) / "defer").rglob("*")
+                if p.is_file()]
+    assert "status=deferred" not in err and "mail transport unavailable" not in err
+    assert "suspended" not in err
+
+
+@pytest.mark.parametrize("first", ["qmgr", "agent"])
+def test_deliveries_cut_off_by_the_agents_going_away_stay_in_active(
+        tmp_path: Path, capfd: pytest.CaptureFixture[str], first: str) -> None:
+    """qmgr: the stop event is set, then the held deliveries end (one sent, the others
+    reset or without a reply). agent: no stop event yet, the master is gone
+    (``master_gone``) when the first reset comes - the qmgr stops there."""
+    gone = [False]
+    env, sched, (sent, lost, mixed) = setup(tmp_path, gone)
+
+    async def go() -> None:
+        stopping = asyncio.Event()
+        task = asyncio.ensure_future(sched.run(stopping, drain_timeout=10))
+        for _ in range(1000):
+            await asyncio.sleep(0)
+            if len(env.agents.waiting) == 4:
+                break
+        assert len(env.agents.waiting) == 4
+        if first == "qmgr":
+            stopping.set()
+            await settle()
+        else:
+            gone[0] = True  # the master is gone; the qmgr has not read fd 5 yet
+        release(env, {"s@d1.example": "sent", "g@d2.example": "gone",
+                      "m1@d1.example": "sent", "m2@d3.example": "crash"})
+        await asyncio.wait_for(task, 5)  # "agent": ended by master_gone alone
+        assert sched.stopping
+        assert stopping.is_set() == (first == "qmgr")
+        assert not any(t.dead for t in sched.transports.values())
+        assert len(env.agents.requests) == 4  # nothing started after the stop
+
+    run(go())
+    err = capfd.readouterr().err
+    no_deferral(env, err)
+    # finished as usual: all its recipients done, removed
+    assert sent not in env.files("active") and "removed" in err
+    # left: untouched but for what the agent finished
+    assert env.files("active") == sorted([lost, mixed])
+    assert rcpt_marks(env, lost) == {"g@d2.example": R.REC_RCPT}
+    assert rcpt_marks(env, mixed) == {"m1@d1.example": R.REC_DONE,
+                                      "m2@d3.example": R.REC_RCPT}
+    assert "stopping: 2 message(s) left in the active queue for the next queue manager" \
+        in err
+    assert not statuslog.read(env.spool, "defer", lost)
+
+    # the next qmgr moves them back to incoming/ and delivers at once, each recipient
+    # once (FakeAgents asserts that no recipient is delivered twice)
+    agents = FakeAgents(env.spool)
+
+    async def again() -> None:
+        nxt = Scheduler(env.cfg, env.spool, agents,  # type: ignore[arg-type]
+                        clock=env.clock)
+        nxt.startup()
+        await drain(nxt)
+
+    run(again())
+    assert sorted(agents.rcpts()) == ["g@d2.example", "m2@d3.example"]
+    assert env.files("active") == env.files("incoming") == env.files("deferred") == []
+
+
+def test_an_unreachable_agent_with_the_master_alive_still_kills_the_transport(
+        tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """Without a stop, a reset is the transport's fault as before: deferred with
+    ``mail transport unavailable``, the transport suspended."""
+    gone = [False]
+    env, sched, (_sent, lost, _mixed) = setup(tmp_path, gone)
+
+    async def go() -> None:
+        sched.startup()
+        for _ in range(1000):
+            sched.step()
+            await asyncio.sleep(0)
+            if len(env.agents.waiting) == 4:
+                break
+        release(env, {"s@d1.example": "sent", "g@d2.example": "gone",
+                      "m1@d1.example": "sent", "m2@d3.example": "sent"})
+        await drain(sched)
+        assert sched.transports["smtp"].dead and not sched.stopping
+
+    run(go())
+    err = capfd.readouterr().err
+    assert env.files("deferred") == [lost]
+    assert [d.reason for _, d in statuslog.read(env.spool, "defer", lost)] == [
+        "mail transport unavailable"]
+    assert "transport smtp: suspended for" in err and "left in the active queue" not in err
