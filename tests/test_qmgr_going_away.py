@@ -154,7 +154,10 @@ def test_an_unreachable_agent_with_the_master_alive_still_kills_the_transport(
         release(env, {"s@d1.example": "sent", "g@d2.example": "gone",
                       "m1@d1.example": "sent", "m2@d3.example": "sent"})
         await drain(sched)
-        assert sched.transports["smtp"].dead and not sched.stopping
+        # (a reply that arrives after the reset revives the transport, as before, so
+        # whether it is still dead here depends on the order the replies are handled:
+        # the suspension is checked in the log below)
+        assert not sched.stopping and sched.left == 0
 
     run(go())
     err = capfd.readouterr().err
