@@ -165,3 +165,91 @@ def test_an_unreachable_agent_with_the_master_alive_still_kills_the_transport(
     assert [d.reason for _, d in statuslog.read(env.spool, "defer", lost)] == [
         "mail transport unavailable"]
     assert "transport smtp: suspended for" in err and "left in the active queue" not in err
+
+
+@pytest.mark.parametrize("action", ["delete", "hold", "requeue"])
+def test_a_pending_admin_change_is_carried_out_when_the_agents_go_away(
+        tmp_path: Path, capfd: pytest.CaptureFixture[str], action: str) -> None:
+    """qmgr-ctl delete/hold/requeue of a message in delivery is pending (the operator is
+    told it follows the delivery); then the master stops and the agent goes away
+    without a reply. The message is left - but the change is still made, with no
+    bounce-service request, and the next qmgr does not deliver it."""
+    from qmgrd.qmgr.control import Control
+    gone = [False]
+    env, sched, (_sent, lost, mixed) = setup(tmp_path, gone)
+    ctl = Control(sched, env.spool.queue_directory, lambda: None)
+
+    async def go() -> None:
+        stopping = asyncio.Event()
+        task = asyncio.ensure_future(sched.run(stopping, drain_timeout=10))
+        for _ in range(1000):
+            await asyncio.sleep(0)
+            if len(env.agents.waiting) == 4:
+                break
+        assert len(env.agents.waiting) == 4
+        assert ctl.act([lost, mixed], action) == {lost: "pending", mixed: "pending"}
+        stopping.set()
+        await settle()
+        release(env, {"s@d1.example": "sent", "g@d2.example": "crash",
+                      "m1@d1.example": "sent", "m2@d3.example": "gone"})
+        await asyncio.wait_for(task, 5)
+        assert ctl._result(lost) == ctl._result(mixed) == "done"
+        assert not sched.active.messages
+
+    run(go())
+    err = capfd.readouterr().err
+    assert not env.agents.status_requests  # no service asked: they are gone
+    assert env.files("active") == [] and "left in the active queue" not in err
+    where = {"delete": [], "hold": ["hold"], "requeue": ["incoming"]}[action]
+    for qid in (lost, mixed):
+        assert [q for q in ("hold", "incoming", "deferred") if qid in env.files(q)] == where
+    if action == "hold":  # the undelivered recipients are kept; the delivered one is done
+        assert "placed on hold" in err and "not done" not in err
+        offsets = {r.address: r.offset for _, req in env.agents.requests
+                   if req.queue_id == mixed for r in req.recipients}
+        with open(env.spool.path("hold", mixed), "rb") as f:
+            marks = {a: (f.seek(o), f.read(1))[1] for a, o in offsets.items()}
+        assert marks == {"m1@d1.example": R.REC_DONE, "m2@d3.example": R.REC_RCPT}
+    agents = FakeAgents(env.spool)
+
+    async def again() -> None:
+        nxt = Scheduler(env.cfg, env.spool, agents,  # type: ignore[arg-type]
+                        clock=env.clock)
+        nxt.startup()
+        await drain(nxt)
+
+    run(again())
+    expected = {"delete": [], "hold": [], "requeue": ["g@d2.example", "m2@d3.example"]}
+    assert sorted(agents.rcpts()) == expected[action]
+
+
+@pytest.mark.parametrize("action", ["delete", "hold"])
+def test_a_pending_admin_change_is_not_lost_when_the_delivery_outlasts_the_stop(
+        tmp_path: Path, capfd: pytest.CaptureFixture[str], action: str) -> None:
+    """The delivery in progress does not end within the drain timeout: the qmgr makes
+    the change before it exits (as postsuper would), with a warning."""
+    from qmgrd.qmgr.control import Control
+    gone = [False]
+    env, sched, (_sent, lost, _mixed) = setup(tmp_path, gone)
+    ctl = Control(sched, env.spool.queue_directory, lambda: None)
+
+    async def go() -> None:
+        stopping = asyncio.Event()
+        task = asyncio.ensure_future(sched.run(stopping, drain_timeout=0.05))
+        for _ in range(1000):
+            await asyncio.sleep(0)
+            if len(env.agents.waiting) == 4:
+                break
+        assert ctl.act([lost], action) == {lost: "pending"}
+        stopping.set()
+        await asyncio.wait_for(task, 5)  # the deliveries are still held
+        assert ctl._result(lost) == "done"
+        release(env, {"s@d1.example": "gone", "g@d2.example": "gone",
+                      "m1@d1.example": "gone", "m2@d3.example": "gone"})
+        await settle()
+
+    run(go())
+    err = capfd.readouterr().err
+    assert f"{lost}: {action} of a message still in delivery done now" in err
+    assert lost not in env.files("active")
+    assert (lost in env.files("hold")) == (action == "hold")

@@ -173,7 +173,11 @@ class AdminAction:
         return self.action != "delete"
 
     def finish(self, msg: Message) -> None:
-        """Do the change now that nothing of ``msg`` is in delivery (never raises)."""
+        """Do the change now that nothing of ``msg`` is in delivery (never raises).
+        Done once: a second call (the qmgr stopped with ``msg`` in delivery, and its
+        completion ran later) does nothing."""
+        if self.outcome:
+            return
         qid = msg.qid
         action = self.action
         try:

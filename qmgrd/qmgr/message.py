@@ -27,7 +27,8 @@ Public API
         unthrottle (per-message flush: revive dead transports/destinations it needs),
         forced_expire, refcount, deferred, completing, left (the qmgr is going away
         and a delivery of it could not be made: it stays in active/ unfinished, for the
-        next qmgr; qmgrd.qmgr.scheduler), corrupt, nrcpt, jobs
+        next qmgr; qmgrd.qmgr.scheduler; an operator's pending change of it
+        is still carried out), corrupt, nrcpt, jobs
         (transport name -> Job, in creation order), rcpt_* counters above;
         admin: an operator's hold/delete/requeue waiting for the deliveries in flight
         (qmgrd.qmgr.admin; completion carries it out instead of deferring);

@@ -38,7 +38,8 @@ Summary
     (TransportUnavailable: connection refused, or reset unread in the agent's listen
     queue) or no proper reply (``agent_failed``) is not the transport's fault: its
     message is *left* - no defer log, no ``status=deferred`` line, no dead transport, no
-    completion - and stays in ``active/`` with the recipients the agents did finish
+    completion (but an operator's pending hold/delete/requeue of it is carried out,
+    with local file operations only) - and stays in ``active/`` with the recipients the agents did finish
     marked done, so that the next qmgr moves it back to ``incoming/`` and retries it at
     once (Postfix's qmgr exits as soon as its master goes away, leaving its mail in
     ``active/`` the same way). The agent may notice the master's death before the qmgr
@@ -621,11 +622,44 @@ class Scheduler:
 
     def start_completion(self, msg: Message) -> None:
         """Finish ``msg`` asynchronously (its last entry is done); a message left for the
-        next qmgr (going away) is not finished: it stays in active/."""
-        if msg.completing or msg.left:
+        next qmgr (going away) is not finished: it stays in active/ - unless an
+        operator's hold/delete/requeue of it is pending, which is carried out now
+        (``_admin_now``)."""
+        if msg.completing:
+            return
+        if msg.left:
+            if msg.admin is not None and not msg.admin.outcome:
+                self._admin_now(msg)
             return
         msg.completing = True
         self._spawn(self.completion.run(msg))
+
+    def _admin_now(self, msg: Message) -> None:
+        """Carry out the operator's pending change of ``msg`` (``msg.admin``: qmgr-ctl
+        hold, delete, requeue, which the operator was told would follow the delivery in
+        progress) although the qmgr is going away: with nothing but local file
+        operations (qmgrd.qmgr.admin.AdminAction.finish: unlink, or rename to hold/ or
+        incoming/). No completion step that needs another service runs: recipients
+        bounced in the last attempt keep their ``bounce/<id>`` log, which the qmgr that
+        later finishes the message (after a release, or the requeue) turns into the
+        notice. The recipients of the deliveries cut off count as undelivered, so a hold
+        or requeue is never taken for moot. Logs qmgrd.qmgr.admin's lines (``<id>:
+        removed``, ``placed on hold``, ``requeued``) or its warnings; never raises.
+
+        Called for a message left with no entry in flight; and by ``run`` for a message
+        whose deliveries outlast the drain timeout (Postfix's postsuper changes an active
+        file under its qmgr and agents in the same way: a rename keeps the agent's open
+        file, whose recipients it still marks done)."""
+        admin = msg.admin
+        if admin is None or admin.outcome:
+            return
+        if msg.left:
+            self.left -= 1  # not left in active/ for the next qmgr any more
+        msg.left = True  # no completion for it after this (a late reply changes nothing)
+        msg.deferred = True
+        admin.finish(msg)
+        if msg.refcount == 0 and not msg.completing:
+            self._release(msg)
 
     def _release(self, msg: Message) -> None:
         self.active.release(msg)
@@ -656,7 +690,11 @@ class Scheduler:
     async def run(self, stopping: asyncio.Event, drain_timeout: float = 30.0) -> None:
         """Run until ``stopping`` is set (or a failed delivery finds the master gone:
         going_away), then wait up to ``drain_timeout`` s for the deliveries in flight;
-        logs how many messages were left in active/ for the next qmgr, if any."""
+        an operator's hold/delete/requeue still waiting for a delivery then is carried
+        out at once (``_admin_now``; warning ``<id>: <action> of a message still in
+        delivery done now: the queue manager stops``), so that it is never lost with
+        the process; logs how many messages were left in active/ for the next qmgr, if
+        any."""
         self.startup()
         self._stop_event = stopping
         stop_task = asyncio.ensure_future(stopping.wait())
@@ -685,6 +723,12 @@ class Scheduler:
         self.stopping = True
         if self.tasks:
             await asyncio.wait(set(self.tasks), timeout=drain_timeout)
+        for msg in list(self.active.messages.values()):
+            admin = msg.admin
+            if admin is not None and not admin.outcome:  # still in delivery: not lost
+                log.warning(f"{msg.qid}: {admin.action} of a message still in delivery "
+                            "done now: the queue manager stops")
+                self._admin_now(msg)
         if self.left:
             log.info(f"stopping: {self.left} message(s) left in the active queue "
                      "for the next queue manager")
