@@ -1107,3 +1107,39 @@ def test_a_cancelled_delivery_closes_its_connection(tmp_path: Path) -> None:
 
     with listener:
         asyncio.run(run())
+
+
+def test_the_feed_skips_symlinks_and_other_non_regular_files(tmp_path: Path) -> None:
+    """A symbolic link named like a queue id (to a ready queue file outside the queue)
+    in incoming/ or deferred/, or a FIFO, is not renamed into active/ nor read through:
+    the feed uses lstat, as the scan's lstat + S_ISREG filter did before."""
+    env = Env(tmp_path)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    links = {}
+    for queue in ("incoming", "deferred"):
+        qid = env.submit("a@x.example", [f"r@{queue}.example"])
+        target = outside / qid
+        os.rename(env.spool.path("incoming", qid), target)
+        os.chmod(target, 0o700)  # a ready queue file, but not in the queue
+        link = env.spool.path(queue, qid)
+        os.makedirs(os.path.dirname(link), exist_ok=True)
+        os.symlink(target, link)
+        links[qid] = (link, target.read_bytes())
+    fifo = env.submit("a@x.example", ["r@fifo.example"])
+    os.unlink(env.spool.path("incoming", fifo))
+    os.mkfifo(env.spool.path("incoming", fifo), 0o700)
+    real = env.submit("a@x.example", ["r@real.example"])
+
+    async def go() -> None:
+        sched = env.sched()
+        sched.startup()
+        sched.trigger(b"A")
+        await drain(sched)
+
+    run(go())
+    assert [r.queue_id for _, r in env.agents.requests] == [real]
+    assert not os.listdir(env.spool.queue_path("active"))
+    for qid, (link, data) in links.items():
+        assert os.path.islink(link) and (outside / qid).read_bytes() == data
+    assert os.path.exists(env.spool.path("incoming", fifo))

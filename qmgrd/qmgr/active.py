@@ -5,7 +5,9 @@ Summary
     file at a time while it holds fewer than ``qmgr_message_active_limit`` messages and
     fewer than ``qmgr_message_recipient_limit`` recipients in memory.
 
-    Feeding a file (qmgr_active_feed): skip files that are not ready (mode) or whose
+    Feeding a file (qmgr_active_feed): skip names that are not regular files (an
+    ``lstat``: a symbolic link named like a queue id is never renamed into ``active/``
+    nor read through), files that are not ready (mode) or whose
     mtime is more than 1 s in the future unless the scan ignores time stamps (``A``);
     rename into ``active/``; take an exclusive non-blocking lock (held elsewhere:
     ``<id>: skipped, still being delivered``, back to ``incoming/`` with mtime now+60);
@@ -165,10 +167,10 @@ class ActiveQueue:
         now = self.clock()
         try:
             path = self.spool.path(from_queue, qid)
-            st = os.stat(path)
+            st = os.lstat(path)  # a symbolic link is not a queue file: never followed
         except (OSError, ValueError):
             return False
-        if not Spool.is_ready(st):
+        if not Spool.is_ready(st):  # regular files only (links, FIFOs, ... skipped)
             return False
         if not scan_all and st.st_mtime > now + 1:
             return False
