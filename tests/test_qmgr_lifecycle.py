@@ -336,10 +336,11 @@ def test_a_failed_move_to_deferred_is_tried_again_at_the_next_scan(
     broken = [True]
     move = Spool.move
 
-    def failing_move(self: Spool, qid: str, src: str, dst: str) -> str:
+    def failing_move(self: Spool, qid: str, src: str, dst: str,
+                     src_path: str | None = None) -> str:
         if broken[0] and dst == "deferred":
             raise PermissionError(13, "Permission denied")
-        return move(self, qid, src, dst)
+        return move(self, qid, src, dst, src_path)
 
     monkeypatch.setattr(Spool, "move", failing_move)
 

@@ -17,9 +17,9 @@ class Lister:
         self.names = names
         self.started = 0
 
-    def __call__(self) -> Iterator[str]:
+    def __call__(self) -> Iterator[tuple[str, str]]:
         self.started += 1
-        return iter(list(self.names))
+        return iter([(n, f"q/{n}") for n in self.names])
 
 
 def drain(scan: Scan) -> list[str]:
@@ -34,7 +34,7 @@ def test_scan_runs_once_and_restarts_once_when_asked_meanwhile() -> None:
     scan = Scan("incoming", lister)
     assert scan.next() is None and lister.started == 0
     scan.request()
-    assert scan.busy and scan.next() == "a"
+    assert scan.busy and scan.next() == "a" and scan.path == "q/a"  # where it was found
     lister.names.append("c")
     for _ in range(10_000):  # a flood of requests while the scan runs: one flag
         scan.request()
@@ -65,10 +65,10 @@ def test_scan_modifiers_apply_now_and_to_the_next_scan_but_start_nothing() -> No
 def test_scan_close_abandons_the_walk() -> None:
     closed = []
 
-    def gen() -> Iterator[str]:
+    def gen() -> Iterator[tuple[str, str]]:
         try:
-            yield "a"
-            yield "b"
+            yield "a", "q/a"
+            yield "b", "q/b"
         finally:
             closed.append(True)
 

@@ -627,13 +627,13 @@ def test_forced_deferred_scans_are_rate_limited(tmp_path: Path) -> None:
     env.agents.decide = lambda transport, req, rcpt: "defer"
     qid = env.submit("a@x.example", ["r@d.example"])
     scans = Counter[str]()
-    real_scan = env.spool.scan
+    real_scan = env.spool.scan_paths
 
-    def counting_scan(queue: str, ready_only: bool = True) -> Iterator[str]:
+    def counting_scan(queue: str) -> Iterator[tuple[str, str]]:
         scans[queue] += 1
-        return real_scan(queue, ready_only)
+        return real_scan(queue)
 
-    env.spool.scan = counting_scan  # type: ignore[method-assign]
+    env.spool.scan_paths = counting_scan  # type: ignore[method-assign]
 
     async def go() -> None:
         sched = env.sched()
@@ -690,13 +690,13 @@ def test_trigger_flood_cannot_stall_feeding(tmp_path: Path) -> None:
     env = Env(tmp_path)
     qids = [env.submit("a@x.example", [f"r{i}@d{i % 4}.example"]) for i in range(30)]
     scans = Counter[str]()
-    real_scan = env.spool.scan
+    real_scan = env.spool.scan_paths
 
-    def counting_scan(queue: str, ready_only: bool = True) -> Iterator[str]:
+    def counting_scan(queue: str) -> Iterator[tuple[str, str]]:
         scans[queue] += 1
-        return real_scan(queue, ready_only)
+        return real_scan(queue)
 
-    env.spool.scan = counting_scan  # type: ignore[method-assign]
+    env.spool.scan_paths = counting_scan  # type: ignore[method-assign]
 
     async def go() -> None:
         sched = env.sched()
@@ -1143,3 +1143,39 @@ def test_the_feed_skips_symlinks_and_other_non_regular_files(tmp_path: Path) -> 
     for qid, (link, data) in links.items():
         assert os.path.islink(link) and (outside / qid).read_bytes() == data
     assert os.path.exists(env.spool.path("incoming", fifo))
+
+
+@pytest.mark.parametrize("outcome", ["sent", "defer"])
+def test_a_deferred_file_left_under_other_hashing_settings_is_taken_in(
+        tmp_path: Path, outcome: str) -> None:
+    """After a reload changed hash_queue_depth (or hash_queue_names), the old qmgr may
+    still move a message to deferred/ under its old hashing once the repair has run.
+    The scan finds it (it descends into one-character directories); the feed takes it
+    from where it was found, so it is delivered, or deferred again under the current
+    hashing (where qmgr-ctl finds it) - not skipped silently at every scan."""
+    env = Env(tmp_path)
+    env.agents.decide = lambda transport, req, rcpt: outcome
+    qids = [env.submit("a@x.example", [f"r{i}@d.example"]) for i in range(2)]
+    old_layouts = [Spool(env.spool.queue_directory, hash_queue_depth=2),
+                   Spool(env.spool.queue_directory, hash_queue_names=())]
+    for qid, old in zip(qids, old_layouts, strict=True):
+        path = old.move(qid, "incoming", "deferred")
+        assert path != env.spool.path("deferred", qid) and os.path.exists(path)
+        due = env.clock.now - 10
+        os.utime(path, (due, due))
+
+    async def go() -> None:
+        sched = env.sched()
+        sched.startup()
+        await drain(sched)
+
+    run(go())
+    assert sorted(r.queue_id for _, r in env.agents.requests) == sorted(qids)
+    assert env.files("active") == []
+    if outcome == "sent":
+        assert env.files("deferred") == []
+    else:
+        for qid in qids:
+            assert os.path.exists(env.spool.path("deferred", qid))
+    left = [p for p in Path(env.spool.queue_path("deferred")).rglob("*") if p.is_file()]
+    assert sorted(p.name for p in left) == (sorted(qids) if outcome == "defer" else [])

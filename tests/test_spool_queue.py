@@ -145,3 +145,18 @@ def test_a_depth_out_of_range_is_a_config_error_with_its_line(tmp_path: Path, va
     # and what builds a Spool from it says so instead of crashing (qmgr-ctl: EX_CONFIG)
     res = CliRunner().invoke(cli, ["-c", str(tmp_path), "list"])
     assert (res.exit_code, res.stdout, res.stderr) == (78, "", f"qmgr-ctl: fatal: {want}\n")
+
+
+def test_scan_paths_gives_where_each_name_was_found(spool: Spool) -> None:
+    """scan_paths yields (qid, path) - the actual path, also for a file in the hash
+    directory of other settings - and move(src_path=) takes the file from there."""
+    f, qid, path = spool.create("incoming")
+    f.close()
+    os.chmod(path, 0o700)
+    old = Spool(spool.queue_directory, hash_queue_depth=3)  # earlier settings
+    misplaced = old.move(qid, "incoming", "deferred")
+    assert misplaced != spool.path("deferred", qid)
+    assert list(spool.scan_paths("deferred")) == [(qid, misplaced)]
+    assert spool.move(qid, "deferred", "active", src_path=misplaced) == spool.path("active", qid)
+    assert list(spool.scan_paths("active")) == [(qid, spool.path("active", qid))]
+    assert list(spool.scan_paths("deferred")) == []

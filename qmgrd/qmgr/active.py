@@ -47,7 +47,8 @@ Public API
         unthrottle_queue(q), start_completion(msg))
         .messages (dict qid -> Message), .rcpt_count, .message_limit, .recipient_limit
         .full() -> bool
-        .feed(qid, from_queue, scan_all=False, flush=False) -> bool   taken in
+        .feed(qid, from_queue, scan_all=False, flush=False, path=None) -> bool   taken
+                                        in (path: where the scan found it)
         .refill(msg)                    read the next batch (no-op when none is due)
         .release(msg)                   forget a finished message (frees its jobs)
         .recover()                      start-up: active/ -> incoming/ (mtime now)
@@ -160,13 +161,21 @@ class ActiveQueue:
 
     # ---------------------------------------------------------------- feeding
     def feed(self, qid: str, from_queue: str, scan_all: bool = False,
-             flush: bool = False) -> bool:
-        """Take ``qid`` from ``from_queue`` into the active queue. True when taken in."""
+             flush: bool = False, path: str | None = None) -> bool:
+        """Take ``qid`` from ``from_queue`` into the active queue. True when taken in.
+
+        ``path``: where the scan found the file (default ``spool.path(from_queue,
+        qid)``); the file is checked and moved from there, so one left in the hash
+        directory of other hashing settings (after a reload changed
+        ``hash_queue_depth``/``hash_queue_names``) is taken in, not skipped at every
+        scan.
+        """
         if qid in self.messages:
             return False
         now = self.clock()
         try:
-            path = self.spool.path(from_queue, qid)
+            if path is None:
+                path = self.spool.path(from_queue, qid)
             st = os.lstat(path)  # a symbolic link is not a queue file: never followed
         except (OSError, ValueError):
             return False
@@ -175,9 +184,9 @@ class ActiveQueue:
         if not scan_all and st.st_mtime > now + 1:
             return False
         try:
-            self.spool.move(qid, from_queue, "active")
-        except OSError as exc:
-            if exc.errno != errno.ENOENT:
+            self.spool.move(qid, from_queue, "active", src_path=path)
+        except (OSError, ValueError) as exc:
+            if isinstance(exc, OSError) and exc.errno != errno.ENOENT:
                 log.warning(f"{qid}: cannot move {from_queue} to active: {exc}")
             return False
         budget = min(max(self.recipient_minimum, self.recipient_limit - self.rcpt_count),

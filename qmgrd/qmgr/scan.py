@@ -18,10 +18,18 @@ Summary
     second is up - qmgrd.qmgr.scheduler, FORCED_SCAN_INTERVAL), because triggers come
     from any local user and each ignore-time scan retries every deferred message.
 
+    Each id comes with the path where the walk found it (``path``): a file left in the
+    hash directory of earlier ``hash_queue_depth``/``hash_queue_names`` settings (an old
+    qmgr still draining after a reload moved it there) is found by the walk, which
+    descends into every one-character directory, and is taken from where it is, not
+    from where the current settings would put it.
+
 Public API
-    Scan(name, lister)              lister: Callable[[], Iterator[str]] (e.g. Spool.scan)
+    Scan(name, lister)              lister: Callable[[], Iterator[tuple[str, str]]]
+                                    yielding (qid, path) (e.g. Spool.scan_paths)
     .request(start=True, scan_all=False, flush=False)
     .next() -> str | None           the next id, or None when idle
+    .path -> str                    where the id next() returned was found
     .scan_all, .flush -> bool       modifiers in force for the current scan
     .busy -> bool; .restart_pending -> bool
     .close()                        abandon the scan in progress
@@ -37,10 +45,11 @@ __all__ = ["Scan"]
 class Scan:
     """A restartable directory scan (see module docstring)."""
 
-    def __init__(self, name: str, lister: Callable[[], Iterator[str]]):
+    def __init__(self, name: str, lister: Callable[[], Iterator[tuple[str, str]]]):
         self.name = name
         self._lister = lister
-        self._iter: Iterator[str] | None = None
+        self._iter: Iterator[tuple[str, str]] | None = None
+        self.path = ""  # where the id last returned by next() was found
         self._restart = False
         self._next_all = False
         self._next_flush = False
@@ -86,10 +95,12 @@ class Scan:
         self.scan_all = self.flush = False
 
     def next(self) -> str | None:
-        """Return the next queue id, or None when the scan is over (and not restarted)."""
+        """Return the next queue id, or None when the scan is over (and not restarted);
+        ``path`` is then where it was found."""
         while self._iter is not None:
             try:
-                return next(self._iter)
+                qid, self.path = next(self._iter)
+                return qid
             except StopIteration:
                 self._iter = None
                 self.scan_all = self.flush = False

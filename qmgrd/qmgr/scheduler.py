@@ -170,9 +170,10 @@ class Scheduler:
         self.flow_backlog = 2 * self.flow_limit
         self._flow_owed = 0  # tokens withheld while behind, paid when caught up
         cfg.get_int("qmgr_fudge_factor")  # oqmgr only; checked like Postfix's qmgr does
-        # names only: the feed stats each file itself (mode, mtime), as Postfix's does
-        self.incoming = Scan("incoming", lambda: spool.scan("incoming", ready_only=False))
-        self.deferred = Scan("deferred", lambda: spool.scan("deferred", ready_only=False))
+        # names only: the feed stats each file itself (mode, mtime), as Postfix's does,
+        # at the path where the scan found it (a file in another hashing's directory)
+        self.incoming = Scan("incoming", lambda: spool.scan_paths("incoming"))
+        self.deferred = Scan("deferred", lambda: spool.scan_paths("deferred"))
         self._incoming_first = True
         self.transports: dict[str, Transport] = {}
         self._rr = 0
@@ -385,7 +386,8 @@ class Scheduler:
                     if qid is None:
                         break
                     took = True
-                    if self.active.feed(qid, scan.name, scan.scan_all, scan.flush):
+                    if self.active.feed(qid, scan.name, scan.scan_all, scan.flush,
+                                        scan.path):
                         if scan is self.incoming:
                             self._flow_token()  # one per message taken in from incoming
                         taken = True

@@ -25,10 +25,14 @@ Public API
         .queue_path(queue) -> str
         .path(queue, qid) -> str               ValueError for a bad queue name or id
         .create(queue, mode=0o600) -> (file object "w+b", qid, path)    OSError
-        .move(qid, from_queue, to_queue) -> str  new path; OSError (ENOENT: no such file)
+        .move(qid, from_queue, to_queue, src_path=None) -> str  new path; OSError (ENOENT:
+                                               no such file); src_path: the file's actual path
+                                               when not path(from_queue, qid)
         .remove(queue, qid) -> bool            False when it did not exist
         .scan(queue, ready_only=True) -> Iterator[str]   ids of ready files (recursing hash
                                                dirs); ready_only=False: names only, no stat
+        .scan_paths(queue) -> Iterator[(qid, path)]  names only, with the path where each
+                                               was found (any hashing settings)
         .is_ready(st) -> bool                  (staticmethod)
         .make_dirs()                           create the queue directories (0700, public
                                                0710, maildrop 0730, pid 0755)
@@ -49,7 +53,7 @@ from qmgrd.spool.queueid import hash_dir_of_valid, new_long_id, valid_id
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator
-    from typing import IO
+    from typing import IO, Any
 
     from master.config import Config
 
@@ -185,8 +189,12 @@ class Spool:
 
     # ---------------------------------------------------------------- move, remove
 
-    def move(self, qid: str, from_queue: str, to_queue: str) -> str:
+    def move(self, qid: str, from_queue: str, to_queue: str,
+             src_path: str | None = None) -> str:
         """Rename ``qid`` from one queue to another, making hash directories on demand.
+
+        ``src_path``: the file's path when it is not ``path(from_queue, qid)`` (a name that
+        ``scan_paths`` found in the hash directory of other hashing settings).
 
         Returns:
             The new path.
@@ -195,7 +203,7 @@ class Spool:
             ValueError: bad queue name or id.
             OSError: the rename failed (FileNotFoundError when the file is gone).
         """
-        src = self.path(from_queue, qid)
+        src = self.path(from_queue, qid) if src_path is None else src_path
         dst = self.path(to_queue, qid)
         try:
             os.rename(src, dst)
@@ -243,7 +251,21 @@ class Spool:
         """
         yield from self._scan_dir(self.queue_path(queue), MAX_HASH_DEPTH + 1, ready_only)
 
-    def _scan_dir(self, path: str, depth_left: int, ready_only: bool) -> Iterator[str]:
+    def scan_paths(self, queue: str) -> Iterator[tuple[str, str]]:
+        """Yield ``(qid, path)`` for every valid id in ``queue`` that is not a directory:
+        ``scan(queue, ready_only=False)`` plus the path where the name was found (no
+        ``stat`` of its own). The path differs from ``path(queue, qid)`` for a file left
+        in the hash directory of other ``hash_queue_depth``/``hash_queue_names``
+        settings; the qmgr's feed takes the file from there (``move(..., src_path=path)``),
+        so such a file heals at the next scan.
+
+        Raises:
+            ValueError: unknown queue name.
+        """
+        yield from self._scan_dir(self.queue_path(queue), MAX_HASH_DEPTH + 1, False, True)
+
+    def _scan_dir(self, path: str, depth_left: int, ready_only: bool,
+                  paths: bool = False) -> Iterator[Any]:
         try:
             it = os.scandir(path)
         except (FileNotFoundError, NotADirectoryError):
@@ -260,11 +282,11 @@ class Spool:
                     if not valid_id(name):
                         continue
                     if not ready_only or self.is_ready(entry.stat(follow_symlinks=False)):
-                        yield name
+                        yield (name, entry.path) if paths else name
                 except FileNotFoundError:
                     continue
         for sub in subdirs:
-            yield from self._scan_dir(sub, depth_left - 1, ready_only)
+            yield from self._scan_dir(sub, depth_left - 1, ready_only, paths)
 
     # ---------------------------------------------------------------- setup
 
