@@ -18,7 +18,7 @@ from click.testing import CliRunner
 
 from master import log
 from master.config import Config
-from qmgrd.ctl.cli import EX_NOPERM, EX_OK, EX_TEMPFAIL, cli
+from qmgrd.ctl.cli import EX_IOERR, EX_NOPERM, EX_OK, EX_TEMPFAIL, cli
 from qmgrd.qmgr.scheduler import Scheduler
 from qmgrd.spool import structure
 from qmgrd.spool.queue import Spool
@@ -258,8 +258,8 @@ def test_qmgr_ctl_repair_after_a_depth_change(tmp_path: Path) -> None:
     assert Path(new.path("deferred", IDS[0])).read_bytes() == f"deferred {IDS[0]}".encode()
 
 
-def test_qmgr_ctl_repair_exits_75_when_a_rename_fails(tmp_path: Path,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def repair_setup(tmp_path: Path) -> tuple[Path, Spool]:
+    """A configuration asking for depth 2 over a queue laid out unhashed (IDS[0], [1])."""
     etc = tmp_path / "etc"
     etc.mkdir()
     (etc / "main.cf").write_text(f"queue_directory = {tmp_path}/q\nmaillog_file = "
@@ -268,6 +268,14 @@ def test_qmgr_ctl_repair_exits_75_when_a_rename_fails(tmp_path: Path,
     old.make_dirs()
     put(old, "deferred", IDS[0])
     put(old, "deferred", IDS[1])
+    return etc, old
+
+
+def test_qmgr_ctl_repair_warns_and_goes_on_when_a_rename_fails(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """postsuper: (void) postrename(...) - a failed rename is a warning, the walk goes on;
+    the exit status (74, EX_IOERR) says files were left, not that the queue is unusable."""
+    etc, old = repair_setup(tmp_path)
 
     def rename(src: str, dst: str) -> None:
         if src.endswith(IDS[0]):
@@ -276,13 +284,41 @@ def test_qmgr_ctl_repair_exits_75_when_a_rename_fails(tmp_path: Path,
 
     monkeypatch.setattr(structure, "_rename_noreplace", rename)
     code, out, err = ctl("-c", str(etc), "repair")
-    assert (code, out) == (EX_TEMPFAIL, "")
+    assert (code, out) == (EX_IOERR, "")
     stale = os.path.relpath(old.path("deferred", IDS[0]), tmp_path / "q")
     assert err.startswith(f"qmgr-ctl: warning: rename file {stale} as deferred/")
-    assert err.endswith(": Permission denied\n"
-                        "qmgr-ctl: Moved to the right queue subdirectory: 1 message, "
-                        "0 log files\n")  # the rest was done
+    assert ": Permission denied\nqmgr-ctl: Moved to the right queue subdirectory: " \
+        "1 message, 0 log files\nqmgr-ctl: warning: 1 file left out of place: " in err
     assert f"warning: rename file {stale} as" in (tmp_path / "maillog").read_text()
+    assert os.path.isfile(old.path("deferred", IDS[0]))  # left, not lost
+
+
+def test_qmgr_ctl_repair_exits_75_when_a_directory_cannot_be_read(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unreadable queue directory is postsuper's fatal error: 75, also when renames
+    failed too; the other queues are still repaired."""
+    etc, old = repair_setup(tmp_path)
+    put(old, "defer", IDS[2])
+    scandir = os.scandir
+    hold = str(tmp_path / "q" / "hold")
+
+    def unreadable(path: str) -> object:
+        if path == hold:
+            raise PermissionError(13, "Permission denied", path)
+        return scandir(path)
+
+    monkeypatch.setattr(structure.os, "scandir", unreadable)
+    code, out, err = ctl("-c", str(etc), "repair")
+    assert (code, out) == (EX_TEMPFAIL, "")
+    assert "qmgr-ctl: warning: open directory hold: Permission denied\n" in err
+    assert "Moved to the right queue subdirectory: 2 messages, 1 log file" in err
+
+    def rename(src: str, dst: str) -> None:
+        raise PermissionError(13, "Permission denied", src)
+
+    put(old, "deferred", IDS[3])
+    monkeypatch.setattr(structure, "_rename_noreplace", rename)
+    assert ctl("-c", str(etc), "repair")[0] == EX_TEMPFAIL
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become another user")

@@ -21,8 +21,12 @@ messages``). Exit codes: qmgrd.ctl.cli.
 standard error (``qmgr-ctl: warning: rename file deferred/C/<id> as deferred/C/E/<id>:
 File exists (both kept; ...)``), then ``qmgr-ctl: Moved to the right queue
 subdirectory: 2 messages, 2 log files`` when it moved anything; the same lines go to
-the mail log. Exit 0, also when files were left because their place was taken; 75 when
-a directory could not be read or a file could not be renamed (the rest was done).
+the mail log. Exit 0, also when files were left because their place was taken; 74
+(EX_IOERR) when some file could not be renamed (a warning each, then ``qmgr-ctl:
+warning: <n> file[s] left out of place: ...``; the rest was done: postsuper warns and
+goes on); 75 (EX_TEMPFAIL) when a directory of the queue could not be read (its files
+were not checked; postsuper: fatal), whatever else happened. qmgr-master start goes on
+after 74 (with a warning in the mail log) and fails on anything else but 0.
 
 Public API
     COMMANDS: list[click.Command]       registered on the qmgr-ctl group by cli.py
@@ -45,6 +49,7 @@ import click
 
 from qmgrd.ctl.common import (
     EX_DATAERR,
+    EX_IOERR,
     EX_NOINPUT,
     EX_OK,
     EX_TEMPFAIL,
@@ -305,7 +310,12 @@ def repair_cmd(ctx: click.Context) -> None:
         warn(text)
     if report.summary():
         click.echo(f"{PROG}: {report.summary()}", err=True)
-    ctx.exit(EX_TEMPFAIL if report.errors else EX_OK)
+    if report.errors:
+        files = "file" if report.errors == 1 else "files"
+        warn(f"{report.errors} {files} left out of place: the processes that open a "
+             "file by its queue id do not find it there (fix the cause, then run "
+             "qmgr-ctl repair again)")
+    ctx.exit(EX_TEMPFAIL if report.unreadable else EX_IOERR if report.errors else EX_OK)
 
 
 COMMANDS: list[click.Command] = [_make(a) for a in QUEUES_FOR] + [suspend_cmd, resume_cmd,

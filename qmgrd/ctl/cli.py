@@ -80,11 +80,16 @@ Exit status (sysexits.h)
     69  the mail system is down (EX_UNAVAILABLE): flush could not trigger the qmgr/pickup,
         status got no answer from the qmgr; or, for these two, the queue directory does
         not exist (``queue directory <path>: No such file or directory``)
+    74  repair: some files could not be renamed into place (EX_IOERR; each is named in
+        a ``warning: rename file <from> as <to>: <strerror>`` line and left where it
+        is; the rest was done); postsuper only warns about these, and qmgr-master
+        start goes on after a warning
     75  the queue directory cannot be used, or a message was still being delivered and
         could not be changed yet (EX_TEMPFAIL: try again), or the qmgr stopped before it
         answered a hold/delete/requeue (what it did is read from the queue directory;
         ``outcome unknown`` for messages gone from the queue: see the mail log); repair:
-        a directory could not be read or a file could not be renamed
+        a directory of the queue could not be read (its files were not checked:
+        qmgr-master start fails on this, as postfix start on postsuper's fatal error)
     77  permission denied (EX_NOPERM): list, show, shape and status read the queue
         directory and private/qmgr-status themselves (there is no showq service, unlike
         Postfix's mailq), so they need root or mail_owner, as the changing commands do
@@ -104,8 +109,8 @@ Public API
                                                         (qmgrd.ctl.entry runs a plain flush
                                                         itself and calls this otherwise)
     cli                                                 the click group (for CliRunner)
-    EX_OK, EX_USAGE, EX_DATAERR, EX_NOINPUT, EX_UNAVAILABLE, EX_TEMPFAIL, EX_NOPERM,
-    EX_CONFIG
+    EX_OK, EX_USAGE, EX_DATAERR, EX_NOINPUT, EX_UNAVAILABLE, EX_IOERR, EX_TEMPFAIL,
+    EX_NOPERM, EX_CONFIG
     fetch(path: str) -> dict[str, Any]                  the status command's client
 
 Start-up
@@ -136,6 +141,7 @@ from qmgrd.ctl import change
 from qmgrd.ctl.common import (
     EX_CONFIG,
     EX_DATAERR,
+    EX_IOERR,
     EX_NOINPUT,
     EX_NOPERM,
     EX_OK,
@@ -160,8 +166,8 @@ from qmgrd.ctl.entry import DEFAULT_CONFIG_DIR
 from qmgrd.ctl.queues import QUEUE_NAMES, QUEUE_ORDER
 from qmgrd.trigger import flush_all
 
-__all__ = ["EX_CONFIG", "EX_DATAERR", "EX_NOINPUT", "EX_NOPERM", "EX_OK", "EX_TEMPFAIL",
-           "EX_UNAVAILABLE", "EX_USAGE", "cli", "main"]
+__all__ = ["EX_CONFIG", "EX_DATAERR", "EX_IOERR", "EX_NOINPUT", "EX_NOPERM", "EX_OK",
+           "EX_TEMPFAIL", "EX_UNAVAILABLE", "EX_USAGE", "cli", "main"]
 
 
 

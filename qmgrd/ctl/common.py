@@ -2,8 +2,8 @@
 the selector options, streamed output and the privilege/log set-up of changing commands.
 
 Public API
-    EX_OK, EX_USAGE, EX_DATAERR, EX_NOINPUT, EX_UNAVAILABLE, EX_TEMPFAIL, EX_NOPERM,
-    EX_CONFIG (sysexits.h values); EXIT_HELP (the table shown by --help)
+    EX_OK, EX_USAGE, EX_DATAERR, EX_NOINPUT, EX_UNAVAILABLE, EX_IOERR, EX_TEMPFAIL,
+    EX_NOPERM, EX_CONFIG (sysexits.h values); EXIT_HELP (the table shown by --help)
     PROG = "qmgr-ctl"
     fatal(ctx, code, msg) -> NoReturn        ``qmgr-ctl: fatal: msg`` on stderr, exit code
     denied(ctx, what, exc=None) -> NoReturn  EX_NOPERM: "permission denied ... run as root"
@@ -46,8 +46,8 @@ if TYPE_CHECKING:
     from qmgrd.ctl.select import Selector
     from qmgrd.spool.queue import Spool
 
-__all__ = ["EXIT_HELP", "EX_CONFIG", "EX_DATAERR", "EX_NOINPUT", "EX_NOPERM", "EX_OK",
-           "EX_TEMPFAIL", "EX_UNAVAILABLE", "EX_USAGE", "PROG", "Output", "changing",
+__all__ = ["EXIT_HELP", "EX_CONFIG", "EX_DATAERR", "EX_IOERR", "EX_NOINPUT", "EX_NOPERM",
+           "EX_OK", "EX_TEMPFAIL", "EX_UNAVAILABLE", "EX_USAGE", "PROG", "Output", "changing",
            "check_queue_dir", "denied", "down_or_missing", "fatal", "load", "make_selector",
            "quiet_stdout", "selector_options", "settings", "warn"]
 
@@ -56,6 +56,7 @@ EX_USAGE = 64
 EX_DATAERR = 65
 EX_NOINPUT = 66
 EX_UNAVAILABLE = 69
+EX_IOERR = 74
 EX_TEMPFAIL = 75
 EX_NOPERM = 77
 EX_CONFIG = 78
@@ -73,7 +74,9 @@ Exit status:
   66  some named message is not in the queue (the others were done)
   69  mail system down (flush could not trigger qmgr or pickup; no qmgr status),
       or the queue directory does not exist (flush, status)
-  75  queue directory unreadable; a message still being delivered (try again);
+  74  repair: some files could not be renamed into place (each named in a
+      warning; the rest was done)
+  75  queue directory unreadable (repair: or one of its subdirectories); a message still being delivered (try again);
       the qmgr stopped before it answered (some outcomes unknown: see the maillog)
   77  permission denied: reading (list, show, shape, status) or changing the queue
       needs root or mail_owner

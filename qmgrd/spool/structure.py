@@ -46,8 +46,10 @@ Public API
     REPAIRED_QUEUES = ("defer", "bounce", "trace", "incoming", "active", "deferred",
                        "hold", "corrupt")     the order of the walk
     Report (dataclass): messages, logs (files moved), conflicts (left: the destination
-        exists), errors (a directory or file that could not be read or moved),
-        removed_dirs, problems (the text of every warning, in order); .summary() -> str
+        exists), errors (files that could not be moved: the rename failed),
+        unreadable (directories that could not be read: their files were not even
+        looked at), removed_dirs, problems (the text of every warning, in order);
+        .summary() -> str
     repair(spool) -> Report
 
 Logs (master.log; paths relative to queue_directory)
@@ -58,7 +60,11 @@ Logs (master.log; paths relative to queue_directory)
     warning: rename file <from> as <to>: <strerror>
     warning: open directory <dir>: <strerror>
 
-Raises nothing: every problem is logged, counted and the walk goes on.
+Raises nothing: every problem is logged, counted and the walk goes on, as postsuper
+goes on after a failed rename (``(void) postrename(...)``: a warning). What a problem
+means is the caller's to judge (qmgr-ctl repair's exit status, qmgrd.ctl.change): a
+failed rename leaves one file out of place, an unreadable directory leaves all of its
+files unchecked (postsuper: fatal).
 """
 
 from __future__ import annotations
@@ -90,6 +96,7 @@ class Report:
     logs: int = 0
     conflicts: int = 0
     errors: int = 0
+    unreadable: int = 0
     removed_dirs: int = 0
     problems: list[str] = field(default_factory=list)
 
@@ -156,13 +163,12 @@ class _Walk:
         """``path`` relative to the queue directory, as postsuper names files."""
         return path.removeprefix(self.top)
 
-    def problem(self, text: str, conflict: bool = False) -> None:
+    def problem(self, text: str, kind: str = "errors") -> None:
+        """Log ``text`` as a warning and count it in the Report field ``kind``
+        (conflicts, errors or unreadable)."""
         log.warning(text)
         self.report.problems.append(text)
-        if conflict:
-            self.report.conflicts += 1
-        else:
-            self.report.errors += 1
+        setattr(self.report, kind, getattr(self.report, kind) + 1)
 
     def queue(self, queue: str) -> None:
         wanted = self.spool.hash_queue_depth if queue in self.spool.hash_queue_names else 0
@@ -179,7 +185,7 @@ class _Walk:
         except FileNotFoundError:
             return
         except OSError as exc:
-            self.problem(f"open directory {self.rel(path)}: {exc.strerror}")
+            self.problem(f"open directory {self.rel(path)}: {exc.strerror}", "unreadable")
             return
         for entry in entries:
             try:
@@ -217,7 +223,7 @@ class _Walk:
         except FileExistsError:
             self.problem(f"rename file {self.rel(actual)} as {self.rel(wanted)}: "
                          "File exists (both kept; remove the one that is not wanted)",
-                         conflict=True)
+                         "conflicts")
             return
         except OSError as exc:
             if exc.errno == errno.ENOENT and not os.path.lexists(actual):
