@@ -19,12 +19,18 @@ Description
                fatal: <dir>/main.cf, line <n>: parameter mail_owner: unknown user name
                value: x``, exit 1); refuse when a master already runs (exit 1, the running one
                untouched).  Before the services start the master runs ``qmgr-ctl
-               repair`` to its end (master.daemon.master; a failure fails the start).
-               Without
-               --foreground, fork once: the child starts a new session, puts stdio on
-               /dev/null and runs the master; the parent waits up to 10 s until the
-               child holds the pid file lock, then exits 0 (1 with the reason if the child
-               failed).  With --foreground the master runs in this process (logging also
+               repair`` to its end (master.daemon.master; exit status 74, some files
+               left out of place, is a warning in the mail log; any other failure
+               fails the start).  Without --foreground, fork once: the child starts a
+               new session, puts stdio on /dev/null and runs the master; the parent
+               waits until the master reports that it started, then exits 0 (1 with
+               the reason if it failed, or was stopped during the repair).  The wait
+               is START_TIMEOUT (10 s) from the last report: while the repair runs the
+               master reports it every second (after the first), so a repair of a
+               large queue is waited for however long it takes, after one line
+               ``qmgr-master: waiting for the queue structure check (qmgr-ctl repair,
+               pid <n>) before the services start``.  No report in time: ``fatal: the
+               master (pid <n>) did not report start-up within 10s``, exit 1.  With --foreground the master runs in this process (logging also
                to stderr) until stopped.
     stop       SIGTERM the master and wait until it and every child are gone; exit 0.
                Not running: "the qmgrd mail system is not running", exit 1 (as
@@ -100,7 +106,7 @@ import psutil  # type: ignore[import-untyped]
 
 from master.config import Config, ConfigError, Service, describe, load_configuration
 from master.daemon.control import control_path, query
-from master.daemon.master import run_master
+from master.daemon.master import REPAIR_PROGRESS, run_master
 from master.daemon.pidfile import pid_path, read_reload_verdict, running_pid
 from master.daemon.queuedirs import check_queue_dirs, directory_problem
 from master.daemon.spawn import wait_child
@@ -109,7 +115,7 @@ from master.server.jail import Owner, OwnerError, lookup_mail_owner
 __all__ = ["main"]
 
 PROG = "qmgr-master"
-START_TIMEOUT = 10.0
+START_TIMEOUT = 10.0  # s: how long start waits for the master's next report
 RELOAD_TIMEOUT = 10.0  # s: how long reload waits for the master's verdict
 STOP_TIMEOUT = 15.0
 
@@ -256,7 +262,14 @@ def _start_background(config_dir: str) -> int:
                 except OSError:
                     pass
 
-            code = run_master(config_dir, foreground=False, notify=notify)
+            def progress(text: str) -> None:
+                try:
+                    os.write(w, f"{text}\n".encode())
+                except OSError:  # the parent is gone (interrupted): the start goes on
+                    pass
+
+            code = run_master(config_dir, foreground=False, notify=notify,
+                              progress=progress)
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else 1
         finally:
@@ -269,23 +282,37 @@ def _start_background(config_dir: str) -> int:
 
 
 def _wait_started(r: int, pid: int) -> int:
+    """Read the master's reports (one line each) until its verdict: ``ok`` (0), a
+    failure reason (1), or nothing for START_TIMEOUT since the last report (1).  A
+    ``repairing <pid>`` report (the start-up repair runs) restarts the wait."""
     deadline = time.monotonic() + START_TIMEOUT
     data = b""
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([r], [], [], max(0.0, deadline - time.monotonic()))
+    waiting_said = False
+    while (left := deadline - time.monotonic()) > 0:
+        ready, _, _ = select.select([r], [], [], left)
         if not ready:
             break
         chunk = os.read(r, 4096)
         if not chunk:
             break
         data += chunk
-        if data.endswith(b"\n"):
-            break
-    text = data.decode("utf-8", "replace").strip()
-    if text == "ok":
-        return 0
-    if text:
-        _say(f"fatal: {text}")
+        while b"\n" in data:
+            line, data = data.split(b"\n", 1)
+            text = line.decode("utf-8", "replace").strip()
+            word, _, repair_pid = text.partition(" ")
+            if word == REPAIR_PROGRESS:
+                deadline = time.monotonic() + START_TIMEOUT
+                if not waiting_said:
+                    _say(f"waiting for the queue structure check (qmgr-ctl repair, pid "
+                         f"{repair_pid}) before the services start")
+                    waiting_said = True
+                continue
+            if text == "ok":
+                return 0
+            _say(f"fatal: {text or 'the master reported an empty start-up failure'}")
+            return 1
+    if data.strip():  # a reason without its newline: the master ended meanwhile
+        _say(f"fatal: {data.decode('utf-8', 'replace').strip()}")
         return 1
     code = wait_child(pid)
     if code is None:

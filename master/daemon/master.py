@@ -19,11 +19,20 @@ Summary
     gets "fatal: the qmgrd mail system is already running (pid N)" and exits 1 having
     touched nothing), create or repair the queue directories and data_directory
     (master.daemon.queuedirs; each fix logged), lock ``$data_directory/master.lock``,
-    chdir to queue_directory, run ``qmgr-ctl repair`` to its end (REPAIR_COMMAND, as
-    ``postfix start`` runs postsuper: queue files and logs left in the hash directories
-    of an earlier hash_queue_names/hash_queue_depth are moved where the processes look
-    for them; when it fails the start fails: ``fatal: queue structure check failed:
-    qmgr-ctl repair exit status 75 (...)``), create every endpoint (owned by mail_owner;
+    chdir to queue_directory, install the signal handlers, run ``qmgr-ctl repair`` to
+    its end (REPAIR_COMMAND, as ``postfix start`` runs postsuper: queue files and logs
+    left in the hash directories of an earlier hash_queue_names/hash_queue_depth are
+    moved where the processes look for them; it takes as long as the queue needs, and
+    every REPAIR_REPORT_INTERVAL (1 s) after the first the master tells its starter
+    ``repairing <pid>`` (run_master's ``progress``), so that qmgr-master start waits
+    for it however long it takes; exit status 74 - some files could not be renamed, the
+    rest was done - is ``warning: queue structure check: qmgr-ctl repair exit status
+    74: ...`` and the start goes on, as postsuper only warns about a failed rename; any
+    other failure fails the start: ``fatal: queue structure check failed: qmgr-ctl
+    repair exit status 75 (...)``; a stop signal meanwhile ends the repair (SIGTERM,
+    SIGKILL after STOP_GRACE) and the master: ``terminating on signal <n> during the
+    queue structure check (...)``, exit 0, nothing started), create every endpoint
+    (owned by mail_owner;
     a failure is ``fatal: <master.cf>, line <n>: cannot open endpoint <endpoint>:
     <reason>``), open the control socket ``pid/master.ctl`` (master.daemon.control), set the process name
     ``qmgrd: master`` (see master.server.skeleton on titles), log ``daemon started --
@@ -68,17 +77,25 @@ Public API
         raises ConfigError (a bad watchdog time)
     Master(config_directory, foreground=False): start() (raises StartupError), run() -> int
     StartupError: start-up failed (str = the reason, without "fatal: ")
-    run_master(config_directory, foreground=False, notify=None) -> int
+    StartupStopped(StartupError): a stop signal during the start-up repair (.signum, .pid)
+    run_master(config_directory, foreground=False, notify=None, progress=None) -> int
     close_inherited()    close the inheritable descriptors above 2 (run_master does it
                          first: nothing the starter left open reaches a child)
         the whole master life; ``notify(None)`` once started, ``notify(reason)`` when
-        start-up failed (the CLI's background parent waits for this).  Returns 0 after
-        a stop; a failed start-up logs ``fatal: <reason>`` and raises SystemExit(1).
+        start-up failed or was stopped (the CLI's background parent waits for this);
+        ``progress("repairing <pid>")`` every REPAIR_REPORT_INTERVAL while the start-up
+        repair runs, after its first second.  Returns 0 after a stop (also one during
+        the start-up repair); a failed start-up logs ``fatal: <reason>`` and raises
+        SystemExit(1).
+    REPAIR_INCOMPLETE = 74   qmgr-ctl repair's exit status for "some files could not be
+                             renamed" (qmgrd.ctl.change): a warning, not a failure
+    REPAIR_PROGRESS = "repairing"   the first word of a progress report
 """
 
 from __future__ import annotations
 
 import os
+import select
 import selectors
 import signal
 import socket
@@ -108,6 +125,9 @@ from master.server.watchdog import watchdog_timeout
 
 __all__ = [
     "REPAIR_COMMAND",
+    "REPAIR_INCOMPLETE",
+    "REPAIR_PROGRESS",
+    "REPAIR_REPORT_INTERVAL",
     "STOP_GRACE",
     "VERSION",
     "Master",
@@ -120,6 +140,11 @@ VERSION = "0.1"
 #: Postfix's postsuper as postfix-script runs it: the queue structure check and repair
 #: (qmgrd.spool.structure), a command of the layer above, named, never imported
 REPAIR_COMMAND = ("qmgrd.ctl", "repair")
+#: its exit status when some files could not be renamed into place and the rest was done
+#: (EX_IOERR; qmgrd.ctl.change): postsuper warns about a failed rename and goes on
+REPAIR_INCOMPLETE = 74
+REPAIR_PROGRESS = "repairing"
+REPAIR_REPORT_INTERVAL = 1.0  # s: how often the start-up repair is reported as running
 STOP_GRACE = 5.0
 KILL_GRACE = 2.0
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
@@ -153,15 +178,29 @@ def _load(config_directory: str, warnings: list[str]) -> tuple[Config, list[Serv
     return load_configuration(config_directory, warnings.append)
 
 
+class StartupStopped(StartupError):
+    """A stop signal (``signum``) came while the start-up repair (pid ``pid``) ran: it
+    was ended and nothing was started."""
+
+    def __init__(self, signum: int, pid: int) -> None:
+        self.signum = signum
+        self.pid = pid
+        super().__init__(f"stopped by signal {signum} during the queue structure check "
+                         "(qmgr-ctl repair), before any service started")
+
+
 class Master:
     """The master process: locks, signals, selector loop around a Supervisor.
 
-    The constructor does no I/O; start() does everything that can fail.
+    The constructor does no I/O; start() does everything that can fail.  ``progress``
+    receives ``repairing <pid>`` while the start-up repair runs (see run_master).
     """
 
-    def __init__(self, config_directory: str, foreground: bool = False) -> None:
+    def __init__(self, config_directory: str, foreground: bool = False,
+                 progress: Callable[[str], None] | None = None) -> None:
         self.config_directory = os.path.abspath(config_directory)
         self.foreground = foreground
+        self.progress = progress
         self.selector = selectors.DefaultSelector()
         self.pidfile: PidFile | None = None
         self._reloads = 0  # SIGHUPs handled (the serial of pid/master.reload)
@@ -215,6 +254,7 @@ class Master:
             endpoint_owner = (owner.uid, owner.gid) if owner.privileged else None
             posix = PosixOs(self._forget, inet_hosts(cfg), endpoint_owner)
             self._posix = posix
+            self._install_signals()  # a stop during the repair is the loop's to handle
             self._repair_structure(cfg, posix)
             sup = Supervisor(posix, settings)
             self.supervisor = sup
@@ -234,7 +274,6 @@ class Master:
         except (OSError, ValueError) as exc:
             self._shutdown_fds()
             raise StartupError(describe(exc)) from None
-        self._install_signals()
         setproctitle.setproctitle("qmgrd: master")
         setproctitle.setthreadtitle("qmgrd: master")
         self.started = time.time()
@@ -262,18 +301,62 @@ class Master:
         as ``postfix start`` runs postsuper: queue files and logs left in the hash
         directories of an earlier hash_queue_names/hash_queue_depth are moved where
         every process will look for them (it logs what it did; it drops to mail_owner
-        itself).
+        itself).  However long it takes: ``progress`` is told it runs every
+        REPAIR_REPORT_INTERVAL after the first.  The signal handlers must be installed:
+        a stop signal meanwhile ends it.  Exit status REPAIR_INCOMPLETE (some files
+        could not be renamed) logs a warning and the start goes on.
 
         Raises:
             StartupError: it failed (Postfix: "Postfix integrity check failed!").
+            StartupStopped: a stop signal came meanwhile (the repair was ended).
             OSError: it could not be started.  ConfigError: bad hashing parameters.
         """
         self._hashing = _hashing(cfg)
         argv = command_argv(REPAIR_COMMAND[0], self.config_directory, *REPAIR_COMMAND[1:])
-        code = posix.run_command(argv)
-        if code != 0:
+        code = self._wait_repair(posix, posix.start_command(argv))
+        if code == REPAIR_INCOMPLETE:
+            log.warning(f"queue structure check: qmgr-ctl repair {describe_exit(code)}: "
+                        "some queue files could not be moved into place (see its "
+                        "warnings above; run qmgr-ctl repair once the cause is fixed); "
+                        "starting anyway")
+        elif code != 0:
             raise StartupError(f"queue structure check failed: qmgr-ctl repair "
                                f"{describe_exit(code)} (see its lines in the mail log)")
+
+    def _wait_repair(self, posix: PosixOs, pid: int) -> int:
+        """Wait for the start-up repair ``pid`` to end (SIGCHLD, through the signal
+        wakeup socket), reporting it to ``progress`` meanwhile; its exit code.  Raises
+        StartupStopped on a stop signal, after ending it."""
+        started = time.monotonic()
+        report_at = started + REPAIR_REPORT_INTERVAL
+        while True:
+            code = posix.wait_command(pid)
+            if code is not None:
+                return code
+            stop = next((s for s in self._pending if s in STOP_SIGNALS), None)
+            if stop is not None:
+                self._end_command(posix, pid)
+                raise StartupStopped(stop, pid)
+            now = time.monotonic()
+            if now >= report_at:
+                if self.progress is not None:
+                    self.progress(f"{REPAIR_PROGRESS} {pid}")
+                report_at = now + REPAIR_REPORT_INTERVAL
+            select.select([self._sig_r], [], [], max(0.0, report_at - now))
+            self._drain_wakeups()
+
+    def _end_command(self, posix: PosixOs, pid: int) -> None:
+        """SIGTERM the one-shot command ``pid``, SIGKILL after STOP_GRACE; reap it."""
+        posix.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE
+        while posix.wait_command(pid) is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                posix.kill(pid, signal.SIGKILL)
+                posix.wait_command(pid, block=True)
+                return
+            select.select([self._sig_r], [], [], min(left, 0.1))
+            self._drain_wakeups()
 
     def _repair_after_reload(self, cfg: Config) -> None:
         """After a reload that changed hash_queue_names or hash_queue_depth, start
@@ -410,12 +493,16 @@ class Master:
         if self._watched.pop(fd, None) is not None:
             self.selector.unregister(fd)
 
-    def _handle_signals(self, sup: Supervisor) -> None:
+    def _drain_wakeups(self) -> None:
+        """Empty the signal wakeup socket (the signals are in ``_pending``)."""
         try:
             while os.read(self._sig_r, 512):
                 pass
         except (BlockingIOError, InterruptedError):
             pass
+
+    def _handle_signals(self, sup: Supervisor) -> None:
+        self._drain_wakeups()
         pending, self._pending = self._pending, []
         for signum in pending:
             if signum == signal.SIGCHLD:
@@ -573,7 +660,8 @@ def close_inherited() -> None:
 
 
 def run_master(config_directory: str, foreground: bool = False,
-               notify: Callable[[str | None], None] | None = None) -> int:
+               notify: Callable[[str | None], None] | None = None,
+               progress: Callable[[str], None] | None = None) -> int:
     """Run the master from start-up to stop (module docstring); returns the exit code."""
     def fail(reason: str) -> NoReturn:
         if notify is not None:
@@ -597,9 +685,15 @@ def run_master(config_directory: str, foreground: bool = False,
         fail(f"open {cfg.maillog_file()}: {exc.strerror}")
     for text in warnings:
         log.warning(text)
-    master = Master(config_directory, foreground)
+    master = Master(config_directory, foreground, progress)
     try:
         master.start(cfg, services)
+    except StartupStopped as exc:
+        if notify is not None:
+            notify(str(exc))
+        log.info(f"terminating on signal {exc.signum} during the queue structure check "
+                 f"(qmgr-ctl repair pid {exc.pid} ended; the next start runs it again)")
+        return 0
     except (StartupError, ConfigError) as exc:
         fail(str(exc))
     if notify is not None:

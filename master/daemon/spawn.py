@@ -49,9 +49,11 @@ Public API
     child_argv(service, config_directory, foreground, privileged=False, sockets=1)
         -> list[str]
     command_argv(module, config_directory, *args) -> list[str]    a one-shot command
-    PosixOs.start_command(argv) -> pid; PosixOs.run_command(argv) -> exit code
+    PosixOs.start_command(argv) -> pid; PosixOs.wait_command(pid, block=False)
+        -> exit code or None (still running)
         one-shot commands (``qmgr-ctl repair`` at start and reload: master.daemon.master),
-        always posix_spawn'ed; run_command waits for the end (start-up only)
+        always posix_spawn'ed; wait_command reaps one (start-up only: the loop reaps
+        with reap())
     describe_exit(exitcode) -> str       "exit status 1" / "killed by signal 9"
     wait_child(pid) -> int | None        exit code of one child if it has ended (no wait)
     high_fd(fd) -> int                   move a descriptor to >= 10, close-on-exec
@@ -278,12 +280,16 @@ class PosixOs:
                               setsigdef=(signal.SIGPIPE, signal.SIGXFSZ, signal.SIGALRM),
                               setsigmask=())
 
-    def run_command(self, argv: Sequence[str]) -> int:
-        """Run a one-shot command (see start_command) to its end and return its exit code
-        (``-N``: killed by signal N). Blocks: for start-up, before the event loop.
-        Raises OSError."""
-        pid = self.start_command(argv)
-        _, status = os.waitpid(pid, 0)
+    def wait_command(self, pid: int, block: bool = False) -> int | None:
+        """The exit code of the one-shot command ``pid`` (``-N``: killed by signal N),
+        reaping it; None while it runs (``block``: wait for its end).  For start-up,
+        before the event loop; 1 for a pid that is not (or no longer) our child."""
+        if not block:
+            return wait_child(pid)
+        try:
+            _, status = os.waitpid(pid, 0)
+        except ChildProcessError:
+            return 1
         return os.waitstatus_to_exitcode(status)
 
     def reap(self) -> list[tuple[int, int]]:
