@@ -261,6 +261,34 @@ def test_unresolvable_nexthop(env: Env) -> None:
     assert "bad nexthop" in deferred_reason(env, qid)
 
 
+@pytest.mark.parametrize("domain", ["exa%mple.com", "Exa%Mple.COM.", "example.net:2525",
+                                    "a.example,b.example"])
+def test_an_invalid_recipient_domain_bounces(env: Env, domain: str) -> None:
+    """The nexthop is the recipient's own domain (nothing configured one): an invalid one
+    bounces 5.4.4 as Postfix's smtp client does (dns_lookup: HOST_NOT_FOUND for an
+    invalid name) instead of waiting for maximal_queue_lifetime. A port or a list in a
+    domain is invalid too: the sender does not choose our port or servers."""
+    qid, reply = deliver(env, domain.lower().rstrip("."), [f"bob@{domain}"])
+    assert reply.status == 0 and not reply.hop_failed
+    assert statuslog.read(env.spool, "defer", qid) == []
+    ((_, dsn),) = statuslog.read(env.spool, "bounce", qid)
+    assert dsn.status == "5.4.4"
+    assert dsn.reason == (f"Name service error for {domain.lower().rstrip('.')}: invalid "
+                          "host or domain name")
+    assert "status=bounced" in env.log()
+
+
+@pytest.mark.parametrize("nexthop", ["exa%mple.com", "example.net:99999"])
+def test_an_invalid_configured_nexthop_defers(env: Env, nexthop: str) -> None:
+    """The same names from a transport map (the nexthop is not the recipient's domain)
+    are a configuration error: deferred until it is fixed, as Postfix defers on a bad
+    transport table entry."""
+    qid, reply = deliver(env, nexthop, ["bob@example.net"])
+    assert reply.status == 1 and reply.hop_failed
+    reason = deferred_reason(env, qid)
+    assert reason.startswith(f"bad nexthop {nexthop!r}: ")
+
+
 def test_python_m_transports_smtp_imports(tmp_path: Path) -> None:
     """``python -m transports.smtp`` starts (stand-alone) and serves a request."""
     env = make_env(tmp_path)

@@ -25,6 +25,18 @@ Summary
       refused, lost connection, timeout, malformed reply) move on to the next address; if
       none is left the remaining recipients are deferred (a 5xx HELO rejection from the
       last server bounces) and the hop status is set. A malformed reply never bounces.
+    * A nexthop that is not a valid destination (master.config.nexthop): when it is the
+      recipients' own domain (the request's nexthop equals the domain of each of its
+      recipients: no relayhost, transport setting or transport map chose it), the
+      address is bad, not the configuration: bounce ``5.4.4 Name service error for
+      <domain>: invalid host or domain name``, as Postfix's dns_lookup() answers an
+      invalid name (HOST_NOT_FOUND, which its smtp client bounces with 5.4.4). Such a
+      domain must be one host name or one ``[address]``: a port or a list in it
+      (``user@host:587``) is invalid too, so that no sender picks our port or servers.
+      A configured nexthop that is invalid (a transport map entry; relayhost and the
+      transport settings are checked at start) is a configuration error: defer ``4.3.5
+      bad nexthop '<nexthop>': <why>`` until it is fixed, as Postfix defers on a bad
+      transport table entry.
     * An envelope that needs SMTPUTF8 (a non-ASCII local part of the sender or a
       recipient) sent to a server that does not offer it: bounce ``5.6.7 SMTPUTF8 is
       required, but was not offered by host H[ip]``. A UTF-8 domain alone does not need
@@ -171,6 +183,25 @@ def _notify(mask: int) -> str:
     words = [w for w, bit in (("SUCCESS", DSN_NOTIFY_SUCCESS), ("FAILURE", DSN_NOTIFY_FAILURE),
                               ("DELAY", DSN_NOTIFY_DELAY)) if mask & bit]
     return ",".join(words)
+
+
+def _domain_nexthop(req: DeliverRequest) -> bool:
+    """True when ``req.nexthop`` is its recipients' own domain (each recipient's, case
+    and a final dot aside): what the qmgr's resolver uses when nothing configured a
+    nexthop, so a bad one is the address's fault."""
+    nexthop = req.nexthop.lower().rstrip(".")
+    return bool(req.recipients) and all(
+        rcpt.address.rpartition("@")[2].lower().rstrip(".") == nexthop
+        for rcpt in req.recipients)
+
+
+def _one_domain(text: str) -> bool:
+    """``text`` (a valid destination) names one host without a port: ``name`` or
+    ``[address]``."""
+    text = text.strip()
+    if text.startswith("[") and text.endswith("]"):
+        return text.count("[") == 1
+    return not any(c in text for c in ":,[ \t")
 
 
 def a_label(address: str) -> str:
@@ -362,7 +393,7 @@ class SmtpAgent(DeliveryAgent):
         if not pending:
             return self._results(req, att, pending)
         try:
-            addrs = await self._addresses(req.nexthop)
+            addrs = await self._addresses(req.nexthop, _domain_nexthop(req))
         except DnsError as exc:
             dsn = make_dsn(exc.status, exc.reason)
             if exc.status[0] == "4":
@@ -443,13 +474,24 @@ class SmtpAgent(DeliveryAgent):
             self.state.hop = att.site
         return results
 
-    async def _addresses(self, nexthop: str) -> list[Address]:
+    async def _addresses(self, nexthop: str, domain: bool = False) -> list[Address]:
         """The servers of ``nexthop``; a name is looked up in the default executor
         (dnspython and getaddrinfo block), so the other deliveries of the process go on
-        meanwhile; an IP literal needs no lookup. Raises DnsError."""
+        meanwhile; an IP literal needs no lookup.  ``domain``: the nexthop is the
+        recipients' domain (module docstring).
+
+        Raises:
+            DnsError: 5.4.4 for an invalid recipient domain, 4.3.5 for an invalid
+                configured nexthop, else what the lookup raised.
+        """
         try:
             hops = parse_nexthop(nexthop)
+            if domain and not _one_domain(nexthop):
+                raise ValueError("a port or a list in a domain")
         except ValueError as exc:
+            if domain:
+                raise DnsError("5.4.4", f"Name service error for {nexthop}: invalid host "
+                                        "or domain name") from None
             raise DnsError("4.3.5", f"bad nexthop {nexthop!r}: {exc}") from None
         if all(hop.literal for hop in hops):
             return self._lookup(hops)
