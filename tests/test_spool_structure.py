@@ -169,10 +169,13 @@ def test_names_that_are_not_queue_ids_and_maildrop_are_left_alone(tmp_path: Path
 
 # ------------------------------------------------------------------ the stuck message
 
-def test_deferred_mail_is_stuck_after_a_depth_change_until_repaired(tmp_path: Path) -> None:
-    """The defect: the scan finds the files of the old depth, the feed looks for them
-    where the new depth puts them, and passes over them for ever. After the repair the
-    next deferred scan delivers them."""
+def test_deferred_mail_and_logs_are_moved_into_place_after_a_depth_change(
+        tmp_path: Path) -> None:
+    """After a depth change the files of the old depth are not where every process
+    looks for them (qmgr-ctl show/delete, the defer logs a notice is made from; the
+    qmgr's own feed takes a misplaced file in from where its scan found it, tested in
+    test_qmgr_scan.py). After the repair they are, and the next deferred scan delivers
+    them."""
     env = Env(tmp_path)  # hash_queue_depth = 1
     env.agents.decide = lambda transport, req, rcpt: "defer"
     qids = [env.submit("a@x.example", [f"r{i}@remote.example"]) for i in range(3)]
@@ -197,10 +200,9 @@ def test_deferred_mail_is_stuck_after_a_depth_change_until_repaired(tmp_path: Pa
         sched.trigger(b"D")
         await drain(sched)
 
-    asyncio.run(retry())
-    assert agents.requests == []  # found by the scan, skipped by the feed
     assert sorted(spool.scan("deferred")) == sorted(qids)
     assert not any(os.path.exists(spool.path("deferred", q)) for q in qids)
+    assert not any(os.path.exists(spool.path("defer", q)) for q in qids)
 
     log.setup("test", str(tmp_path / "maillog"))
     try:
