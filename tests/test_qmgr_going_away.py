@@ -50,6 +50,19 @@ def setup(tmp_path: Path, gone: list[bool]) -> tuple[Env, Scheduler, list[str]]:
     return env, sched, ids
 
 
+async def run_until_held(env: Env, sched: Scheduler, drain_timeout: float
+                         ) -> tuple[asyncio.Event, asyncio.Future[None]]:
+    """Start ``sched.run`` and step until the four deliveries of ``setup`` are held by
+    the fake agents; returns (its stop event, its task)."""
+    stopping = asyncio.Event()
+    task = asyncio.ensure_future(sched.run(stopping, drain_timeout=drain_timeout))
+    for _ in range(1000):
+        await asyncio.sleep(0)
+        if len(env.agents.waiting) == 4:
+            break
+    return stopping, task
+
+
 def release(env: Env, outcomes: dict[str, str]) -> None:
     """Release every held delivery, the outcome by its first recipient."""
     while env.agents.waiting:
@@ -88,12 +101,7 @@ def test_deliveries_cut_off_by_the_agents_going_away_stay_in_active(
     env, sched, (sent, lost, mixed) = setup(tmp_path, gone)
 
     async def go() -> None:
-        stopping = asyncio.Event()
-        task = asyncio.ensure_future(sched.run(stopping, drain_timeout=10))
-        for _ in range(1000):
-            await asyncio.sleep(0)
-            if len(env.agents.waiting) == 4:
-                break
+        stopping, task = await run_until_held(env, sched, 10)
         assert len(env.agents.waiting) == 4
         if first == "qmgr":
             stopping.set()
@@ -180,12 +188,7 @@ def test_a_pending_admin_change_is_carried_out_when_the_agents_go_away(
     ctl = Control(sched, env.spool.queue_directory, lambda: None)
 
     async def go() -> None:
-        stopping = asyncio.Event()
-        task = asyncio.ensure_future(sched.run(stopping, drain_timeout=10))
-        for _ in range(1000):
-            await asyncio.sleep(0)
-            if len(env.agents.waiting) == 4:
-                break
+        stopping, task = await run_until_held(env, sched, 10)
         assert len(env.agents.waiting) == 4
         assert ctl.act([lost, mixed], action) == {lost: "pending", mixed: "pending"}
         stopping.set()
@@ -234,12 +237,7 @@ def test_a_pending_admin_change_is_not_lost_when_the_delivery_outlasts_the_stop(
     ctl = Control(sched, env.spool.queue_directory, lambda: None)
 
     async def go() -> None:
-        stopping = asyncio.Event()
-        task = asyncio.ensure_future(sched.run(stopping, drain_timeout=0.05))
-        for _ in range(1000):
-            await asyncio.sleep(0)
-            if len(env.agents.waiting) == 4:
-                break
+        stopping, task = await run_until_held(env, sched, 0.05)
         assert ctl.act([lost], action) == {lost: "pending"}
         stopping.set()
         await asyncio.wait_for(task, 5)  # the deliveries are still held

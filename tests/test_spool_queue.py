@@ -82,8 +82,8 @@ def test_move_makes_hash_dirs_and_scan_recurses(spool: Spool) -> None:
 
 
 def test_scan_names_only_includes_files_still_being_written(spool: Spool) -> None:
-    """ready_only=False yields every valid name (no stat: the qmgr's feed checks the mode
-    itself); the default yields complete files only."""
+    """scan_paths yields every valid name (no stat: the qmgr's feed checks the mode
+    itself); scan yields complete files only."""
     done, qdone, pdone = spool.create("incoming")
     done.close()
     os.chmod(pdone, 0o700)
@@ -91,7 +91,7 @@ def test_scan_names_only_includes_files_still_being_written(spool: Spool) -> Non
     busy.close()
     Path(spool.queue_path("incoming"), "junk.txt").write_text("x")
     assert list(spool.scan("incoming")) == [qdone]
-    assert sorted(spool.scan("incoming", ready_only=False)) == sorted([qdone, qbusy])
+    assert sorted(q for q, _ in spool.scan_paths("incoming")) == sorted([qdone, qbusy])
 
 
 def test_path_hashing_matches_hash_dir(spool: Spool) -> None:

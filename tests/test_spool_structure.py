@@ -78,7 +78,7 @@ def test_depth_1_to_2_moves_messages_and_logs_into_place(tmp_path: Path,
         if queue != "incoming":
             assert not before.exists() and now.parent.parent.parent.name == queue
     # what the qmgr and qmgr-ctl use now finds every file
-    assert sorted(new.scan("deferred", ready_only=False)) == sorted(IDS)
+    assert sorted(q for q, _ in new.scan_paths("deferred")) == sorted(IDS)
     assert "Moved to the right queue subdirectory: 7 messages, 11 log files" in \
         maillog.read_text()
     # a second run has nothing to do and says nothing
@@ -214,7 +214,7 @@ def test_deferred_mail_and_logs_are_moved_into_place_after_a_depth_change(
 
     asyncio.run(retry())
     assert sorted(r.queue_id for _, r in agents.requests) == sorted(qids)
-    assert not list(spool.scan("deferred")) and not list(spool.scan("defer", False))
+    assert not list(spool.scan("deferred")) and not list(spool.scan_paths("defer"))
 
 
 # ------------------------------------------------------------------ qmgr-ctl repair

@@ -33,7 +33,6 @@ Logs nothing.
 from __future__ import annotations
 
 import encodings.idna  # noqa: F401 - dnspython's IDNA codec, loaded before the chroot
-import ipaddress
 import random
 import socket
 from collections.abc import Iterable, Sequence
@@ -56,7 +55,7 @@ import dns.rdtypes.IN.A
 import dns.rdtypes.IN.AAAA
 import dns.resolver
 
-from master.config.nexthop import Nexthop, parse_nexthop
+from master.config.nexthop import Nexthop, is_ip_address, parse_nexthop
 
 __all__ = ["Address", "DnsError", "DnsResolverLike", "HostResolver", "Nexthop",
            "parse_nexthop"]
@@ -78,14 +77,6 @@ class Address:
     def relay(self) -> str:
         """``host[ip]:port`` for relay= in the log."""
         return f"{self.hostname}[{self.ip}]:{self.port}"
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 class DnsError(Exception):
@@ -137,7 +128,7 @@ class HostResolver:
         Raises:
             DnsError: no address (5.x.x when the name does not exist, 4.x.x otherwise).
         """
-        if _is_ip(nexthop.host):
+        if is_ip_address(nexthop.host):
             return [Address(nexthop.host, nexthop.host, nexthop.port)]
         hosts = [nexthop.host]
         if nexthop.mx and "dns" in self.lookup:
@@ -194,7 +185,7 @@ class HostResolver:
         Raises:
             DnsError: 5.4.4 when the name has no address, 4.4.3 when lookups failed.
         """
-        if _is_ip(host):
+        if is_ip_address(host):
             return [host]
         error = DnsError("5.4.4", f"Host or domain name not found. Name service error for "
                                   f"name={host} type=A: Host not found")

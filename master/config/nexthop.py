@@ -43,6 +43,7 @@ PUBLIC API
     nexthop_problem(text) -> str | None   why ``text`` is not a valid destination (the
                                 reason, plus ``in "<item>"`` for an element of a list),
                                 or None
+    is_ip_address(host) -> bool  an IPv4/IPv6 address literal (no brackets)
 
 Nothing is logged here.  Looking a service name up reads /etc/services (before any
 chroot in the processes that parse destinations: the master and the smtp client, which
@@ -56,7 +57,7 @@ import re
 import socket
 from dataclasses import dataclass
 
-__all__ = ["Nexthop", "NexthopError", "nexthop_problem", "parse_nexthop"]
+__all__ = ["Nexthop", "NexthopError", "is_ip_address", "nexthop_problem", "parse_nexthop"]
 
 _SERVICES = {"smtp": 25, "submission": 587, "lmtp": 24}
 _SEPARATORS = re.compile(r"[\s,]+")
@@ -78,7 +79,7 @@ class Nexthop:
     @property
     def literal(self) -> bool:
         """True when ``host`` is an IP address: resolving it needs no lookup."""
-        return _is_ip(self.host)
+        return is_ip_address(self.host)
 
 
 class NexthopError(ValueError):
@@ -90,7 +91,8 @@ class NexthopError(ValueError):
         super().__init__(f'{reason} in "{item}"')
 
 
-def _is_ip(host: str) -> bool:
+def is_ip_address(host: str) -> bool:
+    """True when ``host`` is an IPv4 or IPv6 address literal (no brackets)."""
     try:
         ipaddress.ip_address(host)
     except ValueError:
@@ -137,7 +139,7 @@ def _parse_one(item: str, default_port: int) -> Nexthop:
         mx = True
     if not host:
         raise NexthopError("missing host information", item)
-    if _is_ip(host):
+    if is_ip_address(host):
         mx = False
     elif len(host) > _MAX_HOSTNAME or not _HOSTNAME.fullmatch(host):
         raise NexthopError("valid hostname or network address required", item)

@@ -312,8 +312,7 @@ class Master:
             OSError: it could not be started.  ConfigError: bad hashing parameters.
         """
         self._hashing = _hashing(cfg)
-        argv = command_argv(REPAIR_COMMAND[0], self.config_directory, *REPAIR_COMMAND[1:])
-        code = self._wait_repair(posix, posix.start_command(argv))
+        code = self._wait_repair(posix, posix.start_command(self._repair_argv()))
         if code == REPAIR_INCOMPLETE:
             log.warning(f"queue structure check: qmgr-ctl repair {describe_exit(code)}: "
                         "some queue files could not be moved into place (see its "
@@ -374,11 +373,14 @@ class Master:
             return
         self._start_repair()
 
+    def _repair_argv(self) -> list[str]:
+        """The command line of ``qmgr-ctl repair`` for this configuration."""
+        return command_argv(REPAIR_COMMAND[0], self.config_directory, *REPAIR_COMMAND[1:])
+
     def _start_repair(self) -> None:
         assert self._posix is not None
-        argv = command_argv(REPAIR_COMMAND[0], self.config_directory, *REPAIR_COMMAND[1:])
         try:
-            self._repair_pid = self._posix.start_command(argv)
+            self._repair_pid = self._posix.start_command(self._repair_argv())
         except OSError as exc:
             log.warning(f"cannot run qmgr-ctl repair: {exc}: queue files in the hash "
                         "directories of the former hashing are not found until it runs")

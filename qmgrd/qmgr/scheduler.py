@@ -630,8 +630,7 @@ class Scheduler:
         if msg.completing:
             return
         if msg.left:
-            if msg.admin is not None and not msg.admin.outcome:
-                self._admin_now(msg)
+            self._admin_now(msg)  # a pending operator change only; else nothing
             return
         msg.completing = True
         self._spawn(self.completion.run(msg))

@@ -29,8 +29,7 @@ Public API
                                                no such file); src_path: the file's actual path
                                                when not path(from_queue, qid)
         .remove(queue, qid) -> bool            False when it did not exist
-        .scan(queue, ready_only=True) -> Iterator[str]   ids of ready files (recursing hash
-                                               dirs); ready_only=False: names only, no stat
+        .scan(queue) -> Iterator[str]          ids of ready files (recursing hash dirs)
         .scan_paths(queue) -> Iterator[(qid, path)]  names only, with the path where each
                                                was found (any hashing settings)
         .is_ready(st) -> bool                  (staticmethod)
@@ -234,7 +233,7 @@ class Spool:
         """True for a regular file whose owner bits are exactly rwx (a complete file)."""
         return stat.S_ISREG(st.st_mode) and (st.st_mode & stat.S_IRWXU) == stat.S_IRWXU
 
-    def scan(self, queue: str, ready_only: bool = True) -> Iterator[str]:
+    def scan(self, queue: str) -> Iterator[str]:
         """Yield the ids of ready files in ``queue``, recursing into hash directories.
 
         Names that are not valid ids, non-regular files and files still being written are
@@ -242,19 +241,17 @@ class Spool:
         levels), so files left over from other hashing settings are still found. A
         directory vanishing during the walk is not an error. Directory order, not sorted.
 
-        ``ready_only=False`` yields every valid id that is not a directory without a
-        ``stat`` of its own (the names only, as Postfix's scan_dir): for a caller that
-        stats the file anyway before using it (the qmgr's feed checks mode and mtime).
-
         Raises:
             ValueError: unknown queue name.
         """
-        yield from self._scan_dir(self.queue_path(queue), MAX_HASH_DEPTH + 1, ready_only)
+        yield from self._scan_dir(self.queue_path(queue), MAX_HASH_DEPTH + 1, False)
 
     def scan_paths(self, queue: str) -> Iterator[tuple[str, str]]:
-        """Yield ``(qid, path)`` for every valid id in ``queue`` that is not a directory:
-        ``scan(queue, ready_only=False)`` plus the path where the name was found (no
-        ``stat`` of its own). The path differs from ``path(queue, qid)`` for a file left
+        """Yield ``(qid, path)`` for every valid id in ``queue`` that is not a directory,
+        with the path where the name was found: names only, no ``stat`` (as Postfix's
+        scan_dir), for a caller that stats the file anyway before using it (the qmgr's
+        feed checks type, mode and mtime; files still being written are among them). The
+        path differs from ``path(queue, qid)`` for a file left
         in the hash directory of other ``hash_queue_depth``/``hash_queue_names``
         settings; the qmgr's feed takes the file from there (``move(..., src_path=path)``),
         so such a file heals at the next scan.
@@ -262,10 +259,11 @@ class Spool:
         Raises:
             ValueError: unknown queue name.
         """
-        yield from self._scan_dir(self.queue_path(queue), MAX_HASH_DEPTH + 1, False, True)
+        yield from self._scan_dir(self.queue_path(queue), MAX_HASH_DEPTH + 1, True)
 
-    def _scan_dir(self, path: str, depth_left: int, ready_only: bool,
-                  paths: bool = False) -> Iterator[Any]:
+    def _scan_dir(self, path: str, depth_left: int, paths: bool) -> Iterator[Any]:
+        """scan (``paths`` False: ready files' names) or scan_paths (True: every name,
+        with its path) of one directory and its one-character subdirectories."""
         try:
             it = os.scandir(path)
         except (FileNotFoundError, NotADirectoryError):
@@ -281,12 +279,14 @@ class Spool:
                         continue
                     if not valid_id(name):
                         continue
-                    if not ready_only or self.is_ready(entry.stat(follow_symlinks=False)):
-                        yield (name, entry.path) if paths else name
+                    if paths:
+                        yield name, entry.path
+                    elif self.is_ready(entry.stat(follow_symlinks=False)):
+                        yield name
                 except FileNotFoundError:
                     continue
         for sub in subdirs:
-            yield from self._scan_dir(sub, depth_left - 1, ready_only, paths)
+            yield from self._scan_dir(sub, depth_left - 1, paths)
 
     # ---------------------------------------------------------------- setup
 
