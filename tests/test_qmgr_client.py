@@ -109,6 +109,34 @@ def test_a_connection_closed_before_the_greeting_says_so(tmp_path: Path,
                        "connection closed before the greeting")]
 
 
+def test_a_close_seen_by_the_first_read_says_so_too(tmp_path: Path, logged: list[str],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    # the agent's end is closed before the client's first read: that read, not the
+    # event loop's readiness callback, finds the EOF (CI once logged "no valid greeting:
+    # unexpected EOF" here when the race above went this way)
+    from qmgrd.qmgr import client as client_module
+    (tmp_path / "private").mkdir()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(tmp_path / "private" / "bounce"))
+    listener.listen(1)
+    original = client_module._connect
+
+    def connect_then_wait_for_the_close(sock: socket.socket, path: str) -> None:
+        original(sock, path)
+        conn, _ = listener.accept()
+        conn.close()
+
+    monkeypatch.setattr(client_module, "_connect", connect_then_wait_for_the_close)
+    try:
+        client = AgentClient(str(tmp_path), greeting_timeout=5, reply_timeout=5)
+        assert asyncio.run(client.status_request("bounce", _status())) is False
+    finally:
+        listener.close()
+    path = tmp_path / "private" / "bounce"
+    assert logged == [(f"warning: 4Xq7Zc1Hl2z4abc: bounce service unavailable: {path}: "
+                       "connection closed before the greeting")]
+
+
 def test_an_outage_is_one_warning_per_interval(tmp_path: Path, full_queue: socket.socket,
                                                logged: list[str]) -> None:
     """430 messages finishing while the bounce service is down: one warning, then one

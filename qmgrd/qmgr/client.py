@@ -313,6 +313,7 @@ class _Conn:
                     await self.waiter
                     continue
             if not data:
+                self.eof = True  # read here, not by _readable: the same EOF
                 raise ProtocolError("unexpected EOF")
             self.dec.feed(data)
 
