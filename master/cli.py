@@ -523,10 +523,13 @@ def status(ctx: click.Context, as_json: bool) -> None:
 @main.command()
 @click.pass_context
 def check(ctx: click.Context) -> None:
-    """Create missing queue directories and data_directory; fix owners and modes."""
+    """Create missing queue directories and data_directory; fix owners and modes.
+    A hash_queue_names that pickup cannot work with (maildrop, a name that is no queue
+    directory: Config.hash_queue_names) is refused first, naming main.cf's line."""
     cfg = _config(ctx)
     owner = _owner(cfg)
     try:
+        cfg.hash_queue_names()
         changes = check_queue_dirs(cfg.queue_directory(), cfg.data_directory(),
                                    owner)
     except (OSError, ConfigError) as exc:

@@ -385,3 +385,51 @@ def test_arbitrary_unicode_raises_only_config_error(text: str) -> None:
             c.get_raw(name)
     except ConfigError:
         pass
+
+
+@pytest.mark.parametrize("value,names", [
+    ("deferred, defer", ["deferred", "defer"]),
+    ("Deferred,ACTIVE hold", ["deferred", "active", "hold"]),  # Postfix: any case
+    ("incoming active deferred hold corrupt bounce defer trace",
+     ["incoming", "active", "deferred", "hold", "corrupt", "bounce", "defer", "trace"]),
+    ("deferred, flush, saved", ["deferred", "flush", "saved"]),  # Postfix's, no effect
+    ("", []),
+])
+def test_hash_queue_names_accepts_queue_directories(value: str, names: list[str]) -> None:
+    c = cfg(f"myhostname = h.example.com\nhash_queue_names = {value}\n")
+    assert c.hash_queue_names() == names
+    c.check()
+
+
+@pytest.mark.parametrize("value,why", [
+    ("deferred, MailDrop",
+     "maildrop cannot be hashed (pickup reads maildrop/ without hash directories)"),
+    ("deffered", ('"deffered" is not a queue directory that can be hashed (incoming, '
+                  "active, deferred, hold, corrupt, bounce, defer, trace)")),
+    ("deferred public", '"public" is not a queue directory that can be hashed'),
+])
+def test_hash_queue_names_refuses_maildrop_and_other_names(value: str, why: str) -> None:
+    """maildrop must stay flat for pickup (Postfix's pickup scans it without hash
+    directories); a name that is no queue directory is refused too rather than
+    ignored as Postfix does. The error names main.cf's line; check() finds it; an
+    override is named as such."""
+    c = cfg(f"myhostname = h.example.com\n# queues\nhash_queue_names = {value}\n")
+    expected = (f'/etc/qmgrd/main.cf, line 3: bad hash_queue_names parameter value '
+                f'"{value}": {why}')
+    with pytest.raises(ConfigError) as info:
+        c.hash_queue_names()
+    assert str(info.value).startswith(expected)
+    assert (info.value.path, info.value.line) == ("/etc/qmgrd/main.cf", 3)
+    with pytest.raises(ConfigError) as checked:
+        c.check()
+    assert str(checked.value) == str(info.value)
+    over = cfg("myhostname = h.example.com\n", {"hash_queue_names": value})
+    with pytest.raises(ConfigError, match="^-o hash_queue_names="):
+        over.check()
+
+
+def test_hashable_queues_are_the_spool_queues_but_maildrop() -> None:
+    """master.config cannot import qmgrd: its list must follow qmgrd.spool.queue's."""
+    from master.config.maincf import HASHABLE_QUEUES
+    from qmgrd.spool.queue import LOG_QUEUES, MESSAGE_QUEUES
+    assert set(HASHABLE_QUEUES) == (set(MESSAGE_QUEUES) | set(LOG_QUEUES)) - {"maildrop"}

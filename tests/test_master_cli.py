@@ -112,6 +112,28 @@ def test_start_refuses_bad_main_cf_value(system: System, line: str, what: str) -
     assert not system.q.exists() and log_lines(system.base) == []  # nothing started
 
 
+@pytest.mark.parametrize("value,why", [
+    ("deferred, defer, maildrop",
+     "maildrop cannot be hashed (pickup reads maildrop/ without hash directories)"),
+    ("deffered", ('"deffered" is not a queue directory that can be hashed (incoming, '
+                  "active, deferred, hold, corrupt, bounce, defer, trace)")),
+])
+@pytest.mark.parametrize("command", ["start", "reload", "check"])
+def test_start_reload_check_refuse_a_hash_queue_names_pickup_cannot_use(
+        system: System, command: str, value: str, why: str) -> None:
+    """maildrop in hash_queue_names would make pickup look for maildrop files in hash
+    directories qmgr-sendmail never writes (Postfix's pickup reads maildrop flat too),
+    and a name that is no queue directory hashes nothing: start, reload and check
+    refuse it, naming main.cf's line, and nothing is started or created."""
+    system.main.write_text(system.good_main + f"hash_queue_names = {value}\n")
+    result = system.cli(command)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.splitlines()[-1] == (
+        f"qmgr-master: fatal: {system.main}, line 5: bad hash_queue_names parameter "
+        f'value "{value}": {why}')
+    assert not system.q.exists()
+
+
 @pytest.mark.parametrize("extra,what", [
     ("relay unix - - n - - tests.services.echo_agent -o max_idle=soon",
      '-o max_idle=soon: bad time value for parameter max_idle: "soon"'),

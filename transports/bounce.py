@@ -363,7 +363,7 @@ class BounceService:
         self.cfg = cfg
         self.service = ctx.service
         self.logname = {"defer": "defer", "trace": "trace"}.get(ctx.service, "bounce")
-        self.spool = Spool(ctx.queue_directory, tuple(cfg.get_list("hash_queue_names")),
+        self.spool = Spool(ctx.queue_directory, tuple(cfg.hash_queue_names()),
                            cfg.get_int("hash_queue_depth"))
         self.cleanup = Cleanup(cfg, self.spool)
         self.myhostname = cfg.get("myhostname")

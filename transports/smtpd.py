@@ -438,7 +438,7 @@ def _pre_jail(ctx: ServerContext) -> None:
 
 def _post_jail(ctx: ServerContext) -> None:
     cfg = ctx.config
-    spool = Spool(ctx.queue_directory, cfg.get_list("hash_queue_names"),
+    spool = Spool(ctx.queue_directory, cfg.hash_queue_names(),
                   cfg.get_int("hash_queue_depth"))
     _State.cleanup = SmtpdCleanup(cfg, spool)
     _State.params = SmtpdParams.from_config(cfg, ctx.service, ctx.queue_directory)

@@ -36,13 +36,16 @@ PUBLIC API
                                  else ConfigError (Postfix: an empty value is fatal)
     cfg.data_directory() -> str   likewise for data_directory
     cfg.maillog_file() -> str     likewise for maillog_file, but "" (syslog) is allowed
+    cfg.hash_queue_names() -> list[str]  hash_queue_names, lower case; ConfigError for
+                                 maildrop or a name that is not a queue directory
+    HASHABLE_QUEUES, POSTFIX_ONLY_QUEUES   the names hash_queue_names accepts
     cfg.transport_name(transport, suffix) -> str (the parameter actually used)
     cfg.transport_param / transport_int / transport_time (transport, suffix)
     cfg.check() -> None          validate every set or table parameter (like postconf),
                                  each entry of NETWORK_LIST_PARAMS (master.config.netlist),
                                  each of NEXTHOP_PARAMS (relayhost: master.config.nexthop)
-                                 and the paths (queue_directory(), data_directory(),
-                                 maillog_file())
+                                 the paths (queue_directory(), data_directory(),
+                                 maillog_file()) and hash_queue_names()
     cfg.error(name, message) -> ConfigError   located where name's value came from
     param_spec(name) -> Param | None   the table entry governing name (per-transport too)
     TRANSPORT_SUFFIXES                 the per-transport parameter suffixes
@@ -90,6 +93,14 @@ _MAX_DEPTH = 100
 NETWORK_LIST_PARAMS: tuple[str, ...] = ("mynetworks", "smtpd_client_event_limit_exceptions")
 # Parameters whose value is an smtp destination (master.config.nexthop), "" = none
 NEXTHOP_PARAMS: tuple[str, ...] = ("relayhost",)
+# The queue directories hash_queue_names may name (Config.hash_queue_names): qmgrd's
+# message queues but maildrop, and the per-message log directories (the same names as
+# qmgrd.spool.queue's MESSAGE_QUEUES and LOG_QUEUES, which this layer may not import).
+HASHABLE_QUEUES: tuple[str, ...] = ("incoming", "active", "deferred", "hold", "corrupt",
+                                    "bounce", "defer", "trace")
+# Postfix queue directories qmgrd does not have (Postfix before 2.2 hashed "flush" by
+# default): accepted in hash_queue_names, without effect.
+POSTFIX_ONLY_QUEUES: tuple[str, ...] = ("flush", "saved")
 
 _HOSTNAME_RE = re.compile(  # letters, digits, "-", "_" (Postfix valid_hostname)
     r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?")
@@ -540,6 +551,42 @@ class Config:
         """
         return self._absolute_path("maillog_file", empty_ok=True)
 
+    def hash_queue_names(self) -> list[str]:
+        """The queue directories named by hash_queue_names, lower case (Postfix matches
+        them case-insensitively), in the order given.  Every program that lays out the
+        queue asks here rather than ``get_list("hash_queue_names")``.
+
+        maildrop is refused: Postfix's pickup reads maildrop/ flat (scan_dir_next, no
+        hash directories) while postdrop would write into hash directories, and so do
+        qmgrd's pickup and qmgr-sendmail - mail would stay in maildrop unseen.  A name
+        that is no queue directory (a typo such as "deffered" would silently leave
+        deferred/ flat; "public", "pid") is refused too, where Postfix ignores it;
+        Postfix's own names that qmgrd has no directory for (POSTFIX_ONLY_QUEUES:
+        flush, saved) are accepted and do nothing.
+
+        Raises:
+            ConfigError: located where hash_queue_names is set: ``"<main.cf>, line <n>:
+                bad hash_queue_names parameter value "deferred, maildrop": maildrop
+                cannot be hashed (pickup reads maildrop/ without hash directories)"``,
+                ``"... : "deffered" is not a queue directory (incoming, active, ...)"``,
+                or ``"-o hash_queue_names=...: ..."`` for an override; or the expansion
+                fails.
+        """
+        value = self.get("hash_queue_names")
+        names = [name.lower() for name in split_list(value)]
+        for name in names:
+            if name in HASHABLE_QUEUES or name in POSTFIX_ONLY_QUEUES:
+                continue
+            if name == "maildrop":
+                why = ("maildrop cannot be hashed (pickup reads maildrop/ without hash "
+                       "directories)")
+            else:
+                why = (f'"{name}" is not a queue directory that can be hashed '
+                       f"({', '.join(HASHABLE_QUEUES)})")
+            raise self._error("hash_queue_names",
+                              f'bad hash_queue_names parameter value "{value}": {why}')
+        return names
+
     def _absolute_path(self, name: str, empty_ok: bool) -> str:
         """The expanded value of path parameter ``name``, normalised (os.path.abspath);
         "" when it is empty and ``empty_ok``.  Raises ConfigError (empty, relative)."""
@@ -585,7 +632,7 @@ class Config:
         """Expand every parameter and convert every typed parameter (the table's, and
         per-transport ones such as smtp_destination_recipient_limit by their global's
         type, see param_spec), then the paths (queue_directory(), data_directory(),
-        maillog_file()), the host name, protocols and networks (_check_identity) and
+        maillog_file()), hash_queue_names(), the host name, protocols and networks (_check_identity) and
         relayhost (_check_nexthops); raise the first ConfigError found
         (like a daemon's start-up checks).  Names are checked sorted."""
         for name in self.names():
@@ -600,6 +647,7 @@ class Config:
         self.queue_directory()
         self.data_directory()
         self.maillog_file()
+        self.hash_queue_names()
         self._check_identity()
         self._check_nexthops()
 

@@ -603,7 +603,7 @@ class Master:
 def _hashing(cfg: Config) -> tuple[tuple[str, ...], int]:
     """The queue layout ``cfg`` asks for: (hashed queue names, lower case and sorted;
     hash_queue_depth).  Raises ConfigError."""
-    names = sorted({n.lower() for n in cfg.get_list("hash_queue_names")})
+    names = sorted(set(cfg.hash_queue_names()))
     return tuple(names), cfg.get_int("hash_queue_depth")
 
 

@@ -99,7 +99,7 @@ async def qmgr_main(ctx: ServerContext) -> None:
     cfg = ctx.config
     spool = Spool(
         ctx.queue_directory,
-        tuple(cfg.get_list("hash_queue_names")),
+        tuple(cfg.hash_queue_names()),
         cfg.get_int("hash_queue_depth"),
     )
     client = AgentClient(

@@ -90,10 +90,11 @@ class Spool:
     @classmethod
     def from_config(cls, cfg: Config) -> Spool:
         """Spool for ``queue_directory``, ``hash_queue_names`` and ``hash_queue_depth``.
-        Raises ConfigError (a bad value: Config.queue_directory, get_int)."""
+        Raises ConfigError (a bad value: Config.queue_directory, hash_queue_names,
+        get_int)."""
         return cls(
             cfg.queue_directory(),
-            cfg.get_list("hash_queue_names"),
+            cfg.hash_queue_names(),
             cfg.get_int("hash_queue_depth"),
         )
 
