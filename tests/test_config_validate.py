@@ -499,3 +499,45 @@ def test_maillog_file_must_open_and_no_directory_is_made(tmp_path: Path) -> None
         log.setup("test", str(missing))
     log.close()
     assert not (tmp_path / "nonexistent").exists()
+
+
+def test_maillog_file_override_must_open_naming_the_master_cf_line(tmp_path: Path) -> None:
+    """A service's -o maillog_file is opened by each of its children (before the
+    jail, as main.cf's is by the master): a file that cannot be opened is refused as
+    main.cf's is, naming master.cf's line and the override; a relative one is refused
+    there too. A good one is checked, not created; logfile=False leaves the check to
+    the master (as reload's command line does)."""
+    missing = tmp_path / "nonexistent" / "maillog"
+    smtp = "smtp      unix  -       -       n       -       -       smtp"
+    etc = write(tmp_path, "", GOOD_MASTER.replace(smtp, f"{smtp} -o maillog_file={missing}"))
+    assert error_of(etc) == (
+        f"{etc}/master.cf, line 3: -o maillog_file={missing}: cannot open maillog_file "
+        f'"{missing}": No such file or directory (its directory {missing.parent} does '
+        "not exist; it is not created)")
+    load_configuration(etc, logfile=False)
+    assert not missing.parent.exists()
+    etc = write(tmp_path, "", GOOD_MASTER.replace(smtp, f"{smtp} -o maillog_file={tmp_path}"))
+    assert error_of(etc) == (f"{etc}/master.cf, line 3: -o maillog_file={tmp_path}: cannot "
+                             f'open maillog_file "{tmp_path}": Is a directory')
+    etc = write(tmp_path, "", GOOD_MASTER.replace(smtp, f"{smtp} -o maillog_file=smtp.log"))
+    assert error_of(etc) == (f"{etc}/master.cf, line 3: -o maillog_file=smtp.log: bad "
+                             'maillog_file parameter value "smtp.log": not an absolute path')
+    good = tmp_path / "smtp.log"
+    etc = write(tmp_path, "", GOOD_MASTER.replace(smtp, f"{smtp} -o maillog_file={good}"))
+    load_configuration(etc)
+    assert not good.exists()
+
+
+def test_maillog_file_per_service_from_main_cf_must_open(tmp_path: Path) -> None:
+    """main.cf's maillog_file expanded with $service_name gives each service its own
+    file: one that cannot be opened is refused naming the service's master.cf line."""
+    (tmp_path / "smtp").mkdir()
+    (tmp_path / "qmgr").mkdir()
+    etc = write(tmp_path, f"maillog_file = {tmp_path}/${{service_name}}/maillog\n")
+    missing = tmp_path / "pickup" / "maillog"
+    assert error_of(etc) == (
+        f'{etc}/master.cf, line 1: cannot open maillog_file "{missing}": No such file '
+        f"or directory (its directory {missing.parent} does not exist; it is not "
+        "created)")
+    (tmp_path / "pickup").mkdir()
+    load_configuration(etc)

@@ -56,7 +56,9 @@ DESCRIPTION
       opens, or its directory exists and is writable - no directory is made for it, as
       Postfix's postlogd makes none (check_maillog): ``"<main.cf>, line <n>: cannot
       open maillog_file "/x/maillog": No such file or directory (its directory /x does
-      not exist; it is not created)"``.
+      not exist; it is not created)"``.  A service whose children would open another
+      file (``-o maillog_file=...``) is checked the same way: ``"<master.cf>, line <n>:
+      -o maillog_file=/x/maillog: cannot open maillog_file ..."``.
     * ``-o name=value`` with a name no qmgrd program reads (not in the parameter table,
       not a per-transport parameter, not set in main.cf, not referred to as ``$name``
       by main.cf or the service's other overrides) is accepted, as Postfix does, but
@@ -73,15 +75,17 @@ PUBLIC API
         Config.load + Config.check + check_maillog + check_tables + check_mail_owner +
         load_master_cf + check_services + check_transport_nexthops; raises ConfigError.
         ``euid`` (default: ours) decides whether mail_owner is checked (only for 0);
-        ``modules``/``logfile`` False leave out the module and maillog_file checks.
+        ``modules``/``logfile`` False leave out the module and maillog_file checks (of
+        main.cf and of the services' overrides).
     check_maillog(cfg) -> None                                raises ConfigError
     check_tables(cfg, names=TABLE_PARAMS, warn=None) -> None  raises ConfigError
     check_mail_owner(cfg, euid=None) -> None                  raises ConfigError
     check_transport_nexthops(cfg, services) -> None           raises ConfigError
     TRANSPORT_NEXTHOP_PARAMS: tuple[str, ...]  default_transport, relay_transport
     TABLE_PARAMS: tuple[str, ...]       parameters whose tables qmgrd programs open
-    check_services(cfg, services, warn=None) -> None          raises ConfigError
-    check_service(cfg, service, warn=None) -> None            raises ConfigError
+    check_services(cfg, services, warn=None, *, modules=True, logfile=True) -> None
+    check_service(cfg, service, warn=None, *, modules=True, logfile=True) -> None
+                                                             both raise ConfigError
     module_problem(module) -> str | None    why ``python -m module`` cannot work, or None
     inet_hosts(cfg) -> list[str]            bind addresses of inet services without a host
                                             ("" = every address); raises ConfigError
@@ -152,7 +156,7 @@ def load_configuration(config_directory: str, warn: Warn | None = None,
     check_tables(cfg, warn=warn)
     check_mail_owner(cfg, euid)
     services = load_master_cf(os.path.join(cfg.config_directory, "master.cf"), cfg, warn)
-    check_services(cfg, services, warn, modules=modules)
+    check_services(cfg, services, warn, modules=modules, logfile=logfile)
     check_transport_nexthops(cfg, services)
     return cfg, services
 
@@ -275,18 +279,18 @@ def _param_error(cfg: Config, name: str, message: str) -> ConfigError:
 
 
 def check_services(cfg: Config, services: Sequence[Service], warn: Warn | None = None,
-                   *, modules: bool = True) -> None:
+                   *, modules: bool = True, logfile: bool = True) -> None:
     """check_service() for each service, in master.cf order.  Raises ConfigError."""
     for svc in services:
-        check_service(cfg, svc, warn, modules=modules)
+        check_service(cfg, svc, warn, modules=modules, logfile=logfile)
 
 
 def check_service(cfg: Config, svc: Service, warn: Warn | None = None, *,
-                  modules: bool = True) -> None:
-    """Check one master.cf service against ``cfg`` (module docstring); ``modules``: see
-    load_configuration.  Raises ConfigError ``"<master.cf>, line <n>: <what>"``, or
-    ``"<main.cf>, line <n>: <what>"`` when a main.cf value is what the service cannot
-    run with (inet_interfaces, smtpd's relay restrictions)."""
+                  modules: bool = True, logfile: bool = True) -> None:
+    """Check one master.cf service against ``cfg`` (module docstring); ``modules`` and
+    ``logfile``: see load_configuration.  Raises ConfigError ``"<master.cf>, line <n>:
+    <what>"``, or ``"<main.cf>, line <n>: <what>"`` when a main.cf value is what the
+    service cannot run with (inet_interfaces, smtpd's relay restrictions)."""
     if warn is not None:
         for name, value in svc.overrides.items():
             if not _is_used(cfg, svc, name):
@@ -298,6 +302,8 @@ def check_service(cfg: Config, svc: Service, warn: Warn | None = None, *,
     except ConfigError as exc:
         message = exc.message if exc.path is None else str(exc)
         raise ConfigError(message, svc.path or None, svc.line or None) from None
+    if logfile:
+        _check_service_maillog(cfg, child, svc)
     problem = module_problem(svc.module) if modules else None
     if problem is not None:
         raise ConfigError(f'command "{svc.command}": {problem}', svc.path or None,
@@ -318,6 +324,32 @@ def check_service(cfg: Config, svc: Service, warn: Warn | None = None, *,
     if svc.module == "transports.smtpd":
         _check_smtpd_relay(cfg, child, svc)
         _check_smtpd_tls(child, svc)
+
+
+def _check_service_maillog(cfg: Config, child: Config, svc: Service) -> None:
+    """The service's children open their own maillog_file (master.server.skeleton, as
+    root, before the jail) - an ``-o maillog_file=...`` override, or main.cf's value
+    expanded with the service's $service_name or other overrides.  When that differs
+    from main.cf's (check_maillog's), it must open the same way, else every child would
+    exit fatal at start while the master throttles the service.  A relative value is
+    already refused by Config.check (Config.maillog_file).
+
+    Raises:
+        ConfigError: ``"<master.cf>, line <n>: -o maillog_file=/x/maillog: cannot open
+            maillog_file "/x/maillog": No such file or directory (its directory /x
+            does not exist; it is not created)"`` (without the ``-o`` part when the
+            service's path comes from main.cf's value).
+    """
+    path = child.maillog_file()
+    if not path or path == cfg.maillog_file():
+        return
+    problem = _maillog_problem(path)
+    if problem is None:
+        return
+    message = f'cannot open maillog_file "{path}": {problem}'
+    if "maillog_file" in svc.overrides:
+        message = child.error("maillog_file", message).message  # "-o name=value: ..."
+    raise ConfigError(message, svc.path or None, svc.line or None)
 
 
 def _check_smtpd_relay(cfg: Config, child: Config, svc: Service) -> None:
