@@ -550,3 +550,21 @@ def test_encode_checks_a_value_with_nul_after_its_name_was_seen() -> None:
     assert delivery.encode([("seen_name", "ok")])
     with pytest.raises(delivery.ProtocolError):
         delivery.encode([("seen_name", "x\0y")])
+
+
+def test_symlinked_queue_file_is_not_followed(env: Env) -> None:
+    """A symbolic link under the queue id's name in active/ (queue files are regular
+    files): the agent neither reads through it nor marks its target 0400; every
+    recipient is deferred with the read error, as for a damaged file."""
+    qid = env.queue(["ok@example.net"])
+    req = env.request(qid)
+    path = env.spool.path("active", qid)
+    target = Path(path + ".target")
+    os.rename(path, target)  # a complete, ready queue file elsewhere
+    os.symlink(target, path)
+    _, reply = round_trip(ScriptAgent(), req, env.ctx())
+    assert reply is not None and reply.status == 1
+    assert stat.S_IMODE(target.stat().st_mode) == 0o700
+    assert os.path.islink(path)
+    ((_, dsn),) = statuslog.read(env.spool, "defer", qid)
+    assert dsn.reason == "queue file read error"

@@ -514,3 +514,29 @@ def test_reply_lost_only_after_the_request_was_sent(tmp_path: Path) -> None:
                     assert exchange(path, {"cmd": "ping"}, 1000, "control", 5) == {"pid": 1}
             finally:
                 t.join(10)
+
+
+def test_symlinked_queue_file_is_changed_not_followed(tmp_path: Path) -> None:
+    """A symbolic link under a queue id's name: apply_file opens it O_NOFOLLOW (no lock
+    taken through it, no FIFO blocks it); the change renames or removes the link
+    itself, and requeue's new time stamp is the link's, never its target's."""
+    from qmgrd.qmgr.admin import DONE, apply_file
+
+    spool = Spool(str(tmp_path / "q"))
+    spool.make_dirs()
+    target = tmp_path / "target"
+    target.write_bytes(b"precious")
+    os.utime(target, (1000, 1000))
+    f, qid, _ = spool.create("incoming")
+    f.close()
+    os.unlink(spool.path("incoming", qid))
+    os.symlink(target, spool.path("active", qid))
+    assert apply_file(spool, "active", qid, "hold") == DONE
+    assert os.path.islink(spool.path("hold", qid))
+    assert apply_file(spool, "hold", qid, "requeue", now=5000) == DONE
+    assert os.path.islink(spool.path("incoming", qid))
+    assert target.stat().st_mtime == 1000
+    os.rename(spool.path("incoming", qid), spool.path("active", qid))
+    assert apply_file(spool, "active", qid, "delete") == DONE
+    assert not os.path.lexists(spool.path("active", qid))
+    assert target.read_bytes() == b"precious"

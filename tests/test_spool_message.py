@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from master.config import Config
+from qmgrd.qmgr.qfile import ActiveFile
 from qmgrd.spool import records as R
 from qmgrd.spool.cleanup import Cleanup
 from qmgrd.spool.envelope import Envelope, Recipient
@@ -228,3 +229,25 @@ def test_mutated_files_only_corrupt(setup: tuple[Cleanup, Spool],
 
 def test_record_constants() -> None:
     assert R.REC_SIZE == b"C" and R.REC_DONE == b"D" and R.REC_END == b"E"
+
+
+def test_symlink_or_fifo_is_a_damaged_queue_file(setup: tuple[Cleanup, Spool]) -> None:
+    """Queue files are regular files (Postfix's mail_open_ok): a symbolic link under a
+    queue id's name is never followed - the qmgr, agents and tools would read or lock
+    its target - and a FIFO never blocks the open; both are CorruptQueueFile, what
+    every caller already does with a damaged file."""
+    c, spool = setup
+    qid = submit(c)
+    path = spool.path("incoming", qid)
+    target = path + ".target"
+    os.rename(path, target)  # a good, ready queue file, reached only through the link
+    os.symlink(target, path)
+    for readonly in (False, True):
+        with pytest.raises(CorruptQueueFile, match=r"not a regular file \(symbolic link\)"):
+            QueueFile.open(spool, "incoming", qid, lock="ex", readonly=readonly)
+    with pytest.raises(CorruptQueueFile, match="symbolic link"):
+        ActiveFile.reopen(spool, "incoming", qid, 1, 1, 1)
+    os.unlink(path)
+    os.mkfifo(path, 0o700)
+    with pytest.raises(CorruptQueueFile, match="not a regular file"):
+        QueueFile.open(spool, "incoming", qid, readonly=True)

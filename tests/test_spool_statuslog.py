@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -130,3 +131,22 @@ def test_root_writer_gives_log_to_queue_owner(spool: Spool) -> None:
         assert (os.stat(path).st_uid, os.stat(path).st_gid) == (nobody, nobody)
         d = os.path.dirname(path)
         assert os.stat(d).st_uid == nobody
+
+
+def test_a_symlinked_log_is_never_written_or_read_through(tmp_path: Path) -> None:
+    """A symbolic link under a queue id's name in defer/ is not followed (the local
+    agent appends as root): the append fails with ELOOP, the target is untouched."""
+    spool = Spool(str(tmp_path / "q"), hash_queue_depth=0)
+    spool.make_dirs()
+    f, qid, _ = spool.create("incoming")
+    f.close()
+    target = tmp_path / "target"
+    target.write_bytes(b"")
+    os.symlink(target, spool.path("defer", qid))
+    with pytest.raises(OSError) as info:
+        statuslog.append(spool, "defer", qid, Recipient("a@example.net"),
+                         Dsn("4.0.0", "delayed", "later"))
+    assert info.value.errno == errno.ELOOP
+    with pytest.raises(OSError):
+        statuslog.read(spool, "defer", qid)
+    assert target.read_bytes() == b""

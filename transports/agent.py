@@ -84,7 +84,7 @@ from qmgrd.delivery import DeliverRequest, DeliverStatus, ProtocolError, Recipie
 from qmgrd.logfmt import delivery_line
 from qmgrd.spool import statuslog
 from qmgrd.spool.envelope import DSN_NOTIFY_SUCCESS, Recipient
-from qmgrd.spool.message import CorruptQueueFile, QueueFile, QueueFileError
+from qmgrd.spool.message import CorruptQueueFile, QueueFile, QueueFileError, open_regular
 from qmgrd.spool.queue import MESSAGE_QUEUES, Spool
 from qmgrd.spool.queueid import valid_id
 from qmgrd.spool.statuslog import Dsn
@@ -371,9 +371,14 @@ class DeliveryAgent:
 
     def _chmod_corrupt(self, req: DeliverRequest) -> None:
         assert self.spool is not None
-        try:
-            os.chmod(self.spool.path(req.queue_name, req.queue_id), 0o400)
-        except (OSError, ValueError) as exc:
+        try:  # not through a symbolic link (qmgrd.spool.message.open_regular): the
+            # qmgr moves a link to corrupt/ itself (it is never a ready queue file)
+            fd, _ = open_regular(self.spool.path(req.queue_name, req.queue_id), os.O_RDONLY)
+            try:
+                os.fchmod(fd, 0o400)
+            finally:
+                os.close(fd)
+        except (QueueFileError, OSError, ValueError) as exc:
             log.warning(f"{req.queue_id}: cannot mark corrupt: {exc}")
 
     def _finish_all(self, req: DeliverRequest, msg: QueueFile | None, dsn: Dsn) -> DeliverStatus:

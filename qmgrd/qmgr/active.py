@@ -258,7 +258,7 @@ class ActiveQueue:
         try:
             qf = ActiveFile.reopen(self.spool, "active", msg.qid, msg.rcpt_offset,
                                    msg.data_offset, msg.data_size)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, CorruptQueueFile) as exc:
             self._unreadable(msg, f"cannot reopen queue file: {exc}")
             return
         try:

@@ -98,7 +98,7 @@ def _change(spool: Spool, queue: str, qid: str, action: str, now: float) -> None
         target = _TARGET[action]
         path = spool.move(qid, queue, target) if queue != target else spool.path(queue, qid)
         if action == "requeue":
-            os.utime(path, (now, now))
+            os.utime(path, (now, now), follow_symlinks=False)
             try:
                 os.unlink(spool.path("defer", qid))
             except FileNotFoundError:
@@ -128,10 +128,19 @@ def apply_file(spool: Spool, queue: str, qid: str, action: str,
         except FileNotFoundError:
             return ABSENT
         return DONE
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:  # never through a symbolic link, nor blocked by a FIFO (queue files are
+        # regular files): a link is renamed or removed itself, no one delivers from it
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         return ABSENT
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+        try:
+            _change(spool, queue, qid, action, when)
+        except FileNotFoundError:
+            return ABSENT
+        return DONE
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -120,7 +120,7 @@ class Completion:
                 msg.admin.finish(msg)
                 return False
             try:
-                st = os.stat(path)
+                st = os.lstat(path)  # a symbolic link is no queue file: not ready
             except OSError as exc:
                 log.warning(f"{qid}: active queue file vanished: {exc}")
                 return False

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import os
 
-from qmgrd.spool.message import QueueFile
+from qmgrd.spool.message import QueueFile, open_regular
 from qmgrd.spool.queue import Spool
 
 __all__ = ["ActiveFile"]
@@ -58,11 +58,12 @@ class ActiveFile(QueueFile):
 
         Raises:
             OSError: the file cannot be opened (FileNotFoundError when it is gone).
+            CorruptQueueFile: it is not a regular file (a symbolic link is not followed:
+                qmgrd.spool.message.open_regular).
         """
         path = spool.path(queue, qid)
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        fd, st = open_regular(path, os.O_RDWR)
         try:
-            st = os.fstat(fd)
             f = os.fdopen(fd, "r+b")
         except BaseException:
             os.close(fd)

@@ -548,7 +548,8 @@ class Scheduler:
         msg = entry.message
         unfinished = list(entry.recipients)
         try:
-            fd = os.open(self.spool.path("active", msg.qid), os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(self.spool.path("active", msg.qid),
+                         os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError:
             pass
         else:

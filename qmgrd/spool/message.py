@@ -1,7 +1,10 @@
 """message — open, read and update one queue file (QueueFile).
 
 Summary
-    ``QueueFile.open()`` validates the id, checks that the file is *ready* (owner rwx,
+    ``QueueFile.open()`` validates the id, opens the file without following a symbolic
+    link or blocking on a FIFO (O_NOFOLLOW|O_NONBLOCK, then fstat: queue files are
+    regular files, as Postfix's mail_open_ok requires - anything else is
+    CorruptQueueFile, "not a regular file"), checks that it is *ready* (owner rwx,
     postfix.md §1.5), takes a non-blocking flock (exclusive for the qmgr, shared for
     delivery agents, none for tools), and reads the whole envelope the way Postfix's
     qmgr_message_read does (§2.3, §4.3): record types must belong to their segment; at
@@ -31,6 +34,9 @@ Public API
     .iter_lines() -> Iterator[bytes]    content lines without EOL (L+N joined)
     .mark_done(offset), .set_warn_done(), .mark_corrupt(), .close(), context manager
     QueueFileError, CorruptQueueFile(reason), QueueFileLocked, QueueFileNotReady
+    open_regular(path, flags) -> (fd, os.stat_result)   the open QueueFile.open does:
+        O_NOFOLLOW|O_NONBLOCK|O_CLOEXEC added; CorruptQueueFile for a symbolic link or
+        any other non-regular file (fd closed); OSError from open/fstat
 
 Raises CorruptQueueFile on any structural error, QueueFileLocked when the lock is held
 elsewhere, QueueFileNotReady when the mode says the file is incomplete, ValueError for an
@@ -39,6 +45,7 @@ invalid id, OSError (FileNotFoundError ...) from the file system. Logs nothing.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import stat
@@ -56,6 +63,7 @@ __all__ = [
     "QueueFileError",
     "QueueFileLocked",
     "QueueFileNotReady",
+    "open_regular",
 ]
 
 LockMode = Literal["ex", "sh"] | None
@@ -116,6 +124,37 @@ class _RcptState:
         self.orcpt = ""
         self.notify = 0
         self.start = -1
+
+
+def open_regular(path: str, flags: int) -> tuple[int, os.stat_result]:
+    """Open queue file ``path`` with ``flags`` plus O_NOFOLLOW|O_NONBLOCK|O_CLOEXEC:
+    a symbolic link planted under a queue id's name is never followed (a root tool or
+    the root local agent would read, lock or change its target), and a FIFO never
+    blocks the open.  O_NONBLOCK does not change reads and writes of a regular file.
+
+    Returns:
+        (fd, fstat of fd) of a regular file; the caller closes fd.
+
+    Raises:
+        CorruptQueueFile: "not a regular file (symbolic link)" or "not a regular file
+            (mode <octal>)" - treated as a damaged queue file by every caller.
+        OSError: the open or fstat failed otherwise (FileNotFoundError when gone).
+    """
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # O_NOFOLLOW met a symbolic link
+            raise CorruptQueueFile("not a regular file (symbolic link)") from None
+        raise
+    try:
+        st = os.fstat(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise CorruptQueueFile(f"not a regular file (mode {st.st_mode:o})")
+    return fd, st
 
 
 class QueueFile:
@@ -180,12 +219,13 @@ class QueueFile:
         Raises:
             ValueError: invalid id or queue name.
             OSError: open/stat failed (FileNotFoundError when gone).
-            QueueFileNotReady, QueueFileLocked, CorruptQueueFile.
+            CorruptQueueFile: not a regular file (a symbolic link is never followed), or
+                a damaged one.
+            QueueFileNotReady, QueueFileLocked.
         """
         path = spool.path(queue, qid)
-        fd = os.open(path, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC)
+        fd, st = open_regular(path, os.O_RDONLY if readonly else os.O_RDWR)
         try:
-            st = os.fstat(fd)
             if not Spool.is_ready(st):
                 raise QueueFileNotReady(f"{qid}: file is not ready (mode {st.st_mode:o})")
             if lock is not None:

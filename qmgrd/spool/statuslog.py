@@ -28,7 +28,9 @@ Summary
     (Postfix printable()).
 
     Appends happen under an exclusive flock, then fflush + fsync; when any step fails
-    the file is truncated back to its old length and the OSError propagates.
+    the file is truncated back to its old length and the OSError propagates.  Logs are
+    opened with O_NOFOLLOW: a symbolic link under a queue id's name is never written or
+    read through (OSError ELOOP, as for any unwritable log).
 
 Public API
     LOGS = ("bounce", "defer", "trace")
@@ -229,7 +231,9 @@ def append_many(spool: Spool, log_name: str, qid: str,
     if not entries:
         return
     data = b"".join(format_entry(rcpt, dsn) for rcpt, dsn in entries)
-    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+    # O_NOFOLLOW: a symbolic link under a queue id's name is never written through
+    # (the local agent appends as root)
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
         fd = os.open(path, flags, 0o600)
     except FileNotFoundError:
@@ -286,7 +290,7 @@ def read(spool: Spool, log_name: str, qid: str) -> list[tuple[Recipient, Dsn]]:
     """
     path = _path(spool, log_name, qid)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)  # never a link
     except FileNotFoundError:
         return []
     with os.fdopen(fd, "rb") as f:
