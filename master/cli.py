@@ -23,8 +23,11 @@ Description
                left out of place, is a warning in the mail log; any other failure
                fails the start).  Without --foreground, fork once: the child starts a
                new session, puts stdio on /dev/null and runs the master; the parent
-               waits until the master reports that it started, then exits 0 (1 with
-               the reason if it failed, or was stopped during the repair).  The wait
+               says ``qmgr-master: starting the qmgrd mail system (master pid <n>)``
+               (postfix-script's "starting the Postfix mail system"; the master itself
+               logs ``daemon started`` as before), then waits until the master reports
+               that it started and exits 0 (1 with the reason if it failed, or was
+               stopped during the repair).  The wait
                is START_TIMEOUT (10 s) from the last report: while the repair runs the
                master reports it every second (after the first), so a repair of a
                large queue is waited for however long it takes, after one line
@@ -32,10 +35,14 @@ Description
                pid <n>) before the services start``.  No report in time: ``fatal: the
                master (pid <n>) did not report start-up within 10s``, exit 1.  With --foreground the master runs in this process (logging also
                to stderr) until stopped.
-    stop       SIGTERM the master and wait until it and every child are gone; exit 0.
+    stop       SIGTERM the master (``stopping the qmgrd mail system (master pid <n>)``,
+               as postfix-script's "stopping the Postfix mail system") and wait until
+               it and every child are gone; exit 0.
                Not running: "the qmgrd mail system is not running", exit 1 (as
                ``postfix stop``).
-    reload     Check both files as start does, then SIGHUP the master and wait (up to
+    reload     Check both files as start does, then SIGHUP the master (``refreshing
+               the qmgrd mail system (master pid <n>)``, as postfix-script's
+               "refreshing the Postfix mail system") and wait (up to
                RELOAD_TIMEOUT, 10 s) for its verdict in ``pid/master.reload``: exit 0
                when it reloaded; exit 1 with ``the master refused the reload and keeps
                its configuration: <why>`` when its own check (in its environment: a
@@ -275,6 +282,7 @@ def _start_background(config_dir: str) -> int:
         finally:
             os._exit(code)
     os.close(w)
+    _say(f"starting the qmgrd mail system (master pid {pid})")
     try:
         return _wait_started(r, pid)
     finally:
@@ -340,7 +348,7 @@ def stop(ctx: click.Context) -> None:
         sys.exit(1)
     except (psutil.AccessDenied, PermissionError):
         _denied("stop")
-    _say("stopping the qmgrd mail system")
+    _say(f"stopping the qmgrd mail system (master pid {pid})")
     _, alive = psutil.wait_procs(procs, timeout=STOP_TIMEOUT)
     if alive:
         pids = " ".join(str(p.pid) for p in alive)
@@ -366,7 +374,7 @@ def reload(ctx: click.Context) -> None:
         sys.exit(1)
     except PermissionError:
         _denied("reload")
-    _say("refreshing the qmgrd mail system")
+    _say(f"refreshing the qmgrd mail system (master pid {pid})")
     # the master checks the files again, in its own environment: report its verdict
     deadline = time.monotonic() + RELOAD_TIMEOUT
     while time.monotonic() < deadline:

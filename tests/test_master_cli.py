@@ -161,7 +161,10 @@ def test_busy_endpoint_names_master_cf_line(system: System) -> None:
     assert result.returncode == 1
     expected = (f"fatal: {system.master_cf}, line 2: cannot open endpoint 127.0.0.1:{port}: "
                 "Address already in use")
-    assert result.stderr == f"qmgr-master: {expected}\n"
+    # the master was forked ("starting ..."), then refused the busy endpoint
+    said = result.stderr.splitlines()
+    assert said[0].startswith("qmgr-master: starting the qmgrd mail system (master pid ")
+    assert said[1:] == [f"qmgr-master: {expected}"]
     assert any(line.endswith(expected) for line in log_lines(system.base))
 
 
@@ -172,7 +175,9 @@ def test_duplicate_service_is_warned_about(system: System) -> None:
     result = system.cli("start")
     pid = int((system.q / "pid" / "master.pid").read_text())
     system.sessions.append(pid)
-    assert result.returncode == 0 and result.stderr == f"qmgr-master: {warning}\n"
+    assert result.returncode == 0 and result.stderr == (
+        f"qmgr-master: {warning}\n"
+        f"qmgr-master: starting the qmgrd mail system (master pid {pid})\n")
     assert len(system.grep(warning)) == 1
     assert system.cli("stop").returncode == 0
 
@@ -294,7 +299,7 @@ def test_reload_reports_the_masters_own_verdict(system: System, tmp_path: Path) 
     (mods / "reload_only").mkdir(parents=True)
     (mods / "reload_only" / "__init__.py").write_text("")
     (mods / "reload_only" / "here.py").write_text("")
-    system.start()
+    pid = system.start()
     good = system.master_cf.read_text()
     system.master_cf.write_text(good + "mine unix - - n - - reload_only.here\n")
     result = system.cli("reload", pythonpath=str(mods))
@@ -305,7 +310,8 @@ def test_reload_reports_the_masters_own_verdict(system: System, tmp_path: Path) 
     system.master_cf.write_text(good)
     result = system.cli("reload")
     assert result.returncode == 0, result.stderr
-    assert result.stderr == "qmgr-master: refreshing the qmgrd mail system\n"
+    assert result.stderr == ("qmgr-master: refreshing the qmgrd mail system (master pid "
+                             f"{pid})\n")
     assert system.grep("reload -- version")
 
 
@@ -317,13 +323,14 @@ def test_reload_leaves_the_module_check_to_the_master(system: System, tmp_path: 
     (mods / "master_only").mkdir(parents=True)
     (mods / "master_only" / "__init__.py").write_text("")
     (mods / "master_only" / "agent.py").write_text("")
-    system.start(pythonpath=str(mods))
+    pid = system.start(pythonpath=str(mods))
     generation = system.echo().split()[2]
     good = system.master_cf.read_text()
     system.master_cf.write_text(good + "mine unix - - n - - master_only.agent\n")
     result = system.cli("reload")
     assert result.returncode == 0, result.stderr
-    assert result.stderr == "qmgr-master: refreshing the qmgrd mail system\n"
+    assert result.stderr == ("qmgr-master: refreshing the qmgrd mail system (master pid "
+                             f"{pid})\n")
     wait_for(lambda: system.grep("reload -- version"), what="reload")
     assert system.echo().split()[2] != generation
     system.master_cf.write_text(good + "mine unix - - n - - master_only.agent -o x\n")

@@ -298,15 +298,23 @@ def test_bad_configuration_starts_nothing(base: Path) -> None:
 
 
 def test_background_start_stop_reload(mail: Mail) -> None:
-    assert mail.cli("start").returncode == 0
+    """Each of start, reload and stop says one line naming the master, as postfix-script
+    says "starting / refreshing / stopping the Postfix mail system"."""
+    started = mail.cli("start")
+    assert started.returncode == 0
     pid = int(mail.pid_file.read_text())
     mail.sessions.append(pid)  # setsid: the master leads its session
+    assert started.stderr == f"qmgr-master: starting the qmgrd mail system (master pid {pid})\n"
     assert mail.cli("status").returncode == 0
     assert ask(mail.q / "private" / "echo")[2] == "1"
-    assert mail.cli("reload").returncode == 0
+    reloaded = mail.cli("reload")
+    assert reloaded.returncode == 0
+    assert reloaded.stderr == (
+        f"qmgr-master: refreshing the qmgrd mail system (master pid {pid})\n")
     wait_for(lambda: ask(mail.q / "private" / "echo")[2] == "2", what="reloaded generation")
     stopped = mail.cli("stop")
     assert stopped.returncode == 0
+    assert stopped.stderr == f"qmgr-master: stopping the qmgrd mail system (master pid {pid})\n"
     assert gone(pid) and session_procs(pid) == []  # the master led its own session
     assert mail.cli("status").returncode == 3
     again = mail.cli("stop")
