@@ -540,3 +540,76 @@ def test_symlinked_queue_file_is_changed_not_followed(tmp_path: Path) -> None:
     assert apply_file(spool, "active", qid, "delete") == DONE
     assert not os.path.lexists(spool.path("active", qid))
     assert target.read_bytes() == b"precious"
+
+
+@pytest.mark.timeout(25)  # a bound for hanging: the command ends after --wait + 2 s
+@pytest.mark.parametrize("action", ["hold", "requeue", "delete"])
+def test_qmgr_that_does_not_answer(q: Q, action: str) -> None:
+    """A qmgr that is alive but silent (stopped with SIGSTOP: its socket takes
+    connections, nobody reads them): the command ends after --wait + 2 s instead of
+    --wait + 30 s (plus 10 s of requeue's table check), exit 75; the active file is left
+    to the qmgr. A request that was sent is "outcome unknown" (the qmgr carries it out
+    when it runs again: it waits, complete, in the socket); requeue's table check timed
+    out, so its change was not asked for at all: "nothing was changed". Files outside
+    the active queue are changed as usual."""
+    qid = q.submit("active", "a@x.example", ["r@one.example"])
+    other = q.submit("deferred", "a@x.example", ["r@two.example"])
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as frozen:
+        frozen.bind(os.path.join(q.spool.queue_path("private"), "qmgr-control"))
+        frozen.listen(8)
+        code, out, err = q.run(action, "--wait", "0.5", qid, other)
+        frozen.setblocking(False)
+        conn, _ = frozen.accept()  # what the qmgr finds when it runs again
+        with conn:
+            first = json.loads(conn.recv(65536))
+    assert code == EX_TEMPFAIL, err
+    assert q.where(qid) == ["active"]
+    assert ("no answer from the qmgr (control reply timed out after 2.5s): it may be "
+            "stopped or overloaded; the messages in the active queue were left to it") in err
+    done = {"hold": "placed on hold", "requeue": "requeued", "delete": "removed"}[action]
+    assert out == f"{other}: {done}\n"
+    if action == "requeue":
+        assert first == {"cmd": "tables"}
+        assert (f"{qid}: not requeued: the qmgr did not answer (control reply timed out "
+                "after 2.5s); nothing was changed; try again") in err
+        assert q.where(other) == ["incoming"]
+    else:
+        assert first["cmd"] == "act" and first["ids"] == [qid] and first["wait"] <= 0.5
+        assert f"{qid}: outcome unknown: the qmgr did not answer" in err
+        assert err.endswith("outcome unknown: 1 message\n"), err
+
+
+def test_exchange_bounds_the_whole_exchange(tmp_path: Path) -> None:
+    """jsonsock.exchange: ``timeout`` bounds connect, send and every read together - a
+    peer that trickles its reply does not restart it (ReplyTimedOut, a ReplyLost); a
+    listen queue nobody takes from and no time left are TimeoutError (nothing asked)."""
+    import threading
+
+    from qmgrd.qmgr.jsonsock import ReplyLost, ReplyTimedOut, exchange
+
+    path = str(tmp_path / "s")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as srv:
+        srv.bind(path)
+        srv.listen(0)
+        stop = threading.Event()
+
+        def trickle() -> None:
+            conn, _ = srv.accept()
+            with conn:
+                conn.recv(1000)
+                conn.sendall(b'{"pid": 1')
+                while not stop.wait(0.2):  # a byte now and then, never the newline
+                    conn.sendall(b" ")
+
+        t = threading.Thread(target=trickle)
+        t.start()
+        try:
+            with pytest.raises(ReplyTimedOut, match="control reply timed out after 1s"):
+                exchange(path, {"cmd": "ping"}, 1000, "control", 1)
+        finally:
+            stop.set()
+            t.join(10)
+        assert issubclass(ReplyTimedOut, ReplyLost)
+        with pytest.raises(TimeoutError) as info:
+            exchange(path, {"cmd": "ping"}, 1000, "control", 0)
+        assert not isinstance(info.value, ReplyLost)

@@ -381,3 +381,61 @@ def test_qmgr_copes_when_a_file_is_removed_under_it(tmp_path: Path,
     assert f"{gone}: active queue file vanished" in err
     assert "delivery via" not in err and "Traceback" not in err
     assert env.files("hold") == [moved] and not env.files("active")
+
+
+@pytest.mark.timeout(25)  # a bound for hanging: the command ends after --wait + 2 s
+def test_hold_against_a_stopped_qmgr_is_left_to_it(tmp_path: Path,
+                                                    capfd: pytest.CaptureFixture[str]) -> None:
+    """qmgr-ctl hold of an active message while the qmgr does not run (its event loop
+    blocked, as under SIGSTOP): the command ends within its wait bound with "outcome
+    unknown", exit 75, and leaves the file alone (moving it under the qmgr made the
+    delivery agent defer it with "queue file read error"); when the qmgr runs again it
+    finds the request in its socket and holds the message itself, counts intact."""
+    from click.testing import CliRunner
+
+    from qmgrd.ctl.cli import EX_TEMPFAIL, cli
+    from qmgrd.qmgr.control import CONTROL_SOCKET
+
+    env = Env(tmp_path)
+    qid = env.submit("a@x.example", ["r@one.example"])
+    env.agents.hold = True
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    (etc / "main.cf").write_text(f"queue_directory = {env.spool.queue_directory}\n"
+                                 f"maillog_file = {tmp_path}/ctl.log\n")
+
+    async def go() -> None:
+        sched, ctl = await started(env)
+        assert len(env.agents.waiting) == 1  # its delivery is in flight
+        server = ControlServer(os.path.join(env.spool.queue_path("private"),
+                                            CONTROL_SOCKET), ctl)
+        assert await server.start()
+        try:
+            # the command runs in this thread: the qmgr's loop is stopped meanwhile
+            res = CliRunner().invoke(cli, ["-c", str(etc), "hold", "--wait", "0.5", qid])
+            assert res.exit_code == EX_TEMPFAIL, res.stderr
+            assert res.stdout == ""
+            assert ("qmgr-ctl: warning: no answer from the qmgr (control reply timed out "
+                    "after 2.5s): it may be stopped or overloaded") in res.stderr
+            assert (f"{qid}: outcome unknown: the qmgr did not answer (control reply timed "
+                    "out after 2.5s); it has the request and makes the change when it "
+                    "runs again") in res.stderr
+            assert res.stderr.endswith("qmgr-ctl: Placed on hold: 0 messages; outcome "
+                                       "unknown: 1 message\n"), res.stderr
+            assert env.files("active") == [qid]  # not moved under the qmgr
+            # the qmgr runs again: the request waiting in its socket is served
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 10
+            while qid not in ctl.pending and loop.time() < deadline:
+                await asyncio.sleep(0.01)
+            assert qid in ctl.pending
+            env.agents.release(1, "defer")
+            await drain(sched)
+            counts_are_zero(sched)
+        finally:
+            await server.close()
+
+    run(go())
+    assert env.files("hold") == [qid] and not env.files("active")
+    err = capfd.readouterr().err
+    assert f"{qid}: placed on hold" in err and "read error" not in err

@@ -25,12 +25,30 @@ Summary
     delete too) is not counted as done: ``<id>: not removed: delivered meanwhile``
     (``not placed on hold``, ``not requeued``). With no qmgr answering, active files are
     changed directly under an exclusive lock (an agent's lock: "still being delivered").
-    When the qmgr took the request but stopped (or hung) before it answered
-    (qmgrd.qmgr.jsonsock.ReplyLost), what it did is read from the queue directory:
-    a file still in ``active/`` is changed directly as above; one now on hold (hold) is
-    counted as done (the qmgr held it); one gone from every queue is :data:`UNKNOWN`
-    (the qmgr removed it, or it was delivered meanwhile: only the maillog tells);
-    ``Admin.lost_reason`` then says why the answer was lost.
+    When the qmgr took the request but stopped before it answered
+    (qmgrd.qmgr.jsonsock.ReplyLost: it closed the connection, i.e. it died), what it
+    did is read from the queue directory: a file still in ``active/`` is changed
+    directly as above; one now on hold (hold) is counted as done (the qmgr held it);
+    one gone from every queue is :data:`UNKNOWN` (the qmgr removed it, or it was
+    delivered meanwhile: only the maillog tells); ``Admin.lost_reason`` then says why
+    the answer was lost.
+
+    Time: the whole run talks to the qmgr for at most ``wait`` + ANSWER_GRACE (2 s)
+    seconds - requeue's table check and restart wait included - and the qmgr is asked
+    to wait for deliveries in flight for what is left of ``wait``.  A qmgr that is
+    alive but does not answer in that time (stopped with SIGSTOP, hung, overloaded:
+    jsonsock.ReplyTimedOut) still has the request and makes the change when it runs
+    again, so its active files are NOT changed here (that would move a file the qmgr
+    holds in memory: a delivery of it would find no file - "queue file read error" -
+    and a requeued copy could be taken in while the old one is still scheduled);
+    each such message still in ``active/`` is :data:`UNKNOWN` ("outcome unknown: the
+    qmgr did not answer within <n>s; it has the request ..."); one that left
+    ``active/`` meanwhile is handled as after a lost answer.  A qmgr that did not even
+    take the request in time (its listen queue full; or no time was left, e.g. after
+    requeue's table check timed out) was asked nothing: its active messages are
+    :data:`~qmgrd.qmgr.admin.BUSY` ("not placed on hold: the qmgr did not answer
+    (...); nothing was changed; try again").  ``Admin.timed_out`` is True then, and
+    ``lost_reason`` says what timed out.
     A message that moves between queues while we work is looked for again (3 rounds).
 
     ``requeue`` first makes sure the qmgr routes with the current transport maps: when
@@ -56,10 +74,15 @@ Public API
     Report(qid, queue, result, text)                       one line of output ("" = none)
     NOOP                                                   result: nothing to do, silent
     UNKNOWN                                                result: outcome unknown (above)
-    Admin(spool, action, *, dry_run=False, wait=10.0)
+    ANSWER_GRACE = 2.0   seconds beyond ``wait`` for the qmgr's answer
+    Admin(spool, action, *, dry_run=False, wait=10.0)   wait: seconds (see Time above)
         .run(targets: list[tuple[str, str | None]]) -> list[Report]
         .lost_reason -> str     "" or why the qmgr's answer was lost (e.g. "control:
-                                connection closed before the reply")
+                                connection closed before the reply", "control reply
+                                timed out after 12s")
+        .timed_out -> bool      the qmgr was alive but did not answer in time
+    sync_tables(path, deadline) -> str    requeue's table check: "" or why the qmgr
+                                          did not answer (deadline: time.monotonic())
     select_targets(spool, action, ids | None, everything, selector) -> list[(qid, queue|None)]
     flush_ids(spool, ids) -> list[Report]; flush_site(spool, key, batch, pace,
         match=None) -> int
@@ -82,7 +105,7 @@ from qmgrd.ctl.select import Selector, domain_matches, recipient_domain
 from qmgrd.ctl.showq import QueueEntry, scan
 from qmgrd.qmgr import control
 from qmgrd.qmgr.admin import ABSENT, BUSY, DONE, apply_file
-from qmgrd.qmgr.jsonsock import ReplyLost
+from qmgrd.qmgr.jsonsock import ReplyLost, ReplyTimedOut
 from qmgrd.qmgr.suspend import Suspension, suspend_path, update
 from qmgrd.spool.queue import Spool
 from qmgrd.trigger import (
@@ -105,6 +128,9 @@ NOOP = "noop"
 UNKNOWN = "unknown"
 _ROUNDS = 3
 _BATCH = 5000
+ANSWER_GRACE = 2.0  # s: beyond --wait, for the qmgr's answer to come back
+_SILENT = "silent"  # asked, no answer in time, still in active/: the qmgr's to change
+_UNASKED = "unasked"  # not asked (the qmgr took no request in time), still in active/
 
 
 @dataclass
@@ -157,6 +183,7 @@ class Admin:
         self.control_path = os.path.join(spool.queue_path("private"),
                                          control.CONTROL_SOCKET)
         self.lost_reason = ""
+        self.timed_out = False
 
     def _exists(self, queue: str, qid: str) -> bool:
         return os.path.lexists(self.spool.path(queue, qid))
@@ -173,8 +200,13 @@ class Admin:
         """Do the action on every target; one Report each, in order."""
         if self.dry_run:
             return [self._dry(qid, hint) for qid, hint in targets]
+        deadline = time.monotonic() + self.wait + ANSWER_GRACE
+        silent = ""
         if self.action == "requeue":
-            sync_tables(self.control_path)
+            silent = sync_tables(self.control_path, deadline)
+            if silent:
+                self.timed_out = True
+                self.lost_reason = silent
         reports: dict[str, Report] = {}
         active: list[str] = []
         for qid, hint in targets:
@@ -183,7 +215,7 @@ class Admin:
                 active.append(qid)
             else:
                 reports[qid] = rep
-        for qid, rep in self._active(active).items():
+        for qid, rep in self._active(active, deadline, bool(silent)).items():
             reports[qid] = rep
         return [reports[qid] for qid, _ in targets if qid in reports]
 
@@ -221,7 +253,9 @@ class Admin:
             hint = None  # moved meanwhile: look again
         return Report(qid, "", ABSENT, self._absent_text(qid))
 
-    def _active(self, ids: list[str]) -> dict[str, Report]:
+    def _active(self, ids: list[str], deadline: float, silent: bool) -> dict[str, Report]:
+        """Have the qmgr change ``ids`` (files in active/), answering by ``deadline``
+        (time.monotonic()); ``silent``: it did not answer before, do not ask."""
         out: dict[str, Report] = {}
         if not ids:
             return out
@@ -229,19 +263,37 @@ class Admin:
         lost: set[str] = set()  # asked, but the qmgr's answer never came
         for start in range(0, len(ids), _BATCH):
             batch = ids[start:start + _BATCH]
+            if silent:  # the qmgr is alive but does not answer: ask nothing more
+                results.update(self._left_to_qmgr(batch, _UNASKED))
+                continue
+            left = deadline - time.monotonic()
             try:
                 reply = control.request(self.control_path, {
-                    "cmd": "act", "action": self.action, "ids": batch, "wait": self.wait,
-                    "verdict": True},
-                    timeout=self.wait + 30)
+                    "cmd": "act", "action": self.action, "ids": batch,
+                    "wait": round(max(0.0, left - ANSWER_GRACE), 3), "verdict": True},
+                    timeout=left)
                 got = reply.get("results")
                 if not isinstance(got, dict):
                     raise TypeError(str(reply.get("error", "bad reply"))[:200])
                 results.update({k: str(v) for k, v in got.items() if k in batch})
                 continue
+            except ReplyTimedOut as exc:
+                # alive but silent: it has the request and acts when it runs again, so
+                # the files it holds are not ours to change
+                self._silent(str(exc))
+                silent = True
+                lost.update(batch)
+                results.update(self._left_to_qmgr(batch, _SILENT))
+                continue
+            except TimeoutError as exc:  # it took no request in time: nothing asked
+                self._silent(str(exc))
+                silent = True
+                results.update(self._left_to_qmgr(batch, _UNASKED))
+                continue
             except ReplyLost as exc:
-                # the qmgr had the request and went away (or hung) before it answered:
-                # it may have changed some of them; where each file is now tells
+                # the qmgr had the request and went away (closed the connection) before
+                # it answered: it may have changed some of them; where each file is now
+                # tells
                 if not self.lost_reason:
                     self.lost_reason = str(exc)
                 lost.update(batch)
@@ -269,6 +321,16 @@ class Admin:
             elif result == BUSY:
                 out[qid] = Report(qid, "active", BUSY,
                                   f"{qid}: still being delivered; try again later")
+            elif result == _SILENT:
+                out[qid] = Report(qid, "active", UNKNOWN,
+                                  f"{qid}: outcome unknown: the qmgr did not answer "
+                                  f"({self.lost_reason}); it has the request and makes "
+                                  "the change when it runs again (see the maillog)")
+            elif result == _UNASKED:
+                out[qid] = Report(qid, "active", BUSY,
+                                  f"{qid}: not {DONE_TEXT[self.action]}: the qmgr did not "
+                                  f"answer ({self.lost_reason}); nothing was changed; try "
+                                  "again")
             elif result == ABSENT:
                 rep = self._direct(qid, None)  # it left the active queue meanwhile
                 if qid in lost and rep is not None:
@@ -279,6 +341,17 @@ class Admin:
                 out[qid] = Report(qid, "active", "error", f"{qid}: {self.action}: {result}")
         return out
 
+    def _silent(self, reason: str) -> None:
+        """Note that the qmgr is alive but did not answer in time (``reason``)."""
+        self.timed_out = True
+        if not self.lost_reason:
+            self.lost_reason = reason
+
+    def _left_to_qmgr(self, batch: list[str], result: str) -> dict[str, str]:
+        """``result`` for each id still in active/ (the silent qmgr's to change);
+        ABSENT for one that left it meanwhile (looked for elsewhere, as usual)."""
+        return {qid: result if self._exists("active", qid) else ABSENT for qid in batch}
+
     def _after_lost(self, rep: Report) -> Report:
         """A message asked of a qmgr that never answered, no longer in active/: on
         hold now (hold: the qmgr did it, DONE), or gone from every queue (UNKNOWN:
@@ -287,30 +360,40 @@ class Admin:
         if rep.result == NOOP:
             return Report(qid, "hold", DONE, f"{qid}: {DONE_TEXT[self.action]}")
         if rep.result == ABSENT:
+            how = ("did not answer in time" if self.timed_out
+                   else "stopped before it answered")
             return Report(qid, "", UNKNOWN,
-                          f"{qid}: outcome unknown: the qmgr stopped before it answered "
-                          "and the message has left the queue (removed, or delivered "
-                          "meanwhile; see the maillog)")
+                          f"{qid}: outcome unknown: the qmgr {how} and the message has "
+                          "left the queue (removed, or delivered meanwhile; see the "
+                          "maillog)")
         return rep
 
 
-def sync_tables(path: str, timeout: float = 30.0) -> None:
-    """Make sure the running qmgr (if any) routes with the current transport maps."""
+def sync_tables(path: str, deadline: float) -> str:
+    """Make sure the running qmgr (if any) routes with the current transport maps: ask
+    it to restart when a map changed, and wait for its successor, all by ``deadline``
+    (time.monotonic()).  Returns "" - also when no qmgr runs, or the successor is not
+    up by then - or, when the qmgr is alive but did not answer in time, why
+    (``control reply timed out after <n>s``): the caller asks it nothing more."""
     try:
-        reply = control.request(path, {"cmd": "tables"}, timeout=10)
+        reply = control.request(path, {"cmd": "tables"},
+                                timeout=deadline - time.monotonic())
+    except (ReplyTimedOut, TimeoutError) as exc:
+        return str(exc)
     except (OSError, ValueError, TypeError):
-        return
+        return ""
     if not reply.get("restarting"):
-        return
+        return ""
     old = reply.get("pid")
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while (left := deadline - time.monotonic()) > 0:
         try:
-            if control.request(path, {"cmd": "ping"}, timeout=5).get("pid") != old:
-                return
+            if control.request(path, {"cmd": "ping"}, timeout=min(5.0, left)).get(
+                    "pid") != old:
+                return ""
         except (OSError, ValueError, TypeError):
             pass
         time.sleep(0.1)
+    return ""
 
 
 def trigger(spool: Spool, data: bytes) -> bool:

@@ -13,7 +13,13 @@ while the qmgr waited for its delivery in progress is not counted as done either
 standard output, exit 0: nothing is left to change). When the qmgr stopped before it
 answered, a warning says so, the messages it held are counted as done (they are in
 ``hold/``) and those gone from the queue are ``<id>: outcome unknown: ...`` (exit 75;
-removed by the qmgr or delivered meanwhile: the maillog tells). Then postsuper's summary on
+removed by the qmgr or delivered meanwhile: the maillog tells). When the qmgr is alive
+but does not answer within ``--wait`` + 2 seconds (stopped, overloaded), the whole
+command ends then: a warning (``no answer from the qmgr (control reply timed out after
+12s): it may be stopped or overloaded; the messages in the active queue were left to
+it``), and each message still in the active queue is ``<id>: outcome unknown: ...; it
+has the request and makes the change when it runs again`` (exit 75; nothing is changed
+under the qmgr). Then postsuper's summary on
 standard error (``qmgr-ctl: Deleted: 3 messages``; ``...; outcome unknown: 2
 messages``). Exit codes: qmgrd.ctl.cli.
 
@@ -117,7 +123,8 @@ when its delivery in progress ends.
 {EXIT_HELP}""")
     @click.option("--dry-run", is_flag=True, help="Only print what would be done.")
     @click.option("--wait", type=click.FloatRange(0, 60), default=10.0, show_default=True,
-                  help="Seconds to wait for deliveries in progress.")
+                  help="Seconds to wait for deliveries in progress (the qmgr's "
+                       "answer: at most 2 s more).")
     @selector_options
     @click.argument("ids", nargs=-1, metavar="[ID... | - | ALL]")
     @click.pass_context
@@ -149,7 +156,10 @@ when its delivery in progress ends.
             targets = admin.select_targets(spool, action, named, everything, selector)
             runner = admin.Admin(spool, action, dry_run=dry_run, wait=wait)
             reports = runner.run(targets)
-            if runner.lost_reason:
+            if runner.timed_out:
+                warn(f"no answer from the qmgr ({runner.lost_reason}): it may be stopped "
+                     "or overloaded; the messages in the active queue were left to it")
+            elif runner.lost_reason:
                 warn(f"no answer from the qmgr ({runner.lost_reason}): what it did is "
                      "read from the queue directory")
             if not dry_run:

@@ -32,7 +32,9 @@ Description
     (qmgrd.ctl.admin): by queue id, ``-`` (ids on standard input), ``ALL``, or the
     selectors; ``--dry-run`` prints what would be done. Messages in the active queue
     are changed by the running qmgr once their deliveries in flight end (``--wait``
-    seconds are waited for that; later ones are reported as pending). ``requeue`` makes
+    seconds are waited for that; later ones are reported as pending; the command waits
+    at most ``--wait`` + 2 s for the qmgr in all: a qmgr that does not answer by then
+    is left the change, ``outcome unknown``, exit 75). ``requeue`` makes
     the qmgr route the mail anew (a changed transport map applies).
 
     ``flush`` is ``postqueue -f`` (``FADI`` to public/qmgr, ``W`` to public/pickup; no
@@ -87,7 +89,9 @@ Exit status (sysexits.h)
     75  the queue directory cannot be used, or a message was still being delivered and
         could not be changed yet (EX_TEMPFAIL: try again), or the qmgr stopped before it
         answered a hold/delete/requeue (what it did is read from the queue directory;
-        ``outcome unknown`` for messages gone from the queue: see the mail log); repair:
+        ``outcome unknown`` for messages gone from the queue: see the mail log), or did
+        not answer within ``--wait`` + 2 s (stopped, overloaded: ``outcome unknown`` for
+        its active messages, which it changes when it runs again); repair:
         a directory of the queue could not be read (its files were not checked:
         qmgr-master start fails on this, as postfix start on postsuper's fatal error)
     77  permission denied (EX_NOPERM): list, show, shape and status read the queue

@@ -13,13 +13,20 @@ Public API
         ``await close()`` (the socket is removed unless a newer qmgr has replaced it);
         subclasses implement ``await reply(reader) -> dict``.
     exchange(path, doc, limit, what, timeout) -> dict
-        connect, send ``doc`` (unless None) as one line, read the reply until EOF.
-        Raises OSError (no qmgr listens, timeout), ValueError (not JSON, or more than
-        ``limit`` bytes), TypeError (JSON, but not an object); :class:`ReplyLost` (an
-        OSError) when the request was sent but no complete reply came back - the qmgr
-        closed the connection before its newline-ended reply (it died or was stopped),
-        or the reply timed out - so what the request did is unknown.
-    ReplyLost(OSError)
+        connect, send ``doc`` (unless None) as one line, read the reply until EOF;
+        ``timeout`` (seconds) bounds the whole exchange, not each step.
+        Raises OSError (no qmgr listens), TimeoutError (an OSError: the qmgr did not
+        take the request within ``timeout`` - it does not accept connections, e.g.
+        stopped with SIGSTOP and its listen queue full - so nothing was asked),
+        ValueError (not JSON, or more than ``limit`` bytes), TypeError (JSON, but not
+        an object); :class:`ReplyLost` (an OSError) when the request was sent but no
+        complete reply came back - the qmgr closed the connection before its
+        newline-ended reply (it died or was stopped) - so what the request did is
+        unknown; :class:`ReplyTimedOut` (a ReplyLost) when the request was sent but the
+        reply did not come within ``timeout``: the qmgr is alive but does not answer
+        (stopped with SIGSTOP, or overloaded), and the request waits in its socket - it
+        acts on it when it runs again.
+    ReplyLost(OSError), ReplyTimedOut(ReplyLost)
 
 Logs: ``warning: cannot remove stale <path>``, ``warning: cannot create <what> socket``.
 """
@@ -30,11 +37,12 @@ import asyncio
 import json
 import os
 import socket
+import time
 from typing import Any
 
 from master import log
 
-__all__ = ["JsonServer", "ReplyLost", "exchange"]
+__all__ = ["JsonServer", "ReplyLost", "ReplyTimedOut", "exchange"]
 
 IO_TIMEOUT = 10  # seconds a peer may take to send its request or read the reply
 
@@ -43,6 +51,13 @@ class ReplyLost(OSError):
     """The request was sent, but the reply was cut off or never came: its outcome is
     unknown (the text says why: ``connection closed before the reply``, ``timed out``,
     or the socket error)."""
+
+
+class ReplyTimedOut(ReplyLost):
+    """The request was sent, but no reply came within the time allowed: the peer holds
+    the connection open without answering (stopped, hung or overloaded) and still has
+    the request, which it carries out when it runs again.  Text: ``<what> reply timed
+    out after <n>s``."""
 
 
 class JsonServer:
@@ -116,17 +131,36 @@ class JsonServer:
 
 def exchange(path: str, doc: dict[str, Any] | None, limit: int, what: str,
              timeout: float) -> dict[str, Any]:
-    """Send ``doc`` (None: nothing) to the qmgr at ``path``; its reply (see module
-    docstring for what is raised)."""
+    """Send ``doc`` (None: nothing) to the qmgr at ``path``; its reply.  ``timeout``
+    (seconds) bounds connect, send and every read together (see module docstring for
+    what is raised)."""
     chunks: list[bytes] = []
     size = 0
+    deadline = time.monotonic() + timeout
+
+    def left() -> float:
+        """Seconds left of ``timeout`` (the socket timeout of the next step); raises
+        TimeoutError once none are (a timeout of 0 would make the socket
+        non-blocking)."""
+        rest = deadline - time.monotonic()
+        if rest <= 0:
+            raise TimeoutError(f"{what}: timed out after {timeout:.3g}s")
+        return rest
+
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        sock.connect(path)
+        sock.settimeout(left())
+        try:
+            sock.connect(path)
+        except TimeoutError as exc:  # a full listen queue: nobody takes connections
+            raise TimeoutError(f"{what}: no connection within {timeout:.3g}s") from exc
         try:
             if doc is not None:
+                # a request that cannot be written in full is lost as well: a peer may
+                # act on the part it reads
+                sock.settimeout(left())
                 sock.sendall(json.dumps(doc, separators=(",", ":")).encode() + b"\n")
             while True:
+                sock.settimeout(left())
                 data = sock.recv(65536)
                 if not data:
                     break
@@ -135,7 +169,7 @@ def exchange(path: str, doc: dict[str, Any] | None, limit: int, what: str,
                     raise ValueError(f"{what} reply too large")
                 chunks.append(data)
         except TimeoutError as exc:
-            raise ReplyLost(f"{what} reply timed out after {timeout:g}s") from exc
+            raise ReplyTimedOut(f"{what} reply timed out after {timeout:.3g}s") from exc
         except OSError as exc:
             raise ReplyLost(f"{what} reply: {exc.strerror or exc}") from exc
     raw = b"".join(chunks)
