@@ -79,6 +79,16 @@ Description
                master.config.Config.queue_directory): ``qmgr-master: fatal: cannot find
                the queue directory: <file>, line <n>: bad queue_directory parameter
                value "spool": not an absolute path``, exit 1 ("cannot tell").
+    (queue_directory changed while running) when main.cf's queue_directory holds no
+               running master's pid file but data_directory's master.lock is held by
+               one (main.cf was edited while the master ran), start, stop, reload
+               and status all say so, exit 1: ``qmgr-master: fatal: the qmgrd mail
+               system is running (master pid <n>) with queue_directory <old>, not
+               main.cf's <new> (changed while it ran?): put queue_directory = <old>
+               back to stop or reload it, then change it``.  (Postfix has the same
+               weakness - postfix-script finds the master by queue_directory - and
+               just says "not running"; the master's own master.lock check made our
+               start say "already running" meanwhile.)
     (no queue directory) status, stop and reload: ``qmgr-master: fatal: queue
                directory <path>: No such file or directory``, exit 1 (status too: a
                missing directory is a configuration or installation problem, not a
@@ -114,7 +124,7 @@ import psutil  # type: ignore[import-untyped]
 from master.config import Config, ConfigError, Service, describe, load_configuration
 from master.daemon.control import control_path, query
 from master.daemon.master import REPAIR_PROGRESS, run_master
-from master.daemon.pidfile import pid_path, read_reload_verdict, running_pid
+from master.daemon.pidfile import lock_path, pid_path, read_reload_verdict, running_pid
 from master.daemon.queuedirs import check_queue_dirs, directory_problem
 from master.daemon.spawn import wait_child
 from master.server.jail import Owner, OwnerError, lookup_mail_owner
@@ -178,9 +188,47 @@ def _queue_directory(ctx: click.Context) -> str:
         except ConfigError as err:
             _fatal(f"cannot find the queue directory: {err}")
     try:
-        return _existing(cfg.queue_directory())
+        qdir = cfg.queue_directory()
     except ConfigError as exc:
         _fatal(f"cannot find the queue directory: {exc}")
+    _running_elsewhere(cfg, qdir)
+    return _existing(qdir)
+
+
+def _running_elsewhere(cfg: Config, queue_directory: str) -> None:
+    """Fatal (exit 1) when no master holds ``queue_directory``'s pid file but one holds
+    data_directory's ``master.lock``: a master of this configuration runs with another
+    queue_directory (main.cf's was changed while it ran), so "not running" (status,
+    stop, reload) and "already running" (start: the master's own master.lock check)
+    would contradict each other.  The message names the master's pid and its
+    queue_directory (its working directory: the master chdirs there; as another user
+    it may be unreadable, then the lock is named instead), and what to do: put the old
+    value back to stop or reload it.  Postfix has the same weakness (postfix-script
+    finds the master by queue_directory only); this only explains it.  Nothing is
+    said when the lock cannot be probed (data_directory bad or missing)."""
+    if running_pid(pid_path(queue_directory)) is not None:
+        return
+    try:
+        lock = lock_path(cfg.data_directory())
+    except ConfigError:
+        return
+    pid = running_pid(lock)
+    if not pid:
+        return
+    try:
+        where: str | None = os.path.realpath(psutil.Process(pid).cwd())
+    except (psutil.Error, OSError):
+        where = None
+    if where is not None and where == os.path.realpath(queue_directory):
+        return  # the pid file was being replaced just now: it is this master after all
+    if where is None:
+        _fatal(f"the qmgrd mail system is running (master pid {pid}, holding {lock}) with "
+               f"another queue_directory than main.cf's {queue_directory} (changed while "
+               "it ran?): put queue_directory back to stop or reload it, or stop it with "
+               f"kill -TERM {pid}")
+    _fatal(f"the qmgrd mail system is running (master pid {pid}) with queue_directory "
+           f"{where}, not main.cf's {queue_directory} (changed while it ran?): put "
+           f"queue_directory = {where} back to stop or reload it, then change it")
 
 
 def _existing(queue_directory: str) -> str:
@@ -237,9 +285,11 @@ def start(ctx: click.Context, foreground: bool) -> None:
     # --foreground: the master (this process) logs the warnings itself, to stderr too
     cfg, _ = _checked_config(ctx, warn=not foreground)
     _owner(cfg)
-    pid = _running(cfg.queue_directory())
+    qdir = cfg.queue_directory()
+    pid = _running(qdir)
     if pid is not None:
         _fatal(f"the qmgrd mail system is already running (pid {pid})")
+    _running_elsewhere(cfg, qdir)
     if foreground:
         sys.exit(run_master(cfg.config_directory, foreground=True))
     sys.exit(_start_background(cfg.config_directory))
@@ -361,7 +411,9 @@ def stop(ctx: click.Context) -> None:
 def reload(ctx: click.Context) -> None:
     """Make the master re-read main.cf and master.cf."""
     cfg, _ = _checked_config(ctx, modules=False)
-    qdir = _existing(cfg.queue_directory())
+    qdir = cfg.queue_directory()
+    _running_elsewhere(cfg, qdir)
+    _existing(qdir)
     pid = _running(qdir)
     if not pid:
         _say("the qmgrd mail system is not running")

@@ -541,3 +541,29 @@ def test_reload_refuses_an_smtpd_without_a_relay_guard(system: System,
     system.main.write_text(guarded)
     assert system.cli("reload").returncode == 0
     wait_for(lambda: system.grep("reload -- version"), what="reload")
+
+
+@pytest.mark.parametrize("made", [True, False], ids=["new-dir-exists", "new-dir-missing"])
+def test_queue_directory_changed_while_running(system: System, made: bool) -> None:
+    """main.cf's queue_directory edited while the master runs: status, stop, reload and
+    start no longer disagree ("not running" / "already running") but all name the
+    running master, its queue_directory and what to do (exit 1); with the old value
+    back, status finds it again."""
+    pid = system.start()
+    new = system.base / "q2"
+    if made:
+        new.mkdir()
+    system.main.write_text(system.good_main.replace(f"queue_directory = {system.q}",
+                                                    f"queue_directory = {new}"))
+    said = (f"qmgr-master: fatal: the qmgrd mail system is running (master pid {pid}) "
+            f"with queue_directory {system.q}, not main.cf's {new} (changed while it "
+            f"ran?): put queue_directory = {system.q} back to stop or reload it, then "
+            "change it\n")
+    for command in ("status", "stop", "reload", "start"):
+        result = system.cli(command)
+        assert (result.returncode, result.stderr) == (1, said), (command, result.stderr)
+    assert system.proc is not None and system.proc.poll() is None
+    system.main.write_text(system.good_main)
+    assert system.cli("status").returncode == 0
+    system.proc.send_signal(signal.SIGTERM)  # our child: `stop` would wait on a zombie
+    assert system.proc.wait(15) == 0
