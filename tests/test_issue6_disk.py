@@ -12,6 +12,7 @@ that could become deliverable; mail is accepted again once space is back.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import smtplib
 import subprocess
@@ -53,6 +54,9 @@ def test_queue_minfree_above_free_space(mailsys: MakeSystem) -> None:
             452, b"4.3.1 Insufficient system storage")
     assert not incoming_files(ms) and not ms.maildir("bob")
     assert "warning: not enough free space in mail queue" in ms.log()
+    # Postfix smtpd_check_size: a NOQUEUE reject line too, which pflogsumm counts
+    assert re.search(r"NOQUEUE: reject: MAIL from \S+: 452 4\.3\.1 Insufficient system "
+                     r"storage; from=<[^>]*> proto=E?SMTP", ms.log()), ms.log()[-2000:]
     ms.write_main(queue_minfree="0")
     r = ms.master("reload")
     assert r.returncode == 0, r.stderr

@@ -626,8 +626,12 @@ class SmtpdSession(SMTP):
             err = "552 5.3.4 Message size exceeds fixed limit"
         if err is None and not queue_space(p.queue_directory, p.queue_minfree,
                                            p.message_size_limit, tx.size):
+            # Postfix smtpd_check_size: smtpd_check_reject's NOQUEUE line (pflogsumm
+            # counts it), then the warning
+            await self._reject("MAIL", "452 4.3.1 Insufficient system storage",
+                               f"from=<{shown(sender)}>")
             log.warning(f"not enough free space in mail queue: {p.queue_directory}")
-            err = "452 4.3.1 Insufficient system storage"
+            return
         if err is not None:
             await self._say(err)
             return
