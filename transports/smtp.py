@@ -37,6 +37,14 @@ Summary
       transport settings are checked at start) is a configuration error: defer ``4.3.5
       bad nexthop '<nexthop>': <why>`` until it is fixed, as Postfix defers on a bad
       transport table entry.
+    * A lookup of the nexthop that fails for good (5.x.x: the name does not exist, a
+      null MX) when that nexthop is ``relayhost`` (the request's nexthop equals main.cf's
+      ``relayhost`` string) is a configuration problem, not the recipient's: it logs
+      ``warning: relayhost configuration problem`` and defers with 4.3.5, the reason
+      kept, as Postfix's smtp_connect_remote() does ("Don't bounce mail after a host
+      lookup problem with a relayhost"). Postfix has this safety net for relayhost and
+      smtp_fallback_relay only (not implemented here); a transport map or
+      sender_dependent_relayhost_maps nexthop that does not exist bounces, as in Postfix.
     * An envelope that needs SMTPUTF8 (a non-ASCII local part of the sender or a
       recipient) sent to a server that does not offer it: bounce ``5.6.7 SMTPUTF8 is
       required, but was not offered by host H[ip]``. A UTF-8 domain alone does not need
@@ -247,6 +255,7 @@ class SmtpAgent(DeliveryAgent):
         self.cache = ConnCache(0.0, 0.0, 0)
         self.cache_destinations = CacheDestinations([])
         self.process_limit = 1
+        self.relayhost = ""  # main.cf's relayhost, as the qmgr's resolver uses it
         self._loop: asyncio.AbstractEventLoop | None = None  # the synchronous facade's
 
     def setup(self) -> None:
@@ -282,6 +291,7 @@ class SmtpAgent(DeliveryAgent):
         )
         p = self.params
         self.process_limit = cfg.get_int("smtp_process_delivery_limit")
+        self.relayhost = cfg.get("relayhost").strip()
         # room for an idle session per delivery in hand (at least Postfix-like 8)
         self.cache = ConnCache(p.cache_time_limit, p.reuse_time_limit, p.reuse_count_limit,
                                max_sessions=max(8, 2 * self.process_limit))
@@ -395,8 +405,8 @@ class SmtpAgent(DeliveryAgent):
         try:
             addrs = await self._addresses(req.nexthop, _domain_nexthop(req))
         except DnsError as exc:
-            dsn = make_dsn(exc.status, exc.reason)
-            if exc.status[0] == "4":
+            dsn = make_dsn(self._configured(req, exc.status), exc.reason)
+            if dsn.status[0] == "4":
                 self.state.hop = dsn
             for i in pending:
                 if i not in att.soft:
@@ -429,6 +439,16 @@ class SmtpAgent(DeliveryAgent):
             if self.params.mx_session_limit > 0 and sessions >= self.params.mx_session_limit:
                 break
         return self._results(req, att, pending)
+
+    def _configured(self, req: DeliverRequest, status: str) -> str:
+        """The status for a failed lookup of ``req.nexthop`` (``status``, e.g. "5.4.4"):
+        a hard failure of the relayhost becomes "4.3.5" after the warning ``relayhost
+        configuration problem`` (Postfix smtp_connect_remote(): the nexthop string
+        compared with var_relayhost); anything else is returned unchanged."""
+        if status[0] == "4" or not self.relayhost or req.nexthop != self.relayhost:
+            return status
+        log.warning("relayhost configuration problem")
+        return "4.3.5"
 
     async def _use(self, sess: SmtpSession, req: DeliverRequest, content: bytes,
                    pending: list[int], att: _Attempt, *, last: bool, dest: Key | None,
