@@ -5,7 +5,7 @@ machine."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,9 +18,11 @@ from test_agent_support import (
     make_env,
     round_trip,
 )
+from test_smtp_failures import ScriptedPeer, script
 
 from qmgrd.delivery import DeliverStatus
 from qmgrd.spool import statuslog
+from transports import smtp_session
 from transports.smtp import HostResolver, SmtpAgent
 
 
@@ -100,3 +102,90 @@ def test_a_relayhost_soft_lookup_failure_keeps_its_status(tmp_path: Path) -> Non
     _, reply, _ = deliver(env, "[slow.example]", fake)
     assert reply.status == 1 and reply.dsn_status == "4.4.3"
     assert "configuration problem" not in env.log()
+
+
+# ------------------------------------------------------------------ loops back to myself
+
+EHLO_ME = "250-MAIL.test.example\r\n250 ENHANCEDSTATUSCODES"
+EHLO_PEER = "250-peer.test\r\n250 ENHANCEDSTATUSCODES"
+FULL_TAIL = ["<", "250 2.1.0 Ok", "<", "250 2.1.5 Ok", "<", "354 go ahead", "<.",
+             "250 2.0.0 Ok: queued as XYZ", "<", "221 2.0.0 Bye"]
+
+
+@pytest.fixture
+def peers() -> Iterator[list[ScriptedPeer]]:
+    made: list[ScriptedPeer] = []
+    yield made
+    for p in made:
+        p.stop()
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Env:
+    return make_env(tmp_path, smtp_helo_timeout="5s", smtp_mail_timeout="5s",
+                    smtp_rcpt_timeout="5s", smtp_data_done_timeout="5s",
+                    smtp_quit_timeout="5s", smtp_host_lookup="dns")
+
+
+def test_ehlo_with_my_hostname_on_the_smtp_port_bounces_5_4_6(
+        env: Env, peers: list[ScriptedPeer], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Postfix smtp_helo(): on port 25 an EHLO reply naming our myhostname (any case)
+    is a loop: warning, then 5.4.6 'mail for <nexthop> loops back to myself' for a best
+    MX (every address of a [host] nexthop)."""
+    peer = script(peers, tmp_path, ["220 peer.test ESMTP", "<", EHLO_ME, "!close"])
+    monkeypatch.setattr(smtp_session, "SMTP_PORT", peer.port)  # this port counts as 25
+    nexthop = f"[127.0.0.1]:{peer.port}"
+    qid, reply, _ = deliver(env, nexthop, FakeDns({}))
+    assert reply.status == 0
+    ((_, dsn),) = statuslog.read(env.spool, "bounce", qid)
+    assert (dsn.status, dsn.reason) == ("5.4.6", f"mail for {nexthop} loops back to myself")
+    assert (f"warning: host 127.0.0.1[127.0.0.1]:{peer.port} replied to HELO/EHLO with "
+            "my own hostname mail.test.example") in env.log()
+    assert "MAIL FROM" not in "".join(peer.received())
+
+
+def test_ehlo_with_my_hostname_from_a_backup_mx_tries_the_next(
+        env: Env, peers: list[ScriptedPeer], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same reply from a server that is not a best MX is 4.4.6: the next MX host
+    is tried (here it takes the mail)."""
+    backup = script(peers, tmp_path, ["220 peer.test ESMTP", "<", EHLO_ME, "!close"])
+    port = backup.port
+    monkeypatch.setattr(smtp_session, "SMTP_PORT", port)
+    fake = FakeDns({("example.net", "MX"): [RR(10, "mx1.example.net."),
+                                            RR(20, "mx2.example.net.")],
+                    ("mx1.example.net", "A"): [RR(address="127.0.0.2")],
+                    ("mx2.example.net", "A"): [RR(address="127.0.0.1")]})
+    # mx1 (best) refuses the connection; mx2 (backup) loops; nothing is left: deferred
+    qid, reply, _ = deliver(env, f"example.net:{port}", fake)
+    assert reply.status == 1
+    ((_, dsn),) = statuslog.read(env.spool, "defer", qid)
+    assert dsn.status == "4.4.6"
+    assert dsn.reason == f"mail for example.net:{port} loops back to myself"
+
+
+def test_no_loop_check_on_another_port(env: Env, peers: list[ScriptedPeer],
+                                       tmp_path: Path) -> None:
+    """Postfix checks only on port 25 (SMTP_MISC_FLAG_LOOP_DETECT): elsewhere the same
+    server gets the mail and nothing is logged about it."""
+    peer = script(peers, tmp_path, ["220 mail.test.example ESMTP", "<", EHLO_ME, *FULL_TAIL])
+    qid, reply, _ = deliver(env, f"[127.0.0.1]:{peer.port}", FakeDns({}))
+    assert reply.status == 0 and statuslog.read(env.spool, "bounce", qid) == []
+    assert "status=sent" in env.log() and "my own hostname" not in env.log()
+
+
+def test_greeting_with_my_hostname_only_warns(env: Env, peers: list[ScriptedPeer],
+                                              tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A greeting naming myhostname logs 'greeted me with my own hostname' and the
+    delivery goes on (Postfix decides on the EHLO reply)."""
+    peer = script(peers, tmp_path, ["220 mail.test.example ESMTP", "<", EHLO_PEER,
+                                    *FULL_TAIL])
+    monkeypatch.setattr(smtp_session, "SMTP_PORT", peer.port)
+    qid, reply, _ = deliver(env, f"[127.0.0.1]:{peer.port}", FakeDns({}))
+    assert reply.status == 0 and statuslog.read(env.spool, "bounce", qid) == []
+    log = env.log()
+    assert (f"warning: host 127.0.0.1[127.0.0.1]:{peer.port} greeted me with my own "
+            "hostname mail.test.example") in log
+    assert "status=sent" in log

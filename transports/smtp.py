@@ -45,6 +45,10 @@ Summary
       lookup problem with a relayhost"). Postfix has this safety net for relayhost and
       smtp_fallback_relay only (not implemented here); a transport map or
       sender_dependent_relayhost_maps nexthop that does not exist bounces, as in Postfix.
+    * Mail that loops back to this mail system: a server on port 25 that replies to EHLO
+      with our ``myhostname`` fails with 5.4.6 ``mail for <nexthop> loops back to
+      myself`` (4.4.6 for a backup MX: the next one is tried), as Postfix's smtp_helo()
+      (transports.smtp_session).
     * An envelope that needs SMTPUTF8 (a non-ASCII local part of the sender or a
       recipient) sent to a server that does not offer it: bounce ``5.6.7 SMTPUTF8 is
       required, but was not offered by host H[ip]``. A UTF-8 domain alone does not need
@@ -268,6 +272,7 @@ class SmtpAgent(DeliveryAgent):
 
         self.params = SmtpParams(
             helo_name=cfg.get("smtp_helo_name") or cfg.get("myhostname") or "localhost",
+            myhostname=cfg.get("myhostname"),
             connect_timeout=t("smtp_connect_timeout"),
             helo_timeout=t("smtp_helo_timeout"),
             mail_timeout=t("smtp_mail_timeout"),
@@ -302,9 +307,11 @@ class SmtpAgent(DeliveryAgent):
 
     # -- connection management --------------------------------------------------------
 
-    async def _session(self, addr: Address) -> SmtpSession:
-        """An open session with ``addr``. Raises SmtpFailure."""
+    async def _session(self, addr: Address, nexthop: str) -> SmtpSession:
+        """An open session with ``addr``, a server of ``nexthop`` (named when mail for
+        it loops back to myself). Raises SmtpFailure."""
         sess = SmtpSession(addr, self.params)
+        sess.nexthop, sess.best_mx = nexthop, addr.best
         try:
             await sess.open()
         except SmtpFailure as exc:
@@ -425,7 +432,7 @@ class SmtpAgent(DeliveryAgent):
             if cached is None or not await self._use(cached, req, content, pending, att,
                                                      last=last, dest=home, store=store):
                 try:
-                    sess = await self._session(addr)
+                    sess = await self._session(addr, req.nexthop)
                 except SmtpFailure as exc:
                     self._fail(att, pending, exc, last, exc.relay)
                     pending = [i for i in pending if i not in att.final]

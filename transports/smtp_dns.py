@@ -22,7 +22,8 @@ Summary
     and the resolver reads /etc/resolv.conf when HostResolver is made: before the chroot.
 
 Public API
-    Nexthop(host, port, mx) (.literal), Address(hostname, ip, port) (.namaddr, .relay)
+    Nexthop(host, port, mx) (.literal), Address(hostname, ip, port, best=True)
+        (.namaddr, .relay; best: a most preferred server of its nexthop)
     parse_nexthop(text, default_port=25) -> list[Nexthop]   ValueError (master.config.nexthop)
     HostResolver(lookup=("dns",), protocols=("ipv4", "ipv6"), dns_resolver=None)
         .resolve(nexthop) -> list[Address]; .mx_hosts(domain); .addresses(host)   DnsError
@@ -36,7 +37,7 @@ import encodings.idna  # noqa: F401 - dnspython's IDNA codec, loaded before the 
 import random
 import socket
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import dns.exception
@@ -62,11 +63,14 @@ __all__ = ["Address", "DnsError", "DnsResolverLike", "HostResolver", "Nexthop",
 
 @dataclass(frozen=True)
 class Address:
-    """One server address to try: the name it came from, the IP, the port."""
+    """One server address to try: the name it came from, the IP, the port; ``best``:
+    one of its nexthop's most preferred servers (Postfix SMTP_FEATURE_BEST_MX: every
+    address of a host, the lowest-preference MX hosts' addresses), not part of equality."""
 
     hostname: str
     ip: str
     port: int
+    best: bool = field(default=True, compare=False)
 
     @property
     def namaddr(self) -> str:
@@ -130,12 +134,13 @@ class HostResolver:
         """
         if is_ip_address(nexthop.host):
             return [Address(nexthop.host, nexthop.host, nexthop.port)]
-        hosts = [nexthop.host]
+        records = [(0, nexthop.host)]
         if nexthop.mx and "dns" in self.lookup:
-            hosts = self.mx_hosts(nexthop.host)
+            records = self._mx_records(nexthop.host)
+        hosts = [host for _, host in records]
         out: list[Address] = []
         error: DnsError | None = None
-        for host in hosts:
+        for pref, host in records:
             try:
                 ips = self.addresses(host)
             except DnsError as exc:
@@ -143,7 +148,7 @@ class HostResolver:
                     exc.status = "4" + exc.status[1:]  # a broken MX host: try later
                 error = exc
                 continue
-            out.extend(Address(host, ip, nexthop.port) for ip in ips)
+            out.extend(Address(host, ip, nexthop.port, pref == records[0][0]) for ip in ips)
         if not out:
             raise error or DnsError("4.4.3", f"no address for {nexthop.host}")
         return out
@@ -154,13 +159,18 @@ class HostResolver:
         Raises:
             DnsError: NXDOMAIN (5.4.4), null MX (5.1.0), lookup failure (4.4.3).
         """
+        return [host for _, host in self._mx_records(domain)]
+
+    def _mx_records(self, domain: str) -> list[tuple[int, str]]:
+        """(preference, host) of ``domain``'s MX hosts, as :meth:`mx_hosts` (no MX:
+        ``[(0, domain)]``)."""
         assert self.dns is not None
         try:
             answer = list(self.dns.resolve(domain, "MX", search=False))
         except dns.resolver.NXDOMAIN:
             raise _not_found(domain, "MX", hard=True) from None
         except dns.resolver.NoAnswer:
-            return [domain]
+            return [(0, domain)]
         except dns.exception.DNSException:
             raise _not_found(domain, "MX", hard=False) from None
         recs: list[tuple[int, float, str]] = []
@@ -171,10 +181,10 @@ class HostResolver:
         if len(recs) == 1 and recs[0][2] == "":
             raise DnsError("5.1.0", f"Domain {domain} does not accept mail (nullMX)")
         recs.sort()
-        hosts: list[str] = []
-        for _, _, host in recs:
-            if host and host not in hosts:
-                hosts.append(host)
+        hosts: list[tuple[int, str]] = []
+        for pref, _, host in recs:
+            if host and host not in (h for _, h in hosts):
+                hosts.append((pref, host))
         if not hosts:
             raise DnsError("4.4.3", f"Domain {domain} has no valid MX host")
         return hosts

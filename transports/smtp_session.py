@@ -19,6 +19,19 @@ Summary
     * ``host H[ip] sent a malformed reply ... (in reply to X command)`` (4.5.0): a reply
       that is not a 3-digit code 200..599 is never taken as a rejection.
 
+    Loop detection (Postfix smtp_helo() in smtp_proto.c), only when the server's port is
+    the SMTP port 25 (Postfix's SMTP_MISC_FLAG_LOOP_DETECT: ``ntohs(port) ==
+    IPPORT_SMTP``; a relayhost on another port, e.g. ``[127.0.0.1]:2525``, is never
+    checked, in Postfix neither, and a loop there ends at hopcount_limit):
+
+    * a greeting whose first word after the code is ``myhostname`` (any case) logs
+      ``warning: host H[ip]:port greeted me with my own hostname N``; nothing else;
+    * an EHLO reply whose first word is ``myhostname`` logs ``warning: host H[ip]:port
+      replied to HELO/EHLO with my own hostname N`` and fails the session with ``mail for
+      <nexthop> loops back to myself``: 5.4.6 when the server is one of the nexthop's best
+      (``best_mx``: a ``[host]`` nexthop's addresses all are), else 4.4.6 (a backup MX:
+      try the next one). The HELO reply is not checked (Postfix parses only EHLO's).
+
     Connection reuse (transports.smtp_cache): a session records when it was opened
     (``created``, monotonic seconds), how often it was reused (``reuse_count``), whether
     the message content was sent in the current transaction (``committed``) and whether
@@ -34,10 +47,12 @@ Public API
                                     .usable() -> bool, .pending_rset_reply();
                                     .has(feature), .size_limit(), .esmtp, .features,
                                     .close(), .sock, .created, .reuse_count,
-                                    .committed, .dead, .relay (relay= text, conn_use=N)
+                                    .committed, .dead, .relay (relay= text, conn_use=N);
+                                    .nexthop, .best_mx (loop detection, set before open)
+    SMTP_PORT                       25: the port on which loops are looked for
     Reply(code, lines)              .text (Postfix's one-line form), .dsn (x.y.z)
     SmtpFailure(status, reason, *, site, reply=None, mta="")   .dsn() -> Dsn
-Logs nothing.
+Logs the two loop warnings above.
 """
 
 from __future__ import annotations
@@ -50,11 +65,14 @@ import socket
 import time
 from dataclasses import dataclass, field
 
+from master import log
 from qmgrd.spool.statuslog import Dsn
 from transports.agent import make_dsn
 from transports.smtp_dns import Address
 
-__all__ = ["Reply", "SmtpFailure", "SmtpParams", "SmtpSession"]
+__all__ = ["SMTP_PORT", "Reply", "SmtpFailure", "SmtpParams", "SmtpSession"]
+
+SMTP_PORT = 25  # Postfix IPPORT_SMTP: loop detection happens on this port only
 
 _MAXLINE = 8192  # bytes in one reply line, as smtplib
 _TEXT_LIMIT = 2048  # bytes of a reply's text kept (Postfix: line_length_limit), lines beyond
@@ -112,6 +130,7 @@ class SmtpParams:
     """The smtp_* parameters (seconds for timeouts)."""
 
     helo_name: str = "localhost"
+    myhostname: str = ""  # for loop detection ("" = none)
     connect_timeout: float = 30.0
     helo_timeout: float = 300.0
     mail_timeout: float = 300.0
@@ -132,6 +151,13 @@ class SmtpParams:
     reuse_count_limit: int = 0
     cache_destinations: list[str] = field(default_factory=list)
     tls_security_level: str = ""
+
+
+def _first_word(reply: Reply) -> str:
+    """The first word of a reply's first line after the code, lower case (the server's
+    name in a greeting or an EHLO reply)."""
+    words = reply.lines[0].split() if reply.lines else []
+    return words[0].lower() if words else ""
 
 
 def _timed_out(exc: BaseException) -> bool:
@@ -167,6 +193,8 @@ class SmtpSession:
         self._buf = bytearray()
         self._last = b""  # the last reply line read, as it came
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop of open()
+        self.nexthop = addr.hostname  # the request's nexthop, for "mail for X loops back"
+        self.best_mx = True  # one of the nexthop's most preferred servers
 
     @property
     def relay(self) -> str:
@@ -207,11 +235,19 @@ class SmtpSession:
             if status[0] == "5" and p.skip_5xx_greeting:
                 status = "4" + status[1:]
             raise self._refused(greeting, status)
+        loop_detect = bool(p.myhostname) and addr.port == SMTP_PORT
+        if loop_detect and _first_word(greeting) == p.myhostname.lower():
+            log.warning(f"host {addr.relay} greeted me with my own hostname {p.myhostname}")
         reply = await self.call(f"EHLO {p.helo_name}", p.helo_timeout,
                                 "performing the EHLO handshake", "EHLO")
         if reply.code // 100 == 2:
             self.esmtp = True
             self._parse_features(reply)
+            if loop_detect and _first_word(reply) == p.myhostname.lower():
+                log.warning(f"host {addr.relay} replied to HELO/EHLO with my own hostname "
+                            f"{p.myhostname}")
+                raise SmtpFailure("5.4.6" if self.best_mx else "4.4.6",
+                                  f"mail for {self.nexthop} loops back to myself", site=True)
             return
         if reply.code // 100 == 5:
             reply = await self.call(f"HELO {p.helo_name}", p.helo_timeout,
