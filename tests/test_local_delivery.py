@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import pwd
 import re
 import resource
 import signal
@@ -19,6 +20,8 @@ from test_agent_support import (
     round_trip,
 )
 
+from master.config import ConfigError
+from master.config.validate import check_default_privs
 from qmgrd.delivery import DeliverStatus
 from qmgrd.spool import statuslog
 from qmgrd.spool.message import QueueFile
@@ -43,6 +46,26 @@ def content_lines(env: Env, qid: str) -> list[bytes]:
 def bounce_of(env: Env, qid: str) -> tuple[str, str]:
     ((_, dsn),) = statuslog.read(env.spool, "bounce", qid)
     return dsn.status, dsn.reason
+
+
+ROOT = os.geteuid() == 0
+NOBODY = pwd.getpwnam("nobody")
+
+
+def spool(tmp_path: Path) -> Path:
+    """The mail spool directory as the agent makes it (mode 1777 as root)."""
+    path = tmp_path / "mail"
+    path.mkdir()
+    path.chmod(0o1777)
+    return path
+
+
+def owned(path: Path) -> Path:
+    """``path`` given to the user the agent delivers with for a name without an
+    account (default_privs, nobody) when the test runs as root."""
+    if ROOT:
+        os.chown(path, NOBODY.pw_uid, NOBODY.pw_gid)
+    return path
 
 
 @pytest.fixture
@@ -197,9 +220,9 @@ def test_mailbox_size_limit(tmp_path: Path) -> None:
 def test_write_error_truncates_mbox_back(tmp_path: Path) -> None:
     env = make_env(tmp_path, mail_spool_directory=f"{tmp_path}/mail",
                    mailbox_size_limit="0")
-    mbox = tmp_path / "mail" / "bob"
-    mbox.parent.mkdir()
+    mbox = spool(tmp_path) / "bob"
     mbox.write_bytes(b"x" * 20000)
+    owned(mbox)
     qid = env.queue(["bob@example.net"], SIMPLE + b"y" * 5000 + b"\r\n")
     agent = LocalAgent()
     agent.configure(env.cfg, "local")
@@ -218,7 +241,7 @@ def test_write_error_truncates_mbox_back(tmp_path: Path) -> None:
 
 
 def test_mailbox_is_a_directory_defers(mbox_env: Env, tmp_path: Path) -> None:
-    (tmp_path / "mail" / "bob").mkdir(parents=True)
+    (spool(tmp_path) / "bob").mkdir()
     qid, reply = deliver(mbox_env, ["bob@example.net"])
     assert reply.status == 1 and not reply.hop_failed
     ((_, dsn),) = statuslog.read(mbox_env.spool, "defer", qid)
@@ -229,9 +252,9 @@ def test_stale_dotlock_is_removed(tmp_path: Path) -> None:
     env = make_env(tmp_path, mail_spool_directory=f"{tmp_path}/mail",
                    mailbox_delivery_lock="dotlock", stale_lock_time="60s",
                    deliver_lock_attempts="2", deliver_lock_delay="0s")
-    lock = tmp_path / "mail" / "bob.lock"
-    lock.parent.mkdir()
+    lock = spool(tmp_path) / "bob.lock"
     lock.write_text("")
+    owned(lock)  # sticky spool: only the delivery user can remove its stale lock
     os.utime(lock, (1, 1))
     _, reply = deliver(env, ["bob@example.net"])
     assert reply.status == 0 and not lock.exists()
@@ -245,9 +268,9 @@ def test_stale_dotlock_is_removed(tmp_path: Path) -> None:
 def test_locked_mailbox_defers(tmp_path: Path) -> None:
     env = make_env(tmp_path, mail_spool_directory=f"{tmp_path}/mail",
                    mailbox_delivery_lock="flock", deliver_lock_attempts="1")
-    mbox = tmp_path / "mail" / "bob"
-    mbox.parent.mkdir()
+    mbox = spool(tmp_path) / "bob"
     mbox.write_bytes(b"")
+    owned(mbox)
     with open(mbox, "rb") as held:
         fcntl.flock(held.fileno(), fcntl.LOCK_EX)
         qid, reply = deliver(env, ["bob@example.net"])
@@ -255,3 +278,92 @@ def test_locked_mailbox_defers(tmp_path: Path) -> None:
     ((_, dsn),) = statuslog.read(env.spool, "defer", qid)
     assert dsn.reason.startswith("unable to lock for exclusive access")
     assert mbox.read_bytes() == b""
+
+
+# --------------------------------------------------------------- privileges and symlinks
+
+def test_maildir_through_a_symlink_is_refused(maildir_env: Env, tmp_path: Path) -> None:
+    """var/mail/evil -> /etc must not make root (or anyone) create /etc/{tmp,new,cur}."""
+    target = tmp_path / "target"
+    target.mkdir()
+    (spool(tmp_path) / "evil").symlink_to(target)
+    qid, reply = deliver(maildir_env, ["evil@example.net"])
+    assert reply.status == 0
+    status, reason = bounce_of(maildir_env, qid)
+    assert status == "5.2.0"
+    assert reason == f"create maildir {tmp_path}/mail/evil: {tmp_path}/mail/evil is a symbolic link"
+    assert list(target.iterdir()) == []
+
+
+@pytest.mark.parametrize("sub", ["tmp", "new", "cur"])
+def test_maildir_subdirectory_symlink_is_refused(maildir_env: Env, tmp_path: Path,
+                                                 sub: str) -> None:
+    target = tmp_path / "target"
+    target.mkdir()
+    base = spool(tmp_path) / "bob"
+    base.mkdir()
+    owned(base)
+    (base / sub).symlink_to(target)
+    qid, reply = deliver(maildir_env, ["bob@example.net"])
+    assert reply.status == 0
+    assert bounce_of(maildir_env, qid) == (
+        "5.2.0", f"create maildir {base}: {base}/{sub} is a symbolic link")
+    assert list(target.iterdir()) == []
+
+
+@pytest.mark.parametrize("dangling", [False, True])
+def test_mbox_symlink_is_refused(mbox_env: Env, tmp_path: Path, dangling: bool) -> None:
+    """Postfix safe_open(): "file is a symbolic link", bounced with 5.2.0 (mbox_dsn)."""
+    target = tmp_path / "target"
+    if not dangling:
+        target.write_bytes(b"keep\n")
+    (spool(tmp_path) / "evil").symlink_to(target)
+    qid, reply = deliver(mbox_env, ["evil@example.net"])
+    assert reply.status == 0
+    reason = (f"cannot update mailbox {tmp_path}/mail/evil for user evil. "
+              "file is a symbolic link")
+    assert bounce_of(mbox_env, qid) == ("5.2.0", reason)
+    if dangling:
+        assert not target.exists()
+    else:
+        assert target.read_bytes() == b"keep\n"
+
+
+@pytest.mark.skipif(not ROOT, reason="privileges are switched only by root")
+@pytest.mark.parametrize("layout", ["maildir", "mbox"])
+def test_delivery_rights(tmp_path: Path, layout: str) -> None:
+    """The account's uid/gid for a system account; default_privs (nobody) for a name
+    without an account and for root; never root. The spool is made mode 1777."""
+    daemon = pwd.getpwnam("daemon")
+    slash = "/" if layout == "maildir" else ""
+    env = make_env(tmp_path, mail_spool_directory=f"{tmp_path}/mail{slash}")
+    groups = os.getgroups()
+    _, reply = deliver(env, ["daemon@example.net", "bob@example.net", "root@example.net"])
+    assert reply.status == 0
+    assert (os.geteuid(), os.getegid(), os.getgroups()) == (0, 0, groups)
+    mail = tmp_path / "mail"
+    assert os.stat(mail).st_mode & 0o7777 == 0o1777
+    for name, account in (("daemon", daemon), ("bob", NOBODY), ("root", NOBODY)):
+        paths = [mail / name]
+        if layout == "maildir":
+            paths += [mail / name / "new", *(mail / name / "new").iterdir()]
+            assert len(paths) == 3
+        for path in paths:
+            st = os.stat(path)
+            assert (st.st_uid, st.st_gid) == (account.pw_uid, account.pw_gid), path
+
+
+@pytest.mark.skipif(not ROOT, reason="default_privs is used only by root")
+@pytest.mark.parametrize(("value", "why"), [
+    ("no-such-user-qmgrd", "unknown user name value: no-such-user-qmgrd"),
+    ("root", "user root has privileged user ID"),
+])
+def test_bad_default_privs(tmp_path: Path, value: str, why: str) -> None:
+    env = make_env(tmp_path, mail_spool_directory=f"{tmp_path}/mail/", default_privs=value)
+    with pytest.raises(ConfigError) as info:
+        LocalAgent().configure(env.cfg, "local")
+    assert str(info.value) == f"{tmp_path}/etc/main.cf, line 10: parameter default_privs: {why}"
+    with pytest.raises(ConfigError) as info2:
+        check_default_privs(env.cfg, euid=0)
+    assert str(info2.value) == str(info.value)
+    check_default_privs(env.cfg, euid=1000)  # not root: not used, not checked

@@ -8,8 +8,7 @@ Summary
     * ``mail_spool_directory`` ending in ``/`` -> Maildir ``<dir><user>/{tmp,new,cur}``
       (made as needed, mode 0700): the message is written to ``tmp/<time>.<pid>_<n>.<host>``
       (O_EXCL, mode 0600), fsynced, linked into ``new/`` and the tmp name removed.
-    * otherwise -> the mbox file ``<dir>/<user>`` (O_APPEND, mode 0600, no symlinks; the
-      directory is made, mode 0755, when missing): a
+    * otherwise -> the mbox file ``<dir>/<user>`` (O_APPEND, mode 0600): a
       ``From <sender>  <asctime>`` line, the message with body lines that begin with
       ``From `` quoted as ``>From ``, and a blank line; written under the locks named in
       ``mailbox_delivery_lock`` (fcntl, flock, dotlock ``<mbox>.lock`` with
@@ -17,6 +16,29 @@ Summary
       On any write error the file is truncated back to its old size.
       ``mailbox_size_limit`` (bytes, 0 = none) bounces a delivery that would make the
       mailbox larger (5.2.2).
+
+    Delivery rights (Postfix set_eugid): run as root (the master keeps root for local
+    only), the agent never creates or writes a mailbox as root.  Each mailbox is made
+    and written with the effective uid/gid of the passwd account of its name (looked up
+    also when ``local_recipient_maps`` is empty), that gid as the only supplementary
+    group; for a name without an account, and for root, with those of
+    ``default_privs`` (default ``nobody``; checked at start-up like Postfix's: it must
+    exist and have neither uid nor gid 0, else a ConfigError, fatal for the process).
+    Postfix delivers root's own mailbox as root; here root's mail is not special-cased
+    (``root@`` has no alias_maps to redirect it) and gets default_privs.  Only
+    ``mail_spool_directory`` itself is opened, and made when missing, with root's rights:
+    made by root it gets mode 1777 (sticky, like /tmp) so that every delivery user can
+    make its mailbox there; an existing one is used as it is (a spool the delivery user
+    cannot write defers 4.2.0 "Permission denied").  Not run as root, everything is
+    done as the invoking user.
+
+    Symbolic links: below ``mail_spool_directory`` nothing is followed (every step is
+    relative to an open directory, O_NOFOLLOW).  A Maildir, or its tmp/new/cur, that is
+    a symlink bounces ``5.2.0 create maildir <dir>/<user>: <path> is a symbolic link``;
+    an mbox that is one (dangling or not) bounces ``5.2.0 cannot update mailbox <path>
+    for user <user>. file is a symbolic link`` - Postfix's safe_open() wording and its
+    mbox_dsn() default 5.2.0 (Postfix's own exception for root-owned symlinks is not
+    made).  An mbox that is not a regular file or has more than one link bounces 5.2.0.
 
     Every copy starts with ``Return-Path: <sender>`` and ``Delivered-To: <recipient>``;
     lines end in LF. A message whose headers already hold ``Delivered-To: <recipient>``
@@ -27,8 +49,7 @@ Summary
     (NUL included) or over 255 bytes is ``5.1.1 invalid mailbox name: "x"``. When
     ``local_recipient_maps`` is empty every valid name has a mailbox (the bundled
     configuration); otherwise the name must exist in the passwd database
-    (``5.1.1 unknown user: "x"``) and, when the agent runs as root, the mailbox is written
-    with that user's uid/gid (Postfix set_eugid).
+    (``5.1.1 unknown user: "x"``).
 
     File system errors defer (4.2.0), except "disk quota exceeded" and "file too large"
     which bounce (5.2.2), as Postfix's mbox_dsn().
@@ -40,7 +61,8 @@ Public API
     main() -> NoReturn                               ``python -m transports.local``
 
 Logs ``status=sent (delivered to maildir)`` / ``(delivered to mailbox)``, relay=local,
-via the base.
+via the base; ``created mail spool directory <dir> (mode 1777)`` when it makes the spool;
+``fatal: cannot restore root privileges: ...`` (exit 1) should switching back fail.
 """
 
 from __future__ import annotations
@@ -56,6 +78,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, NoReturn
 
+from master import log
+from master.config import ConfigError
+from master.server import jail
 from qmgrd.delivery import DeliverRequest, RecipientInfo
 from qmgrd.spool.message import QueueFile
 from qmgrd.spool.statuslog import quote_822_local
@@ -106,22 +131,6 @@ def _fs_dsn(exc: OSError, text: str) -> Dsn:
     return make_dsn(status, f"{text}: {exc.strerror or exc}")
 
 
-@contextmanager
-def _as_user(uid: int, gid: int) -> Iterator[None]:
-    """Run the block with effective uid/gid switched (only when root and uid != 0)."""
-    if os.geteuid() != 0 or uid == 0:
-        yield
-        return
-    old_gid = os.getegid()
-    os.setegid(gid)
-    os.seteuid(uid)
-    try:
-        yield
-    finally:
-        os.seteuid(0)
-        os.setegid(old_gid)
-
-
 def _opt(cfg: Config, name: str, default: int, time_unit: bool = False) -> int:
     """A parameter that may be missing from the table (default when unset)."""
     if not cfg.get(name):
@@ -145,10 +154,16 @@ class LocalAgent(DeliveryAgent):
         self.lock_delay = 1.0
         self.stale_lock_time = 500
         self.hostname = socket.gethostname()
+        self.default_rights: tuple[int, int] | None = None
         self._count = 0
 
     def setup(self) -> None:
-        """Read the local parameters (pre-jail)."""
+        """Read the local parameters (pre-jail).
+
+        Raises:
+            ConfigError: a bad value; as root also a default_privs account that does not
+            exist or has uid/gid 0 (Postfix's wording, master.server.jail).
+        """
         cfg = self.cfg
         assert cfg is not None
         self.spool_dir = cfg.get("mail_spool_directory")
@@ -160,6 +175,12 @@ class LocalAgent(DeliveryAgent):
         self.lock_delay = float(_opt(cfg, "deliver_lock_delay", 1, time_unit=True))
         self.stale_lock_time = _opt(cfg, "stale_lock_time", 500, time_unit=True)
         self.hostname = cfg.get("myhostname") or self.hostname
+        if os.geteuid() == 0:
+            try:
+                owner = jail.lookup_default_privs(cfg)
+            except jail.OwnerError as exc:
+                raise ConfigError(str(exc)) from None
+            self.default_rights = (owner.uid, owner.gid)
 
     def deliver(self, req: DeliverRequest, msg: QueueFile) -> list[tuple[RecipientInfo, Dsn]]:
         """Deliver ``msg`` to each recipient's mailbox.
@@ -180,37 +201,88 @@ class LocalAgent(DeliveryAgent):
             return make_dsn("5.1.1", why)
         if rcpt.address.lower() in seen:
             return make_dsn("5.4.6", f"mail forwarding loop for {rcpt.address}")
-        uid = gid = -1
-        if self.recipient_maps:
-            try:
-                pw = pwd.getpwnam(user)
-            except KeyError:
-                return make_dsn("5.1.1", f'unknown user: "{user}"')
-            uid, gid = pw.pw_uid, pw.pw_gid
+        account = _getpwnam(user)
+        if account is None and self.recipient_maps:
+            return make_dsn("5.1.1", f'unknown user: "{user}"')
+        rights = self._rights(account)
         head = (f"Return-Path: <{quote_822_local(req.sender) if req.sender else ''}>\n"
                 f"Delivered-To: {quote_822_local(rcpt.address)}\n").encode(
                     "utf-8", "surrogateescape")
-        with _as_user(uid, gid) if uid >= 0 else _noop():
-            if self.spool_dir.endswith("/"):
-                return self._maildir(self.spool_dir + user, head, lines)
-            return self._mbox(os.path.join(self.spool_dir, user), user, req.sender, head,
-                              lines)
+        spool = self.spool_dir.rstrip("/") or "/"
+        try:
+            spool_fd = self._open_spool(spool)
+        except OSError as exc:
+            return _fs_dsn(exc, f"cannot open mail spool directory {spool}")
+        try:
+            with _privileges(rights):
+                if self.spool_dir.endswith("/"):
+                    return self._maildir(spool_fd, spool, user, head, lines)
+                return self._mbox(spool_fd, spool, user, req.sender, head, lines)
+        finally:
+            os.close(spool_fd)
+
+    def _rights(self, account: pwd.struct_passwd | None) -> tuple[int, int] | None:
+        """(uid, gid) to deliver with, or None to keep ours (not root: nothing to drop).
+
+        The account of the mailbox name when it has one and it is not root, else
+        default_privs (Postfix set_eugid; local(8) never writes a mailbox as root here).
+        """
+        if os.geteuid() != 0:
+            return None
+        if account is not None and account.pw_uid != 0:
+            return account.pw_uid, account.pw_gid
+        assert self.default_rights is not None  # set by setup() when root
+        return self.default_rights
+
+    def _open_spool(self, spool: str) -> int:
+        """A descriptor of mail_spool_directory, opened with our own (root) rights, made
+        when missing: mode 1777 (sticky, like /tmp) when we are root, so that every
+        delivery user can make its own mailbox in it.  Raises OSError."""
+        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+        try:
+            return os.open(spool, flags)
+        except FileNotFoundError:
+            pass
+        try:
+            os.makedirs(spool)
+        except FileExistsError:
+            pass
+        else:
+            if os.geteuid() == 0:
+                os.chmod(spool, 0o1777)
+            log.info(f"created mail spool directory {spool}"
+                     f"{' (mode 1777)' if os.geteuid() == 0 else ''}")
+        return os.open(spool, flags)
 
     # ------------------------------------------------------------------ Maildir
 
-    def _maildir(self, base: str, head: bytes, lines: list[bytes]) -> Dsn:
+    def _maildir(self, spool_fd: int, spool: str, user: str, head: bytes,
+                 lines: list[bytes]) -> Dsn:
         data = head + b"".join(line + b"\n" for line in lines)
+        base = f"{spool}/{user}"
+        fds: list[int] = []
         try:
-            for sub in ("", "/tmp", "/new", "/cur"):
-                os.makedirs(base + sub, mode=0o700, exist_ok=True)
-        except OSError as exc:
-            return _fs_dsn(exc, f"create maildir {base}")
+            try:
+                fds.append(_subdir(spool_fd, user, base))
+                for sub in ("tmp", "new", "cur"):
+                    fds.append(_subdir(fds[0], sub, f"{base}/{sub}"))
+            except _SymlinkError as exc:
+                return make_dsn("5.2.0", f"create maildir {base}: {exc} is a symbolic link")
+            except OSError as exc:
+                return _fs_dsn(exc, f"create maildir {base}")
+            return self._maildir_file(fds[1], fds[2], base, data)
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def _maildir_file(self, tmp_fd: int, new_fd: int, base: str, data: bytes) -> Dsn:
         self._count += 1
         host = self.hostname.replace("/", "\\057").replace(":", "\\072")
         name = f"{int(time.time())}.{os.getpid()}_{self._count}.{host}"
-        tmp, new = f"{base}/tmp/{name}", f"{base}/new/{name}"
+        tmp = f"{base}/tmp/{name}"
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o600, dir_fd=tmp_fd)
         except OSError as exc:
             return _fs_dsn(exc, f"create maildir file {tmp}")
         try:
@@ -219,16 +291,18 @@ class LocalAgent(DeliveryAgent):
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            os.link(tmp, new)
+            os.link(name, name, src_dir_fd=tmp_fd, dst_dir_fd=new_fd, follow_symlinks=False)
         except OSError as exc:
-            _unlink(tmp)
+            _unlink(name, tmp_fd)
             return _fs_dsn(exc, f"create maildir file {tmp}")
-        _unlink(tmp)
+        _unlink(name, tmp_fd)
         return make_dsn("2.0.0", "delivered to maildir")
 
     # ------------------------------------------------------------------ mbox
 
-    def _mbox(self, path: str, user: str, sender: str, head: bytes, lines: list[bytes]) -> Dsn:
+    def _mbox(self, spool_fd: int, spool: str, user: str, sender: str, head: bytes,
+              lines: list[bytes]) -> Dsn:
+        path = f"{spool}/{user}"
         stamp = time.asctime(time.localtime())
         parts = [f"From {quote_822_local(sender) if sender else 'MAILER-DAEMON'}  {stamp}\n"
                  .encode("utf-8", "surrogateescape"), head]
@@ -236,21 +310,21 @@ class LocalAgent(DeliveryAgent):
             parts.append(b">" + line + b"\n" if line.startswith(b"From ") else line + b"\n")
         parts.append(b"\n")
         data = b"".join(parts)
-        try:
-            os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
-        except OSError as exc:
-            return _fs_dsn(exc, f"cannot create mail spool directory {os.path.dirname(path)}")
         dotlock = ""
         if "dotlock" in self.locks:
-            dotlock = path + ".lock"
-            why = self._dotlock(dotlock)
+            dotlock = user + ".lock"
+            why = self._dotlock(spool_fd, dotlock, f"{path}.lock")
             if why is not None:
                 return why
         try:
             try:
-                fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
-                             | os.O_CLOEXEC, 0o600)
+                fd = os.open(user, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
+                             | os.O_NONBLOCK | os.O_CLOEXEC, 0o600, dir_fd=spool_fd)
             except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.EMLINK) and _is_symlink(spool_fd, user):
+                    # Postfix safe_open(): "file is a symbolic link", 5.2.0 (mbox_dsn)
+                    return make_dsn("5.2.0", f"cannot update mailbox {path} for user "
+                                             f"{user}. file is a symbolic link")
                 return _fs_dsn(exc, f"cannot open mailbox {path}")
             try:
                 return self._append(fd, path, user, data)
@@ -258,7 +332,7 @@ class LocalAgent(DeliveryAgent):
                 os.close(fd)
         finally:
             if dotlock:
-                _unlink(dotlock)
+                _unlink(dotlock, spool_fd)
 
     def _append(self, fd: int, path: str, user: str, data: bytes) -> Dsn:
         st = os.fstat(fd)
@@ -304,30 +378,94 @@ class LocalAgent(DeliveryAgent):
                 return make_dsn("4.2.0", f"unable to lock for exclusive access: {path}")
         return None
 
-    def _dotlock(self, lock: str) -> Dsn | None:
-        """Create ``lock`` (O_EXCL), removing a stale one; a Dsn when impossible."""
+    def _dotlock(self, dir_fd: int, lock: str, shown: str) -> Dsn | None:
+        """Create ``lock`` in ``dir_fd`` (O_EXCL, never through a symlink), removing a
+        stale one; a Dsn when impossible (``shown`` is its path for the reason)."""
         for attempt in range(self.lock_attempts):
             try:
                 os.close(os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
-                                 0o600))
+                                 0o600, dir_fd=dir_fd))
                 return None
             except FileExistsError:
                 try:
-                    if time.time() - os.stat(lock).st_mtime > self.stale_lock_time:
-                        _unlink(lock)
+                    st = os.stat(lock, dir_fd=dir_fd, follow_symlinks=False)
+                    if time.time() - st.st_mtime > self.stale_lock_time:
+                        _unlink(lock, dir_fd)
                         continue
                 except OSError:
                     continue
             except OSError as exc:
-                return _fs_dsn(exc, f"unable to create lock file {lock}")
+                return _fs_dsn(exc, f"unable to create lock file {shown}")
             if attempt + 1 < self.lock_attempts:
                 time.sleep(self.lock_delay)
-        return make_dsn("4.2.0", f"unable to create lock file {lock}: File exists")
+        return make_dsn("4.2.0", f"unable to create lock file {shown}: File exists")
+
+
+class _SymlinkError(Exception):
+    """A mailbox path component is a symbolic link (str = its path)."""
+
+
+def _getpwnam(name: str) -> pwd.struct_passwd | None:
+    """The passwd entry of ``name``, None when there is none."""
+    try:
+        return pwd.getpwnam(name)
+    except (KeyError, ValueError, UnicodeError):
+        return None
+
+
+def _is_symlink(dir_fd: int, name: str) -> bool:
+    try:
+        return stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+    except OSError:
+        return False
+
+
+def _subdir(dir_fd: int, name: str, shown: str) -> int:
+    """Open directory ``name`` in ``dir_fd`` (made mode 0700 when missing), never through
+    a symbolic link.  Raises _SymlinkError (``shown``), OSError."""
+    try:
+        os.mkdir(name, 0o700, dir_fd=dir_fd)
+    except FileExistsError:
+        pass
+    try:
+        return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                       dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR) and _is_symlink(dir_fd, name):
+            raise _SymlinkError(shown) from None
+        raise
 
 
 @contextmanager
-def _noop() -> Iterator[None]:
-    yield
+def _privileges(rights: tuple[int, int] | None) -> Iterator[None]:
+    """Run the block with effective uid/gid ``rights`` and that gid as the only
+    supplementary group (Postfix set_eugid); None: unchanged.  Raises OSError when
+    the switch fails; a failure to switch back to root is fatal (logged, exit 1)."""
+    if rights is None:
+        yield
+        return
+    uid, gid = rights
+    old_gid, old_groups = os.getegid(), os.getgroups()
+    try:
+        os.setgroups([gid])
+        os.setegid(gid)
+        os.seteuid(uid)
+    except OSError:
+        _restore(old_gid, old_groups)
+        raise
+    try:
+        yield
+    finally:
+        _restore(old_gid, old_groups)
+
+
+def _restore(gid: int, groups: list[int]) -> None:
+    try:
+        os.seteuid(0)
+        os.setegid(gid)
+        os.setgroups(groups)
+    except OSError as exc:
+        log.fatal(f"cannot restore root privileges: {exc}")
 
 
 def _delivered_to(lines: list[bytes]) -> set[str]:
@@ -363,9 +501,9 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[n:]
 
 
-def _unlink(path: str) -> None:
+def _unlink(name: str, dir_fd: int) -> None:
     try:
-        os.unlink(path)
+        os.unlink(name, dir_fd=dir_fd)
     except FileNotFoundError:
         pass
 

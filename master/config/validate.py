@@ -51,7 +51,10 @@ DESCRIPTION
       mail_owner: unknown user name value: x"``, ``"... user root has privileged user
       ID"``, ``"... has privileged group ID"`` (Postfix's wording after the line, or
       Postfix's ``"file <main.cf>: ..."`` for the default; the same as the master's own
-      check at start-up).
+      check at start-up).  default_privs (Postfix default ``nobody``, the rights the
+      local agent delivers with for names without an account and for root) is checked
+      the same way, also only as root: ``"... parameter default_privs: unknown user name
+      value: x"`` (Postfix checks it in every program; here the master and local do).
     * maillog_file (when not syslog) can be opened for appending: an existing file
       opens, or its directory exists and is writable - no directory is made for it, as
       Postfix's postlogd makes none (check_maillog): ``"<main.cf>, line <n>: cannot
@@ -73,13 +76,16 @@ PUBLIC API
     load_configuration(config_directory, warn=None, euid=None, *, modules=True,
                        logfile=True) -> (Config, list[Service])
         Config.load + Config.check + check_maillog + check_tables + check_mail_owner +
-        load_master_cf + check_services + check_transport_nexthops; raises ConfigError.
-        ``euid`` (default: ours) decides whether mail_owner is checked (only for 0);
+        check_default_privs + load_master_cf + check_services + check_transport_nexthops;
+        raises ConfigError.
+        ``euid`` (default: ours) decides whether mail_owner and default_privs are
+        checked (only for 0);
         ``modules``/``logfile`` False leave out the module and maillog_file checks (of
         main.cf and of the services' overrides).
     check_maillog(cfg) -> None                                raises ConfigError
     check_tables(cfg, names=TABLE_PARAMS, warn=None) -> None  raises ConfigError
     check_mail_owner(cfg, euid=None) -> None                  raises ConfigError
+    check_default_privs(cfg, euid=None) -> None               raises ConfigError
     check_transport_nexthops(cfg, services) -> None           raises ConfigError
     TRANSPORT_NEXTHOP_PARAMS: tuple[str, ...]  default_transport, relay_transport
     TABLE_PARAMS: tuple[str, ...]       parameters whose tables qmgrd programs open
@@ -115,6 +121,7 @@ from master.server import jail
 
 __all__ = [
     "TABLE_PARAMS",
+    "check_default_privs",
     "check_mail_owner",
     "check_maillog",
     "check_service",
@@ -155,6 +162,7 @@ def load_configuration(config_directory: str, warn: Warn | None = None,
         _warn_duplicates(cfg, warn)
     check_tables(cfg, warn=warn)
     check_mail_owner(cfg, euid)
+    check_default_privs(cfg, euid)
     services = load_master_cf(os.path.join(cfg.config_directory, "master.cf"), cfg, warn)
     check_services(cfg, services, warn, modules=modules, logfile=logfile)
     check_transport_nexthops(cfg, services)
@@ -267,6 +275,19 @@ def check_mail_owner(cfg: Config, euid: int | None = None) -> None:
     try:
         jail.lookup_mail_owner(cfg, euid)
     except jail.OwnerError as exc:  # the wording of the master's own (start-up) check
+        raise ConfigError(str(exc)) from None
+
+
+def check_default_privs(cfg: Config, euid: int | None = None) -> None:
+    """default_privs must exist and be unprivileged when the master runs as root
+    (``euid``, default ours, is 0): the local agent delivers with it
+    (master.server.jail.lookup_default_privs).  Raises ConfigError ``"<main.cf>, line
+    <n>: parameter default_privs: ..."`` (``"file <main.cf>: ..."`` for the default)."""
+    if (os.geteuid() if euid is None else euid) != 0:
+        return
+    try:
+        jail.lookup_default_privs(cfg)
+    except jail.OwnerError as exc:
         raise ConfigError(str(exc)) from None
 
 

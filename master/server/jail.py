@@ -38,6 +38,8 @@ Public API
     OwnerError                                   str = the Postfix-style message above
     JailError                                    the jail could not be entered
     lookup_mail_owner(cfg, euid=None) -> Owner   raises OwnerError (only when euid == 0)
+    lookup_default_privs(cfg) -> Owner           default_privs (local delivery as root);
+                                                 raises OwnerError
     unprivileged_warning(owner) -> str           the one-line warning (no "warning: ")
     prime_for_jail() -> None
     enter_jail(root, owner) -> None              raises JailError; root None = no chroot,
@@ -72,6 +74,7 @@ __all__ = [
     "Owner",
     "OwnerError",
     "enter_jail",
+    "lookup_default_privs",
     "lookup_mail_owner",
     "prime_for_jail",
     "unprivileged_warning",
@@ -120,26 +123,44 @@ def lookup_mail_owner(cfg: Config, euid: int | None = None) -> Owner:
         except KeyError:
             name = str(euid)
         return Owner(name, euid, os.getegid(), False)
-    name = cfg.get("mail_owner")
+    return _unprivileged_account(cfg, "mail_owner")
+
+
+def lookup_default_privs(cfg: Config) -> Owner:
+    """The ``default_privs`` account of ``cfg`` (Postfix default ``nobody``): the rights
+    the local delivery agent, running as root, delivers with when a mailbox name has no
+    account of its own or names root.  Checked as Postfix's mail_params.c checks it.
+
+    Raises:
+        OwnerError: the account does not exist or has uid/gid 0 (``"<main.cf>, line
+        <n>: parameter default_privs: unknown user name value: x"``, ``"... user root
+        has privileged user ID"``, ``"... has privileged group ID"``).
+    """
+    return _unprivileged_account(cfg, "default_privs")
+
+
+def _unprivileged_account(cfg: Config, param: str) -> Owner:
+    """The account named by ``param``, which must exist and have neither uid nor gid 0."""
+    name = cfg.get(param)
     try:
         entry = pwd.getpwnam(name)
     except KeyError:
-        raise _owner_error(cfg, f"unknown user name value: {name}") from None
+        raise _owner_error(cfg, f"unknown user name value: {name}", param) from None
     if entry.pw_uid == 0:
-        raise _owner_error(cfg, f"user {name} has privileged user ID")
+        raise _owner_error(cfg, f"user {name} has privileged user ID", param)
     if entry.pw_gid == 0:
-        raise _owner_error(cfg, f"user {name} has privileged group ID")
+        raise _owner_error(cfg, f"user {name} has privileged group ID", param)
     return Owner(name, entry.pw_uid, entry.pw_gid, True)
 
 
-def _owner_error(cfg: Config, what: str) -> OwnerError:
-    """``<main.cf>, line <n>: parameter mail_owner: <what>`` where main.cf sets it (``-o
-    mail_owner=x: ...`` for an override); Postfix's ``file <main.cf>: parameter
-    mail_owner: <what>`` for the default, which no line sets."""
-    located = cfg.error("mail_owner", f"parameter mail_owner: {what}")
+def _owner_error(cfg: Config, what: str, param: str = "mail_owner") -> OwnerError:
+    """``<main.cf>, line <n>: parameter <param>: <what>`` where main.cf sets it (``-o
+    <param>=x: ...`` for an override); Postfix's ``file <main.cf>: parameter <param>:
+    <what>`` for the default, which no line sets."""
+    located = cfg.error(param, f"parameter {param}: {what}")
     if located.line is None and not located.message.startswith("-o "):
         main_cf = os.path.join(cfg.config_directory, "main.cf")
-        return OwnerError(f"file {main_cf}: parameter mail_owner: {what}")
+        return OwnerError(f"file {main_cf}: parameter {param}: {what}")
     return OwnerError(str(located))
 
 
