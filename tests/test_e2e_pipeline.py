@@ -87,14 +87,15 @@ def test_bundled_config_delivers_local_mail_and_stops_clean() -> None:
     ms.proc = None
     try:
         ms.start()
-        t0 = time.monotonic()
         r = ms.sendmail("user@localhost", data=(CORPUS / "01-plain.eml").read_bytes())
         assert r.returncode == 0, r.stderr
-        wait_for(lambda: ms.maildir("user"), 2.0, "delivery to var/mail/user/new")
-        assert time.monotonic() - t0 < 2.0
+        # delivered at once, by the triggers: pickup's own wakeup is 60 s away and the
+        # qmgr's next scan queue_run_delay (300 s), so 30 s is a generous bound that
+        # still fails a lost trigger. local logs status=sent after the maildir link.
+        wait_for(lambda: ms.maildir("user") and "status=sent" in ms.log(), 30,
+                 "delivery to var/mail/user/new and its status=sent line")
         body = split_message(ms.maildir("user")[0].read_bytes())[1]
         assert body == split_message((CORPUS / "01-plain.eml").read_bytes())[1]
-        assert "status=sent" in ms.log()
     finally:
         ms.stop(check=True)
         shutil.rmtree(tmp_path, ignore_errors=True)
@@ -197,11 +198,11 @@ def test_deferred_mail_retried_after_flush(mailsys, peers) -> None:
     listing = ms.ctl("list")
     assert listing.returncode == 0 and "450 4.2.0" in listing.stdout
     cap.set_mode("accept")
-    t0 = time.monotonic()
     r = ms.ctl("flush")
     assert r.returncode == 0, r.stderr
-    wait_for(lambda: len(cap.messages()) == n and ms.queue_empty(), 5, "delivery after flush")
-    assert time.monotonic() - t0 < 5
+    # at once: without the flush the next attempt is minimal_backoff_time (300 s) away,
+    # so a generous 60 s still tells a flush that works from one that does not
+    wait_for(lambda: len(cap.messages()) == n and ms.queue_empty(), 60, "delivery after flush")
 
 
 # --------------------------------------------------------------------------- 5
