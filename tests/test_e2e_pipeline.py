@@ -279,10 +279,19 @@ def test_reload_switches_relayhost(mailsys, peers) -> None:
     inject_many(ms, [(["-f", "alice@mail.test.example", f"a{i}@x.example"],
                       f"Subject: a{i}\n\nfirst\n".encode()) for i in range(5)])
     wait_for(lambda: len(ms.queue_files("active")) >= 1, 20, "deliveries in flight")
+    [old_qmgr] = ms.children("qmgr")
     ms.write_main(relayhost=f"[127.0.0.1]:{sink2.port}")
     r = ms.master("reload")
     assert r.returncode == 0, r.stderr
-    time.sleep(0.5)
+    # the old qmgr sees the reload (its status descriptor's EOF) in its own time and may
+    # feed what is in incoming/ until then: the new mail goes in once it has exited
+    def old_qmgr_gone() -> bool:
+        try:
+            return old_qmgr.status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    wait_for(old_qmgr_gone, 30, "the old qmgr to exit")
     inject_many(ms, [(["-f", "alice@mail.test.example", f"b{i}@x.example"],
                       f"Subject: b{i}\n\nsecond\n".encode()) for i in range(5)])
     wait_for(lambda: sink2.count() >= 5, 60, "new mail at the new relayhost")
