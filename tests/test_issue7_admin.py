@@ -84,8 +84,9 @@ def test_delete_while_the_delivery_is_in_flight(scenario: Setup) -> None:
     assert f"{qid}: in delivery; will be deleted when the delivery in progress ends" \
         in r.stderr
     assert "Deleted: 0 messages" in r.stderr
-    wait_for(lambda: not ms.queue_files(), 30, "the queue to empty")
-    assert f"{qid}: removed" in ms.log()
+    # "removed" is logged once the file is gone (unlink, then the line)
+    wait_for(lambda: not ms.queue_files() and f"{qid}: removed" in ms.log(), 30,
+             f"the queue to empty and '{qid}: removed'")
     wait_for(lambda: len(scen.messages("ok.example")) == 5, 10, "the other mail")
     snap = status(ms)
     assert snap["active"]["messages"] == 0 and snap["active"]["recipients"] == 0
