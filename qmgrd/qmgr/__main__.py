@@ -35,6 +35,12 @@ line, ``fatal: parameter transport_maps: hash:/x: No such file or directory`` (e
 ``qmgr-master start``/``reload`` refuse such a configuration before, see
 master.config.validate, so this happens only when the file goes away later).
 
+Start-up (active/ back to incoming/, the incoming and deferred directories opened) is
+done before the first trigger is read: a queue directory it cannot read is one line,
+``fatal: scan_dir_push: open directory active: Permission denied`` (Postfix's), exit 1,
+with no trigger counted as a use, so the master throttles the service for
+``service_throttle_time`` instead of starting a new qmgr every second.
+
 Unknown trigger bytes are logged once, as a count and the hex of the first 16 bytes.
 """
 
@@ -141,6 +147,10 @@ async def qmgr_main(ctx: ServerContext) -> None:
             sched.trigger(data + TRIGGER_REQ_WAKEUP if len(data) >= TRIGGER_READ else data)
             ctx.idle()
 
+    # Postfix's qmgr_post_init: recover active/ and open the scans before the first
+    # trigger is read - a trigger read is a use for the master, and only a child that
+    # dies before its first use throttles its service ("bad command startup").
+    sched.startup()
     if fifo >= 0:
         os.set_blocking(fifo, False)
         loop.add_reader(fifo, on_trigger)

@@ -73,6 +73,7 @@ from qmgrd.qmgr.message import Message
 from qmgrd.qmgr.peer import Peer
 from qmgrd.qmgr.qfile import ActiveFile
 from qmgrd.qmgr.resolve import Resolver
+from qmgrd.qmgr.scan import scan_failed
 from qmgrd.qmgr.suspend import Suspensions
 from qmgrd.qmgr.transport import Transport
 from qmgrd.spool.envelope import Recipient
@@ -135,9 +136,14 @@ class ActiveQueue:
 
     # ---------------------------------------------------------------- files
     def recover(self) -> None:
-        """Start-up: move leftovers from ``active/`` back to ``incoming/`` (mtime now)."""
+        """Start-up: move leftovers from ``active/`` back to ``incoming/`` (mtime now).
+        An ``active/`` that cannot be read is fatal (qmgrd.qmgr.scan.scan_failed)."""
         now = self.clock()
-        for qid in list(self.spool.scan("active")):
+        try:
+            leftovers = list(self.spool.scan("active"))
+        except OSError as exc:
+            scan_failed(exc, self.spool.queue_directory)
+        for qid in leftovers:
             try:
                 path = self.spool.move(qid, "active", "incoming")
                 os.utime(path, (now, now))

@@ -33,13 +33,33 @@ Public API
     .scan_all, .flush -> bool       modifiers in force for the current scan
     .busy -> bool; .restart_pending -> bool
     .close()                        abandon the scan in progress
+    scan_failed(exc, queue_directory) -> NoReturn
+                                    a queue directory that cannot be read: one line,
+                                    ``fatal: scan_dir_push: open directory <dir>: <error>``
+                                    (Postfix's scan_dir_push; <dir> relative to the queue
+                                    directory, as Postfix's daemons, which chdir there),
+                                    exit 1 - no traceback; the qmgr checks its queue
+                                    directories before it reads a trigger, so the master
+                                    throttles a qmgr that dies of this
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
+from typing import NoReturn
 
-__all__ = ["Scan"]
+from master import log
+
+__all__ = ["Scan", "scan_failed"]
+
+
+def scan_failed(exc: OSError, queue_directory: str) -> NoReturn:
+    """Log Postfix's one fatal line for a queue directory that cannot be read, exit 1."""
+    path = os.fsdecode(exc.filename) if exc.filename is not None else "?"
+    if os.path.isabs(path):
+        path = os.path.relpath(path, queue_directory)
+    log.fatal(f"scan_dir_push: open directory {path}: {exc.strerror or exc}")
 
 
 class Scan:

@@ -81,7 +81,8 @@ Public API
               master_gone=None)
         master_gone: () -> bool, True once the master is gone, stopping or reloading
         (the skeleton's ServerContext.status_closed; None: never)
-    .startup()                 move active/ back to incoming/, start both scans
+    .startup()                 move active/ back to incoming/, start both scans (once;
+                               an unreadable queue directory is fatal)
     .trigger(data: bytes)      handle one read of trigger bytes
     .flush_dead()              forget dead transports and destinations (trigger F)
     .step() -> bool            one round (timers, feed, dispatch); True when it did work
@@ -122,7 +123,7 @@ from qmgrd.qmgr.entry import Entry
 from qmgrd.qmgr.feedback import feedback_value, negative, positive
 from qmgrd.qmgr.message import Message
 from qmgrd.qmgr.resolve import Resolver
-from qmgrd.qmgr.scan import Scan
+from qmgrd.qmgr.scan import Scan, scan_failed
 from qmgrd.qmgr.status import snapshot
 from qmgrd.qmgr.suspend import Suspensions
 from qmgrd.qmgr.timers import Timers
@@ -203,6 +204,7 @@ class Scheduler:
         self.master_gone = master_gone
         self._stop_event: asyncio.Event | None = None
         self.left = 0  # messages left in active/ for the next qmgr (going_away)
+        self.started = False  # startup() done
 
     # ---------------------------------------------------------------- triggers
     def trigger(self, data: bytes) -> None:
@@ -262,8 +264,22 @@ class Scheduler:
 
     # ---------------------------------------------------------------- start-up
     def startup(self) -> None:
-        """Move leftovers from active/ to incoming/ (mtime now) and start both scans."""
+        """Move leftovers from active/ to incoming/ (mtime now) and start both scans.
+        A queue directory that cannot be read is fatal here, before the first trigger
+        is read (as Postfix's qmgr_post_init), so the master throttles such a qmgr
+        (qmgrd.qmgr.scan.scan_failed). Done once; run() calls it if nobody did."""
+        if self.started:
+            return
+        self.started = True
         self.active.recover()
+        for queue in ("incoming", "deferred"):
+            try:
+                with os.scandir(self.spool.queue_path(queue)):
+                    pass
+            except FileNotFoundError:
+                pass  # as Spool's scans: a missing queue is an empty one
+            except OSError as exc:
+                scan_failed(exc, self.spool.queue_directory)
         self.incoming.request()
         self.deferred.request()
         self._next_deferred_scan = self.clock() + self.queue_run_delay
@@ -382,7 +398,10 @@ class Scheduler:
                 # of one event loop round each (a deferred scan over 100,000 files
                 # that are not due is a walk of the directory, as in Postfix)
                 for _ in range(SKIP_BATCH):
-                    qid = scan.next()
+                    try:
+                        qid = scan.next()
+                    except OSError as exc:
+                        scan_failed(exc, self.spool.queue_directory)
                     if qid is None:
                         break
                     took = True
