@@ -160,9 +160,9 @@ def test_requeue_moves_to_incoming_now(q: Q) -> None:
 def test_invalid_ids_touch_nothing(q: Q) -> None:
     qid = q.submit("deferred", "a@x.example", ["r@one.example"])
     for bad in ("../../etc/passwd", "a\0b", "a\nb", "4SVLCh0sf8z9HdB/x", "", "."):
-        code, out, err = q.run("delete", qid, bad)
+        code, out, err = q.run("hold", bad)
         assert code == EX_DATAERR and out == "", bad
-        assert "invalid queue id" in err
+        assert "warning: invalid mail queue id" in err
     code, _, err = q.run("delete", "-", stdin=b"ok\x00\n")
     assert code == EX_DATAERR
     assert q.where(qid) == ["deferred"]
@@ -171,6 +171,25 @@ def test_invalid_ids_touch_nothing(q: Q) -> None:
     assert "4SVLCh0sf8z9HdB: no such message in hold, incoming, active, deferred" in err
     assert q.run("show", "../x")[0] == EX_DATAERR
     assert q.run("flush", "--id", "../x")[0] == EX_DATAERR
+
+
+def test_an_invalid_id_is_warned_about_and_the_valid_ones_are_done(q: Q) -> None:
+    """postsuper -d -: "warning: invalid mail queue id: ..." for the bad id, the rest
+    deleted; qmgr-ctl exits 65 at the end (it rejected the whole list, exit 65)."""
+    one = q.submit("deferred", "a@x.example", ["r@one.example"])
+    two = q.submit("deferred", "a@x.example", ["r@two.example"])
+    code, out, err = q.run("delete", "-", stdin=f"{one}\n../../etc/passwd\n{two}\n")
+    assert code == EX_DATAERR
+    assert "qmgr-ctl: warning: invalid mail queue id: '../../etc/passwd'" in err
+    assert out == f"{one}: removed\n{two}: removed\n"
+    assert q.where(one) == q.where(two) == []
+    three = q.submit("deferred", "a@x.example", ["r@three.example"])
+    for action, where in (("hold", ["hold"]), ("release", ["deferred"]),
+                          ("requeue", ["incoming"])):
+        code, out, err = q.run(action, "a/b", three)
+        assert code == EX_DATAERR, (action, err)
+        assert "invalid mail queue id: 'a/b'" in err and three in out
+        assert q.where(three) == where
 
 
 def test_active_file_locked_by_an_agent_is_busy(q: Q) -> None:

@@ -108,7 +108,7 @@ def test_refused_change_loads_no_work_modules(tmp_path: Path, etc: Path) -> None
     # the arguments are checked (qmgrd.ctl.guard) before qmgrd.ctl.admin is loaded
     code, modules, err = _loaded(tmp_path, "-c", str(etc), "hold", "../../etc/passwd")
     assert code == 65, err
-    assert "invalid queue id" in err
+    assert "invalid mail queue id" in err
     assert "qmgrd.ctl.guard" in modules
     assert _heavy(modules) == ["qmgrd.ctl.select"]  # the selectors are checked too
 

@@ -21,7 +21,11 @@ it``), and each message still in the active queue is ``<id>: outcome unknown: ..
 has the request and makes the change when it runs again`` (exit 75; nothing is changed
 under the qmgr). Then postsuper's summary on
 standard error (``qmgr-ctl: Deleted: 3 messages``; ``...; outcome unknown: 2
-messages``). Exit codes: qmgrd.ctl.cli.
+messages``). An invalid queue id among the ids named (arguments or ``-``) is warned
+about on standard error (``qmgr-ctl: warning: invalid mail queue id: '../x'``, postsuper's
+words) and the valid ones are done, as postsuper does; the exit status is then 65 unless
+it is 75 (postsuper exits 0, as it does for an id not in the queue, where qmgr-ctl exits
+66). Exit codes: qmgrd.ctl.cli.
 
 ``repair`` (postsuper -s): nothing on standard output; each file it could not move on
 standard error (``qmgr-ctl: warning: rename file deferred/C/<id> as deferred/C/E/<id>:
@@ -130,7 +134,7 @@ when its delivery in progress ends.
     @click.pass_context
     def command(ctx: click.Context, /, dry_run: bool, wait: float, ids: tuple[str, ...],
                 **sel: Any) -> None:
-        from qmgrd.ctl.guard import BadIds, parse_ids
+        from qmgrd.ctl.guard import BadIds, split_ids
 
         cfg = load(ctx)
         spool, _, _ = settings(ctx, cfg)
@@ -144,12 +148,19 @@ when its delivery in progress ends.
                and not (action == "delete" and q == "maildrop")]
         if bad:
             fatal(ctx, EX_USAGE, f"{action}: not for the {bad[0]} queue")
+        invalid: list[str] = []
         try:
-            # None: no ids named (ALL, or selectors alone); else the ids named - an
+            # None: no ids named (ALL, or selectors alone); else the valid ids named - an
             # empty list when "-" read nothing, and then nothing is done
-            named = None if everything or not ids else parse_ids(ids, sys.stdin)
+            named = None
+            if not everything and ids:
+                named, invalid = split_ids(ids, sys.stdin)
         except BadIds as exc:
             fatal(ctx, EX_DATAERR, str(exc))
+        for text in invalid:  # postsuper: a warning each, the valid ones are done
+            warn(f"invalid mail queue id: {text}")
+        if invalid and not named:
+            ctx.exit(EX_DATAERR)
         with changing(ctx, cfg, spool, action):
             from qmgrd.ctl import admin  # loaded by changing()
 
@@ -182,7 +193,8 @@ when its delivery in progress ends.
                     if unknown else "")
             click.echo(f"{PROG}: {admin.SUMMARY[action]}: {n} message{plural}{more}",
                        err=True)
-        ctx.exit(_exit_code(reports))
+        code = _exit_code(reports)
+        ctx.exit(EX_DATAERR if invalid and code != EX_TEMPFAIL else code)
 
     return command
 

@@ -75,7 +75,8 @@ Description
 Exit status (sysexits.h)
     0   success
     64  usage error (EX_USAGE): unknown command or option, a bad selector value
-    65  an invalid queue id was given (EX_DATAERR); nothing was done. show: the
+    65  an invalid queue id was given (EX_DATAERR); hold, release, delete and requeue
+        warn about each and do the valid ones (postsuper), the others do nothing. show: the
         message's queue file is damaged (``<path>: damaged queue file: offset 269:
         truncated record data``) or not a regular file (bad data all the same)
     66  a named message is not in the queue (EX_NOINPUT); the others were done

@@ -69,7 +69,8 @@ EXIT_HELP = """
 Exit status:
   0   success
   64  usage error (also: a bad selector, time, domain or pattern)
-  65  invalid queue id given (nothing was done); show: the message's queue file
+  65  invalid queue id given (hold/release/delete/requeue: warned about, the valid ones
+      done; otherwise nothing was done); show: the message's queue file
       is damaged (or not a regular file)
   66  some named message is not in the queue (the others were done)
   69  mail system down (flush could not trigger qmgr or pickup; no qmgr status),

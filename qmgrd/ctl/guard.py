@@ -16,6 +16,8 @@ Summary
 Public API
     NotPrivileged(Exception); BadIds(ValueError)
     parse_ids(args: Iterable[str], stdin: IO[str] | None) -> list[str]     BadIds
+    split_ids(args, stdin) -> (valid ids, invalid ones escaped for display)   BadIds
+        (only for more than a million ids on standard input)
     owner_stat(spool: Spool, what: str) -> os.stat_result      NotPrivileged, OSError
     privileged(spool, what) -> ContextManager[None]     owner_stat, then as_owner for the
                                                         block; NotPrivileged, OSError
@@ -36,7 +38,7 @@ from qmgrd.spool.queueid import valid_id
 if TYPE_CHECKING:
     from qmgrd.spool.queue import Spool
 
-__all__ = ["BadIds", "NotPrivileged", "owner_stat", "parse_ids", "privileged"]
+__all__ = ["BadIds", "NotPrivileged", "owner_stat", "parse_ids", "privileged", "split_ids"]
 
 _MAX_STDIN_IDS = 1_000_000
 
@@ -76,12 +78,13 @@ def privileged(spool: Spool, what: str) -> Iterator[None]:
         yield
 
 
-def parse_ids(args: Iterable[str], stdin: IO[str] | None) -> list[str]:
-    """The queue ids of ``args`` (``-``: read more from ``stdin``), deduplicated.
+def split_ids(args: Iterable[str], stdin: IO[str] | None) -> tuple[list[str], list[str]]:
+    """The queue ids of ``args`` (``-``: read more from ``stdin``): (the valid ones,
+    deduplicated; the invalid ones, each as an escaped ASCII literal of at most 40
+    bytes, for a warning) - postsuper warns about an invalid id and does the rest.
 
     Raises:
-        BadIds: one or more are not valid queue ids (the first five in the text, each as
-            an escaped ASCII literal of at most 40 bytes).
+        BadIds: more than a million ids on standard input.
     """
     ids: list[str] = []
     for arg in args:
@@ -95,12 +98,23 @@ def parse_ids(args: Iterable[str], stdin: IO[str] | None) -> list[str]:
                 ids.append(token.rstrip("*!#"))
         else:
             ids.append(arg)
-    bad = [i for i in ids if not valid_id(i)]
+    bad = [_escaped(i) for i in ids if not valid_id(i)]
+    return list(dict.fromkeys(i for i in ids if valid_id(i))), bad
+
+
+def parse_ids(args: Iterable[str], stdin: IO[str] | None) -> list[str]:
+    """The queue ids of ``args`` (``-``: read more from ``stdin``), deduplicated.
+
+    Raises:
+        BadIds: one or more are not valid queue ids (the first five in the text, each as
+            an escaped ASCII literal of at most 40 bytes).
+    """
+    ids, bad = split_ids(args, stdin)
     if bad:
-        shown = ", ".join(_escaped(b) for b in bad[:5])
+        shown = ", ".join(bad[:5])
         more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
         raise BadIds(f"invalid queue id: {shown}{more}")
-    return list(dict.fromkeys(ids))
+    return ids
 
 
 def _escaped(text: str, limit: int = 40) -> str:
