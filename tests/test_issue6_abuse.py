@@ -313,3 +313,41 @@ def test_retiring_processes_hand_over(mailsys: MakeSystem) -> None:
     finally:
         for s in idle:
             s.close()
+
+
+def _alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_master_killed_with_eight_sessions_the_orphans_exit_after_them(
+        mailsys: MakeSystem) -> None:
+    """kill -9 of the master with 8 sessions open (the operator's test): each smtpd
+    finishes its session - mail sent in it is still queued, as Postfix's single_server
+    smtpd finishes the session in hand - and exits when it ends, having seen EOF on the
+    master's status descriptor (Postfix: single_server_abort, "master disconnect", logged
+    only with -v). No orphan outlives its session."""
+    ms, port = start(mailsys, dict(MAIN, smtpd_timeout="300s"))
+    clients = [smtp(port) for _ in range(8)]
+    try:
+        for c in clients:
+            assert c.ehlo()[0] == 250
+        wait_for(lambda: len(smtpd_pids(ms)) == 8, 20, "eight smtpd processes")
+        orphans = [psutil.Process(pid) for pid in smtpd_pids(ms)]
+        assert ms.proc is not None
+        ms.proc.kill()
+        ms.proc.wait()
+        for i, c in enumerate(clients):  # the sessions go on
+            assert c.sendmail(SENDER, ["bob@mail.test.example"],
+                              f"Subject: orphan {i}\r\n\r\nx\r\n".encode()) == {}
+        assert all(_alive(p) for p in orphans)
+        for c in clients:
+            c.quit()
+    finally:
+        for c in clients:
+            c.close()
+    wait_for(lambda: not any(_alive(p) for p in orphans), 30,
+             "every orphaned smtpd to exit")
+    wait_for(lambda: not ms.processes(), 30, "no process of the old master left")
