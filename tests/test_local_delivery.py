@@ -367,3 +367,24 @@ def test_bad_default_privs(tmp_path: Path, value: str, why: str) -> None:
         check_default_privs(env.cfg, euid=0)
     assert str(info2.value) == str(info.value)
     check_default_privs(env.cfg, euid=1000)  # not root: not used, not checked
+
+
+@pytest.mark.skipif(not ROOT, reason="another user's file can be made only by root")
+@pytest.mark.parametrize("strict", ["yes", "no"])
+def test_mbox_of_another_owner_defers(tmp_path: Path, strict: str) -> None:
+    """Postfix strict_mailbox_ownership: in the 1777 spool a user may make bob's
+    mailbox beforehand (mode 0666, their own) to read bob's mail: deferred 4.2.0."""
+    daemon = pwd.getpwnam("daemon")
+    env = make_env(tmp_path, mail_spool_directory=f"{tmp_path}/mail",
+                   strict_mailbox_ownership=strict)
+    mbox = spool(tmp_path) / "bob"  # bob: no account, delivered as nobody
+    mbox.write_bytes(b"")
+    os.chown(mbox, daemon.pw_uid, daemon.pw_gid)
+    mbox.chmod(0o666)
+    qid, reply = deliver(env, ["bob@example.net"])
+    if strict == "no":
+        assert reply.status == 0 and mbox.read_bytes().startswith(b"From ")
+        return
+    assert reply.status == 1 and mbox.read_bytes() == b""
+    ((_, dsn),) = statuslog.read(env.spool, "defer", qid)
+    assert (dsn.status, dsn.reason) == ("4.2.0", f"destination {mbox} is not owned by recipient")

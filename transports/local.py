@@ -38,7 +38,10 @@ Summary
     an mbox that is one (dangling or not) bounces ``5.2.0 cannot update mailbox <path>
     for user <user>. file is a symbolic link`` - Postfix's safe_open() wording and its
     mbox_dsn() default 5.2.0 (Postfix's own exception for root-owned symlinks is not
-    made).  An mbox that is not a regular file or has more than one link bounces 5.2.0.
+    made).  An mbox that is not a regular file or has more than one link bounces 5.2.0;
+    one not owned by the delivery user (in the 1777 spool anyone may make another's
+    mailbox) defers ``4.2.0 destination <path> is not owned by recipient`` with
+    Postfix's warning, unless ``strict_mailbox_ownership = no``.
 
     Every copy starts with ``Return-Path: <sender>`` and ``Delivered-To: <recipient>``;
     lines end in LF. A message whose headers already hold ``Delivered-To: <recipient>``
@@ -155,6 +158,7 @@ class LocalAgent(DeliveryAgent):
         self.stale_lock_time = 500
         self.hostname = socket.gethostname()
         self.default_rights: tuple[int, int] | None = None
+        self.strict_owner = True
         self._count = 0
 
     def setup(self) -> None:
@@ -174,6 +178,7 @@ class LocalAgent(DeliveryAgent):
         self.lock_attempts = max(1, _opt(cfg, "deliver_lock_attempts", 20))
         self.lock_delay = float(_opt(cfg, "deliver_lock_delay", 1, time_unit=True))
         self.stale_lock_time = _opt(cfg, "stale_lock_time", 500, time_unit=True)
+        self.strict_owner = cfg.get_bool("strict_mailbox_ownership")
         self.hostname = cfg.get("myhostname") or self.hostname
         if os.geteuid() == 0:
             try:
@@ -338,6 +343,12 @@ class LocalAgent(DeliveryAgent):
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
             return make_dsn("5.2.0", f"mailbox {path} is not a regular file")
+        if self.strict_owner and st.st_uid != os.geteuid():
+            # Postfix local/mailbox.c: in a world-writable (1777) spool anyone can make
+            # another user's mailbox beforehand, mode 0666, and read what is appended
+            log.warning('specify "strict_mailbox_ownership = no" to ignore mailbox '
+                        "ownership mismatch")
+            return make_dsn("4.2.0", f"destination {path} is not owned by recipient")
         why = self._kernel_lock(fd, path)
         if why is not None:
             return why
