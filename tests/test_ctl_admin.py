@@ -637,3 +637,24 @@ def test_exchange_bounds_the_whole_exchange(tmp_path: Path) -> None:
         with pytest.raises(TimeoutError) as info:
             exchange(path, {"cmd": "ping"}, 1000, "control", 0)
         assert not isinstance(info.value, ReplyLost)
+
+
+def test_exchange_out_of_time_before_the_send_asked_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The time runs out between the connect and the send: nothing was sent, so it is a
+    plain TimeoutError ("nothing was changed; try again"), not ReplyTimedOut ("the qmgr
+    has the request")."""
+    from qmgrd.qmgr import jsonsock
+
+    path = str(tmp_path / "s")
+    clock = iter([100.0, 100.1, 200.0, 200.0, 200.0])
+    monkeypatch.setattr(jsonsock.time, "monotonic", lambda: next(clock))
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as srv:
+        srv.bind(path)
+        srv.listen(1)
+        with pytest.raises(TimeoutError) as info:
+            jsonsock.exchange(path, {"cmd": "ping"}, 1000, "control", 5)
+        assert not isinstance(info.value, jsonsock.ReplyLost)
+        conn, _ = srv.accept()
+        with conn:
+            assert conn.recv(100) == b""  # no byte of a request

@@ -153,12 +153,14 @@ def exchange(path: str, doc: dict[str, Any] | None, limit: int, what: str,
             sock.connect(path)
         except TimeoutError as exc:  # a full listen queue: nobody takes connections
             raise TimeoutError(f"{what}: no connection within {timeout:.3g}s") from exc
+        if doc is not None:
+            request = json.dumps(doc, separators=(",", ":")).encode() + b"\n"
+            sock.settimeout(left())  # no time left to send: nothing was asked (TimeoutError)
         try:
             if doc is not None:
                 # a request that cannot be written in full is lost as well: a peer may
                 # act on the part it reads
-                sock.settimeout(left())
-                sock.sendall(json.dumps(doc, separators=(",", ":")).encode() + b"\n")
+                sock.sendall(request)
             while True:
                 sock.settimeout(left())
                 data = sock.recv(65536)
