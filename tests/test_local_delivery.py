@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import pwd
@@ -388,3 +389,30 @@ def test_mbox_of_another_owner_defers(tmp_path: Path, strict: str) -> None:
     assert reply.status == 1 and mbox.read_bytes() == b""
     ((_, dsn),) = statuslog.read(env.spool, "defer", qid)
     assert (dsn.status, dsn.reason) == ("4.2.0", f"destination {mbox} is not owned by recipient")
+
+
+def test_stale_dotlock_that_cannot_be_removed_is_waited_for(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stale lock the delivery user may not remove (another user's, in a sticky
+    spool): every attempt but the last is followed by deliver_lock_delay, as for a live
+    lock, instead of all attempts being spent at once; then a deferral."""
+    from transports import local as local_module
+
+    env = make_env(tmp_path, mail_spool_directory=f"{tmp_path}/mail",
+                   mailbox_delivery_lock="dotlock", stale_lock_time="60s",
+                   deliver_lock_attempts="3", deliver_lock_delay="1s")
+    lock = spool(tmp_path) / "bob.lock"
+    lock.write_text("")
+    os.utime(lock, (1, 1))
+
+    def refused(name: str, dir_fd: int) -> None:
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    sleeps: list[float] = []
+    monkeypatch.setattr(local_module, "_unlink", refused)
+    monkeypatch.setattr(local_module.time, "sleep", sleeps.append)
+    qid, reply = deliver(env, ["bob@example.net"])
+    assert reply.status == 1 and lock.exists()
+    assert sleeps == [1, 1]
+    ((_, dsn),) = statuslog.read(env.spool, "defer", qid)
+    assert dsn.reason.startswith("unable to create lock file")

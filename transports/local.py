@@ -400,11 +400,14 @@ class LocalAgent(DeliveryAgent):
             except FileExistsError:
                 try:
                     st = os.stat(lock, dir_fd=dir_fd, follow_symlinks=False)
-                    if time.time() - st.st_mtime > self.stale_lock_time:
-                        _unlink(lock, dir_fd)
-                        continue
                 except OSError:
-                    continue
+                    continue  # gone meanwhile: try again at once
+                if time.time() - st.st_mtime > self.stale_lock_time:
+                    try:
+                        _unlink(lock, dir_fd)
+                        continue  # the stale lock is gone: try again at once
+                    except OSError:
+                        pass  # not ours to remove (another user's, sticky spool): wait
             except OSError as exc:
                 return _fs_dsn(exc, f"unable to create lock file {shown}")
             if attempt + 1 < self.lock_attempts:
