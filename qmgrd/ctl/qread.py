@@ -46,9 +46,10 @@ from __future__ import annotations
 
 import errno
 import os
-import stat
 from dataclasses import dataclass, field
 
+from qmgrd.spool.message import CorruptQueueFile
+from qmgrd.spool.message import open_regular as open_regular_file
 from qmgrd.spool.queue import Spool
 
 __all__ = ["Damaged", "Envelope", "NotRegular", "open_ready", "open_regular",
@@ -102,21 +103,10 @@ def open_regular(path: str) -> tuple[int, os.stat_result]:
         FileNotFoundError: it is gone; OSError: another open/fstat failure.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:  # O_NOFOLLOW on a symbolic link
-            raise NotRegular(errno.ELOOP, "not a regular file (symbolic link)",
-                             path) from None
-        raise
-    try:
-        st = os.fstat(fd)
-    except OSError:
-        os.close(fd)
-        raise
-    if not stat.S_ISREG(st.st_mode):
-        os.close(fd)
-        raise NotRegular(errno.EINVAL, "not a regular file", path)
-    return fd, st
+        return open_regular_file(path, os.O_RDONLY)
+    except CorruptQueueFile as exc:  # a symbolic link or not a regular file
+        eno = errno.ELOOP if "symbolic link" in str(exc) else errno.EINVAL
+        raise NotRegular(eno, str(exc), path) from None
 
 
 def open_ready(path: str) -> tuple[int, os.stat_result] | None:
