@@ -44,13 +44,12 @@ Logs nothing.
 
 from __future__ import annotations
 
-import errno
 import os
 from dataclasses import dataclass, field
 
-from qmgrd.spool.message import CorruptQueueFile
-from qmgrd.spool.message import open_regular as open_regular_file
+from qmgrd.spool import regular
 from qmgrd.spool.queue import Spool
+from qmgrd.spool.regular import NotRegular
 
 __all__ = ["Damaged", "Envelope", "NotRegular", "open_ready", "open_regular",
            "read_envelope"]
@@ -88,10 +87,6 @@ class Damaged(ValueError):
     required record missing); the text says why."""
 
 
-class NotRegular(OSError):
-    """A queue directory entry that is not a regular file (FIFO, device, socket, link)."""
-
-
 def open_regular(path: str) -> tuple[int, os.stat_result]:
     """Open ``path`` read-only without blocking or following a symbolic link.
 
@@ -102,11 +97,7 @@ def open_regular(path: str) -> tuple[int, os.stat_result]:
         NotRegular: the entry is a FIFO, device, socket, directory or symbolic link.
         FileNotFoundError: it is gone; OSError: another open/fstat failure.
     """
-    try:
-        return open_regular_file(path, os.O_RDONLY)
-    except CorruptQueueFile as exc:  # a symbolic link or not a regular file
-        eno = errno.ELOOP if "symbolic link" in str(exc) else errno.EINVAL
-        raise NotRegular(eno, str(exc), path) from None
+    return regular.open_regular(path, os.O_RDONLY)
 
 
 def open_ready(path: str) -> tuple[int, os.stat_result] | None:

@@ -45,7 +45,6 @@ invalid id, OSError (FileNotFoundError ...) from the file system. Logs nothing.
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import os
 import stat
@@ -53,6 +52,7 @@ from collections.abc import Iterator
 from typing import IO, Literal, Self
 
 from qmgrd.spool import records as R
+from qmgrd.spool import regular
 from qmgrd.spool.envelope import Recipient
 from qmgrd.spool.queue import Spool
 from qmgrd.spool.records import Record, RecordError, RecordReader
@@ -141,20 +141,9 @@ def open_regular(path: str, flags: int) -> tuple[int, os.stat_result]:
         OSError: the open or fstat failed otherwise (FileNotFoundError when gone).
     """
     try:
-        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:  # O_NOFOLLOW met a symbolic link
-            raise CorruptQueueFile("not a regular file (symbolic link)") from None
-        raise
-    try:
-        st = os.fstat(fd)
-    except BaseException:
-        os.close(fd)
-        raise
-    if not stat.S_ISREG(st.st_mode):
-        os.close(fd)
-        raise CorruptQueueFile(f"not a regular file (mode {st.st_mode:o})")
-    return fd, st
+        return regular.open_regular(path, flags)
+    except regular.NotRegular as exc:
+        raise CorruptQueueFile(exc.strerror or "not a regular file") from None
 
 
 class QueueFile:
