@@ -123,11 +123,7 @@ def apply_file(spool: Spool, queue: str, qid: str, action: str,
     path = spool.path(queue, qid)
     when = time.time() if now is None else now
     if queue != "active":
-        try:
-            _change(spool, queue, qid, action, when)
-        except FileNotFoundError:
-            return ABSENT
-        return DONE
+        return _changed(spool, queue, qid, action, when)
     try:  # never through a symbolic link, nor blocked by a FIFO (queue files are
         # regular files): a link is renamed or removed itself, no one delivers from it
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -136,11 +132,7 @@ def apply_file(spool: Spool, queue: str, qid: str, action: str,
     except OSError as exc:
         if exc.errno != errno.ELOOP:
             raise
-        try:
-            _change(spool, queue, qid, action, when)
-        except FileNotFoundError:
-            return ABSENT
-        return DONE
+        return _changed(spool, queue, qid, action, when)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -148,13 +140,18 @@ def apply_file(spool: Spool, queue: str, qid: str, action: str,
             if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
                 return BUSY
             raise
-        try:
-            _change(spool, queue, qid, action, when)
-        except FileNotFoundError:
-            return ABSENT
-        return DONE
+        return _changed(spool, queue, qid, action, when)
     finally:
         os.close(fd)
+
+
+def _changed(spool: Spool, queue: str, qid: str, action: str, when: float) -> str:
+    """_change, as apply_file's result: DONE, or ABSENT when the file is gone."""
+    try:
+        _change(spool, queue, qid, action, when)
+    except FileNotFoundError:
+        return ABSENT
+    return DONE
 
 
 class AdminAction:
