@@ -370,6 +370,67 @@ def test_bad_default_privs(tmp_path: Path, value: str, why: str) -> None:
     check_default_privs(env.cfg, euid=1000)  # not root: not used, not checked
 
 
+# --------------------------------------------------------------- mailbox ownership
+
+DAEMON = pwd.getpwnam("daemon")
+OWNER_WARNING = ('warning: specify "strict_mailbox_ownership = no" to ignore mailbox '
+                 "ownership mismatch")
+
+
+def planted(path: Path, directory: bool) -> Path:
+    """``path`` made beforehand by another local user (daemon), open to everyone: the
+    trap in a world-writable spool."""
+    if directory:
+        path.mkdir()
+    else:
+        path.write_bytes(b"")
+    os.chown(path, DAEMON.pw_uid, DAEMON.pw_gid)
+    path.chmod(0o777 if directory else 0o666)
+    return path
+
+
+@pytest.mark.skipif(not ROOT, reason="a file of another user is made only by root")
+@pytest.mark.parametrize("sub", ["", "tmp", "new", "cur"])
+def test_maildir_not_owned_by_recipient_defers(maildir_env: Env, tmp_path: Path,
+                                               sub: str) -> None:
+    base = spool(tmp_path) / "bob"
+    if sub:
+        base.mkdir()
+        owned(base)
+    trap = planted(base / sub if sub else base, directory=True)
+    qid, reply = deliver(maildir_env, ["bob@example.net"])
+    assert reply.status == 1 and not reply.hop_failed
+    ((_, dsn),) = statuslog.read(maildir_env.spool, "defer", qid)
+    shown = f"{base}/{sub}" if sub else str(base)
+    assert (dsn.status, dsn.reason) == (
+        "4.2.0", f"create maildir {base}: {shown} is not owned by recipient")
+    assert list(trap.iterdir()) == []
+    assert OWNER_WARNING in maildir_env.log()
+
+
+@pytest.mark.skipif(not ROOT, reason="a file of another user is made only by root")
+def test_strict_mailbox_ownership_no_maildir(tmp_path: Path) -> None:
+    env = make_env(tmp_path, mail_spool_directory=f"{tmp_path}/mail/",
+                   strict_mailbox_ownership="no")
+    planted(spool(tmp_path) / "bob", directory=True)
+    _, reply = deliver(env, ["bob@example.net"])
+    assert reply.status == 0
+
+
+@pytest.mark.skipif(not ROOT, reason="privileges are switched only by root")
+def test_default_privs_names_share_the_owner_check(maildir_env: Env, tmp_path: Path) -> None:
+    """Names without an account all deliver as default_privs (nobody), as in Postfix: an
+    existing Maildir owned by nobody passes the check for any such name."""
+    base = spool(tmp_path) / "bob"
+    for path in (base, base / "tmp", base / "new", base / "cur"):
+        path.mkdir()
+        owned(path)
+    _, reply = deliver(maildir_env, ["bob@example.net", "carol@example.net"])
+    assert reply.status == 0
+    assert len(list((base / "new").iterdir())) == 1
+    assert os.stat(tmp_path / "mail" / "carol").st_uid == NOBODY.pw_uid
+
+
 @pytest.mark.skipif(not ROOT, reason="another user's file can be made only by root")
 @pytest.mark.parametrize("strict", ["yes", "no"])
 def test_mbox_of_another_owner_defers(tmp_path: Path, strict: str) -> None:
@@ -388,7 +449,11 @@ def test_mbox_of_another_owner_defers(tmp_path: Path, strict: str) -> None:
         return
     assert reply.status == 1 and mbox.read_bytes() == b""
     ((_, dsn),) = statuslog.read(env.spool, "defer", qid)
-    assert (dsn.status, dsn.reason) == ("4.2.0", f"destination {mbox} is not owned by recipient")
+    # Postfix's wording: mailbox.c prepends "cannot update mailbox ... for user ...".
+    reason = (f"cannot update mailbox {mbox} for user bob. "
+              f"destination {mbox} is not owned by recipient")
+    assert (dsn.status, dsn.reason) == ("4.2.0", reason)
+    assert OWNER_WARNING in env.log()
 
 
 def test_stale_dotlock_that_cannot_be_removed_is_waited_for(

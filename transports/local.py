@@ -38,10 +38,21 @@ Summary
     an mbox that is one (dangling or not) bounces ``5.2.0 cannot update mailbox <path>
     for user <user>. file is a symbolic link`` - Postfix's safe_open() wording and its
     mbox_dsn() default 5.2.0 (Postfix's own exception for root-owned symlinks is not
-    made).  An mbox that is not a regular file or has more than one link bounces 5.2.0;
-    one not owned by the delivery user (in the 1777 spool anyone may make another's
-    mailbox) defers ``4.2.0 destination <path> is not owned by recipient`` with
-    Postfix's warning, unless ``strict_mailbox_ownership = no``.
+    made).  An mbox that is not a regular file or has more than one link bounces 5.2.0.
+
+    Ownership (Postfix ``strict_mailbox_ownership``, default yes): the spool is world
+    writable, so anyone could make a file or directory named after another user's
+    mailbox before that user gets mail, and read what is delivered into it.  An
+    existing mbox not owned by the uid the agent delivers as (the recipient's, or
+    default_privs') defers ``4.2.0 cannot update mailbox <path> for user <user>.
+    destination <path> is not owned by recipient`` and logs Postfix's warning
+    ``specify "strict_mailbox_ownership = no" to ignore mailbox ownership mismatch``
+    (Postfix local/mailbox.c).  Postfix's maildir delivery has no such check; here a
+    Maildir, or its tmp/new/cur, not owned by that uid defers the same way (``4.2.0
+    create maildir <dir>/<user>: <path> is not owned by recipient``, same warning), and
+    ``strict_mailbox_ownership = no`` turns both checks off.  Names without an account
+    all deliver as default_privs, so they pass each other's check (as in Postfix, where
+    default_privs is shared too).
 
     Every copy starts with ``Return-Path: <sender>`` and ``Delivered-To: <recipient>``;
     lines end in LF. A message whose headers already hold ``Delivered-To: <recipient>``
@@ -210,6 +221,9 @@ class LocalAgent(DeliveryAgent):
         if account is None and self.recipient_maps:
             return make_dsn("5.1.1", f'unknown user: "{user}"')
         rights = self._rights(account)
+        # The uid that must own an existing mailbox (None: not checked).
+        owner = (rights[0] if rights is not None else os.geteuid()) if self.strict_owner \
+            else None
         head = (f"Return-Path: <{quote_822_local(req.sender) if req.sender else ''}>\n"
                 f"Delivered-To: {quote_822_local(rcpt.address)}\n").encode(
                     "utf-8", "surrogateescape")
@@ -221,8 +235,8 @@ class LocalAgent(DeliveryAgent):
         try:
             with _privileges(rights):
                 if self.spool_dir.endswith("/"):
-                    return self._maildir(spool_fd, spool, user, head, lines)
-                return self._mbox(spool_fd, spool, user, req.sender, head, lines)
+                    return self._maildir(spool_fd, spool, user, owner, head, lines)
+                return self._mbox(spool_fd, spool, user, owner, req.sender, head, lines)
         finally:
             os.close(spool_fd)
 
@@ -261,18 +275,22 @@ class LocalAgent(DeliveryAgent):
 
     # ------------------------------------------------------------------ Maildir
 
-    def _maildir(self, spool_fd: int, spool: str, user: str, head: bytes,
-                 lines: list[bytes]) -> Dsn:
+    def _maildir(self, spool_fd: int, spool: str, user: str, owner: int | None,
+                 head: bytes, lines: list[bytes]) -> Dsn:
         data = head + b"".join(line + b"\n" for line in lines)
         base = f"{spool}/{user}"
         fds: list[int] = []
         try:
             try:
-                fds.append(_subdir(spool_fd, user, base))
+                fds.append(_subdir(spool_fd, user, base, owner))
                 for sub in ("tmp", "new", "cur"):
-                    fds.append(_subdir(fds[0], sub, f"{base}/{sub}"))
+                    fds.append(_subdir(fds[0], sub, f"{base}/{sub}", owner))
             except _SymlinkError as exc:
                 return make_dsn("5.2.0", f"create maildir {base}: {exc} is a symbolic link")
+            except _OwnerError as exc:
+                _warn_owner()
+                return make_dsn("4.2.0", f"create maildir {base}: {exc} is not owned by "
+                                         "recipient")
             except OSError as exc:
                 return _fs_dsn(exc, f"create maildir {base}")
             return self._maildir_file(fds[1], fds[2], base, data)
@@ -305,8 +323,8 @@ class LocalAgent(DeliveryAgent):
 
     # ------------------------------------------------------------------ mbox
 
-    def _mbox(self, spool_fd: int, spool: str, user: str, sender: str, head: bytes,
-              lines: list[bytes]) -> Dsn:
+    def _mbox(self, spool_fd: int, spool: str, user: str, owner: int | None, sender: str,
+              head: bytes, lines: list[bytes]) -> Dsn:
         path = f"{spool}/{user}"
         stamp = time.asctime(time.localtime())
         parts = [f"From {quote_822_local(sender) if sender else 'MAILER-DAEMON'}  {stamp}\n"
@@ -332,23 +350,23 @@ class LocalAgent(DeliveryAgent):
                                              f"{user}. file is a symbolic link")
                 return _fs_dsn(exc, f"cannot open mailbox {path}")
             try:
-                return self._append(fd, path, user, data)
+                return self._append(fd, path, user, owner, data)
             finally:
                 os.close(fd)
         finally:
             if dotlock:
                 _unlink(dotlock, spool_fd)
 
-    def _append(self, fd: int, path: str, user: str, data: bytes) -> Dsn:
+    def _append(self, fd: int, path: str, user: str, owner: int | None,
+                data: bytes) -> Dsn:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
             return make_dsn("5.2.0", f"mailbox {path} is not a regular file")
-        if self.strict_owner and st.st_uid != os.geteuid():
-            # Postfix local/mailbox.c: in a world-writable (1777) spool anyone can make
-            # another user's mailbox beforehand, mode 0666, and read what is appended
-            log.warning('specify "strict_mailbox_ownership = no" to ignore mailbox '
-                        "ownership mismatch")
-            return make_dsn("4.2.0", f"destination {path} is not owned by recipient")
+        if owner is not None and st.st_uid != owner:
+            # Postfix local/mailbox.c, strict_mailbox_ownership: defer, and warn.
+            _warn_owner()
+            return make_dsn("4.2.0", f"cannot update mailbox {path} for user {user}. "
+                                     f"destination {path} is not owned by recipient")
         why = self._kernel_lock(fd, path)
         if why is not None:
             return why
@@ -419,6 +437,16 @@ class _SymlinkError(Exception):
     """A mailbox path component is a symbolic link (str = its path)."""
 
 
+class _OwnerError(Exception):
+    """A Maildir directory is not owned by the delivery uid (str = its path)."""
+
+
+def _warn_owner() -> None:
+    """Postfix's warning with a strict_mailbox_ownership refusal."""
+    log.warning('specify "strict_mailbox_ownership = no" to ignore mailbox ownership '
+                "mismatch")
+
+
 def _getpwnam(name: str) -> pwd.struct_passwd | None:
     """The passwd entry of ``name``, None when there is none."""
     try:
@@ -434,20 +462,25 @@ def _is_symlink(dir_fd: int, name: str) -> bool:
         return False
 
 
-def _subdir(dir_fd: int, name: str, shown: str) -> int:
+def _subdir(dir_fd: int, name: str, shown: str, owner: int | None) -> int:
     """Open directory ``name`` in ``dir_fd`` (made mode 0700 when missing), never through
-    a symbolic link.  Raises _SymlinkError (``shown``), OSError."""
+    a symbolic link, and owned by ``owner`` (None: any owner).  Raises _SymlinkError,
+    _OwnerError (``shown``), OSError."""
     try:
         os.mkdir(name, 0o700, dir_fd=dir_fd)
     except FileExistsError:
         pass
     try:
-        return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                       dir_fd=dir_fd)
+        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     dir_fd=dir_fd)
     except OSError as exc:
         if exc.errno in (errno.ELOOP, errno.ENOTDIR) and _is_symlink(dir_fd, name):
             raise _SymlinkError(shown) from None
         raise
+    if owner is not None and os.fstat(fd).st_uid != owner:
+        os.close(fd)
+        raise _OwnerError(shown)
+    return fd
 
 
 @contextmanager
