@@ -439,3 +439,61 @@ def test_overlong_reply_line_is_quoted_in_the_deferral(env: Env, peers: list[Scr
     assert reason.startswith("host 127.0.0.1[127.0.0.1] sent a malformed reply 'line longer "
                              "than 8192 bytes: 250 yyyy"), reason
     assert reason.endswith("(in reply to EHLO command)")
+
+
+# Postfix smtp_site_fail()/smtp_bulk_fail(): a hard (5xx) failure after the greeting
+# bounces at once, even with more servers left; a soft one tries the next server.
+HELO_REFUSED = ["220 a.test ESMTP", "<", "550 5.7.1 not you", "<", "550 5.7.1 not you",
+                "<", "221 Bye"]
+GREETING_5XX = ["554 5.7.1 go away", "<", "221 Bye"]
+
+
+@pytest.mark.parametrize(("steps", "skip", "reason"), [
+    (HELO_REFUSED, "yes", "refused to talk to me: 550 5.7.1 not you"),
+    (GREETING_5XX, "no", "refused to talk to me: 554 5.7.1 go away"),
+    (["220 a.test", "<", EHLO_OK, "<", "550 5.7.1 sender refused", "<", "221 Bye"], "yes",
+     "said: 550 5.7.1 sender refused (in reply to MAIL FROM command)"),
+])
+def test_hard_failure_bounces_without_trying_the_next_server(
+        tmp_path: Path, peers: list[ScriptedPeer], steps: list[str], skip: str,
+        reason: str) -> None:
+    env = make_env(tmp_path, smtp_helo_timeout="2s", smtp_mail_timeout="2s",
+                   smtp_skip_5xx_greeting=skip)
+    first = script(peers, tmp_path, steps)
+    good = script(peers, tmp_path, FULL)  # would take the mail: must not be used
+    qid, reply = deliver(env, f"[127.0.0.1]:{first.port}, [127.0.0.1]:{good.port}")
+    assert reply.status == 0 and not reply.hop_failed, env.log()
+    ((_, dsn),) = statuslog.read(env.spool, "bounce", qid)
+    assert dsn.status == "5.7.1"
+    assert dsn.reason == f"host 127.0.0.1[127.0.0.1] {reason}"
+    assert statuslog.read(env.spool, "defer", qid) == []
+    assert f"relay=127.0.0.1[127.0.0.1]:{first.port}," in env.log()
+    assert "status=sent" not in env.log()
+
+
+@pytest.mark.parametrize(("steps", "main"), [
+    (GREETING_5XX, {}),  # smtp_skip_5xx_greeting = yes (default): counts as 4xx
+    (HELO_REFUSED, {"soft_bounce": "yes"}),  # Postfix's soft_bounce_error: keep
+])
+def test_next_server_after_5xx_that_counts_as_soft(tmp_path: Path,
+                                                   peers: list[ScriptedPeer],
+                                                   steps: list[str],
+                                                   main: dict[str, str]) -> None:
+    env = make_env(tmp_path, smtp_helo_timeout="2s", smtp_mail_timeout="2s", **main)
+    first = script(peers, tmp_path, steps)
+    good = script(peers, tmp_path, FULL)
+    qid, reply = deliver(env, f"[127.0.0.1]:{first.port}, [127.0.0.1]:{good.port}")
+    assert reply.status == 0 and not reply.hop_failed, env.log()
+    assert env.undone(qid) == []
+    assert statuslog.read(env.spool, "bounce", qid) == []
+    assert f"relay=127.0.0.1[127.0.0.1]:{good.port}" in env.log()
+
+
+def test_hard_failure_from_the_last_server_with_soft_bounce_defers(
+        tmp_path: Path, peers: list[ScriptedPeer]) -> None:
+    env = make_env(tmp_path, smtp_helo_timeout="2s", soft_bounce="yes")
+    p = script(peers, tmp_path, HELO_REFUSED)
+    qid, reply = deliver(env, f"[127.0.0.1]:{p.port}")
+    assert reply.status == 1
+    assert deferred_reason(env, qid) == ("host 127.0.0.1[127.0.0.1] refused to talk to me: "
+                                         "550 5.7.1 not you")

@@ -21,10 +21,15 @@ Summary
       2.0.0), the reason being the reply (``250 2.0.0 Ok: queued as X``); 4xx -> deferred
       and 5xx -> bounced, reason ``host H[ip] said: <reply> (in reply to <cmd> command)``.
       A 4xx from a server that is not the last one keeps the recipient for the next.
-    * Site-level failures (connection refused or timed out, a 4xx/5xx greeting, HELO
-      refused, lost connection, timeout, malformed reply) move on to the next address; if
-      none is left the remaining recipients are deferred (a 5xx HELO rejection from the
-      last server bounces) and the hop status is set. A malformed reply never bounces.
+    * Site-level failures (connection refused or timed out, a 4xx greeting, HELO
+      refused with 4xx, lost connection, timeout, malformed reply) move on to the next
+      address; if none is left the remaining recipients are deferred and the hop status
+      is set. A hard one (a 5xx greeting with ``smtp_skip_5xx_greeting = no``, HELO
+      refused with 5xx, 5.4.6 mail loop) bounces the remaining recipients at once, even
+      when more servers are left, as Postfix's smtp_site_fail()/smtp_bulk_fail(); with
+      ``soft_bounce = yes`` the next server is tried first. A 5xx greeting with
+      ``smtp_skip_5xx_greeting = yes`` (the default) counts as 4xx: next server. A
+      malformed reply never bounces.
     * A nexthop that is not a valid destination (master.config.nexthop): when it is the
       recipients' own domain (the request's nexthop equals the domain of each of its
       recipients: no relayhost, transport setting or transport map chose it), the
@@ -538,20 +543,26 @@ class SmtpAgent(DeliveryAgent):
             raise error
         return addrs
 
-    @staticmethod
-    def _fail(att: _Attempt, which: list[int], exc: SmtpFailure, last: bool, relay: str) -> None:
-        """Apply a site-level failure to recipients ``which``: a 5xx from the last server
-        bounces them, anything else leaves them for the next server (or deferral)."""
+    def _fail(self, att: _Attempt, which: list[int], exc: SmtpFailure, last: bool,
+              relay: str) -> None:
+        """Apply a site-level failure to recipients ``which``, as Postfix's
+        smtp_bulk_fail(): a hard (5.x.x) failure bounces them at once, whether or not
+        more servers are left; a soft one leaves them for the next server (deferral
+        after the last).  With soft_bounce = yes a hard failure from a server that is
+        not the last counts as soft (Postfix's soft_bounce_error), so the next server
+        is still tried."""
         dsn = exc.dsn()
+        if dsn.status[0] == "5" and (last or not self.soft_bounce):
+            for i in which:
+                att.relay[i] = relay
+                att.final[i] = dsn
+            return
         soft = Dsn("4" + dsn.status[1:], "delayed", dsn.reason, dsn.diag_type, dsn.diag_text,
                    dsn.mta_type, dsn.mta_mname)
         att.site = soft
         for i in which:
             att.relay[i] = relay
-            if dsn.status[0] == "5" and last:
-                att.final[i] = dsn
-            else:
-                att.soft[i] = soft
+            att.soft[i] = soft
 
     @staticmethod
     def _reply_result(att: _Attempt, i: int, reply: Reply, sess: SmtpSession,
