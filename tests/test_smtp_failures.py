@@ -497,3 +497,21 @@ def test_hard_failure_from_the_last_server_with_soft_bounce_defers(
     assert reply.status == 1
     assert deferred_reason(env, qid) == ("host 127.0.0.1[127.0.0.1] refused to talk to me: "
                                          "550 5.7.1 not you")
+
+
+def test_helo_after_a_4xx_ehlo_but_not_after_421(env: Env, peers: list[ScriptedPeer],
+                                                 tmp_path: Path) -> None:
+    """Postfix smtp_helo(): an EHLO reply other than 2xx and 421 makes it try HELO; 421
+    is a refusal (soft: deferred)."""
+    p = script(peers, tmp_path, ["220 old.test", "<", "451 4.3.0 EHLO later", "<",
+                                 "250 old.test"] + FULL[3:])
+    _qid, reply = deliver(env, f"[127.0.0.1]:{p.port}")
+    assert reply.status == 0, env.log()
+    assert p.received()[1] == "HELO mail.test.example\r\n"
+    p2 = script(peers, tmp_path, ["220 old.test", "<", "421 4.3.2 closing", "<",
+                                  "221 Bye"])
+    qid2, reply2 = deliver(env, f"[127.0.0.1]:{p2.port}")
+    assert reply2.status == 1 and reply2.hop_failed
+    assert deferred_reason(env, qid2) == ("host 127.0.0.1[127.0.0.1] refused to talk to "
+                                          "me: 421 4.3.2 closing")
+    assert not any(line.startswith("HELO") for line in p2.received())

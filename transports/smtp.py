@@ -12,10 +12,10 @@ Summary
       A/AAAA; no MX -> the domain's addresses; null MX -> bounce 5.1.0). At most
       ``smtp_mx_address_limit`` addresses and ``smtp_mx_session_limit`` sessions are tried.
     * Session: connect (``smtp_connect_timeout``), greeting, EHLO ``smtp_helo_name``
-      (HELO after a 5xx EHLO reply), ``MAIL FROM`` with ``SIZE=`` (and a 5.3.4 bounce when
-      the server's SIZE limit is smaller), ``BODY=8BITMIME`` for 8-bit content,
-      ``SMTPUTF8`` when requested and offered, DSN ``RET``/``ENVID``/``NOTIFY``/``ORCPT``
-      when DSN is offered; one ``RCPT TO`` per recipient; ``DATA``; ``QUIT``. Each phase
+      (HELO after a 4xx/5xx EHLO reply other than 421), ``MAIL FROM`` with ``SIZE=``
+      (and a 5.3.4 bounce when the server's SIZE limit is smaller), ``BODY=8BITMIME``
+      for 8-bit content, ``SMTPUTF8`` when requested and offered, DSN
+      ``RET``/``ENVID``/``NOTIFY``/``ORCPT`` when DSN is offered; one ``RCPT TO`` per recipient; ``DATA``; ``QUIT``. Each phase
       has Postfix's timeout parameter (``smtp_helo_timeout`` ... ``smtp_quit_timeout``).
     * Results: 2xx -> ``relayed`` with the enhanced status code of the reply (else
       2.0.0), the reason being the reply (``250 2.0.0 Ok: queued as X``); 4xx -> deferred

@@ -2,7 +2,8 @@
 
 Summary
     ``await SmtpSession(addr, params).open()`` connects (``smtp_connect_timeout``), reads
-    the greeting and says EHLO (HELO after a 5xx EHLO reply) with ``smtp_helo_timeout``;
+    the greeting and says EHLO (HELO after a 4xx/5xx EHLO reply other than 421, as
+    Postfix's smtp_helo(); a 421 is a refusal) with ``smtp_helo_timeout``;
     ``await call()`` sends one command (or the message data) and reads the reply with the
     timeout of that phase. The session drives a non-blocking socket with the running
     loop's ``sock_*`` calls, so one agent process carries many sessions at once
@@ -205,7 +206,7 @@ class SmtpSession:
         return self.addr.relay
 
     async def open(self) -> None:
-        """Connect, read the greeting, EHLO (HELO after a 5xx EHLO).
+        """Connect, read the greeting, EHLO (HELO after a non-421 EHLO refusal).
 
         Raises:
             SmtpFailure: site-level failure.
@@ -249,7 +250,7 @@ class SmtpSession:
                 raise SmtpFailure("5.4.6" if self.best_mx else "4.4.6",
                                   f"mail for {self.nexthop} loops back to myself", site=True)
             return
-        if reply.code // 100 == 5:
+        if reply.code != 421:  # Postfix smtp_helo(): any other refusal -> try HELO
             reply = await self.call(f"HELO {p.helo_name}", p.helo_timeout,
                                     "performing the HELO handshake", "HELO")
             if reply.code // 100 == 2:
