@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import grp
 import os
 import pwd
 import re
@@ -481,3 +482,81 @@ def test_stale_dotlock_that_cannot_be_removed_is_waited_for(
     assert sleeps == [1, 1]
     ((_, dsn),) = statuslog.read(env.spool, "defer", qid)
     assert dsn.reason.startswith("unable to create lock file")
+
+
+# --------------------------------------------------------------- spools not world-writable
+
+def _mail_gid() -> int:
+    """Debian's group mail (8 when there is none)."""
+    try:
+        return grp.getgrnam("mail").gr_gid
+    except KeyError:
+        return 8
+
+
+MAIL_GID = _mail_gid()
+
+
+def system_spool(tmp_path: Path, mode: int) -> Path:
+    """A mail spool made by the system, not by the agent: root:mail, ``mode``."""
+    path = tmp_path / "mail"
+    path.mkdir()
+    os.chown(path, 0, MAIL_GID)
+    path.chmod(mode)
+    return path
+
+
+@pytest.mark.skipif(not ROOT, reason="privileges are switched only by root")
+@pytest.mark.parametrize("mode", [0o2775, 0o755], ids=["2775", "0755"])
+def test_mbox_in_a_spool_not_world_writable(tmp_path: Path, mode: int) -> None:
+    """Debian's /var/mail (root:mail 2775) and a root-only 0755 one: Postfix
+    deliver_mailbox_file() locks and creates the mbox with the recipient's uid and the
+    spool's gid (group-writable) or as root (then fchown to the recipient), and writes
+    with the recipient's rights; an existing mbox is used (daemon:mail 0660)."""
+    env = make_env(tmp_path, mail_spool_directory=f"{tmp_path}/mail",
+                   mailbox_delivery_lock="fcntl, dotlock")
+    mail = system_spool(tmp_path, mode)
+    existing = mail / "daemon"
+    existing.write_bytes(b"")
+    os.chown(existing, DAEMON.pw_uid, MAIL_GID)
+    existing.chmod(0o660)
+    groups = os.getgroups()
+    _, reply = deliver(env, ["daemon@example.net", "bob@example.net"])
+    assert reply.status == 0 and not reply.hop_failed
+    assert (os.geteuid(), os.getegid(), os.getgroups()) == (0, 0, groups)
+    assert sorted(p.name for p in mail.iterdir()) == ["bob", "daemon"]  # locks removed
+    st = os.stat(existing)
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (DAEMON.pw_uid, MAIL_GID, 0o660)
+    assert existing.read_bytes().startswith(b"From alice@example.com  ")
+    new = os.stat(mail / "bob")  # no account: default_privs (nobody)
+    gid = MAIL_GID if mode & 0o020 else NOBODY.pw_gid
+    assert (new.st_uid, new.st_gid, new.st_mode & 0o7777) == (NOBODY.pw_uid, gid, 0o600)
+    assert (mail / "bob").read_bytes().startswith(b"From alice@example.com  ")
+
+
+@pytest.mark.skipif(not ROOT, reason="privileges are switched only by root")
+@pytest.mark.parametrize("mode", [0o2775, 0o755], ids=["2775", "0755"])
+def test_mbox_checks_in_a_spool_not_world_writable(tmp_path: Path, mode: int) -> None:
+    """Created with more rights than the recipient's, the mbox keeps every check: a
+    symlink bounces, another user's mbox defers, and nothing is written through them."""
+    env = make_env(tmp_path, mail_spool_directory=f"{tmp_path}/mail")
+    mail = system_spool(tmp_path, mode)
+    target = tmp_path / "target"
+    target.write_bytes(b"keep\n")
+    (mail / "evil").symlink_to(target)
+    (mail / "dangling").symlink_to(tmp_path / "nowhere")
+    foreign = planted(mail / "bob", directory=False)  # 0666: openable by anyone
+    qid, reply = deliver(env, ["evil@example.net", "dangling@example.net",
+                               "bob@example.net"])
+    assert reply.status == 1 and not reply.hop_failed
+    assert target.read_bytes() == b"keep\n" and not (tmp_path / "nowhere").exists()
+    assert foreign.read_bytes() == b""
+    bounced = [dsn for _, dsn in statuslog.read(env.spool, "bounce", qid)]
+    assert sorted((dsn.status, dsn.reason) for dsn in bounced) == [
+        ("5.2.0", (f"cannot update mailbox {mail}/{name} for user {name}. "
+                   "file is a symbolic link")) for name in ("dangling", "evil")]
+    ((_, dsn),) = statuslog.read(env.spool, "defer", qid)
+    assert (dsn.status, dsn.reason) == (
+        "4.2.0", (f"cannot update mailbox {foreign} for user bob. "
+                  f"destination {foreign} is not owned by recipient"))
+    assert sorted(p.name for p in mail.iterdir()) == ["bob", "dangling", "evil"]

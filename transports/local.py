@@ -28,9 +28,17 @@ Summary
     (``root@`` has no alias_maps to redirect it) and gets default_privs.  Only
     ``mail_spool_directory`` itself is opened, and made when missing, with root's rights:
     made by root it gets mode 1777 (sticky, like /tmp) so that every delivery user can
-    make its mailbox there; an existing one is used as it is (a spool the delivery user
-    cannot write defers 4.2.0 "Permission denied").  Not run as root, everything is
-    done as the invoking user.
+    make its mailbox there; an existing one is used as it is.  A Maildir is always made
+    and written with the delivery rights (a spool the delivery user cannot write defers
+    4.2.0 "Permission denied").  An mbox follows Postfix local/mailbox.c
+    (spool_uid/spool_gid, chown_uid/chown_gid): the dotlock ``<mbox>.lock`` is made and
+    removed, and the mbox opened or made, with rights that depend on the spool's mode -
+    world-writable (1777): the delivery uid/gid; else group-writable (Debian's
+    ``/var/mail``, root:mail 2775): the delivery uid with the spool's gid (a new mbox
+    gets that group); else (root's 0755): root's, a new mbox (O_EXCL, never through a
+    symlink, mode 0600) being then given to the delivery uid/gid with fchown.  The
+    message is always written with the delivery rights.  Not run as root, everything
+    is done as the invoking user.
 
     Symbolic links: below ``mail_spool_directory`` nothing is followed (every step is
     relative to an open directory, O_NOFOLLOW).  A Maildir, or its tmp/new/cur, that is
@@ -40,12 +48,13 @@ Summary
     mbox_dsn() default 5.2.0 (Postfix's own exception for root-owned symlinks is not
     made).  An mbox that is not a regular file or has more than one link bounces 5.2.0.
 
-    Ownership (Postfix ``strict_mailbox_ownership``, default yes): the spool is world
-    writable, so anyone could make a file or directory named after another user's
-    mailbox before that user gets mail, and read what is delivered into it.  An
-    existing mbox not owned by the uid the agent delivers as (the recipient's, or
-    default_privs') defers ``4.2.0 cannot update mailbox <path> for user <user>.
-    destination <path> is not owned by recipient`` and logs Postfix's warning
+    Ownership (Postfix ``strict_mailbox_ownership``, default yes; checked whatever the
+    rights the mbox was opened with): in a world-writable spool anyone could make a
+    file or directory named after another user's mailbox before that user gets mail,
+    and read what is delivered into it.  An existing mbox not owned by the uid the
+    agent delivers as (the recipient's, or default_privs') defers ``4.2.0 cannot
+    update mailbox <path> for user <user>. destination <path> is not owned by
+    recipient`` and logs Postfix's warning
     ``specify "strict_mailbox_ownership = no" to ignore mailbox ownership mismatch``
     (Postfix local/mailbox.c).  Postfix's maildir delivery has no such check; here a
     Maildir, or its tmp/new/cur, not owned by that uid defers the same way (``4.2.0
@@ -233,10 +242,10 @@ class LocalAgent(DeliveryAgent):
         except OSError as exc:
             return _fs_dsn(exc, f"cannot open mail spool directory {spool}")
         try:
-            with _privileges(rights):
-                if self.spool_dir.endswith("/"):
+            if self.spool_dir.endswith("/"):
+                with _privileges(rights):
                     return self._maildir(spool_fd, spool, user, owner, head, lines)
-                return self._mbox(spool_fd, spool, user, owner, req.sender, head, lines)
+            return self._mbox(spool_fd, spool, user, rights, owner, req.sender, head, lines)
         finally:
             os.close(spool_fd)
 
@@ -323,8 +332,8 @@ class LocalAgent(DeliveryAgent):
 
     # ------------------------------------------------------------------ mbox
 
-    def _mbox(self, spool_fd: int, spool: str, user: str, owner: int | None, sender: str,
-              head: bytes, lines: list[bytes]) -> Dsn:
+    def _mbox(self, spool_fd: int, spool: str, user: str, rights: tuple[int, int] | None,
+              owner: int | None, sender: str, head: bytes, lines: list[bytes]) -> Dsn:
         path = f"{spool}/{user}"
         stamp = time.asctime(time.localtime())
         parts = [f"From {quote_822_local(sender) if sender else 'MAILER-DAEMON'}  {stamp}\n"
@@ -333,29 +342,33 @@ class LocalAgent(DeliveryAgent):
             parts.append(b">" + line + b"\n" if line.startswith(b"From ") else line + b"\n")
         parts.append(b"\n")
         data = b"".join(parts)
-        dotlock = ""
-        if "dotlock" in self.locks:
-            dotlock = user + ".lock"
-            why = self._dotlock(spool_fd, dotlock, f"{path}.lock")
-            if why is not None:
-                return why
-        try:
+        # Postfix deliver_mailbox_file(): lock and open/create with the spool rights,
+        # write with the recipient's.
+        spool_rights, chown = _spool_rights(os.fstat(spool_fd), rights)
+        dotlock = user + ".lock" if "dotlock" in self.locks else ""
+        with _privileges(spool_rights):
+            if dotlock:
+                why = self._dotlock(spool_fd, dotlock, f"{path}.lock")
+                if why is not None:
+                    return why
             try:
-                fd = os.open(user, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
-                             | os.O_NONBLOCK | os.O_CLOEXEC, 0o600, dir_fd=spool_fd)
+                fd = _open_mbox(spool_fd, user, chown)
             except OSError as exc:
+                if dotlock:
+                    _unlink(dotlock, spool_fd)
                 if exc.errno in (errno.ELOOP, errno.EMLINK) and _is_symlink(spool_fd, user):
                     # Postfix safe_open(): "file is a symbolic link", 5.2.0 (mbox_dsn)
                     return make_dsn("5.2.0", f"cannot update mailbox {path} for user "
                                              f"{user}. file is a symbolic link")
                 return _fs_dsn(exc, f"cannot open mailbox {path}")
-            try:
+        try:
+            with _privileges(rights):
                 return self._append(fd, path, user, owner, data)
-            finally:
-                os.close(fd)
         finally:
+            os.close(fd)
             if dotlock:
-                _unlink(dotlock, spool_fd)
+                with _privileges(spool_rights):
+                    _unlink(dotlock, spool_fd)
 
     def _append(self, fd: int, path: str, user: str, owner: int | None,
                 data: bytes) -> Dsn:
@@ -453,6 +466,45 @@ def _getpwnam(name: str) -> pwd.struct_passwd | None:
         return pwd.getpwnam(name)
     except (KeyError, ValueError, UnicodeError):
         return None
+
+
+def _spool_rights(spool_st: os.stat_result, rights: tuple[int, int] | None,
+                  ) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
+    """(rights to lock and open/create an mbox with, (uid, gid) to give a new mbox to)
+    for the mail spool directory ``spool_st`` and the delivery ``rights``: Postfix
+    local/mailbox.c spool_uid/spool_gid and chown_uid/chown_gid.  World-writable
+    spool: the recipient's; group-writable: the recipient's uid with the spool's gid;
+    otherwise root's (None: unchanged), a new mbox then being given to the recipient.
+    Not root (``rights`` None): nothing changes."""
+    if rights is None or spool_st.st_mode & stat.S_IWOTH:
+        return rights, None
+    if spool_st.st_mode & stat.S_IWGRP:
+        return (rights[0], spool_st.st_gid), None
+    return None, rights
+
+
+def _open_mbox(dir_fd: int, name: str, chown: tuple[int, int] | None) -> int:
+    """Open mbox ``name`` in ``dir_fd`` for appending, never through a symbolic link;
+    a missing one is made (O_EXCL, mode 0600) and given to ``chown`` (uid, gid) when
+    that is set, as Postfix safe_open().  Raises OSError."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    while True:
+        try:
+            return os.open(name, flags, dir_fd=dir_fd)
+        except FileNotFoundError:
+            pass
+        try:
+            fd = os.open(name, flags | os.O_CREAT | os.O_EXCL, 0o600, dir_fd=dir_fd)
+        except FileExistsError:
+            continue  # made meanwhile (or a symlink): open it as an existing one
+        if chown is not None:
+            try:
+                os.fchown(fd, *chown)
+            except OSError:
+                os.close(fd)
+                _unlink(name, dir_fd)
+                raise
+        return fd
 
 
 def _is_symlink(dir_fd: int, name: str) -> bool:
