@@ -14,10 +14,20 @@ Summary
     case-insensitive (folded to lower case). A later duplicate key is ignored with a
     warning, as postmap does.
 
+Alias tables (``alias_maps``; Postfix's postalias(1) reads the same source file):
+    ``name: value`` lines, ``#`` comment lines and blank lines ignored, a line starting
+    with whitespace continues the previous value. The name (before the first ``:``;
+    double quotes around it removed) is folded to lower case; the value is kept as
+    written (local(8) splits it into targets). A later duplicate name is ignored with a
+    warning, as postalias does. ``inline:`` tables are read as in any other parameter.
+
 Public API
     Table.lookup(key) -> str | None
     open_table(spec) -> Table
     open_tables(specs: list[str]) -> list[Table]
+    open_alias_table(spec) -> Table     an alias_maps table (aliases(5) syntax, below)
+    AliasMaps(specs, param)             .lookup(name): the first table's value, tables
+        re-read when their file changes; one it cannot open is logged once, ignored
     TableError: unknown type or an unreadable file, naming the table (and line); the
         same class as master.config.tables.TableError, where the file format lives (so
         that the master's configuration check can read tables too).
@@ -28,9 +38,10 @@ from __future__ import annotations
 import os
 
 from master import log
-from master.config.tables import TableError, read_table
+from master.config.tables import FILE_TYPES, TableError, read_table
 
-__all__ = ["Table", "TableError", "open_table", "open_tables"]
+__all__ = ["AliasMaps", "Table", "TableError", "open_alias_table", "open_table",
+           "open_tables"]
 
 
 class Table:
@@ -100,3 +111,103 @@ def open_table(spec: str) -> Table:
 def open_tables(specs: list[str]) -> list[Table]:
     """Open every table of a parameter's list value (in order)."""
     return [open_table(s) for s in specs if s]
+
+
+def _parse_aliases(path: str) -> dict[str, str]:
+    """The ``name: value`` entries of aliases file ``path`` (module docstring).
+
+    Raises:
+        TableError: unreadable file or a line without ``name:``.
+    """
+    try:
+        with open(path, encoding="utf-8", errors="surrogateescape") as f:
+            lines = f.read().splitlines()
+    except OSError as exc:
+        raise TableError(f"{path}: {exc.strerror}") from exc
+    logical: list[tuple[int, str]] = []
+    for n, line in enumerate(lines, 1):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        if line[0] in " \t":
+            if not logical:
+                raise TableError(f"{path}, line {n}: continuation line without a name")
+            ln, prev = logical[-1]
+            logical[-1] = (ln, prev + " " + stripped)
+        else:
+            logical.append((n, stripped))
+    data: dict[str, str] = {}
+    for n, text in logical:
+        if text.startswith('"'):
+            end = text.find('"', 1)
+            colon = text.find(":", end) if end > 0 else -1
+            name = text[1:end] if colon > 0 and not text[end + 1:colon].strip() else ""
+        else:
+            colon = text.find(":")
+            name = text[:colon].strip() if colon > 0 else ""
+        if not name:
+            raise TableError(f'{path}, line {n}: need "name: value"')
+        key = name.lower()
+        if key in data:
+            log.warning(f'{path}, line {n}: duplicate entry: "{key}"')
+            continue
+        data[key] = text[colon + 1:].strip()
+    return data
+
+
+def open_alias_table(spec: str) -> Table:
+    """Open one ``alias_maps`` table: a file type (hash:, texthash:, ...) in aliases(5)
+    syntax, or an ``inline:`` table.
+
+    Raises:
+        TableError: unsupported type, unreadable file or bad syntax.
+    """
+    spec = spec.strip()
+    kind, sep, name = spec.partition(":")
+    if sep and kind in FILE_TYPES:
+        try:
+            mtime = os.stat(name).st_mtime
+        except OSError as exc:
+            raise TableError(f"{spec}: {exc.strerror}") from exc
+        return Table(spec, _parse_aliases(name), name, mtime)
+    return open_table(spec)
+
+
+class AliasMaps:
+    """The tables of ``alias_maps`` (or another list in aliases(5) syntax), in order.
+
+    A table that cannot be opened (a type qmgrd cannot read such as ``nis:``, a missing
+    file, a bad line) is logged once as a warning and matches nothing; a file that
+    changes is read again at the next lookup.
+    """
+
+    def __init__(self, specs: list[str], param: str = "alias_maps") -> None:
+        self.param = param
+        self.specs = [s.strip() for s in specs if s.strip()]
+        self.tables: dict[str, Table | None] = {}
+        for spec in self.specs:
+            self.tables[spec] = self._open(spec)
+
+    def _open(self, spec: str) -> Table | None:
+        try:
+            return open_alias_table(spec)
+        except TableError as exc:
+            log.warning(f"{self.param}: {exc}: table ignored")
+            return None
+
+    def __bool__(self) -> bool:
+        return bool(self.specs)
+
+    def lookup(self, name: str) -> str | None:
+        """The value of ``name`` (case-insensitive) in the first table that has it."""
+        for spec in self.specs:
+            table = self.tables[spec]
+            if table is not None and table.changed():
+                table.close()
+                table = self.tables[spec] = self._open(spec)
+            if table is None:
+                continue
+            value = table.lookup(name)
+            if value is not None:
+                return value
+        return None

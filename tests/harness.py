@@ -88,6 +88,7 @@ DEFAULT_MAIN = {
     "mydomain": "test.example",
     "mydestination": "$myhostname, localhost",
     "local_recipient_maps": "",
+    "alias_maps": "",  # not the system's /etc/aliases
     "queue_run_delay": "300s",
     "minimal_backoff_time": "300s",
     "maximal_backoff_time": "4000s",

@@ -98,6 +98,7 @@ def make_env(root: Path, **main: str) -> Env:
         "smtp_host_lookup": "dns, native",
     }
     settings.update(main)
+    settings.setdefault("alias_maps", "")  # not the system's /etc/aliases
     confdir = root / "etc"
     confdir.mkdir(parents=True, exist_ok=True)
     (confdir / "main.cf").write_text("".join(f"{k} = {v}\n" for k, v in settings.items()))

@@ -25,7 +25,7 @@ Summary
     ``default_privs`` (default ``nobody``; checked at start-up like Postfix's: it must
     exist and have neither uid nor gid 0, else a ConfigError, fatal for the process).
     Postfix delivers root's own mailbox as root; here root's mail is not special-cased
-    (``root@`` has no alias_maps to redirect it) and gets default_privs.  Only
+    (an alias in alias_maps, e.g. ``root: alice``, redirects it) and gets default_privs.  Only
     ``mail_spool_directory`` itself is opened, and made when missing, with root's rights:
     made by root it gets mode 1777 (sticky, like /tmp) so that every delivery user can
     make its mailbox there; an existing one is used as it is.  A Maildir is always made
@@ -74,6 +74,9 @@ Summary
     configuration); otherwise the name must exist in the passwd database
     (``5.1.1 unknown user: "x"``).
 
+    Aliases: before the mailbox delivery the local part is looked up in ``alias_maps``
+    and a match is delivered to its targets instead (transports.local_alias).
+
     File system errors defer (4.2.0), except "disk quota exceeded" and "file too large"
     which bounce (5.2.2), as Postfix's mbox_dsn().
 
@@ -90,6 +93,7 @@ via the base; ``created mail spool directory <dir> (mode 1777)`` when it makes t
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import fcntl
 import os
@@ -105,9 +109,11 @@ from master import log
 from master.config import ConfigError
 from master.server import jail
 from qmgrd.delivery import DeliverRequest, RecipientInfo
+from qmgrd.maps import AliasMaps
 from qmgrd.spool.message import QueueFile
 from qmgrd.spool.statuslog import quote_822_local
 from transports.agent import DeliveryAgent, Dsn, make_dsn, run
+from transports.local_alias import AliasExpander
 
 if TYPE_CHECKING:
     from master.config import Config
@@ -179,6 +185,7 @@ class LocalAgent(DeliveryAgent):
         self.hostname = socket.gethostname()
         self.default_rights: tuple[int, int] | None = None
         self.strict_owner = True
+        self.aliases: AliasExpander | None = None
         self._count = 0
 
     def setup(self) -> None:
@@ -199,6 +206,8 @@ class LocalAgent(DeliveryAgent):
         self.lock_delay = float(_opt(cfg, "deliver_lock_delay", 1, time_unit=True))
         self.stale_lock_time = _opt(cfg, "stale_lock_time", 500, time_unit=True)
         self.strict_owner = cfg.get_bool("strict_mailbox_ownership")
+        self.aliases = AliasExpander(AliasMaps(cfg.get_list("alias_maps")), self.delimiter,
+                                     cfg.get_list("mydestination"), cfg.get("myorigin"))
         self.hostname = cfg.get("myhostname") or self.hostname
         if os.geteuid() == 0:
             try:
@@ -219,13 +228,18 @@ class LocalAgent(DeliveryAgent):
         return [(rcpt, self._deliver_one(req, rcpt, lines, seen)) for rcpt in req.recipients]
 
     def _deliver_one(self, req: DeliverRequest, rcpt: RecipientInfo, lines: list[bytes],
-                     seen: set[str]) -> Dsn:
+                     seen: set[str], alias: bool = True) -> Dsn:
         user = mailbox_name(rcpt.address, self.delimiter)
         why = check_mailbox_name(user)
         if why:
             return make_dsn("5.1.1", why)
         if rcpt.address.lower() in seen:
             return make_dsn("5.4.6", f"mail forwarding loop for {rcpt.address}")
+        if alias and self.aliases is not None:  # alias_maps (transports.local_alias)
+            expanded = self.aliases.expand(rcpt.address, lambda address: self._deliver_one(
+                req, dataclasses.replace(rcpt, address=address), lines, seen, alias=False))
+            if expanded is not None:
+                return expanded
         account = _getpwnam(user)
         if account is None and self.recipient_maps:
             return make_dsn("5.1.1", f'unknown user: "{user}"')
