@@ -303,3 +303,27 @@ def test_local_recipient_maps_reject_unknown_local_users(tmp_path: Path) -> None
     # empty (the bundled main.cf): every local name is accepted
     assert asyncio.run(policy(base).check_rcpt(ClientInfo("127.0.0.1", "1025"), "h", "",
                                                "nosuchuser@mx.test.example")) is None
+
+
+def test_local_recipient_maps_accept_alias_names(tmp_path: Path) -> None:
+    """Postfix's default local_recipient_maps holds $alias_maps: its names exist, read
+    in aliases(5) syntax ("name: value")."""
+    aliases = tmp_path / "aliases"
+    aliases.write_text("# aliases\nWebmaster: root\nteam: alice,\n  bob\n")
+    base = ("mydestination = mx.test.example\nmynetworks = 127.0.0.0/8\n"
+            "smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination\n"
+            f"alias_maps = hash:{aliases}, nis:mail.aliases\n"
+            "local_recipient_maps = proxy:unix:passwd.byname $alias_maps\n")
+    p = policy(base)
+
+    def rcpt(addr: str) -> str | None:
+        return asyncio.run(p.check_rcpt(ClientInfo("127.0.0.1", "1025"), "h.example", "",
+                                        addr))
+
+    assert rcpt("webmaster@mx.test.example") is None
+    assert rcpt("team@mx.test.example") is None
+    assert rcpt("root@mx.test.example") is None
+    assert rcpt("webmaster:@mx.test.example") is not None
+    assert rcpt("alice@mx.test.example") == (
+        "550 5.1.1 <alice@mx.test.example>: Recipient address rejected: "
+        "User unknown in local recipient table")

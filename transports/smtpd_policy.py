@@ -91,7 +91,7 @@ from master import log
 from master.config import Config
 from master.config.netlist import NetworkError, is_table, parse_network
 from master.config.relayguard import open_relay_problem
-from qmgrd.maps import Table, TableError, open_table
+from qmgrd.maps import Table, TableError, open_alias_table, open_table
 
 __all__ = [
     "ClientInfo",
@@ -259,20 +259,25 @@ class LocalRecipients:
     smtpd_reject_unlisted_recipient for local domains). Empty = every name exists (no
     check). ``unix:passwd.byname`` (also behind ``proxy:``) looks in the passwd
     database; texthash/hash/inline tables are looked up by ``user@domain`` then
-    ``user``; a table type qmgrd cannot read (e.g. ``nis:``, a missing alias database)
-    is logged once and matches nothing."""
+    ``user``; a table that is also in ``alias_maps`` is read in aliases(5) syntax
+    (``name: value``); a table type qmgrd cannot read (e.g. ``nis:``, a missing alias
+    database) is logged once and matches nothing."""
 
-    def __init__(self, entries: list[str]) -> None:
+    def __init__(self, entries: list[str], alias_maps: list[str] | None = None) -> None:
         self.passwd = False
         self.tables: list[Table] = []
         self.active = bool(entries)
+        aliases = {s.strip().removeprefix("proxy:") for s in alias_maps or []}
         for spec in entries:
             bare = spec.removeprefix("proxy:")
             if bare == "unix:passwd.byname":
                 self.passwd = True
                 continue
             try:
-                self.tables.append(open_table(bare))
+                # a table of alias_maps (Postfix's default has $alias_maps) is in
+                # aliases(5) syntax, "name: value" (qmgrd.maps.open_alias_table)
+                self.tables.append(open_alias_table(bare) if bare in aliases
+                                   else open_table(bare))
             except TableError as exc:
                 log.warning(f"local_recipient_maps: {exc}: table ignored")
 
@@ -342,7 +347,8 @@ class Policy:
         if problem is not None:
             raise PolicyError(problem)
         self.resolver = resolver
-        self.local_recipients = LocalRecipients(cfg.get_list("local_recipient_maps"))
+        self.local_recipients = LocalRecipients(cfg.get_list("local_recipient_maps"),
+                                                cfg.get_list("alias_maps"))
         self.delimiter = cfg.get("recipient_delimiter")
 
     # ------------------------------------------------------------------ questions
