@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from master.config import Config, load_master_cf
+from qmgrd.maps import open_alias_table
 
 REPO = Path(__file__).resolve().parent.parent
 ETC = REPO / "etc"
@@ -21,6 +22,9 @@ def test_bundled_main_cf() -> None:
     assert cfg.get("mail_spool_directory").endswith("/var/mail/")
     assert cfg.get("local_recipient_maps") == "" and cfg.is_set("local_recipient_maps")
     assert cfg.get("relayhost") == ""
+    (aliases,) = cfg.get_list("alias_maps")
+    assert aliases == f"hash:{ETC}/aliases"
+    assert open_alias_table(aliases).lookup("postmaster") == "root"
     host = cfg.get("myhostname")
     assert cfg.get_list("mydestination")[0] == host
 
