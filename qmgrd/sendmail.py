@@ -62,7 +62,8 @@ Options
                 is ignored and any other -q<c> is not implemented, as in Postfix; with
                 -bp or -q no recipient may be given (Postfix: "... mode requires no
                 recipient")
-    -I, -bi     newaliases: qmgrd has no alias database; a warning, exit 0
+    -I, -bi     newaliases: nothing to rebuild (alias_maps are read from
+                their text files); a warning, exit 0
     -bs, -bv, -bd, -bh, -bH, -bl   not implemented: a fatal error saying so (exit 64)
 
 Exit status (sysexits)
@@ -459,8 +460,8 @@ def run(argv: list[str], stdin: IO[bytes], stderr: IO[str]) -> int:
     try:
         o = _parse(argv)
         if o.ctl == []:
-            stderr.write(f"{PROG}: warning: qmgrd has no alias database: nothing to "
-                         "rebuild\n")
+            stderr.write(f"{PROG}: warning: qmgrd reads alias_maps from their text "
+                         "files: nothing to rebuild\n")
         elif o.ctl is not None:
             _exec_ctl(o)
         else:
