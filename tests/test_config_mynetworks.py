@@ -110,3 +110,51 @@ def test_netlist_shares_the_parser_and_logs_the_real_reason(
     assert "perhaps you should use \"192.168.1.0/24\"" in text
     assert "host names are not supported" not in text
     assert nets.match("10.1.2.3") and not nets.match("192.168.1.5")
+
+
+SMTPD = "smtp      inet  n       -       n       -       -       smtpd\n"
+GUARD = ("in parameter smtpd_relay_restrictions or smtpd_recipient_restrictions, specify "
+         "at least one working instance of: reject_unauth_destination, "
+         "defer_unauth_destination, reject, defer or defer_if_permit")
+
+
+def test_ctl_config_runs_reloads_whole_check(tmp_path: Path) -> None:
+    """qmgr-ctl config NAME=VALUE refuses a main.cf that qmgr-master reload would refuse
+    (every smtpd would die at start): exit 78, main.cf unchanged, reload's error text
+    naming main.cf's line of the result; a fix passes."""
+    etc = write(tmp_path, "mynetworks = 127.0.0.0/8\n", MASTER + SMTPD)
+    main = tmp_path / "main.cf"
+    before = main.read_text()
+    res = CliRunner().invoke(cli, ["-c", etc, "config", "mynetworks=10.0.0.0/8",
+                                   "smtpd_relay_restrictions=permit"])
+    assert (res.exit_code, res.stderr) == (
+        78, f"qmgr-ctl: fatal: not changed: {main}, line 4: {GUARD}\n")
+    assert main.read_text() == before
+    main.write_text(before.replace("127.0.0.0/8", "10.0.0.0/8")
+                    + "smtpd_relay_restrictions = permit\n")  # what reload says of it
+    with pytest.raises(ConfigError) as reload_error:
+        load_configuration(etc, modules=False, logfile=False)
+    main.write_text(before)
+    res = CliRunner().invoke(cli, ["-c", etc, "config", "mynetworks=10.0.0.0/8",
+                                   "smtpd_relay_restrictions=permit"])
+    assert str(reload_error.value) in res.stderr
+    res = CliRunner().invoke(cli, ["-c", etc, "config",
+                                   ("smtpd_relay_restrictions=permit_mynetworks, "
+                                    "reject_unauth_destination")])
+    assert res.exit_code == 0, res.stderr
+    assert main.read_text() != before
+
+
+def test_ctl_config_checks_master_cf_overrides(tmp_path: Path) -> None:
+    """A change that leaves an smtpd service's -o override without a guard is refused
+    naming that service's master.cf line, as reload refuses it."""
+    etc = write(tmp_path, "", MASTER + SMTPD.rstrip("\n")
+                + "\n  -o smtpd_relay_restrictions=\n")
+    main = tmp_path / "main.cf"
+    before = main.read_text()
+    res = CliRunner().invoke(cli, ["-c", etc, "config",
+                                   "smtpd_recipient_restrictions=permit_mynetworks"])
+    assert res.exit_code == 78
+    assert res.stderr.startswith(f"qmgr-ctl: fatal: not changed: {tmp_path}/master.cf, "
+                                 "line 4: "), res.stderr
+    assert main.read_text() == before

@@ -82,6 +82,9 @@ PUBLIC API
         checked (only for 0);
         ``modules``/``logfile`` False leave out the module and maillog_file checks (of
         main.cf and of the services' overrides).
+    check_configuration(cfg, warn=None, euid=None, *, modules=True, logfile=True,
+                        master_cf=True) -> list[Service]      the same checks on a parsed Config (qmgr-ctl config
+                              NAME=VALUE checks the text it would write); ConfigError
     check_maillog(cfg) -> None                                raises ConfigError
     check_tables(cfg, names=TABLE_PARAMS, warn=None) -> None  raises ConfigError
     check_mail_owner(cfg, euid=None) -> None                  raises ConfigError
@@ -121,6 +124,7 @@ from master.server import jail
 
 __all__ = [
     "TABLE_PARAMS",
+    "check_configuration",
     "check_default_privs",
     "check_mail_owner",
     "check_maillog",
@@ -155,6 +159,16 @@ def load_configuration(config_directory: str, warn: Warn | None = None,
     the environment, and a running master checks them in its own on reload (so that its
     refusal is logged in the log it keeps).  Raises ConfigError, naming file and line."""
     cfg = Config.load(config_directory)
+    return cfg, check_configuration(cfg, warn, euid, modules=modules, logfile=logfile)
+
+
+def check_configuration(cfg: Config, warn: Warn | None = None, euid: int | None = None,
+                        *, modules: bool = True, logfile: bool = True,
+                        master_cf: bool = True) -> list[Service]:
+    """The checks of load_configuration on an already parsed main.cf ``cfg`` (e.g. the
+    text ``qmgr-ctl config NAME=VALUE`` would write) and the master.cf of its
+    config_directory; returns master.cf's services.  ``master_cf`` False: main.cf's
+    checks only (master.cf is not read; no services, []).  Raises ConfigError."""
     cfg.check()
     if logfile:
         check_maillog(cfg)
@@ -163,10 +177,12 @@ def load_configuration(config_directory: str, warn: Warn | None = None,
     check_tables(cfg, warn=warn)
     check_mail_owner(cfg, euid)
     check_default_privs(cfg, euid)
+    if not master_cf:
+        return []
     services = load_master_cf(os.path.join(cfg.config_directory, "master.cf"), cfg, warn)
     check_services(cfg, services, warn, modules=modules, logfile=logfile)
     check_transport_nexthops(cfg, services)
-    return cfg, services
+    return services
 
 
 def check_maillog(cfg: Config) -> None:

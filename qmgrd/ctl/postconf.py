@@ -8,8 +8,10 @@ Summary
     and every value must be valid (master.config's Config.check) before anything is
     written (a changed table parameter such as transport_maps: its tables must open; a
     changed default_transport or relay_transport naming an smtp service of master.cf:
-    its nexthop must be a valid destination, as relayhost);
-    the file is then replaced atomically
+    its nexthop must be a valid destination, as relayhost); then the whole result with
+    master.cf must pass the checks of ``qmgr-master reload`` (master.config.validate.
+    check_configuration, e.g. an smtpd's open-relay guard; main.cf's part only when
+    there is no master.cf), an error naming the file and line as reload's does; the file is then replaced atomically
     (a temporary file in the same directory with the old file's mode and owner, fsync,
     rename). A running mail system sees the change after ``qmgr-master reload``.
 
@@ -17,7 +19,8 @@ Public API
     parse_assignments(args) -> dict[str, str]     ValueError for a bad name or value
     edit_text(text, changes) -> str               pure
     edit_main_cf(config_directory, changes) -> None
-        raises ConfigError (the result would not parse), OSError (read/write)
+        raises ConfigError (the result would not parse or not pass reload's checks),
+        OSError (read/write)
 
 Logs nothing.
 """
@@ -125,6 +128,15 @@ def edit_main_cf(config_directory: str, changes: dict[str, str]) -> None:
                for name in changes):
             raise ConfigError(exc.message) from None  # a value given here: no file line
         raise
+    # then the whole configuration, as ``qmgr-master reload`` checks it (without the
+    # environment-dependent module and maillog_file checks that the master makes): e.g.
+    # an smtpd whose relay and recipient restrictions hold no open-relay guard would die
+    # at every start; the error names main.cf's or master.cf's line, as reload's does
+    from master.config.validate import check_configuration
+
+    # (no master.cf at all: main.cf's part only, as before - start and reload report it)
+    check_configuration(cfg, modules=False, logfile=False, master_cf=os.path.lexists(
+        os.path.join(config_directory, "master.cf")))
     st = os.stat(path)
     tmp = f"{path}.{os.getpid()}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, st.st_mode & 0o777)
