@@ -590,6 +590,8 @@ def test_qmgr_that_does_not_answer(q: Q, action: str) -> None:
     assert timed_out and 0 < float(timed_out[1]) <= 2.5, err
     assert (f"no answer from the qmgr ({timed_out[0]}): it may be "
             "stopped or overloaded; the messages in the active queue were left to it") in err
+    assert ("could not confirm that the qmgr uses the current transport maps" in err) \
+        == (action == "requeue")
     done = {"hold": "placed on hold", "requeue": "requeued", "delete": "removed"}[action]
     assert out == f"{other}: {done}\n"
     if action == "requeue":
@@ -601,6 +603,24 @@ def test_qmgr_that_does_not_answer(q: Q, action: str) -> None:
         assert first["cmd"] == "act" and first["ids"] == [qid] and first["wait"] <= 0.5
         assert f"{qid}: outcome unknown: the qmgr did not answer" in err
         assert err.endswith("outcome unknown: 1 message\n"), err
+
+
+@pytest.mark.timeout(25)  # a bound for hanging: the command ends after --wait + 2 s
+def test_requeue_with_silent_qmgr_and_no_active_message(q: Q) -> None:
+    """requeue of an incoming message while the qmgr is alive but silent: the table
+    check times out; the warning says that the transport maps could not be confirmed,
+    and says nothing of the active queue (no active message was involved); the message
+    is requeued, exit 0. With an active message as well, that one is named too."""
+    qid = q.submit("incoming", "a@x.example", ["r@one.example"])
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as frozen:
+        frozen.bind(os.path.join(q.spool.queue_path("private"), "qmgr-control"))
+        frozen.listen(8)
+        code, out, err = q.run("requeue", "--wait", "0.5", qid)
+    assert (code, out) == (0, f"{qid}: requeued\n"), err
+    assert "could not confirm that the qmgr uses the current transport maps" in err
+    assert "active queue" not in err and "left to it" not in err
+    assert err.endswith("Requeued: 1 message\n"), err
+    assert q.where(qid) == ["incoming"]
 
 
 def test_exchange_bounds_the_whole_exchange(tmp_path: Path) -> None:

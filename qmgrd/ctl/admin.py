@@ -81,6 +81,11 @@ Public API
                                 connection closed before the reply", "control reply
                                 timed out after 12s")
         .timed_out -> bool      the qmgr was alive but did not answer in time
+        .tables_unconfirmed -> str  requeue: "" or why its table check (sync_tables)
+                                got no answer: not known whether the qmgr uses the
+                                current transport maps
+        .left_to_qmgr -> int    active messages left to (or not asked of) a qmgr that
+                                did not answer in time
     sync_tables(path, deadline) -> str    requeue's table check: "" or why the qmgr
                                           did not answer (deadline: time.monotonic())
     select_targets(spool, action, ids | None, everything, selector) -> list[(qid, queue|None)]
@@ -184,6 +189,8 @@ class Admin:
                                          control.CONTROL_SOCKET)
         self.lost_reason = ""
         self.timed_out = False
+        self.tables_unconfirmed = ""  # requeue: why the table check got no answer
+        self.left_to_qmgr = 0  # active messages left to a silent qmgr (or not asked)
 
     def _exists(self, queue: str, qid: str) -> bool:
         return os.path.lexists(self.spool.path(queue, qid))
@@ -207,6 +214,7 @@ class Admin:
             if silent:
                 self.timed_out = True
                 self.lost_reason = silent
+                self.tables_unconfirmed = silent
         reports: dict[str, Report] = {}
         active: list[str] = []
         for qid, hint in targets:
@@ -307,6 +315,8 @@ class Admin:
                     results[qid] = f"error: {exc}"
         for qid in ids:
             result = results.get(qid, ABSENT)
+            if result in (_SILENT, _UNASKED):
+                self.left_to_qmgr += 1
             if result == DONE:
                 out[qid] = Report(qid, "active", DONE, f"{qid}: {DONE_TEXT[self.action]}")
             elif result == "pending":

@@ -17,7 +17,7 @@ removed by the qmgr or delivered meanwhile: the maillog tells). When the qmgr is
 but does not answer within ``--wait`` + 2 seconds (stopped, overloaded), the whole
 command ends then: a warning (``no answer from the qmgr (control reply timed out after
 12s): it may be stopped or overloaded; the messages in the active queue were left to
-it``), and each message still in the active queue is ``<id>: outcome unknown: ...; it
+it``, only when an active message was), and each message still in the active queue is ``<id>: outcome unknown: ...; it
 has the request and makes the change when it runs again`` (exit 75; nothing is changed
 under the qmgr). Then postsuper's summary on
 standard error (``qmgr-ctl: Deleted: 3 messages``; ``...; outcome unknown: 2
@@ -167,10 +167,15 @@ when its delivery in progress ends.
             targets = admin.select_targets(spool, action, named, everything, selector)
             runner = admin.Admin(spool, action, dry_run=dry_run, wait=wait)
             reports = runner.run(targets)
-            if runner.timed_out:
+            if runner.tables_unconfirmed:
+                warn("could not confirm that the qmgr uses the current transport maps "
+                     f"({runner.tables_unconfirmed}): it may be stopped or overloaded; "
+                     "if a transport map changed, the requeued messages may be "
+                     "routed with the old one")
+            if runner.left_to_qmgr:
                 warn(f"no answer from the qmgr ({runner.lost_reason}): it may be stopped "
                      "or overloaded; the messages in the active queue were left to it")
-            elif runner.lost_reason:
+            elif runner.lost_reason and not runner.tables_unconfirmed:
                 warn(f"no answer from the qmgr ({runner.lost_reason}): what it did is "
                      "read from the queue directory")
             if not dry_run:
