@@ -37,7 +37,10 @@ Description
                to stderr) until stopped.
     stop       SIGTERM the master (``stopping the qmgrd mail system (master pid <n>)``,
                as postfix-script's "stopping the Postfix mail system") and wait until
-               it and every child are gone; exit 0.
+               it and every child are gone; exit 0.  Not all gone within
+               STOP_TIMEOUT (15 s; e.g. a master stopped with SIGSTOP): ``warning:
+               still running after 15s: <pids>``, exit 75 (outcome unknown: the
+               signal is pending).
                Not running: "the qmgrd mail system is not running", exit 1 (as
                ``postfix stop``).
     reload     Check both files as start does, then SIGHUP the master (``refreshing
@@ -47,7 +50,8 @@ Description
                when it reloaded; exit 1 with ``the master refused the reload and keeps
                its configuration: <why>`` when its own check (in its environment: a
                user's transport module must be importable by the master) failed; no
-               answer in time: a warning, exit 0.  (A maillog_file that cannot be
+               answer in time (a stopped or hung master): a warning, exit 75 (outcome
+               unknown: the master acts on the signal when it runs again).  (A maillog_file that cannot be
                opened is such a refusal: the master logs ``warning: reload failed,
                keeping the current configuration: <main.cf>, line <n>: cannot open
                maillog_file ...`` in the log it keeps.)  A bad file: ``qmgr-master: fatal:
@@ -135,6 +139,7 @@ PROG = "qmgr-master"
 START_TIMEOUT = 10.0  # s: how long start waits for the master's next report
 RELOAD_TIMEOUT = 10.0  # s: how long reload waits for the master's verdict
 STOP_TIMEOUT = 15.0
+EX_TEMPFAIL = 75  # sysexits: the outcome of a stop or reload is not known yet
 
 
 def _say(text: str) -> None:
@@ -402,7 +407,10 @@ def stop(ctx: click.Context) -> None:
     _, alive = psutil.wait_procs(procs, timeout=STOP_TIMEOUT)
     if alive:
         pids = " ".join(str(p.pid) for p in alive)
-        _fatal(f"still running after {STOP_TIMEOUT:.0f}s: {pids}")
+        # outcome unknown: the signal is pending (a stopped or hung master, a child
+        # that has not ended yet)
+        _say(f"warning: still running after {STOP_TIMEOUT:.0f}s: {pids}")
+        sys.exit(EX_TEMPFAIL)
     sys.exit(0)
 
 
@@ -439,9 +447,10 @@ def reload(ctx: click.Context) -> None:
                 _fatal(f"the master reloaded, but could not start: {verdict[3]}")
             sys.exit(0)
         time.sleep(0.05)
+    # outcome unknown (a stopped or hung master has the signal and acts when it runs)
     _say(f"warning: no answer from the master (pid {pid}) within {RELOAD_TIMEOUT:.0f}s; "
          "see its log")
-    sys.exit(0)
+    sys.exit(EX_TEMPFAIL)
 
 
 def _proc_info(proc: psutil.Process) -> dict[str, object]:

@@ -567,3 +567,22 @@ def test_queue_directory_changed_while_running(system: System, made: bool) -> No
     assert system.cli("status").returncode == 0
     system.proc.send_signal(signal.SIGTERM)  # our child: `stop` would wait on a zombie
     assert system.proc.wait(15) == 0
+
+
+def test_reload_and_stop_of_a_stopped_master_exit_75(system: System) -> None:
+    """A master stopped with SIGSTOP gives no verdict: reload warns "no answer from the
+    master" and exits 75 (outcome unknown), not 0; stop, whose master is not gone in
+    time, exits 75 too. Once continued, the pending SIGTERM ends it."""
+    pid = system.start()
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        result = system.cli("reload")
+        assert result.returncode == 75, result.stderr
+        assert "warning: no answer from the master" in result.stderr
+        result = system.cli("stop")
+        assert result.returncode == 75, result.stderr
+        assert "warning: still running after" in result.stderr
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert system.proc is not None
+    system.proc.wait(15)
