@@ -186,6 +186,29 @@ def test_files_the_qmgr_does_not_hold(tmp_path: Path) -> None:
     assert apply_file(env.spool, "hold", qid, "release") == ABSENT
 
 
+@pytest.mark.parametrize("action", ["hold", "delete", "requeue"])
+def test_request_for_a_message_gone_from_every_queue_is_logged(
+        tmp_path: Path, action: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """A queued hold/delete/requeue that reaches the qmgr after the message left the
+    queue altogether (delivered and removed while the qmgr was stopped): one line,
+    ``<id>: <action> not done: no such message in the queue``; a message that is in
+    another queue (the ctl's to change) is not reported so."""
+    env = Env(tmp_path)
+    deferred = env.submit("a@x.example", ["r@one.example"])
+    env.spool.move(deferred, "incoming", "deferred")
+
+    async def go() -> None:
+        sched = env.sched()
+        ctl = control(env, sched)
+        gone = "4SVLCh0sf8z9HdB"
+        assert ctl.act([gone, deferred], action) == {gone: ABSENT, deferred: ABSENT}
+
+    run(go())
+    err = capsys.readouterr().err
+    assert f"4SVLCh0sf8z9HdB: {action} not done: no such message in the queue" in err
+    assert f"{deferred}: {action} not done" not in err
+
+
 def write_suspension(env: Env, key: str, until: float, reason: str = "") -> None:
     path = susp.suspend_path(env.spool.queue_directory)
     susp.update(path, lambda items: [s for s in items if s.domain != key]

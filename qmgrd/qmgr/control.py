@@ -46,7 +46,9 @@ Public API
                                                  TypeError
 
 Logs ``delivery to <key> suspended ...``, ``... resumed``, the admin lines of
-qmgrd.qmgr.admin, warnings for bad requests.
+qmgrd.qmgr.admin, ``<id>: <action> not done: no such message in the queue`` for an
+``act`` on a message in no queue at all (e.g. delivered while the qmgr was stopped and
+the request waited), warnings for bad requests.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ from master import log
 from qmgrd.qmgr.admin import ABSENT, DONE, AdminAction, apply_file
 from qmgrd.qmgr.jsonsock import IO_TIMEOUT, JsonServer, exchange
 from qmgrd.qmgr.suspend import Suspension, load, suspend_path
+from qmgrd.spool.queue import MESSAGE_QUEUES
 from qmgrd.spool.queueid import valid_id
 
 if TYPE_CHECKING:
@@ -129,6 +132,10 @@ class Control:
                     out[qid] = apply_file(self.sched.spool, "active", qid, action)
                 except (OSError, ValueError) as exc:
                     out[qid] = f"error: {exc}"
+                if out[qid] == ABSENT and not self._queued(qid):
+                    # e.g. delivered and removed while the qmgr was stopped and the
+                    # request waited in the socket: the maillog says what became of it
+                    log.info(f"{qid}: {action} not done: no such message in the queue")
                 continue
             old = msg.admin
             if isinstance(old, AdminAction) and old.action == "delete" and action != "delete":
@@ -137,6 +144,11 @@ class Control:
             self._take(msg, action)
             out[qid] = self._result(qid, verdict)
         return out
+
+    def _queued(self, qid: str) -> bool:
+        """``qid`` has a file in some message queue (maildrop ... corrupt)."""
+        spool = self.sched.spool
+        return any(os.path.lexists(spool.path(queue, qid)) for queue in MESSAGE_QUEUES)
 
     def _take(self, msg: Message, action: str) -> None:
         """Take ``msg`` out of scheduling; ``action`` follows its in-flight deliveries."""
