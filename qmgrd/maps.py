@@ -38,7 +38,7 @@ from __future__ import annotations
 import os
 
 from master import log
-from master.config.tables import FILE_TYPES, TableError, read_table
+from master.config.tables import FILE_TYPES, TableError, logical_lines, read_table
 
 __all__ = ["AliasMaps", "Table", "TableError", "open_alias_table", "open_table",
            "open_tables"]
@@ -119,25 +119,8 @@ def _parse_aliases(path: str) -> dict[str, str]:
     Raises:
         TableError: unreadable file or a line without ``name:``.
     """
-    try:
-        with open(path, encoding="utf-8", errors="surrogateescape") as f:
-            lines = f.read().splitlines()
-    except OSError as exc:
-        raise TableError(f"{path}: {exc.strerror}") from exc
-    logical: list[tuple[int, str]] = []
-    for n, line in enumerate(lines, 1):
-        stripped = line.strip()
-        if not stripped or stripped.startswith("#"):
-            continue
-        if line[0] in " \t":
-            if not logical:
-                raise TableError(f"{path}, line {n}: continuation line without a name")
-            ln, prev = logical[-1]
-            logical[-1] = (ln, prev + " " + stripped)
-        else:
-            logical.append((n, stripped))
     data: dict[str, str] = {}
-    for n, text in logical:
+    for n, text in logical_lines(path, "name"):
         if text.startswith('"'):
             end = text.find('"', 1)
             colon = text.find(":", end) if end > 0 else -1

@@ -25,6 +25,7 @@ PUBLIC API
                                       the table (``hash:/x: No such file or directory``)
     TableData(spec, data, path, mtime)  path "" and mtime 0.0 for inline tables
     read_table(spec, warn=None) -> TableData        raises TableError
+    logical_lines(path, first="key") -> [(line number, text)]   a source file's logical lines
     ``warn``: Callable[[str], None] | None, gets each warning without "warning: ".
 
 Nothing here logs.
@@ -36,7 +37,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
-__all__ = ["FILE_TYPES", "TableData", "TableError", "read_table"]
+__all__ = ["FILE_TYPES", "TableData", "TableError", "logical_lines", "read_table"]
 
 FILE_TYPES = ("texthash", "hash", "btree", "lmdb", "cdb")
 
@@ -56,8 +57,18 @@ class TableData:
     mtime: float = 0.0
 
 
-def _parse_text(path: str, warn: Callable[[str], None] | None) -> dict[str, str]:
-    data: dict[str, str] = {}
+def logical_lines(path: str, first: str = "key") -> list[tuple[int, str]]:
+    """The logical lines of table source file ``path``, as Postfix's postmap and
+    postalias read them: blank lines and ``#`` comments skipped, a line that starts
+    with whitespace continues the one before (joined by one space).
+
+    Returns:
+        [(line number where the logical line starts, its text stripped)].
+
+    Raises:
+        TableError: unreadable file, or a continuation line before any ``first``
+            ("continuation line without a key").
+    """
     try:
         with open(path, encoding="utf-8", errors="surrogateescape") as f:
             lines = f.read().splitlines()
@@ -70,12 +81,17 @@ def _parse_text(path: str, warn: Callable[[str], None] | None) -> dict[str, str]
             continue
         if line[0] in " \t":
             if not logical:
-                raise TableError(f"{path}, line {n}: continuation line without a key")
+                raise TableError(f"{path}, line {n}: continuation line without a {first}")
             ln, prev = logical[-1]
             logical[-1] = (ln, prev + " " + stripped)
         else:
             logical.append((n, stripped))
-    for n, text in logical:
+    return logical
+
+
+def _parse_text(path: str, warn: Callable[[str], None] | None) -> dict[str, str]:
+    data: dict[str, str] = {}
+    for n, text in logical_lines(path):
         parts = text.split(None, 1)
         if len(parts) != 2:
             raise TableError(f"{path}, line {n}: expected \"key whitespace value\"")
