@@ -91,6 +91,21 @@ def no_deferral(env: Env, err: str) -> None:
     assert "suspended" not in err
 
 
+def next_qmgr_drains(env: Env) -> FakeAgents:
+    """Start the next queue manager on ``env``'s queue and run it until it is idle; its
+    agents (FakeAgents asserts that no recipient is delivered twice)."""
+    agents = FakeAgents(env.spool)
+
+    async def again() -> None:
+        nxt = Scheduler(env.cfg, env.spool, agents,  # type: ignore[arg-type]
+                        clock=env.clock)
+        nxt.startup()
+        await drain(nxt)
+
+    run(again())
+    return agents
+
+
 @pytest.mark.parametrize("first", ["qmgr", "agent"])
 def test_deliveries_cut_off_by_the_agents_going_away_stay_in_active(
         tmp_path: Path, capfd: pytest.CaptureFixture[str], first: str) -> None:
@@ -132,15 +147,7 @@ def test_deliveries_cut_off_by_the_agents_going_away_stay_in_active(
 
     # the next qmgr moves them back to incoming/ and delivers at once, each recipient
     # once (FakeAgents asserts that no recipient is delivered twice)
-    agents = FakeAgents(env.spool)
-
-    async def again() -> None:
-        nxt = Scheduler(env.cfg, env.spool, agents,  # type: ignore[arg-type]
-                        clock=env.clock)
-        nxt.startup()
-        await drain(nxt)
-
-    run(again())
+    agents = next_qmgr_drains(env)
     assert sorted(agents.rcpts()) == ["g@d2.example", "m2@d3.example"]
     assert env.files("active") == env.files("incoming") == env.files("deferred") == []
 
@@ -213,15 +220,7 @@ def test_a_pending_admin_change_is_carried_out_when_the_agents_go_away(
         with open(env.spool.path("hold", mixed), "rb") as f:
             marks = {a: (f.seek(o), f.read(1))[1] for a, o in offsets.items()}
         assert marks == {"m1@d1.example": R.REC_DONE, "m2@d3.example": R.REC_RCPT}
-    agents = FakeAgents(env.spool)
-
-    async def again() -> None:
-        nxt = Scheduler(env.cfg, env.spool, agents,  # type: ignore[arg-type]
-                        clock=env.clock)
-        nxt.startup()
-        await drain(nxt)
-
-    run(again())
+    agents = next_qmgr_drains(env)
     expected = {"delete": [], "hold": [], "requeue": ["g@d2.example", "m2@d3.example"]}
     assert sorted(agents.rcpts()) == expected[action]
 

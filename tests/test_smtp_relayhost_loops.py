@@ -5,8 +5,7 @@ machine."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ from test_agent_support import (
     round_trip,
 )
 from test_smtp_failures import ScriptedPeer, script
+from test_smtp_unit import RR, FakeDns
 
 from qmgrd.delivery import DeliverStatus
 from qmgrd.spool import statuslog
@@ -26,26 +26,9 @@ from transports import smtp_session
 from transports.smtp import HostResolver, SmtpAgent
 
 
-@dataclass
-class RR:
-    preference: int = 0
-    exchange: str = ""
-    address: str = ""
-
-
-class FakeDns:
-    """A dns.resolver.Resolver stand-in: {(name, type): list | exception}; a name not in
-    the table does not exist (NXDOMAIN)."""
-
-    def __init__(self, table: dict[tuple[str, str], list[RR] | Exception]) -> None:
-        self.table = table
-
-    def resolve(self, qname: str, rdtype: str, *, search: bool | None = None) -> Iterable[RR]:
-        got = self.table.get((qname, rdtype),
-                             dns.resolver.NXDOMAIN())  # type: ignore[no-untyped-call]
-        if isinstance(got, Exception):
-            raise got
-        return got
+def nx_dns(table: dict[tuple[str, str], list[RR] | Exception]) -> FakeDns:
+    """test_smtp_unit.FakeDns where a name not in the table does not exist (NXDOMAIN)."""
+    return FakeDns(table, missing=dns.resolver.NXDOMAIN)
 
 
 def deliver(env: Env, nexthop: str, fake: FakeDns, rcpt: str = "bob@example.net",
@@ -71,7 +54,7 @@ def test_a_relayhost_that_does_not_exist_defers_4_3_5(tmp_path: Path, relayhost:
     """Postfix smtp_connect_remote(): a hard lookup failure of the relayhost logs
     'warning: relayhost configuration problem' and defers with 4.3.5, reason kept."""
     env = make_env(tmp_path, relayhost=relayhost, smtp_host_lookup="dns")
-    qid, reply, _ = deliver(env, relayhost, FakeDns({}))
+    qid, reply, _ = deliver(env, relayhost, nx_dns({}))
     assert reply.status == 1 and reply.dsn_status == "4.3.5"
     assert statuslog.read(env.spool, "bounce", qid) == []
     ((_, dsn),) = statuslog.read(env.spool, "defer", qid)
@@ -87,7 +70,7 @@ def test_a_transport_nexthop_that_does_not_exist_still_bounces(tmp_path: Path) -
     """Postfix has the safety net for relayhost (and the fallback relays) only: the same
     name from a transport map is bounced 5.4.4, with no warning."""
     env = make_env(tmp_path, relayhost="[other.example]", smtp_host_lookup="dns")
-    qid, reply, _ = deliver(env, "[smarthost.nosuch.invalid]", FakeDns({}))
+    qid, reply, _ = deliver(env, "[smarthost.nosuch.invalid]", nx_dns({}))
     assert reply.status == 0
     ((_, dsn),) = statuslog.read(env.spool, "bounce", qid)
     assert dsn.status == "5.4.4"
@@ -97,7 +80,7 @@ def test_a_transport_nexthop_that_does_not_exist_still_bounces(tmp_path: Path) -
 def test_a_relayhost_soft_lookup_failure_keeps_its_status(tmp_path: Path) -> None:
     """Only a hard (5.x.x) failure is turned into 4.3.5; 'try again' stays 4.4.3."""
     env = make_env(tmp_path, relayhost="[slow.example]", smtp_host_lookup="dns")
-    fake = FakeDns({("slow.example", "A"): dns.resolver.LifetimeTimeout(  # type: ignore[no-untyped-call]
+    fake = nx_dns({("slow.example", "A"): dns.resolver.LifetimeTimeout(  # type: ignore[no-untyped-call]
         timeout=1.0, errors=[])})
     _, reply, _ = deliver(env, "[slow.example]", fake)
     assert reply.status == 1 and reply.dsn_status == "4.4.3"
@@ -136,7 +119,7 @@ def test_ehlo_with_my_hostname_on_the_smtp_port_bounces_5_4_6(
     peer = script(peers, tmp_path, ["220 peer.test ESMTP", "<", EHLO_ME, "!close"])
     monkeypatch.setattr(smtp_session, "SMTP_PORT", peer.port)  # this port counts as 25
     nexthop = f"[127.0.0.1]:{peer.port}"
-    qid, reply, _ = deliver(env, nexthop, FakeDns({}))
+    qid, reply, _ = deliver(env, nexthop, nx_dns({}))
     assert reply.status == 0
     ((_, dsn),) = statuslog.read(env.spool, "bounce", qid)
     assert (dsn.status, dsn.reason) == ("5.4.6", f"mail for {nexthop} loops back to myself")
@@ -153,7 +136,7 @@ def test_ehlo_with_my_hostname_from_a_backup_mx_tries_the_next(
     backup = script(peers, tmp_path, ["220 peer.test ESMTP", "<", EHLO_ME, "!close"])
     port = backup.port
     monkeypatch.setattr(smtp_session, "SMTP_PORT", port)
-    fake = FakeDns({("example.net", "MX"): [RR(10, "mx1.example.net."),
+    fake = nx_dns({("example.net", "MX"): [RR(10, "mx1.example.net."),
                                             RR(20, "mx2.example.net.")],
                     ("mx1.example.net", "A"): [RR(address="127.0.0.2")],
                     ("mx2.example.net", "A"): [RR(address="127.0.0.1")]})
@@ -170,7 +153,7 @@ def test_no_loop_check_on_another_port(env: Env, peers: list[ScriptedPeer],
     """Postfix checks only on port 25 (SMTP_MISC_FLAG_LOOP_DETECT): elsewhere the same
     server gets the mail and nothing is logged about it."""
     peer = script(peers, tmp_path, ["220 mail.test.example ESMTP", "<", EHLO_ME, *FULL_TAIL])
-    qid, reply, _ = deliver(env, f"[127.0.0.1]:{peer.port}", FakeDns({}))
+    qid, reply, _ = deliver(env, f"[127.0.0.1]:{peer.port}", nx_dns({}))
     assert reply.status == 0 and statuslog.read(env.spool, "bounce", qid) == []
     assert "status=sent" in env.log() and "my own hostname" not in env.log()
 
@@ -183,7 +166,7 @@ def test_greeting_with_my_hostname_only_warns(env: Env, peers: list[ScriptedPeer
     peer = script(peers, tmp_path, ["220 mail.test.example ESMTP", "<", EHLO_PEER,
                                     *FULL_TAIL])
     monkeypatch.setattr(smtp_session, "SMTP_PORT", peer.port)
-    qid, reply, _ = deliver(env, f"[127.0.0.1]:{peer.port}", FakeDns({}))
+    qid, reply, _ = deliver(env, f"[127.0.0.1]:{peer.port}", nx_dns({}))
     assert reply.status == 0 and statuslog.read(env.spool, "bounce", qid) == []
     log = env.log()
     assert (f"warning: host 127.0.0.1[127.0.0.1]:{peer.port} greeted me with my own "

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import dns.resolver
@@ -59,15 +59,20 @@ class RR:
 
 
 class FakeDns:
-    """A dns.resolver.Resolver stand-in: {(name, type): list | exception}."""
+    """A dns.resolver.Resolver stand-in: {(name, type): list | exception}; a query not
+    in the table raises ``missing()`` (NoAnswer; NXDOMAIN: the name does not exist)."""
 
-    def __init__(self, table: dict[tuple[str, str], list[RR] | Exception]) -> None:
+    def __init__(self, table: dict[tuple[str, str], list[RR] | Exception],
+                 missing: Callable[[], Exception] = dns.resolver.NoAnswer) -> None:
         self.table = table
+        self.missing = missing
         self.queries: list[tuple[str, str]] = []
 
     def resolve(self, qname: str, rdtype: str, *, search: bool | None = None) -> Iterable[RR]:
         self.queries.append((qname, rdtype))
-        got = self.table.get((qname, rdtype), dns.resolver.NoAnswer())  # type: ignore[no-untyped-call]
+        got = self.table.get((qname, rdtype))
+        if got is None:
+            got = self.missing()
         if isinstance(got, Exception):
             raise got
         return got
