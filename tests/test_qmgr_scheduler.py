@@ -361,7 +361,7 @@ def test_round_robin_across_transports(tmp_path: Path) -> None:
         while sched.feed_one():
             pass
         assert len(sched.active.messages) == 6
-        sched.dispatch()
+        sched.dispatcher.dispatch()
         await drain(sched)
 
     run(go())

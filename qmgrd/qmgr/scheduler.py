@@ -4,8 +4,9 @@ Summary
     One Scheduler object owns all qmgr state (postfix.md §4): the two directory scans
     (qmgrd.qmgr.scan), the active queue (qmgrd.qmgr.active), the transports with their
     destination queues and job lists (qmgrd.qmgr.transport, .destqueue, .joblist),
-    timers on an injected clock (qmgrd.qmgr.timers) and message completion
-    (qmgrd.qmgr.completion). Each loop round (``step``):
+    timers on an injected clock (qmgrd.qmgr.timers), the deliveries
+    (qmgrd.qmgr.dispatch) and message completion (qmgrd.qmgr.completion). Each loop
+    round (``step``):
 
     1. due timers run: dead destinations come back after ``minimal_backoff_time``, dead
        transports after ``transport_retry_time``, rate-delayed queues resume; a deferred
@@ -17,19 +18,14 @@ Summary
        producers an ``in_flow_delay`` token (qmgrd.flow), withheld while the qmgr has a
        backlog (``flow_behind``: a deferred scan running, or the active queue over
        2 x ``default_process_limit`` messages) and paid once caught up;
-    3. dispatch: round robin over the transports that are alive, not rate locked and
-       below their process limit; each hands out its next entry (preemptive job
-       scheduling, round robin over a job's destinations, concurrency windows); a
-       ``<transport>_transport_rate_delay`` locks the transport after each hand-out.
+    3. dispatch (qmgrd.qmgr.dispatch.Dispatcher): round robin over the transports that
+       are alive, not rate locked and below their process limit; each hands out its
+       next entry; the Dispatcher sends it to the agent and handles the reply
+       (concurrency feedback, dead destinations and transports: "Agent replies" there).
 
-    Agent replies (qmgr_deliver_update): a reply clears a dead transport; a reply with a
-    hop status (the site had trouble) is negative concurrency feedback — a destination
-    that fails ``<transport>_destination_concurrency_failed_cohort_limit`` pseudo-cohorts
-    is dead: its todo entries and later mail for it are deferred with the saved reason,
-    without attempts; a reply without one is positive feedback (and revives a dead
-    destination). After a delivery a ``<transport>_destination_rate_delay`` suspends the
-    queue. An agent that cannot be reached makes its transport dead (every todo entry of
-    the transport is deferred, ``4.3.0 mail transport unavailable``).
+    Dead transports and destinations (qmgr_transport_throttle, qmgr_queue_throttle: their
+    todo entries and later mail deferred without attempts), queue suspensions
+    (qmgr_queue_suspend) and entries done (qmgr_entry_done) are the Scheduler's.
 
     Going away (the master died, reloaded or stops: EOF on the status descriptor; SIGTERM;
     a changed table): the loop stops at once - no more feeding or dispatching - and waits
@@ -73,8 +69,9 @@ Summary
 Logs (Postfix's lines): ``<id>: from=<s>, size=N, nrcpt=N (queue active)``,
 ``<id>: removed``, ``<id>: from=<s>, status=expired, returned to sender``,
 ``<id>: skipped, still being delivered``, ``status=deferred`` lines for mail the qmgr
-defers itself, clog warnings, warnings for corrupt files and unreachable transports;
-with ``destination_concurrency_feedback_debug`` the window after each feedback.
+defers itself, clog warnings, warnings for corrupt files, ``transport <name>: suspended
+for <n>s: <reason>``, ``qmgr task failed: <exc>``; the deliveries' lines (unreachable
+transports, feedback debug) are qmgrd.qmgr.dispatch's. A bad transport parameter is fatal.
 
 Public API
     Scheduler(cfg, spool, client, clock=time.time, process_limits={}, resolver=None,
@@ -93,7 +90,10 @@ Public API
     .going_away() -> bool      the qmgr stops (stop event, or master_gone); sets stopping
     .left: int                 messages left in active/ for the next qmgr
     attributes: active (ActiveQueue), transports, incoming, deferred, timers, tasks,
-        suspended (qmgrd.qmgr.suspend.Suspensions: operator suspensions)
+        suspended (qmgrd.qmgr.suspend.Suspensions: operator suspensions),
+        dispatcher (qmgrd.qmgr.dispatch.Dispatcher: .dispatch() is step 3)
+    for the Dispatcher (qmgrd.qmgr.dispatch.Owner): leave, spawn, throttle_transport,
+        unthrottle_transport, queue_dead, unthrottle_queue, entry_done
 """
 
 from __future__ import annotations
@@ -106,21 +106,13 @@ from typing import Any
 
 from master import log
 from master.config import Config, ConfigError
-from qmgrd.delivery import (
-    DEL_REQ_FLAG_CONN_LOAD,
-    DEL_REQ_FLAG_CONN_STORE,
-    DEL_REQ_FLAG_DEFLT,
-    DeliverRequest,
-    DeliverStatus,
-    RecipientInfo,
-)
 from qmgrd.flow import flow_put, flow_topup
 from qmgrd.qmgr.active import ActiveQueue, suspended_reason
-from qmgrd.qmgr.client import AgentClient, TransportUnavailable
+from qmgrd.qmgr.client import AgentClient
 from qmgrd.qmgr.completion import Completion
 from qmgrd.qmgr.destqueue import DestQueue
+from qmgrd.qmgr.dispatch import Dispatcher
 from qmgrd.qmgr.entry import Entry
-from qmgrd.qmgr.feedback import feedback_value, negative, positive
 from qmgrd.qmgr.message import Message
 from qmgrd.qmgr.resolve import Resolver
 from qmgrd.qmgr.scan import Scan, scan_failed
@@ -177,7 +169,6 @@ class Scheduler:
         self.deferred = Scan("deferred", lambda: spool.scan_paths("deferred"))
         self._incoming_first = True
         self.transports: dict[str, Transport] = {}
-        self._rr = 0
         self.timers = Timers()
         self.active = ActiveQueue(cfg, spool, self.resolver, clock, self)
         self.suspended = Suspensions()  # qmgr-ctl suspend (qmgrd.qmgr.control)
@@ -195,6 +186,9 @@ class Scheduler:
         self.dead_transports: set[Transport] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         self.wakeup = asyncio.Event()
+        self.dispatcher = Dispatcher(spool, client, clock, self.timers, self.wakeup,
+                                     self.transports, self.active.refill, self,
+                                     feedback_debug=self.feedback_debug)
         self._warned_unknown = False
         self._forced_next = float("-inf")  # when the next forced deferred scan may start
         self._forced_pending: tuple[bool, bool] | None = None  # (start, flush) waiting
@@ -298,7 +292,7 @@ class Scheduler:
             self.transports[name] = t
         return t
 
-    def _throttle_transport(self, t: Transport, status: str, reason: str) -> None:
+    def throttle_transport(self, t: Transport, status: str, reason: str) -> None:
         """The agent cannot be reached: dead for transport_retry_time, todo deferred."""
         if not t.dead:
             log.warning(f"transport {t.name}: suspended for {self.transport_retry_time}s: "
@@ -322,7 +316,7 @@ class Scheduler:
         self.wakeup.set()
 
     # ---------------------------------------------------------------- destinations
-    def _queue_dead(self, q: DestQueue, status: str, reason: str) -> None:
+    def queue_dead(self, q: DestQueue, status: str, reason: str) -> None:
         """A failed cohort: remember the reason, defer the todo entries, revive later."""
         q.refresh()
         q.dead_until = self.clock() + self.min_backoff
@@ -380,7 +374,7 @@ class Scheduler:
             entry = link.owner
             link = link.next
             entry.message.defer_recipients(self.spool, entry.recipients, status, reason, now)
-            self._entry_done(entry, busy=False)
+            self.entry_done(entry, busy=False)
 
     # ---------------------------------------------------------------- feeding
     def feed_one(self) -> bool:
@@ -438,36 +432,8 @@ class Scheduler:
         flow_put(1 + self._flow_owed)
         self._flow_owed = 0
 
-    # ---------------------------------------------------------------- dispatch
-    def dispatch(self) -> bool:
-        """Start every delivery the limits allow, round robin over transports."""
-        if self.stopping or not self.transports:
-            return False
-        now = self.clock()
-        ring = list(self.transports.values())
-        start = self._rr % len(ring)
-        ring = ring[start:] + ring[:start]
-        self._rr = start + 1
-        started = False
-        progress = True
-        while progress:
-            progress = False
-            for t in ring:
-                if not t.can_start(now):
-                    continue
-                entry = t.jobs.select_entry(now, self.active.refill)
-                if entry is None:
-                    continue
-                progress = started = True
-                t.inflight += 1
-                delay = t.params.transport_rate_delay
-                if delay > 0:
-                    t.rate_locked_until = now + delay
-                    self.timers.request(("rate", t), t.rate_locked_until, self.wakeup.set)
-                self._spawn(self._deliver(entry))
-        return started
-
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+    # ---------------------------------------------------------------- deliveries
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
         self.tasks.add(task)
         task.add_done_callback(self._task_done)
@@ -477,41 +443,6 @@ class Scheduler:
         if not task.cancelled() and task.exception() is not None:
             log.error(f"qmgr task failed: {task.exception()!r}")
         self.wakeup.set()
-
-    def _request(self, entry: Entry) -> DeliverRequest:
-        m = entry.message
-        q = entry.queue
-        # Connection cache (Postfix qmgr_entry_select): an agent may always reuse a cached
-        # connection, and keeps its own while more mail for the destination waits or is
-        # in delivery (``entry`` is on q.busy already).
-        flags = DEL_REQ_FLAG_DEFLT | DEL_REQ_FLAG_CONN_LOAD
-        if len(q.todo) or len(q.busy) > 1:
-            flags |= DEL_REQ_FLAG_CONN_STORE
-        return DeliverRequest(
-            flags=flags,
-            queue_name="active",
-            queue_id=m.qid,
-            offset=m.data_offset,
-            size=m.size,
-            nexthop=entry.queue.nexthop,
-            sender=m.sender,
-            recipients=[
-                RecipientInfo(r.address, r.orig_rcpt, r.offset, r.dsn_orcpt, r.notify)
-                for r in entry.recipients
-            ],
-            encoding=m.encoding,
-            smtputf8=m.smtputf8,
-            envelope_id=m.envid,
-            ret_flags=m.ret,
-            arrival=m.arrival,
-            active_arrival=m.active_arrival,
-            handoff=self.clock(),
-            client_name=m.client_name,
-            client_address=m.client_address,
-            protocol_name=m.protocol_name,
-            helo_name=m.helo_name,
-            rewrite_context=m.rewrite_context,
-        )
 
     def going_away(self) -> bool:
         """True once the qmgr stops (module docstring, "Going away"): the loop has
@@ -525,97 +456,16 @@ class Scheduler:
                 self.wakeup.set()
         return self.stopping
 
-    def _leave(self, entry: Entry) -> None:
+    def leave(self, entry: Entry) -> None:
         """The qmgr is going away and ``entry`` was not delivered: its message stays in
         active/ untouched for the next qmgr (no defer log, no completion)."""
         msg = entry.message
         if not msg.left:
             msg.left = True
             self.left += 1
-        self._entry_done(entry, busy=True)
+        self.entry_done(entry, busy=True)
 
-    async def _deliver(self, entry: Entry) -> None:
-        t = entry.queue.transport
-        try:
-            status = await self.client.deliver(t.name, self._request(entry))
-        except TransportUnavailable as exc:
-            if self.going_away():
-                self._leave(entry)
-                return
-            log.warning(f"connect to transport private/{t.name}: {exc}")
-            reason = "mail transport unavailable"
-            self._throttle_transport(t, "4.3.0", reason)
-            entry.message.defer_recipients(self.spool, entry.recipients, "4.3.0", reason,
-                                           self.clock())
-            self._entry_done(entry, busy=True)
-            return
-        except Exception as exc:  # noqa: BLE001 - keep the queue moving, report the bug
-            log.error(f"{entry.message.qid}: delivery via {t.name} failed: {exc!r}")
-            status = DeliverStatus(status=1, dsn_status="4.3.0", action="delayed",
-                                   reason="unknown mail transport error", agent_failed=True)
-        if status.agent_failed:
-            if self.going_away():
-                self._leave(entry)
-                return
-            self._defer_unfinished(entry, status)
-        self._delivery_update(entry, status)
-
-    def _defer_unfinished(self, entry: Entry, status: DeliverStatus) -> None:
-        """The agent died or replied garbage: log ``status=deferred`` (and a defer-log
-        entry) for each recipient it did not finish, as Postfix does, so that the log
-        and ``qmgr-ctl list`` tell why. Finished ones already have their ``D`` record."""
-        msg = entry.message
-        unfinished = list(entry.recipients)
-        try:
-            fd = os.open(self.spool.path("active", msg.qid),
-                         os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError:
-            pass
-        else:
-            try:
-                unfinished = [r for r in entry.recipients if os.pread(fd, 1, r.offset) == b"R"]
-            except OSError:
-                pass
-            finally:
-                os.close(fd)
-        if unfinished:
-            msg.defer_recipients(self.spool, unfinished, status.dsn_status or "4.3.0",
-                                 status.reason, self.clock())
-
-    def _delivery_update(self, entry: Entry, status: DeliverStatus) -> None:
-        """An agent's reply: feedback, dead destinations, then the entry is done."""
-        q = entry.queue
-        t = q.transport
-        p = t.params
-        if t.dead:
-            self.unthrottle_transport(t)
-        if status.status != 0:
-            entry.message.deferred = True
-        if status.hop_failed:
-            if q.ready:
-                f = feedback_value(p.negative, q.window.window)
-                dead = negative(q.window, f, p.cohort_limit)
-                q.refresh()
-                self._debug_feedback(q, "negative", f)
-                if dead:
-                    self._queue_dead(q, status.dsn_status, status.reason)
-        elif q.dead:
-            self.unthrottle_queue(q)
-        elif q.ready:
-            g = feedback_value(p.positive, q.window.window)
-            positive(q.window, g, len(q.busy), p.initial_concurrency, p.concurrency_limit)
-            q.refresh()
-            self._debug_feedback(q, "positive", g)
-        self._entry_done(entry, busy=True)
-
-    def _debug_feedback(self, q: DestQueue, kind: str, value: float) -> None:
-        if self.feedback_debug:
-            w = q.window
-            log.info(f"{kind} feedback {value:g} for {q.transport.name}:{q.name}: "
-                     f"window {w.window} success {w.success:g} failure {w.failure:g} "
-                     f"fail_cohorts {w.fail_cohorts:g}")
-
-    def _entry_done(self, entry: Entry, busy: bool) -> None:
+    def entry_done(self, entry: Entry, busy: bool) -> None:
         """An entry's delivery ended (busy) or it left the todo list (qmgr_entry_done)."""
         q = entry.queue
         t = q.transport
@@ -640,7 +490,7 @@ class Scheduler:
     def entry_purged(self, entry: Entry) -> None:
         """Take a waiting entry out without a delivery (qmgrd.qmgr.control: an operator's
         hold/delete/requeue, or a suspension whose recipients were deferred)."""
-        self._entry_done(entry, busy=False)
+        self.entry_done(entry, busy=False)
 
     def start_completion(self, msg: Message) -> None:
         """Finish ``msg`` asynchronously (its last entry is done); a message left for the
@@ -653,7 +503,7 @@ class Scheduler:
             self._admin_now(msg)  # a pending operator change only; else nothing
             return
         msg.completing = True
-        self._spawn(self.completion.run(msg))
+        self.spawn(self.completion.run(msg))
 
     def _admin_now(self, msg: Message) -> None:
         """Carry out the operator's pending change of ``msg`` (``msg.admin``: qmgr-ctl
@@ -705,7 +555,7 @@ class Scheduler:
                 self.completion.retry_unmoved()
             self.deferred.request()
         fed = False if self.stopping else self.feed_one()
-        started = self.dispatch()
+        started = self.dispatcher.dispatch()
         return fed or started or ran > 0
 
     async def run(self, stopping: asyncio.Event, drain_timeout: float = 30.0) -> None:
