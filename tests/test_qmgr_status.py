@@ -27,9 +27,11 @@ def test_snapshot_shows_windows_dead_and_suspended_destinations(tmp_path: Path) 
     env.submit("a@x.example", ["u@localhost"])
     env.agents.hold = True
     snap: dict[str, Any] = {}
+    t0 = 0.0
 
     async def go() -> None:
-        nonlocal snap
+        nonlocal snap, t0
+        t0 = env.clock.now
         sched = env.sched()
         sched.startup()
         await drain(sched)
@@ -51,6 +53,7 @@ def test_snapshot_shows_windows_dead_and_suspended_destinations(tmp_path: Path) 
 
     run(go())
     now = env.clock.now
+    assert snap["started"] == t0 and snap["time"] >= t0  # when the qmgr started, not a flag
     # 3 down.example messages failed (deferred), the local one was delivered
     assert snap["active"]["messages"] == 3 and snap["active"]["recipients"] == 4
     assert snap["active"]["message_limit"] == 20000

@@ -193,7 +193,7 @@ class Scheduler:
         self._forced_next = float("-inf")  # when the next forced deferred scan may start
         self._forced_pending: tuple[bool, bool] | None = None  # (start, flush) waiting
         self._next_deferred_scan = 0.0
-        self.started = clock()
+        self.start_time = clock()  # epoch seconds (qmgr-ctl status: "started")
         self.stopping = False
         self.master_gone = master_gone
         self._stop_event: asyncio.Event | None = None

@@ -8,7 +8,7 @@ Summary
 
     The document (``snapshot``)::
 
-        {"pid", "time", "started",
+        {"pid", "time", "started" (when this qmgr started),
          "active": {"messages", "recipients", "message_limit", "recipient_limit"},
          "scans": {"incoming"|"deferred": {"busy", "restart_pending", "scan_all",
                    "flush"}},
@@ -104,7 +104,7 @@ def snapshot(sched: Scheduler) -> dict[str, Any]:
     return {
         "pid": os.getpid(),
         "time": sched.clock(),
-        "started": sched.started,
+        "started": sched.start_time,
         "active": {"messages": len(sched.active.messages),
                    "recipients": sched.active.rcpt_count,
                    "message_limit": sched.active.message_limit,
