@@ -2,19 +2,24 @@
 by side, a table with the targets, bench/results.jsonl and bench/results.json.
 
 Usage
-    .venv/bin/python bench/run.py [--rounds 6] [--only A,H,C,B,scale,rss] [--scale]
+    .venv/bin/python bench/run.py [--rounds 6] [--only A,H,C,B,busy,scale,rss] [--scale]
                                   [--b-messages N] [--rss-points 120000]
                                   [--systems qmgrd,postfix]
                                   [--out results.json] [--jsonl results.jsonl]
     BENCH_SCALE=0.1 make bench      every message count scaled (a quick check)
 
-``--only`` names what to run (default ``A,H,C,B,scale,rss``):
+``--only`` names what to run (default ``A,H,C,B,busy,scale,rss``):
     A, H, C, B   issue 8's scenarios (bench/scenarios.py); M (peak PSS) is measured
                  during A. ``--rounds`` rounds (6: an even number, so that each system
                  goes first in half of each scenario's rounds); in each round every
                  scenario runs on both systems, one after the other, which goes first
                  alternating from one round to the next for each scenario (and from one
                  scenario to the next); medians over the valid rounds.
+    busy         scenario A (and M) for qmgrd alone, BUSY_ROUNDS (2) rounds, with
+                 ``smtpd_process_busy_sessions = 5`` (fewer smtpd processes, at the price
+                 of pflogsumm's ``--smtpd-stats`` connection counts): the figures of the
+                 other side of scenario M's trade-off, printed under the table; not a
+                 target.
     scale        scenario H once more per system at 1,000 messages (5,000 is H itself;
                  ``--scale`` adds 50,000): msgs/s and the qmgr's peak RSS.
     rss          bench/queue_bench.py's qmgr RSS benchmark at ``--rss-points`` queued
@@ -58,6 +63,8 @@ TARGETS: dict[str, tuple[str, float]] = {"A": (">=", 1.0), "H": (">=", 1.0),
                                          "C": (">=", 1.0), "B": (">=", 0.5),
                                          "M": ("<=", 1.5)}
 SCALE_POINTS = (1_000,)
+BUSY_ROUNDS = 2
+BUSY_SESSIONS = "5"
 BIG_SCALE_POINT = 50_000
 
 
@@ -228,6 +235,46 @@ def _timed(label: str, run: Callable[[], dict[str, Any]], extra: dict[str, Any],
     return res
 
 
+def run_busy(bench: scenarios.Bench, n: int,
+             sink: Callable[[dict[str, Any]], None]) -> list[dict[str, Any]]:
+    """Scenario A for qmgrd with smtpd_process_busy_sessions = BUSY_SESSIONS, then the
+    default (1) again."""
+    inst = bench.inst.get("qmgrd")
+    if inst is None:
+        return []
+    out: list[dict[str, Any]] = []
+    inst.stop()
+    inst.write_main(smtpd_process_busy_sessions=BUSY_SESSIONS)
+    try:
+        for rnd in range(1, BUSY_ROUNDS + 1):
+            out.append(_timed(
+                f"busy A qmgrd (smtpd_process_busy_sessions = {BUSY_SESSIONS}) round {rnd}",
+                lambda: bench.a("qmgrd", n), {"scenario": "A-busy", "round": rnd}, sink,
+                lambda r: f"{r['msgs_per_s']} msgs/s, peak PSS {r['peak_pss_mib']} MiB"))
+    finally:
+        inst.stop()
+        inst.write_main(smtpd_process_busy_sessions="1")
+    return out
+
+
+def busy_line(busy_rows: list[dict[str, Any]], summ: dict[str, Any]) -> str:
+    """The busy rounds' medians against Postfix's A medians of this run."""
+    if not busy_rows:
+        return ""
+    rate, pss = _median(busy_rows, "msgs_per_s"), _median(busy_rows, "peak_pss_mib")
+    valid = sum(bool(r.get("valid")) for r in busy_rows)
+    if rate is None or pss is None:
+        return (f"qmgrd with smtpd_process_busy_sessions = {BUSY_SESSIONS}: no valid round "
+                f"({valid}/{len(busy_rows)})")
+    pf = summ.get("A", {}).get("postfix", {})
+    prate, ppss = pf.get("msgs_per_s"), pf.get("peak_pss_mib")
+    vs = (f" ({rate / prate:.2f} and {pss / ppss:.2f} x Postfix's A of this run)"
+          if prate and ppss else "")
+    return (f"qmgrd with smtpd_process_busy_sessions = {BUSY_SESSIONS} (not the default: "
+            f"pflogsumm --smtpd-stats then undercounts\n  connections), scenario A, median "
+            f"of {valid} rounds: {rate:,.0f} msgs/s, peak PSS {pss:.0f} MiB{vs}")
+
+
 def run_scale(bench: scenarios.Bench, points: list[int],
               sink: Callable[[dict[str, Any]], None]) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
@@ -391,7 +438,7 @@ def scenario_table(summ: dict[str, Any], scale_rows: list[dict[str, Any]],
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
-    parser.add_argument("--only", default="A,H,C,B,scale,rss")
+    parser.add_argument("--only", default="A,H,C,B,busy,scale,rss")
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--scale", action="store_true",
                         help=f"scenario H at {BIG_SCALE_POINT:,} messages too")
@@ -414,6 +461,7 @@ def main() -> None:
     }
     rows: list[dict[str, Any]] = []
     scale_rows: list[dict[str, Any]] = []
+    busy_rows: list[dict[str, Any]] = []
     jsonl: IO[str] = open(opts.jsonl, "w")  # noqa: SIM115 - written round by round
 
     def record(row: dict[str, Any]) -> None:
@@ -422,7 +470,7 @@ def main() -> None:
         jsonl.flush()
 
     try:
-        if any(s in only for s in (*SCENARIOS, "scale")):
+        if any(s in only for s in (*SCENARIOS, "busy", "scale")):
             base = Path(tempfile.mkdtemp(prefix="qmgrd-bench-"))
             os.chmod(base, 0o755)
             bench = scenarios.Bench(base, systems)
@@ -431,6 +479,8 @@ def main() -> None:
             try:
                 rows = run_scenarios(bench, only, opts.rounds, counts(opts.b_messages),
                                      record)
+                if "busy" in only:
+                    busy_rows = run_busy(bench, counts(None)["A"], record)
                 if "scale" in only:
                     points = [scaled(p) for p in SCALE_POINTS]
                     if opts.scale:
@@ -454,12 +504,15 @@ def main() -> None:
     summ = summarize(rows, systems)
     res["scenarios"] = summ
     res["scale_h"] = scale_rows
+    res["busy_a"] = busy_rows
     res["machine"]["loadavg_after"] = os.getloadavg()
     res["seconds"] = round(time.time() - started, 1)
     parts = []
-    if rows or scale_rows:
+    if rows or scale_rows or busy_rows:
         rss = res.get("rss") if isinstance(res.get("rss"), dict) else None
-        parts.append(scenario_table(summ, scale_rows, rss))
+        table = scenario_table(summ, scale_rows, rss)
+        line = busy_line(busy_rows, summ)
+        parts.append(table + ("\n" + line if line else ""))
         breakdown = cpu_breakdown(summ)
         if breakdown:
             parts.append(breakdown)
