@@ -266,6 +266,25 @@ def test_smtputf8_notice_is_raw_utf8_global_delivery_status() -> None:
     assert "Final-Recipient: utf-8; j\u00f6rg@b\u00fccher.example\n".encode() in raw
 
 
+@pytest.mark.parametrize("smtputf8", [False, True])
+def test_returned_message_is_the_original_byte_for_byte(smtputf8: bool) -> None:
+    """The returned message is copied, not parsed and regenerated (Postfix's
+    bounce_original() copies the queue file's records): a body line "From ..." stays
+    as it is (not ">From ..."), a lone CR stays, 8-bit bytes stay."""
+    original = (b"Subject: s\nMessage-ID: <m@x>\n\nFrom the start of a line\n"
+                b"a lone\rCR\n8bit \xe9\xff\n")
+    raw = build_notice(kind="failed", myhostname=HOST, qid="ABC", sender="a@x.example",
+                       to="a@x.example", arrival=time.time(), entries=[(Recipient("r@y"), DSN)],
+                       original=original, headers_only=False, smtputf8=smtputf8)
+    assert b"\nReturn-Path: <a@x.example>\n" + original + b"\n--" in raw
+    assert b">From" not in raw
+    msg = email.message_from_bytes(raw, policy=email.policy.default)
+    returned = msg.get_payload()[2]
+    assert returned.get_content_type() == ("message/global" if smtputf8 else "message/rfc822")
+    assert returned["Content-Transfer-Encoding"] == "8bit"
+    assert returned.get_payload()[0]["Message-ID"] == "<m@x>"
+
+
 def test_expanded_from_and_original_recipient() -> None:
     rcpt = Recipient("real@example.net", orig_rcpt="alias@example.org")
     raw = build_notice(kind="failed", myhostname=HOST, qid="ABC", sender="a@x.example",

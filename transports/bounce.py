@@ -21,7 +21,9 @@ Summary
     ``message/delivery-status`` part (Reporting-MTA, Original-Envelope-Id, Arrival-Date;
     per recipient Final-Recipient, Original-Recipient from ORCPT or the pre-rewrite
     address, Action, Status, Remote-MTA, Diagnostic-Code, Last-Attempt-Date), and the
-    original message (``message/rfc822``) or only its headers (``text/rfc822-headers``).
+    original message (``message/rfc822``, copied byte for byte as Postfix's
+    bounce_original() does: never parsed and regenerated) or only its headers
+    (``text/rfc822-headers``).
     Every notice enters the queue through cleanup.
 
 Who gets what (Postfix bounce_notify_service, bounce_warn_service, bounce_trace_service)
@@ -79,7 +81,6 @@ import time
 from email.generator import BytesGenerator
 from email.message import Message
 from email.mime.base import MIMEBase
-from email.mime.message import MIMEMessage
 from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
 from email.parser import BytesParser
@@ -166,10 +167,20 @@ _UTF8_8BIT.body_encoding = None  # type: ignore[assignment]  # 8bit, not base64
 
 class _Generator(BytesGenerator):
     """BytesGenerator that writes message/global-delivery-status (RFC 6533) as the header
-    blocks it is, like message/delivery-status."""
+    blocks it is, like message/delivery-status, and a returned message as it is."""
 
     def _handle_message_global_delivery_status(self, msg: Message) -> None:
         self._handle_message_delivery_status(msg)  # type: ignore[attr-defined]
+
+    def _handle_message(self, msg: Message) -> None:
+        """A message/rfc822 or message/global part whose payload is the returned message
+        as text ("surrogateescape"): its bytes, unchanged."""
+        # get_payload() would decode the surrogates
+        payload = msg._payload  # type: ignore[attr-defined]
+        if isinstance(payload, str):
+            self._fp.write(payload.encode("ascii", "surrogateescape"))  # type: ignore[attr-defined]
+        else:
+            super()._handle_message(msg)  # type: ignore[misc]
 
 
 def _raw(value: str) -> str:
@@ -330,15 +341,19 @@ def build_notice(
         part.set_payload((returned + head).decode("ascii", "surrogateescape"))
         del part["MIME-Version"]
     else:
-        inner = BytesParser(policy=compat32).parsebytes(returned + original)
-        part = MIMEMessage(inner, "global" if smtputf8 else "rfc822", policy=compat32)
+        # The original goes out byte for byte, as Postfix's bounce_original() copies the
+        # queue file's records: a string payload of a message/* part is written as it
+        # is, where parsing and regenerating it would turn a body line "From ..." into
+        # ">From ..." and a lone CR into a line break.
+        part = MIMEBase("message", "global" if smtputf8 else "rfc822", policy=compat32)
+        part.set_payload((returned + original).decode("ascii", "surrogateescape"))
         del part["MIME-Version"]
         if not original.isascii():
             part["Content-Transfer-Encoding"] = "8bit"
     part["Content-Description"] = _RETURNED[kind][1 if headers_only else 0]
     outer.attach(part)
     buf = io.BytesIO()
-    _Generator(buf, policy=_OUT_POLICY).flatten(outer)
+    _Generator(buf, mangle_from_=False, policy=_OUT_POLICY).flatten(outer)
     return buf.getvalue()
 
 
