@@ -285,6 +285,24 @@ def test_returned_message_is_the_original_byte_for_byte(smtputf8: bool) -> None:
     assert returned.get_payload()[0]["Message-ID"] == "<m@x>"
 
 
+def test_double_bounce_has_no_x_postfix_sender() -> None:
+    """Postfix's bounce_header_dsn() writes X-Postfix-Sender only for a non-null sender:
+    a double bounce has none (not an empty "rfc822; ")."""
+    def report(sender: str) -> str:
+        raw = build_notice(kind="failed", myhostname=HOST, qid="ABC", sender=sender,
+                           to=f"postmaster@{HOST}", arrival=time.time(),
+                           entries=[(Recipient("r@y.example"), DSN)],
+                           original=b"Subject: s\n\nb\n", headers_only=False,
+                           postmaster_copy=True, boilerplate=False)
+        msg = email.message_from_bytes(raw, policy=email.policy.default)
+        return msg.get_payload()[1].get_payload()[0].as_string()
+
+    assert "X-Postfix-Sender: rfc822; a@x.example\n" in report("a@x.example")
+    null = report("")
+    assert "X-Postfix-Sender" not in null
+    assert "X-Postfix-Queue-ID: ABC\nArrival-Date: " in null
+
+
 def test_expanded_from_and_original_recipient() -> None:
     rcpt = Recipient("real@example.net", orig_rcpt="alias@example.org")
     raw = build_notice(kind="failed", myhostname=HOST, qid="ABC", sender="a@x.example",

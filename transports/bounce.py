@@ -315,11 +315,11 @@ def build_notice(
     msg_fields = [("Reporting-MTA", f"dns; {myhostname}")]
     if envid:
         msg_fields.append(("Original-Envelope-Id", envid))
-    msg_fields += [
-        ("X-Postfix-Queue-ID", qid),
-        ("X-Postfix-Sender", f"{addr_type}; {statuslog.quote_822_local(sender)}"),
-        ("Arrival-Date", email.utils.formatdate(arrival, localtime=True)),
-    ]
+    msg_fields.append(("X-Postfix-Queue-ID", qid))
+    if sender:  # none for the null sender (a double bounce), as Postfix's
+        msg_fields.append(("X-Postfix-Sender",
+                           f"{addr_type}; {statuslog.quote_822_local(sender)}"))
+    msg_fields.append(("Arrival-Date", email.utils.formatdate(arrival, localtime=True)))
     last = email.utils.formatdate(now, localtime=True)
     retry_until = email.utils.formatdate(arrival + lifetime, localtime=True)
     fields = [msg_fields] + [_recipient_fields(kind, r, d, addr_type, last, retry_until)
