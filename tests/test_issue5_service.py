@@ -177,7 +177,9 @@ def test_expiry_reports_each_recipient_once_with_its_last_reason(env: Env) -> No
     assert "first try" not in msg.get_payload()[0].get_content()
 
 
-def test_success_notice_only_for_a_real_sender(env: Env) -> None:
+def test_success_notice_only_for_a_real_sender(tmp_path: Path) -> None:
+    # without class 2bounce ("bounce" does not imply it here: bounce_trace_service)
+    env = make_env(tmp_path, notify_classes="bounce, delay")
     ok = statuslog.Dsn("2.0.0", "relayed", "250 ok", "smtp", "250 ok", "dns", "mx")
     for sender in ("", f"double-bounce@{HOST}", "alice@example.com"):
         qid = env.queue([Recipient("x@example.net", notify=DSN_NOTIFY_SUCCESS)], CONTENT,
@@ -190,6 +192,24 @@ def test_success_notice_only_for_a_real_sender(env: Env) -> None:
     assert msg["Subject"] == "Successful Mail Delivery Report"
     assert "not sending trace/success notification for single-bounce message" in env.log()
     assert "not sending trace/success notification for double-bounce message" in env.log()
+
+
+def test_success_notice_for_null_sender_mail_goes_to_2bounce_recipient(env: Env) -> None:
+    """Postfix's bounce_trace_service: with class 2bounce the success notice of a
+    null-sender message goes to 2bounce_notice_recipient from the double-bounce address
+    (the sender's notice otherwise: its subject and text, the headers returned)."""
+    ok = statuslog.Dsn("2.0.0", "relayed", "250 ok", "smtp", "250 ok", "dns", "mx")
+    qid = env.queue([Recipient("x@example.net", notify=DSN_NOTIFY_SUCCESS)], CONTENT,
+                    sender="")
+    statuslog.append(env.spool, "trace", qid, Recipient("x@example.net"), ok)
+    assert service(env, "trace").handle(request(qid, "", BOUNCE_CMD_TRACE)) == 0
+    assert statuslog.read(env.spool, "trace", qid) == []
+    ((sender, to, msg),) = queued(env)
+    assert (sender, to) == (f"double-bounce@{HOST}", [f"postmaster@{HOST}"])
+    assert msg["Subject"] == "Successful Mail Delivery Report"
+    assert dsn_rcpts(msg) == ["rfc822; x@example.net"]
+    assert msg.get_payload()[2].get_content_type() == "text/rfc822-headers"
+    assert f"{qid}: sender delivery status notification:" in env.log()
 
 
 def serve(svc: BounceService, env: Env, req: StatusRequest) -> int:

@@ -44,7 +44,9 @@ Who gets what (Postfix bounce_notify_service, bounce_warn_service, bounce_trace_
       a double bounce: with ``bounce`` or ``2bounce`` in ``notify_classes`` it goes to
       ``2bounce_notice_recipient`` with the full message (size limit applies), otherwise
       it is dropped. A delayed null-sender message warns ``delay_notice_recipient``
-      only with class ``delay``; null-sender mail gets no success notice.
+      only with class ``delay``; a success notice for null-sender mail goes, from the
+      double-bounce address, to ``2bounce_notice_recipient`` with class ``2bounce``
+      (only that class, as Postfix's bounce_trace_service), otherwise none is sent.
     * A notice for mail from the double-bounce address itself (a postmaster notice that
       could not be delivered) is never sent: ``undeliverable postmaster notification
       discarded``. So a notice can loop at most once, to the postmaster.
@@ -452,6 +454,11 @@ class BounceService:
             elif kind == "delayed" and "delay" in self.notify_classes:
                 self._post(req, kind, entries, self.cfg.get("delay_notice_recipient"),
                            postmaster=True, ret_hdrs=True)
+            elif kind == "delivered" and "2bounce" in self.notify_classes:
+                # Postfix's bounce_trace_service: the notice goes to the postmaster from
+                # the double-bounce address, but is otherwise the sender's notice
+                self._post(req, kind, entries, self.cfg.get("2bounce_notice_recipient"),
+                           postmaster=False, ret_hdrs=True, env_sender=self.double_bounce)
             elif kind == "delivered":
                 log.info(f"{qid}: not sending trace/success notification for "
                          f"single-bounce message")
@@ -496,8 +503,10 @@ class BounceService:
         return original, arrival, headers_only
 
     def _post(self, req: StatusRequest, kind: str, entries: Entries, to: str, *,
-              postmaster: bool, ret_hdrs: bool) -> None:
-        """Build one notice and queue it through cleanup (raises as handle() does)."""
+              postmaster: bool, ret_hdrs: bool, env_sender: str | None = None) -> None:
+        """Build one notice and queue it through cleanup (raises as handle() does). Its
+        envelope sender is ``env_sender``, by default the double-bounce address for a
+        ``postmaster`` notice and the null sender otherwise."""
         to = self._qualify(to)
         original, arrival, headers_only = self._original(req, ret_hdrs)
         data = build_notice(
@@ -507,8 +516,9 @@ class BounceService:
             warn_after=self.warn_after, postmaster_copy=postmaster,
             boilerplate=not postmaster, smtputf8=bool(req.smtputf8 & SMTPUTF8_FLAG_REQUESTED),
         )
-        env = Envelope(sender=self.double_bounce if postmaster else "",
-                       recipients=[Recipient(to)])
+        if env_sender is None:
+            env_sender = self.double_bounce if postmaster else ""
+        env = Envelope(sender=env_sender, recipients=[Recipient(to)])
         new_id = self.cleanup.submit(env, data, origin="bounce")
         what = {"failed": "non-delivery", "delayed": "delay",
                 "delivered": "delivery status"}[kind]
