@@ -323,6 +323,24 @@ def test_double_bounce_has_no_x_postfix_sender() -> None:
     assert "X-Postfix-Queue-ID: ABC\nArrival-Date: " in null
 
 
+@pytest.mark.parametrize("smtputf8, ctype", [(False, "text/rfc822-headers"),
+                                             (True, "message/global-headers")])
+def test_returned_headers_type_and_8bit(smtputf8: bool, ctype: str) -> None:
+    """Headers only: text/rfc822-headers (RFC 6522), message/global-headers for SMTPUTF8
+    mail (RFC 6533 section 6.3, Postfix's bounce_original()); 8-bit header bytes are
+    declared ``Content-Transfer-Encoding: 8bit``, the headers returned as they are."""
+    head = "Subject: h\u00e9\nMessage-ID: <m@x>\n".encode()
+    raw = build_notice(kind="failed", myhostname=HOST, qid="ABC", sender="a@x.example",
+                       to="a@x.example", arrival=time.time(), entries=[(Recipient("r@y"), DSN)],
+                       original=head + b"\nbody\n", headers_only=True, smtputf8=smtputf8)
+    assert b"\nReturn-Path: <a@x.example>\n" + head in raw
+    msg = email.message_from_bytes(raw, policy=email.policy.default)
+    returned = msg.get_payload()[2]
+    assert returned.get_content_type() == ctype
+    assert returned["Content-Transfer-Encoding"] == "8bit"
+    assert b"body" not in raw
+
+
 def test_expanded_from_and_original_recipient() -> None:
     rcpt = Recipient("real@example.net", orig_rcpt="alias@example.org")
     raw = build_notice(kind="failed", myhostname=HOST, qid="ABC", sender="a@x.example",

@@ -23,7 +23,8 @@ Summary
     address, Action, Status, Remote-MTA, Diagnostic-Code, Last-Attempt-Date), and the
     original message (``message/rfc822``, copied byte for byte as Postfix's
     bounce_original() does: never parsed and regenerated) or only its headers
-    (``text/rfc822-headers``).
+    (``text/rfc822-headers``; ``message/global`` and ``message/global-headers`` for
+    SMTPUTF8 mail, RFC 6533).
     Every notice enters the queue through cleanup.
 
 Who gets what (Postfix bounce_notify_service, bounce_warn_service, bounce_trace_service)
@@ -338,10 +339,13 @@ def build_notice(
     part: Message
     if headers_only:
         head = original if head_end < 0 else original[: head_end + 1]
-        part = MIMEBase("text", "global-headers" if smtputf8 else "rfc822-headers",
-                        policy=compat32)
+        # RFC 6533 section 6.3: message/global-headers (RFC 6522: text/rfc822-headers)
+        part = MIMEBase(*(("message", "global-headers") if smtputf8
+                          else ("text", "rfc822-headers")), policy=compat32)
         part.set_payload((returned + head).decode("ascii", "surrogateescape"))
         del part["MIME-Version"]
+        if not head.isascii():
+            part["Content-Transfer-Encoding"] = "8bit"
     else:
         # The original goes out byte for byte, as Postfix's bounce_original() copies the
         # queue file's records: a string payload of a message/* part is written as it
