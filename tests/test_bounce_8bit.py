@@ -44,10 +44,10 @@ def test_build_notice_escapes_bad_bytes(kind: str, smtputf8: bool, headers_only:
            "invalid mailbox name: a/\\xff" in text
     report = parts[1]
     report.decode("ascii")  # no raw bad byte in the delivery-status part
-    addr_type = b"utf-8" if smtputf8 else b"rfc822"
-    assert b"Final-Recipient: " + addr_type + b"; a/+FF@localhost\n" in report
+    # not valid UTF-8: "rfc822" even for SMTPUTF8 mail (Postfix's IS_UTF8_ADDRESS)
+    assert b"Final-Recipient: rfc822; a/+FF@localhost\n" in report
     assert b"Original-Recipient: rfc822;a/+FF@localhost\n" in report
-    assert b"X-Postfix-Sender: " + addr_type + b"; s+FF@x.example\n" in report
+    assert b"X-Postfix-Sender: rfc822; s+FF@x.example\n" in report
     assert b"Remote-MTA: dns; mx?.example\n" in report
     assert b"Diagnostic-Code: x-unix; bad mailbox ?\n" in report
     assert b"\nTo: s?@x.example\n" in head

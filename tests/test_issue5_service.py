@@ -284,6 +284,20 @@ def test_smtputf8_notice_is_raw_utf8_global_delivery_status() -> None:
     text = msg.get_payload()[0].get_content()
     assert "<j\u00f6rg@b\u00fccher.example>: rejected" in text
     assert "Final-Recipient: utf-8; j\u00f6rg@b\u00fccher.example\n".encode() in raw
+    assert "X-Postfix-Sender: utf-8; s\u00e9@x.example\n".encode() in raw
+
+
+def test_smtputf8_notice_types_ascii_addresses_rfc822() -> None:
+    """Postfix ("Fix 20140708"): the "utf-8" address type only for a non-ASCII address;
+    an ASCII address in an SMTPUTF8 notice stays "rfc822"."""
+    rcpt = Recipient("user@example.net", orig_rcpt="alias@example.net")
+    raw = build_notice(kind="failed", myhostname=HOST, qid="ABC", sender="a@x.example",
+                       to="a@x.example", arrival=time.time(), entries=[(rcpt, DSN)],
+                       original=b"Subject: s\n\nb\n", headers_only=False, smtputf8=True)
+    assert b"X-Postfix-Sender: rfc822; a@x.example\n" in raw
+    assert b"Final-Recipient: rfc822; user@example.net\n" in raw
+    assert b"Original-Recipient: rfc822; alias@example.net\n" in raw
+    assert b"utf-8;" not in raw
 
 
 @pytest.mark.parametrize("smtputf8", [False, True])

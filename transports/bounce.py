@@ -222,14 +222,26 @@ def _recipient_line(rcpt: Recipient, dsn: statuslog.Dsn) -> str:
     return f"{line}: {dsn.reason}"
 
 
-def _recipient_fields(kind: str, rcpt: Recipient, dsn: statuslog.Dsn, addr_type: str,
+def _typed(addr: str, smtputf8: bool) -> str:
+    """``utf-8; addr`` for an address that is valid non-ASCII UTF-8 in SMTPUTF8 mail (RFC
+    6533), else ``rfc822; addr``: Postfix's IS_UTF8_ADDRESS rule (its "Fix 20140708":
+    no "utf-8" type for an ASCII address or one that is not valid UTF-8)."""
+    utf8 = smtputf8 and not addr.isascii()
+    if utf8:
+        try:
+            addr.encode("utf-8")
+        except UnicodeEncodeError:  # bytes that are not UTF-8 ("surrogateescape")
+            utf8 = False
+    return f"{'utf-8' if utf8 else 'rfc822'}; {statuslog.quote_822_local(addr)}"
+
+
+def _recipient_fields(kind: str, rcpt: Recipient, dsn: statuslog.Dsn, smtputf8: bool,
                       last: str, retry_until: str) -> list[tuple[str, str]]:
-    f = [("Final-Recipient", f"{addr_type}; {statuslog.quote_822_local(rcpt.address)}")]
+    f = [("Final-Recipient", _typed(rcpt.address, smtputf8))]
     if rcpt.dsn_orcpt:
         f.append(("Original-Recipient", rcpt.dsn_orcpt))
     elif rcpt.orig_rcpt and rcpt.orig_rcpt.lower() != rcpt.address.lower():
-        f.append(("Original-Recipient",
-                  f"{addr_type}; {statuslog.quote_822_local(rcpt.orig_rcpt)}"))
+        f.append(("Original-Recipient", _typed(rcpt.orig_rcpt, smtputf8)))
     if kind == "delivered":
         action = dsn.action if dsn.action in ("delivered", "relayed", "expanded") \
             else "delivered"
@@ -314,18 +326,16 @@ def build_notice(
     del part1["MIME-Version"]
     outer.attach(part1)
 
-    addr_type = "utf-8" if smtputf8 else "rfc822"
     msg_fields = [("Reporting-MTA", f"dns; {myhostname}")]
     if envid:
         msg_fields.append(("Original-Envelope-Id", envid))
     msg_fields.append(("X-Postfix-Queue-ID", qid))
     if sender:  # none for the null sender (a double bounce), as Postfix's
-        msg_fields.append(("X-Postfix-Sender",
-                           f"{addr_type}; {statuslog.quote_822_local(sender)}"))
+        msg_fields.append(("X-Postfix-Sender", _typed(sender, smtputf8)))
     msg_fields.append(("Arrival-Date", email.utils.formatdate(arrival, localtime=True)))
     last = email.utils.formatdate(now, localtime=True)
     retry_until = email.utils.formatdate(arrival + lifetime, localtime=True)
-    fields = [msg_fields] + [_recipient_fields(kind, r, d, addr_type, last, retry_until)
+    fields = [msg_fields] + [_recipient_fields(kind, r, d, smtputf8, last, retry_until)
                              for r, d in entries]
     report = MIMEBase("message", "global-delivery-status" if smtputf8 else "delivery-status",
                       policy=compat32)
