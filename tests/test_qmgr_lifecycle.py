@@ -155,6 +155,38 @@ def test_failed_expiry_notice_keeps_the_message_deferred(tmp_path: Path) -> None
     assert env.files("deferred") == [qid]
 
 
+def test_failed_bounce_notice_is_not_lost_by_expiry(
+        tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """maximal_queue_lifetime = 0 (try once): a recipient bounces while the bounce
+    service fails. The message must not expire and be removed with the bounce log left
+    behind and no notice sent: it stays deferred, and the next attempt sends the
+    notice (and then removes the message)."""
+    env = Env(tmp_path, maximal_queue_lifetime="0", minimal_backoff_time="300s")
+    env.agents.decide = lambda t, req, r: "bounce"
+    env.agents.status_ok = False
+    qid = env.submit("a@x.example", ["bad@d.example"])
+
+    async def go() -> None:
+        sched = env.sched()
+        sched.startup()
+        await drain(sched)
+        assert env.files("deferred") == [qid]
+        assert os.path.exists(env.spool.path("bounce", qid))
+        assert [(s, r.nrequest) for s, r in env.agents.status_requests] == [
+            ("bounce", BOUNCE_CMD_FLUSH)]
+        env.agents.status_ok = True
+        env.clock.now += 300
+        sched.trigger(b"ADI")
+        await drain(sched)
+
+    run(go())
+    assert [(s, r.nrequest) for s, r in env.agents.status_requests] == [
+        ("bounce", BOUNCE_CMD_FLUSH), ("bounce", BOUNCE_CMD_FLUSH)]
+    assert not env.files("deferred") and not env.files("active")
+    assert not os.path.exists(env.spool.path("bounce", qid))
+    assert "status=expired" not in capfd.readouterr().err
+
+
 def test_delay_warning_is_sent_once(tmp_path: Path) -> None:
     env = Env(tmp_path, delay_warning_time="1h")
     env.agents.decide = always_defer

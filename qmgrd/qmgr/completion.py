@@ -13,7 +13,10 @@ Summary
        otherwise the ``trace`` service is asked for the success notice
        (BOUNCE_CMD_TRACE; it removes the log); failure keeps the message deferred, so
        the notice is asked for again at the next attempt.
-    4. Some recipient deferred:
+    4. Some recipient deferred (or a notice of step 1 or 3a failed):
+       * no expiry while a bounce or success notice of this attempt failed: the message
+         is deferred, the notice asked for again at the next attempt (removing the
+         file would lose it and orphan its log);
        * expired when forced (``status=force-expired``) or when ``now >= create_time +
          lifetime`` (``maximal_queue_lifetime``; ``bounce_queue_lifetime`` for the null
          sender, clamped to the former): ``<id>: from=<s>, status=expired, returned to
@@ -111,11 +114,13 @@ class Completion:
     async def _run(self, msg: Message) -> bool:
         qid = msg.qid
         path = self.spool.path("active", qid)
+        notice_kept = False  # the bounce or trace service failed: a notice is still owed
         while True:
             if msg.admin is not None and not msg.admin.flush_bounces:  # qmgr-ctl delete
                 msg.admin.finish(msg)
                 return False
-            await self._flush_bounces(msg)
+            if not await self._flush_bounces(msg):
+                notice_kept = True
             if msg.admin is not None:  # qmgr-ctl hold/requeue (qmgrd.qmgr.admin)
                 msg.admin.finish(msg)
                 return False
@@ -139,14 +144,22 @@ class Completion:
                     break
                 continue
             break
-        await self._flush_log(msg, "trace", BOUNCE_CMD_TRACE)
+        if not await self._flush_log(msg, "trace", BOUNCE_CMD_TRACE):
+            notice_kept = True
         if msg.admin is not None:
             msg.admin.finish(msg)
             return False
         now = self.clock()
         if msg.deferred:
             lifetime = self.max_lifetime if msg.sender else self.bounce_lifetime
-            if msg.forced_expire or now >= msg.create_time + lifetime:
+            expired = msg.forced_expire or now >= msg.create_time + lifetime
+            if expired and notice_kept:
+                # Not now: expiry ends with the file's removal, and the bounce (or
+                # success) notice the service failed to send would be lost with it, its
+                # log orphaned. Deferred, the notice is asked for again at the next
+                # attempt, and the message expires then.
+                pass
+            elif expired:
                 how = "force-expired" if msg.forced_expire else "expired"
                 log.info(f"{qid}: from=<{msg.sender}>, status={how}, returned to sender")
                 if await self.client.status_request(
@@ -162,17 +175,17 @@ class Completion:
             self._remove(qid)
         return False
 
-    async def _flush_bounces(self, msg: Message) -> None:
-        await self._flush_log(msg, "bounce", BOUNCE_CMD_FLUSH)
+    async def _flush_bounces(self, msg: Message) -> bool:
+        return await self._flush_log(msg, "bounce", BOUNCE_CMD_FLUSH)
 
-    async def _flush_log(self, msg: Message, name: str, nrequest: int) -> None:
+    async def _flush_log(self, msg: Message, name: str, nrequest: int) -> bool:
         """Ask service ``name`` to turn ``<name>/<id>`` into a notice (an empty log is
-        removed); failure keeps the message deferred."""
+        removed); failure keeps the message deferred. False when the service failed."""
         path = self.spool.path(name, msg.qid)
         try:
             size = os.stat(path).st_size
         except OSError:
-            return
+            return True
         if size == 0:
             try:
                 os.unlink(path)
@@ -180,6 +193,8 @@ class Completion:
                 log.warning(f"{msg.qid}: cannot remove empty {name} log: {exc}")
         elif not await self.client.status_request(name, self._request(msg, nrequest)):
             msg.deferred = True
+            return False
+        return True
 
     def _warn_done(self, msg: Message) -> None:
         """Rewrite the W record to -1: the delay warning went out."""
