@@ -253,7 +253,10 @@ def test_failed_postmaster_copy_is_only_a_warning(
     assert serve(svc, env, request(qid, "alice@example.com")) == 0
     ((sender, to, _msg),) = queued(env)
     assert (sender, to) == ("", ["alice@example.com"])
-    assert "postmaster notice failed while sending a failed notice" in env.log()
+    # Postfix's line (bounce_notify_service), after the reason
+    assert f"warning: {qid}: cannot post the postmaster failed notice: " in env.log()
+    assert (f"warning: {qid}: postmaster notice failed while bouncing to alice@example.com\n"
+            in env.log())
     assert statuslog.read(env.spool, "bounce", qid) == []
 
 

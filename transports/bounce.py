@@ -495,8 +495,10 @@ class BounceService:
                 self._post(req, kind, entries, self.cfg.get(copy_to[1]), postmaster=True,
                            ret_hdrs=True)
             except (OSError, CorruptQueueFile, CleanupError) as exc:
-                log.warning(f"{qid}: postmaster notice failed while sending a {kind} "
-                            f"notice to {sender}: {exc}")
+                # the reason, then Postfix's line (bounce_notify_service, bounce_warn_service)
+                log.warning(f"{qid}: cannot post the postmaster {kind} notice: {exc}")
+                doing = "bouncing to" if kind == "failed" else "warning"
+                log.warning(f"{qid}: postmaster notice failed while {doing} {sender}")
 
     def _original(self, req: StatusRequest, ret_hdrs: bool) -> tuple[bytes, float, bool]:
         """(content or headers, arrival, headers_only) of the original message."""
