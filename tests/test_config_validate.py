@@ -72,6 +72,10 @@ def test_a_parameter_set_twice_is_named(tmp_path: Path) -> None:
      'bad numerical value for parameter smtp_destination_recipient_limit: "x"'),
     ("relay_transport_rate_delay = 1fortnight",
      "bad time value for parameter relay_transport_rate_delay"),
+    ("maximal_queue_lifetime = 101d",  # Postfix's maximum: 8640000 s
+     'invalid maximal_queue_lifetime parameter value "101d": maximum is 8640000s'),
+    ("bounce_queue_lifetime = 8640001",
+     'invalid bounce_queue_lifetime parameter value "8640001": maximum is 8640000s'),
     ("line_length_limit = 100",  # Postfix's minimum: every submission would be refused
      'invalid line_length_limit parameter value "100": minimum is 512'),
 ])
