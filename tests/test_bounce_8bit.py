@@ -17,7 +17,7 @@ import pytest
 
 from qmgrd.delivery import BOUNCE_CMD_FLUSH, BOUNCE_CMD_TRACE, BOUNCE_CMD_WARN, StatusRequest
 from qmgrd.spool import statuslog
-from qmgrd.spool.envelope import Recipient
+from qmgrd.spool.envelope import SMTPUTF8_FLAG_REQUESTED, Recipient
 from qmgrd.spool.message import QueueFile
 from tests.test_agent_support import close_log, make_env  # noqa: F401  (fixture)
 from transports.bounce import BounceService, build_notice
@@ -102,3 +102,20 @@ def test_service_sends_the_notice_to_a_bad_sender(tmp_path: Path) -> None:
     assert rcpts == [sender]  # the envelope keeps the address as it is
     assert b"\nTo: s?@example.com\n" in data
     assert statuslog.read(svc.spool, "bounce", qid) == []
+
+
+def test_notice_of_smtputf8_mail_requests_smtputf8(tmp_path: Path) -> None:
+    """The notice of a message whose client asked for SMTPUTF8 is itself queued with the
+    SMTPUTF8 request (Postfix's bounce passes the request's smtputf8 to cleanup); that
+    of an ASCII message is not."""
+    for flags in (SMTPUTF8_FLAG_REQUESTED, 0):
+        svc, qid = _queue_bad(tmp_path / str(flags), "bounce")
+        req = StatusRequest(nrequest=BOUNCE_CMD_FLUSH, queue_name="active", queue_id=qid,
+                            sender="alice@example.com", smtputf8=flags)
+        assert svc.handle(req) == 0
+        seen = []
+        for nqid in svc.spool.scan("incoming"):
+            with QueueFile.open(svc.spool, "incoming", nqid, lock=None, readonly=True) as qf:
+                if [r.address for r in qf.recipients] == ["alice@example.com"]:
+                    seen.append(bool(qf.smtputf8 & SMTPUTF8_FLAG_REQUESTED))
+        assert seen == [bool(flags)]

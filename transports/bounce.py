@@ -534,7 +534,10 @@ class BounceService:
         )
         if env_sender is None:
             env_sender = self.double_bounce if postmaster else ""
-        env = Envelope(sender=env_sender, recipients=[Recipient(to)])
+        # the original's SMTPUTF8 request goes with its notice (Postfix passes the
+        # request's smtputf8 to post_mail_fopen): a message/global notice needs it
+        env = Envelope(sender=env_sender, recipients=[Recipient(to)],
+                       smtputf8=req.smtputf8 & SMTPUTF8_FLAG_REQUESTED)
         new_id = self.cleanup.submit(env, data, origin="bounce")
         what = {"failed": "non-delivery", "delayed": "delay",
                 "delivered": "delivery status"}[kind]
