@@ -554,3 +554,33 @@ def test_smtpd_timeout_is_per_read_during_data(tmp_path: Path) -> None:
 
     run(h, script)
     assert len(h.queued) == 1 and h.content(h.queued[0]).endswith(b"\n" + line + b"\n")
+
+
+def test_nothing_after_quit_or_hangup_is_done(tmp_path: Path) -> None:
+    """Postfix's smtpd stops reading at QUIT (and at a 421 hang-up): commands the client
+    pipelined after it are not executed - above all, no message is queued that the
+    client never got a reply for (it would send it again: a duplicate)."""
+    log.setup("smtpd", str(tmp_path / "maillog"), "qmgrd")
+    h = Host(tmp_path, "smtpd_hard_error_limit = 2\n")
+    tx = (b"MAIL FROM:<a@far.example>\r\nRCPT TO:<b@localhost>\r\nDATA\r\n"
+          b"Subject: after\r\n\r\nbody\r\n.\r\nNOOP\r\n")
+
+    async def after_quit(c: Client) -> None:
+        await greet(c)
+        c.writer.write(b"QUIT\r\n" + tx)
+        assert await c.reply() == "221 2.0.0 Bye"
+        assert await c.reply() == "<EOF>"
+
+    async def after_too_many_errors(c: Client) -> None:
+        await greet(c)
+        c.writer.write(b"BOGUS\r\nBOGUS\r\n" + tx)
+        assert (await c.reply()).startswith("502")
+        assert (await c.reply()).startswith("502")
+        assert await c.reply() == "421 4.7.0 mx.test.example Error: too many errors"
+        assert await c.reply() == "<EOF>"
+
+    run(h, after_quit, after_too_many_errors)
+    assert not h.queued and not list(h.spool.scan("incoming"))
+    text = (tmp_path / "maillog").read_text()
+    assert "disconnect from localhost[127.0.0.1] ehlo=1 quit=1 commands=2\n" in text
+    assert "disconnect from localhost[127.0.0.1] ehlo=1 unknown=0/2 commands=1/3\n" in text

@@ -31,7 +31,9 @@ Summary
       hang-up. NOOP, VRFY, RSET, HELO, EHLO beyond ``smtpd_junk_command_limit`` count as
       errors. A delivered message forgives both. ``smtpd_timeout`` per read ->
       ``421 4.4.2 <host> Error: timeout exceeded``. A header line sent as a command ->
-      ``221 2.7.0 Error: I can break rules, too. Goodbye.``
+      ``221 2.7.0 Error: I can break rules, too. Goodbye.`` After QUIT or any hang-up,
+      commands the client pipelined are not executed (Postfix reads no more): no
+      message is queued that the client got no reply for.
 
 Logs (Postfix smtpd's lines, so pflogsumm counts them)
     ``connect from <name>[<addr>]``; ``<qid>: client=<name>[<addr>]`` (when the queue id
@@ -455,6 +457,8 @@ class SmtpdSession(SMTP):
         lname = name.lower()
 
         async def run(arg: str | None) -> None:
+            if self._closing():
+                return
             p = self.params
             self.where = name
             self._in_cmd, self._cmd_error = True, False
@@ -476,8 +480,17 @@ class SmtpdSession(SMTP):
 
         return run
 
+    def _closing(self) -> bool:
+        """The session is ending (QUIT, a 421 hang-up, a timeout): what the client
+        pipelined after that is not executed, as Postfix's smtpd reads no command after
+        QUIT or a hang-up (aiosmtpd's loop still parses the lines it has buffered until
+        the connection is gone)."""
+        return self.transport is None or self.transport.is_closing()
+
     def _unknown(self, name: str) -> Callable[[str | None], Awaitable[None]]:
         async def run(arg: str | None) -> None:
+            if self._closing():
+                return
             self.where = "UNKNOWN"
             # a mail header or a forbidden command (smtpd_forbidden_commands: HTTP
             # CONNECT/GET/POST) ends the session at once, as Postfix's smtpd does
