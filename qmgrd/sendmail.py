@@ -50,7 +50,8 @@ Options
     -t          extract recipients from To/Cc/Bcc (added to any given as arguments)
     -i, -oi     a line with a single "." does not end the input (otherwise it does)
     A first input line starting with "From " (an mbox separator) is skipped, as
-    Postfix's sendmail does.
+    Postfix's sendmail does. A closed stdin, stdout or stderr is opened on /dev/null
+    first, as Postfix's sendmail does (a closed stdin submits an empty message).
     -oX...      other -o options are ignored
     -N notify   DSN NOTIFY: never, or a comma list of success, delay, failure
     -R full|hdrs  DSN RET
@@ -485,8 +486,26 @@ def _exec_ctl(o: _Options) -> None:
         raise _Fatal(EX_SOFTWARE, f"cannot run qmgr-ctl: {exc.strerror}") from None
 
 
+def _open_stdio() -> None:
+    """Open /dev/null on each of fds 0, 1 and 2 that is closed, as Postfix's sendmail does
+    first thing (so a closed stdin is an empty message, and no file opened later - the
+    queue file - gets fd 1 or 2 and takes output meant for stdout or stderr); Python
+    left sys.stdin/stdout/stderr None for them."""
+    for fd, name, mode in ((0, "stdin", "r"), (1, "stdout", "w"), (2, "stderr", "w")):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+        if getattr(sys, name) is None:
+            setattr(sys, name, os.fdopen(fd, mode, closefd=False))
+
+
 def main() -> NoReturn:
     """Console-script entry point (``qmgr-sendmail``)."""
+    _open_stdio()
     sys.exit(run(sys.argv[1:], sys.stdin.buffer, sys.stderr))
 
 

@@ -349,3 +349,21 @@ def test_dsn_keyword_errors_have_no_python_reprs(confdir: Path) -> None:
     assert err == "qmgr-sendmail: fatal: bad DSN notify keyword: sometimes\n"
     _, err = sendmail(confdir, ["-R", "body", "r@x"], b"x\n")
     assert err == "qmgr-sendmail: fatal: bad DSN ret keyword: body\n"
+
+
+@pytest.mark.parametrize("closed", [0, 2])
+def test_closed_stdin_or_stderr_is_dev_null(confdir: Path, closed: int) -> None:
+    """Postfix's sendmail opens /dev/null on a closed fd 0, 1 or 2 before anything else
+    (no file it opens later gets one of them): a closed stdin submits an empty message,
+    a closed stderr loses the warnings; no traceback."""
+    def close_fd() -> None:
+        os.close(closed)
+
+    p = subprocess.run([sys.executable, "-m", "qmgrd.sendmail", "-c", str(confdir),
+                        "r@example.net"], stdin=subprocess.DEVNULL if closed else None,
+                       capture_output=closed == 0, preexec_fn=close_fd, cwd=REPO,
+                       timeout=30, check=False)
+    assert p.returncode == 0, p.stderr
+    _, msg = only_message(confdir)
+    assert msg.content == b""
+    assert [r.address for r in msg.recipients] == ["r@example.net"]
