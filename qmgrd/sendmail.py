@@ -44,8 +44,12 @@ Start-up cost
 
 Options
     -c DIR      configuration directory (default $QMGRD_CONFIG_DIR, else /etc/qmgrd)
-    -f sender   envelope sender (also -fsender); default: the login name, qualified later
-                with $myorigin by cleanup; ``-f ''`` or ``-f '<>'`` is the null sender
+    -C path     main.cf's path or its directory (Postfix's -C): as -c
+    -f sender   envelope sender (also -fsender, and -r sender, its obsolete form);
+                default: the login name, qualified later with $myorigin by cleanup;
+                ``-f ''`` or ``-f '<>'`` is the null sender
+    -B type     8BITMIME or 7BIT (anything else: exit 64, as Postfix); not stored,
+                cleanup marks 8-bit content itself
     -F name     sender full name
     -t          extract recipients from To/Cc/Bcc (added to any given as arguments)
     -i, -oi     a line with a single "." does not end the input (otherwise it does)
@@ -59,10 +63,13 @@ Options
     -bm, -v, -X log_file, -O option=value   accepted and ignored;  --  ends the options
     -bp         list the queue (mailq): runs ``qmgr-ctl list``, as Postfix runs postqueue -p
     -q          deliver all queued mail now: ``qmgr-ctl flush`` (postqueue -f);
-                -qR<site>  ``qmgr-ctl flush --site <site>`` (postqueue -s); -q<interval>
-                is ignored and any other -q<c> is not implemented, as in Postfix; with
-                -bp or -q no recipient may be given (Postfix: "... mode requires no
-                recipient")
+                -qR<site>  ``qmgr-ctl flush --site <site>`` (postqueue -s); -qI<id>
+                ``qmgr-ctl flush --id <id>`` (postqueue -i); -q<interval> (a digit
+                first): nothing at all is done, exit 0 (Postfix's sendmail exits at
+                once: the interval is queue_run_delay's business); any other -q<c> is
+                not implemented, as in Postfix; with -bp, -q, -qR, -qI or -I no
+                recipient may be given (Postfix: "display queue mode requires no
+                recipient", "flush site ...", "flush queue_id ...")
     -I, -bi     newaliases: nothing to rebuild (alias_maps are read from
                 their text files); a warning, exit 0
     -bs, -bv, -bd, -bh, -bH, -bl   not implemented: a fatal error saying so (exit 64)
@@ -112,7 +119,7 @@ EX_CANTCREAT = 73
 EX_TEMPFAIL = 75
 EX_CONFIG = 78
 PROG = "qmgr-sendmail"
-_WITH_ARG = "cfFNRVXO"
+_WITH_ARG = "cfrBCFNRVXO"
 # -b modes Postfix's sendmail has and qmgrd does not: what to use instead
 _NO_MODE = {
     "s": "-bs (SMTP on standard input) is not implemented: use smtpd (master.cf)",
@@ -144,6 +151,7 @@ class _Options:
         self.recipients: list[str] = []
         self.config_given = False
         self.ctl: list[str] | None = None  # -bp / -q: the qmgr-ctl command run instead
+        self.queue_interval = False  # -q<interval>: do nothing, exit 0
 
 
 # qmgrd.spool.envelope: _ADDR_SPECIALS (needs_parsing) and _CONTROLS (_well_formed)
@@ -211,8 +219,15 @@ def _parse(argv: list[str]) -> _Options:
                 if opt == "c":
                     o.config_dir = rest
                     o.config_given = True
-                elif opt == "f":
+                elif opt == "C":  # Postfix: main.cf's path or its directory
+                    o.config_dir = (os.path.dirname(rest) or "."
+                                    if os.path.basename(rest) == "main.cf" else rest)
+                    o.config_given = True
+                elif opt in "fr":  # -r: the obsolete form of -f
                     o.sender = rest
+                elif opt == "B":  # the body type: cleanup finds 8-bit content itself
+                    if rest not in ("8BITMIME", "7BIT"):
+                        raise _Fatal(EX_USAGE, "-B option needs 8BITMIME or 7BIT")
                 elif opt == "F":
                     o.fullname = rest
                 elif opt in "XO":
@@ -245,20 +260,31 @@ def _parse(argv: list[str]) -> _Options:
                     site = argv[i]
                     i += 1
                 o.ctl = ["flush", "--site", site]
-            elif not rest[0].isdigit():
+            elif rest.startswith("I"):  # -qIqueueid: postqueue -i
+                if not rest[1:]:
+                    raise _Fatal(EX_USAGE, "specify: -qIqueueid")
+                o.ctl = ["flush", "--id", rest[1:]]
+            elif rest[0].isdigit():
+                # -q<interval>: Postfix's sendmail exits 0 at once, whatever else was
+                # asked (the interval is queue_run_delay's business)
+                o.queue_interval = True
+            else:
                 raise _Fatal(EX_USAGE, f"-q{rest[0]} is not implemented")
-            # -q<interval>: ignored, as Postfix's sendmail (queue_run_delay sets it)
         elif (opt == "b" and rest == "i") or (opt == "I" and not rest):
             o.ctl = []  # newaliases
         elif opt == "b" and rest in _NO_MODE:
             raise _Fatal(EX_USAGE, _NO_MODE[rest])
         else:
             raise _Fatal(EX_USAGE, f"unsupported option: {arg}")
+    if o.queue_interval:
+        return o
     if o.ctl is not None:
         if argv[i:] or o.recipients:
-            mode = o.ctl[0] if o.ctl else ""
-            what = {"list": "display queue", "flush": "flush queue"}.get(mode, "this")
-            raise _Fatal(EX_USAGE, f"{what} mode requires no recipient")
+            mode = o.ctl[1] if o.ctl[1:] else o.ctl[0] if o.ctl else ""
+            what = {"list": "display queue mode", "flush": "flush queue mode",
+                    "--site": "flush site", "--id": "flush queue_id",
+                    "": "alias initialization mode"}[mode]
+            raise _Fatal(EX_USAGE, f"{what} requires no recipient")
         return o
     o.recipients.extend(argv[i:])
     for value in [o.sender or "", o.fullname, o.envid, *o.recipients]:
@@ -460,7 +486,9 @@ def run(argv: list[str], stdin: IO[bytes], stderr: IO[str]) -> int:
     ``-bp`` and ``-q`` replace this process with qmgr-ctl (never return)."""
     try:
         o = _parse(argv)
-        if o.ctl == []:
+        if o.queue_interval:
+            pass
+        elif o.ctl == []:
             stderr.write(f"{PROG}: warning: qmgrd reads alias_maps from their text "
                          "files: nothing to rebuild\n")
         elif o.ctl is not None:

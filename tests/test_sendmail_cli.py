@@ -132,13 +132,12 @@ def test_mailq_flush_and_newaliases_modes(confdir: Path) -> None:
             0, "qmgr-ctl: flushed 0 deferred messages for example.net\n"), args
     p = _sm(confdir, "-qR..")
     assert p.returncode == 64 and "bad domain" in p.stderr
-    # as Postfix's sendmail: -q<interval> is ignored (a submission: it needs recipients),
+    # as Postfix's sendmail: -q<interval> exits 0 at once (test_postfix_flags...),
     # -qS (and any other letter) is not implemented, and a mode takes no recipient
-    for args, text in ((["-q30m"], "no recipients specified"),
-                       (["-qSsite"], "-qS is not implemented"),
+    for args, text in ((["-qSsite"], "-qS is not implemented"),
                        (["-bp", "r@example.net"], "display queue mode requires no recipient"),
                        (["-q", "r@example.net"], "flush queue mode requires no recipient"),
-                       (["-qRexample.net", "r@x"], "flush queue mode requires no recipient")):
+                       (["-qRexample.net", "r@x"], "flush site requires no recipient")):
         p = _sm(confdir, *args)
         assert (p.returncode, p.stderr) == (64, f"qmgr-sendmail: fatal: {text}\n"), args
     p = _sm(confdir, "-I")
@@ -367,3 +366,25 @@ def test_closed_stdin_or_stderr_is_dev_null(confdir: Path, closed: int) -> None:
     _, msg = only_message(confdir)
     assert msg.content == b""
     assert [r.address for r in msg.recipients] == ["r@example.net"]
+
+
+def test_postfix_flags_q_interval_qi_r_b_c(confdir: Path) -> None:
+    """Postfix's sendmail: -q<interval> exits 0 doing nothing (nothing is queued, even
+    with recipients); -qI<id> is postqueue -i; -r is the obsolete -f; -B takes 8BITMIME
+    or 7BIT; -C names main.cf or its directory."""
+    assert sendmail(confdir, ["-q30m", "r@example.net"], b"Subject: s\n\nx\n") == (0, "")
+    assert sendmail(confdir, ["-q1h"], b"") == (0, "")
+    assert not maildrop_files(confdir)
+    assert sendmail(confdir, ["-qIABC", "r@example.net"], b"") == (
+        64, "qmgr-sendmail: fatal: flush queue_id requires no recipient\n")
+    assert sendmail(confdir, ["-qRsite", "r@example.net"], b"") == (
+        64, "qmgr-sendmail: fatal: flush site requires no recipient\n")
+    assert sendmail(confdir, ["-B", "BINARYMIME", "r@example.net"], b"") == (
+        64, "qmgr-sendmail: fatal: -B option needs 8BITMIME or 7BIT\n")
+    err = io.StringIO()
+    code = run(["-C", str(confdir / "main.cf"), "-r", "old@example.org", "-B8BITMIME",
+                "r@example.net"], io.BytesIO(b"Subject: s\n\nx\n"), err)
+    assert code == 0, err.getvalue()
+    msg = only_message(confdir)[1]
+    assert (msg.sender, [r.address for r in msg.recipients]) == (
+        "old@example.org", ["r@example.net"])
