@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import re
+import socket
+import struct
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -584,3 +586,28 @@ def test_nothing_after_quit_or_hangup_is_done(tmp_path: Path) -> None:
     text = (tmp_path / "maillog").read_text()
     assert "disconnect from localhost[127.0.0.1] ehlo=1 quit=1 commands=2\n" in text
     assert "disconnect from localhost[127.0.0.1] ehlo=1 unknown=0/2 commands=1/3\n" in text
+
+
+def test_reset_mid_data_logs_pipelined_bytes_and_failed_data(host: Host) -> None:
+    """A client that pipelines its message content with DATA and then resets the
+    connection: the lost-connection line counts the content it sent (Postfix: the
+    bytes of message content read), and the disconnect line counts the DATA cut off
+    as failed (data=0/1), also when the reset arrives before the DATA command ends."""
+    content = b"Subject: cut\r\n\r\n" + b"z" * 3000  # no end of data
+
+    async def script(c: Client) -> None:
+        assert (await c.reply()).startswith("220 ")
+        c.writer.write(b"EHLO x.example\r\nMAIL FROM:<a@far.example>\r\n"
+                       b"RCPT TO:<b@localhost>\r\nDATA\r\n" + content)
+        for _ in range(3):
+            await c.reply()
+        assert (await c.reply()).startswith("354 ")
+        sock = c.writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        c.writer.transport.abort()  # RST: no EOF first
+
+    run(host, script)
+    assert not host.queued
+    text = maillog(host)
+    assert f"lost connection after DATA ({len(content)} bytes)" in text
+    assert "ehlo=1 mail=1 rcpt=1 data=0/1 commands=3/4" in text

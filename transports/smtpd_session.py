@@ -249,6 +249,7 @@ class SmtpdSession(SMTP):
         self._rearm_at = 0.0  # in DATA: when smtpd_timeout is rearmed next (data_received)
         self._rearm_every = min(1.0, host.params.timeout / 10)  # seconds
         self._in_cmd = False
+        self._cmd_name = ""  # the command in progress (its stats entry)
         self._cmd_error = False
         self._greeted = False
         self._registered = False
@@ -337,6 +338,11 @@ class SmtpdSession(SMTP):
         if self._ended:
             return
         self._ended = True
+        if self._in_cmd:
+            # the connection was reset before the command ended (no EOF first, so the
+            # command is not cancelled yet): it failed, as in Postfix's disconnect line
+            self._in_cmd = False
+            self._bump(self._cmd_name, False)
         if self.reason is None:
             self.reason = "lost connection"
         if self.reason and self.where:
@@ -461,14 +467,15 @@ class SmtpdSession(SMTP):
                 return
             p = self.params
             self.where = name
-            self._in_cmd, self._cmd_error = True, False
+            self._in_cmd, self._cmd_error, self._cmd_name = True, False, lname
             done = False  # a command cut off (the client gone mid-DATA) failed: data=0/1
             try:
                 await method(arg)
                 done = True
             finally:
+                if self._in_cmd:  # else connection_lost has counted it (failed)
+                    self._bump(lname, done and not self._cmd_error)
                 self._in_cmd = False
-                self._bump(lname, done and not self._cmd_error)
                 if self._cmd_error:
                     self.error_count += 1
                 if name in _JUNK:
@@ -699,7 +706,9 @@ class SmtpdSession(SMTP):
             return
         await self._say("354 End data with <CR><LF>.<CR><LF>")
         self.where = WHERE_DATA
-        self.data_bytes = 0  # data_received counts them and rearms smtpd_timeout
+        # data_received counts what comes from now on (and rearms smtpd_timeout); the
+        # content the client pipelined with DATA is already in the reader's buffer
+        self.data_bytes = len(getattr(self._reader, "_buffer", b""))
         self._rearm_at = self.loop.time() + self._rearm_every
         data = await read_data(self._reader, self.params.message_size_limit, _no_progress)
         self.where = WHERE_EOM
