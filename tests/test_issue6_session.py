@@ -611,3 +611,15 @@ def test_reset_mid_data_logs_pipelined_bytes_and_failed_data(host: Host) -> None
     text = maillog(host)
     assert f"lost connection after DATA ({len(content)} bytes)" in text
     assert "ehlo=1 mail=1 rcpt=1 data=0/1 commands=3/4" in text
+
+
+def test_blank_command_line_is_bad_syntax(host: Host) -> None:
+    """Postfix's smtpd answers a line with no command word (empty or white space only)
+    ``500 5.5.2 Error: bad syntax``, not 502."""
+    async def script(c: Client) -> None:
+        await greet(c)
+        assert await c.cmd(b"\r\n") == "500 5.5.2 Error: bad syntax"
+        assert await c.cmd(b"   \r\n") == "500 5.5.2 Error: bad syntax"
+        assert await c.cmd("QUIT") == "221 2.0.0 Bye"
+
+    run(host, script)

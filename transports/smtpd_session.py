@@ -509,6 +509,9 @@ class SmtpdSession(SMTP):
                                 count=False)
                 self._hangup("")
                 return
+            if not name.strip():  # a line of white space: Postfix finds no command word
+                await self._say("500 5.5.2 Error: bad syntax")
+                return
             await self._say("502 5.5.2 Error: command not recognized")
         return run
 
