@@ -101,6 +101,42 @@ def test_extract_recipients(env: Env) -> None:
         assert not any(x.startswith(b"Bcc") for x in qf.iter_lines())
 
 
+def test_bad_names_and_non_regular_files_warned_once_and_left(env: Env,
+                                                              maillog: Path) -> None:
+    """Postfix's mail_open_ok(): a bad name, a symbolic link, a FIFO, a directory are
+    warned about (once per scan) and left; a file with two links is warned about and
+    picked up; a temporary name of a file being created is passed over in silence."""
+    drop = Path(env.spool.queue_path("maildrop"))
+    env.raw_maildrop([(b"S", b"a"), (b"R", b"b"), (b"M", b""), (b"X", b""), (b"E", b"")])
+    (env.dir / "elsewhere").write_text("x")
+    link = env.raw_maildrop([(b"S", b"a"), (b"R", b"b"), (b"M", b""), (b"X", b""),
+                             (b"E", b"")])
+    os.unlink(drop / link)
+    os.symlink(env.dir / "elsewhere", drop / link)
+    fifo = env.raw_maildrop([(b"S", b"a")])
+    os.unlink(drop / fifo)
+    os.mkfifo(drop / fifo)
+    os.mkdir(drop / "A")
+    (drop / "junk").write_text("x")
+    (drop / "123456.789").write_text("x")  # Spool.create's temporary name
+    two = env.raw_maildrop([(b"S", b"a"), (b"R", b"c"), (b"M", b""), (b"X", b""),
+                            (b"E", b"")])
+    os.link(drop / two, env.dir / "second-link")
+    assert env.scan() == 2  # the first file and two; a second pass warns no more
+    left = sorted([link, fifo, "A", "junk", "123456.789"])
+    assert env.ls("maildrop") == left
+    lines = [x.split(": ", 1)[1] for x in maillog.read_text().splitlines()
+             if "warning:" in x]
+    assert sorted(lines) == sorted([
+        "warning: bad file name: maildrop/A",
+        "warning: bad file name: maildrop/junk",
+        f"warning: {drop}/{link}: uid {os.getuid()}: not a regular file",
+        f"warning: {drop}/{fifo}: uid {os.getuid()}: not a regular file",
+        f"warning: {drop}/{two}: uid {os.getuid()}: file has 2 links"])
+    assert (env.dir / "elsewhere").read_text() == "x"
+    assert env.scan() == 0 and env.ls("maildrop") == left
+
+
 def test_not_ready_and_junk_skipped(env: Env) -> None:
     qid = env.raw_maildrop([(b"S", b"a"), (b"R", b"b"), (b"M", b""), (b"X", b""), (b"E", b"")],
                            mode=0o600)

@@ -5,8 +5,14 @@ Summary
     and by the master's wakeup timer, 60 s in the default master.cf). Each wakeup scans
     maildrop/ until a pass finds nothing more to do, like Postfix's pickup_service:
 
-    * files that are not ready (mode without owner x: still being written), non-regular
-      files and names that are not queue ids are skipped;
+    * files that are not ready (mode without owner x: still being written) are skipped;
+      so are names that are not queue ids (``warning: bad file name: maildrop/<name>``)
+      and entries that are not regular files - a symbolic link, FIFO or directory
+      (``warning: <path>: uid <uid>: not a regular file``); a file with more than one
+      link is taken with ``warning: <path>: uid <uid>: file has <n> links``, as
+      Postfix's mail_open_ok() says these (each once per scan; sendmail's short-lived
+      ``<usec>.<pid>`` temporary names are passed over in silence). maildrop/ is read
+      flat, as Postfix's pickup does (it is never hashed);
     * each ready file is read strictly (qmgrd.spool.maildrop.read_maildrop): any
       record-level error, wrong type for its segment, unknown attribute, missing sender
       or E -> the file is moved to corrupt/ (removed if that fails) with
@@ -54,6 +60,7 @@ from qmgrd.spool.cleanup import Cleanup, CleanupError, truncate_headers
 from qmgrd.spool.envelope import Envelope
 from qmgrd.spool.maildrop import MaildropError, MaildropMessage, read_maildrop
 from qmgrd.spool.queue import Spool
+from qmgrd.spool.queueid import valid_id
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -164,14 +171,58 @@ def pickup_file(cfg: Config, spool: Spool, cleanup: Cleanup, name: str) -> bool:
     return True
 
 
+def _temporary(name: str) -> bool:
+    """``<usec>.<pid>``: Spool.create's name for a file it is about to link."""
+    usec, dot, pid = name.partition(".")
+    return bool(dot) and usec.isdigit() and pid.isdigit()
+
+
+def maildrop_names(spool: Spool, warned: set[str]) -> list[str]:
+    """The ready files of maildrop/ (flat), as Postfix's mail_open_ok() lets pickup open
+    them: a bad name or an entry that is not a regular file is warned about (the first
+    time its name is not in ``warned``, to which it is added) and left out; a file
+    with more than one link is warned about and kept. Nothing when maildrop/ is
+    missing; other OSErrors of reading the directory propagate."""
+    names: list[str] = []
+    try:
+        it = os.scandir(spool.queue_path("maildrop"))
+    except (FileNotFoundError, NotADirectoryError):
+        return names
+    with it:
+        for entry in it:
+            name = entry.name
+            if not valid_id(name):
+                if not _temporary(name) and name not in warned:
+                    warned.add(name)
+                    log.warning(f"bad file name: maildrop/{name}")
+                continue
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                if name not in warned:
+                    warned.add(name)
+                    log.warning(f"{entry.path}: uid {st.st_uid}: not a regular file")
+                continue
+            if not Spool.is_ready(st):
+                continue
+            if st.st_nlink > 1 and name not in warned:
+                warned.add(name)
+                log.warning(f"{entry.path}: uid {st.st_uid}: file has {st.st_nlink} links")
+            names.append(name)
+    return names
+
+
 def pickup_scan(cfg: Config, spool: Spool, cleanup: Cleanup,
                 stopping: Callable[[], bool] | None = None) -> int:
     """Scan maildrop/ until a pass removes nothing, or until ``stopping()`` is True
     (asked before each file); return how many files were removed."""
     total = 0
+    warned: set[str] = set()
     for _ in range(_MAX_PASSES):
         count = 0
-        for name in list(spool.scan("maildrop")):
+        for name in maildrop_names(spool, warned):
             if stopping is not None and stopping():
                 return total + count
             if pickup_file(cfg, spool, cleanup, name):
