@@ -256,9 +256,8 @@ class SmtpdSession(SMTP):
         self._count = 0
         self._ended = False
         table = _Commands(self._unknown)
-        names = ["HELO", "EHLO", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "VRFY", "QUIT", "AUTH"]
-        if tls is not None:
-            names.append("STARTTLS")
+        names = ["HELO", "EHLO", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "VRFY", "QUIT", "AUTH",
+                 "STARTTLS"]
         for name in names:
             table[name] = self._wrap(name, getattr(self, f"cmd_{name.lower()}"))
         self._smtp_methods = table
@@ -552,10 +551,13 @@ class SmtpdSession(SMTP):
                           for i, w in enumerate(words)])
 
     async def cmd_starttls(self, arg: str | None) -> None:
-        if self.tls_on:
-            await self._say("554 5.5.1 Error: TLS already active")
-        elif arg:
+        # Postfix's starttls_cmd, in its order: syntax, TLS already on, TLS not offered
+        if arg:
             await self._say("501 5.5.4 Syntax: STARTTLS")
+        elif self.tls_on:
+            await self._say("554 5.5.1 Error: TLS already active")
+        elif self.tls_context is None or "starttls" in self.params.discard_ehlo:
+            await self._say("502 5.5.1 Error: command not implemented")
         else:
             await super().smtp_STARTTLS(arg or "")
 
