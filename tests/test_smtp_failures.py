@@ -27,8 +27,9 @@ from qmgrd.spool.envelope import DSN_NOTIFY_DELAY, DSN_NOTIFY_FAILURE, DSN_RET_H
 from transports.smtp import SmtpAgent
 
 # A scripted SMTP peer in its own process. Steps: "<" read one command line, "<." read
-# message data up to the lone dot, "!close" close the connection, anything else is sent
-# as a reply (with CRLF). Everything read is written as JSON to OUT when the script ends.
+# message data up to the lone dot, "!close" close the connection, "!raw:TEXT" send TEXT
+# as it is (no CRLF added), anything else is sent as a reply (with CRLF). Everything
+# read is written as JSON to OUT when the script ends.
 PEER = r"""
 import json, os, socket, sys
 port, steps, out = int(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
@@ -50,8 +51,10 @@ for step in steps:
         got.append(data.decode("utf-8", "replace"))
     elif step == "!close":
         break
+    elif step.startswith("!raw:"):
+        conn.sendall(step[5:].encode("utf-8", "surrogateescape"))
     else:
-        conn.sendall(step.encode() + b"\r\n")
+        conn.sendall(step.encode("utf-8", "surrogateescape") + b"\r\n")
 f.close()
 conn.close()
 srv.close()
@@ -169,6 +172,60 @@ def test_garbage_reply_defers_never_bounces(env: Env, peers: list[ScriptedPeer],
     assert "malformed reply" in reason
     assert repr(steps[-1]) in reason  # quoted whole, as the peer sent it
     assert env.undone(qid) == ["bob@example.net"]
+
+
+RCPT_STEPS = ["220 peer.test ESMTP", "<", EHLO_OK, "<", "250 2.1.0 Ok", "<"]
+DOT_STEPS = FULL[:9] + ["<."]
+
+
+@pytest.mark.parametrize("steps", [
+    RCPT_STEPS + ["550_5.1.1 no such user", "<"],  # no separator after the code
+    RCPT_STEPS + ["5500 5.1.1 no such user", "<"],  # four digits
+    RCPT_STEPS + ["550-5.1.1 no\r\n550\t5.1.1 such user", "<"],  # a bad last line
+    DOT_STEPS + ["250_2.0.0 queued"],  # not taken as the message accepted either
+])
+def test_a_code_without_its_separator_is_malformed(env: Env, peers: list[ScriptedPeer],
+                                                   tmp_path: Path, steps: list[str]) -> None:
+    """Postfix smtp_chat_resp(): a reply line is three digits and then "-", a space or
+    its end; anything else is garbage, never a rejection (a bounce) or an acceptance."""
+    p = script(peers, tmp_path, steps)
+    qid, reply = deliver(env, f"[127.0.0.1]:{p.port}")
+    assert reply.status == 1 and reply.dsn_status == "4.5.0", env.log()
+    assert "malformed reply" in deferred_reason(env, qid)
+    assert env.undone(qid) == ["bob@example.net"]
+
+
+@pytest.mark.parametrize(("steps", "phase"), [
+    (RCPT_STEPS + ["!raw:550 5.1.1 no such user"], "sending RCPT TO"),
+    (DOT_STEPS + ["!raw:250 2.0.0 Ok: queued"],
+     "sending end of data -- message may be sent more than once"),
+    (["220 peer.test", "<", "!raw:250-peer.test\r\n250 SIZE"],
+     "performing the EHLO handshake"),
+])
+def test_a_reply_cut_short_by_the_end_of_the_connection_is_lost(
+        env: Env, peers: list[ScriptedPeer], tmp_path: Path, steps: list[str],
+        phase: str) -> None:
+    """Postfix smtp_get(): EOF within a line is a lost connection, not a reply: a 550
+    without its line end does not bounce (nor a 250 deliver)."""
+    p = script(peers, tmp_path, [*steps, "!close"])
+    qid, reply = deliver(env, f"[127.0.0.1]:{p.port}")
+    assert reply.status == 1 and reply.dsn_status == "4.4.2", env.log()
+    assert deferred_reason(env, qid) == f"lost connection with 127.0.0.1[127.0.0.1] while {phase}"
+
+
+def test_control_characters_in_a_reply_are_not_logged(env: Env, peers: list[ScriptedPeer],
+                                                      tmp_path: Path) -> None:
+    """Postfix printable(): NUL, ESC and bytes that are not UTF-8 in a server's reply
+    become "?" in the log and the bounce; UTF-8 text is kept."""
+    p = script(peers, tmp_path, RCPT_STEPS + [
+        "550 5.1.1 bad\0user \x1b[31m\udcff caf\u00e9", "<"])
+    qid, reply = deliver(env, f"[127.0.0.1]:{p.port}")
+    assert reply.status == 0, env.log()
+    ((_, dsn),) = statuslog.read(env.spool, "bounce", qid)
+    want = "550 5.1.1 bad?user ?[31m? caf\u00e9"
+    assert dsn.reason == f"host 127.0.0.1[127.0.0.1] said: {want} (in reply to RCPT TO command)"
+    assert f"status=bounced (host 127.0.0.1[127.0.0.1] said: {want} " in env.log()
+    assert "\0" not in env.log() and "\x1b" not in env.log()
 
 
 @pytest.mark.parametrize(("cut", "phase"), [

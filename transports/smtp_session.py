@@ -8,8 +8,12 @@ Summary
     timeout of that phase. The session drives a non-blocking socket with the running
     loop's ``sock_*`` calls, so one agent process carries many sessions at once
     (transports.smtp). Replies are read as smtplib reads them (lines of at most 8192
-    bytes, ``250-`` continuation lines, the text after the code and one separator) and the
-    EHLO keywords are kept in ``features``. Failures of the session itself are raised as
+    bytes, ``250-`` continuation lines, the text after the code and one separator), but
+    as strictly as Postfix's smtp_chat_resp() parses them: a line is three digits and
+    then ``-``, a space or its end (``250_ok`` or ``5500 no`` is no reply), a last line
+    cut short by the end of the connection is no reply (smtp_get(): lost connection),
+    and control characters and bytes that are not UTF-8 in the text become ``?``
+    (printable()); the EHLO keywords are kept in ``features``. Failures of the session itself are raised as
     SmtpFailure with ``site=True`` and Postfix's wording:
 
     * ``connect to H[ip]:port: Connection refused`` (4.4.1)
@@ -79,6 +83,10 @@ _MAXLINE = 8192  # bytes in one reply line, as smtplib
 _TEXT_LIMIT = 2048  # bytes of a reply's text kept (Postfix: line_length_limit), lines beyond
 _YIELD_LINES = 32  # reply lines read between turns given to the other deliveries
 _ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?=\s|\Z)")
+# a reply line: three digits, then "-" (more lines follow), " " or the line's end
+# (Postfix smtp_chat_resp(); "250_ok" and "5500 no" are garbage, not a 250 or a 550)
+_CODE = re.compile(rb"(\d{3})(?:[- ]|\r?\n|\Z)")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f\ufffd]")
 
 
 @dataclass
@@ -168,6 +176,13 @@ def _timed_out(exc: BaseException) -> bool:
             return True
         seen = seen.__cause__ or seen.__context__
     return False
+
+
+def _printable(raw: bytes) -> str:
+    """Reply text as Postfix's printable() leaves it: control characters (NUL, CR, ESC
+    ...) and bytes that are not UTF-8 become "?", so that no server writes them into
+    the log or a bounce."""
+    return _CONTROL.sub("?", raw.decode("utf-8", "replace"))
 
 
 def _too_long(buf: bytearray) -> str:
@@ -318,7 +333,9 @@ class SmtpSession:
             raise self._lost(exc, phase) from None
 
     async def _readline(self) -> bytes:
-        """One reply line with its line end; b"" at EOF. ValueError: over _MAXLINE."""
+        """One reply line with its line end; b"" at EOF, also when the peer closed the
+        connection within a line (Postfix smtp_get(): "Don't allow data that was
+        truncated because of EOF"). ValueError: over _MAXLINE."""
         buf = self._buf
         while True:
             end = buf.find(b"\n")
@@ -332,10 +349,9 @@ class SmtpSession:
                 raise ValueError(_too_long(buf))
             assert self.sock is not None and self._loop is not None
             chunk = await self._loop.sock_recv(self.sock, 65536)
-            if not chunk:
-                line = bytes(buf)
+            if not chunk:  # EOF, also within a line: no reply (Postfix smtp_get())
                 buf.clear()
-                return line
+                return b""
             buf += chunk
 
     async def reply(self, timeout: float, phase: str, reply_to: str) -> Reply:
@@ -366,11 +382,11 @@ class SmtpSession:
                     if count % _YIELD_LINES == 0:
                         await asyncio.sleep(0)
                     if kept < _TEXT_LIMIT or raw[3:4] != b"-":  # the last line always
-                        text = raw[4:].strip(b" \t\r\n").decode("utf-8", "replace")
+                        text = _printable(raw[4:].strip(b" \t\r\n"))
                         lines.append(text)
                         kept += len(text) + 1
-                    head = raw[:3]
-                    code = int(head) if head.isdigit() and len(head) == 3 else -1
+                    m = _CODE.match(raw)
+                    code = int(m.group(1)) if m else -1
                     if code < 0 or raw[3:4] != b"-":
                         break
         except ValueError as exc:  # reply line too long
