@@ -572,3 +572,23 @@ def test_helo_after_a_4xx_ehlo_but_not_after_421(env: Env, peers: list[ScriptedP
     assert deferred_reason(env, qid2) == ("host 127.0.0.1[127.0.0.1] refused to talk to "
                                           "me: 421 4.3.2 closing")
     assert not any(line.startswith("HELO") for line in p2.received())
+
+
+@pytest.mark.parametrize(("ehlo", "status", "reason"), [
+    (EHLO_OK, "4.7.4", "TLS is required, but was not offered by host 127.0.0.1[127.0.0.1]"),
+    ("250-peer.test\r\n250 STARTTLS", "4.7.5",
+     "TLS is required, but our TLS engine is unavailable"),
+])
+def test_required_tls_defers_and_sends_nothing_in_the_clear(
+        tmp_path: Path, peers: list[ScriptedPeer], ehlo: str, status: str,
+        reason: str) -> None:
+    """smtp_tls_security_level = encrypt: this client has no TLS, so it does what
+    Postfix's smtp_helo() does when TLS cannot be had: a soft site failure after EHLO,
+    never MAIL FROM in plain text."""
+    env = make_env(tmp_path, smtp_helo_timeout="2s", smtp_tls_security_level="encrypt")
+    p = script(peers, tmp_path, ["220 peer.test ESMTP", "<", ehlo, "<"])
+    qid, reply = deliver(env, f"[127.0.0.1]:{p.port}")
+    assert reply.status == 1 and reply.hop_failed and reply.dsn_status == status, env.log()
+    assert deferred_reason(env, qid) == reason
+    assert not any(line.startswith("MAIL") for line in p.received())
+    assert f"relay=127.0.0.1[127.0.0.1]:{p.port}," in env.log()

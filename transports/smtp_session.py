@@ -37,6 +37,13 @@ Summary
       (``best_mx``: a ``[host]`` nexthop's addresses all are), else 4.4.6 (a backup MX:
       try the next one). The HELO reply is not checked (Postfix parses only EHLO's).
 
+    TLS: this client never sends STARTTLS (``may``, ``dane`` and ``none`` all deliver
+    in the clear, as Postfix's ``may`` does when the handshake cannot be made). At a
+    level that requires TLS (``smtp_tls_security_level`` in TLS_REQUIRED) the session
+    fails after EHLO/HELO, soft, with Postfix's words: ``TLS is required, but was not
+    offered by host H[ip]`` (4.7.4), or, STARTTLS offered, ``TLS is required, but our
+    TLS engine is unavailable`` (4.7.5): such mail is deferred, never sent in the clear.
+
     Connection reuse (transports.smtp_cache): a session records when it was opened
     (``created``, monotonic seconds), how often it was reused (``reuse_count``), whether
     the message content was sent in the current transaction (``committed``) and whether
@@ -55,6 +62,7 @@ Public API
                                     .committed, .dead, .relay (relay= text, conn_use=N);
                                     .nexthop, .best_mx (loop detection, set before open)
     SMTP_PORT                       25: the port on which loops are looked for
+    TLS_REQUIRED                    smtp_tls_security_level values that require TLS
     Reply(code, lines)              .text (Postfix's one-line form), .dsn (x.y.z)
     SmtpFailure(status, reason, *, site, reply=None, mta="")   .dsn() -> Dsn
 Logs the two loop warnings above.
@@ -75,9 +83,12 @@ from qmgrd.spool.statuslog import Dsn
 from transports.agent import make_dsn
 from transports.smtp_dns import Address
 
-__all__ = ["SMTP_PORT", "Reply", "SmtpFailure", "SmtpParams", "SmtpSession"]
+__all__ = ["SMTP_PORT", "TLS_REQUIRED", "Reply", "SmtpFailure", "SmtpParams", "SmtpSession"]
 
 SMTP_PORT = 25  # Postfix IPPORT_SMTP: loop detection happens on this port only
+# smtp_tls_security_level values at which Postfix never sends in the clear
+# (TLS_LEV_ENCRYPT and above; "dane" without TLSA records is opportunistic)
+TLS_REQUIRED = frozenset({"encrypt", "dane-only", "fingerprint", "verify", "secure"})
 
 _MAXLINE = 8192  # bytes in one reply line, as smtplib
 _TEXT_LIMIT = 2048  # bytes of a reply's text kept (Postfix: line_length_limit), lines beyond
@@ -264,13 +275,30 @@ class SmtpSession:
                             f"{p.myhostname}")
                 raise SmtpFailure("5.4.6" if self.best_mx else "4.4.6",
                                   f"mail for {self.nexthop} loops back to myself", site=True)
+            self._tls_check()
             return
         if reply.code != 421:  # Postfix smtp_helo(): any other refusal -> try HELO
             reply = await self.call(f"HELO {p.helo_name}", p.helo_timeout,
                                     "performing the HELO handshake", "HELO")
             if reply.code // 100 == 2:
+                self._tls_check()
                 return
         raise self._refused(reply, reply.dsn)
+
+    def _tls_check(self) -> None:
+        """This client has no TLS: at a security level that requires it, fail the
+        session as Postfix's smtp_helo() does when TLS cannot be had ("200412 ... When
+        TLS is required we must never, ever, end up in plain-text mode"), so that no
+        mail goes out in the clear: 4.7.4 when the server did not offer STARTTLS, else
+        4.7.5 (Postfix's words when its TLS engine is unavailable). Soft: the next
+        server is tried, the mail deferred after the last."""
+        if self.params.tls_security_level.strip().lower() not in TLS_REQUIRED:
+            return
+        if not self.has("starttls"):
+            raise SmtpFailure("4.7.4", "TLS is required, but was not offered by host "
+                                       f"{self.addr.namaddr}", site=True)
+        raise SmtpFailure("4.7.5", "TLS is required, but our TLS engine is unavailable",
+                          site=True)
 
     def _refused(self, reply: Reply, status: str) -> SmtpFailure:
         return SmtpFailure(status, f"host {self.addr.namaddr} refused to talk to me: "
