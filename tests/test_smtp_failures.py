@@ -27,11 +27,11 @@ from qmgrd.spool.envelope import DSN_NOTIFY_DELAY, DSN_NOTIFY_FAILURE, DSN_RET_H
 from transports.smtp import SmtpAgent
 
 # A scripted SMTP peer in its own process. Steps: "<" read one command line, "<." read
-# message data up to the lone dot, "!close" close the connection, "!raw:TEXT" send TEXT
-# as it is (no CRLF added), anything else is sent as a reply (with CRLF). Everything
-# read is written as JSON to OUT when the script ends.
+# message data up to the lone dot ("<.slow": 64 KiB every 0.02 s), "!close" close the
+# connection, "!raw:TEXT" send TEXT as it is (no CRLF added), anything else is sent as a
+# reply (with CRLF). Everything read is written as JSON to OUT when the script ends.
 PEER = r"""
-import json, os, socket, sys
+import json, os, socket, sys, time
 port, steps, out = int(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
 srv = socket.create_server(("127.0.0.1", port))
 print("ready", flush=True)
@@ -41,14 +41,19 @@ got = []
 for step in steps:
     if step == "<":
         got.append(f.readline().decode("utf-8", "replace"))
-    elif step == "<.":
-        data = b""
+    elif step in ("<.", "<.slow"):
+        parts = []
+        size = mark = 0
         while True:
             line = f.readline()
             if line in (b".\r\n", b""):
                 break
-            data += line
-        got.append(data.decode("utf-8", "replace"))
+            parts.append(line)
+            size += len(line)
+            if step == "<.slow" and size - mark >= 65536:
+                mark = size
+                time.sleep(0.02)
+        got.append(b"".join(parts).decode("utf-8", "replace"))
     elif step == "!close":
         break
     elif step.startswith("!raw:"):
@@ -592,3 +597,24 @@ def test_required_tls_defers_and_sends_nothing_in_the_clear(
     assert deferred_reason(env, qid) == reason
     assert not any(line.startswith("MAIL") for line in p.received())
     assert f"relay=127.0.0.1[127.0.0.1]:{p.port}," in env.log()
+
+
+def test_a_slow_but_steady_transfer_is_not_cut_off(tmp_path: Path,
+                                                   peers: list[ScriptedPeer]) -> None:
+    """smtp_data_xfer_timeout limits a transfer that makes no progress (Postfix: per
+    write), not the whole: 16 MB read at 64 KiB per 0.02 s (some 4 s beyond what the
+    socket buffers hold) gets through a 2 s limit."""
+    env = make_env(tmp_path, smtp_data_xfer_timeout="2s", smtp_data_done_timeout="10s",
+                   message_size_limit="0")
+    line = b"x" * 76
+    content = b"Subject: big\n\n" + b"\n".join([line] * 210_000) + b"\n"
+    qid = env.queue(["bob@example.net"], content)
+    steps = ["220 peer.test ESMTP", "<", "250-peer.test\r\n250 8BITMIME", *FULL[3:9],
+             "<.slow", *FULL[10:]]
+    p = script(peers, tmp_path, steps)
+    agent = SmtpAgent()
+    agent.configure(env.cfg, "smtp")
+    _, reply = round_trip(agent, env.request(qid, f"[127.0.0.1]:{p.port}"), env.ctx())
+    assert reply is not None and reply.status == 0, env.log()
+    assert "status=sent (250 2.0.0 Ok: queued as XYZ)" in env.log()
+    assert len(p.received()[4]) > 16_000_000

@@ -92,6 +92,7 @@ TLS_REQUIRED = frozenset({"encrypt", "dane-only", "fingerprint", "verify", "secu
 
 _MAXLINE = 8192  # bytes in one reply line, as smtplib
 _TEXT_LIMIT = 2048  # bytes of a reply's text kept (Postfix: line_length_limit), lines beyond
+_XFER_CHUNK = 65536  # bytes sent under one timeout: the timeouts are for no progress
 _YIELD_LINES = 32  # reply lines read between turns given to the other deliveries
 _ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?=\s|\Z)")
 # a reply line: three digits, then "-" (more lines follow), " " or the line's end
@@ -337,7 +338,11 @@ class SmtpSession:
 
     async def send(self, command: str | bytes | None, timeout: float, phase: str) -> None:
         """Send a command line (str, CRLF added), raw bytes, or several pipelined command
-        lines joined (bytes, RFC 2920), without reading a reply; ``timeout`` seconds.
+        lines joined (bytes, RFC 2920), without reading a reply. ``timeout`` seconds is
+        the limit without progress, not for the whole: each piece of _XFER_CHUNK bytes
+        has it anew (Postfix: a time limit per write system call, smtp_per_record_deadline
+        = no), so a large message to a slow but steady server is not cut off after
+        ``smtp_data_xfer_timeout`` seconds, only a transfer that stalls that long.
 
         Raises:
             SmtpFailure: lost connection or timeout (site-level).
@@ -354,9 +359,10 @@ class SmtpSession:
                 sent = sock.send(data)
             except (BlockingIOError, InterruptedError):
                 sent = 0
-            if sent < len(data):
+            rest = memoryview(data)[sent:]
+            for start in range(0, len(rest), _XFER_CHUNK):
                 async with asyncio.timeout(timeout or None):
-                    await loop.sock_sendall(sock, memoryview(data)[sent:])
+                    await loop.sock_sendall(sock, rest[start:start + _XFER_CHUNK])
         except (OSError, TimeoutError) as exc:
             raise self._lost(exc, phase) from None
 
