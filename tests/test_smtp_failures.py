@@ -618,3 +618,29 @@ def test_a_slow_but_steady_transfer_is_not_cut_off(tmp_path: Path,
     assert reply is not None and reply.status == 0, env.log()
     assert "status=sent (250 2.0.0 Ok: queued as XYZ)" in env.log()
     assert len(p.received()[4]) > 16_000_000
+
+
+def test_the_outcome_does_not_wait_for_the_reply_to_quit(peers: list[ScriptedPeer],
+                                                          tmp_path: Path) -> None:
+    """A server that accepts the message and never answers QUIT: the recipient is
+    marked done and logged sent at once (Postfix smtp_rcpt_done()), not after
+    smtp_quit_timeout, so that an agent stopped meanwhile cannot deliver it twice."""
+    import asyncio
+
+    env = make_env(tmp_path, smtp_quit_timeout="120s")  # QUIT would be waited for so long
+    p = script(peers, tmp_path, FULL[:-1] + ["<"])  # reads QUIT, answers nothing
+    qid = env.queue(["bob@example.net"])
+    agent = SmtpAgent()
+    agent.configure(env.cfg, "smtp")
+
+    async def run() -> DeliverStatus:
+        nexthop = f"[127.0.0.1]:{p.port}"
+        reply = asyncio.ensure_future(agent.handle_async(env.request(qid, nexthop)))
+        done, _ = await asyncio.wait({reply}, timeout=30)
+        assert done, "no outcome while the server keeps its answer to QUIT"
+        assert env.undone(qid) == [] and "status=sent" in env.log()
+        await agent.timer_async(True)  # the agent exits: the QUIT is given up
+        return reply.result()
+
+    assert asyncio.run(run()).status == 0
+    assert p.received()[-1] == ""  # QUIT read, then the connection closed by us

@@ -89,7 +89,11 @@ Summary
     ``smtp_connection_reuse_count_limit``; idle ones get QUIT after
     ``smtp_connection_cache_time_limit`` (the skeleton's timer hook, see :func:`main`)
     and when the agent exits (max_use, max_idle, SIGTERM, master gone). Sessions are
-    keyed with the HELO name and TLS level, so no session crosses policies.
+    keyed with the HELO name and TLS level, so no session crosses policies. A session
+    not kept gets its QUIT in the background: the delivery's outcome is reported (the
+    recipients marked done) without waiting for the server's 221, as Postfix's
+    smtp_rcpt_done() marks them when the message is accepted; QUITs still waiting when
+    the agent exits get at most 2 s.
 
     The session itself (timeouts, Postfix's failure wording) is transports.smtp_session.
     dnspython and the executor are imported at module import time and the resolver reads
@@ -265,6 +269,7 @@ class SmtpAgent(DeliveryAgent):
         self.cache_destinations = CacheDestinations([])
         self.process_limit = 1
         self.relayhost = ""  # main.cf's relayhost, as the qmgr's resolver uses it
+        self._quits: set[asyncio.Task[None]] = set()  # QUITs after deliveries, in progress
         self._loop: asyncio.AbstractEventLoop | None = None  # the synchronous facade's
 
     def setup(self) -> None:
@@ -328,11 +333,29 @@ class SmtpAgent(DeliveryAgent):
 
     async def _release(self, sess: SmtpSession, dest: Key | None, store: bool) -> None:
         """Done with ``sess`` after a clean transaction: keep it in the cache (``store``,
-        under ``dest`` and its address) or QUIT and close it."""
+        under ``dest`` and its address) or QUIT and close it - in the background: the
+        delivery's outcome is recorded now, not after the server's answer to QUIT
+        (up to ``smtp_quit_timeout``, 300 s). Postfix's smtp(8) marks a recipient done
+        in the queue file as soon as the message is accepted (smtp_rcpt_done()), so a
+        server that accepts the mail and never answers QUIT can neither hold its
+        status back nor, if the agent is stopped meanwhile, have it delivered twice."""
         if store and await self.cache.store(sess, dest,
                                             endpoint_key(sess.addr, self._policy())):
             return
-        await sess.quit()
+        task = asyncio.get_running_loop().create_task(sess.quit())
+        self._quits.add(task)
+        task.add_done_callback(self._quits.discard)
+
+    async def _end_quits(self, limit: float | None) -> None:
+        """Wait for the QUITs in progress, at most ``limit`` seconds (None: no limit),
+        then close what is left without its reply."""
+        if not self._quits:
+            return
+        pending = set(self._quits)
+        _done, late = await asyncio.wait(pending, timeout=limit)
+        for task in late:
+            task.cancel()
+        await asyncio.gather(*late, return_exceptions=True)
 
     def _policy(self) -> tuple[str, ...]:
         """What must match for a cached session to be shared (never across policies)."""
@@ -351,7 +374,8 @@ class SmtpAgent(DeliveryAgent):
         """The multi_server timer hook: QUIT idle cached sessions (all of them when
         ``final``: the agent exits); the seconds until the next is due, or None."""
         if final:
-            await self.cache.close_all()
+            await asyncio.gather(self.cache.close_all(),
+                                 self._end_quits(min(2.0, self.params.quit_timeout)))
             return None
         return await self.cache.expire()
 
@@ -365,6 +389,8 @@ class SmtpAgent(DeliveryAgent):
         try:
             return self._loop.run_until_complete(coro)
         finally:
+            # one request at a time: its QUIT ends before the call returns
+            self._loop.run_until_complete(self._end_quits(None))
             if not len(self.cache):  # nothing for the loop to keep watching
                 self._loop.close()
                 self._loop = None

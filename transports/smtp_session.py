@@ -490,14 +490,15 @@ class SmtpSession:
 
     async def quit(self, timeout: float | None = None) -> None:
         """Send QUIT (errors ignored) and close; ``timeout`` seconds (default
-        ``smtp_quit_timeout``) for the exchange."""
-        if self.sock is not None and not self.dead:
-            try:
+        ``smtp_quit_timeout``) for the exchange; closed also when cancelled."""
+        try:
+            if self.sock is not None and not self.dead:
                 await self.call("QUIT", self.params.quit_timeout if timeout is None
                                 else timeout, "sending QUIT", "QUIT")
-            except SmtpFailure:
-                pass
-        self.close()
+        except SmtpFailure:
+            pass
+        finally:
+            self.close()
 
     def close(self) -> None:
         """Close the connection (idempotent); the session is dead from then on."""
