@@ -644,3 +644,26 @@ def test_the_outcome_does_not_wait_for_the_reply_to_quit(peers: list[ScriptedPee
 
     assert asyncio.run(run()).status == 0
     assert p.received()[-1] == ""  # QUIT read, then the connection closed by us
+
+
+def test_a_refusal_sent_before_closing_mid_message_is_read(tmp_path: Path,
+                                                           peers: list[ScriptedPeer]) -> None:
+    """A server that refuses the message part way through (552, then closes): the
+    lost connection while sending is followed by a read of that reply, which decides,
+    as in Postfix's smtp_loop() (LOST_CONNECTION_INSIDE_DATA): a bounce with its DSN,
+    whatever the message's size, not a deferral that retries for days."""
+    env = make_env(tmp_path, smtp_data_done_timeout="10s", message_size_limit="0")
+    line = b"x" * 76
+    content = b"Subject: big\n\n" + b"\n".join([line] * 210_000) + b"\n"  # 16 MB
+    qid = env.queue(["bob@example.net"], content)
+    steps = ["220 peer.test ESMTP", "<", "250-peer.test\r\n250 8BITMIME", *FULL[3:9], "<",
+             "552 5.3.4 Message size exceeds fixed limit", "!close"]
+    p = script(peers, tmp_path, steps)
+    agent = SmtpAgent()
+    agent.configure(env.cfg, "smtp")
+    _, reply = round_trip(agent, env.request(qid, f"[127.0.0.1]:{p.port}"), env.ctx())
+    assert reply is not None and reply.status == 0, env.log()
+    ((_, dsn),) = statuslog.read(env.spool, "bounce", qid)
+    assert dsn.status == "5.3.4"
+    assert dsn.reason == ("host 127.0.0.1[127.0.0.1] said: 552 5.3.4 Message size exceeds "
+                          "fixed limit (in reply to end of DATA command)")

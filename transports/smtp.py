@@ -21,6 +21,10 @@ Summary
       2.0.0), the reason being the reply (``250 2.0.0 Ok: queued as X``); 4xx -> deferred
       and 5xx -> bounced, reason ``host H[ip] said: <reply> (in reply to <cmd> command)``.
       A 4xx from a server that is not the last one keeps the recipient for the next.
+      A connection lost while the message is being sent is followed by a read of what
+      the server said before it closed: its 4xx/5xx (``552 5.3.4 message too big``)
+      decides, as in Postfix; without one, ``lost connection ... while sending message
+      body`` defers.
     * Site-level failures (connection refused or timed out, a 4xx greeting, HELO
       refused with 4xx, lost connection, timeout, malformed reply) move on to the next
       address; if none is left the remaining recipients are deferred and the hop status
@@ -719,11 +723,20 @@ class SmtpAgent(DeliveryAgent):
                 self._reply_result(att, i, reply, sess, "DATA")
             return
         sess.committed = True  # from here on the server may have the message
-        reply = await sess.call(content + b".\r\n", p.data_xfer_timeout,
-                                "sending message body", "end of DATA",
-                                reply_timeout=p.data_done_timeout,
-                                reply_phase="sending end of data -- message may be sent "
-                                            "more than once")
+        try:
+            await sess.send(content + b".\r\n", p.data_xfer_timeout, "sending message body",
+                            keep_lost=True)
+        except SmtpFailure:
+            # the server may have said why before it closed (552 message too big): that
+            # reply decides, as in Postfix; else the lost connection is the failure
+            early = await sess.early_reply(p.data_done_timeout, "sending message body",
+                                           "end of DATA")
+            if early is None:
+                raise
+            reply = early
+        else:
+            reply = await sess.reply(p.data_done_timeout, "sending end of data -- message "
+                                     "may be sent more than once", "end of DATA")
         if reply.code // 100 != 2:
             for i in accepted:
                 self._reply_result(att, i, reply, sess, "end of DATA")

@@ -56,6 +56,7 @@ Public API
     SmtpSession(addr, params)       coroutines: .open(), .call(command, timeout, phase,
                                     reply_to, *, reply_timeout=None, reply_phase=""),
                                     .send(...), .reply(...), .quit(timeout=None),
+                                    .early_reply(timeout, phase, reply_to),
                                     .usable() -> bool, .pending_rset_reply();
                                     .has(feature), .size_limit(), .esmtp, .features,
                                     .close(), .sock, .created, .reuse_count,
@@ -336,13 +337,16 @@ class SmtpSession:
             return await self.reply(reply_timeout, reply_phase or phase, reply_to)
         return await self.reply(timeout, phase, reply_to)
 
-    async def send(self, command: str | bytes | None, timeout: float, phase: str) -> None:
+    async def send(self, command: str | bytes | None, timeout: float, phase: str, *,
+                   keep_lost: bool = False) -> None:
         """Send a command line (str, CRLF added), raw bytes, or several pipelined command
         lines joined (bytes, RFC 2920), without reading a reply. ``timeout`` seconds is
         the limit without progress, not for the whole: each piece of _XFER_CHUNK bytes
         has it anew (Postfix: a time limit per write system call, smtp_per_record_deadline
         = no), so a large message to a slow but steady server is not cut off after
         ``smtp_data_xfer_timeout`` seconds, only a transfer that stalls that long.
+        ``keep_lost``: a lost connection (not a timeout) leaves the socket open, so that
+        a reply the server sent before it closed can still be read (:meth:`early_reply`).
 
         Raises:
             SmtpFailure: lost connection or timeout (site-level).
@@ -364,7 +368,25 @@ class SmtpSession:
                 async with asyncio.timeout(timeout or None):
                     await loop.sock_sendall(sock, rest[start:start + _XFER_CHUNK])
         except (OSError, TimeoutError) as exc:
-            raise self._lost(exc, phase) from None
+            raise self._lost(exc, phase, close=not keep_lost or _timed_out(exc)) from None
+
+    async def early_reply(self, timeout: float, phase: str, reply_to: str) -> Reply | None:
+        """After the connection was lost while sending the message (``send(...,
+        keep_lost=True)``): the 4xx/5xx reply the server sent before it closed (e.g.
+        ``552 5.3.4 message too big`` part way through), read within ``timeout``
+        seconds, or None (nothing readable, or a reply that is not a refusal: a message
+        not sent whole is never taken as accepted). Postfix's smtp_loop() reads such a
+        reply too (LOST_CONNECTION_INSIDE_DATA) instead of deferring with "lost
+        connection ... while sending message body". The session is closed afterwards."""
+        if self.sock is None:
+            return None
+        try:
+            reply = await self.reply(timeout, phase, reply_to)
+        except SmtpFailure:
+            return None
+        finally:
+            self.close()
+        return reply if reply.code // 100 in (4, 5) else None
 
     async def _readline(self) -> bytes:
         """One reply line with its line end; b"" at EOF, also when the peer closed the
@@ -434,8 +456,9 @@ class SmtpSession:
             self.dead = True
         return Reply(code, lines)
 
-    def _lost(self, exc: BaseException, phase: str) -> SmtpFailure:
-        self.close()
+    def _lost(self, exc: BaseException, phase: str, close: bool = True) -> SmtpFailure:
+        if close:
+            self.close()
         if _timed_out(exc):
             return SmtpFailure("4.4.2", f"conversation with {self.addr.namaddr} timed out "
                                         f"while {phase}", site=True)
