@@ -667,3 +667,13 @@ def test_a_refusal_sent_before_closing_mid_message_is_read(tmp_path: Path,
     assert dsn.status == "5.3.4"
     assert dsn.reason == ("host 127.0.0.1[127.0.0.1] said: 552 5.3.4 Message size exceeds "
                           "fixed limit (in reply to end of DATA command)")
+
+
+def test_any_3xx_to_data_is_go_ahead(env: Env, peers: list[ScriptedPeer],
+                                     tmp_path: Path) -> None:
+    """Postfix smtp_loop(): DATA is refused when its reply is not 3xx (code / 100 != 3),
+    so a server's "350" (not the usual 354) still gets the message."""
+    p = script(peers, tmp_path, [*FULL[:8], "350 send it", *FULL[9:]])
+    qid, reply = deliver(env, f"[127.0.0.1]:{p.port}")
+    assert reply.status == 0, env.log()
+    assert env.undone(qid) == [] and "status=sent (250 2.0.0 Ok: queued as XYZ)" in env.log()

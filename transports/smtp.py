@@ -697,7 +697,7 @@ class SmtpAgent(DeliveryAgent):
                     else:
                         self._reply_result(att, i, rcpt_reply, sess, "RCPT TO")
             if not accepted:
-                if reply.code == 354:  # DATA went ahead without a recipient: end it empty
+                if reply.code // 100 == 3:  # DATA went ahead without a recipient: end it empty
                     await sess.call(b".\r\n", p.data_done_timeout, "sending end of data",
                                     "end of DATA")
                 return
@@ -718,7 +718,7 @@ class SmtpAgent(DeliveryAgent):
                 return
             reply = await sess.call("DATA", p.data_init_timeout, "sending DATA command",
                                     "DATA")
-        if reply.code != 354:
+        if reply.code // 100 != 3:  # any 3xx is "go ahead", as Postfix's smtp_loop() reads it
             for i in accepted:
                 self._reply_result(att, i, reply, sess, "DATA")
             return
