@@ -677,3 +677,16 @@ def test_any_3xx_to_data_is_go_ahead(env: Env, peers: list[ScriptedPeer],
     qid, reply = deliver(env, f"[127.0.0.1]:{p.port}")
     assert reply.status == 0, env.log()
     assert env.undone(qid) == [] and "status=sent (250 2.0.0 Ok: queued as XYZ)" in env.log()
+
+
+def test_a_reply_with_mixed_codes_is_quoted_as_sent(env: Env, peers: list[ScriptedPeer],
+                                                    tmp_path: Path) -> None:
+    """Lines of one reply with different codes (RFC 5321 forbids it): the last line's
+    code decides, as in Postfix, and the reason quotes each line with its own code."""
+    p = script(peers, tmp_path, RCPT_STEPS + ["250-2.1.5 fine\r\n550 5.1.1 not fine", "<"])
+    qid, reply = deliver(env, f"[127.0.0.1]:{p.port}")
+    assert reply.status == 0, env.log()
+    ((_, dsn),) = statuslog.read(env.spool, "bounce", qid)
+    assert dsn.status == "5.0.0"  # the first line's 2.1.5 is not of class 5
+    assert dsn.reason == ("host 127.0.0.1[127.0.0.1] said: 250-2.1.5 fine 550 5.1.1 not fine "
+                          "(in reply to RCPT TO command)")

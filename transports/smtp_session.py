@@ -104,16 +104,20 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f\ufffd]")
 
 @dataclass
 class Reply:
-    """One SMTP reply: the code and the text of each line (code stripped)."""
+    """One SMTP reply: the code (its last line's) and the text of each line (code
+    stripped); ``codes``: each line's own code, when the server's lines disagree."""
 
     code: int
     lines: list[str]
+    codes: list[int] = field(default_factory=list)
 
     @property
     def text(self) -> str:
-        """The reply as Postfix logs it: ``550-first line 550 last line`` on one line."""
+        """The reply as Postfix logs it: ``550-first line 550 last line`` on one line,
+        each line with the code the server gave it (Postfix quotes the lines as read)."""
         n = len(self.lines)
-        return " ".join(f"{self.code}{'-' if i < n - 1 else ' '}{ln}".rstrip()
+        codes = self.codes if len(self.codes) == n else [self.code] * n
+        return " ".join(f"{codes[i]}{'-' if i < n - 1 else ' '}{ln}".rstrip()
                         for i, ln in enumerate(self.lines))
 
     @property
@@ -422,6 +426,7 @@ class SmtpSession:
             SmtpFailure: lost connection, timeout, or a malformed reply (site-level).
         """
         lines: list[str] = []
+        codes: list[int] = []
         kept = 0
         count = 0
         code = -1
@@ -437,12 +442,13 @@ class SmtpSession:
                     count += 1
                     if count % _YIELD_LINES == 0:
                         await asyncio.sleep(0)
+                    m = _CODE.match(raw)
+                    code = int(m.group(1)) if m else -1
                     if kept < _TEXT_LIMIT or raw[3:4] != b"-":  # the last line always
                         text = _printable(raw[4:].strip(b" \t\r\n"))
                         lines.append(text)
+                        codes.append(code)
                         kept += len(text) + 1
-                    m = _CODE.match(raw)
-                    code = int(m.group(1)) if m else -1
                     if code < 0 or raw[3:4] != b"-":
                         break
         except ValueError as exc:  # reply line too long
@@ -454,7 +460,7 @@ class SmtpSession:
                                   or " ".join(lines))
         if code == 421:  # the server is closing the connection (RFC 5321 3.8)
             self.dead = True
-        return Reply(code, lines)
+        return Reply(code, lines, codes if any(c != code for c in codes) else [])
 
     def _lost(self, exc: BaseException, phase: str, close: bool = True) -> SmtpFailure:
         if close:
