@@ -470,3 +470,34 @@ def test_system_peer_closes_idle_cached_connections(mailsys: Any, tmp_path: Path
     log = ms.log()
     assert log.count("status=sent") == 20 and "status=deferred" not in log
     ms.stop()
+
+
+def test_eviction_does_not_wait_for_the_evicted_servers_quit() -> None:
+    """A full cache closes its oldest session to keep a new one: store() returns at
+    once, the QUIT (unanswered here) goes on in the background, so the delivery that
+    stores its session is not held up by another server's 221."""
+    async def check(a: socket.socket, peer_a: socket.socket, b: socket.socket) -> None:
+        params = SmtpParams(quit_timeout=60)
+        old = SmtpSession(Address("h", "127.0.0.1", 25), params)
+        old.sock, old._loop = a, asyncio.get_running_loop()
+        new = SmtpSession(Address("h2", "127.0.0.2", 25), params)
+        new.sock = b
+        cache = ConnCache(30, 300, 0, max_sessions=1, quit_timeout=60)
+        assert await cache.store(old, None, endpoint_key(old.addr, ("x", "")))
+        key = endpoint_key(new.addr, ("x", ""))
+        stored = asyncio.ensure_future(cache.store(new, None, key))
+        done, _ = await asyncio.wait({stored}, timeout=20)
+        assert done and stored.result(), "store() waited for the evicted session's QUIT"
+        loop = asyncio.get_running_loop()
+        assert await loop.sock_recv(peer_a, 100) == b"QUIT\r\n"
+        await loop.sock_sendall(peer_a, b"221 bye\r\n")
+        new.sock = None
+        await cache.close_all()  # the background QUIT is awaited
+        assert old.dead and old.sock is None
+
+    a, peer_a = socket.socketpair()
+    b, _peer_b = socket.socketpair()
+    with a, peer_a, b, _peer_b:
+        a.setblocking(False)
+        peer_a.setblocking(False)
+        asyncio.run(check(a, peer_a, b))

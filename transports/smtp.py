@@ -395,6 +395,7 @@ class SmtpAgent(DeliveryAgent):
         finally:
             # one request at a time: its QUIT ends before the call returns
             self._loop.run_until_complete(self._end_quits(None))
+            self._loop.run_until_complete(self.cache.evicted())
             if not len(self.cache):  # nothing for the loop to keep watching
                 self._loop.close()
                 self._loop = None

@@ -15,7 +15,8 @@ Summary
       already (0 = no limit; with a limit of N a connection carries up to N + 1
       transactions, as in Postfix). ``dest`` is None for a session that must only be
       found by its address (Postfix stores under the domain only sessions with the best
-      MX host). At most ``max_sessions`` are kept; the oldest is closed first.
+      MX host). At most ``max_sessions`` are kept; the oldest is closed first (its
+      QUIT in the background: store() does not wait for it).
     * ``take_dest(dest)`` / ``take_endpoint(endpoint)`` hand out the most recently
       stored matching session after SmtpSession.usable() (not closed by the peer, RSET
       answered 250) and count the reuse; a session that fails the check, or whose idle
@@ -41,6 +42,7 @@ Public API
         .take_endpoint(endpoint) -> SmtpSession | None
         .expire() -> float | None               seconds until the next expiry
         .close_all() -> None                    QUIT to all at once
+        .evicted() -> None                      the QUITs of evicted sessions done
     len(cache)
     dest_key(nexthop, policy) -> tuple; endpoint_key(addr, policy) -> tuple
     CacheDestinations(patterns: list[str])      .match(nexthop) -> bool; TableError
@@ -94,6 +96,7 @@ class ConnCache:
         self.quit_timeout = quit_timeout
         self.clock = clock
         self._entries: list[_Entry] = []
+        self._evicting: set[asyncio.Task[None]] = set()  # QUITs of evicted sessions
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -110,12 +113,13 @@ class ConnCache:
             return False
         if self.reuse_count_limit > 0 and sess.reuse_count >= self.reuse_count_limit:
             return False
-        evicted = []
         while len(self._entries) >= self.max_sessions:
-            evicted.append(self._entries.pop(0))
+            # QUIT in the background: the caller has a delivery whose outcome is not
+            # recorded yet, and it must not wait for another server's 221
+            task = asyncio.get_running_loop().create_task(self._quit(self._entries.pop(0)))
+            self._evicting.add(task)
+            task.add_done_callback(self._evicting.discard)
         self._entries.append(_Entry(sess, dest, endpoint, now + self.idle_limit))
-        for entry in evicted:
-            await self._quit(entry)
         return True
 
     async def take_dest(self, dest: Key) -> SmtpSession | None:
@@ -157,10 +161,15 @@ class ConnCache:
             return None
         return max(0.0, min(e.expires for e in self._entries) - now)
 
+    async def evicted(self) -> None:
+        """Wait for the QUITs of the sessions evicted by store() (each bounded by the
+        QUIT timeout)."""
+        await asyncio.gather(*self._evicting)
+
     async def close_all(self) -> None:
         """QUIT every cached session, all at once (the agent is about to exit)."""
         entries, self._entries = self._entries, []
-        await asyncio.gather(*(self._quit(entry) for entry in entries))
+        await asyncio.gather(*(self._quit(entry) for entry in entries), *self._evicting)
 
     async def _quit(self, entry: _Entry) -> None:
         await entry.sess.quit(min(self.quit_timeout, entry.sess.params.quit_timeout))
