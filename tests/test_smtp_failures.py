@@ -21,6 +21,7 @@ from test_agent_support import (
     round_trip,
 )
 
+from master import log
 from qmgrd.delivery import DeliverStatus
 from qmgrd.spool import statuslog
 from qmgrd.spool.envelope import DSN_NOTIFY_DELAY, DSN_NOTIFY_FAILURE, DSN_RET_HDRS, Recipient
@@ -492,15 +493,26 @@ def test_flooding_peer_holds_up_nothing_and_times_out(env: Env, peers: list[Scri
     assert done[flooded] - t0 < 10, "smtp_helo_timeout (2 s) did not end the flood"
 
 
-def test_overlong_reply_line_is_quoted_in_the_deferral(env: Env, peers: list[ScriptedPeer],
-                                                       tmp_path: Path) -> None:
-    p = script(peers, tmp_path, ["220 peer.test ESMTP", "<", "250 " + "y" * 9000])
-    qid, reply = deliver(env, f"[127.0.0.1]:{p.port}")
-    assert reply.status == 1 and reply.dsn_status == "4.5.0"
-    reason = deferred_reason(env, qid)
-    assert reason.startswith("host 127.0.0.1[127.0.0.1] sent a malformed reply 'line longer "
-                             "than 8192 bytes: 250 yyyy"), reason
-    assert reason.endswith("(in reply to EHLO command)")
+def test_overlong_reply_line_is_cut_warned_and_used(env: Env, peers: list[ScriptedPeer],
+                                                    tmp_path: Path) -> None:
+    """Postfix's smtp_chat_resp(): a reply line over line_length_limit (2048) is cut,
+    the rest read and dropped, a warning logged, and the reply used - an overlong 250
+    after the message is a delivery, not a deferral (and a duplicate at the retry)."""
+    path = tmp_path / "maillog"
+    log.setup("test", str(path))
+    try:
+        steps = list(FULL)
+        steps[steps.index("250 2.0.0 Ok: queued as XYZ")] = "250 2.0.0 Ok " + "y" * 9000
+        steps[steps.index("250 2.1.0 Ok")] = "250 2.1.0 " + "z" * 3000
+        p = script(peers, tmp_path, steps)
+        qid, reply = deliver(env, f"[127.0.0.1]:{p.port}")
+    finally:
+        log.close()
+    assert reply.status == 0, statuslog.read(env.spool, "defer", qid)
+    warnings = [x.split(": ", 1)[1] for x in path.read_text().splitlines() if "warning" in x]
+    head = f"warning: 127.0.0.1[127.0.0.1]:{p.port}: response longer than 2048: "
+    assert warnings == [head + "250 2.1.0 " + "z" * 20 + "...",
+                        head + "250 2.0.0 Ok " + "y" * 17 + "..."]
 
 
 # Postfix smtp_site_fail()/smtp_bulk_fail(): a hard (5xx) failure after the greeting

@@ -91,7 +91,8 @@ SMTP_PORT = 25  # Postfix IPPORT_SMTP: loop detection happens on this port only
 # (TLS_LEV_ENCRYPT and above; "dane" without TLSA records is opportunistic)
 TLS_REQUIRED = frozenset({"encrypt", "dane-only", "fingerprint", "verify", "secure"})
 
-_MAXLINE = 8192  # bytes in one reply line, as smtplib
+_LINE_LIMIT = 2048  # bytes of one reply line kept; the rest is read and dropped (Postfix:
+# smtp_get() with line_length_limit and SMTP_GET_FLAG_SKIP)
 _TEXT_LIMIT = 2048  # bytes of a reply's text kept (Postfix: line_length_limit), lines beyond
 _XFER_CHUNK = 65536  # bytes sent under one timeout: the timeouts are for no progress
 _YIELD_LINES = 32  # reply lines read between turns given to the other deliveries
@@ -202,9 +203,6 @@ def _printable(raw: bytes) -> str:
     return _CONTROL.sub("?", raw.decode("utf-8", "replace"))
 
 
-def _too_long(buf: bytearray) -> str:
-    start = bytes(buf[:80]).decode("utf-8", "replace").rstrip("\r\n")
-    return f"line longer than {_MAXLINE} bytes: {start}..."
 
 
 class SmtpSession:
@@ -395,18 +393,28 @@ class SmtpSession:
     async def _readline(self) -> bytes:
         """One reply line with its line end; b"" at EOF, also when the peer closed the
         connection within a line (Postfix smtp_get(): "Don't allow data that was
-        truncated because of EOF"). ValueError: over _MAXLINE."""
+        truncated because of EOF"). A line longer than _LINE_LIMIT bytes is cut there,
+        the rest of it read and dropped, with ``warning: <host>[<addr>]:<port>: response
+        longer than 2048: <its first 30 characters>...``, and used, as Postfix's
+        smtp_chat_resp() does (an overlong 250 after the message is still a 250)."""
         buf = self._buf
+        head: bytes | None = None  # the first _LINE_LIMIT bytes of an overlong line
         while True:
             end = buf.find(b"\n")
             if end >= 0:
-                if end + 1 > _MAXLINE:
-                    raise ValueError(_too_long(buf))
                 line = bytes(buf[:end + 1])
                 del buf[:end + 1]
+                if head is None and len(line.rstrip(b"\r\n")) > _LINE_LIMIT:
+                    head = line[:_LINE_LIMIT]
+                if head is not None:
+                    log.warning(f"{self.addr.namaddr}:{self.addr.port}: response longer than "
+                                f"{_LINE_LIMIT}: {_printable(head[:30])}...")
+                    return head + b"\n"
                 return line
-            if len(buf) > _MAXLINE:
-                raise ValueError(_too_long(buf))
+            if head is None and len(buf) > _LINE_LIMIT:
+                head = bytes(buf[:_LINE_LIMIT])
+            if head is not None:
+                buf.clear()  # the rest of the overlong line: read and dropped
             assert self.sock is not None and self._loop is not None
             chunk = await self._loop.sock_recv(self.sock, 65536)
             if not chunk:  # EOF, also within a line: no reply (Postfix smtp_get())
@@ -451,8 +459,6 @@ class SmtpSession:
                         kept += len(text) + 1
                     if code < 0 or raw[3:4] != b"-":
                         break
-        except ValueError as exc:  # reply line too long
-            raise self._malformed(reply_to, str(exc)) from None
         except (OSError, TimeoutError) as exc:
             raise self._lost(exc, phase) from None
         if not 200 <= code <= 599:  # quote the line whole: its first 4 bytes are text
