@@ -7,8 +7,9 @@ Summary
     ``await call()`` sends one command (or the message data) and reads the reply with the
     timeout of that phase. The session drives a non-blocking socket with the running
     loop's ``sock_*`` calls, so one agent process carries many sessions at once
-    (transports.smtp). Replies are read as smtplib reads them (lines of at most 8192
-    bytes, ``250-`` continuation lines, the text after the code and one separator), but
+    (transports.smtp). Replies are read as smtplib reads them (``250-`` continuation
+    lines, the text after the code and one separator; a line over 2048 bytes cut there
+    with a warning and used, as Postfix's smtp_chat_resp()), but
     as strictly as Postfix's smtp_chat_resp() parses them: a line is three digits and
     then ``-``, a space or its end (``250_ok`` or ``5500 no`` is no reply), a last line
     cut short by the end of the connection is no reply (smtp_get(): lost connection),
