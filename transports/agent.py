@@ -47,6 +47,9 @@ Public API
         .configure(cfg, service)      load Config-derived state (called by pre_jail)
         async .deliver_async(req, msg)           the hook of a concurrent agent (default:
                                       deliver())
+        async .request_done(req)      hook, awaited after the outcomes are recorded (logged,
+                                      recipients marked done) and before the reply goes to
+                                      the qmgr (default: nothing; transports.smtp: QUIT)
         .pre_jail(ctx), .serve(conn, ctx)        single_server callbacks
         async .serve_async(conn, ctx)            multi_server callback (transports.smtp)
         .handle(req) -> DeliverStatus            one request, no socket (tests)
@@ -236,6 +239,14 @@ class DeliveryAgent:
         :meth:`deliver`."""
         return self.deliver(req, msg)
 
+    async def request_done(self, req: DeliverRequest) -> None:
+        """Hook awaited by :meth:`handle_async` once ``req``'s outcomes are recorded (the
+        status lines logged, finished recipients marked done in the queue file, the queue
+        file closed) and before its reply goes to the qmgr: work that must still count
+        against the delivery's concurrency slot but must not hold its outcome back (the
+        smtp agent's QUIT, as Postfix's smtp(8) marks a recipient done at the 250 and
+        ends the session before it replies). The default does nothing."""
+
     # ------------------------------------------------------------------ serving
 
     def serve(self, conn: socket.socket, ctx: ServerContext) -> None:
@@ -331,8 +342,11 @@ class DeliveryAgent:
             try:
                 results = await self.deliver_async(req, msg)
             except Exception as exc:  # noqa: BLE001 - the request boundary: contain any agent bug
-                return self._failed(req, msg, exc)
-            return self._finish(req, msg, results)
+                reply = self._failed(req, msg, exc)
+            else:
+                reply = self._finish(req, msg, results)
+        await self.request_done(req)
+        return reply
 
     def _begin(self, req: DeliverRequest) -> QueueFile | DeliverStatus:
         """A fresh DeliveryState and the open queue file, or the reply that defers

@@ -94,10 +94,13 @@ Summary
     ``smtp_connection_cache_time_limit`` (the skeleton's timer hook, see :func:`main`)
     and when the agent exits (max_use, max_idle, SIGTERM, master gone). Sessions are
     keyed with the HELO name and TLS level, so no session crosses policies. A session
-    not kept gets its QUIT in the background: the delivery's outcome is reported (the
-    recipients marked done) without waiting for the server's 221, as Postfix's
-    smtp_rcpt_done() marks them when the message is accepted; QUITs still waiting when
-    the agent exits get at most 2 s.
+    not kept gets its QUIT after the delivery's outcome is recorded (the status lines
+    logged, the recipients marked done in the queue file, as Postfix's smtp_rcpt_done()
+    marks them when the message is accepted) and before the reply to the qmgr, so an
+    agent stopped while a server keeps its answer to QUIT (up to ``smtp_quit_timeout``)
+    delivers nothing twice, and the session still counts against the destination's
+    concurrency until it is closed, as a Postfix smtp process does; QUITs still
+    waiting when the agent exits get at most 2 s.
 
     The session itself (timeouts, Postfix's failure wording) is transports.smtp_session.
     dnspython and the executor are imported at module import time and the resolver reads
@@ -274,6 +277,7 @@ class SmtpAgent(DeliveryAgent):
         self.process_limit = 1
         self.relayhost = ""  # main.cf's relayhost, as the qmgr's resolver uses it
         self._quits: set[asyncio.Task[None]] = set()  # QUITs after deliveries, in progress
+        self._req_quits: dict[int, list[asyncio.Task[None]]] = {}  # id(request): its QUITs
         self._loop: asyncio.AbstractEventLoop | None = None  # the synchronous facade's
 
     def setup(self) -> None:
@@ -335,13 +339,14 @@ class SmtpAgent(DeliveryAgent):
             raise
         return sess
 
-    async def _release(self, sess: SmtpSession, dest: Key | None, store: bool) -> None:
+    async def _release(self, sess: SmtpSession, dest: Key | None, store: bool,
+                       req: DeliverRequest) -> None:
         """Done with ``sess`` after a clean transaction: keep it in the cache (``store``,
-        under ``dest`` and its address) or QUIT and close it - in the background: the
-        delivery's outcome is recorded now, not after the server's answer to QUIT
-        (up to ``smtp_quit_timeout``, 300 s). Postfix's smtp(8) marks a recipient done
-        in the queue file as soon as the message is accepted (smtp_rcpt_done()), so a
-        server that accepts the mail and never answers QUIT can neither hold its
+        under ``dest`` and its address) or QUIT and close it - in a task that
+        :meth:`request_done` awaits once ``req``'s outcome is recorded: not after the
+        server's answer to QUIT (up to ``smtp_quit_timeout``, 300 s) is the recipient
+        marked done (Postfix's smtp_rcpt_done() marks it when the message is accepted),
+        so a server that accepts the mail and never answers QUIT can neither hold its
         status back nor, if the agent is stopped meanwhile, have it delivered twice."""
         if store and await self.cache.store(sess, dest,
                                             endpoint_key(sess.addr, self._policy())):
@@ -349,6 +354,17 @@ class SmtpAgent(DeliveryAgent):
         task = asyncio.get_running_loop().create_task(sess.quit())
         self._quits.add(task)
         task.add_done_callback(self._quits.discard)
+        self._req_quits.setdefault(id(req), []).append(task)
+
+    async def request_done(self, req: DeliverRequest) -> None:
+        """The QUITs of ``req``'s sessions (see :meth:`_release`): awaited after its
+        outcome is recorded and before the qmgr gets the reply, so the session counts
+        against the destination's concurrency until it is closed, as a Postfix smtp
+        process ends its session before it replies (the peer never sees more sessions
+        than the qmgr's window)."""
+        tasks = self._req_quits.pop(id(req), None)
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _end_quits(self, limit: float | None) -> None:
         """Wait for the QUITs in progress, at most ``limit`` seconds (None: no limit),
@@ -520,7 +536,7 @@ class SmtpAgent(DeliveryAgent):
             att.final, att.soft, att.relay, att.site = saved
             return False
         att.site = None
-        await self._release(sess, dest, store)
+        await self._release(sess, dest, store, req)
         return True
 
     def _results(self, req: DeliverRequest, att: _Attempt,
