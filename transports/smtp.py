@@ -58,6 +58,22 @@ Summary
       with our ``myhostname`` fails with 5.4.6 ``mail for <nexthop> loops back to
       myself`` (4.4.6 for a backup MX: the next one is tried), as Postfix's smtp_helo()
       (transports.smtp_session).
+    * 8-bit content and a server that does not offer 8BITMIME (its EHLO reply lacks it,
+      or it was greeted with HELO): RFC 6152 forbids sending it 8-bit. With
+      ``disable_mime_output_conversion = no`` (the default) and a request whose
+      encoding is not ``7bit`` (the queue file's ``A encoding=``; Postfix's condition),
+      the body parts with 8-bit data go quoted-printable and their
+      Content-Transfer-Encoding says so, 8bit multipart/message containers say 7bit,
+      headers are left as they are (transports.smtp_mime, with the standard ``email``
+      package; where it differs from Postfix's MIME engine is said there). It is
+      done once per request, when the first such server is met; SIZE= and the
+      server's size limit apply to the converted content. 7-bit content (scanned once
+      per request, as for ``BODY=8BITMIME``) is never parsed, and content goes to an
+      8BITMIME server unchanged. Nothing is logged, as in Postfix. A message nested
+      deeper than ``mime_nesting_limit`` (100) bounces with ``5.6.0 MIME nesting
+      exceeds safety limit`` (Postfix's smtp_mime_fail()). With
+      ``disable_mime_output_conversion = yes`` the 8-bit content is sent as it is,
+      without ``BODY=``, as Postfix does.
     * An envelope that needs SMTPUTF8 (a non-ASCII local part of the sender or a
       recipient) sent to a server that does not offer it: bounce ``5.6.7 SMTPUTF8 is
       required, but was not offered by host H[ip]``. A UTF-8 domain alone does not need
@@ -152,6 +168,7 @@ from qmgrd.spool.statuslog import quote_822_local
 from transports.agent import DeliveryAgent, Dsn, make_dsn
 from transports.smtp_cache import CacheDestinations, ConnCache, Key, dest_key, endpoint_key
 from transports.smtp_dns import Address, DnsError, HostResolver, Nexthop, parse_nexthop
+from transports.smtp_mime import MimeError, downgrade
 from transports.smtp_session import Reply, SmtpFailure, SmtpParams, SmtpSession
 
 __all__ = [
@@ -195,6 +212,38 @@ def build_content(lines: Iterable[bytes], line_limit: int = 998) -> bytes:
         out.append(line)
     out.append(b"")
     return b"\r\n".join(out)
+
+
+class _Content:
+    """A request's message content as sent: ``data`` (build_content() of its lines) and,
+    made when a server first needs it and kept for the next, :meth:`seven_bit`."""
+
+    def __init__(self, lines: list[bytes], line_limit: int, nesting_limit: int) -> None:
+        self.lines = lines
+        self.line_limit = line_limit
+        self.nesting_limit = nesting_limit
+        self.data = build_content(lines, line_limit)
+        self.eight_bit = not self.data.isascii()
+        self._seven: bytes | MimeError | None = None
+
+    def seven_bit(self) -> bytes:
+        """The content with its 8-bit body parts quoted-printable (transports.smtp_mime),
+        for a server without 8BITMIME; ``data`` itself when no body part is 8-bit.
+
+        Raises:
+            MimeError: 5.6.0, the content cannot be converted (too deeply nested).
+        """
+        if self._seven is None:
+            try:
+                lines = downgrade(self.lines, self.nesting_limit)
+            except MimeError as exc:
+                self._seven = exc
+            else:
+                self._seven = (self.data if lines is self.lines
+                               else build_content(lines, self.line_limit))
+        if isinstance(self._seven, MimeError):
+            raise self._seven
+        return self._seven
 
 
 def xtext(text: str) -> str:
@@ -311,6 +360,8 @@ class SmtpAgent(DeliveryAgent):
             reuse_count_limit=cfg.get_int("smtp_connection_reuse_count_limit"),
             cache_destinations=cfg.get_list("smtp_connection_cache_destinations"),
             tls_security_level=cfg.get("smtp_tls_security_level"),
+            disable_mime_output_conversion=cfg.get_bool("disable_mime_output_conversion"),
+            mime_nesting_limit=cfg.get_int("mime_nesting_limit"),
         )
         p = self.params
         self.process_limit = cfg.get_int("smtp_process_delivery_limit")
@@ -437,7 +488,7 @@ class SmtpAgent(DeliveryAgent):
         rcpts = req.recipients
         lines = list(msg.iter_lines())
         limit_len = self.params.line_length_limit
-        content = build_content(lines, limit_len)
+        content = _Content(lines, limit_len, self.params.mime_nesting_limit)
         if limit_len > 0:
             folded = sum(1 for line in lines if len(line) > limit_len)
             if folded:
@@ -509,7 +560,7 @@ class SmtpAgent(DeliveryAgent):
         log.warning("relayhost configuration problem")
         return "4.3.5"
 
-    async def _use(self, sess: SmtpSession, req: DeliverRequest, content: bytes,
+    async def _use(self, sess: SmtpSession, req: DeliverRequest, content: _Content,
                    pending: list[int], att: _Attempt, *, last: bool, dest: Key | None,
                    store: bool) -> bool:
         """One transaction on ``sess``; then cache or QUIT it (a failed one is closed).
@@ -625,7 +676,7 @@ class SmtpAgent(DeliveryAgent):
         else:
             att.soft[i] = dsn
 
-    async def _transaction(self, sess: SmtpSession, req: DeliverRequest, content: bytes,
+    async def _transaction(self, sess: SmtpSession, req: DeliverRequest, body: _Content,
                            pending: list[int], att: _Attempt) -> None:
         """MAIL, RCPT..., DATA on an open session. Raises SmtpFailure (site-level)."""
         p = self.params
@@ -660,6 +711,18 @@ class SmtpAgent(DeliveryAgent):
             for i in pending:
                 att.final[i], att.relay[i] = dsn, sess.relay
             return
+        content = body.data
+        if (body.eight_bit and not sess.has("8bitmime") and req.encoding != "7bit"
+                and not p.disable_mime_output_conversion):
+            # RFC 6152: no 8-bit data to a server without 8BITMIME; Postfix's smtp_loop()
+            # downgrades (encoding not 7bit, disable_mime_output_conversion = no)
+            try:
+                content = body.seven_bit()
+            except MimeError as exc:
+                dsn = make_dsn(exc.status, exc.text)
+                for i in pending:
+                    att.final[i], att.relay[i] = dsn, sess.relay
+                return
         limit = sess.size_limit()
         if limit and len(content) > limit:
             dsn = make_dsn("5.3.4", f"message size {len(content)} exceeds size limit {limit} "
@@ -670,7 +733,7 @@ class SmtpAgent(DeliveryAgent):
         opts = []
         if sess.has("size"):
             opts.append(f"SIZE={len(content)}")
-        if sess.has("8bitmime") and (req.encoding == "8bit" or not content.isascii()):
+        if sess.has("8bitmime") and (req.encoding == "8bit" or body.eight_bit):
             opts.append("BODY=8BITMIME")
         dsn_ok = sess.has("dsn")
         if dsn_ok and req.envelope_id:

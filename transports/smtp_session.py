@@ -179,6 +179,8 @@ class SmtpParams:
     reuse_count_limit: int = 0
     cache_destinations: list[str] = field(default_factory=list)
     tls_security_level: str = ""
+    disable_mime_output_conversion: bool = False  # send 8-bit as is to a non-8BITMIME server
+    mime_nesting_limit: int = 100  # multipart/message levels the conversion goes into
 
 
 def _first_word(reply: Reply) -> str:

@@ -272,6 +272,8 @@ _i("smtp_mx_session_limit", "2", 0)
 _b("smtp_skip_5xx_greeting", "yes")
 _s("smtp_tls_security_level", "")
 _i("smtp_line_length_limit", "998", 0)
+_b("disable_mime_output_conversion", "no")
+_i("mime_nesting_limit", "100", 0)
 # qmgrd's own: deliveries one smtp process carries at once (1 = Postfix's one at a time);
 # the qmgr still caps a transport's deliveries in flight at its master.cf maxproc
 _i("smtp_process_delivery_limit", "50", 1, 1000)
