@@ -253,6 +253,19 @@ def test_downgrade_round_trips_awkward_bytes() -> None:
     assert out[:2] == lines[:2]
 
 
+def test_downgrade_keeps_headers_byte_for_byte() -> None:
+    """Headers as they were: spacing after the colon, folding, 8-bit bytes, a stray CR
+    (which the email parser alone would take for a line end)."""
+    headers = [b"Received: from a (a [192.0.2.1])", b"        by b with ESMTP id X;",
+               b"  Mon, 1 Jan 2026 00:00:00 +0000", b"Subject: =?utf-8?q?caf=C3=A9?=  ",
+               b"X-Long: " + b"w " * 600, b"X-Empty:", b"X-Tab:\tv", b"X-CR: a\rb",
+               b"X-8bit: J\xc3\xb6rg", b"MIME-Version: 1.0",
+               b"Content-Type: text/plain;", b"\tcharset=utf-8"]
+    out = downgrade([*headers, b"", b"caf\xc3\xa9\rx"])
+    assert out == [*headers, b"Content-Transfer-Encoding: quoted-printable", b"",
+                   b"caf=C3=A9=0Dx"]
+
+
 def test_downgrade_keeps_7bit_and_adds_mime_version() -> None:
     ascii_msg = [b"Subject: x", b"", b"plain", b""]
     assert downgrade(ascii_msg) is ascii_msg

@@ -11,10 +11,16 @@ Summary
     message/rfc822 parts are converted the same way. Message headers are never
     converted (8-bit headers are the SMTPUTF8 case). Nothing is logged.
 
-    :func:`downgrade` does that with the standard ``email`` package (compat32 policy:
-    header and untouched body text are kept as read, 8-bit headers included): the
-    message is parsed, the parts that need it re-encoded, and the message generated
-    again; a message with no 8-bit body text is returned as it was, byte for byte.
+    :func:`downgrade` does that with the standard ``email`` package: the message is
+    parsed, the parts that need it re-encoded, and the message generated again; a
+    message with no 8-bit body text is returned as it was, byte for byte. In a
+    converted one, every header is written back exactly as it was read (a compat32
+    policy that keeps what follows the colon: spacing, folding, 8-bit bytes), and so is
+    the text of every part left alone; a CR inside a line (which the parser would take
+    for a line end) stands in as a byte the message does not use while it is parsed.
+    What the generator makes again are the boundary lines of a multipart (``--b`` and
+    ``--b--`` with nothing after them: white space after a boundary, which RFC 2046
+    allows, is dropped).
     Where qmgrd differs from Postfix's MIME engine, it errs towards 7-bit on the wire:
 
     * Conversion follows the content, not only the declared encoding: a leaf part with
@@ -48,19 +54,38 @@ Public API
 from __future__ import annotations
 
 import binascii
-from email import policy
 from email.generator import BytesGenerator
 from email.message import Message
 from email.parser import BytesParser
+from email.policy import Compat32
 from io import BytesIO
 
 __all__ = ["MimeError", "downgrade"]
 
-# "\n" as line end in and out: the queue file's lines have none of their own, and a CR
-# inside a line then stays inside its line (the parser would take a CRLF as one break)
-_POLICY = policy.compat32.clone(linesep="\n", max_line_length=0)
+
+
+class _Verbatim(Compat32):
+    """compat32, but a header is written back exactly as it was read: what follows the
+    colon (white space, folding, 8-bit bytes) is kept, and a header set here must start
+    its value with the space it wants after the colon."""
+
+    def header_source_parse(self, sourcelines: list[str]) -> tuple[str, str]:
+        name, value = "".join(sourcelines).split(":", 1)
+        return name, value.removesuffix("\n")
+
+    def fold(self, name: str, value: str) -> str:
+        return f"{name}:{value}\n"
+
+    def fold_binary(self, name: str, value: str) -> bytes:
+        return self.fold(name, value).encode("ascii", "surrogateescape")
+
+
+# "\n" as line end in and out: the queue file's lines have none of their own
+_POLICY = _Verbatim(linesep="\n", max_line_length=0)
 _IDENTITY = ("", "7bit", "8bit", "binary")
 _CTE = "Content-Transfer-Encoding"
+# stand-ins for a CR inside a line while the message is parsed: controls, then 8-bit
+_STAND_INS = [*range(1, 9), *range(14, 32), *range(128, 256)]
 
 
 class MimeError(Exception):
@@ -82,18 +107,24 @@ def downgrade(lines: list[bytes], nesting_limit: int = 100) -> list[bytes]:
         MimeError: 5.6.0 when the nesting exceeds ``nesting_limit``.
     """
     data = b"\n".join(lines) + b"\n"
+    # The parser ends a line at a CR as well: a CR inside a line stands in as a byte
+    # that the message does not use, until the end (none free: it stays a CR)
+    stand_in = b"\r"
+    if b"\r" in data:
+        stand_in = next((bytes([c]) for c in _STAND_INS if bytes([c]) not in data), b"\r")
+        data = data.replace(b"\r", stand_in)
     try:
         msg = BytesParser(policy=_POLICY).parsebytes(data)
-        changed = _convert(msg, 0, nesting_limit)
+        changed = _convert(msg, 0, nesting_limit, stand_in)
     except RecursionError:  # deeper than the parser can go, whatever the limit
         raise MimeError("5.6.0", "MIME nesting exceeds safety limit") from None
     if not changed:
         return lines
     if "MIME-Version" not in msg:
-        msg["MIME-Version"] = "1.0"
+        msg["MIME-Version"] = " 1.0"
     out = BytesIO()
     BytesGenerator(out, mangle_from_=False, policy=_POLICY).flatten(msg)
-    result = out.getvalue().split(b"\n")
+    result = out.getvalue().replace(stand_in, b"\r").split(b"\n")
     if result[-1] == b"":
         result.pop()
     return result
@@ -105,14 +136,14 @@ def _cte(part: Message) -> str:
 
 
 def _set_cte(part: Message, value: str) -> None:
-    """Content-Transfer-Encoding: ``value``, where the header was (or after the others)."""
+    """Content-Transfer-Encoding:``value``, where the header was (or after the others)."""
     if _CTE in part:
         part.replace_header(_CTE, value)
     else:
         part[_CTE] = value
 
 
-def _convert(part: Message, depth: int, limit: int) -> bool:
+def _convert(part: Message, depth: int, limit: int, stand_in: bytes) -> bool:
     """Convert ``part`` (at nesting ``depth``) in place; True if anything changed."""
     payload = part.get_payload()
     if isinstance(payload, list):  # multipart/*, or message/* with its message
@@ -121,18 +152,19 @@ def _convert(part: Message, depth: int, limit: int) -> bool:
         changed = False
         for sub in payload:
             if isinstance(sub, Message):
-                changed = _convert(sub, depth + 1, limit) or changed
+                changed = _convert(sub, depth + 1, limit, stand_in) or changed
         if changed and _cte(part) in ("8bit", "binary"):
-            _set_cte(part, "7bit")
+            _set_cte(part, " 7bit")
         return changed
     if not isinstance(payload, str) or payload.isascii() or _cte(part) not in _IDENTITY:
         return False
     raw = part.get_payload(decode=True)  # the bytes as read, for these encodings
-    if not isinstance(raw, bytes) or raw.isascii():
+    if not isinstance(raw, bytes) or raw.replace(stand_in, b"\r").isascii():
         return False
     if part.get_content_maintype() in ("multipart", "message"):
         return False  # not split by the parser; quoted-printable is not allowed here
+    raw = raw.replace(stand_in, b"\r")
     part.set_payload("\n".join(binascii.b2a_qp(line, istext=False).decode("ascii")
                                for line in raw.split(b"\n")))
-    _set_cte(part, "quoted-printable")
+    _set_cte(part, " quoted-printable")
     return True
