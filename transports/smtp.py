@@ -313,6 +313,11 @@ class _Attempt:
     relay: dict[int, str] = field(default_factory=dict)
     site: Dsn | None = None
 
+    def settle(self, indexes: Iterable[int], dsn: Dsn, relay: str) -> None:
+        """The final outcome ``dsn`` (with relay= ``relay``) for these recipients."""
+        for i in indexes:
+            self.final[i], self.relay[i] = dsn, relay
+
 
 class SmtpAgent(DeliveryAgent):
     """The smtp(8) client (see the module docstring)."""
@@ -327,7 +332,6 @@ class SmtpAgent(DeliveryAgent):
         self.cache_destinations = CacheDestinations([])
         self.process_limit = 1
         self.relayhost = ""  # main.cf's relayhost, as the qmgr's resolver uses it
-        self._quits: set[asyncio.Task[None]] = set()  # QUITs after deliveries, in progress
         self._req_quits: dict[int, list[asyncio.Task[None]]] = {}  # id(request): its QUITs
         self._loop: asyncio.AbstractEventLoop | None = None  # the synchronous facade's
 
@@ -405,8 +409,6 @@ class SmtpAgent(DeliveryAgent):
                                             endpoint_key(sess.addr, self._policy())):
             return
         task = asyncio.get_running_loop().create_task(sess.quit())
-        self._quits.add(task)
-        task.add_done_callback(self._quits.discard)
         self._req_quits.setdefault(id(req), []).append(task)
 
     async def request_done(self, req: DeliverRequest) -> None:
@@ -415,16 +417,19 @@ class SmtpAgent(DeliveryAgent):
         against the destination's concurrency until it is closed, as a Postfix smtp
         process ends its session before it replies (the peer never sees more sessions
         than the qmgr's window)."""
-        tasks = self._req_quits.pop(id(req), None)
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
+        try:  # left in _req_quits while awaited: an agent exit (_end_quits) cancels them
+            tasks = self._req_quits.get(id(req))
+            if tasks:
+                await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            self._req_quits.pop(id(req), None)
 
     async def _end_quits(self, limit: float | None) -> None:
         """Wait for the QUITs in progress, at most ``limit`` seconds (None: no limit),
         then close what is left without its reply."""
-        if not self._quits:
+        pending = {t for tasks in self._req_quits.values() for t in tasks if not t.done()}
+        if not pending:
             return
-        pending = set(self._quits)
         _done, late = await asyncio.wait(pending, timeout=limit)
         for task in late:
             task.cancel()
@@ -462,8 +467,10 @@ class SmtpAgent(DeliveryAgent):
         try:
             return self._loop.run_until_complete(coro)
         finally:
-            # one request at a time: its QUIT ends before the call returns
+            # one request at a time: its QUIT ends before the call returns (deliver()
+            # is not followed by request_done())
             self._loop.run_until_complete(self._end_quits(None))
+            self._req_quits.clear()
             self._loop.run_until_complete(self.cache.evicted())
             if not len(self.cache):  # nothing for the loop to keep watching
                 self._loop.close()
@@ -710,8 +717,7 @@ class SmtpAgent(DeliveryAgent):
         if need_utf8 and not use_utf8:
             dsn = make_dsn("5.6.7", f"SMTPUTF8 is required, but was not offered by host "
                                     f"{addr.namaddr}")
-            for i in pending:
-                att.final[i], att.relay[i] = dsn, sess.relay
+            att.settle(pending, dsn, sess.relay)
             return
         content = body.data
         if (body.eight_bit and not sess.has("8bitmime") and req.encoding != "7bit"
@@ -723,15 +729,13 @@ class SmtpAgent(DeliveryAgent):
                                                                            body.seven_bit)
             except MimeError as exc:
                 dsn = make_dsn(exc.status, exc.text)
-                for i in pending:
-                    att.final[i], att.relay[i] = dsn, sess.relay
+                att.settle(pending, dsn, sess.relay)
                 return
         limit = sess.size_limit()
         if limit and len(content) > limit:
             dsn = make_dsn("5.3.4", f"message size {len(content)} exceeds size limit {limit} "
                                     f"of server {addr.namaddr}")
-            for i in pending:
-                att.final[i], att.relay[i] = dsn, sess.relay
+            att.settle(pending, dsn, sess.relay)
             return
         opts = []
         if sess.has("size"):
