@@ -255,13 +255,19 @@ class Master:
             posix = PosixOs(self._forget, inet_hosts(cfg), endpoint_owner)
             self._posix = posix
             self._install_signals()  # a stop during the repair is the loop's to handle
-            self._repair_structure(cfg, posix)
+
+            def preload() -> None:
+                # every module before the first fork (PosixOs.preload), loaded while the
+                # repair runs: on two CPUs the two overlap (issue 8, scenario H counts
+                # the start)
+                for svc in services:
+                    posix.preload(child_argv(svc, settings.config_directory,
+                                             settings.foreground, settings.privileged))
+
+            self._repair_structure(cfg, posix, preload)
             sup = Supervisor(posix, settings)
             self.supervisor = sup
             sup.start(services)
-            for svc in services:  # every module before the first fork (PosixOs.preload)
-                posix.preload(child_argv(svc, settings.config_directory, settings.foreground,
-                                         settings.privileged))
             self.control = control.ControlServer(control.control_path(qdir),
                                                  self._control_request, self.selector)
             self.control.open()
@@ -296,12 +302,14 @@ class Master:
                 log.warning(f"mail_owner {owner.name} cannot reach queue_directory {qdir}:"
                             f" no search permission on {blocked}")
 
-    def _repair_structure(self, cfg: Config, posix: PosixOs) -> None:
+    def _repair_structure(self, cfg: Config, posix: PosixOs,
+                          meanwhile: Callable[[], None] | None = None) -> None:
         """Run ``qmgr-ctl repair`` (REPAIR_COMMAND) to its end before any service starts,
         as ``postfix start`` runs postsuper: queue files and logs left in the hash
         directories of an earlier hash_queue_names/hash_queue_depth are moved where
         every process will look for them (it logs what it did; it drops to mail_owner
-        itself).  However long it takes: ``progress`` is told it runs every
+        itself).  ``meanwhile`` (the service modules' preload) runs while it does; the
+        repair is ended if that raises.  However long it takes: ``progress`` is told it runs every
         REPAIR_REPORT_INTERVAL after the first.  The signal handlers must be installed:
         a stop signal meanwhile ends it.  Exit status REPAIR_INCOMPLETE (some files
         could not be renamed) logs a warning and the start goes on.
@@ -312,7 +320,14 @@ class Master:
             OSError: it could not be started.  ConfigError: bad hashing parameters.
         """
         self._hashing = _hashing(cfg)
-        code = self._wait_repair(posix, posix.start_command(self._repair_argv()))
+        pid = posix.start_command(self._repair_argv())
+        if meanwhile is not None:
+            try:
+                meanwhile()
+            except BaseException:
+                self._end_command(posix, pid)
+                raise
+        code = self._wait_repair(posix, pid)
         if code == REPAIR_INCOMPLETE:
             log.warning(f"queue structure check: qmgr-ctl repair {describe_exit(code)}: "
                         "some queue files could not be moved into place (see its "
