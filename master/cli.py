@@ -105,6 +105,13 @@ Description
                <main.cf>, line <n>: cannot open maillog_file "<path>": ...``
                (master.config.validate.check_maillog); start refuses it the same way.
 
+Environment
+    QMGRD_START_TIMEOUT, QMGRD_STOP_TIMEOUT, QMGRD_RELOAD_TIMEOUT: the waits above in
+    seconds (a positive number; default 10, 15 and 10), for the test suite, which
+    shortens them to see the "did not report", "still running" and "no answer" paths
+    without waiting them out.  Unset or empty: the default; a bad value: a warning, and
+    the default.  (Postfix's postfix(1) has no such knobs.)
+
 Messages go to stderr as ``qmgr-master: <text>`` (``qmgr-master: fatal: <text>`` for
 errors).  Exit codes: 0 success, 1 failure, 3 status "not running".
 
@@ -138,7 +145,7 @@ __all__ = ["main"]
 PROG = "qmgr-master"
 START_TIMEOUT = 10.0  # s: how long start waits for the master's next report
 RELOAD_TIMEOUT = 10.0  # s: how long reload waits for the master's verdict
-STOP_TIMEOUT = 15.0
+STOP_TIMEOUT = 15.0  # s: how long stop waits for the master and every child to be gone
 EX_TEMPFAIL = 75  # sysexits: the outcome of a stop or reload is not known yet
 
 
@@ -149,6 +156,27 @@ def _say(text: str) -> None:
 def _fatal(text: str) -> NoReturn:
     _say(f"fatal: {text}")
     sys.exit(1)
+
+
+def _timeout(name: str, default: float) -> float:
+    """The wait, in seconds, of start, stop or reload: ``$QMGRD_<name>`` (e.g.
+    QMGRD_STOP_TIMEOUT=2, a positive number of seconds) when set and not empty, else
+    ``default`` (START_TIMEOUT, STOP_TIMEOUT, RELOAD_TIMEOUT).  A knob for the test
+    suite (waiting out 10-15 s to see the "no answer" paths); Postfix's postfix(1) has no
+    such setting.  A bad value: a warning, and ``default``."""
+    var = f"QMGRD_{name}"
+    raw = os.environ.get(var, "")
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        _say(f"warning: ignoring {var}={raw!r}: not a positive number of seconds; "
+             f"using {default:g}")
+        return default
+    return value
 
 
 def _default_config_dir() -> str:
@@ -348,7 +376,8 @@ def _wait_started(r: int, pid: int) -> int:
     """Read the master's reports (one line each) until its verdict: ``ok`` (0), a
     failure reason (1), or nothing for START_TIMEOUT since the last report (1).  A
     ``repairing <pid>`` report (the start-up repair runs) restarts the wait."""
-    deadline = time.monotonic() + START_TIMEOUT
+    limit = _timeout("START_TIMEOUT", START_TIMEOUT)
+    deadline = time.monotonic() + limit
     data = b""
     waiting_said = False
     while (left := deadline - time.monotonic()) > 0:
@@ -364,7 +393,7 @@ def _wait_started(r: int, pid: int) -> int:
             text = line.decode("utf-8", "replace").strip()
             word, _, repair_pid = text.partition(" ")
             if word == REPAIR_PROGRESS:
-                deadline = time.monotonic() + START_TIMEOUT
+                deadline = time.monotonic() + limit
                 if not waiting_said:
                     _say(f"waiting for the queue structure check (qmgr-ctl repair, pid "
                          f"{repair_pid}) before the services start")
@@ -380,7 +409,7 @@ def _wait_started(r: int, pid: int) -> int:
     code = wait_child(pid)
     if code is None:
         _say(f"fatal: the master (pid {pid}) did not report start-up within "
-             f"{START_TIMEOUT:.0f}s")
+             f"{limit:g}s")
     else:
         _say(f"fatal: the master exited during start-up (status {code})")
     return 1
@@ -404,12 +433,13 @@ def stop(ctx: click.Context) -> None:
     except (psutil.AccessDenied, PermissionError):
         _denied("stop")
     _say(f"stopping the qmgrd mail system (master pid {pid})")
-    _, alive = psutil.wait_procs(procs, timeout=STOP_TIMEOUT)
+    limit = _timeout("STOP_TIMEOUT", STOP_TIMEOUT)
+    _, alive = psutil.wait_procs(procs, timeout=limit)
     if alive:
         pids = " ".join(str(p.pid) for p in alive)
         # outcome unknown: the signal is pending (a stopped or hung master, a child
         # that has not ended yet)
-        _say(f"warning: still running after {STOP_TIMEOUT:.0f}s: {pids}")
+        _say(f"warning: still running after {limit:g}s: {pids}")
         sys.exit(EX_TEMPFAIL)
     sys.exit(0)
 
@@ -436,7 +466,8 @@ def reload(ctx: click.Context) -> None:
         _denied("reload")
     _say(f"refreshing the qmgrd mail system (master pid {pid})")
     # the master checks the files again, in its own environment: report its verdict
-    deadline = time.monotonic() + RELOAD_TIMEOUT
+    limit = _timeout("RELOAD_TIMEOUT", RELOAD_TIMEOUT)
+    deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
         verdict = read_reload_verdict(qdir)
         if verdict is not None and verdict != before and verdict[0] == pid:
@@ -448,7 +479,7 @@ def reload(ctx: click.Context) -> None:
             sys.exit(0)
         time.sleep(0.05)
     # outcome unknown (a stopped or hung master has the signal and acts when it runs)
-    _say(f"warning: no answer from the master (pid {pid}) within {RELOAD_TIMEOUT:.0f}s; "
+    _say(f"warning: no answer from the master (pid {pid}) within {limit:g}s; "
          "see its log")
     sys.exit(EX_TEMPFAIL)
 

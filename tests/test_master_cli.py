@@ -43,8 +43,9 @@ class System:
         self.proc: subprocess.Popen[bytes] | None = None
         self.sessions: list[int] = []
 
-    def cli(self, *args: str, pythonpath: str = "") -> subprocess.CompletedProcess[str]:
-        env = child_env()
+    def cli(self, *args: str, pythonpath: str = "",
+            env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        env = child_env() | (env_extra or {})
         if pythonpath:
             env["PYTHONPATH"] += os.pathsep + pythonpath
         return subprocess.run([sys.executable, "-P", "-m", "master.cli", "-c", str(self.etc),
@@ -572,17 +573,42 @@ def test_queue_directory_changed_while_running(system: System, made: bool) -> No
 def test_reload_and_stop_of_a_stopped_master_exit_75(system: System) -> None:
     """A master stopped with SIGSTOP gives no verdict: reload warns "no answer from the
     master" and exits 75 (outcome unknown), not 0; stop, whose master is not gone in
-    time, exits 75 too. Once continued, the pending SIGTERM ends it."""
+    time, exits 75 too. Once continued, the pending SIGTERM ends it. (The waits are
+    shortened to 1 s with QMGRD_RELOAD_TIMEOUT and QMGRD_STOP_TIMEOUT: a stopped master
+    answers no sooner after 10 or 15 s.)"""
     pid = system.start()
     os.kill(pid, signal.SIGSTOP)
     try:
-        result = system.cli("reload")
+        result = system.cli("reload", env_extra={"QMGRD_RELOAD_TIMEOUT": "1"})
         assert result.returncode == 75, result.stderr
-        assert "warning: no answer from the master" in result.stderr
-        result = system.cli("stop")
+        assert f"warning: no answer from the master (pid {pid}) within 1s" in result.stderr
+        result = system.cli("stop", env_extra={"QMGRD_STOP_TIMEOUT": "1"})
         assert result.returncode == 75, result.stderr
-        assert "warning: still running after" in result.stderr
+        assert "warning: still running after 1s: " in result.stderr
     finally:
         os.kill(pid, signal.SIGCONT)
     assert system.proc is not None
     system.proc.wait(15)
+
+
+def test_the_waits_can_be_shortened_from_the_environment(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """QMGRD_START_TIMEOUT / QMGRD_STOP_TIMEOUT / QMGRD_RELOAD_TIMEOUT (seconds) replace
+    the defaults; unset or empty: the default; not a positive number: a warning and the
+    default."""
+    from master.cli import RELOAD_TIMEOUT, START_TIMEOUT, STOP_TIMEOUT, _timeout
+
+    assert (START_TIMEOUT, STOP_TIMEOUT, RELOAD_TIMEOUT) == (10.0, 15.0, 10.0)
+    monkeypatch.delenv("QMGRD_STOP_TIMEOUT", raising=False)
+    assert _timeout("STOP_TIMEOUT", STOP_TIMEOUT) == 15.0
+    monkeypatch.setenv("QMGRD_STOP_TIMEOUT", "")
+    assert _timeout("STOP_TIMEOUT", STOP_TIMEOUT) == 15.0
+    monkeypatch.setenv("QMGRD_STOP_TIMEOUT", "2.5")
+    assert _timeout("STOP_TIMEOUT", STOP_TIMEOUT) == 2.5
+    assert capsys.readouterr().err == ""
+    for bad in ("soon", "0", "-1", "nan", "inf"):
+        monkeypatch.setenv("QMGRD_STOP_TIMEOUT", bad)
+        assert _timeout("STOP_TIMEOUT", STOP_TIMEOUT) == 15.0
+        assert capsys.readouterr().err == (
+            f"qmgr-master: warning: ignoring QMGRD_STOP_TIMEOUT={bad!r}: not a positive "
+            "number of seconds; using 15\n")
