@@ -67,10 +67,10 @@ def clean_log(ms: MailSystem) -> None:
 def test_delete_while_the_delivery_is_in_flight(scenario: Setup) -> None:
     ms, scen = scenario({"slow.example": "accept", "ok.example": "accept"})
     qmgr = ms.children("qmgr")[0].pid
-    # the peer holds the delivery 12 s: room for the listing, five injections and the
-    # delete on a loaded machine while it is still in flight
+    # the peer holds the delivery until released (after the delete): the listing, five
+    # injections and the delete happen while it is in flight, however loaded the machine
     r = ms.sendmail("-i", "-f", SENDER, "x@slow.example",
-                    data=msg("slow", 0, "X-Scenario-Delay: 12\n"))
+                    data=msg("slow", 0, "X-Scenario-Hold: slow\n"))
     assert r.returncode == 0, r.stderr
     wait_for(lambda: scen.stats()["slow.example"]["current"] >= 1, 20,
              "the slow delivery to start")
@@ -84,6 +84,9 @@ def test_delete_while_the_delivery_is_in_flight(scenario: Setup) -> None:
     assert f"{qid}: in delivery; will be deleted when the delivery in progress ends" \
         in r.stderr
     assert "Deleted: 0 messages" in r.stderr
+    assert scen.stats()["slow.example"]["current"] >= 1  # still in flight, held
+    assert f"{qid}: removed" not in ms.log()
+    scen.release("slow")
     # "removed" is logged once the file is gone (unlink, then the line)
     wait_for(lambda: not ms.queue_files() and f"{qid}: removed" in ms.log(), 30,
              f"the queue to empty and '{qid}: removed'")

@@ -11,7 +11,10 @@ Behaviours (one per port):
 
     accept     aiosmtpd; every RCPT 250, DATA 250 after DATA_DELAY seconds (default 0;
                a message with an ``X-Scenario-Delay: SECONDS`` header waits that long
-               instead, so a test can hold chosen deliveries open)
+               instead, so a test can hold chosen deliveries open; one with an
+               ``X-Scenario-Hold: NAME`` header (letters, digits, ``-``, ``_``) is
+               answered only once ``DIR/release-NAME`` exists (Scenario.release), at most
+               HOLD_LIMIT (60) seconds later: held open exactly as long as the test needs)
     cap:N      as accept, but at most N sessions are served at once: a connection that
                arrives while N are open gets ``421 4.7.0 scenario.test too many
                connections`` as its greeting and is closed (counted in ``cap_refused``)
@@ -50,7 +53,9 @@ Public API (for tests; importing this module does not start anything)
         stats() -> dict (name -> record above), messages(name) -> list[bytes],
         deliveries(name) -> list[(epoch, bytes)] (accept time and content, in
         acceptance order), transport_lines() -> str (a texthash transport table routing
-        each name to its port), stop() -> None (terminates, waits).
+        each name to its port), release(hold) -> None (answers the DATA of the
+        messages with ``X-Scenario-Hold: <hold>``, now and from then on), stop() -> None
+        (terminates, waits).
     concurrency_at(timeline, t) -> int    the open connections at epoch ``t``
     Raises AssertionError when the peer does not come up within 15 s. The peer exits
     with an error for an unknown behaviour or a bad ``cap`` (N must be >= 1).
@@ -75,6 +80,9 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 STATS = "stats.json"
 DELAY_HEADER = re.compile(rb"^X-Scenario-Delay:[ \t]*([0-9]+(?:\.[0-9]*)?)[ \t]*\r?$",
                           re.IGNORECASE | re.MULTILINE)
+HOLD_HEADER = re.compile(rb"^X-Scenario-Hold:[ \t]*([A-Za-z0-9_-]+)[ \t]*\r?$",
+                         re.IGNORECASE | re.MULTILINE)
+HOLD_LIMIT = 60.0  # s: the longest a held DATA waits for its release file
 BEHAVIOURS = ("accept", "cap", "defer", "reject", "greet421", "silent", "refuse")
 
 
@@ -159,11 +167,18 @@ class Handler:
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         delay = self.delay
-        m = DELAY_HEADER.search((envelope.original_content or b"").split(b"\r\n\r\n", 1)[0])
+        header = (envelope.original_content or b"").split(b"\r\n\r\n", 1)[0]
+        m = DELAY_HEADER.search(header)
         if m is not None:
             delay = float(m.group(1))
         if delay > 0:
             await asyncio.sleep(delay)
+        hold = HOLD_HEADER.search(header)
+        if hold is not None:
+            released = os.path.join(self.rec.dir, f"release-{hold.group(1).decode()}")
+            deadline = time.monotonic() + HOLD_LIMIT
+            while not os.path.exists(released) and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
         self.rec.message(self.port, envelope)
         return "250 2.0.0 Ok: queued"
 
@@ -351,6 +366,11 @@ class Scenario:
             return []
         return [(p.stat().st_mtime, p.with_suffix(".eml").read_bytes())
                 for p in sorted(d.glob("msg-*.env"))]
+
+    def release(self, hold: str) -> None:
+        """Answer the DATA of every message with ``X-Scenario-Hold: <hold>`` (held now or
+        later)."""
+        (self.dir / f"release-{hold}").touch()
 
     def stop(self) -> None:
         if self.proc.poll() is None:
