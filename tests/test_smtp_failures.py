@@ -354,12 +354,14 @@ def test_an_invalid_configured_nexthop_defers(env: Env, nexthop: str) -> None:
 
 
 def test_python_m_transports_smtp_imports(tmp_path: Path) -> None:
-    """``python -m transports.smtp`` starts (stand-alone) and serves a request."""
+    """``python -m transports.smtp`` starts (stand-alone), serves a request and exits 0
+    (max_use=1 with one delivery per process: at once, not after max_idle)."""
     env = make_env(tmp_path)
     sock_path = tmp_path / "smtp.sock"
     proc = subprocess.Popen(
         [sys.executable, "-m", "transports.smtp", "-c", str(tmp_path / "etc"), "-n", "smtp",
-         "-l", str(sock_path), "-o", "max_idle=10s", "-o", "max_use=1"],
+         "-l", str(sock_path), "-o", "max_idle=10s", "-o", "max_use=1",
+         "-o", "smtp_process_delivery_limit=1"],
         cwd=str(Path(__file__).resolve().parent.parent), start_new_session=True,
         stdin=subprocess.DEVNULL)
     try:
