@@ -374,13 +374,32 @@ def test_corrupt_file_is_marked_0400(env: Env) -> None:
     req = env.request(qid)
     path = env.spool.path("active", qid)
     data = bytearray(Path(path).read_bytes())
-    data[-2:] = b"Q\x00"  # the final E record becomes junk
+    data[0] = ord("Q")  # the C (size) record, the one envelope record an agent reads
     Path(path).write_bytes(bytes(data))
     _, reply = round_trip(ScriptAgent(), req, env.ctx())
     assert reply is not None and reply.status == 1
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o400
     ((_, dsn),) = statuslog.read(env.spool, "defer", qid)
     assert dsn.reason == "queue file read error"
+
+
+def test_the_agent_reads_the_content_not_the_envelope(env: Env) -> None:
+    """The envelope is the qmgr's (it read it, and the request carries the sender and
+    the recipients with their offsets): the agent reads the C record and the content,
+    as Postfix's deliver_request_get() seeks to the data offset. Damage after the
+    content (the final E record) is not the agent's to see; the qmgr sees it at its
+    next read of the file. Reading the whole envelope for every request cost a message
+    of N recipients N / recipient-limit x N records."""
+    qid = env.queue(["ok@example.net"])
+    req = env.request(qid)
+    path = env.spool.path("active", qid)
+    data = bytearray(Path(path).read_bytes())
+    data[-2:] = b"Q\x00"  # the final E record becomes junk
+    Path(path).write_bytes(bytes(data))
+    agent = ScriptAgent()
+    _, reply = round_trip(agent, req, env.ctx())
+    assert reply is not None and reply.status == 0
+    assert agent.seen_lines and stat.S_IMODE(os.stat(path).st_mode) == 0o700
 
 
 def test_corrupt_content_during_delivery(env: Env) -> None:

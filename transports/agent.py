@@ -357,7 +357,7 @@ class DeliveryAgent:
         if not req.handoff:
             req.handoff = self.clock()
         try:
-            return QueueFile.open(self.spool, req.queue_name, req.queue_id, lock="sh")
+            return QueueFile.open_content(self.spool, req.queue_name, req.queue_id)
         except (QueueFileError, OSError) as exc:
             log.warning(f"{req.queue_id}: cannot open queue file: {exc}")
             if isinstance(exc, CorruptQueueFile):
