@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import dns.asyncresolver
 import dns.resolver
 import pytest
 
@@ -16,6 +17,7 @@ from master.config import Config, ConfigError, load_configuration
 from transports.smtpd_policy import (
     ClientInfo,
     DomainList,
+    LazyResolver,
     NetList,
     Policy,
     PolicyError,
@@ -196,6 +198,35 @@ def test_lookup_name() -> None:
     assert asyncio.run(off.lookup_name("192.0.2.9")) == "unknown"
     assert ClientInfo("2001:db8::1", "25", "h").rfc_addr == "IPv6:2001:db8::1"
     assert ClientInfo("192.0.2.1", "25", "h").namaddr == "h[192.0.2.1]"
+
+
+def test_lazy_resolver_reads_resolv_conf_when_made(tmp_path: Path) -> None:
+    """The smtpd's resolver: the file read when it is made (before the jail), dnspython's
+    Resolver made at the first lookup from that text, configured as Resolver(path)."""
+    conf = tmp_path / "resolv.conf"
+    text = ("# comment\r\nnameserver 192.0.2.53\r\nnameserver 2001:db8::53\n"
+            "search a.example b.example\noptions ndots:3 timeout:1 rotate\n")
+    conf.write_text(text, newline="")
+    expected = dns.asyncresolver.Resolver(str(conf))
+    lazy = LazyResolver(str(conf))
+    conf.unlink()  # as in the chroot: nothing is read from here on
+    assert lazy._resolver is None  # not made before a lookup needs it
+    made = lazy.resolver()
+    assert made is lazy.resolver()
+    for name in ("nameservers", "search", "domain", "ndots", "timeout", "rotate", "port",
+                 "lifetime", "edns"):
+        assert getattr(made, name) == getattr(expected, name), name
+    with pytest.raises(dns.resolver.NoResolverConfiguration):
+        LazyResolver(str(tmp_path / "missing"))  # as Resolver(): smtpd then has none
+    # no nameserver: every lookup fails as DNS not answering, the answers of no resolver
+    empty = tmp_path / "empty"
+    empty.write_text("search a.example\n")
+    text = ("smtpd_recipient_restrictions = reject_unknown_recipient_domain, "
+            "permit_mynetworks, reject_unauth_destination\n")
+    none, lazy_empty = policy(text, None), policy(text, LazyResolver(str(empty)))
+    assert check(lazy_empty, "x@nowhere.example", "127.0.0.1") == check(
+        none, "x@nowhere.example", "127.0.0.1")
+    assert asyncio.run(lazy_empty.lookup_name("192.0.2.9")) == "unknown"
 
 
 def test_queue_space(tmp_path: Path) -> None:

@@ -96,7 +96,7 @@ from qmgrd.flow import flow_get
 from qmgrd.spool.cleanup import Cleanup, _Headers
 from qmgrd.spool.envelope import Envelope, Recipient
 from qmgrd.spool.queue import Spool
-from transports.smtpd_policy import ConnectionCounter, Policy, PolicyError
+from transports.smtpd_policy import ConnectionCounter, LazyResolver, Policy, PolicyError
 from transports.smtpd_session import SmtpdParams, SmtpdSession
 
 __all__ = ["HANDOVER", "OVERFLOW_DELAY", "SmtpdCleanup", "SmtpdServer", "main", "tls_context"]
@@ -424,8 +424,8 @@ def _pre_jail(ctx: ServerContext) -> None:
     cfg = ctx.config
     log.setup(cfg.get("process_name") or "smtpd", cfg.maillog_file(),
               cfg.get("syslog_name") or "qmgrd", foreground=ctx.foreground)
-    try:
-        resolver: dns.asyncresolver.Resolver | None = dns.asyncresolver.Resolver()
+    try:  # resolv.conf read now (before the jail), the Resolver made at its first use
+        resolver: LazyResolver | None = LazyResolver()
     except dns.resolver.NoResolverConfiguration:
         resolver = None
     try:
