@@ -78,6 +78,18 @@ def test_mixed_line_endings_keep_lone_cr_and_nul(tmp_path: Path) -> None:
     assert got[-5:] == [b"", b"a", b"b\rc", b"\x00d\r", b"last\r"]
 
 
+def test_record_headers_are_shared_for_the_default_limit(tmp_path: Path) -> None:
+    """The N record headers for each line length are made once per process and
+    line_length_limit (for the default at import: shared by the forked children), not
+    by each Cleanup; a different limit gets its own, as long."""
+    a, _ = make(tmp_path / "a")
+    b, _ = make(tmp_path / "b")
+    assert a._nhdr is b._nhdr and len(a._nhdr) == 2049
+    assert a._nhdr[5] == R.REC_NORM + b"\x05" and a._nhdr[2048] == R.REC_NORM + b"\x80\x10"
+    c, _ = make(tmp_path / "c", "line_length_limit = 512\n")
+    assert len(c._nhdr) == 513 and c._nhdr[:513] == a._nhdr[:513]
+
+
 def test_long_lines_become_L_records(tmp_path: Path) -> None:
     c, spool = make(tmp_path, "line_length_limit = 512\n")  # Postfix's minimum
     body = b"x" * 1100 + b"\n" + b"y" * 1000 + b"\n" + b"z" * 512 + b"\n"
