@@ -158,6 +158,28 @@ def test_late_imports_are_reported() -> None:
     assert seen == ["json.tool"]
 
 
+def test_an_optional_module_that_is_not_installed_is_not_reported(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """dnspython tries ``import sniffio`` at every lookup and does without it: a jailed
+    smtpd logged 'module sniffio imported after the jail' at its first DNS lookup."""
+    monkeypatch.setattr(jail, "OPTIONAL_MODULES", ("qmgrd_test_no_such_module",),
+                        raising=False)
+    monkeypatch.setattr(jail, "_PRIMED", [], raising=False)
+    seen: list[str] = []
+    finders = list(sys.meta_path)
+    try:
+        jail.prime_for_jail()
+        sys.modules.pop("json.tool", None)
+        jail.watch_late_imports(seen.append)
+        with pytest.raises(ImportError):
+            import qmgrd_test_no_such_module  # type: ignore[import-not-found]  # noqa: F401
+        import json.tool  # noqa: F401 - any other module is still reported
+    finally:
+        sys.meta_path[:] = finders
+        sys.modules.pop("json.tool", None)
+    assert seen == ["json.tool"]
+
+
 CHILD = """
 import json, os, sys
 from master.server.jail import Owner, enter_jail, prime_for_jail

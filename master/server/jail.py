@@ -28,10 +28,13 @@ Summary
     must be imported or opened before it (design.md §4 rule 5).  :func:`prime_for_jail`
     loads what the standard library would otherwise load lazily on first use: the codecs
     a service is likely to use (idna with punycode and stringprep: mail to an IDN
-    domain), and the local time zone (log time stamps).  After the
+    domain), the local time zone (log time stamps), and the OPTIONAL_MODULES that
+    libraries try at run time (sniffio, by dnspython).  After the
     jail, :func:`watch_late_imports` reports every module imported from then on (the
     import is still attempted): the skeleton logs it as a warning naming the module, so
-    a lazy import that fails - or works only by luck - is visible in the log.
+    a lazy import that fails - or works only by luck - is visible in the log.  An
+    optional module that prime_for_jail found not installed is not reported (its import
+    fails in or out of the jail).
 
 Public API
     Owner(name, uid, gid, privileged)            frozen dataclass
@@ -55,6 +58,7 @@ from __future__ import annotations
 
 import codecs
 import errno
+import importlib
 import os
 import pwd
 import sys
@@ -84,6 +88,11 @@ __all__ = [
 PRIMED_CODECS = ("ascii", "latin-1", "utf-8", "utf-16", "idna", "punycode", "cp437",
                  "charmap")
 IDN_SAMPLE = "b\u00fccher.example"  # encoded once: idna loads punycode, stringprep, unicodedata
+#: modules that libraries we use try to import at run time and do without when they are
+#: not installed (dnspython's asyncbackend tries sniffio at every lookup): imported by
+#: prime_for_jail when installed; when not, their attempts after the jail are not reported
+#: (the import fails in or out of the jail: nothing was missed)
+OPTIONAL_MODULES = ("sniffio",)
 
 
 class OwnerError(Exception):
@@ -171,6 +180,7 @@ def unprivileged_warning(owner: Owner) -> str:
 
 
 _PRIMED: list[str | None] = []  # the TZ primed for, once primed (a forked child inherits it)
+_ABSENT: set[str] = set()  # OPTIONAL_MODULES found not installed by prime_for_jail
 
 
 def prime_for_jail() -> None:
@@ -184,6 +194,11 @@ def prime_for_jail() -> None:
     for name in PRIMED_CODECS:
         codecs.lookup(name)
     IDN_SAMPLE.encode("idna")  # an IDN domain (MX lookup, bounce to it) after the jail
+    for name in OPTIONAL_MODULES:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            _ABSENT.add(name)
     time.tzset()
     time.localtime()
 
@@ -240,7 +255,7 @@ class _LateImports:
 
     def find_spec(self, fullname: str, path: Sequence[str] | None,
                   target: types.ModuleType | None = None) -> ModuleSpec | None:
-        if fullname not in self.seen:
+        if fullname not in self.seen and fullname not in _ABSENT:
             self.seen.add(fullname)
             self.report(fullname)
         return None
