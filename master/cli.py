@@ -147,6 +147,8 @@ START_TIMEOUT = 10.0  # s: how long start waits for the master's next report
 RELOAD_TIMEOUT = 10.0  # s: how long reload waits for the master's verdict
 STOP_TIMEOUT = 15.0  # s: how long stop waits for the master and every child to be gone
 EX_TEMPFAIL = 75  # sysexits: the outcome of a stop or reload is not known yet
+SELECT_SLICE = 3600.0  # s: the longest single select() of start's wait (a huge
+#                        QMGRD_START_TIMEOUT such as 1e300 overflows select's time_t)
 
 
 def _say(text: str) -> None:
@@ -381,9 +383,9 @@ def _wait_started(r: int, pid: int) -> int:
     data = b""
     waiting_said = False
     while (left := deadline - time.monotonic()) > 0:
-        ready, _, _ = select.select([r], [], [], left)
+        ready, _, _ = select.select([r], [], [], min(left, SELECT_SLICE))
         if not ready:
-            break
+            continue  # a slice ended; the loop's test ends the wait at the deadline
         chunk = os.read(r, 4096)
         if not chunk:
             break

@@ -612,3 +612,22 @@ def test_the_waits_can_be_shortened_from_the_environment(
         assert capsys.readouterr().err == (
             f"qmgr-master: warning: ignoring QMGRD_STOP_TIMEOUT={bad!r}: not a positive "
             "number of seconds; using 15\n")
+
+
+def test_a_huge_start_timeout_is_waited_not_a_traceback(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """QMGRD_START_TIMEOUT=1e300 is a positive, finite number of seconds: start waits
+    for the master's report as with any other value (select() takes at most
+    SELECT_SLICE at a time: 1e300 s overflowed its time_t, an OverflowError traceback
+    after ``starting the qmgrd mail system``)."""
+    from master.cli import _wait_started
+
+    monkeypatch.setenv("QMGRD_START_TIMEOUT", "1e300")
+    r, w = os.pipe()
+    try:
+        os.write(w, b"ok\n")
+        assert _wait_started(r, os.getpid()) == 0
+    finally:
+        os.close(r)
+        os.close(w)
+    assert capsys.readouterr().err == ""
