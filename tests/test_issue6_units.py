@@ -358,3 +358,22 @@ def test_local_recipient_maps_accept_alias_names(tmp_path: Path) -> None:
     assert rcpt("alice@mx.test.example") == (
         "550 5.1.1 <alice@mx.test.example>: Recipient address rejected: "
         "User unknown in local recipient table")
+
+
+def test_lazy_resolver_with_a_garbage_resolv_conf(tmp_path: Path) -> None:
+    """A resolv.conf dnspython cannot parse is "no resolver", never an exception out
+    of the smtpd: a nameserver line that is no address made dnspython's ValueError
+    escape lookup_name ("never raises") at the first lookup; a Latin-1 comment made a
+    UnicodeDecodeError at the smtpd's start."""
+    garbage = tmp_path / "garbage"
+    garbage.write_text("nameserver garbage\n")
+    text = ("smtpd_recipient_restrictions = reject_unknown_recipient_domain, "
+            "permit_mynetworks, reject_unauth_destination\nsmtpd_peername_lookup = yes\n")
+    none, lazy = policy(text, None), policy(text, LazyResolver(str(garbage)))
+    assert asyncio.run(lazy.lookup_name("192.0.2.9")) == "unknown"
+    assert check(lazy, "x@nowhere.example", "127.0.0.1") == check(
+        none, "x@nowhere.example", "127.0.0.1")
+    latin1 = tmp_path / "latin1"
+    latin1.write_bytes(b"# caf\xe9\nnameserver 192.0.2.53\n")
+    assert [str(n) for n in LazyResolver(str(latin1)).resolver().nameservers] == [
+        "192.0.2.53"]

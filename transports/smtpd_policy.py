@@ -322,8 +322,11 @@ class LazyResolver:
     than 127.0.0.1/::1 with smtpd_peername_lookup, or reject_unknown_recipient_domain.
     Making it at start cost every smtpd process about 0.4 MiB of pages of its own
     (issue 8, scenario M), also the many whose sessions never ask DNS. A file without a
-    nameserver makes each lookup raise NoResolverConfiguration, a DNSException: the
-    callers then answer as without a resolver (``unknown``, DNS could not tell).
+    nameserver, or with one dnspython cannot parse (``nameserver garbage``: its
+    ValueError, which escaped lookup_name's "never raises" and ended the session),
+    makes each lookup raise NoResolverConfiguration, a DNSException: the callers then
+    answer as without a resolver (``unknown``, DNS could not tell). Bytes that are not
+    UTF-8 are read as U+FFFD (glibc reads bytes; dnspython's open() would raise).
     Nothing is imported at the first lookup (dns.asyncresolver is, at start)."""
 
     def __init__(self, path: str = "/etc/resolv.conf") -> None:
@@ -338,14 +341,20 @@ class LazyResolver:
         except OSError:
             raise dns.resolver.NoResolverConfiguration(  # type: ignore[no-untyped-call]
                 f"cannot open {path}") from None
-        self._conf = b"".join(chunks).decode("utf-8")  # as dnspython's open(encoding=)
+        # bytes that are not UTF-8 (a Latin-1 comment) are replaced, not a
+        # UnicodeDecodeError that killed the smtpd at start: glibc reads bytes
+        self._conf = b"".join(chunks).decode("utf-8", "replace")
         self._resolver: dns.asyncresolver.Resolver | None = None
 
     def resolver(self) -> dns.asyncresolver.Resolver:
         """The Resolver, made now if it was not (NoResolverConfiguration: no nameserver)."""
         if self._resolver is None:
             made = dns.asyncresolver.Resolver(configure=False)
-            made.read_resolv_conf(io.StringIO(self._conf, newline=None))  # as open()
+            try:
+                made.read_resolv_conf(io.StringIO(self._conf, newline=None))  # as open()
+            except ValueError as exc:  # "nameserver garbage": dnspython's ValueError
+                raise dns.resolver.NoResolverConfiguration(  # type: ignore[no-untyped-call]
+                    str(exc)) from None
             self._resolver = made
         return self._resolver
 
