@@ -309,8 +309,8 @@ class Master:
         directories of an earlier hash_queue_names/hash_queue_depth are moved where
         every process will look for them (it logs what it did; it drops to mail_owner
         itself).  ``meanwhile`` (the service modules' preload) runs while it does; the
-        repair is ended if that raises.  However long it takes: ``progress`` is told it runs every
-        REPAIR_REPORT_INTERVAL after the first.  The signal handlers must be installed:
+        repair is ended if that raises.  However long it takes: ``progress`` is told it
+        runs every REPAIR_REPORT_INTERVAL after the first.  The signal handlers must be installed:
         a stop signal meanwhile ends it.  Exit status REPAIR_INCOMPLETE (some files
         could not be renamed) logs a warning and the start goes on.
 

@@ -240,10 +240,7 @@ class QueueFile:
         """
         qf = cls._open_locked(spool, queue, qid, lock, False)
         try:
-            rec = qf._next(RecordReader(qf._f, offset=0), [0])
-            if rec.rtype != R.REC_SIZE:
-                raise CorruptQueueFile(f"offset 0: first record is {rec.rtype!r}, not C")
-            qf._parse_size(rec)
+            qf._read_size(RecordReader(qf._f, offset=0), [0])
         except BaseException:
             qf.close()
             raise
@@ -305,6 +302,13 @@ class QueueFile:
                 raise CorruptQueueFile(f"offset {rec.offset}: pointer loop or bad pointer")
             rd.seek(target)
 
+    def _read_size(self, rd: RecordReader, jumps: list[int]) -> None:
+        """Read the first record, which must be C, and take its fields."""
+        rec = self._next(rd, jumps)
+        if rec.rtype != R.REC_SIZE:
+            raise CorruptQueueFile(f"offset 0: first record is {rec.rtype!r}, not C")
+        self._parse_size(rec)
+
     def _parse_size(self, rec: Record) -> None:
         fields = rec.data.split()
         if not 2 <= len(fields) <= 6:
@@ -353,10 +357,7 @@ class QueueFile:
     def _read_envelope(self, rcpt_limit: int | None) -> None:
         rd = RecordReader(self._f, offset=0)
         jumps = [0]
-        rec = self._next(rd, jumps)
-        if rec.rtype != R.REC_SIZE:
-            raise CorruptQueueFile(f"offset 0: first record is {rec.rtype!r}, not C")
-        self._parse_size(rec)
+        self._read_size(rd, jumps)
         seen_time = seen_sender = False
         ctime = 0
         ps = _RcptState()
