@@ -593,3 +593,35 @@ def test_symlinked_queue_file_is_not_followed(env: Env) -> None:
     assert os.path.islink(path)
     ((_, dsn),) = statuslog.read(env.spool, "defer", qid)
     assert dsn.reason == "queue file read error"
+
+
+@pytest.mark.parametrize("agent_class", [ScriptAgent, DiscardAgent, ErrorAgent])
+@pytest.mark.parametrize("refused", [False, True], ids=["root", "mail_owner"])
+def test_a_file_already_marked_corrupt_gets_one_warning(
+        env: Env, monkeypatch: pytest.MonkeyPatch, agent_class: type[DeliveryAgent],
+        refused: bool) -> None:
+    """A queue file an earlier delivery marked corrupt (mode 0400) is warned about with
+    one text by every agent: whether the open succeeds (the local agent runs as root)
+    or is refused (the other agents run as mail_owner: EACCES for O_RDWR on a 0400
+    file, simulated here). It was 'file is not ready (mode 100400)' for one and
+    'Permission denied: <path>' for the others."""
+    qid = env.queue(["ok@example.net"])
+    req = env.request(qid, nexthop="5.0.0 no")
+    path = env.spool.path("active", qid)
+    os.chmod(path, 0o400)
+    if refused:
+        from qmgrd.spool import regular
+
+        def eacces(p: str, flags: int) -> tuple[int, os.stat_result]:
+            if flags & os.O_RDWR:
+                raise PermissionError(13, "Permission denied", p)
+            raise AssertionError("the agent opens O_RDWR")
+        monkeypatch.setattr(regular, "open_regular", eacces)
+    _, reply = round_trip(agent_class(), req, env.ctx())
+    assert reply is not None and reply.status == 1
+    warnings = [ln.split("warning: ", 1)[1] for ln in env.log().splitlines()
+                if "warning: " in ln]
+    assert warnings == [f"{qid}: queue file marked corrupt: delivery deferred"]
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o400
+    ((_, dsn),) = statuslog.read(env.spool, "defer", qid)
+    assert (dsn.status, dsn.reason) == ("4.3.0", "queue file read error")

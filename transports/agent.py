@@ -22,8 +22,10 @@ Summary
 
     A missing, not ready, locked or corrupt queue file defers every recipient with
     ``4.3.0 queue file read error``; a corrupt one is also chmod 0400 so that the qmgr
-    moves it to corrupt/ (Postfix mark_corrupt). A malformed request is logged as a
-    warning and the connection is closed without a reply.
+    moves it to corrupt/ (Postfix mark_corrupt). A file already marked so is warned
+    about with one text by every agent: ``<qid>: queue file marked corrupt: delivery
+    deferred``. A malformed request is logged as a warning and the connection is closed
+    without a reply.
 
     The qmgr writes its request without waiting for the greeting (qmgrd.qmgr.client).
     When the greeting is late it ends its side for writing and gives up on an agent
@@ -87,7 +89,13 @@ from qmgrd.delivery import DeliverRequest, DeliverStatus, ProtocolError, Recipie
 from qmgrd.logfmt import delivery_line
 from qmgrd.spool import statuslog
 from qmgrd.spool.envelope import DSN_NOTIFY_SUCCESS, Recipient
-from qmgrd.spool.message import CorruptQueueFile, QueueFile, QueueFileError, open_regular
+from qmgrd.spool.message import (
+    CorruptQueueFile,
+    QueueFile,
+    QueueFileError,
+    QueueFileMarkedCorrupt,
+    open_regular,
+)
 from qmgrd.spool.queue import MESSAGE_QUEUES, Spool
 from qmgrd.spool.queueid import valid_id
 from qmgrd.spool.statuslog import Dsn
@@ -358,6 +366,11 @@ class DeliveryAgent:
             req.handoff = self.clock()
         try:
             return QueueFile.open_content(self.spool, req.queue_name, req.queue_id)
+        except QueueFileMarkedCorrupt as exc:
+            # one text for every agent, whether its open was refused (mail_owner:
+            # EACCES on the 0400 file) or not (the root local agent)
+            log.warning(f"{exc}: delivery deferred")
+            return self._finish_all(req, None, make_dsn("4.3.0", _READ_ERROR))
         except (QueueFileError, OSError) as exc:
             log.warning(f"{req.queue_id}: cannot open queue file: {exc}")
             if isinstance(exc, CorruptQueueFile):

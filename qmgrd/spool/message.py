@@ -35,7 +35,9 @@ Public API
     .has_more_recipients -> bool; .read_recipients(limit) -> list[Recipient]
     .iter_lines() -> Iterator[bytes]    content lines without EOL (L+N joined)
     .mark_done(offset), .set_warn_done(), .mark_corrupt(), .close(), context manager
-    QueueFileError, CorruptQueueFile(reason), QueueFileLocked, QueueFileNotReady
+    QueueFileError, CorruptQueueFile(reason), QueueFileLocked, QueueFileNotReady,
+    QueueFileMarkedCorrupt(qid) (a QueueFileNotReady: mode 0400, from open_content)
+    is_marked_corrupt(st) -> bool       a regular file of mode 0400 exactly
     open_regular(path, flags) -> (fd, os.stat_result)   the open QueueFile.open does:
         O_NOFOLLOW|O_NONBLOCK|O_CLOEXEC added; CorruptQueueFile for a symbolic link or
         any other non-regular file (fd closed); OSError from open/fstat
@@ -64,7 +66,9 @@ __all__ = [
     "QueueFile",
     "QueueFileError",
     "QueueFileLocked",
+    "QueueFileMarkedCorrupt",
     "QueueFileNotReady",
+    "is_marked_corrupt",
     "open_regular",
 ]
 
@@ -101,6 +105,23 @@ class QueueFileLocked(QueueFileError):
 
 class QueueFileNotReady(QueueFileError):
     """The file's mode says it is still being written (or marked corrupt)."""
+
+
+class QueueFileMarkedCorrupt(QueueFileNotReady):
+    """The file is marked corrupt (mode 0400, :meth:`QueueFile.mark_corrupt`): an
+    earlier delivery found it damaged and the qmgr moves it to corrupt/ when the
+    message completes. ``str()`` is the one warning text every delivery agent logs
+    for it: ``<qid>: queue file marked corrupt``."""
+
+    def __init__(self, qid: str) -> None:
+        super().__init__(f"{qid}: queue file marked corrupt")
+        self.qid = qid
+
+
+def is_marked_corrupt(st: os.stat_result) -> bool:
+    """True for a regular file of mode 0400 exactly: marked corrupt (Postfix's
+    MAIL_QUEUE_STAT_CORRUPT, S_IRUSR), not one still being written (0600)."""
+    return stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == stat.S_IRUSR
 
 
 def _int(data: bytes, what: str, at: int) -> int:
@@ -236,9 +257,22 @@ class QueueFile:
         envelope attributes stay at their defaults.
 
         Raises:
-            As :meth:`open`; CorruptQueueFile when the first record is not a valid C.
+            As :meth:`open`; CorruptQueueFile when the first record is not a valid C;
+            QueueFileMarkedCorrupt (a QueueFileNotReady) for a file marked corrupt,
+            whether the open succeeded (root) or was refused (EACCES: O_RDWR on a 0400
+            file for its owner, the agents that run as mail_owner), so that every agent
+            says the same about it.
         """
-        qf = cls._open_locked(spool, queue, qid, lock, False)
+        try:
+            qf = cls._open_locked(spool, queue, qid, lock, False)
+        except (QueueFileNotReady, PermissionError):
+            try:
+                marked = is_marked_corrupt(os.lstat(spool.path(queue, qid)))
+            except OSError:
+                marked = False
+            if marked:
+                raise QueueFileMarkedCorrupt(qid) from None
+            raise
         try:
             qf._read_size(RecordReader(qf._f, offset=0), [0])
         except BaseException:
