@@ -595,6 +595,36 @@ def test_symlinked_queue_file_is_not_followed(env: Env) -> None:
     assert dsn.reason == "queue file read error"
 
 
+def test_a_recipient_record_that_cannot_be_marked_done_marks_the_file_corrupt(
+        env: Env) -> None:
+    """The R record of a delivered recipient is damaged, which the agent sees only when
+    it marks the recipient done: the delivery happened (status=sent), but the queue file
+    cannot be updated. As Postfix, that file is corrupt: the agent marks it (0400) for
+    the qmgr to move it to corrupt/, and reports the recipient deferred with ``4.3.0
+    queue file write error``, so that the message is neither removed as if finished nor
+    delivered again at each retry. The other recipient is marked done as usual."""
+    qid = env.queue(["ok@example.net", "ok2@example.net"])
+    req = env.request(qid)
+    path = env.spool.path("active", qid)
+    data = bytearray(Path(path).read_bytes())
+    data[req.recipients[0].offset] = ord("Q")  # not R, not D
+    Path(path).write_bytes(bytes(data))
+    _, reply = round_trip(ScriptAgent(), req, env.ctx())
+    assert reply is not None and reply.status == 1
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o400
+    assert [(r.address, d.status, d.reason)
+            for r, d in statuslog.read(env.spool, "defer", qid)] == [
+        ("ok@example.net", "4.3.0", "queue file write error")]
+    assert [(m["to"], m["status"], m["reason"]) for m in log_lines(env)] == [
+        ("ok@example.net", "sent", "delivered fine"),
+        ("ok@example.net", "deferred", "queue file write error"),
+        ("ok2@example.net", "sent", "delivered fine")]
+    assert f"warning: {qid}: cannot update queue file" in env.log()
+    with open(path, "rb") as f:
+        f.seek(req.recipients[1].offset)
+        assert f.read(1) == b"D"
+
+
 @pytest.mark.parametrize("agent_class", [ScriptAgent, DiscardAgent, ErrorAgent])
 @pytest.mark.parametrize("refused", [False, True], ids=["root", "mail_owner"])
 def test_a_file_already_marked_corrupt_gets_one_warning(

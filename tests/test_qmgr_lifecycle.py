@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from qmgrd.delivery import BOUNCE_CMD_FLUSH, BOUNCE_CMD_WARN, DeliverRequest
+from qmgrd.delivery import BOUNCE_CMD_FLUSH, BOUNCE_CMD_WARN, DeliverRequest, DeliverStatus
 from qmgrd.qmgr.completion import Completion
 from qmgrd.qmgr.qfile import ActiveFile
 from qmgrd.spool.message import QueueFile
 from qmgrd.spool.queue import Spool
 from tests.test_qmgr_scheduler import Env, defer_reasons, drain, run
+from transports.discard import DiscardAgent
 
 
 def always_defer(transport: str, req: DeliverRequest, rcpt: object) -> str:
@@ -389,3 +390,48 @@ def test_a_failed_move_to_deferred_is_tried_again_at_the_next_scan(
 
     run(go())
     assert not env.files("deferred") and not env.files("active")
+
+
+def test_a_queue_file_the_agent_cannot_update_goes_to_corrupt(
+        tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """A real delivery agent (transports.discard) delivers, then finds the recipient's
+    R record damaged when it marks it done. The file must end in corrupt/ - neither
+    removed as if the message were finished (it was, before the agent reported the
+    write error) nor deferred and delivered again at every retry - with the agent's
+    ``4.3.0 queue file write error`` in its defer log."""
+    env = Env(tmp_path, minimal_backoff_time="300s")
+    agent = DiscardAgent()
+    agent.configure(env.cfg, "smtp")
+    delivered: list[str] = []
+
+    def damage(req: DeliverRequest) -> None:
+        with open(env.spool.path(req.queue_name, req.queue_id), "r+b") as f:
+            f.seek(req.recipients[0].offset)
+            f.write(b"Q")  # damaged after the qmgr read it: not R, not D
+
+    async def deliver(transport: str, req: DeliverRequest) -> DeliverStatus:
+        env.agents.requests.append((transport, req))
+        damage(req)
+        reply = agent.handle(req)
+        delivered.extend(r.address for r in req.recipients)
+        return reply
+
+    env.agents.deliver = deliver  # type: ignore[method-assign]
+    qid = env.submit("a@x.example", ["r@d.example"])
+
+    async def go() -> None:
+        sched = env.sched()
+        sched.startup()
+        await drain(sched)
+        env.clock.now += 4000
+        sched.trigger(b"ADI")
+        await drain(sched)
+
+    run(go())
+    assert delivered == ["r@d.example"]  # once, not at every retry
+    assert os.path.isfile(env.spool.path("corrupt", qid))  # 0400: scan() passes over it
+    assert not env.files("active") and not env.files("deferred")
+    assert defer_reasons(env.spool, qid) == [("4.3.0", "queue file write error")]
+    err = capfd.readouterr().err
+    assert f"{qid}: removed" not in err
+    assert f"warning: {qid}: queue file marked corrupt: moving to corrupt queue" in err

@@ -24,7 +24,11 @@ Summary
     ``4.3.0 queue file read error``; a corrupt one is also chmod 0400 so that the qmgr
     moves it to corrupt/ (Postfix mark_corrupt). A file already marked so is warned
     about with one text by every agent: ``<qid>: queue file marked corrupt: delivery
-    deferred``. A malformed request is logged as a warning and the connection is closed
+    deferred``. A file that cannot be updated when a finished recipient is marked done
+    (a damaged ``R`` record, a failed write) is corrupt too: marked 0400, and that
+    recipient is deferred with ``4.3.0 queue file write error`` (it was logged sent or
+    bounced first: the delivery happened; the file goes to corrupt/, so it is not
+    repeated). A malformed request is logged as a warning and the connection is closed
     without a reply.
 
     The qmgr writes its request without waiting for the greeting (qmgrd.qmgr.client).
@@ -110,6 +114,7 @@ DEL_REQ_FLAG_RECORD = 0x400
 _DSN_RE = re.compile(r"[245]\.\d{1,3}\.\d{1,3}\Z")
 _ACTIONS = {"2": "delivered", "4": "delayed", "5": "failed"}
 _READ_ERROR = "queue file read error"
+_WRITE_ERROR = "queue file write error"
 _STATUS_LOG_ERROR = "bounce or trace service failure"
 _AGENT_ERROR = "unknown mail transport error"
 # the DeliveryState of the request in hand: one per asyncio task when an agent serves
@@ -492,7 +497,7 @@ class DeliveryAgent:
             return self._defer(req, rcpt, _env_rcpt(rcpt), make_dsn("4.3.0", _STATUS_LOG_ERROR))
         self._log(req, rcpt, dsn, "sent" if dsn.status[0] == "2" else "bounced")
         if msg is not None and (dsn.status[0] == "5" or req.flags & delivery.DEL_REQ_FLAG_SUCCESS):
-            self._mark_done(req, msg, rcpt)
+            return self._mark_done(req, msg, rcpt)
         return True
 
     def _defer(
@@ -512,15 +517,29 @@ class DeliveryAgent:
             notify.error_notice(self.cfg, self.spool, klass, service=self.service,
                                 qid=req.queue_id, sender=req.sender, text=text)
 
-    @staticmethod
-    def _mark_done(req: DeliverRequest, msg: QueueFile, rcpt: RecipientInfo) -> None:
+    def _mark_done(self, req: DeliverRequest, msg: QueueFile, rcpt: RecipientInfo) -> bool:
+        """Mark the finished ``rcpt`` done in the queue file; True when it is done.
+
+        A file that cannot be updated (its ``R`` record damaged, the write failed) is a
+        corrupt file, as in Postfix: it is marked (0400) so that the qmgr moves it to
+        corrupt/ when the message completes, and the recipient is reported deferred
+        with ``4.3.0 queue file write error`` - never finished, which would let the
+        qmgr remove the file, and never delivered again, as the file leaves the queue.
+        """
         if rcpt.offset <= 0:
             log.warning(f"{req.queue_id}: recipient {rcpt.address} has no file offset")
-            return
+            return True
         try:
             msg.mark_done(rcpt.offset)
         except (QueueFileError, OSError) as exc:
-            log.warning(f"{req.queue_id}: cannot update queue file: {exc}")
+            log.warning(f"{req.queue_id}: cannot update queue file: {exc}: "
+                        "marking it corrupt")
+            try:
+                msg.mark_corrupt()
+            except OSError as err:
+                log.warning(f"{req.queue_id}: cannot mark corrupt: {err}")
+            return self._defer(req, rcpt, _env_rcpt(rcpt), make_dsn("4.3.0", _WRITE_ERROR))
+        return True
 
     def _log(self, req: DeliverRequest, rcpt: RecipientInfo, dsn: Dsn, status: str) -> None:
         log.info(delivery_line(
