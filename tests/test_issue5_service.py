@@ -177,6 +177,45 @@ def test_expiry_reports_each_recipient_once_with_its_last_reason(env: Env) -> No
     assert "first try" not in msg.get_payload()[0].get_content()
 
 
+
+def test_expiry_without_a_defer_log_still_returns_the_message(env: Env) -> None:
+    """The message expired but its defer log is missing (never written, or lost): as
+    Postfix's bounce service, the non-delivery notice is sent all the same, with
+    '--- Delivery report unavailable ---' in place of the recipients and no
+    per-recipient delivery-status fields; the postmaster copy (class bounce) too."""
+    qid = env.queue([Recipient("x@example.net")], CONTENT)
+    assert statuslog.read_existing(env.spool, "defer", qid) is None
+    assert service(env, "defer").handle(request(qid, "alice@example.com")) == 0
+    notices = {sender: (to, msg) for sender, to, msg in queued(env)}
+    to, msg = notices[""]
+    assert to == ["alice@example.com"]
+    assert msg["Subject"] == "Undelivered Mail Returned to Sender"
+    text = msg.get_payload()[0].get_content()
+    assert text.endswith("The mail system\n\n\t--- Delivery report unavailable ---\n")
+    status_blocks = msg.get_payload()[1].get_payload()
+    assert len(status_blocks) == 1  # the per-message fields only
+    assert str(status_blocks[0]["X-Postfix-Queue-ID"]) == qid
+    assert "the body" in msg.get_payload()[2].as_string()
+    to, copy = notices[f"double-bounce@{HOST}"]
+    assert to == [f"postmaster@{HOST}"]
+    assert "--- Delivery report unavailable ---" in copy.get_payload()[0].get_content()
+    assert f"{qid}: sender non-delivery notification:" in env.log()
+
+
+def test_an_empty_log_or_a_warning_without_a_log_sends_nothing(env: Env) -> None:
+    """Postfix sends the "unavailable" notice for a missing log only, and only a
+    non-delivery notice: an empty log has no recipient to report (no notice, the log
+    is removed), and a delay warning without a log is not sent."""
+    qid = env.queue([Recipient("x@example.net")], CONTENT)
+    assert service(env, "defer").handle(request(qid, "alice@example.com",
+                                                BOUNCE_CMD_WARN)) == 0
+    Path(env.spool.path("defer", qid)).parent.mkdir(parents=True, exist_ok=True)
+    Path(env.spool.path("defer", qid)).write_bytes(b"")
+    assert service(env, "defer").handle(request(qid, "alice@example.com")) == 0
+    assert queued(env) == []
+    assert statuslog.read_existing(env.spool, "defer", qid) is None
+
+
 def test_success_notice_only_for_a_real_sender(tmp_path: Path) -> None:
     # without class 2bounce ("bounce" does not imply it here: bounce_trace_service)
     env = make_env(tmp_path, notify_classes="bounce, delay")

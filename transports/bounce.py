@@ -11,6 +11,11 @@ Summary
     * FLUSH to ``defer``: the message expired — a non-delivery notice for the recipients
       in ``defer/<id>`` (Action: failed, the last 4.x.x status and reason of each: a
       recipient logged more than once is reported once, with its last entry);
+    * FLUSH when the log is missing (a defer log never written or lost): the
+      non-delivery notice goes out all the same, to everyone a log would have given
+      one to, with Postfix's ``\t--- Delivery report unavailable ---`` in place of the
+      recipients and no per-recipient delivery-status fields (bounce_diagnostic_log);
+      an empty log sends nothing;
     * WARN to ``defer``: a delay warning (Action: delayed, Will-Retry-Until), the log is
       kept (the qmgr marks the warning as sent);
     * TRACE to ``trace``: a success notice (Action: delivered or relayed).
@@ -57,7 +62,9 @@ Public API
     BounceService(ctx)              .serve(conn, ctx), .handle(request) -> int (0 = done)
     build_notice(*, kind, myhostname, qid, sender, to, arrival, entries, original,
                  headers_only, envid="", lifetime=432000, warn_after=0,
-                 postmaster_copy=False, boilerplate=True, smtputf8=False) -> bytes
+                 postmaster_copy=False, boilerplate=True, smtputf8=False,
+                 unavailable=False) -> bytes
+    REPORT_UNAVAILABLE              the text-part line of a notice whose log is missing
     main()                          the service's entry point (single_server)
 
 Bad bytes
@@ -118,7 +125,7 @@ from qmgrd.spool.queue import Spool
 from qmgrd.spool.queueid import valid_id
 from qmgrd.utf8 import shown as _safe
 
-__all__ = ["BounceService", "build_notice", "main"]
+__all__ = ["REPORT_UNAVAILABLE", "BounceService", "build_notice", "main"]
 
 Entries = list[tuple[Recipient, statuslog.Dsn]]
 
@@ -153,6 +160,9 @@ _TEXT = {
         "notifications of mail delivery errors from other systems.\n"
     ),
 }
+
+# Postfix's bounce_diagnostic_log() when the log is missing (a non-delivery notice only)
+REPORT_UNAVAILABLE = "\t--- Delivery report unavailable ---"
 
 _RETURNED = {
     "failed": ("Undelivered Message", "Undelivered Message Headers"),
@@ -279,6 +289,7 @@ def build_notice(
     postmaster_copy: bool = False,
     boilerplate: bool = True,
     smtputf8: bool = False,
+    unavailable: bool = False,
 ) -> bytes:
     """Build an RFC 3464 notice (bytes, LF line ends; cleanup adds the Message-ID).
 
@@ -300,6 +311,10 @@ def build_notice(
         boilerplate: include the explanatory text (postmaster notices have none).
         smtputf8: use ``message/global-delivery-status`` and ``message/global``
             (RFC 6533) and ``utf-8`` address types.
+        unavailable: the status log is missing (``entries`` is empty): the text part
+            says ``\t--- Delivery report unavailable ---`` where the recipients would
+            be, and the delivery-status part has the per-message fields only, as
+            Postfix's bounce_diagnostic_log() and bounce_diagnostic_dsn().
     """
     now = time.time()
     outer = MIMEMultipart("report", report_type="delivery-status", policy=compat32)
@@ -321,6 +336,8 @@ def build_notice(
         delay=_duration(warn_after), lifetime=_duration(lifetime)
     ) + "\n                   The mail system\n\n" if boilerplate else ""
     text += "".join(_recipient_line(r, d) + "\n" for r, d in entries)
+    if unavailable:
+        text += REPORT_UNAVAILABLE + "\n"
     part1 = _text_part(text)
     part1["Content-Description"] = "Notification"
     del part1["MIME-Version"]
@@ -442,9 +459,16 @@ class BounceService:
         if kind is None:
             log.warning(f"{req.queue_id}: {self.service}: unsupported request {req.nrequest}")
             return 1
-        entries = _last_per_recipient(statuslog.read(self.spool, self.logname, req.queue_id))
-        if entries:
-            self._notify(req, kind, entries)
+        logged = statuslog.read_existing(self.spool, self.logname, req.queue_id)
+        if logged is None and kind == "failed":
+            # Postfix's bounce_mail_init(): a missing log is no reason to send nothing
+            # (the message expired, or bounced, all the same): the notice goes out with
+            # "Delivery report unavailable" in place of the recipients. An empty log
+            # (no recipient to report) sends none, nor does a missing one for a delay
+            # warning or a success notice.
+            self._notify(req, kind, [], unavailable=True)
+        elif logged:
+            self._notify(req, kind, _last_per_recipient(logged))
         if req.nrequest != BOUNCE_CMD_WARN:
             statuslog.remove(self.spool, self.logname, req.queue_id)
         return 0
@@ -452,7 +476,10 @@ class BounceService:
     def _qualify(self, addr: str) -> str:
         return addr if "@" in addr else f"{addr}@{self.myorigin}"
 
-    def _notify(self, req: StatusRequest, kind: str, entries: Entries) -> None:
+    def _notify(self, req: StatusRequest, kind: str, entries: Entries, *,
+                unavailable: bool = False) -> None:
+        """Send the notices ``kind`` for ``entries`` (none and ``unavailable`` when the
+        log is missing: every notice a log would have given, for any NOTIFY)."""
         qid, sender = req.queue_id, req.sender
         if sender.lower() == self.double_bounce.lower():
             if kind == "delivered":
@@ -464,7 +491,7 @@ class BounceService:
         if not sender:
             if kind == "failed" and self.notify_classes & {"bounce", "2bounce"}:
                 self._post(req, kind, entries, self.cfg.get("2bounce_notice_recipient"),
-                           postmaster=True, ret_hdrs=False)
+                           postmaster=True, ret_hdrs=False, unavailable=unavailable)
             elif kind == "delayed" and "delay" in self.notify_classes:
                 self._post(req, kind, entries, self.cfg.get("delay_notice_recipient"),
                            postmaster=True, ret_hdrs=True)
@@ -485,15 +512,16 @@ class BounceService:
             selected = entries
         else:
             selected = [(r, d) for r, d in entries if r.notify == 0 or r.notify & want]
-        if selected:
+        if selected or unavailable:
             self._post(req, kind, selected, sender, postmaster=False,
-                       ret_hdrs=kind != "failed" or req.ret_flags == DSN_RET_HDRS)
+                       ret_hdrs=kind != "failed" or req.ret_flags == DSN_RET_HDRS,
+                       unavailable=unavailable)
         copy_to = {"failed": ("bounce", "bounce_notice_recipient"),
                    "delayed": ("delay", "delay_notice_recipient")}.get(kind)
         if copy_to is not None and copy_to[0] in self.notify_classes:
             try:
                 self._post(req, kind, entries, self.cfg.get(copy_to[1]), postmaster=True,
-                           ret_hdrs=True)
+                           ret_hdrs=True, unavailable=unavailable)
             except (OSError, CorruptQueueFile, CleanupError) as exc:
                 # the reason, then Postfix's line (bounce_notify_service, bounce_warn_service)
                 log.warning(f"{qid}: cannot post the postmaster {kind} notice: {exc}")
@@ -519,10 +547,12 @@ class BounceService:
         return original, arrival, headers_only
 
     def _post(self, req: StatusRequest, kind: str, entries: Entries, to: str, *,
-              postmaster: bool, ret_hdrs: bool, env_sender: str | None = None) -> None:
+              postmaster: bool, ret_hdrs: bool, env_sender: str | None = None,
+              unavailable: bool = False) -> None:
         """Build one notice and queue it through cleanup (raises as handle() does). Its
         envelope sender is ``env_sender``, by default the double-bounce address for a
-        ``postmaster`` notice and the null sender otherwise."""
+        ``postmaster`` notice and the null sender otherwise; ``unavailable``: see
+        build_notice."""
         to = self._qualify(to)
         original, arrival, headers_only = self._original(req, ret_hdrs)
         data = build_notice(
@@ -531,6 +561,7 @@ class BounceService:
             headers_only=headers_only, envid=req.envelope_id, lifetime=self.lifetime,
             warn_after=self.warn_after, postmaster_copy=postmaster,
             boilerplate=not postmaster, smtputf8=bool(req.smtputf8 & SMTPUTF8_FLAG_REQUESTED),
+            unavailable=unavailable,
         )
         if env_sender is None:
             env_sender = self.double_bounce if postmaster else ""

@@ -40,6 +40,7 @@ Public API
                                 (Recipient, Dsn): one lock, one write, one fsync
     format_entry(rcpt, dsn) -> bytes
     read(spool, log, qid) -> list[tuple[Recipient, Dsn]]   [] when there is no log
+    read_existing(spool, log, qid) -> list[tuple[Recipient, Dsn]] | None   None then
     parse(data, name="") -> list[tuple[Recipient, Dsn]]
     remove(spool, log, qid) -> bool
     quote_822_local(address) -> str
@@ -73,6 +74,7 @@ __all__ = [
     "parse",
     "quote_822_local",
     "read",
+    "read_existing",
     "remove",
     "unquote_822_local",
 ]
@@ -288,11 +290,23 @@ def read(spool: Spool, log_name: str, qid: str) -> list[tuple[Recipient, Dsn]]:
         ValueError: unknown log name or invalid id.
         OSError: the log exists but cannot be read.
     """
+    return read_existing(spool, log_name, qid) or []
+
+
+def read_existing(spool: Spool, log_name: str,
+                  qid: str) -> list[tuple[Recipient, Dsn]] | None:
+    """As :func:`read`, but None when there is no log: the bounce service tells a
+    missing log (a notice saying the report is unavailable) from an empty one (no
+    notice), as Postfix's bounce_mail_init() does.
+
+    Raises:
+        As :func:`read`.
+    """
     path = _path(spool, log_name, qid)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)  # never a link
     except FileNotFoundError:
-        return []
+        return None
     with os.fdopen(fd, "rb") as f:
         fcntl.flock(fd, fcntl.LOCK_SH)
         data = f.read()
