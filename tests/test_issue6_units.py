@@ -182,6 +182,34 @@ def test_reject_unknown_recipient_domain() -> None:
     assert (check(failing, "x@nowhere.example", ip) or "").startswith("450 4.1.2 ")
 
 
+def test_reject_unknown_recipient_domain_checks_relay_domains() -> None:
+    """Postfix's reject_unknown_address skips only final destinations (local, virtual
+    alias, virtual mailbox: RESOLVE_CLASS_FINAL); a relay_domains domain without MX or
+    A/AAAA is rejected with $unknown_address_reject_code like any other."""
+    text = ("relay_domains = relay.example, gone.example\n"
+            "virtual_alias_domains = valias.example\n"
+            "virtual_mailbox_domains = vmbox.example\n"
+            "smtpd_recipient_restrictions = reject_unknown_recipient_domain, "
+            "permit_mynetworks, reject_unauth_destination\n")
+    dns_table = {("relay.example", "MX"): ["10 mx.relay.example."]}
+    ip = "192.0.2.1"  # outside mynetworks: only the relay domains may pass
+    p = policy(text, FakeResolver(dns_table))
+    assert check(p, "x@relay.example", ip) is None
+    assert check(p, "x@gone.example", ip) == (
+        "450 4.1.2 <x@gone.example>: Recipient address rejected: Domain not found")
+    assert check(p, "x@sub.gone.example", ip) == (  # parent_domain_matches_subdomains
+        "450 4.1.2 <x@sub.gone.example>: Recipient address rejected: Domain not found")
+    for final in ("localhost", "valias.example", "vmbox.example"):  # never looked up
+        assert check(p, f"x@{final}", ip) is None, final
+    p5 = policy(text + "unknown_address_reject_code = 550\n", FakeResolver(dns_table))
+    assert check(p5, "x@gone.example", ip) == (
+        "550 5.1.2 <x@gone.example>: Recipient address rejected: Domain not found")
+    failing = policy(text + "unknown_address_reject_code = 550\n",
+                     FakeResolver(dns_table, True))
+    assert check(failing, "x@gone.example", ip) == (
+        "450 4.1.2 <x@gone.example>: Recipient address rejected: Domain not found")
+
+
 def test_lookup_name() -> None:
     p = policy("", FakeResolver({("9.2.0.192.in-addr.arpa", "PTR"): ["host.example."],
                                  ("host.example", "A"): ["192.0.2.9"],

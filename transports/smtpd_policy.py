@@ -28,8 +28,11 @@ Summary
       554, ``5.7.1 <rcpt>: Relay access denied``), ``defer_unauth_destination`` (that code
       minus 100: 454 4.7.1), ``reject_non_fqdn_recipient`` / ``reject_non_fqdn_sender``
       (``$non_fqdn_reject_code`` 504 5.5.2), ``reject_unknown_recipient_domain``
-      (``$unknown_address_reject_code`` 450 4.1.2 when a non-final domain has neither MX
-      nor A/AAAA; DNS through dnspython's asyncio resolver). ``permit_sasl_authenticated``
+      (``$unknown_address_reject_code`` 450 4.1.2 when a domain has neither MX nor
+      A/AAAA, 450 4.1.2 when DNS could not tell; skipped, as Postfix, only for final
+      destinations - mydestination, virtual_alias_domains, virtual_mailbox_domains - and
+      address literals, so a relay_domains domain is looked up too; DNS through
+      dnspython's asyncio resolver). ``permit_sasl_authenticated``
       is accepted and never matches: smtpd offers no AUTH (no SASL). Any other name:
       ``warning: unknown smtpd restriction: "x"`` and ``451 4.3.5 Server configuration
       error``, as Postfix.
@@ -490,8 +493,10 @@ class Policy:
                                "rejected: need fully-qualified address")
         if name == "reject_unknown_recipient_domain":
             domain = domain_of(rcpt)
-            if not domain or self._final(domain) or self.relay.match(domain) or \
-                    domain.startswith("["):
+            # Postfix skips only its final destinations (RESOLVE_CLASS_FINAL: local,
+            # virtual alias, virtual mailbox) and address literals; a relay_domains
+            # domain is looked up like any other
+            if not domain or self._final(domain) or domain.startswith("["):
                 return "dunno"
             found = await self._has_dns(domain)
             if found:
