@@ -11,6 +11,7 @@ the connection count limit, queue space and write errors, and the log lines.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import socket
 import struct
@@ -626,3 +627,144 @@ def test_blank_command_line_is_bad_syntax(host: Host) -> None:
         assert await c.cmd("QUIT") == "221 2.0.0 Bye"
 
     run(host, script)
+
+
+# --------------------------------------------------------------------------- local errors
+class Boom(Exception):
+    """An internal error the session did not expect."""
+
+
+def test_exception_before_the_greeting_is_421_and_a_hangup(tmp_path: Path) -> None:
+    """An exception before the greeting (here: the client name lookup, then the host's
+    connection count) once left the client without a word until smtpd_timeout, the
+    session's slot taken and nothing logged. Now: a warning that names it, Postfix's
+    ``421 4.3.0 <myhostname> Server local error`` and the hang-up; the session is
+    over for the host (disconnect), and the next client is served."""
+    log.setup("smtpd", str(tmp_path / "maillog"), "qmgrd")
+    h = Host(tmp_path)
+    real_lookup, real_connect = h.policy.lookup_name, h.connect
+    failures = {"lookup": 1, "connect": 1}
+
+    async def lookup_name(addr: str) -> str:
+        if failures["lookup"]:
+            failures["lookup"] -= 1
+            raise Boom("no name today")
+        return await real_lookup(addr)
+
+    def connect(session: SmtpdSession) -> int:
+        count = real_connect(session)
+        if not failures["lookup"] and failures["connect"]:
+            failures["connect"] -= 1
+            raise Boom("no count today")
+        return count
+
+    ended: list[SmtpdSession] = []
+    real_disconnect = h.disconnect
+
+    def disconnect(session: SmtpdSession) -> None:
+        ended.append(session)
+        real_disconnect(session)
+
+    h.policy.lookup_name = lookup_name  # type: ignore[method-assign]
+    h.connect = connect  # type: ignore[method-assign]
+    h.disconnect = disconnect  # type: ignore[method-assign]
+
+    async def refused(c: Client) -> None:
+        assert await c.reply() == "421 4.3.0 mx.test.example Server local error"
+        assert await c.reply() == "<EOF>"
+
+    async def served(c: Client) -> None:
+        await greet(c)
+        assert await c.cmd("QUIT") == "221 2.0.0 Bye"
+
+    sessions = run(h, refused, refused, served)
+    assert len(sessions) == 3 and all(s._ended for s in sessions)
+    assert ended == sessions  # each ended for the host too (SmtpdServer: its slot freed)
+    assert h.clients == {"127.0.0.1": 0}
+    text = (tmp_path / "maillog").read_text()
+    assert "warning: unknown[127.0.0.1]: Boom: no name today" in text
+    assert "warning: unknown[127.0.0.1]: Boom: no count today" in text
+    assert text.count("NOQUEUE: reject: CONNECT from unknown[127.0.0.1]: 421 4.3.0 "
+                      "mx.test.example Server local error") == 2
+    assert text.count("disconnect from unknown[127.0.0.1] commands=0") == 2
+    assert "disconnect from localhost[127.0.0.1] ehlo=1 quit=1 commands=2" in text
+
+
+def test_smtpd_process_serves_the_next_client_after_a_local_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The process (SmtpdServer, one session at a time: smtpd_process_busy_sessions = 1)
+    after a session that could not be made and one that failed before its greeting:
+    both clients are hung up on at once, with a warning, and the process is idle again
+    at once - the next client is served without waiting for smtpd_timeout or the
+    overflow delay."""
+    from master.server.skeleton import ServerContext
+    from transports import smtpd
+
+    log.setup("smtpd", str(tmp_path / "maillog"), "qmgrd")
+    h = Host(tmp_path)
+    cfg = Config.from_text(BASE + f"queue_directory = {tmp_path / 'q'}\n", str(tmp_path))
+    made = {"n": 0}
+
+    def session(host: smtpd.SmtpdServer) -> SmtpdSession:
+        made["n"] += 1
+        if made["n"] == 1:
+            raise Boom("no session today")
+        return SmtpdSession(host)
+
+    real_lookup = h.policy.lookup_name
+
+    async def lookup_name(addr: str) -> str:
+        if made["n"] == 2:
+            raise Boom("no name today")
+        return await real_lookup(addr)
+
+    monkeypatch.setattr(smtpd, "SmtpdSession", session)
+    h.policy.lookup_name = lookup_name  # type: ignore[method-assign]
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    states: list[str] = []
+
+    class Ctx(ServerContext):
+        def busy(self) -> None:
+            states.append("busy")
+
+        def idle(self) -> None:
+            states.append("idle")
+
+    ctx = Ctx("smtpd", cfg, str(tmp_path / "q"), [os.dup(listener.fileno())], 0, [])
+    server = smtpd.SmtpdServer(ctx, h.params, h.policy, h.cleanup)
+
+    async def main() -> None:
+        serving = asyncio.create_task(server.serve())
+        try:
+            for expected in ("<EOF>", "421 4.3.0 mx.test.example Server local error"):
+                c = Client(*await asyncio.open_connection("127.0.0.1", port))
+                try:
+                    first = await c.reply()
+                    assert first == expected
+                    if first != "<EOF>":
+                        assert await c.reply() == "<EOF>"
+                finally:
+                    await c.close()
+            c = Client(*await asyncio.open_connection("127.0.0.1", port))
+            try:
+                await greet(c)
+                assert await c.cmd("QUIT") == "221 2.0.0 Bye"
+            finally:
+                await c.close()
+            for _ in range(500):  # the last session's end reaches the server
+                if not server.sessions:
+                    break
+                await asyncio.sleep(0.01)
+            assert not server.sessions and states[-1] == "idle"
+        finally:
+            server._terminate()
+            await serving
+
+    try:
+        asyncio.run(main())
+    finally:
+        listener.close()
+    text = (tmp_path / "maillog").read_text()
+    assert "warning: cannot start a session: Boom: no session today" in text
+    assert "warning: unknown[127.0.0.1]: Boom: no name today" in text

@@ -69,7 +69,9 @@ Public API
     tls_context(cfg) -> (ssl.SSLContext | None, required: bool)
     main() -> NoReturn                    ``python -m transports.smtpd``
 
-Logs: see transports.smtpd_session; ``warning: accept: <error>`` when accept(2) fails.
+Logs: see transports.smtpd_session; ``warning: accept: <error>`` when accept(2) fails;
+``warning: cannot start a session: <exception>`` when a session cannot be set up on an
+accepted connection (the connection is closed, the process serves the next client).
 """
 
 from __future__ import annotations
@@ -292,8 +294,13 @@ class SmtpdServer:
 
     def _start(self, conn: socket.socket) -> None:
         loop = asyncio.get_running_loop()
-        conn.setblocking(False)
-        session = SmtpdSession(self)
+        try:
+            conn.setblocking(False)
+            session = SmtpdSession(self)
+        except Exception as exc:  # noqa: BLE001 - this client only; the process goes on
+            log.warning(f"cannot start a session: {type(exc).__name__}: {exc}")
+            conn.close()
+            return
         self.sessions.add(session)
         self.accepted += 1
         task = loop.create_task(loop.connect_accepted_socket(lambda: session, conn))
@@ -308,6 +315,9 @@ class SmtpdServer:
                  conn: socket.socket) -> None:
         self._tasks.discard(task)
         if task.cancelled() or task.exception() is not None:
+            exc = None if task.cancelled() else task.exception()
+            if exc is not None and not isinstance(exc, ConnectionError):
+                log.warning(f"cannot start a session: {type(exc).__name__}: {exc}")
             conn.close()
             self._session_done(session)
 

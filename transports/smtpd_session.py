@@ -42,7 +42,10 @@ Logs (Postfix smtpd's lines, so pflogsumm counts them)
     malformed UTF-8 sender); ``warning: Connection concurrency limit exceeded: ...``;
     ``timeout|lost connection|too many errors after <CMD> from ...`` (``after DATA (<n>
     bytes)``); ``disconnect from <name>[<addr>] ehlo=1 mail=1 rcpt=1 data=1 quit=1
-    commands=5`` (``name=ok/total`` when some failed).
+    commands=5`` (``name=ok/total`` when some failed). An exception before the
+    greeting: ``warning: <name>[<addr>]: <exception type>: <text>`` and ``NOQUEUE:
+    reject: CONNECT from <name>[<addr>]: 421 4.3.0 <myhostname> Server local error``,
+    that reply, and the hang-up (the process serves its next client).
 
 Public API
     SmtpdParams.from_config(cfg, service, queue_directory) -> SmtpdParams
@@ -252,6 +255,7 @@ class SmtpdSession(SMTP):
         self._cmd_name = ""  # the command in progress (its stats entry)
         self._cmd_error = False
         self._greeted = False
+        self._setup_error: Exception | None = None  # raised by host.connect
         self._registered = False
         self._count = 0
         self._ended = False
@@ -318,7 +322,10 @@ class SmtpdSession(SMTP):
         peer = transport.get_extra_info("peername") or ("unknown", "unknown")
         self.client = ClientInfo(str(peer[0]), str(peer[1]))
         self._registered = True
-        self._count = self.host.connect(self)
+        try:
+            self._count = self.host.connect(self)
+        except Exception as exc:  # noqa: BLE001 - answered by _handle_client (421)
+            self._setup_error = exc
 
     def data_received(self, data: bytes) -> None:
         """Each read from the client. During DATA: count the bytes and rearm
@@ -391,7 +398,37 @@ class SmtpdSession(SMTP):
             transport.close()
 
     async def _handle_client(self) -> None:
+        """The session: aiosmtpd's, after the client's name, the ``connect from`` line
+        and the connection count limit. An exception before the greeting (aiosmtpd
+        answers the ones in commands: handle_exception) ends the session at once
+        (_local_error), instead of a client left without a word until smtpd_timeout
+        and a process whose session slot stays taken that long."""
+        try:
+            await self._connect_and_serve()
+        except Exception as exc:
+            if self._greeted:
+                raise
+            self._local_error(exc)
+
+    def _local_error(self, exc: Exception) -> None:
+        """Postfix smtpd's answer to a local (internal) error: ``421 4.3.0 <myhostname>
+        Server local error``, logged as a ``NOQUEUE: reject: CONNECT from ...`` line
+        after a warning that names the exception, then the hang-up (the ``disconnect
+        from`` line and the host's disconnect follow from connection_lost); the process
+        goes on with its other sessions and the next client."""
+        self._greeted = True
+        reply = f"421 4.3.0 {self.params.myhostname} Server local error"
+        log.warning(f"{self.client.namaddr}: {type(exc).__name__}: {exc}")
+        log.info(f"NOQUEUE: reject: {self.where} from {self.client.namaddr}: {reply}")
+        transport = self.transport
+        if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
+            transport.write(f"{reply}\r\n".encode())
+        self._hangup("")
+
+    async def _connect_and_serve(self) -> None:
         p = self.params
+        if self._setup_error is not None:
+            raise self._setup_error
         self.client.name = await self.host.policy.lookup_name(self.client.addr)
         log.info(f"connect from {self.client.namaddr}")
         if (p.conn_limit and self._count > p.conn_limit
