@@ -32,9 +32,14 @@ Description
                master reports it every second (after the first), so a repair of a
                large queue is waited for however long it takes, after one line
                ``qmgr-master: waiting for the queue structure check (qmgr-ctl repair,
-               pid <n>) before the services start``.  No report in time: ``fatal: the
-               master (pid <n>) did not report start-up within 10s``, exit 1.  With --foreground the master runs in this process (logging also
-               to stderr) until stopped.
+               pid <n>) before the services start``.  No report in time while the
+               master still runs: ``warning: the master (pid <n>) did not report
+               start-up within 10s; it is still starting: see its log, and check with
+               'qmgr-master status'``, exit 75 (outcome unknown, as stop and reload:
+               the master goes on starting in the background); the master gone
+               without a report: ``fatal: the master exited during start-up (status
+               <n>)``, exit 1.  With --foreground the master runs in this process
+               (logging also to stderr) until stopped.
     stop       SIGTERM the master (``stopping the qmgrd mail system (master pid <n>)``,
                as postfix-script's "stopping the Postfix mail system") and wait until
                it and every child are gone; exit 0.  Not all gone within
@@ -113,7 +118,8 @@ Environment
     the default.  (Postfix's postfix(1) has no such knobs.)
 
 Messages go to stderr as ``qmgr-master: <text>`` (``qmgr-master: fatal: <text>`` for
-errors).  Exit codes: 0 success, 1 failure, 3 status "not running".
+errors).  Exit codes: 0 success, 1 failure, 3 status "not running", 75 (EX_TEMPFAIL)
+outcome not known yet: start, stop or reload whose wait for the master ended first.
 
 Public API
     main: the click group (console script ``qmgr-master``).
@@ -146,7 +152,7 @@ PROG = "qmgr-master"
 START_TIMEOUT = 10.0  # s: how long start waits for the master's next report
 RELOAD_TIMEOUT = 10.0  # s: how long reload waits for the master's verdict
 STOP_TIMEOUT = 15.0  # s: how long stop waits for the master and every child to be gone
-EX_TEMPFAIL = 75  # sysexits: the outcome of a stop or reload is not known yet
+EX_TEMPFAIL = 75  # sysexits: the outcome of a start, stop or reload is not known yet
 SELECT_SLICE = 3600.0  # s: the longest single select() of start's wait (a huge
 #                        QMGRD_START_TIMEOUT such as 1e300 overflows select's time_t)
 
@@ -376,11 +382,14 @@ def _start_background(config_dir: str) -> int:
 
 def _wait_started(r: int, pid: int) -> int:
     """Read the master's reports (one line each) until its verdict: ``ok`` (0), a
-    failure reason (1), or nothing for START_TIMEOUT since the last report (1).  A
-    ``repairing <pid>`` report (the start-up repair runs) restarts the wait."""
+    failure reason (1), the master gone without one (1), or nothing for START_TIMEOUT
+    since the last report while the master still runs (EX_TEMPFAIL, 75: it goes on
+    starting; a warning names ``qmgr-master status``).  A ``repairing <pid>`` report
+    (the start-up repair runs) restarts the wait."""
     limit = _timeout("START_TIMEOUT", START_TIMEOUT)
     deadline = time.monotonic() + limit
     data = b""
+    chunk = b"?"  # b"" once the pipe is at EOF
     waiting_said = False
     while (left := deadline - time.monotonic()) > 0:
         ready, _, _ = select.select([r], [], [], min(left, SELECT_SLICE))
@@ -409,11 +418,21 @@ def _wait_started(r: int, pid: int) -> int:
         _say(f"fatal: {data.decode('utf-8', 'replace').strip()}")
         return 1
     code = wait_child(pid)
+    # EOF without a verdict: the master is ending (its end closes the pipe an instant
+    # before it can be reaped), so it is waited for until the deadline rather than
+    # said to be "still starting"
+    while code is None and left > 0 and not chunk:
+        time.sleep(min(0.01, left))
+        code = wait_child(pid)
+        left = deadline - time.monotonic()
     if code is None:
-        _say(f"fatal: the master (pid {pid}) did not report start-up within "
-             f"{limit:g}s")
-    else:
-        _say(f"fatal: the master exited during start-up (status {code})")
+        # outcome unknown: the master still runs and goes on starting (as stop and
+        # reload when their wait ends, EX_TEMPFAIL, not a failure)
+        _say(f"warning: the master (pid {pid}) did not report start-up within "
+             f"{limit:g}s; it is still starting: see its log, and check with "
+             "'qmgr-master status'")
+        return EX_TEMPFAIL
+    _say(f"fatal: the master exited during start-up (status {code})")
     return 1
 
 

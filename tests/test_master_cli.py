@@ -631,3 +631,42 @@ def test_a_huge_start_timeout_is_waited_not_a_traceback(
         os.close(r)
         os.close(w)
     assert capsys.readouterr().err == ""
+
+
+def test_a_start_not_reported_in_time_exits_75_not_fatal(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """No report within QMGRD_START_TIMEOUT while the master still runs: the outcome is
+    not known yet (the master goes on starting in the background), so start warns,
+    names ``qmgr-master status`` and exits 75 (EX_TEMPFAIL), as stop and reload do when
+    their wait ends - not "fatal" and 1. A master that exited without a report is
+    still a failure (1)."""
+    from master.cli import EX_TEMPFAIL, _wait_started
+
+    monkeypatch.setenv("QMGRD_START_TIMEOUT", "0.2")
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # a master that is still starting: says nothing until killed
+        os.close(r)
+        signal.pause()
+        os._exit(0)
+    try:
+        assert _wait_started(r, pid) == EX_TEMPFAIL == 75
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    err = capsys.readouterr().err
+    assert err == (f"qmgr-master: warning: the master (pid {pid}) did not report start-up "
+                   "within 0.2s; it is still starting: see its log, and check with "
+                   "'qmgr-master status'\n")
+    pid = os.fork()
+    if pid == 0:  # a master that exits without a report
+        os.close(r)
+        os.close(w)
+        os._exit(3)
+    try:
+        os.close(w)
+        assert _wait_started(r, pid) == 1
+    finally:
+        os.close(r)
+    assert capsys.readouterr().err == (
+        "qmgr-master: fatal: the master exited during start-up (status 3)\n")
