@@ -405,3 +405,47 @@ def test_lazy_resolver_with_a_garbage_resolv_conf(tmp_path: Path) -> None:
     latin1.write_bytes(b"# caf\xe9\nnameserver 192.0.2.53\n")
     assert [str(n) for n in LazyResolver(str(latin1)).resolver().nameservers] == [
         "192.0.2.53"]
+
+
+@pytest.mark.parametrize("text", ["nameserver garbage\n", "search a.example\n",
+                                  "nameserver 192.0.2.53\nsearch a..example\n"])
+def test_lazy_resolver_parses_a_broken_resolv_conf_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, text: str) -> None:
+    """A resolv.conf that makes no resolver (a nameserver that is no address, none at
+    all, a bad search name) is parsed at the first lookup only: from then on it is "no
+    resolver" (NoResolverConfiguration) without parsing it again, and its warning is
+    logged once - not at every lookup of every session."""
+    from master import log
+
+    log.setup("smtpd", str(tmp_path / "maillog"), "qmgrd")
+    conf = tmp_path / "resolv.conf"
+    conf.write_text(text)
+    parsed: list[object] = []
+    real = dns.asyncresolver.Resolver.read_resolv_conf
+
+    def counting(self: dns.asyncresolver.Resolver, f: Any) -> None:
+        parsed.append(f)
+        real(self, f)
+
+    monkeypatch.setattr(dns.asyncresolver.Resolver, "read_resolv_conf", counting)
+    lazy = LazyResolver(str(conf))
+    assert parsed == []  # nothing parsed before a lookup needs it
+    for _ in range(3):
+        with pytest.raises(dns.resolver.NoResolverConfiguration):
+            lazy.resolver()
+    p = policy("smtpd_recipient_restrictions = reject_unknown_recipient_domain, "
+               "permit_mynetworks, reject_unauth_destination\n", lazy)
+    assert asyncio.run(p.lookup_name("192.0.2.9")) == "unknown"
+    assert check(p, "x@nowhere.example", "127.0.0.1") == check(
+        policy("smtpd_recipient_restrictions = reject_unknown_recipient_domain, "
+               "permit_mynetworks, reject_unauth_destination\n", None),
+        "x@nowhere.example", "127.0.0.1")
+    assert len(parsed) == 1
+    warnings = [line for line in (tmp_path / "maillog").read_text().splitlines()
+                if f"warning: {conf}: " in line]
+    assert len(warnings) == 1, warnings
+    assert warnings[0].endswith(": no DNS resolver")
+    good = tmp_path / "good"
+    good.write_text("nameserver 192.0.2.53\n")
+    ok = LazyResolver(str(good))
+    assert ok.resolver() is ok.resolver() and len(parsed) == 2  # made once, kept

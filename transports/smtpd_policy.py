@@ -60,6 +60,7 @@ Public API
     DomainList(entries, param, parent_match=False) .match(domain) -> bool
     LazyResolver(path="/etc/resolv.conf")   async .resolve(...) as dnspython's Resolver,
         which is made at the first lookup from the file as read when this was made
+        (parsed once; a broken file: one warning, then NoResolverConfiguration)
     Policy(cfg, resolver=None)
         .is_mynetworks(addr) -> bool; .limit_exempt(addr) -> bool
         .auth_destination(rcpt) -> bool
@@ -71,7 +72,8 @@ Public API
     domain_of(address) -> str;  is_fqdn(domain) -> bool
 
 Logs warnings (unknown restriction, unsupported mynetworks entry - with the reason from
-master.config.netlist, which Config.check also uses - unreadable table); raises
+master.config.netlist, which Config.check also uses - unreadable table, a resolv.conf
+that makes no resolver: once per process, at its first lookup); raises
 PolicyError for a configuration that would make an open relay (the message of
 master.config.relayguard, which the start/reload check also uses) or names a table that
 cannot be opened.
@@ -324,13 +326,16 @@ class LazyResolver:
     the Resolver from that text only when a session first needs DNS: a client other
     than 127.0.0.1/::1 with smtpd_peername_lookup, or reject_unknown_recipient_domain.
     Making it at start cost every smtpd process about 0.4 MiB of pages of its own
-    (issue 8, scenario M), also the many whose sessions never ask DNS. A file without a
-    nameserver, or with one dnspython cannot parse (``nameserver garbage``: its
-    ValueError, which escaped lookup_name's "never raises" and ended the session),
-    makes each lookup raise NoResolverConfiguration, a DNSException: the callers then
-    answer as without a resolver (``unknown``, DNS could not tell). Bytes that are not
-    UTF-8 are read as U+FFFD (glibc reads bytes; dnspython's open() would raise).
-    Nothing is imported at the first lookup (dns.asyncresolver is, at start)."""
+    (issue 8, scenario M), also the many whose sessions never ask DNS. The text is
+    parsed once, at that first lookup. A file without a nameserver, or one dnspython
+    cannot parse (``nameserver garbage``: its ValueError, which escaped lookup_name's
+    "never raises" and ended the session; a bad ``search`` name), is "no resolver" for
+    the life of the process: one warning (``warning: <path>: <reason>: no DNS
+    resolver``) at that first lookup, then every lookup raises NoResolverConfiguration,
+    a DNSException, at once - nothing parsed again - and the callers answer as without
+    a resolver (``unknown``, DNS could not tell). Bytes that are not UTF-8 are read as
+    U+FFFD (glibc reads bytes; dnspython's open() would raise). Nothing is imported at
+    the first lookup (dns.asyncresolver is, at start)."""
 
     def __init__(self, path: str = "/etc/resolv.conf") -> None:
         try:  # os.read, not open(): no file objects made (and their pages written)
@@ -344,22 +349,33 @@ class LazyResolver:
         except OSError:
             raise dns.resolver.NoResolverConfiguration(  # type: ignore[no-untyped-call]
                 f"cannot open {path}") from None
+        self.path = path
         # bytes that are not UTF-8 (a Latin-1 comment) are replaced, not a
         # UnicodeDecodeError that killed the smtpd at start: glibc reads bytes
-        self._conf = b"".join(chunks).decode("utf-8", "replace")
+        self._conf: str | None = b"".join(chunks).decode("utf-8", "replace")
         self._resolver: dns.asyncresolver.Resolver | None = None
+        self._broken: str | None = None  # why the text made no resolver (parsed once)
 
     def resolver(self) -> dns.asyncresolver.Resolver:
-        """The Resolver, made now if it was not (NoResolverConfiguration: no nameserver)."""
-        if self._resolver is None:
+        """The Resolver, made now if it was not (NoResolverConfiguration: no nameserver,
+        or a file dnspython cannot parse - decided at the first call, for good)."""
+        if self._resolver is not None:
+            return self._resolver
+        if self._conf is not None:  # the first call: parse the text, once
+            conf, self._conf = self._conf, None
             made = dns.asyncresolver.Resolver(configure=False)
             try:
-                made.read_resolv_conf(io.StringIO(self._conf, newline=None))  # as open()
-            except ValueError as exc:  # "nameserver garbage": dnspython's ValueError
-                raise dns.resolver.NoResolverConfiguration(  # type: ignore[no-untyped-call]
-                    str(exc)) from None
-            self._resolver = made
-        return self._resolver
+                made.read_resolv_conf(io.StringIO(conf, newline=None))  # as open()
+            except (ValueError, dns.exception.DNSException) as exc:
+                # "nameserver garbage" (dnspython's ValueError), no nameserver at all,
+                # a bad search/domain name
+                self._broken = str(exc).rstrip(".") or type(exc).__name__
+                log.warning(f"{self.path}: {self._broken}: no DNS resolver")
+            else:
+                self._resolver = made
+                return made
+        raise dns.resolver.NoResolverConfiguration(  # type: ignore[no-untyped-call]
+            self._broken)
 
     async def resolve(self, *args: object, **kwargs: object) -> dns.resolver.Answer:
         """``dns.asyncresolver.Resolver.resolve``."""
