@@ -75,3 +75,57 @@ def test_random_bytes_only_record_error(data: bytes) -> None:
         list(RecordReader(io.BytesIO(data), max_len=1000))
     except RecordError:
         pass
+
+
+def _reference(data: bytes) -> tuple[list[tuple[int, bytes, bytes]], str | None]:
+    """Records of ``data`` read one byte at a time, as postfix.md §2.1 frames them, and
+    the kind of framing error that ends them (None at a clean end)."""
+    out: list[tuple[int, bytes, bytes]] = []
+    p = 0
+    while p < len(data):
+        if p + 2 > len(data):
+            return out, "truncated record header"
+        b = data[p + 1]
+        length, j, shift = b & 0x7F, p + 2, 7
+        while b & 0x80:
+            if shift >= 35:
+                return out, "too long"
+            if j >= len(data):
+                return out, "truncated record length"
+            b = data[j]
+            length |= (b & 0x7F) << shift
+            shift, j = shift + 7, j + 1
+        if j + length > len(data):
+            return out, "truncated record data"
+        out.append((p, data[p:p + 1], data[j:j + length]))
+        p = j + length
+    return out, None
+
+
+_SIZES = st.sampled_from([0, 1, 5, 127, 128, 300, 4093, 4094, 4095, 4096, 4097, 5000, 9000])
+
+
+@given(st.lists(st.tuples(_SIZES, st.booleans()), min_size=1, max_size=6),
+       st.integers(min_value=0), st.booleans())
+def test_reader_matches_a_byte_at_a_time_reading(
+        shape: list[tuple[int, bool]], cut: int, truncate: bool) -> None:
+    """Records of every length class (one and two length bytes, around the file
+    object's buffer size), a file cut anywhere (header, length bytes, payload) and a
+    bad length encoding give what a byte-at-a-time reading gives, seeks included."""
+    data = b"".join(b"N\xff\xff\xff\xff\xff\x01" if bad else encode(b"N", b"x" * size)
+                    for size, bad in shape)
+    if truncate:
+        data = data[:cut % (len(data) + 1)]
+    want, error = _reference(data)
+    got: list[tuple[int, bytes, bytes]] = []
+    rd = RecordReader(io.BytesIO(data), max_len=1 << 40)
+    if error is None:
+        got = [(r.offset, r.rtype, r.data) for r in rd]
+    else:
+        with pytest.raises(RecordError, match=error):
+            for r in rd:
+                got.append((r.offset, r.rtype, r.data))
+    assert got == want
+    for offset, rtype, payload in want[:3]:  # and again after a seek back
+        rd.seek(offset)
+        assert rd.read() == (offset, rtype, payload)

@@ -83,6 +83,10 @@ _ATTR_PSEUDO = {
     "ret_flags": R.REC_DSN_RET,
     "create_time": R.REC_CTIME,
 }
+_RCPT_ATTRS = (b"dsn_orig_rcpt=", b"notify_flags=")  # A records that belong to a recipient
+_SPECIAL_ATTRS = frozenset(("encoding", "smtputf8", "rewrite_context"))  # see _attr
+_PTR, _ATTR, _MESG, _END = R.REC_PTR, R.REC_ATTR, R.REC_MESG, R.REC_END
+_TIME, _FROM, _CTIME = R.REC_TIME, R.REC_FROM, R.REC_CTIME
 _ENVELOPE = frozenset(R.ENVELOPE_TYPES[i : i + 1] for i in range(len(R.ENVELOPE_TYPES)))
 _EXTRACTED = frozenset(R.EXTRACTED_TYPES[i : i + 1] for i in range(len(R.EXTRACTED_TYPES)))
 
@@ -129,6 +133,14 @@ def _int(data: bytes, what: str, at: int) -> int:
         return int(data)
     except ValueError:
         raise CorruptQueueFile(f"offset {at}: bad {what} value {data[:40]!r}") from None
+
+
+def _read(rd: RecordReader) -> Record | None:
+    """``rd.read()``, a framing error being a CorruptQueueFile."""
+    try:
+        return rd.read()
+    except RecordError as exc:
+        raise CorruptQueueFile(str(exc)) from None
 
 
 class _RcptState:
@@ -319,22 +331,24 @@ class QueueFile:
 
     def _next(self, rd: RecordReader, jumps: list[int]) -> Record:
         """Next record, following ``p`` pointers; CorruptQueueFile at EOF or bad framing."""
+        return self._follow(rd, jumps, _read(rd))
+
+    @staticmethod
+    def _follow(rd: RecordReader, jumps: list[int], rec: Record | None) -> Record:
+        """:meth:`_next` for a record already read: ``rec`` unless it is the end of the
+        file or a pointer (then the record the pointer leads to)."""
         while True:
-            try:
-                rec = rd.read()
-            except RecordError as exc:
-                raise CorruptQueueFile(str(exc)) from None
             if rec is None:
                 raise CorruptQueueFile(f"offset {rd.tell()}: premature end of file, no E")
             if rec.rtype != R.REC_PTR:
                 return rec
             target = _int(rec.data, "pointer", rec.offset)
-            if target == 0:
-                continue
-            jumps[0] += 1
-            if jumps[0] > _MAX_PTR_JUMPS or target < 0:
-                raise CorruptQueueFile(f"offset {rec.offset}: pointer loop or bad pointer")
-            rd.seek(target)
+            if target != 0:
+                jumps[0] += 1
+                if jumps[0] > _MAX_PTR_JUMPS or target < 0:
+                    raise CorruptQueueFile(f"offset {rec.offset}: pointer loop or bad pointer")
+                rd.seek(target)
+            rec = _read(rd)
 
     def _read_size(self, rd: RecordReader, jumps: list[int]) -> None:
         """Read the first record, which must be C, and take its fields."""
@@ -390,6 +404,7 @@ class QueueFile:
 
     def _read_envelope(self, rcpt_limit: int | None) -> None:
         rd = RecordReader(self._f, offset=0)
+        read = rd.read
         jumps = [0]
         self._read_size(rd, jumps)
         seen_time = seen_sender = False
@@ -397,13 +412,37 @@ class QueueFile:
         ps = _RcptState()
         allowed = _ENVELOPE
         segment = "envelope"
+        attrs = self.attrs
         while True:
-            rec = self._next(rd, jumps)
+            try:  # _next, without two calls per record
+                rec = read()
+            except RecordError as exc:
+                raise CorruptQueueFile(str(exc)) from None
+            if rec is None or rec.rtype == _PTR:
+                rec = self._follow(rd, jumps, rec)
             t = rec.rtype
-            if t not in allowed:
+            if t == _ATTR:  # most records of mail from smtpd: one look, not three
+                data = rec.data
+                if not data.startswith(_RCPT_ATTRS):
+                    name_b, sep, data = data.partition(b"=")
+                    if not sep or not name_b:
+                        raise CorruptQueueFile(f"offset {rec.offset}: bad attribute record")
+                    name = name_b.decode("utf-8", "surrogateescape")
+                    pseudo = _ATTR_PSEUDO.get(name)
+                    if pseudo is None:
+                        if name in _SPECIAL_ATTRS:
+                            self._attr(name, data.decode("utf-8", "surrogateescape"),
+                                       rec.offset)
+                        else:
+                            attrs[name] = data.decode("utf-8", "surrogateescape")
+                        continue
+                    t = pseudo  # envelope_id, ret_flags, create_time: as i, <, c records
+            elif t not in allowed:
                 raise CorruptQueueFile(
                     f"offset {rec.offset}: unexpected record type {t!r} in {segment} segment")
-            if t in _RCPT_TYPES and (t != R.REC_ATTR or self._is_rcpt_attr(rec.data)):
+            else:
+                data = rec.data
+            if t in _RCPT_TYPES:  # (an A record here is dsn_orig_rcpt= or notify_flags=)
                 r = self._rcpt_record(rec, ps, True)
                 if r is not None:
                     self.undone_count += 1
@@ -413,7 +452,7 @@ class QueueFile:
                         self._resume = ps.start if ps.start >= 0 else rec.offset
                     ps.reset()
                 continue
-            if t == R.REC_MESG:
+            if t == _MESG:
                 if segment != "envelope":
                     raise CorruptQueueFile(f"offset {rec.offset}: second M record")
                 self._seek_x(rd, jumps)
@@ -421,25 +460,14 @@ class QueueFile:
                 segment = "extracted"
                 ps.reset()
                 continue
-            if t == R.REC_END:
+            if t == _END:
                 break
-            data = rec.data
-            if t == R.REC_ATTR:
-                name_b, sep, data = data.partition(b"=")
-                if not sep or not name_b:
-                    raise CorruptQueueFile(f"offset {rec.offset}: bad attribute record")
-                name = name_b.decode("utf-8", "surrogateescape")
-                pseudo = _ATTR_PSEUDO.get(name)
-                if pseudo is None:
-                    self._attr(name, data.decode("utf-8", "surrogateescape"), rec.offset)
-                    continue
-                t = pseudo
             self._envelope_record(t, data, rec.offset)
-            if t == R.REC_TIME:
+            if t == _TIME:
                 seen_time = True
-            elif t == R.REC_FROM:
+            elif t == _FROM:
                 seen_sender = True
-            elif t == R.REC_CTIME:
+            elif t == _CTIME:
                 ctime = _int(data, "create_time", rec.offset)
         if segment != "extracted":
             raise CorruptQueueFile("E record before the message content")
@@ -463,7 +491,7 @@ class QueueFile:
 
     @staticmethod
     def _is_rcpt_attr(data: bytes) -> bool:
-        return data.startswith((b"dsn_orig_rcpt=", b"notify_flags="))
+        return data.startswith(_RCPT_ATTRS)
 
     def _attr(self, name: str, value: str, at: int) -> None:
         if name == "encoding":
