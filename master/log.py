@@ -42,9 +42,19 @@ class _State:
     tag: str = ""
     host: str = ""
     stderr_too: bool = False
+    pid: int = 0  # this process's (0: ask getpid(); forget after a fork)
+    second: int = -1  # the second that ``stamp`` shows
+    stamp: str = ""
 
 
 _S = _State()
+
+
+def _forget_pid() -> None:
+    _S.pid = 0
+
+
+os.register_at_fork(after_in_child=_forget_pid)
 
 
 def setup(
@@ -105,8 +115,14 @@ def _emit(prio: int, text: str) -> None:
     if _S.use_syslog:
         syslog.syslog(prio, text)
     elif _S.fd >= 0:
-        stamp = time.strftime("%b %d %H:%M:%S", time.localtime())
-        line = f"{stamp} {_S.host} {_S.tag}[{os.getpid()}]: {text}\n"
+        # The time stamp is made once a second and the pid once a process: a qmgr
+        # writes three lines per message, an smtp agent two (issue 8).
+        second = int(time.time())
+        if second != _S.second:
+            _S.stamp = time.strftime("%b %d %H:%M:%S", time.localtime(second))
+            _S.second = second
+        pid = _S.pid or _own_pid()
+        line = f"{_S.stamp} {_S.host} {_S.tag}[{pid}]: {text}\n"
         data = line.encode("utf-8", "backslashreplace")
         try:
             os.write(_S.fd, data)
@@ -117,6 +133,11 @@ def _emit(prio: int, text: str) -> None:
     else:
         tag = _S.tag or os.path.basename(sys.argv[0] or "qmgrd")
         sys.stderr.write(f"{tag}: {text}\n")
+
+
+def _own_pid() -> int:
+    _S.pid = os.getpid()
+    return _S.pid
 
 
 def info(msg: str) -> None:
