@@ -522,6 +522,39 @@ def test_timeout_and_connection_count_limit(tmp_path: Path) -> None:
     assert "timeout after EHLO from localhost[127.0.0.1]" in text
 
 
+def test_too_many_hops_is_554_at_end_of_data_and_queues_nothing(host: Host) -> None:
+    """Postfix cleanup counts the Received: headers, smtpd's own included; at
+    hopcount_limit (50) it returns CLEANUP_STAT_HOPS ('warning: <qid>: message rejected:
+    hopcount exceeded', no queue file) and smtpd replies '554 5.4.0 Error: too many hops'
+    at the end of DATA; the session goes on. 48 + ours = 49 is accepted."""
+    def hops(n: int) -> bytes:
+        return b"".join(b"Received: from h%d.example by h%d.example; Sun, 29 Nov 2026\r\n"
+                        % (i, i) for i in range(n))
+
+    async def script(c: Client) -> None:
+        await greet(c)
+        for n in (50, 49):
+            assert await send(c, "a@far.example", ["b@localhost"],
+                              hops(n) + b"Subject: loop\r\n\r\nx\r\n.\r\n") == (
+                "554 5.4.0 Error: too many hops")
+        reply = await send(c, "a@far.example", ["b@localhost"],
+                           hops(48) + b"Subject: fine\r\n\r\nx\r\n.\r\n")
+        assert reply.startswith("250 2.0.0 Ok: queued as "), reply
+        await c.cmd("QUIT")
+
+    run(host, script)
+    (qid,) = host.queued
+    assert list(host.spool.scan("incoming")) == [qid]
+    assert not list(host.spool.scan("bounce"))
+    text = maillog(host)
+    rejected = re.findall(r"warning: (\w+): message rejected: hopcount exceeded", text)
+    assert len(rejected) == 2 and qid not in rejected
+    for r in rejected:  # the id was logged with the client, as Postfix's smtpd does
+        assert f"{r}: client=" in text
+    assert "queue file write error" not in text
+    assert "data=1/3" in text
+
+
 def test_disconnect_mid_data_queues_nothing(host: Host) -> None:
     async def script(c: Client) -> None:
         await greet(c)

@@ -145,7 +145,9 @@ def test_postcat_and_show_agree(q: Q, name: str) -> None:
                                          Recipient("carol@example.org", notify=8),
                                          Recipient("dave@example.com")],
                    fullname="Alice Example", envid="ENV-7", arrival=(1_700_000_000, 0))
-    qid = q.cleanup.submit(env, data, origin="smtp")
+    # over hopcount_limit, smtpd input is refused (554 5.4.0): that one goes in as local
+    # input, which cleanup queues with every recipient bounced
+    qid = q.cleanup.submit(env, data, origin="local" if name.startswith("10-") else "smtp")
     with QueueFile.open(q.spool, "incoming", qid, lock=None) as qf:
         if qf.recipients:
             qf.mark_done(qf.recipients[0].offset)

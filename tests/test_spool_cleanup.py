@@ -53,6 +53,10 @@ def env(*rcpts: str, sender: str = "alice@example.org") -> Envelope:
 def test_corpus_round_trip_smtp(tmp_path: Path, path: Path) -> None:
     c, spool = make(tmp_path)
     data = path.read_bytes()
+    if path.name == "10-many-received.eml":  # over hopcount_limit: refused (below)
+        with pytest.raises(CleanupError):
+            c.submit(env("ops@example.net"), data, origin="smtp")
+        return
     qid = c.submit(env("ops@example.net"), data, origin="smtp")
     assert lines_of(spool, qid) == expected_lines(data)
     st = os.stat(spool.path("incoming", qid))
@@ -243,9 +247,11 @@ def test_smtputf8_autodetect_for_local(tmp_path: Path) -> None:
 
 
 def test_hopcount_bounce(tmp_path: Path) -> None:
+    """Local input (sendmail/pickup) over hopcount_limit was already accepted: it is
+    queued with every recipient bounced (Postfix cleanup with CLEANUP_FLAG_BOUNCE)."""
     c, spool = make(tmp_path)
     data = (CORPUS / "10-many-received.eml").read_bytes()
-    qid = c.submit(env("ops@example.net", "b@example.net"), data, origin="smtp")
+    qid = c.submit(env("ops@example.net", "b@example.net"), data, origin="local")
     with QueueFile.open(spool, "incoming", qid) as qf:
         assert qf.recipients == [] and qf.done_count == 2
     entries = statuslog.read(spool, "bounce", qid)
@@ -359,6 +365,22 @@ def test_bounce_too_big_keeps_headers_only(tmp_path: Path, maillog: Path) -> Non
     assert (rcpt.address, dsn.status, dsn.reason) == (
         "r@example.net", "5.3.4", "message file too big")
     assert "to=<r@example.net>, relay=none" in maillog.read_text()
+
+
+def test_hopcount_refused_for_smtp(tmp_path: Path, maillog: Path) -> None:
+    """smtpd input (origin "smtp") at hopcount_limit: Postfix's cleanup without
+    CLEANUP_FLAG_BOUNCE returns CLEANUP_STAT_HOPS (5.4.0 "too many hops", which smtpd
+    turns into 554 5.4.0), logs 'message rejected: hopcount exceeded' and keeps no file."""
+    c, spool = make(tmp_path, "hopcount_limit = 3\n")
+    with pytest.raises(CleanupError) as err:  # smtpd's Received: is in the content
+        c.submit(env("b@example.net"), b"Received: a\nReceived: b\nReceived: c\n\nx\n",
+                 origin="smtp")
+    assert (err.value.status, err.value.text) == ("5.4.0", "too many hops")
+    assert not list(spool.scan("incoming")) and not list(spool.scan("bounce"))
+    assert not [f for _, _, files in os.walk(tmp_path / "q" / "incoming") for f in files]
+    text = maillog.read_text()
+    assert text.count("message rejected: hopcount exceeded") == 1
+    assert "warning: " in text and "status=bounced" not in text
 
 
 def test_hopcount_bounce_logged_per_recipient(tmp_path: Path, maillog: Path) -> None:

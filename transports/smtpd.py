@@ -135,14 +135,16 @@ class SmtpdCleanup(Cleanup):
         finally:
             self._pending = None
 
+    def _created(self, qid: str) -> None:
+        if self._pending is not None:
+            log.info(f"{qid}: client={self._pending[0]}")
+
     def _build(self, env: Envelope, sender: str, rcpts: list[Recipient], lines: list[bytes],
                h: _Headers, qid: str, sec: int, usec: int, local: bool, origin: str,
                uid: int | None, smtputf8: int,
                content: bytes) -> tuple[bytearray, list[int], str]:
         if self._pending is not None:
-            namaddr, received = self._pending
-            log.info(f"{qid}: client={namaddr}")
-            final = received(qid)
+            final = self._pending[1](qid)
             h.lines[: len(final)] = final
         return super()._build(env, sender, rcpts, lines, h, qid, sec, usec, local, origin,
                               uid, smtputf8, content)

@@ -19,7 +19,9 @@ Summary
       (an error only beyond smtpd_recipient_overshoot_limit). The message goes into the
       queue through the host's ``enqueue`` (qmgrd.spool.cleanup: complete and fsynced
       before ``250 2.0.0 Ok: queued as <id>``); a write error -> ``451 4.3.0 Error: queue
-      file write error``, never a 5xx; nothing is queued before the final dot, so a
+      file write error``, never a 5xx; ``hopcount_limit`` or more Received: headers
+      (ours included) -> ``554 5.4.0 Error: too many hops``, nothing queued (Postfix
+      cleanup's CLEANUP_STAT_HOPS); nothing is queued before the final dot, so a
       client that disconnects mid-DATA leaves nothing behind.
     * An address with bytes that are not valid UTF-8 (Postfix refuses malformed UTF-8):
       MAIL -> ``553 5.1.7 <a\\xff@b>: malformed UTF-8 in sender address``, RCPT and VRFY
@@ -776,7 +778,9 @@ class SmtpdSession(SMTP):
             qid = self.host.enqueue(env, content_with(received("?"), data), client.namaddr,
                                     received)
         except CleanupError as exc:
-            log.warning(f"{client.namaddr}: queue file write error: {exc.status} {exc.text}")
+            if exc.status != "5.4.0":  # too many hops: cleanup logged the rejection
+                log.warning(f"{client.namaddr}: queue file write error: {exc.status} "
+                            f"{exc.text}")
             if exc.status == "5.3.4":
                 await self._say("552 5.3.4 Error: message file too big")
             elif exc.status.startswith("5"):

@@ -24,9 +24,16 @@ Summary
       ``@$myorigin``. Exact duplicate recipients are dropped. No recipients ->
       CleanupError 5.1.0.
     * Hop count = number of Received:/Delivered-To: headers (our own Received: included).
-      At ``hopcount_limit`` or more the file is still queued, but every recipient gets a
-      bounce-log entry ``5.4.6`` "mail forwarding loop for <rcpt>" and is marked done, so
-      the qmgr sends the non-delivery report.
+      At ``hopcount_limit`` or more:
+
+      - origin "smtp" (smtpd): the message is refused as Postfix's cleanup does without
+        CLEANUP_FLAG_BOUNCE (CLEANUP_STAT_HOPS): ``warning: <qid>: message rejected:
+        hopcount exceeded``, the queue file removed, CleanupError ``5.4.0`` "too many
+        hops" (smtpd replies ``554 5.4.0 Error: too many hops`` at the end of DATA);
+      - origin "local" (sendmail/pickup, already accepted: Postfix bounces) and others:
+        the file is still queued, but every recipient gets a bounce-log entry ``5.4.6``
+        "mail forwarding loop for <rcpt>" and is marked done, so the qmgr sends the
+        non-delivery report.
     * ``bounce()`` does the same for a message that submit() refused with a 5.x.x status
       (Postfix cleanup_bounce, used by pickup so that local mail is never lost
       silently): every recipient, or ``unknown`` when there is none, is bounced with
@@ -52,7 +59,8 @@ Public API
     mail_date(when: float) -> str       RFC 5322 date as Postfix writes it
     truncate_headers(data, limit) -> (bytes, headers cut)   header_size_limit (smtpd, pickup)
 
-Logs ``<qid>: message-id=<...>`` (info) per message, a warning per hop-count bounce, and
+Logs ``<qid>: message-id=<...>`` (info) per message, a warning per hop-count bounce or
+rejection, and
 for every recipient bounced here ``<qid>: to=<rcpt>, relay=none, delay=.., delays=..,
 dsn=5.x.x, status=bounced (reason)`` (Postfix bounce_append's log_adhoc line).
 """
@@ -333,7 +341,8 @@ class Cleanup:
 
         Raises:
             CleanupError: 5.3.4 too big, 5.1.0 no recipients, 5.6.0 bad envelope data
-                (NUL or line break in an address or attribute), 4.3.0 write error. The
+                (NUL or line break in an address or attribute), 5.4.0 too many hops
+                (origin "smtp" only), 4.3.0 write error. The
                 queue file does not exist afterwards.
         """
         if self.size_limit and len(content) > self.size_limit:
@@ -418,10 +427,17 @@ class Cleanup:
             f, qid, path = self.spool.create("incoming")
         except OSError as exc:
             raise CleanupError("4.3.0", f"queue file create error: {exc.strerror}") from None
+        self._created(qid)
         hops = h.hops + (1 if origin == "local" else 0)
         reasons: list[str] = []
         if bounce is not None:
             reasons = [bounce[1]] * len(rcpts)
+        elif origin == "smtp" and self.hop_limit > 0 and hops >= self.hop_limit:
+            # Postfix cleanup without CLEANUP_FLAG_BOUNCE (smtpd): CLEANUP_STAT_HOPS, the
+            # file is removed and the client told "554 5.4.0 Error: too many hops"
+            self._discard(f, path, qid)
+            log.warning(f"{qid}: message rejected: hopcount exceeded")
+            raise CleanupError("5.4.0", "too many hops")
         elif self.hop_limit > 0 and hops >= self.hop_limit:
             log.warning(f"{qid}: hop count {hops} exceeds limit {self.hop_limit}: "
                         f"bouncing {len(rcpts)} recipient(s)")
@@ -456,6 +472,11 @@ class Cleanup:
                                        done, done, done, bounce[0], "bounced", reason))
         send_trigger(self.trigger_path, TRIGGER_REQ_WAKEUP)
         return qid
+
+    def _created(self, qid: str) -> None:
+        """Called once the queue file ``qid`` exists in incoming/, before anything else
+        is decided about the message (SmtpdCleanup logs ``<qid>: client=...`` here, as
+        Postfix's smtpd does when its cleanup stream gets the queue id)."""
 
     @staticmethod
     def _dedup(rcpts: list[Recipient]) -> list[Recipient]:
