@@ -19,7 +19,7 @@ from qmgrd.spool.envelope import DSN_NOTIFY_DELAY, DSN_NOTIFY_FAILURE, DSN_RET_H
 from qmgrd.spool.message import QueueFile
 from qmgrd.spool.queue import Spool
 from tests.harness import LogCursor, MakeSystem, free_port, maildir_messages, require_tool, wait_for
-from tests.tools.smtpd_system import smtp, start, wait_smtpd
+from tests.tools.smtpd_system import master_cf_with_smtpd, smtp, start, wait_smtpd
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -173,3 +173,34 @@ def test_jailed_smtpd_imports_everything_before_the_jail(mailsys: MakeSystem) ->
             assert p.uids().real != 0
             assert os.readlink(f"/proc/{p.pid}/root") == str(ms.spool)
     assert "imported after the jail" not in ms.log()
+
+
+def test_a_transport_loop_to_our_own_smtpd_ends_in_a_554_at_hopcount_limit(
+        mailsys: MakeSystem) -> None:
+    """A transport entry that sends mail back to our own smtpd on a port other than 25
+    (``loop.test smtp:[127.0.0.1]:<port>``): Postfix's smtp(8) checks for 'loops back to
+    myself' on port 25 only (SMTP_MISC_FLAG_LOOP_DETECT), so the mail goes round, one
+    Received: header a pass. At hopcount_limit our smtpd refuses it at the end of DATA
+    (554 5.4.0, nothing queued) and the smtp client bounces it with that reply: the
+    bounce comes from the client's side, not from a cleanup that accepted it."""
+    port = free_port()
+    ms = mailsys(main={"hopcount_limit": "5"}, master_cf=master_cf_with_smtpd(port))
+    (ms.etc / "transport").write_text(f"loop.test smtp:[127.0.0.1]:{port}\n")
+    ms.write_main(transport_maps=f"texthash:{ms.etc / 'transport'}")
+    ms.start()
+    wait_smtpd(port)
+    r = ms.sendmail("-i", "-f", SENDER, "bob@loop.test",
+                    data=b"Subject: round\nMessage-ID: <round@test>\n\nx\n")
+    assert r.returncode == 0, r.stderr
+    # pickup's Received: + 3 accepted passes = 4; the 4th pass makes 5: refused
+    wait_for(lambda: re.search(
+        r"to=<bob@loop\.test>, relay=127\.0\.0\.1\[127\.0\.0\.1\]:\d+, .*dsn=5\.4\.0, "
+        r"status=bounced \(host 127\.0\.0\.1\[127\.0\.0\.1\] said: 554 5\.4\.0 Error: too "
+        r"many hops \(in reply to end of DATA command\)\)", ms.log()), 60, "the bounce")
+    wait_for(lambda: any(b"<round@test>" in m for m in maildir_messages(ms, "alice")), 30,
+             "the bounce notice to the sender")
+    wait_for(ms.queue_empty, 30, "an empty queue")
+    log_text = ms.log()
+    assert log_text.count("message rejected: hopcount exceeded") == 1
+    assert "mail forwarding loop" not in log_text
+    assert len(re.findall(r"to=<bob@loop\.test>, .*status=sent", log_text)) == 3
