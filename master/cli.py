@@ -141,7 +141,13 @@ import psutil  # type: ignore[import-untyped]
 from master.config import Config, ConfigError, Service, describe, load_configuration
 from master.daemon.control import control_path, query
 from master.daemon.master import REPAIR_PROGRESS, run_master
-from master.daemon.pidfile import lock_path, pid_path, read_reload_verdict, running_pid
+from master.daemon.pidfile import (
+    lock_path,
+    pid_path,
+    read_reload_verdict,
+    running_elsewhere,
+    running_pid,
+)
 from master.daemon.queuedirs import check_queue_dirs, directory_problem
 from master.daemon.spawn import wait_child
 from master.server.jail import Owner, OwnerError, lookup_mail_owner
@@ -237,39 +243,17 @@ def _queue_directory(ctx: click.Context) -> str:
 
 
 def _running_elsewhere(cfg: Config, queue_directory: str) -> None:
-    """Fatal (exit 1) when no master holds ``queue_directory``'s pid file but one holds
-    data_directory's ``master.lock``: a master of this configuration runs with another
-    queue_directory (main.cf's was changed while it ran), so "not running" (status,
-    stop, reload) and "already running" (start: the master's own master.lock check)
-    would contradict each other.  The message names the master's pid and its
-    queue_directory (its working directory: the master chdirs there; as another user
-    it may be unreadable, then the lock is named instead), and what to do: put the old
-    value back to stop or reload it.  Postfix has the same weakness (postfix-script
-    finds the master by queue_directory only); this only explains it.  Nothing is
+    """Fatal (exit 1) when a master of this configuration (data_directory's
+    ``master.lock``) runs with another queue_directory than ``queue_directory``
+    (master.daemon.pidfile.running_elsewhere, which qmgr-ctl config shares).  Nothing is
     said when the lock cannot be probed (data_directory bad or missing)."""
-    if running_pid(pid_path(queue_directory)) is not None:
-        return
     try:
         lock = lock_path(cfg.data_directory())
     except ConfigError:
         return
-    pid = running_pid(lock)
-    if not pid:
-        return
-    try:
-        where: str | None = os.path.realpath(psutil.Process(pid).cwd())
-    except (psutil.Error, OSError):
-        where = None
-    if where is not None and where == os.path.realpath(queue_directory):
-        return  # the pid file was being replaced just now: it is this master after all
-    if where is None:
-        _fatal(f"the qmgrd mail system is running (master pid {pid}, holding {lock}) with "
-               f"another queue_directory than main.cf's {queue_directory} (changed while "
-               "it ran?): put queue_directory back to stop or reload it, or stop it with "
-               f"kill -TERM {pid}")
-    _fatal(f"the qmgrd mail system is running (master pid {pid}) with queue_directory "
-           f"{where}, not main.cf's {queue_directory} (changed while it ran?): put "
-           f"queue_directory = {where} back to stop or reload it, then change it")
+    problem = running_elsewhere(queue_directory, [lock])
+    if problem is not None:
+        _fatal(problem)
 
 
 def _existing(queue_directory: str) -> str:

@@ -570,6 +570,33 @@ def test_queue_directory_changed_while_running(system: System, made: bool) -> No
     assert system.proc.wait(15) == 0
 
 
+@pytest.mark.parametrize("also_data", [False, True], ids=["queue", "queue-and-data"])
+def test_config_refuses_a_queue_directory_change_while_running(
+        system: System, also_data: bool) -> None:
+    """qmgr-ctl config queue_directory=... while the master runs: reload would refuse
+    the result (the master runs with another queue_directory), so config refuses it
+    before writing anything, with reload's message and exit 78 (EX_CONFIG); also when
+    data_directory changes with it (reload would not even find the master). main.cf is
+    unchanged and status still finds the master."""
+    pid = system.start()
+    new = system.base / "q2"
+    new.mkdir()
+    changes = [f"queue_directory={new}"]
+    if also_data:
+        changes.append(f"data_directory={system.base / 'd2'}")
+    result = subprocess.run(
+        [sys.executable, "-P", "-m", "qmgrd.ctl", "-c", str(system.etc), "config", *changes],
+        check=False, env=child_env(), capture_output=True, text=True, timeout=30,
+        stdin=subprocess.DEVNULL)
+    assert (result.returncode, result.stderr) == (78, (
+        f"qmgr-ctl: fatal: not changed: the qmgrd mail system is running (master pid "
+        f"{pid}) with queue_directory {system.q}, not main.cf's {new} (changed while it "
+        f"ran?): put queue_directory = {system.q} back to stop or reload it, then "
+        "change it\n")), result.stderr
+    assert system.main.read_text() == system.good_main
+    assert system.cli("status").returncode == 0
+
+
 def test_reload_and_stop_of_a_stopped_master_exit_75(system: System) -> None:
     """A master stopped with SIGSTOP gives no verdict: reload warns "no answer from the
     master" and exits 75 (outcome unknown), not 0; stop, whose master is not gone in

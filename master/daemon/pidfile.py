@@ -24,6 +24,9 @@ Public API
                                      after each SIGHUP
     read_reload_verdict(queue_directory) -> (pid, serial, error | None,
                                              incomplete | None) | None
+    running_elsewhere(queue_directory, locks) -> str | None: why a master runs with
+        another queue_directory than ``queue_directory`` (the refusal of qmgr-master
+        status, stop, reload and start, and of qmgr-ctl config), None when none does
 
 Raises
     OSError when the file cannot be created or opened (the caller makes it fatal).
@@ -33,9 +36,10 @@ from __future__ import annotations
 
 import fcntl
 import os
+from collections.abc import Iterable
 
 __all__ = ["AlreadyRunning", "PidFile", "lock_path", "pid_path", "read_reload_verdict",
-           "reload_path", "running_pid", "write_reload_verdict"]
+           "reload_path", "running_elsewhere", "running_pid", "write_reload_verdict"]
 
 
 class AlreadyRunning(Exception):
@@ -162,3 +166,46 @@ def running_pid(path: str) -> int | None:
         return None
     finally:
         os.close(fd)
+
+
+def running_elsewhere(queue_directory: str, locks: Iterable[str]) -> str | None:
+    """Why the mail system may not be driven with ``queue_directory``, or None.
+
+    A master holds one of ``locks`` (data_directory's ``master.lock``; qmgr-ctl config
+    adds the lock and pid file of the main.cf it is about to replace) but not
+    ``queue_directory``'s pid file: it runs with another queue_directory (main.cf's was
+    changed while it ran), so "not running" (status, stop, reload) and "already
+    running" (start) would contradict each other, and qmgr-ctl list would read an
+    empty queue.  The text names the master's pid and its queue_directory (its working
+    directory: the master chdirs there; as another user it may be unreadable, then the
+    lock is named instead), and what to do: put the old value back to stop or reload
+    it.  Postfix has the same weakness (postfix-script finds the master by
+    queue_directory only); this only explains it.  A lock that cannot be probed (a
+    missing file or directory) counts as not held.
+    """
+    if running_pid(pid_path(queue_directory)) is not None:
+        return None
+    for lock in locks:
+        try:
+            pid = running_pid(lock)
+        except OSError:
+            continue
+        if not pid:
+            continue
+        import psutil  # type: ignore[import-untyped]  # only when a master is found
+
+        try:
+            where: str | None = os.path.realpath(psutil.Process(pid).cwd())
+        except (psutil.Error, OSError):
+            where = None
+        if where is not None and where == os.path.realpath(queue_directory):
+            return None  # the pid file was being replaced just now: it is this master
+        if where is None:
+            return (f"the qmgrd mail system is running (master pid {pid}, holding {lock}) "
+                    f"with another queue_directory than main.cf's {queue_directory} "
+                    "(changed while it ran?): put queue_directory back to stop or reload "
+                    f"it, or stop it with kill -TERM {pid}")
+        return (f"the qmgrd mail system is running (master pid {pid}) with queue_directory "
+                f"{where}, not main.cf's {queue_directory} (changed while it ran?): put "
+                f"queue_directory = {where} back to stop or reload it, then change it")
+    return None

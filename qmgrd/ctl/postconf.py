@@ -11,7 +11,11 @@ Summary
     its nexthop must be a valid destination, as relayhost); then the whole result with
     master.cf must pass the checks of ``qmgr-master reload`` (master.config.validate.
     check_configuration, e.g. an smtpd's open-relay guard; main.cf's part only when
-    there is no master.cf), an error naming the file and line as reload's does; the file is then replaced atomically
+    there is no master.cf), an error naming the file and line as reload's does; and a
+    master that runs must still be found with the new queue_directory (a change
+    reload would refuse with "the qmgrd mail system is running (master pid N) with
+    queue_directory OLD, not main.cf's NEW ...": the same check and message, from
+    master.daemon.pidfile.running_elsewhere); the file is then replaced atomically
     (a temporary file in the same directory with the old file's mode and owner, fsync,
     rename). A running mail system sees the change after ``qmgr-master reload``.
 
@@ -97,6 +101,29 @@ def _services(cfg: Config) -> list[Service]:
         return []
 
 
+def _check_running_master(cfg: Config, old_text: str, config_directory: str,
+                          path: str) -> None:
+    """Raise ConfigError with reload's refusal (master.daemon.pidfile.running_elsewhere)
+    when a running master would be left with another queue_directory than the new
+    main.cf's: qmgr-master status, stop and reload would refuse to work on it, and
+    qmgr-ctl list would read the new, empty queue.  The master is looked for where the
+    new main.cf says (data_directory's master.lock) and where the old one said (its
+    pid file and master.lock), so a change of both queue_directory and data_directory
+    is refused too (reload would then not even find the master)."""
+    from master.daemon.pidfile import lock_path, pid_path, running_elsewhere
+
+    locks: list[str] = []
+    with contextlib.suppress(ConfigError):
+        locks.append(lock_path(cfg.data_directory()))
+    with contextlib.suppress(ConfigError):
+        old = Config.from_text(old_text, config_directory, path=path)
+        locks.append(pid_path(old.queue_directory()))
+        locks.append(lock_path(old.data_directory()))
+    problem = running_elsewhere(cfg.queue_directory(), locks)
+    if problem is not None:
+        raise ConfigError(problem)
+
+
 def edit_main_cf(config_directory: str, changes: dict[str, str]) -> None:
     """Apply ``changes`` to ``<config_directory>/main.cf`` (see module docstring).
 
@@ -137,6 +164,7 @@ def edit_main_cf(config_directory: str, changes: dict[str, str]) -> None:
     # (no master.cf at all: main.cf's part only, as before - start and reload report it)
     check_configuration(cfg, modules=False, logfile=False, master_cf=os.path.lexists(
         os.path.join(config_directory, "master.cf")))
+    _check_running_master(cfg, text, config_directory, path)
     st = os.stat(path)
     tmp = f"{path}.{os.getpid()}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, st.st_mode & 0o777)
