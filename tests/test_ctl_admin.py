@@ -3,6 +3,7 @@ running mail system (no qmgr: files, including active ones, are changed directly
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -311,6 +312,34 @@ def test_suspend_and_resume_edit_the_file(q: Q) -> None:
     for bad in (["suspend", "../../etc"], ["suspend", "x.example", "--for", "0s"],
                 ["suspend", "x.example", "--reason", "a\nb"], ["resume", "a/b"]):
         assert q.run(*bad)[0] == EX_USAGE, bad
+
+
+def test_suspend_and_resume_on_a_full_disk(q: Q, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A suspension file that cannot be written (ENOSPC) is one fatal line naming the
+    file and the system's words, not Python's ``[Errno 28]``, exit 75 (EX_TEMPFAIL, as
+    the README says); the old file is kept and no temporary file is left behind."""
+    path = susp.suspend_path(q.spool.queue_directory)
+    assert q.run("suspend", "example.com")[0] == 0
+    before = Path(path).read_bytes()
+    write = os.write
+
+    def full(fd: int, data: bytes) -> int:
+        if "qmgr-suspend" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return write(fd, data)
+
+    monkeypatch.setattr(os, "write", full)
+    code, out, err = q.run("suspend", "other.example")
+    assert (code, out, err) == (EX_TEMPFAIL, "", (
+        f"qmgr-ctl: fatal: suspend other.example: cannot update {path}: No space left "
+        "on device; nothing changed\n"))
+    code, out, err = q.run("resume", "example.com", "--pace", "0")
+    assert (code, out, err) == (EX_TEMPFAIL, "", (
+        f"qmgr-ctl: fatal: resume example.com: cannot update {path}: No space left on "
+        "device; the suspension still holds\n"))
+    monkeypatch.undo()
+    assert Path(path).read_bytes() == before
+    assert sorted(os.listdir(os.path.dirname(path))) == ["qmgr-suspend", "qmgr-suspend.lock"]
 
 
 def test_show_json_and_missing(q: Q) -> None:

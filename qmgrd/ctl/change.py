@@ -51,6 +51,7 @@ qmgr-control client), is loaded by common.changing once the caller may change th
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from typing import TYPE_CHECKING, Any
@@ -214,6 +215,20 @@ def _key(ctx: click.Context, text: str) -> str:
     return key.lower()
 
 
+def _why(exc: OSError | ValueError) -> str:
+    """What could not be done, and where, for suspend's and resume's fatal line: the
+    suspension file (``cannot update <queue_directory>/private/qmgr-suspend: No space
+    left on device``), or another file (resume's flush: ``<file>: <strerror>``),
+    without Python's ``[Errno N]``."""
+    from master.config import describe
+    from qmgrd.qmgr.suspend import SUSPEND_FILE
+
+    if isinstance(exc, OSError) and os.path.basename(str(exc.filename or "")) \
+            in (SUSPEND_FILE, SUSPEND_FILE + ".lock"):
+        return f"cannot update {exc.filename}: {exc.strerror or exc}"
+    return describe(exc)
+
+
 @click.command("suspend", help=f"""Stop delivery to DOMAIN until resumed (or for a time).
 
 DOMAIN is a recipient domain, .domain (its subdomains) or a nexthop [address]:port.
@@ -250,7 +265,7 @@ def suspend_cmd(ctx: click.Context, duration: str | None, reason: str, domain: s
         try:
             text = admin.suspend(spool, key, now + seconds if seconds else 0.0, reason, now)
         except (OSError, ValueError) as exc:
-            fatal(ctx, EX_TEMPFAIL, f"suspend {key}: {exc}")
+            fatal(ctx, EX_TEMPFAIL, f"suspend {key}: {_why(exc)}; nothing changed")
     click.echo(text)
 
 
@@ -278,7 +293,10 @@ def resume_cmd(ctx: click.Context, batch: int, pace: float, domain: str) -> None
         try:
             text = admin.resume(spool, key, batch, pace)
         except (OSError, ValueError) as exc:
-            fatal(ctx, EX_TEMPFAIL, f"resume {key}: {exc}")
+            why = _why(exc)
+            if why.startswith("cannot update "):
+                why += "; the suspension still holds"
+            fatal(ctx, EX_TEMPFAIL, f"resume {key}: {why}")
     click.echo(text)
 
 

@@ -78,7 +78,8 @@ Exit status:
   74  repair: some files could not be renamed into place (each named in a
       warning; the rest was done)
   75  queue directory unreadable (repair: or one of its subdirectories); a message still being delivered (try again);
-      the qmgr stopped before it answered (some outcomes unknown: see the maillog)
+      the qmgr stopped before it answered (some outcomes unknown: see the maillog);
+      suspend/resume: the suspension file could not be written (e.g. a full disk)
   77  permission denied: reading (list, show, shape, status) or changing the queue
       needs root or mail_owner
   78  configuration error

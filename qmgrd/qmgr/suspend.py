@@ -52,6 +52,7 @@ Logs nothing; callers log.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -174,8 +175,9 @@ def update(path: str, change: Callable[[list[Suspension]], list[Suspension]],
     its suspensions are lost, ``change`` gets [].
 
     Raises:
-        OSError: cannot lock, read or write; ValueError: the old file is broken and no
-        ``on_damaged`` was given.
+        OSError: cannot lock, read or write (a failed write, e.g. ENOSPC, leaves the old
+        file and no temporary file, and names ``path`` as its filename); ValueError: the
+        old file is broken and no ``on_damaged`` was given.
     """
     lock_fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
@@ -193,13 +195,20 @@ def update(path: str, change: Callable[[list[Suspension]], list[Suspension]],
         items = change(old)
         doc = {"version": 1, "suspensions": [s.as_dict() for s in items]}
         tmp = f"{path}.{os.getpid()}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
-            os.write(fd, json.dumps(doc, indent=1).encode() + b"\n")
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, path)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                data = json.dumps(doc, indent=1).encode() + b"\n"
+                if os.write(fd, data) != len(data):
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, path)
+        except OSError as exc:  # e.g. a full disk: no temporary file is left behind
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise OSError(exc.errno, exc.strerror or str(exc), path) from exc
         return items
     finally:
         os.close(lock_fd)
