@@ -78,11 +78,39 @@ def test_a_parameter_set_twice_is_named(tmp_path: Path) -> None:
      'invalid bounce_queue_lifetime parameter value "8640001": maximum is 8640000s'),
     ("line_length_limit = 100",  # Postfix's minimum: every submission would be refused
      'invalid line_length_limit parameter value "100": minimum is 512'),
+    # a value must fit the C type Postfix keeps it in: a long (message_size_limit) ...
+    ("message_size_limit = 99999999999999999999999",
+     ('invalid message_size_limit parameter value "99999999999999999999999": maximum is '
+      "9223372036854775807")),
+    ("queue_minfree = 9223372036854775808",
+     ('invalid queue_minfree parameter value "9223372036854775808": maximum is '
+      "9223372036854775807")),
+    # ... or an int: integer parameters, int-sized sizes, times (in seconds) and the
+    # per-transport parameters, which take their global's type
+    ("header_size_limit = 2147483648",
+     'invalid header_size_limit parameter value "2147483648": maximum is 2147483647'),
+    ("qmgr_message_active_limit = 99999999999",
+     ('invalid qmgr_message_active_limit parameter value "99999999999": maximum is '
+      "2147483647")),
+    ("smtp_destination_recipient_limit = 2147483648",
+     ('invalid smtp_destination_recipient_limit parameter value "2147483648": maximum is '
+      "2147483647")),
+    ("smtpd_timeout = 99999999999999999999w",
+     ('invalid smtpd_timeout parameter value "99999999999999999999w": maximum is '
+      "2147483647s")),
 ])
 def test_bad_main_cf_values_are_errors_with_file_and_line(tmp_path: Path, line: str,
                                                            what: str) -> None:
     etc = write(tmp_path, f"# comment\n{line}\n")
     assert error_of(etc).startswith(f"{etc}/main.cf, line 3: {what}")
+
+
+def test_an_out_of_range_override_names_master_cf_line(tmp_path: Path) -> None:
+    etc = write(tmp_path, "", GOOD_MASTER + "relay unix - - n - - smtp\n"
+                "  -o smtp_mx_session_limit=4294967296\n")
+    assert error_of(etc) == (
+        f"{etc}/master.cf, line 4: -o smtp_mx_session_limit=4294967296: invalid "
+        'smtp_mx_session_limit parameter value "4294967296": maximum is 2147483647')
 
 
 def test_per_transport_parameters_take_their_globals_type() -> None:

@@ -82,6 +82,7 @@ from master.config.params import (
     parse_size,
     parse_time,
     split_list,
+    value_range,
 )
 
 NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*\Z")
@@ -465,13 +466,16 @@ class Config:
                 result = parse_int(value)
         except ValueError as e:
             raise self._error(name, f'{e} for parameter {name}: "{value}"') from None
-        if spec is not None:
-            if spec.min is not None and result < spec.min:
-                raise self._error(name, f'invalid {name} parameter value "{value}": '
-                                  f"minimum is {spec.min}{'s' if kind == 'time' else ''}")
-            if spec.max is not None and result > spec.max:
-                raise self._error(name, f'invalid {name} parameter value "{value}": '
-                                  f"maximum is {spec.max}{'s' if kind == 'time' else ''}")
+        # the table's range, within the C type Postfix keeps the value in (an int, or a
+        # long for message_size_limit and the like: params.value_range), whether the
+        # name is in the table or not (Postfix: fatal "bad numerical configuration")
+        lo, hi = value_range(kind, spec)
+        if result < lo:
+            raise self._error(name, f'invalid {name} parameter value "{value}": '
+                              f"minimum is {lo}{'s' if kind == 'time' else ''}")
+        if result > hi:
+            raise self._error(name, f'invalid {name} parameter value "{value}": '
+                              f"maximum is {hi}{'s' if kind == 'time' else ''}")
         return result
 
     def get_int(self, name: str) -> int:

@@ -14,8 +14,17 @@ DESCRIPTION
              references, expanded by Config.get().
     unit     for "time": the unit a bare number is taken in ("s", "m", "h", "d", "w").
     min/max  inclusive range for int/time/size values (seconds for time), or None.
+             Within it, a value must also fit the C type Postfix keeps it in
+             (value_range): an int (INT_MIN..INT_MAX: "int" and "time" parameters -
+             a time in seconds after its unit, as Postfix's conv_time - and the "size"
+             parameters Postfix declares int, e.g. header_size_limit), or a long
+             (LONG_MIN..LONG_MAX: ``long`` True, the sizes Postfix declares long:
+             message_size_limit, mailbox_size_limit, queue_minfree).  Postfix refuses
+             a value that does not fit (strtol's ERANGE or a long that is no int:
+             fatal "bad numerical configuration").
     raw      True for parameters Postfix never expands at configuration time
              (forward_path, mailbox_command, luser_relay: expanded per delivery).
+    long     True for the "size" parameters Postfix keeps in a long (see min/max).
 
     myhostname and mydomain have computed defaults (see hostname_default() and
     domain_default()), as Postfix's check_myhostname()/check_mydomain() do.
@@ -34,13 +43,15 @@ import re
 import socket
 from dataclasses import dataclass
 
+INT_MIN, INT_MAX = -(2 ** 31), 2 ** 31 - 1  # Postfix's int (LP64: 32 bits)
+LONG_MIN, LONG_MAX = -(2 ** 63), 2 ** 63 - 1  # Postfix's long (LP64: 64 bits)
 TIME_UNITS: dict[str, int] = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 TYPES = ("str", "int", "bool", "time", "size", "list")
 
 
 @dataclass(frozen=True)
 class Param:
-    """One main.cf parameter: name, type, default text, unit (time), min, max, raw."""
+    """One main.cf parameter: name, type, default text, unit (time), min, max, raw, long."""
 
     name: str
     type: str
@@ -49,16 +60,17 @@ class Param:
     min: int | None = None
     max: int | None = None
     raw: bool = False
+    long: bool = False
 
 
 PARAMS: dict[str, Param] = {}
 
 
 def _add(name: str, type_: str, default: str, unit: str = "", min_: int | None = None,
-         max_: int | None = None, raw: bool = False) -> None:
+         max_: int | None = None, raw: bool = False, long: bool = False) -> None:
     if type_ == "time" and not unit:
         unit = "s"
-    PARAMS[name] = Param(name, type_, default, unit, min_, max_, raw)
+    PARAMS[name] = Param(name, type_, default, unit, min_, max_, raw, long)
 
 
 def _s(name: str, default: str = "") -> None:
@@ -82,8 +94,8 @@ def _t(name: str, default: str, min_: int | None = 0, max_: int | None = None,
     _add(name, "time", default, unit, min_, max_)
 
 
-def _z(name: str, default: str, min_: int | None = 0) -> None:
-    _add(name, "size", default, "", min_, None)
+def _z(name: str, default: str, min_: int | None = 0, long: bool = False) -> None:
+    _add(name, "size", default, "", min_, None, long=long)
 
 
 # --- directories, identity -------------------------------------------------------------
@@ -152,7 +164,7 @@ _s("home_mailbox", "")
 _l("alias_maps", "hash:/etc/aliases, nis:mail.aliases")
 _l("local_recipient_maps", "proxy:unix:passwd.byname $alias_maps")
 _l("mailbox_delivery_lock", "fcntl, dotlock")
-_z("mailbox_size_limit", "51200000")
+_z("mailbox_size_limit", "51200000", long=True)
 _add("mailbox_command", "str", "", raw=True)
 _add("forward_path", "list", "$home/.forward${recipient_delimiter}${extension}, $home/.forward",
      raw=True)
@@ -185,11 +197,11 @@ _l("hash_queue_names", "deferred, defer")
 # digits, deeper levels are all "_".
 _i("hash_queue_depth", "1", 1, 10)
 _b("enable_long_queue_ids", "yes")
-_z("queue_minfree", "0")
+_z("queue_minfree", "0", long=True)
 _i("hopcount_limit", "50", 1)
 _z("header_size_limit", "102400", 1)
 _z("line_length_limit", "2048", 512)  # Postfix: minimum 512 (mail_params.c)
-_z("message_size_limit", "10240000", 0)
+_z("message_size_limit", "10240000", 0, long=True)
 _b("always_add_missing_headers", "no")
 _i("duplicate_filter_limit", "1000", 0)
 
@@ -356,6 +368,18 @@ def parse_time(text: str, unit: str = "s") -> int:
         raise ValueError("bad time value")
     letter = m.group(2).lower() or unit
     return int(m.group(1)) * TIME_UNITS[letter]
+
+
+def value_range(kind: str, spec: Param | None) -> tuple[int, int]:
+    """The inclusive range of an "int", "time" (seconds) or "size" value: the table's
+    min/max (``spec``; None for a name not in the table) within the C type Postfix
+    keeps the value in (module docstring: int, or long for a ``long`` size)."""
+    lo, hi = (LONG_MIN, LONG_MAX) if kind == "size" and (spec is None or spec.long) \
+        else (INT_MIN, INT_MAX)
+    if spec is not None:
+        lo = lo if spec.min is None else max(lo, spec.min)
+        hi = hi if spec.max is None else min(hi, spec.max)
+    return lo, hi
 
 
 def parse_int(text: str) -> int:
