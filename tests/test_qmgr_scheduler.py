@@ -636,9 +636,9 @@ def test_forced_deferred_scans_are_rate_limited(tmp_path: Path) -> None:
     scans = Counter[str]()
     real_scan = env.spool.scan_paths
 
-    def counting_scan(queue: str) -> Iterator[tuple[str, str]]:
+    def counting_scan(queue: str, bogus: Any = None) -> Iterator[tuple[str, str]]:
         scans[queue] += 1
-        return real_scan(queue)
+        return real_scan(queue, bogus)
 
     env.spool.scan_paths = counting_scan  # type: ignore[method-assign]
 
@@ -699,9 +699,9 @@ def test_trigger_flood_cannot_stall_feeding(tmp_path: Path) -> None:
     scans = Counter[str]()
     real_scan = env.spool.scan_paths
 
-    def counting_scan(queue: str) -> Iterator[tuple[str, str]]:
+    def counting_scan(queue: str, bogus: Any = None) -> Iterator[tuple[str, str]]:
         scans[queue] += 1
-        return real_scan(queue)
+        return real_scan(queue, bogus)
 
     env.spool.scan_paths = counting_scan  # type: ignore[method-assign]
 
@@ -757,6 +757,57 @@ def test_hold_queue_is_never_scanned(tmp_path: Path) -> None:
 
     run(go())
     assert not env.agents.requests and env.files("hold") == [qid]
+
+
+def test_bogus_incoming_entries_are_warned_about_once_and_skipped(
+        tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """Entries of incoming/ that are no queue file - a symbolic link and a directory
+    named as queue ids, a file and a directory whose names are no queue id - are
+    skipped with Postfix's mail_open_ok warning, once each however many scans run (an
+    incoming scan runs at every message); mail flows past them, they are left as they
+    are, and one removed and made again is warned about again."""
+    from qmgrd.spool.queueid import new_long_id
+
+    env = Env(tmp_path)
+    incoming = Path(env.spool.queue_path("incoming"))
+    target = tmp_path / "elsewhere"
+    target.write_bytes(b"not mail")
+    link, dirid = new_long_id(1_700_000_000, 1, 11), new_long_id(1_700_000_000, 2, 22)
+    (incoming / link).symlink_to(target)
+    (incoming / dirid).mkdir()
+    (incoming / "junk.txt").write_bytes(b"x")
+    (incoming / "notes").mkdir()
+    uid = os.getuid()
+    said = {f"incoming/{link}: uid {uid}: not a regular file",
+            f"incoming/{dirid}: uid {uid}: not a regular file",
+            f"incoming/junk.txt: uid {uid}: bad mail queue ID",
+            f"incoming/notes: uid {uid}: bad mail queue ID"}
+
+    async def go() -> None:
+        sched = env.sched()
+        sched.startup()
+        for i in range(5):  # five messages, five incoming scans
+            env.submit("a@x.example", [f"r{i}@d.example"])
+            sched.trigger(b"I")
+            await drain(sched)
+        assert len(env.agents.rcpts()) == 5
+        err = capfd.readouterr().err
+        for text in said:
+            assert err.count(text) == 1, (text, err)
+        (incoming / "junk.txt").unlink()
+        sched.trigger(b"I")
+        await drain(sched)  # a complete scan without it: forgotten
+        (incoming / "junk.txt").write_bytes(b"y")
+        for _ in range(3):
+            sched.trigger(b"I")
+            await drain(sched)
+        err = capfd.readouterr().err
+        assert err.count(f"incoming/junk.txt: uid {uid}: bad mail queue ID") == 1, err
+        assert "not a regular file" not in err
+
+    run(go())
+    assert os.readlink(incoming / link) == str(target) and target.read_bytes() == b"not mail"
+    assert sorted(os.listdir(incoming)) == sorted([link, dirid, "junk.txt", "notes"])
 
 
 def test_clog_warning_once_per_warn_time(tmp_path: Path,

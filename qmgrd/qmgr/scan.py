@@ -33,6 +33,8 @@ Public API
     .scan_all, .flush -> bool       modifiers in force for the current scan
     .busy -> bool; .restart_pending -> bool
     .close()                        abandon the scan in progress
+    BogusEntries(queue_directory)   one warning per bogus queue entry (below)
+        .walk(lister) -> Iterator       ``lister(bogus)``'s ids, bogus entries warned about
     scan_failed(exc, queue_directory) -> NoReturn
                                     a queue directory that cannot be read: one line,
                                     ``fatal: scan_dir_push: open directory <dir>: <error>``
@@ -41,6 +43,17 @@ Public API
                                     exit 1 - no traceback; the qmgr checks its queue
                                     directories before it reads a trigger, so the master
                                     throttles a qmgr that dies of this
+
+Bogus entries
+    An entry of incoming/ or deferred/ that is no queue file - a name that is no queue
+    id, or a symbolic link, directory, FIFO ... named as one - is skipped (never
+    followed, moved or removed: it may be an operator's) with Postfix's mail_open_ok
+    warning, ``warning: incoming/<name>: uid <uid>: not a regular file`` or ``warning:
+    incoming/<name>: uid <uid>: bad mail queue ID``. Postfix repeats it at every scan;
+    an incoming scan runs at every message, so qmgrd warns once per entry (its path,
+    inode and type) and then stays quiet while it is there; an entry that a complete
+    scan no longer finds is forgotten (one made again is warned about again). Memory:
+    one key per bogus entry present.
 """
 
 from __future__ import annotations
@@ -51,7 +64,7 @@ from typing import NoReturn
 
 from master import log
 
-__all__ = ["Scan", "scan_failed"]
+__all__ = ["BogusEntries", "Scan", "scan_failed"]
 
 
 def scan_failed(exc: OSError, queue_directory: str) -> NoReturn:
@@ -60,6 +73,46 @@ def scan_failed(exc: OSError, queue_directory: str) -> NoReturn:
     if os.path.isabs(path):
         path = os.path.relpath(path, queue_directory)
     log.fatal(f"scan_dir_push: open directory {path}: {exc.strerror or exc}")
+
+
+_Key = tuple[str, int, bool, bool]  # path, inode, directory?, symbolic link?
+
+
+class BogusEntries:
+    """Warn once about each bogus entry of a queue (module docstring)."""
+
+    def __init__(self, queue_directory: str) -> None:
+        self.queue_directory = queue_directory
+        self.warned: set[_Key] = set()
+
+    def walk(self, lister: Callable[[Callable[[os.DirEntry[str], str], None]],
+                                    Iterator[tuple[str, str]]]) -> Iterator[tuple[str, str]]:
+        """The (qid, path) pairs of ``lister(bogus)`` (Spool.scan_paths with ``bogus``),
+        warning about each bogus entry not warned about before; at the end of a
+        complete walk, the entries it did not find are forgotten."""
+        seen: set[_Key] = set()
+
+        def bogus(entry: os.DirEntry[str], why: str) -> None:
+            try:
+                key = (entry.path, entry.inode(), entry.is_dir(follow_symlinks=False),
+                       entry.is_symlink())
+            except OSError:  # gone meanwhile
+                return
+            seen.add(key)
+            if key in self.warned:
+                return
+            self.warned.add(key)
+            try:
+                uid: int | str = entry.stat(follow_symlinks=False).st_uid
+            except OSError:
+                uid = "?"
+            path = entry.path
+            if os.path.isabs(path):
+                path = os.path.relpath(path, self.queue_directory)
+            log.warning(f"{path}: uid {uid}: {why}")
+
+        yield from lister(bogus)
+        self.warned = seen  # a complete walk: what it did not find is gone
 
 
 class Scan:

@@ -115,7 +115,7 @@ from qmgrd.qmgr.dispatch import Dispatcher
 from qmgrd.qmgr.entry import Entry
 from qmgrd.qmgr.message import Message
 from qmgrd.qmgr.resolve import Resolver
-from qmgrd.qmgr.scan import Scan, scan_failed
+from qmgrd.qmgr.scan import BogusEntries, Scan, scan_failed
 from qmgrd.qmgr.status import snapshot
 from qmgrd.qmgr.suspend import Suspensions
 from qmgrd.qmgr.timers import Timers
@@ -165,8 +165,13 @@ class Scheduler:
         cfg.get_int("qmgr_fudge_factor")  # oqmgr only; checked like Postfix's qmgr does
         # names only: the feed stats each file itself (mode, mtime), as Postfix's does,
         # at the path where the scan found it (a file in another hashing's directory)
-        self.incoming = Scan("incoming", lambda: spool.scan_paths("incoming"))
-        self.deferred = Scan("deferred", lambda: spool.scan_paths("deferred"))
+        # entries that are no queue file are skipped with one warning each (BogusEntries)
+        bogus_in = BogusEntries(spool.queue_directory)
+        bogus_def = BogusEntries(spool.queue_directory)
+        self.incoming = Scan("incoming", lambda: bogus_in.walk(
+            lambda bogus: spool.scan_paths("incoming", bogus)))
+        self.deferred = Scan("deferred", lambda: bogus_def.walk(
+            lambda bogus: spool.scan_paths("deferred", bogus)))
         self._incoming_first = True
         self.transports: dict[str, Transport] = {}
         self.timers = Timers()

@@ -30,8 +30,9 @@ Public API
                                                when not path(from_queue, qid)
         .remove(queue, qid) -> bool            False when it did not exist
         .scan(queue) -> Iterator[str]          ids of ready files (recursing hash dirs)
-        .scan_paths(queue) -> Iterator[(qid, path)]  names only, with the path where each
-                                               was found (any hashing settings)
+        .scan_paths(queue, bogus=None) -> Iterator[(qid, path)]  names only, with the
+                                               path where each was found (any hashing
+                                               settings); other entries to bogus()
         .is_ready(st) -> bool                  (staticmethod)
         .make_dirs()                           create the queue directories (0700, public
                                                0710, maildrop 0730, pid 0755)
@@ -51,7 +52,7 @@ from qmgrd.spool.queueid import hash_dir_of_valid, new_long_id, valid_id
 # imports this module, and typing (with re) costs it about 10 ms.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Iterator
+    from collections.abc import Callable, Iterable, Iterator
     from typing import IO, Any
 
     from master.config import Config
@@ -247,11 +248,18 @@ class Spool:
         """
         yield from self._scan_dir(self.queue_path(queue), MAX_HASH_DEPTH + 1, False)
 
-    def scan_paths(self, queue: str) -> Iterator[tuple[str, str]]:
-        """Yield ``(qid, path)`` for every valid id in ``queue`` that is not a directory,
-        with the path where the name was found: names only, no ``stat`` (as Postfix's
-        scan_dir), for a caller that stats the file anyway before using it (the qmgr's
-        feed checks type, mode and mtime; files still being written are among them). The
+    def scan_paths(self, queue: str, bogus: Callable[[os.DirEntry[str], str], None] | None
+                   = None) -> Iterator[tuple[str, str]]:
+        """Yield ``(qid, path)`` for every valid id in ``queue`` that is a regular file
+        (by the directory entry's type: no symbolic link is followed), with the path
+        where the name was found: names only, no ``stat`` (as Postfix's scan_dir), for a
+        caller that stats the file anyway before using it (the qmgr's feed checks type,
+        mode and mtime; files still being written are among them). Every other entry
+        except the one-character hash directories is passed to ``bogus(entry, why)``
+        and skipped: ``why`` is ``"bad mail queue ID"`` (a name that is no queue id)
+        or ``"not a regular file"`` (a symbolic link, directory, FIFO, ... named as a
+        queue id, or a hash directory deeper than any hashing) - Postfix's
+        mail_open_ok and mail_queue_id_ok, which its qmgr's feed applies. The
         path differs from ``path(queue, qid)`` for a file left
         in the hash directory of other ``hash_queue_depth``/``hash_queue_names``
         settings; the qmgr's feed takes the file from there (``move(..., src_path=path)``),
@@ -260,11 +268,14 @@ class Spool:
         Raises:
             ValueError: unknown queue name.
         """
-        yield from self._scan_dir(self.queue_path(queue), MAX_HASH_DEPTH + 1, True)
+        yield from self._scan_dir(self.queue_path(queue), MAX_HASH_DEPTH + 1, True, bogus)
 
-    def _scan_dir(self, path: str, depth_left: int, paths: bool) -> Iterator[Any]:
-        """scan (``paths`` False: ready files' names) or scan_paths (True: every name,
-        with its path) of one directory and its one-character subdirectories."""
+    def _scan_dir(self, path: str, depth_left: int, paths: bool,
+                  bogus: Callable[[os.DirEntry[str], str], None] | None = None
+                  ) -> Iterator[Any]:
+        """scan (``paths`` False: ready files' names) or scan_paths (True: every regular
+        file with a queue id's name, with its path; the other entries to ``bogus``) of
+        one directory and its one-character subdirectories."""
         try:
             it = os.scandir(path)
         except (FileNotFoundError, NotADirectoryError):
@@ -277,17 +288,25 @@ class Spool:
                     if entry.is_dir(follow_symlinks=False):
                         if depth_left > 1 and len(name) == 1:
                             subdirs.append(entry.path)
+                        elif bogus is not None:
+                            bogus(entry, "not a regular file" if valid_id(name)
+                                  or len(name) == 1 else "bad mail queue ID")
                         continue
                     if not valid_id(name):
+                        if bogus is not None:
+                            bogus(entry, "bad mail queue ID")
                         continue
                     if paths:
-                        yield name, entry.path
+                        if entry.is_file(follow_symlinks=False):
+                            yield name, entry.path
+                        elif bogus is not None:
+                            bogus(entry, "not a regular file")
                     elif self.is_ready(entry.stat(follow_symlinks=False)):
                         yield name
                 except FileNotFoundError:
                     continue
         for sub in subdirs:
-            yield from self._scan_dir(sub, depth_left - 1, paths)
+            yield from self._scan_dir(sub, depth_left - 1, paths, bogus)
 
     # ---------------------------------------------------------------- setup
 
