@@ -45,11 +45,12 @@ Public API
                                     throttles a qmgr that dies of this
 
 Bogus entries
-    An entry of incoming/ or deferred/ that is no queue file - a name that is no queue
-    id, or a symbolic link, directory, FIFO ... named as one - is skipped (never
-    followed, moved or removed: it may be an operator's) with Postfix's mail_open_ok
-    warning, ``warning: incoming/<name>: uid <uid>: not a regular file`` or ``warning:
-    incoming/<name>: uid <uid>: bad mail queue ID``. Postfix repeats it at every scan;
+    An entry of incoming/ or deferred/ named as a queue id that is no queue file - a
+    symbolic link, directory, FIFO ... - is skipped (never followed, moved or removed:
+    it may be an operator's) with Postfix's mail_open_ok warning, ``warning:
+    incoming/<name>: uid <uid>: not a regular file``. Names that are no queue id
+    (cleanup's temporary files, an operator's notes) are skipped silently, as Postfix's
+    scan skips them. Postfix repeats the warning at every scan;
     an incoming scan runs at every message, so qmgrd warns once per entry (its path,
     inode and type) and then stays quiet while it is there; an entry that a complete
     scan no longer finds is forgotten (one made again is warned about again). Memory:

@@ -255,11 +255,11 @@ class Spool:
         where the name was found: names only, no ``stat`` (as Postfix's scan_dir), for a
         caller that stats the file anyway before using it (the qmgr's feed checks type,
         mode and mtime; files still being written are among them). Every other entry
-        except the one-character hash directories is passed to ``bogus(entry, why)``
-        and skipped: ``why`` is ``"bad mail queue ID"`` (a name that is no queue id)
-        or ``"not a regular file"`` (a symbolic link, directory, FIFO, ... named as a
-        queue id, or a hash directory deeper than any hashing) - Postfix's
-        mail_open_ok and mail_queue_id_ok, which its qmgr's feed applies. The
+        named as a queue id (a symbolic link, directory, FIFO, ..., or a hash
+        directory deeper than any hashing) is passed to ``bogus(entry, "not a regular
+        file")`` and skipped (Postfix's mail_open_ok, which its qmgr's feed applies);
+        names that are no queue id - cleanup's temporary ``<usec>.<pid>`` files among
+        them - are skipped without a word, as Postfix's scan does (mail_queue_id_ok). The
         path differs from ``path(queue, qid)`` for a file left
         in the hash directory of other ``hash_queue_depth``/``hash_queue_names``
         settings; the qmgr's feed takes the file from there (``move(..., src_path=path)``),
@@ -288,14 +288,12 @@ class Spool:
                     if entry.is_dir(follow_symlinks=False):
                         if depth_left > 1 and len(name) == 1:
                             subdirs.append(entry.path)
-                        elif bogus is not None:
-                            bogus(entry, "not a regular file" if valid_id(name)
-                                  or len(name) == 1 else "bad mail queue ID")
+                        elif bogus is not None and (valid_id(name) or len(name) == 1):
+                            bogus(entry, "not a regular file")
                         continue
-                    if not valid_id(name):
-                        if bogus is not None:
-                            bogus(entry, "bad mail queue ID")
-                        continue
+                    if not valid_id(name):  # cleanup's temporary <usec>.<pid> names
+                        continue            # among them: skipped silently, as Postfix
+                                            # (mail_queue_id_ok)
                     if paths:
                         if entry.is_file(follow_symlinks=False):
                             yield name, entry.path
