@@ -360,7 +360,6 @@ def test_missing_transport_map_is_an_error_naming_parameter_and_table(
 @pytest.mark.parametrize("value,what", [
     ("nis:mail.transport", "nis:mail.transport: unsupported dictionary type: nis"),
     ("inline:{a=b, c}", "inline:{a=b, c}: missing '=' in 'c'"),
-    ("hash:DIR/bad", 'DIR/bad, line 2: expected "key whitespace value"'),
     ("texthash:DIR", "DIR: Is a directory"),
 ])
 def test_bad_transport_maps_are_errors(tmp_path: Path, value: str, what: str) -> None:
@@ -376,6 +375,22 @@ def test_good_transport_maps_load_and_duplicates_warn(tmp_path: Path) -> None:
     load_configuration(write(tmp_path, f"transport_maps = texthash:{tmp_path}/transport, "
                              "inline:{b.example=error:nope}\n"), warnings.append)
     assert warnings == [f'{tmp_path}/transport, line 2: duplicate entry: "a.example"']
+
+
+def test_bad_transport_map_line_is_a_warning_for_reload(tmp_path: Path) -> None:
+    """A bad line made start/reload refuse the configuration while the running qmgr
+    used the file anyway: it is a warning naming file and line (postmap's), and the
+    configuration loads, as the qmgr reads the file (the line skipped)."""
+    (tmp_path / "transport").write_text("a.example smtp:\nlonely\n# c\n")
+    (tmp_path / "lead").write_text("  lead  \nb.example local:\n")
+    warnings: list[str] = []
+    load_configuration(write(tmp_path, f"transport_maps = hash:{tmp_path}/transport, "
+                             f"texthash:{tmp_path}/lead\n"), warnings.append)
+    assert warnings == [
+        (f"{tmp_path}/transport, line 2: expected format: key whitespace value -- "
+         "ignoring this line"),
+        (f'{tmp_path}/lead, line 1: logical line must not start with whitespace: '
+         '"lead" -- ignoring this line')]
 
 
 def test_transport_maps_override_in_master_cf_is_checked(tmp_path: Path) -> None:

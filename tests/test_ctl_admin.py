@@ -421,6 +421,13 @@ def test_config_sets_parameters_as_postconf_e(tmp_path: Path) -> None:
     assert (code, err) == (78, ("qmgr-ctl: fatal: not changed: parameter transport_maps: "
                                 "nosuch:/x: unsupported dictionary type: nosuch\n"))
     assert main.read_text() == before
+    # a bad line is no refusal (the qmgr skips it, as postmap does): a warning naming
+    # file and line, and the change is written
+    (etc / "transport").write_text("a.example smtp:\nbadline-without-value\n")
+    code, _, err = run(f"transport_maps=hash:{etc}/transport")
+    assert (code, err) == (0, (f"qmgr-ctl: warning: {etc}/transport, line 2: expected "
+                               "format: key whitespace value -- ignoring this line\n"))
+    assert f"\ntransport_maps = hash:{etc}/transport\n" in main.read_text()
     assert run("bad name=1")[0] == EX_USAGE
     assert run("-n", "a=1")[0] == EX_USAGE
     assert run("myhostname=a\nb")[0] == EX_USAGE

@@ -966,6 +966,28 @@ def test_missing_transport_map_is_one_fatal_line(tmp_path: Path) -> None:
                              "No such file or directory"), lines
 
 
+def test_transport_map_bad_line_is_a_warning_not_a_fatal(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A line without a value made the qmgr die at start-up (``fatal: parameter
+    transport_maps: ... expected "key whitespace value"``), and the master throttled
+    it: as with postmap, it is one warning naming file and line, and the rest routes."""
+    from master import log
+    warnings: list[str] = []
+    monkeypatch.setattr(log, "warning", warnings.append)
+    table = tmp_path / "transport"
+    table.write_text("a.example smtp:[relay-a]\n  \nbadline-without-value\n"
+                     "b.example error:5.7.1 no\n")
+    cfg = Config.from_text(f"myhostname = h.example\ntransport_maps = hash:{table}\n",
+                           str(tmp_path))
+    r = Resolver(cfg)
+    assert (r.resolve("x@a.example").transport, r.resolve("x@a.example").nexthop) == (
+        "smtp", "[relay-a]")
+    assert r.resolve("x@b.example").transport == "error"
+    assert r.resolve("x@badline-without-value").nexthop == "badline-without-value"
+    assert warnings == [(f"{table}, line 3: expected format: key whitespace value -- "
+                         "ignoring this line")]
+
+
 def test_flow_tokens_withheld_while_the_qmgr_has_a_backlog(tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """in_flow_delay (qmgrd.flow): one token per message taken from incoming, except

@@ -20,13 +20,29 @@ DESCRIPTION
     Keys are case-insensitive (folded to lower case).  A later duplicate key is ignored
     and reported through ``warn``, as postmap does.
 
+    A bad line never makes the table unusable: as Postfix's postmap, postalias and
+    texthash tables do, it is reported through ``warn`` with file and line, once each
+    time the file is read (``<path>, line <n>: expected format: key whitespace value
+    -- ignoring this line``; a first line that starts with white space: ``<path>, line
+    <n>: logical line must not start with whitespace: "<text>" -- ignoring this line``),
+    and skipped; every other entry is kept.  So a typo neither stops the qmgr nor makes
+    ``qmgr-master reload`` or ``qmgr-ctl config`` refuse the configuration: they print
+    the same warnings and go on, as the daemons that read the file will.  Only a table
+    that cannot be read at all (unsupported type, missing or unreadable file) is a
+    TableError (TableUnavailable for the file cases).
+
 PUBLIC API
-    TableError                        unknown type, unreadable file or bad line; str names
-                                      the table (``hash:/x: No such file or directory``)
+    TableError                        unknown type or unreadable file; str names the
+                                      table (``hash:/x: No such file or directory``)
+    TableUnavailable(TableError)      the source file cannot be read (missing,
+                                      permissions, I/O error): Postfix's "table lookup
+                                      error" - callers defer rather than ignore the table
     TableData(spec, data, path, mtime)  path "" and mtime 0.0 for inline tables
     read_table(spec, warn=None) -> TableData        raises TableError
-    logical_lines(path, first="key") -> [(line number, text)]   a source file's logical lines
-    ``warn``: Callable[[str], None] | None, gets each warning without "warning: ".
+    logical_lines(path, first="key", warn=None) -> [(line number, text)]
+                                      a source file's logical lines; raises TableUnavailable
+    ``warn``: Callable[[str], None] | None, gets each warning without "warning: " (None:
+    bad lines are skipped silently).
 
 Nothing here logs.
 """
@@ -37,13 +53,19 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
-__all__ = ["FILE_TYPES", "TableData", "TableError", "logical_lines", "read_table"]
+__all__ = ["FILE_TYPES", "TableData", "TableError", "TableUnavailable", "logical_lines",
+           "read_table"]
 
 FILE_TYPES = ("texthash", "hash", "btree", "lmdb", "cdb")
 
 
 class TableError(Exception):
-    """A table cannot be opened or has a bad line."""
+    """A table cannot be opened (unsupported type, bad inline syntax, unreadable file)."""
+
+
+class TableUnavailable(TableError):
+    """A table's source file cannot be read (missing, unreadable): Postfix's lookup
+    error (DICT_ERR_RETRY/CONFIG), on which local(8) defers and smtpd answers 4xx."""
 
 
 @dataclass(frozen=True)
@@ -57,23 +79,25 @@ class TableData:
     mtime: float = 0.0
 
 
-def logical_lines(path: str, first: str = "key") -> list[tuple[int, str]]:
+def logical_lines(path: str, first: str = "key",
+                  warn: Callable[[str], None] | None = None) -> list[tuple[int, str]]:
     """The logical lines of table source file ``path``, as Postfix's postmap and
-    postalias read them: blank lines and ``#`` comments skipped, a line that starts
-    with whitespace continues the one before (joined by one space).
+    postalias read them (readllines): blank lines and ``#`` comments skipped, a line
+    that starts with whitespace continues the one before (joined by one space).  Such
+    a line before any ``first`` (key or name) is reported through ``warn`` with file
+    and line, as readllines does, and skipped.
 
     Returns:
         [(line number where the logical line starts, its text stripped)].
 
     Raises:
-        TableError: unreadable file, or a continuation line before any ``first``
-            ("continuation line without a key").
+        TableUnavailable: the file cannot be read (``"<path>: <strerror>"``).
     """
     try:
         with open(path, encoding="utf-8", errors="surrogateescape") as f:
             lines = f.read().splitlines()
     except OSError as exc:
-        raise TableError(f"{path}: {exc.strerror}") from exc
+        raise TableUnavailable(f"{path}: {exc.strerror}") from exc
     logical: list[tuple[int, str]] = []
     for n, line in enumerate(lines, 1):
         stripped = line.strip()
@@ -81,7 +105,11 @@ def logical_lines(path: str, first: str = "key") -> list[tuple[int, str]]:
             continue
         if line[0] in " \t":
             if not logical:
-                raise TableError(f"{path}, line {n}: continuation line without a {first}")
+                if warn is not None:
+                    more = "..." if len(stripped) > 30 else ""
+                    warn(f'{path}, line {n}: logical line must not start with '
+                         f'whitespace: "{stripped[:30]}{more}" -- ignoring this line')
+                continue
             ln, prev = logical[-1]
             logical[-1] = (ln, prev + " " + stripped)
         else:
@@ -91,10 +119,14 @@ def logical_lines(path: str, first: str = "key") -> list[tuple[int, str]]:
 
 def _parse_text(path: str, warn: Callable[[str], None] | None) -> dict[str, str]:
     data: dict[str, str] = {}
-    for n, text in logical_lines(path):
+    for n, text in logical_lines(path, "key", warn):
         parts = text.split(None, 1)
         if len(parts) != 2:
-            raise TableError(f"{path}, line {n}: expected \"key whitespace value\"")
+            # Postfix's dict_thash (postmap: the same without "-- ignoring ...")
+            if warn is not None:
+                warn(f"{path}, line {n}: expected format: key whitespace value"
+                     " -- ignoring this line")
+            continue
         key = parts[0].lower()
         if key in data:
             if warn is not None:
@@ -107,9 +139,12 @@ def _parse_text(path: str, warn: Callable[[str], None] | None) -> dict[str, str]
 def read_table(spec: str, warn: Callable[[str], None] | None = None) -> TableData:
     """Read table ``spec`` (``type:name``) into memory.
 
+    A bad line of a file is reported through ``warn`` (``"<path>, line <n>: ..."``)
+    and skipped (module docstring).
+
     Raises:
-        TableError: unsupported type, unreadable file (``"<spec>: <strerror>"``) or bad
-            syntax (``"<path>, line <n>: ..."``).
+        TableUnavailable: missing or unreadable file (``"<spec>: <strerror>"``).
+        TableError: unsupported type or bad inline table.
     """
     spec = spec.strip()
     kind, sep, name = spec.partition(":")
@@ -119,7 +154,7 @@ def read_table(spec: str, warn: Callable[[str], None] | None = None) -> TableDat
         try:
             mtime = os.stat(name).st_mtime
         except OSError as exc:
-            raise TableError(f"{spec}: {exc.strerror}") from exc
+            raise TableUnavailable(f"{spec}: {exc.strerror}") from exc
         return TableData(spec, _parse_text(name, warn), name, mtime)
     if kind == "inline":
         body = name.strip()

@@ -40,11 +40,15 @@ DESCRIPTION
       needs a readable ``smtpd_tls_cert_file`` (and key file).
     * lookup tables: every table named by a parameter whose tables a qmgrd program
       opens (TABLE_PARAMS: ``transport_maps``, read by the qmgr) is read the way the
-      program will read it (master.config.tables); a missing or unreadable file, an
-      unsupported type or a bad line is an error naming the parameter and the table:
-      ``"<main.cf>, line <n>: parameter transport_maps: hash:/x: No such file or
-      directory"``.  A service's ``-o`` override of such a parameter is checked too.
-      (Otherwise the qmgr dies at start with that error and nothing is delivered.)
+      program will read it (master.config.tables); a missing or unreadable file or an
+      unsupported type is an error naming the parameter and the table: ``"<main.cf>,
+      line <n>: parameter transport_maps: hash:/x: No such file or directory"``.  A
+      service's ``-o`` override of such a parameter is checked too.  (Otherwise the
+      qmgr dies at start with that error and nothing is delivered.)  A bad line in a
+      table file is not an error: the qmgr skips it with a warning, as Postfix's
+      postmap does, so reload reports it through ``warn`` (``<path>, line <n>:
+      expected format: key whitespace value -- ignoring this line``) and goes on - a
+      refusal would not stop the running qmgr from reading the file anyway.
     * mail_owner, only when this process runs as root (otherwise every process runs as
       the invoking user and mail_owner is not used - master.server.jail): the account
       must exist and have neither uid 0 nor gid 0 - ``"<main.cf>, line <n>: parameter
@@ -144,8 +148,10 @@ Warn = Callable[[str], None]
 TRANSPORT_NEXTHOP_PARAMS: tuple[str, ...] = ("default_transport", "relay_transport")
 SMTP_MODULE = "transports.smtp"
 
-# Parameters naming lookup tables that some qmgrd program opens (qmgrd.maps): the qmgr's
-# transport_maps.  Others (alias_maps, relocated_maps, ...) are not read by qmgrd.
+# Parameters naming lookup tables checked before a start or reload (qmgrd.maps): the
+# qmgr's transport_maps, which it cannot run without.  alias_maps and
+# local_recipient_maps are read by local and smtpd, which defer (4.3.0) while a table
+# cannot be read, and whose Postfix default names nis:, which qmgrd does not read.
 TABLE_PARAMS: tuple[str, ...] = ("transport_maps",)
 
 

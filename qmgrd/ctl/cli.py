@@ -495,7 +495,7 @@ def _config_set(ctx: click.Context, names: tuple[str, ...], flags: bool) -> None
             warn(f"{_escaped(name)}: unknown parameter (no qmgrd program reads it); "
                  "written to main.cf anyway")
     try:
-        edit_main_cf(directory, changes)
+        edit_main_cf(directory, changes, warn)
     except ConfigError as exc:
         fatal(ctx, EX_CONFIG, f"not changed: {exc}")
     except PermissionError as exc:

@@ -6,7 +6,9 @@ Summary
     comments), drops later settings of NAME, or is appended at the end. Comments, blank
     lines and every other line are kept as they are. The new text must parse
     and every value must be valid (master.config's Config.check) before anything is
-    written (a changed table parameter such as transport_maps: its tables must open; a
+    written (a changed table parameter such as transport_maps: its tables must open - a
+    bad line in a table file is not an error, as it is none for the qmgr, which skips
+    it: it goes to ``warn`` naming file and line, and the change is written; a
     changed default_transport or relay_transport naming an smtp service of master.cf:
     its nexthop must be a valid destination, as relayhost); then the whole result with
     master.cf must pass the checks of ``qmgr-master reload`` (master.config.validate.
@@ -22,8 +24,9 @@ Summary
 Public API
     parse_assignments(args) -> dict[str, str]     ValueError for a bad name or value
     edit_text(text, changes) -> str               pure
-    edit_main_cf(config_directory, changes) -> None
-        raises ConfigError (the result would not parse or not pass reload's checks),
+    edit_main_cf(config_directory, changes, warn=None) -> None
+        ``warn(text)``: each warning about a changed table (a bad line), without
+        "warning: "; raises ConfigError (the result would not parse or not pass reload's checks),
         OSError (read/write)
 
 Logs nothing.
@@ -34,7 +37,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from master.config import Config, ConfigError, Service, load_master_cf
 
@@ -124,8 +127,10 @@ def _check_running_master(cfg: Config, old_text: str, config_directory: str,
         raise ConfigError(problem)
 
 
-def edit_main_cf(config_directory: str, changes: dict[str, str]) -> None:
-    """Apply ``changes`` to ``<config_directory>/main.cf`` (see module docstring).
+def edit_main_cf(config_directory: str, changes: dict[str, str],
+                 warn: Callable[[str], None] | None = None) -> None:
+    """Apply ``changes`` to ``<config_directory>/main.cf`` (see module docstring);
+    ``warn`` gets the changed tables' warnings (a bad line: file and line).
 
     Raises:
         ConfigError: the edited file would not parse (nothing is written).
@@ -147,7 +152,7 @@ def edit_main_cf(config_directory: str, changes: dict[str, str]) -> None:
 
         tables = [name for name in changes if name in TABLE_PARAMS]
         if tables:  # a changed lookup table must open as the qmgr will open it
-            check_tables(cfg, tables)
+            check_tables(cfg, tables, warn)
         if any(name in TRANSPORT_NEXTHOP_PARAMS for name in changes):
             check_transport_nexthops(cfg, _services(cfg))
     except ConfigError as exc:
