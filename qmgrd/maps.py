@@ -21,16 +21,37 @@ Alias tables (``alias_maps``; Postfix's postalias(1) reads the same source file)
     written (local(8) splits it into targets). A later duplicate name is ignored with a
     warning, as postalias does. ``inline:`` tables are read as in any other parameter.
 
+Bad lines (every file type, every reader: the qmgr's transport_maps, local's alias_maps,
+smtpd's local_recipient_maps and access tables, the smtp client's cache tables, and
+``qmgr-master reload`` / ``qmgr-ctl config``, which check transport_maps):
+    as with Postfix's postmap and postalias, a line that is not ``key whitespace value``
+    (``name: value`` in an alias table) is one warning naming file and line, each time
+    the file is read (``warning: /etc/aliases, line 4: need name:value pair -- ignoring
+    this line``; ``warning: /etc/transport, line 11: expected format: key whitespace
+    value -- ignoring this line``), and is skipped; every other entry is used. A typo
+    therefore never stops a daemon, and reload and ``qmgr-ctl config`` accept the file
+    with the same warning (refusing it while the running programs use it would say
+    something untrue).
+
+Unavailable tables (the source file is missing or cannot be read: TableUnavailable):
+    AliasMaps.lookup raises TableUnavailable instead of matching nothing, so that local
+    defers the recipient (``4.3.0 alias database unavailable``, as Postfix's local(8))
+    rather than bouncing it or delivering it to the wrong mailbox; the file is tried
+    again at each lookup, and logged once per distinct problem. A type qmgrd cannot
+    read (``nis:``, the second table of Postfix's default alias_maps) is logged once and
+    matches nothing.
+
 Public API
     Table.lookup(key) -> str | None
     open_table(spec) -> Table
     open_tables(specs: list[str]) -> list[Table]
-    open_alias_table(spec) -> Table     an alias_maps table (aliases(5) syntax, below)
+    open_alias_table(spec) -> Table     an alias_maps table (aliases(5) syntax, above)
     AliasMaps(specs, param)             .lookup(name): the first table's value, tables
-        re-read when their file changes; one it cannot open is logged once, ignored
-    TableError: unknown type or an unreadable file, naming the table (and line); the
-        same class as master.config.tables.TableError, where the file format lives (so
-        that the master's configuration check can read tables too).
+        re-read when their file changes; raises TableUnavailable (above)
+    TableError: unknown type or an unreadable file, naming the table; TableUnavailable,
+        its subclass for a file that cannot be read. The same classes as
+        master.config.tables', where the file format lives (so that the master's
+        configuration check can read tables too).
 """
 
 from __future__ import annotations
@@ -38,10 +59,16 @@ from __future__ import annotations
 import os
 
 from master import log
-from master.config.tables import FILE_TYPES, TableError, logical_lines, read_table
+from master.config.tables import (
+    FILE_TYPES,
+    TableError,
+    TableUnavailable,
+    logical_lines,
+    read_table,
+)
 
-__all__ = ["AliasMaps", "Table", "TableError", "open_alias_table", "open_table",
-           "open_tables"]
+__all__ = ["AliasMaps", "Table", "TableError", "TableUnavailable", "open_alias_table",
+           "open_table", "open_tables"]
 
 
 class Table:
@@ -98,11 +125,12 @@ class Table:
 
 
 def open_table(spec: str) -> Table:
-    """Open one table (master.config.tables.read_table; a duplicate key is logged as a
-    warning).
+    """Open one table (master.config.tables.read_table; a duplicate key or a bad line
+    is logged as a warning, naming file and line, and skipped).
 
     Raises:
-        TableError: unsupported type, unreadable file or bad syntax.
+        TableUnavailable: missing or unreadable file.
+        TableError: unsupported type or bad inline table.
     """
     t = read_table(spec, log.warning)
     return Table(t.spec, t.data, t.path, t.mtime)
@@ -114,13 +142,15 @@ def open_tables(specs: list[str]) -> list[Table]:
 
 
 def _parse_aliases(path: str) -> dict[str, str]:
-    """The ``name: value`` entries of aliases file ``path`` (module docstring).
+    """The ``name: value`` entries of aliases file ``path`` (module docstring); a line
+    without ``name:`` is a warning naming file and line and is skipped, as postalias
+    does (``need name:value pair``).
 
     Raises:
-        TableError: unreadable file or a line without ``name:``.
+        TableUnavailable: the file cannot be read.
     """
     data: dict[str, str] = {}
-    for n, text in logical_lines(path, "name"):
+    for n, text in logical_lines(path, "name", log.warning):
         if text.startswith('"'):
             end = text.find('"', 1)
             colon = text.find(":", end) if end > 0 else -1
@@ -129,7 +159,8 @@ def _parse_aliases(path: str) -> dict[str, str]:
             colon = text.find(":")
             name = text[:colon].strip() if colon > 0 else ""
         if not name:
-            raise TableError(f'{path}, line {n}: need "name: value"')
+            log.warning(f"{path}, line {n}: need name:value pair -- ignoring this line")
+            continue
         key = name.lower()
         if key in data:
             log.warning(f'{path}, line {n}: duplicate entry: "{key}"')
@@ -143,7 +174,8 @@ def open_alias_table(spec: str) -> Table:
     syntax, or an ``inline:`` table.
 
     Raises:
-        TableError: unsupported type, unreadable file or bad syntax.
+        TableUnavailable: missing or unreadable file.
+        TableError: unsupported type or bad inline table.
     """
     spec = spec.strip()
     kind, sep, name = spec.partition(":")
@@ -151,7 +183,7 @@ def open_alias_table(spec: str) -> Table:
         try:
             mtime = os.stat(name).st_mtime
         except OSError as exc:
-            raise TableError(f"{spec}: {exc.strerror}") from exc
+            raise TableUnavailable(f"{spec}: {exc.strerror}") from exc
         return Table(spec, _parse_aliases(name), name, mtime)
     return open_table(spec)
 
@@ -159,35 +191,60 @@ def open_alias_table(spec: str) -> Table:
 class AliasMaps:
     """The tables of ``alias_maps`` (or another list in aliases(5) syntax), in order.
 
-    A table that cannot be opened (a type qmgrd cannot read such as ``nis:``, a missing
-    file, a bad line) is logged once as a warning and matches nothing; a file that
-    changes is read again at the next lookup.
+    A table of a type qmgrd cannot read (``nis:``, a bad ``inline:``) is logged once as
+    a warning and matches nothing. A file table that cannot be read (missing,
+    unreadable) makes lookup raise TableUnavailable when no earlier table had the name
+    (Postfix's maps_find stops at the first table with a lookup error); it is tried
+    again at every lookup, so that a restored file is used at once, and each distinct
+    problem is logged once. A file that changes is read again at the next lookup.
     """
 
     def __init__(self, specs: list[str], param: str = "alias_maps") -> None:
         self.param = param
         self.specs = [s.strip() for s in specs if s.strip()]
         self.tables: dict[str, Table | None] = {}
+        self.problems: dict[str, str] = {}   # spec -> the last problem logged
+        self.unavailable: dict[str, str] = {}   # spec -> why it cannot be read
         for spec in self.specs:
             self.tables[spec] = self._open(spec)
 
     def _open(self, spec: str) -> Table | None:
         try:
-            return open_alias_table(spec)
-        except TableError as exc:
-            log.warning(f"{self.param}: {exc}: table ignored")
+            table = open_alias_table(spec)
+        except TableUnavailable as exc:
+            self.unavailable[spec] = str(exc)
+            self._problem(spec, f"{self.param}: {exc}: alias database unavailable")
             return None
+        except TableError as exc:
+            self.unavailable.pop(spec, None)
+            self._problem(spec, f"{self.param}: {exc}: table ignored")
+            return None
+        self.unavailable.pop(spec, None)
+        self.problems.pop(spec, None)
+        return table
+
+    def _problem(self, spec: str, text: str) -> None:
+        if self.problems.get(spec) != text:
+            self.problems[spec] = text
+            log.warning(text)
 
     def __bool__(self) -> bool:
         return bool(self.specs)
 
     def lookup(self, name: str) -> str | None:
-        """The value of ``name`` (case-insensitive) in the first table that has it."""
+        """The value of ``name`` (case-insensitive) in the first table that has it.
+
+        Raises:
+            TableUnavailable: a table before any that has ``name`` cannot be read.
+        """
         for spec in self.specs:
             table = self.tables[spec]
-            if table is not None and table.changed():
-                table.close()
+            if (table is not None and table.changed()) or spec in self.unavailable:
+                if table is not None:
+                    table.close()
                 table = self.tables[spec] = self._open(spec)
+            if spec in self.unavailable:
+                raise TableUnavailable(self.unavailable[spec])
             if table is None:
                 continue
             value = table.lookup(name)

@@ -388,6 +388,50 @@ def test_local_recipient_maps_accept_alias_names(tmp_path: Path) -> None:
         "User unknown in local recipient table")
 
 
+def test_local_recipient_maps_bad_alias_line_keeps_the_table(tmp_path: Path) -> None:
+    """One line without a colon made the whole alias table ignored: every alias name
+    was then 550 User unknown after the typo (postalias skips the line, warns)."""
+    aliases = tmp_path / "aliases"
+    aliases.write_text("webmaster: root\nteam alice\nsales: bob\n")
+    p = policy("mydestination = mx.test.example\n"
+               f"alias_maps = hash:{aliases}\n"
+               "local_recipient_maps = proxy:unix:passwd.byname $alias_maps\n")
+
+    def rcpt(addr: str) -> str | None:
+        return asyncio.run(p.check_rcpt(ClientInfo("127.0.0.1", "1025"), "h.example", "",
+                                        addr))
+
+    assert rcpt("webmaster@mx.test.example") is None
+    assert rcpt("sales@mx.test.example") is None
+    assert rcpt("team@mx.test.example") is not None  # the bad line is no entry
+
+
+def test_local_recipient_maps_unreadable_table_is_451(tmp_path: Path) -> None:
+    """Postfix's smtpd: a recipient check that cannot be completed (a table lookup
+    error) is 451 4.3.0 Temporary lookup failure, not 550 User unknown; passwd names
+    and names of readable tables are still accepted, and the table is tried again."""
+    aliases = tmp_path / "aliases"
+    other = tmp_path / "other"
+    other.write_text("sales: bob\n")
+    p = policy("mydestination = mx.test.example\n"
+               f"alias_maps = hash:{other}, hash:{aliases}\n"
+               "local_recipient_maps = proxy:unix:passwd.byname $alias_maps\n")
+
+    def rcpt(addr: str) -> str | None:
+        return asyncio.run(p.check_rcpt(ClientInfo("127.0.0.1", "1025"), "h.example", "",
+                                        addr))
+
+    assert rcpt("webmaster@mx.test.example") == (
+        "451 4.3.0 <webmaster@mx.test.example>: Temporary lookup failure")
+    assert rcpt("root@mx.test.example") is None
+    assert rcpt("sales@mx.test.example") is None
+    aliases.write_text("webmaster: root\n")
+    assert rcpt("webmaster@mx.test.example") is None
+    assert rcpt("nosuchuser@mx.test.example") == (
+        "550 5.1.1 <nosuchuser@mx.test.example>: Recipient address rejected: "
+        "User unknown in local recipient table")
+
+
 def test_lazy_resolver_with_a_garbage_resolv_conf(tmp_path: Path) -> None:
     """A resolv.conf dnspython cannot parse is "no resolver", never an exception out
     of the smtpd: a nameserver line that is no address made dnspython's ValueError

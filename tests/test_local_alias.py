@@ -10,7 +10,7 @@ import pytest
 from test_agent_support import Env, close_log, make_env  # noqa: F401 - autouse fixture
 from test_local_delivery import bounce_of, deliver
 
-from qmgrd.maps import AliasMaps, TableError, open_alias_table
+from qmgrd.maps import AliasMaps, TableUnavailable, open_alias_table
 from qmgrd.spool import statuslog
 from transports.local_alias import split_targets
 
@@ -53,10 +53,67 @@ def test_alias_file_syntax(tmp_path: Path) -> None:
     assert t.lookup("postmaster") == "root"
     assert t.lookup("TEAM") == 'alice, bob@localhost, "dave"'
     assert t.lookup("root:") is None
+    with pytest.raises(TableUnavailable, match="No such file"):
+        open_alias_table(f"hash:{tmp_path}/missing")
+
+
+def test_bad_alias_lines_are_warned_about_and_skipped(tmp_path: Path) -> None:
+    """postalias: a line without "name:" is one warning (file, line) and is skipped;
+    the other entries are kept (it made the whole table ignored)."""
+    env = alias_env(tmp_path)
     bad = tmp_path / "bad"
-    bad.write_text("no colon here\n")
-    with pytest.raises(TableError, match="line 1"):
-        open_alias_table(f"hash:{bad}")
+    bad.write_text("  leading: white space\npostmaster: root\nteam alice\n"
+                   '"": empty\nroot: carol\n')
+    t = open_alias_table(f"hash:{bad}")
+    assert (t.lookup("postmaster"), t.lookup("root")) == ("root", "carol")
+    assert t.lookup("team") is None and t.lookup("leading") is None
+    log = env.log()
+    assert log.count(f"warning: {bad}, line 3: need name:value pair -- ignoring this "
+                     "line") == 1
+    assert log.count(f"warning: {bad}, line 4: need name:value pair") == 1
+    assert log.count(f'warning: {bad}, line 1: logical line must not start with '
+                     'whitespace: "leading: white space" -- ignoring this line') == 1
+    assert "table ignored" not in log
+
+
+def test_alias_typo_still_expands_postmaster(tmp_path: Path) -> None:
+    """The tester's case: one typo in etc/aliases sent postmaster's mail to the
+    postmaster mailbox instead of root's."""
+    env = alias_env(tmp_path)
+    with open(tmp_path / "aliases", "a") as f:
+        f.write("team alice\n")
+    _, reply = deliver(env, ["postmaster@mail.test.example"])
+    assert reply.status == 0
+    assert len(inbox(tmp_path, "root")) == 1
+    assert not (tmp_path / "mail" / "postmaster").exists()
+    assert f"{tmp_path}/aliases, line 15: need name:value pair" in env.log()
+
+
+@pytest.mark.parametrize("recipient_maps", ["", "proxy:unix:passwd.byname"])
+def test_missing_alias_file_defers(tmp_path: Path, recipient_maps: str) -> None:
+    """Postfix's local(8): an alias table lookup error defers (4.3.0 alias database
+    unavailable) - neither the unexpanded name's mailbox nor 5.1.1 unknown user."""
+    env = alias_env(tmp_path, local_recipient_maps=recipient_maps)
+    (tmp_path / "aliases").unlink()
+    qid, _ = deliver(env, ["postmaster@mail.test.example"])
+    assert statuslog.read(env.spool, "bounce", qid) == []
+    ((_, dsn),) = statuslog.read(env.spool, "defer", qid)
+    assert (dsn.status, dsn.reason) == ("4.3.0", "alias database unavailable")
+    assert not (tmp_path / "mail").exists() or not any((tmp_path / "mail").iterdir())
+    assert env.log().count("aliases: No such file or directory: alias database "
+                           "unavailable") == 1
+
+
+def test_unreadable_target_lookup_defers_that_target(tmp_path: Path) -> None:
+    """A target's own lookup failing (the second table cannot be read; the first one
+    matched the recipient) defers that target, so the recipient as a whole."""
+    (tmp_path / "first").write_text("list: alice, bob\n")
+    env = alias_env(tmp_path, alias_maps=f"hash:{tmp_path}/first, hash:{tmp_path}/gone")
+    qid, _ = deliver(env, ["list@localhost"])
+    ((_, dsn),) = statuslog.read(env.spool, "defer", qid)
+    assert (dsn.status, dsn.reason) == (
+        "4.3.0", "alice@mail.test.example: alias database unavailable")
+    assert statuslog.read(env.spool, "bounce", qid) == []
 
 
 def test_split_targets() -> None:
@@ -65,13 +122,28 @@ def test_split_targets() -> None:
     assert split_targets('"|/bin/cmd x", :include:/a') == ["|/bin/cmd x", ":include:/a"]
 
 
-def test_unreadable_tables_are_logged_once_and_match_nothing(tmp_path: Path) -> None:
+def test_unsupported_type_is_logged_once_and_matches_nothing(tmp_path: Path) -> None:
     env = alias_env(tmp_path)
-    maps = AliasMaps(["nis:mail.aliases", f"hash:{tmp_path}/missing"])
-    assert maps.lookup("postmaster") is None and maps.lookup("x") is None
-    log = env.log()
-    assert log.count("alias_maps: nis:mail.aliases: unsupported dictionary type") == 1
-    assert log.count("missing: No such file or directory: table ignored") == 1
+    maps = AliasMaps(["nis:mail.aliases", f"hash:{tmp_path}/aliases"])
+    assert maps.lookup("postmaster") == "root" and maps.lookup("x") is None
+    assert env.log().count("alias_maps: nis:mail.aliases: unsupported dictionary "
+                           "type: nis: table ignored") == 1
+
+
+def test_missing_file_raises_is_logged_once_and_is_tried_again(tmp_path: Path) -> None:
+    env = alias_env(tmp_path)
+    first = tmp_path / "first"
+    first.write_text("a: b\n")
+    missing = tmp_path / "missing"
+    maps = AliasMaps([f"hash:{first}", f"hash:{missing}"])
+    assert maps.lookup("a") == "b"  # found before the table that cannot be read
+    for _ in range(2):
+        with pytest.raises(TableUnavailable, match="No such file or directory"):
+            maps.lookup("x")
+    assert env.log().count(f"alias_maps: hash:{missing}: No such file or directory: "
+                           "alias database unavailable") == 1
+    missing.write_text("x: y\n")
+    assert maps.lookup("x") == "y"
 
 
 def test_changed_file_is_read_again(tmp_path: Path) -> None:

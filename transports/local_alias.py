@@ -3,10 +3,14 @@
 Summary
     Before a local recipient's mailbox delivery, its local part (lower-cased) is looked
     up in ``alias_maps`` (qmgrd.maps.AliasMaps: aliases(5) ``name: value`` syntax, read
-    from the source file; a table qmgrd cannot read, e.g. ``nis:``, is logged once and
-    matches nothing): first the whole local part, then, with ``recipient_delimiter``
-    set, the name without its extension (``bob+news`` then ``bob``). No match: the
-    recipient is delivered to its own mailbox as before.
+    from the source file; a bad line is a warning and skipped; a table type qmgrd
+    cannot read, e.g. ``nis:``, is logged once and matches nothing): first the whole
+    local part, then, with ``recipient_delimiter`` set, the name without its extension
+    (``bob+news`` then ``bob``). No match: the recipient is delivered to its own
+    mailbox as before. A table file that cannot be read (missing, unreadable) defers
+    the recipient, ``4.3.0 alias database unavailable``, as Postfix's local(8) does:
+    neither a bounce nor a delivery to the mailbox of the unexpanded name. The same
+    for a target whose own lookup fails (the other targets are delivered).
 
     A match is split into targets at commas and white space (double quotes group, and
     a ``|command`` runs to the next comma). Each target is
@@ -43,12 +47,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from qmgrd.maps import AliasMaps
+from qmgrd.maps import AliasMaps, TableUnavailable
 from transports.agent import Dsn, make_dsn
 
 __all__ = ["AliasExpander", "split_targets"]
 
 MAX_DEPTH = 100
+UNAVAILABLE = ("4.3.0", "alias database unavailable")  # Postfix local/alias.c
 
 
 def split_targets(value: str) -> list[str]:
@@ -93,7 +98,11 @@ class AliasExpander:
 
     def _find(self, local: str) -> tuple[str, str] | None:
         """(name, value) of the first alias of ``local`` (whole, then without the
-        extension), None when there is none."""
+        extension), None when there is none.
+
+        Raises:
+            TableUnavailable: an alias table cannot be read (AliasMaps.lookup).
+        """
         names = [local]
         if self.delimiter:
             cut = min((i for i in (local.find(c) for c in self.delimiter) if i > 0),
@@ -111,7 +120,10 @@ class AliasExpander:
         if not self.maps:
             return None
         at = address.rfind("@")
-        found = self._find((address[:at] if at >= 0 else address).lower())
+        try:
+            found = self._find((address[:at] if at >= 0 else address).lower())
+        except TableUnavailable:  # logged by AliasMaps
+            return make_dsn(*UNAVAILABLE)
         if found is None:
             return None
         results: list[tuple[str, Dsn]] = []
@@ -150,7 +162,11 @@ class AliasExpander:
                 continue
             local = low[:at] if at >= 0 else low
             address = target if at >= 0 else f"{target}@{self.myorigin}"
-            sub = None if local == name else self._find(local)
+            try:
+                sub = None if local == name else self._find(local)
+            except TableUnavailable:
+                results.append((address, make_dsn(*UNAVAILABLE)))
+                continue
             if sub is not None and sub[0] in chain:
                 continue  # being expanded higher up: Postfix's duplicate filter
             if sub is None:

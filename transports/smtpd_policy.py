@@ -99,7 +99,7 @@ from master import log
 from master.config import Config
 from master.config.netlist import NetworkError, is_table, parse_network
 from master.config.relayguard import open_relay_problem
-from qmgrd.maps import Table, TableError, open_alias_table, open_table
+from qmgrd.maps import Table, TableError, TableUnavailable, open_alias_table, open_table
 
 __all__ = [
     "ClientInfo",
@@ -269,29 +269,44 @@ class LocalRecipients:
     check). ``unix:passwd.byname`` (also behind ``proxy:``) looks in the passwd
     database; texthash/hash/inline tables are looked up by ``user@domain`` then
     ``user``; a table that is also in ``alias_maps`` is read in aliases(5) syntax
-    (``name: value``); a table type qmgrd cannot read (e.g. ``nis:``, a missing alias
-    database) is logged once and matches nothing."""
+    (``name: value``); a bad line in a table file is a warning (file and line) and is
+    skipped; a table type qmgrd cannot read (e.g. ``nis:``) is logged once and matches
+    nothing. A table file that cannot be read (missing, unreadable) is logged and tried
+    again at each check: while it cannot be read, a name that no other table (nor
+    passwd) has is not known either way - known() returns None and the smtpd answers
+    ``451 4.3.0 <rcpt>: Temporary lookup failure`` (Postfix's reject_dict_retry), not
+    550 User unknown for a name that may well exist."""
 
     def __init__(self, entries: list[str], alias_maps: list[str] | None = None) -> None:
         self.passwd = False
         self.tables: list[Table] = []
         self.active = bool(entries)
-        aliases = {s.strip().removeprefix("proxy:") for s in alias_maps or []}
+        self.aliases = {s.strip().removeprefix("proxy:") for s in alias_maps or []}
+        self.unavailable: dict[str, str] = {}   # spec -> the problem last logged
         for spec in entries:
             bare = spec.removeprefix("proxy:")
             if bare == "unix:passwd.byname":
                 self.passwd = True
                 continue
-            try:
-                # a table of alias_maps (Postfix's default has $alias_maps) is in
-                # aliases(5) syntax, "name: value" (qmgrd.maps.open_alias_table)
-                self.tables.append(open_alias_table(bare) if bare in aliases
-                                   else open_table(bare))
-            except TableError as exc:
-                log.warning(f"local_recipient_maps: {exc}: table ignored")
+            self._open(bare)
 
-    def known(self, address: str, delimiter: str = "") -> bool:
-        """True when ``address`` (a local-domain recipient) exists, or no check is set."""
+    def _open(self, bare: str) -> None:
+        try:
+            # a table of alias_maps (Postfix's default has $alias_maps) is in
+            # aliases(5) syntax, "name: value" (qmgrd.maps.open_alias_table)
+            self.tables.append(open_alias_table(bare) if bare in self.aliases
+                               else open_table(bare))
+            self.unavailable.pop(bare, None)
+        except TableUnavailable as exc:
+            if self.unavailable.get(bare) != str(exc):
+                log.warning(f"local_recipient_maps: {exc}: table lookup error")
+            self.unavailable[bare] = str(exc)
+        except TableError as exc:
+            log.warning(f"local_recipient_maps: {exc}: table ignored")
+
+    def known(self, address: str, delimiter: str = "") -> bool | None:
+        """True when ``address`` (a local-domain recipient) exists, or no check is set;
+        False when it does not; None when a table that cannot be read might have it."""
         if not self.active:
             return True
         at = address.rfind("@")
@@ -303,6 +318,8 @@ class LocalRecipients:
             cut = min((i for i in (local.find(c) for c in delimiter) if i > 0), default=-1)
             if cut > 0:
                 names.append(local[:cut])
+        for bare in list(self.unavailable):  # restored since?
+            self._open(bare)
         for name in names:
             if any(t.lookup(name) is not None for t in self.tables):
                 return True
@@ -313,7 +330,7 @@ class LocalRecipients:
                     return True
                 except KeyError:
                     continue
-        return False
+        return None if self.unavailable else False
 
 
 class LazyResolver:
@@ -537,10 +554,13 @@ class Policy:
                     break
                 if result != "dunno":
                     return result
-        if (rcpt and self.local.match(domain_of(rcpt))
-                and not self.local_recipients.known(rcpt, self.delimiter)):
-            return self._reply(550, "5.1.1", f"<{rcpt}>: Recipient address rejected: "
-                                            "User unknown in local recipient table")
+        if rcpt and self.local.match(domain_of(rcpt)):
+            known = self.local_recipients.known(rcpt, self.delimiter)
+            if known is None:  # a table cannot be read: Postfix's reject_dict_retry
+                return self._reply(451, "4.3.0", f"<{rcpt}>: Temporary lookup failure")
+            if not known:
+                return self._reply(550, "5.1.1", f"<{rcpt}>: Recipient address rejected: "
+                                                "User unknown in local recipient table")
         return None
 
     # ------------------------------------------------------------------ client name
