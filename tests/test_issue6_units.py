@@ -5,6 +5,7 @@ restriction lists, queue space, client names) and the helpers of transports.smtp
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 from pathlib import Path
 from typing import Any
@@ -337,6 +338,12 @@ def test_connection_counter_across_processes(tmp_path: Path) -> None:
     assert local.acquire("a", 2)[0] == 2
 
 
+def _rcpt(p: Any, addr: str) -> str | None:
+    """The policy's verdict on ``RCPT TO:<addr>`` from 127.0.0.1 (None: accepted)."""
+    return asyncio.run(p.check_rcpt(ClientInfo("127.0.0.1", "1025"), "h.example", "", addr))
+
+
+
 def test_local_recipient_maps_reject_unknown_local_users(tmp_path: Path) -> None:
     table = tmp_path / "local"
     table.write_text("alice ok\ncarol@mx.test.example ok\n")
@@ -346,9 +353,7 @@ def test_local_recipient_maps_reject_unknown_local_users(tmp_path: Path) -> None
     p = policy(base + f"local_recipient_maps = texthash:{table}, proxy:unix:passwd.byname,"
                " nis:mail.aliases\n")
 
-    def rcpt(addr: str) -> str | None:
-        return asyncio.run(p.check_rcpt(ClientInfo("127.0.0.1", "1025"), "h.example", "",
-                                        addr))
+    rcpt = functools.partial(_rcpt, p)
 
     assert rcpt("alice@mx.test.example") is None
     assert rcpt("alice+list@mx.test.example") is None  # the extension is cut
@@ -375,9 +380,7 @@ def test_local_recipient_maps_accept_alias_names(tmp_path: Path) -> None:
             "local_recipient_maps = proxy:unix:passwd.byname $alias_maps\n")
     p = policy(base)
 
-    def rcpt(addr: str) -> str | None:
-        return asyncio.run(p.check_rcpt(ClientInfo("127.0.0.1", "1025"), "h.example", "",
-                                        addr))
+    rcpt = functools.partial(_rcpt, p)
 
     assert rcpt("webmaster@mx.test.example") is None
     assert rcpt("team@mx.test.example") is None
@@ -397,9 +400,7 @@ def test_local_recipient_maps_bad_alias_line_keeps_the_table(tmp_path: Path) -> 
                f"alias_maps = hash:{aliases}\n"
                "local_recipient_maps = proxy:unix:passwd.byname $alias_maps\n")
 
-    def rcpt(addr: str) -> str | None:
-        return asyncio.run(p.check_rcpt(ClientInfo("127.0.0.1", "1025"), "h.example", "",
-                                        addr))
+    rcpt = functools.partial(_rcpt, p)
 
     assert rcpt("webmaster@mx.test.example") is None
     assert rcpt("sales@mx.test.example") is None
@@ -417,9 +418,7 @@ def test_local_recipient_maps_unreadable_table_is_451(tmp_path: Path) -> None:
                f"alias_maps = hash:{other}, hash:{aliases}\n"
                "local_recipient_maps = proxy:unix:passwd.byname $alias_maps\n")
 
-    def rcpt(addr: str) -> str | None:
-        return asyncio.run(p.check_rcpt(ClientInfo("127.0.0.1", "1025"), "h.example", "",
-                                        addr))
+    rcpt = functools.partial(_rcpt, p)
 
     assert rcpt("webmaster@mx.test.example") == (
         "451 4.3.0 <webmaster@mx.test.example>: Temporary lookup failure")
