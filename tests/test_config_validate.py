@@ -95,6 +95,8 @@ def test_a_parameter_set_twice_is_named(tmp_path: Path) -> None:
     ("smtp_destination_recipient_limit = 2147483648",
      ('invalid smtp_destination_recipient_limit parameter value "2147483648": maximum is '
       "2147483647")),
+    ("async_event_loop = libevent",
+     'parameter async_event_loop: unknown event loop "libevent" (expected uvloop or asyncio)'),
     ("smtpd_timeout = 99999999999999999999w",
      ('invalid smtpd_timeout parameter value "99999999999999999999w": maximum is '
       "2147483647s")),

@@ -149,6 +149,24 @@ def test_async_server_sigterm_sets_stopping(base: Path, run: Standalone) -> None
     assert state.read_text() == "stopped"
 
 
+@pytest.mark.parametrize("setting,module", [
+    ("", "uvloop"),  # the default
+    ("async_event_loop = uvloop\n", "uvloop"),
+    ("async_event_loop = asyncio\n", "asyncio.unix_events"),
+])
+def test_async_server_runs_on_the_async_event_loop(base: Path, run: Standalone, setting: str,
+                                                   module: str) -> None:
+    """async_event_loop picks the loop async_server runs main on: uvloop's by default,
+    the standard library's with ``asyncio``."""
+    write_config(base, "", setting)
+    proc = run.start(base, "async_agent", "qmgr")
+    state = base / "q" / "qmgr.state"
+    wait_for(lambda: state.exists() and state.read_text() == "running", what="running")
+    assert (base / "q" / "qmgr.loop").read_text() == module
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(10) == 0
+
+
 def _service(name: str, module: str, stype: str = "unix") -> Service:
     return Service(name=name, type=stype, private=True, unpriv=True, chroot=False, wakeup=0,
                    wakeup_if_used=False, maxproc=1, command=module, module=module)

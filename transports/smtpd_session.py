@@ -68,7 +68,7 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from aiosmtpd.smtp import SMTP, login_always_fail
 
@@ -381,9 +381,15 @@ class SmtpdSession(SMTP):
         """Close the connection now (process shutdown); nothing unfinished is queued."""
         if self.reason is None:
             self.reason = ""
-        transport = self.transport
-        if isinstance(transport, asyncio.WriteTransport):
+        transport = self._write_transport()
+        if transport is not None:
             transport.abort()
+
+    def _write_transport(self) -> asyncio.WriteTransport | None:
+        """The connection's transport, None before connection_made. Not an isinstance
+        test: uvloop's transports (async_event_loop = uvloop) implement asyncio's
+        transport methods without deriving from asyncio.WriteTransport."""
+        return cast("asyncio.WriteTransport | None", self.transport)
 
     def _hangup(self, reason: str) -> None:
         if self.reason is None:
@@ -393,8 +399,8 @@ class SmtpdSession(SMTP):
 
     def _timeout_cb(self) -> None:
         self.reason = "timeout"
-        transport = self.transport
-        if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
+        transport = self._write_transport()
+        if transport is not None and not transport.is_closing():
             transport.write(f"421 4.4.2 {self.params.myhostname} Error: timeout exceeded\r\n"
                             .encode())
             transport.close()
@@ -422,8 +428,8 @@ class SmtpdSession(SMTP):
         reply = f"421 4.3.0 {self.params.myhostname} Server local error"
         log.warning(f"{self.client.namaddr}: {type(exc).__name__}: {exc}")
         log.info(f"NOQUEUE: reject: {self.where} from {self.client.namaddr}: {reply}")
-        transport = self.transport
-        if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
+        transport = self._write_transport()
+        if transport is not None and not transport.is_closing():
             transport.write(f"{reply}\r\n".encode())
         self._hangup("")
 

@@ -47,6 +47,7 @@ INT_MIN, INT_MAX = -(2 ** 31), 2 ** 31 - 1  # Postfix's int (LP64: 32 bits)
 LONG_MIN, LONG_MAX = -(2 ** 63), 2 ** 63 - 1  # Postfix's long (LP64: 64 bits)
 TIME_UNITS: dict[str, int] = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 TYPES = ("str", "int", "bool", "time", "size", "list")
+EVENT_LOOPS = ("uvloop", "asyncio")  # the values of async_event_loop
 
 
 @dataclass(frozen=True)
@@ -215,6 +216,9 @@ _t("ipc_timeout", "3600s", 1)
 _t("ipc_idle", "5s", 1)
 _t("ipc_ttl", "1000s", 1)
 _t("in_flow_delay", "1s", 0, 10)
+# qmgrd: the event loop of the asyncio services (qmgr, smtpd, smtp): "uvloop" (libuv's, in
+# C; asyncio's own when uvloop is not installed) or "asyncio" (the standard library's)
+_s("async_event_loop", "uvloop")
 
 # --- qmgr (postfix.md 4.10) ------------------------------------------------------------
 _t("queue_run_delay", "300s", 1)

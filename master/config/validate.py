@@ -122,6 +122,7 @@ from master.config.errors import ConfigError
 from master.config.maincf import Config, param_spec
 from master.config.mastercf import BUILTIN_MODULES, Service, load_master_cf
 from master.config.nexthop import nexthop_problem
+from master.config.params import EVENT_LOOPS
 from master.config.relayguard import RELAY_PARAMS, is_guarded, open_relay_problem
 from master.config.tables import TableError, read_table
 from master.server import jail
@@ -181,6 +182,7 @@ def check_configuration(cfg: Config, warn: Warn | None = None, euid: int | None 
     if warn is not None:
         _warn_duplicates(cfg, warn)
     check_tables(cfg, warn=warn)
+    check_event_loop(cfg)
     check_mail_owner(cfg, euid)
     check_default_privs(cfg, euid)
     if not master_cf:
@@ -287,6 +289,17 @@ def check_tables(cfg: Config, names: Sequence[str] = TABLE_PARAMS,
                 read_table(spec, warn)
             except TableError as exc:
                 raise _param_error(cfg, name, f"parameter {name}: {exc}") from None
+
+
+def check_event_loop(cfg: Config) -> None:
+    """async_event_loop must name an event loop the asyncio services know
+    (master.config.params.EVENT_LOOPS). Raises ConfigError ``"<main.cf>, line <n>:
+    parameter async_event_loop: unknown event loop "x" (expected uvloop or asyncio)"``."""
+    value = cfg.get("async_event_loop").strip().lower()
+    if value not in EVENT_LOOPS:
+        raise _param_error(cfg, "async_event_loop",
+                           f'parameter async_event_loop: unknown event loop "{value}" '
+                           f'(expected {" or ".join(EVENT_LOOPS)})')
 
 
 def check_mail_owner(cfg: Config, euid: int | None = None) -> None:

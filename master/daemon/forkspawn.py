@@ -78,7 +78,7 @@ from typing import ClassVar, NoReturn
 
 from master import log
 from master.server.jail import prime_for_jail
-from master.server.skeleton import preparse
+from master.server.skeleton import preload_event_loop, preparse
 
 __all__ = ["fork_child", "forkable", "preload"]
 
@@ -108,6 +108,8 @@ def preload(module: str) -> bool:
         return False
     if not _Loaded.ok:
         prime_for_jail()  # once: the codecs and time zone every jailed child would load
+    if "asyncio" in sys.modules:
+        preload_event_loop()  # uvloop: async_server's loop (skeleton.event_loop_factory)
     _Loaded.ok.add(module)
     gc.collect()
     gc.freeze()

@@ -638,9 +638,44 @@ def async_server(main: AsyncMain, *, pre_jail: JailHook | None = None,
                     loop.remove_reader(status_fd)
                 loop.remove_signal_handler(signal.SIGTERM)
 
-        asyncio.run(runner())
+        factory = event_loop_factory(ctx.config)
+        if factory is None:
+            asyncio.run(runner())
+        else:
+            with asyncio.Runner(loop_factory=factory) as run:
+                run.run(runner())
 
     _run(body)
+
+
+def event_loop_factory(cfg: Config) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The event loop async_server runs on, from ``async_event_loop``: ``uvloop`` (the
+    default) -> ``uvloop.new_event_loop`` (libuv's loop, written in C: less CPU per
+    message in every asyncio service than the standard library's selector loop, the same
+    asyncio API); ``asyncio`` -> None (``asyncio.run``'s own loop). When uvloop is not
+    installed: warning ``async_event_loop = uvloop: uvloop is not installed: using
+    asyncio's event loop`` and None. A value outside master.config.params.EVENT_LOOPS never gets here: the
+    master refuses it at start and reload (master.config.validate.check_event_loop).
+    uvloop is imported before the jail (the master loads it with the service modules:
+    master.daemon.forkspawn.preload), so a chrooted child needs no file for it."""
+    if cfg.get("async_event_loop").strip().lower() == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        log.warning("async_event_loop = uvloop: uvloop is not installed: "
+                    "using asyncio's event loop")
+        return None
+    return uvloop.new_event_loop
+
+
+def preload_event_loop() -> None:
+    """Import uvloop, when installed, in a process that forks asyncio services (the
+    master: master.daemon.forkspawn), so that its pages are shared with them."""
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        pass
 
 
 AsyncConnHandler = Callable[[socket.socket, ServerContext], Awaitable[None]]
