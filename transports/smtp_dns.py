@@ -11,7 +11,10 @@ Summary
       the start/reload check of relayhost uses too.
     * MX records are sorted by preference (equal preferences shuffled), then each MX
       host's A/AAAA records (IPv4 first, per ``inet_protocols``); no MX record -> the
-      domain's own addresses; a null MX -> 5.1.0 "does not accept mail (nullMX)".
+      domain's own addresses; a null MX (RFC 7505: an MX whose exchange is ".", any
+      preference; as Postfix's dns_lookup, even beside other MX records) -> 5.1.0
+      "Domain D does not accept mail (nullMX)": a bounce, never retried (Postfix's
+      smtp_addr.c uses 5.1.0, not RFC 7505's 5.1.10).
     * ``smtp_host_lookup``: ``dns`` (dnspython) and/or ``native`` (getaddrinfo, which reads
       /etc/hosts) for addresses, tried in order; without ``dns`` no MX lookup happens.
     * Errors: NXDOMAIN -> 5.4.4 "Host or domain name not found. Name service error for
@@ -178,7 +181,10 @@ class HostResolver:
             pref = int(getattr(rr, "preference", 0))
             exchange = str(getattr(rr, "exchange", "")).rstrip(".")
             recs.append((pref, self.rng.random(), exchange))
-        if len(recs) == 1 and recs[0][2] == "":
+        if any(exchange == "" for _, _, exchange in recs):
+            # Postfix dns_get_answer(): an MX record whose exchange is the root makes the
+            # whole lookup DNS_NULLMX, whatever else the answer holds (RFC 7505 forbids
+            # other MX records beside a null MX); smtp_domain_addr() bounces it 5.1.0
             raise DnsError("5.1.0", f"Domain {domain} does not accept mail (nullMX)")
         recs.sort()
         hosts: list[tuple[int, str]] = []
