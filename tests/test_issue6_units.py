@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import dns.asyncresolver
+import dns.rdata
 import dns.resolver
 import pytest
 
@@ -209,6 +210,53 @@ def test_reject_unknown_recipient_domain_checks_relay_domains() -> None:
                      FakeResolver(dns_table, True))
     assert check(failing, "x@gone.example", ip) == (
         "450 4.1.2 <x@gone.example>: Recipient address rejected: Domain not found")
+
+
+def test_reject_unknown_domain_null_mx() -> None:
+    """Postfix 3.0+ reject_unknown_mailhost(): a domain whose MX answer holds a null MX
+    (RFC 7505: exchange ".", any preference) is refused with fixed codes, whatever
+    $unknown_address_reject_code says: 556 5.1.10 for a recipient, 550 5.7.27 for a
+    sender; the MX lookup stops there (no A/AAAA fallback)."""
+    real = dns.rdata.from_text("IN", "MX", "0 .")  # dnspython's own MX rdata
+    dns_table: dict[tuple[str, str], list[Any]] = {
+        ("null.example", "MX"): [real], ("null.example", "A"): ["192.0.2.1"],
+        ("null10.example", "MX"): ["10 ."],
+        ("ok.example", "MX"): ["10 mail.ok.example."]}
+    text = ("smtpd_sender_restrictions = reject_unknown_sender_domain\n"
+            "smtpd_recipient_restrictions = reject_unknown_recipient_domain, "
+            "permit_mynetworks, reject_unauth_destination\n"
+            "unknown_address_reject_code = 550\n")
+    p = policy(text, FakeResolver(dns_table))
+    ip = "127.0.0.1"
+    for domain in ("null.example", "null10.example"):
+        assert check(p, f"x@{domain}", ip, sender="me@ok.example") == (
+            f"556 5.1.10 <x@{domain}>: Recipient address rejected: Domain {domain} "
+            "does not accept mail (nullMX)")
+        assert check(p, "x@ok.example", ip, sender=f"me@{domain}") == (
+            f"550 5.7.27 <me@{domain}>: Sender address rejected: Domain {domain} "
+            "does not accept mail (nullMX)")
+    assert check(p, "x@ok.example", ip, sender="me@ok.example") is None
+    assert check(p, "x@ok.example", ip, sender="") is None  # the null sender: no lookup
+    assert check(p, "x@ok.example", ip, sender="me@localhost") is None  # final: no lookup
+
+
+def test_reject_unknown_sender_domain() -> None:
+    """Postfix reject_unknown_sender_domain: $unknown_address_reject_code 4.1.8 "Domain
+    not found" without MX and A/AAAA, 450 4.1.8 when DNS could not tell."""
+    text = "smtpd_sender_restrictions = reject_unknown_sender_domain\n"
+    table = {("a.example", "A"): ["192.0.2.1"]}
+    ip = "127.0.0.1"
+    p = policy(text, FakeResolver(table))
+    assert check(p, "x@localhost", ip, sender="me@a.example") is None
+    assert check(p, "x@localhost", ip, sender="me@nowhere.example") == (
+        "450 4.1.8 <me@nowhere.example>: Sender address rejected: Domain not found")
+    p5 = policy(text + "unknown_address_reject_code = 550\n", FakeResolver(table))
+    assert check(p5, "x@localhost", ip, sender="me@nowhere.example") == (
+        "550 5.1.8 <me@nowhere.example>: Sender address rejected: Domain not found")
+    failing = policy(text + "unknown_address_reject_code = 550\n",
+                     FakeResolver(table, True))
+    assert check(failing, "x@localhost", ip, sender="me@nowhere.example") == (
+        "450 4.1.8 <me@nowhere.example>: Sender address rejected: Domain not found")
 
 
 def test_lookup_name() -> None:

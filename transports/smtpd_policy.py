@@ -27,12 +27,14 @@ Summary
       ``permit_auth_destination``, ``reject_unauth_destination`` (``$relay_domains_reject_code``
       554, ``5.7.1 <rcpt>: Relay access denied``), ``defer_unauth_destination`` (that code
       minus 100: 454 4.7.1), ``reject_non_fqdn_recipient`` / ``reject_non_fqdn_sender``
-      (``$non_fqdn_reject_code`` 504 5.5.2), ``reject_unknown_recipient_domain``
-      (``$unknown_address_reject_code`` 450 4.1.2 when a domain has neither MX nor
-      A/AAAA, 450 4.1.2 when DNS could not tell; skipped, as Postfix, only for final
-      destinations - mydestination, virtual_alias_domains, virtual_mailbox_domains - and
-      address literals, so a relay_domains domain is looked up too; DNS through
-      dnspython's asyncio resolver). ``permit_sasl_authenticated``
+      (``$non_fqdn_reject_code`` 504 5.5.2), ``reject_unknown_recipient_domain`` /
+      ``reject_unknown_sender_domain`` (``$unknown_address_reject_code`` 450 4.1.2 /
+      4.1.8 when a domain has neither MX nor A/AAAA, 450 when DNS could not tell; a null
+      MX, RFC 7505, as Postfix 3.0+: ``556 5.1.10`` / ``550 5.7.27 <addr>: Recipient
+      (Sender) address rejected: Domain D does not accept mail (nullMX)``; skipped, as
+      Postfix, for the null sender, final destinations - mydestination,
+      virtual_alias_domains, virtual_mailbox_domains - and address literals, so a
+      relay_domains domain is looked up too; DNS through dnspython's asyncio resolver). ``permit_sasl_authenticated``
       is accepted and never matches: smtpd offers no AUTH (no SASL). Any other name:
       ``warning: unknown smtpd restriction: "x"`` and ``451 4.3.5 Server configuration
       error``, as Postfix.
@@ -341,7 +343,7 @@ class LazyResolver:
     This reads the file there and then, as the Resolver would (raising
     NoResolverConfiguration when it cannot be opened, as dnspython does), and makes
     the Resolver from that text only when a session first needs DNS: a client other
-    than 127.0.0.1/::1 with smtpd_peername_lookup, or reject_unknown_recipient_domain.
+    than 127.0.0.1/::1 with smtpd_peername_lookup, or reject_unknown_*_domain.
     Making it at start cost every smtpd process about 0.4 MiB of pages of its own
     (issue 8, scenario M), also the many whose sessions never ask DNS. The text is
     parsed once, at that first lookup. A file without a nameserver, or one dnspython
@@ -467,23 +469,59 @@ class Policy:
             return False
         return self.allow_untrusted or not self._routed(rcpt)
 
-    async def _has_dns(self, domain: str) -> bool | None:
-        """True when ``domain`` has an MX or an A/AAAA record, False when it has none,
-        None when DNS could not tell (no resolver, timeout, server failure)."""
+    async def _mailhost(self, domain: str) -> str:
+        """Postfix's reject_unknown_mailhost() lookup of ``domain``: MX, then A, then
+        AAAA, stopping at the first answer. Returns "ok" (a record), "nullmx" (the MX
+        answer holds a record whose exchange is the root: RFC 7505, as Postfix's
+        dns_lookup, which stops there), "notfound" (no record, or NXDOMAIN) or "retry"
+        (no resolver, timeout, server failure)."""
         if self.resolver is None:
-            return None
+            return "retry"
         try:
             for rtype in ("MX", "A", "AAAA"):
                 try:
-                    await self.resolver.resolve(domain, rtype, lifetime=_LOOKUP_LIFETIME)
-                    return True
+                    answer = await self.resolver.resolve(domain, rtype,
+                                                         lifetime=_LOOKUP_LIFETIME)
                 except dns.resolver.NoAnswer:
                     continue
-            return False
+                if rtype == "MX" and any(_is_null_mx(rr) for rr in answer):
+                    return "nullmx"
+                return "ok"
+            return "notfound"
         except dns.resolver.NXDOMAIN:
-            return False
+            return "notfound"
         except dns.exception.DNSException:
-            return None
+            return "retry"
+
+    async def _unknown_address(self, address: str, sender: bool) -> str:
+        """Postfix's reject_unknown_address() for reject_unknown_sender_domain
+        (``sender``) and reject_unknown_recipient_domain: "dunno" or the reply.
+
+        Skipped, as Postfix, for final destinations (RESOLVE_CLASS_FINAL: local,
+        virtual alias, virtual mailbox; a relay_domains domain is looked up like any
+        other), address literals and addresses without a domain. A domain without MX
+        or A/AAAA: ``$unknown_address_reject_code`` (450) 4.1.8 (sender) / 4.1.2
+        (recipient) "Domain not found"; DNS could not tell: 450 with that code; a null
+        MX (Postfix 3.0+, RFC 7505 section 4.2): a fixed 550 5.7.27 for the sender,
+        556 5.1.10 for the recipient, "Domain D does not accept mail (nullMX)"."""
+        domain = domain_of(address)
+        if not domain or self._final(domain) or domain.startswith("["):
+            return "dunno"
+        found = await self._mailhost(domain)
+        if found == "ok":
+            return "dunno"
+        what, dsn = ("Sender", "4.1.8") if sender else ("Recipient", "4.1.2")
+        if found == "nullmx":
+            code, dsn = (550, "4.7.27") if sender else (556, "4.1.10")
+            return self._reply(code, dsn, f"<{address}>: {what} address rejected: "
+                               f"Domain {domain} does not accept mail (nullMX)")
+        if found == "retry":
+            log.warning(f"{domain}: domain lookup failed: {what.lower()} <{address}> "
+                        "deferred")
+            return self._reply(450, dsn, f"<{address}>: {what} address rejected: "
+                               "Domain not found")
+        return self._reply(self.unknown_code, dsn, f"<{address}>: {what} address "
+                           "rejected: Domain not found")
 
     # ------------------------------------------------------------------ restrictions
     @staticmethod
@@ -525,21 +563,11 @@ class Policy:
             return self._reply(self.fqdn_code, "5.5.2", f"<{sender}>: Sender address "
                                "rejected: need fully-qualified address")
         if name == "reject_unknown_recipient_domain":
-            domain = domain_of(rcpt)
-            # Postfix skips only its final destinations (RESOLVE_CLASS_FINAL: local,
-            # virtual alias, virtual mailbox) and address literals; a relay_domains
-            # domain is looked up like any other
-            if not domain or self._final(domain) or domain.startswith("["):
+            return await self._unknown_address(rcpt, sender=False)
+        if name == "reject_unknown_sender_domain":
+            if not sender:  # the null sender is never looked up
                 return "dunno"
-            found = await self._has_dns(domain)
-            if found:
-                return "dunno"
-            if found is None:
-                log.warning(f"{domain}: domain lookup failed: recipient <{rcpt}> deferred")
-                return self._reply(450, "4.1.2", f"<{rcpt}>: Recipient address rejected: "
-                                   "Domain not found")
-            return self._reply(self.unknown_code, "5.1.2", f"<{rcpt}>: Recipient address "
-                               "rejected: Domain not found")
+            return await self._unknown_address(sender, sender=True)
         log.warning(f'unknown smtpd restriction: "{name}"')
         return "451 4.3.5 Server configuration error"
 
@@ -586,6 +614,14 @@ class Policy:
         if any(ipaddress.ip_address(str(r)) == ip for r in answer):
             return name
         return "unknown"
+
+
+def _is_null_mx(rr: object) -> bool:
+    """True for an MX record whose exchange is the root (".", RFC 7505's null MX): a
+    dnspython MX rdata, or its text form "PREF EXCHANGE"."""
+    exchange = getattr(rr, "exchange", None)
+    text = str(exchange) if exchange is not None else (str(rr).split() or [""])[-1]
+    return text == "."
 
 
 _FLOCK = struct.Struct("hhqqi")  # struct flock: l_type, l_whence, l_start, l_len, l_pid
