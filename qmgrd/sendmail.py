@@ -426,9 +426,10 @@ def _submit(o: _Options, stdin: IO[bytes], stderr: IO[str]) -> None:
             w = MaildropWriter(f, line_limit)
             first = True
             for raw in stdin:
-                line = raw[:-1] if raw.endswith(b"\n") else raw
-                if raw.endswith(b"\n") and line.endswith(b"\r"):
-                    line = line[:-1]
+                # Postfix's sendmail (sendmail_fix_line_endings = always): every CR
+                # right before the LF goes; other CRs, and those of a last line
+                # without LF, are data
+                line = raw[:-1].rstrip(b"\r") if raw.endswith(b"\n") else raw
                 if first:
                     first = False
                     if line.startswith(b"From "):

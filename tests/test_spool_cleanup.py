@@ -79,7 +79,8 @@ def test_mixed_line_endings_keep_lone_cr_and_nul(tmp_path: Path) -> None:
     data = b"Subject: x\r\n\r\na\r\nb\rc\n\x00d\r\r\nlast\r"
     qid = c.submit(env("b@example.net"), data, origin="smtp")
     got = lines_of(spool, qid)
-    assert got[-5:] == [b"", b"a", b"b\rc", b"\x00d\r", b"last\r"]
+    # every CR right before an LF goes (Postfix's smtp_get), a CR before no LF stays
+    assert got[-5:] == [b"", b"a", b"b\rc", b"\x00d", b"last\r"]
 
 
 def test_record_headers_are_shared_for_the_default_limit(tmp_path: Path) -> None:
