@@ -594,24 +594,59 @@ def test_helo_after_a_4xx_ehlo_but_not_after_421(env: Env, peers: list[ScriptedP
     assert not any(line.startswith("HELO") for line in p2.received())
 
 
-@pytest.mark.parametrize(("ehlo", "status", "reason"), [
-    (EHLO_OK, "4.7.4", "TLS is required, but was not offered by host 127.0.0.1[127.0.0.1]"),
-    ("250-peer.test\r\n250 STARTTLS", "4.7.5",
+@pytest.mark.parametrize(("level", "ehlo", "status", "reason"), [
+    ("encrypt", EHLO_OK, "4.7.4",
+     "TLS is required, but was not offered by host 127.0.0.1[127.0.0.1]"),
+    ("fingerprint", "250-peer.test\r\n250 STARTTLS", "4.7.5",
+     "TLS is required, but our TLS engine is unavailable"),
+    ("dane-only", "250-peer.test\r\n250 STARTTLS", "4.7.5",
      "TLS is required, but our TLS engine is unavailable"),
 ])
 def test_required_tls_defers_and_sends_nothing_in_the_clear(
-        tmp_path: Path, peers: list[ScriptedPeer], ehlo: str, status: str,
+        tmp_path: Path, peers: list[ScriptedPeer], level: str, ehlo: str, status: str,
         reason: str) -> None:
-    """smtp_tls_security_level = encrypt: this client has no TLS, so it does what
-    Postfix's smtp_helo() does when TLS cannot be had: a soft site failure after EHLO,
-    never MAIL FROM in plain text."""
-    env = make_env(tmp_path, smtp_helo_timeout="2s", smtp_tls_security_level="encrypt")
+    """A level that requires TLS, and no TLS to be had (not offered; or a level whose
+    certificate checks are not implemented): what Postfix's smtp_helo() does then, a
+    soft site failure after EHLO, never MAIL FROM in plain text."""
+    env = make_env(tmp_path, smtp_helo_timeout="2s", smtp_tls_security_level=level)
     p = script(peers, tmp_path, ["220 peer.test ESMTP", "<", ehlo, "<"])
     qid, reply = deliver(env, f"[127.0.0.1]:{p.port}")
     assert reply.status == 1 and reply.hop_failed and reply.dsn_status == status, env.log()
     assert deferred_reason(env, qid) == reason
-    assert not any(line.startswith("MAIL") for line in p.received())
+    assert not any(line.startswith(("MAIL", "STARTTLS")) for line in p.received())
     assert f"relay=127.0.0.1[127.0.0.1]:{p.port}," in env.log()
+
+
+def test_starttls_refused_defers_when_tls_is_required(tmp_path: Path,
+                                                      peers: list[ScriptedPeer]) -> None:
+    """encrypt, STARTTLS offered but answered 454: Postfix's smtp_helo() fails the
+    session with the reply (``TLS is required, but host H[ip] refused to start TLS``),
+    MAIL FROM never sent."""
+    env = make_env(tmp_path, smtp_helo_timeout="2s", smtp_tls_security_level="encrypt")
+    p = script(peers, tmp_path, ["220 peer.test ESMTP", "<", "250-peer.test\r\n250 STARTTLS",
+                                 "<", "454 4.7.0 TLS not available due to local problem",
+                                 "<"])
+    qid, reply = deliver(env, f"[127.0.0.1]:{p.port}")
+    assert reply.status == 1 and reply.dsn_status == "4.7.0", env.log()
+    assert deferred_reason(env, qid) == (
+        "TLS is required, but host 127.0.0.1[127.0.0.1] refused to start TLS: 454 4.7.0 "
+        "TLS not available due to local problem")
+    assert p.received()[1] == "STARTTLS\r\n"
+    assert not any(line.startswith("MAIL") for line in p.received())
+
+
+def test_starttls_refused_goes_on_in_the_clear_at_may(tmp_path: Path,
+                                                      peers: list[ScriptedPeer]) -> None:
+    """may, STARTTLS answered 454: on in the clear on the same connection (Postfix:
+    "Else try to continue in plain-text mode")."""
+    env = make_env(tmp_path, smtp_helo_timeout="2s", smtp_tls_security_level="may")
+    p = script(peers, tmp_path, ["220 peer.test ESMTP", "<", "250-peer.test\r\n250 STARTTLS",
+                                 "<", "454 4.7.0 TLS not available", *FULL[3:]])
+    qid, reply = deliver(env, f"[127.0.0.1]:{p.port}")
+    assert reply.status == 0, env.log()
+    assert env.undone(qid) == []
+    got = p.received()
+    assert got[1] == "STARTTLS\r\n" and got[2].startswith("MAIL FROM:<alice@example.com>")
 
 
 def test_a_slow_but_steady_transfer_is_not_cut_off(tmp_path: Path,

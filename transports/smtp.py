@@ -54,6 +54,19 @@ Summary
       lookup problem with a relayhost"). Postfix has this safety net for relayhost and
       smtp_fallback_relay only (not implemented here); a transport map or
       sender_dependent_relayhost_maps nexthop that does not exist bounces, as in Postfix.
+    * TLS (``smtp_tls_security_level``; transports.smtp_session and transports.smtp_tls):
+      STARTTLS when the server offers it at ``may`` and above, as Postfix's smtp(8).
+      The SSL context is made once in :meth:`SmtpAgent.setup` (before the chroot: the
+      ``smtp_tls_CAfile``/``smtp_tls_CApath``/``smtp_tls_cert_file`` files are read
+      there; a context that cannot be made logs ``warning: TLS library problem: ...``
+      and leaves no TLS engine). A failed handshake at ``may`` is followed by a new
+      connection to the same server in the clear only for a message that waited
+      ``minimal_backoff_time`` or more before this attempt (active arrival minus
+      arrival), as Postfix's PLAINTEXT_FALLBACK_OK_AFTER_STARTTLS_FAILURE; a first
+      attempt is deferred ``4.7.5 Cannot start TLS: handshake failure`` and the retry
+      goes through in the clear. Not implemented: the fallback after a TLS session
+      that fails later (PLAINTEXT_FALLBACK_OK_AFTER_TLS_SESSION_FAILURE),
+      ``smtp_tls_policy_maps``, DANE.
     * Mail that loops back to this mail system: a server on port 25 that replies to EHLO
       with our ``myhostname`` fails with 5.4.6 ``mail for <nexthop> loops back to
       myself`` (4.4.6 for a backup MX: the next one is tried), as Postfix's smtp_helo()
@@ -111,7 +124,12 @@ Summary
     ``smtp_connection_reuse_count_limit``; idle ones get QUIT after
     ``smtp_connection_cache_time_limit`` (the skeleton's timer hook, see :func:`main`)
     and when the agent exits (max_use, max_idle, SIGTERM, master gone). Sessions are
-    keyed with the HELO name and TLS level, so no session crosses policies. A session
+    keyed with the HELO name and the TLS level they were made at, so no session
+    crosses policies (a session retried in the clear after a failed handshake is
+    ``none``, not ``may``); a TLS-encrypted session is kept only with
+    ``smtp_tls_connection_reuse = yes`` (Postfix's default ``no``: it is QUIT after
+    its delivery), and a request whose level requires TLS takes only encrypted ones
+    from the cache. A session
     not kept gets its QUIT after the delivery's outcome is recorded (the status lines
     logged, the recipients marked done in the queue file, as Postfix's smtp_rcpt_done()
     marks them when the message is accepted) and before the reply to the qmgr, so an
@@ -144,6 +162,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures.thread  # noqa: F401 - the executor of DNS lookups, before the jail
 import re
+import ssl
 from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass, field
 from typing import Any, NoReturn, TypeVar
@@ -171,7 +190,14 @@ from transports.agent import DeliveryAgent, Dsn, make_dsn
 from transports.smtp_cache import CacheDestinations, ConnCache, Key, dest_key, endpoint_key
 from transports.smtp_dns import Address, DnsError, HostResolver, Nexthop, parse_nexthop
 from transports.smtp_mime import MimeError, downgrade
-from transports.smtp_session import Reply, SmtpFailure, SmtpParams, SmtpSession
+from transports.smtp_session import (
+    Reply,
+    SmtpFailure,
+    SmtpParams,
+    SmtpSession,
+    TlsHandshakeFailure,
+)
+from transports.smtp_tls import OPPORTUNISTIC, TLS_REQUIRED, client_context, level_of
 
 __all__ = [
     "Address",
@@ -332,6 +358,8 @@ class SmtpAgent(DeliveryAgent):
         self.cache_destinations = CacheDestinations([])
         self.process_limit = 1
         self.relayhost = ""  # main.cf's relayhost, as the qmgr's resolver uses it
+        self.min_backoff = 300.0  # minimal_backoff_time (s): the plaintext fallback's
+        self.need_tls = False  # the level requires TLS: reuse only encrypted sessions
         self._req_quits: dict[int, list[asyncio.Task[None]]] = {}  # id(request): its QUITs
         self._loop: asyncio.AbstractEventLoop | None = None  # the synchronous facade's
 
@@ -366,10 +394,29 @@ class SmtpAgent(DeliveryAgent):
             reuse_count_limit=cfg.get_int("smtp_connection_reuse_count_limit"),
             cache_destinations=cfg.get_list("smtp_connection_cache_destinations"),
             tls_security_level=cfg.get("smtp_tls_security_level"),
+            tls_level=level_of(cfg.get("smtp_tls_security_level")),
+            tls_loglevel=cfg.get_int("smtp_tls_loglevel"),
+            starttls_timeout=t("smtp_starttls_timeout"),
+            tls_connection_reuse=cfg.get_bool("smtp_tls_connection_reuse"),
             disable_mime_output_conversion=cfg.get_bool("disable_mime_output_conversion"),
             mime_nesting_limit=cfg.get_int("mime_nesting_limit"),
         )
         p = self.params
+        if p.tls_level != "none":
+            try:  # before the chroot: the CA and certificate files are read here
+                p.tls_context = client_context(
+                    p.tls_level, cfg.get("smtp_tls_CAfile").strip(),
+                    cfg.get("smtp_tls_CApath").strip(), cfg.get("smtp_tls_protocols"),
+                    cfg.get("smtp_tls_mandatory_protocols"),
+                    cfg.get("smtp_tls_cert_file").strip(),
+                    cfg.get("smtp_tls_key_file").strip())
+            except (OSError, ssl.SSLError, ValueError) as exc:
+                # Postfix: no TLS engine; "may" goes on in the clear, the levels that
+                # require TLS defer ("TLS is required, but our TLS engine is unavailable")
+                log.warning(f"TLS library problem: {exc}")
+                p.tls_context = None
+        self.min_backoff = float(cfg.get_time("minimal_backoff_time"))
+        self.need_tls = p.tls_level in TLS_REQUIRED
         self.process_limit = cfg.get_int("smtp_process_delivery_limit")
         self.relayhost = cfg.get("relayhost").strip()
         # room for an idle session per delivery in hand (at least Postfix-like 8)
@@ -382,19 +429,45 @@ class SmtpAgent(DeliveryAgent):
 
     # -- connection management --------------------------------------------------------
 
-    async def _session(self, addr: Address, nexthop: str) -> SmtpSession:
-        """An open session with ``addr``, a server of ``nexthop`` (named when mail for
-        it loops back to myself). Raises SmtpFailure."""
+    async def _session(self, addr: Address, req: DeliverRequest) -> SmtpSession:
+        """An open session with ``addr``, a server of ``req.nexthop`` (named when mail
+        for it loops back to myself). A failed TLS handshake at ``may`` is followed by a
+        new connection to the same server in the clear when :meth:`_plaintext_ok`.
+        Raises SmtpFailure."""
         sess = SmtpSession(addr, self.params)
-        sess.nexthop, sess.best_mx = nexthop, addr.best
+        sess.nexthop, sess.best_mx = req.nexthop, addr.best
         try:
             await sess.open()
+        except TlsHandshakeFailure as exc:
+            exc.relay = sess.relay
+            sess.close()
+            if not self._plaintext_ok(req):
+                raise
+            sess = SmtpSession(addr, self.params)
+            sess.nexthop, sess.best_mx, sess.tls_level = req.nexthop, addr.best, "none"
+            try:
+                await sess.open()
+            except SmtpFailure as exc2:
+                if sess.connected:
+                    exc2.relay = sess.relay
+                sess.close()
+                raise
         except SmtpFailure as exc:
             if sess.connected:  # greeting or EHLO failed: Postfix names the server
                 exc.relay = sess.relay
             sess.close()
             raise
         return sess
+
+    def _plaintext_ok(self, req: DeliverRequest) -> bool:
+        """After a failed TLS handshake: may the same server be tried in the clear?
+        Postfix's PLAINTEXT_FALLBACK_OK_AFTER_STARTTLS_FAILURE: at an opportunistic
+        level only, and only for a message that waited ``minimal_backoff_time`` or more
+        before this delivery attempt (its queue manager's active arrival minus its
+        arrival: not on the first attempt, which is deferred 4.7.5 ``Cannot start TLS:
+        handshake failure`` so that the retry gets it through)."""
+        return (self.params.tls_level in OPPORTUNISTIC
+                and req.active_arrival - req.arrival >= self.min_backoff)
 
     async def _release(self, sess: SmtpSession, dest: Key | None, store: bool,
                        req: DeliverRequest) -> None:
@@ -405,8 +478,13 @@ class SmtpAgent(DeliveryAgent):
         marked done (Postfix's smtp_rcpt_done() marks it when the message is accepted),
         so a server that accepts the mail and never answers QUIT can neither hold its
         status back nor, if the agent is stopped meanwhile, have it delivered twice."""
-        if store and await self.cache.store(sess, dest,
-                                            endpoint_key(sess.addr, self._policy())):
+        if sess.tls_level != self.params.tls_level:  # a retry in the clear after TLS failed
+            policy = self._policy(sess.tls_level)
+            dest = dest_key(sess.nexthop, policy) if dest is not None else None
+        else:
+            policy = self._policy()
+        if (store and (sess.tls is None or self.params.tls_connection_reuse)
+                and await self.cache.store(sess, dest, endpoint_key(sess.addr, policy))):
             return
         task = asyncio.get_running_loop().create_task(sess.quit())
         self._req_quits.setdefault(id(req), []).append(task)
@@ -435,9 +513,12 @@ class SmtpAgent(DeliveryAgent):
             task.cancel()
         await asyncio.gather(*late, return_exceptions=True)
 
-    def _policy(self) -> tuple[str, ...]:
-        """What must match for a cached session to be shared (never across policies)."""
-        return (self.params.helo_name.lower(), self.params.tls_security_level.lower())
+    def _policy(self, level: str = "") -> tuple[str, ...]:
+        """What must match for a cached session to be shared (never across policies):
+        the HELO name and the TLS level the session was made at (``level``, default the
+        agent's; a session retried in the clear after a failed handshake has ``none``,
+        so that it serves no ``may`` request, as in Postfix)."""
+        return (self.params.helo_name.lower(), level or self.params.tls_level)
 
     def _cache_mode(self, req: DeliverRequest) -> tuple[bool, bool]:
         """(look in the cache, store in the cache) for ``req``."""
@@ -513,7 +594,7 @@ class SmtpAgent(DeliveryAgent):
         sessions = 0
         tried: set[Address] = set()
         if load:
-            cached = await self.cache.take_dest(dest)
+            cached = await self.cache.take_dest(dest, tls=self.need_tls)
             if cached is not None and await self._use(cached, req, content, pending, att,
                                                       last=False, dest=dest, store=store):
                 sessions = 1
@@ -539,12 +620,13 @@ class SmtpAgent(DeliveryAgent):
             last = n == len(addrs) - 1
             # Postfix stores under the nexthop only sessions with the first (best) server.
             home = dest if n == 0 else None
-            cached = (await self.cache.take_endpoint(endpoint_key(addr, policy))
+            cached = (await self.cache.take_endpoint(endpoint_key(addr, policy),
+                                                     tls=self.need_tls)
                       if load else None)
             if cached is None or not await self._use(cached, req, content, pending, att,
                                                      last=last, dest=home, store=store):
                 try:
-                    sess = await self._session(addr, req.nexthop)
+                    sess = await self._session(addr, req)
                 except SmtpFailure as exc:
                     self._fail(att, pending, exc, last, exc.relay)
                     pending = [i for i in pending if i not in att.final]

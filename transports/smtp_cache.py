@@ -28,7 +28,9 @@ Summary
 
     Keys: ``dest_key(nexthop, policy)`` and ``endpoint_key(addr, policy)``; ``policy`` is
     everything that must match for a session to be shared (HELO name, TLS level), so a
-    session is never reused across different policies.
+    session is never reused across different policies. A session records whether it is
+    TLS-encrypted (``sess.tls``); ``take_*(..., tls=True)`` hands out only encrypted
+    ones, for a request whose level requires TLS.
 
     ``CacheDestinations(patterns)`` is smtp_connection_cache_destinations: the nexthop
     host (without [] and port) matched case-insensitively against names, the names of a
@@ -38,8 +40,8 @@ Public API
     ConnCache(idle_limit, reuse_time_limit, reuse_count_limit, *, max_sessions=8,
               quit_timeout=2.0, clock=time.monotonic)      coroutines:
         .store(sess, dest, endpoint) -> bool    False: not kept (the caller QUITs it)
-        .take_dest(dest) -> SmtpSession | None
-        .take_endpoint(endpoint) -> SmtpSession | None
+        .take_dest(dest, *, tls=False) -> SmtpSession | None
+        .take_endpoint(endpoint, *, tls=False) -> SmtpSession | None
         .expire() -> float | None               seconds until the next expiry
         .close_all() -> None                    QUIT to all at once
         .evicted() -> None                      the QUITs of evicted sessions done
@@ -122,12 +124,19 @@ class ConnCache:
         self._entries.append(_Entry(sess, dest, endpoint, now + self.idle_limit))
         return True
 
-    async def take_dest(self, dest: Key) -> SmtpSession | None:
-        """A checked session stored under logical destination ``dest``, or None."""
+    async def take_dest(self, dest: Key, *, tls: bool = False) -> SmtpSession | None:
+        """A checked session stored under logical destination ``dest``, or None;
+        ``tls``: only a TLS-encrypted one (the request's level requires TLS)."""
+        if tls:
+            return await self._take(lambda e: e.dest == dest and e.sess.tls is not None)
         return await self._take(lambda e: e.dest == dest)
 
-    async def take_endpoint(self, endpoint: Key) -> SmtpSession | None:
-        """A checked session with server address ``endpoint``, or None."""
+    async def take_endpoint(self, endpoint: Key, *, tls: bool = False) -> SmtpSession | None:
+        """A checked session with server address ``endpoint``, or None; ``tls``: only a
+        TLS-encrypted one."""
+        if tls:
+            return await self._take(lambda e: e.endpoint == endpoint
+                                    and e.sess.tls is not None)
         return await self._take(lambda e: e.endpoint == endpoint)
 
     async def _take(self, match: Callable[[_Entry], bool]) -> SmtpSession | None:

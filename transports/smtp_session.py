@@ -38,19 +38,47 @@ Summary
       (``best_mx``: a ``[host]`` nexthop's addresses all are), else 4.4.6 (a backup MX:
       try the next one). The HELO reply is not checked (Postfix parses only EHLO's).
 
-    TLS: this client never sends STARTTLS (``may``, ``dane`` and ``none`` all deliver
-    in the clear, as Postfix's ``may`` does when the handshake cannot be made). At a
-    level that requires TLS (``smtp_tls_security_level`` in TLS_REQUIRED) the session
-    fails after EHLO/HELO, soft, with Postfix's words: ``TLS is required, but was not
-    offered by host H[ip]`` (4.7.4), or, STARTTLS offered, ``TLS is required, but our
-    TLS engine is unavailable`` (4.7.5): such mail is deferred, never sent in the clear.
+    TLS (RFC 3207 STARTTLS; Postfix's smtp_helo() and smtp_start_tls(); the policy and
+    the context are transports.smtp_tls): with a TLS engine (``params.tls_context``) and
+    a level other than ``none``, a server whose EHLO reply lists STARTTLS gets STARTTLS;
+    on 220 the handshake runs over the session's own socket (ssl.MemoryBIO, within
+    ``smtp_starttls_timeout``), whatever the server sent after the 220 in the clear is
+    dropped, and EHLO is said again (the features are the new reply's). From then on
+    every command and reply goes through TLS (``tls`` is the TlsChannel; at level
+    ``none`` the clear path is the one used before TLS existed, with one None check per
+    write and per read). The outcomes:
+
+    * STARTTLS not offered (or HELO was used): on in the clear; at a level that
+      requires TLS (TLS_REQUIRED) a soft failure ``TLS is required, but was not offered
+      by host H[ip]`` (4.7.4);
+    * STARTTLS answered with an error: on in the clear on the same connection at
+      ``may``; when TLS is required, ``TLS is required, but host H[ip] refused to start
+      TLS: <reply>`` with the reply's status;
+    * the handshake fails: the connection is closed, ``SSL_connect error to
+      H[ip]:port: <why>`` logged, and TlsHandshakeFailure raised (4.7.5 ``Cannot start
+      TLS: handshake failure``; the agent decides whether to try the server again in
+      the clear); at verify/secure an untrusted or mismatched certificate is 4.7.5
+      ``Server certificate not verified`` (``certificate verification failed for ...``
+      logged);
+    * no TLS engine (``dane-only``, ``fingerprint``, or a context that could not be
+      made) and STARTTLS offered: ``may`` goes on in the clear, a level that requires
+      TLS fails with ``TLS is required, but our TLS engine is unavailable`` (4.7.5).
+
+    All these failures are soft site failures (the next server is tried, the mail
+    deferred after the last), never mail sent in the clear at a level that requires
+    TLS. With ``smtp_tls_loglevel`` >= 1 a successful handshake logs Postfix's
+    ``Untrusted|Anonymous|Verified TLS connection established to H[ip]:port: TLSv1.3
+    with cipher C (n/n bits)``. ``tls_level`` is the level the session was made at
+    (the agent's, or ``none`` for the retry in the clear after a failed handshake).
 
     Connection reuse (transports.smtp_cache): a session records when it was opened
     (``created``, monotonic seconds), how often it was reused (``reuse_count``), whether
     the message content was sent in the current transaction (``committed``) and whether
     it must not be used again (``dead``: closed, failed, or the server said 421).
     ``usable()`` checks a session taken from the cache without blocking (the peer has
-    not closed it or sent something unasked) and with RSET (``smtp_rset_timeout``).
+    not closed it or sent something unasked; on TLS, records without data, such as a
+    TLS 1.3 session ticket, are read and do not count) and with RSET
+    (``smtp_rset_timeout``).
 
 Public API
     SmtpParams(...)                 the smtp_* parameters (seconds, bytes)
@@ -63,11 +91,13 @@ Public API
                                     .close(), .sock, .created, .reuse_count,
                                     .committed, .dead, .relay (relay= text, conn_use=N);
                                     .nexthop, .best_mx (loop detection, set before open)
+                                    .tls (TlsChannel | None: encrypted), .tls_level
     SMTP_PORT                       25: the port on which loops are looked for
     TLS_REQUIRED                    smtp_tls_security_level values that require TLS
     Reply(code, lines)              .text (Postfix's one-line form), .dsn (x.y.z)
     SmtpFailure(status, reason, *, site, reply=None, mta="")   .dsn() -> Dsn
-Logs the two loop warnings above.
+    TlsHandshakeFailure(SmtpFailure) the TLS handshake failed (4.7.5)
+Logs the two loop warnings above and the TLS lines.
 """
 
 from __future__ import annotations
@@ -77,6 +107,7 @@ import os
 import re
 import select
 import socket
+import ssl
 import time
 from dataclasses import dataclass, field
 
@@ -84,13 +115,12 @@ from master import log
 from qmgrd.spool.statuslog import Dsn
 from transports.agent import make_dsn
 from transports.smtp_dns import Address
+from transports.smtp_tls import TLS_REQUIRED, TLS_VERIFY, TlsChannel
 
-__all__ = ["SMTP_PORT", "TLS_REQUIRED", "Reply", "SmtpFailure", "SmtpParams", "SmtpSession"]
+__all__ = ["SMTP_PORT", "TLS_REQUIRED", "Reply", "SmtpFailure", "SmtpParams", "SmtpSession",
+           "TlsHandshakeFailure"]
 
 SMTP_PORT = 25  # Postfix IPPORT_SMTP: loop detection happens on this port only
-# smtp_tls_security_level values at which Postfix never sends in the clear
-# (TLS_LEV_ENCRYPT and above; "dane" without TLSA records is opportunistic)
-TLS_REQUIRED = frozenset({"encrypt", "dane-only", "fingerprint", "verify", "secure"})
 
 _LINE_LIMIT = 2048  # bytes of one reply line kept; the rest is read and dropped (Postfix:
 # smtp_get() with line_length_limit and SMTP_GET_FLAG_SKIP)
@@ -153,6 +183,12 @@ class SmtpFailure(Exception):
         return make_dsn(self.status, self.reason)
 
 
+class TlsHandshakeFailure(SmtpFailure):
+    """The TLS handshake after STARTTLS failed (the connection is closed): Postfix's
+    ``4.7.5 Cannot start TLS: handshake failure``; at ``may`` the caller may try the same
+    server again in the clear (transports.smtp)."""
+
+
 @dataclass
 class SmtpParams:
     """The smtp_* parameters (seconds for timeouts)."""
@@ -179,8 +215,22 @@ class SmtpParams:
     reuse_count_limit: int = 0
     cache_destinations: list[str] = field(default_factory=list)
     tls_security_level: str = ""
+    tls_level: str = "none"  # smtp_tls_security_level, lower case ("" -> "none")
+    tls_context: ssl.SSLContext | None = None  # None: no TLS engine (none, or it failed)
+    tls_loglevel: int = 0
+    starttls_timeout: float = 300.0
+    tls_connection_reuse: bool = False
     disable_mime_output_conversion: bool = False  # send 8-bit as is to a non-8BITMIME server
     mime_nesting_limit: int = 100  # multipart/message levels the conversion goes into
+
+
+def _nexthop_host(nexthop: str) -> str:
+    """The host of a nexthop: ``[host]:port`` -> ``host``, ``domain:port`` -> ``domain``
+    (the name ``secure`` matches the certificate against)."""
+    host = nexthop.strip().split(",")[0].strip()
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    return host.rpartition(":")[0] if host.count(":") == 1 else host
 
 
 def _first_word(reply: Reply) -> str:
@@ -229,6 +279,10 @@ class SmtpSession:
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop of open()
         self.nexthop = addr.hostname  # the request's nexthop, for "mail for X loops back"
         self.best_mx = True  # one of the nexthop's most preferred servers
+        self.tls: TlsChannel | None = None  # set once STARTTLS succeeded
+        # the level this session was made at: the request's, or "none" for a retry in
+        # the clear after a failed handshake (set before open())
+        self.tls_level = params.tls_level
 
     @property
     def relay(self) -> str:
@@ -282,6 +336,8 @@ class SmtpSession:
                             f"{p.myhostname}")
                 raise SmtpFailure("5.4.6" if self.best_mx else "4.4.6",
                                   f"mail for {self.nexthop} loops back to myself", site=True)
+            if p.tls_context is not None and self.tls_level != "none":
+                await self._starttls(p.tls_context)
             self._tls_check()
             return
         if reply.code != 421:  # Postfix smtp_helo(): any other refusal -> try HELO
@@ -292,14 +348,88 @@ class SmtpSession:
                 return
         raise self._refused(reply, reply.dsn)
 
+    async def _ehlo(self) -> Reply:
+        """EHLO (again, after STARTTLS), HELO after a non-421 refusal; the features of a
+        2xx EHLO reply. Raises SmtpFailure."""
+        p = self.params
+        reply = await self.call(f"EHLO {p.helo_name}", p.helo_timeout,
+                                "performing the EHLO handshake", "EHLO")
+        if reply.code // 100 == 2:
+            self.esmtp = True
+            self._parse_features(reply)
+            return reply
+        self.esmtp, self.features = False, {}
+        if reply.code != 421:
+            reply = await self.call(f"HELO {p.helo_name}", p.helo_timeout,
+                                    "performing the HELO handshake", "HELO")
+            if reply.code // 100 == 2:
+                return reply
+        raise self._refused(reply, reply.dsn)
+
+    async def _starttls(self, context: ssl.SSLContext) -> None:
+        """STARTTLS when the server's EHLO offers it, as Postfix's smtp_helo() and
+        smtp_start_tls(): a 2xx reply -> the handshake (``smtp_starttls_timeout``), then
+        EHLO again; another reply -> on in the clear, or, when TLS is required, the
+        soft or hard failure ``TLS is required, but host H[ip] refused to start TLS:
+        <reply>``. A failed handshake closes the connection (nothing more can be said on
+        it) and raises TlsHandshakeFailure (4.7.5 ``Cannot start TLS: handshake
+        failure``), or, at verify/secure, SmtpFailure 4.7.5 ``Server certificate not
+        verified`` when the certificate is not trusted or does not match the name.
+        Logs Postfix's ``SSL_connect error to H[ip]:port: ...`` (or ``certificate
+        verification failed for H[ip]:port: ...``) and, with ``smtp_tls_loglevel`` >= 1,
+        ``... TLS connection established to ...``."""
+        p = self.params
+        if not self.has("starttls"):
+            return
+        reply = await self.call("STARTTLS", p.helo_timeout, "receiving the STARTTLS response",
+                                "STARTTLS")
+        if reply.code // 100 != 2:
+            self.features.pop("starttls", None)
+            if self.tls_level in TLS_REQUIRED:
+                raise SmtpFailure(reply.dsn, f"TLS is required, but host {self.addr.namaddr} "
+                                  f"refused to start TLS: {reply.text}", site=True,
+                                  reply=reply, mta=self.addr.hostname)
+            return
+        # whatever came after the 220 in the clear is dropped, never taken as a reply
+        # inside TLS (the STARTTLS command injection of CVE-2011-0411)
+        self._buf.clear()
+        verify = self.tls_level in TLS_VERIFY
+        name = None
+        if verify:
+            name = self.addr.hostname if self.tls_level == "verify" else _nexthop_host(
+                self.nexthop)
+        where = f"{self.addr.namaddr}:{self.addr.port}"
+        try:
+            channel = TlsChannel(context, name)
+            assert self.sock is not None and self._loop is not None
+            async with asyncio.timeout(p.starttls_timeout or None):
+                await channel.handshake(self._loop, self.sock)
+        except (OSError, TimeoutError, ValueError) as exc:
+            self.close()
+            why = "Connection timed out" if _timed_out(exc) else (
+                getattr(exc, "verify_message", "") or getattr(exc, "reason", "")
+                or str(exc) or type(exc).__name__)
+            if isinstance(exc, ssl.SSLCertVerificationError):
+                log.info(f"certificate verification failed for {where}: {why}")
+                raise SmtpFailure("4.7.5", "Server certificate not verified",
+                                  site=True) from None
+            log.info(f"SSL_connect error to {where}: {why}")
+            raise TlsHandshakeFailure("4.7.5", "Cannot start TLS: handshake failure",
+                                      site=True) from None
+        self.tls = channel
+        if p.tls_loglevel >= 1:
+            log.info(channel.established(where, verify))
+        await self._ehlo()
+
     def _tls_check(self) -> None:
-        """This client has no TLS: at a security level that requires it, fail the
+        """No TLS on this session: at a security level that requires it, fail the
         session as Postfix's smtp_helo() does when TLS cannot be had ("200412 ... When
         TLS is required we must never, ever, end up in plain-text mode"), so that no
         mail goes out in the clear: 4.7.4 when the server did not offer STARTTLS, else
-        4.7.5 (Postfix's words when its TLS engine is unavailable). Soft: the next
-        server is tried, the mail deferred after the last."""
-        if self.params.tls_security_level.strip().lower() not in TLS_REQUIRED:
+        4.7.5 (Postfix's words when its TLS engine is unavailable: dane-only,
+        fingerprint, or a context that could not be made). Soft: the next server is
+        tried, the mail deferred after the last."""
+        if self.tls is not None or self.tls_level not in TLS_REQUIRED:
             return
         if not self.has("starttls"):
             raise SmtpFailure("4.7.4", "TLS is required, but was not offered by host "
@@ -360,6 +490,9 @@ class SmtpSession:
             return
         data = ((command + "\r\n").encode("utf-8", "surrogateescape")
                 if isinstance(command, str) else command)
+        if self.tls is not None:
+            await self._send_tls(data, timeout, phase, keep_lost)
+            return
         try:
             sock, loop = self.sock, self._loop
             if sock is None or loop is None:
@@ -372,6 +505,21 @@ class SmtpSession:
             for start in range(0, len(rest), _XFER_CHUNK):
                 async with asyncio.timeout(timeout or None):
                     await loop.sock_sendall(sock, rest[start:start + _XFER_CHUNK])
+        except (OSError, TimeoutError) as exc:
+            raise self._lost(exc, phase, close=not keep_lost or _timed_out(exc)) from None
+
+    async def _send_tls(self, data: bytes, timeout: float, phase: str, keep_lost: bool) -> None:
+        """:meth:`send` on a TLS session: each _XFER_CHUNK bytes encrypted and sent under
+        ``timeout`` anew."""
+        tls, sock, loop = self.tls, self.sock, self._loop
+        try:
+            if tls is None or sock is None or loop is None:
+                raise ConnectionError("not connected")
+            view = memoryview(data)
+            for start in range(0, len(view), _XFER_CHUNK):
+                records = tls.encrypt(view[start:start + _XFER_CHUNK])
+                async with asyncio.timeout(timeout or None):
+                    await loop.sock_sendall(sock, records)
         except (OSError, TimeoutError) as exc:
             raise self._lost(exc, phase, close=not keep_lost or _timed_out(exc)) from None
 
@@ -419,7 +567,10 @@ class SmtpSession:
             if head is not None:
                 buf.clear()  # the rest of the overlong line: read and dropped
             assert self.sock is not None and self._loop is not None
-            chunk = await self._loop.sock_recv(self.sock, 65536)
+            if self.tls is None:
+                chunk = await self._loop.sock_recv(self.sock, 65536)
+            else:
+                chunk = await self.tls.recv(self._loop, self.sock)
             if not chunk:  # EOF, also within a line: no reply (Postfix smtp_get())
                 buf.clear()
                 return b""
@@ -492,7 +643,8 @@ class SmtpSession:
             return False
         poller = select.poll()
         poller.register(sock, select.POLLIN)
-        if self._buf or poller.poll(0):  # EOF, an error, or unasked data (421)
+        # EOF, an error, or unasked data (421); on TLS maybe only a session ticket
+        if (self._buf or poller.poll(0)) and (self.tls is None or not await self._tls_idle()):
             self.close()
             return False
         self.committed = False
@@ -507,6 +659,30 @@ class SmtpSession:
             self.close()
             return False
         return True
+
+    async def _tls_idle(self) -> bool:
+        """A TLS session whose socket is readable while idle: True when what came were
+        only TLS records without data (a TLS 1.3 session ticket), False when data, the
+        end of the connection or an error came."""
+        tls, sock = self.tls, self.sock
+        if tls is None or sock is None or self._buf:
+            return False
+        try:
+            raw = sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return True
+        except OSError:
+            return False
+        if not raw:
+            return False
+        tls.incoming.write(raw)
+        try:
+            tls.obj.read(65536)
+        except ssl.SSLWantReadError:
+            return not tls.obj.pending()
+        except (ssl.SSLError, OSError):
+            return False
+        return False
 
     async def pending_rset_reply(self) -> None:
         """Read the reply to the RSET sent first in a pipelined batch (``rset_pending``).
