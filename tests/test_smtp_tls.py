@@ -352,3 +352,24 @@ def test_a_bad_protocols_value_means_no_tls_engine(tmp_path: Path, cert: Path,
     _qid, reply = deliver(env2, p, "clear")
     assert reply.status == 0 and p.seen.messages == [("clear", False)], env2.log()
 
+
+
+def test_system_delivers_over_verified_tls(mailsys: Any, cert: Path,
+                                           peers: list[Controller]) -> None:
+    """A whole mail system (as root: the smtp agent runs chrooted as mail_owner): the
+    CA file is read before the jail, and the handshake works inside it."""
+    p = start_peer(peers, server_context(cert), require_starttls=True)
+    ms = mailsys(main={"smtp_tls_security_level": "verify", "smtp_tls_CAfile": str(cert),
+                       "smtp_tls_loglevel": "1"})
+    table = ms.etc / "transport"
+    table.write_text(f"tls.example smtp:{p.nexthop}\n")
+    ms.write_main(transport_maps=f"texthash:{table}")
+    ms.start()
+    r = ms.sendmail("bob@tls.example", data=b"Subject: jailed\n\nbody\n")
+    assert r.returncode == 0, r.stderr
+    wait_for(lambda: p.seen.messages, 60, "the message at the peer")
+    assert p.seen.messages == [("jailed", True)]
+    wait_for(lambda: "status=sent" in ms.log(), 30, "the delivery logged")
+    assert re.search(r"smtp\[\d+\]: Verified TLS connection established to "
+                     rf"127\.0\.0\.1\[127\.0\.0\.1\]:{p.port}: TLSv1\.[23] ", ms.log())
+    ms.stop()
