@@ -635,6 +635,20 @@ def test_starttls_refused_defers_when_tls_is_required(tmp_path: Path,
     assert not any(line.startswith("MAIL") for line in p.received())
 
 
+def test_starttls_answered_421_is_a_refusal(tmp_path: Path,
+                                            peers: list[ScriptedPeer]) -> None:
+    """may, STARTTLS answered 421 (the server closes): no MAIL FROM on the dead
+    connection; deferred with the reply, as a 421 to EHLO is."""
+    env = make_env(tmp_path, smtp_helo_timeout="2s", smtp_tls_security_level="may")
+    p = script(peers, tmp_path, ["220 peer.test ESMTP", "<", "250-peer.test\r\n250 STARTTLS",
+                                 "<", "421 4.3.2 shutting down", "<"])
+    qid, reply = deliver(env, f"[127.0.0.1]:{p.port}")
+    assert reply.status == 1 and reply.dsn_status == "4.3.2", env.log()
+    assert deferred_reason(env, qid) == ("host 127.0.0.1[127.0.0.1] refused to talk to me: "
+                                         "421 4.3.2 shutting down")
+    assert not any(line.startswith("MAIL") for line in p.received())
+
+
 def test_starttls_refused_goes_on_in_the_clear_at_may(tmp_path: Path,
                                                       peers: list[ScriptedPeer]) -> None:
     """may, STARTTLS answered 454: on in the clear on the same connection (Postfix:

@@ -52,7 +52,8 @@ Summary
       requires TLS (TLS_REQUIRED) a soft failure ``TLS is required, but was not offered
       by host H[ip]`` (4.7.4);
     * STARTTLS answered with an error: on in the clear on the same connection at
-      ``may``; when TLS is required, ``TLS is required, but host H[ip] refused to start
+      ``may`` (421: the server closes, ``host H[ip] refused to talk to me: 421 ...``);
+      when TLS is required, ``TLS is required, but host H[ip] refused to start
       TLS: <reply>`` with the reply's status;
     * the handshake fails: the connection is closed, ``SSL_connect error to
       H[ip]:port: <why>`` logged, and TlsHandshakeFailure raised (4.7.5 ``Cannot start
@@ -383,6 +384,8 @@ class SmtpSession:
             return
         reply = await self.call("STARTTLS", p.helo_timeout, "receiving the STARTTLS response",
                                 "STARTTLS")
+        if reply.code == 421:  # the server is closing: nothing more goes on this one
+            raise self._refused(reply, reply.dsn)
         if reply.code // 100 != 2:
             self.features.pop("starttls", None)
             if self.tls_level in TLS_REQUIRED:
