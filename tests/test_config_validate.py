@@ -453,10 +453,14 @@ def test_mail_owner_default_and_privileged_group(tmp_path: Path,
     ("myhostname = mail host", 'bad myhostname parameter value "mail host"'),
     ("myhostname = -mx.example", 'bad myhostname parameter value "-mx.example"'),
     ("inet_protocols = ipv4, ipv7", 'unknown inet_protocols value "ipv7"'),
+    ("smtp_tls_security_level = encrpyt",
+     ('invalid TLS security level "encrpyt" in smtp_tls_security_level (one of: none, may, '
+      "encrypt, dane, dane-only, fingerprint, verify, secure)")),
 ])
 def test_identity_parameters_are_checked(tmp_path: Path, line: str, what: str) -> None:
-    """An empty or malformed myhostname (greeting, Message-ID, Received:, local senders)
-    and an unknown inet_protocols value stop start and reload, naming file and line."""
+    """An empty or malformed myhostname (greeting, Message-ID, Received:, local senders),
+    an unknown inet_protocols value and an unknown smtp_tls_security_level (a typo of
+    encrypt must not send in the clear) stop start and reload, naming file and line."""
     with pytest.raises(ConfigError) as got:
         load_configuration(write(tmp_path, f"myhostname = h.example\n{line}\n"))
     assert str(got.value).startswith(f"{tmp_path / 'main.cf'}, line 3: {what}")

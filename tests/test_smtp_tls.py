@@ -26,6 +26,7 @@ from test_agent_support import (
     round_trip,
 )
 
+from master.config import ConfigError
 from qmgrd.delivery import DEL_REQ_FLAG_CONN_MASK, DEL_REQ_FLAG_DEFLT, DeliverStatus
 from qmgrd.spool import statuslog
 from transports.smtp import SmtpAgent
@@ -373,3 +374,11 @@ def test_system_delivers_over_verified_tls(mailsys: Any, cert: Path,
     assert re.search(r"smtp\[\d+\]: Verified TLS connection established to "
                      rf"127\.0\.0\.1\[127\.0\.0\.1\]:{p.port}: TLSv1\.[23] ", ms.log())
     ms.stop()
+
+
+def test_an_unknown_level_stops_the_agent(tmp_path: Path) -> None:
+    """A typo of the level is no licence to send in the clear: the agent does not start
+    (Postfix's smtp exits fatal; qmgr-master start and reload refuse it first)."""
+    env = make_env(tmp_path, smtp_tls_security_level="encrpyt")
+    with pytest.raises(ConfigError, match='invalid TLS security level "encrpyt"'):
+        SmtpAgent().configure(env.cfg, "smtp")

@@ -168,6 +168,7 @@ from dataclasses import dataclass, field
 from typing import Any, NoReturn, TypeVar
 
 from master import log
+from master.config.maincf import TLS_LEVELS
 from master.server.skeleton import ServerContext, multi_server
 from qmgrd.delivery import (
     DEL_REQ_FLAG_CONN_LOAD,
@@ -402,6 +403,9 @@ class SmtpAgent(DeliveryAgent):
             mime_nesting_limit=cfg.get_int("mime_nesting_limit"),
         )
         p = self.params
+        if p.tls_level not in TLS_LEVELS:  # Postfix's smtp exits fatal; reload refuses it
+            raise cfg.error("smtp_tls_security_level", "invalid TLS security level "
+                            f'"{p.tls_level}" in smtp_tls_security_level')
         if p.tls_level != "none":
             try:  # before the chroot: the CA and certificate files are read here
                 p.tls_context = client_context(

@@ -94,6 +94,9 @@ _MAX_DEPTH = 100
 NETWORK_LIST_PARAMS: tuple[str, ...] = ("mynetworks", "smtpd_client_event_limit_exceptions")
 # Parameters whose value is an smtp destination (master.config.nexthop), "" = none
 NEXTHOP_PARAMS: tuple[str, ...] = ("relayhost",)
+# Postfix's TLS security levels (tls_level_lookup(); smtp_tls_security_level, "" = none)
+TLS_LEVELS: tuple[str, ...] = ("none", "may", "encrypt", "dane", "dane-only", "fingerprint",
+                               "verify", "secure")
 # The queue directories hash_queue_names may name (Config.hash_queue_names): qmgrd's
 # message queues but maildrop, and the per-message log directories (the same names as
 # qmgrd.spool.queue's MESSAGE_QUEUES and LOG_QUEUES, which this layer may not import).
@@ -637,7 +640,8 @@ class Config:
         per-transport ones such as smtp_destination_recipient_limit by their global's
         type, see param_spec), then the paths (queue_directory(), data_directory(),
         maillog_file()), hash_queue_names(), the host name, protocols and networks (_check_identity) and
-        relayhost (_check_nexthops); raise the first ConfigError found
+        relayhost (_check_nexthops) and smtp_tls_security_level (_check_tls_level); raise
+        the first ConfigError found
         (like a daemon's start-up checks).  Names are checked sorted."""
         for name in self.names():
             self.get(name)
@@ -654,6 +658,17 @@ class Config:
         self.hash_queue_names()
         self._check_identity()
         self._check_nexthops()
+        self._check_tls_level()
+
+    def _check_tls_level(self) -> None:
+        """smtp_tls_security_level must be one of Postfix's levels (empty = none; the
+        smtp client exits fatal on any other value: a typo must neither send in the clear
+        what should be encrypted nor start a client that dies). Raises ConfigError."""
+        level = self.get("smtp_tls_security_level").strip().lower()
+        if level and level not in TLS_LEVELS:
+            raise self._error("smtp_tls_security_level", "invalid TLS security level "
+                              f'"{level}" in smtp_tls_security_level (one of: '
+                              f'{", ".join(TLS_LEVELS)})')
 
     def _check_identity(self) -> None:
         """myhostname must be a host name (it is the SMTP greeting, Message-ID and

@@ -17,7 +17,8 @@ DESCRIPTION
       expansion loops, bad numbers, times, sizes, booleans, ranges; each mynetworks and
       smtpd_client_event_limit_exceptions entry an address, a network without host
       bits or a table - master.config.netlist, the parser smtpd uses too; relayhost an
-      smtp destination - master.config.nexthop, the parser the smtp client uses too).
+      smtp destination - master.config.nexthop, the parser the smtp client uses too;
+      smtp_tls_security_level one of Postfix's levels).
       The nexthop of default_transport and relay_transport (``smtp:[host]:port``) is
       checked the same way when that transport is an smtp service of master.cf
       (check_transport_nexthops).
