@@ -49,6 +49,13 @@ class _State:
 
 _S = _State()
 
+# Postfix msg_text(): printable(text, '?') censors control characters before a line is
+# logged, so that no client, peer or message (a HELO name, an address, a Message-ID)
+# can put a CR, NUL, ESC or BEL into the log and forge or hide lines on a terminal or in
+# a log reader. A newline becomes a space as before (a message of ours may span lines).
+_CENSOR = {c: "?" for c in [*range(32), 127]}
+_CENSOR[10] = " "
+
 
 def _forget_pid() -> None:
     _S.pid = 0
@@ -111,7 +118,8 @@ def close() -> None:
 
 
 def _emit(prio: int, text: str) -> None:
-    text = text.replace("\n", " ")
+    if not text.isprintable():  # rare: only then the translate (issue 8: a hot path)
+        text = text.translate(_CENSOR)
     if _S.use_syslog:
         syslog.syslog(prio, text)
     elif _S.fd >= 0:

@@ -61,3 +61,16 @@ def test_the_stamp_follows_the_clock_second_by_second(
     stamps = [s for s, _, _ in lines(maillog)]
     assert stamps == ["Nov 30 23:59:58", "Nov 30 23:59:58", "Nov 30 23:59:59",
                       "Dec 01 23:59:59"]
+
+
+def test_control_characters_are_logged_as_question_marks(maillog: Path) -> None:
+    """Postfix msg_text() censors with printable(text, '?'): a client's HELO name,
+    address or Message-ID cannot put CR, NUL, ESC, BEL or DEL into the log (log lines
+    forged or hidden on a terminal); a newline stays a space, UTF-8 text is kept."""
+    log.info("message-id=<a\x1b[2Jb\rDec 01 00:00:00 vm qmgrd/x[1]: forged\x00\x07\x7f\tc>")
+    log.info("from=<\u00e9l\u00e8ve@example.org>\nsecond line")
+    raw = maillog.read_bytes()
+    assert not any(b in raw for b in (b"\x1b", b"\r", b"\x00", b"\x07", b"\x7f", b"\t"))
+    got = [text for _, _, text in lines(maillog)]
+    assert got == ["message-id=<a?[2Jb?Dec 01 00:00:00 vm qmgrd/x[1]: forged????c>",
+                   "from=<\u00e9l\u00e8ve@example.org> second line"]
