@@ -92,6 +92,15 @@ def test_submission_round_trip(env: Env, maillog: Path) -> None:
     assert f"{qid}: message-id=<mixed-1@example.org>" in err
 
 
+def test_pickup_from_line_quotes_the_sender_local_part(env: Env, maillog: Path) -> None:
+    """Postfix >= 3.5's external log form (info_log_address_format = external):
+    ``uid=N from=<"a b"@example.org>``, not ``from=<a b@example.org>``."""
+    env.sendmail(["-f", '"a b"@example.org', "bob@example.net"], b"Subject: q\n\nx\n")
+    assert env.scan() == 1
+    [qid] = env.ls("incoming")
+    assert f'{qid}: uid={os.getuid()} from=<"a b"@example.org>' in maillog.read_text()
+
+
 def test_extract_recipients(env: Env) -> None:
     env.sendmail(["-t"], b"To: a@example.net\nBcc: b@example.net\nSubject: s\n\nx\n")
     assert env.scan() == 1

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from master import log
 from master.config import Config
 from qmgrd.delivery import (
     BOUNCE_CMD_WARN,
@@ -1261,3 +1262,26 @@ def test_a_deferred_file_left_under_other_hashing_settings_is_taken_in(
             assert os.path.exists(env.spool.path("deferred", qid))
     left = [p for p in Path(env.spool.queue_path("deferred")).rglob("*") if p.is_file()]
     assert sorted(p.name for p in left) == (sorted(qids) if outcome == "defer" else [])
+
+
+def test_from_line_quotes_a_sender_local_part_as_the_to_lines_do(tmp_path: Path) -> None:
+    """Postfix >= 3.5 logs addresses in external form (info_log_address_format =
+    external): ``from=<"a b"@x.example>``, as the agents' ``to=<...>`` lines already
+    were; unquoted, a sender ``a>b`` cut the line's field at its ``>``."""
+    env = Env(tmp_path)
+    env.submit("a b@x.example", ["u@localhost"])
+    env.submit("a>b@x.example", ["u@localhost"])
+    maillog = tmp_path / "maillog"
+    log.setup("qmgr", str(maillog))
+    try:
+        async def go() -> None:
+            sched = env.sched()
+            sched.startup()
+            await drain(sched)
+
+        run(go())
+    finally:
+        log.close()
+    text = maillog.read_text()
+    assert 'from=<"a b"@x.example>, size=' in text
+    assert 'from=<"a>b"@x.example>, size=' in text

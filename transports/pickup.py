@@ -61,6 +61,7 @@ from qmgrd.spool.envelope import Envelope
 from qmgrd.spool.maildrop import MaildropError, MaildropMessage, read_maildrop
 from qmgrd.spool.queue import Spool
 from qmgrd.spool.queueid import valid_id
+from qmgrd.spool.statuslog import quote_822_local
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -162,7 +163,7 @@ def pickup_file(cfg: Config, spool: Spool, cleanup: Cleanup, name: str) -> bool:
             return False
         _set_aside(spool, name, uid, f"{exc.status} {exc.text}")
         return True
-    log.info(f"{qid}: uid={uid} from=<{msg.sender}>")
+    log.info(f"{qid}: uid={uid} from=<{quote_822_local(msg.sender)}>")
     try:
         spool.remove("maildrop", name)
     except OSError as exc:

@@ -79,6 +79,7 @@ from qmgrd.qmgr.transport import Transport
 from qmgrd.spool.envelope import Recipient
 from qmgrd.spool.message import CorruptQueueFile, QueueFileLocked, QueueFileNotReady
 from qmgrd.spool.queue import Spool
+from qmgrd.spool.statuslog import quote_822_local
 
 __all__ = ["ActiveQueue", "Owner", "suspended_reason"]
 
@@ -248,7 +249,7 @@ class ActiveQueue:
         msg.refill_time = now
         msg.nrcpt = qf.rcpt_count or qf.undone_count
         self.messages[qid] = msg
-        log.info(f"{qid}: from=<{msg.sender}>, size={msg.size}, nrcpt={msg.nrcpt} "
+        log.info(f"{qid}: from=<{quote_822_local(msg.sender)}>, size={msg.size}, nrcpt={msg.nrcpt} "
                  f"(queue active)")
         self._assign(msg, qf, qf.recipients, now)
         return msg

@@ -59,6 +59,7 @@ from qmgrd.delivery import BOUNCE_CMD_FLUSH, BOUNCE_CMD_TRACE, BOUNCE_CMD_WARN, 
 from qmgrd.qmgr.message import Message
 from qmgrd.spool.message import QueueFile, QueueFileError
 from qmgrd.spool.queue import Spool
+from qmgrd.spool.statuslog import quote_822_local
 
 __all__ = ["Completion"]
 
@@ -161,7 +162,7 @@ class Completion:
                 pass
             elif expired:
                 how = "force-expired" if msg.forced_expire else "expired"
-                log.info(f"{qid}: from=<{msg.sender}>, status={how}, returned to sender")
+                log.info(f"{qid}: from=<{quote_822_local(msg.sender)}>, status={how}, returned to sender")
                 if await self.client.status_request(
                         "defer", self._request(msg, BOUNCE_CMD_FLUSH)):
                     msg.deferred = False
