@@ -312,6 +312,25 @@ def test_relay_control(tmp_path: Path) -> None:
             "helo=<client.example>") in (tmp_path / "maillog").read_text()
 
 
+def test_reject_line_quotes_sender_and_recipient_local_parts(tmp_path: Path) -> None:
+    """Postfix >= 3.5 logs envelope addresses in external form (info_log_address_format
+    = external; smtpd_check.c log_whatsup): ``from=<"a b"@far.example> to=<"x y"@...>``,
+    so that a local part with a space or ``>`` cannot be misread as the field's end."""
+    log.setup("smtpd", str(tmp_path / "maillog"), "qmgrd")
+    outside = Host(tmp_path / "a", "mynetworks = 192.0.2.0/24\n"
+                   "smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination\n")
+
+    async def script(c: Client) -> None:
+        await greet(c)
+        assert (await c.cmd('MAIL FROM:<"a b"@far.example>')).startswith("250")
+        assert (await c.cmd('RCPT TO:<"x y"@foreign.example>')).startswith("554 5.7.1")
+        await c.cmd("QUIT")
+
+    run(outside, script)
+    text = (tmp_path / "maillog").read_text()
+    assert 'from=<"a b"@far.example> to=<"x y"@foreign.example> proto=ESMTP' in text, text
+
+
 def test_recipient_restrictions_fqdn(tmp_path: Path) -> None:
     log.setup("smtpd", str(tmp_path / "maillog"), "qmgrd")
     h = Host(tmp_path, "smtpd_recipient_restrictions = reject_non_fqdn_recipient, "

@@ -76,6 +76,7 @@ from master import log
 from master.config import Config
 from qmgrd.spool.cleanup import CleanupError
 from qmgrd.spool.envelope import SMTPUTF8_FLAG_REQUESTED, Envelope, Recipient, internal_form
+from qmgrd.spool.statuslog import quote_822_local
 from qmgrd.utf8 import malformed as malformed_utf8
 from qmgrd.utf8 import shown
 from transports.smtpd_policy import ClientInfo, Policy, queue_space
@@ -123,6 +124,13 @@ _AIOSMTPD_REPLIES = {
 _DEFAULT_DSN = {"2": "2.0.0", "4": "4.0.0", "5": "5.5.2", "500": "5.5.2", "501": "5.5.4",
                 "502": "5.5.1", "503": "5.5.1", "530": "5.7.0", "554": "5.7.0"}
 _MAX_ERROR_SLEEP = 10.0
+
+
+def _logged(address: str) -> str:
+    """An envelope address as a log line shows it: Postfix >= 3.5's external form
+    (info_log_address_format = external: a local part that is no dot-atom quoted,
+    ``"a b"@example.org``), undecodable bytes escaped."""
+    return shown(quote_822_local(address))
 
 
 @dataclass(frozen=True)
@@ -687,7 +695,7 @@ class SmtpdSession(SMTP):
         if malformed_utf8(sender):
             await self._reject(
                 "MAIL", f"553 5.1.7 <{shown(sender)}>: malformed UTF-8 in sender address",
-                f"from=<{shown(sender)}>")
+                f"from=<{_logged(sender)}>")
             return
         tx = Transaction(sender, time.time())
         err = (mail_params(tx, params, p.smtputf8, "dsn" in p.discard_ehlo)
@@ -699,7 +707,7 @@ class SmtpdSession(SMTP):
             # Postfix smtpd_check_size: smtpd_check_reject's NOQUEUE line (pflogsumm
             # counts it), then the warning
             await self._reject("MAIL", "452 4.3.1 Insufficient system storage",
-                               f"from=<{shown(sender)}>")
+                               f"from=<{_logged(sender)}>")
             log.warning(f"not enough free space in mail queue: {p.queue_directory}")
             return
         if err is not None:
@@ -724,7 +732,7 @@ class SmtpdSession(SMTP):
         if malformed_utf8(rcpt):
             await self._reject(
                 "RCPT", f"553 5.1.3 <{shown(rcpt)}>: malformed UTF-8 in recipient address",
-                f"from=<{tx.sender}> to=<{shown(rcpt)}>")
+                f"from=<{_logged(tx.sender)}> to=<{_logged(rcpt)}>")
             return
         parsed = rcpt_params(params, "dsn" in p.discard_ehlo)
         err = parsed if isinstance(parsed, str) else utf8_error(rcpt, tx.smtputf8)
@@ -738,7 +746,8 @@ class SmtpdSession(SMTP):
             return
         err = await self.host.policy.check_rcpt(self.client, self.helo or "", tx.sender, rcpt)
         if err:
-            await self._reject("RCPT", err, f"from=<{tx.sender}> to=<{rcpt}>")
+            await self._reject("RCPT", err,
+                               f"from=<{_logged(tx.sender)}> to=<{_logged(rcpt)}>")
             return
         notify, orcpt = parsed
         tx.rcpts.append(Recipient(rcpt, dsn_orcpt=orcpt or f"rfc822;{rcpt}", notify=notify))
