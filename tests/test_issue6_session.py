@@ -349,6 +349,27 @@ def test_recipient_restrictions_fqdn(tmp_path: Path) -> None:
     run(h, script)
 
 
+def test_orcpt_with_a_control_character_is_refused_at_rcpt_not_at_end_of_data(
+        host: Host) -> None:
+    """An ORCPT whose xtext decodes to a NUL or a line break (``+00``, ``+0A``) is a
+    501 to its RCPT, as Postfix's rcpt_cmd refuses a decoded ORCPT that is not all
+    printable: it was accepted, and the whole message, every recipient's, was then
+    refused at the end of DATA (``554 5.6.0 ... NUL byte in envelope data``)."""
+    async def script(c: Client) -> None:
+        await greet(c)
+        assert (await c.cmd("MAIL FROM:<a@b.example>")).startswith("250 2.1.0")
+        for bad in ("a+00b@x.example", "a+0Ab@x.example", "a+0Db@x.example", "a+7Fb"):
+            assert await c.cmd(f"RCPT TO:<u@localhost> ORCPT=rfc822;{bad}") == (
+                "501 5.5.4 Error: Bad ORCPT parameter syntax"), bad
+        assert (await c.cmd("RCPT TO:<v@localhost> ORCPT=rfc822;v+2Bx@localhost")
+                ).startswith("250 2.1.5")
+        assert (await c.cmd("DATA")).startswith("354 ")
+        assert (await c.cmd(b"Subject: t\r\n\r\nbody\r\n.\r\n")).startswith("250 2.0.0 Ok")
+        await c.cmd("QUIT")
+
+    run(host, script)
+
+
 # --------------------------------------------------------------------------- DATA
 def test_data_framing_and_received_header(host: Host) -> None:
     long_line = b"y" * 5000

@@ -164,7 +164,10 @@ def rcpt_params(params: list[str], dsn_off: bool) -> tuple[int, str] | str:
         elif key == "ORCPT":
             kind, semi, coded = value.partition(";")
             decoded = xtext_decode(coded) if semi and kind else None
-            if orcpt or decoded is None:
+            # Postfix rcpt_cmd: the decoded address must be printable (allprint); a
+            # "+00" or "+0A" would otherwise pass RCPT and fail the whole message at
+            # the end of DATA (cleanup refuses NUL and line breaks in envelope data)
+            if orcpt or decoded is None or any(c < " " or c == "\x7f" for c in decoded):
                 return "501 5.5.4 Error: Bad ORCPT parameter syntax"
             orcpt = f"{kind};{decoded}"
         else:
