@@ -101,6 +101,20 @@ def test_usage_errors_exit_64(etc: Path, args: list[str]) -> None:
     assert "Usage: qmgr-ctl" in out + err
 
 
+@pytest.mark.parametrize("args", [
+    ["flush", "--site", "x.example", "--pace", v] for v in ("inf", "nan", "1e300", "-1")] + [
+    ["resume", "x.example", "--pace", v] for v in ("inf", "nan")] + [
+    [cmd, "--wait", v, "ALL"] for cmd in ("hold", "delete") for v in ("nan", "inf")])
+def test_seconds_options_refuse_nan_inf_and_huge_values_with_a_usage_error(
+        etc: Path, args: list[str]) -> None:
+    """--pace and --wait are finite seconds in a range: ``--pace inf`` (or 1e300) got
+    past click's FloatRange and ended in time.sleep()'s OverflowError, a traceback,
+    after the first batch; ``nan`` passed every range check."""
+    code, out, err = run("-c", str(etc), *args)
+    assert code == EX_USAGE, (code, out, err)
+    assert "Invalid value for" in err and "Traceback" not in out + err
+
+
 def test_config_syntax_error_exits_78(etc: Path) -> None:
     (etc / "main.cf").write_text("# comment\nthis line has no equals sign\n")
     for cmd in ("list", "flush"):

@@ -67,6 +67,7 @@ from qmgrd.ctl.common import (
     EX_USAGE,
     EXIT_HELP,
     PROG,
+    Seconds,
     changing,
     fatal,
     load,
@@ -127,7 +128,7 @@ message of the queues ({", ".join(QUEUES_FOR[action])}); the selectors select
 when its delivery in progress ends.
 {EXIT_HELP}""")
     @click.option("--dry-run", is_flag=True, help="Only print what would be done.")
-    @click.option("--wait", type=click.FloatRange(0, 60), default=10.0, show_default=True,
+    @click.option("--wait", type=Seconds(60), default=10.0, show_default=True,
                   help="Seconds to wait for deliveries in progress (the qmgr's "
                        "answer: at most 2 s more).")
     @selector_options
@@ -279,7 +280,7 @@ with a later "flush --site DOMAIN".
 {EXIT_HELP}""")
 @click.option("--batch", type=click.IntRange(min=1), default=100, show_default=True,
               help="Messages per batch.")
-@click.option("--pace", type=click.FloatRange(min=0), default=1.0, show_default=True,
+@click.option("--pace", type=Seconds(86400), default=1.0, show_default=True,
               help="Seconds between batches (0: no pause).")
 @click.argument("domain")
 @click.pass_context

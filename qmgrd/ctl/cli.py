@@ -156,6 +156,7 @@ from qmgrd.ctl.common import (
     EXIT_HELP,
     PROG,
     Output,
+    Seconds,
     check_queue_dir,
     denied,
     down_or_missing,
@@ -382,7 +383,7 @@ DOMAIN, --batch messages every --pace seconds (postqueue -s).
 @click.option("--id", "ids", multiple=True, metavar="ID", help="Only this message.")
 @click.option("--batch", type=click.IntRange(min=1), default=100, show_default=True,
               help="Messages per batch (--site).")
-@click.option("--pace", type=click.FloatRange(min=0), default=1.0, show_default=True,
+@click.option("--pace", type=Seconds(86400), default=1.0, show_default=True,
               help="Seconds between batches (--site).")
 @click.pass_context
 def flush_cmd(ctx: click.Context, site: str | None, ids: tuple[str, ...], batch: int,

@@ -17,6 +17,7 @@ Public API
     Output(stream)                           buffered writer: .write(bytes), .flush();
                                              the first chunk is flushed at once
     quiet_stdout()                           after EPIPE: stdout to /dev/null
+    Seconds(maximum)                         click type: a finite float in [0, maximum]
     changing(ctx, cfg, spool, what, work="qmgrd.ctl.admin")
                                              context manager: open the maillog, load
                                              ``work``, become the queue owner
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import math
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -47,9 +49,27 @@ if TYPE_CHECKING:
     from qmgrd.spool.queue import Spool
 
 __all__ = ["EXIT_HELP", "EX_CONFIG", "EX_DATAERR", "EX_IOERR", "EX_NOINPUT", "EX_NOPERM",
-           "EX_OK", "EX_TEMPFAIL", "EX_UNAVAILABLE", "EX_USAGE", "PROG", "Output", "changing",
-           "check_queue_dir", "denied", "down_or_missing", "fatal", "load", "make_selector",
-           "quiet_stdout", "selector_options", "settings", "warn"]
+           "EX_OK", "EX_TEMPFAIL", "EX_UNAVAILABLE", "EX_USAGE", "PROG", "Output", "Seconds",
+           "changing", "check_queue_dir", "denied", "down_or_missing", "fatal", "load",
+           "make_selector", "quiet_stdout", "selector_options", "settings", "warn"]
+
+
+class Seconds(click.FloatRange):
+    """A number of seconds from 0 to ``maximum`` (``--wait``, ``--pace``). click's FloatRange
+    lets ``nan`` through (every comparison with it is false) and has no upper bound
+    here before: ``--pace inf`` or ``1e300`` ended in time.sleep()'s OverflowError,
+    a traceback, once the first batch was moved."""
+
+    def __init__(self, maximum: float) -> None:
+        super().__init__(0, maximum)
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> Any:
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value!r} is not a number of seconds", param, ctx)
+        return rv
+
 
 EX_OK = 0
 EX_USAGE = 64
