@@ -128,3 +128,14 @@ def test_damaged_file_is_skipped_with_a_warning(tmp_path: Path) -> None:
             "extracted-envelope record (X) after the message content (truncated?); "
             "skipped")], res.stderr
     assert json.loads(res.stdout)["rows"][0]["total"] == 2
+
+
+def test_a_huge_bucket_count_is_a_usage_error_not_a_memory_error(tmp_path: Path) -> None:
+    """-b takes 1 to 100 buckets (each twice the previous one): -b 999999999999 was a
+    MemoryError traceback; 100 still works."""
+    etc, _, _, cleanup = make(tmp_path)
+    cleanup.submit(Envelope("a@x.example", [Recipient("u@one.example")]), b"x\n")
+    res = CliRunner().invoke(cli, ["-c", str(etc), "shape", "-b", "999999999999"])
+    assert res.exit_code == 64 and "Invalid value for '-b'" in res.stderr, res.exception
+    doc = json.loads(ctl(etc, "shape", "--json", "-b", "100"))
+    assert len(doc["buckets"]) == 100

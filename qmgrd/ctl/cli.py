@@ -337,8 +337,9 @@ incoming active.
 @click.option("-p", "parents", is_flag=True, help="Also count parent domains (.domain).")
 @click.option("-m", "min_sub", type=click.IntRange(min=1), default=5, show_default=True,
               help="Show a parent with at least this many subdomains.")
-@click.option("-b", "buckets", type=click.IntRange(min=1), default=10, show_default=True,
-              help="Number of age buckets.")
+@click.option("-b", "buckets", type=click.IntRange(1, 100), default=10, show_default=True,
+              help="Number of age buckets (each twice the previous: 100 is far past any "
+                   "queue lifetime; a billion was a MemoryError traceback).")
 @click.option("-t", "bucket_time", type=click.IntRange(min=1), default=5,
               show_default=True, help="Minutes of the first bucket.")
 @click.option("-l", "linear", is_flag=True, help="Linear buckets.")
