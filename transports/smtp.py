@@ -164,7 +164,6 @@ import concurrent.futures.thread  # noqa: F401 - the executor of DNS lookups, be
 import re
 import ssl
 from collections.abc import Coroutine, Iterable
-from dataclasses import dataclass, field
 from typing import Any, NoReturn, TypeVar
 
 from master import log
@@ -188,6 +187,7 @@ from qmgrd.spool.envelope import (
 from qmgrd.spool.message import QueueFile
 from qmgrd.spool.statuslog import quote_822_local
 from transports.agent import DeliveryAgent, Dsn, make_dsn
+from transports.smtp_attempt import Attempt
 from transports.smtp_cache import CacheDestinations, ConnCache, Key, dest_key, endpoint_key
 from transports.smtp_dns import Address, DnsError, HostResolver, Nexthop, parse_nexthop
 from transports.smtp_mime import MimeError, downgrade
@@ -329,21 +329,6 @@ def _angle(address: str) -> str:
 
 
 # ---------------------------------------------------------------------- the agent
-
-
-@dataclass
-class _Attempt:
-    """Per-recipient bookkeeping across the servers tried for one request."""
-
-    final: dict[int, Dsn] = field(default_factory=dict)
-    soft: dict[int, Dsn] = field(default_factory=dict)
-    relay: dict[int, str] = field(default_factory=dict)
-    site: Dsn | None = None
-
-    def settle(self, indexes: Iterable[int], dsn: Dsn, relay: str) -> None:
-        """The final outcome ``dsn`` (with relay= ``relay``) for these recipients."""
-        for i in indexes:
-            self.final[i], self.relay[i] = dsn, relay
 
 
 class SmtpAgent(DeliveryAgent):
@@ -590,7 +575,7 @@ class SmtpAgent(DeliveryAgent):
                 # longer lines with CRLF SPACE. Say so, since the content changes.
                 log.info(f"{req.queue_id}: {folded} line(s) longer than {limit_len} "
                          f"characters folded (smtp_line_length_limit)")
-        att = _Attempt()
+        att = Attempt()
         pending = list(range(len(rcpts)))
         load, store = self._cache_mode(req)
         policy = self._policy()
@@ -632,7 +617,8 @@ class SmtpAgent(DeliveryAgent):
                 try:
                     sess = await self._session(addr, req)
                 except SmtpFailure as exc:
-                    self._fail(att, pending, exc, last, exc.relay)
+                    att.fail(pending, exc, exc.relay, last=last,
+                             soft_bounce=self.soft_bounce)
                     pending = [i for i in pending if i not in att.final]
                     continue
                 await self._use(sess, req, content, pending, att, last=last, dest=home,
@@ -656,7 +642,7 @@ class SmtpAgent(DeliveryAgent):
         return "4.3.5"
 
     async def _use(self, sess: SmtpSession, req: DeliverRequest, content: _Content,
-                   pending: list[int], att: _Attempt, *, last: bool, dest: Key | None,
+                   pending: list[int], att: Attempt, *, last: bool, dest: Key | None,
                    store: bool) -> bool:
         """One transaction on ``sess``; then cache or QUIT it (a failed one is closed).
 
@@ -664,7 +650,7 @@ class SmtpAgent(DeliveryAgent):
         session turned out dead (lost, timed out, 421) before the content was sent: the
         caller makes a new connection instead; nothing is logged."""
         reused = sess.reuse_count > 0
-        saved = (dict(att.final), dict(att.soft), dict(att.relay), att.site)
+        saved = att.save()
         sess.committed = False
         self.state.conn_setup_done = self.clock()
         try:
@@ -672,28 +658,25 @@ class SmtpAgent(DeliveryAgent):
         except SmtpFailure as exc:
             sess.close()
             if reused and not sess.committed:
-                att.final, att.soft, att.relay, att.site = saved
+                att.restore(saved)
                 return False
             left = [i for i in pending if i not in att.final]
-            self._fail(att, left, exc, last, sess.relay)
+            att.fail(left, exc, sess.relay, last=last, soft_bounce=self.soft_bounce)
             return True
         if reused and sess.dead and not sess.committed:
             sess.close()
-            att.final, att.soft, att.relay, att.site = saved
+            att.restore(saved)
             return False
         att.site = None
         await self._release(sess, dest, store, req)
         return True
 
-    def _results(self, req: DeliverRequest, att: _Attempt,
+    def _results(self, req: DeliverRequest, att: Attempt,
                  pending: list[int]) -> list[tuple[RecipientInfo, Dsn]]:
         """One Dsn per recipient (relay= recorded); the hop status when some are left."""
-        rcpts = req.recipients
         results: list[tuple[RecipientInfo, Dsn]] = []
-        for i, rcpt in enumerate(rcpts):
-            dsn = att.final.get(i) or att.soft.get(i) or make_dsn(
-                "4.4.1", f"delivery to {req.nexthop} not attempted: no server left to try")
-            self.state.set_relay(rcpt, att.relay.get(i, "none"))
+        for rcpt, dsn, relay in att.results(req):
+            self.state.set_relay(rcpt, relay)
             results.append((rcpt, dsn))
         if pending and att.site is not None:
             self.state.hop = att.site
@@ -736,43 +719,8 @@ class SmtpAgent(DeliveryAgent):
             raise error
         return addrs
 
-    def _fail(self, att: _Attempt, which: list[int], exc: SmtpFailure, last: bool,
-              relay: str) -> None:
-        """Apply a site-level failure to recipients ``which``, as Postfix's
-        smtp_bulk_fail(): a hard (5.x.x) failure bounces them at once, whether or not
-        more servers are left; a soft one leaves them for the next server (deferral
-        after the last).  With soft_bounce = yes a hard failure from a server that is
-        not the last counts as soft (Postfix's soft_bounce_error), so the next server
-        is still tried."""
-        dsn = exc.dsn()
-        if dsn.status[0] == "5" and (last or not self.soft_bounce):
-            for i in which:
-                att.relay[i] = relay
-                att.final[i] = dsn
-            return
-        soft = Dsn("4" + dsn.status[1:], "delayed", dsn.reason, dsn.diag_type, dsn.diag_text,
-                   dsn.mta_type, dsn.mta_mname)
-        att.site = soft
-        for i in which:
-            att.relay[i] = relay
-            att.soft[i] = soft
-
-    @staticmethod
-    def _reply_result(att: _Attempt, i: int, reply: Reply, sess: SmtpSession,
-                      reply_to: str) -> None:
-        """Record a non-success reply for recipient ``i``: 5xx final, else left pending."""
-        reason = f"host {sess.addr.namaddr} said: {reply.text} (in reply to {reply_to} command)"
-        status = reply.dsn if reply.code // 100 in (4, 5) else "4.5.0"
-        dsn = make_dsn(status, reason, diag_type="smtp", diag_text=reply.text,
-                       mta_type="dns", mta_mname=sess.addr.hostname)
-        att.relay[i] = sess.relay
-        if status[0] == "5":
-            att.final[i] = dsn
-        else:
-            att.soft[i] = dsn
-
     async def _transaction(self, sess: SmtpSession, req: DeliverRequest, body: _Content,
-                           pending: list[int], att: _Attempt) -> None:
+                           pending: list[int], att: Attempt) -> None:
         """MAIL, RCPT..., DATA on an open session. Raises SmtpFailure (site-level)."""
         p = self.params
         rcpts = req.recipients
@@ -860,7 +808,7 @@ class SmtpAgent(DeliveryAgent):
             mail_reply, rcpt_replies, reply = replies[0], replies[1:-1], replies[-1]
             if mail_reply.code // 100 != 2:
                 for i in pending:
-                    self._reply_result(att, i, mail_reply, sess, "MAIL FROM")
+                    att.refused(i, mail_reply, sess, "MAIL FROM")
                 accepted: list[int] = []
             else:
                 accepted = []
@@ -868,7 +816,7 @@ class SmtpAgent(DeliveryAgent):
                     if rcpt_reply.code // 100 == 2:
                         accepted.append(i)
                     else:
-                        self._reply_result(att, i, rcpt_reply, sess, "RCPT TO")
+                        att.refused(i, rcpt_reply, sess, "RCPT TO")
             if not accepted:
                 if reply.code // 100 == 3:  # DATA went ahead without a recipient: end it empty
                     await sess.call(b".\r\n", p.data_done_timeout, "sending end of data",
@@ -878,7 +826,7 @@ class SmtpAgent(DeliveryAgent):
             reply = await sess.call(mail, p.mail_timeout, "sending MAIL FROM", "MAIL FROM")
             if reply.code // 100 != 2:
                 for i in pending:
-                    self._reply_result(att, i, reply, sess, "MAIL FROM")
+                    att.refused(i, reply, sess, "MAIL FROM")
                 return
             accepted = []
             for i, line in zip(pending, rcpt_lines, strict=True):
@@ -886,14 +834,14 @@ class SmtpAgent(DeliveryAgent):
                 if reply.code // 100 == 2:
                     accepted.append(i)
                 else:
-                    self._reply_result(att, i, reply, sess, "RCPT TO")
+                    att.refused(i, reply, sess, "RCPT TO")
             if not accepted:
                 return
             reply = await sess.call("DATA", p.data_init_timeout, "sending DATA command",
                                     "DATA")
         if reply.code // 100 != 3:  # any 3xx is "go ahead", as Postfix's smtp_loop() reads it
             for i in accepted:
-                self._reply_result(att, i, reply, sess, "DATA")
+                att.refused(i, reply, sess, "DATA")
             return
         sess.committed = True  # from here on the server may have the message
         try:
@@ -912,7 +860,7 @@ class SmtpAgent(DeliveryAgent):
                                      "may be sent more than once", "end of DATA")
         if reply.code // 100 != 2:
             for i in accepted:
-                self._reply_result(att, i, reply, sess, "end of DATA")
+                att.refused(i, reply, sess, "end of DATA")
             return
         dsn = make_dsn(reply.dsn, reply.text, action="relayed", diag_type="smtp",
                        diag_text=reply.text, mta_type="dns", mta_mname=addr.hostname)
