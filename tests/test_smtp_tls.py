@@ -294,36 +294,30 @@ def test_verify_without_a_trusted_ca_defers(tmp_path: Path, cert: Path,
                      rf"{p.port}: self.signed certificate", env.log()), env.log()
 
 
+@pytest.mark.parametrize("reuse", [True, False], ids=["reuse-yes", "reuse-no"])
 def test_tls_sessions_are_reused_only_with_smtp_tls_connection_reuse(
-        tmp_path: Path, cert: Path, peers: list[Controller]) -> None:
+        tmp_path: Path, cert: Path, peers: list[Controller], reuse: bool) -> None:
     """Postfix caches TLS connections only with smtp_tls_connection_reuse = yes (default
     no); a reused one is still encrypted."""
-    env = tls_env(tmp_path, "encrypt", smtp_connection_cache_time_limit="30s",
-                  smtp_tls_connection_reuse="yes")
+    extra = {"smtp_tls_connection_reuse": "yes"} if reuse else {}
+    env = tls_env(tmp_path, "encrypt", smtp_connection_cache_time_limit="30s", **extra)
     p = start_peer(peers, server_context(cert))
     agent = SmtpAgent()
     agent.configure(env.cfg, "smtp")
+    names = ["m0", "m1", "m2"] if reuse else ["n0", "n1"]
     try:
-        for n in range(3):
-            _qid, reply = deliver(env, p, f"m{n}", agent=agent, flags=STORE)
+        for name in names:
+            _qid, reply = deliver(env, p, name, agent=agent, flags=STORE)
             assert reply.status == 0, env.log()
-        assert p.seen.messages == [("m0", True), ("m1", True), ("m2", True)]
-        assert p.seen.connections == 1
-        assert "conn_use=3" in env.log()
+        if reuse:
+            assert p.seen.messages == [("m0", True), ("m1", True), ("m2", True)]
+            assert p.seen.connections == 1
+            assert "conn_use=3" in env.log()
+        else:
+            wait_for(lambda: p.seen.connections == 2, 10, "a new connection each")
+            assert "conn_use=" not in env.log()
     finally:
         agent.timer(True)
-    env2 = tls_env(tmp_path / "no", "encrypt", smtp_connection_cache_time_limit="30s")
-    p2 = start_peer(peers, server_context(cert))
-    agent2 = SmtpAgent()
-    agent2.configure(env2.cfg, "smtp")
-    try:
-        for n in range(2):
-            _qid, reply = deliver(env2, p2, f"n{n}", agent=agent2, flags=STORE)
-            assert reply.status == 0, env2.log()
-        wait_for(lambda: p2.seen.connections == 2, 10, "a new connection each")
-        assert "conn_use=" not in env2.log()
-    finally:
-        agent2.timer(True)
 
 
 def test_a_plaintext_fallback_session_serves_no_may_request(
