@@ -238,6 +238,10 @@ def test_mail_parameters(host: Host) -> None:
         assert await c.cmd("RCPT TO:<x@localhost> ORCPT=rfc822") == (
             "501 5.5.4 Error: Bad ORCPT parameter syntax")
         assert await c.cmd("RCPT TO:<x@localhost> FOO=1") == "555 5.5.4 Unsupported option: FOO=1"
+        # a control character the client sent is not echoed back raw (a NUL or an ESC
+        # in a reply line): it is '?', as in the log (Postfix printable())
+        assert await c.cmd(b"RCPT TO:<x@localhost> FOO=a\x00b\x1b[2J\r\n") == (
+            "555 5.5.4 Unsupported option: FOO=a?b?[2J")
         await c.cmd("QUIT")
 
     run(host, script)
