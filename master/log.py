@@ -16,6 +16,8 @@ Public API
     setup(service, maillog_file, syslog_name="qmgrd", myhostname="", foreground=False)
     info(msg), warning(msg), error(msg), fatal(msg) -> NoReturn (exit 1), panic(msg) -> NoReturn
     Panic: the exception raised by panic() after logging (an invariant of ours broke).
+    printable(text) -> str: ASCII control characters as '?' (Postfix printable(); every
+        logged line gets the same, a newline as a space instead)
 
 Severity prefixes follow Postfix's msg(3): "warning: ", "error: ", "fatal: ", "panic: ".
 """
@@ -29,7 +31,7 @@ import syslog
 import time
 from typing import NoReturn
 
-__all__ = ["Panic", "close", "error", "fatal", "info", "panic", "setup", "warning"]
+__all__ = ["Panic", "close", "error", "fatal", "info", "panic", "printable", "setup", "warning"]
 
 
 class Panic(Exception):
@@ -53,8 +55,14 @@ _S = _State()
 # logged, so that no client, peer or message (a HELO name, an address, a Message-ID)
 # can put a CR, NUL, ESC or BEL into the log and forge or hide lines on a terminal or in
 # a log reader. A newline becomes a space as before (a message of ours may span lines).
-_CENSOR = {c: "?" for c in [*range(32), 127]}
-_CENSOR[10] = " "
+_PRINTABLE = {c: "?" for c in [*range(32), 127]}
+_CENSOR = {**_PRINTABLE, 10: " "}
+
+
+def printable(text: str) -> str:
+    """``text`` with every ASCII control character (LF too) as ``?``: Postfix's
+    printable(text, '?'), for text that goes back to a peer (smtpd's replies)."""
+    return text if text.isprintable() else text.translate(_PRINTABLE)
 
 
 def _forget_pid() -> None:

@@ -109,8 +109,6 @@ _JUNK = frozenset({"HELO", "EHLO", "RSET", "NOOP", "VRFY"})
 # stays below the threshold and still takes a whole DATA burst of the socket buffer.
 READ_SIZE = 65536
 _HEADER_NAME = re.compile(r"[\x21-\x39\x3b-\x7e]+:\Z")
-# reply lines: every control character (a client's NUL, ESC, CR or LF echoed back) as '?'
-_CENSOR = {c: "?" for c in [*range(32), 127]}
 _NEUTER = str.maketrans({c: "?" for c in ' <>()\\";@'})
 _SIMPLE_PATH = re.compile(r"<([A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+@[A-Za-z0-9.-]+)>(.*)\Z")
 _ENHANCED = re.compile(r"\d{3}[ -][245]\.\d{1,3}\.\d{1,3}\b")
@@ -489,8 +487,7 @@ class SmtpdSession(SMTP):
         if self.error_count >= p.soft_error_limit and p.error_sleep > 0:
             await asyncio.sleep(p.error_sleep)
         self._writer.write(b"".join(
-            (x if x.isprintable() else x.translate(_CENSOR)).encode("utf-8", "surrogateescape")
-            + b"\r\n" for x in lines))
+            log.printable(x).encode("utf-8", "surrogateescape") + b"\r\n" for x in lines))
         if lines[-1][:1] in "45" and count:
             if self._in_cmd:
                 self._cmd_error = True
