@@ -26,7 +26,8 @@ Summary
       envelope.extract_addresses). In the local context an address without ``@`` gets
       ``@$myorigin``. Exact duplicate recipients are dropped. No recipients ->
       CleanupError 5.1.0.
-    * Hop count = number of Received:/Delivered-To: headers (our own Received: included).
+    * Hop count = number of Received: headers (our own included; Delivered-To: does not
+      count, as in Postfix's cleanup_header, where only HDR_RECEIVED raises hop_count).
       At ``hopcount_limit`` or more:
 
       - origin "smtp" (smtpd): the message is refused as Postfix's cleanup does without
@@ -34,9 +35,9 @@ Summary
         hopcount exceeded``, the queue file removed, CleanupError ``5.4.0`` "too many
         hops" (smtpd replies ``554 5.4.0 Error: too many hops`` at the end of DATA);
       - origin "local" (sendmail/pickup, already accepted: Postfix bounces) and others:
-        the file is still queued, but every recipient gets a bounce-log entry ``5.4.6``
-        "mail forwarding loop for <rcpt>" and is marked done, so the qmgr sends the
-        non-delivery report.
+        the file is still queued, but every recipient gets a bounce-log entry ``5.4.0``
+        "too many hops" (Postfix's cleanup_bounce with the CLEANUP_STAT_HOPS detail) and
+        is marked done, so the qmgr sends the non-delivery report.
     * ``bounce()`` does the same for a message that submit() refused with a 5.x.x status
       (Postfix cleanup_bounce, used by pickup so that local mail is never lost
       silently): every recipient, or ``unknown`` when there is none, is bounced with
@@ -248,7 +249,7 @@ def _scan_headers(lines: list[bytes], extract: bool) -> _Headers:
         if not block:
             return
         h.seen.add(name)
-        if name in (b"received", b"delivered-to"):
+        if name == b"received":
             h.hops += 1
         if name in _RCPT_HEADERS or name in _RESENT_RCPT_HEADERS:
             value = _text(b" ".join(block)[block[0].index(b":") + 1 :])
@@ -456,8 +457,8 @@ class Cleanup:
         elif self.hop_limit > 0 and hops >= self.hop_limit:
             log.warning(f"{qid}: hop count {hops} exceeds limit {self.hop_limit}: "
                         f"bouncing {len(rcpts)} recipient(s)")
-            bounce = ("5.4.6", "mail forwarding loop")
-            reasons = [f"mail forwarding loop for {r.address}" for r in rcpts]
+            bounce = ("5.4.0", "too many hops")  # Postfix cleanup_stat_map's HOPS detail
+            reasons = [bounce[1]] * len(rcpts)
         try:
             buf, offsets, msgid = self._build(env, sender, rcpts, lines, h, qid, sec, usec,
                                               local, origin, uid, smtputf8, content)
