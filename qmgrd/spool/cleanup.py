@@ -17,7 +17,9 @@ Summary
       empty line is kept as the separator.
     * Header edits: ``Return-Path:`` removed; for local submissions (origin "local") a
       ``Received: by <myhostname> (<mail_name>, from userid N)`` / ``<TAB>id <qid>; <date>``
-      header goes first, as pickup+cleanup write it; missing ``Message-ID:`` and ``Date:``
+      header goes first, as pickup+cleanup write it; for origin "forward" (the local
+      agent's alias forwarding, Postfix local/forward.c) ``Received: by <myhostname>
+      (<mail_name>)`` / ``<TAB>id <qid>; <date>``; missing ``Message-ID:`` and ``Date:``
       are added at the end of the headers; a missing ``From:`` is added when the rewrite
       context is local (or ``always_add_missing_headers = yes``).
     * ``extract_recipients=True`` (sendmail -t): recipients are also taken from To/Cc/Bcc
@@ -55,7 +57,8 @@ Summary
 
 Public API
     Cleanup(cfg, spool)
-    Cleanup.submit(env, content, *, extract_recipients=False, origin="local"|"smtp",
+    Cleanup.submit(env, content, *, extract_recipients=False,
+                   origin="local"|"smtp"|"forward"|other,
                    uid=None) -> str (the queue id)
     Cleanup.bounce(env, content, status, text, *, extract_recipients=False,
                    origin="local", uid=None) -> str (the queue id)
@@ -348,8 +351,10 @@ class Cleanup:
             env: the envelope (recipients may be empty with extract_recipients).
             content: the message, headers and body, any line endings.
             extract_recipients: add recipients from To/Cc/Bcc and drop Bcc (sendmail -t).
-            origin: "local" (sendmail/pickup: adds Received:, local rewrite context) or
-                "smtp" (smtpd wrote its own Received:).
+            origin: "local" (sendmail/pickup: adds Received:, local rewrite context),
+                "smtp" (smtpd wrote its own Received:), "forward" (the local agent's
+                alias forwarding: adds Received: without the userid; rewrite context
+                from ``env.attrs``) or another name (no Received:; e.g. "bounce").
             uid: submitting user id for the local Received: header (default: ours).
 
         Returns:
@@ -444,7 +449,7 @@ class Cleanup:
         except OSError as exc:
             raise CleanupError("4.3.0", f"queue file create error: {exc.strerror}") from None
         self._created(qid)
-        hops = h.hops + (1 if origin == "local" else 0)
+        hops = h.hops + (1 if origin in ("local", "forward") else 0)
         reasons: list[str] = []
         if bounce is not None:
             reasons = [bounce[1]] * len(rcpts)
@@ -582,6 +587,9 @@ class Cleanup:
         if origin == "local":
             head.append(f"Received: by {self.myhostname} ({self.mail_name}, from userid "
                         f"{os.getuid() if uid is None else uid})".encode())
+        elif origin == "forward":  # Postfix local/forward.c forward_send()
+            head.append(f"Received: by {self.myhostname} ({self.mail_name})".encode())
+        if head:
             head.append(f"\tid {qid}; {mail_date(sec + usec / 1e6)}".encode())
         msgid = h.message_id
         added: list[bytes] = []
