@@ -210,14 +210,15 @@ def test_alias_loop_bounces(tmp_path: Path) -> None:
     assert bounce_of(env, qid) == ("5.4.6", "mail forwarding loop for loop-a@localhost")
 
 
-def test_remote_target_defers_after_local_ones(tmp_path: Path) -> None:
+def test_remote_target_forwarded_after_local_ones(tmp_path: Path) -> None:
+    """The remote target goes on as a new message (tests/test_local_forward.py)."""
     env = alias_env(tmp_path)
-    qid, _ = deliver(env, ["remote@localhost"])
+    qid, reply = deliver(env, ["remote@localhost"])
+    assert reply.status == 0
     assert len(inbox(tmp_path, "alice")) == 1
-    ((_, dsn),) = statuslog.read(env.spool, "defer", qid)
-    why = "someone@elsewhere.example: alias forwarding to remote addresses is not " \
-          "implemented"
-    assert (dsn.status, dsn.reason) == ("4.3.0", why)
+    assert statuslog.read(env.spool, "defer", qid) == []
+    (new,) = os.listdir(env.spool.queue_path("incoming"))
+    assert f"status=sent (delivered to maildir; forwarded as {new})" in env.log()
 
 
 @pytest.mark.parametrize(("rcpt", "reason"), [

@@ -75,7 +75,9 @@ Summary
     (``5.1.1 unknown user: "x"``).
 
     Aliases: before the mailbox delivery the local part is looked up in ``alias_maps``
-    and a match is delivered to its targets instead (transports.local_alias).
+    and a match is delivered to its targets instead (transports.local_alias); its remote
+    targets are sent on as one new message through cleanup (transports.local_forward),
+    logged ``status=sent (forwarded as <new queue id>)``.
 
     File system errors defer (4.2.0), except "disk quota exceeded" and "file too large"
     which bounce (5.2.2), as Postfix's mbox_dsn().
@@ -112,8 +114,9 @@ from qmgrd.delivery import DeliverRequest, RecipientInfo
 from qmgrd.maps import AliasMaps
 from qmgrd.spool.message import QueueFile
 from qmgrd.spool.statuslog import quote_822_local
-from transports.agent import DeliveryAgent, Dsn, make_dsn, run
+from transports.agent import DEL_REQ_FLAG_RECORD, DeliveryAgent, Dsn, make_dsn, run
 from transports.local_alias import AliasExpander
+from transports.local_forward import Forwarder
 
 if TYPE_CHECKING:
     from master.config import Config
@@ -186,6 +189,7 @@ class LocalAgent(DeliveryAgent):
         self.default_rights: tuple[int, int] | None = None
         self.strict_owner = True
         self.aliases: AliasExpander | None = None
+        self.forwarder: Forwarder | None = None
         self._count = 0
 
     def setup(self) -> None:
@@ -208,6 +212,8 @@ class LocalAgent(DeliveryAgent):
         self.strict_owner = cfg.get_bool("strict_mailbox_ownership")
         self.aliases = AliasExpander(AliasMaps(cfg.get_list("alias_maps")), self.delimiter,
                                      cfg.get_list("mydestination"), cfg.get("myorigin"))
+        assert self.spool is not None  # set by configure()
+        self.forwarder = Forwarder(cfg, self.spool)
         self.hostname = cfg.get("myhostname") or self.hostname
         if os.geteuid() == 0:
             try:
@@ -236,8 +242,11 @@ class LocalAgent(DeliveryAgent):
         if rcpt.address.lower() in seen:
             return make_dsn("5.4.6", f"mail forwarding loop for {rcpt.address}")
         if alias and self.aliases is not None:  # alias_maps (transports.local_alias)
-            expanded = self.aliases.expand(rcpt.address, lambda address: self._deliver_one(
-                req, dataclasses.replace(rcpt, address=address), lines, seen, alias=False))
+            expanded = self.aliases.expand(
+                rcpt.address,
+                lambda address: self._deliver_one(
+                    req, dataclasses.replace(rcpt, address=address), lines, seen, alias=False),
+                lambda targets: self._forward(req, rcpt, lines, targets))
             if expanded is not None:
                 return expanded
         account = _getpwnam(user)
@@ -262,6 +271,21 @@ class LocalAgent(DeliveryAgent):
             return self._mbox(spool_fd, spool, user, rights, owner, req.sender, head, lines)
         finally:
             os.close(spool_fd)
+
+    def _forward(self, req: DeliverRequest, rcpt: RecipientInfo, lines: list[bytes],
+                 targets: list[str]) -> Dsn:
+        """Send ``rcpt``'s remote alias targets on (transports.local_forward)."""
+        assert self.forwarder is not None  # set by setup()
+        return self.forwarder.forward(req, rcpt, lines, targets)
+
+    @staticmethod
+    def _status_log(req: DeliverRequest, rcpt: RecipientInfo, dsn: Dsn) -> str:
+        """As the base's, but a recipient only forwarded (action relayed) gets no
+        success notice of its own unless the request has the RECORD flag: Postfix's
+        forward_send() takes NOTIFY=SUCCESS off, the forwarded copy carries it on."""
+        if dsn.status[0] == "2" and dsn.action == "relayed":
+            return "trace" if req.flags & DEL_REQ_FLAG_RECORD else ""
+        return DeliveryAgent._status_log(req, rcpt, dsn)
 
     def _rights(self, account: pwd.struct_passwd | None) -> tuple[int, int] | None:
         """(uid, gid) to deliver with, or None to keep ours (not root: nothing to drop).

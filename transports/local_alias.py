@@ -23,23 +23,35 @@ Summary
       up the chain (``a: b``, ``b: a``) and a mailbox already delivered to for this
       recipient are skipped (Postfix's duplicate filter). More than 100 levels of
       expansion: 5.4.6.
-    * a remote address: deferred ``4.3.0 alias forwarding to remote addresses is not
-      implemented`` (Postfix submits a new message through cleanup).
+    * a remote address (``@`` a domain not in ``mydestination``): collected (each
+      address once, any case); after the expansion all of them are sent on as ONE new
+      message through cleanup (transports.local_forward: same sender, Delivered-To:
+      the recipient), unless the recipient is deferred (then nothing is forwarded: the
+      retry expands everything again, as Postfix's forward_finish() cancels the copy).
     * ``|command``, ``/file`` or ``:include:/file``: bounced ``5.7.1 ... is not
       implemented`` (Postfix runs them with the alias owner's rights; qmgrd never runs
       a command or writes an arbitrary file for an alias).
 
     The recipient gets one status for its whole expansion: deferred when any target was
     deferred (so on the retry the targets already delivered get the message again, as
-    with Postfix), else bounced when any target bounced (the reason names the target),
-    else the first delivery's ``delivered to maildir``/``mailbox``. An expansion that
-    delivers to nothing (only skipped names) bounces ``5.4.6 mail forwarding loop``.
+    with Postfix), or when the forwarded copy could not be queued (``4.3.0 unable to
+    forward message: ...``); else bounced when any target bounced (the reason names the
+    target; the remote targets are still forwarded, as Postfix's are); else the first
+    delivery's ``delivered to maildir``/``mailbox``, followed by ``; forwarded as
+    <qid>`` when remote targets were forwarded too, or only ``forwarded as <qid>``
+    (dsn 2.0.0, action relayed) when there was no local delivery. An expansion that
+    delivers to nothing and forwards nothing (only skipped names) bounces ``5.4.6 mail
+    forwarding loop``.
+
+    Not implemented: ``owner-`` aliases (the forwarded copy keeps the original sender),
+    ``expand_owner_alias``, ``propagate_unmatched_extensions``, ``.forward`` files.
 
 Public API
     AliasExpander(maps, delimiter, mydestination, myorigin)
-    AliasExpander.expand(address, deliver) -> Dsn | None
+    AliasExpander.expand(address, deliver, forward) -> Dsn | None
         None: no alias for ``address``; ``deliver(address) -> Dsn`` delivers one local
-        target to its mailbox (no alias lookup).
+        target to its mailbox (no alias lookup); ``forward(targets) -> Dsn`` sends the
+        remote targets on as one message (at most one call).
     split_targets(value) -> list[str]
 """
 
@@ -115,8 +127,14 @@ class AliasExpander:
                 return name, value
         return None
 
-    def expand(self, address: str, deliver: Callable[[str], Dsn]) -> Dsn | None:
-        """Expand ``address`` (a local recipient); None when it has no alias."""
+    def expand(self, address: str, deliver: Callable[[str], Dsn],
+               forward: Callable[[list[str]], Dsn]) -> Dsn | None:
+        """Expand ``address`` (a local recipient); None when it has no alias.
+
+        ``deliver(address)`` delivers one local target; ``forward(targets)`` sends the
+        remote targets on as one new message (transports.local_forward), called once
+        after the expansion unless a target was deferred.
+        """
         if not self.maps:
             return None
         at = address.rfind("@")
@@ -127,19 +145,24 @@ class AliasExpander:
         if found is None:
             return None
         results: list[tuple[str, Dsn]] = []
-        done: set[str] = set()
-        self._expand(found[0], found[1], [found[0]], deliver, results, done)
-        if not results:
+        remote: list[str] = []
+        self._expand(found[0], found[1], [found[0]], deliver, results, (set(), remote))
+        if not results and not remote:
             return make_dsn("5.4.6", f"mail forwarding loop for {address}")
-        for digit in ("4", "5"):
-            for target, dsn in results:
-                if dsn.status.startswith(digit):
-                    return make_dsn(dsn.status, f"{target}: {dsn.reason}")
-        return results[0][1]
+        deferred = _first(results, "4")
+        if deferred is not None:
+            return deferred  # no forwarded copy: the retry expands everything again
+        forwarded = forward(remote) if remote else None
+        if forwarded is not None and not forwarded.status.startswith("2"):
+            return forwarded
+        return _first(results, "5") or _success(results, forwarded)
 
     def _expand(self, name: str, value: str, chain: list[str],
                 deliver: Callable[[str], Dsn], results: list[tuple[str, Dsn]],
-                done: set[str]) -> None:
+                seen: tuple[set[str], list[str]]) -> None:
+        """Expand one alias value into ``results`` (local targets) and ``seen``: the
+        mailboxes delivered to and the remote targets to forward to."""
+        done, remote = seen
         for target in split_targets(value):
             low = target.lower()
             if target.startswith("|"):
@@ -157,8 +180,8 @@ class AliasExpander:
             at = target.rfind("@")
             domain = low[at + 1:] if at >= 0 else ""
             if at >= 0 and domain not in self.mydestination:
-                results.append((target, make_dsn(
-                    "4.3.0", "alias forwarding to remote addresses is not implemented")))
+                if low not in (r.lower() for r in remote):  # Postfix's duplicate filter
+                    remote.append(target)
                 continue
             local = low[:at] if at >= 0 else low
             address = target if at >= 0 else f"{target}@{self.myorigin}"
@@ -178,4 +201,26 @@ class AliasExpander:
                 results.append((address, make_dsn(
                     "5.4.6", f"alias expansion of {chain[0]} exceeds {MAX_DEPTH} levels")))
             else:
-                self._expand(sub[0], sub[1], [*chain, sub[0]], deliver, results, done)
+                self._expand(sub[0], sub[1], [*chain, sub[0]], deliver, results, seen)
+
+
+def _first(results: list[tuple[str, Dsn]], digit: str) -> Dsn | None:
+    """The first result whose status starts with ``digit``, its reason naming the
+    target; None when there is none."""
+    for target, dsn in results:
+        if dsn.status.startswith(digit):
+            return make_dsn(dsn.status, f"{target}: {dsn.reason}")
+    return None
+
+
+def _success(results: list[tuple[str, Dsn]], forwarded: Dsn | None) -> Dsn:
+    """The status of an expansion without failures: the first local delivery's, with
+    ``; forwarded as <qid>`` when remote targets were forwarded too; the forwarding's
+    alone (action relayed) when there was no local delivery."""
+    if not results:
+        assert forwarded is not None
+        return forwarded
+    first = results[0][1]
+    if forwarded is None:
+        return first
+    return make_dsn(first.status, f"{first.reason}; {forwarded.reason}")
