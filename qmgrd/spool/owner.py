@@ -32,9 +32,11 @@ def as_owner(st: os.stat_result) -> Iterator[None]:
         return
     old_gid = os.getegid()
     os.setegid(st.st_gid)
-    os.seteuid(st.st_uid)
-    try:
-        yield
+    try:  # a failed seteuid leaves the egid restored too
+        os.seteuid(st.st_uid)
+        try:
+            yield
+        finally:
+            os.seteuid(0)
     finally:
-        os.seteuid(0)
         os.setegid(old_gid)
