@@ -594,3 +594,47 @@ def test_maillog_file_per_service_from_main_cf_must_open(tmp_path: Path) -> None
         "created)")
     (tmp_path / "pickup").mkdir()
     load_configuration(etc)
+
+
+@pytest.mark.parametrize("line,what", [
+    ("smtpd_forbid_bare_newline = rejcet",
+     ("bad parameter value: 'smtpd_forbid_bare_newline = rejcet' (one of: normalize, yes, "
+      "reject, no)")),
+    ("smtpd_forbid_bare_newline_reject_code = 450",
+     'invalid smtpd_forbid_bare_newline_reject_code parameter value "450": minimum is 500'),
+    ("smtpd_forbid_bare_newline_exclusions = 10.0.0.1/8",
+     "parameter smtpd_forbid_bare_newline_exclusions: "),
+])
+def test_bad_bare_newline_values_stop_start_and_reload(tmp_path: Path, line: str, what: str) -> None:
+    """smtpd_forbid_bare_newline (Postfix >= 3.9: normalize, yes, reject, no), its reject
+    code (500-599) and its exclusions (mynetworks syntax): qmgr-master start and
+    reload's check refuse a bad value, naming main.cf's line - Postfix's smtpd exits
+    fatal at its first client (a typo in a hardening setting is never ignored)."""
+    (tmp_path / "main.cf").write_text(f"queue_directory = {tmp_path}/q\nmyhostname = "
+                                      f"h.example\n{line}\n")
+    (tmp_path / "master.cf").write_text(
+        "127.0.0.1:2525 inet n - n - - smtpd\n")
+    with pytest.raises(ConfigError) as got:
+        load_configuration(str(tmp_path))
+    assert str(got.value).startswith(f"{tmp_path / 'main.cf'}, line 3: {what}")
+
+
+def test_a_bad_bare_newline_override_names_master_cf_line(tmp_path: Path) -> None:
+    (tmp_path / "main.cf").write_text(f"queue_directory = {tmp_path}/q\n"
+                                      "myhostname = h.example\n")
+    (tmp_path / "master.cf").write_text(
+        "127.0.0.1:2525 inet n - n - - smtpd\n  -o smtpd_forbid_bare_newline=strict\n")
+    with pytest.raises(ConfigError) as got:
+        load_configuration(str(tmp_path))
+    assert str(got.value) == (
+        f"{tmp_path / 'master.cf'}, line 1: -o smtpd_forbid_bare_newline=strict: bad "
+        "parameter value: 'smtpd_forbid_bare_newline = strict' (one of: normalize, yes, "
+        "reject, no)")
+
+
+@pytest.mark.parametrize("value", ["normalize", "YES", "Reject", "no"])
+def test_bare_newline_values_load_in_any_case(tmp_path: Path, value: str) -> None:
+    etc = write(tmp_path, f"myhostname = h.example\nsmtpd_forbid_bare_newline = {value}\n"
+                          "smtpd_forbid_bare_newline_reject_code = 521\n")
+    cfg, _ = load_configuration(etc)
+    assert cfg.get("smtpd_forbid_bare_newline") == value

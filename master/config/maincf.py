@@ -45,7 +45,8 @@ PUBLIC API
                                  each entry of NETWORK_LIST_PARAMS (master.config.netlist),
                                  each of NEXTHOP_PARAMS (relayhost: master.config.nexthop)
                                  the paths (queue_directory(), data_directory(),
-                                 maillog_file()) and hash_queue_names()
+                                 maillog_file()), hash_queue_names() and
+                                 smtpd_forbid_bare_newline (BARE_NEWLINE_MODES)
     cfg.error(name, message) -> ConfigError   located where name's value came from
     param_spec(name) -> Param | None   the table entry governing name (per-transport too)
     TRANSPORT_SUFFIXES                 the per-transport parameter suffixes
@@ -73,6 +74,7 @@ from master.config.errors import ConfigError
 from master.config.netlist import network_problem
 from master.config.nexthop import nexthop_problem
 from master.config.params import (
+    BARE_NEWLINE_MODES,
     PARAMS,
     Param,
     domain_default,
@@ -91,7 +93,8 @@ _BRACED_RE = re.compile(r"\s*([A-Za-z0-9_][A-Za-z0-9_.\-]*)\s*")
 _MAX_DEPTH = 100
 # Network lists smtpd matches client addresses against (transports.smtpd_policy.NetList);
 # mynetworks first, so that an error in "$mynetworks" is reported where it is set.
-NETWORK_LIST_PARAMS: tuple[str, ...] = ("mynetworks", "smtpd_client_event_limit_exceptions")
+NETWORK_LIST_PARAMS: tuple[str, ...] = ("mynetworks", "smtpd_client_event_limit_exceptions",
+                                        "smtpd_forbid_bare_newline_exclusions")
 # Parameters whose value is an smtp destination (master.config.nexthop), "" = none
 NEXTHOP_PARAMS: tuple[str, ...] = ("relayhost",)
 # Postfix's TLS security levels (tls_level_lookup(); smtp_tls_security_level, "" = none)
@@ -640,7 +643,8 @@ class Config:
         per-transport ones such as smtp_destination_recipient_limit by their global's
         type, see param_spec), then the paths (queue_directory(), data_directory(),
         maillog_file()), hash_queue_names(), the host name, protocols and networks (_check_identity) and
-        relayhost (_check_nexthops) and smtp_tls_security_level (_check_tls_level); raise
+        relayhost (_check_nexthops), smtp_tls_security_level (_check_tls_level) and
+        smtpd_forbid_bare_newline (_check_bare_newline); raise
         the first ConfigError found
         (like a daemon's start-up checks).  Names are checked sorted."""
         for name in self.names():
@@ -659,6 +663,19 @@ class Config:
         self._check_identity()
         self._check_nexthops()
         self._check_tls_level()
+        self._check_bare_newline()
+
+    def _check_bare_newline(self) -> None:
+        """smtpd_forbid_bare_newline must be one of Postfix's values (BARE_NEWLINE_MODES:
+        normalize, yes, reject, no; any case): Postfix's smtpd exits fatal on any other
+        (``bad parameter value: 'smtpd_forbid_bare_newline = x'``), so a typo in a
+        hardening setting is refused at start and reload, never silently ignored.
+        Raises ConfigError."""
+        value = self.get("smtpd_forbid_bare_newline").strip()
+        if value.lower() not in BARE_NEWLINE_MODES:
+            raise self._error("smtpd_forbid_bare_newline", "bad parameter value: "
+                              f"'smtpd_forbid_bare_newline = {value}' (one of: "
+                              f'{", ".join(BARE_NEWLINE_MODES)})')
 
     def _check_tls_level(self) -> None:
         """smtp_tls_security_level must be one of Postfix's levels (empty = none; the

@@ -48,6 +48,10 @@ LONG_MIN, LONG_MAX = -(2 ** 63), 2 ** 63 - 1  # Postfix's long (LP64: 64 bits)
 TIME_UNITS: dict[str, int] = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 TYPES = ("str", "int", "bool", "time", "size", "list")
 EVENT_LOOPS = ("uvloop", "asyncio")  # the values of async_event_loop
+# smtpd_forbid_bare_newline's values (any case) -> the mode smtpd applies (Postfix >= 3.9,
+# 3.8.5: "yes" is a compatibility alias of "normalize", not of "reject")
+BARE_NEWLINE_MODES: dict[str, str] = {"normalize": "normalize", "yes": "normalize",
+                                      "reject": "reject", "no": "no"}
 
 
 @dataclass(frozen=True)
@@ -326,6 +330,10 @@ _l("smtpd_client_event_limit_exceptions", "$mynetworks")
 _b("smtpd_peername_lookup", "yes")
 _l("smtpd_discard_ehlo_keywords", "")
 _l("smtpd_forbidden_commands", "CONNECT GET POST")
+# SMTP smuggling defence (Postfix >= 3.9 defaults: normalize; transports.smtpd_session)
+_s("smtpd_forbid_bare_newline", "normalize")
+_l("smtpd_forbid_bare_newline_exclusions", "$mynetworks")
+_i("smtpd_forbid_bare_newline_reject_code", "550", 500, 599)
 _s("smtpd_tls_cert_file", "")
 _s("smtpd_tls_key_file", "$smtpd_tls_cert_file")
 _s("smtpd_tls_security_level", "")

@@ -14,11 +14,13 @@ DESCRIPTION
     configuration:
 
     * main.cf: every parameter expanded and every typed one converted (Config.check:
-      expansion loops, bad numbers, times, sizes, booleans, ranges; each mynetworks and
-      smtpd_client_event_limit_exceptions entry an address, a network without host
-      bits or a table - master.config.netlist, the parser smtpd uses too; relayhost an
+      expansion loops, bad numbers, times, sizes, booleans, ranges; each mynetworks,
+      smtpd_client_event_limit_exceptions and smtpd_forbid_bare_newline_exclusions
+      entry an address, a network without host bits or a table -
+      master.config.netlist, the parser smtpd uses too; relayhost an
       smtp destination - master.config.nexthop, the parser the smtp client uses too;
-      smtp_tls_security_level one of Postfix's levels).
+      smtp_tls_security_level one of Postfix's levels; smtpd_forbid_bare_newline one of
+      normalize, yes, reject, no; smtpd_forbid_bare_newline_reject_code 500-599).
       The nexthop of default_transport and relay_transport (``smtp:[host]:port``) is
       checked the same way when that transport is an smtp service of master.cf
       (check_transport_nexthops).
