@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from transports.smtpd_tx import read_data
+from transports.smtpd_tx import BARE_LF, NO, REJECT, read_data
 
 
 async def _reference(reader: asyncio.StreamReader, limit: int,
@@ -111,3 +111,42 @@ def test_read_data_examples(data: bytes, want: bytes | None, rest: bytes | None)
     else:
         assert (out, left, seen) == (want, rest, len(data) - len(rest or b""))
 
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=_bytes, cuts=st.lists(st.integers(0, 400), max_size=5),
+       stream_limit=st.sampled_from([8, 16, 64, 2048]), limit=st.sampled_from([0, 10, 300]))
+def test_reject_mode_frames_as_normalize(data: bytes, cuts: list[int], stream_limit: int,
+                                         limit: int) -> None:
+    """smtpd_forbid_bare_newline = reject ends the data where normalize does (the same
+    bytes left in the stream); its result is normalize's, or BARE_LF when a line of the
+    content ended in a bare LF."""
+    def rejecting(reader: asyncio.StreamReader, lim: int,
+                  progress: Callable[[int], None]) -> object:
+        return read_data(reader, lim, progress, REJECT)
+
+    got = _run(rejecting, data, cuts, stream_limit, limit)
+    want = _run(read_data, data, cuts, stream_limit, limit)
+    assert got[1:] == want[1:] or want[0] is asyncio.IncompleteReadError
+    if got[0] is not BARE_LF:
+        assert got[0] == want[0]
+
+
+@pytest.mark.parametrize(("mode", "data", "want", "rest"), [
+    (REJECT, b"a\r\nb\r\n.\r\nQUIT\r\n", b"a\r\nb\r\n", b"QUIT\r\n"),
+    (REJECT, b"a\n.\r\nb\r\n.\r\nQUIT\r\n", BARE_LF, b"QUIT\r\n"),  # read to the end
+    (REJECT, b"\n.\r\n.\r\n", BARE_LF, b""),  # the first dot line is data
+    (REJECT, b"..\n\r\n.\r\n", BARE_LF, b""),
+    # no (Postfix < 3.9): any lone dot line ends the data - smuggling possible
+    (NO, b"a\n.\nMAIL FROM:<x@y>\r\n", b"a\n", b"MAIL FROM:<x@y>\r\n"),
+    (NO, b"a\r\n.\nQUIT\r\n", b"a\r\n", b"QUIT\r\n"),
+    (NO, b"a\n.\r\nQUIT\r\n", b"a\n", b"QUIT\r\n"),
+    (NO, b"a\r\n..\nb\r\n.\r\n", b"a\r\n.\nb\r\n", b""),
+])
+def test_read_data_modes(mode: str, data: bytes, want: object, rest: bytes) -> None:
+    def reading(reader: asyncio.StreamReader, lim: int,
+                progress: Callable[[int], None]) -> object:
+        return read_data(reader, lim, progress, mode)
+
+    out, left, seen = _run(reading, data, [], 2048, 0)
+    assert (out, left, seen) == (want, rest, len(data) - len(rest))

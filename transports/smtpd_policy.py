@@ -5,9 +5,10 @@ Summary
     ``Policy(cfg)`` is built once per smtpd process (before the jail) and answers the
     questions smtpd asks while a client talks:
 
-    * **Networks** (``NetList``): ``mynetworks`` and ``smtpd_client_event_limit_exceptions``
-      hold ``a.b.c.d``, ``a.b.c.d/n``, ``[v6]``, ``[v6]/n`` (brackets optional), ``!``
-      before an entry excludes, and ``type:table`` entries (looked up by address).
+    * **Networks** (``NetList``): ``mynetworks``, ``smtpd_client_event_limit_exceptions``
+      and ``smtpd_forbid_bare_newline_exclusions`` (mynetworks's parent-domain style, as
+      Postfix) hold ``a.b.c.d``, ``a.b.c.d/n``, ``[v6]``, ``[v6]/n`` (brackets
+      optional), ``!`` before an entry excludes, and ``type:table`` entries (looked up by address).
       Host names are not supported: a warning names them once, and they never match.
     * **Domains** (``DomainList``): ``mydestination``, ``relay_domains``,
       ``virtual_alias_domains``, ``virtual_mailbox_domains``: ``name``, ``.name``
@@ -65,6 +66,7 @@ Public API
         (parsed once; a broken file: one warning, then NoResolverConfiguration)
     Policy(cfg, resolver=None)
         .is_mynetworks(addr) -> bool; .limit_exempt(addr) -> bool
+        .bare_newline_exempt(addr) -> bool
         .auth_destination(rcpt) -> bool
         async .check_rcpt(client, helo, sender, rcpt) -> str | None   (None = accepted)
         async .lookup_name(addr) -> str
@@ -422,6 +424,10 @@ class Policy:
 
         self.mynetworks = nets("mynetworks")
         self.exceptions = nets("smtpd_client_event_limit_exceptions")
+        # Postfix matches it with mynetworks's parent-domain style
+        self.bare_newline_exclusions = NetList(
+            cfg.get_list("smtpd_forbid_bare_newline_exclusions"),
+            "smtpd_forbid_bare_newline_exclusions", "mynetworks" in parents)
         self.local = domains("mydestination")
         self.final = [self.local, domains("virtual_alias_domains"),
                       domains("virtual_mailbox_domains")]
@@ -452,6 +458,11 @@ class Policy:
     def limit_exempt(self, addr: str) -> bool:
         """True for clients excluded from the connection count limit."""
         return self.exceptions.match(addr)
+
+    def bare_newline_exempt(self, addr: str) -> bool:
+        """True for clients excluded from smtpd_forbid_bare_newline = reject
+        (smtpd_forbid_bare_newline_exclusions, default $mynetworks)."""
+        return self.bare_newline_exclusions.match(addr)
 
     def _final(self, domain: str) -> bool:
         return not domain or any(d.match(domain) for d in self.final)

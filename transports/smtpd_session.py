@@ -23,6 +23,19 @@ Summary
       (ours included) -> ``554 5.4.0 Error: too many hops``, nothing queued (Postfix
       cleanup's CLEANUP_STAT_HOPS); nothing is queued before the final dot, so a
       client that disconnects mid-DATA leaves nothing behind.
+    * SMTP smuggling defence (Postfix >= 3.9): ``smtpd_forbid_bare_newline`` (any case)
+      = ``normalize`` (the default; ``yes`` is its compatibility alias): a line ending
+      in a bare <LF> is taken as if it ended in <CR><LF>, and only <CR><LF>.<CR><LF>
+      ends the data (read_data). ``reject``: the same framing, and a bare <LF> is
+      refused with ``<smtpd_forbid_bare_newline_reject_code> 5.5.2 <myhostname> Error:
+      bare <LF> received`` (default 550) - DATA content after it was read to its end,
+      nothing queued, the session goes on (a 521 code hangs up); a command line is
+      refused instead of executed, and the session ends there (Postfix's smtpd reads
+      no more commands). Clients in ``smtpd_forbid_bare_newline_exclusions`` (default
+      ``$mynetworks``) get normalize instead - unlike Postfix, which gives them ``no``:
+      an exclusion lifts the rejection, it never lets a bare-LF dot line end the data.
+      ``no`` (Postfix < 3.9): a lone dot line ends the data whatever its line ends -
+      vulnerable to SMTP smuggling, as Postfix warns.
     * An address with bytes that are not valid UTF-8 (Postfix refuses malformed UTF-8):
       MAIL -> ``553 5.1.7 <a\\xff@b>: malformed UTF-8 in sender address``, RCPT and VRFY
       -> ``553 5.1.3 <...>: malformed UTF-8 in recipient address`` (bad bytes shown as
@@ -42,6 +55,9 @@ Logs (Postfix smtpd's lines, so pflogsumm counts them)
     is assigned); ``NOQUEUE: reject: RCPT from <name>[<addr>]: <reply>; from=<s> to=<r>
     proto=ESMTP helo=<h>`` (``NOQUEUE: reject: MAIL from ...; from=<s> proto=...`` for a
     malformed UTF-8 sender); ``warning: Connection concurrency limit exceeded: ...``;
+    ``NOQUEUE: reject: <where> from <name>[<addr>]: bare <LF> received; from=<s> to=<r>
+    proto=ESMTP helo=<h>`` (smtpd_forbid_bare_newline = reject: <where> END-OF-MESSAGE
+    for DATA content, else the previous command or CONNECT, as Postfix's log_whatsup);
     ``timeout|lost connection|too many errors after <CMD> from ...`` (``after DATA (<n>
     bytes)``); ``disconnect from <name>[<addr>] ehlo=1 mail=1 rcpt=1 data=1 quit=1
     commands=5`` (``name=ok/total`` when some failed). An exception before the
@@ -74,6 +90,7 @@ from aiosmtpd.smtp import SMTP, login_always_fail
 
 from master import log
 from master.config import Config
+from master.config.params import BARE_NEWLINE_MODES
 from qmgrd.spool.cleanup import CleanupError
 from qmgrd.spool.envelope import SMTPUTF8_FLAG_REQUESTED, Envelope, Recipient, internal_form
 from qmgrd.spool.statuslog import quote_822_local
@@ -81,6 +98,9 @@ from qmgrd.utf8 import malformed as malformed_utf8
 from qmgrd.utf8 import shown
 from transports.smtpd_policy import ClientInfo, Policy, queue_space
 from transports.smtpd_tx import (
+    NORMALIZE,
+    REJECT,
+    BareLF,
     Transaction,
     content_with,
     mail_params,
@@ -159,10 +179,16 @@ class SmtpdParams:
     disable_vrfy: bool
     discard_ehlo: frozenset[str] = field(default_factory=frozenset)
     forbidden: frozenset[str] = frozenset({"CONNECT", "GET", "POST"})
+    bare_newline: str = NORMALIZE  # smtpd_forbid_bare_newline: normalize, reject or no
+    bare_newline_code: int = 550  # smtpd_forbid_bare_newline_reject_code (500-599)
 
     @classmethod
     def from_config(cls, cfg: Config, service: str, queue_directory: str) -> SmtpdParams:
         """Read the parameters; raises ConfigError for a bad value."""
+        bare = cfg.get("smtpd_forbid_bare_newline").strip()
+        if bare.lower() not in BARE_NEWLINE_MODES:  # Config.check refuses it first
+            raise cfg.error("smtpd_forbid_bare_newline", "bad parameter value: "
+                            f"'smtpd_forbid_bare_newline = {bare}'")
         return cls(
             service=service, queue_directory=queue_directory,
             myhostname=cfg.get("myhostname"), mail_name=cfg.get("mail_name") or "qmgrd",
@@ -183,6 +209,8 @@ class SmtpdParams:
             disable_vrfy=cfg.get_bool("disable_vrfy_command"),
             discard_ehlo=frozenset(k.lower() for k in cfg.get_list("smtpd_discard_ehlo_keywords")),
             forbidden=frozenset(c.upper() for c in cfg.get_list("smtpd_forbidden_commands")),
+            bare_newline=BARE_NEWLINE_MODES[bare.lower()],
+            bare_newline_code=cfg.get_int("smtpd_forbid_bare_newline_reject_code"),
         )
 
 
@@ -230,6 +258,24 @@ class _NoHooks:
     """aiosmtpd's event handler: none of its hooks are used."""
 
 
+class _CheckedReader(asyncio.StreamReader):
+    """The session's StreamReader when smtpd_forbid_bare_newline = reject: each line
+    that readuntil returns (aiosmtpd's command lines, read_data's lines) goes to
+    ``check(line, by_line)`` first (by_line: read up to an LF), which may answer and hang
+    up before aiosmtpd acts on the line. The other modes keep asyncio's own reader (no
+    extra call per line)."""
+
+    def __init__(self, check: Callable[[bytes, bool], None], limit: int,
+                 loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(limit=limit, loop=loop)
+        self._check = check
+
+    async def readuntil(self, separator: Any = b"\n") -> bytes:
+        line = await super().readuntil(separator)
+        self._check(line, separator == b"\n")
+        return line
+
+
 
 def _no_progress(nbytes: int) -> None:
     """read_data's progress callback: data_received counts the bytes and rearms the
@@ -269,6 +315,7 @@ class SmtpdSession(SMTP):
         self._registered = False
         self._count = 0
         self._ended = False
+        self.bare_newline = p.bare_newline  # this client's mode (connection_made)
         table = _Commands(self._unknown)
         names = ["HELO", "EHLO", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "VRFY", "QUIT", "AUTH",
                  "STARTTLS"]
@@ -283,9 +330,11 @@ class SmtpdSession(SMTP):
         SMTP.__init__ sets is set here too."""
         p = self.params
         loop = asyncio.get_running_loop()
+        reader = (_CheckedReader(self._check_line, p.line_length_limit, loop)
+                  if p.bare_newline == REJECT
+                  else asyncio.StreamReader(loop=loop, limit=p.line_length_limit))
         asyncio.StreamReaderProtocol.__init__(
-            self, asyncio.StreamReader(loop=loop, limit=p.line_length_limit),
-            client_connected_cb=self._cb_client_connected, loop=loop)
+            self, reader, client_connected_cb=self._cb_client_connected, loop=loop)
         self.__ident__ = ""
         self.loop = loop
         self.event_handler = _NoHooks()
@@ -331,6 +380,8 @@ class SmtpdSession(SMTP):
             transport.max_size = READ_SIZE
         peer = transport.get_extra_info("peername") or ("unknown", "unknown")
         self.client = ClientInfo(str(peer[0]), str(peer[1]))
+        if self.bare_newline == REJECT and self.host.policy.bare_newline_exempt(peer[0]):
+            self.bare_newline = NORMALIZE  # smtpd_forbid_bare_newline_exclusions
         self._registered = True
         try:
             self._count = self.host.connect(self)
@@ -370,6 +421,41 @@ class SmtpdSession(SMTP):
         log.info(f"disconnect from {self.client.namaddr}{self._stats_text()}")
         if self._registered:
             self.host.disconnect(self)
+
+    # ------------------------------------------------------------------ bare <LF>
+    def _bare_lf_reply(self) -> str:
+        """Postfix's reply to a bare <LF> (smtpd_forbid_bare_newline = reject)."""
+        p = self.params
+        return f"{p.bare_newline_code} 5.5.2 {p.myhostname} Error: bare <LF> received"
+
+    def _log_bare_lf(self, tx: Transaction | None) -> None:
+        """Postfix's log_whatsup line: ``NOQUEUE: reject: <where> from <client>: bare
+        <LF> received; from=<s> to=<last rcpt> proto=<p> helo=<h>`` (from/to only in a
+        transaction, helo only after HELO/EHLO)."""
+        extra = ""
+        if tx is not None:
+            extra += f" from=<{_logged(tx.sender)}>"
+            if tx.rcpts:
+                extra += f" to=<{_logged(tx.rcpts[-1].address)}>"
+        extra += f" proto={self.protocol}"
+        if self.helo:
+            extra += f" helo=<{self.helo}>"
+        log.info(f"NOQUEUE: reject: {self.where} from {self.client.namaddr}: bare <LF> "
+                 f"received;{extra}")
+
+    def _check_line(self, line: bytes, by_line: bool) -> None:
+        """_CheckedReader's check of each line: a command line that ends in a bare <LF>
+        from a client not excluded is rejected, not executed - logged, answered with
+        smtpd_forbid_bare_newline_reject_code, and the session ends there, as Postfix's
+        smtpd >= 3.9 does (it reads no more commands: what the client pipelined after
+        it is not executed either). Lines of DATA content are read_data's."""
+        if (self.bare_newline != REJECT or self.where == WHERE_DATA or not by_line
+                or line[-2:] == b"\r\n" or self._closing()):
+            return
+        self._log_bare_lf(self.tx)
+        if self._writer is not None:
+            self._writer.write(f"{self._bare_lf_reply()}\r\n".encode())
+        self._hangup("")
 
     def _stats_text(self) -> str:
         parts = []
@@ -771,9 +857,16 @@ class SmtpdSession(SMTP):
         # content the client pipelined with DATA is already in the reader's buffer
         self.data_bytes = len(getattr(self._reader, "_buffer", b""))
         self._rearm_at = self.loop.time() + self._rearm_every
-        data = await read_data(self._reader, self.params.message_size_limit, _no_progress)
+        data = await read_data(self._reader, self.params.message_size_limit, _no_progress,
+                               self.bare_newline)
         self.where = WHERE_EOM
         self.tx = None
+        if isinstance(data, BareLF):  # Postfix: the content is read to its end, not queued
+            self._log_bare_lf(tx)
+            await self._say(self._bare_lf_reply())
+            if self.params.bare_newline_code == 521:  # Postfix hangs up after a 521
+                self._hangup("")
+            return
         if data is None:
             log.warning(f"NOQUEUE: queue file size limit exceeded from {self.client.namaddr}")
             await self._say("552 5.3.4 Error: message file too big")

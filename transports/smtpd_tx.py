@@ -9,10 +9,22 @@ Summary
       else; ``501 5.7.1 DSN support is disabled`` when ``dsn`` is in
       smtpd_discard_ehlo_keywords). DSN values are stored as qmgr-sendmail's -N/-R/-V store
       them (qmgrd.spool.envelope masks; ENVID and ORCPT decoded).
-    * ``read_data``: the DATA content up to CRLF.CRLF. Lines are read with the stream's
-      limit (line_length_limit) per read; longer lines arrive in pieces and are kept
-      whole. A dot at the start of any line (after CRLF or a bare LF) is removed; only a
-      lone dot after CRLF ends the data (a bare-LF dot line is data: no SMTP smuggling).
+    * ``read_data``: the DATA content up to the end of data, as smtpd_forbid_bare_newline
+      says (``mode``, Postfix >= 3.9). Lines are read with the stream's limit
+      (line_length_limit) per read; longer lines arrive in pieces and are kept whole. A
+      dot at the start of any line (after CRLF or a bare LF) is removed. A line ending
+      in a bare LF is taken as if it ended in CRLF (size and content: the queue file
+      keeps lines, not line ends).
+        - ``normalize`` (the default; also "yes"): only CRLF.CRLF ends the data - a
+          lone dot on a line that ends in a bare LF, or that follows one, is data (the
+          dot removed): no SMTP smuggling.
+        - ``reject``: the same framing; when any line ended in a bare LF, the content
+          is read to its end and dropped, and BARE_LF is returned (the caller rejects
+          it: ``550 5.5.2 <myhostname> Error: bare <LF> received``).
+        - ``no`` (Postfix < 3.9): a lone dot line ends the data whatever its line ends
+          or the previous line's (<LF>.<LF>, <CR><LF>.<LF>, <LF>.<CR><LF>): what the
+          client sends after it is read as commands. This is what makes SMTP smuggling
+          possible (a message that an upstream server took as one can be two here).
       Over ``message_size_limit`` (each line counted with CRLF, as Postfix) the rest is
       read and dropped and None is returned.
     * ``truncate_headers``: a header longer than ``header_size_limit`` is cut (Postfix
@@ -31,7 +43,8 @@ Public API
     mail_params(tx, params, smtputf8_enable, dsn_off) -> str | None   (error reply)
     rcpt_params(params, dsn_off) -> (notify, orcpt) | str             (str: error reply)
     utf8_error(address, smtputf8) -> str | None
-    async read_data(reader, limit, progress) -> bytes | None
+    async read_data(reader, limit, progress, mode="normalize") -> bytes | BareLF | None
+    BARE_LF (the BareLF result: reject mode saw a bare LF); NORMALIZE, REJECT, NO
     truncate_headers(data, limit) -> (bytes, int)
     received_header(myhostname, mail_name, client, helo, protocol, tx)
         -> Callable[[qid], list[bytes]]
@@ -58,6 +71,11 @@ from qmgrd.spool.statuslog import quote_822_local
 from transports.smtpd_policy import ClientInfo
 
 __all__ = [
+    "BARE_LF",
+    "NO",
+    "NORMALIZE",
+    "REJECT",
+    "BareLF",
     "Transaction",
     "content_with",
     "mail_params",
@@ -71,6 +89,21 @@ __all__ = [
 ]
 
 _RET = {"FULL": DSN_RET_FULL, "HDRS": DSN_RET_HDRS}
+# smtpd_forbid_bare_newline's modes (master.config.params.BARE_NEWLINE_MODES: "yes" is
+# normalize)
+NORMALIZE, REJECT, NO = "normalize", "reject", "no"
+
+
+class BareLF:
+    """read_data's result in reject mode when a line ended in a bare LF."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "BARE_LF"
+
+
+BARE_LF = BareLF()
 
 
 @dataclass
@@ -178,20 +211,26 @@ def rcpt_params(params: list[str], dsn_off: bool) -> tuple[int, str] | str:
 class _Data:
     """read_data's state: the content so far, its size and where the stream is."""
 
-    __slots__ = ("at_start", "last_cr", "limit", "line_crlf", "parts", "size", "too_big")
+    __slots__ = ("at_start", "bare_lf", "last_cr", "lax_end", "limit", "line_crlf", "parts",
+                 "reject", "size", "too_big")
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, mode: str = NORMALIZE) -> None:
         self.limit = limit
         self.parts: list[bytes] = []
         self.size = 0
         self.too_big = False
         self.at_start, self.last_cr, self.line_crlf = True, False, True
+        self.reject = mode == REJECT  # drop the content after a bare LF
+        self.lax_end = mode == NO  # a lone dot line ends the data, whatever its line ends
+        self.bare_lf = False  # a line ended in a bare LF
 
     def chunk(self, chunk: bytes) -> bool:
         """One line, or a piece of one (a line over the stream's limit). True at the
-        end of the data (a lone dot after CRLF)."""
+        end of the data (a lone dot after CRLF; in ``no`` mode any lone dot line)."""
         if self.at_start:
-            if chunk == b".\r\n" and self.line_crlf:
+            if chunk == b".\r\n" and (self.line_crlf or self.lax_end):
+                return True
+            if chunk == b".\n" and self.lax_end:
                 return True
             if chunk[:1] == b".":
                 chunk = chunk[1:]
@@ -199,6 +238,7 @@ class _Data:
         if self.at_start:
             self.line_crlf = chunk.endswith(b"\r\n") or (chunk == b"\n" and self.last_cr)
             self.size += len(chunk) + (0 if self.line_crlf else 1)  # a bare LF as CRLF
+            self.bare_lf = self.bare_lf or not self.line_crlf
             self.last_cr = False
         else:
             self.size += len(chunk)
@@ -219,12 +259,17 @@ class _Data:
         """Whole lines, CRLF last, from a line start whose first byte is no dot: the
         per-line rules at once (a dot after every LF removed; a bare LF counted as CRLF)."""
         data = data.replace(b"\n.", b"\n")
-        self.size += len(data) + data.count(b"\n") - data.count(b"\r\n")
+        bare = data.count(b"\n") - data.count(b"\r\n")
+        self.size += len(data) + bare
+        self.bare_lf = self.bare_lf or bare > 0
         self.at_start, self.last_cr, self.line_crlf = True, False, True
         self._keep(data)
 
     def _keep(self, data: bytes) -> None:
         if self.too_big:
+            return
+        if self.reject and self.bare_lf:  # rejected at the end: nothing more is kept
+            self.parts = []
             return
         if self.limit and self.size > self.limit:
             self.too_big = True
@@ -234,18 +279,22 @@ class _Data:
 
 
 async def read_data(reader: asyncio.StreamReader, limit: int,
-                    progress: Callable[[int], None]) -> bytes | None:
-    """The DATA content up to CRLF.CRLF, dot-unstuffed (module docstring); None when
-    over ``limit`` bytes (0 = no limit). ``progress(n)`` is called after each read of n
-    bytes from ``reader`` (smtpd_timeout is rearmed per read from the network, by the
-    session's data_received, not here). Raises what the reader raises (the connection
-    went away).
+                    progress: Callable[[int], None], mode: str = NORMALIZE
+                    ) -> bytes | BareLF | None:
+    """The DATA content up to the end of data, dot-unstuffed (module docstring); None
+    when over ``limit`` bytes (0 = no limit); BARE_LF when ``mode`` is REJECT and a line
+    ended in a bare LF (checked before the size: the content is read to its end either
+    way). ``mode``: smtpd_forbid_bare_newline's NORMALIZE, REJECT or NO. ``progress(n)``
+    is called after each read of n bytes from ``reader`` (smtpd_timeout is rearmed per
+    read from the network, by the session's data_received, not here). Raises what the
+    reader raises (the connection went away).
 
     At a line start whose first byte is not a dot, CR or LF, everything up to the first
     CRLF.CRLF is read in one go and handled at once (no end of data can begin in the
-    bytes already read: module docstring's rules); otherwise, and for what is over the
-    stream's limit, line by line as the rules say."""
-    st = _Data(limit)
+    bytes already read: module docstring's rules) - but not in NO mode, where a bare LF
+    can start one; otherwise, and for what is over the stream's limit, line by line as
+    the rules say."""
+    st = _Data(limit, mode)
     while True:
         prefix = b""
         if st.at_start:
@@ -255,7 +304,7 @@ async def read_data(reader: asyncio.StreamReader, limit: int,
                 if st.chunk(prefix):
                     break
                 continue
-            if prefix not in (b".", b"\r"):
+            if prefix not in (b".", b"\r") and not st.lax_end:
                 try:
                     blob = prefix + await reader.readuntil(b"\r\n.\r\n")
                 except asyncio.LimitOverrunError as exc:
@@ -273,6 +322,8 @@ async def read_data(reader: asyncio.StreamReader, limit: int,
         progress(len(chunk))
         if st.chunk(chunk):
             break
+    if st.reject and st.bare_lf:
+        return BARE_LF
     return None if st.too_big else b"".join(st.parts)
 
 
