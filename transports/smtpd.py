@@ -32,6 +32,10 @@ Summary
       (smtpd_policy.ConnectionCounter: byte-range locks on ``pid/smtpd.conn`` in the
       queue directory, opened before the jail), except clients in
       ``smtpd_client_event_limit_exceptions`` (default ``$mynetworks``).
+    * **SMTP smuggling** (Postfix >= 3.9 defaults): ``smtpd_forbid_bare_newline``
+      (normalize; yes = normalize; reject; no), ``smtpd_forbid_bare_newline_exclusions``
+      (``$mynetworks``), ``smtpd_forbid_bare_newline_reject_code`` (550): see
+      transports.smtpd_session and transports.smtpd_tx.read_data.
     * **Into the queue**: ``Cleanup.submit(origin="smtp")`` - the one way into incoming/,
       file complete, fchmod'ed ready and fsynced before it returns - so the ``250`` comes
       only after that. The cleanup runs in the smtpd process (no cleanup daemon) and blocks
