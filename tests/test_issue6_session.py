@@ -375,7 +375,12 @@ def test_orcpt_with_a_control_character_is_refused_at_rcpt_not_at_end_of_data(
 
 
 # --------------------------------------------------------------------------- DATA
-def test_data_framing_and_received_header(host: Host) -> None:
+def test_data_framing_and_received_header(tmp_path: Path) -> None:
+    # the client (127.0.0.1) is in mynetworks: with no smtpd_forbid_bare_newline
+    # exclusions it gets the default normalize framing (excluded clients get "no", as
+    # in Postfix: test_smtpd_bare_newline)
+    log.setup("smtpd", str(tmp_path / "maillog"), "qmgrd")
+    host = Host(tmp_path, "smtpd_forbid_bare_newline_exclusions =\n")
     long_line = b"y" * 5000
     data = (b"Subject: frame\r\n\r\n..dot\r\nbare\n.\nstill data\r\n" + long_line +
             b"\r\nlast\r\n.\r\n")

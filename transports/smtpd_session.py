@@ -32,8 +32,8 @@ Summary
       nothing queued, the session goes on (a 521 code hangs up); a command line is
       refused instead of executed, and the session ends there (Postfix's smtpd reads
       no more commands). Clients in ``smtpd_forbid_bare_newline_exclusions`` (default
-      ``$mynetworks``) get normalize instead - unlike Postfix, which gives them ``no``:
-      an exclusion lifts the rejection, it never lets a bare-LF dot line end the data.
+      ``$mynetworks``) get ``no``, as Postfix's smtpd gives them (local programs that
+      end DATA with <LF>.<LF> keep working; the defence is for the clients outside).
       ``no`` (Postfix < 3.9): a lone dot line ends the data whatever its line ends -
       vulnerable to SMTP smuggling, as Postfix warns.
     * An address with bytes that are not valid UTF-8 (Postfix refuses malformed UTF-8):
@@ -98,6 +98,7 @@ from qmgrd.utf8 import malformed as malformed_utf8
 from qmgrd.utf8 import shown
 from transports.smtpd_policy import ClientInfo, Policy, queue_space
 from transports.smtpd_tx import (
+    NO,
     NORMALIZE,
     REJECT,
     BareLF,
@@ -380,8 +381,8 @@ class SmtpdSession(SMTP):
             transport.max_size = READ_SIZE
         peer = transport.get_extra_info("peername") or ("unknown", "unknown")
         self.client = ClientInfo(str(peer[0]), str(peer[1]))
-        if self.bare_newline == REJECT and self.host.policy.bare_newline_exempt(peer[0]):
-            self.bare_newline = NORMALIZE  # smtpd_forbid_bare_newline_exclusions
+        if self.bare_newline != NO and self.host.policy.bare_newline_exempt(peer[0]):
+            self.bare_newline = NO  # smtpd_forbid_bare_newline_exclusions, as Postfix
         self._registered = True
         try:
             self._count = self.host.connect(self)
