@@ -262,6 +262,26 @@ def test_smtputf8_not_offered_bounces_567(env: Env) -> None:
         assert env.undone(qid3) == [] and not statuslog.read(env.spool, "bounce", qid3)
 
 
+def test_unflagged_utf8_recipient_goes_as_it_is(env: Env) -> None:
+    """A message that does not request SMTPUTF8 (an alias's forwarded copy of mail
+    received without it) is sent with its addresses as they are to a server without
+    SMTPUTF8, as Postfix's smtp(8) does: no 5.6.7, and the ASCII recipient of the same
+    transaction is not held back by the UTF-8 one."""
+    for peer in start_peer(enable_SMTPUTF8=False):
+        qid = env.queue(["j\u00f6rg@example.net", "ascii@example.net"],
+                        b"Subject: fwd\r\n\r\nhi\r\n")
+        _, reply = round_trip(agent_for(env), env.request(qid, peer.nexthop), env.ctx())
+        assert reply is not None and reply.status == 0, env.log()
+        (got,) = peer.capture.messages
+        assert got.rcpts == ["ascii@example.net"] and "SMTPUTF8" not in got.mail_options
+        ((rcpt, dsn),) = statuslog.read(env.spool, "bounce", qid)
+        assert rcpt.address == "j\u00f6rg@example.net"
+        # aiosmtpd's own answer to a non-ASCII command without SMTPUTF8
+        assert dsn.reason == ("host 127.0.0.1[127.0.0.1] said: 500 Error: strict ASCII "
+                              "mode (in reply to RCPT TO command)")
+        assert env.undone(qid) == []
+
+
 def test_server_size_limit_bounces_534(env: Env) -> None:
     for peer in start_peer(enable_SMTPUTF8=True, data_size_limit=100):
         qid = env.queue(["bob@example.net"], (CORPUS / "02-multipart-attachment.eml")

@@ -53,11 +53,17 @@ Summary
       smtp_mime_fail()). With
       ``disable_mime_output_conversion = yes`` the 8-bit content is sent as it is,
       without ``BODY=``, as Postfix does.
-    * An envelope that needs SMTPUTF8 (a non-ASCII local part of the sender or a
-      recipient) sent to a server that does not offer it: bounce ``5.6.7 SMTPUTF8 is
-      required, but was not offered by host H[ip]``. A UTF-8 domain alone does not need
-      it: such a server gets the domain's A-label (``user@xn--bcher-kva.example``), as
-      Postfix sends it.
+    * A message that requests SMTPUTF8 (queue file ``A smtputf8=`` with the requested
+      bit: the client sent ``MAIL FROM ... SMTPUTF8``, or cleanup's autodetection) whose
+      envelope needs it (a non-ASCII local part of the sender or a recipient) sent to a
+      server that does not offer it: every recipient of the transaction bounces ``5.6.7
+      SMTPUTF8 is required, but was not offered by host H[ip]`` (Postfix smtp_proto.c
+      insists only when the message requests SMTPUTF8). A message that does not request
+      it (an alias's forwarded copy of mail received without SMTPUTF8, whose target is
+      UTF-8) goes with the addresses as they are, as Postfix's smtp(8) sends what it
+      has: the server answers for each recipient, and the ASCII ones are not held back
+      by a UTF-8 one. A UTF-8 domain alone does not need SMTPUTF8: such a server gets
+      the domain's A-label (``user@xn--bcher-kva.example``).
 
 Public API
     async transaction(sess, req, body, pending, att, params) -> None     SmtpFailure
@@ -216,7 +222,9 @@ async def transaction(sess: SmtpSession, req: DeliverRequest, body: Content,
              for i in pending}
     need_utf8 = convert and (not sender.isascii()
                              or any(not a.isascii() for a in addrs.values()))
-    if need_utf8 and not use_utf8:
+    if need_utf8 and req.smtputf8 & SMTPUTF8_FLAG_REQUESTED:
+        # Postfix smtp_proto.c: 5.6.7 only for a message that requests SMTPUTF8; an
+        # unflagged one is sent as it is (convert implies that use_utf8 is false)
         dsn = make_dsn("5.6.7", f"SMTPUTF8 is required, but was not offered by host "
                                 f"{addr.namaddr}")
         att.settle(pending, dsn, sess.relay)
