@@ -12,6 +12,7 @@ from test_local_delivery import bounce_of, deliver
 
 from qmgrd.maps import AliasMaps, TableUnavailable, open_alias_table
 from qmgrd.spool import statuslog
+from qmgrd.spool.envelope import DSN_NOTIFY_SUCCESS, Recipient
 from transports.local_alias import split_targets
 
 ALIASES = """\
@@ -187,6 +188,23 @@ def test_local_targets_recursive_and_case(tmp_path: Path) -> None:
     (me,) = inbox(tmp_path, "self")  # a name expanding to itself: its own mailbox
     assert b"Delivered-To: self@mail.test.example\n" in me  # @$myorigin
     assert not (tmp_path / "mail" / "team").exists()
+    assert "status=sent (delivered to maildir)" in env.log()
+
+
+def test_local_targets_success_notice_is_expanded(tmp_path: Path) -> None:
+    """NOTIFY=SUCCESS on an alias with several local targets: one trace entry 2.0.0
+    "expanded" ``alias expanded`` (Postfix local/alias.c), not "delivered"; an alias
+    with one target reports the delivery itself."""
+    env = alias_env(tmp_path)
+    qid, reply = deliver(env, [Recipient("list@localhost", notify=DSN_NOTIFY_SUCCESS),
+                               Recipient("news@localhost", notify=DSN_NOTIFY_SUCCESS)])
+    assert reply.status == 0
+    assert len(inbox(tmp_path, "alice")) == 2 and len(inbox(tmp_path, "bob")) == 1
+    got = {r.address: (d.status, d.action, d.reason)
+           for r, d in statuslog.read(env.spool, "trace", qid)}
+    assert got == {"list@localhost": ("2.0.0", "expanded", "alias expanded"),
+                   "news@localhost": ("2.0.0", "delivered", "delivered to maildir")}
+    assert "to=<list@localhost>, relay=local, " in env.log()
     assert "status=sent (delivered to maildir)" in env.log()
 
 

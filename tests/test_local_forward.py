@@ -14,13 +14,20 @@ from test_agent_support import SIMPLE, Env, close_log, make_env, round_trip  # n
 from test_local_alias import inbox
 from test_local_delivery import bounce_of, content_lines
 
-from qmgrd.delivery import DeliverStatus
+from qmgrd.delivery import BOUNCE_CMD_TRACE, DeliverStatus, StatusRequest
 from qmgrd.spool import statuslog
 from qmgrd.spool.cleanup import Cleanup
-from qmgrd.spool.envelope import DSN_NOTIFY_FAILURE, DSN_NOTIFY_SUCCESS, DSN_RET_HDRS, Recipient
+from qmgrd.spool.envelope import (
+    DSN_NOTIFY_FAILURE,
+    DSN_NOTIFY_NEVER,
+    DSN_NOTIFY_SUCCESS,
+    DSN_RET_HDRS,
+    Recipient,
+)
 from qmgrd.spool.message import QueueFile
 from qmgrd.spool.queue import Spool
 from tests.harness import tool, wait_for
+from transports.bounce import BounceService
 from transports.local import LocalAgent
 
 ALIASES = """\
@@ -28,6 +35,8 @@ away: Admin@Elsewhere.example
 mixed: alice, admin@elsewhere.example, other@far.example, ADMIN@elsewhere.example
 badmix: /tmp/x, admin@elsewhere.example
 loop: loop@alias.example
+fwdonly: one@far.example, two@far.example
+solo: bob
 """
 
 
@@ -176,6 +185,63 @@ def test_failed_submission_defers_and_leaves_nothing(tmp_path: Path,
     assert (dsn.status, dsn.reason) == ("4.3.0", why)
     assert incoming(env) == []  # no half-written queue file
     assert env.undone(qid) == ["mixed@localhost"]
+
+
+def copy_notify(env: Env, name: str) -> list[tuple[str, int]]:
+    with QueueFile.open(env.spool, "incoming", name, lock=None, readonly=True) as qf:
+        return [(r.address, r.notify) for r in qf.recipients]
+
+
+def success_notice(env: Env, qid: str) -> bytes:
+    """The success notice the bounce service makes of ``qid``'s trace log."""
+    before = set(incoming(env))
+    svc = BounceService(env.ctx("trace"))
+    req = StatusRequest(nrequest=BOUNCE_CMD_TRACE, queue_name="active", queue_id=qid,
+                        sender="alice@example.com")
+    assert svc.handle(req) == 0
+    (nid,) = set(incoming(env)) - before
+    with QueueFile.open(env.spool, "incoming", nid, lock=None, readonly=True) as qf:
+        return b"\n".join(qf.iter_lines()) + b"\n"
+
+
+def test_alias_expanded_to_several_addresses_notifies_expanded(tmp_path: Path) -> None:
+    """RFC 3461 section 6.2.7.3, Postfix local/alias.c: an alias with NOTIFY=SUCCESS that
+    expands to more than one address gets one success notice, action "expanded",
+    ``alias expanded``, and what it expands to goes without SUCCESS (SUCCESS alone
+    becomes NEVER), forwarded copy and local deliveries alike."""
+    env = fwd_env(tmp_path)
+    qid, reply = deliver(env, [Recipient("fwdonly@localhost", notify=DSN_NOTIFY_SUCCESS)])
+    assert reply.status == 0
+    new = forwarded_as(env, qid, "fwdonly@localhost")
+    assert copy_notify(env, new) == [("one@far.example", DSN_NOTIFY_NEVER),
+                                     ("two@far.example", DSN_NOTIFY_NEVER)]
+    ((rcpt, dsn),) = statuslog.read(env.spool, "trace", qid)
+    assert rcpt.address == "fwdonly@localhost"
+    assert (dsn.status, dsn.action, dsn.reason) == ("2.0.0", "expanded", "alias expanded")
+    text = success_notice(env, qid).decode()
+    assert "<fwdonly@localhost>: alias expanded\n" in text
+    assert "Action: expanded\n" in text and "Status: 2.0.0\n" in text
+    assert "Action: delivered" not in text and "Action: relayed" not in text
+    # local and remote targets: the same one notice, not "delivered"; FAILURE stays
+    notify = DSN_NOTIFY_SUCCESS | DSN_NOTIFY_FAILURE
+    qid2, reply2 = deliver(env, [Recipient("mixed@localhost", notify=notify)])
+    assert reply2.status == 0 and len(inbox(tmp_path, "alice")) == 1
+    new2 = forwarded_as(env, qid2, "mixed@localhost")
+    assert f"status=sent (delivered to maildir; forwarded as {new2})" in env.log()
+    assert {n for _, n in copy_notify(env, new2)} == {DSN_NOTIFY_FAILURE}
+    ((_, dsn2),) = statuslog.read(env.spool, "trace", qid2)
+    assert (dsn2.status, dsn2.action, dsn2.reason) == ("2.0.0", "expanded",
+                                                       "alias expanded")
+    # one target: NOTIFY goes on unchanged, the final delivery (or the forwarded
+    # copy's next hop) reports success - no "expanded" notice
+    qid3, _ = deliver(env, [Recipient("solo@localhost", notify=DSN_NOTIFY_SUCCESS)])
+    assert len(inbox(tmp_path, "bob")) == 1
+    ((_, dsn3),) = statuslog.read(env.spool, "trace", qid3)
+    assert (dsn3.action, dsn3.reason) == ("delivered", "delivered to maildir")
+    qid4, _ = deliver(env, [Recipient("away@localhost", notify=DSN_NOTIFY_SUCCESS)])
+    new4 = forwarded_as(env, qid4, "away@localhost")
+    assert copy_notify(env, new4) == [("Admin@Elsewhere.example", DSN_NOTIFY_SUCCESS)]
+    assert statuslog.read(env.spool, "trace", qid4) == []
 
 
 @pytest.mark.timeout(120)

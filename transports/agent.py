@@ -464,6 +464,12 @@ class DeliveryAgent:
             return ""
         return "bounce" if dsn.status[0] == "5" else "defer"
 
+    @staticmethod
+    def _status_entry(req: DeliverRequest, rcpt: RecipientInfo, dsn: Dsn) -> Dsn:
+        """The status-log entry of a (normalized) outcome: the outcome itself (a
+        transport may report otherwise, e.g. transports.local's ``alias expanded``)."""
+        return dsn
+
     def _append_logs(self, req: DeliverRequest,
                      outcomes: list[tuple[RecipientInfo, Dsn]]) -> set[int]:
         """Write the request's status-log entries, one append (one fsync) per log; return
@@ -478,7 +484,8 @@ class DeliveryAgent:
         for name, items in groups.items():
             try:
                 statuslog.append_many(self.spool, name, req.queue_id,
-                                      [(_env_rcpt(r), d) for r, d in items])
+                                      [(_env_rcpt(r), self._status_entry(req, r, d))
+                                       for r, d in items])
             except (OSError, ValueError) as exc:
                 log.warning(f"{req.queue_id}: {name} log append: {exc}")
                 self._error_notice("resource", req, f"{name} log append: {exc}")

@@ -14,7 +14,9 @@ Summary
     * arrival time: now (Postfix writes the posting time into the new message's T
       record, not the original arrival time);
     * DSN ENVID and RET copied; each forwarded recipient gets the original recipient's
-      NOTIFY flags and ORCPT, and as original recipient (``O`` record) the original's
+      NOTIFY flags (``rcpt.notify``: the local agent has taken SUCCESS off when the
+      alias expanded to more than one address) and ORCPT, and as original recipient
+      (``O`` record) the original's
       own original recipient, or the original recipient itself;
     * the rewrite context and the log_client_name/address, log_protocol_name and
       log_helo_name attributes of the request copied (when set); SMTPUTF8 flags copied;
@@ -36,7 +38,9 @@ Summary
 
     Success: ``2.0.0 forwarded as <new queue id>``, action ``relayed`` (Postfix's
     forward_send() sent() text). As in Postfix, that step itself sends no success
-    notice (the forwarded recipients carry NOTIFY=SUCCESS on to the next hop).
+    notice (the forwarded recipients carry NOTIFY=SUCCESS on to the next hop; for an
+    alias expanded to several addresses the local agent sends the ``alias expanded``
+    notice instead).
 
 Public API
     Forwarder(cfg, spool)
