@@ -269,3 +269,25 @@ def test_forwarded_copy_reaches_smtp_sink(mailsys, peers) -> None:
     assert re.search(rf"{m.group(1)}: to=<admin@elsewhere.example>, orig_to=<root@localhost>"
                      r", relay=127\.0\.0\.1.*status=sent", log), log
     assert len(ms.maildir("root")) == 1
+
+
+@pytest.mark.timeout(120)
+def test_utf8_target_does_not_hold_back_an_ascii_one(mailsys, peers) -> None:
+    """An ASCII message without SMTPUTF8, an alias to a UTF-8 and an ASCII remote
+    address, a next hop without SMTPUTF8 (smtp-sink): the copy is not flagged (no
+    SMTPUTF8 autodetection for forwarded mail, Postfix's smtputf8_autodetect_classes),
+    and Postfix's smtp(8) sends it as it is - no 5.6.7 for either recipient."""
+    sink = peers.sink()
+    ms = mailsys(main={"relayhost": f"[127.0.0.1]:{sink.port}"})
+    (ms.etc / "aliases").write_text("u8fwd: j\u00f6rg@sink.test, ascii@sink.test\n")
+    ms.write_main(alias_maps=f"texthash:{ms.etc}/aliases")
+    ms.start()
+    body = b"Subject: ascii\n\nplain\n"
+    assert ms.sendmail("-f", "sender@example.org", "u8fwd@localhost", data=body).returncode == 0
+    wait_for(lambda: sink.count() >= 1, 60, "the forwarded copy at smtp-sink")
+    wait_for(ms.queue_empty, 30, "an empty queue")
+    log = ms.log()
+    assert "5.6.7" not in log, log
+    for rcpt in ("j\u00f6rg@sink.test", "ascii@sink.test"):
+        assert re.search(rf"to=<{rcpt}>, orig_to=<u8fwd@localhost>, relay=127\.0\.0\.1"
+                         r".*status=sent", log), log
