@@ -84,8 +84,10 @@ def test_remote_target_is_forwarded_as_a_new_message(tmp_path: Path) -> None:
     assert env.undone(qid) == []  # marked done
     new = forwarded_as(env, qid, "away@localhost")
     assert incoming(env) == [new]
-    # the forwarding itself sends no success notice: the copy carries NOTIFY on
-    assert statuslog.read(env.spool, "trace", qid) == []
+    # NOTIFY=SUCCESS: the alias reports "expanded" itself (Postfix local/alias.c), and
+    # the copy goes on without SUCCESS
+    ((_, dsn),) = statuslog.read(env.spool, "trace", qid)
+    assert (dsn.status, dsn.action, dsn.reason) == ("2.0.0", "expanded", "alias expanded")
     with QueueFile.open(env.spool, "incoming", new, lock=None, readonly=True) as qf:
         assert qf.sender == ""
         assert (qf.envid, qf.ret) == ("env-1", DSN_RET_HDRS)
@@ -93,7 +95,7 @@ def test_remote_target_is_forwarded_as_a_new_message(tmp_path: Path) -> None:
                                          for r in qf.recipients]
         lines = list(qf.iter_lines())
     assert (addr, orig, orcpt, flags) == ("Admin@Elsewhere.example", "Away@localhost",
-                                          "rfc822;away@localhost", notify)
+                                          "rfc822;away@localhost", DSN_NOTIFY_FAILURE)
     assert lines[0] == b"Received: by mail.test.example (qmgrd)"
     assert re.fullmatch(rb"\tid " + new.encode() + rb"; \w{3}, .*", lines[1])
     assert lines[2] == b"Delivered-To: away@localhost"
@@ -205,10 +207,10 @@ def success_notice(env: Env, qid: str) -> bytes:
 
 
 def test_alias_expanded_to_several_addresses_notifies_expanded(tmp_path: Path) -> None:
-    """RFC 3461 section 6.2.7.3, Postfix local/alias.c: an alias with NOTIFY=SUCCESS that
-    expands to more than one address gets one success notice, action "expanded",
-    ``alias expanded``, and what it expands to goes without SUCCESS (SUCCESS alone
-    becomes NEVER), forwarded copy and local deliveries alike."""
+    """RFC 3461 section 6.2.7.3, Postfix local/alias.c deliver_alias(): an alias with
+    NOTIFY=SUCCESS gets one success notice, action "expanded", ``alias expanded``, and
+    what it expands to goes without SUCCESS (SUCCESS alone becomes NEVER), forwarded
+    copy and local deliveries alike - with one target as with several."""
     env = fwd_env(tmp_path)
     qid, reply = deliver(env, [Recipient("fwdonly@localhost", notify=DSN_NOTIFY_SUCCESS)])
     assert reply.status == 0
@@ -232,16 +234,16 @@ def test_alias_expanded_to_several_addresses_notifies_expanded(tmp_path: Path) -
     ((_, dsn2),) = statuslog.read(env.spool, "trace", qid2)
     assert (dsn2.status, dsn2.action, dsn2.reason) == ("2.0.0", "expanded",
                                                        "alias expanded")
-    # one target: NOTIFY goes on unchanged, the final delivery (or the forwarded
-    # copy's next hop) reports success - no "expanded" notice
+    # one target: the same (Postfix makes no exception for a single address)
     qid3, _ = deliver(env, [Recipient("solo@localhost", notify=DSN_NOTIFY_SUCCESS)])
     assert len(inbox(tmp_path, "bob")) == 1
     ((_, dsn3),) = statuslog.read(env.spool, "trace", qid3)
-    assert (dsn3.action, dsn3.reason) == ("delivered", "delivered to maildir")
+    assert (dsn3.action, dsn3.reason) == ("expanded", "alias expanded")
     qid4, _ = deliver(env, [Recipient("away@localhost", notify=DSN_NOTIFY_SUCCESS)])
     new4 = forwarded_as(env, qid4, "away@localhost")
-    assert copy_notify(env, new4) == [("Admin@Elsewhere.example", DSN_NOTIFY_SUCCESS)]
-    assert statuslog.read(env.spool, "trace", qid4) == []
+    assert copy_notify(env, new4) == [("Admin@Elsewhere.example", DSN_NOTIFY_NEVER)]
+    ((_, dsn4),) = statuslog.read(env.spool, "trace", qid4)
+    assert (dsn4.action, dsn4.reason) == ("expanded", "alias expanded")
 
 
 @pytest.mark.timeout(120)

@@ -78,10 +78,9 @@ Summary
     and a match is delivered to its targets instead (transports.local_alias); its remote
     targets are sent on as one new message through cleanup (transports.local_forward),
     logged ``status=sent (forwarded as <new queue id>)``. A recipient with NOTIFY=SUCCESS
-    whose alias expands to more than one address gets one success notice ``2.0.0 alias
-    expanded`` (action ``expanded``), and what it expands to goes without SUCCESS;
-    with one target NOTIFY goes on unchanged (Postfix local/alias.c, RFC 3461
-    section 6.2.7.3).
+    whose alias is expanded gets one success notice ``2.0.0 alias expanded`` (action
+    ``expanded``), and what it expands to goes without SUCCESS (Postfix local/alias.c,
+    RFC 3461 section 6.2.7.3).
 
     File system errors defer (4.2.0), except "disk quota exceeded" and "file too large"
     which bounce (5.2.2), as Postfix's mbox_dsn().
@@ -119,7 +118,7 @@ from qmgrd.maps import AliasMaps
 from qmgrd.spool.envelope import DSN_NOTIFY_NEVER, DSN_NOTIFY_SUCCESS
 from qmgrd.spool.message import QueueFile
 from qmgrd.spool.statuslog import quote_822_local
-from transports.agent import DEL_REQ_FLAG_RECORD, DeliveryAgent, Dsn, make_dsn, run
+from transports.agent import DeliveryAgent, Dsn, make_dsn, run
 from transports.local_alias import AliasExpander
 from transports.local_forward import Forwarder
 
@@ -251,8 +250,7 @@ class LocalAgent(DeliveryAgent):
                 rcpt.address,
                 lambda address: self._deliver_one(
                     req, dataclasses.replace(rcpt, address=address), lines, seen, alias=False),
-                lambda targets, expanded: self._forward(req, rcpt, lines, targets,
-                                                        expanded))
+                lambda targets: self._forward(req, rcpt, lines, targets))
             if expanded is not None:
                 return expanded
         account = _getpwnam(user)
@@ -279,33 +277,23 @@ class LocalAgent(DeliveryAgent):
             os.close(spool_fd)
 
     def _forward(self, req: DeliverRequest, rcpt: RecipientInfo, lines: list[bytes],
-                 targets: list[str], expanded: bool) -> Dsn:
+                 targets: list[str]) -> Dsn:
         """Send ``rcpt``'s remote alias targets on (transports.local_forward).
 
-        ``expanded``: the alias expanded to more than one address; then the copy's
-        recipients get ``rcpt``'s NOTIFY without SUCCESS (SUCCESS alone becomes NEVER),
-        as Postfix's local/alias.c does (RFC 3461 section 6.2.7.3): the success notice
-        is the ``alias expanded`` one (_status_entry), not the next hop's.
+        The copy's recipients get ``rcpt``'s NOTIFY without SUCCESS (SUCCESS alone
+        becomes NEVER), as Postfix's local/alias.c does (RFC 3461 section 6.2.7.3): the
+        success notice is the ``alias expanded`` one (_status_entry), not the next hop's.
         """
         assert self.forwarder is not None  # set by setup()
-        if expanded and rcpt.notify & DSN_NOTIFY_SUCCESS:
+        if rcpt.notify & DSN_NOTIFY_SUCCESS:
             notify = (DSN_NOTIFY_NEVER if rcpt.notify == DSN_NOTIFY_SUCCESS
                       else rcpt.notify & ~DSN_NOTIFY_SUCCESS)
             rcpt = dataclasses.replace(rcpt, notify=notify)
         return self.forwarder.forward(req, rcpt, lines, targets)
 
     @staticmethod
-    def _status_log(req: DeliverRequest, rcpt: RecipientInfo, dsn: Dsn) -> str:
-        """As the base's, but a recipient only forwarded (action relayed) gets no
-        success notice of its own unless the request has the RECORD flag: Postfix's
-        forward_send() takes NOTIFY=SUCCESS off, the forwarded copy carries it on."""
-        if dsn.status[0] == "2" and dsn.action == "relayed":
-            return "trace" if req.flags & DEL_REQ_FLAG_RECORD else ""
-        return DeliveryAgent._status_log(req, rcpt, dsn)
-
-    @staticmethod
     def _status_entry(req: DeliverRequest, rcpt: RecipientInfo, dsn: Dsn) -> Dsn:
-        """An alias that expanded to more than one address (action ``expanded``,
+        """An expanded alias (action ``expanded``,
         transports.local_alias) is reported as Postfix's local/alias.c reports it:
         ``2.0.0``, action ``expanded``, ``alias expanded`` (RFC 3464; the maillog keeps
         the deliveries' text); every other outcome as it is."""

@@ -43,14 +43,13 @@ Summary
     delivers to nothing and forwards nothing (only skipped names) bounces ``5.4.6 mail
     forwarding loop``.
 
-    DSN (RFC 3461 section 6.2.7.3, RFC 3464 action "expanded"; Postfix local/alias.c):
-    an expansion into more than one address (local deliveries, bounced targets and
-    remote targets counted together) is reported with action ``expanded`` when it
-    succeeds (the maillog text stays the delivery's / forwarding's); ``forward`` is
-    told so, and the agent (transports.local) takes SUCCESS off the NOTIFY of what the
-    alias expands to and sends one success notice ``2.0.0 alias expanded`` for the
-    recipient. An expansion into exactly one address keeps the target's own action
-    (``delivered``; ``relayed`` for a forwarded copy, which carries NOTIFY on).
+    DSN (RFC 3461 section 6.2.7.3, RFC 3464 action "expanded"; Postfix local/alias.c,
+    deliver_alias()): a successful expansion - into any number of addresses, one
+    included - is reported with action ``expanded`` (the maillog text stays the
+    delivery's / forwarding's); the agent (transports.local) takes SUCCESS off the
+    NOTIFY of what the alias expands to (the forwarded copy's recipients) and sends one
+    success notice ``2.0.0 alias expanded`` for the recipient, as Postfix does for an
+    alias whose envelope sender is not replaced.
 
     Not implemented: ``owner-`` aliases (the forwarded copy keeps the original sender),
     ``expand_owner_alias``, ``propagate_unmatched_extensions``, ``.forward`` files.
@@ -59,10 +58,9 @@ Public API
     AliasExpander(maps, delimiter, mydestination, myorigin)
     AliasExpander.expand(address, deliver, forward) -> Dsn | None
         None: no alias for ``address``; ``deliver(address) -> Dsn`` delivers one local
-        target to its mailbox (no alias lookup); ``forward(targets, expanded) -> Dsn``
-        sends the remote targets on as one message (at most one call; ``expanded``:
-        the alias expanded to more than one address). A success is action
-        ``expanded`` when the alias expanded to more than one address.
+        target to its mailbox (no alias lookup); ``forward(targets) -> Dsn`` sends the
+        remote targets on as one message (at most one call). A success has action
+        ``expanded``.
     split_targets(value) -> list[str]
 """
 
@@ -140,15 +138,13 @@ class AliasExpander:
         return None
 
     def expand(self, address: str, deliver: Callable[[str], Dsn],
-               forward: Callable[[list[str], bool], Dsn]) -> Dsn | None:
+               forward: Callable[[list[str]], Dsn]) -> Dsn | None:
         """Expand ``address`` (a local recipient); None when it has no alias.
 
-        ``deliver(address)`` delivers one local target; ``forward(targets, expanded)``
-        sends the remote targets on as one new message (transports.local_forward),
-        called once after the expansion unless a target was deferred; ``expanded`` is
-        True when the alias expanded to more than one address (RFC 3461 section
-        6.2.7.3: the copies then go without NOTIFY=SUCCESS). A success of such an
-        expansion has action ``expanded`` (RFC 3464), else the single target's action.
+        ``deliver(address)`` delivers one local target; ``forward(targets)`` sends the
+        remote targets on as one new message (transports.local_forward), called once
+        after the expansion unless a target was deferred. A success has action
+        ``expanded`` (RFC 3464; Postfix reports every alias expansion so).
         """
         if not self.maps:
             return None
@@ -167,15 +163,14 @@ class AliasExpander:
         deferred = _first(results, "4")
         if deferred is not None:
             return deferred  # no forwarded copy: the retry expands everything again
-        expanded = len(results) + len(remote) > 1
-        forwarded = forward(remote, expanded) if remote else None
+        forwarded = forward(remote) if remote else None
         if forwarded is not None and not forwarded.status.startswith("2"):
             return forwarded
         failed = _first(results, "5")
         if failed is not None:
             return failed
         done = _success(results, forwarded)
-        return replace(done, action="expanded") if expanded else done
+        return replace(done, action="expanded")
 
     def _expand(self, name: str, value: str, chain: list[str],
                 deliver: Callable[[str], Dsn], results: list[tuple[str, Dsn]],
