@@ -12,8 +12,13 @@ Summary
     neither a bounce nor a delivery to the mailbox of the unexpanded name. The same
     for a target whose own lookup fails (the other targets are delivered).
 
-    A match is split into targets at commas and white space (double quotes group, and
-    a ``|command`` runs to the next comma). Each target is
+    A match is split into targets as Postfix's tok822_parse() reads an address list
+    (split_targets): commas separate them, and so does white space between two words
+    that no ``@`` or ``.`` joins (Postfix adds the missing commas: ``bob carol``); a
+    ``(comment)`` is dropped (nested, ``\\`` escapes); of ``Phrase <addr>`` or
+    ``<addr>`` only ``addr`` is a target; a ``"quoted string"`` is one word (quotes
+    removed); a ``|command`` runs to the next comma. ``#`` after a value is no comment
+    (aliases(5): only a line starting with ``#`` is). Each target is
 
     * a local name (no ``@``, or ``@`` a domain of ``mydestination``): looked up in
       ``alias_maps`` again (recursively) and, without an alias of its own, delivered to
@@ -78,34 +83,131 @@ MAX_DEPTH = 100
 UNAVAILABLE = ("4.3.0", "alias database unavailable")  # Postfix local/alias.c
 
 
-def split_targets(value: str) -> list[str]:
-    """The targets of an alias value: separated by commas and white space, ``"..."``
-    grouping (quotes removed), a ``|command`` running to the next comma."""
+def _skip_comment(value: str, i: int) -> int:
+    """The index after the RFC 822 comment that starts at ``value[i]`` (``(``):
+    comments nest, a backslash quotes the next character, an unterminated comment
+    runs to the end (Postfix tok822_comment)."""
+    depth = 0
+    while i < len(value):
+        ch = value[i]
+        if ch == "\\":
+            i += 2
+            continue
+        if ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+            if depth == 0:
+                return i + 1
+        i += 1
+    return i
+
+
+def _quoted(value: str, i: int) -> tuple[str, int]:
+    """The text of the quoted string that starts at ``value[i]`` (``"``), quotes and
+    backslashes removed, and the index after it (unterminated: to the end)."""
     out: list[str] = []
-    cur: list[str] = []
-    quoted = False
-    command = False
-    for ch in value:
-        if quoted:
-            if ch == '"':
-                quoted = False
-            else:
-                cur.append(ch)
+    i += 1
+    while i < len(value):
+        ch = value[i]
+        if ch == "\\" and i + 1 < len(value):
+            out.append(value[i + 1])
+            i += 2
             continue
         if ch == '"':
-            quoted = True
+            return "".join(out), i + 1
+        out.append(ch)
+        i += 1
+    return "".join(out), i
+
+
+_SPECIAL = ' \t\r\n,()<>"'
+
+
+def split_targets(value: str) -> list[str]:
+    """The targets of an alias value, as Postfix's local(8) parses it (tok822_parse):
+
+    * commas separate addresses; words with white space (or a comment) between them
+      and no ``@`` or ``.`` operator joining them are separate addresses too
+      (Postfix adds the missing commas: ``bob carol`` is bob and carol);
+    * a ``(comment)`` belongs to no address and is dropped (comments nest, ``\\``
+      quotes the next character);
+    * in ``Phrase <addr>`` (and ``<addr>``) the address inside the angle brackets is
+      the target, the phrase is dropped;
+    * a ``"quoted string"`` is one word (quotes and backslashes removed), also next to
+      other characters (``"a b"@x`` is ``a b@x``);
+    * a word starting with ``|`` is a command running to the next comma (quotes
+      removed), as qmgrd always read it.
+
+    Returns:
+        the targets in order, none empty.
+    """
+    out: list[str] = []
+    words: list[str] = []   # the words of the current comma-separated part
+    cur: list[str] = []     # the pieces of the word being read
+    i, n = 0, len(value)
+
+    def end_word() -> None:
+        nonlocal cur
+        if not cur:
+            return
+        word = "".join(cur)
+        cur = []
+        if words and (words[-1].endswith(("@", ".")) or word.startswith(("@", "."))):
+            words[-1] += word   # "user @ host": RFC 822 operators join words
+        else:
+            words.append(word)  # else a missing comma: a new address
+
+    def end_part() -> None:
+        nonlocal words
+        end_word()
+        out.extend(words)
+        words = []
+
+    while i < n:
+        ch = value[i]
+        if ch == "|" and not cur:
+            end_word()
+            j = i
+            command: list[str] = []
+            while j < n and value[j] != ",":
+                if value[j] == '"':
+                    text, j = _quoted(value, j)
+                    command.append(text)
+                    continue
+                command.append(value[j])
+                j += 1
+            out.extend(words)
+            out.append("".join(command).strip())
+            words, i = [], j
             continue
-        if not cur and ch == "|":
-            command = True
-        if ch == "," or (ch in " \t" and not command):
-            if cur:
-                out.append("".join(cur).strip())
-            cur, command = [], False
-            continue
-        cur.append(ch)
-    if cur:
-        out.append("".join(cur).strip())
-    return [t for t in out if t]
+        if ch == ",":
+            end_part()
+            i += 1
+        elif ch in " \t\r\n":
+            end_word()
+            i += 1
+        elif ch == "(":
+            end_word()
+            i = _skip_comment(value, i)
+        elif ch == '"':
+            text, i = _quoted(value, i)
+            cur.append(text)
+        elif ch == "<":
+            end_word()
+            j = value.find(">", i + 1)
+            j = n if j < 0 else j
+            words = split_targets(value[i + 1:j])[:1]  # the phrase is dropped
+            end_part()
+            i = j + 1
+        else:  # an atom; a stray ">" or ")" is kept in it
+            j = i + 1
+            while j < n and value[j] not in _SPECIAL:
+                j += 1
+            cur.append(value[i:j])
+            i = j
+    end_part()
+    return [t for t in (w.strip() for w in out) if t]
 
 
 class AliasExpander:
