@@ -18,8 +18,11 @@ Alias tables (``alias_maps``; Postfix's postalias(1) reads the same source file)
     ``name: value`` lines, ``#`` comment lines and blank lines ignored, a line starting
     with whitespace continues the previous value. The name (before the first ``:``;
     double quotes around it removed) is folded to lower case; the value is kept as
-    written (local(8) splits it into targets). A later duplicate name is ignored with a
-    warning, as postalias does. ``inline:`` tables are read as in any other parameter.
+    written (local(8) splits it into targets). ``#`` starts a comment only at the start
+    of a line (after a value it is part of the value, as in aliases(5)). A line with
+    nothing after the colon (``name:``) is a bad line (below) and skipped, as postalias
+    skips it: the name is no alias, and its mail goes to the mailbox of that name. A
+    later duplicate name is ignored with a warning, as postalias does. ``inline:`` tables are read as in any other parameter.
 
 Bad lines (every file type, every reader: the qmgr's transport_maps, local's alias_maps,
 smtpd's local_recipient_maps and access tables, the smtp client's cache tables, and
@@ -143,8 +146,8 @@ def open_tables(specs: list[str]) -> list[Table]:
 
 def _parse_aliases(path: str) -> dict[str, str]:
     """The ``name: value`` entries of aliases file ``path`` (module docstring); a line
-    without ``name:`` is a warning naming file and line and is skipped, as postalias
-    does (``need name:value pair``).
+    without ``name:``, or with nothing after the colon, is a warning naming file and
+    line and is skipped, as postalias does (``need name:value pair``).
 
     Raises:
         TableUnavailable: the file cannot be read.
@@ -158,14 +161,15 @@ def _parse_aliases(path: str) -> dict[str, str]:
         else:
             colon = text.find(":")
             name = text[:colon].strip() if colon > 0 else ""
-        if not name:
+        value = text[colon + 1:].strip() if name else ""
+        if not value:
             log.warning(f"{path}, line {n}: need name:value pair -- ignoring this line")
             continue
         key = name.lower()
         if key in data:
             log.warning(f'{path}, line {n}: duplicate entry: "{key}"')
             continue
-        data[key] = text[colon + 1:].strip()
+        data[key] = value
     return data
 
 
