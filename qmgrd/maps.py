@@ -22,19 +22,34 @@ Alias tables (``alias_maps``; Postfix's postalias(1) reads the same source file)
     of a line (after a value it is part of the value, as in aliases(5)). A line with
     nothing after the colon (``name:``) is a bad line (below) and skipped, as postalias
     skips it: the name is no alias, and its mail goes to the mailbox of that name. A
-    later duplicate name is ignored with a warning, as postalias does. ``inline:`` tables are read as in any other parameter.
+    later duplicate name is ignored with a warning (``duplicate entry``) and the first
+    entry kept, as postalias does; the warning is logged once per load of the table,
+    not at each lookup. ``inline:`` tables are read as in any other parameter.
+
+Re-reading a changed file (AliasMaps, i.e. local(8)'s alias_maps):
+    Postfix's local(8) reads the ``.db`` that postalias builds and never sees a source
+    file half-written. qmgrd reads the source, so a file that changed since it was read
+    is read again only when its new contents are complete: when it was last modified at
+    least SETTLE_TIME (1 s) ago, and its size, mtime, inode and device are the same
+    before and after the reading. Otherwise (e.g. ``cat new > aliases`` is under way,
+    or a rewrite started while it was read) the previous complete contents stay in use,
+    with no warning, and the file is tried again at a later lookup; so a new version is
+    used from the first lookup 1 s after it was written. The first load of a table (at
+    start-up, or after the file could not be read) reads the file as it is. A file that
+    is gone or cannot be read is TableUnavailable (below), as at the first load.
 
 Bad lines (every file type, every reader: the qmgr's transport_maps, local's alias_maps,
 smtpd's local_recipient_maps and access tables, the smtp client's cache tables, and
 ``qmgr-master reload`` / ``qmgr-ctl config``, which check transport_maps):
     as with Postfix's postmap and postalias, a line that is not ``key whitespace value``
     (``name: value`` in an alias table) is one warning naming file and line, each time
-    the file is read (``warning: /etc/aliases, line 4: need name:value pair -- ignoring
-    this line``; ``warning: /etc/transport, line 11: expected format: key whitespace
-    value -- ignoring this line``), and is skipped; every other entry is used. A typo
-    therefore never stops a daemon, and reload and ``qmgr-ctl config`` accept the file
-    with the same warning (refusing it while the running programs use it would say
-    something untrue).
+    the file is read (by AliasMaps: each time its new contents are taken into use),
+    e.g. ``warning: /etc/aliases, line 4: need name:value pair -- ignoring this line``
+    (also for ``name:`` with no value) or ``warning: /etc/transport, line 11: expected
+    format: key whitespace value -- ignoring this line``, and is skipped; every other
+    entry is used. A typo therefore never stops a daemon, and reload and ``qmgr-ctl
+    config`` accept the file with the same warning (refusing it while the running
+    programs use it would say something untrue).
 
 Unavailable tables (the source file is missing or cannot be read: TableUnavailable):
     AliasMaps.lookup raises TableUnavailable instead of matching nothing, so that local
@@ -48,9 +63,12 @@ Public API
     Table.lookup(key) -> str | None
     open_table(spec) -> Table
     open_tables(specs: list[str]) -> list[Table]
-    open_alias_table(spec) -> Table     an alias_maps table (aliases(5) syntax, above)
-    AliasMaps(specs, param)             .lookup(name): the first table's value, tables
-        re-read when their file changes; raises TableUnavailable (above)
+    open_alias_table(spec, warn=None) -> Table   an alias_maps table (aliases(5) syntax,
+        above); warn(text) gets its warnings (default log.warning)
+    AliasMaps(specs, param, settle=None, clock=None)
+        .lookup(name): the first table's value, tables re-read when their file changes
+        (above); raises TableUnavailable (above)
+    SETTLE_TIME: float, seconds
     TableError: unknown type or an unreadable file, naming the table; TableUnavailable,
         its subclass for a file that cannot be read. The same classes as
         master.config.tables', where the file format lives (so that the master's
@@ -60,6 +78,8 @@ Public API
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable
 
 from master import log
 from master.config.tables import (
@@ -70,8 +90,10 @@ from master.config.tables import (
     read_table,
 )
 
-__all__ = ["AliasMaps", "Table", "TableError", "TableUnavailable", "open_alias_table",
-           "open_table", "open_tables"]
+SETTLE_TIME = 1.0  # seconds a changed alias file must be left alone before it is read
+
+__all__ = ["SETTLE_TIME", "AliasMaps", "Table", "TableError", "TableUnavailable",
+           "open_alias_table", "open_table", "open_tables"]
 
 
 class Table:
@@ -144,16 +166,18 @@ def open_tables(specs: list[str]) -> list[Table]:
     return [open_table(s) for s in specs if s]
 
 
-def _parse_aliases(path: str) -> dict[str, str]:
-    """The ``name: value`` entries of aliases file ``path`` (module docstring); a line
-    without ``name:``, or with nothing after the colon, is a warning naming file and
-    line and is skipped, as postalias does (``need name:value pair``).
+def _parse_aliases(path: str, warn: Callable[[str], None]) -> dict[str, str]:
+    """The ``name: value`` entries of aliases file ``path`` (module docstring). A line
+    without ``name:``, or with nothing after the colon, is one warning through ``warn``
+    naming file and line and is skipped, as postalias does (``need name:value pair``);
+    a later duplicate name is a warning and the first entry is kept (postalias'
+    ``duplicate entry``).
 
     Raises:
         TableUnavailable: the file cannot be read.
     """
     data: dict[str, str] = {}
-    for n, text in logical_lines(path, "name", log.warning):
+    for n, text in logical_lines(path, "name", warn):
         if text.startswith('"'):
             end = text.find('"', 1)
             colon = text.find(":", end) if end > 0 else -1
@@ -163,19 +187,20 @@ def _parse_aliases(path: str) -> dict[str, str]:
             name = text[:colon].strip() if colon > 0 else ""
         value = text[colon + 1:].strip() if name else ""
         if not value:
-            log.warning(f"{path}, line {n}: need name:value pair -- ignoring this line")
+            warn(f"{path}, line {n}: need name:value pair -- ignoring this line")
             continue
         key = name.lower()
         if key in data:
-            log.warning(f'{path}, line {n}: duplicate entry: "{key}"')
+            warn(f'{path}, line {n}: duplicate entry: "{key}"')
             continue
         data[key] = value
     return data
 
 
-def open_alias_table(spec: str) -> Table:
+def open_alias_table(spec: str, warn: Callable[[str], None] | None = None) -> Table:
     """Open one ``alias_maps`` table: a file type (hash:, texthash:, ...) in aliases(5)
-    syntax, or an ``inline:`` table.
+    syntax, or an ``inline:`` table. Bad lines and duplicates go to ``warn`` (default
+    log.warning), each once.
 
     Raises:
         TableUnavailable: missing or unreadable file.
@@ -188,7 +213,7 @@ def open_alias_table(spec: str) -> Table:
             mtime = os.stat(name).st_mtime
         except OSError as exc:
             raise TableUnavailable(f"{spec}: {exc.strerror}") from exc
-        return Table(spec, _parse_aliases(name), name, mtime)
+        return Table(spec, _parse_aliases(name, warn or log.warning), name, mtime)
     return open_table(spec)
 
 
@@ -200,21 +225,31 @@ class AliasMaps:
     unreadable) makes lookup raise TableUnavailable when no earlier table had the name
     (Postfix's maps_find stops at the first table with a lookup error); it is tried
     again at every lookup, so that a restored file is used at once, and each distinct
-    problem is logged once. A file that changes is read again at the next lookup.
+    problem is logged once. A file that changes is read again at a later lookup, and
+    its new contents replace the ones in use only when they are complete (module
+    docstring, "Re-reading a changed file"): ``settle`` seconds (None: SETTLE_TIME)
+    after its last change, and unchanged while it was read; ``clock()`` (None:
+    time.time) gives the current time in seconds since the epoch. The warnings of a
+    reading (bad lines, duplicates) are logged when its contents are taken into use:
+    once per load of the table.
     """
 
-    def __init__(self, specs: list[str], param: str = "alias_maps") -> None:
+    def __init__(self, specs: list[str], param: str = "alias_maps",
+                 settle: float | None = None, clock: Callable[[], float] | None = None,
+                 ) -> None:
         self.param = param
         self.specs = [s.strip() for s in specs if s.strip()]
+        self.settle = SETTLE_TIME if settle is None else settle
+        self.clock = clock or time.time
         self.tables: dict[str, Table | None] = {}
         self.problems: dict[str, str] = {}   # spec -> the last problem logged
         self.unavailable: dict[str, str] = {}   # spec -> why it cannot be read
         for spec in self.specs:
             self.tables[spec] = self._open(spec)
 
-    def _open(self, spec: str) -> Table | None:
+    def _open(self, spec: str, warn: Callable[[str], None] | None = None) -> Table | None:
         try:
-            table = open_alias_table(spec)
+            table = open_alias_table(spec, warn)
         except TableUnavailable as exc:
             self.unavailable[spec] = str(exc)
             self._problem(spec, f"{self.param}: {exc}: alias database unavailable")
@@ -225,6 +260,36 @@ class AliasMaps:
             return None
         self.unavailable.pop(spec, None)
         self.problems.pop(spec, None)
+        return table
+
+    def _reopen(self, spec: str, old: Table) -> Table | None:
+        """Read changed table ``spec`` again; ``old`` (its previous complete contents)
+        when the file may be in the middle of a rewrite: changed less than
+        ``self.settle`` seconds ago, or changed while it was read (size, mtime, inode
+        or device differ before and after)."""
+        try:
+            before = os.stat(old.path)
+        except OSError:
+            old.close()
+            return self._open(spec)  # gone, or not visible (chroot): as at the first load
+        if self.clock() - before.st_mtime < self.settle:
+            return old
+        warnings: list[str] = []
+        table = self._open(spec, warnings.append)
+        if table is None:
+            old.close()
+            return None
+        try:
+            after = os.stat(old.path)
+        except OSError:
+            after = None
+        if after is None or _identity(after) != _identity(before) \
+                or table.mtime != before.st_mtime:
+            table.close()
+            return old  # rewritten meanwhile: read it again at a later lookup
+        old.close()
+        for text in warnings:
+            log.warning(text)
         return table
 
     def _problem(self, spec: str, text: str) -> None:
@@ -243,9 +308,9 @@ class AliasMaps:
         """
         for spec in self.specs:
             table = self.tables[spec]
-            if (table is not None and table.changed()) or spec in self.unavailable:
-                if table is not None:
-                    table.close()
+            if table is not None and table.changed():
+                table = self.tables[spec] = self._reopen(spec, table)
+            elif spec in self.unavailable:
                 table = self.tables[spec] = self._open(spec)
             if spec in self.unavailable:
                 raise TableUnavailable(self.unavailable[spec])
@@ -255,3 +320,8 @@ class AliasMaps:
             if value is not None:
                 return value
         return None
+
+
+def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    """What tells one version of a file from another: (device, inode, size, mtime ns)."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
