@@ -61,6 +61,8 @@ Unavailable tables (the source file is missing or cannot be read: TableUnavailab
 
 Public API
     Table.lookup(key) -> str | None
+    Table.changed() -> bool; Table.settled(settle, now) -> bool  (the qmgr restarts for
+        a changed transport_maps file only once it has settled: SETTLE_TIME)
     open_table(spec) -> Table
     open_tables(specs: list[str]) -> list[Table]
     open_alias_table(spec, warn=None) -> Table   an alias_maps table (aliases(5) syntax,
@@ -138,6 +140,22 @@ class Table:
             return os.stat(self.path).st_mtime != self.mtime
         except OSError:
             return True
+
+    def settled(self, settle: float, now: float) -> bool:
+        """True when the source file as it is now was last modified at least ``settle``
+        seconds before ``now`` (both seconds since the epoch): a rewrite of it is
+        probably complete (see "Re-reading a changed file"). A file that cannot be
+        looked at counts as settled (the reader then reports it unavailable)."""
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            if self._fd < 0:
+                return True
+            try:
+                st = os.fstat(self._fd)  # chrooted: the path does not resolve here
+            except OSError:
+                return True
+        return now - st.st_mtime >= settle
 
     def close(self) -> None:
         """Release the file descriptor kept for change detection."""

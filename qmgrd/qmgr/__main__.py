@@ -54,7 +54,7 @@ import time
 from master import log
 from master.config.mastercf import load_master_cf
 from master.server.skeleton import ServerContext, async_server
-from qmgrd.maps import TableError
+from qmgrd.maps import SETTLE_TIME, TableError
 from qmgrd.qmgr.client import AgentClient
 from qmgrd.qmgr.control import CONTROL_SOCKET, Control, ControlServer
 from qmgrd.qmgr.resolve import Resolver
@@ -158,7 +158,7 @@ async def qmgr_main(ctx: ServerContext) -> None:
     async def watch_tables() -> None:
         while not ctx.stopping.is_set():
             await asyncio.sleep(5)
-            if sched.resolver.tables_changed():
+            if sched.resolver.tables_changed(SETTLE_TIME):  # a rewrite is complete
                 log.info("table has changed -- restarting")
                 ctx.stopping.set()
 

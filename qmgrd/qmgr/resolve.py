@@ -20,13 +20,15 @@ Summary
 Public API
     Resolved(transport, nexthop, address, local: bool)
     Resolver(cfg).resolve(address) -> Resolved
-    Resolver.tables_changed() -> bool (the qmgr restarts itself to re-read changed maps)
+    Resolver.tables_changed(settle=0.0) -> bool (the qmgr restarts itself to re-read
+        changed maps; ``settle``: seconds the file must have been left alone)
 Raises:
     maps.TableError from the constructor when a transport map cannot be opened.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from master.config import Config
@@ -65,9 +67,16 @@ class Resolver:
         self.allow_min_user = cfg.get_bool("allow_min_user")
         self.transport_maps: list[Table] = open_tables(cfg.get_list("transport_maps"))
 
-    def tables_changed(self) -> bool:
-        """True when a transport map file changed since it was read."""
-        return any(t.changed() for t in self.transport_maps)
+    def tables_changed(self, settle: float = 0.0) -> bool:
+        """True when a transport map file changed since it was read and was then left
+        alone for ``settle`` seconds. The qmgr's own periodic check passes
+        qmgrd.maps.SETTLE_TIME: it restarts to read the file, and a restart while
+        ``cat new > transport`` is under way would route with half a table until the
+        next change (Postfix's qmgr never sees that: postmap builds the .db). An
+        administrator's request (``qmgr-ctl flush``: the edit is done) passes 0."""
+        now = time.time()
+        return any(t.changed() and (settle <= 0 or t.settled(settle, now))
+                   for t in self.transport_maps)
 
     def is_local_domain(self, domain: str) -> bool:
         """True for ``mydestination`` domains (and no domain at all)."""
