@@ -95,6 +95,25 @@ def test_reject_refuses_a_command_line_with_a_bare_lf_and_hangs_up(tmp_path: Pat
     assert "lost connection" not in text
 
 
+def test_reject_takes_an_overlong_crlf_command_line_as_too_long(tmp_path: Path) -> None:
+    """A command line over line_length_limit that ends in CRLF is read in two pieces
+    (up to the LF, CR included; then the LF alone): not a bare LF. It gets the usual
+    ``500 5.5.2 Error: command line too long`` and the session goes on, as in normalize
+    mode (it was rejected as a bare <LF> and the session ended)."""
+    host = make_host(tmp_path, REJECT)
+
+    async def script(c: Client) -> None:
+        await greet(c)
+        for length in (2050, 5000):
+            reply = await c.cmd(b"NOOP " + b"a" * length + b"\r\n")
+            assert "bare <LF>" not in reply and reply.startswith("500 5.5.2 "), reply
+        assert await c.cmd("NOOP") == "250 2.0.0 Ok"
+        assert await c.cmd("QUIT") == "221 2.0.0 Bye"
+
+    run(host, script)
+    assert "bare <LF>" not in maillog(host)
+
+
 def test_excluded_clients_get_no(tmp_path: Path) -> None:
     """127.0.0.1 is in the default mynetworks, hence in the default exclusions: as
     Postfix's smtpd does, it gets ``no`` - not rejected, and a bare-LF dot line ends the

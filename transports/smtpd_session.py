@@ -270,10 +270,21 @@ class _CheckedReader(asyncio.StreamReader):
                  loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(limit=limit, loop=loop)
         self._check = check
+        self._cr_read = False  # the last read() ended in CR
+
+    async def read(self, n: int = -1) -> bytes:
+        data = await super().read(n)
+        self._cr_read = data.endswith(b"\r")
+        return data
 
     async def readuntil(self, separator: Any = b"\n") -> bytes:
         line = await super().readuntil(separator)
-        self._check(line, separator == b"\n")
+        # a line over the limit is read with read(consumed) up to its LF, CR included,
+        # and its LF alone then: that LF ends a CRLF, not a bare LF
+        split_crlf = self._cr_read and line == b"\n"
+        self._cr_read = False
+        if not split_crlf:
+            self._check(line, separator == b"\n")
         return line
 
 
