@@ -34,7 +34,13 @@ Re-reading a changed file (AliasMaps, i.e. local(8)'s alias_maps):
     before and after the reading. Otherwise (e.g. ``cat new > aliases`` is under way,
     or a rewrite started while it was read) the previous complete contents stay in use,
     with no warning, and the file is tried again at a later lookup; so a new version is
-    used from the first lookup 1 s after it was written. The first load of a table (at
+    used from the first lookup 1 s after it was written. A modification time in the
+    future (``touch -d``, ``cp -p`` from a host whose clock is ahead, a clock stepped
+    back) is no sign of a write under way: such a file is read at once (it used to be
+    ignored until that time came, each process going on with its own old contents). A
+    writer that pauses for more than 1 s in the middle of the file defeats the rule:
+    write a new file and rename it over the old one (as editors do) to be safe. The
+    first load of a table (at
     start-up, or after the file could not be read) reads the file as it is. A file that
     is gone or cannot be read is TableUnavailable (below), as at the first load.
 
@@ -155,7 +161,9 @@ class Table:
                 st = os.fstat(self._fd)  # chrooted: the path does not resolve here
             except OSError:
                 return True
-        return now - st.st_mtime >= settle
+        age = now - st.st_mtime
+        return age >= settle or age < 0  # a future mtime (touch -d, cp -p, a clock step)
+        # is no sign of a write under way, which sets it to now
 
     def close(self) -> None:
         """Release the file descriptor kept for change detection."""
@@ -290,8 +298,8 @@ class AliasMaps:
         except OSError:
             old.close()
             return self._open(spec)  # gone, or not visible (chroot): as at the first load
-        if self.clock() - before.st_mtime < self.settle:
-            return old
+        if 0 <= self.clock() - before.st_mtime < self.settle:
+            return old  # a write may be under way (a future mtime is no such sign)
         warnings: list[str] = []
         table = self._open(spec, warnings.append)
         if table is None:

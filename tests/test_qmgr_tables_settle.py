@@ -44,3 +44,13 @@ def test_replaced_file_waits_too(tmp_path: Path) -> None:
     done = time.time() - SETTLE_TIME - 1
     os.utime(transport, (done, done))
     assert r.tables_changed(SETTLE_TIME)
+
+
+def test_future_mtime_counts_as_settled(tmp_path: Path) -> None:
+    """A modification time in the future (touch -d, cp -p, a clock stepped back) is no
+    sign of a write under way: the change is acted on at once, not in an hour."""
+    r, transport = resolver(tmp_path)
+    transport.write_text("a.example smtp:\n")
+    later = time.time() + 3600
+    os.utime(transport, (later, later))
+    assert r.tables_changed(SETTLE_TIME)
