@@ -257,3 +257,30 @@ def test_delivered_to_loop_on_a_target(tmp_path: Path) -> None:
     loop = "alice@mail.test.example: mail forwarding loop for alice@mail.test.example"
     assert bounce_of(env, qid) == ("5.4.6", loop)
     assert len(inbox(tmp_path, "bob")) == 1
+
+
+def test_trailing_dot_target_is_local(tmp_path: Path) -> None:
+    """Postfix's resolver strips one trailing dot: ``alice@localhost.`` is the local
+    alice, delivered in this same delivery and merged with the other spellings (it was
+    forwarded as a remote address, and alice got a second copy through the qmgr)."""
+    env = alias_env(tmp_path)
+    (tmp_path / "aliases").write_text(
+        "caps: Alice, ALICE@LOCALHOST, alice@localhost., bob@localhost.\n")
+    _, reply = deliver(env, ["caps@localhost"])
+    assert reply.status == 0
+    assert len(inbox(tmp_path, "alice")) == 1 and len(inbox(tmp_path, "bob")) == 1
+    assert "forwarded as" not in env.log()
+    assert sorted(os.listdir(env.spool.queue_path("incoming"))) == []
+
+
+def test_alias_without_a_recipient_defers(tmp_path: Path) -> None:
+    """A value with no address in it (only a comment): Postfix's local/alias.c warns
+    ``no recipient in alias lookup result for <name>`` and defers 4.3.0 ``alias
+    database unavailable`` (it was bounced 5.4.6 as a forwarding loop)."""
+    env = alias_env(tmp_path)
+    (tmp_path / "aliases").write_text("paren: (just a comment)\n")
+    qid, reply = deliver(env, ["paren@localhost"])
+    assert reply.status == 1  # deferred
+    assert statuslog.read(env.spool, "bounce", qid) == []
+    assert "warning: no recipient in alias lookup result for paren" in env.log()
+    assert "dsn=4.3.0, status=deferred (alias database unavailable)" in env.log()

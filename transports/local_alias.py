@@ -46,7 +46,11 @@ Summary
     <qid>`` when remote targets were forwarded too, or only ``forwarded as <qid>``
     (dsn 2.0.0, action relayed) when there was no local delivery. An expansion that
     delivers to nothing and forwards nothing (only skipped names) bounces ``5.4.6 mail
-    forwarding loop``.
+    forwarding loop``. A value with no address at all (only a comment) is logged
+    ``warning: no recipient in alias lookup result for <name>`` and deferred ``4.3.0
+    alias database unavailable`` (Postfix local/alias.c, alias_count < 1). A target's
+    domain loses one trailing dot before it is classified (``alice@localhost.`` is
+    local), as Postfix's resolver does.
 
     DSN (RFC 3461 section 6.2.7.3, RFC 3464 action "expanded"; Postfix local/alias.c,
     deliver_alias()): a successful expansion - into any number of addresses, one
@@ -74,6 +78,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import replace
 
+from master import log
 from qmgrd.maps import AliasMaps, TableUnavailable
 from transports.agent import Dsn, make_dsn
 
@@ -280,7 +285,12 @@ class AliasExpander:
         """Expand one alias value into ``results`` (local targets) and ``seen``: the
         mailboxes delivered to and the remote targets to forward to."""
         done, remote = seen
-        for target in split_targets(value):
+        targets = split_targets(value)
+        if not targets:  # e.g. only a (comment): Postfix's local/alias.c alias_count < 1
+            log.warning(f"no recipient in alias lookup result for {name}")
+            results.append(("", make_dsn(*UNAVAILABLE)))
+            return
+        for target in targets:
             low = target.lower()
             if target.startswith("|"):
                 results.append((target, make_dsn(
@@ -296,6 +306,10 @@ class AliasExpander:
                 continue
             at = target.rfind("@")
             domain = low[at + 1:] if at >= 0 else ""
+            if domain.endswith(".") and not domain.endswith("..") and domain != ".":
+                # Postfix's resolver strips one trailing dot: alice@localhost. is local
+                domain = domain[:-1]
+                target, low = target[:-1], low[:-1]
             if at >= 0 and domain not in self.mydestination:
                 if low not in (r.lower() for r in remote):  # Postfix's duplicate filter
                     remote.append(target)
@@ -323,10 +337,11 @@ class AliasExpander:
 
 def _first(results: list[tuple[str, Dsn]], digit: str) -> Dsn | None:
     """The first result whose status starts with ``digit``, its reason naming the
-    target; None when there is none."""
+    target (when there is one: an alias without a recipient has none); None when there
+    is none."""
     for target, dsn in results:
         if dsn.status.startswith(digit):
-            return make_dsn(dsn.status, f"{target}: {dsn.reason}")
+            return make_dsn(dsn.status, f"{target}: {dsn.reason}" if target else dsn.reason)
     return None
 
 
