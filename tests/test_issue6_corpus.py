@@ -99,7 +99,11 @@ def test_corpus_arrives_intact(mailsys: MakeSystem, via: str) -> None:
     connects = sum(t == "connect from localhost[127.0.0.1]" for t in smtpd)
     disconnects = sum(bool(re.fullmatch(r"disconnect from localhost\[127\.0\.0\.1\] .* "
                                         r"commands=\d+(/\d+)?", t)) for t in smtpd)
-    assert connects == disconnects == len(FILES), smtpd
+    # a readiness probe of start() that gave up on a slow machine is accepted late: a
+    # session without a command (its disconnect line has no command counts before
+    # "commands=0/0"), not one of the corpus's
+    empty = sum(t == "disconnect from localhost[127.0.0.1] commands=0/0" for t in smtpd)
+    assert connects - empty == disconnects == len(FILES), smtpd
     assert sum(bool(re.fullmatch(r"\w+: client=localhost\[127\.0\.0\.1\]", t))
                for t in smtpd) == len(FILES)
 
