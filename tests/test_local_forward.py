@@ -246,19 +246,28 @@ def test_alias_expanded_to_several_addresses_notifies_expanded(tmp_path: Path) -
     assert (dsn4.action, dsn4.reason) == ("expanded", "alias expanded")
 
 
+def forward_to_sink(mailsys, peers, aliases: str, rcpt: str, body: bytes):
+    """A system relaying to a fresh smtp-sink with ``aliases`` as its alias_maps; ``body``
+    sent to ``rcpt`` with sendmail, and waited for until the sink has a message and the
+    queue is empty. Returns (the system, the sink)."""
+    sink = peers.sink()
+    ms = mailsys(main={"relayhost": f"[127.0.0.1]:{sink.port}"})
+    (ms.etc / "aliases").write_text(aliases)
+    ms.write_main(alias_maps=f"texthash:{ms.etc}/aliases")
+    ms.start()
+    assert ms.sendmail("-f", "sender@example.org", rcpt, data=body).returncode == 0
+    wait_for(lambda: sink.count() >= 1, 60, "the forwarded copy at smtp-sink")
+    wait_for(ms.queue_empty, 30, "an empty queue")
+    return ms, sink
+
+
 @pytest.mark.timeout(120)
 def test_forwarded_copy_reaches_smtp_sink(mailsys, peers) -> None:
     """The real pipeline: sendmail -> local (alias) -> cleanup -> qmgr -> smtp ->
     smtp-sink; the copy written as root by local is read by the qmgr (mail_owner)."""
-    sink = peers.sink()
-    ms = mailsys(main={"relayhost": f"[127.0.0.1]:{sink.port}"})
-    (ms.etc / "aliases").write_text("root: admin@elsewhere.example, root\n")
-    ms.write_main(alias_maps=f"texthash:{ms.etc}/aliases")
-    ms.start()
-    body = b"Subject: forward me\nMessage-ID: <fwd-1@test.example>\n\nline one\n"
-    assert ms.sendmail("-f", "sender@example.org", "root@localhost", data=body).returncode == 0
-    wait_for(lambda: sink.count() >= 1, 60, "the forwarded copy at smtp-sink")
-    wait_for(ms.queue_empty, 30, "an empty queue")
+    ms, sink = forward_to_sink(
+        mailsys, peers, "root: admin@elsewhere.example, root\n", "root@localhost",
+        b"Subject: forward me\nMessage-ID: <fwd-1@test.example>\n\nline one\n")
     (msg,) = sink.messages()
     assert b"Delivered-To: root@localhost" in msg
     assert b"Received: by mail.test.example (qmgrd)" in msg
@@ -279,15 +288,9 @@ def test_utf8_target_does_not_hold_back_an_ascii_one(mailsys, peers) -> None:
     address, a next hop without SMTPUTF8 (smtp-sink): the copy is not flagged (no
     SMTPUTF8 autodetection for forwarded mail, Postfix's smtputf8_autodetect_classes),
     and Postfix's smtp(8) sends it as it is - no 5.6.7 for either recipient."""
-    sink = peers.sink()
-    ms = mailsys(main={"relayhost": f"[127.0.0.1]:{sink.port}"})
-    (ms.etc / "aliases").write_text("u8fwd: j\u00f6rg@sink.test, ascii@sink.test\n")
-    ms.write_main(alias_maps=f"texthash:{ms.etc}/aliases")
-    ms.start()
-    body = b"Subject: ascii\n\nplain\n"
-    assert ms.sendmail("-f", "sender@example.org", "u8fwd@localhost", data=body).returncode == 0
-    wait_for(lambda: sink.count() >= 1, 60, "the forwarded copy at smtp-sink")
-    wait_for(ms.queue_empty, 30, "an empty queue")
+    ms, _ = forward_to_sink(mailsys, peers,
+                            "u8fwd: j\u00f6rg@sink.test, ascii@sink.test\n",
+                            "u8fwd@localhost", b"Subject: ascii\n\nplain\n")
     log = ms.log()
     assert "5.6.7" not in log, log
     for rcpt in ("j\u00f6rg@sink.test", "ascii@sink.test"):
