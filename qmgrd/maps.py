@@ -104,6 +104,13 @@ __all__ = ["SETTLE_TIME", "AliasMaps", "Table", "TableError", "TableUnavailable"
            "open_alias_table", "open_table", "open_tables"]
 
 
+def written_lately(mtime: float, now: float, settle: float) -> bool:
+    """True when a file modified at ``mtime`` may still be being written at ``now``: less
+    than ``settle`` seconds before (all seconds since the epoch). A future mtime (touch
+    -d, cp -p, a clock stepped back) is no such sign: a write sets it to now."""
+    return 0 <= now - mtime < settle
+
+
 class Table:
     """An in-memory ``key -> value`` table.
 
@@ -161,9 +168,7 @@ class Table:
                 st = os.fstat(self._fd)  # chrooted: the path does not resolve here
             except OSError:
                 return True
-        age = now - st.st_mtime
-        return age >= settle or age < 0  # a future mtime (touch -d, cp -p, a clock step)
-        # is no sign of a write under way, which sets it to now
+        return not written_lately(st.st_mtime, now, settle)
 
     def close(self) -> None:
         """Release the file descriptor kept for change detection."""
@@ -298,8 +303,8 @@ class AliasMaps:
         except OSError:
             old.close()
             return self._open(spec)  # gone, or not visible (chroot): as at the first load
-        if 0 <= self.clock() - before.st_mtime < self.settle:
-            return old  # a write may be under way (a future mtime is no such sign)
+        if written_lately(before.st_mtime, self.clock(), self.settle):
+            return old  # a write may be under way
         warnings: list[str] = []
         table = self._open(spec, warnings.append)
         if table is None:

@@ -460,8 +460,8 @@ class Policy:
         return self.exceptions.match(addr)
 
     def bare_newline_exempt(self, addr: str) -> bool:
-        """True for clients excluded from smtpd_forbid_bare_newline = reject
-        (smtpd_forbid_bare_newline_exclusions, default $mynetworks)."""
+        """True for clients in smtpd_forbid_bare_newline_exclusions (default
+        $mynetworks): they get smtpd_forbid_bare_newline = no, as in Postfix."""
         return self.bare_newline_exclusions.match(addr)
 
     def _final(self, domain: str) -> bool:
