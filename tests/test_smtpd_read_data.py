@@ -21,7 +21,8 @@ from transports.smtpd_tx import BARE_LF, NO, REJECT, read_data
 
 
 async def _reference(reader: asyncio.StreamReader, limit: int,
-                     progress: Callable[[int], None]) -> bytes | None:
+                     progress: Callable[[int], None], lax: bool = False) -> bytes | None:
+    """lax: smtpd_forbid_bare_newline = no (any lone dot line ends the data)."""
     parts: list[bytes] = []
     size = 0
     too_big = False
@@ -33,7 +34,9 @@ async def _reference(reader: asyncio.StreamReader, limit: int,
             chunk = await reader.read(exc.consumed)
         progress(len(chunk))
         if at_start:
-            if chunk == b".\r\n" and line_crlf:
+            if chunk == b".\r\n" and (line_crlf or lax):
+                break
+            if chunk == b".\n" and lax:
                 break
             if chunk[:1] == b".":
                 chunk = chunk[1:]
@@ -132,6 +135,29 @@ def test_reject_mode_frames_as_normalize(data: bytes, cuts: list[int], stream_li
         assert got[0] == want[0]
 
 
+@settings(max_examples=400, deadline=None)
+@given(data=_bytes, cuts=st.lists(st.integers(0, 400), max_size=5),
+       stream_limit=st.sampled_from([8, 16, 64, 2048]), limit=st.sampled_from([0, 10, 50, 300]))
+def test_no_mode_reads_as_the_line_rules_say(data: bytes, cuts: list[int],
+                                             stream_limit: int, limit: int) -> None:
+    """smtpd_forbid_bare_newline = no (the mode of $mynetworks clients by default): read
+    up to each LF-dot at once, the same content, size verdict and rest of the stream as
+    the line-at-a-time reader."""
+    def no_mode(reader: asyncio.StreamReader, lim: int,
+                progress: Callable[[int], None]) -> object:
+        return read_data(reader, lim, progress, NO)
+
+    def lax_reference(reader: asyncio.StreamReader, lim: int,
+                      progress: Callable[[int], None]) -> object:
+        return _reference(reader, lim, progress, lax=True)
+
+    got = _run(no_mode, data, cuts, stream_limit, limit)
+    want = _run(lax_reference, data, cuts, stream_limit, limit)
+    if want[0] is asyncio.IncompleteReadError:
+        got, want = got[:2], want[:2]
+    assert got == want
+
+
 @pytest.mark.parametrize(("mode", "data", "want", "rest"), [
     (REJECT, b"a\r\nb\r\n.\r\nQUIT\r\n", b"a\r\nb\r\n", b"QUIT\r\n"),
     (REJECT, b"a\n.\r\nb\r\n.\r\nQUIT\r\n", BARE_LF, b"QUIT\r\n"),  # read to the end
@@ -142,6 +168,8 @@ def test_reject_mode_frames_as_normalize(data: bytes, cuts: list[int], stream_li
     (NO, b"a\r\n.\nQUIT\r\n", b"a\r\n", b"QUIT\r\n"),
     (NO, b"a\n.\r\nQUIT\r\n", b"a\n", b"QUIT\r\n"),
     (NO, b"a\r\n..\nb\r\n.\r\n", b"a\r\n.\nb\r\n", b""),
+    (NO, b"Subject: x\r\n\r\nbody\r\n.x\r\n.\r\nQUIT\r\n", b"Subject: x\r\n\r\nbody\r\nx\r\n",
+     b"QUIT\r\n"),
 ])
 def test_read_data_modes(mode: str, data: bytes, want: object, rest: bytes) -> None:
     def reading(reader: asyncio.StreamReader, lim: int,

@@ -196,9 +196,24 @@ class NetList:
                 self.items.append((neg, parse_network(text)))
             except NetworkError as exc:  # Config.check refuses these: reached only unchecked
                 log.warning(f"{param}: unsupported entry \"{raw}\" ({exc}): ignored")
+        # answers by address string, for a list of networks only (a table's contents may
+        # change): permit_mynetworks asks once per RCPT, for the session's one client
+        self._known: dict[str, bool] | None = (
+            None if any(isinstance(item, Table) for _, item in self.items) else {})
 
     def match(self, addr: str) -> bool:
         """True when ``addr`` (an IP address string) is in the list."""
+        known = self._known
+        if known is None:
+            return self._match(addr)
+        hit = known.get(addr)
+        if hit is None:
+            if len(known) >= 256:
+                known.clear()
+            hit = known[addr] = self._match(addr)
+        return hit
+
+    def _match(self, addr: str) -> bool:
         try:
             ip = ipaddress.ip_address(addr)
         except ValueError:

@@ -291,24 +291,42 @@ async def read_data(reader: asyncio.StreamReader, limit: int,
 
     At a line start whose first byte is not a dot, CR or LF, everything up to the first
     CRLF.CRLF is read in one go and handled at once (no end of data can begin in the
-    bytes already read: module docstring's rules) - but not in NO mode, where a bare LF
-    can start one; otherwise, and for what is over the stream's limit, line by line as
-    the rules say."""
+    bytes already read: module docstring's rules); in NO mode, where any lone dot line
+    ends the data, everything up to the next LF-dot (whole lines, none of them a dot
+    line), and the dot line after it line by line. Otherwise, and for what is over the
+    stream's limit, line by line as the rules say."""
     st = _Data(limit, mode)
+    prefix = b""
     while True:
-        prefix = b""
-        if st.at_start:
+        if st.at_start and not prefix:
             prefix = await reader.readexactly(1)
             if prefix == b"\n":
+                prefix = b""
                 progress(1)
-                if st.chunk(prefix):
+                if st.chunk(b"\n"):
                     break
+                continue
+            if prefix not in (b".", b"\r") and st.lax_end:
+                # NO mode: everything up to the next LF-dot is whole lines without an
+                # end of data; the dot line that follows goes line by line (below)
+                try:
+                    blob = prefix + await reader.readuntil(b"\n.")
+                except asyncio.LimitOverrunError as exc:
+                    blob = prefix + await reader.read(exc.consumed)
+                    prefix = b""
+                    progress(len(blob))
+                    st.pieces(blob)
+                    continue
+                progress(len(blob) - 1)  # the dot is counted with its line
+                st.complete_lines(blob[:-1])
+                prefix = b"."
                 continue
             if prefix not in (b".", b"\r") and not st.lax_end:
                 try:
                     blob = prefix + await reader.readuntil(b"\r\n.\r\n")
                 except asyncio.LimitOverrunError as exc:
                     blob = prefix + await reader.read(exc.consumed)
+                    prefix = b""
                     progress(len(blob))
                     st.pieces(blob)
                     continue
@@ -319,6 +337,7 @@ async def read_data(reader: asyncio.StreamReader, limit: int,
             chunk = prefix + await reader.readuntil(b"\n")
         except asyncio.LimitOverrunError as exc:
             chunk = prefix + await reader.read(exc.consumed)
+        prefix = b""
         progress(len(chunk))
         if st.chunk(chunk):
             break

@@ -107,6 +107,7 @@ if TYPE_CHECKING:
 __all__ = ["Cleanup", "CleanupError", "mail_date", "truncate_headers"]
 
 _HEADER_RE = re.compile(rb"[\x21-\x39\x3b-\x7e]+[ \t]*:")
+_ENVELOPE_BAD = re.compile("[\0\r\n]")  # never in envelope data (one queue-file record)
 _DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 _PHRASE_SPECIALS = frozenset('()<>@,;:\\".[]')
@@ -512,11 +513,10 @@ class Cleanup:
 
     @staticmethod
     def _check_envelope(env: Envelope, sender: str, rcpts: list[Recipient]) -> None:
-        bad = "\0\r\n"
         values = [sender, env.fullname, env.envid]
         values += [v for r in rcpts for v in (r.address, r.orig_rcpt, r.dsn_orcpt)]
         values += [f"{k}={v}" for k, v in env.attrs.items()]
-        if any(c in v for v in values for c in bad):
+        if _ENVELOPE_BAD.search("".join(values)):
             raise CleanupError("5.6.0", "line break or NUL byte in envelope data")
         if any(not k or "=" in k for k in env.attrs):
             raise CleanupError("5.6.0", "bad attribute name in envelope")
