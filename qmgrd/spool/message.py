@@ -584,10 +584,16 @@ class QueueFile:
             CorruptQueueFile: a record that does not belong in the content, or bad framing.
         """
         rd = RecordReader(self._f, offset=self.data_offset)
+        read = rd.read
         jumps = [0]
         parts: list[bytes] = []
         while True:
-            rec = self._next(rd, jumps)
+            try:  # _next, without two calls per record
+                rec = read()
+            except RecordError as exc:
+                raise CorruptQueueFile(str(exc)) from None
+            if rec is None or rec.rtype == _PTR:
+                rec = self._follow(rd, jumps, rec)
             t = rec.rtype
             if t == R.REC_NORM:
                 if parts:
