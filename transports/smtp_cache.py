@@ -54,6 +54,7 @@ Logs nothing.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -98,6 +99,7 @@ class ConnCache:
         self.quit_timeout = quit_timeout
         self.clock = clock
         self._entries: list[_Entry] = []
+        self._soonest = math.inf  # no entry expires before this (monotonic clock)
         self._evicting: set[asyncio.Task[None]] = set()  # QUITs of evicted sessions
 
     def __len__(self) -> int:
@@ -122,6 +124,7 @@ class ConnCache:
             self._evicting.add(task)
             task.add_done_callback(self._evicting.discard)
         self._entries.append(_Entry(sess, dest, endpoint, now + self.idle_limit))
+        self._soonest = min(self._soonest, now + self.idle_limit)
         return True
 
     async def take_dest(self, dest: Key, *, tls: bool = False) -> SmtpSession | None:
@@ -142,7 +145,8 @@ class ConnCache:
     async def _take(self, match: Callable[[_Entry], bool]) -> SmtpSession | None:
         # an entry is taken out of the list before anything is awaited: concurrent
         # deliveries of the process never get the same session
-        await self.expire()
+        if self.clock() >= self._soonest:  # (else nothing is due: no pass over the list)
+            await self.expire()
         while True:
             for i in range(len(self._entries) - 1, -1, -1):
                 if match(self._entries[i]):
@@ -164,6 +168,7 @@ class ConnCache:
         for entry in self._entries:
             (gone if now >= entry.expires else keep).append(entry)
         self._entries = keep
+        self._soonest = min((e.expires for e in keep), default=math.inf)
         if gone:  # meanwhile other deliveries may store sessions: read the list again
             await asyncio.gather(*(self._quit(entry) for entry in gone))
         if not self._entries:
@@ -178,6 +183,7 @@ class ConnCache:
     async def close_all(self) -> None:
         """QUIT every cached session, all at once (the agent is about to exit)."""
         entries, self._entries = self._entries, []
+        self._soonest = math.inf
         await asyncio.gather(*(self._quit(entry) for entry in entries), *self._evicting)
 
     async def _quit(self, entry: _Entry) -> None:

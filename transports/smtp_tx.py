@@ -158,8 +158,13 @@ class Content:
         return self._seven
 
 
+_XTEXT_AS_IS = re.compile(r"[!-*,-<>-~]*")  # ! to ~ but + and =: xtext of itself
+
+
 def xtext(text: str) -> str:
     """RFC 3461 xtext: bytes outside ``!``..``~``, and ``+`` and ``=``, as ``+XX``."""
+    if _XTEXT_AS_IS.fullmatch(text):
+        return text
     out = []
     for b in text.encode("utf-8", "surrogateescape"):
         out.append(chr(b) if 33 <= b <= 126 and b not in (43, 61) else f"+{b:02X}")
