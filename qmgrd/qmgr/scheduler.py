@@ -82,7 +82,8 @@ Public API
                                an unreadable queue directory is fatal)
     .trigger(data: bytes)      handle one read of trigger bytes
     .flush_dead()              forget dead transports and destinations (trigger F)
-    .step() -> bool            one round (timers, feed, dispatch); True when it did work
+    .step(feeds=1) -> bool     one round (timers, feed up to ``feeds``, dispatch); True when
+                               it did work (run() takes FEED_BATCH messages per round)
     .transport(name) -> Transport   (created on first use; fatal on a bad parameter)
     .snapshot() -> dict        the state for ``private/qmgr-status`` (qmgrd.qmgr.status)
     .entry_purged(entry)       a todo entry leaves without delivery (qmgrd.qmgr.control)
@@ -126,6 +127,15 @@ __all__ = ["Scheduler"]
 
 _TRIGGER_CODES = frozenset(b"IWDAF\0")
 SKIP_BATCH = 100  # names a scan may pass over in one step (feed_one) without taking one
+# Messages the running loop takes into the active queue per round (run(): step(FEED_BATCH)).
+# Postfix's qmgr_loop() imports one message per event loop round, its rounds being cheap
+# C; here a round is a pass of the Python loop, and one message per round made the qmgr
+# and the smtp agent run in lock step: a wakeup of each per message (voluntary context
+# switches per message in bench scenario C: qmgr 1.0, smtp 0.74-0.9; with 8 per round,
+# smtp 0.03-0.14), and C's CPU per message went from 0.70-0.81 to 0.52-0.60 ms (H's did
+# not change). The incoming/deferred alternation and the active queue limit hold within
+# the batch (feed_one); the round's I/O waits for at most 8 messages' reading.
+FEED_BATCH = 8
 FORCED_SCAN_INTERVAL = 1.0  # s: at most one forced (ignore-time) deferred request per interval
 
 
@@ -550,8 +560,9 @@ class Scheduler:
         """When the next periodic deferred scan starts (epoch s)."""
         return self._next_deferred_scan
 
-    def step(self) -> bool:
-        """One round: timers, feed at most one message, dispatch. True if work was done."""
+    def step(self, feeds: int = 1) -> bool:
+        """One round: timers, feed at most ``feeds`` messages (feed_one; the running
+        loop takes FEED_BATCH), dispatch. True if work was done."""
         now = self.clock()
         ran = self.timers.run_due(now)
         if now >= self._next_deferred_scan:
@@ -559,7 +570,12 @@ class Scheduler:
             if self.completion.unmoved:
                 self.completion.retry_unmoved()
             self.deferred.request()
-        fed = False if self.stopping else self.feed_one()
+        fed = False
+        if not self.stopping:
+            for _ in range(feeds):
+                if not self.feed_one():
+                    break
+                fed = True
         started = self.dispatcher.dispatch()
         return fed or started or ran > 0
 
@@ -576,7 +592,7 @@ class Scheduler:
         stop_task = asyncio.ensure_future(stopping.wait())
         try:
             while not stopping.is_set() and not self.stopping:
-                if self.step():
+                if self.step(FEED_BATCH):
                     await asyncio.sleep(0)
                     continue
                 if not self.incoming.busy and not self.flow_behind():
