@@ -595,27 +595,45 @@ class SmtpSession:
         kept = 0
         count = 0
         code = -1
+
+        def take(raw: bytes) -> bool:
+            """One reply line; True when it ends the reply."""
+            nonlocal code, kept, count
+            self._last = raw
+            count += 1
+            m = _CODE.match(raw)
+            code = int(m.group(1)) if m else -1
+            if kept < _TEXT_LIMIT or raw[3:4] != b"-":  # the last line always
+                text = _printable(raw[4:].strip(b" \t\r\n"))
+                lines.append(text)
+                codes.append(code)
+                kept += len(text) + 1
+            return code < 0 or raw[3:4] != b"-"
+
         try:
             if self.sock is None:
                 raise ConnectionError("not connected")
-            async with asyncio.timeout(timeout or None):
-                while True:
-                    raw = await self._readline()
-                    if not raw:
-                        raise ConnectionError("Connection unexpectedly closed")
-                    self._last = raw
-                    count += 1
-                    if count % _YIELD_LINES == 0:
-                        await asyncio.sleep(0)
-                    m = _CODE.match(raw)
-                    code = int(m.group(1)) if m else -1
-                    if kept < _TEXT_LIMIT or raw[3:4] != b"-":  # the last line always
-                        text = _printable(raw[4:].strip(b" \t\r\n"))
-                        lines.append(text)
-                        codes.append(code)
-                        kept += len(text) + 1
-                    if code < 0 or raw[3:4] != b"-":
-                        break
+            # The lines already here (the replies to a pipelined batch come together):
+            # taken without a timeout, which only a read from the peer needs
+            done = False
+            buf = self._buf
+            while not done and count < _YIELD_LINES:
+                end = buf.find(b"\n")
+                if not 0 <= end < _LINE_LIMIT:  # none here (or overlong: _readline's)
+                    break
+                raw = bytes(buf[:end + 1])
+                del buf[:end + 1]
+                done = take(raw)
+            if not done:
+                async with asyncio.timeout(timeout or None):
+                    while True:
+                        raw = await self._readline()
+                        if not raw:
+                            raise ConnectionError("Connection unexpectedly closed")
+                        if take(raw):
+                            break
+                        if count % _YIELD_LINES == 0:
+                            await asyncio.sleep(0)
         except (OSError, TimeoutError) as exc:
             raise self._lost(exc, phase) from None
         if not 200 <= code <= 599:  # quote the line whole: its first 4 bytes are text
