@@ -306,29 +306,23 @@ async def read_data(reader: asyncio.StreamReader, limit: int,
                 if st.chunk(b"\n"):
                     break
                 continue
-            if prefix not in (b".", b"\r") and st.lax_end:
-                # NO mode: everything up to the next LF-dot is whole lines without an
-                # end of data; the dot line that follows goes line by line (below)
+            if prefix not in (b".", b"\r"):
+                # up to the end of data (CRLF.CRLF), or in NO mode up to the next
+                # LF-dot: whole lines without an end of data; NO mode's dot line after
+                # them goes line by line (below)
                 try:
-                    blob = prefix + await reader.readuntil(b"\n.")
+                    blob = prefix + await reader.readuntil(b"\n." if st.lax_end
+                                                           else b"\r\n.\r\n")
                 except asyncio.LimitOverrunError as exc:
                     blob = prefix + await reader.read(exc.consumed)
                     prefix = b""
                     progress(len(blob))
                     st.pieces(blob)
                     continue
-                progress(len(blob) - 1)  # the dot is counted with its line
-                st.complete_lines(blob[:-1])
-                prefix = b"."
-                continue
-            if prefix not in (b".", b"\r") and not st.lax_end:
-                try:
-                    blob = prefix + await reader.readuntil(b"\r\n.\r\n")
-                except asyncio.LimitOverrunError as exc:
-                    blob = prefix + await reader.read(exc.consumed)
-                    prefix = b""
-                    progress(len(blob))
-                    st.pieces(blob)
+                if st.lax_end:
+                    progress(len(blob) - 1)  # the dot is counted with its line
+                    st.complete_lines(blob[:-1])
+                    prefix = b"."
                     continue
                 progress(len(blob))
                 st.complete_lines(blob[:-3])
