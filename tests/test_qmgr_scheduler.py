@@ -1285,3 +1285,72 @@ def test_from_line_quotes_a_sender_local_part_as_the_to_lines_do(tmp_path: Path)
     text = maillog.read_text()
     assert 'from=<"a b"@x.example>, size=' in text
     assert 'from=<"a>b"@x.example>, size=' in text
+
+
+def _stale_defer_log(env: Env, qid: str, address: str) -> None:
+    """A defer log an earlier attempt left for ``qid``: one ``old reason`` entry."""
+    statuslog.append(env.spool, "defer", qid, Recipient(address),
+                     statuslog.Dsn("4.4.1", "delayed", "old reason"))
+
+
+def _defer_reasons(env: Env, qid: str) -> list[str]:
+    try:
+        return [dsn.reason for _, dsn in statuslog.read(env.spool, "defer", qid)]
+    except FileNotFoundError:
+        return []
+
+
+def test_a_stale_defer_log_is_gone_before_the_agent_gets_the_request(tmp_path: Path) -> None:
+    """Postfix removes the defer log of an earlier attempt when the message enters the
+    active queue; qmgrd removes it just before the first delivery request (issue 8),
+    so the agent's new entries are the only ones: never the old reason with them."""
+    env = Env(tmp_path)
+    env.agents.decide = lambda transport, req, rcpt: "defer"
+    qid = env.submit("a@x.example", ["r@d.example"])
+    _stale_defer_log(env, qid, "r@d.example")
+    seen: list[bool] = []
+    env.agents.on_deliver = lambda transport, req: seen.append(
+        os.path.exists(env.spool.path("defer", req.queue_id)))
+
+    async def go() -> None:
+        sched = env.sched()
+        sched.startup()
+        await drain(sched)
+
+    run(go())
+    assert seen == [False]
+    assert _defer_reasons(env, qid) == ["try later"]
+    assert env.files("deferred") == [qid]
+
+
+def test_a_stale_defer_log_is_gone_before_the_qmgr_defers_by_itself(tmp_path: Path) -> None:
+    """A deferral the qmgr writes itself (``defer_transports``) replaces the old
+    reasons as well."""
+    env = Env(tmp_path, defer_transports="smtp")
+    qid = env.submit("a@x.example", ["r@d.example"])
+    _stale_defer_log(env, qid, "r@d.example")
+
+    async def go() -> None:
+        sched = env.sched()
+        sched.startup()
+        await drain(sched)
+
+    run(go())
+    assert env.agents.requests == []
+    assert _defer_reasons(env, qid) == ["deferred transport"]
+    assert env.files("deferred") == [qid]
+
+
+def test_a_stale_defer_log_goes_with_a_delivered_message(tmp_path: Path) -> None:
+    env = Env(tmp_path)
+    qid = env.submit("a@x.example", ["r@d.example"])
+    _stale_defer_log(env, qid, "r@d.example")
+
+    async def go() -> None:
+        sched = env.sched()
+        sched.startup()
+        await drain(sched)
+
+    run(go())
+    assert env.files("active") == env.files("deferred") == []
+    assert not os.path.exists(env.spool.path("defer", qid))

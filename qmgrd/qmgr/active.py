@@ -15,7 +15,10 @@ Summary
     to ``corrupt/``. The group-read mode bit asks for a
     per-message flush (revive the dead transports and destinations it needs, ignore
     ``defer_transports``) and is cleared; group-execute forces expiry. The stale
-    ``defer/<id>`` log is removed. Logs ``<id>: from=<s>, size=N, nrcpt=N (queue active)``.
+    ``defer/<id>`` log is removed before this attempt writes to it (before the first
+    delivery request, a deferral by the qmgr, or the move back to deferred/:
+    Message.drop_stale_defer_log), not here as Postfix does (issue 8). Logs
+    ``<id>: from=<s>, size=N, nrcpt=N (queue active)``.
 
     Recipients are read in batches (qmgr_message_read): the first batch holds up to
     max(``qmgr_message_recipient_minimum``, the recipient limit minus the recipients in
@@ -233,13 +236,8 @@ class ActiveQueue:
                 os.fchmod(qf.fileno(), stat.S_IMODE(mode) & ~_STAT_UNTHROTTLE)
             except OSError as exc:
                 log.warning(f"{qid}: cannot clear the flush mode bit: {exc}")
-        try:
-            os.unlink(self.spool.path("defer", qid))
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            log.warning(f"{qid}: cannot remove stale defer log: {exc}")
         msg = Message.from_queue_file(qf, now)
+        msg.stale_defer_log = True  # removed before this attempt writes one (Message)
         msg.unthrottle = bool(mode & _STAT_UNTHROTTLE)
         msg.flush = flush or msg.unthrottle
         msg.forced_expire = bool(mode & _STAT_EXPIRE)

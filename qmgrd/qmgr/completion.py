@@ -171,6 +171,7 @@ class Completion:
                         "defer", self._request(msg, BOUNCE_CMD_WARN))):
                 self._warn_done(msg)
         if msg.deferred:
+            msg.drop_stale_defer_log(self.spool)  # no attempt wrote one: none is left
             self._defer(msg, path)
         else:
             self._remove(qid)

@@ -200,6 +200,7 @@ class Dispatcher:
     async def _deliver(self, entry: Entry) -> None:
         t = entry.queue.transport
         owner = self.owner
+        entry.message.drop_stale_defer_log(self.spool)  # before the agent can append
         try:
             status = await self.client.deliver(t.name, self._request(entry))
         except TransportUnavailable as exc:

@@ -40,6 +40,7 @@ Public API
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -90,6 +91,7 @@ class Message:
     completing: bool = False
     left: bool = False
     corrupt: bool = False
+    stale_defer_log: bool = False  # defer/<id> of an earlier attempt may still be there
     nrcpt: int = 0
     rcpt_count: int = 0
     rcpt_limit: int = 0
@@ -131,9 +133,30 @@ class Message:
             single_rcpt=bool(getattr(qf, "verp", "")),
         )
 
+    def drop_stale_defer_log(self, spool: Spool) -> None:
+        """Remove the defer log an earlier attempt left (``stale_defer_log``), once:
+        before the first entry of this attempt is written to it (by the qmgr, or by an
+        agent: before the first delivery request goes out) and before the message goes
+        back to deferred/. Postfix's qmgr removes it when the message enters the active
+        queue; here that unlink (a system call that frees the file's blocks: on a file
+        system mounted with ``discard``, also their discard) held up the feeding of the
+        active queue, the start of every delivery (issue 8, scenario C: 2,000-2,400
+        against 2,400-2,700 msgs/s). Logs ``<id>: cannot remove stale defer log: ...``
+        when the unlink fails for another reason than a missing file."""
+        if not self.stale_defer_log:
+            return
+        self.stale_defer_log = False
+        try:
+            os.unlink(spool.path("defer", self.qid))
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.warning(f"{self.qid}: cannot remove stale defer log: {exc}")
+
     def defer_recipients(self, spool: Spool, rcpts: Iterable[Recipient], status: str,
                          reason: str, now: float) -> None:
         """Defer ``rcpts`` without a delivery attempt (defer log + ``status=deferred`` line)."""
+        self.drop_stale_defer_log(spool)
         self.deferred = True
         dsn = statuslog.Dsn(status=status, action="delayed", reason=reason)
         for rcpt in rcpts:
