@@ -1293,11 +1293,14 @@ def _stale_defer_log(env: Env, qid: str, address: str) -> None:
                      statuslog.Dsn("4.4.1", "delayed", "old reason"))
 
 
-def _defer_reasons(env: Env, qid: str) -> list[str]:
-    try:
-        return [dsn.reason for _, dsn in statuslog.read(env.spool, "defer", qid)]
-    except FileNotFoundError:
-        return []
+def _run_until_idle(env: Env) -> None:
+    """A new scheduler, started and stepped until nothing is left to do (drain)."""
+    async def go() -> None:
+        sched = env.sched()
+        sched.startup()
+        await drain(sched)
+
+    run(go())
 
 
 def test_a_stale_defer_log_is_gone_before_the_agent_gets_the_request(tmp_path: Path) -> None:
@@ -1311,15 +1314,9 @@ def test_a_stale_defer_log_is_gone_before_the_agent_gets_the_request(tmp_path: P
     seen: list[bool] = []
     env.agents.on_deliver = lambda transport, req: seen.append(
         os.path.exists(env.spool.path("defer", req.queue_id)))
-
-    async def go() -> None:
-        sched = env.sched()
-        sched.startup()
-        await drain(sched)
-
-    run(go())
+    _run_until_idle(env)
     assert seen == [False]
-    assert _defer_reasons(env, qid) == ["try later"]
+    assert [reason for _, reason in defer_reasons(env.spool, qid)] == ["try later"]
     assert env.files("deferred") == [qid]
 
 
@@ -1329,15 +1326,9 @@ def test_a_stale_defer_log_is_gone_before_the_qmgr_defers_by_itself(tmp_path: Pa
     env = Env(tmp_path, defer_transports="smtp")
     qid = env.submit("a@x.example", ["r@d.example"])
     _stale_defer_log(env, qid, "r@d.example")
-
-    async def go() -> None:
-        sched = env.sched()
-        sched.startup()
-        await drain(sched)
-
-    run(go())
+    _run_until_idle(env)
     assert env.agents.requests == []
-    assert _defer_reasons(env, qid) == ["deferred transport"]
+    assert [reason for _, reason in defer_reasons(env.spool, qid)] == ["deferred transport"]
     assert env.files("deferred") == [qid]
 
 
@@ -1345,12 +1336,6 @@ def test_a_stale_defer_log_goes_with_a_delivered_message(tmp_path: Path) -> None
     env = Env(tmp_path)
     qid = env.submit("a@x.example", ["r@d.example"])
     _stale_defer_log(env, qid, "r@d.example")
-
-    async def go() -> None:
-        sched = env.sched()
-        sched.startup()
-        await drain(sched)
-
-    run(go())
+    _run_until_idle(env)
     assert env.files("active") == env.files("deferred") == []
     assert not os.path.exists(env.spool.path("defer", qid))

@@ -544,6 +544,18 @@ class SmtpSession:
             self.close()
         return reply if reply.code // 100 in (4, 5) else None
 
+    def _buffered_line(self) -> bytes | None:
+        """A whole reply line (line end included) already received and within
+        _LINE_LIMIT, taken out of the buffer; None when there is none (or it is
+        overlong: _readline's)."""
+        buf = self._buf
+        end = buf.find(b"\n")
+        if not 0 <= end < _LINE_LIMIT:
+            return None
+        line = bytes(buf[:end + 1])
+        del buf[:end + 1]
+        return line
+
     async def _readline(self) -> bytes:
         """One reply line with its line end; b"" at EOF, also when the peer closed the
         connection within a line (Postfix smtp_get(): "Don't allow data that was
@@ -551,6 +563,9 @@ class SmtpSession:
         the rest of it read and dropped, with ``warning: <host>[<addr>]:<port>: response
         longer than 2048: <its first 30 characters>...``, and used, as Postfix's
         smtp_chat_resp() does (an overlong 250 after the message is still a 250)."""
+        line = self._buffered_line()
+        if line is not None:
+            return line
         buf = self._buf
         head: bytes | None = None  # the first _LINE_LIMIT bytes of an overlong line
         while True:
@@ -616,13 +631,10 @@ class SmtpSession:
             # The lines already here (the replies to a pipelined batch come together):
             # taken without a timeout, which only a read from the peer needs
             done = False
-            buf = self._buf
             while not done and count < _YIELD_LINES:
-                end = buf.find(b"\n")
-                if not 0 <= end < _LINE_LIMIT:  # none here (or overlong: _readline's)
+                raw = self._buffered_line()
+                if raw is None:
                     break
-                raw = bytes(buf[:end + 1])
-                del buf[:end + 1]
                 done = take(raw)
             if not done:
                 async with asyncio.timeout(timeout or None):
