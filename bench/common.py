@@ -44,6 +44,7 @@ instance's mail_owner, mode 0700 (ready).
 
 from __future__ import annotations
 
+import math
 import os
 import pwd
 import shutil
@@ -69,14 +70,27 @@ from tests.harness import PY, MailSystem
 from tests.harness import wait_for as harness_wait_for
 from tests.tools.smtpd_system import master_cf_with_smtpd
 
-SCALE = float(os.environ.get("BENCH_SCALE", "1") or "1")
+
+def _scale() -> float:
+    """$BENCH_SCALE as a float (default 1); NaN when it is no number, which bench/run.py
+    refuses with a clear message (and scaled() with ValueError)."""
+    try:
+        return float(os.environ.get("BENCH_SCALE", "1") or "1")
+    except ValueError:
+        return math.nan
+
+
+SCALE = _scale()
 SENDER = b"bench@sender.example"
 BODY = [b"This is line %d of a benchmark message, about sixty bytes long.." % i
         for i in range(16)]
 
 
 def scaled(n: int) -> int:
-    """``n`` times $BENCH_SCALE, at least 1."""
+    """``n`` times $BENCH_SCALE, at least 1 (ValueError when $BENCH_SCALE is not a
+    number above 0)."""
+    if not (math.isfinite(SCALE) and SCALE > 0):
+        raise ValueError(f"BENCH_SCALE must be a number above 0, not {SCALE}")
     return max(1, round(n * SCALE))
 
 

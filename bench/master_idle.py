@@ -91,18 +91,30 @@ def main() -> None:
     base = Path(tempfile.mkdtemp(prefix="qmgrd-bench-"))
     os.chmod(base, 0o755)
     shutil.copytree(REPO / "etc", base / "etc")
+    # the bundled main.cf logs to ../var/log/maillog, whose directory the master does
+    # not make (as `make run` does, bin/ and the Makefile make it)
+    (base / "var" / "log").mkdir(parents=True)
     env = dict(os.environ, PYTHONPATH=str(REPO))
     env.pop("QMGRD_CONFIG_DIR", None)
-    proc = subprocess.Popen([sys.executable, "-P", "-m", "master.cli", "-c",
-                             str(base / "etc"), "start", "--foreground"], env=env,
-                            start_new_session=True, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    stderr = base / "master.stderr"
+    with open(stderr, "wb") as err:
+        proc = subprocess.Popen([sys.executable, "-P", "-m", "master.cli", "-c",
+                                 str(base / "etc"), "start", "--foreground"], env=env,
+                                start_new_session=True, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=err)
     result: dict[str, object] = {"root": os.geteuid() == 0}
     try:
         master = psutil.Process(proc.pid)
         private = base / "var" / "spool" / "private"
-        wait_for(lambda: children_of(master, "qmgr") and children_of(master, "pickup"),
-                 20, "qmgr and pickup")
+        try:
+            wait_for(lambda: proc.poll() is not None or (
+                children_of(master, "qmgr") and children_of(master, "pickup")),
+                20, "qmgr and pickup")
+        except SystemExit as exc:
+            raise SystemExit(f"{exc}; master: {stderr.read_text()[-1000:]}") from None
+        if proc.poll() is not None:
+            raise SystemExit(f"the master exited ({proc.returncode}): "
+                               f"{stderr.read_text()[-1000:]}")
         time.sleep(2.0)  # let the start-up settle (first wakeups, pickup's first scan)
 
         before, ctx0 = master.cpu_times(), master.num_ctx_switches()

@@ -32,16 +32,31 @@ Usage
 Every round is one JSON line in ``--jsonl`` (rewritten per run; see
 bench/scenarios.py for the keys). ``--out`` gets the medians, ratios, targets, the
 machine (CPUs, load average before and after), the other benchmarks' figures and the
-printed table. Without Postfix (or not root) only qmgrd is measured. See bench/README.md.
+printed table. Their defaults are bench/results.json and bench/results.jsonl (the
+committed figures of the last full run) for a full run - no ``--only``, ``--rounds``,
+``--systems`` or BENCH_SCALE - and bench/results-partial.json(l) (not committed) for
+any other. Without Postfix (or not root) only qmgrd is measured. See bench/README.md.
+
+Exit status: 0 when every round was valid and every other benchmark gave figures; 1
+when a round was invalid (a message missing at the sink, a command that failed...) or
+a benchmark failed - the table is printed and the files written all the same, and a
+target is judged (met / NOT met) only on a scenario whose rounds were all valid on
+both systems; 2 for bad options (nothing is run). SIGINT, SIGTERM and SIGHUP stop the
+run and tear the systems down (nothing is printed or written but the rounds done).
+One benchmark at a time: a second run while one holds ``/tmp/qmgrd-bench.lock`` exits
+2 at once (two runs on one machine spoil each other's figures).
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
+import math
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -57,6 +72,12 @@ sys.path.insert(0, str(HERE))
 import queue_bench
 import scenarios
 from common import SCALE, scaled
+
+KNOWN = ("A", "H", "C", "B", "busy", "scale", "rss", "drain", "scan", "idle", "list")
+DEFAULT_ONLY = "A,H,C,B,busy,scale,rss"
+DEFAULT_ROUNDS = 4
+SYSTEMS = ("qmgrd", "postfix")
+LOCK = Path("/tmp/qmgrd-bench.lock")
 
 SCENARIOS = ("A", "H", "C", "B")
 # (scenario, figure, label, digits, target as (op, value) on qmgrd/Postfix or None)
@@ -136,13 +157,16 @@ def legacy_table(res: dict[str, Any]) -> str:
     rows.append(("  CPU of the qmgr process per msg, ms",
                  _ms(_get(res, "drain", "qmgrd", "qmgr_cpu_us_per_msg")),
                  _ms(_get(res, "drain", "postfix", "qmgr_cpu_us_per_msg")), 2, False))
-    rss_sizes = [scaled(s) for s in queue_bench.RSS_POINTS] if "rss" in res else []
-    for i, size in enumerate(rss_sizes):
+    # one row per queue size measured (the points as run, whatever --rss-points said)
+    rss_points = max((len(_get(res, "rss", system, "points") or [])
+                      for system in SYSTEMS), default=0)
+    for i in range(rss_points):
         q = _get(res, "rss", "qmgrd", "points", i)
         p = _get(res, "rss", "postfix", "points", i)
         ref = q or p or {}
-        label = (f"qmgr RSS, {size:,} queued ({ref.get('active', '?'):,} active), MiB"
-                 if isinstance(ref.get("active"), int) else f"qmgr RSS, {size:,} queued, MiB")
+        size, active = ref.get("queued"), ref.get("active")
+        label = (f"qmgr RSS, {size:,} queued ({active:,} active), MiB"
+                 if isinstance(active, int) else f"qmgr RSS, {size:,} queued, MiB")
         rows.append((label, q.get("rss_mib") if q else None, p.get("rss_mib") if p else None,
                      1, False))
     files = scaled(queue_bench.SCAN_FILES)
@@ -344,15 +368,27 @@ def summarize(rows: list[dict[str, Any]], systems: list[str]) -> dict[str, Any]:
         ratio = q / p if isinstance(q, (int, float)) and isinstance(p, (int, float)) and p \
             else None
         met = None if ratio is None else (ratio >= want if op == ">=" else ratio <= want)
+        # judged only on a scenario whose every round was valid on both systems: a
+        # system that lost mail in a round must not look "met" on its other rounds
+        invalid = any(v["valid"] < v["rounds"] for v in summ.get(src, {}).values())
         summ.setdefault("targets", {})[sc] = {"ratio": None if ratio is None
                                               else round(ratio, 3),
-                                              "target": f"{op} {want}", "met": met}
+                                              "target": f"{op} {want}",
+                                              "met": None if invalid else met,
+                                              "invalid_rounds": invalid}
     return summ
 
 
 def _cell(v: Any, digits: int, width: int) -> str:
     s = "-" if not isinstance(v, (int, float)) else f"{v:,.{digits}f}"
     return f"{s:>{width}}"
+
+
+def _verdict(target: dict[str, Any]) -> str:
+    """met / NOT met / not judged (invalid rounds) / - (a system missing)."""
+    if target.get("invalid_rounds"):
+        return "not judged: invalid rounds"
+    return {True: "met", False: "NOT met", None: "-"}[target["met"]]
 
 
 def scenario_table(summ: dict[str, Any], scale_rows: list[dict[str, Any]],
@@ -368,7 +404,7 @@ def scenario_table(summ: dict[str, Any], scale_rows: list[dict[str, Any]],
             continue
         n = next(iter(per.values()))["messages"]
         t = summ["targets"][sc]
-        met = {True: "met", False: "NOT met", None: "-"}[t["met"]]
+        met = _verdict(t)
         q, p = per.get("qmgrd", {}), per.get("postfix", {})
         rows.append((labels[sc].format(n=n), q.get("msgs_per_s"), p.get("msgs_per_s"), 0,
                      f"{t['target']}: {met}"))
@@ -377,7 +413,7 @@ def scenario_table(summ: dict[str, Any], scale_rows: list[dict[str, Any]],
         rows.append((cpu, q.get("cpu_ms_per_msg"), p.get("cpu_ms_per_msg"), 2, ""))
         if sc == "A":
             t = summ["targets"]["M"]
-            met = {True: "met", False: "NOT met", None: "-"}[t["met"]]
+            met = _verdict(t)
             rows.append(("M peak PSS during A, all processes, MiB", q.get("peak_pss_mib"),
                          p.get("peak_pss_mib"), 0, f"{t['target']}: {met}"))
         if sc == "H":
@@ -399,7 +435,7 @@ def scenario_table(summ: dict[str, Any], scale_rows: list[dict[str, Any]],
                 out.append(f"  INVALID round: {sc} {system}: {err[:300]}")
     if valid:
         out.append("valid rounds: " + ", ".join(valid))
-    if scale_rows or rss:
+    if scale_rows:
         if out:
             out.append("")
         h_first: dict[str, Any] = next(iter(summ.get("H", {}).values()), {})
@@ -424,35 +460,151 @@ def scenario_table(summ: dict[str, Any], scale_rows: list[dict[str, Any]],
                                    system == "qmgrd" else 15))
                 cells.append(_cell(r.get("peak_qmgr_rss_mib") if ok else None, 1, 13))
             out.append(f"  {size:>9,} " + " ".join(cells))
-        if rss:
-            for system in ("qmgrd", "postfix"):
-                pts = rss.get(system, {}).get("points") if isinstance(rss.get(system),
-                                                                       dict) else None
-                if pts:
-                    desc = ", ".join(f"{p['queued']:,} queued ({p['active']:,} active): "
-                                     f"{p['rss_mib']} MiB" for p in pts)
-                    out.append(f"  {system} qmgr RSS, deferred backlog: {desc}")
-                elif isinstance(rss.get(system), dict) and "error" in rss[system]:
-                    out.append(f"  {system} qmgr RSS: ERROR {rss[system]['error']}")
+    if rss:
+        if out:
+            out.append("")
+        out.append("qmgr RSS with a deferred backlog (bench/queue_bench.py):")
+        for system in ("qmgrd", "postfix"):
+            pts = rss.get(system, {}).get("points") if isinstance(rss.get(system),
+                                                                   dict) else None
+            if pts:
+                desc = ", ".join(f"{p['queued']:,} queued ({p['active']:,} active): "
+                                 f"{p['rss_mib']} MiB" for p in pts)
+                out.append(f"  {system} qmgr RSS, deferred backlog: {desc}")
+            elif isinstance(rss.get(system), dict) and "error" in rss[system]:
+                out.append(f"  {system} qmgr RSS: ERROR {rss[system]['error']}")
     return "\n".join(out)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
-    parser.add_argument("--only", default="A,H,C,B,busy,scale,rss")
-    parser.add_argument("--rounds", type=int, default=4)
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more: {v}")
+    return v
+
+
+def _names(text: str, known: tuple[str, ...], what: str) -> list[str]:
+    """A comma-separated list of ``known`` names, duplicates dropped (ArgumentTypeError
+    for an empty list or an unknown name)."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    bad = [n for n in names if n not in known]
+    if bad or not names:
+        hint = " (M is measured during A)" if "M" in bad else ""
+        named = f"{what} {', '.join(map(repr, bad))}" if bad else "none named"
+        raise argparse.ArgumentTypeError(f"{named}{hint}; known: {','.join(known)}")
+    return list(dict.fromkeys(names))
+
+
+def _rss_points(text: str) -> tuple[int, ...]:
+    pts = tuple(_positive_int(x.strip()) for x in text.split(","))
+    if list(pts) != sorted(set(pts)):
+        raise argparse.ArgumentTypeError(f"queue sizes must increase: {text}")
+    return pts
+
+
+def _writable(path: str) -> str:
+    """A file path whose directory exists and is writable (checked before the run, so
+    that a typo does not cost the whole run's figures at its end)."""
+    p = Path(path)
+    if p.is_dir():
+        raise argparse.ArgumentTypeError(f"{path}: is a directory")
+    if not p.parent.is_dir() or not os.access(p.parent, os.W_OK) or (
+            p.exists() and not os.access(p, os.W_OK)):
+        raise argparse.ArgumentTypeError(f"{path}: cannot write there")
+    return path
+
+
+def parse_options(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, checked: exits 2 with argparse's usage message on a bad one."""
+    parser = argparse.ArgumentParser(
+        description="qmgrd against a private Postfix, side by side (issue 8; "
+                    "bench/README.md).",
+        epilog="Exit status: 0 all rounds valid, 1 an invalid round or a failed "
+               "benchmark, 2 bad options or another benchmark running.")
+    parser.add_argument("--only", type=lambda t: _names(t, KNOWN, "unknown benchmark"),
+                        default=None, metavar="LIST",
+                        help=f"what to run, comma-separated, of {','.join(KNOWN)} "
+                             f"(default {DEFAULT_ONLY})")
+    parser.add_argument("--rounds", type=_positive_int, default=None, metavar="N",
+                        help=f"rounds of each scenario (default {DEFAULT_ROUNDS})")
     parser.add_argument("--scale", action="store_true",
-                        help=f"scenario H at {BIG_SCALE_POINT:,} messages too")
-    parser.add_argument("--b-messages", type=int, default=0,
-                        help=f"sendmail runs per B round (default {B_MESSAGES:,} scaled)")
-    parser.add_argument("--rss-points", default="120000",
-                        help="queue sizes of the rss benchmark, comma-separated")
-    parser.add_argument("--systems", default="qmgrd,postfix")
-    parser.add_argument("--out", default=str(HERE / "results.json"))
-    parser.add_argument("--jsonl", default=str(HERE / "results.jsonl"))
-    opts = parser.parse_args()
-    only = opts.only.split(",")
-    systems = opts.systems.split(",")
+                        help=f"with 'scale': scenario H at {BIG_SCALE_POINT:,} messages too")
+    parser.add_argument("--b-messages", type=_positive_int, default=None, metavar="N",
+                        help=f"with B: sendmail runs per round (default {B_MESSAGES:,} "
+                             "scaled)")
+    parser.add_argument("--rss-points", type=_rss_points, default=None, metavar="LIST",
+                        help="with rss: queue sizes, increasing, comma-separated "
+                             "(default 120000)")
+    parser.add_argument("--systems", type=lambda t: _names(t, SYSTEMS, "unknown system"),
+                        default=None, metavar="LIST",
+                        help="qmgrd, postfix or both (default qmgrd,postfix)")
+    parser.add_argument("--out", type=_writable, default=None, metavar="FILE",
+                        help="medians, targets and the table as JSON (default "
+                             "bench/results.json for a full run, else "
+                             "bench/results-partial.json)")
+    parser.add_argument("--jsonl", type=_writable, default=None, metavar="FILE",
+                        help="one JSON line per round (default bench/results.jsonl for a "
+                             "full run, else bench/results-partial.jsonl)")
+    opts = parser.parse_args(argv)
+    if not (math.isfinite(SCALE) and SCALE > 0):
+        parser.error(f"BENCH_SCALE must be a number above 0, not {SCALE}")
+    full = (opts.only is None and opts.rounds is None and opts.systems is None
+            and SCALE == 1)
+    opts.only = opts.only or DEFAULT_ONLY.split(",")
+    opts.rounds = opts.rounds or DEFAULT_ROUNDS
+    opts.systems = opts.systems or list(SYSTEMS)
+    stem = "results" if full else "results-partial"
+    try:
+        opts.out = opts.out or _writable(str(HERE / f"{stem}.json"))
+        opts.jsonl = opts.jsonl or _writable(str(HERE / f"{stem}.jsonl"))
+    except argparse.ArgumentTypeError as exc:
+        parser.error(str(exc))
+    if os.path.realpath(opts.out) == os.path.realpath(opts.jsonl):
+        parser.error("--out and --jsonl name the same file")
+    for flag, needs, given in (("--scale", "scale", opts.scale),
+                               ("--b-messages", "B", opts.b_messages is not None),
+                               ("--rss-points", "rss", opts.rss_points is not None)):
+        if given and needs not in opts.only:
+            parser.error(f"{flag} applies to {needs!r}, which --only does not name")
+    if opts.only == ["busy"] and "qmgrd" not in opts.systems:
+        parser.error("'busy' runs qmgrd alone: add qmgrd to --systems")
+    return opts
+
+
+def _lock() -> IO[str]:
+    """Hold LOCK for the run (flock, released when the process ends however it ends);
+    exits 2 when another benchmark holds it."""
+    fh = open(LOCK, "a+")  # noqa: SIM115 - held until the process exits
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        who = fh.read().strip() or "?"
+        print(f"bench/run.py: another benchmark is running (pid {who}; {LOCK}): "
+              "two at once spoil each other's figures", file=sys.stderr)
+        sys.exit(2)
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"{os.getpid()}\n")
+    fh.flush()
+    return fh
+
+
+def _stop(signum: int, frame: object) -> None:
+    """SIGTERM/SIGHUP as Ctrl-C: KeyboardInterrupt unwinds through the ``finally``
+    clauses that stop the systems and remove their directories."""
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main() -> int:
+    opts = parse_options()
+    lock = _lock()
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _stop)
+    only, systems = opts.only, opts.systems
     started = time.time()
     stamp = time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(started))
     res: dict[str, Any] = {
@@ -473,11 +625,12 @@ def main() -> None:
     try:
         if any(s in only for s in (*SCENARIOS, "busy", "scale")):
             base = Path(tempfile.mkdtemp(prefix="qmgrd-bench-"))
-            os.chmod(base, 0o755)
-            bench = scenarios.Bench(base, systems)
-            if "postfix" in systems and "postfix" not in bench.systems:
-                log("postfix: not installed or not root - only qmgrd is measured")
+            bench: scenarios.Bench | None = None
             try:
+                os.chmod(base, 0o755)
+                bench = scenarios.Bench(base, systems)
+                if "postfix" in systems and "postfix" not in bench.systems:
+                    log("postfix: not installed or not root - only qmgrd is measured")
                 rows = run_scenarios(bench, only, opts.rounds, counts(opts.b_messages),
                                      record)
                 if "busy" in only:
@@ -488,12 +641,13 @@ def main() -> None:
                         points.append(scaled(BIG_SCALE_POINT))
                     scale_rows = run_scale(bench, points, record)
             finally:
-                bench.close()
+                if bench is not None:
+                    bench.close()
                 shutil.rmtree(base, ignore_errors=True)
         queue = [b for b in only if b in ("drain", "rss", "scan")]
         if queue:
-            sizes = tuple(int(x) for x in opts.rss_points.split(","))
-            res.update(queue_bench.run(queue, systems, log, rss_sizes=sizes))
+            res.update(queue_bench.run(queue, systems, log,
+                                       rss_sizes=opts.rss_points or (120_000,)))
         if "idle" in only:
             log("idle: qmgrd master ...")
             res["idle"] = idle_bench()
@@ -509,8 +663,8 @@ def main() -> None:
     res["machine"]["loadavg_after"] = os.getloadavg()
     res["seconds"] = round(time.time() - started, 1)
     parts = []
-    if rows or scale_rows or busy_rows:
-        rss = res.get("rss") if isinstance(res.get("rss"), dict) else None
+    rss = res.get("rss") if isinstance(res.get("rss"), dict) else None
+    if rows or scale_rows or busy_rows or rss:
         table = scenario_table(summ, scale_rows, rss)
         line = busy_line(busy_rows, summ)
         parts.append(table + ("\n" + line if line else ""))
@@ -519,15 +673,42 @@ def main() -> None:
             parts.append(breakdown)
     if any(b in only for b in ("drain", "scan", "idle", "list")):
         parts.append(legacy_table(res))
+    failures = failed(rows + scale_rows + busy_rows, res)
+    res["failures"] = failures
     text = "\n\n".join(parts)
     res["table"] = text.splitlines()
+    print(text, flush=True)  # before the file: a write that fails loses no figures
     Path(opts.out).write_text(json.dumps(res, indent=2) + "\n")
-    print(text)
     load = res["machine"]
     print(f"\n(scale {SCALE:g}, {opts.rounds} rounds, {res['seconds']:.0f} s, load average "
           f"{load['loadavg_before'][0]:.1f} before, {load['loadavg_after'][0]:.1f} after; "
           f"figures in {opts.out} and {opts.jsonl})")
+    if failures:
+        print("FAILED: " + "; ".join(failures), file=sys.stderr)
+    lock.close()
+    return 1 if failures else 0
+
+
+def failed(rows: list[dict[str, Any]], res: dict[str, Any]) -> list[str]:
+    """What makes the run's exit status 1: each invalid round, each benchmark that
+    reported an error."""
+    out = [f"invalid round: {r.get('scenario')} {r.get('system')} round "
+           f"{r.get('round', '-')}" for r in rows if not r.get("valid")]
+    for bench in ("drain", "rss", "scan"):
+        for system, v in (res.get(bench) or {}).items():
+            if isinstance(v, dict) and "error" in v:
+                out.append(f"{bench} {system}: error")
+    for bench in ("idle", "ctl_list"):
+        if isinstance(res.get(bench), dict) and "error" in res[bench]:
+            out.append(f"{bench}: error")
+    return out
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt as stop:
+        # the finally clauses have stopped the systems and removed their directories
+        print(f"bench/run.py: stopped ({stop or 'SIGINT'}): the systems are torn down, "
+              "no table", file=sys.stderr)
+        sys.exit(130)

@@ -239,6 +239,15 @@ class Bench:
         main = {"mynetworks": "127.0.0.0/8"}
         if "postfix" in systems and not postfix_available():
             systems = [s for s in systems if s != "postfix"]
+        try:
+            self._prepare(systems, main)
+        except BaseException:
+            self.close()  # no system left running by a failed or interrupted set-up
+            raise
+        self.systems = list(self.inst)
+
+    def _prepare(self, systems: list[str], main: dict[str, str]) -> None:
+        base = self.base
         for name in systems:
             root = base / name
             root.mkdir(parents=True)
@@ -254,7 +263,6 @@ class Bench:
                 self.inst[name] = PostfixInstance(root, smtpd_port=port, transport_maps=maps,
                                                   **main)
             self.inst[name].prepare()
-        self.systems = list(self.inst)
 
     def close(self) -> None:
         for inst in self.inst.values():
