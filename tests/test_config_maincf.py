@@ -114,6 +114,26 @@ def test_conditionals() -> None:
     assert stressed.get_int("smtpd_hard_error_limit") == 1
 
 
+def test_braced_conditionals_of_postfix_3() -> None:
+    """postconf(5), Postfix 3.0: ${name?{value}}, ${name:{value}} and
+    ${name?{value1}:{value2}}, white space around the braced parts ignored."""
+    c = cfg("set = yes\nempty =\n"
+            "a = ${set?{on val}}|${empty?{on}}|${set:{off}}|${empty:{off val}}\n"
+            "b = ${set?  {sp}  :  {no} }|${empty?{x}:{ no }}\n"
+            "c = ${empty?{$set}:{${set?{nested}}}}\n")
+    assert c.get("a") == "on val|||off val"
+    assert c.get("b") == "sp| no "
+    assert c.get("c") == "nested"
+
+
+@pytest.mark.parametrize("value", ["${set:{x}:{y}}", "${set?{x}junk}", "${set?{x}:}",
+                                   "${set:{x}y}"])
+def test_malformed_braced_conditionals_name_file_and_line(value: str) -> None:
+    c = cfg(f"set = yes\nz = {value}\n")
+    with pytest.raises(ConfigError, match=r'main.cf, line 2: bad conditional'):
+        c.get("z")
+
+
 def test_raw_parameters_are_not_expanded() -> None:
     c = cfg("mailbox_command = /usr/bin/procmail -a $EXTENSION\n")
     assert c.get("mailbox_command") == "/usr/bin/procmail -a $EXTENSION"

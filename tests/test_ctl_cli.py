@@ -243,6 +243,19 @@ def test_config_prints_like_postconf(tmp_path: Path) -> None:
     assert err == "qmgr-ctl: warning: no_such_parameter: unknown parameter\n"
 
 
+def test_config_x_with_a_value_that_does_not_expand(tmp_path: Path) -> None:
+    """A fresh-eyes finding: ``config -x`` ended in a traceback. Now one fatal line
+    naming file and line (EX_CONFIG), and the names asked for that do expand print."""
+    (tmp_path / "main.cf").write_text("a6 = ${mail_name\n"
+                                      "a7 = ${mail_name?{x}:{y}}\n")
+    code, out, err = run("-c", str(tmp_path), "config", "-x", "a6")
+    assert code == 78 and out == ""
+    assert err == (f'qmgr-ctl: fatal: {tmp_path}/main.cf, line 1: missing \'}}\' in '
+                   '"${mail_name"\n')
+    code, out, err = run("-c", str(tmp_path), "config", "-x", "a7")
+    assert (code, out, err) == (0, "a7 = x\n", "")
+
+
 def test_config_prints_per_transport_parameters_like_postconf(tmp_path: Path) -> None:
     """postconf shows a transport's parameters that fall back to a global one as
     ``$default_...`` (a fresh-eyes finding: "unknown parameter")."""

@@ -67,7 +67,7 @@ from __future__ import annotations
 import functools
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 from master.config.errors import ConfigError
@@ -450,11 +450,15 @@ class Config:
         if op not in "?:":
             raise self._error(owner, f'unsupported expression "${{{inner}}}"')
         present = self._lookup(name, stack) != ""
-        if op == "?" and arg.lstrip().startswith("{"):
-            yes, no = _split_alternatives(arg)
-            if yes is None or no is None:
+        if arg.lstrip().startswith("{"):
+            # Postfix 3.0 (postconf(5)): ${name?{value}}, ${name:{value}} and
+            # ${name?{value1}:{value2}}, white space allowed around the braced parts
+            first, second = _split_alternatives(arg)
+            if first is None or (op == ":" and second is not None):
                 raise self._error(owner, f'bad conditional "${{{inner}}}"')
-            return self._expand(yes if present else no, stack)
+            if op == "?" and second is not None:
+                return self._expand(first if present else second, stack)
+            arg = first
         if (op == "?") == present:
             return self._expand(arg, stack)
         return ""
@@ -723,12 +727,14 @@ class Config:
                 raise self._error(name, f'bad {name} parameter value "{value}": {problem}')
 
     def dump(self, defaults: bool = False, nondefault: bool = False,
-             expand: bool = False) -> list[str]:
+             expand: bool = False, only: Iterable[str] | None = None) -> list[str]:
         """``name = value`` lines sorted by name, like postconf.
 
         defaults: table defaults (postconf -d); nondefault: only main.cf settings and
         overrides (postconf -n); neither: every parameter's effective value (postconf).
-        expand: print expanded values (postconf -x).  Raises ValueError if both flags.
+        expand: print expanded values (postconf -x). only: just these names (the others
+        are not expanded, so a bad value elsewhere does not stop them). Raises
+        ValueError if both flags, ConfigError for a value that does not expand.
         """
         if defaults and nondefault:
             raise ValueError("defaults and nondefault are mutually exclusive")
@@ -738,6 +744,9 @@ class Config:
             names = sorted(set(self._values) | set(self.overrides))
         else:
             names = self.names()
+        if only is not None:
+            wanted = set(only)
+            names = [n for n in names if n in wanted]
         lines = []
         for name in names:
             if defaults:
@@ -773,13 +782,16 @@ def _match(text: str, i: int) -> int:
 
 
 def _split_alternatives(arg: str) -> tuple[str | None, str | None]:
-    """Parse ``{yes}:{no}`` (whitespace allowed around the parts)."""
+    """Parse ``{first}`` or ``{first}:{second}`` (white space allowed around the parts):
+    (first, second or None); (None, None) when malformed."""
     s = arg.strip()
     k = _match(s, 0)
     if k < 0:
         return None, None
     yes = s[1:k]
     rest = s[k + 1:].strip()
+    if not rest:
+        return yes, None
     if not rest.startswith(":"):
         return None, None
     rest = rest[1:].strip()

@@ -213,6 +213,12 @@ class _Cli(click.Group):
         except click.Abort:
             click.echo("Aborted!", err=True)
             sys.exit(1)
+        except ConfigError as exc:
+            # a value main.cf gives that only fails when it is expanded (config -x, a
+            # parameter a command reads late): one line naming file and line, as
+            # ``qmgr-master start`` reports it, never a traceback
+            click.echo(f"{PROG}: fatal: {exc}", err=True)
+            sys.exit(EX_CONFIG)
         sys.exit(rv if isinstance(rv, int) else EX_OK)
 
 
@@ -457,7 +463,8 @@ def config_cmd(ctx: click.Context, defaults: bool, nondefault: bool, expand: boo
     cfg = load(ctx)
     if defaults and nondefault:
         fatal(ctx, EX_USAGE, "-d and -n are mutually exclusive")
-    lines = cfg.dump(defaults=defaults, nondefault=nondefault, expand=expand)
+    lines = cfg.dump(defaults=defaults, nondefault=nondefault, expand=expand,
+                     only=names or None)
     if names:
         from master.config.maincf import transport_fallback
 
