@@ -10,7 +10,8 @@ Summary
       and entries that are not regular files - a symbolic link, FIFO or directory
       (``warning: <path>: uid <uid>: not a regular file``); a file with more than one
       link is taken with ``warning: <path>: uid <uid>: file has <n> links``, as
-      Postfix's mail_open_ok() says these (each once per scan; sendmail's short-lived
+      Postfix's mail_open_ok() says these (each once while it stays, where Postfix warns
+      at every scan: qmgrd's maildrop is world-writable; sendmail's short-lived
       ``<usec>.<pid>`` temporary names are passed over in silence). maildrop/ is read
       flat, as Postfix's pickup does (it is never hashed);
     * each ready file is read strictly (qmgrd.spool.maildrop.read_maildrop): any
@@ -178,13 +179,18 @@ def _temporary(name: str) -> bool:
     return bool(dot) and usec.isdigit() and pid.isdigit()
 
 
-def maildrop_names(spool: Spool, warned: set[str]) -> list[str]:
+def maildrop_names(spool: Spool, warned: dict[str, int]) -> list[str]:
     """The ready files of maildrop/ (flat), as Postfix's mail_open_ok() lets pickup open
-    them: a bad name or an entry that is not a regular file is warned about (the first
-    time its name is not in ``warned``, to which it is added) and left out; a file
-    with more than one link is warned about and kept. Nothing when maildrop/ is
-    missing; other OSErrors of reading the directory propagate."""
+    them: a bad name or an entry that is not a regular file is warned about and left
+    out; a file with more than one link is warned about and kept. Each such entry is
+    warned about once for as long as it stays (``warned``: path -> inode, updated here;
+    an entry removed and made again is warned about again), not at every scan: the
+    maildrop of qmgrd is world-writable (mode 1733: qmgr-sendmail is not set-group-id as
+    Postfix's postdrop is), so any local user could otherwise fill the log by leaving
+    junk there and sending mail. Nothing when maildrop/ is missing; other OSErrors of
+    reading the directory propagate."""
     names: list[str] = []
+    seen: set[str] = set()
     try:
         it = os.scandir(spool.queue_path("maildrop"))
     except (FileNotFoundError, NotADirectoryError):
@@ -193,34 +199,58 @@ def maildrop_names(spool: Spool, warned: set[str]) -> list[str]:
         for entry in it:
             name = entry.name
             if not valid_id(name):
-                if not _temporary(name) and name not in warned:
-                    warned.add(name)
-                    log.warning(f"bad file name: maildrop/{name}")
+                if not _temporary(name) and _first_time(entry, warned, seen):
+                    log.warning(f"bad file name: maildrop/{_printable(name)}")
                 continue
             try:
                 st = entry.stat(follow_symlinks=False)
             except FileNotFoundError:
                 continue
             if not stat.S_ISREG(st.st_mode):
-                if name not in warned:
-                    warned.add(name)
+                if _first_time(entry, warned, seen):
                     log.warning(f"{entry.path}: uid {st.st_uid}: not a regular file")
                 continue
             if not Spool.is_ready(st):
                 continue
-            if st.st_nlink > 1 and name not in warned:
-                warned.add(name)
+            if st.st_nlink > 1 and _first_time(entry, warned, seen):
                 log.warning(f"{entry.path}: uid {st.st_uid}: file has {st.st_nlink} links")
             names.append(name)
+    for path in [p for p in warned if p not in seen]:
+        del warned[path]  # gone: warned about again if it comes back
     return names
 
 
+def _first_time(entry: os.DirEntry[str], warned: dict[str, int], seen: set[str]) -> bool:
+    """True when ``entry`` (this inode at this path) was not warned about before."""
+    seen.add(entry.path)
+    try:
+        inode = entry.inode()
+    except OSError:
+        inode = -1
+    if warned.get(entry.path) == inode:
+        return False
+    warned[entry.path] = inode
+    return True
+
+
+def _printable(name: str) -> str:
+    """A maildrop entry's name for the log: any local user chooses it."""
+    return name if name.isprintable() and len(name) <= 100 else ascii(name[:100])
+
+
+# entries of maildrop/ already warned about, for the life of this pickup process
+_WARNED: dict[str, int] = {}
+
+
 def pickup_scan(cfg: Config, spool: Spool, cleanup: Cleanup,
-                stopping: Callable[[], bool] | None = None) -> int:
+                stopping: Callable[[], bool] | None = None,
+                warned: dict[str, int] | None = None) -> int:
     """Scan maildrop/ until a pass removes nothing, or until ``stopping()`` is True
-    (asked before each file); return how many files were removed."""
+    (asked before each file); return how many files were removed. ``warned``: the
+    entries already warned about (default: this process's, kept from scan to scan)."""
     total = 0
-    warned: set[str] = set()
+    if warned is None:
+        warned = _WARNED
     for _ in range(_MAX_PASSES):
         count = 0
         for name in maildrop_names(spool, warned):
