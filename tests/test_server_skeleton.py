@@ -23,7 +23,14 @@ from master import log
 from master.config import Config, Service
 from master.daemon.spawn import PosixOs, child_argv, wait_child
 from master.daemon.supervisor import STATUS
-from master.server.skeleton import AsyncTimerHook, ServerContext, _MultiLoop
+from master.server.skeleton import (
+    AsyncTimerHook,
+    ServerContext,
+    _MultiLoop,
+    _parse_argv,
+    preparse,
+    split_argv,
+)
 from tests.services.procs import child_env, kill_session, log_lines, wait_for, write_config
 
 pytestmark = pytest.mark.timeout(60)
@@ -566,3 +573,41 @@ def test_multi_server_loop_sleeps_while_connections_are_in_hand(
         assert m.finished == ["c1", "c2", "c3"]
 
     asyncio.run(body())
+
+
+@pytest.mark.parametrize("argv,options,args", [
+    # the master's form: "--" before the service's arguments, which stay verbatim
+    (["-c", "/e", "-n", "p", "--", "flags=R", "argv=/bin/x", "-f", "${sender}", "--",
+      "${recipient}"],
+     ["-c", "/e", "-n", "p"], ["flags=R", "argv=/bin/x", "-f", "${sender}", "--",
+                               "${recipient}"]),
+    # without "--", the options end at the first word that is not one (getopt)
+    (["-c", "/e", "--unpriv", "argv=/bin/x", "-f", "-o", "a=b", "-c", "y"],
+     ["-c", "/e", "--unpriv"], ["argv=/bin/x", "-f", "-o", "a=b", "-c", "y"]),
+    (["-c/e", "-o", "a=b", "-", "-n", "x"], ["-c/e", "-o", "a=b"], ["-", "-n", "x"]),
+    (["-c", "/e", "--", "--"], ["-c", "/e"], ["--"]),
+    (["-c", "/e"], ["-c", "/e"], []),
+])
+def test_child_argv_options_end_as_getopt(argv: list[str], options: list[str],
+                                          args: list[str]) -> None:
+    assert split_argv(argv) == (options, args)
+    parsed = _parse_argv(argv)
+    assert parsed.args == args
+    preparse(argv)  # the master's parse before it forks the child: the same result
+    again = _parse_argv(argv)
+    assert again.args == args and again.config_dir == parsed.config_dir
+    again.args.append("x")  # a child's changes do not reach the cached parse
+    assert _parse_argv(argv).args == args
+
+
+def test_child_argv_from_the_master_reaches_the_service(tmp_path: Path) -> None:
+    """A pipe line's arguments, through child_argv (what the master runs) and the
+    skeleton's parse, arrive as master.cf gave them."""
+    svc = Service(name="p", type="unix", private=True, unpriv=False, chroot=False,
+                  wakeup=0, wakeup_if_used=False, maxproc=1, command="pipe",
+                  args=["user=nobody", "argv=/bin/cmd", "-f", "${sender}", "-o", "x=y",
+                        "--", "${recipient}"], overrides={"a": "b"}, module="transports.pipe")
+    argv = child_argv(svc, str(tmp_path), foreground=True)
+    parsed = _parse_argv(argv[4:])
+    assert parsed.args == svc.args and parsed.overrides == ["a=b"]
+    assert parsed.service == "p" and parsed.foreground

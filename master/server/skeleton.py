@@ -7,7 +7,13 @@ Summary
         python -m <module> -c <config_dir> -n <service> -t <type> [-d]
             [--unpriv] [--chroot] [-o name=value ...] [-s N] [-l PATH] [-- args...]
 
-    with ``GENERATION=<n>`` in the environment, fd 3/4 the flow-control pipe, fd 5 the
+    The options end at ``--`` or at the first word that is not an option (POSIX getopt,
+    as Postfix's daemons parse theirs: :func:`split_argv`); the words after them reach
+    ``ServerContext.args`` verbatim, so that a pipe service's
+    ``argv=/usr/bin/cmd -f ${sender} -- ${recipient}`` keeps its ``-f`` and ``--``.
+    The master always puts ``--`` before a service's arguments.
+
+    It runs with ``GENERATION=<n>`` in the environment, fd 3/4 the flow-control pipe, fd 5 the
     service's status socket and fd 6 .. 6+N-1 the listeners (``-s N``, default 1, as
     Postfix).  Without fd 5 (or GENERATION) the process is in stand-alone mode:
     ``-l PATH`` creates its own listener (a UNIX socket, FIFO or ``host:port`` by
@@ -87,6 +93,7 @@ Public API
         all -> NoReturn; ``watchdog`` names the timeout parameter (default:
         ``<process_name>_daemon_timeout`` if known, else ``daemon_timeout``)
     watch_listeners(loop, listeners, on_ready)     an asyncio server's listeners on/off
+    split_argv(argv) -> (options, arguments)       how a child's command line is split
     Handler types: ConnHandler, TriggerHandler, AsyncMain, AsyncConnHandler, JailHook,
         TimerHook, AsyncTimerHook
 """
@@ -139,6 +146,7 @@ __all__ = [
     "async_server",
     "multi_server",
     "single_server",
+    "split_argv",
     "trigger_server",
     "watch_listeners",
 ]
@@ -236,8 +244,37 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-s", dest="sockets", type=int, default=1)
     parser.add_argument("--unpriv", action="store_true")
     parser.add_argument("--chroot", action="store_true")
-    parser.add_argument("args", nargs="*")
     return parser
+
+
+# the options of _build_parser that take a value (getopt's "c:n:t:o:l:s:")
+_VALUE_OPTIONS = frozenset({"-c", "-n", "-t", "-o", "-l", "-s"})
+
+
+def split_argv(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(options, arguments) of a child's command line, split as POSIX getopt (and so
+    Postfix's daemons) splits it: the options end at ``--`` (dropped) or at the first
+    word that is not an option; everything after that is the service's arguments,
+    verbatim - a pipe line's ``argv=/usr/bin/cmd -f ${sender} -- ${recipient}`` keeps
+    its ``-f`` and its ``--``.  argparse would instead take an option-like word among
+    the arguments for one of ours when no ``--`` comes first."""
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            return list(argv[:i]), list(argv[i + 1:])
+        if arg == "-" or not arg.startswith("-"):
+            break
+        i += 2 if arg in _VALUE_OPTIONS else 1
+    return list(argv[:i]), list(argv[i:])
+
+
+def _parse_options(argv: Sequence[str]) -> argparse.Namespace:
+    """argparse for the options (errors: usage and exit 2), split_argv for the rest."""
+    options, rest = split_argv(argv)
+    args = _PARSER.parse_args(options)
+    args.args = rest
+    return args
 
 
 # Built once, at import: a child forked from the master (master.daemon.forkspawn) finds it
@@ -260,7 +297,7 @@ def preparse(argv: Sequence[str]) -> None:
         _PREPARSED.clear()
     try:
         with contextlib.redirect_stderr(io.StringIO()):
-            _PREPARSED[key] = _PARSER.parse_args(list(argv))
+            _PREPARSED[key] = _parse_options(argv)
     except SystemExit:
         pass
 
@@ -269,9 +306,10 @@ def _parse_argv(argv: Sequence[str]) -> argparse.Namespace:
     done = _PREPARSED.get(tuple(argv))
     if done is not None:
         args = argparse.Namespace(**vars(done))  # the cached one stays as parsed
+        args.args = list(done.args)
     else:
         _PARSER.prog = os.path.basename(sys.argv[0] or "qmgrd")
-        args = _PARSER.parse_args(list(argv))
+        args = _parse_options(argv)
     if args.config_dir is None:
         args.config_dir = os.environ.get("QMGRD_CONFIG_DIR", "/etc/qmgrd")
     return args
