@@ -106,8 +106,6 @@ import pwd
 import socket
 import stat
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import TYPE_CHECKING, NoReturn
 
 from master import log
@@ -121,6 +119,8 @@ from qmgrd.spool.statuslog import quote_822_local
 from transports.agent import DeliveryAgent, Dsn, make_dsn, run
 from transports.local_alias import AliasExpander
 from transports.local_forward import Forwarder
+from transports.mailcopy import delivered_to as _delivered_to
+from transports.privileges import privileges as _privileges
 
 if TYPE_CHECKING:
     from master.config import Config
@@ -585,64 +585,6 @@ def _subdir(dir_fd: int, name: str, shown: str, owner: int | None) -> int:
         os.close(fd)
         raise _OwnerError(shown)
     return fd
-
-
-@contextmanager
-def _privileges(rights: tuple[int, int] | None) -> Iterator[None]:
-    """Run the block with effective uid/gid ``rights`` and that gid as the only
-    supplementary group (Postfix set_eugid); None: unchanged.  Raises OSError when
-    the switch fails; a failure to switch back to root is fatal (logged, exit 1)."""
-    if rights is None:
-        yield
-        return
-    uid, gid = rights
-    old_gid, old_groups = os.getegid(), os.getgroups()
-    try:
-        os.setgroups([gid])
-        os.setegid(gid)
-        os.seteuid(uid)
-    except OSError:
-        _restore(old_gid, old_groups)
-        raise
-    try:
-        yield
-    finally:
-        _restore(old_gid, old_groups)
-
-
-def _restore(gid: int, groups: list[int]) -> None:
-    try:
-        os.seteuid(0)
-        os.setegid(gid)
-        os.setgroups(groups)
-    except OSError as exc:
-        log.fatal(f"cannot restore root privileges: {exc}")
-
-
-def _delivered_to(lines: list[bytes]) -> set[str]:
-    """Lower-cased values of the Delivered-To: headers (unfolded) of the message."""
-    found: set[str] = set()
-    current: bytes | None = None
-    for line in lines:
-        if not line:
-            break
-        if line[:1] in (b" ", b"\t"):
-            if current is not None:
-                current += line
-            continue
-        if current is not None:
-            found.add(_header_value(current))
-        current = line if line[:13].lower() == b"delivered-to:" else None
-    if current is not None:
-        found.add(_header_value(current))
-    return found
-
-
-def _header_value(line: bytes) -> str:
-    value = line[13:].decode("utf-8", "surrogateescape").strip()
-    if value.startswith("<") and value.endswith(">"):
-        value = value[1:-1]
-    return value.lower()
 
 
 def _write_all(fd: int, data: bytes) -> None:
