@@ -331,6 +331,7 @@ class DeliverRequest:
     protocol_name: str = ""
     helo_name: str = ""
     rewrite_context: str = "local"
+    client_port: str = ""
 
     def to_lists(self) -> list[list[tuple[str, str | int]]]:
         """The attribute lists to send: the common list, then one per recipient."""
@@ -349,6 +350,7 @@ class DeliverRequest:
             ("time", f"{self.arrival:.6f} {self.active_arrival:.6f} {self.handoff:.6f}"),
             ("log_client_name", self.client_name),
             ("log_client_address", self.client_address),
+            ("log_client_port", self.client_port),
             ("log_protocol_name", self.protocol_name),
             ("log_helo_name", self.helo_name),
             ("rewrite_context", self.rewrite_context),
@@ -391,6 +393,7 @@ class DeliverRequest:
             handoff=times[2],
             client_name=_get(pairs, "log_client_name", ""),
             client_address=_get(pairs, "log_client_address", ""),
+            client_port=_get(pairs, "log_client_port", ""),
             protocol_name=_get(pairs, "log_protocol_name", ""),
             helo_name=_get(pairs, "log_helo_name", ""),
             rewrite_context=_get(pairs, "rewrite_context", "local"),

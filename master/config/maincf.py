@@ -189,7 +189,10 @@ TRANSPORT_SUFFIXES: tuple[str, ...] = tuple(sorted((
     "_transport_rate_delay", "_recipient_limit", "_extra_recipient_limit",
     "_recipient_refill_limit", "_recipient_refill_delay", "_delivery_slot_cost",
     "_delivery_slot_loan", "_delivery_slot_discount", "_minimum_delivery_slots",
+    "_time_limit",
 ), key=len, reverse=True))
+# per-transport suffixes whose global is not default<suffix> (pipe(8): <transport>_time_limit)
+_SUFFIX_GLOBALS = {"_time_limit": "command_time_limit"}
 
 
 def param_spec(name: str) -> Param | None:
@@ -760,6 +763,8 @@ class Config:
 
 
 def _global_name(suffix: str) -> str:
+    if suffix in _SUFFIX_GLOBALS:
+        return _SUFFIX_GLOBALS[suffix]
     default = "default" + suffix
     if default not in PARAMS and suffix.lstrip("_") in PARAMS:
         return suffix.lstrip("_")

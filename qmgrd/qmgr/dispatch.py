@@ -192,6 +192,7 @@ class Dispatcher:
             handoff=self.clock(),
             client_name=m.client_name,
             client_address=m.client_address,
+            client_port=m.client_port,
             protocol_name=m.protocol_name,
             helo_name=m.helo_name,
             rewrite_context=m.rewrite_context,

@@ -77,6 +77,7 @@ class Message:
     ret: int = 0
     client_name: str = ""
     client_address: str = ""
+    client_port: str = ""
     protocol_name: str = ""
     helo_name: str = ""
     rewrite_context: str = "local"
@@ -125,6 +126,7 @@ class Message:
             ret=int(qf.ret or 0),
             client_name=attrs.get("log_client_name", attrs.get("client_name", "")),
             client_address=attrs.get("log_client_address", attrs.get("client_address", "")),
+            client_port=attrs.get("log_client_port", attrs.get("client_port", "")),
             protocol_name=attrs.get("log_protocol_name", attrs.get("protocol_name", "")),
             helo_name=attrs.get("log_helo_name", attrs.get("helo_name", "")),
             rewrite_context=getattr(qf, "rewrite_context", "") or "local",
