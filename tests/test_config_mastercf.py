@@ -100,8 +100,8 @@ def test_equality_for_reload() -> None:
     ("x unix - - n - - cleanup\n", 1, ('command "cleanup": Postfix\'s cleanup(8) is not a '
                                        "service in qmgrd (smtpd, pickup and bounce do its "
                                        "work in their own process): delete this line")),
-    ("maildrop unix - n n - - pipe flags=DRXhu argv=/usr/bin/maildrop\n", 1,
-     'command "pipe": Postfix\'s pipe(8) is not implemented in qmgrd: delete this line'),
+    ("vmail unix - n n - - virtual\n", 1,
+     'command "virtual": Postfix\'s virtual(8) is not implemented in qmgrd: delete this line'),
     ("x unix - - n - - nosuch\n", 1, "unknown command"),
     ("a/b unix - - n - - error\n", 1, "bad service name"),
     ("  x unix - - n - - error\n", 1, "continuation line with nothing before it"),
@@ -126,3 +126,18 @@ def test_arbitrary_text_raises_only_config_error(text: str) -> None:
         parse(text)
     except ConfigError:
         pass
+
+
+def test_options_end_at_the_first_argument() -> None:
+    """As Postfix's daemons (getopt): -o is an override only before the first argument
+    that is not an option (or ``--``); after it, every word is the command's, verbatim
+    - a pipe line's ``-o`` and ``-f`` included."""
+    [s] = parse("p unix - n n - - pipe -o a=1 flags=R user=nobody\n"
+                "  argv=/usr/bin/cmd -o b=2 -f ${sender} -- ${recipient}\n")
+    assert s.overrides == {"a": "1"}
+    assert s.args == ["flags=R", "user=nobody", "argv=/usr/bin/cmd", "-o", "b=2", "-f",
+                      "${sender}", "--", "${recipient}"]
+    [t] = parse("p unix - n n - - pipe -o a=1 -- -o b=2 argv=x\n")
+    assert t.overrides == {"a": "1"} and t.args == ["-o", "b=2", "argv=x"]
+    [u] = parse("p unix - n n - - pipe user=x argv=/bin/sh -c { echo a b } -o\n")
+    assert u.args == ["user=x", "argv=/bin/sh", "-c", "echo a b", "-o"]

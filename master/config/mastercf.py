@@ -24,7 +24,10 @@ DESCRIPTION
     args      ``-o name=value`` and ``-o { name = value }`` become Service.overrides
               (unexpanded; the child expands them with Config.with_overrides); every other
               argument is kept in Service.args in order; ``{ text }`` groups one argument
-              containing whitespace (braces and outer whitespace removed).
+              containing whitespace (braces and outer whitespace removed).  As for
+              Postfix's daemons (getopt), options end at ``--`` (dropped) or at the first
+              argument that is not an option: a ``-o`` after that is an argument (a pipe
+              service's ``argv=/usr/bin/cmd -o x``).
 
     When the same name + type appears twice, the last entry wins (kept at the position of
     the first), as in Postfix; the optional ``warn`` callback gets
@@ -41,8 +44,8 @@ PUBLIC API
 ERRORS
     ConfigError ``"<master.cf path>, line <n>: <what>"`` (bad type, bad y/n, bad number,
     too few fields, bad -o, unknown command, unbalanced braces).  A Postfix program that
-    qmgrd has no service for (POSTFIX_PROGRAMS: cleanup, trivial-rewrite, pipe, ...) is
-    named as such: ``command "pipe": Postfix's pipe(8) is not implemented in qmgrd:
+    qmgrd has no service for (POSTFIX_PROGRAMS: cleanup, trivial-rewrite, virtual, ...) is
+    named as such: ``command "virtual": Postfix's virtual(8) is not implemented in qmgrd:
     delete this line``.  Nothing is logged.
     Checks that need the system (the command's module exists, inet ports and hosts,
     parameter values) are in master.config.validate.
@@ -66,6 +69,7 @@ BUILTIN_MODULES: dict[str, str] = {
     "local": "transports.local",
     "error": "transports.error",
     "discard": "transports.discard",
+    "pipe": "transports.pipe",
     "bounce": "transports.bounce",
     "smtpd": "transports.smtpd",
 }
@@ -84,7 +88,6 @@ POSTFIX_PROGRAMS: dict[str, str] = {
     "postlogd": f"{BUILT_INTO} (every process writes maillog_file itself)",
     "tlsmgr": f"{BUILT_INTO} (no TLS session cache)",
     "oqmgr": f"{NOT_IMPLEMENTED} (qmgr is the queue manager)",
-    "pipe": NOT_IMPLEMENTED,
     "virtual": NOT_IMPLEMENTED,
     "spawn": NOT_IMPLEMENTED,
     "verify": NOT_IMPLEMENTED,
@@ -237,6 +240,11 @@ def _parse_line(line: str, path: str, lineno: int, cfg: Config) -> Service:
     i = 0
     while i < len(rest):
         arg = rest[i]
+        if arg == "--" or not arg.startswith("-"):
+            # the end of the options, as for Postfix's daemons (getopt): what follows
+            # is the command's arguments, verbatim (a pipe line's argv=... -o x)
+            svc.args += rest[i + 1:] if arg == "--" else rest[i:]
+            break
         if arg == "-o":
             if i + 1 >= len(rest):
                 raise ConfigError("-o without name=value", path, lineno)

@@ -40,7 +40,12 @@ DESCRIPTION
       smtpd_recipient_restrictions, specify at least one working instance of: ..."``,
       or ``"<master.cf>, line <n>: -o name=value: in parameter ..."`` when the
       service's override is to blame; and ``smtpd_tls_security_level = encrypt``
-      needs a readable ``smtpd_tls_cert_file`` (and key file).
+      needs a readable ``smtpd_tls_cert_file`` (and key file).  A pipe service's
+      command attributes (flags=, user=, argv=, ...) are parsed as its children parse
+      them (master.config.pipeattr): a bad one is ``"<master.cf>, line <n>: service
+      <name>: <Postfix's pipe(8) message>"``, e.g. ``unknown flag: Z (ignored)`` or
+      ``user= command-line attribute specifies root privileges``; an unknown macro in
+      its argv is a warning (Postfix's pipe defers such mail: so does qmgrd's).
     * lookup tables: every table named by a parameter whose tables a qmgrd program
       opens (TABLE_PARAMS: ``transport_maps``, read by the qmgr) is read the way the
       program will read it (master.config.tables); a missing or unreadable file or an
@@ -126,6 +131,7 @@ from master.config.maincf import Config, param_spec
 from master.config.mastercf import BUILTIN_MODULES, Service, load_master_cf
 from master.config.nexthop import nexthop_problem
 from master.config.params import EVENT_LOOPS
+from master.config.pipeattr import PipeAttrError, parse_pipe_args, unknown_macros
 from master.config.relayguard import RELAY_PARAMS, is_guarded, open_relay_problem
 from master.config.tables import TableError, read_table
 from master.server import jail
@@ -151,6 +157,7 @@ Warn = Callable[[str], None]
 # smtp client parses it as a destination when the transport is an smtp service)
 TRANSPORT_NEXTHOP_PARAMS: tuple[str, ...] = ("default_transport", "relay_transport")
 SMTP_MODULE = "transports.smtp"
+PIPE_MODULE = "transports.pipe"
 
 # Parameters naming lookup tables checked before a start or reload (qmgrd.maps): the
 # qmgr's transport_maps, which it cannot run without.  alias_maps and
@@ -367,7 +374,9 @@ def check_service(cfg: Config, svc: Service, warn: Warn | None = None, *,
     if problem is not None:
         raise ConfigError(f'command "{svc.command}": {problem}', svc.path or None,
                           svc.line or None)
-    if svc.args and svc.module in BUILTIN_MODULES.values():
+    if svc.module == PIPE_MODULE:
+        _check_pipe(cfg, svc, warn)
+    elif svc.args and svc.module in BUILTIN_MODULES.values():
         # no built-in service takes arguments: Postfix's programs exit with this
         # (smtp(8): "unexpected command-line argument"); refused here, at start/reload
         raise ConfigError(f'service {svc.name}: unexpected command-line argument '
@@ -383,6 +392,33 @@ def check_service(cfg: Config, svc: Service, warn: Warn | None = None, *,
     if svc.module == "transports.smtpd":
         _check_smtpd_relay(cfg, child, svc)
         _check_smtpd_tls(child, svc)
+
+
+def _check_pipe(cfg: Config, svc: Service, warn: Warn | None) -> None:
+    """A pipe service's command attributes, as its children will parse them
+    (master.config.pipeattr; Postfix's pipe(8) exits fatal on the same ones): a bad
+    one is refused, naming the service; an unknown macro is reported through ``warn``
+    only (Postfix's pipe defers the mail, 4.3.5, and warns: so does ours).
+
+    Raises:
+        ConfigError: ``"<master.cf>, line <n>: service <name>: <Postfix's message>"``.
+    """
+    owner = None
+    if os.geteuid() == 0:
+        try:
+            account = jail.lookup_mail_owner(cfg)
+        except jail.OwnerError:
+            account = None  # check_mail_owner reports it
+        if account is not None:
+            owner = (account.uid, account.gid, account.name)
+    try:
+        attrs = parse_pipe_args(svc.args, owner)
+    except PipeAttrError as exc:
+        raise ConfigError(f"service {svc.name}: {exc}", svc.path or None,
+                          svc.line or None) from None
+    if warn is not None:
+        for name in unknown_macros(attrs.command):
+            warn(f'{_where(svc)}service {svc.name}: unknown macro name: "{name}"')
 
 
 def _check_service_maillog(cfg: Config, child: Config, svc: Service) -> None:
