@@ -1,0 +1,119 @@
+"""pipe(8) end to end: Postfix master.cf pipe lines pasted into a running qmgrd, mail
+routed to them by transport_maps, the commands run as their user= account."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.harness import REPO, MailSystem, wait_for
+
+pytestmark = pytest.mark.timeout(120)
+
+ROOT = os.geteuid() == 0
+NOBODY = pwd.getpwnam("nobody")
+MESSAGE = (b"From: Alice <alice@localhost>\nSubject: pipe test\n\nFrom the start\n"
+           b".a dot line\nlast line\n")
+# dump.sh writes its standard input, argv and uid under out/, then says something
+DUMP = """#!/bin/sh
+out=%(out)s
+cat > $out/msg
+printf '%%s\\n' "$@" > $out/argv
+id -u > $out/uid
+echo "queued as 4XYZ"
+"""
+EXIT = "#!/bin/sh\ncat >/dev/null\necho \"exit $1\"\nexit $1\n"
+
+
+def pipe_system(mailsys: Callable[..., MailSystem]) -> tuple[MailSystem, Path]:
+    """A mail system with three pipe services (Postfix master.cf syntax, continuation
+    lines, ``-f ${sender} -- ${recipient}``) and the domains routed to them."""
+    ms = mailsys()
+    bin_dir = ms.root / "bin"
+    out = ms.root / "out"
+    bin_dir.mkdir(mode=0o755)
+    out.mkdir()
+    out.chmod(0o777)
+    (bin_dir / "dump.sh").write_text(DUMP % {"out": out})
+    (bin_dir / "exit.sh").write_text(EXIT)
+    for name in ("dump.sh", "exit.sh"):
+        (bin_dir / name).chmod(0o755)
+    master = (REPO / "etc" / "master.cf").read_text()
+    master = master.replace("\n127.0.0.1:2525 ", "\n#127.0.0.1:2525 ")  # no smtpd needed
+    master += (
+        f"filter    unix  -       n       n       -       -       pipe\n"
+        f"  flags=DROX user=nobody argv={bin_dir}/dump.sh -f ${{sender}} -- ${{recipient}}\n"
+        f"tempfail  unix  -       n       n       -       -       pipe\n"
+        f"  user=nobody argv={bin_dir}/exit.sh 75\n"
+        f"nouser    unix  -       n       n       -       -       pipe\n"
+        f"  user=nobody argv={bin_dir}/exit.sh 67\n")
+    (ms.etc / "master.cf").write_text(master)
+    table = ms.etc / "transport"
+    table.write_text("pipe.example filter:\ntemp.example tempfail:\nnouser.example nouser:\n")
+    ms.write_main(transport_maps=f"texthash:{table}", filter_destination_recipient_limit="1")
+    ms.start()
+    return ms, out
+
+
+def send(ms: MailSystem, *rcpts: str, sender: str = "alice@localhost") -> None:
+    r = ms.sendmail("-f", sender, *rcpts, data=MESSAGE)
+    assert r.returncode == 0, r.stderr
+
+
+def test_pipe_delivery_end_to_end(mailsys: Callable[..., MailSystem]) -> None:
+    ms, out = pipe_system(mailsys)
+    try:
+        # the same message to a local mailbox and to the pipe: the copies must differ
+        # only by the headers each agent adds
+        send(ms, "user@localhost", "Bob@pipe.example")
+        wait_for(lambda: "status=sent (delivered via filter service" in ms.log(), 30,
+                 "the pipe delivery")
+        wait_for(lambda: ms.maildir("user"), 30, "the local delivery")
+        wait_for(ms.queue_empty, 30, "the queue to empty")
+        local = ms.maildir("user")[0].read_bytes()
+        assert local.startswith(b"Return-Path: <alice@localhost>\n"
+                                b"Delivered-To: user@localhost\n")
+        content = local.split(b"\n", 2)[2]
+        assert (out / "msg").read_bytes() == (
+            b"Return-Path: <alice@localhost>\nX-Original-To: Bob@pipe.example\n"
+            b"Delivered-To: Bob@pipe.example\n" + content)
+        assert content.endswith(b"\n\nFrom the start\n.a dot line\nlast line\n")
+        # argv=... -f ${sender} -- ${recipient} reaches the command intact
+        assert (out / "argv").read_text() == "-f\nalice@localhost\n--\nBob@pipe.example\n"
+        assert int((out / "uid").read_text()) == (NOBODY.pw_uid if ROOT else os.geteuid())
+        line = next(ln for ln in ms.log().splitlines() if "relay=filter" in ln)
+        assert re.search(r": to=<Bob@pipe\.example>, relay=filter, delay=[\d.]+, "
+                         r"delays=[\d.]+/[\d.]+/[\d.]+/[\d.]+, dsn=2\.0\.0, status=sent "
+                         r"\(delivered via filter service \(queued as 4XYZ\)\)$", line), line
+        assert re.search(r"qmgrd/pipe\[\d+\]: ", line), line
+    finally:
+        ms.stop()
+
+
+def test_pipe_tempfail_stays_queued_and_nouser_bounces(
+        mailsys: Callable[..., MailSystem]) -> None:
+    ms, _ = pipe_system(mailsys)
+    try:
+        send(ms, "carol@temp.example")
+        wait_for(lambda: "status=deferred (temporary failure. Command output: exit 75 )"
+                 in ms.log(), 30, "the deferral")
+        wait_for(lambda: ms.queue_files("deferred"), 30, "the message in deferred/")
+        assert "relay=tempfail, " in ms.log() and "dsn=4.3.0" in ms.log()
+        send(ms, "dave@nouser.example")
+        wait_for(lambda: "status=bounced (user unknown. Command output: exit 67 )"
+                 in ms.log(), 30, "the bounce")
+        wait_for(lambda: ms.maildir("alice"), 30, "the notice to the sender")
+        notice = ms.maildir("alice")[0].read_bytes()
+        assert b"<dave@nouser.example>: user unknown. Command output: exit 67" in notice
+        assert b"Diagnostic-Code: x-unix; exit 67" in notice
+        assert b"Status: 5.1.1" in notice
+        # the deferred message is still there, and only it
+        assert len(ms.queue_files("deferred")) == 1
+        assert len(ms.queue_files()) == 1
+    finally:
+        ms.stop()
