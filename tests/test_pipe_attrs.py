@@ -6,6 +6,7 @@ from __future__ import annotations
 import grp
 import os
 import pwd
+import re
 from pathlib import Path
 
 import pytest
@@ -152,3 +153,23 @@ def test_transport_time_limit_falls_back_to_command_time_limit() -> None:
     assert Config.from_text("", "/etc/q").transport_time("x", "_time_limit") == 1000
     with pytest.raises(ConfigError, match="filter_time_limit"):
         Config.from_text("filter_time_limit = 5q\n", "/etc/q").check()
+
+
+def test_the_bundled_examples_parse() -> None:
+    """etc/master.cf's commented pipe examples, uncommented (users made nobody), are
+    valid pipe services with their arguments intact."""
+    from master.config import Config
+    from master.config.mastercf import parse_master_cf
+
+    text = (Path(__file__).resolve().parent.parent / "etc" / "master.cf").read_text()
+    block = text[text.index("#dovecot"):]
+    lines = [ln[1:] for ln in block.splitlines() if ln.startswith("#")]
+    uncommented = re.sub(r"user=\w+(:\w+)?", "user=nobody", "\n".join(lines) + "\n")
+    services = parse_master_cf(uncommented, "master.cf", Config.from_text("", "/etc/q"))
+    assert [s.name for s in services] == ["dovecot", "filter", "mailman"]
+    for svc in services:
+        assert svc.module == "transports.pipe" and not svc.unpriv
+        attrs = parse_pipe_args(svc.args)
+        assert not unknown_macros(attrs.command)
+    assert parse_pipe_args(services[0].args).command == (
+        "/usr/lib/dovecot/deliver", "-f", "${sender}", "-d", "${recipient}")
