@@ -361,3 +361,14 @@ def test_bad_attributes_are_fatal_naming_the_service(env: Env) -> None:
                                           "attribute$"):
         agent_for(env, ["user=nobody"], "dovecot")
 
+
+
+def test_pre_jail_takes_the_service_arguments_and_refuses_unpriv(env: Env) -> None:
+    ctx = env.ctx("filter")
+    ctx.args = ["flags=R", "user=nobody", "argv=/bin/cat", "-f", "${sender}"]
+    agent = PipeAgent()
+    agent.pre_jail(ctx)
+    assert agent.attrs is not None and agent.attrs.command == ("/bin/cat", "-f", "${sender}")
+    ctx.unpriv = True
+    with pytest.raises(ConfigError, match="^service filter requires privileged operation$"):
+        PipeAgent().pre_jail(ctx)

@@ -173,3 +173,12 @@ def test_the_bundled_examples_parse() -> None:
         assert not unknown_macros(attrs.command)
     assert parse_pipe_args(services[0].args).command == (
         "/usr/lib/dovecot/deliver", "-f", "${sender}", "-d", "${recipient}")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="unpriv applies only under a root master")
+def test_a_pipe_service_must_keep_root(tmp_path: Path) -> None:
+    etc = write(tmp_path, "filter unix - - n - - pipe user=nobody argv=cat\n")
+    with pytest.raises(ConfigError) as ei:
+        load_configuration(etc)
+    assert str(ei.value) == (f"{etc}/master.cf, line 3: service filter requires privileged "
+                             "operation (set its unpriv column to n)")

@@ -253,7 +253,15 @@ class PipeAgent(DeliveryAgent):
         self.master_cf = "master.cf"
 
     def pre_jail(self, ctx: ServerContext) -> None:
-        """single_server pre-jail callback: the service's arguments, then configure."""
+        """single_server pre-jail callback: the service's arguments, then configure.
+
+        Raises:
+            ConfigError: ``service <name> requires privileged operation`` (Postfix's
+            words) when the master would drop this process to mail_owner (master.cf
+            unpriv ``y`` under a root master): it could not run commands as user=.
+        """
+        if ctx.unpriv:
+            raise ConfigError(f"service {ctx.service} requires privileged operation")
         self.args = list(ctx.args)
         super().pre_jail(ctx)
 

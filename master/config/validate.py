@@ -45,7 +45,9 @@ DESCRIPTION
       them (master.config.pipeattr): a bad one is ``"<master.cf>, line <n>: service
       <name>: <Postfix's pipe(8) message>"``, e.g. ``unknown flag: Z (ignored)`` or
       ``user= command-line attribute specifies root privileges``; an unknown macro in
-      its argv is a warning (Postfix's pipe defers such mail: so does qmgrd's).
+      its argv is a warning (Postfix's pipe defers such mail: so does qmgrd's).  Under a
+      root master, a pipe service must have unpriv ``n``: ``service <name> requires
+      privileged operation (set its unpriv column to n)``.
     * lookup tables: every table named by a parameter whose tables a qmgrd program
       opens (TABLE_PARAMS: ``transport_maps``, read by the qmgr) is read the way the
       program will read it (master.config.tables); a missing or unreadable file or an
@@ -404,6 +406,9 @@ def _check_pipe(cfg: Config, svc: Service, warn: Warn | None) -> None:
         ConfigError: ``"<master.cf>, line <n>: service <name>: <Postfix's message>"``.
     """
     owner = None
+    if os.geteuid() == 0 and svc.unpriv:  # Postfix's words; the agent refuses it too
+        raise ConfigError(f"service {svc.name} requires privileged operation (set its "
+                          "unpriv column to n)", svc.path or None, svc.line or None)
     if os.geteuid() == 0:
         try:
             account = jail.lookup_mail_owner(cfg)
