@@ -91,6 +91,14 @@ def test_pipe_delivery_end_to_end(mailsys: Callable[..., MailSystem]) -> None:
                          r"delays=[\d.]+/[\d.]+/[\d.]+/[\d.]+, dsn=2\.0\.0, status=sent "
                          r"\(delivered via filter service \(queued as 4XYZ\)\)$", line), line
         assert re.search(r"qmgrd/pipe\[\d+\]: ", line), line
+        # flags=D with filter_destination_recipient_limit = 1: the qmgr sends one
+        # recipient per delivery, so none is deferred "4.3.5 mail system configuration"
+        send(ms, "a@pipe.example", "b@pipe.example")
+        for rcpt in ("a@pipe.example", "b@pipe.example"):
+            wait_for(lambda r=rcpt: f"to=<{r}>, relay=filter" in ms.log(), 30, rcpt)
+        wait_for(ms.queue_empty, 30, "the queue to empty")
+        assert "4.3.5" not in ms.log()
+        assert ms.log().count("status=sent (delivered via filter service") == 3
     finally:
         ms.stop()
 
