@@ -125,3 +125,18 @@ def test_pipe_tempfail_stays_queued_and_nouser_bounces(
         assert len(ms.queue_files()) == 1
     finally:
         ms.stop()
+
+
+def test_a_bad_pipe_line_refuses_to_start(mailsys: Callable[..., MailSystem]) -> None:
+    """A pasted line with a flag qmgrd's (and Postfix's) pipe does not know: nothing
+    starts, and the error names master.cf's line and the service."""
+    ms = mailsys()
+    with open(ms.etc / "master.cf", "a") as f:
+        f.write("maildrop  unix  -       n       n       -       -       pipe\n"
+                "  flags=DRXhuZ user=nobody argv=/usr/bin/maildrop -d ${recipient}\n")
+    lines = (ms.etc / "master.cf").read_text().count("\n")
+    r = ms.master("start")
+    assert r.returncode == 1
+    assert (f"{ms.etc}/master.cf, line {lines - 1}: service maildrop: unknown flag: Z "
+            "(ignored)") in r.stderr
+    assert not ms.processes()
