@@ -50,7 +50,7 @@ Summary
 
 Public API
     run_command(argv, data, *, uid, gid, cwd, env, umask, time_limit, clock=time.monotonic)
-        -> CommandResult(dsn: str, reason: str, output: str, ok: bool)
+        -> CommandResult(dsn: str, reason: str, output: str, diag: str); .ok: bool
         argv: list[str]; data: bytes; uid/gid: int, or None to keep ours; cwd: str;
         env: dict[str, str]; umask: int; time_limit: seconds (float)
     SYS_EXITS: dict[int, tuple[str, str]]     exit code -> (dsn, text), Postfix sys_exits.c
