@@ -247,6 +247,46 @@ def test_mail_parameters(host: Host) -> None:
     run(host, script)
 
 
+def test_an_address_starting_with_a_dash_or_with_a_bare_space_is_refused(host: Host) -> None:
+    """Postfix smtpd extract_addr(): ``allow_min_user = no`` (the default) refuses an
+    address that starts with ``-`` (a pipe(8) command would get it in its argv, e.g.
+    ``-f ${sender}``, and take it for an option), and white space outside quotes is
+    illegal syntax; both logged ``Illegal address syntax`` (a fresh-eyes finding)."""
+    async def script(c: Client) -> None:
+        await greet(c)
+        for sender in ("-oQ/tmp/evil@b.example", "-x@b.example", '"-x"@b.example',
+                       "we ird@b.example"):
+            assert await c.cmd(f"MAIL FROM:<{sender}>") == (
+                "501 5.1.7 Bad sender address syntax"), sender
+        assert await c.cmd('MAIL FROM:<"we ird"@b.example>') == "250 2.1.0 Ok"
+        for rcpt in ("-x@localhost", "x y@localhost"):
+            assert await c.cmd(f"RCPT TO:<{rcpt}>") == (
+                "501 5.1.3 Bad recipient address syntax"), rcpt
+        assert await c.cmd("RCPT TO:<a-x@localhost>") == "250 2.1.5 Ok"
+        assert await c.cmd("VRFY <-x@localhost>") == "501 5.1.3 Bad recipient address syntax"
+        await c.cmd("QUIT")
+
+    run(host, script)
+    warnings = [ln.split("warning: ", 1)[1] for ln in maillog(host).splitlines()
+                if "warning: " in ln]
+    assert warnings[0] == ("Illegal address syntax from localhost[127.0.0.1] in MAIL "
+                           "command: <-oQ/tmp/evil@b.example>")
+    assert len(warnings) == 7, warnings
+
+
+def test_allow_min_user_lets_a_dash_through(tmp_path: Path) -> None:
+    log.setup("smtpd", str(tmp_path / "maillog"), "qmgrd")
+    host = Host(tmp_path, "allow_min_user = yes\n")
+
+    async def script(c: Client) -> None:
+        await greet(c)
+        assert await c.cmd("MAIL FROM:<-x@b.example>") == "250 2.1.0 Ok"
+        assert await c.cmd("RCPT TO:<-y@localhost>") == "250 2.1.5 Ok"
+        await c.cmd("QUIT")
+
+    run(host, script)
+
+
 def test_dsn_and_body_stored_in_queue_file(host: Host) -> None:
     async def script(c: Client) -> None:
         await greet(c)

@@ -154,6 +154,22 @@ def _logged(address: str) -> str:
     return shown(quote_822_local(address))
 
 
+def _unquoted_space(path: str) -> bool:
+    """True when ``path`` (the text between ``<`` and ``>``) has white space outside a
+    quoted string (a backslash escapes the next character inside one)."""
+    quoted = escaped = False
+    for c in path:
+        if escaped:
+            escaped = False
+        elif quoted and c == "\\":
+            escaped = True
+        elif c == '"':
+            quoted = not quoted
+        elif not quoted and c.isspace():
+            return True
+    return False
+
+
 @dataclass(frozen=True)
 class SmtpdParams:
     """The parameters one smtpd process reads once (main.cf names)."""
@@ -182,6 +198,7 @@ class SmtpdParams:
     forbidden: frozenset[str] = frozenset({"CONNECT", "GET", "POST"})
     bare_newline: str = NORMALIZE  # smtpd_forbid_bare_newline: normalize, reject or no
     bare_newline_code: int = 550  # smtpd_forbid_bare_newline_reject_code (500-599)
+    allow_min_user: bool = False  # allow_min_user: an address may start with "-"
 
     @classmethod
     def from_config(cls, cfg: Config, service: str, queue_directory: str) -> SmtpdParams:
@@ -212,6 +229,7 @@ class SmtpdParams:
             forbidden=frozenset(c.upper() for c in cfg.get_list("smtpd_forbidden_commands")),
             bare_newline=BARE_NEWLINE_MODES[bare.lower()],
             bare_newline_code=cfg.get_int("smtpd_forbid_bare_newline_reject_code"),
+            allow_min_user=cfg.get_bool("allow_min_user"),
         )
 
 
@@ -739,7 +757,7 @@ class SmtpdSession(SMTP):
         if not arg:
             await self._say("501 5.5.4 Syntax: VRFY address")
             return
-        addr = self._address(arg)[0]
+        addr = self._address(arg, "VRFY")[0]
         if not addr:
             await self._say("501 5.1.3 Bad recipient address syntax")
             return
@@ -759,23 +777,44 @@ class SmtpdSession(SMTP):
                  f"{envelope} proto={self.protocol}{helo}")
         await self._say(reply)
 
-    def _address(self, text: str) -> tuple[str | None, list[str]]:
-        """``<addr> params`` -> (internal-form address or None when malformed, params)."""
+    def _address(self, text: str, command: str = "") -> tuple[str | None, list[str]]:
+        """``<addr> params`` -> (internal-form address or None when malformed, params).
+
+        Malformed, as Postfix's smtpd extract_addr(): besides what email's parser
+        refuses, white space outside a quoted string inside the ``<>`` (email's parser
+        would quote ``<we ird@x>`` into ``"we ird"@x``) and - unless ``allow_min_user``
+        - an address that starts with ``-`` (a command that gets it in its argv, e.g.
+        through pipe(8)'s ${sender}, would take it for an option). Those two are logged
+        as Postfix logs them: ``warning: Illegal address syntax from <client> in
+        <command> command: <text>``."""
         text = text.strip()
         if text.startswith("<>"):
             return "", text[2:].split()
         simple = _SIMPLE_PATH.match(text)
         if simple is not None:  # the common case, without email's full parser
-            return simple.group(1), simple.group(2).split()
+            addr = simple.group(1)
+            if addr[0] == "-" and not self.params.allow_min_user:
+                return self._illegal(command, text)
+            return addr, simple.group(2).split()
         if text.startswith("<") and ">" not in text:  # email's parser would add the ">"
             return None, []
+        if text.startswith("<") and _unquoted_space(text[1:text.index(">")]):
+            return self._illegal(command, text)
         addr, rest = self._getaddr(text)
         if addr is None or rest is None:
             return None, []
         addr = internal_form(addr)
         if any(c in addr for c in "\r\n\0<>") or addr.startswith("\""):
             return None, []
+        if addr.startswith("-") and not self.params.allow_min_user:
+            return self._illegal(command, text)
         return addr, rest.split()
+
+    def _illegal(self, command: str, text: str) -> tuple[None, list[str]]:
+        if command:
+            log.warning(f"Illegal address syntax from {self.client.namaddr} in {command} "
+                        f"command: {shown(text[:200])}")
+        return None, []
 
     async def cmd_mail(self, arg: str | None) -> None:
         p = self.params
@@ -788,7 +827,7 @@ class SmtpdSession(SMTP):
         if not arg or arg[:5].upper() != "FROM:":
             await self._say("501 5.5.4 Syntax: MAIL FROM:<address>")
             return
-        sender, params = self._address(arg[5:])
+        sender, params = self._address(arg[5:], "MAIL")
         if sender is None:
             await self._say("501 5.1.7 Bad sender address syntax")
             return
@@ -825,7 +864,7 @@ class SmtpdSession(SMTP):
         if not arg or arg[:3].upper() != "TO:":
             await self._say("501 5.5.4 Syntax: RCPT TO:<address>")
             return
-        rcpt, params = self._address(arg[3:])
+        rcpt, params = self._address(arg[3:], "RCPT")
         if not rcpt:
             await self._say("501 5.1.3 Bad recipient address syntax")
             return
