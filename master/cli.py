@@ -42,7 +42,9 @@ Description
                (logging also to stderr) until stopped.
     stop       SIGTERM the master (``stopping the qmgrd mail system (master pid <n>)``,
                as postfix-script's "stopping the Postfix mail system") and wait until
-               it and every child are gone; exit 0.  Not all gone within
+               it and its services (its children) are gone - not the commands pipe(8)
+               runs, which outlive their agent as under Postfix; a master that ended
+               but is not yet reaped counts as gone; exit 0.  Not all gone within
                STOP_TIMEOUT (15 s; e.g. a master stopped with SIGSTOP): ``warning:
                still running after 15s: <pids>``, exit 75 (outcome unknown: the
                signal is pending).
@@ -420,6 +422,24 @@ def _wait_started(r: int, pid: int) -> int:
     return 1
 
 
+def _wait_gone(procs: list[psutil.Process], limit: float) -> list[psutil.Process]:
+    """Wait up to ``limit`` seconds for ``procs`` to end; those still running. A zombie
+    (ended, not yet reaped by its parent: a master started in the foreground by a
+    process that has not waited for it yet) counts as ended."""
+    deadline = time.monotonic() + limit
+    while True:
+        alive = []
+        for p in procs:
+            try:
+                if p.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(p)
+            except psutil.NoSuchProcess:
+                pass
+        if not alive or time.monotonic() >= deadline:
+            return alive
+        psutil.wait_procs(alive, timeout=min(0.1, max(0.0, deadline - time.monotonic())))
+
+
 @main.command()
 @click.pass_context
 def stop(ctx: click.Context) -> None:
@@ -430,7 +450,10 @@ def stop(ctx: click.Context) -> None:
         sys.exit(1)
     try:
         proc = psutil.Process(pid)
-        procs = [proc, *proc.children(recursive=True)]
+        # the master and its services, not what they run: a pipe(8) command (in a
+        # session of its own) is the user's, and outlives its agent as under Postfix,
+        # whose "postfix stop" waits for the master alone
+        procs = [proc, *proc.children(recursive=False)]
         proc.send_signal(signal.SIGTERM)
     except psutil.NoSuchProcess:
         _say("the qmgrd mail system is not running")
@@ -439,7 +462,7 @@ def stop(ctx: click.Context) -> None:
         _denied("stop")
     _say(f"stopping the qmgrd mail system (master pid {pid})")
     limit = _timeout("STOP_TIMEOUT", STOP_TIMEOUT)
-    _, alive = psutil.wait_procs(procs, timeout=limit)
+    alive = _wait_gone(procs, limit)
     if alive:
         pids = " ".join(str(p.pid) for p in alive)
         # outcome unknown: the signal is pending (a stopped or hung master, a child

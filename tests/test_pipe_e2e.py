@@ -28,6 +28,8 @@ id -u > $out/uid
 echo "queued as 4XYZ"
 """
 EXIT = "#!/bin/sh\ncat >/dev/null\necho \"exit $1\"\nexit $1\n"
+# slow.sh: takes the message, says so, then outlives the time anyone waits for it
+SLOW = "#!/bin/sh\ncat >/dev/null\necho $$ > %(out)s/slow\nexec sleep 120\n"
 
 
 def pipe_system(mailsys: Callable[..., MailSystem]) -> tuple[MailSystem, Path]:
@@ -41,7 +43,8 @@ def pipe_system(mailsys: Callable[..., MailSystem]) -> tuple[MailSystem, Path]:
     out.chmod(0o777)
     (bin_dir / "dump.sh").write_text(DUMP % {"out": out})
     (bin_dir / "exit.sh").write_text(EXIT)
-    for name in ("dump.sh", "exit.sh"):
+    (bin_dir / "slow.sh").write_text(SLOW % {"out": out})
+    for name in ("dump.sh", "exit.sh", "slow.sh"):
         (bin_dir / name).chmod(0o755)
     master = (REPO / "etc" / "master.cf").read_text()
     master = master.replace("\n127.0.0.1:2525 ", "\n#127.0.0.1:2525 ")  # no smtpd needed
@@ -51,10 +54,13 @@ def pipe_system(mailsys: Callable[..., MailSystem]) -> tuple[MailSystem, Path]:
         f"tempfail  unix  -       n       n       -       -       pipe\n"
         f"  user=nobody argv={bin_dir}/exit.sh 75\n"
         f"nouser    unix  -       n       n       -       -       pipe\n"
-        f"  user=nobody argv={bin_dir}/exit.sh 67\n")
+        f"  user=nobody argv={bin_dir}/exit.sh 67\n"
+        f"slow      unix  -       n       n       -       -       pipe\n"
+        f"  user=nobody argv={bin_dir}/slow.sh\n")
     (ms.etc / "master.cf").write_text(master)
     table = ms.etc / "transport"
-    table.write_text("pipe.example filter:\ntemp.example tempfail:\nnouser.example nouser:\n")
+    table.write_text("pipe.example filter:\ntemp.example tempfail:\nnouser.example nouser:\n"
+                     "slow.example slow:\n")
     ms.write_main(transport_maps=f"texthash:{table}", filter_destination_recipient_limit="1")
     ms.start()
     return ms, out
@@ -140,3 +146,27 @@ def test_a_bad_pipe_line_refuses_to_start(mailsys: Callable[..., MailSystem]) ->
     assert (f"{ms.etc}/master.cf, line {lines - 1}: service maildrop: unknown flag: Z "
             "(ignored)") in r.stderr
     assert not ms.processes()
+
+
+def test_stop_does_not_wait_for_a_command_still_running(
+        mailsys: Callable[..., MailSystem]) -> None:
+    """``qmgr-master stop`` waits for the master and its services, not for a pipe(8)
+    command, which is the user's and outlives its agent as under Postfix (a fresh-eyes
+    finding: stop waited 15 s for it, then exit 75 naming the command's pids)."""
+    ms, out = pipe_system(mailsys)
+    try:
+        send(ms, "u@slow.example")
+        wait_for(lambda: (out / "slow").exists() and (out / "slow").read_text().strip(),
+                 30, "the slow command to start")
+        command = int((out / "slow").read_text())
+        r = ms.master("stop", timeout=60)
+        assert r.returncode == 0, (r.stdout, r.stderr)
+        assert "still running" not in r.stdout + r.stderr
+        os.kill(command, 0)  # the command itself was left alone
+    finally:
+        ms.stop()
+        if (out / "slow").exists() and (out / "slow").read_text().strip():
+            try:
+                os.kill(int((out / "slow").read_text()), 9)
+            except ProcessLookupError:
+                pass
