@@ -158,6 +158,25 @@ def test_folding_quoting_null_sender_and_empty_user() -> None:
     assert expand_argv(["${recipient}"], request("$user@x"), frozenset(), "") == ["$user@x"]
 
 
+def test_h_and_u_flags_casefold_as_postfix() -> None:
+    """Postfix casefold() (ICU full case folding with smtputf8_enable = yes), not
+    str.lower(): a fresh-eyes finding (Postfix 3.7.11 gives strasse@lda.test and
+    σασ@lda.test)."""
+    from transports import pipe
+
+    for rcpt, folded in (("Straße@LDA.test", "strasse@lda.test"),
+                         ("ΣΑΣ@LDA.test", "σασ@lda.test")):
+        assert expand_argv(["${recipient}"], request(rcpt), frozenset("hu"), "") == [folded]
+    assert expand_argv(["${recipient}"], request("Straße@LDA.test"), frozenset("h"),
+                       "") == ["Straße@lda.test"]
+    try:
+        pipe.casefold = pipe._casefold_ascii  # smtputf8_enable = no: ASCII letters only
+        assert expand_argv(["${recipient}"], request("Straße@LDA.test"), frozenset("hu"),
+                           "") == ["straße@lda.test"]
+    finally:
+        pipe.casefold = pipe._casefold_utf8
+
+
 def test_split_addr_as_postfix() -> None:
     assert split_addr("bob+lists", "+") == ("bob", "lists")
     assert split_addr("bob-x+y", "+-") == ("bob", "x+y")
@@ -237,6 +256,17 @@ def test_sent_log_line_argv_and_rights(env: Env, pub: Path) -> None:
     assert want <= set(environ)
     assert {line.split("=")[0] for line in environ} <= {"MAIL_CONFIG", "PATH", "CODE",
                                                          "SAY", "LANG", "TZ"}
+    # import_environment's LANG=C sets LANG whatever the starting shell had (Postfix)
+    assert "LANG=C" in environ
+
+
+def test_success_text_keeps_100_bytes_of_output(env: Env, pub: Path) -> None:
+    """Postfix "%.100s": bytes, not characters (cut here at a character boundary)."""
+    say = "é" * 99 + "ü"
+    _, reply = deliver(env, dump_args(pub, "u8", say=say), ["bob@example.net"])
+    assert reply.status == 0
+    [line] = [ln for ln in env.log().splitlines() if "status=sent" in ln]
+    assert line.endswith(f"(delivered via filter service ({'é' * 50}))")
 
 
 def test_x_flag_reports_delivered_and_success_notice_action(env: Env, pub: Path) -> None:

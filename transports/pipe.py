@@ -33,13 +33,14 @@ Summary
       (empty: ``null_sender=``) and the first recipient; as the user; in
       ``directory=`` (default: the queue directory); with ``umask=`` (default 077);
       with Postfix's environment: the ``export_environment`` variables (default TZ
-      MAIL_CONFIG LANG) this process has - ``MAIL_CONFIG`` being the configuration
-      directory and ``LANG`` the ``import_environment`` default ``C`` when unset, as
-      Postfix's master gives its daemons - and ``PATH=/usr/bin:/bin``; for at most
+      MAIL_CONFIG LANG) of the environment Postfix's master gives its daemons -
+      ``import_environment``'s ``name=value`` entries set (``LANG=C`` whatever the
+      starting shell had), its plain names taken when set, ``MAIL_CONFIG`` the
+      configuration directory - and ``PATH=/usr/bin:/bin``; for at most
       ``<service>_time_limit`` seconds (default ``$command_time_limit``, 1000s);
     * its end decides every recipient's outcome (transports.pipe_command's table):
       exit 0 is ``2.0.0 delivered via <service> service`` (plus `` (<output>)``, the
-      first 100 characters of the command's output, when it wrote some), with the DSN
+      first 100 bytes of the command's output, when it wrote some), with the DSN
       action ``delivered`` under flag ``X`` (final delivery) and ``relayed`` without;
       failures defer (4.x.x) or bounce (5.x.x) with Postfix's texts, the output in the
       reason and, as ``x-unix`` diagnostic, in the bounce notice.
@@ -104,7 +105,7 @@ __all__ = ["PipeAgent", "UnknownMacro", "expand_argv", "main", "split_addr"]
 
 COMMAND_PATH = "/usr/bin:/bin"  # Postfix: _PATH_DEFPATH
 _CONFIG_ERROR = "mail system configuration error"
-_SUCCESS_OUTPUT = 100  # characters of output in the success text (Postfix "%.100s")
+_SUCCESS_OUTPUT = 100  # bytes of output in the success text (Postfix "%.100s")
 _MAIL_DAEMON = "MAILER-DAEMON"
 _POSTMASTER = "postmaster"
 _DOUBLE_BOUNCE = "double-bounce"
@@ -133,19 +134,37 @@ def split_addr(localpart: str, delimiters: str) -> tuple[str, str | None]:
     return localpart[:cut], localpart[cut + 1:]
 
 
+_ASCII_LOWER = {c: c + 32 for c in range(ord("A"), ord("Z") + 1)}
+
+
+def _casefold_utf8(text: str) -> str:
+    """Postfix casefold() with smtputf8_enable = yes: Unicode full case folding
+    (``Straße`` -> ``strasse``, ``ΣΑΣ`` -> ``σασ``), as ICU's u_strFoldCase."""
+    return text.casefold()
+
+
+def _casefold_ascii(text: str) -> str:
+    """Postfix casefold() with smtputf8_enable = no: ASCII letters only."""
+    return text.translate(_ASCII_LOWER)
+
+
+# set by PipeAgent.setup() from smtputf8_enable (default yes)
+casefold = _casefold_utf8
+
+
 def _fold(address: str, flags: frozenset[str]) -> str:
-    """Postfix fold_addr(): ``u`` lower-cases the local part, ``h`` the domain (an
-    address without ``@`` is all local part)."""
+    """Postfix fold_addr(): ``u`` case-folds the local part, ``h`` the domain (an
+    address without ``@`` is all local part), with Postfix's casefold()."""
     user, fold_host = "u" in flags, "h" in flags
     if user and fold_host:
-        return address.lower()
+        return casefold(address)
     at = address.rfind("@")
     if at < 0:
-        return address.lower() if user else address
+        return casefold(address) if user else address
     if user:
-        return address[:at].lower() + address[at:]
+        return casefold(address[:at]) + address[at:]
     if fold_host:
-        return address[:at] + address[at:].lower()
+        return address[:at] + casefold(address[at:])
     return address
 
 
@@ -172,7 +191,7 @@ def _request_values(req: DeliverRequest, flags: frozenset[str],
         sender = quote_822_local(sender)
     return {
         "sender": sender,
-        "nexthop": req.nexthop.lower() if "h" in flags else req.nexthop,
+        "nexthop": casefold(req.nexthop) if "h" in flags else req.nexthop,
         "size": str(req.size),
         "queue_id": req.queue_id,
         "client_address": req.client_address,
@@ -287,6 +306,8 @@ class PipeAgent(DeliveryAgent):
             raise ConfigError(f"service {self.service}: {exc}") from None
         self.attrs = attrs
         self.time_limit = float(cfg.transport_time(self.service, "_time_limit"))
+        global casefold
+        casefold = _casefold_utf8 if cfg.get_bool("smtputf8_enable") else _casefold_ascii
         self.delimiter = cfg.get("recipient_delimiter")
         self.workdir = attrs.directory or cfg.queue_directory()
         self.run_as = (attrs.uid, attrs.gid) if os.geteuid() == 0 else None
@@ -296,17 +317,18 @@ class PipeAgent(DeliveryAgent):
     def _environment(self) -> dict[str, str]:
         """Postfix's command environment (module docstring)."""
         assert self.cfg is not None
-        defaults = {"MAIL_CONFIG": self.cfg.config_directory}
+        # Postfix's master keeps only import_environment: ``name=value`` sets the value
+        # (LANG=C whatever the starting shell had), ``name`` imports it when set
+        imported: dict[str, str] = {}
         for item in self.cfg.get_list("import_environment"):
-            name, eq, default = item.partition("=")
+            name, eq, value = item.partition("=")
             if eq:
-                defaults.setdefault(name, default)
-        env: dict[str, str] = {}
-        for name in self.cfg.get_list("export_environment"):
-            value = defaults[name] if name == "MAIL_CONFIG" else os.environ.get(
-                name, defaults.get(name))
-            if value is not None:
-                env[name] = value
+                imported[name] = value
+            elif name in os.environ:
+                imported[name] = os.environ[name]
+        imported["MAIL_CONFIG"] = self.cfg.config_directory
+        env = {name: imported[name] for name in self.cfg.get_list("export_environment")
+               if name in imported}
         env["PATH"] = COMMAND_PATH
         return env
 
@@ -350,7 +372,9 @@ class PipeAgent(DeliveryAgent):
                              umask=attrs.umask, time_limit=self.time_limit)
         if result.ok:
             text = f"delivered via {self.service} service"
-            said = result.output.rstrip()[:_SUCCESS_OUTPUT]
+            # Postfix "%.100s": 100 bytes (here cut at a character boundary)
+            said = result.output.rstrip().encode()[:_SUCCESS_OUTPUT].decode(
+                "utf-8", "ignore")
             if said:
                 text += f" ({said})"
             action = "delivered" if "X" in attrs.flags else "relayed"
