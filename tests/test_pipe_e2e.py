@@ -105,6 +105,17 @@ def test_pipe_delivery_end_to_end(mailsys: Callable[..., MailSystem]) -> None:
         wait_for(ms.queue_empty, 30, "the queue to empty")
         assert "4.3.5" not in ms.log()
         assert ms.log().count("status=sent (delivered via filter service") == 3
+        if ROOT:  # between deliveries the agent has mail_owner's effective ids, as
+            # Postfix's pipe (real and saved uid 0: root again only to run a command)
+            owner = pwd.getpwnam("qmgrd")
+            agents = ms.children("filter")
+            assert agents
+            for agent in agents:
+                status = Path(f"/proc/{agent.pid}/status").read_text().splitlines()
+                uids = next(ln for ln in status if ln.startswith("Uid:")).split()
+                gids = next(ln for ln in status if ln.startswith("Gid:")).split()
+                assert uids[1:] == ["0", str(owner.pw_uid), "0", str(owner.pw_uid)], uids
+                assert gids[2] == str(owner.pw_gid), gids
     finally:
         ms.stop()
 

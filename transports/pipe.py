@@ -78,8 +78,10 @@ Raises / logs
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Sequence
+import socket
+from collections.abc import Iterator, Sequence
 from typing import NoReturn
 
 from master import log
@@ -270,6 +272,9 @@ class PipeAgent(DeliveryAgent):
         self.env: dict[str, str] = {}
         self.run_as: tuple[int, int] | None = None
         self.master_cf = "master.cf"
+        self.owner_ids: tuple[int, int] | None = None  # mail_owner's (uid, gid) as root
+        self._dropped = False
+        self._root_ids: tuple[int, list[int]] = (0, [0])  # root's egid and groups
 
     def pre_jail(self, ctx: ServerContext) -> None:
         """single_server pre-jail callback: the service's arguments, then configure.
@@ -300,6 +305,7 @@ class PipeAgent(DeliveryAgent):
             except jail.OwnerError as exc:
                 raise ConfigError(str(exc)) from None
             owner = (account.uid, account.gid, account.name)
+            self.owner_ids = (account.uid, account.gid)
         try:
             attrs = parse_pipe_args(self.args, owner)
         except PipeAttrError as exc:
@@ -331,6 +337,45 @@ class PipeAgent(DeliveryAgent):
                if name in imported}
         env["PATH"] = COMMAND_PATH
         return env
+
+    def serve(self, conn: socket.socket, ctx: ServerContext) -> None:
+        """single_server handler (DeliveryAgent.serve), with the effective ids of
+        mail_owner from the first request on (after the jail) when it is a service of a
+        root master: as Postfix's pipe, the process reads the queue file, writes the
+        status logs and talks to the qmgr as mail_owner (its real and saved uid stay
+        0), and is root only to start a command as its user= and to stop it
+        (:meth:`_as_root`)."""
+        if self.owner_ids is not None and not self._dropped and ctx.status_fd is not None:
+            uid, gid = self.owner_ids
+            self._root_ids = (os.getegid(), os.getgroups())
+            os.setgroups([gid])
+            os.setegid(gid)
+            os.seteuid(uid)
+            self._dropped = True
+        super().serve(conn, ctx)
+
+    @contextlib.contextmanager
+    def _as_root(self) -> Iterator[None]:
+        """Root's effective ids for the block when they were dropped (:meth:`serve`),
+        mail_owner's again after it. A failure to switch back is fatal (logged, exit
+        1): the process must not go on as root."""
+        if not self._dropped or self.owner_ids is None:
+            yield
+            return
+        uid, gid = self.owner_ids
+        root_gid, root_groups = self._root_ids
+        os.seteuid(0)
+        os.setegid(root_gid)
+        os.setgroups(root_groups)
+        try:
+            yield
+        finally:
+            try:
+                os.setgroups([gid])
+                os.setegid(gid)
+                os.seteuid(uid)
+            except OSError as exc:
+                log.fatal(f"cannot drop root privileges: {exc}")
 
     def deliver(self, req: DeliverRequest, msg: QueueFile) -> list[tuple[RecipientInfo, Dsn]]:
         """Run the command for ``req`` (module docstring); one outcome for every
@@ -368,8 +413,10 @@ class PipeAgent(DeliveryAgent):
                          orig_rcpt=first.orig_rcpt or first.address, rcpt=first.address,
                          eol=attrs.eol)
         uid, gid = self.run_as if self.run_as is not None else (None, None)
-        result = run_command(argv, data, uid=uid, gid=gid, cwd=self.workdir, env=self.env,
-                             umask=attrs.umask, time_limit=self.time_limit)
+        with self._as_root():  # to become user= in the child, and to kill its group
+            result = run_command(argv, data, uid=uid, gid=gid, cwd=self.workdir,
+                                 env=self.env, umask=attrs.umask,
+                                 time_limit=self.time_limit)
         if result.ok:
             text = f"delivered via {self.service} service"
             # Postfix "%.100s": 100 bytes (here cut at a character boundary)
