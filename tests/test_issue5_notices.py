@@ -417,9 +417,15 @@ def test_success_notice_for_notify_success(run: Run) -> None:
     assert set(by) == {"rfc822; s@ok.example", f"rfc822; carol2@{HOST}"}
     check_rcpt(by["rfc822; s@ok.example"], addr="s@ok.example", action="relayed",
                status="2.0.0", diag="smtp; 250 2.0.0 Ok: queued")
+    # Postfix trace_append(): "delivery via <relay>: " before the agent's text (the
+    # X-Postfix diagnostic is that text; an SMTP server's reply is its own diagnostic)
     check_rcpt(by[f"rfc822; carol2@{HOST}"], addr=f"carol2@{HOST}", action="delivered",
-               status="2.0.0", diag="X-Postfix; delivered to maildir", remote=False)
+               status="2.0.0", diag="X-Postfix; delivery via local: delivered to maildir",
+               remote=False)
     assert "successfully delivered" in n.text
+    assert f"<carol2@{HOST}>: delivery via local: delivered to maildir" in n.text
+    assert re.search(r"<s@ok\.example>: delivery via \S+\[127\.0\.0\.1\]:\d+: 250 2\.0\.0 "
+                     r"Ok: queued", n.text), n.text
     returned_headers(n, b"Subject: carol's\n\nhi\n", CAROL, "Message Headers")
     assert flufl(n) == (set(), set())
     assert maildir_messages(run.ms, "carol2")  # and the mail itself arrived

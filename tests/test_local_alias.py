@@ -202,8 +202,8 @@ def test_local_targets_success_notice_is_expanded(tmp_path: Path) -> None:
     assert len(inbox(tmp_path, "alice")) == 2 and len(inbox(tmp_path, "bob")) == 1
     got = {r.address: (d.status, d.action, d.reason)
            for r, d in statuslog.read(env.spool, "trace", qid)}
-    assert got == {"list@localhost": ("2.0.0", "expanded", "alias expanded"),
-                   "news@localhost": ("2.0.0", "expanded", "alias expanded")}
+    assert got == {"list@localhost": ("2.0.0", "expanded", "delivery via local: alias expanded"),
+                   "news@localhost": ("2.0.0", "expanded", "delivery via local: alias expanded")}
     assert "to=<list@localhost>, relay=local, " in env.log()
     assert "status=sent (delivered to maildir)" in env.log()
 

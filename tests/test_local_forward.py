@@ -87,7 +87,8 @@ def test_remote_target_is_forwarded_as_a_new_message(tmp_path: Path) -> None:
     # NOTIFY=SUCCESS: the alias reports "expanded" itself (Postfix local/alias.c), and
     # the copy goes on without SUCCESS
     ((_, dsn),) = statuslog.read(env.spool, "trace", qid)
-    assert (dsn.status, dsn.action, dsn.reason) == ("2.0.0", "expanded", "alias expanded")
+    assert (dsn.status, dsn.action, dsn.reason) == ("2.0.0", "expanded",
+                                                    "delivery via local: alias expanded")
     with QueueFile.open(env.spool, "incoming", new, lock=None, readonly=True) as qf:
         assert qf.sender == ""
         assert (qf.envid, qf.ret) == ("env-1", DSN_RET_HDRS)
@@ -219,9 +220,10 @@ def test_alias_expanded_to_several_addresses_notifies_expanded(tmp_path: Path) -
                                      ("two@far.example", DSN_NOTIFY_NEVER)]
     ((rcpt, dsn),) = statuslog.read(env.spool, "trace", qid)
     assert rcpt.address == "fwdonly@localhost"
-    assert (dsn.status, dsn.action, dsn.reason) == ("2.0.0", "expanded", "alias expanded")
+    assert (dsn.status, dsn.action, dsn.reason) == ("2.0.0", "expanded",
+                                                    "delivery via local: alias expanded")
     text = success_notice(env, qid).decode()
-    assert "<fwdonly@localhost>: alias expanded\n" in text
+    assert "<fwdonly@localhost>: delivery via local: alias expanded\n" in text
     assert "Action: expanded\n" in text and "Status: 2.0.0\n" in text
     assert "Action: delivered" not in text and "Action: relayed" not in text
     # local and remote targets: the same one notice, not "delivered"; FAILURE stays
@@ -233,17 +235,17 @@ def test_alias_expanded_to_several_addresses_notifies_expanded(tmp_path: Path) -
     assert {n for _, n in copy_notify(env, new2)} == {DSN_NOTIFY_FAILURE}
     ((_, dsn2),) = statuslog.read(env.spool, "trace", qid2)
     assert (dsn2.status, dsn2.action, dsn2.reason) == ("2.0.0", "expanded",
-                                                       "alias expanded")
+                                                       "delivery via local: alias expanded")
     # one target: the same (Postfix makes no exception for a single address)
     qid3, _ = deliver(env, [Recipient("solo@localhost", notify=DSN_NOTIFY_SUCCESS)])
     assert len(inbox(tmp_path, "bob")) == 1
     ((_, dsn3),) = statuslog.read(env.spool, "trace", qid3)
-    assert (dsn3.action, dsn3.reason) == ("expanded", "alias expanded")
+    assert (dsn3.action, dsn3.reason) == ("expanded", "delivery via local: alias expanded")
     qid4, _ = deliver(env, [Recipient("away@localhost", notify=DSN_NOTIFY_SUCCESS)])
     new4 = forwarded_as(env, qid4, "away@localhost")
     assert copy_notify(env, new4) == [("Admin@Elsewhere.example", DSN_NOTIFY_NEVER)]
     ((_, dsn4),) = statuslog.read(env.spool, "trace", qid4)
-    assert (dsn4.action, dsn4.reason) == ("expanded", "alias expanded")
+    assert (dsn4.action, dsn4.reason) == ("expanded", "delivery via local: alias expanded")
 
 
 def forward_to_sink(mailsys, peers, aliases: str, rcpt: str, body: bytes):

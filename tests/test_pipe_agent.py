@@ -276,7 +276,7 @@ def test_x_flag_reports_delivered_and_success_notice_action(env: Env, pub: Path)
         assert reply.status == 0
         [(_, dsn)] = statuslog.read(env.spool, "trace", qid)
         assert (dsn.status, dsn.action, dsn.reason) == ("2.0.0", action,
-                                                        "delivered via filter service")
+                                                        "delivery via filter: delivered via filter service")
 
 
 @pytest.mark.parametrize("code,say,log_name,status,reason", [

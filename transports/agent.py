@@ -482,16 +482,28 @@ class DeliveryAgent:
                 groups.setdefault(name, []).append((rcpt, dsn))
         written: set[int] = set()
         for name, items in groups.items():
+            entries = [(_env_rcpt(r), self._status_entry(req, r, d)) for r, d in items]
+            if name == "trace":
+                # Postfix trace_append(): a success notice (or sendmail -v report)
+                # says which agent or server took the mail, "delivery via <relay>: "
+                entries = [(e, self._traced(r, d)) for (e, d), (r, _) in zip(entries, items)]
             try:
-                statuslog.append_many(self.spool, name, req.queue_id,
-                                      [(_env_rcpt(r), self._status_entry(req, r, d))
-                                       for r, d in items])
+                statuslog.append_many(self.spool, name, req.queue_id, entries)
             except (OSError, ValueError) as exc:
                 log.warning(f"{req.queue_id}: {name} log append: {exc}")
                 self._error_notice("resource", req, f"{name} log append: {exc}")
                 continue
             written.update(id(r) for r, _ in items)
         return written
+
+    def _traced(self, rcpt: RecipientInfo, dsn: Dsn) -> Dsn:
+        """A trace-log entry's text, as Postfix's trace_append() writes it: ``delivery
+        via <relay>: <reason>`` (relay as the ``relay=`` of the log line; no prefix for
+        ``none``)."""
+        relay = self.state.relay_for(rcpt)
+        if relay == "none":
+            return dsn
+        return replace(dsn, reason=f"delivery via {relay}: {dsn.reason}")
 
     def _record(self, req: DeliverRequest, msg: QueueFile | None, rcpt: RecipientInfo,
                 dsn: Dsn, logged: bool) -> bool:
