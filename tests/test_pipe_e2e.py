@@ -136,6 +136,8 @@ def test_pipe_tempfail_stays_queued_and_nouser_bounces(
         notice = ms.maildir("alice")[0].read_bytes()
         assert b"<dave@nouser.example>: user unknown. Command output: exit 67" in notice
         assert b"Diagnostic-Code: x-unix; exit 67" in notice
+        # the output's newline (a space in the log line) does not end the notice's lines
+        assert b"exit 67 \n" not in notice and b"exit 67 \r\n" not in notice
         assert b"Status: 5.1.1" in notice
         # the deferred message is still there, and only it
         assert len(ms.queue_files("deferred")) == 1

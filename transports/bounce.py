@@ -229,7 +229,7 @@ def _recipient_line(rcpt: Recipient, dsn: statuslog.Dsn) -> str:
     line = f"<{statuslog.quote_822_local(rcpt.address)}>"
     if rcpt.orig_rcpt and rcpt.orig_rcpt.lower() != rcpt.address.lower():
         line += f" (expanded from <{statuslog.quote_822_local(rcpt.orig_rcpt)}>)"
-    return f"{line}: {dsn.reason}"
+    return f"{line}: {dsn.reason.rstrip()}"  # Postfix's line wrapping drops end spaces
 
 
 def _typed(addr: str, smtputf8: bool) -> str:
@@ -262,10 +262,12 @@ def _recipient_fields(kind: str, rcpt: Recipient, dsn: statuslog.Dsn, smtputf8: 
                                                                                 "2.0.0")))
     if dsn.mta_type and dsn.mta_mname:
         f.append(("Remote-MTA", f"{dsn.mta_type}; {dsn.mta_mname}"))
+    # white space at the end (a command's output ends in a newline, made a space) is
+    # dropped, as Postfix's line wrapping drops it
     if dsn.diag_type and dsn.diag_text:
-        f.append(("Diagnostic-Code", f"{dsn.diag_type}; {dsn.diag_text}"))
+        f.append(("Diagnostic-Code", f"{dsn.diag_type}; {dsn.diag_text.rstrip()}"))
     else:
-        f.append(("Diagnostic-Code", f"X-Postfix; {dsn.reason}"))
+        f.append(("Diagnostic-Code", f"X-Postfix; {dsn.reason.rstrip()}"))
     f.append(("Last-Attempt-Date", last))
     if kind == "delayed":
         f.append(("Will-Retry-Until", retry_until))
