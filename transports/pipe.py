@@ -80,7 +80,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 from collections.abc import Iterator, Sequence
 from typing import NoReturn
 
@@ -95,11 +94,11 @@ from master.config.pipeattr import (
     parse_pipe_args,
 )
 from master.server import jail
-from master.server.skeleton import ServerContext
+from master.server.skeleton import ServerContext, single_server
 from qmgrd.delivery import DeliverRequest, RecipientInfo
 from qmgrd.spool.message import QueueFile
 from qmgrd.spool.statuslog import quote_822_local
-from transports.agent import DeliveryAgent, Dsn, make_dsn, run
+from transports.agent import DeliveryAgent, Dsn, make_dsn
 from transports.mailcopy import delivered_to, mail_copy
 from transports.pipe_command import run_command
 
@@ -338,13 +337,12 @@ class PipeAgent(DeliveryAgent):
         env["PATH"] = COMMAND_PATH
         return env
 
-    def serve(self, conn: socket.socket, ctx: ServerContext) -> None:
-        """single_server handler (DeliveryAgent.serve), with the effective ids of
-        mail_owner from the first request on (after the jail) when it is a service of a
-        root master: as Postfix's pipe, the process reads the queue file, writes the
-        status logs and talks to the qmgr as mail_owner (its real and saved uid stay
-        0), and is root only to start a command as its user= and to stop it
-        (:meth:`_as_root`)."""
+    def post_jail(self, ctx: ServerContext) -> None:
+        """single_server post-jail callback: from now on the effective ids of
+        mail_owner, when this is a service of a root master. As Postfix's pipe, the
+        process reads queue files, writes the status logs and talks to the qmgr as
+        mail_owner (its real and saved uid stay 0), and is root only to start a
+        command as its user= and to stop it (:meth:`_as_root`)."""
         if self.owner_ids is not None and not self._dropped and ctx.status_fd is not None:
             uid, gid = self.owner_ids
             self._root_ids = (os.getegid(), os.getgroups())
@@ -352,7 +350,6 @@ class PipeAgent(DeliveryAgent):
             os.setegid(gid)
             os.seteuid(uid)
             self._dropped = True
-        super().serve(conn, ctx)
 
     @contextlib.contextmanager
     def _as_root(self) -> Iterator[None]:
@@ -435,8 +432,10 @@ class PipeAgent(DeliveryAgent):
 
 
 def main() -> NoReturn:
-    """Run the pipe service under single_server."""
-    run(PipeAgent())
+    """Run the pipe service under single_server (mail_owner's effective ids after the
+    jail: PipeAgent.post_jail)."""
+    agent = PipeAgent()
+    single_server(agent.serve, pre_jail=agent.pre_jail, post_jail=agent.post_jail)
 
 
 if __name__ == "__main__":
