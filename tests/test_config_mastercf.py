@@ -84,6 +84,15 @@ def test_equality_for_reload() -> None:
     assert a.service_key == c.service_key == ("smtp", "unix")
 
 
+def test_braces_inside_a_word_group_as_postfix_master_does() -> None:
+    """Postfix's master (mystrtokq with {}): white space inside braces does not end a
+    word, and a word that does not start with "{" keeps its braces (a fresh-eyes
+    finding: ``x{y }`` became two arguments)."""
+    [svc] = parse("x unix - n n - - pipe user=nobody argv=/bin/echo x{y } { a  b } "
+                  "p{q{r s}t}u {}\n")
+    assert svc.args[-4:] == ["x{y }", "a  b", "p{q{r s}t}u", ""]
+
+
 @pytest.mark.parametrize("text,line,what", [
     ("x unix - - n - - error\ny tcp - - n - - error\n", 2, "service type"),
     ("x unix q - n - - error\n", 1, "bad private field"),
@@ -97,6 +106,8 @@ def test_equality_for_reload() -> None:
     ("x unix - - n - - error -o novalue\n", 1, "bad -o option"),
     ("x unix - - n - - error -o { bad name = 1 }\n", 1, "bad -o option"),
     ("x unix - - n - - error { unclosed\n", 1, "missing '}'"),
+    ("x unix - - n - - error {a}b\n", 1, "syntax error after '}' in \"{a}b\""),
+    ("x unix - - n - - error x{y\n", 1, "missing '}' in \"x{y\""),
     ("x unix - - n - - cleanup\n", 1, ('command "cleanup": Postfix\'s cleanup(8) is not a '
                                        "service in qmgrd (smtpd, pickup and bounce do its "
                                        "work in their own process): delete this line")),

@@ -24,7 +24,9 @@ DESCRIPTION
     args      ``-o name=value`` and ``-o { name = value }`` become Service.overrides
               (unexpanded; the child expands them with Config.with_overrides); every other
               argument is kept in Service.args in order; ``{ text }`` groups one argument
-              containing whitespace (braces and outer whitespace removed).  As for
+              containing whitespace (braces and outer whitespace removed), and white
+              space inside braces within a word does not split it (``x{y z}`` stays one
+              argument, braces kept), as Postfix's master splits its lines.  As for
               Postfix's daemons (getopt), options end at ``--`` (dropped) or at the first
               argument that is not an option: a ``-o`` after that is an argument (a pipe
               service's ``argv=/usr/bin/cmd -o x``).
@@ -144,33 +146,44 @@ class Service:
 
 
 def _tokens(line: str, path: str, lineno: int) -> list[str]:
-    """Split on whitespace; a token starting with ``{`` runs to its matching ``}`` and
-    yields the inner text stripped."""
+    """Split as Postfix's master (mystrtokq with ``{}``, then extpar): a token runs to
+    white space outside braces (``x{y z}`` is one token, kept as it is); a token that
+    starts with ``{`` must end with its matching ``}`` and yields the inner text
+    stripped (``{ a b }`` -> ``a b``). Raises ConfigError for a missing ``}`` or text
+    after the closing one (``{a}b``)."""
     out: list[str] = []
     i, n = 0, len(line)
     while i < n:
         if line[i].isspace():
             i += 1
             continue
-        if line[i] == "{":
-            depth = 0
-            for k in range(i, n):
-                if line[k] == "{":
-                    depth += 1
-                elif line[k] == "}":
-                    depth -= 1
-                    if depth == 0:
-                        break
-            else:
-                raise ConfigError("missing '}'", path, lineno)
-            out.append(line[i + 1:k].strip())
-            i = k + 1
-            continue
-        j = i
-        while j < n and not line[j].isspace():
+        depth, j = 0, i
+        while j < n and (depth > 0 or not line[j].isspace()):
+            if line[j] == "{":
+                depth += 1
+            elif line[j] == "}" and depth > 0:
+                depth -= 1
             j += 1
-        out.append(line[i:j])
+        token = line[i:j]
         i = j
+        if not token.startswith("{"):
+            if depth > 0:
+                raise ConfigError(f"missing '}}' in \"{token}\"", path, lineno)
+            out.append(token)
+            continue
+        depth = 0
+        for k, c in enumerate(token):
+            if c == "{":
+                depth += 1
+            elif c == "}":
+                depth -= 1
+                if depth == 0:
+                    break
+        else:
+            raise ConfigError("missing '}'", path, lineno)
+        if token[k + 1:]:
+            raise ConfigError(f"syntax error after '}}' in \"{token}\"", path, lineno)
+        out.append(token[1:k].strip())
     return out
 
 
