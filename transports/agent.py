@@ -286,7 +286,7 @@ class DeliveryAgent:
         try:
             delivery.write_list(conn, reply.to_attrs())
         except (ProtocolError, OSError) as exc:
-            log.warning(f"{req.queue_id}: cannot send delivery status: {exc}")
+            log.warning(f"{req.queue_id}: cannot send delivery status: {_why(exc)}")
 
     @staticmethod
     def _check_request(req: DeliverRequest) -> None:
@@ -323,7 +323,7 @@ class DeliveryAgent:
             async with asyncio.timeout(self.ipc_timeout):
                 await loop.sock_sendall(conn, delivery.encode(reply.to_attrs()))
         except (ProtocolError, OSError) as exc:
-            log.warning(f"{req.queue_id}: cannot send delivery status: {exc}")
+            log.warning(f"{req.queue_id}: cannot send delivery status: {_why(exc)}")
 
     def handle(self, req: DeliverRequest) -> DeliverStatus:
         """Process one decoded request (no socket): open the file, deliver, record.
@@ -566,6 +566,16 @@ class DeliveryAgent:
             req.arrival, req.active_arrival, req.handoff, self.state.conn_setup_done,
             self.clock(), dsn.status, status, dsn.reason,
         ))
+
+
+def _why(exc: Exception) -> str:
+    """An error for the log: an OSError's strerror (``Broken pipe``, not ``[Errno 32]
+    Broken pipe``), ``timed out`` for a timeout, else the exception's text."""
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
 
 
 def _env_rcpt(rcpt: RecipientInfo) -> Recipient:
