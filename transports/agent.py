@@ -40,6 +40,12 @@ Summary
     delivered``. Only our qmgr connects here; a client that half-closes after its
     request gets neither a delivery nor a reply.
 
+    Chrooted (master.cf chroot ``y`` under a root master: Debian's master.cf has it on
+    smtp, error, discard...), the agent is configured before the jail and then, in
+    :meth:`DeliveryAgent.post_jail`, rebuilds its spool on ``ctx.queue_directory``
+    ("/" in the jail), as the qmgr builds its own: every queue file, status log and
+    notice (cleanup's incoming/ and public/qmgr) is then reached inside the jail.
+
     Status-log entries of one request are written with one append per log
     (statuslog.append_many: one fsync for all the request's bounced recipients). A
     transport hook that raises (``software``) and a status log that cannot be written
@@ -56,7 +62,9 @@ Public API
         async .request_done(req)      hook, awaited after the outcomes are recorded (logged,
                                       recipients marked done) and before the reply goes to
                                       the qmgr (default: nothing; transports.smtp: QUIT)
-        .pre_jail(ctx), .serve(conn, ctx)        single_server callbacks
+        .pre_jail(ctx), .post_jail(ctx), .serve(conn, ctx)   single_server callbacks
+                                      (post_jail: a chrooted agent's spool is rebuilt
+                                      on the jail's "/", as the qmgr's)
         async .serve_async(conn, ctx)            multi_server callback (transports.smtp)
         .handle(req) -> DeliverStatus            one request, no socket (tests)
         async .handle_async(req) -> DeliverStatus
@@ -65,7 +73,8 @@ Public API
     DeliveryState(relay="none", conn_setup_done=0.0, hop=None)
         .set_relay(rcpt, relay)       the relay= text for one recipient
     make_dsn(status, reason, **fields) -> Dsn    with the action that fits the status
-    run(agent) -> NoReturn            ``single_server(agent.serve, pre_jail=agent.pre_jail)``
+    run(agent) -> NoReturn            ``single_server(agent.serve, pre_jail=agent.pre_jail,
+                                      post_jail=agent.post_jail)``
 
 Logs (master.log, Postfix's log_adhoc shape via qmgrd.logfmt)::
 
@@ -230,6 +239,17 @@ class DeliveryAgent:
     def pre_jail(self, ctx: ServerContext) -> None:
         """single_server pre-jail callback: configure from the server context."""
         self.configure(ctx.config, ctx.service)
+
+    def post_jail(self, ctx: ServerContext) -> None:
+        """Skeleton post-jail callback.  Chrooted (master.cf chroot ``y``), the agent
+        finds the queue where the qmgr finds it: at ``ctx.queue_directory``, which the
+        skeleton made "/" - queue files, status logs and the cleanup path of postmaster
+        notices (incoming/, public/qmgr) are then opened inside the jail, not by the
+        absolute queue_directory that exists only outside it."""
+        spool = self.spool
+        if spool is not None and spool.queue_directory != os.path.abspath(ctx.queue_directory):
+            self.spool = Spool(ctx.queue_directory, spool.hash_queue_names,
+                               spool.hash_queue_depth)
 
     # ------------------------------------------------------------------ the hook
 
@@ -584,4 +604,4 @@ def _env_rcpt(rcpt: RecipientInfo) -> Recipient:
 
 def run(agent: DeliveryAgent) -> NoReturn:
     """Serve ``agent`` under the single_server skeleton (the ``main()`` of an agent)."""
-    single_server(agent.serve, pre_jail=agent.pre_jail)
+    single_server(agent.serve, pre_jail=agent.pre_jail, post_jail=agent.post_jail)

@@ -584,7 +584,7 @@ def main() -> NoReturn:
         return agent.process_limit
 
     multi_server(agent.serve_async, limit=limit, pre_jail=agent.pre_jail,
-                 timer=agent.timer_async)
+                 post_jail=agent.post_jail, timer=agent.timer_async)
 
 
 if __name__ == "__main__":
