@@ -59,6 +59,14 @@ Summary
     once per recipient; one holding ${user} is left out for a recipient whose user
     part is empty (Postfix: cyrus bulletin boards).
 
+    master.cf chroot ``y`` (Postfix's master(5): "should not be used" with pipe, but
+    allowed): the agent opens the queue inside the jail and runs the command there,
+    in ``directory=`` (default: the queue directory, "/" in the jail), so the command
+    must exist under queue_directory (a ``#!`` script: its interpreter and the
+    libraries too); otherwise the mail is deferred with Postfix's ``temporary
+    failure. Command output: pipe: fatal: pipe_command: execvp <argv0>: No such file
+    or directory``.
+
     Not supported: ``chroot=`` (refused at start), trace-only requests (sendmail -bv:
     qmgrd has none), the ``${name?text}`` / ``${name:text}`` conditional forms (unknown
     macros), ``pipe_delivery_status_filter``.
@@ -287,6 +295,17 @@ class PipeAgent(DeliveryAgent):
             raise ConfigError(f"service {ctx.service} requires privileged operation")
         self.args = list(ctx.args)
         super().pre_jail(ctx)
+
+    def post_jail(self, ctx: ServerContext) -> None:
+        """Skeleton post-jail callback: chrooted (master.cf chroot ``y``), the default
+        ``directory=`` is the queue directory as the jail sees it ("/"), as in
+        Postfix, whose pipe(8) then runs its command inside the chroot: argv[0] (and
+        a script's interpreter, and the libraries they load) must exist under
+        queue_directory, or the delivery defers (``execvp ...: No such file or
+        directory``).  An explicit ``directory=`` is a path inside the jail too."""
+        super().post_jail(ctx)
+        if self.attrs is not None and not self.attrs.directory:
+            self.workdir = ctx.queue_directory
 
     def setup(self) -> None:
         """Parse the command attributes and read the pipe parameters (pre-jail).
