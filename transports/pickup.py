@@ -276,6 +276,17 @@ def _pre_jail(ctx: ServerContext) -> None:
     _Service.cleanup = Cleanup(ctx.config, _Service.spool)
 
 
+def _post_jail(ctx: ServerContext) -> None:
+    """Chrooted (master.cf chroot ``y``, as in Debian's master.cf), the queue is at
+    ``ctx.queue_directory`` ("/"): maildrop/, incoming/ and public/qmgr are opened
+    inside the jail, as the qmgr opens them."""
+    spool = _Service.spool
+    if spool is not None and spool.queue_directory != os.path.abspath(ctx.queue_directory):
+        _Service.spool = Spool(ctx.queue_directory, spool.hash_queue_names,
+                               spool.hash_queue_depth)
+        _Service.cleanup = Cleanup(ctx.config, _Service.spool)
+
+
 def _handle(data: bytes, ctx: ServerContext) -> None:
     spool, cleanup = _Service.spool, _Service.cleanup
     if spool is None or cleanup is None:
@@ -285,7 +296,7 @@ def _handle(data: bytes, ctx: ServerContext) -> None:
 
 def main() -> NoReturn:
     """Run pickup under the trigger-server skeleton."""
-    trigger_server(_handle, pre_jail=_pre_jail)
+    trigger_server(_handle, pre_jail=_pre_jail, post_jail=_post_jail)
 
 
 if __name__ == "__main__":
