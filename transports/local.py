@@ -110,6 +110,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 from master import log
 from master.config import ConfigError
+from master.config.mastercf import NO_CHROOT
 from master.server import jail
 from qmgrd.delivery import DeliverRequest, RecipientInfo
 from qmgrd.maps import AliasMaps
@@ -124,6 +125,7 @@ from transports.privileges import privileges as _privileges
 
 if TYPE_CHECKING:
     from master.config import Config
+    from master.server.skeleton import ServerContext
 
 __all__ = ["LocalAgent", "check_mailbox_name", "mailbox_name", "main"]
 
@@ -195,6 +197,21 @@ class LocalAgent(DeliveryAgent):
         self.aliases: AliasExpander | None = None
         self.forwarder: Forwarder | None = None
         self._count = 0
+
+    def pre_jail(self, ctx: ServerContext) -> None:
+        """single_server pre-jail callback: refuse a chroot, then configure.
+
+        Raises:
+            ConfigError: ``service <name>: the local delivery agent cannot run chrooted
+            (set its chroot column to n)`` when the master chroots it (master.cf chroot
+            ``y`` under a root master): mailboxes, the passwd file, alias tables and
+            ``.forward`` files are outside queue_directory.  Postfix's master(5) says
+            chroot "should not be used" with local(8); qmgrd refuses it (at start and
+            reload too: master.config.validate).
+        """
+        if ctx.chroot:
+            raise ConfigError(f"service {ctx.service}: {NO_CHROOT['transports.local']}")
+        super().pre_jail(ctx)
 
     def setup(self) -> None:
         """Read the local parameters (pre-jail).

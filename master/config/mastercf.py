@@ -100,6 +100,15 @@ POSTFIX_PROGRAMS: dict[str, str] = {
     "qmqpd": NOT_IMPLEMENTED,
 }
 
+# Services that cannot run chrooted (master.cf chroot y under a root master), with what
+# start/reload (master.config.validate) and the service itself say.  Postfix's master(5):
+# chroot "should not be used" with local(8); qmgrd refuses it, as its mailboxes, passwd
+# file, alias tables and .forward files are all outside queue_directory.
+NO_CHROOT: dict[str, str] = {
+    "transports.local": "the local delivery agent cannot run chrooted (set its chroot "
+                        "column to n)",
+}
+
 SERVICE_TYPES = ("inet", "unix", "fifo")
 _MODULE_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+\Z")
 _WAKEUP_RE = re.compile(r"(\d+)(\??)\Z")

@@ -130,7 +130,7 @@ from collections.abc import Callable, Sequence
 
 from master.config.errors import ConfigError
 from master.config.maincf import Config, param_spec
-from master.config.mastercf import BUILTIN_MODULES, Service, load_master_cf
+from master.config.mastercf import BUILTIN_MODULES, NO_CHROOT, Service, load_master_cf
 from master.config.nexthop import nexthop_problem
 from master.config.params import EVENT_LOOPS
 from master.config.pipeattr import PipeAttrError, parse_pipe_args, unknown_macros
@@ -376,6 +376,10 @@ def check_service(cfg: Config, svc: Service, warn: Warn | None = None, *,
     if problem is not None:
         raise ConfigError(f'command "{svc.command}": {problem}', svc.path or None,
                           svc.line or None)
+    if svc.chroot and svc.module in NO_CHROOT and os.geteuid() == 0:
+        # only a root master chroots; the service would exit fatal at every start
+        raise ConfigError(f"service {svc.name}: {NO_CHROOT[svc.module]}",
+                          svc.path or None, svc.line or None)
     if svc.module == PIPE_MODULE:
         _check_pipe(cfg, svc, warn)
     elif svc.args and svc.module in BUILTIN_MODULES.values():
