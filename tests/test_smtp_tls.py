@@ -6,6 +6,7 @@ encrypt, verify against smtp_tls_CAfile, and reuse of TLS sessions."""
 
 from __future__ import annotations
 
+import os
 import re
 import ssl
 import subprocess
@@ -18,7 +19,7 @@ from typing import Any
 import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP
-from harness import free_port, require_tool, wait_for
+from harness import REPO, free_port, require_tool, wait_for
 from test_agent_support import (
     Env,
     close_log,  # noqa: F401 - autouse fixture
@@ -369,11 +370,15 @@ def test_a_bad_protocols_value_means_no_tls_engine(tmp_path: Path, cert: Path,
 
 def test_system_delivers_over_verified_tls(mailsys: Any, cert: Path,
                                            peers: list[Controller]) -> None:
-    """A whole mail system (as root: the smtp agent runs chrooted as mail_owner): the
-    CA file is read before the jail, and the handshake works inside it."""
+    """A whole mail system (as root: the smtp agent runs chrooted as mail_owner, with
+    Debian's chroot y on its master.cf line): the CA file is read before the jail, and
+    the handshake works inside it."""
     p = start_peer(peers, server_context(cert), require_starttls=True)
+    master_cf = (REPO / "etc" / "master.cf").read_text()
+    master_cf, n = re.subn(r"(?m)^(smtp\s+unix\s+-\s+-\s+)n(\s)", r"\1y\2", master_cf)
+    assert n == 1
     ms = mailsys(main={"smtp_tls_security_level": "verify", "smtp_tls_CAfile": str(cert),
-                       "smtp_tls_loglevel": "1"})
+                       "smtp_tls_loglevel": "1"}, master_cf=master_cf)
     table = ms.etc / "transport"
     table.write_text(f"tls.example smtp:{p.nexthop}\n")
     ms.write_main(transport_maps=f"texthash:{table}")
@@ -383,6 +388,10 @@ def test_system_delivers_over_verified_tls(mailsys: Any, cert: Path,
     wait_for(lambda: p.seen.messages, 60, "the message at the peer")
     assert p.seen.messages == [("jailed", True)]
     wait_for(lambda: "status=sent" in ms.log(), 30, "the delivery logged")
+    if os.geteuid() == 0:  # the agent that delivered (idle, max_idle away), in its jail
+        roots = [os.readlink(f"/proc/{c.pid}/root") for c in ms.children("smtp")]
+        assert roots == [str(ms.spool)]
+    assert "imported after the jail" not in ms.log()
     assert re.search(r"smtp\[\d+\]: Verified TLS connection established to "
                      rf"127\.0\.0\.1\[127\.0\.0\.1\]:{p.port}: TLSv1\.[23] ", ms.log())
     ms.stop()
