@@ -198,3 +198,17 @@ def test_local_agent_refuses_a_chroot_itself(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="service local: the local delivery agent "
                        r"cannot run chrooted \(set its chroot column to n\)"):
         LocalAgent().pre_jail(ctx)
+
+
+def test_reload_refuses_a_chrooted_local(mailsys: Callable[..., MailSystem]) -> None:
+    """The same line at reload: refused, the running configuration kept."""
+    ms = mailsys()
+    ms.start()
+    (ms.etc / "master.cf").write_text(chrooted((ms.etc / "master.cf").read_text(), "local"))
+    r = ms.master("reload")
+    assert r.returncode != 0
+    assert "service local: the local delivery agent cannot run chrooted" in r.stderr
+    assert not ms.proc_dead()
+    send(ms, "alice@mail.test.example")
+    wait_for(lambda: ms.maildir("alice") and ms.queue_empty(), 30, "local delivery")
+    assert all(root == "/" for root in jail_of(ms, "local"))  # not chrooted
