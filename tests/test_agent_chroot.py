@@ -178,6 +178,8 @@ def test_chrooted_local_is_refused(mailsys: Callable[..., MailSystem]) -> None:
     text = (ms.etc / "master.cf").read_text()
     line = text[:text.index("\nlocal ")].count("\n") + 2
     r = ms.master("start")
+    if r.returncode == 0:  # the refusal is missing: stop the daemon that started
+        ms.master("stop")
     assert r.returncode == 1
     assert (f"{ms.etc}/master.cf, line {line}: service local: the local delivery agent "
             "cannot run chrooted (set its chroot column to n)") in r.stderr
