@@ -102,11 +102,11 @@ from master.config.pipeattr import (
     parse_pipe_args,
 )
 from master.server import jail
-from master.server.skeleton import ServerContext, single_server
+from master.server.skeleton import ServerContext
 from qmgrd.delivery import DeliverRequest, RecipientInfo
 from qmgrd.spool.message import QueueFile
 from qmgrd.spool.statuslog import quote_822_local
-from transports.agent import DeliveryAgent, Dsn, make_dsn
+from transports.agent import DeliveryAgent, Dsn, make_dsn, run
 from transports.mailcopy import delivered_to, mail_copy
 from transports.pipe_command import run_command
 
@@ -306,6 +306,17 @@ class PipeAgent(DeliveryAgent):
         super().post_jail(ctx)
         if self.attrs is not None and not self.attrs.directory:
             self.workdir = ctx.queue_directory
+        # then, as Postfix's pipe, the effective ids of mail_owner, when this is a
+        # service of a root master: the process reads queue files, writes the status
+        # logs and talks to the qmgr as mail_owner (its real and saved uid stay 0),
+        # and is root only to start a command as its user= and to stop it (_as_root)
+        if self.owner_ids is not None and not self._dropped and ctx.status_fd is not None:
+            uid, gid = self.owner_ids
+            self._root_ids = (os.getegid(), os.getgroups())
+            os.setgroups([gid])
+            os.setegid(gid)
+            os.seteuid(uid)
+            self._dropped = True
 
     def setup(self) -> None:
         """Parse the command attributes and read the pipe parameters (pre-jail).
@@ -355,20 +366,6 @@ class PipeAgent(DeliveryAgent):
                if name in imported}
         env["PATH"] = COMMAND_PATH
         return env
-
-    def post_jail(self, ctx: ServerContext) -> None:
-        """single_server post-jail callback: from now on the effective ids of
-        mail_owner, when this is a service of a root master. As Postfix's pipe, the
-        process reads queue files, writes the status logs and talks to the qmgr as
-        mail_owner (its real and saved uid stay 0), and is root only to start a
-        command as its user= and to stop it (:meth:`_as_root`)."""
-        if self.owner_ids is not None and not self._dropped and ctx.status_fd is not None:
-            uid, gid = self.owner_ids
-            self._root_ids = (os.getegid(), os.getgroups())
-            os.setgroups([gid])
-            os.setegid(gid)
-            os.seteuid(uid)
-            self._dropped = True
 
     @contextlib.contextmanager
     def _as_root(self) -> Iterator[None]:
@@ -451,10 +448,8 @@ class PipeAgent(DeliveryAgent):
 
 
 def main() -> NoReturn:
-    """Run the pipe service under single_server (mail_owner's effective ids after the
-    jail: PipeAgent.post_jail)."""
-    agent = PipeAgent()
-    single_server(agent.serve, pre_jail=agent.pre_jail, post_jail=agent.post_jail)
+    """Run the pipe service under single_server (transports.agent.run: post_jail too)."""
+    run(PipeAgent())
 
 
 if __name__ == "__main__":
