@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -63,7 +64,32 @@ def require_tool(name: str) -> str:
     return p
 
 
+def _ephemeral_low() -> int:
+    """The lowest port the kernel gives outgoing connections (ip_local_port_range)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+_PORT_LOW = 10000
+
+
 def free_port() -> int:
+    """A loopback TCP port free now, chosen at random below the kernel's ephemeral
+    range: a port from bind(0) lies in that range, where any outgoing connection of the
+    suite (smtp agents, clients) may take it as its source port before the test's
+    server binds it ("address already in use", seen in a full run)."""
+    high = _ephemeral_low() - 1
+    for _ in range(50):
+        port = random.randint(_PORT_LOW, high) if high > _PORT_LOW else 0
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return int(s.getsockname()[1])
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
