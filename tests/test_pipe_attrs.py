@@ -109,6 +109,36 @@ def write(tmp_path: Path, master: str) -> str:
     return str(tmp_path)
 
 
+def test_an_unknown_user_is_a_warning_at_start_as_debian_stock_lines_need(
+        tmp_path: Path) -> None:
+    """Debian's stock master.cf has pipe lines for accounts a box rarely has
+    (user=vmail, ftn, bsmtp, scalemail): Postfix's master starts with them, so qmgrd's
+    start/reload warns instead of refusing the whole configuration (a fresh-eyes
+    finding); a bad flag is still refused."""
+    warnings: list[str] = []
+    etc = write(tmp_path, "maildrop unix - n n - - pipe\n"
+                          "  flags=DRXhu user=no-such-vmail argv=/usr/bin/maildrop -d ${recipient}\n"
+                          "bsmtp unix - n n - - pipe\n"
+                          "  flags=Fq. user=bsmtp:no-such-group argv=/usr/lib/bsmtp/bsmtp\n")
+    load_configuration(etc, warn=warnings.append)
+    assert warnings == [
+        (f"{etc}/master.cf, line 3: service maildrop: get_service_attr: unknown username: "
+        "no-such-vmail (its pipe processes exit fatal and mail for it stays queued until "
+        "the account exists)"),
+        f"{etc}/master.cf, line 5: service bsmtp: get_service_attr: unknown "
+        + ("group: no-such-group" if _has_user("bsmtp") else "username: bsmtp")
+        + " (its pipe processes exit fatal and mail for it stays queued until the "
+        "account exists)"]
+
+
+def _has_user(name: str) -> bool:
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return False
+    return True
+
+
 def test_a_pipe_line_loads_and_unknown_macros_warn(tmp_path: Path) -> None:
     warnings: list[str] = []
     etc = write(tmp_path, "filter unix - n n - 10 pipe flags=Rq user=nobody\n"

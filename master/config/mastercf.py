@@ -63,6 +63,7 @@ from dataclasses import dataclass, field
 from master.config.errors import ConfigError
 from master.config.maincf import NAME_RE, Config, logical_lines
 
+QMGR_MODULE = "qmgrd.qmgr"
 BUILTIN_MODULES: dict[str, str] = {
     "qmgr": "qmgrd.qmgr",
     "pickup": "transports.pickup",
@@ -291,6 +292,13 @@ def parse_master_cf(text: str, path: str, cfg: Config,
     services: dict[tuple[str, str], Service] = {}
     for lineno, line in logical_lines(text, path):
         svc = _parse_line(line, path, lineno, cfg)
+        if svc.module == QMGR_MODULE and svc.type == "unix":
+            # Postfix's (and Debian's) stock line is "qmgr unix ..."; Postfix's clients
+            # trigger the qmgr either way, qmgrd's write to a FIFO at the same path
+            svc.type = "fifo"
+            if warn is not None:
+                warn(f"{path}, line {lineno}: service {svc.name}: type unix taken as "
+                     "fifo (qmgrd's qmgr reads its triggers from a FIFO)")
         old = services.get(svc.service_key)
         if old is not None and warn is not None:
             warn(f"{path}, line {lineno}: duplicate service {svc.name}/{svc.type}, "

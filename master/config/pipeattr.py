@@ -86,7 +86,12 @@ _ESCAPES = {"a": 7, "b": 8, "f": 12, "n": 10, "r": 13, "t": 9, "v": 11, "\\": 92
 
 
 class PipeAttrError(ValueError):
-    """A bad pipe command attribute (str = Postfix's fatal message)."""
+    """A bad pipe command attribute (str = Postfix's fatal message). ``no_account``:
+    the user= account or group does not exist (yet) - the line itself is valid."""
+
+    def __init__(self, message: str, no_account: bool = False) -> None:
+        super().__init__(message)
+        self.no_account = no_account
 
 
 @dataclass(frozen=True)
@@ -221,14 +226,15 @@ def parse_pipe_args(args: Sequence[str], mail_owner: tuple[int, int, str] | None
             try:
                 account = pwd.getpwnam(user)
             except (KeyError, ValueError, UnicodeError):
-                raise PipeAttrError(f"get_service_attr: unknown username: {user}") from None
+                raise PipeAttrError(f"get_service_attr: unknown username: {user}",
+                                    no_account=True) from None
             uid, gid = account.pw_uid, account.pw_gid
             if group:
                 try:
                     gid = grp.getgrnam(group).gr_gid
                 except (KeyError, ValueError, UnicodeError):
-                    raise PipeAttrError(
-                        f"get_service_attr: unknown group: {group}") from None
+                    raise PipeAttrError(f"get_service_attr: unknown group: {group}",
+                                        no_account=True) from None
         elif (value := _attr(arg, "directory")) is not None:
             directory = value
         elif (value := _attr(arg, "eol")) is not None:

@@ -404,7 +404,8 @@ def _check_pipe(cfg: Config, svc: Service, warn: Warn | None) -> None:
     """A pipe service's command attributes, as its children will parse them
     (master.config.pipeattr; Postfix's pipe(8) exits fatal on the same ones): a bad
     one is refused, naming the service; an unknown macro is reported through ``warn``
-    only (Postfix's pipe defers the mail, 4.3.5, and warns: so does ours).
+    only (Postfix's pipe defers the mail, 4.3.5, and warns: so does ours), and so is a
+    user= account or group that does not exist (Postfix's master starts with it).
 
     Raises:
         ConfigError: ``"<master.cf>, line <n>: service <name>: <Postfix's message>"``.
@@ -423,6 +424,14 @@ def _check_pipe(cfg: Config, svc: Service, warn: Warn | None) -> None:
     try:
         attrs = parse_pipe_args(svc.args, owner)
     except PipeAttrError as exc:
+        if exc.no_account:
+            # Postfix's master starts with such a line (Debian's stock master.cf has
+            # user=vmail, ftn, bsmtp...): only the service's pipe processes exit fatal,
+            # and mail routed to it waits in the queue until the account exists
+            if warn is not None:
+                warn(f"{_where(svc)}service {svc.name}: {exc} (its pipe processes exit "
+                     "fatal and mail for it stays queued until the account exists)")
+            return
         raise ConfigError(f"service {svc.name}: {exc}", svc.path or None,
                           svc.line or None) from None
     if warn is not None:
