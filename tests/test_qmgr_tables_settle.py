@@ -30,6 +30,9 @@ def test_fresh_change_waits_until_settled(tmp_path: Path) -> None:
     os.utime(transport, (now, now))
     assert not r.tables_changed(SETTLE_TIME)  # not yet: it may be half written
     assert r.tables_changed()  # an administrator's request (qmgr-ctl flush) does not wait
+    # the name Postfix's "table <name> has changed -- restarting" gives
+    assert r.changed_table() == f"texthash:{transport}"
+    assert r.changed_table(SETTLE_TIME) is None
     done = now - SETTLE_TIME - 1
     os.utime(transport, (done, done))
     assert r.tables_changed(SETTLE_TIME)

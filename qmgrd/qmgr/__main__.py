@@ -158,8 +158,9 @@ async def qmgr_main(ctx: ServerContext) -> None:
     async def watch_tables() -> None:
         while not ctx.stopping.is_set():
             await asyncio.sleep(5)
-            if sched.resolver.tables_changed(SETTLE_TIME):  # a rewrite is complete
-                log.info("table has changed -- restarting")
+            table = sched.resolver.changed_table(SETTLE_TIME)  # a rewrite is complete
+            if table is not None:
+                log.info(f"table {table} has changed -- restarting")
                 ctx.stopping.set()
 
     status = StatusServer(os.path.join(ctx.queue_directory, "private", "qmgr-status"),

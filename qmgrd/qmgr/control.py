@@ -97,11 +97,11 @@ class Control:
         if cmd == "ping":
             return {"pid": os.getpid(), "tables_changed": self.sched.resolver.tables_changed()}
         if cmd == "tables":
-            changed = self.sched.resolver.tables_changed()
-            if changed:
-                log.info("table has changed -- restarting")
+            table = self.sched.resolver.changed_table()
+            if table is not None:
+                log.info(f"table {table} has changed -- restarting")
                 self.on_tables_changed()
-            return {"pid": os.getpid(), "restarting": changed}
+            return {"pid": os.getpid(), "restarting": table is not None}
         if cmd == "suspend":
             self.load_suspensions()
             return {"suspended": self.sched.suspended.describe()}

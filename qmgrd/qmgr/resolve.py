@@ -74,9 +74,17 @@ class Resolver:
         ``cat new > transport`` is under way would route with half a table until the
         next change (Postfix's qmgr never sees that: postmap builds the .db). An
         administrator's request (``qmgr-ctl flush``: the edit is done) passes 0."""
+        return self.changed_table(settle) is not None
+
+    def changed_table(self, settle: float = 0.0) -> str | None:
+        """The ``type:name`` of the first transport map that changed as
+        :meth:`tables_changed` says, or None (Postfix logs it: ``table <name> has
+        changed -- restarting``)."""
         now = time.time()
-        return any(t.changed() and (settle <= 0 or t.settled(settle, now))
-                   for t in self.transport_maps)
+        for t in self.transport_maps:
+            if t.changed() and (settle <= 0 or t.settled(settle, now)):
+                return t.spec
+        return None
 
     def is_local_domain(self, domain: str) -> bool:
         """True for ``mydestination`` domains (and no domain at all)."""
