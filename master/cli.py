@@ -220,7 +220,10 @@ def _checked_config(ctx: click.Context, warn: bool = True,
     try:
         return load_configuration(ctx.obj, say_warning, modules=modules, logfile=modules)
     except ConfigError as exc:
-        _fatal(str(exc))
+        errors = [exc, *exc.others]  # every bad master.cf line in one run
+        for bad in errors[:-1]:
+            _say(f"fatal: {bad}")
+        _fatal(str(errors[-1]))
 
 
 def _queue_directory(ctx: click.Context) -> str:

@@ -93,6 +93,25 @@ def test_braces_inside_a_word_group_as_postfix_master_does() -> None:
     assert svc.args[-4:] == ["x{y }", "a  b", "p{q{r s}t}u", ""]
 
 
+def test_every_bad_line_is_reported_in_one_run() -> None:
+    """A pasted stock Postfix master.cf has several lines of programs qmgrd lacks: all
+    are reported at once (the first raised, the rest in ``others``), not one per run (a
+    fresh-eyes finding); postlogd's unix-dgram line gets the tailored message."""
+    text = ("x unix - - n - - error\n"
+            "cleanup unix n - y - 0 cleanup\n"
+            "tlsmgr unix - - y 1000? 1 tlsmgr\n"
+            "y unix - - n - - error\n"
+            "postlog unix-dgram n - n - 1 postlogd\n")
+    with pytest.raises(ConfigError) as ei:
+        parse(text)
+    errors = [ei.value, *ei.value.others]
+    assert [e.line for e in errors] == [2, 3, 5]
+    assert 'command "cleanup"' in str(errors[0]) and 'command "tlsmgr"' in str(errors[1])
+    assert str(errors[2]).endswith('command "postlogd": Postfix\'s postlogd(8) is not a '
+                                   "service in qmgrd (every process writes maillog_file "
+                                   "itself): delete this line")
+
+
 @pytest.mark.parametrize("text,line,what", [
     ("x unix - - n - - error\ny tcp - - n - - error\n", 2, "service type"),
     ("x unix q - n - - error\n", 1, "bad private field"),

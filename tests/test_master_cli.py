@@ -151,6 +151,22 @@ def test_start_refuses_bad_service(system: System, extra: str, what: str) -> Non
     assert not system.q.exists()
 
 
+def test_start_names_every_bad_master_cf_line_at_once(system: System) -> None:
+    """Pasting a stock Postfix master.cf: one run lists every line of a Postfix program
+    qmgrd lacks, not one per run (a fresh-eyes finding: 15 attempts); nothing starts."""
+    system.master_cf.write_text(MASTER_CF + "cleanup unix n - y - 0 cleanup\n"
+                                "postlog unix-dgram n - n - 1 postlogd\n")
+    result = system.cli("start")
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    assert [ln.split(": ", 2)[1] for ln in lines] == ["fatal", "fatal"], lines
+    assert lines[0].startswith(f"qmgr-master: fatal: {system.master_cf}, line 2: "
+                               'command "cleanup"')
+    assert lines[1].startswith(f"qmgr-master: fatal: {system.master_cf}, line 3: "
+                               'command "postlogd"')
+    assert not system.q.exists()
+
+
 def test_busy_endpoint_names_master_cf_line(system: System) -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))

@@ -25,13 +25,16 @@ class ConfigError(Exception):
     """A configuration error.
 
     Attributes: ``message`` (str, what is wrong), ``path`` (str | None, the file),
-    ``line`` (int | None, 1-based physical line where the logical line starts).
+    ``line`` (int | None, 1-based physical line where the logical line starts),
+    ``others`` (list[ConfigError]: further errors found in the same pass, e.g. every bad
+    line of master.cf; empty for most).
     """
 
     def __init__(self, message: str, path: str | None = None, line: int | None = None) -> None:
         self.message = message
         self.path = path
         self.line = line
+        self.others: list[ConfigError] = []  # more errors of the same file (master.cf)
         super().__init__(self.__str__())
 
     def __str__(self) -> str:

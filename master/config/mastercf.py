@@ -233,6 +233,8 @@ def _parse_line(line: str, path: str, lineno: int, cfg: Config) -> Service:
     name, stype, priv, unpriv, chroot, wakeup, maxproc, command = fields[:8]
     if not name:
         raise ConfigError("empty service name", path, lineno)
+    if command in POSTFIX_PROGRAMS:  # before the type: postlogd's is unix-dgram
+        _module(command, path, lineno)
     if stype not in SERVICE_TYPES:
         raise ConfigError(f'bad or unsupported service type "{stype}" '
                           f"(expected {', '.join(SERVICE_TYPES)})", path, lineno)
@@ -288,10 +290,18 @@ def parse_master_cf(text: str, path: str, cfg: Config,
                     warn: Callable[[str], None] | None = None) -> list[Service]:
     """Parse master.cf text.  ``cfg`` supplies default_process_limit.  A service defined
     twice (same name and type) is reported through ``warn`` (one message per later
-    definition, without "warning: ").  Raises ConfigError."""
+    definition, without "warning: ").  Raises ConfigError for the first bad line, with
+    the other bad lines' errors in its ``others`` (all of them reported in one run)."""
     services: dict[tuple[str, str], Service] = {}
+    errors: list[ConfigError] = []
     for lineno, line in logical_lines(text, path):
-        svc = _parse_line(line, path, lineno, cfg)
+        try:
+            svc = _parse_line(line, path, lineno, cfg)
+        except ConfigError as exc:
+            # every bad line in one run (a pasted stock master.cf has several lines of
+            # Postfix programs qmgrd lacks): the first is raised, the rest ride along
+            errors.append(exc)
+            continue
         if svc.module == QMGR_MODULE and svc.type == "unix":
             # Postfix's (and Debian's) stock line is "qmgr unix ..."; Postfix's clients
             # trigger the qmgr either way, qmgrd's write to a FIFO at the same path
@@ -304,6 +314,10 @@ def parse_master_cf(text: str, path: str, cfg: Config,
             warn(f"{path}, line {lineno}: duplicate service {svc.name}/{svc.type}, "
                  f"overrides line {old.line}")
         services[svc.service_key] = svc
+    if errors:
+        first = errors[0]
+        first.others = errors[1:]
+        raise first
     return list(services.values())
 
 
