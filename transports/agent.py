@@ -96,6 +96,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, NoReturn
 
 from master import log
+from master.config import describe
 from master.server.skeleton import ServerContext, single_server
 from qmgrd import delivery
 from qmgrd.delivery import DeliverRequest, DeliverStatus, ProtocolError, RecipientInfo
@@ -246,10 +247,8 @@ class DeliveryAgent:
         skeleton made "/" - queue files, status logs and the cleanup path of postmaster
         notices (incoming/, public/qmgr) are then opened inside the jail, not by the
         absolute queue_directory that exists only outside it."""
-        spool = self.spool
-        if spool is not None and spool.queue_directory != os.path.abspath(ctx.queue_directory):
-            self.spool = Spool(ctx.queue_directory, spool.hash_queue_names,
-                               spool.hash_queue_depth)
+        if self.spool is not None:
+            self.spool = self.spool.at(ctx.queue_directory)
 
     # ------------------------------------------------------------------ the hook
 
@@ -306,7 +305,7 @@ class DeliveryAgent:
         try:
             delivery.write_list(conn, reply.to_attrs())
         except (ProtocolError, OSError) as exc:
-            log.warning(f"{req.queue_id}: cannot send delivery status: {_why(exc)}")
+            log.warning(f"{req.queue_id}: cannot send delivery status: {describe(exc)}")
 
     @staticmethod
     def _check_request(req: DeliverRequest) -> None:
@@ -343,7 +342,7 @@ class DeliveryAgent:
             async with asyncio.timeout(self.ipc_timeout):
                 await loop.sock_sendall(conn, delivery.encode(reply.to_attrs()))
         except (ProtocolError, OSError) as exc:
-            log.warning(f"{req.queue_id}: cannot send delivery status: {_why(exc)}")
+            log.warning(f"{req.queue_id}: cannot send delivery status: {describe(exc)}")
 
     def handle(self, req: DeliverRequest) -> DeliverStatus:
         """Process one decoded request (no socket): open the file, deliver, record.
@@ -586,16 +585,6 @@ class DeliveryAgent:
             req.arrival, req.active_arrival, req.handoff, self.state.conn_setup_done,
             self.clock(), dsn.status, status, dsn.reason,
         ))
-
-
-def _why(exc: Exception) -> str:
-    """An error for the log: an OSError's strerror (``Broken pipe``, not ``[Errno 32]
-    Broken pipe``), ``timed out`` for a timeout, else the exception's text."""
-    if isinstance(exc, TimeoutError):
-        return "timed out"
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return str(exc) or type(exc).__name__
 
 
 def _env_rcpt(rcpt: RecipientInfo) -> Recipient:

@@ -281,9 +281,8 @@ def _post_jail(ctx: ServerContext) -> None:
     ``ctx.queue_directory`` ("/"): maildrop/, incoming/ and public/qmgr are opened
     inside the jail, as the qmgr opens them."""
     spool = _Service.spool
-    if spool is not None and spool.queue_directory != os.path.abspath(ctx.queue_directory):
-        _Service.spool = Spool(ctx.queue_directory, spool.hash_queue_names,
-                               spool.hash_queue_depth)
+    if spool is not None and spool.at(ctx.queue_directory) is not spool:
+        _Service.spool = spool.at(ctx.queue_directory)
         _Service.cleanup = Cleanup(ctx.config, _Service.spool)
 
 

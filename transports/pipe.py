@@ -88,7 +88,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import NoReturn
 
 from master import log
@@ -109,6 +109,7 @@ from qmgrd.spool.statuslog import quote_822_local
 from transports.agent import DeliveryAgent, Dsn, make_dsn, run
 from transports.mailcopy import delivered_to, mail_copy
 from transports.pipe_command import run_command
+from transports.privileges import Dropped
 
 __all__ = ["PipeAgent", "UnknownMacro", "expand_argv", "main", "split_addr"]
 
@@ -280,8 +281,7 @@ class PipeAgent(DeliveryAgent):
         self.run_as: tuple[int, int] | None = None
         self.master_cf = "master.cf"
         self.owner_ids: tuple[int, int] | None = None  # mail_owner's (uid, gid) as root
-        self._dropped = False
-        self._root_ids: tuple[int, list[int]] = (0, [0])  # root's egid and groups
+        self.dropped: Dropped | None = None  # root's ids given up after the jail
 
     def pre_jail(self, ctx: ServerContext) -> None:
         """single_server pre-jail callback: the service's arguments, then configure.
@@ -309,14 +309,9 @@ class PipeAgent(DeliveryAgent):
         # then, as Postfix's pipe, the effective ids of mail_owner, when this is a
         # service of a root master: the process reads queue files, writes the status
         # logs and talks to the qmgr as mail_owner (its real and saved uid stay 0),
-        # and is root only to start a command as its user= and to stop it (_as_root)
-        if self.owner_ids is not None and not self._dropped and ctx.status_fd is not None:
-            uid, gid = self.owner_ids
-            self._root_ids = (os.getegid(), os.getgroups())
-            os.setgroups([gid])
-            os.setegid(gid)
-            os.seteuid(uid)
-            self._dropped = True
+        # and is root only to start a command as its user= and to stop it (deliver)
+        if self.owner_ids is not None and self.dropped is None and ctx.status_fd is not None:
+            self.dropped = Dropped(self.owner_ids)
 
     def setup(self) -> None:
         """Parse the command attributes and read the pipe parameters (pre-jail).
@@ -367,29 +362,6 @@ class PipeAgent(DeliveryAgent):
         env["PATH"] = COMMAND_PATH
         return env
 
-    @contextlib.contextmanager
-    def _as_root(self) -> Iterator[None]:
-        """Root's effective ids for the block when they were dropped (:meth:`serve`),
-        mail_owner's again after it. A failure to switch back is fatal (logged, exit
-        1): the process must not go on as root."""
-        if not self._dropped or self.owner_ids is None:
-            yield
-            return
-        uid, gid = self.owner_ids
-        root_gid, root_groups = self._root_ids
-        os.seteuid(0)
-        os.setegid(root_gid)
-        os.setgroups(root_groups)
-        try:
-            yield
-        finally:
-            try:
-                os.setgroups([gid])
-                os.setegid(gid)
-                os.seteuid(uid)
-            except OSError as exc:
-                log.fatal(f"cannot drop root privileges: {exc}")
-
     def deliver(self, req: DeliverRequest, msg: QueueFile) -> list[tuple[RecipientInfo, Dsn]]:
         """Run the command for ``req`` (module docstring); one outcome for every
         recipient.
@@ -426,7 +398,8 @@ class PipeAgent(DeliveryAgent):
                          orig_rcpt=first.orig_rcpt or first.address, rcpt=first.address,
                          eol=attrs.eol)
         uid, gid = self.run_as if self.run_as is not None else (None, None)
-        with self._as_root():  # to become user= in the child, and to kill its group
+        as_root = self.dropped.root() if self.dropped is not None else contextlib.nullcontext()
+        with as_root:  # to become user= in the child, and to kill its group
             result = run_command(argv, data, uid=uid, gid=gid, cwd=self.workdir,
                                  env=self.env, umask=attrs.umask,
                                  time_limit=self.time_limit)

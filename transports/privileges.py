@@ -10,6 +10,9 @@ Summary
 Public API
     privileges(rights: tuple[int, int] | None) -> context manager
         rights = (uid, gid); None: nothing changes (not root: nothing to switch)
+    Dropped(rights)                   root gives up its effective ids for ``rights``
+                                      (mail_owner) for good, as Postfix's daemons after
+                                      their init; ``.root()``: a block as root again
 
 Raises / logs
     OSError when the switch fails (nothing changed); ``fatal: cannot restore root
@@ -24,7 +27,7 @@ from contextlib import contextmanager
 
 from master import log
 
-__all__ = ["privileges"]
+__all__ = ["Dropped", "privileges"]
 
 
 @contextmanager
@@ -38,9 +41,7 @@ def privileges(rights: tuple[int, int] | None) -> Iterator[None]:
     uid, gid = rights
     old_gid, old_groups = os.getegid(), os.getgroups()
     try:
-        os.setgroups([gid])
-        os.setegid(gid)
-        os.seteuid(uid)
+        _switch(uid, gid)
     except OSError:
         _restore(old_gid, old_groups)
         raise
@@ -57,3 +58,36 @@ def _restore(gid: int, groups: list[int]) -> None:
         os.setgroups(groups)
     except OSError as exc:
         log.fatal(f"cannot restore root privileges: {exc}")
+
+
+def _switch(uid: int, gid: int) -> None:
+    """Effective gid, the only supplementary group and effective uid (set_eugid)."""
+    os.setgroups([gid])
+    os.setegid(gid)
+    os.seteuid(uid)
+
+
+class Dropped:
+    """Root's effective ids given up for ``rights`` = (uid, gid), the real and saved uid
+    staying 0 (Postfix's daemons call set_eugid(var_owner_uid, var_owner_gid) after
+    their init). Raises OSError when the switch fails (nothing changed)."""
+
+    def __init__(self, rights: tuple[int, int]) -> None:
+        self.rights = rights
+        self._root = (os.getegid(), os.getgroups())
+        _switch(*rights)
+
+    @contextmanager
+    def root(self) -> Iterator[None]:
+        """The block with root's effective ids, ``rights`` again after it; a failure
+        to switch back is fatal (logged, exit 1): the process must not go on as root."""
+        os.seteuid(0)
+        os.setegid(self._root[0])
+        os.setgroups(self._root[1])
+        try:
+            yield
+        finally:
+            try:
+                _switch(*self.rights)
+            except OSError as exc:
+                log.fatal(f"cannot drop root privileges: {exc}")

@@ -51,4 +51,6 @@ def describe(exc: BaseException) -> str:
         names = [os.fsdecode(name) if isinstance(name, bytes) else str(name)
                  for name in (exc.filename, exc.filename2) if name is not None]
         return f"{' -> '.join(names)}: {exc.strerror}" if names else exc.strerror
+    if isinstance(exc, TimeoutError) and not str(exc):
+        return "timed out"
     return str(exc) or type(exc).__name__

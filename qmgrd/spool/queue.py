@@ -88,6 +88,13 @@ class Spool:
         self._hashed_ids: dict[str, str] = {}  # valid id -> its hashed relative path
         self._prefix: dict[str, tuple[str, bool]] = {}  # queue -> (directory, hashed)
 
+    def at(self, queue_directory: str) -> Spool:
+        """This spool as seen from ``queue_directory`` (a chrooted service: "/"), with
+        the same hashing; ``self`` when that is where it already is."""
+        if os.path.abspath(queue_directory) == self.queue_directory:
+            return self
+        return Spool(queue_directory, self.hash_queue_names, self.hash_queue_depth)
+
     @classmethod
     def from_config(cls, cfg: Config) -> Spool:
         """Spool for ``queue_directory``, ``hash_queue_names`` and ``hash_queue_depth``.
