@@ -12,6 +12,14 @@ Summary
     never interleave. With ``maillog_file`` empty they go to syslog (facility LOG_MAIL).
     Before :func:`setup` (and in tools) lines go to standard error.
 
+    The number in brackets is the process id, as Postfix's - except in a thread of its
+    own (an smtpd process serving several clients, one thread each: transports.smtpd),
+    where it is that thread's task id (gettid(2), which the kernel takes from the same
+    numbers as process ids, so no live process or thread has it too). One session's
+    lines then carry one number and no other session's, as with Postfix's
+    process-per-client smtpd: pflogsumm's ``--smtpd-stats`` pairs ``connect from`` with
+    ``disconnect from`` by that number, and grepping for ``smtpd[1234]`` follows one client.
+
 Public API
     setup(service, maillog_file, syslog_name="qmgrd", myhostname="", foreground=False)
     info(msg), warning(msg), error(msg), fatal(msg) -> NoReturn (exit 1), panic(msg) -> NoReturn
@@ -28,6 +36,7 @@ import os
 import socket
 import sys
 import syslog
+import threading
 import time
 from typing import NoReturn
 
@@ -44,7 +53,7 @@ class _State:
     tag: str = ""
     host: str = ""
     stderr_too: bool = False
-    pid: int = 0  # this process's (0: ask getpid(); forget after a fork)
+    ident_id: int = 0  # the task id in the syslog ident (0: none set yet)
     second: int = -1  # the second that ``stamp`` shows
     stamp: str = ""
 
@@ -65,11 +74,14 @@ def printable(text: str) -> str:
     return text if text.isprintable() else text.translate(_PRINTABLE)
 
 
-def _forget_pid() -> None:
-    _S.pid = 0
+_syslog_lock = threading.Lock()  # openlog + syslog, when several threads log
 
 
-os.register_at_fork(after_in_child=_forget_pid)
+def _forget_ident() -> None:
+    _S.ident_id = 0
+
+
+os.register_at_fork(after_in_child=_forget_ident)
 
 
 def setup(
@@ -108,8 +120,8 @@ def setup(
         _S.fd = fd
         _S.use_syslog = False
     else:
-        syslog.openlog(_S.tag, syslog.LOG_PID | syslog.LOG_NDELAY, syslog.LOG_MAIL)
         _S.use_syslog = True
+        _S.ident_id = 0  # openlog at the first line: the ident names the task id
 
 
 def close() -> None:
@@ -129,16 +141,23 @@ def _emit(prio: int, text: str) -> None:
     if not text.isprintable():  # rare: only then the translate (issue 8: a hot path)
         text = text.translate(_CENSOR)
     if _S.use_syslog:
-        syslog.syslog(prio, text)
+        tid = threading.get_native_id()
+        with _syslog_lock:
+            if tid != _S.ident_id:  # "tag[id]" ourselves: LOG_PID would give getpid()
+                syslog.openlog(f"{_S.tag}[{tid}]", syslog.LOG_NDELAY, syslog.LOG_MAIL)
+                _S.ident_id = tid
+            syslog.syslog(prio, text)
     elif _S.fd >= 0:
-        # The time stamp is made once a second and the pid once a process: a qmgr
-        # writes three lines per message, an smtp agent two (issue 8).
+        # The time stamp is made once a second: a qmgr writes three lines per message,
+        # an smtp agent two (issue 8).
         second = int(time.time())
         if second != _S.second:
             _S.stamp = time.strftime("%b %d %H:%M:%S", time.localtime(second))
             _S.second = second
-        pid = _S.pid or _own_pid()
-        line = f"{_S.stamp} {_S.host} {_S.tag}[{pid}]: {text}\n"
+        # the task id: the process id, or in a thread of its own (smtpd's sessions)
+        # that thread's id, so that one session's lines have one id (pflogsumm pairs
+        # "connect from" and "disconnect from" by it)
+        line = f"{_S.stamp} {_S.host} {_S.tag}[{threading.get_native_id()}]: {text}\n"
         data = line.encode("utf-8", "backslashreplace")
         try:
             os.write(_S.fd, data)
@@ -149,11 +168,6 @@ def _emit(prio: int, text: str) -> None:
     else:
         tag = _S.tag or os.path.basename(sys.argv[0] or "qmgrd")
         sys.stderr.write(f"{tag}: {text}\n")
-
-
-def _own_pid() -> int:
-    _S.pid = os.getpid()
-    return _S.pid
 
 
 def info(msg: str) -> None:

@@ -322,19 +322,22 @@ def _alive(proc: psutil.Process) -> bool:
         return False
 
 
+@pytest.mark.parametrize("busy_sessions, processes", [("1", 8), ("5", 2)])
 def test_master_killed_with_eight_sessions_the_orphans_exit_after_them(
-        mailsys: MakeSystem) -> None:
+        mailsys: MakeSystem, busy_sessions: str, processes: int) -> None:
     """kill -9 of the master with 8 sessions open (the operator's test): each smtpd
-    finishes its session - mail sent in it is still queued, as Postfix's single_server
-    smtpd finishes the session in hand - and exits when it ends, having seen EOF on the
+    finishes its sessions - mail sent in them is still queued, as Postfix's single_server
+    smtpd finishes the session in hand - and exits when they end, having seen EOF on the
     master's status descriptor (Postfix: single_server_abort, "master disconnect", logged
-    only with -v). No orphan outlives its session."""
-    ms, port = start(mailsys, dict(MAIN, smtpd_timeout="300s"))
+    only with -v). No orphan outlives its sessions. A process per client, and (the
+    default) five clients to a process, each in a thread of its own."""
+    ms, port = start(mailsys, dict(MAIN, smtpd_timeout="300s",
+                                   smtpd_process_busy_sessions=busy_sessions))
     clients = [smtp(port) for _ in range(8)]
     try:
         for c in clients:
             assert c.ehlo()[0] == 250
-        wait_for(lambda: len(smtpd_pids(ms)) == 8, 20, "eight smtpd processes")
+        wait_for(lambda: len(smtpd_pids(ms)) == processes, 20, f"{processes} smtpd processes")
         orphans = [psutil.Process(pid) for pid in smtpd_pids(ms)]
         assert ms.proc is not None
         ms.proc.kill()

@@ -824,7 +824,8 @@ def test_smtpd_process_serves_the_next_client_after_a_local_error(
 
     log.setup("smtpd", str(tmp_path / "maillog"), "qmgrd")
     h = Host(tmp_path)
-    cfg = Config.from_text(BASE + f"queue_directory = {tmp_path / 'q'}\n", str(tmp_path))
+    cfg = Config.from_text(BASE + f"queue_directory = {tmp_path / 'q'}\n"
+                           "smtpd_process_busy_sessions = 1\n", str(tmp_path))
     made = {"n": 0}
 
     def session(host: smtpd.SmtpdServer) -> SmtpdSession:
@@ -890,3 +891,97 @@ def test_smtpd_process_serves_the_next_client_after_a_local_error(
     text = (tmp_path / "maillog").read_text()
     assert "warning: cannot start a session: Boom: no session today" in text
     assert "warning: unknown[127.0.0.1]: Boom: no name today" in text
+
+
+def test_smtpd_process_serves_clients_at_once_each_in_a_slot_of_its_own(
+        tmp_path: Path) -> None:
+    """smtpd_process_busy_sessions = 3 (SmtpdServer): three clients at once are served
+    in three slots - the main thread's and two threads of their own - and each queues
+    its message. Each session logs under a number that no other session has meanwhile:
+    the process id in the main thread, the thread's task id in the others (pflogsumm
+    pairs "connect from" with "disconnect from" by it). The process says busy at three
+    sessions and idle again after; a fourth client, after them, is served in one of
+    the same slots (threads are reused); a stop ends the threads."""
+    import threading
+
+    from master.server.skeleton import ServerContext
+    from transports import smtpd
+
+    log.setup("smtpd", str(tmp_path / "maillog"), "qmgrd")
+    h = Host(tmp_path)
+    cfg = Config.from_text(BASE + f"queue_directory = {tmp_path / 'q'}\n"
+                           "smtpd_process_busy_sessions = 3\n", str(tmp_path))
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    states: list[str] = []
+    tids: set[int] = set()
+
+    class Ctx(ServerContext):
+        def busy(self) -> None:
+            states.append("busy")
+
+        def idle(self) -> None:
+            states.append("idle")
+
+    ctx = Ctx("smtpd", cfg, str(tmp_path / "q"), [os.dup(listener.fileno())], 0, [])
+    server = smtpd.SmtpdServer(ctx, h.params, h.policy, h.cleanup)
+    before = set(threading.enumerate())
+
+    async def client(i: int, hold: asyncio.Event | None) -> str:
+        c = Client(*await asyncio.open_connection("127.0.0.1", port))
+        try:
+            await greet(c)
+            reply = await send(c, "alice@client.example", [f"bob{i}@mx.test.example"],
+                               f"Subject: {i}\r\n\r\nbody {i}\r\n.\r\n".encode())
+            if hold is not None:
+                await hold.wait()  # all three sessions open at once
+            assert await c.cmd("QUIT") == "221 2.0.0 Bye"
+            return reply
+        finally:
+            await c.close()
+
+    async def settled() -> None:
+        for _ in range(500):
+            if not server.sessions:
+                return
+            await asyncio.sleep(0.01)
+
+    async def main() -> None:
+        serving = asyncio.create_task(server.serve())
+        try:
+            hold = asyncio.Event()
+            three = [asyncio.create_task(client(i, hold)) for i in range(3)]
+            for _ in range(500):
+                if len(server.sessions) == 3:
+                    break
+                await asyncio.sleep(0.01)
+            assert len(server.sessions) == 3 and states == ["busy"]
+            tids.update(t.native_id for t in threading.enumerate()
+                        if t not in before and t.native_id is not None)
+            hold.set()
+            for reply in await asyncio.gather(*three):
+                assert reply.startswith("250 2.0.0 Ok: queued as ")
+            await settled()
+            assert not server.sessions and states == ["busy", "idle"]
+            assert (await client(3, None)).startswith("250 2.0.0 Ok: queued as ")
+            await settled()
+        finally:
+            server._terminate()
+            await serving
+
+    try:
+        asyncio.run(main())
+    finally:
+        listener.close()
+    assert not [t for t in threading.enumerate() if t not in before]  # stopped, joined
+    assert len(tids) == 2, tids
+    text = (tmp_path / "maillog").read_text()
+    ids = [int(m.group(1)) for m in re.finditer(r"smtpd\[(\d+)\]: connect from ", text)]
+    assert len(ids) == 4 and set(ids) <= tids | {os.getpid()}, (ids, tids)
+    assert set(ids[:3]) == tids | {os.getpid()}  # the three at once: three numbers
+    for n in set(ids):
+        mine = [line for line in text.splitlines() if f"smtpd[{n}]: " in line]
+        sessions = ids.count(n)
+        assert sum("client=" in line for line in mine) == sessions, mine
+        assert sum(" disconnect from " in line for line in mine) == sessions, mine
+    assert len(list(h.spool.scan("incoming"))) == 4

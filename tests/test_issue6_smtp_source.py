@@ -94,9 +94,11 @@ def test_pflogsumm_counts_connections_and_messages(mailsys: MakeSystem, peers) -
 @pytest.mark.parametrize("busy_sessions, processes", [("1", 3), ("3", 1)])
 def test_smtpd_process_busy_sessions(mailsys: MakeSystem, peers, busy_sessions: str,
                                      processes: int) -> None:
-    """Three clients at once: one smtpd process each by default (Postfix's model, which
-    pflogsumm's --smtpd-stats relies on); one process for all three with
-    smtpd_process_busy_sessions = 3. Every message is queued either way."""
+    """Three clients at once: one smtpd process each with smtpd_process_busy_sessions =
+    1 (Postfix's model); one process for all three with 3, each session in a thread of
+    its own. Either way the three sessions log under three numbers, each session's
+    lines under one (pflogsumm's --smtpd-stats pairs them by it), and with threads the
+    numbers are the process's task ids. Every message is queued."""
     sink = peers.sink()
     ms, port = start(mailsys, {"relayhost": f"[127.0.0.1]:{sink.port}",
                                "smtpd_process_busy_sessions": busy_sessions})
@@ -104,11 +106,21 @@ def test_smtpd_process_busy_sessions(mailsys: MakeSystem, peers, busy_sessions: 
     clients = [smtp(port) for _ in range(3)]  # all three connected before any mails
     for i, client in enumerate(clients):
         client.ehlo()
+    smtpds = [p for p in ms.processes() if "127.0.0.1:" in " ".join(p.cmdline())]
+    tasks = {t.id: p.pid for p in smtpds for t in p.threads()}
+    for i, client in enumerate(clients):
         client.sendmail("alice@source.test.example", [f"bob{i}@sink.test.example"],
                         f"Subject: {i}\r\n\r\nbody {i}\r\n")
     for client in clients:
         client.quit()
     wait_for(lambda: sink.count() >= 3, 30, "3 messages at smtp-sink")
-    pids = {m.group(1) for t in cursor.lines()
-            if (m := re.search(r"/smtpd\[(\d+)\]: connect from ", t))}
-    assert len(pids) == processes, pids
+    lines = cursor.lines()
+    ids = {m.group(1) for t in lines if (m := re.search(r"/smtpd\[(\d+)\]: connect from ", t))}
+    assert len(ids) == 3, ids
+    assert {int(i) for i in ids} <= set(tasks), (ids, tasks)
+    assert len({tasks[int(i)] for i in ids}) == processes, (ids, tasks)
+    for i in ids:  # each session's lines under its number: connect, client=, disconnect
+        mine = [t for t in lines if f"/smtpd[{i}]: " in t]
+        assert [t for t in mine if "connect from " in t and "disconnect" not in t], mine
+        assert sum("client=" in t for t in mine) == 1, mine
+        assert sum("disconnect from " in t for t in mine) == 1, mine

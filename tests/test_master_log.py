@@ -74,3 +74,57 @@ def test_control_characters_are_logged_as_question_marks(maillog: Path) -> None:
     got = [text for _, _, text in lines(maillog)]
     assert got == ["message-id=<a?[2Jb?Dec 01 00:00:00 vm qmgrd/x[1]: forged????c>",
                    "from=<\u00e9l\u00e8ve@example.org> second line"]
+
+
+def test_a_thread_logs_under_its_own_task_id(maillog: Path) -> None:
+    """A line logged in a thread (an smtpd session thread) carries that thread's task
+    id, the main thread's the process id: two sessions at once never share a number."""
+    import threading
+
+    got: dict[str, int] = {}
+
+    def worker() -> None:
+        got["tid"] = threading.get_native_id()
+        log.info("thread")
+
+    log.info("main")
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join()
+    assert got["tid"] != os.getpid()
+    assert {text: p for _, p, text in lines(maillog)} == {"main": os.getpid(),
+                                                          "thread": got["tid"]}
+
+
+def test_syslog_lines_carry_the_task_id_in_the_ident(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With syslog (maillog_file empty) the ident is "<tag>[<id>]" without LOG_PID, set
+    again when another thread logs, so syslog shows the same numbers as the file."""
+    import syslog
+    import threading
+
+    calls: list[tuple[str, object]] = []
+    monkeypatch.setattr(log.syslog, "openlog",
+                        lambda ident, opt, fac: calls.append(("open", (ident, opt, fac))))
+    monkeypatch.setattr(log.syslog, "syslog", lambda prio, text: calls.append(("log", text)))
+    monkeypatch.setattr(log.syslog, "closelog", lambda: None)
+    log.setup("smtpd", "", "qmgrd")
+    try:
+        log.info("one")
+        log.info("two")
+        tid: list[int] = []
+
+        def worker() -> None:
+            tid.append(threading.get_native_id())
+            log.info("three")
+
+        t = threading.Thread(target=worker)
+        t.start()
+        t.join()
+        log.info("four")
+    finally:
+        log.close()
+    pid = os.getpid()
+    opened = (syslog.LOG_NDELAY, syslog.LOG_MAIL)
+    assert calls == [("open", (f"qmgrd/smtpd[{pid}]", *opened)), ("log", "one"), ("log", "two"),
+                     ("open", (f"qmgrd/smtpd[{tid[0]}]", *opened)), ("log", "three"),
+                     ("open", (f"qmgrd/smtpd[{pid}]", *opened)), ("log", "four")]

@@ -7,26 +7,38 @@ Summary
     (transports.smtpd_session); the policy (transports.smtpd_policy) and the path into the
     queue are ours:
 
-    * **Process model**: as Postfix, a process serves one client at a time: it tells the
-      master "idle" while it has no session and "busy" while it has one, so the master
-      starts processes on demand up to maxproc (and counts a use per session).
-      ``smtpd_process_busy_sessions`` (qmgrd's own, default 1) raises the number of
-      sessions a process takes at once before it says "busy": fewer processes (about
-      8 MiB each), at the price of pflogsumm's ``--smtpd-stats`` connection counts, which
-      pair ``connect from`` with ``disconnect from`` by pid. Starting a
-      Python process costs about 0.3 s of CPU, so when a client has waited
-      ``OVERFLOW_DELAY`` (10 s) in the listen queue while this process is busy (a burst,
-      or the service at maxproc), the process takes waiting clients too, up to
-      ``smtpd_process_session_limit`` (20) sessions at once on its asyncio loop. For the
+    * **Process model**: an smtpd process takes up to ``smtpd_process_busy_sessions``
+      (qmgrd's own, default 5) clients at once, each session in a slot of its own (a
+      SessionSlot): the first in the process's main thread, the others each in a thread
+      of its own with an event loop of its own, kept and reused for the next session.
+      It tells the master "idle" below that many sessions and "busy" at it, so the
+      master starts processes on demand up to maxproc: up to maxproc x
+      smtpd_process_busy_sessions clients at once. ``= 1`` is
+      Postfix's model, a process per client. Why threads: each forked Python process
+      writes to about 7 MiB of the master's pages it shares (reference counts, the
+      interpreter's specialisation), while one more session in a process costs about
+      0.4 MiB (issue 8, scenario M: 10 clients took 126 MiB of the whole system's PSS
+      with a process each, about 80 MiB with two processes). A slot serves one session
+      at a time and logs under its own number, the process id in the main thread and
+      the thread's task id in the others (master.log), so one session's lines share one
+      number that no other session has meanwhile, as with Postfix's process per client:
+      pflogsumm's ``--smtpd-stats`` pairs ``connect from`` with ``disconnect from`` by
+      it. The sessions of a process share read-only state (policy, tables, TLS
+      context) and the locked connection counter; each queues its own messages (the
+      cleanup's write and fsync block its own thread only). No smtpd process forks or
+      runs commands, so threads meet the house rule (design.md: no helper threads in a
+      process that spawns). Starting a Python process costs about 0.3 s of CPU, so when
+      a client has waited ``OVERFLOW_DELAY`` (10 s) in the listen queue while this
+      process is busy (a burst, or the service at maxproc), the process takes waiting
+      clients too, up to ``smtpd_process_session_limit`` (20) sessions at once. For the
       same reason each process serves ``max_use`` x smtpd_process_session_limit sessions
       (2,000 by default) before it retires: then it reports busy, keeps accepting for
       ``HANDOVER`` s (so the master can start its successor while clients are served),
       stops accepting and exits when its sessions are done. With no session for
       ``max_idle`` seconds it exits. On EOF of the status channel (master reload or exit)
       it stops accepting and lets its sessions finish; on SIGTERM (master stop) it drops
-      them at once - nothing that was not answered 250 is queued. pflogsumm pairs
-      ``connect from`` / ``disconnect from`` lines by pid: its connection counts are
-      exact while no process serves two sessions at once (no overflow).
+      them at once and waits up to ``JOIN_TIMEOUT`` (2 s) for its threads - nothing that
+      was not answered 250 is queued.
     * **Connection count**: at most ``smtpd_client_connection_count_limit`` (50)
       simultaneous sessions per client address, counted across all smtpd processes
       (smtpd_policy.ConnectionCounter: byte-range locks on ``pid/smtpd.conn`` in the
@@ -39,8 +51,8 @@ Summary
     * **Into the queue**: ``Cleanup.submit(origin="smtp")`` - the one way into incoming/,
       file complete, fchmod'ed ready and fsynced before it returns - so the ``250`` comes
       only after that. The cleanup runs in the smtpd process (no cleanup daemon) and blocks
-      its event loop for the write + fsync (no helper threads; other clients are served
-      by other processes, so their fsyncs overlap, as Postfix's cleanup processes do).
+      the session's event loop for the write + fsync; the other sessions are in other
+      threads or processes, so their fsyncs overlap, as Postfix's cleanup processes do.
       smtpd's ``Received:`` header gets the queue id and ``<qid>: client=<name>[<addr>]``
       is logged when the id is assigned (SmtpdCleanup hooks Cleanup._build for that: see
       its docstring). A message that exceeds ``hopcount_limit`` is queued and
@@ -67,7 +79,11 @@ Summary
 
 Public API
     SmtpdServer(ctx, params, policy, cleanup, tls_context=None, tls_required=False,
-                counter=None)             async .serve() -> None: the process's main loop
+                counter=None, loop_factory=None)
+                                          async .serve() -> None: the process's main loop
+                                          (loop_factory: the session threads' event
+                                          loops, default asyncio.new_event_loop)
+    SessionSlot                           one session at a time: the SessionHost
     SmtpdCleanup(cfg, spool)              Cleanup + Received: queue id + client= line
         .submit_smtp(env, content, namaddr, received) -> str
     tls_context(cfg) -> (ssl.SSLContext | None, required: bool)
@@ -85,6 +101,8 @@ import os
 import signal
 import socket
 import ssl
+import threading
+import time
 from collections.abc import Callable
 from typing import Any, NoReturn
 
@@ -97,7 +115,12 @@ import dns.resolver
 
 from master import log
 from master.config import Config
-from master.server.skeleton import ServerContext, async_server, watch_listeners
+from master.server.skeleton import (
+    ServerContext,
+    async_server,
+    event_loop_factory,
+    watch_listeners,
+)
 from qmgrd.flow import flow_get
 from qmgrd.spool.cleanup import Cleanup, _Headers
 from qmgrd.spool.envelope import Envelope, Recipient
@@ -107,6 +130,7 @@ from transports.smtpd_session import SmtpdParams, SmtpdSession
 
 __all__ = ["HANDOVER", "OVERFLOW_DELAY", "SmtpdCleanup", "SmtpdServer", "main", "tls_context"]
 
+JOIN_TIMEOUT = 2.0  # seconds a stopping process waits in all for its aborted sessions
 HANDOVER = 2.0  # seconds a retiring process keeps accepting after reporting busy
 FLOW_POLL = 0.02  # seconds between looks for an inbound flow token while waiting
 OVERFLOW_DELAY = 10.0  # seconds a client waits before a busy process takes it too
@@ -127,28 +151,34 @@ class SmtpdCleanup(Cleanup):
 
     def __init__(self, cfg: Config, spool: Spool) -> None:
         super().__init__(cfg, spool)
-        self._pending: tuple[str, Callable[[str], list[bytes]]] | None = None
+        self._local = threading.local()  # the message in hand, per session thread
 
     def submit_smtp(self, env: Envelope, content: bytes, namaddr: str,
                     received: Callable[[str], list[bytes]]) -> str:
         """Cleanup.submit(origin="smtp") for content that starts with the
-        ``received("?")`` lines. Returns the queue id; raises CleanupError."""
-        self._pending = (namaddr, received)
+        ``received("?")`` lines. Returns the queue id; raises CleanupError. Safe to call
+        from several session threads at once."""
+        self._local.pending = (namaddr, received)
         try:
             return self.submit(env, content, origin="smtp")
         finally:
-            self._pending = None
+            self._local.pending = None
+
+    def _pending(self) -> tuple[str, Callable[[str], list[bytes]]] | None:
+        return getattr(self._local, "pending", None)
 
     def _created(self, qid: str) -> None:
-        if self._pending is not None:
-            log.info(f"{qid}: client={self._pending[0]}")
+        pending = self._pending()
+        if pending is not None:
+            log.info(f"{qid}: client={pending[0]}")
 
     def _build(self, env: Envelope, sender: str, rcpts: list[Recipient], lines: list[bytes],
                h: _Headers, qid: str, sec: int, usec: int, local: bool, origin: str,
                uid: int | None, smtputf8: int,
                content: bytes) -> tuple[bytearray, list[int], str]:
-        if self._pending is not None:
-            final = self._pending[1](qid)
+        pending = self._pending()
+        if pending is not None:
+            final = pending[1](qid)
             h.lines[: len(final)] = final
         return super()._build(env, sender, rcpts, lines, h, qid, sec, usec, local, origin,
                               uid, smtputf8, content)
@@ -183,7 +213,8 @@ class SmtpdServer:
     def __init__(self, ctx: ServerContext, params: SmtpdParams, policy: Policy,
                  cleanup: SmtpdCleanup, tls_context: ssl.SSLContext | None = None,
                  tls_required: bool = False,
-                 counter: ConnectionCounter | None = None) -> None:
+                 counter: ConnectionCounter | None = None,
+                 loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None) -> None:
         self.ctx = ctx
         self.params = params
         self.policy = policy
@@ -197,50 +228,37 @@ class SmtpdServer:
         self.max_use = ctx.config.get_int("max_use") * self.session_limit
         self.max_idle = ctx.config.get_time("max_idle")
         self.flow_delay = ctx.config.get_time("in_flow_delay")
-        self.sessions: set[SmtpdSession] = set()
+        self.sessions: set[SessionSlot] = set()  # the slots that have a session
+        self._slots: list[SessionSlot] = []  # this thread's (first), then the threads
+        self.loop_factory = loop_factory or asyncio.new_event_loop
+        self._lock = threading.Lock()  # the counter, shared by the session threads
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.accepted = 0
         self.retiring = False
         self.terminated = False
-        self._slots: dict[SmtpdSession, int | None] = {}
         self._listeners: list[socket.socket] = []
         self._reading = False
         self._closed = False          # no more accepting, ever
         self._overflow: asyncio.TimerHandle | None = None
         self._busy = False
-        self._tasks: set[asyncio.Task[Any]] = set()
         self._wake = asyncio.Event()
         self._idle_since = 0.0
 
-    # ------------------------------------------------------------------ SessionHost
-    def connect(self, session: SmtpdSession) -> int:
-        addr = session.client.addr
+    # ------------------------------------------------------------------ shared by sessions
+    def acquire_slot(self, addr: str) -> tuple[int, int | None]:
+        """Count a session of ``addr`` (from any session thread): (its number among the
+        client's sessions, capped at the limit + 1; the counter's slot, None when not
+        counted or over the limit)."""
         if not self.params.conn_limit or self.policy.limit_exempt(addr):
-            self._slots[session] = None
-            return 1
-        count, slot = self.counter.acquire(addr, self.params.conn_limit)
-        self._slots[session] = slot
-        return count
+            return 1, None
+        with self._lock:
+            return self.counter.acquire(addr, self.params.conn_limit)
 
-    def disconnect(self, session: SmtpdSession) -> None:
-        self.counter.release(self._slots.pop(session, None))
-        self._session_done(session)
-
-    async def flow_wait(self) -> None:
-        """Take an inbound flow token (qmgrd.flow), waiting up to in_flow_delay seconds
-        for one: this session is slowed, never blocked, and the other sessions of the
-        process go on meanwhile."""
-        if self.flow_delay <= 0 or flow_get(0):
-            return
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.flow_delay
-        while (left := deadline - loop.time()) > 0:
-            await asyncio.sleep(min(FLOW_POLL, left))
-            if flow_get(0):
-                return
-
-    def enqueue(self, env: Envelope, content: bytes, namaddr: str,
-                received: Callable[[str], list[bytes]]) -> str:
-        return self.cleanup.submit_smtp(env, content, namaddr, received)
+    def release_slot(self, slot: int | None) -> None:
+        """Give back a slot of acquire_slot (from any session thread)."""
+        if slot is not None:
+            with self._lock:
+                self.counter.release(slot)
 
     # ------------------------------------------------------------------ accepting
     def _refresh(self) -> None:
@@ -299,33 +317,41 @@ class SmtpdServer:
             self._start(conn)
 
     def _start(self, conn: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
         try:
             conn.setblocking(False)
-            session = SmtpdSession(self)
+            slot = self._free_slot()
         except Exception as exc:  # noqa: BLE001 - this client only; the process goes on
             log.warning(f"cannot start a session: {type(exc).__name__}: {exc}")
             conn.close()
             return
-        self.sessions.add(session)
+        self.sessions.add(slot)
         self.accepted += 1
-        task = loop.create_task(loop.connect_accepted_socket(lambda: session, conn))
-        self._tasks.add(task)
-        task.add_done_callback(lambda t: self._started(t, session, conn))
+        slot.hand(conn)
         if self.max_use and self.accepted >= self.max_use and not self.retiring:
             self.retiring = True
-            loop.call_later(HANDOVER, self._stop_accepting)
+            asyncio.get_running_loop().call_later(HANDOVER, self._stop_accepting)
         self._wake.set()
 
-    def _started(self, task: asyncio.Task[Any], session: SmtpdSession,
-                 conn: socket.socket) -> None:
-        self._tasks.discard(task)
-        if task.cancelled() or task.exception() is not None:
-            exc = None if task.cancelled() else task.exception()
-            if exc is not None and not isinstance(exc, ConnectionError):
-                log.warning(f"cannot start a session: {type(exc).__name__}: {exc}")
-            conn.close()
-            self._session_done(session)
+    def _free_slot(self) -> SessionSlot:
+        """The slot for a new session: this thread's when it has none, else an idle
+        session thread, else a new one (its loop and thread made and started here)."""
+        for slot in self._slots:
+            if slot not in self.sessions:
+                return slot
+        slot = SessionSlot(self, self.loop_factory())
+        self._slots.append(slot)
+        return slot
+
+    def session_ended(self, slot: SessionSlot) -> None:
+        """The session of ``slot`` has ended (called from the slot's thread):
+        _session_done in this loop."""
+        loop = self._loop
+        if loop is None:  # serve() has not begun: nothing to tell
+            return
+        try:
+            loop.call_soon_threadsafe(self._session_done, slot)
+        except RuntimeError:  # this loop is closed: the process is ending anyway
+            pass
 
     def _stop_accepting(self) -> None:
         """No more clients, ever (a reload, a master gone, max_use): stop watching the
@@ -349,10 +375,10 @@ class SmtpdServer:
         self.ctx.listen_fds.clear()
         self._wake.set()
 
-    def _session_done(self, session: SmtpdSession) -> None:
-        if session not in self.sessions:
+    def _session_done(self, slot: SessionSlot) -> None:
+        if slot not in self.sessions:
             return
-        self.sessions.discard(session)
+        self.sessions.discard(slot)
         if not self.sessions:
             self._idle_since = asyncio.get_running_loop().time()
         self._refresh()
@@ -362,13 +388,15 @@ class SmtpdServer:
     def _terminate(self) -> None:
         self.terminated = True
         self.ctx.stopping.set()
-        for session in list(self.sessions):
-            session.abort()
+        for slot in list(self.sessions):
+            slot.abort()
         self._wake.set()
 
     async def serve(self) -> None:
         """Accept and serve until a limit, EOF on the status channel or SIGTERM."""
         loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._slots.insert(0, SessionSlot(self, loop, thread=False))
         loop.set_exception_handler(_exception_handler)
         loop.add_signal_handler(signal.SIGTERM, self._terminate)
         self._listeners = [socket.socket(fileno=os.dup(fd)) for fd in self.ctx.listen_fds]
@@ -399,11 +427,157 @@ class SmtpdServer:
         finally:
             stopping.cancel()
             self._stop_accepting()
-            for session in list(self.sessions):
-                session.abort()
+            for slot in list(self.sessions):
+                slot.abort()
             for sock in self._listeners:
                 sock.close()
             loop.remove_signal_handler(signal.SIGTERM)
+            self._join(JOIN_TIMEOUT)
+
+    def _join(self, timeout: float) -> None:
+        """Stop the session threads and wait up to ``timeout`` seconds in all for them
+        (their sessions were aborted, or have ended), so that a session that is
+        queueing a message ends before the process does."""
+        deadline = time.monotonic() + timeout
+        threads = [slot for slot in self._slots if slot.thread is not None]
+        for slot in threads:
+            slot.stop()
+        for slot in threads:
+            if slot.thread is not None:
+                slot.thread.join(max(0.0, deadline - time.monotonic()))
+
+
+class SessionSlot:
+    """Where one session at a time runs: the process's main thread (its event loop,
+    which also accepts), or a thread of its own with an event loop of its own, kept for
+    the life of the process and reused session after session (module docstring,
+    "Process model"). It is the SessionHost of transports.smtpd_session.
+
+    A session thread's loop is made in the accepting thread (``server.loop_factory``:
+    uvloop's or asyncio's, as async_event_loop says), so that hand(), abort() and stop()
+    can reach it from the moment the slot exists. What the sessions of a process share
+    is safe to share between threads: the policy and TLS context are read only, the
+    connection counter is locked, the cleanup keeps its per-message state per thread,
+    and each log line is written whole by one write(2), its number the thread's task
+    id (master.log), so that two sessions at once never log under one number."""
+
+    def __init__(self, server: SmtpdServer, loop: asyncio.AbstractEventLoop,
+                 thread: bool = True) -> None:
+        self.server = server
+        self.params = server.params
+        self.policy = server.policy
+        self.tls_context = server.tls_context
+        self.tls_required = server.tls_required
+        self.loop = loop
+        self.session: SmtpdSession | None = None
+        self._slot: int | None = None  # the connection counter's
+        self.thread: threading.Thread | None = None
+        if thread:
+            self.thread = threading.Thread(target=self._run, name="smtpd session",
+                                           daemon=True)
+            self.thread.start()
+
+    # ------------------------------------------------------------------ SessionHost
+    def connect(self, session: SmtpdSession) -> int:
+        count, self._slot = self.server.acquire_slot(session.client.addr)
+        return count
+
+    def disconnect(self, session: SmtpdSession) -> None:
+        if session is self.session:
+            self._end()
+
+    async def flow_wait(self) -> None:
+        """Take an inbound flow token (qmgrd.flow), waiting up to in_flow_delay seconds
+        for one: this session is slowed, never blocked, and the other sessions of the
+        process go on meanwhile."""
+        delay = self.server.flow_delay
+        if delay <= 0 or flow_get(0):
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + delay
+        while (left := deadline - loop.time()) > 0:
+            await asyncio.sleep(min(FLOW_POLL, left))
+            if flow_get(0):
+                return
+
+    def enqueue(self, env: Envelope, content: bytes, namaddr: str,
+                received: Callable[[str], list[bytes]]) -> str:
+        return self.server.cleanup.submit_smtp(env, content, namaddr, received)
+
+    # ------------------------------------------------------------------ from the server
+    def hand(self, conn: socket.socket) -> None:
+        """Serve ``conn`` (called in the accepting thread; the slot is free)."""
+        if self.thread is None:
+            self.loop.call_soon(self._begin, conn)
+        else:
+            self.loop.call_soon_threadsafe(self._begin, conn)
+
+    def abort(self) -> None:
+        """Close the connection in hand now (process shutdown), from any thread."""
+        try:
+            self.loop.call_soon_threadsafe(self._abort)
+        except RuntimeError:  # the loop is closed: nothing in hand
+            pass
+
+    def stop(self) -> None:
+        """End the thread once what its loop has in hand is done."""
+        try:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+        except RuntimeError:
+            pass
+
+    # ------------------------------------------------------------------ in the slot's loop
+    def _begin(self, conn: socket.socket) -> None:
+        try:
+            session = SmtpdSession(self)
+        except Exception as exc:  # noqa: BLE001 - this client only; the process goes on
+            log.warning(f"cannot start a session: {type(exc).__name__}: {exc}")
+            conn.close()
+            self.server.session_ended(self)
+            return
+        self.session = session
+        task = self.loop.create_task(self.loop.connect_accepted_socket(lambda: session, conn))
+        task.add_done_callback(lambda t: self._started(t, session, conn))
+
+    def _started(self, task: asyncio.Task[Any], session: SmtpdSession,
+                 conn: socket.socket) -> None:
+        if task.cancelled() or task.exception() is not None:
+            exc = None if task.cancelled() else task.exception()
+            if exc is not None and not isinstance(exc, ConnectionError):
+                log.warning(f"cannot start a session: {type(exc).__name__}: {exc}")
+            conn.close()
+            if session is self.session:
+                self._end()
+
+    def _end(self) -> None:
+        slot, self._slot = self._slot, None
+        self.server.release_slot(slot)
+        self.session = None
+        self.server.session_ended(self)
+
+    def _abort(self) -> None:
+        if self.session is not None:
+            self.session.abort()
+
+    def _run(self) -> None:
+        """The thread: its loop until stop(), then what asyncio.run does at its end
+        (the aborted sessions' tasks cancelled and awaited: their last log lines)."""
+        loop = self.loop
+        asyncio.set_event_loop(loop)
+        loop.set_exception_handler(_exception_handler)
+        try:
+            loop.run_forever()
+            tasks = [t for t in asyncio.all_tasks(loop) if not t.done()]
+            for t in tasks:
+                t.cancel()
+            if tasks:
+                loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+        except Exception as exc:  # noqa: BLE001 - logged; the process goes on
+            log.warning(f"smtpd session thread: {type(exc).__name__}: {exc}")
+        finally:
+            asyncio.set_event_loop(None)
+            loop.close()
 
 
 def _exception_handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
@@ -468,7 +642,7 @@ async def _main(ctx: ServerContext) -> None:
         log.fatal("smtpd: no listener (started outside the master without -l)")
     ctx_tls, required = _State.tls
     server = SmtpdServer(ctx, _State.params, _State.policy, _State.cleanup, ctx_tls, required,
-                         _State.counter)
+                         _State.counter, event_loop_factory(ctx.config))
     await server.serve()
 
 

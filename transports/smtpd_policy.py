@@ -91,6 +91,7 @@ import ipaddress
 import os
 import pwd
 import struct
+import threading
 import zlib
 from dataclasses import dataclass, field
 
@@ -302,6 +303,7 @@ class LocalRecipients:
         self.active = bool(entries)
         self.aliases = {s.strip().removeprefix("proxy:") for s in alias_maps or []}
         self.unavailable: dict[str, str] = {}   # spec -> the problem last logged
+        self._lock = threading.Lock()
         for spec in entries:
             bare = spec.removeprefix("proxy:")
             if bare == "unix:passwd.byname":
@@ -337,8 +339,10 @@ class LocalRecipients:
             cut = min((i for i in (local.find(c) for c in delimiter) if i > 0), default=-1)
             if cut > 0:
                 names.append(local[:cut])
-        for bare in list(self.unavailable):  # restored since?
-            self._open(bare)
+        if self.unavailable:
+            with self._lock:  # session threads (transports.smtpd): one retries
+                for bare in list(self.unavailable):  # restored since?
+                    self._open(bare)
         for name in names:
             if any(t.lookup(name) is not None for t in self.tables):
                 return True
@@ -391,10 +395,17 @@ class LazyResolver:
         self._conf: str | None = b"".join(chunks).decode("utf-8", "replace")
         self._resolver: dns.asyncresolver.Resolver | None = None
         self._broken: str | None = None  # why the text made no resolver (parsed once)
+        self._lock = threading.Lock()
 
     def resolver(self) -> dns.asyncresolver.Resolver:
         """The Resolver, made now if it was not (NoResolverConfiguration: no nameserver,
         or a file dnspython cannot parse - decided at the first call, for good)."""
+        if self._resolver is not None:
+            return self._resolver
+        with self._lock:  # session threads: the text is parsed by one of them
+            return self._make()
+
+    def _make(self) -> dns.asyncresolver.Resolver:
         if self._resolver is not None:
             return self._resolver
         if self._conf is not None:  # the first call: parse the text, once
