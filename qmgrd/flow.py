@@ -51,6 +51,7 @@ import os
 import select
 import stat
 import termios
+import threading
 import time
 
 from master import log
@@ -144,16 +145,23 @@ def _same_fifo(a: int, b: int) -> bool:
             and (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino))
 
 
+_decide = threading.Lock()  # an smtpd's session threads may ask at once
+
+
 def process_pipe() -> FlowPipe | None:
     """This process's flow pipe: fds 3/4 when started by the master (``GENERATION`` in
-    the environment and fds 3/4 one FIFO), else None. Decided once, then cached."""
+    the environment and fds 3/4 one FIFO), else None. Decided once, then cached; a
+    thread that asks while another decides waits for the answer (``checked`` is set
+    only once ``pipe`` is: before, a second smtpd session thread got None meanwhile)."""
     if not _State.checked:
-        _State.checked = True
-        if "GENERATION" in os.environ and _same_fifo(FLOW_READ_FD, FLOW_WRITE_FD):
-            try:
-                _State.pipe = FlowPipe(FLOW_READ_FD, FLOW_WRITE_FD)
-            except OSError as exc:
-                _broken(exc)
+        with _decide:
+            if not _State.checked:
+                if "GENERATION" in os.environ and _same_fifo(FLOW_READ_FD, FLOW_WRITE_FD):
+                    try:
+                        _State.pipe = FlowPipe(FLOW_READ_FD, FLOW_WRITE_FD)
+                    except OSError as exc:
+                        _broken(exc)
+                _State.checked = True
     return _State.pipe
 
 

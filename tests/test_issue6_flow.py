@@ -112,3 +112,44 @@ def test_in_flow_delay_zero_disables_the_wait(mailsys: MakeSystem) -> None:
                     assert time.monotonic() - t0 < 0.8
             assert pipe.count() == 0
         wait_for(lambda: delivered(ms) == 3, 30, "3 deliveries")
+
+
+def test_the_flow_pipe_is_decided_once_for_every_thread(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """qmgrd.flow.process_pipe is decided at the first flow_get of a process - in an
+    smtpd, in one of several session threads (transports.smtpd) that may queue their
+    first messages at once. A thread that asks while another is deciding must get the
+    pipe too, not None ("no flow pipe": its message would take no token and wait for
+    none)."""
+    import threading
+
+    from qmgrd import flow
+
+    monkeypatch.setenv("GENERATION", "1")
+    monkeypatch.setattr(flow._State, "checked", False)
+    monkeypatch.setattr(flow._State, "pipe", None)
+    deciding, go = threading.Event(), threading.Event()
+    pipe = object()
+
+    def same_fifo(a: int, b: int) -> bool:  # fstat(2) x 2: the GIL is let go meanwhile
+        deciding.set()
+        go.wait(10)
+        return True
+
+    monkeypatch.setattr(flow, "_same_fifo", same_fifo)
+    monkeypatch.setattr(flow, "FlowPipe", lambda r, w: pipe)
+    got: dict[str, object] = {}
+
+    def ask(name: str) -> None:
+        got[name] = flow.process_pipe()
+
+    first = threading.Thread(target=ask, args=("first",))
+    first.start()
+    assert deciding.wait(10)
+    second = threading.Thread(target=ask, args=("second",))
+    second.start()
+    second.join(0.3)
+    go.set()
+    first.join(10)
+    second.join(10)
+    assert got == {"first": pipe, "second": pipe}

@@ -985,3 +985,89 @@ def test_smtpd_process_serves_clients_at_once_each_in_a_slot_of_its_own(
         assert sum("client=" in line for line in mine) == sessions, mine
         assert sum(" disconnect from " in line for line in mine) == sessions, mine
     assert len(list(h.spool.scan("incoming"))) == 4
+
+
+def test_a_wedged_session_thread_stops_the_watchdog_as_a_wedged_loop_does(
+        tmp_path: Path) -> None:
+    """The watchdog (async_server's keepalive, master.server.watchdog) re-arms the alarm
+    while the main loop turns; a session in a thread of its own (SessionSlot) turns
+    another loop. When that one stops turning - a call that never returns: an fsync on
+    a hung disk, an NSS lookup that hangs - the re-arming must stop too, so that the
+    kernel kills the process daemon_timeout later, as it does for a wedged main loop
+    (else the slot stays taken for ever, and a retiring or orphaned process, which
+    waits for its sessions, never exits). Once the thread turns again, so does the
+    re-arming."""
+    import threading
+    import time
+
+    from master.server.skeleton import ServerContext
+    from master.server.watchdog import Watchdog
+    from transports import smtpd
+
+    log.setup("smtpd", str(tmp_path / "maillog"), "qmgrd")
+    h = Host(tmp_path)
+    cfg = Config.from_text(BASE + f"queue_directory = {tmp_path / 'q'}\n"
+                           "smtpd_process_busy_sessions = 2\n", str(tmp_path))
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    arms: list[float] = []
+
+    class Dog(Watchdog):  # the alarm clock left alone: the re-arms are recorded
+        def arm(self) -> None:
+            arms.append(time.monotonic())
+
+        def disarm(self) -> None:
+            pass
+
+    dog = Dog(1)  # re-armed every 0.25 s
+    ctx = ServerContext("smtpd", cfg, str(tmp_path / "q"), [os.dup(listener.fileno())], 0,
+                        [], watchdog=dog)
+    server = smtpd.SmtpdServer(ctx, h.params, h.policy, h.cleanup)
+    wedged, release = threading.Event(), threading.Event()
+    submit = h.cleanup.submit_smtp
+
+    def hung_submit(*args: object, **kwargs: object) -> str:
+        wedged.set()
+        release.wait(20)  # blocks the session thread's loop
+        return submit(*args, **kwargs)  # type: ignore[arg-type]
+
+    h.cleanup.submit_smtp = hung_submit  # type: ignore[method-assign]
+
+    async def main() -> None:
+        serving = asyncio.create_task(server.serve())
+        keepalive = asyncio.create_task(dog.keepalive())
+        first = Client(*await asyncio.open_connection("127.0.0.1", port))
+        try:
+            await greet(first)  # the main thread's slot is taken: the next is a thread's
+            c = Client(*await asyncio.open_connection("127.0.0.1", port))
+            await greet(c)
+            sending = asyncio.create_task(send(c, "alice@client.example",
+                                               ["bob@mx.test.example"], b"body\r\n.\r\n"))
+            for _ in range(500):
+                if wedged.is_set():
+                    break
+                await asyncio.sleep(0.01)
+            assert wedged.is_set()
+            await asyncio.sleep(1.0)  # the thread's loop is seen stopped by now
+            seen = len(arms)
+            await asyncio.sleep(1.0)
+            stalled = arms[seen:]
+            release.set()
+            assert (await sending).startswith("250 2.0.0 Ok: queued as ")
+            resumed = len(arms)
+            await asyncio.sleep(1.0)
+            assert len(arms) > resumed  # turning again: re-armed again
+            assert not stalled, "the watchdog was re-armed while a session thread hung"
+            await c.cmd("QUIT")
+            await c.close()
+        finally:
+            release.set()
+            await first.close()
+            keepalive.cancel()
+            server._terminate()
+            await serving
+
+    try:
+        asyncio.run(main())
+    finally:
+        listener.close()

@@ -38,7 +38,12 @@ Summary
       ``max_idle`` seconds it exits. On EOF of the status channel (master reload or exit)
       it stops accepting and lets its sessions finish; on SIGTERM (master stop) it drops
       them at once and waits up to ``JOIN_TIMEOUT`` (2 s) for its threads - nothing that
-      was not answered 250 is queued.
+      was not answered 250 is queued. The watchdog (master.server.watchdog) covers the
+      session threads too: each thread's loop beats once a watchdog interval, and the
+      main loop's keepalive re-arms the alarm only while every beat is recent, so a
+      session thread that hangs gets the process killed ``daemon_timeout`` later, as a
+      hung main loop does (a slot taken for ever would also keep a retiring or
+      orphaned process, which waits for its sessions, from ever exiting).
     * **Connection count**: at most ``smtpd_client_connection_count_limit`` (50)
       simultaneous sessions per client address, counted across all smtpd processes
       (smtpd_policy.ConnectionCounter: byte-range locks on ``pid/smtpd.conn`` in the
@@ -320,13 +325,14 @@ class SmtpdServer:
         try:
             conn.setblocking(False)
             slot = self._free_slot()
+            slot.hand(conn)
         except Exception as exc:  # noqa: BLE001 - this client only; the process goes on
+            # (a thread that cannot be started; one that has ended: its loop is closed)
             log.warning(f"cannot start a session: {type(exc).__name__}: {exc}")
             conn.close()
             return
         self.sessions.add(slot)
         self.accepted += 1
-        slot.hand(conn)
         if self.max_use and self.accepted >= self.max_use and not self.retiring:
             self.retiring = True
             asyncio.get_running_loop().call_later(HANDOVER, self._stop_accepting)
@@ -336,9 +342,15 @@ class SmtpdServer:
         """The slot for a new session: this thread's when it has none, else an idle
         session thread, else a new one (its loop and thread made and started here)."""
         for slot in self._slots:
-            if slot not in self.sessions:
+            if slot not in self.sessions and (slot.thread is None or slot.thread.is_alive()):
                 return slot
-        slot = SessionSlot(self, self.loop_factory())
+        self._slots = [s for s in self._slots if s.thread is None or s.thread.is_alive()]
+        loop = self.loop_factory()
+        try:
+            slot = SessionSlot(self, loop)
+        except BaseException:
+            loop.close()  # the thread could not be started (RLIMIT_NPROC)
+            raise
         self._slots.append(slot)
         return slot
 
@@ -441,6 +453,7 @@ class SmtpdServer:
         deadline = time.monotonic() + timeout
         threads = [slot for slot in self._slots if slot.thread is not None]
         for slot in threads:
+            self.ctx.watchdog.unwatch(slot.alive)  # its loop stops now
             slot.stop()
         for slot in threads:
             if slot.thread is not None:
@@ -472,10 +485,20 @@ class SessionSlot:
         self.session: SmtpdSession | None = None
         self._slot: int | None = None  # the connection counter's
         self.thread: threading.Thread | None = None
+        # A thread's loop beats every watchdog interval; the main loop's keepalive
+        # re-arms the watchdog only while each beat is recent (alive): a session thread
+        # that hangs gets the process killed, as a main loop that hangs does.
+        self._every = server.ctx.watchdog.interval()
+        self.beat = time.monotonic()
         if thread:
             self.thread = threading.Thread(target=self._run, name="smtpd session",
                                            daemon=True)
-            self.thread.start()
+            server.ctx.watchdog.watch(self.alive)
+            try:
+                self.thread.start()
+            except BaseException:
+                server.ctx.watchdog.unwatch(self.alive)
+                raise
 
     # ------------------------------------------------------------------ SessionHost
     def connect(self, session: SmtpdSession) -> int:
@@ -503,6 +526,16 @@ class SessionSlot:
     def enqueue(self, env: Envelope, content: bytes, namaddr: str,
                 received: Callable[[str], list[bytes]]) -> str:
         return self.server.cleanup.submit_smtp(env, content, namaddr, received)
+
+    # ------------------------------------------------------------------ watchdog
+    def alive(self) -> bool:
+        """True while this thread's loop turns (it beat within two intervals of the
+        watchdog; asked by its keepalive in the main thread)."""
+        return time.monotonic() - self.beat < 2 * self._every
+
+    def _beat(self) -> None:
+        self.beat = time.monotonic()
+        self.loop.call_later(self._every, self._beat)
 
     # ------------------------------------------------------------------ from the server
     def hand(self, conn: socket.socket) -> None:
@@ -566,6 +599,7 @@ class SessionSlot:
         asyncio.set_event_loop(loop)
         loop.set_exception_handler(_exception_handler)
         try:
+            loop.call_soon(self._beat)
             loop.run_forever()
             tasks = [t for t in asyncio.all_tasks(loop) if not t.done()]
             for t in tasks:

@@ -17,7 +17,11 @@ Summary
       re-arms the alarm every ``interval()`` seconds (a quarter of the timeout, between
       0.25 s and 10 s) until main() returns (the drain after ``stopping`` included).  A
       loop that stops turning (a blocking call, an endless computation) stops re-arming
-      and is killed ``timeout`` seconds later.
+      and is killed ``timeout`` seconds later. A process that turns other loops in
+      threads of their own (transports.smtpd's session threads) registers a probe for
+      each with :meth:`Watchdog.watch`: the keepalive re-arms only while every probe
+      says its loop turns, so a wedged thread gets the process killed as a wedged main
+      loop does.
     * The master sees the child "killed by signal 14" and logs
       ``warning: process <module> pid <n> killed by signal 14 (watchdog timeout after
       <t>s?)``, where ``t`` is :func:`watchdog_timeout` of that service (the "?" because
@@ -30,7 +34,8 @@ Summary
 Public API
     watchdog_param(process_name) -> str
     watchdog_timeout(cfg, process_name, param=None) -> int        seconds; ConfigError
-    Watchdog(timeout): arm(), disarm(), interval() -> float, async keepalive()
+    Watchdog(timeout): arm(), disarm(), interval() -> float, async keepalive(),
+        watch(alive), unwatch(alive)      alive() -> bool: another loop still turns
 
 Logs
     Nothing.
@@ -39,6 +44,7 @@ Logs
 from __future__ import annotations
 
 import signal
+from collections.abc import Callable
 
 from master.config import PARAMS, Config
 
@@ -65,6 +71,17 @@ class Watchdog:
 
     def __init__(self, timeout: int) -> None:
         self.timeout = max(1, int(timeout))
+        self._probes: list[Callable[[], bool]] = []
+
+    def watch(self, alive: Callable[[], bool]) -> None:
+        """Re-arm in keepalive only while ``alive()`` is true too (called in the
+        keepalive's thread: a loop of another thread that must keep turning)."""
+        self._probes.append(alive)
+
+    def unwatch(self, alive: Callable[[], bool]) -> None:
+        """Forget a probe of watch() (its thread has ended)."""
+        if alive in self._probes:
+            self._probes.remove(alive)
 
     def arm(self) -> None:
         """Start (or restart) the countdown: the process dies in ``timeout`` seconds."""
@@ -79,12 +96,14 @@ class Watchdog:
         return min(MAX_INTERVAL, max(MIN_INTERVAL, self.timeout / 4))
 
     async def keepalive(self) -> None:
-        """Re-arm every interval() seconds until cancelled; disarm when cancelled."""
+        """Re-arm every interval() seconds until cancelled (not while a probe of
+        watch() says its loop has stopped turning); disarm when cancelled."""
         import asyncio  # loaded by async_server already; kept out of the sync servers
 
         try:
             while True:
-                self.arm()
+                if all(alive() for alive in self._probes):
+                    self.arm()
                 await asyncio.sleep(self.interval())
         finally:
             self.disarm()
