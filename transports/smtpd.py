@@ -35,7 +35,10 @@ Summary
       (2,000 by default) before it retires: then it reports busy, keeps accepting for
       ``HANDOVER`` s (so the master can start its successor while clients are served),
       stops accepting and exits when its sessions are done. With no session for
-      ``max_idle`` seconds it exits. On EOF of the status channel (master reload or exit)
+      ``max_idle`` seconds it exits. Each ended session is one use for the master
+      (``qmgr-master status``'s USES, and a process that dies after serving a client
+      does not throttle the service): a busy -> idle report counts one, the other ends
+      are reported as uses, the first at once, then at most once a second. On EOF of the status channel (master reload or exit)
       it stops accepting and lets its sessions finish; on SIGTERM (master stop) it drops
       them at once and waits up to ``JOIN_TIMEOUT`` (2 s) for its threads - nothing that
       was not answered 250 is queued. The watchdog (master.server.watchdog) covers the
@@ -139,6 +142,7 @@ JOIN_TIMEOUT = 2.0  # seconds a stopping process waits in all for its aborted se
 HANDOVER = 2.0  # seconds a retiring process keeps accepting after reporting busy
 FLOW_POLL = 0.02  # seconds between looks for an inbound flow token while waiting
 OVERFLOW_DELAY = 10.0  # seconds a client waits before a busy process takes it too
+USES_REPORT = 1.0  # seconds between reports of ended sessions to the master (uses)
 COUNTER_FILE = "smtpd.conn"  # in <queue_directory>/pid: per-client session counts
 _ACCEPT_BATCH = 16
 
@@ -248,6 +252,9 @@ class SmtpdServer:
         self._busy = False
         self._wake = asyncio.Event()
         self._idle_since = 0.0
+        self.completed = 0  # sessions ended
+        self._unreported = 0  # ended sessions not yet told to the master as uses
+        self._report_due: asyncio.TimerHandle | None = None
 
     # ------------------------------------------------------------------ shared by sessions
     def acquire_slot(self, addr: str) -> tuple[int, int | None]:
@@ -391,10 +398,34 @@ class SmtpdServer:
         if slot not in self.sessions:
             return
         self.sessions.discard(slot)
+        loop = asyncio.get_running_loop()
         if not self.sessions:
-            self._idle_since = asyncio.get_running_loop().time()
+            self._idle_since = loop.time()
+        was_busy = self._busy
         self._refresh()
+        self.completed += 1
+        if not (was_busy and not self._busy):  # a busy -> idle report counts as a use
+            self._unreported += 1
+            if self.completed == 1:
+                self._report_uses()  # at once: from now on a crash is not "bad startup"
+            elif self._report_due is None:
+                self._report_due = loop.call_later(USES_REPORT, self._report_uses)
         self._wake.set()
+
+    def _report_uses(self) -> None:
+        """Tell the master the sessions ended since the last report as uses (its status
+        view, and its crash accounting: a process that has served a client and then
+        dies is not throttled as a "bad command startup"). The master counts a use at
+        each busy -> idle report; with smtpd_process_busy_sessions > 1 a process may
+        serve thousands of clients without ever being busy, so the other ends are
+        reported here, the first at once and the rest once a second at most, as
+        multi_server reports its connections."""
+        if self._report_due is not None:
+            self._report_due.cancel()
+            self._report_due = None
+        if self._unreported:
+            self.ctx.uses(self._unreported)
+            self._unreported = 0
 
     # ------------------------------------------------------------------ main loop
     def _terminate(self) -> None:
@@ -438,6 +469,7 @@ class SmtpdServer:
                 waiter.cancel()
         finally:
             stopping.cancel()
+            self._report_uses()
             self._stop_accepting()
             for slot in list(self.sessions):
                 slot.abort()
