@@ -58,6 +58,8 @@ Logs (Postfix smtpd's lines, so pflogsumm counts them)
     ``NOQUEUE: reject: <where> from <name>[<addr>]: bare <LF> received; from=<s> to=<r>
     proto=ESMTP helo=<h>`` (smtpd_forbid_bare_newline = reject: <where> END-OF-MESSAGE
     for DATA content, else the previous command or CONNECT, as Postfix's log_whatsup);
+    ``warning: TLS library problem: <SSL error>`` and ``SSL_accept error from <name>[<addr>]:
+    -1`` (or ``: lost connection``) for a failed STARTTLS handshake;
     ``timeout|lost connection|too many errors after <CMD> from ...`` (``after DATA (<n>
     bytes)``); ``disconnect from <name>[<addr>] ehlo=1 mail=1 rcpt=1 data=1 quit=1
     commands=5`` (``name=ok/total`` when some failed). An exception before the
@@ -86,7 +88,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
-from aiosmtpd.smtp import SMTP, login_always_fail
+from aiosmtpd.smtp import SMTP, TLSSetupException, login_always_fail
 
 from master import log
 from master.config import Config
@@ -575,8 +577,24 @@ class SmtpdSession(SMTP):
         await super()._handle_client()
 
     async def handle_exception(self, error: Exception) -> str:
+        if isinstance(error, TLSSetupException):  # aiosmtpd hangs up after it
+            self._log_tls_failure(error.__cause__)
+            return "454 4.7.0 TLS not available due to local problem"
         log.warning(f"{self.client.namaddr}: {type(error).__name__}: {error}")
         return "451 4.3.0 Error: internal error"
+
+    def _log_tls_failure(self, cause: BaseException | None) -> None:
+        """A failed STARTTLS handshake, in Postfix's words (tls_server.c): ``warning: TLS
+        library problem: <the SSL error>`` and ``SSL_accept error from <client>: -1``, or
+        ``SSL_accept error from <client>: lost connection`` when the client went away
+        (aiosmtpd's TLSSetupException has no text of its own: the line was a bare
+        ``warning: <client>: TLSSetupException: ``)."""
+        if isinstance(cause, ssl.SSLError) and not isinstance(
+                cause, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
+            log.warning(f"TLS library problem: {cause}")
+            log.info(f"SSL_accept error from {self.client.namaddr}: -1")
+        else:
+            log.info(f"SSL_accept error from {self.client.namaddr}: lost connection")
 
     # ------------------------------------------------------------------ replies
     async def push(self, status: Any) -> None:
