@@ -86,13 +86,13 @@ cannot be opened.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import io
 import ipaddress
 import os
 import pwd
 import struct
 import threading
-import zlib
 from dataclasses import dataclass, field
 
 import dns.asyncresolver
@@ -663,7 +663,15 @@ def _is_null_mx(rr: object) -> bool:
 
 _FLOCK = struct.Struct("hhqqi")  # struct flock: l_type, l_whence, l_start, l_len, l_pid
 _STRIDE = 1024                   # lock bytes per client address bucket (the count's cap)
-_BUCKETS = 65536
+# Buckets: 2**40 of them, from a hash keyed with the file's first _KEY_SIZE bytes (random,
+# written by the first process that opens the file), so that no two client addresses
+# share a count by accident and no client can pick an address that shares a victim's.
+# With 65,536 buckets of an unkeyed crc32, a client that had never connected was refused
+# ("too many connections") while another address of its bucket held the limit. Locks
+# need no data: the offsets (up to 2**50) lie far beyond the end of the file.
+_BUCKETS = 1 << 40
+_KEY_SIZE = 16
+_FIRST = _STRIDE                 # the key's lock and bytes come before the first bucket
 
 
 class ConnectionCounter:
@@ -672,7 +680,8 @@ class ConnectionCounter:
 
     Each counted session holds an open-file-description lock (Linux F_OFD_SETLK) on one
     byte of ``path``: the bytes ``bucket * 1024 ...`` of the client address's bucket (a
-    hash of the address, 65,536 buckets). A session takes the first byte that no one
+    hash of the address keyed with the file's first 16 bytes, 2**40 buckets: no two
+    clients share a count, by accident or by a choice of address). A session takes the first byte that no one
     holds; when the first ``limit`` bytes are all held, the client already has
     ``limit`` sessions. Locks vanish with the process that held them, so a crashed
     smtpd leaves no stale count. The file is opened once, before the jail; without it
@@ -688,11 +697,32 @@ class ConnectionCounter:
         self._next_local = -1
         if path is None or not hasattr(fcntl, "F_OFD_SETLK"):
             return
+        self._key = b""
         try:
             self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            self._key = self._read_key()
         except OSError as exc:
+            if self.fd >= 0:
+                os.close(self.fd)
+                self.fd = -1
             log.warning(f"open {path}: {exc.strerror}: client connection counts are per "
                         "smtpd process")
+
+    def _read_key(self) -> bytes:
+        """The hash key at the start of the file; the first process to find none writes
+        it (under a lock on the key's bytes, so that all agree on one)."""
+        fcntl.fcntl(self.fd, fcntl.F_OFD_SETLKW,
+                    _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, _KEY_SIZE, 0))
+        try:
+            key = os.pread(self.fd, _KEY_SIZE, 0)
+            if len(key) < _KEY_SIZE:
+                key = os.urandom(_KEY_SIZE)
+                if os.pwrite(self.fd, key, 0) != _KEY_SIZE:
+                    raise OSError(5, "short write of the hash key")
+            return key
+        finally:
+            fcntl.fcntl(self.fd, fcntl.F_OFD_SETLK,
+                        _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, 0, _KEY_SIZE, 0))
 
     def _lock(self, offset: int, kind: int) -> bool:
         arg = _FLOCK.pack(kind, os.SEEK_SET, offset, 1, 0)
@@ -714,7 +744,8 @@ class ConnectionCounter:
             self._next_local -= 1
             self._slot_addr[slot] = addr
             return count, slot
-        base = zlib.crc32(addr.encode()) % _BUCKETS * _STRIDE
+        digest = hashlib.blake2b(addr.encode(), digest_size=8, key=self._key).digest()
+        base = _FIRST + int.from_bytes(digest, "big") % _BUCKETS * _STRIDE
         for i in range(min(limit, _STRIDE)):
             offset = base + i
             if offset not in self._held and self._lock(offset, fcntl.F_WRLCK):
