@@ -38,10 +38,11 @@ Summary
       ``max_idle`` seconds it exits. Each ended session is one use for the master
       (``qmgr-master status``'s USES, and a process that dies after serving a client
       does not throttle the service): a busy -> idle report counts one, the other ends
-      are reported as uses, the first at once, then at most once a second. On EOF of the status channel (master reload or exit)
-      it stops accepting and lets its sessions finish; on SIGTERM (master stop) it drops
-      them at once and waits up to ``JOIN_TIMEOUT`` (2 s) for its threads - nothing that
-      was not answered 250 is queued. The watchdog (master.server.watchdog) covers the
+      are reported as uses, the first at once, then at most once a second. On EOF of
+      the status channel (master reload or exit) it stops accepting and lets its
+      sessions finish; on SIGTERM (master stop) it drops them at once and waits up to
+      ``JOIN_TIMEOUT`` (2 s) for its threads - nothing that was not answered 250 is
+      queued. The watchdog (master.server.watchdog) covers the
       session threads too: each thread's loop beats once a watchdog interval, and the
       main loop's keepalive re-arms the alarm only while every beat is recent, so a
       session thread that hangs gets the process killed ``daemon_timeout`` later, as a

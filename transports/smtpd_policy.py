@@ -681,8 +681,8 @@ class ConnectionCounter:
     Each counted session holds an open-file-description lock (Linux F_OFD_SETLK) on one
     byte of ``path``: the bytes ``bucket * 1024 ...`` of the client address's bucket (a
     hash of the address keyed with the file's first 16 bytes, 2**40 buckets: no two
-    clients share a count, by accident or by a choice of address). A session takes the first byte that no one
-    holds; when the first ``limit`` bytes are all held, the client already has
+    clients share a count, by accident or by a choice of address). A session takes the
+    first byte that no one holds; when the first ``limit`` bytes are all held, the client already has
     ``limit`` sessions. Locks vanish with the process that held them, so a crashed
     smtpd leaves no stale count. The file is opened once, before the jail; without it
     (``path`` None, no F_OFD_SETLK, or an open error: a warning) sessions are counted in
