@@ -63,8 +63,22 @@ def confdir(tmp_path: Path) -> Path:
     return tmp_path
 
 
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """Keep each phase's report on the item (``item.rep_call``), for fixtures' teardown."""
+    rep = yield
+    setattr(item, f"rep_{rep.when}", rep)
+    return rep
+
+
+LOG_TAIL = 80  # lines of each system's mail log shown when a test fails
+
+
 @pytest.fixture
-def mailsys() -> Iterator[Callable[..., MailSystem]]:
+def mailsys(request: pytest.FixtureRequest) -> Iterator[Callable[..., MailSystem]]:
+    """Factory of private qmgrd instances, stopped at teardown. When the test failed, the
+    last LOG_TAIL lines of each instance's mail log (and the master's stderr) are printed
+    in teardown, so that a failure seen once (a flake in CI) shows what the system did."""
     base = Path(tempfile.mkdtemp(prefix="qmgrd-test-"))
     os.chmod(base, 0o755)
     systems: list[MailSystem] = []
@@ -76,7 +90,15 @@ def mailsys() -> Iterator[Callable[..., MailSystem]]:
         return ms
 
     yield make
+    rep = getattr(request.node, "rep_call", None)
     for ms in systems:
+        if rep is not None and rep.failed:
+            print(f"--- {ms.root}: the last {LOG_TAIL} lines of the mail log")
+            print("\n".join(ms.log().splitlines()[-LOG_TAIL:]))
+            err = ms.root / "master.stderr"
+            if err.exists():
+                print(f"--- {err}")
+                print(err.read_text(errors="replace")[-4000:])
         ms.stop(check=False)
     shutil.rmtree(base, ignore_errors=True)
 
