@@ -86,12 +86,14 @@ and warnings for malformed requests, queue file problems and status log failures
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import os
 import re
 import socket
 import time
 import traceback
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, NoReturn
 
@@ -114,6 +116,7 @@ from qmgrd.spool.queue import MESSAGE_QUEUES, Spool
 from qmgrd.spool.queueid import valid_id
 from qmgrd.spool.statuslog import Dsn
 from transports import notify
+from transports.privileges import Dropped
 
 if TYPE_CHECKING:
     from master.config import Config
@@ -203,6 +206,8 @@ class DeliveryAgent:
         self.soft_bounce = False
         self.ipc_timeout = 3600.0
         self.clock = time.time
+        self.owner_ids: tuple[int, int] | None = None  # mail_owner's (uid, gid), as root
+        self.dropped: Dropped | None = None  # root's ids given up (drop_privileges)
 
     @property
     def state(self) -> DeliveryState:
@@ -249,6 +254,22 @@ class DeliveryAgent:
         absolute queue_directory that exists only outside it."""
         if self.spool is not None:
             self.spool = self.spool.at(ctx.queue_directory)
+
+    def drop_privileges(self, ctx: ServerContext) -> None:
+        """Give up root's effective ids for mail_owner's (``self.owner_ids``, set by an
+        agent that runs as root: local, pipe) when this is a service of a root master,
+        as Postfix's local and pipe do after their init (set_eugid(var_owner_uid,
+        var_owner_gid)): between deliveries the process reads queue files, writes the
+        status logs and talks to the qmgr as mail_owner, its real and saved uid staying
+        0; :meth:`as_root` gives root back for the part of a delivery that needs it.
+        Raises OSError when the switch fails."""
+        if self.owner_ids is not None and self.dropped is None and ctx.status_fd is not None:
+            self.dropped = Dropped(self.owner_ids)
+
+    def as_root(self) -> AbstractContextManager[None]:
+        """A block with root's effective ids when drop_privileges() gave them up (a
+        failure to drop them again after it is fatal); else nothing changes."""
+        return self.dropped.root() if self.dropped is not None else contextlib.nullcontext()
 
     # ------------------------------------------------------------------ the hook
 

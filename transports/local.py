@@ -239,9 +239,18 @@ class LocalAgent(DeliveryAgent):
         if os.geteuid() == 0:
             try:
                 owner = jail.lookup_default_privs(cfg)
+                mail_owner = jail.lookup_mail_owner(cfg)
             except jail.OwnerError as exc:
                 raise ConfigError(str(exc)) from None
             self.default_rights = (owner.uid, owner.gid)
+            self.owner_ids = (mail_owner.uid, mail_owner.gid)
+
+    def post_jail(self, ctx: ServerContext) -> None:
+        """Skeleton post-jail callback: mail_owner's effective ids from now on
+        (DeliveryAgent.drop_privileges, as Postfix's local(8) after its init); each
+        delivery takes root back for its mailboxes, aliases and forwarding (deliver)."""
+        super().post_jail(ctx)
+        self.drop_privileges(ctx)
 
     def deliver(self, req: DeliverRequest, msg: QueueFile) -> list[tuple[RecipientInfo, Dsn]]:
         """Deliver ``msg`` to each recipient's mailbox.
@@ -252,7 +261,11 @@ class LocalAgent(DeliveryAgent):
         lines = list(msg.iter_lines())
         seen = _delivered_to(lines)
         self.state.relay = "local"
-        return [(rcpt, self._deliver_one(req, rcpt, lines, seen)) for rcpt in req.recipients]
+        # root again for the deliveries (each mailbox is written with its user's ids,
+        # transports.privileges): between requests the agent is mail_owner
+        with self.as_root():
+            return [(rcpt, self._deliver_one(req, rcpt, lines, seen))
+                    for rcpt in req.recipients]
 
     def _deliver_one(self, req: DeliverRequest, rcpt: RecipientInfo, lines: list[bytes],
                      seen: set[str], alias: bool = True) -> Dsn:

@@ -86,7 +86,6 @@ Raises / logs
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Sequence
 from typing import NoReturn
@@ -109,7 +108,6 @@ from qmgrd.spool.statuslog import quote_822_local
 from transports.agent import DeliveryAgent, Dsn, make_dsn, run
 from transports.mailcopy import delivered_to, mail_copy
 from transports.pipe_command import run_command
-from transports.privileges import Dropped
 
 __all__ = ["PipeAgent", "UnknownMacro", "expand_argv", "main", "split_addr"]
 
@@ -280,8 +278,6 @@ class PipeAgent(DeliveryAgent):
         self.env: dict[str, str] = {}
         self.run_as: tuple[int, int] | None = None
         self.master_cf = "master.cf"
-        self.owner_ids: tuple[int, int] | None = None  # mail_owner's (uid, gid) as root
-        self.dropped: Dropped | None = None  # root's ids given up after the jail
 
     def pre_jail(self, ctx: ServerContext) -> None:
         """single_server pre-jail callback: the service's arguments, then configure.
@@ -310,8 +306,7 @@ class PipeAgent(DeliveryAgent):
         # service of a root master: the process reads queue files, writes the status
         # logs and talks to the qmgr as mail_owner (its real and saved uid stay 0),
         # and is root only to start a command as its user= and to stop it (deliver)
-        if self.owner_ids is not None and self.dropped is None and ctx.status_fd is not None:
-            self.dropped = Dropped(self.owner_ids)
+        self.drop_privileges(ctx)
 
     def setup(self) -> None:
         """Parse the command attributes and read the pipe parameters (pre-jail).
@@ -398,8 +393,7 @@ class PipeAgent(DeliveryAgent):
                          orig_rcpt=first.orig_rcpt or first.address, rcpt=first.address,
                          eol=attrs.eol)
         uid, gid = self.run_as if self.run_as is not None else (None, None)
-        as_root = self.dropped.root() if self.dropped is not None else contextlib.nullcontext()
-        with as_root:  # to become user= in the child, and to kill its group
+        with self.as_root():  # to become user= in the child, and to kill its group
             result = run_command(argv, data, uid=uid, gid=gid, cwd=self.workdir,
                                  env=self.env, umask=attrs.umask,
                                  time_limit=self.time_limit)
