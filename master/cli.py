@@ -206,19 +206,21 @@ def _config(ctx: click.Context) -> Config:
         _fatal(str(exc))
 
 
-def _checked_config(ctx: click.Context, warn: bool = True,
-                    modules: bool = True) -> tuple[Config, list[Service]]:
+def _checked_config(ctx: click.Context, warn: bool = True, modules: bool = True,
+                    logfile: bool | None = None) -> tuple[Config, list[Service]]:
     """main.cf and master.cf fully checked (master.config.validate), as the master will
     check them (``modules`` False: without looking for the services' modules, or
     whether maillog_file can be opened - reload leaves both to the running master,
     whose environment may differ from ours and who logs its refusal in the log it
-    keeps); warnings printed (with ``warn``); an error is fatal (exit 1)."""
+    keeps; ``logfile`` False: without the maillog_file check alone); warnings printed
+    (with ``warn``); an error is fatal (exit 1)."""
     def say_warning(text: str) -> None:
         if warn:
             _say(f"warning: {text}")
 
     try:
-        return load_configuration(ctx.obj, say_warning, modules=modules, logfile=modules)
+        return load_configuration(ctx.obj, say_warning, modules=modules,
+                                  logfile=modules if logfile is None else logfile)
     except ConfigError as exc:
         errors = [exc, *exc.others]  # every bad master.cf line in one run
         for bad in errors[:-1]:
@@ -654,10 +656,12 @@ def status(ctx: click.Context, as_json: bool) -> None:
 @main.command()
 @click.pass_context
 def check(ctx: click.Context) -> None:
-    """Create missing queue directories and data_directory; fix owners and modes.
-    A hash_queue_names that pickup cannot work with (maildrop, a name that is no queue
-    directory: Config.hash_queue_names) is refused first, naming main.cf's line."""
-    cfg = _config(ctx)
+    """Check main.cf and master.cf as start does (Postfix's ``postfix check``: every bad
+    line named by file and line, warnings printed, exit 1), then create missing queue
+    directories and data_directory and fix owners and modes. A hash_queue_names that
+    pickup cannot work with (maildrop, a name that is no queue directory:
+    Config.hash_queue_names) is refused, naming main.cf's line."""
+    cfg, _ = _checked_config(ctx, logfile=False)  # maillog_file after the directories
     owner = _owner(cfg)
     try:
         cfg.hash_queue_names()

@@ -143,20 +143,26 @@ def test_start_reload_check_refuse_a_hash_queue_names_pickup_cannot_use(
     ("mine unix - - n - - tests.services.no_such_agent",
      'command "tests.services.no_such_agent": no module named tests.services.no_such_agent'),
 ])
-def test_start_refuses_bad_service(system: System, extra: str, what: str) -> None:
+@pytest.mark.parametrize("command", ["start", "check"])
+def test_start_and_check_refuse_bad_service(system: System, extra: str, what: str,
+                                            command: str) -> None:
+    """A bad master.cf line is refused by start and by check (Postfix's ``postfix check``
+    reads master.cf too), naming file and line; nothing is created."""
     system.master_cf.write_text(MASTER_CF + extra + "\n")
-    result = system.cli("start")
+    result = system.cli(command)
     assert result.returncode == 1
     assert result.stderr.startswith(f"qmgr-master: fatal: {system.master_cf}, line 2: {what}")
     assert not system.q.exists()
 
 
-def test_start_names_every_bad_master_cf_line_at_once(system: System) -> None:
+@pytest.mark.parametrize("command", ["start", "check"])
+def test_start_and_check_name_every_bad_master_cf_line_at_once(system: System,
+                                                                command: str) -> None:
     """Pasting a stock Postfix master.cf: one run lists every line of a Postfix program
     qmgrd lacks, not one per run (a fresh-eyes finding: 15 attempts); nothing starts."""
     system.master_cf.write_text(MASTER_CF + "cleanup unix n - y - 0 cleanup\n"
                                 "postlog unix-dgram n - n - 1 postlogd\n")
-    result = system.cli("start")
+    result = system.cli(command)
     assert result.returncode == 1
     lines = result.stderr.splitlines()
     assert [ln.split(": ", 2)[1] for ln in lines] == ["fatal", "fatal"], lines
