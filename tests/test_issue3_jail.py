@@ -157,6 +157,9 @@ def test_services_run_with_their_master_cf_privileges(mailsys: MakeSystem, peers
             assert uids == (owner.pw_uid,) * 3, (service, uids)
             assert gids == (owner.pw_gid,) * 3, (service, gids)
             assert groups == [owner.pw_gid], (service, "supplementary groups", groups)
+        elif service in ("local", "pipe"):  # as Postfix's: mail_owner's effective ids
+            # after their init, real and saved uid root (root again to deliver)
+            assert uids == (0, owner.pw_uid, 0), (service, "unpriv n, dropped", uids)
         else:
             assert uids[1] == 0, (service, "unpriv n runs as root", uids)
     assert bad_log_lines(ms.log()) == []
