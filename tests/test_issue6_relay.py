@@ -10,7 +10,6 @@ import os
 import re
 import smtplib
 import ssl
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -18,8 +17,8 @@ import pytest
 from qmgrd.spool.envelope import DSN_NOTIFY_DELAY, DSN_NOTIFY_FAILURE, DSN_RET_HDRS
 from qmgrd.spool.message import QueueFile
 from qmgrd.spool.queue import Spool
-from tests.harness import LogCursor, MakeSystem, free_port, maildir_messages, require_tool, wait_for
-from tests.tools.smtpd_system import master_cf_with_smtpd, smtp, start, wait_smtpd
+from tests.harness import LogCursor, MakeSystem, free_port, maildir_messages, wait_for
+from tests.tools.smtpd_system import master_cf_with_smtpd, smtp, smtpd_cert, start, wait_smtpd
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -123,13 +122,7 @@ def test_dsn_parameters_stored_for_the_bounce_service(mailsys: MakeSystem) -> No
 
 
 def test_starttls(mailsys: MakeSystem, tmp_path: Path) -> None:
-    openssl = require_tool("openssl")
-    cert = tmp_path / "smtpd.pem"
-    r = subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-                        "-subj", "/CN=mail.test.example", "-keyout", str(cert),
-                        "-out", str(cert)], capture_output=True, timeout=60, check=False)
-    assert r.returncode == 0, r.stderr
-    cert.chmod(0o644)  # smtpd reads it before it drops privileges; any reader will do
+    cert = smtpd_cert(tmp_path)
     required = free_port()
     ms, port = start(mailsys, {"smtpd_tls_cert_file": str(cert)},
                      extra_cf=f"127.0.0.1:{required} inet n - n - - smtpd "

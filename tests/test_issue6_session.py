@@ -17,6 +17,7 @@ import socket
 import struct
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -812,6 +813,37 @@ def test_exception_before_the_greeting_is_421_and_a_hangup(tmp_path: Path) -> No
     assert "disconnect from localhost[127.0.0.1] ehlo=1 quit=1 commands=2" in text
 
 
+class SmtpdProcess:
+    """One smtpd process's SmtpdServer (not started: ``server.serve()``) on a loopback
+    listener of its own, over a Host's spool, policy and cleanup; ``states`` records its
+    busy/idle reports to the master. ``main``: more main.cf lines; ``ctx_kw``: more
+    ServerContext arguments (a watchdog)."""
+
+    def __init__(self, tmp_path: Path, main: str, **ctx_kw: Any) -> None:
+        from master.server.skeleton import ServerContext
+        from transports import smtpd
+
+        log.setup("smtpd", str(tmp_path / "maillog"), "qmgrd")
+        self.h = h = Host(tmp_path)
+        cfg = Config.from_text(BASE + f"queue_directory = {tmp_path / 'q'}\n" + main,
+                               str(tmp_path))
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.states: list[str] = []
+        states = self.states
+
+        class Ctx(ServerContext):
+            def busy(self) -> None:
+                states.append("busy")
+
+            def idle(self) -> None:
+                states.append("idle")
+
+        ctx = Ctx("smtpd", cfg, str(tmp_path / "q"), [os.dup(self.listener.fileno())], 0,
+                  [], **ctx_kw)
+        self.server = smtpd.SmtpdServer(ctx, h.params, h.policy, h.cleanup)
+
+
 def test_smtpd_process_serves_the_next_client_after_a_local_error(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The process (SmtpdServer, one session at a time: smtpd_process_busy_sessions = 1)
@@ -819,13 +851,11 @@ def test_smtpd_process_serves_the_next_client_after_a_local_error(
     both clients are hung up on at once, with a warning, and the process is idle again
     at once - the next client is served without waiting for smtpd_timeout or the
     overflow delay."""
-    from master.server.skeleton import ServerContext
     from transports import smtpd
 
-    log.setup("smtpd", str(tmp_path / "maillog"), "qmgrd")
-    h = Host(tmp_path)
-    cfg = Config.from_text(BASE + f"queue_directory = {tmp_path / 'q'}\n"
-                           "smtpd_process_busy_sessions = 1\n", str(tmp_path))
+    proc = SmtpdProcess(tmp_path, "smtpd_process_busy_sessions = 1\n")
+    h, server, listener, port, states = (proc.h, proc.server, proc.listener, proc.port,
+                                         proc.states)
     made = {"n": 0}
 
     def session(host: smtpd.SmtpdServer) -> SmtpdSession:
@@ -843,19 +873,6 @@ def test_smtpd_process_serves_the_next_client_after_a_local_error(
 
     monkeypatch.setattr(smtpd, "SmtpdSession", session)
     h.policy.lookup_name = lookup_name  # type: ignore[method-assign]
-    listener = socket.create_server(("127.0.0.1", 0))
-    port = listener.getsockname()[1]
-    states: list[str] = []
-
-    class Ctx(ServerContext):
-        def busy(self) -> None:
-            states.append("busy")
-
-        def idle(self) -> None:
-            states.append("idle")
-
-    ctx = Ctx("smtpd", cfg, str(tmp_path / "q"), [os.dup(listener.fileno())], 0, [])
-    server = smtpd.SmtpdServer(ctx, h.params, h.policy, h.cleanup)
 
     async def main() -> None:
         serving = asyncio.create_task(server.serve())
@@ -904,27 +921,10 @@ def test_smtpd_process_serves_clients_at_once_each_in_a_slot_of_its_own(
     the same slots (threads are reused); a stop ends the threads."""
     import threading
 
-    from master.server.skeleton import ServerContext
-    from transports import smtpd
-
-    log.setup("smtpd", str(tmp_path / "maillog"), "qmgrd")
-    h = Host(tmp_path)
-    cfg = Config.from_text(BASE + f"queue_directory = {tmp_path / 'q'}\n"
-                           "smtpd_process_busy_sessions = 3\n", str(tmp_path))
-    listener = socket.create_server(("127.0.0.1", 0))
-    port = listener.getsockname()[1]
-    states: list[str] = []
+    proc = SmtpdProcess(tmp_path, "smtpd_process_busy_sessions = 3\n")
+    h, server, listener, port, states = (proc.h, proc.server, proc.listener, proc.port,
+                                         proc.states)
     tids: set[int] = set()
-
-    class Ctx(ServerContext):
-        def busy(self) -> None:
-            states.append("busy")
-
-        def idle(self) -> None:
-            states.append("idle")
-
-    ctx = Ctx("smtpd", cfg, str(tmp_path / "q"), [os.dup(listener.fileno())], 0, [])
-    server = smtpd.SmtpdServer(ctx, h.params, h.policy, h.cleanup)
     before = set(threading.enumerate())
 
     async def client(i: int, hold: asyncio.Event | None) -> str:
@@ -1000,16 +1000,8 @@ def test_a_wedged_session_thread_stops_the_watchdog_as_a_wedged_loop_does(
     import threading
     import time
 
-    from master.server.skeleton import ServerContext
     from master.server.watchdog import Watchdog
-    from transports import smtpd
 
-    log.setup("smtpd", str(tmp_path / "maillog"), "qmgrd")
-    h = Host(tmp_path)
-    cfg = Config.from_text(BASE + f"queue_directory = {tmp_path / 'q'}\n"
-                           "smtpd_process_busy_sessions = 2\n", str(tmp_path))
-    listener = socket.create_server(("127.0.0.1", 0))
-    port = listener.getsockname()[1]
     arms: list[float] = []
 
     class Dog(Watchdog):  # the alarm clock left alone: the re-arms are recorded
@@ -1020,9 +1012,8 @@ def test_a_wedged_session_thread_stops_the_watchdog_as_a_wedged_loop_does(
             pass
 
     dog = Dog(1)  # re-armed every 0.25 s
-    ctx = ServerContext("smtpd", cfg, str(tmp_path / "q"), [os.dup(listener.fileno())], 0,
-                        [], watchdog=dog)
-    server = smtpd.SmtpdServer(ctx, h.params, h.policy, h.cleanup)
+    proc = SmtpdProcess(tmp_path, "smtpd_process_busy_sessions = 2\n", watchdog=dog)
+    h, server, listener, port = proc.h, proc.server, proc.listener, proc.port
     wedged, release = threading.Event(), threading.Event()
     submit = h.cleanup.submit_smtp
 

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import re
 import socket
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.harness import MakeSystem, require_tool, wait_for
-from tests.tools.smtpd_system import start
+from tests.harness import MakeSystem, wait_for
+from tests.tools.smtpd_system import smtpd_cert, start
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -34,13 +33,7 @@ def _starttls(port: int) -> socket.socket:
 
 def test_failed_handshakes_are_logged_as_postfix_does(mailsys: MakeSystem,
                                                       tmp_path: Path) -> None:
-    openssl = require_tool("openssl")
-    cert = tmp_path / "smtpd.pem"
-    r = subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-                        "-subj", "/CN=mail.test.example", "-keyout", str(cert),
-                        "-out", str(cert)], capture_output=True, timeout=60, check=False)
-    assert r.returncode == 0, r.stderr
-    cert.chmod(0o644)
+    cert = smtpd_cert(tmp_path)
     ms, port = start(mailsys, {"smtpd_tls_cert_file": str(cert)})
     with _starttls(port) as s:  # not TLS at all
         s.sendall(b"\x16\x03\x01garbage, not a TLS record\r\n" * 3)

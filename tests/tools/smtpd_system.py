@@ -12,16 +12,20 @@ with an smtpd service on a free loopback port, and small SMTP client helpers.
     wait_settled(ms)                                until each logged session has ended
     smtp(port) -> smtplib.SMTP                      connected (caller closes)
     smtpd_pids(ms) -> set[int]                      pids of the instance's smtpd processes
+    smtpd_cert(dir) -> Path                         a self-signed certificate and key for
+                                                    mail.test.example (openssl), mode 0644
 """
 
 from __future__ import annotations
 
 import smtplib
 import socket
+import subprocess
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-from tests.harness import REPO, MailSystem, free_port, service_of, wait_for
+from tests.harness import REPO, MailSystem, free_port, require_tool, service_of, wait_for
 
 
 def master_cf_with_smtpd(port: int, options: str = "", chroot: bool = False) -> str:
@@ -92,3 +96,17 @@ def smtpd_pids(ms: MailSystem) -> set[int]:
         if name and name.startswith("127.0.0.1:"):
             out.add(p.pid)
     return out
+
+
+def smtpd_cert(directory: Path) -> Path:
+    """``directory/smtpd.pem``: a self-signed certificate and its key in one file, for
+    mail.test.example, made with openssl (which must exist when CI=true), mode 0644:
+    smtpd reads it before it drops privileges; any reader will do."""
+    openssl = require_tool("openssl")
+    cert = directory / "smtpd.pem"
+    r = subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                        "-subj", "/CN=mail.test.example", "-keyout", str(cert),
+                        "-out", str(cert)], capture_output=True, timeout=60, check=False)
+    assert r.returncode == 0, r.stderr
+    cert.chmod(0o644)
+    return cert
