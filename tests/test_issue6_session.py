@@ -843,6 +843,22 @@ class SmtpdProcess:
                   [], **ctx_kw)
         self.server = smtpd.SmtpdServer(ctx, h.params, h.policy, h.cleanup)
 
+    def run(self, body: Callable[[], Awaitable[None]]) -> None:
+        """``body()`` while the server serves, then a stop (SIGTERM's path) and its end;
+        the listener is closed after."""
+        async def main() -> None:
+            serving = asyncio.create_task(self.server.serve())
+            try:
+                await body()
+            finally:
+                self.server._terminate()
+                await serving
+
+        try:
+            asyncio.run(main())
+        finally:
+            self.listener.close()
+
 
 def test_smtpd_process_serves_the_next_client_after_a_local_error(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -854,8 +870,7 @@ def test_smtpd_process_serves_the_next_client_after_a_local_error(
     from transports import smtpd
 
     proc = SmtpdProcess(tmp_path, "smtpd_process_busy_sessions = 1\n")
-    h, server, listener, port, states = (proc.h, proc.server, proc.listener, proc.port,
-                                         proc.states)
+    h, server, port, states = proc.h, proc.server, proc.port, proc.states
     made = {"n": 0}
 
     def session(host: smtpd.SmtpdServer) -> SmtpdSession:
@@ -875,36 +890,28 @@ def test_smtpd_process_serves_the_next_client_after_a_local_error(
     h.policy.lookup_name = lookup_name  # type: ignore[method-assign]
 
     async def main() -> None:
-        serving = asyncio.create_task(server.serve())
-        try:
-            for expected in ("<EOF>", "421 4.3.0 mx.test.example Server local error"):
-                c = Client(*await asyncio.open_connection("127.0.0.1", port))
-                try:
-                    first = await c.reply()
-                    assert first == expected
-                    if first != "<EOF>":
-                        assert await c.reply() == "<EOF>"
-                finally:
-                    await c.close()
+        for expected in ("<EOF>", "421 4.3.0 mx.test.example Server local error"):
             c = Client(*await asyncio.open_connection("127.0.0.1", port))
             try:
-                await greet(c)
-                assert await c.cmd("QUIT") == "221 2.0.0 Bye"
+                first = await c.reply()
+                assert first == expected
+                if first != "<EOF>":
+                    assert await c.reply() == "<EOF>"
             finally:
                 await c.close()
-            for _ in range(500):  # the last session's end reaches the server
-                if not server.sessions:
-                    break
-                await asyncio.sleep(0.01)
-            assert not server.sessions and states[-1] == "idle"
+        c = Client(*await asyncio.open_connection("127.0.0.1", port))
+        try:
+            await greet(c)
+            assert await c.cmd("QUIT") == "221 2.0.0 Bye"
         finally:
-            server._terminate()
-            await serving
+            await c.close()
+        for _ in range(500):  # the last session's end reaches the server
+            if not server.sessions:
+                break
+            await asyncio.sleep(0.01)
+        assert not server.sessions and states[-1] == "idle"
 
-    try:
-        asyncio.run(main())
-    finally:
-        listener.close()
+    proc.run(main)
     text = (tmp_path / "maillog").read_text()
     assert "warning: cannot start a session: Boom: no session today" in text
     assert "warning: unknown[127.0.0.1]: Boom: no name today" in text
@@ -922,8 +929,7 @@ def test_smtpd_process_serves_clients_at_once_each_in_a_slot_of_its_own(
     import threading
 
     proc = SmtpdProcess(tmp_path, "smtpd_process_busy_sessions = 3\n")
-    h, server, listener, port, states = (proc.h, proc.server, proc.listener, proc.port,
-                                         proc.states)
+    h, server, port, states = proc.h, proc.server, proc.port, proc.states
     tids: set[int] = set()
     before = set(threading.enumerate())
 
@@ -947,32 +953,24 @@ def test_smtpd_process_serves_clients_at_once_each_in_a_slot_of_its_own(
             await asyncio.sleep(0.01)
 
     async def main() -> None:
-        serving = asyncio.create_task(server.serve())
-        try:
-            hold = asyncio.Event()
-            three = [asyncio.create_task(client(i, hold)) for i in range(3)]
-            for _ in range(500):
-                if len(server.sessions) == 3:
-                    break
-                await asyncio.sleep(0.01)
-            assert len(server.sessions) == 3 and states == ["busy"]
-            tids.update(t.native_id for t in threading.enumerate()
-                        if t not in before and t.native_id is not None)
-            hold.set()
-            for reply in await asyncio.gather(*three):
-                assert reply.startswith("250 2.0.0 Ok: queued as ")
-            await settled()
-            assert not server.sessions and states == ["busy", "idle"]
-            assert (await client(3, None)).startswith("250 2.0.0 Ok: queued as ")
-            await settled()
-        finally:
-            server._terminate()
-            await serving
+        hold = asyncio.Event()
+        three = [asyncio.create_task(client(i, hold)) for i in range(3)]
+        for _ in range(500):
+            if len(server.sessions) == 3:
+                break
+            await asyncio.sleep(0.01)
+        assert len(server.sessions) == 3 and states == ["busy"]
+        tids.update(t.native_id for t in threading.enumerate()
+                    if t not in before and t.native_id is not None)
+        hold.set()
+        for reply in await asyncio.gather(*three):
+            assert reply.startswith("250 2.0.0 Ok: queued as ")
+        await settled()
+        assert not server.sessions and states == ["busy", "idle"]
+        assert (await client(3, None)).startswith("250 2.0.0 Ok: queued as ")
+        await settled()
 
-    try:
-        asyncio.run(main())
-    finally:
-        listener.close()
+    proc.run(main)
     assert not [t for t in threading.enumerate() if t not in before]  # stopped, joined
     assert len(tids) == 2, tids
     text = (tmp_path / "maillog").read_text()
@@ -1013,7 +1011,7 @@ def test_a_wedged_session_thread_stops_the_watchdog_as_a_wedged_loop_does(
 
     dog = Dog(1)  # re-armed every 0.25 s
     proc = SmtpdProcess(tmp_path, "smtpd_process_busy_sessions = 2\n", watchdog=dog)
-    h, server, listener, port = proc.h, proc.server, proc.listener, proc.port
+    h, port = proc.h, proc.port
     wedged, release = threading.Event(), threading.Event()
     submit = h.cleanup.submit_smtp
 
@@ -1025,7 +1023,6 @@ def test_a_wedged_session_thread_stops_the_watchdog_as_a_wedged_loop_does(
     h.cleanup.submit_smtp = hung_submit  # type: ignore[method-assign]
 
     async def main() -> None:
-        serving = asyncio.create_task(server.serve())
         keepalive = asyncio.create_task(dog.keepalive())
         first = Client(*await asyncio.open_connection("127.0.0.1", port))
         try:
@@ -1055,10 +1052,5 @@ def test_a_wedged_session_thread_stops_the_watchdog_as_a_wedged_loop_does(
             release.set()
             await first.close()
             keepalive.cancel()
-            server._terminate()
-            await serving
 
-    try:
-        asyncio.run(main())
-    finally:
-        listener.close()
+    proc.run(main)
