@@ -219,6 +219,22 @@ def test_mailbox_size_limit(tmp_path: Path) -> None:
     assert os.path.getsize(tmp_path / "mail" / "bob") == size
 
 
+def test_mailbox_size_limit_maildir(tmp_path: Path) -> None:
+    """Postfix: mailbox_size_limit is "the maximal size of any local(8) individual
+    mailbox or maildir file" (set_file_limit): a message bigger than it bounces 5.2.2
+    from a Maildir too, and leaves no file in tmp/ or new/."""
+    env = make_env(tmp_path, mail_spool_directory=f"{tmp_path}/mail/",
+                   mailbox_size_limit="300", message_size_limit="2000")
+    _, r1 = deliver(env, ["alice@example.net"])
+    assert r1.status == 0
+    qid, r2 = deliver(env, ["bob@example.net"], SIMPLE + b"y" * 400 + b"\r\n")
+    assert r2.status == 0
+    status, reason = bounce_of(env, qid)
+    assert status == "5.2.2" and "File too large" in reason
+    assert not list((tmp_path / "mail" / "bob" / "new").iterdir())
+    assert not list((tmp_path / "mail" / "bob" / "tmp").iterdir())
+
+
 def test_write_error_truncates_mbox_back(tmp_path: Path) -> None:
     env = make_env(tmp_path, mail_spool_directory=f"{tmp_path}/mail",
                    mailbox_size_limit="0")

@@ -15,7 +15,8 @@ Summary
       ``deliver_lock_attempts``/``deliver_lock_delay``/``stale_lock_time``), then fsynced.
       On any write error the file is truncated back to its old size.
       ``mailbox_size_limit`` (bytes, 0 = none) bounces a delivery that would make the
-      mailbox larger (5.2.2).
+      mailbox larger (5.2.2); in a Maildir it bounces a message file larger than it
+      (Postfix: "the maximal size of any local(8) individual mailbox or maildir file").
 
     Delivery rights (Postfix set_eugid): run as root (the master keeps root for local
     only), the agent never creates or writes a mailbox as root.  Each mailbox is made
@@ -394,6 +395,10 @@ class LocalAgent(DeliveryAgent):
         host = self.hostname.replace("/", "\\057").replace(":", "\\072")
         name = f"{int(time.time())}.{os.getpid()}_{self._count}.{host}"
         tmp = f"{base}/tmp/{name}"
+        if self.size_limit > 0 and len(data) > self.size_limit:
+            # Postfix set_file_limit(mailbox_size_limit): every file local(8) writes,
+            # a Maildir's message files too; the write fails with EFBIG (5.2.2).
+            return make_dsn("5.2.2", f"create maildir file {tmp}: File too large")
         try:
             fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
                          | os.O_CLOEXEC, 0o600, dir_fd=tmp_fd)
