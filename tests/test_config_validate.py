@@ -642,3 +642,39 @@ def test_bare_newline_values_load_in_any_case(tmp_path: Path, value: str) -> Non
                           "smtpd_forbid_bare_newline_reject_code = 521\n")
     cfg, _ = load_configuration(etc)
     assert cfg.get("smtpd_forbid_bare_newline") == value
+
+
+LOCAL_MASTER = GOOD_MASTER + "local     unix  -       n       n       -       -       local\n"
+
+
+@pytest.mark.parametrize("main,where", [
+    ("mailbox_size_limit = 1000000\n", "main.cf, line 2"),
+    ("message_size_limit = 60000000\n", "main.cf, line 2"),
+    ("message_size_limit = 0\n", "main.cf, line 2"),
+    ("message_size_limit = 0\nmailbox_size_limit = 20000000\n", "main.cf, line 3"),
+])
+def test_mailbox_size_limit_smaller_than_message_size_limit(tmp_path: Path, main: str,
+                                                            where: str) -> None:
+    """Postfix's local(8) exits fatal, "main.cf configuration error:
+    mailbox_size_limit is smaller than message_size_limit" (also with an unlimited
+    message_size_limit): mail the queue takes could never be delivered locally. A
+    configuration with a local service is refused, naming the line to fix."""
+    err = error_of(write(tmp_path, main, LOCAL_MASTER))
+    assert where in err
+    assert err.endswith("mailbox_size_limit is smaller than message_size_limit")
+
+
+def test_mailbox_size_limit_override_names_the_master_cf_line(tmp_path: Path) -> None:
+    err = error_of(write(tmp_path, "", GOOD_MASTER + "local unix - n n - - local\n"
+                                      "  -o mailbox_size_limit=1000\n"))
+    assert "master.cf, line 4" in err
+    assert err.endswith("mailbox_size_limit is smaller than message_size_limit")
+
+
+@pytest.mark.parametrize("main,master", [
+    ("mailbox_size_limit = 0\nmessage_size_limit = 0\n", LOCAL_MASTER),
+    ("mailbox_size_limit = 10240000\n", LOCAL_MASTER),
+    ("mailbox_size_limit = 1000\n", GOOD_MASTER),  # no local service: nothing to refuse
+])
+def test_mailbox_size_limit_that_fits_loads(tmp_path: Path, main: str, master: str) -> None:
+    load_configuration(write(tmp_path, main, master))

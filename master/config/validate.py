@@ -47,7 +47,10 @@ DESCRIPTION
       ``user= command-line attribute specifies root privileges``; an unknown macro in
       its argv is a warning (Postfix's pipe defers such mail: so does qmgrd's).  Under a
       root master, a pipe service must have unpriv ``n``: ``service <name> requires
-      privileged operation (set its unpriv column to n)``.
+      privileged operation (set its unpriv column to n)``.  A local service's
+      ``mailbox_size_limit`` must not be below its ``message_size_limit`` (nor set
+      with an unlimited one), as Postfix's local(8) requires: ``"<main.cf>, line <n>:
+      mailbox_size_limit is smaller than message_size_limit"``.
     * lookup tables: every table named by a parameter whose tables a qmgrd program
       opens (TABLE_PARAMS: ``transport_maps``, read by the qmgr) is read the way the
       program will read it (master.config.tables); a missing or unreadable file or an
@@ -160,6 +163,7 @@ Warn = Callable[[str], None]
 TRANSPORT_NEXTHOP_PARAMS: tuple[str, ...] = ("default_transport", "relay_transport")
 SMTP_MODULE = "transports.smtp"
 PIPE_MODULE = "transports.pipe"
+LOCAL_MODULE = "transports.local"
 
 # Parameters naming lookup tables checked before a start or reload (qmgrd.maps): the
 # qmgr's transport_maps, which it cannot run without.  alias_maps and
@@ -380,6 +384,8 @@ def check_service(cfg: Config, svc: Service, warn: Warn | None = None, *,
         # only a root master chroots; the service would exit fatal at every start
         raise ConfigError(f"service {svc.name}: {NO_CHROOT[svc.module]}",
                           svc.path or None, svc.line or None)
+    if svc.module == LOCAL_MODULE:
+        _check_local_limits(child, svc)
     if svc.module == PIPE_MODULE:
         _check_pipe(cfg, svc, warn)
     elif svc.args and svc.module in BUILTIN_MODULES.values():
@@ -398,6 +404,30 @@ def check_service(cfg: Config, svc: Service, warn: Warn | None = None, *,
     if svc.module == "transports.smtpd":
         _check_smtpd_relay(cfg, child, svc)
         _check_smtpd_tls(child, svc)
+
+
+def _check_local_limits(child: Config, svc: Service) -> None:
+    """A local service's ``mailbox_size_limit`` (0: none) below its
+    ``message_size_limit``, or with that one unlimited (0): mail the queue takes could
+    not be delivered to a mailbox.  Postfix's local(8) exits fatal at start, "main.cf
+    configuration error: mailbox_size_limit is smaller than message_size_limit", and
+    its mail waits; refused here at start and reload instead.
+
+    Raises:
+        ConfigError: located at the service's master.cf line when one of the two is
+            its ``-o`` override, else at main.cf's line of mailbox_size_limit (of
+            message_size_limit when only that one is set in main.cf).
+    """
+    mailbox = child.get_size("mailbox_size_limit")
+    message = child.get_size("message_size_limit")
+    if not mailbox or (message and mailbox >= message):
+        return
+    problem = "mailbox_size_limit is smaller than message_size_limit"
+    names = ("mailbox_size_limit", "message_size_limit")
+    if any(name in svc.overrides for name in names):
+        raise ConfigError(problem, svc.path or None, svc.line or None)
+    name = names[1] if child.is_set(names[1]) and not child.is_set(names[0]) else names[0]
+    raise _param_error(child, name, problem)
 
 
 def _check_pipe(cfg: Config, svc: Service, warn: Warn | None) -> None:
