@@ -222,9 +222,11 @@ def test_mailbox_size_limit(tmp_path: Path) -> None:
 def test_mailbox_size_limit_maildir(tmp_path: Path) -> None:
     """Postfix: mailbox_size_limit is "the maximal size of any local(8) individual
     mailbox or maildir file" (set_file_limit): a message bigger than it bounces 5.2.2
-    from a Maildir too, and leaves no file in tmp/ or new/."""
+    from a Maildir too, and leaves no file in tmp/ or new/. The message fits
+    message_size_limit (equal, as validation allows), the file with Return-Path: and
+    Delivered-To: does not."""
     env = make_env(tmp_path, mail_spool_directory=f"{tmp_path}/mail/",
-                   mailbox_size_limit="300", message_size_limit="2000")
+                   mailbox_size_limit="600", message_size_limit="600")
     _, r1 = deliver(env, ["alice@example.net"])
     assert r1.status == 0
     qid, r2 = deliver(env, ["bob@example.net"], SIMPLE + b"y" * 400 + b"\r\n")
