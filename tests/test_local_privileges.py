@@ -50,3 +50,36 @@ def test_local_agent_is_mail_owner_between_deliveries(
         assert "status=sent (delivered to maildir)" in ms.log()
     finally:
         ms.stop()
+
+
+def test_a_local_service_must_keep_root(tmp_path: Path) -> None:
+    """master.cf's ``local unix - - n - - local`` (unpriv ``-``, i.e. y) under a root
+    master: the agent could only deliver as mail_owner.  Postfix's local(8) is a
+    privileged service ("service local requires privileged operation", fatal); start,
+    reload and check refuse it with pipe's words, naming the line (accepted before: the
+    agent died at every start with a traceback, PermissionError in setgroups, and the
+    service was throttled)."""
+    from master.config import ConfigError, load_configuration
+
+    (tmp_path / "main.cf").write_text(f"queue_directory = {tmp_path}/q\nmail_owner = qmgrd\n")
+    (tmp_path / "master.cf").write_text("qmgr fifo n - n 300 1 qmgr\n"
+                                        "local unix - - n - - local\n")
+    with pytest.raises(ConfigError) as ei:
+        load_configuration(str(tmp_path))
+    assert str(ei.value) == (f"{tmp_path}/master.cf, line 2: service local requires "
+                             "privileged operation (set its unpriv column to n)")
+
+
+def test_local_agent_refuses_unpriv_itself(tmp_path: Path) -> None:
+    """Started unprivileged anyway (master.cf edited behind a running master's back):
+    the pre-jail init refuses with Postfix's words, a clean fatal (no traceback)."""
+    from master.config import Config, ConfigError
+    from master.server.skeleton import ServerContext
+    from transports.local import LocalAgent
+
+    (tmp_path / "main.cf").write_text(f"queue_directory = {tmp_path}\n")
+    cfg = Config.load(str(tmp_path), {})
+    ctx = ServerContext(service="local", config=cfg, queue_directory=str(tmp_path),
+                        listen_fds=[], generation=0, args=[], unpriv=True)
+    with pytest.raises(ConfigError, match="^service local requires privileged operation$"):
+        LocalAgent().pre_jail(ctx)

@@ -200,7 +200,8 @@ class LocalAgent(DeliveryAgent):
         self._count = 0
 
     def pre_jail(self, ctx: ServerContext) -> None:
-        """single_server pre-jail callback: refuse a chroot, then configure.
+        """single_server pre-jail callback: refuse a chroot or mail_owner's ids, then
+        configure.
 
         Raises:
             ConfigError: ``service <name>: the local delivery agent cannot run chrooted
@@ -208,8 +209,13 @@ class LocalAgent(DeliveryAgent):
             ``y`` under a root master): mailboxes, the passwd file, alias tables and
             ``.forward`` files are outside queue_directory.  Postfix's master(5) says
             chroot "should not be used" with local(8); qmgrd refuses it (at start and
-            reload too: master.config.validate).
+            reload too: master.config.validate).  ``service <name> requires privileged
+            operation`` (Postfix's words, as pipe's) when the master would drop it to
+            mail_owner (unpriv ``y`` under a root master): it could not deliver with
+            each recipient's rights.
         """
+        if ctx.unpriv:
+            raise ConfigError(f"service {ctx.service} requires privileged operation")
         if ctx.chroot:
             raise ConfigError(f"service {ctx.service}: {NO_CHROOT['transports.local']}")
         super().pre_jail(ctx)

@@ -47,7 +47,8 @@ DESCRIPTION
       ``user= command-line attribute specifies root privileges``; an unknown macro in
       its argv is a warning (Postfix's pipe defers such mail: so does qmgrd's).  Under a
       root master, a pipe service must have unpriv ``n``: ``service <name> requires
-      privileged operation (set its unpriv column to n)``.  A local service's
+      privileged operation (set its unpriv column to n)``, and so must a local
+      service (Postfix's local(8) is privileged too).  A local service's
       ``mailbox_size_limit`` must not be below its ``message_size_limit`` (nor set
       with an unlimited one), as Postfix's local(8) requires: ``"<main.cf>, line <n>:
       mailbox_size_limit is smaller than message_size_limit"``.
@@ -385,6 +386,9 @@ def check_service(cfg: Config, svc: Service, warn: Warn | None = None, *,
         raise ConfigError(f"service {svc.name}: {NO_CHROOT[svc.module]}",
                           svc.path or None, svc.line or None)
     if svc.module == LOCAL_MODULE:
+        if os.geteuid() == 0 and svc.unpriv:  # Postfix's words; the agent refuses it too
+            raise ConfigError(f"service {svc.name} requires privileged operation (set "
+                              "its unpriv column to n)", svc.path or None, svc.line or None)
         _check_local_limits(child, svc)
     if svc.module == PIPE_MODULE:
         _check_pipe(cfg, svc, warn)
