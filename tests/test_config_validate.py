@@ -678,3 +678,31 @@ def test_mailbox_size_limit_override_names_the_master_cf_line(tmp_path: Path) ->
 ])
 def test_mailbox_size_limit_that_fits_loads(tmp_path: Path, main: str, master: str) -> None:
     load_configuration(write(tmp_path, main, master))
+
+
+@pytest.mark.parametrize("line,what", [
+    ("deliver_lock_attempts = x", 'bad numerical value for parameter deliver_lock_attempts: "x"'),
+    ("deliver_lock_attempts = 0", 'invalid deliver_lock_attempts parameter value "0": minimum is 1'),
+    ("deliver_lock_delay = 1fortnight", "bad time value for parameter deliver_lock_delay"),
+    ("stale_lock_time = 5q", 'bad time value for parameter stale_lock_time: "5q"'),
+    ("mailbox_delivery_lock = foo", 'unknown mailbox_delivery_lock value "foo" in "foo"'),
+    ("mailbox_delivery_lock = fcntl, dotlok",
+     'unknown mailbox_delivery_lock value "dotlok" in "fcntl, dotlok"'),
+])
+def test_bad_local_lock_parameters_are_errors(tmp_path: Path, line: str, what: str) -> None:
+    """The local agent's locking parameters are checked at start and reload (before:
+    deliver_lock_attempts, deliver_lock_delay and stale_lock_time were in no table and
+    passed unchecked, the local agent then died at every start, throttled; an unknown
+    mailbox_delivery_lock name was ignored, so that ``foo`` delivered to an mbox under
+    no lock at all). Postfix's local(8) exits fatal on each (name_mask: ``unknown
+    mailbox_delivery_lock value "foo" in "foo"``)."""
+    err = error_of(write(tmp_path, line + "\n"))
+    assert err.startswith(f"{tmp_path}/main.cf, line 2: ") and what in err
+
+
+def test_local_lock_parameters_load(tmp_path: Path) -> None:
+    cfg, _ = load_configuration(write(tmp_path, "mailbox_delivery_lock = FLOCK, dotlock\n"
+                                                "deliver_lock_delay = 2\n"))
+    assert cfg.get_time("deliver_lock_delay") == 2
+    assert cfg.get_int("deliver_lock_attempts") == 20
+    assert cfg.get_time("stale_lock_time") == 500

@@ -111,6 +111,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 from master import log
 from master.config import ConfigError
+from master.config.maincf import MAILBOX_LOCKS
 from master.config.mastercf import NO_CHROOT
 from master.server import jail
 from qmgrd.delivery import DeliverRequest, RecipientInfo
@@ -125,7 +126,6 @@ from transports.mailcopy import delivered_to as _delivered_to
 from transports.privileges import privileges as _privileges
 
 if TYPE_CHECKING:
-    from master.config import Config
     from master.server.skeleton import ServerContext
 
 __all__ = ["LocalAgent", "check_mailbox_name", "mailbox_name", "main"]
@@ -168,13 +168,6 @@ def _fs_dsn(exc: OSError, text: str) -> Dsn:
     """Postfix mbox_dsn(): quota/size errors bounce (5.2.2), others defer (4.2.0)."""
     status = "5.2.2" if exc.errno in (errno.EDQUOT, errno.EFBIG) else "4.2.0"
     return make_dsn(status, f"{text}: {exc.strerror or exc}")
-
-
-def _opt(cfg: Config, name: str, default: int, time_unit: bool = False) -> int:
-    """A parameter that may be missing from the table (default when unset)."""
-    if not cfg.get(name):
-        return default
-    return cfg.get_time(name) if time_unit else cfg.get_int(name)
 
 
 class LocalAgent(DeliveryAgent):
@@ -234,9 +227,13 @@ class LocalAgent(DeliveryAgent):
         self.recipient_maps = cfg.get_list("local_recipient_maps")
         self.size_limit = cfg.get_size("mailbox_size_limit")
         self.locks = [w.lower() for w in cfg.get_list("mailbox_delivery_lock")]
-        self.lock_attempts = max(1, _opt(cfg, "deliver_lock_attempts", 20))
-        self.lock_delay = float(_opt(cfg, "deliver_lock_delay", 1, time_unit=True))
-        self.stale_lock_time = _opt(cfg, "stale_lock_time", 500, time_unit=True)
+        unknown = [w for w in self.locks if w not in MAILBOX_LOCKS]
+        if unknown:  # refused at start/reload too (Config.check); Postfix's words
+            raise cfg.error("mailbox_delivery_lock", "unknown mailbox_delivery_lock "
+                            f'value "{unknown[0]}" in "{cfg.get("mailbox_delivery_lock")}"')
+        self.lock_attempts = max(1, cfg.get_int("deliver_lock_attempts"))
+        self.lock_delay = float(cfg.get_time("deliver_lock_delay"))
+        self.stale_lock_time = cfg.get_time("stale_lock_time")
         self.strict_owner = cfg.get_bool("strict_mailbox_ownership")
         self.aliases = AliasExpander(AliasMaps(cfg.get_list("alias_maps")), self.delimiter,
                                      cfg.get_list("mydestination"), cfg.get("myorigin"))

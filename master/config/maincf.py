@@ -98,6 +98,8 @@ NETWORK_LIST_PARAMS: tuple[str, ...] = ("mynetworks", "smtpd_client_event_limit_
 # Parameters whose value is an smtp destination (master.config.nexthop), "" = none
 NEXTHOP_PARAMS: tuple[str, ...] = ("relayhost",)
 # Postfix's TLS security levels (tls_level_lookup(); smtp_tls_security_level, "" = none)
+# mailbox_delivery_lock's names on Linux (Postfix's postconf -l: flock, fcntl, dotlock)
+MAILBOX_LOCKS: tuple[str, ...] = ("flock", "fcntl", "dotlock")
 TLS_LEVELS: tuple[str, ...] = ("none", "may", "encrypt", "dane", "dane-only", "fingerprint",
                                "verify", "secure")
 # The queue directories hash_queue_names may name (Config.hash_queue_names): qmgrd's
@@ -650,8 +652,9 @@ class Config:
         per-transport ones such as smtp_destination_recipient_limit by their global's
         type, see param_spec), then the paths (queue_directory(), data_directory(),
         maillog_file()), hash_queue_names(), the host name, protocols and networks (_check_identity) and
-        relayhost (_check_nexthops), smtp_tls_security_level (_check_tls_level) and
-        smtpd_forbid_bare_newline (_check_bare_newline); raise
+        relayhost (_check_nexthops), smtp_tls_security_level (_check_tls_level),
+        smtpd_forbid_bare_newline (_check_bare_newline) and mailbox_delivery_lock
+        (_check_mailbox_lock); raise
         the first ConfigError found
         (like a daemon's start-up checks).  Names are checked sorted."""
         for name in self.names():
@@ -671,6 +674,19 @@ class Config:
         self._check_nexthops()
         self._check_tls_level()
         self._check_bare_newline()
+        self._check_mailbox_lock()
+
+    def _check_mailbox_lock(self) -> None:
+        """Each name of mailbox_delivery_lock must be a lock method (MAILBOX_LOCKS, any
+        case): Postfix's local(8) exits fatal on any other (name_mask: ``unknown
+        mailbox_delivery_lock value "x" in "..."``); the local agent would otherwise
+        skip the name, and ``dotlok`` or ``foo`` alone would write mailboxes under no
+        lock at all.  Raises ConfigError."""
+        value = self.get("mailbox_delivery_lock")
+        for name in split_list(value):
+            if name.lower() not in MAILBOX_LOCKS:
+                raise self._error("mailbox_delivery_lock", "unknown mailbox_delivery_lock "
+                                  f'value "{name}" in "{value}"')
 
     def _check_bare_newline(self) -> None:
         """smtpd_forbid_bare_newline must be one of Postfix's values (BARE_NEWLINE_MODES:

@@ -169,7 +169,10 @@ _s("mail_spool_directory", "/var/mail")
 _s("home_mailbox", "")
 _l("alias_maps", "hash:/etc/aliases, nis:mail.aliases")
 _l("local_recipient_maps", "proxy:unix:passwd.byname $alias_maps")
-_l("mailbox_delivery_lock", "fcntl, dotlock")
+_l("mailbox_delivery_lock", "fcntl, dotlock")  # names: MAILBOX_LOCKS (Config.check)
+_i("deliver_lock_attempts", "20", 1)  # Postfix: minimum 1 (mail_params.c)
+_t("deliver_lock_delay", "1s", 0)  # Postfix: minimum 1s; 0 (no wait) kept for tests
+_t("stale_lock_time", "500s", 1)
 _z("mailbox_size_limit", "51200000", long=True)
 _add("mailbox_command", "str", "", raw=True)
 _add("forward_path", "list", "$home/.forward${recipient_delimiter}${extension}, $home/.forward",
