@@ -97,9 +97,9 @@ NETWORK_LIST_PARAMS: tuple[str, ...] = ("mynetworks", "smtpd_client_event_limit_
                                         "smtpd_forbid_bare_newline_exclusions")
 # Parameters whose value is an smtp destination (master.config.nexthop), "" = none
 NEXTHOP_PARAMS: tuple[str, ...] = ("relayhost",)
-# Postfix's TLS security levels (tls_level_lookup(); smtp_tls_security_level, "" = none)
 # mailbox_delivery_lock's names on Linux (Postfix's postconf -l: flock, fcntl, dotlock)
 MAILBOX_LOCKS: tuple[str, ...] = ("flock", "fcntl", "dotlock")
+# Postfix's TLS security levels (tls_level_lookup(); smtp_tls_security_level, "" = none)
 TLS_LEVELS: tuple[str, ...] = ("none", "may", "encrypt", "dane", "dane-only", "fingerprint",
                                "verify", "secure")
 # The queue directories hash_queue_names may name (Config.hash_queue_names): qmgrd's
