@@ -277,6 +277,7 @@ def test_flush_by_id_and_site(q: Q) -> None:
         os.utime(q.spool.path("deferred", qid), (T0 + 10**7, T0 + 10**7))
     code, out, err = q.run("flush", "--id", a, "--id", h)
     assert out == f"{a}: flushed\n" and "on hold; release it first" in err
+    assert code == 66  # not 75: trying again cannot help until it is released
     assert q.where(a) == ["incoming"]
     mode = os.stat(q.spool.path("incoming", a)).st_mode
     assert mode & stat.S_IRGRP  # postqueue -i: unthrottle this message

@@ -439,7 +439,9 @@ def flush_ids(spool: Spool, ids: list[str]) -> list[Report]:
         if any(os.path.lexists(spool.path(q, qid)) for q in ("incoming", "active")):
             out.append(Report(qid, "active", DONE, f"{qid}: already on its way"))
         elif os.path.lexists(spool.path("hold", qid)):
-            out.append(Report(qid, "hold", "error", f"{qid}: on hold; release it first"))
+            # not "error" (75, try again): retrying cannot help until it is released;
+            # 66 as for any message not in deferred (postqueue -i: silent, exit 0)
+            out.append(Report(qid, "hold", ABSENT, f"{qid}: on hold; release it first"))
         else:
             out.append(Report(qid, "", ABSENT, f"{qid}: no such message in deferred"))
     trigger(spool, QMGR_REQ_SCAN_INCOMING)

@@ -92,7 +92,8 @@ Exit status:
   65  invalid queue id given (hold/release/delete/requeue: warned about, the valid ones
       done; otherwise nothing was done); show: the message's queue file
       is damaged (or not a regular file)
-  66  some named message is not in the queue (the others were done)
+  66  some named message is not in the queue (the others were done); flush --id: not
+      in the deferred queue (e.g. on hold: release it first)
   69  mail system down (flush could not trigger qmgr or pickup; no qmgr status),
       or the queue directory does not exist (flush, status)
   74  repair: some files could not be renamed into place (each named in a
