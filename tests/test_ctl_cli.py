@@ -270,3 +270,26 @@ def test_config_prints_per_transport_parameters_like_postconf(tmp_path: Path) ->
         "smtp_initial_destination_concurrency = $initial_destination_concurrency"]
     code, out, _ = run("-c", str(tmp_path), "config", "-x", "smtp_destination_recipient_limit")
     assert out == "smtp_destination_recipient_limit = 50\n"
+
+
+def test_config_names_unused_main_cf_parameters_as_postconf(tmp_path: Path) -> None:
+    """A misspelt name in main.cf (a fresh-eyes finding: ``mydestinatoin`` went
+    unnoticed) is named by ``config`` and ``config -n``, with its line, as postconf's
+    "unused parameter" warning; a name that a value or a master.cf ``-o`` refers to as
+    ``$name`` is used, and so is every parameter a qmgrd program reads."""
+    (tmp_path / "main.cf").write_text("queue_directory = ${config_directory}/q\n"
+                                      "mydestinatoin = foo\n"
+                                      "my_nets = 10.0.0.0/8\n"
+                                      "mynetworks = 127.0.0.0/8 $my_nets\n"
+                                      "for_override = yes\n"
+                                      "smtp_destination_recipient_limit = 5\n")
+    (tmp_path / "master.cf").write_text(
+        "smtp unix - - n - - smtp -o smtp_tls_loglevel=$for_override\n")
+    unused = (f"qmgr-ctl: warning: {tmp_path}/main.cf, line 2: unused parameter: "
+              "mydestinatoin=foo\n")
+    for flags in ([], ["-n"]):
+        code, out, err = run("-c", str(tmp_path), "config", *flags)
+        assert code == 0 and err == unused, (flags, err)
+        assert "mydestinatoin = foo" in out
+    code, out, err = run("-c", str(tmp_path), "config", "mynetworks")
+    assert (code, err) == (0, "")  # a lookup stays quiet

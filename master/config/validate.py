@@ -116,6 +116,9 @@ PUBLIC API
     module_problem(module) -> str | None    why ``python -m module`` cannot work, or None
     inet_hosts(cfg) -> list[str]            bind addresses of inet services without a host
                                             ("" = every address); raises ConfigError
+    unused_parameters(cfg, services=()) -> list[str]
+                                            postconf's "unused parameter" warnings for
+                                            main.cf (qmgr-ctl config prints them)
     ``warn``: Callable[[str], None] | None, gets each warning without "warning: ".
 
 Nothing here logs; the callers (master.cli, master.daemon.master) print or log.
@@ -155,6 +158,7 @@ __all__ = [
     "inet_hosts",
     "load_configuration",
     "module_problem",
+    "unused_parameters",
 ]
 
 Warn = Callable[[str], None]
@@ -553,6 +557,27 @@ def _check_smtpd_tls(child: Config, svc: Service) -> None:
 
 def _where(svc: Service) -> str:
     return f"{svc.path}, line {svc.line}: " if svc.path else ""
+
+
+def unused_parameters(cfg: Config, services: Sequence[Service] = ()) -> list[str]:
+    """Postconf's ``unused parameter`` warnings for main.cf: one text per parameter set
+    in main.cf that no qmgrd program reads (not in the parameter table, not a
+    per-transport parameter) and that no other main.cf value nor any master.cf ``-o``
+    of ``services`` refers to as ``$name``: ``"<main.cf>, line <n>: unused parameter:
+    name=value"`` - a misspelt name (``mydestinatoin``) or a Postfix parameter qmgrd
+    does not implement, whose setting has no effect here."""
+    out = []
+    values = [cfg.get_raw(name) for name in cfg.names()]
+    values += [value for svc in services for value in svc.overrides.values()]
+    text = "\n".join(values)
+    for name in cfg.names():
+        if param_spec(name) is not None or name in cfg.overrides or not cfg.is_set(name):
+            continue
+        if re.search(r"\$[{(]?\s*" + re.escape(name) + r"(?![A-Za-z0-9_])", text):
+            continue
+        err = cfg.error(name, f"unused parameter: {name}={cfg.get_raw(name)}")
+        out.append(str(err))
+    return out
 
 
 def _is_used(cfg: Config, svc: Service, name: str) -> bool:

@@ -137,7 +137,7 @@ import locale  # noqa: F401
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
@@ -172,9 +172,11 @@ from qmgrd.ctl.entry import DEFAULT_CONFIG_DIR
 from qmgrd.ctl.queues import QUEUE_NAMES, QUEUE_ORDER
 from qmgrd.trigger import flush_all
 
+if TYPE_CHECKING:
+    from master.config import Config
+
 __all__ = ["EX_CONFIG", "EX_DATAERR", "EX_IOERR", "EX_NOINPUT", "EX_NOPERM", "EX_OK",
            "EX_TEMPFAIL", "EX_UNAVAILABLE", "EX_USAGE", "cli", "main"]
-
 
 
 def fetch(path: str) -> dict[str, Any]:
@@ -463,6 +465,8 @@ def config_cmd(ctx: click.Context, defaults: bool, nondefault: bool, expand: boo
     cfg = load(ctx)
     if defaults and nondefault:
         fatal(ctx, EX_USAGE, "-d and -n are mutually exclusive")
+    if not names:  # the whole configuration: as postconf, unused parameters are named
+        _warn_unused(cfg)
     lines = cfg.dump(defaults=defaults, nondefault=nondefault, expand=expand,
                      only=names or None)
     if names:
@@ -479,6 +483,23 @@ def config_cmd(ctx: click.Context, defaults: bool, nondefault: bool, expand: boo
         lines = [by_name[n] for n in names if n in by_name]
     for line in lines:
         click.echo(line)
+
+
+def _warn_unused(cfg: Config) -> None:
+    """As postconf: a warning for each main.cf parameter that nothing reads (a misspelt
+    name: ``qmgr-ctl: warning: <main.cf>, line <n>: unused parameter: name=value``),
+    master.cf's ``-o`` values counting as readers; a master.cf that cannot be read only
+    leaves those out. Printed by ``config`` and ``config -n`` (postconf prints them in
+    every mode; here a lookup of named parameters stays quiet)."""
+    from master.config import load_master_cf
+    from master.config.validate import unused_parameters
+
+    try:
+        services = load_master_cf(os.path.join(cfg.config_directory, "master.cf"), cfg)
+    except (ConfigError, OSError):
+        services = []
+    for text in unused_parameters(cfg, services):
+        warn(text)
 
 
 def _escaped(text: str) -> str:
