@@ -102,7 +102,12 @@ def test_maildir_delivery(maildir_env: Env, tmp_path: Path) -> None:
         assert sorted(p.name for p in base.iterdir()) == ["cur", "new", "tmp"]
         assert list((base / "tmp").iterdir()) == []
         (msg,) = list((base / "new").iterdir())
-        assert re.fullmatch(r"\d+\.\d+_\d+\.mail\.test\.example", msg.name)
+        # Postfix's new/ name: <sec>.V<dev>I<inode>M<usec>.<host>, hexadecimal
+        m = re.fullmatch(r"\d+\.V([0-9a-f]+)I([0-9a-f]+)M\d{1,6}\.mail\.test\.example",
+                         msg.name)
+        assert m, msg.name
+        st = os.stat(msg)
+        assert (int(m.group(1), 16), int(m.group(2), 16)) == (st.st_dev, st.st_ino)
         assert os.stat(msg).st_mode & 0o777 == 0o600
         data = msg.read_bytes()
         assert data.startswith(b"Return-Path: <alice@example.com>\nDelivered-To: "

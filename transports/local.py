@@ -394,9 +394,16 @@ class LocalAgent(DeliveryAgent):
                 os.close(fd)
 
     def _maildir_file(self, tmp_fd: int, new_fd: int, base: str, data: bytes) -> Dsn:
+        """One message file, named as Postfix's maildir delivery names it: written in
+        tmp/ as ``<sec>.P<pid>Q<n>.<host>``, then linked into new/ as
+        ``<sec>.V<dev>I<inode>M<usec>.<host>`` (hexadecimal device and inode, the
+        microseconds of the delivery's start): the inode of a file that exists makes
+        the new/ name unique, also when a pid comes back within the same second."""
         self._count += 1
+        now = time.time_ns() // 1000  # microseconds
+        sec, usec = divmod(now, 1_000_000)
         host = self.hostname.replace("/", "\\057").replace(":", "\\072")
-        name = f"{int(time.time())}.{os.getpid()}_{self._count}.{host}"
+        name = f"{sec}.P{os.getpid()}Q{self._count}.{host}"
         tmp = f"{base}/tmp/{name}"
         if self.size_limit > 0 and len(data) > self.size_limit:
             # Postfix set_file_limit(mailbox_size_limit): every file local(8) writes,
@@ -411,9 +418,11 @@ class LocalAgent(DeliveryAgent):
             try:
                 _write_all(fd, data)
                 os.fsync(fd)
+                st = os.fstat(fd)
             finally:
                 os.close(fd)
-            os.link(name, name, src_dir_fd=tmp_fd, dst_dir_fd=new_fd, follow_symlinks=False)
+            new = f"{sec}.V{st.st_dev:x}I{st.st_ino:x}M{usec}.{host}"
+            os.link(name, new, src_dir_fd=tmp_fd, dst_dir_fd=new_fd, follow_symlinks=False)
         except OSError as exc:
             _unlink(name, tmp_fd)
             return _fs_dsn(exc, f"create maildir file {tmp}")
