@@ -660,8 +660,13 @@ def check(ctx: click.Context) -> None:
     line named by file and line, warnings printed, exit 1), then create missing queue
     directories and data_directory and fix owners and modes. A hash_queue_names that
     pickup cannot work with (maildrop, a name that is no queue directory:
-    Config.hash_queue_names) is refused, naming main.cf's line."""
-    cfg, _ = _checked_config(ctx, logfile=False)  # maillog_file after the directories
+    Config.hash_queue_names) is refused, naming main.cf's line. A main.cf parameter that
+    nothing reads (a misspelt name) gets postconf's "unused parameter" warning."""
+    from master.config.validate import check_maillog, unused_parameters
+
+    cfg, services = _checked_config(ctx, logfile=False)  # maillog_file after the dirs
+    for text in unused_parameters(cfg, services):
+        _say(f"warning: {text}")
     owner = _owner(cfg)
     try:
         cfg.hash_queue_names()
@@ -671,8 +676,6 @@ def check(ctx: click.Context) -> None:
         _fatal(describe(exc))
     for change in changes:
         _say(change)
-    from master.config.validate import check_maillog
-
     try:
         check_maillog(cfg)
     except ConfigError as exc:

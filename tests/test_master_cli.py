@@ -719,3 +719,15 @@ def test_a_start_not_reported_in_time_exits_75_not_fatal(
         os.close(r)
     assert capsys.readouterr().err == (
         "qmgr-master: fatal: the master exited during start-up (status 3)\n")
+
+
+def test_check_names_an_unused_main_cf_parameter(system: System) -> None:
+    """check warns about a main.cf parameter nothing reads (a misspelt name), naming the
+    line, as postconf's "unused parameter"; it is a warning: check goes on, exit 0."""
+    lines = system.good_main.count("\n")
+    system.main.write_text(system.good_main + "mydestinatoin = foo\n")
+    result = system.cli("check")
+    assert result.returncode == 0, result.stderr
+    assert (f"qmgr-master: warning: {system.main}, line {lines + 1}: unused parameter: "
+            "mydestinatoin=foo") in result.stderr.splitlines()
+    assert system.q.exists()
