@@ -165,13 +165,22 @@ def test_a_bad_pipe_line_names_file_line_and_service(tmp_path: Path, line: str,
     assert str(ei.value) == f"{etc}/master.cf, line 3: service filter: {message}"
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="mail_owner is used only by root")
-def test_a_pipe_line_running_as_mail_owner_is_refused(tmp_path: Path) -> None:
-    etc = write(tmp_path, "filter unix - n n - - pipe user=daemon argv=cat\n")
+@pytest.mark.skipif(os.geteuid() != 0,
+                    reason="mail_owner and unpriv apply only under a root master")
+@pytest.mark.parametrize("line,message", [
+    # user= mail_owner (the tests' main.cf: daemon)
+    ("filter unix - n n - - pipe user=daemon argv=cat",
+     "service filter: user= command-line attribute specifies mail system owner daemon"),
+    # unpriv y: the service must keep root
+    ("filter unix - - n - - pipe user=nobody argv=cat",
+     "service filter requires privileged operation (set its unpriv column to n)"),
+])
+def test_a_pipe_line_that_cannot_keep_its_privileges_is_refused(
+        tmp_path: Path, line: str, message: str) -> None:
+    etc = write(tmp_path, line + "\n")
     with pytest.raises(ConfigError) as ei:
         load_configuration(etc)
-    assert str(ei.value) == (f"{etc}/master.cf, line 3: service filter: user= command-line "
-                             "attribute specifies mail system owner daemon")
+    assert str(ei.value) == f"{etc}/master.cf, line 3: {message}"
 
 
 def test_transport_time_limit_falls_back_to_command_time_limit() -> None:
@@ -203,12 +212,3 @@ def test_the_bundled_examples_parse() -> None:
         assert not unknown_macros(attrs.command)
     assert parse_pipe_args(services[0].args).command == (
         "/usr/lib/dovecot/deliver", "-f", "${sender}", "-d", "${recipient}")
-
-
-@pytest.mark.skipif(os.geteuid() != 0, reason="unpriv applies only under a root master")
-def test_a_pipe_service_must_keep_root(tmp_path: Path) -> None:
-    etc = write(tmp_path, "filter unix - - n - - pipe user=nobody argv=cat\n")
-    with pytest.raises(ConfigError) as ei:
-        load_configuration(etc)
-    assert str(ei.value) == (f"{etc}/master.cf, line 3: service filter requires privileged "
-                             "operation (set its unpriv column to n)")

@@ -98,7 +98,8 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, NoReturn
 
 from master import log
-from master.config import describe
+from master.config import ConfigError, describe
+from master.server import jail
 from master.server.skeleton import ServerContext, single_server
 from qmgrd import delivery
 from qmgrd.delivery import DeliverRequest, DeliverStatus, ProtocolError, RecipientInfo
@@ -254,10 +255,26 @@ class DeliveryAgent:
         absolute queue_directory that exists only outside it."""
         if self.spool is not None:
             self.spool = self.spool.at(ctx.queue_directory)
+        self.drop_privileges(ctx)
+
+    def keep_mail_owner(self, cfg: Config) -> jail.Owner | None:
+        """For an agent that runs as root (local, pipe; called by its setup()):
+        mail_owner's account, its ids kept in ``self.owner_ids`` for post_jail's
+        drop_privileges; None when not root. Raises ConfigError (mail_owner missing or
+        privileged: master.server.jail's words)."""
+        if os.geteuid() != 0:
+            return None
+        try:
+            account = jail.lookup_mail_owner(cfg)
+        except jail.OwnerError as exc:
+            raise ConfigError(str(exc)) from None
+        self.owner_ids = (account.uid, account.gid)
+        return account
 
     def drop_privileges(self, ctx: ServerContext) -> None:
         """Give up root's effective ids for mail_owner's (``self.owner_ids``, set by an
-        agent that runs as root: local, pipe) when this is a service of a root master,
+        agent that runs as root: local, pipe, through keep_mail_owner; post_jail calls
+        this) when this is a service of a root master,
         as Postfix's local and pipe do after their init (set_eugid(var_owner_uid,
         var_owner_gid)): between deliveries the process reads queue files, writes the
         status logs and talks to the qmgr as mail_owner, its real and saved uid staying

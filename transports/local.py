@@ -243,18 +243,12 @@ class LocalAgent(DeliveryAgent):
         if os.geteuid() == 0:
             try:
                 owner = jail.lookup_default_privs(cfg)
-                mail_owner = jail.lookup_mail_owner(cfg)
             except jail.OwnerError as exc:
                 raise ConfigError(str(exc)) from None
             self.default_rights = (owner.uid, owner.gid)
-            self.owner_ids = (mail_owner.uid, mail_owner.gid)
-
-    def post_jail(self, ctx: ServerContext) -> None:
-        """Skeleton post-jail callback: mail_owner's effective ids from now on
-        (DeliveryAgent.drop_privileges, as Postfix's local(8) after its init); each
-        delivery takes root back for its mailboxes, aliases and forwarding (deliver)."""
-        super().post_jail(ctx)
-        self.drop_privileges(ctx)
+            # mail_owner's effective ids after the init (DeliveryAgent.post_jail), as
+            # Postfix's local(8); each delivery takes root back (deliver)
+            self.keep_mail_owner(cfg)
 
     def deliver(self, req: DeliverRequest, msg: QueueFile) -> list[tuple[RecipientInfo, Dsn]]:
         """Deliver ``msg`` to each recipient's mailbox.

@@ -100,7 +100,6 @@ from master.config.pipeattr import (
     parse_macros,
     parse_pipe_args,
 )
-from master.server import jail
 from master.server.skeleton import ServerContext
 from qmgrd.delivery import DeliverRequest, RecipientInfo
 from qmgrd.spool.message import QueueFile
@@ -299,14 +298,12 @@ class PipeAgent(DeliveryAgent):
         a script's interpreter, and the libraries they load) must exist under
         queue_directory, or the delivery defers (``execvp ...: No such file or
         directory``).  An explicit ``directory=`` is a path inside the jail too."""
+        # super() also gives up root's effective ids for mail_owner's, as Postfix's pipe
+        # (DeliveryAgent.drop_privileges): root only to start a command as its user=
+        # and to stop it (deliver)
         super().post_jail(ctx)
         if self.attrs is not None and not self.attrs.directory:
             self.workdir = ctx.queue_directory
-        # then, as Postfix's pipe, the effective ids of mail_owner, when this is a
-        # service of a root master: the process reads queue files, writes the status
-        # logs and talks to the qmgr as mail_owner (its real and saved uid stay 0),
-        # and is root only to start a command as its user= and to stop it (deliver)
-        self.drop_privileges(ctx)
 
     def setup(self) -> None:
         """Parse the command attributes and read the pipe parameters (pre-jail).
@@ -317,14 +314,8 @@ class PipeAgent(DeliveryAgent):
         """
         cfg = self.cfg
         assert cfg is not None
-        owner = None
-        if os.geteuid() == 0:
-            try:
-                account = jail.lookup_mail_owner(cfg)
-            except jail.OwnerError as exc:
-                raise ConfigError(str(exc)) from None
-            owner = (account.uid, account.gid, account.name)
-            self.owner_ids = (account.uid, account.gid)
+        account = self.keep_mail_owner(cfg)
+        owner = (account.uid, account.gid, account.name) if account is not None else None
         try:
             attrs = parse_pipe_args(self.args, owner)
         except PipeAttrError as exc:

@@ -241,7 +241,6 @@ class SmtpdServer:
         self.sessions: set[SessionSlot] = set()  # the slots that have a session
         self._slots: list[SessionSlot] = []  # this thread's (first), then the threads
         self.loop_factory = loop_factory or asyncio.new_event_loop
-        self._lock = threading.Lock()  # the counter, shared by the session threads
         self._loop: asyncio.AbstractEventLoop | None = None
         self.accepted = 0
         self.retiring = False
@@ -264,14 +263,7 @@ class SmtpdServer:
         counted or over the limit)."""
         if not self.params.conn_limit or self.policy.limit_exempt(addr):
             return 1, None
-        with self._lock:
-            return self.counter.acquire(addr, self.params.conn_limit)
-
-    def release_slot(self, slot: int | None) -> None:
-        """Give back a slot of acquire_slot (from any session thread)."""
-        if slot is not None:
-            with self._lock:
-                self.counter.release(slot)
+        return self.counter.acquire(addr, self.params.conn_limit)
 
     # ------------------------------------------------------------------ accepting
     def _refresh(self) -> None:
@@ -350,9 +342,9 @@ class SmtpdServer:
         """The slot for a new session: this thread's when it has none, else an idle
         session thread, else a new one (its loop and thread made and started here)."""
         for slot in self._slots:
-            if slot not in self.sessions and (slot.thread is None or slot.thread.is_alive()):
+            if slot not in self.sessions and slot.usable():
                 return slot
-        self._slots = [s for s in self._slots if s.thread is None or s.thread.is_alive()]
+        self._slots = [slot for slot in self._slots if slot.usable()]
         loop = self.loop_factory()
         try:
             slot = SessionSlot(self, loop)
@@ -560,6 +552,11 @@ class SessionSlot:
                 received: Callable[[str], list[bytes]]) -> str:
         return self.server.cleanup.submit_smtp(env, content, namaddr, received)
 
+    def usable(self) -> bool:
+        """The main thread's slot, or a thread that still runs (one that died - it
+        never should - is dropped: its loop is closed)."""
+        return self.thread is None or self.thread.is_alive()
+
     # ------------------------------------------------------------------ watchdog
     def alive(self) -> bool:
         """True while this thread's loop turns (it beat within two intervals of the
@@ -617,7 +614,7 @@ class SessionSlot:
 
     def _end(self) -> None:
         slot, self._slot = self._slot, None
-        self.server.release_slot(slot)
+        self.server.counter.release(slot)
         self.session = None
         self.server.session_ended(self)
 

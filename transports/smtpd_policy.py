@@ -695,6 +695,7 @@ class ConnectionCounter:
         self._local: dict[str, int] = {}
         self._slot_addr: dict[int, str] = {}
         self._next_local = -1
+        self._mutex = threading.Lock()  # the held set and local counts, per process
         if path is None or not hasattr(fcntl, "F_OFD_SETLK"):
             return
         self._key = b""
@@ -734,7 +735,18 @@ class ConnectionCounter:
 
     def acquire(self, addr: str, limit: int) -> tuple[int, int | None]:
         """Count a new session of ``addr``: (its number among the client's sessions,
-        capped at ``limit + 1``; a slot for release(), None when over the limit)."""
+        capped at ``limit + 1``; a slot for release(), None when over the limit). Safe
+        from several threads (an smtpd's session threads)."""
+        with self._mutex:
+            return self._acquire(addr, limit)
+
+    def release(self, slot: int | None) -> None:
+        """The session that got ``slot`` has ended (None: nothing to release)."""
+        if slot is not None:
+            with self._mutex:
+                self._release(slot)
+
+    def _acquire(self, addr: str, limit: int) -> tuple[int, int | None]:
         if self.fd < 0:
             count = self._local.get(addr, 0) + 1
             if count > limit:
@@ -753,10 +765,7 @@ class ConnectionCounter:
                 return i + 1, offset
         return limit + 1, None
 
-    def release(self, slot: int | None) -> None:
-        """The session that got ``slot`` has ended (None: nothing to release)."""
-        if slot is None:
-            return
+    def _release(self, slot: int) -> None:
         if slot < 0:
             addr = self._slot_addr.pop(slot, "")
             left = self._local.get(addr, 1) - 1

@@ -569,11 +569,10 @@ def unused_parameters(cfg: Config, services: Sequence[Service] = ()) -> list[str
     out = []
     values = [cfg.get_raw(name) for name in cfg.names()]
     values += [value for svc in services for value in svc.overrides.values()]
-    text = "\n".join(values)
     for name in cfg.names():
         if param_spec(name) is not None or name in cfg.overrides or not cfg.is_set(name):
             continue
-        if re.search(r"\$[{(]?\s*" + re.escape(name) + r"(?![A-Za-z0-9_])", text):
+        if _refers_to(name, values):
             continue
         err = cfg.error(name, f"unused parameter: {name}={cfg.get_raw(name)}")
         out.append(str(err))
@@ -584,9 +583,14 @@ def _is_used(cfg: Config, svc: Service, name: str) -> bool:
     """True if some qmgrd program or some other setting can read parameter ``name``."""
     if param_spec(name) is not None or cfg.is_set(name):
         return True
-    ref = re.compile(r"\$[{(]?\s*" + re.escape(name) + r"(?![A-Za-z0-9_])")
     values = [cfg.get_raw(other) for other in cfg.names()]
     values += [value for other, value in svc.overrides.items() if other != name]
+    return _refers_to(name, values)
+
+
+def _refers_to(name: str, values: Sequence[str]) -> bool:
+    """True if one of ``values`` refers to parameter ``name`` ($name, ${name}, $(name))."""
+    ref = re.compile(r"\$[{(]?\s*" + re.escape(name) + r"(?![A-Za-z0-9_])")
     return any(ref.search(value) for value in values)
 
 
